@@ -1,0 +1,3 @@
+//! The deterministic, streaming ext4 writer.
+//!
+//! TODO(helper): implement.

@@ -1,0 +1,3 @@
+//! Applying layers in order, with OCI whiteouts, into a [`crate::tree::Tree`].
+//!
+//! TODO(helper): implement.
