@@ -1,5 +1,16 @@
 //! smr's pure formats: chunk ids, convergent chunk encryption, the recipe.
 //!
-//! Nothing here does I/O beyond byte slices; everything is deterministic.
+//! Nothing here does I/O beyond byte slices and key files; everything is
+//! deterministic. `docs/FORMAT.md` specifies the bytes.
 
+pub mod chunk;
 pub mod config;
+pub mod error;
+pub mod key;
+pub mod recipe;
+mod varint;
+
+pub use chunk::{ChunkCodec, ChunkId, ChunkKey, SealedChunk};
+pub use error::{FormatError, Result};
+pub use key::OwnerKey;
+pub use recipe::{ChunkEntry, Recipe};

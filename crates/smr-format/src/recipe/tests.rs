@@ -1,0 +1,139 @@
+use super::*;
+
+fn entries(n: u64) -> Vec<ChunkEntry> {
+    (0..n)
+        .map(|i| ChunkEntry {
+            index: i * 2 + 1,
+            id: ChunkId([i as u8; 32]),
+            stored_len: 1000 + i as u32,
+            compressed: i % 2 == 0,
+        })
+        .collect()
+}
+
+fn config() -> ImageConfig {
+    ImageConfig {
+        architecture: "amd64".into(),
+        os: "linux".into(),
+        cmd: vec!["/bin/sh".into()],
+        env: vec!["PATH=/bin".into()],
+        ..ImageConfig::default()
+    }
+}
+
+fn sample(encrypted: bool) -> (Recipe, OwnerKey) {
+    let owner = OwnerKey([3; 32]);
+    let ch = entries(10);
+    let keys: Vec<ChunkKey> = (0..10).map(|i| ChunkKey([i as u8 + 100; 32])).collect();
+    let r = Recipe::new(
+        21 * 65536,
+        65536,
+        "sha256:abc".into(),
+        config(),
+        ch,
+        encrypted.then_some((&keys[..], &owner)),
+    )
+    .unwrap();
+    (r, owner)
+}
+
+#[test]
+fn roundtrip_plain_and_encrypted() {
+    for enc in [false, true] {
+        let (r, owner) = sample(enc);
+        let bytes = r.encode();
+        let back = Recipe::decode(&bytes).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(back.encode(), bytes, "canonical");
+        let keys = back.keys(Some(&owner)).unwrap();
+        assert_eq!(keys.is_some(), enc);
+        if let Some(k) = keys {
+            assert_eq!(k[3].0, [103; 32]);
+        }
+    }
+}
+
+#[test]
+fn sealing_is_deterministic() {
+    assert_eq!(sample(true).0.encode(), sample(true).0.encode());
+}
+
+#[test]
+fn wrong_or_missing_key() {
+    let (r, _) = sample(true);
+    assert!(matches!(r.keys(None), Err(FormatError::KeyRequired)));
+    assert!(matches!(
+        r.keys(Some(&OwnerKey([4; 32]))),
+        Err(FormatError::WrongKey)
+    ));
+}
+
+#[test]
+fn tampering_detected() {
+    let (r, owner) = sample(true);
+    let bytes = r.encode();
+    // Any flipped byte fails the checksum.
+    for i in [0, 9, 20, 40, bytes.len() - 40, bytes.len() - 1] {
+        let mut b = bytes.clone();
+        b[i] ^= 0x40;
+        assert!(Recipe::decode(&b).is_err(), "byte {i}");
+    }
+    // Tampering with the chunk table and fixing up the checksum fails the key table's authentication.
+    let mut b = bytes.clone();
+    let pos = b.len() - 32 - (12 + 10 * 32 + 16) - 5;
+    b[pos] ^= 1;
+    let n = b.len() - 32;
+    let sum: [u8; 32] = Sha256::digest(&b[..n]).into();
+    b[n..].copy_from_slice(&sum);
+    let forged = Recipe::decode(&b).unwrap();
+    assert!(matches!(forged.keys(Some(&owner)), Err(FormatError::WrongKey)));
+}
+
+#[test]
+fn truncated_and_garbage() {
+    let (r, _) = sample(false);
+    let bytes = r.encode();
+    for n in [0, 7, 8, 30, bytes.len() - 1] {
+        assert!(Recipe::decode(&bytes[..n]).is_err());
+    }
+    assert!(Recipe::decode(b"garbage garbage garbage garbage garbage garbage garbage").is_err());
+}
+
+#[test]
+fn compact() {
+    let owner = OwnerKey([1; 32]);
+    let n = 32768u64; // a 16 GiB image of 512 KiB chunks
+    let ch: Vec<ChunkEntry> = (0..n)
+        .map(|i| ChunkEntry {
+            index: i,
+            id: ChunkId([1; 32]),
+            stored_len: 524288,
+            compressed: false,
+        })
+        .collect();
+    let keys = vec![ChunkKey([2; 32]); n as usize];
+    let r = Recipe::new(n << 19, 1 << 19, "sha256:x".into(), config(), ch, Some((&keys, &owner)))
+        .unwrap();
+    let len = r.encode().len() as u64;
+    assert!(len < 100 * n, "{len} bytes for {n} chunks");
+    assert!(len < 4 << 20);
+}
+
+#[test]
+fn chunk_geometry() {
+    let (r, _) = sample(false);
+    assert_eq!(r.chunk_count(), 21);
+    assert_eq!(r.chunk_len(20), 65536);
+    assert!(r.entry(0).is_none());
+    assert_eq!(r.entry(1).unwrap().stored_len, 1000);
+    assert!(check_chunk_size(1 << 15).is_err());
+    assert!(check_chunk_size(3 << 16).is_err());
+    assert!(check_chunk_size(1 << 22).is_ok());
+}
+
+proptest::proptest! {
+    #[test]
+    fn decode_never_panics(data: Vec<u8>) {
+        let _ = Recipe::decode(&data);
+    }
+}

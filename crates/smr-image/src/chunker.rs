@@ -1,0 +1,292 @@
+//! Cuts the image byte stream into fixed-size chunks and stores them.
+//!
+//! The ext4 writer streams bytes at increasing offsets, except for the header
+//! region at the start of the image, which it writes last. [`ChunkingSink`]
+//! keeps the chunk being filled and the header chunks in memory; every other
+//! chunk is handed, as soon as it is complete, to worker threads that seal it
+//! (hash, encrypt, optionally compress) and put it in the store, so sealing
+//! runs in parallel with decompression and flattening. All-zero chunks are
+//! never stored. Memory is bounded by the queue depth times the chunk size.
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use smr_format::{ChunkCodec, ChunkEntry, ChunkKey};
+use smr_store::{ChunkStore, PutOutcome, StoreError};
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// Counters of a chunking run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChunkStats {
+    /// Chunks the image spans.
+    pub total: u64,
+    /// All-zero chunks (not stored).
+    pub zero: u64,
+    /// Chunks written to the store.
+    pub new: u64,
+    /// Chunks already present in the store.
+    pub reused: u64,
+    /// Plaintext bytes of the non-zero chunks.
+    pub data_bytes: u64,
+    /// Stored bytes of the non-zero chunks (after compression).
+    pub stored_bytes: u64,
+    /// Stored bytes actually written (new chunks only).
+    pub written_bytes: u64,
+}
+
+/// The output of chunking: the chunk table, keys and counters.
+#[derive(Debug, Clone)]
+pub struct Chunked {
+    /// Non-zero chunks in index order.
+    pub entries: Vec<ChunkEntry>,
+    /// Keys, parallel to `entries`, when the codec encrypts.
+    pub keys: Option<Vec<ChunkKey>>,
+    /// Counters.
+    pub stats: ChunkStats,
+}
+
+struct Sealed {
+    entry: ChunkEntry,
+    key: Option<ChunkKey>,
+    outcome: PutOutcome,
+    plain_len: u64,
+}
+
+/// A sink that chunks, seals and stores an image as it is written.
+pub struct ChunkingSink {
+    chunk_size: u64,
+    header_chunks: u64,
+    header: Vec<u8>,
+    current: Option<(u64, Vec<u8>)>,
+    tx: Option<Sender<(u64, Vec<u8>)>>,
+    results: Receiver<Result<Sealed, StoreError>>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl ChunkingSink {
+    /// A sink writing chunks of `chunk_size` into `store`; the first
+    /// `header_len` bytes are held until [`ChunkingSink::finish`].
+    pub fn new(
+        chunk_size: u64,
+        header_len: u64,
+        codec: ChunkCodec,
+        store: Arc<dyn ChunkStore>,
+        workers: usize,
+    ) -> Self {
+        let header_chunks = header_len.div_ceil(chunk_size);
+        let (tx, rx) = bounded::<(u64, Vec<u8>)>(workers * 4);
+        let (rtx, results) = crossbeam_channel::unbounded();
+        let workers = (0..workers.max(1))
+            .map(|_| {
+                let (rx, rtx, codec, store) = (rx.clone(), rtx.clone(), codec.clone(), store.clone());
+                std::thread::spawn(move || {
+                    for (index, buf) in rx {
+                        let sealed = codec.seal(&buf);
+                        let res = store.put(&sealed.id, &sealed.stored).map(|outcome| Sealed {
+                            entry: ChunkEntry {
+                                index,
+                                id: sealed.id,
+                                stored_len: sealed.stored.len() as u32,
+                                compressed: sealed.compressed,
+                            },
+                            key: sealed.key,
+                            outcome,
+                            plain_len: buf.len() as u64,
+                        });
+                        let failed = res.is_err();
+                        if rtx.send(res).is_err() || failed {
+                            return;
+                        }
+                    }
+                })
+            })
+            .collect();
+        ChunkingSink {
+            chunk_size,
+            header_chunks,
+            header: vec![0; (header_chunks * chunk_size) as usize],
+            current: None,
+            tx: Some(tx),
+            results,
+            workers,
+        }
+    }
+
+    /// Writes `data` at `offset` (see the module docs for the order rule).
+    pub fn write_at(&mut self, mut offset: u64, mut data: &[u8]) -> io::Result<()> {
+        let header_end = self.header_chunks * self.chunk_size;
+        while !data.is_empty() {
+            if offset < header_end {
+                let n = data.len().min((header_end - offset) as usize);
+                self.header[offset as usize..offset as usize + n].copy_from_slice(&data[..n]);
+                (offset, data) = (offset + n as u64, &data[n..]);
+                continue;
+            }
+            let index = offset / self.chunk_size;
+            match &self.current {
+                Some((cur, _)) if *cur == index => {}
+                Some((cur, _)) if *cur > index => {
+                    return Err(io::Error::other(format!(
+                        "image write at offset {offset} goes back before chunk {cur}"
+                    )))
+                }
+                _ => {
+                    self.flush_current()?;
+                    self.current = Some((index, vec![0; self.chunk_size as usize]));
+                }
+            }
+            let (_, buf) = self.current.as_mut().expect("current chunk set above");
+            let at = (offset % self.chunk_size) as usize;
+            let n = data.len().min(buf.len() - at);
+            buf[at..at + n].copy_from_slice(&data[..n]);
+            (offset, data) = (offset + n as u64, &data[n..]);
+        }
+        Ok(())
+    }
+
+    fn flush_current(&mut self) -> io::Result<()> {
+        if let Some((index, buf)) = self.current.take() {
+            self.emit(index, buf)?;
+        }
+        Ok(())
+    }
+
+    fn emit(&mut self, index: u64, buf: Vec<u8>) -> io::Result<()> {
+        if buf.iter().all(|&b| b == 0) {
+            return Ok(());
+        }
+        let tx = self.tx.as_ref().expect("sink not finished");
+        tx.send((index, buf))
+            .map_err(|_| io::Error::other("chunk workers stopped (a store write failed)"))
+    }
+
+    /// Flushes everything for an image of `size` bytes and waits for the
+    /// workers. Returns the chunk table.
+    pub fn finish(mut self, size: u64) -> Result<Chunked, StoreError> {
+        let total = size.div_ceil(self.chunk_size);
+        let send_all = (|| -> io::Result<()> {
+            if let Some((index, mut buf)) = self.current.take() {
+                buf.truncate(size.saturating_sub(index * self.chunk_size).min(self.chunk_size) as usize);
+                self.emit(index, buf)?;
+            }
+            let header = std::mem::take(&mut self.header);
+            for (index, c) in header.chunks(self.chunk_size as usize).enumerate() {
+                let index = index as u64;
+                let len = size.saturating_sub(index * self.chunk_size).min(self.chunk_size);
+                if len > 0 {
+                    self.emit(index, c[..len as usize].to_vec())?;
+                }
+            }
+            Ok(())
+        })();
+        drop(self.tx.take());
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+        let mut by_index = BTreeMap::new();
+        for r in self.results.try_iter() {
+            let s = r?;
+            by_index.insert(s.entry.index, s);
+        }
+        send_all.map_err(|source| StoreError::Io {
+            store: "chunk pipeline".into(),
+            source,
+        })?;
+        let mut stats = ChunkStats {
+            total,
+            ..ChunkStats::default()
+        };
+        let mut entries = Vec::with_capacity(by_index.len());
+        let mut keys = Vec::with_capacity(by_index.len());
+        for (_, s) in by_index {
+            stats.data_bytes += s.plain_len;
+            stats.stored_bytes += u64::from(s.entry.stored_len);
+            match s.outcome {
+                PutOutcome::Written => {
+                    stats.new += 1;
+                    stats.written_bytes += u64::from(s.entry.stored_len);
+                }
+                PutOutcome::Existed => stats.reused += 1,
+            }
+            entries.push(s.entry);
+            keys.extend(s.key);
+        }
+        stats.zero = total - entries.len() as u64;
+        let keys = (keys.len() == entries.len() && !keys.is_empty()).then_some(keys);
+        Ok(Chunked {
+            entries,
+            keys,
+            stats,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smr_format::chunk::{default_salt, open_chunk};
+    use smr_store::LocalStore;
+
+    #[test]
+    fn chunks_stream_header_last_and_skips_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ChunkStore> = Arc::new(LocalStore::open(dir.path()).unwrap());
+        let cs = 65536u64;
+        let codec = ChunkCodec::new(default_salt(), true, false);
+        let mut sink = ChunkingSink::new(cs, 8192, codec, store.clone(), 2);
+        let mut image = vec![0u8; (cs * 6 + 4096) as usize];
+        let mut put = |sink: &mut ChunkingSink, off: u64, data: &[u8]| {
+            image[off as usize..off as usize + data.len()].copy_from_slice(data);
+            sink.write_at(off, data).unwrap();
+        };
+        put(&mut sink, cs, &[1u8; 100_000]); // spans chunks 1 and 2
+        put(&mut sink, cs * 4 + 10, b"four"); // chunk 3 stays zero
+        put(&mut sink, cs * 6, &[6u8; 4096]); // short last chunk
+        put(&mut sink, 1024, b"superblock"); // header, last
+        let size = image.len() as u64;
+        let out = sink.finish(size).unwrap();
+        let idx: Vec<u64> = out.entries.iter().map(|e| e.index).collect();
+        assert_eq!(idx, vec![0, 1, 2, 4, 6]);
+        assert_eq!(out.stats.total, 7);
+        assert_eq!(out.stats.zero, 2);
+        assert_eq!(out.stats.new, 5);
+        let keys = out.keys.unwrap();
+        for (e, k) in out.entries.iter().zip(&keys) {
+            let start = (e.index * cs) as usize;
+            let len = (cs as usize).min(image.len() - start);
+            let plain = open_chunk(&e.id, Some(k), e.compressed, store.get(&e.id).unwrap(), len).unwrap();
+            assert_eq!(plain, &image[start..start + len], "chunk {}", e.index);
+        }
+        assert_eq!(out.entries[4].stored_len, 4096);
+    }
+
+    #[test]
+    fn reused_chunks_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ChunkStore> = Arc::new(LocalStore::open(dir.path()).unwrap());
+        let run = || {
+            let codec = ChunkCodec::new(default_salt(), false, true);
+            let mut sink = ChunkingSink::new(65536, 4096, codec, store.clone(), 2);
+            sink.write_at(65536, &[7u8; 200_000]).unwrap();
+            sink.finish(65536 * 5).unwrap()
+        };
+        let a = run();
+        let b = run();
+        assert_eq!(a.entries, b.entries);
+        assert!(a.keys.is_none());
+        assert_eq!((b.stats.new, b.stats.reused), (0, a.entries.len() as u64));
+        assert_eq!(a.stats.new + a.stats.reused, 4, "chunks 1..=4");
+        assert!(a.stats.stored_bytes < a.stats.data_bytes, "zstd compressed the repeated bytes");
+    }
+
+    #[test]
+    fn writing_backwards_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ChunkStore> = Arc::new(LocalStore::open(dir.path()).unwrap());
+        let codec = ChunkCodec::new(default_salt(), false, false);
+        let mut sink = ChunkingSink::new(65536, 4096, codec, store, 1);
+        sink.write_at(65536 * 3, b"x").unwrap();
+        assert!(sink.write_at(65536 * 2, b"y").is_err());
+    }
+}
