@@ -56,6 +56,7 @@ struct Sealed {
 /// A sink that chunks, seals and stores an image as it is written.
 pub struct ChunkingSink {
     chunk_size: u64,
+    encrypts: bool,
     header_chunks: u64,
     header: Vec<u8>,
     current: Option<(u64, Vec<u8>)>,
@@ -75,6 +76,7 @@ impl ChunkingSink {
         workers: usize,
     ) -> Self {
         let header_chunks = header_len.div_ceil(chunk_size);
+        let encrypts = codec.encrypts();
         let (tx, rx) = bounded::<(u64, Vec<u8>)>(workers * 4);
         let (rtx, results) = crossbeam_channel::unbounded();
         let workers = (0..workers.max(1))
@@ -104,6 +106,7 @@ impl ChunkingSink {
             .collect();
         ChunkingSink {
             chunk_size,
+            encrypts,
             header_chunks,
             header: vec![0; (header_chunks * chunk_size) as usize],
             current: None,
@@ -213,7 +216,7 @@ impl ChunkingSink {
             keys.extend(s.key);
         }
         stats.zero = total - entries.len() as u64;
-        let keys = (keys.len() == entries.len() && !keys.is_empty()).then_some(keys);
+        let keys = self.encrypts.then_some(keys);
         Ok(Chunked {
             entries,
             keys,

@@ -7,6 +7,7 @@
 //! and, once all layers are applied, writes the filesystem metadata.
 
 pub mod chunker;
+pub mod convert;
 pub mod ext4;
 pub mod flatten;
 pub mod source;

@@ -1,1 +1,6 @@
-//! smr-node
+//! The node side of smr: fetching verified chunks, rebuilding and checking
+//! images, and (growing) the lazy image, cache and exports.
+
+pub mod chunks;
+pub mod nbd;
+pub mod restore;

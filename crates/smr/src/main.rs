@@ -1,1 +1,57 @@
-fn main() {}
+//! `smr`: Stream My Root. Thin command line over the smr libraries.
+
+mod cmd;
+mod keys;
+mod progress;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Start containers without pulling their images.
+#[derive(Parser)]
+#[command(name = "smr", version, about)]
+struct Cli {
+    /// Log filter (also RUST_LOG), e.g. `debug` or `smr_image=trace`.
+    #[arg(long, global = true, env = "SMR_LOG", default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Convert an OCI image into chunks in a store and write its recipe.
+    Convert(cmd::convert::Args),
+    /// Show a recipe: image, chunks, config (`--json` for scripts).
+    Inspect(cmd::inspect::Args),
+    /// Rebuild the ext4 image from its chunks, verifying every chunk.
+    Extract(cmd::extract::ExtractArgs),
+    /// Check that every chunk of a recipe is present and intact.
+    Verify(cmd::extract::VerifyArgs),
+    /// Write a new random 32-byte owner key file (mode 0600).
+    Keygen(cmd::keygen::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Convert(a) => cmd::convert::run(a),
+        Command::Inspect(a) => cmd::inspect::run(a),
+        Command::Extract(a) => cmd::extract::run_extract(a),
+        Command::Verify(a) => cmd::extract::run_verify(a),
+        Command::Keygen(a) => cmd::keygen::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("smr: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

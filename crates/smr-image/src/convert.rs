@@ -1,0 +1,121 @@
+//! The whole conversion: image source -> flattened tree -> ext4 -> chunks ->
+//! store, and the recipe that ties them together.
+
+use crate::chunker::{ChunkStats, ChunkingSink};
+use crate::ext4::{self, Ext4Stats, Ext4Writer};
+use crate::flatten::{self, FlattenStats, Progress};
+use crate::source::{ImageSource, Platform, ResolvedImage};
+use sha2::{Digest, Sha256};
+use smr_format::{ChunkCodec, OwnerKey, Recipe};
+use smr_store::ChunkStore;
+use std::sync::Arc;
+
+/// How to convert.
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    /// Chunk size (power of two, 64 KiB..4 MiB).
+    pub chunk_size: u64,
+    /// How chunks are sealed.
+    pub codec: ChunkCodec,
+    /// Which platform to pick from a multi-platform index.
+    pub platform: Platform,
+    /// The owner key sealing the key table (required when the codec encrypts).
+    pub owner: Option<OwnerKey>,
+    /// Threads sealing and storing chunks.
+    pub workers: usize,
+}
+
+/// What a conversion produced.
+#[derive(Debug)]
+pub struct ConvertOutput {
+    /// The recipe (not yet written anywhere).
+    pub recipe: Recipe,
+    /// The resolved source image.
+    pub image: ResolvedImage,
+    /// Chunking counters.
+    pub chunks: ChunkStats,
+    /// Filesystem counters.
+    pub ext4: Ext4Stats,
+    /// Flattening counters.
+    pub flatten: FlattenStats,
+}
+
+/// Errors of a conversion; each names what was wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    /// Reading the image failed.
+    #[error(transparent)]
+    Source(#[from] crate::source::SourceError),
+    /// A layer could not be applied.
+    #[error(transparent)]
+    Flatten(#[from] flatten::FlattenError),
+    /// The filesystem could not be written.
+    #[error(transparent)]
+    Ext4(#[from] ext4::Ext4Error),
+    /// Storing chunks failed.
+    #[error(transparent)]
+    Store(#[from] smr_store::StoreError),
+    /// Building the recipe failed.
+    #[error(transparent)]
+    Format(#[from] smr_format::FormatError),
+}
+
+/// A 16-byte value derived from the image digest, for filesystem UUIDs and
+/// hash seeds: deterministic, yet different per image.
+fn derive16(label: &str, digest: &str) -> [u8; 16] {
+    let mut h = Sha256::new();
+    h.update(label.as_bytes());
+    h.update(digest.as_bytes());
+    let d = h.finalize();
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&d[..16]);
+    out
+}
+
+/// Converts the image `src` into chunks in `store` and returns its recipe.
+pub fn convert(
+    src: &dyn ImageSource,
+    store: Arc<dyn ChunkStore>,
+    opts: &ConvertOptions,
+    on_progress: &mut dyn FnMut(Progress),
+) -> Result<ConvertOutput, ConvertError> {
+    smr_format::recipe::check_chunk_size(opts.chunk_size)?;
+    if opts.codec.encrypts() && opts.owner.is_none() {
+        return Err(smr_format::FormatError::KeyRequired.into());
+    }
+    let image = src.resolve(&opts.platform)?;
+    let sink = ChunkingSink::new(
+        opts.chunk_size,
+        ext4::header_len(),
+        opts.codec.clone(),
+        store,
+        opts.workers,
+    );
+    let mut writer = Ext4Writer::new(
+        sink,
+        ext4::Options {
+            chunk_size: opts.chunk_size,
+            uuid: derive16("smr ext4 uuid v1", &image.manifest_digest),
+            hash_seed: derive16("smr ext4 hash seed v1", &image.manifest_digest),
+        },
+    );
+    let (tree, flatten) = flatten::flatten(src, &image, &mut writer, on_progress)?;
+    let (sink, ext4) = writer.finish(&tree)?;
+    let chunked = sink.finish(ext4.image_size)?;
+    let keys = chunked.keys.as_deref().zip(opts.owner.as_ref());
+    let recipe = Recipe::new(
+        ext4.image_size,
+        opts.chunk_size,
+        image.manifest_digest.clone(),
+        image.config.clone(),
+        chunked.entries,
+        keys,
+    )?;
+    Ok(ConvertOutput {
+        recipe,
+        image,
+        chunks: chunked.stats,
+        ext4,
+        flatten,
+    })
+}

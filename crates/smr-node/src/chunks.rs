@@ -1,0 +1,71 @@
+//! Fetching one chunk of an image from a store, verified and decrypted.
+
+use smr_format::chunk::open_chunk;
+use smr_format::{ChunkEntry, ChunkKey, FormatError, Recipe};
+use smr_store::{ChunkStore, StoreError};
+
+/// Why a chunk could not be produced.
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkError {
+    /// The store failed or lacks the chunk.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The stored bytes failed verification or decoding.
+    #[error(transparent)]
+    Format(#[from] FormatError),
+}
+
+impl ChunkError {
+    /// The errno a reader of the image should see.
+    pub fn to_errno(&self) -> i32 {
+        libc::EIO
+    }
+}
+
+/// An image's recipe with its opened key table: what is needed to turn
+/// stored chunks into plaintext.
+#[derive(Debug, Clone)]
+pub struct ImageChunks {
+    /// The recipe.
+    pub recipe: Recipe,
+    keys: Option<Vec<ChunkKey>>,
+}
+
+impl ImageChunks {
+    /// Pairs a recipe with its keys (see [`Recipe::keys`]).
+    pub fn new(recipe: Recipe, keys: Option<Vec<ChunkKey>>) -> Self {
+        ImageChunks { recipe, keys }
+    }
+
+    /// Whether the recipe is encrypted but no keys were given.
+    pub fn keys_missing(&self) -> bool {
+        self.recipe.encrypted() && self.keys.is_none()
+    }
+
+    /// The key of the chunk at position `pos` of the chunk table.
+    fn key(&self, pos: usize) -> Option<&ChunkKey> {
+        self.keys.as_ref().and_then(|k| k.get(pos))
+    }
+
+    /// Fetches the `pos`-th stored chunk from `store`, verifies its hash and
+    /// returns its plaintext. Without keys for an encrypted recipe, only the
+    /// hash is checked and the ciphertext is returned.
+    pub fn fetch(&self, store: &dyn ChunkStore, pos: usize) -> Result<(ChunkEntry, Vec<u8>), ChunkError> {
+        let entry = *self
+            .recipe
+            .chunks
+            .get(pos)
+            .ok_or_else(|| FormatError::Recipe(format!("no chunk at table position {pos}")))?;
+        let stored = store.get(&entry.id)?;
+        let plain_len = self.recipe.chunk_len(entry.index) as usize;
+        if self.keys_missing() {
+            let actual = smr_format::ChunkId::of(&stored);
+            if actual != entry.id {
+                return Err(FormatError::ChunkHashMismatch { id: entry.id, actual }.into());
+            }
+            return Ok((entry, stored));
+        }
+        let plain = open_chunk(&entry.id, self.key(pos), entry.compressed, stored, plain_len)?;
+        Ok((entry, plain))
+    }
+}

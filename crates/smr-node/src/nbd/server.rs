@@ -1,0 +1,285 @@
+//! Listening, accepting, per-connection lifecycle and shutdown.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::device::Export;
+use super::handshake::{negotiate, Outcome};
+use super::{transmission, NbdError, Result};
+
+/// Tunables of an [`NbdServer`]; `Default` suits a node daemon.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// A client must finish option haggling within this time.
+    pub handshake_timeout: Duration,
+    /// Connections served at once; further ones are closed on accept.
+    pub max_connections: usize,
+    /// Requests of one connection processed concurrently.
+    pub max_in_flight: usize,
+    /// READ/WRITE buffer bytes of one connection in flight (raised to at
+    /// least one maximum-size request).
+    pub max_in_flight_bytes: usize,
+    /// On shutdown, how long connections get to answer in-flight requests.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(30),
+            max_connections: 1024,
+            max_in_flight: 128,
+            max_in_flight_bytes: 64 << 20,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Receiver side of the server's stop signal.
+pub(crate) type Shutdown = watch::Receiver<bool>;
+
+/// Resolve once shutdown was requested (or the server is gone).
+pub(crate) async fn wait_shutdown(rx: &mut Shutdown) {
+    // An error means the sender was dropped: treat as shutdown.
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+struct Shared {
+    exports: Vec<Export>,
+    config: ServerConfig,
+    stop: watch::Sender<bool>,
+}
+
+/// An NBD server exporting one or more block devices.
+///
+/// Cheap to clone; clones share exports and the stop signal. Serve with
+/// [`serve_tcp`](Self::serve_tcp) / [`serve_unix`](Self::serve_unix) inside
+/// a tokio runtime, or with [`spawn_tcp`](Self::spawn_tcp) /
+/// [`spawn_unix`](Self::spawn_unix) from synchronous code.
+#[derive(Clone)]
+pub struct NbdServer {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for NbdServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdServer")
+            .field("exports", &self.shared.exports)
+            .field("config", &self.shared.config)
+            .finish()
+    }
+}
+
+impl NbdServer {
+    /// A server with default configuration. The first export is the default
+    /// one (selected by the empty name).
+    pub fn new(exports: Vec<Export>) -> Result<Self> {
+        Self::with_config(exports, ServerConfig::default())
+    }
+
+    /// A server with explicit configuration.
+    pub fn with_config(exports: Vec<Export>, config: ServerConfig) -> Result<Self> {
+        if exports.is_empty() {
+            return Err(NbdError::NoExports);
+        }
+        let mut names = HashSet::new();
+        for e in &exports {
+            e.check()?;
+            if !names.insert(e.name.as_str()) {
+                return Err(NbdError::DuplicateExport(e.name.clone()));
+            }
+        }
+        let (stop, _) = watch::channel(false);
+        Ok(Self { shared: Arc::new(Shared { exports, config, stop }) })
+    }
+
+    /// The exports served.
+    pub fn exports(&self) -> &[Export] {
+        &self.shared.exports
+    }
+
+    /// Ask every `serve_*` loop and connection to stop: no new connections
+    /// or requests are accepted, in-flight requests are answered.
+    pub fn shutdown(&self) {
+        self.shared.stop.send_replace(true);
+    }
+
+    /// Accept TCP clients until [`shutdown`](Self::shutdown).
+    pub async fn serve_tcp(&self, listener: tokio::net::TcpListener) -> Result<()> {
+        let listener = &listener;
+        self.accept_loop(move || async move {
+            let (s, peer) = listener.accept().await?;
+            // Replies are written whole; do not let Nagle delay them.
+            s.set_nodelay(true)?;
+            Ok((s, peer.to_string()))
+        })
+        .await
+    }
+
+    /// Accept UNIX-socket clients until [`shutdown`](Self::shutdown).
+    pub async fn serve_unix(&self, listener: tokio::net::UnixListener) -> Result<()> {
+        let listener = &listener;
+        self.accept_loop(move || async move {
+            let (s, _) = listener.accept().await?;
+            Ok((s, "unix".to_string()))
+        })
+        .await
+    }
+
+    async fn accept_loop<S, F, Fut>(&self, mut accept: F) -> Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = std::io::Result<(S, String)>>,
+    {
+        let mut stop = self.shared.stop.subscribe();
+        let mut conns = JoinSet::new();
+        loop {
+            tokio::select! {
+                _ = wait_shutdown(&mut stop) => break,
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                r = accept() => match r {
+                    Ok((stream, peer)) if conns.len() >= self.shared.config.max_connections => {
+                        tracing::warn!(%peer, "NBD connection limit reached; closing");
+                        drop(stream);
+                    }
+                    Ok((stream, peer)) => {
+                        let server = self.clone();
+                        conns.spawn(async move {
+                            tracing::debug!(%peer, "NBD client connected");
+                            match server.serve_connection(stream).await {
+                                Ok(()) => tracing::debug!(%peer, "NBD client done"),
+                                Err(e) => tracing::info!(%peer, error = %e, "NBD client dropped"),
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        // E.g. EMFILE: back off instead of spinning.
+                        tracing::warn!(error = %e, "NBD accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+            }
+        }
+        let grace = self.shared.config.shutdown_grace;
+        let drain = async { while conns.join_next().await.is_some() {} };
+        if tokio::time::timeout(grace, drain).await.is_err() {
+            tracing::warn!(left = conns.len(), "NBD connections did not finish in time; aborting");
+            conns.shutdown().await;
+        }
+        Ok(())
+    }
+
+    /// Serve one already-connected client (any byte stream) to the end.
+    ///
+    /// Returns `Ok` when the client disconnected or the server stopped, an
+    /// error when the client broke the protocol or the stream failed.
+    pub async fn serve_connection<S>(&self, stream: S) -> Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let mut stop = self.shared.stop.subscribe();
+        if *stop.borrow() {
+            return Ok(());
+        }
+        let (mut reader, mut writer) = tokio::io::split(stream);
+        let config = &self.shared.config;
+        let handshake = negotiate(&mut reader, &mut writer, &self.shared.exports);
+        let outcome = tokio::select! {
+            r = tokio::time::timeout(config.handshake_timeout, handshake) => match r {
+                Ok(r) => r,
+                Err(_) => Err(NbdError::HandshakeTimeout),
+            },
+            _ = wait_shutdown(&mut stop) => return Ok(()),
+        };
+        let session = match outcome {
+            Ok(Outcome::Transmission(s)) => s,
+            Ok(Outcome::Closed) => {
+                let _ = writer.shutdown().await;
+                return Ok(());
+            }
+            Err(e) => {
+                let _ = writer.shutdown().await;
+                return Err(e);
+            }
+        };
+        tracing::debug!(export = %session.export.name, structured = session.structured, "NBD transmission");
+        transmission::serve(reader, writer, session, config, stop).await
+    }
+
+    /// Serve TCP clients on a runtime of its own, from synchronous code.
+    pub fn spawn_tcp(&self, listener: std::net::TcpListener) -> Result<ServerHandle> {
+        listener.set_nonblocking(true)?;
+        self.spawn("smr-nbd-tcp", move |server| async move {
+            server.serve_tcp(tokio::net::TcpListener::from_std(listener)?).await
+        })
+    }
+
+    /// Serve UNIX-socket clients on a runtime of its own, from synchronous code.
+    pub fn spawn_unix(&self, listener: std::os::unix::net::UnixListener) -> Result<ServerHandle> {
+        listener.set_nonblocking(true)?;
+        self.spawn("smr-nbd-unix", move |server| async move {
+            server.serve_unix(tokio::net::UnixListener::from_std(listener)?).await
+        })
+    }
+
+    fn spawn<F, Fut>(&self, name: &str, run: F) -> Result<ServerHandle>
+    where
+        F: FnOnce(NbdServer) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .thread_name(name)
+            .enable_all()
+            .build()?;
+        let server = self.clone();
+        let thread = std::thread::Builder::new().name(name.to_string()).spawn(move || {
+            let r = runtime.block_on(run(server));
+            // Device calls stuck in the blocking pool must not hang the caller.
+            runtime.shutdown_timeout(Duration::from_secs(5));
+            r
+        })?;
+        Ok(ServerHandle { server: self.clone(), thread: Some(thread) })
+    }
+}
+
+/// A server running on its own threads; [`stop`](Self::stop) it, or drop it
+/// (which stops it too).
+#[derive(Debug)]
+pub struct ServerHandle {
+    server: NbdServer,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl ServerHandle {
+    /// The running server (e.g. to inspect its exports).
+    pub fn server(&self) -> &NbdServer {
+        &self.server
+    }
+
+    /// Stop accepting, let connections finish in-flight requests, and wait.
+    pub fn stop(mut self) -> Result<()> {
+        self.join()
+    }
+
+    fn join(&mut self) -> Result<()> {
+        self.server.shutdown();
+        match self.thread.take() {
+            Some(t) => t.join().unwrap_or(Err(NbdError::ServerPanicked)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        if let Err(e) = self.join() {
+            tracing::warn!(error = %e, "NBD server ended with an error");
+        }
+    }
+}

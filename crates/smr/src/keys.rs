@@ -1,0 +1,44 @@
+//! Owner key and salt options shared by the subcommands.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use smr_format::OwnerKey;
+use std::path::PathBuf;
+
+/// `--key-file` (or `SMR_KEY_FILE`).
+#[derive(Args, Debug, Clone)]
+pub struct KeyArgs {
+    /// The owner's 32-byte key (raw or 64 hex digits) that seals the recipe's key table.
+    #[arg(long, env = "SMR_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+}
+
+impl KeyArgs {
+    /// Loads the key if one was named.
+    pub fn load(&self) -> Result<Option<OwnerKey>> {
+        self.key_file
+            .as_deref()
+            .map(|p| OwnerKey::from_file(p).context("loading the owner key"))
+            .transpose()
+    }
+}
+
+/// Reads a recipe file.
+pub fn read_recipe(path: &std::path::Path) -> Result<smr_format::Recipe> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading recipe {}", path.display()))?;
+    smr_format::Recipe::decode(&bytes).with_context(|| format!("recipe {}", path.display()))
+}
+
+/// Opens a recipe's chunks with its keys (keys required when `need_keys`).
+pub fn open_image(path: &std::path::Path, key: &KeyArgs, need_keys: bool) -> Result<smr_node::chunks::ImageChunks> {
+    let recipe = read_recipe(path)?;
+    let owner = key.load()?;
+    let keys = if owner.is_none() && !need_keys {
+        None
+    } else {
+        recipe
+            .keys(owner.as_ref())
+            .with_context(|| format!("recipe {}", path.display()))?
+    };
+    Ok(smr_node::chunks::ImageChunks::new(recipe, keys))
+}
