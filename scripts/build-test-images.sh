@@ -124,6 +124,7 @@ CREATED=$(date -u -d "@$SOURCE_DATE_EPOCH" +%Y-%m-%dT%H:%M:%SZ)
 
 T0=$(date +%s)
 TMP=$(mktemp -d "$(dirname "$CACHE_DIR")/.$(basename "$CACHE_DIR").tmp.XXXXXX")
+chmod 0755 "$TMP"
 W=$TMP/work
 mkdir -p "$W"
 MOUNTS=()
@@ -286,6 +287,7 @@ umoci config --image "$OCI:debian-python" --created "$CREATED" \
     --history.created "$CREATED" --history.created_by 'CMD ["python3"]' \
     --config.cmd python3
 umoci gc --layout "$OCI"
+chmod 0644 "$OCI/index.json"
 
 layers() { umoci stat --image "$OCI:$1" --json | jq -r '[.history[] | select(.layer != null) | .layer.digest] | join(" ")'; }
 L_DEB=$(layers debian)

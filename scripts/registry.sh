@@ -67,6 +67,9 @@ start() {
     if [[ $port == 0 ]]; then
         port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     fi
+    # Refuse a busy port: otherwise /v2/ of whoever holds it would answer.
+    python3 -c 'import socket, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("127.0.0.1", int(sys.argv[1])))' "$port" 2>/dev/null \
+        || die "port $port on 127.0.0.1 is in use"
     local addr=127.0.0.1:$port auth_yaml="" curl_auth=()
     if [[ -n $auth ]]; then
         command -v htpasswd >/dev/null || die "htpasswd not installed (apt-get install apache2-utils)"
@@ -109,7 +112,7 @@ EOF
             die "docker-registry exited during startup (port $port in use?)"
         fi
         code=$(curl -s -o /dev/null -w '%{http_code}' "${curl_auth[@]}" "http://$addr/v2/" || true)
-        if [[ $code == 200 ]]; then
+        if [[ $code == 200 ]] && kill -0 "$pid" 2>/dev/null; then
             echo "$addr" >"$dir/registry.addr"
             echo "$addr"
             return 0

@@ -70,11 +70,8 @@ pub fn render<'a>(entries: impl IntoIterator<Item = Entry<'a>>, out: &mut Vec<u8
         last = Some(at);
         at += r;
     }
-    match last {
-        Some(l) => stretch(&mut out[block_start..], l),
-        None => out[block_start + 4..block_start + 6]
-            .copy_from_slice(&(BLOCK as u16).wrapping_mul(1).to_le_bytes()),
-    }
+    // No entries at all: the block is one unused entry.
+    stretch(&mut out[block_start..], last.unwrap_or(0));
     blocks
 }
 

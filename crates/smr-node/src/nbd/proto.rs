@@ -599,10 +599,12 @@ pub fn extents_from_runs(runs: &[(u64, bool)], len: u32, max: usize) -> Vec<(u32
         }
         left -= take;
         let flags = if hole { STATE_HOLE | STATE_ZERO } else { 0 };
-        match out.last_mut() {
-            Some(last) if last.1 == flags => last.0 += take,
-            _ if out.len() == max => break,
-            _ => out.push((take, flags)),
+        if let Some(last) = out.last_mut().filter(|l| l.1 == flags) {
+            last.0 += take;
+        } else if out.len() == max {
+            break;
+        } else {
+            out.push((take, flags));
         }
     }
     if out.is_empty() {

@@ -122,11 +122,11 @@ where
             log_task_end(done);
         }
         let mut head = [0u8; REQUEST_LEN];
-        let read = tokio::select! {
+        let got = tokio::select! {
             r = reader.read_exact(&mut head) => r,
             _ = wait_shutdown(&mut shutdown) => break Ok(()),
         };
-        match read {
+        match got {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break Ok(()),
             Err(e) => break Err(NbdError::Io(e)),

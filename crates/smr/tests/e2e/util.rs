@@ -1,0 +1,162 @@
+//! Helpers shared by the end-to-end tests.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The smr binary under test.
+pub fn smr() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_smr"));
+    c.env_remove("SMR_KEY_FILE").env_remove("SMR_STORE");
+    c
+}
+
+/// Runs a command, returning its output; panics if it cannot start.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+/// Runs a command and panics with its stderr unless it succeeds.
+pub fn ok(cmd: &mut Command) -> Output {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs a command that must fail; returns its stderr.
+pub fn fails(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(!out.status.success(), "{cmd:?} unexpectedly succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Root of the repository.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Writes a fixed owner key to `dir/key` and returns its path.
+pub fn key_file(dir: &Path) -> PathBuf {
+    let p = dir.join("key");
+    std::fs::write(&p, format!("{}\n", "ab".repeat(32))).expect("write key");
+    p
+}
+
+/// Converts `source` into `store`, writing `recipe`.
+pub fn convert(source: &str, store: &Path, recipe: &Path, key: &Path, extra: &[&str]) -> Output {
+    ok(smr()
+        .arg("convert")
+        .arg(source)
+        .arg("--store")
+        .arg(store)
+        .arg("-o")
+        .arg(recipe)
+        .arg("--key-file")
+        .arg(key)
+        .args(extra))
+}
+
+/// Extracts `recipe` into `img`.
+pub fn extract(recipe: &Path, store: &Path, key: &Path, img: &Path) {
+    ok(smr()
+        .arg("extract")
+        .arg(recipe)
+        .arg("--store")
+        .arg(store)
+        .arg("--key-file")
+        .arg(key)
+        .arg("-o")
+        .arg(img));
+}
+
+/// `e2fsck -fn` must exit 0.
+pub fn fsck_clean(img: &Path) {
+    ok(Command::new("e2fsck").arg("-fn").arg(img));
+}
+
+/// A read-only loop mount, unmounted on drop.
+pub struct LoopMount {
+    /// Where it is mounted.
+    pub dir: tempfile::TempDir,
+}
+
+impl LoopMount {
+    /// Mounts `img` read-only.
+    pub fn new(img: &Path) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        ok(Command::new("mount")
+            .args(["-t", "ext4", "-o", "loop,ro"])
+            .arg(img)
+            .arg(dir.path()));
+        LoopMount { dir }
+    }
+}
+
+impl Drop for LoopMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+/// Unpacks `layout:tag` with umoci into `dir` and returns the rootfs path.
+pub fn umoci_unpack(layout: &Path, tag: &str, dir: &Path) -> PathBuf {
+    let bundle = dir.join("bundle");
+    ok(Command::new("umoci")
+        .arg("unpack")
+        .arg("--image")
+        .arg(format!("{}:{tag}", layout.display()))
+        .arg(&bundle));
+    bundle.join("rootfs")
+}
+
+/// Compares two trees with scripts/treecmp.py (everything: types, contents,
+/// modes, owners, xattrs, link targets, devices, hard link groups).
+pub fn trees_equal(a: &Path, b: &Path) {
+    ok(Command::new("python3")
+        .arg(repo_root().join("scripts/treecmp.py"))
+        .arg(a)
+        .arg(b)
+        .args(["--ignore", "lost+found"]));
+}
+
+/// Files in `dir` (recursively) whose name contains `pat`.
+pub fn find_named(dir: &Path, pat: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p.clone());
+            }
+            if e.file_name().to_string_lossy().contains(pat) {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Where the real Debian test images are cached (scripts/build-test-images.sh).
+/// Returns `None` (and the test returns early with a note) only when
+/// SMR_REQUIRE_IMAGES is unset; CI sets it, so there they must exist.
+pub fn debian_layout() -> Option<PathBuf> {
+    let cache = std::env::var("SMR_IMAGE_CACHE").unwrap_or_else(|_| "/var/cache/smr-test-images".into());
+    let layout = Path::new(&cache).join("oci");
+    if layout.join("index.json").is_file() {
+        return Some(layout);
+    }
+    assert!(
+        std::env::var_os("SMR_REQUIRE_IMAGES").is_none(),
+        "test images missing at {}: run scripts/build-test-images.sh",
+        layout.display()
+    );
+    eprintln!("note: {} missing; run scripts/build-test-images.sh", layout.display());
+    None
+}
