@@ -7,7 +7,7 @@
 use std::io;
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -158,7 +158,6 @@ pub(crate) struct Running {
     pub addr: String,
     pub uri: String,
     _dir: Option<tempfile::TempDir>,
-    pub socket: Option<PathBuf>,
 }
 
 impl Running {
@@ -178,7 +177,7 @@ pub(crate) fn serve_tcp_with(exports: Vec<Export>, config: ServerConfig) -> Runn
     let addr = listener.local_addr().expect("addr").to_string();
     let server = NbdServer::with_config(exports, config).expect("server");
     let handle = server.spawn_tcp(listener).expect("spawn");
-    Running { handle: Some(handle), uri: format!("nbd://{addr}"), addr, _dir: None, socket: None }
+    Running { handle: Some(handle), uri: format!("nbd://{addr}"), addr, _dir: None }
 }
 
 pub(crate) fn serve_unix(exports: Vec<Export>) -> Running {
@@ -192,7 +191,6 @@ pub(crate) fn serve_unix(exports: Vec<Export>) -> Running {
         uri: format!("nbd+unix:///?socket={}", path.display()),
         addr: String::new(),
         _dir: Some(dir),
-        socket: Some(path),
     }
 }
 
