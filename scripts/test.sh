@@ -2,6 +2,11 @@
 # The one test command of smr: CI (.ci/run) and the README both call this.
 # Extra arguments go to cargo nextest (e.g. scripts/test.sh -E 'test(ext4)').
 #
+# Steps: treecmp self-test, cargo fmt --check, cargo clippy -D warnings,
+# cargo nextest run --workspace --no-fail-fast. Every step runs even when an
+# earlier one failed (a formatting slip should not hide test results); the
+# exit status is non-zero if any step failed.
+#
 # Tests that need the real test images find them through SMR_IMAGE_CACHE
 # (default /var/cache/smr-test-images, built by scripts/build-test-images.sh);
 # with SMR_REQUIRE_IMAGES=1 (set by .ci/run) they fail instead of skipping
@@ -9,16 +14,23 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-step() { printf '\n=== %s\n' "$*" >&2; }
+failed=()
+step() {
+    local name=$1; shift
+    printf '\n=== %s\n' "$name" >&2
+    if ! "$@"; then
+        failed+=("$name")
+        printf '=== FAILED: %s\n' "$name" >&2
+    fi
+}
 
-step "treecmp self-test"
-scripts/treecmp_selftest.py
+step "treecmp self-test" scripts/treecmp_selftest.py
+step "cargo fmt" cargo fmt --all --check
+step "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
+step "cargo nextest" cargo nextest run --workspace --no-fail-fast "$@"
 
-step "cargo fmt --check"
-cargo fmt --all --check
-
-step "cargo clippy"
-cargo clippy --workspace --all-targets -- -D warnings
-
-step "cargo nextest"
-cargo nextest run --workspace --no-fail-fast "$@"
+if ((${#failed[@]})); then
+    printf '\nscripts/test.sh: failed steps: %s\n' "$(IFS=,; echo "${failed[*]}")" >&2
+    exit 1
+fi
+printf '\nscripts/test.sh: all steps passed\n' >&2

@@ -10,5 +10,9 @@ pub mod chunker;
 pub mod convert;
 pub mod ext4;
 pub mod flatten;
+pub mod layer;
 pub mod source;
 pub mod tree;
+
+#[cfg(test)]
+mod test_support;

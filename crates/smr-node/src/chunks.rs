@@ -42,8 +42,9 @@ impl ImageChunks {
         self.recipe.encrypted() && self.keys.is_none()
     }
 
-    /// The key of the chunk at position `pos` of the chunk table.
-    fn key(&self, pos: usize) -> Option<&ChunkKey> {
+    /// The key of the chunk at position `pos` of the chunk table (`None`
+    /// for unencrypted recipes or when keys were not given).
+    pub fn key(&self, pos: usize) -> Option<&ChunkKey> {
         self.keys.as_ref().and_then(|k| k.get(pos))
     }
 
@@ -51,12 +52,16 @@ impl ImageChunks {
     /// returns its plaintext. Without keys for an encrypted recipe, only the
     /// hash is checked and the ciphertext is returned.
     pub fn fetch(&self, store: &dyn ChunkStore, pos: usize) -> Result<(ChunkEntry, Vec<u8>), ChunkError> {
-        let entry = *self
-            .recipe
-            .chunks
-            .get(pos)
-            .ok_or_else(|| FormatError::Recipe(format!("no chunk at table position {pos}")))?;
+        let entry = self.entry_at(pos)?;
         let stored = store.get(&entry.id)?;
+        self.open(pos, stored)
+    }
+
+    /// Verifies `stored` (bytes of the `pos`-th chunk obtained elsewhere, e.g.
+    /// from the node cache) against its name and returns the plaintext, as
+    /// [`ImageChunks::fetch`] does after its `get`.
+    pub fn open(&self, pos: usize, stored: Vec<u8>) -> Result<(ChunkEntry, Vec<u8>), ChunkError> {
+        let entry = self.entry_at(pos)?;
         let plain_len = self.recipe.chunk_len(entry.index) as usize;
         if self.keys_missing() {
             let actual = smr_format::ChunkId::of(&stored);
@@ -67,5 +72,13 @@ impl ImageChunks {
         }
         let plain = open_chunk(&entry.id, self.key(pos), entry.compressed, stored, plain_len)?;
         Ok((entry, plain))
+    }
+
+    fn entry_at(&self, pos: usize) -> Result<ChunkEntry, ChunkError> {
+        Ok(*self
+            .recipe
+            .chunks
+            .get(pos)
+            .ok_or_else(|| FormatError::Recipe(format!("no chunk at table position {pos}")))?)
     }
 }

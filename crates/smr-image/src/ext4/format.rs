@@ -235,8 +235,8 @@ pub struct SuperBlock {
     pub kbytes_written: U64,
     /// `s_snapshot_inum` .. `s_snapshot_list` (unused, 20 bytes).
     pub snapshot: [u8; 20],
-    /// `s_error_count` .. `s_last_error_func` (error tracking, 104 bytes).
-    pub error_info: [u8; 104],
+    /// `s_error_count` .. `s_last_error_func` (error tracking, 108 bytes).
+    pub error_info: [u8; 108],
     /// `s_mount_opts`: default mount options string.
     pub mount_opts: [u8; 64],
     /// `s_usr_quota_inum`.
@@ -374,6 +374,7 @@ pub struct Inode {
 }
 
 /// Offset of the in-inode xattr area within the inode record.
+#[cfg(test)]
 pub const INODE_XATTR_OFFSET: usize = 128 + EXTRA_ISIZE as usize;
 
 /// `struct ext4_extent_header`, first 12 bytes of every extent tree node.

@@ -6,7 +6,7 @@
 //! block 0            superblock at byte 1024 (written last, by finish)
 //! blocks 1..=64      group descriptor table reservation (1 TiB of groups);
 //!                    blocks past the real table are free and zero
-//! header_len()       first layer's data, aligned to the chunk size; each
+//! data_offset()      first layer's data, aligned to the chunk size; each
 //!                    later layer starts on the next chunk boundary
 //! ...                data in arrival order; all-zero blocks are holes
 //! chunk-aligned      per inode, in inode order: directory blocks, extent
@@ -16,7 +16,7 @@
 //! end                free headroom (zeros, never written)
 //! ```
 //!
-//! Nothing before [`header_len`] depends on file data, and a layer's data
+//! Nothing before [`data_offset`] depends on file data, and a layer's data
 //! region depends only on that layer and the chunk-aligned offset it starts
 //! at, so unchanged layers keep identical chunks. The filesystem has 4 KiB
 //! blocks, 256-byte inodes, extents, no journal, no checksums, linear
@@ -46,33 +46,40 @@ pub use xattr::XattrError;
 
 use crate::tree::Tree;
 
-/// Bytes reserved at the start of every image for the superblock and the
-/// group descriptor table, whatever the image holds.
-pub const HEADER_RESERVED: u64 = layout::HEADER_BLOCKS * format::BLOCK_SIZE;
+/// Length of the header region `[0, header_len())`: the superblock and the
+/// group descriptor table reservation. It is the same for every image, and
+/// bytes in it are written only by [`Ext4Writer::finish`].
+pub const fn header_len() -> u64 {
+    layout::HEADER_BLOCKS * format::BLOCK_SIZE
+}
 
 /// Largest image this writer produces (limited by the reserved descriptor table).
 pub const MAX_IMAGE_SIZE: u64 = layout::MAX_BLOCKS * format::BLOCK_SIZE;
 
-/// Offset where the first layer's data starts: [`HEADER_RESERVED`] rounded up
-/// to `chunk_size`. Bytes below it are written only by [`Ext4Writer::finish`].
-pub fn header_len(chunk_size: u64) -> u64 {
-    HEADER_RESERVED.next_multiple_of(chunk_size.max(1))
+/// Offset where the first layer's data starts: [`header_len`] rounded up to
+/// `chunk_size`. Chunks below it hold only header bytes (and zeros).
+pub fn data_offset(chunk_size: u64) -> u64 {
+    header_len().next_multiple_of(chunk_size.max(1))
 }
 
 /// Destination of image bytes.
 ///
 /// Offsets are absolute image offsets. Writes outside the header region
-/// `[0, header_len)` arrive at non-decreasing offsets; gaps between writes are
-/// zeros; writes into the header region happen only during
+/// `[0, header_len())` arrive at non-decreasing offsets; gaps between writes
+/// are zeros; writes into the header region happen only during
 /// [`Ext4Writer::finish`], after everything else, followed by one call to
-/// [`ImageSink::finish`].
+/// [`ImageSink::set_len`].
 pub trait ImageSink {
     /// Writes all of `data` at `offset`.
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()>;
 
-    /// Called once, last: the image is `size` bytes long (the tail past the
-    /// last write is zeros).
-    fn finish(&mut self, size: u64) -> io::Result<()>;
+    /// Called once, last: the image is `size` bytes long, the tail past the
+    /// last write being zeros. Sinks that learn the size another way may keep
+    /// this default, which does nothing.
+    fn set_len(&mut self, size: u64) -> io::Result<()> {
+        let _ = size;
+        Ok(())
+    }
 }
 
 impl ImageSink for std::fs::File {
@@ -80,8 +87,8 @@ impl ImageSink for std::fs::File {
         std::os::unix::fs::FileExt::write_all_at(self, data, offset)
     }
 
-    fn finish(&mut self, size: u64) -> io::Result<()> {
-        self.set_len(size)
+    fn set_len(&mut self, size: u64) -> io::Result<()> {
+        std::fs::File::set_len(self, size)
     }
 }
 
@@ -97,7 +104,7 @@ impl ImageSink for Vec<u8> {
         Ok(())
     }
 
-    fn finish(&mut self, size: u64) -> io::Result<()> {
+    fn set_len(&mut self, size: u64) -> io::Result<()> {
         self.resize(usize::try_from(size).map_err(io::Error::other)?, 0);
         Ok(())
     }
@@ -108,8 +115,8 @@ impl<S: ImageSink + ?Sized> ImageSink for &mut S {
         (**self).write_at(offset, data)
     }
 
-    fn finish(&mut self, size: u64) -> io::Result<()> {
-        (**self).finish(size)
+    fn set_len(&mut self, size: u64) -> io::Result<()> {
+        (**self).set_len(size)
     }
 }
 
@@ -129,7 +136,7 @@ pub struct Options {
 pub struct Ext4Stats {
     /// Image size in bytes.
     pub image_size: u64,
-    /// Bytes before the first layer's data (see [`header_len`]).
+    /// Length of the header region (see [`header_len`]).
     pub header_len: u64,
     /// File data blocks written by [`crate::tree::DataSink::write_file`].
     pub data_blocks_written: u64,
@@ -278,7 +285,7 @@ impl<S: ImageSink> Ext4Writer<S> {
     /// A writer that will put the image into `sink`. Invalid options are
     /// reported by the first call that needs them.
     pub fn new(sink: S, opts: Options) -> Self {
-        let data_start = header_len(opts.chunk_size) / format::BLOCK_SIZE;
+        let data_start = data_offset(opts.chunk_size) / format::BLOCK_SIZE;
         Ext4Writer {
             sink,
             opts,

@@ -71,7 +71,11 @@ pub struct Export {
 impl Export {
     /// An export with an empty description.
     pub fn new(name: impl Into<String>, device: Arc<dyn BlockDevice>) -> Self {
-        Self { name: name.into(), description: String::new(), device }
+        Self {
+            name: name.into(),
+            description: String::new(),
+            device,
+        }
     }
 
     /// Set the description.

@@ -63,7 +63,11 @@ struct Negotiation<'a, R, W> {
 }
 
 /// Run the handshake on a fresh connection.
-pub(crate) async fn negotiate<R, W>(reader: &mut R, writer: &mut W, exports: &[Export]) -> Result<Outcome>
+pub(crate) async fn negotiate<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    exports: &[Export],
+) -> Result<Outcome>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -97,7 +101,9 @@ where
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Negotiation<'_, R, W> {
     async fn reply(&mut self, option: u32, reply: u32, data: &[u8]) -> Result<()> {
-        self.writer.write_all(&option_reply(option, reply, data)).await?;
+        self.writer
+            .write_all(&option_reply(option, reply, data))
+            .await?;
         Ok(())
     }
 
@@ -111,7 +117,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Negotiation<'_, R, W> {
         let mut head = [0u8; OPTION_HEADER_LEN];
         match self.reader.read_exact(&mut head).await {
             Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(Some(Outcome::Closed)),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Ok(Some(Outcome::Closed))
+            }
             Err(e) => return Err(e.into()),
         }
         let OptionHeader { option, len } = OptionHeader::parse(&head)?;
@@ -119,7 +127,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Negotiation<'_, R, W> {
             // Not worth reading: refuse and hang up (the spec allows a
             // hard disconnect for what looks like denial of service).
             if option != OPT_EXPORT_NAME {
-                self.error(option, REP_ERR_TOO_BIG, "option data too large").await?;
+                self.error(option, REP_ERR_TOO_BIG, "option data too large")
+                    .await?;
                 self.writer.flush().await?;
             }
             return Err(NbdError::OptionTooLarge { option, len });
@@ -140,7 +149,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Negotiation<'_, R, W> {
                 let _ = self.reply(option, REP_ACK, &[]).await;
                 return Ok(Some(Outcome::Closed));
             }
-            OPT_LIST if !data.is_empty() => self.error(option, REP_ERR_INVALID, "LIST takes no data").await?,
+            OPT_LIST if !data.is_empty() => {
+                self.error(option, REP_ERR_INVALID, "LIST takes no data")
+                    .await?
+            }
             OPT_LIST => {
                 for e in self.exports {
                     let mut d = Vec::with_capacity(4 + e.name.len() + e.description.len());
@@ -151,10 +163,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Negotiation<'_, R, W> {
                 }
                 self.reply(option, REP_ACK, &[]).await?;
             }
-            OPT_STARTTLS => self.error(option, REP_ERR_POLICY, "TLS is not offered").await?,
+            OPT_STARTTLS => {
+                self.error(option, REP_ERR_POLICY, "TLS is not offered")
+                    .await?
+            }
             OPT_INFO | OPT_GO => return self.info(option, data).await,
             OPT_STRUCTURED_REPLY if !data.is_empty() => {
-                self.error(option, REP_ERR_INVALID, "STRUCTURED_REPLY takes no data").await?
+                self.error(option, REP_ERR_INVALID, "STRUCTURED_REPLY takes no data")
+                    .await?
             }
             OPT_STRUCTURED_REPLY => {
                 self.structured = true;
@@ -192,11 +208,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Negotiation<'_, R, W> {
 
     async fn info(&mut self, option: u32, data: &[u8]) -> Result<Option<Outcome>> {
         let Ok(req) = parse_info_request(data) else {
-            self.error(option, REP_ERR_INVALID, "malformed INFO/GO data").await?;
+            self.error(option, REP_ERR_INVALID, "malformed INFO/GO data")
+                .await?;
             return Ok(None);
         };
         let Some(i) = find_export(self.exports, req.name) else {
-            self.error(option, REP_ERR_UNKNOWN, "no such export").await?;
+            self.error(option, REP_ERR_UNKNOWN, "no such export")
+                .await?;
             return Ok(None);
         };
         let export = &self.exports[i];
@@ -239,18 +257,32 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Negotiation<'_, R, W> {
             self.meta_export = None;
         }
         if !self.structured {
-            return self.error(option, REP_ERR_INVALID, "negotiate structured replies first").await;
+            return self
+                .error(
+                    option,
+                    REP_ERR_INVALID,
+                    "negotiate structured replies first",
+                )
+                .await;
         }
         let Ok(req) = parse_meta_context_request(data) else {
-            return self.error(option, REP_ERR_INVALID, "malformed meta context data").await;
+            return self
+                .error(option, REP_ERR_INVALID, "malformed meta context data")
+                .await;
         };
         let Some(i) = find_export(self.exports, req.name) else {
             return self.error(option, REP_ERR_UNKNOWN, "no such export").await;
         };
         let selected = if set {
-            req.queries.iter().any(|q| query_selects_base_allocation(q, false))
+            req.queries
+                .iter()
+                .any(|q| query_selects_base_allocation(q, false))
         } else {
-            req.queries.is_empty() || req.queries.iter().any(|q| query_selects_base_allocation(q, true))
+            req.queries.is_empty()
+                || req
+                    .queries
+                    .iter()
+                    .any(|q| query_selects_base_allocation(q, true))
         };
         if selected {
             let id = if set { BASE_ALLOCATION_ID } else { 0 };

@@ -95,7 +95,13 @@ impl NbdServer {
             }
         }
         let (stop, _) = watch::channel(false);
-        Ok(Self { shared: Arc::new(Shared { exports, config, stop }) })
+        Ok(Self {
+            shared: Arc::new(Shared {
+                exports,
+                config,
+                stop,
+            }),
+        })
     }
 
     /// The exports served.
@@ -169,7 +175,10 @@ impl NbdServer {
         let grace = self.shared.config.shutdown_grace;
         let drain = async { while conns.join_next().await.is_some() {} };
         if tokio::time::timeout(grace, drain).await.is_err() {
-            tracing::warn!(left = conns.len(), "NBD connections did not finish in time; aborting");
+            tracing::warn!(
+                left = conns.len(),
+                "NBD connections did not finish in time; aborting"
+            );
             conns.shutdown().await;
         }
         Ok(())
@@ -216,7 +225,9 @@ impl NbdServer {
     pub fn spawn_tcp(&self, listener: std::net::TcpListener) -> Result<ServerHandle> {
         listener.set_nonblocking(true)?;
         self.spawn("smr-nbd-tcp", move |server| async move {
-            server.serve_tcp(tokio::net::TcpListener::from_std(listener)?).await
+            server
+                .serve_tcp(tokio::net::TcpListener::from_std(listener)?)
+                .await
         })
     }
 
@@ -224,7 +235,9 @@ impl NbdServer {
     pub fn spawn_unix(&self, listener: std::os::unix::net::UnixListener) -> Result<ServerHandle> {
         listener.set_nonblocking(true)?;
         self.spawn("smr-nbd-unix", move |server| async move {
-            server.serve_unix(tokio::net::UnixListener::from_std(listener)?).await
+            server
+                .serve_unix(tokio::net::UnixListener::from_std(listener)?)
+                .await
         })
     }
 
@@ -238,13 +251,18 @@ impl NbdServer {
             .enable_all()
             .build()?;
         let server = self.clone();
-        let thread = std::thread::Builder::new().name(name.to_string()).spawn(move || {
-            let r = runtime.block_on(run(server));
-            // Device calls stuck in the blocking pool must not hang the caller.
-            runtime.shutdown_timeout(Duration::from_secs(5));
-            r
-        })?;
-        Ok(ServerHandle { server: self.clone(), thread: Some(thread) })
+        let thread = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                let r = runtime.block_on(run(server));
+                // Device calls stuck in the blocking pool must not hang the caller.
+                runtime.shutdown_timeout(Duration::from_secs(5));
+                r
+            })?;
+        Ok(ServerHandle {
+            server: self.clone(),
+            thread: Some(thread),
+        })
     }
 }
 

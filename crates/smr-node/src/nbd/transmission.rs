@@ -49,11 +49,13 @@ impl<W: AsyncWrite + Unpin> Ctx<W> {
         }
     }
 
-    /// Error reply for request `kind`: a structured error chunk when
-    /// negotiated (mandatory for READ), else a simple reply.
+    /// Error reply: a structured error chunk when structured replies were
+    /// negotiated (mandatory for READ, preferred for the rest), else a
+    /// simple reply.
     async fn send_error(&self, cookie: u64, errno: u32, message: &str) {
         if self.structured {
-            self.send(&[&structured_error(cookie, errno, message)]).await;
+            self.send(&[&structured_error(cookie, errno, message)])
+                .await;
         } else {
             self.send(&[&simple_reply(cookie, errno)]).await;
         }
@@ -142,11 +144,13 @@ where
                     break Err(e);
                 }
                 tracing::debug!(export = %ctx.export, ?req, errno = rej.errno, "NBD request refused");
-                ctx.send_error(req.cookie, rej.errno, "request refused").await;
+                ctx.send_error(req.cookie, rej.errno, refusal_message(rej.errno))
+                    .await;
                 continue;
             }
         };
         let buffer = match command {
+            Command::Disconnect => break Ok(()),
             Command::Read { len, .. } | Command::Write { len, .. } => len as usize,
             _ => 0,
         };
@@ -157,6 +161,7 @@ where
         let ctx = ctx.clone();
         let cookie = req.cookie;
         match command {
+            // Handled above, before taking permits.
             Command::Disconnect => break Ok(()),
             Command::Read { offset, len, df } => {
                 tasks.spawn(async move { read(ctx, cookie, offset, len, df, permits).await });
@@ -182,12 +187,17 @@ where
             }
             Command::Cache { offset, len } => {
                 tasks.spawn(async move {
-                    let r = blocking(&ctx.device, move |d| d.prefetch(offset, u64::from(len))).await;
+                    let r =
+                        blocking(&ctx.device, move |d| d.prefetch(offset, u64::from(len))).await;
                     reply_status(&ctx, cookie, r.map_err(|e| (EIO, e)), "prefetch").await;
                     drop(permits);
                 });
             }
-            Command::BlockStatus { offset, len, req_one } => {
+            Command::BlockStatus {
+                offset,
+                len,
+                req_one,
+            } => {
                 tasks.spawn(async move {
                     block_status(&ctx, cookie, offset, len, req_one).await;
                     drop(permits);
@@ -201,6 +211,16 @@ where
     }
     let _ = ctx.writer.lock().await.shutdown().await;
     result
+}
+
+/// Human-readable text for an error chunk refusing a request.
+fn refusal_message(errno: u32) -> &'static str {
+    match errno {
+        EPERM => "export is read-only",
+        EOVERFLOW => "request larger than the maximum block size",
+        ENOSPC => "write beyond the end of the export",
+        _ => "invalid request (flags, length or range)",
+    }
 }
 
 struct Permits {
@@ -249,7 +269,8 @@ async fn reply_status<W: AsyncWrite + Unpin>(
         Ok(()) => ctx.send_ok(cookie).await,
         Err((errno, e)) => {
             tracing::warn!(export = %ctx.export, error = %e, "NBD {what} failed");
-            ctx.send_error(cookie, errno, &format!("{what} failed")).await;
+            ctx.send_error(cookie, errno, &format!("{what} failed"))
+                .await;
         }
     }
 }
@@ -264,7 +285,12 @@ struct ReadData {
 /// Runs beyond this many are not worth separate chunks: read it all.
 const MAX_READ_RUNS: usize = 64;
 
-fn read_blocking(d: &dyn BlockDevice, offset: u64, len: u32, want_holes: bool) -> io::Result<ReadData> {
+fn read_blocking(
+    d: &dyn BlockDevice,
+    offset: u64,
+    len: u32,
+    want_holes: bool,
+) -> io::Result<ReadData> {
     let mut runs = vec![(len, false)];
     if want_holes {
         match d.block_status(offset, u64::from(len)) {
@@ -272,10 +298,15 @@ fn read_blocking(d: &dyn BlockDevice, offset: u64, len: u32, want_holes: bool) -
                 let ex = extents_from_runs(&r, len, MAX_READ_RUNS);
                 let covered: u64 = ex.iter().map(|e| u64::from(e.0)).sum();
                 if covered == u64::from(len) && ex.len() < MAX_READ_RUNS {
-                    runs = ex.into_iter().map(|(l, f)| (l, f & STATE_HOLE != 0)).collect();
+                    runs = ex
+                        .into_iter()
+                        .map(|(l, f)| (l, f & STATE_HOLE != 0))
+                        .collect();
                 }
             }
-            Err(e) => tracing::debug!(offset, len, error = %e, "block status for read failed; reading all"),
+            Err(e) => {
+                tracing::debug!(offset, len, error = %e, "block status for read failed; reading all")
+            }
         }
     }
     // Zeroed allocation: holes need no read.
@@ -291,9 +322,19 @@ fn read_blocking(d: &dyn BlockDevice, offset: u64, len: u32, want_holes: bool) -
     Ok(ReadData { buf, runs })
 }
 
-async fn read<W: AsyncWrite + Unpin>(ctx: Ctx<W>, cookie: u64, offset: u64, len: u32, df: bool, permits: Permits) {
+async fn read<W: AsyncWrite + Unpin>(
+    ctx: Ctx<W>,
+    cookie: u64,
+    offset: u64,
+    len: u32,
+    df: bool,
+    permits: Permits,
+) {
     let want_holes = ctx.structured && !df;
-    let r = blocking(&ctx.device, move |d| read_blocking(d, offset, len, want_holes)).await;
+    let r = blocking(&ctx.device, move |d| {
+        read_blocking(d, offset, len, want_holes)
+    })
+    .await;
     let data = match r {
         Ok(d) => d,
         Err(e) => {
@@ -311,7 +352,11 @@ async fn read<W: AsyncWrite + Unpin>(ctx: Ctx<W>, cookie: u64, offset: u64, len:
     let mut heads: Vec<Vec<u8>> = Vec::with_capacity(data.runs.len());
     let mut at = 0u32;
     for (i, &(l, hole)) in data.runs.iter().enumerate() {
-        let flags = if i + 1 == data.runs.len() { REPLY_FLAG_DONE } else { 0 };
+        let flags = if i + 1 == data.runs.len() {
+            REPLY_FLAG_DONE
+        } else {
+            0
+        };
         let off = offset + u64::from(at);
         heads.push(if hole {
             structured_hole(flags, cookie, off, l).to_vec()
@@ -333,13 +378,24 @@ async fn read<W: AsyncWrite + Unpin>(ctx: Ctx<W>, cookie: u64, offset: u64, len:
     drop(permits);
 }
 
-async fn block_status<W: AsyncWrite + Unpin>(ctx: &Ctx<W>, cookie: u64, offset: u64, len: u32, req_one: bool) {
+async fn block_status<W: AsyncWrite + Unpin>(
+    ctx: &Ctx<W>,
+    cookie: u64,
+    offset: u64,
+    len: u32,
+    req_one: bool,
+) {
     let r = blocking(&ctx.device, move |d| d.block_status(offset, u64::from(len))).await;
     match r {
         Ok(runs) => {
             let max = if req_one { 1 } else { MAX_DESCRIPTORS };
             let extents = extents_from_runs(&runs, len, max);
-            ctx.send(&[&structured_block_status(cookie, BASE_ALLOCATION_ID, &extents)]).await;
+            ctx.send(&[&structured_block_status(
+                cookie,
+                BASE_ALLOCATION_ID,
+                &extents,
+            )])
+            .await;
         }
         Err(e) => {
             tracing::warn!(export = %ctx.export, offset, len, error = %e, "NBD block status failed");

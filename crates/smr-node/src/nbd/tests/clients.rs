@@ -9,7 +9,11 @@ fn map(uri: &str) -> Vec<(u64, u64, String)> {
         .map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
             assert!(f.len() >= 4, "odd map line {l:?}");
-            (f[0].parse().expect("offset"), f[1].parse().expect("length"), f[3].to_string())
+            (
+                f[0].parse().expect("offset"),
+                f[1].parse().expect("length"),
+                f[3].to_string(),
+            )
         })
         .collect()
 }
@@ -29,7 +33,10 @@ fn nbdinfo_over_tcp_shows_size_flags_and_map() {
     let (e, dev) = export("root", std_device());
     let srv = serve_tcp(vec![e]);
     let info = run_ok("nbdinfo", &[&srv.uri]);
-    assert!(info.contains(&format!("export-size: {}", dev.size())), "{info}");
+    assert!(
+        info.contains(&format!("export-size: {}", dev.size())),
+        "{info}"
+    );
     assert!(info.contains("is_read_only: true"), "{info}");
     assert!(info.contains("can_multi_conn: true"), "{info}");
     assert!(info.contains("can_cache: true"), "{info}");
@@ -92,16 +99,38 @@ fn qemu_img_info_and_compare() {
     let file = dir.path().join("ref.img");
     std::fs::write(&file, dev.bytes()).expect("write ref");
     let info = run_ok("qemu-img", &["info", "--output=json", &srv.uri]);
-    assert!(info.contains(&format!("\"virtual-size\": {}", dev.size())), "{info}");
+    assert!(
+        info.contains(&format!("\"virtual-size\": {}", dev.size())),
+        "{info}"
+    );
     let file = file.to_str().expect("utf8");
-    run_ok("qemu-img", &["compare", "-f", "raw", "-F", "raw", file, &srv.uri]);
+    run_ok(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", file, &srv.uri],
+    );
     // And a difference is noticed (the comparison is real).
     let mut other = dev.bytes();
     other[5] ^= 1;
     let other_file = dir.path().join("other.img");
     std::fs::write(&other_file, other).expect("write other");
-    let diff = run("qemu-img", &["compare", "-f", "raw", "-F", "raw", other_file.to_str().expect("utf8"), &srv.uri]);
-    assert_eq!(diff.status.code(), Some(1), "{}", String::from_utf8_lossy(&diff.stdout));
+    let diff = run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            other_file.to_str().expect("utf8"),
+            &srv.uri,
+        ],
+    );
+    assert_eq!(
+        diff.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&diff.stdout)
+    );
     srv.stop();
 }
 
@@ -135,7 +164,16 @@ fn nbdcopy_multi_conn_many_requests_in_flight() {
     let srv = serve_tcp(vec![e]);
     let out = dir.path().join("out");
     let out_s = out.to_str().expect("utf8");
-    run_ok("nbdcopy", &["--connections=4", "--requests=64", "--request-size=65536", &srv.uri, out_s]);
+    run_ok(
+        "nbdcopy",
+        &[
+            "--connections=4",
+            "--requests=64",
+            "--request-size=65536",
+            &srv.uri,
+            out_s,
+        ],
+    );
     assert!(read_file(&out) == dev.bytes());
     srv.stop();
 }
@@ -150,8 +188,13 @@ fn read_error_fails_nbdcopy_but_other_reads_work() {
     assert!(!copy.status.success(), "nbdcopy must see the EIO");
     // Simple replies: the failing read gets error 5, its neighbours data.
     let mut c = raw::Raw::go(&srv.addr, false);
-    assert_eq!(c.read(1, 3 * MIB + 65536, 4096), Err(crate::nbd::proto::EIO));
-    let good = c.read(2, 3 * MIB, 65536).expect("read before the bad chunk");
+    assert_eq!(
+        c.read(1, 3 * MIB + 65536, 4096),
+        Err(crate::nbd::proto::EIO)
+    );
+    let good = c
+        .read(2, 3 * MIB, 65536)
+        .expect("read before the bad chunk");
     assert!(good == dev.bytes()[3 * MIB as usize..(3 * MIB + 65536) as usize]);
     assert!(c.read(3, 0, 4096).is_ok());
     srv.stop();

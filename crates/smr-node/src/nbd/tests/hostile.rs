@@ -49,22 +49,58 @@ fn bad_lengths_offsets_and_commands_get_error_codes_on_one_connection() {
     assert_eq!(c.read(6, u64::MAX - 10, 4096), Err(EINVAL));
     for (cookie, kind) in [(7, 42u16), (8, 0xffff), (9, 8)] {
         c.request(kind, 0, cookie, 0, 512);
-        assert_eq!(c.reply(), Reply::Simple { cookie, error: EINVAL });
+        assert_eq!(
+            c.reply(),
+            Reply::Simple {
+                cookie,
+                error: EINVAL
+            }
+        );
     }
     // Unknown command flag on READ.
     c.request(CMD_READ, 1 << 12, 10, 0, 512);
-    assert_eq!(c.reply(), Reply::Simple { cookie: 10, error: EINVAL });
+    assert_eq!(
+        c.reply(),
+        Reply::Simple {
+            cookie: 10,
+            error: EINVAL
+        }
+    );
     // Block status without structured replies / meta context.
     c.request(CMD_BLOCK_STATUS, 0, 11, 0, 512);
-    assert_eq!(c.reply(), Reply::Simple { cookie: 11, error: EINVAL });
+    assert_eq!(
+        c.reply(),
+        Reply::Simple {
+            cookie: 11,
+            error: EINVAL
+        }
+    );
     // CACHE out of range, then in range (reaches the device).
     c.request(CMD_CACHE, 0, 12, size, 4096);
-    assert_eq!(c.reply(), Reply::Simple { cookie: 12, error: EINVAL });
+    assert_eq!(
+        c.reply(),
+        Reply::Simple {
+            cookie: 12,
+            error: EINVAL
+        }
+    );
     c.request(CMD_CACHE, 0, 13, 0, 65536);
-    assert_eq!(c.reply(), Reply::Simple { cookie: 13, error: 0 });
+    assert_eq!(
+        c.reply(),
+        Reply::Simple {
+            cookie: 13,
+            error: 0
+        }
+    );
     assert_eq!(dev.prefetched.load(Ordering::Relaxed), 65536);
     c.request(CMD_FLUSH, 0, 14, 0, 0);
-    assert_eq!(c.reply(), Reply::Simple { cookie: 14, error: 0 });
+    assert_eq!(
+        c.reply(),
+        Reply::Simple {
+            cookie: 14,
+            error: 0
+        }
+    );
     // The stream is still in sync.
     let got = c.read(15, size - 100, 100).expect("tail read");
     assert!(got == dev.bytes()[(size - 100) as usize..]);
@@ -80,16 +116,45 @@ fn writes_to_read_only_export_get_eperm_and_stream_stays_in_sync() {
     c.request(CMD_WRITE, 0, 1, 0, 4096);
     // A payload that looks like a request: if the server did not skip it,
     // it would read this as a READ and answer cookie 666.
-    let mut payload = Request { flags: 0, kind: CMD_READ, cookie: 666, offset: 0, len: 16 }.encode().to_vec();
+    let mut payload = Request {
+        flags: 0,
+        kind: CMD_READ,
+        cookie: 666,
+        offset: 0,
+        len: 16,
+    }
+    .encode()
+    .to_vec();
     payload.resize(4096, 0xab);
     c.send(&payload);
-    assert_eq!(c.reply(), Reply::Simple { cookie: 1, error: EPERM });
+    assert_eq!(
+        c.reply(),
+        Reply::Simple {
+            cookie: 1,
+            error: EPERM
+        }
+    );
     c.request(CMD_TRIM, 0, 2, 0, 4096);
-    assert_eq!(c.reply(), Reply::Simple { cookie: 2, error: EPERM });
+    assert_eq!(
+        c.reply(),
+        Reply::Simple {
+            cookie: 2,
+            error: EPERM
+        }
+    );
     c.request(CMD_WRITE_ZEROES, 0, 3, 0, 4096);
-    assert_eq!(c.reply(), Reply::Simple { cookie: 3, error: EPERM });
+    assert_eq!(
+        c.reply(),
+        Reply::Simple {
+            cookie: 3,
+            error: EPERM
+        }
+    );
     let got = c.read(4, 0, 4096).expect("read after write");
-    assert!(got == dev.bytes()[..4096], "device unchanged, stream in sync");
+    assert!(
+        got == dev.bytes()[..4096],
+        "device unchanged, stream in sync"
+    );
     // A write payload beyond the maximum is not skipped: hang up.
     c.request(CMD_WRITE, 0, 5, 0, u32::MAX);
     c.expect_closed();
@@ -104,10 +169,22 @@ fn writable_export_accepts_writes() {
     let mut c = Raw::go(&srv.addr, false);
     c.request(CMD_WRITE, 0, 1, 8192, 5);
     c.send(b"hello");
-    assert_eq!(c.reply(), Reply::Simple { cookie: 1, error: 0 });
+    assert_eq!(
+        c.reply(),
+        Reply::Simple {
+            cookie: 1,
+            error: 0
+        }
+    );
     c.request(CMD_WRITE, 0, 2, MIB - 2, 5);
     c.send(b"world");
-    assert_eq!(c.reply(), Reply::Simple { cookie: 2, error: ENOSPC });
+    assert_eq!(
+        c.reply(),
+        Reply::Simple {
+            cookie: 2,
+            error: ENOSPC
+        }
+    );
     assert_eq!(c.read(3, 8192, 5), Ok(b"hello".to_vec()));
     assert_eq!(&dev.bytes()[8192..8197], b"hello");
     srv.stop();
@@ -149,7 +226,16 @@ fn huge_or_unknown_options_and_truncated_requests() {
     c.expect_closed();
     // Truncated request, then gone.
     let mut c = Raw::go(&srv.addr, false);
-    c.send(&Request { flags: 0, kind: CMD_READ, cookie: 1, offset: 0, len: 4096 }.encode()[..14]);
+    c.send(
+        &Request {
+            flags: 0,
+            kind: CMD_READ,
+            cookie: 1,
+            offset: 0,
+            len: 4096,
+        }
+        .encode()[..14],
+    );
     drop(c);
     // Truncated write payload, then gone.
     let mut c = Raw::go(&srv.addr, false);
@@ -173,9 +259,15 @@ fn export_name_option_without_zeroes() {
         c.send(&flags.to_be_bytes());
         c.option(OPT_EXPORT_NAME, b"root");
         let head = c.read_exact(if no_zeroes { 10 } else { 134 });
-        assert_eq!(u64::from_be_bytes(head[..8].try_into().expect("8")), dev.size());
+        assert_eq!(
+            u64::from_be_bytes(head[..8].try_into().expect("8")),
+            dev.size()
+        );
         let tflags = u16::from_be_bytes([head[8], head[9]]);
-        assert_eq!(tflags & (TFLAG_READ_ONLY | TFLAG_CAN_MULTI_CONN), TFLAG_READ_ONLY | TFLAG_CAN_MULTI_CONN);
+        assert_eq!(
+            tflags & (TFLAG_READ_ONLY | TFLAG_CAN_MULTI_CONN),
+            TFLAG_READ_ONLY | TFLAG_CAN_MULTI_CONN
+        );
         assert!(head[10..].iter().all(|&b| b == 0));
         assert!(c.read(1, 0, 512).is_ok());
     }
@@ -191,21 +283,40 @@ fn structured_reads_use_hole_chunks_and_errors_are_chunks() {
     c.request(CMD_READ, 0, 1, MIB - 4096, 8192);
     let first = c.reply();
     let second = c.reply();
-    let Reply::Chunk { flags: 0, kind: REPLY_TYPE_OFFSET_DATA, cookie: 1, payload } = first else {
+    let Reply::Chunk {
+        flags: 0,
+        kind: REPLY_TYPE_OFFSET_DATA,
+        cookie: 1,
+        payload,
+    } = first
+    else {
         panic!("{first:?}")
     };
-    assert_eq!(u64::from_be_bytes(payload[..8].try_into().expect("8")), MIB - 4096);
+    assert_eq!(
+        u64::from_be_bytes(payload[..8].try_into().expect("8")),
+        MIB - 4096
+    );
     assert!(payload[8..] == dev.bytes()[(MIB - 4096) as usize..MIB as usize]);
     let mut hole = MIB.to_be_bytes().to_vec();
     hole.extend_from_slice(&4096u32.to_be_bytes());
     assert_eq!(
         second,
-        Reply::Chunk { flags: REPLY_FLAG_DONE, kind: REPLY_TYPE_OFFSET_HOLE, cookie: 1, payload: hole }
+        Reply::Chunk {
+            flags: REPLY_FLAG_DONE,
+            kind: REPLY_TYPE_OFFSET_HOLE,
+            cookie: 1,
+            payload: hole
+        }
     );
     // DF: one data chunk, zeroes inline.
     c.request(CMD_READ, CMD_FLAG_DF, 2, MIB - 4096, 8192);
     match c.reply() {
-        Reply::Chunk { flags: REPLY_FLAG_DONE, kind: REPLY_TYPE_OFFSET_DATA, cookie: 2, payload } => {
+        Reply::Chunk {
+            flags: REPLY_FLAG_DONE,
+            kind: REPLY_TYPE_OFFSET_DATA,
+            cookie: 2,
+            payload,
+        } => {
             assert_eq!(payload.len(), 8 + 8192);
         }
         r => panic!("{r:?}"),
@@ -213,14 +324,26 @@ fn structured_reads_use_hole_chunks_and_errors_are_chunks() {
     // Read error: one final error chunk with EIO.
     c.request(CMD_READ, 0, 3, 3 * MIB + 65536, 4096);
     match c.reply() {
-        Reply::Chunk { flags: REPLY_FLAG_DONE, kind: REPLY_TYPE_ERROR, cookie: 3, payload } => {
+        Reply::Chunk {
+            flags: REPLY_FLAG_DONE,
+            kind: REPLY_TYPE_ERROR,
+            cookie: 3,
+            payload,
+        } => {
             assert_eq!(u32::from_be_bytes(payload[..4].try_into().expect("4")), EIO);
         }
         r => panic!("{r:?}"),
     }
     // Early refusal of a read is a structured error too.
     c.request(CMD_READ, 0, 4, 0, 0);
-    assert!(matches!(c.reply(), Reply::Chunk { kind: REPLY_TYPE_ERROR, cookie: 4, .. }));
+    assert!(matches!(
+        c.reply(),
+        Reply::Chunk {
+            kind: REPLY_TYPE_ERROR,
+            cookie: 4,
+            ..
+        }
+    ));
     // Block status with REQ_ONE: exactly one descriptor.
     c.request(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 5, MIB - 4096, 8192);
     let mut want = BASE_ALLOCATION_ID.to_be_bytes().to_vec();
@@ -228,7 +351,12 @@ fn structured_reads_use_hole_chunks_and_errors_are_chunks() {
     want.extend_from_slice(&0u32.to_be_bytes());
     assert_eq!(
         c.reply(),
-        Reply::Chunk { flags: REPLY_FLAG_DONE, kind: REPLY_TYPE_BLOCK_STATUS, cookie: 5, payload: want }
+        Reply::Chunk {
+            flags: REPLY_FLAG_DONE,
+            kind: REPLY_TYPE_BLOCK_STATUS,
+            cookie: 5,
+            payload: want
+        }
     );
     srv.stop();
 }
@@ -245,9 +373,15 @@ fn replies_come_out_of_order_when_a_read_is_slow() {
     }
     let mut order = Vec::new();
     for _ in 1..10 {
-        let Reply::Simple { cookie, error: 0 } = c.reply() else { panic!("read failed") };
+        let Reply::Simple { cookie, error: 0 } = c.reply() else {
+            panic!("read failed")
+        };
         let data = c.read_exact(4096);
-        let at = if cookie == 1 { 0 } else { cookie as usize * 4096 };
+        let at = if cookie == 1 {
+            0
+        } else {
+            cookie as usize * 4096
+        };
         assert!(data == dev.bytes()[at..at + 4096], "cookie {cookie} data");
         order.push(cookie);
     }
@@ -259,7 +393,10 @@ fn replies_come_out_of_order_when_a_read_is_slow() {
 #[test]
 fn slow_handshake_times_out_and_stop_ends_open_connections() {
     let (e, dev) = export("root", std_device());
-    let config = ServerConfig { handshake_timeout: Duration::from_millis(300), ..ServerConfig::default() };
+    let config = ServerConfig {
+        handshake_timeout: Duration::from_millis(300),
+        ..ServerConfig::default()
+    };
     let srv = serve_tcp_with(vec![e], config);
     let mut idle = Raw::connect(&srv.addr);
     let start = Instant::now();

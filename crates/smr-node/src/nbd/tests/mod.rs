@@ -177,7 +177,12 @@ pub(crate) fn serve_tcp_with(exports: Vec<Export>, config: ServerConfig) -> Runn
     let addr = listener.local_addr().expect("addr").to_string();
     let server = NbdServer::with_config(exports, config).expect("server");
     let handle = server.spawn_tcp(listener).expect("spawn");
-    Running { handle: Some(handle), uri: format!("nbd://{addr}"), addr, _dir: None }
+    Running {
+        handle: Some(handle),
+        uri: format!("nbd://{addr}"),
+        addr,
+        _dir: None,
+    }
 }
 
 pub(crate) fn serve_unix(exports: Vec<Export>) -> Running {
@@ -196,7 +201,10 @@ pub(crate) fn serve_unix(exports: Vec<Export>) -> Running {
 
 pub(crate) fn export(name: &str, dev: MemDevice) -> (Export, Arc<MemDevice>) {
     let dev = Arc::new(dev);
-    (Export::new(name, dev.clone()).with_description(format!("test export {name}")), dev)
+    (
+        Export::new(name, dev.clone()).with_description(format!("test export {name}")),
+        dev,
+    )
 }
 
 /// Run an external tool with a hard time limit.

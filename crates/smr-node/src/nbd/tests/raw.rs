@@ -13,15 +13,24 @@ pub(crate) struct Raw {
 /// A transmission reply as seen on the wire.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Reply {
-    Simple { cookie: u64, error: u32 },
-    Chunk { flags: u16, kind: u16, cookie: u64, payload: Vec<u8> },
+    Simple {
+        cookie: u64,
+        error: u32,
+    },
+    Chunk {
+        flags: u16,
+        kind: u16,
+        cookie: u64,
+        payload: Vec<u8>,
+    },
 }
 
 impl Raw {
     /// Connect and read the greeting.
     pub fn connect(addr: &str) -> Self {
         let s = TcpStream::connect(addr).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
         let mut r = Self { s };
         let mut g = [0u8; 18];
         r.s.read_exact(&mut g).expect("greeting");
@@ -85,7 +94,13 @@ impl Raw {
     }
 
     pub fn request(&mut self, kind: u16, flags: u16, cookie: u64, offset: u64, len: u32) {
-        let r = Request { flags, kind, cookie, offset, len };
+        let r = Request {
+            flags,
+            kind,
+            cookie,
+            offset,
+            len,
+        };
         self.send(&r.encode());
     }
 
@@ -130,7 +145,10 @@ impl Raw {
     pub fn read(&mut self, cookie: u64, offset: u64, len: u32) -> Result<Vec<u8>, u32> {
         self.request(CMD_READ, 0, cookie, offset, len);
         match self.reply() {
-            Reply::Simple { cookie: c, error: 0 } if c == cookie => Ok(self.read_exact(len as usize)),
+            Reply::Simple {
+                cookie: c,
+                error: 0,
+            } if c == cookie => Ok(self.read_exact(len as usize)),
             Reply::Simple { cookie: c, error } if c == cookie => Err(error),
             r => panic!("unexpected reply {r:?}"),
         }

@@ -1,0 +1,1 @@
+//! End-to-end tests: write images, then check them with e2fsprogs.
