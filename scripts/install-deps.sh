@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs the Debian packages smr's tests, benchmarks and demo use. Run as
+# root on Debian 12. Skips apt entirely when everything is already there.
+set -euo pipefail
+pkgs=(ca-certificates curl jq python3 gcc libc6-dev pkg-config time attr
+      e2fsprogs erofs-utils qemu-utils
+      umoci skopeo debootstrap docker-registry apache2-utils
+      runc containerd casync
+      libnbd-bin nbdkit nbdfuse
+      fuse3 libfuse3-dev)
+missing=()
+for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update
+    apt-get install -y --no-install-recommends "${missing[@]}"
+fi
