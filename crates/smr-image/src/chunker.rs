@@ -81,7 +81,8 @@ impl ChunkingSink {
         let (rtx, results) = crossbeam_channel::unbounded();
         let workers = (0..workers.max(1))
             .map(|_| {
-                let (rx, rtx, codec, store) = (rx.clone(), rtx.clone(), codec.clone(), store.clone());
+                let (rx, rtx, codec, store) =
+                    (rx.clone(), rtx.clone(), codec.clone(), store.clone());
                 std::thread::spawn(move || {
                     for (index, buf) in rx {
                         let sealed = codec.seal(&buf);
@@ -170,13 +171,18 @@ impl ChunkingSink {
         let total = size.div_ceil(self.chunk_size);
         let send_all = (|| -> io::Result<()> {
             if let Some((index, mut buf)) = self.current.take() {
-                buf.truncate(size.saturating_sub(index * self.chunk_size).min(self.chunk_size) as usize);
+                buf.truncate(
+                    size.saturating_sub(index * self.chunk_size)
+                        .min(self.chunk_size) as usize,
+                );
                 self.emit(index, buf)?;
             }
             let header = std::mem::take(&mut self.header);
             for (index, c) in header.chunks(self.chunk_size as usize).enumerate() {
                 let index = index as u64;
-                let len = size.saturating_sub(index * self.chunk_size).min(self.chunk_size);
+                let len = size
+                    .saturating_sub(index * self.chunk_size)
+                    .min(self.chunk_size);
                 if len > 0 {
                     self.emit(index, c[..len as usize].to_vec())?;
                 }
@@ -258,7 +264,8 @@ mod tests {
         for (e, k) in out.entries.iter().zip(&keys) {
             let start = (e.index * cs) as usize;
             let len = (cs as usize).min(image.len() - start);
-            let plain = open_chunk(&e.id, Some(k), e.compressed, store.get(&e.id).unwrap(), len).unwrap();
+            let plain =
+                open_chunk(&e.id, Some(k), e.compressed, store.get(&e.id).unwrap(), len).unwrap();
             assert_eq!(plain, &image[start..start + len], "chunk {}", e.index);
         }
         assert_eq!(out.entries[4].stored_len, 4096);
@@ -280,7 +287,10 @@ mod tests {
         assert!(a.keys.is_none());
         assert_eq!((b.stats.new, b.stats.reused), (0, a.entries.len() as u64));
         assert_eq!(a.stats.new + a.stats.reused, 4, "chunks 1..=4");
-        assert!(a.stats.stored_bytes < a.stats.data_bytes, "zstd compressed the repeated bytes");
+        assert!(
+            a.stats.stored_bytes < a.stats.data_bytes,
+            "zstd compressed the repeated bytes"
+        );
     }
 
     #[test]

@@ -247,8 +247,8 @@ pub fn flatten(
     let mut stats = FlattenStats::default();
     let layer_count = image.layers.len();
     for (layer_index, layer) in image.layers.iter().enumerate() {
-        let _span = tracing::info_span!("layer", index = layer_index, digest = %layer.digest)
-            .entered();
+        let _span =
+            tracing::info_span!("layer", index = layer_index, digest = %layer.digest).entered();
         let stream = open_layer(src, layer)?;
         let counters = stream.counters();
         let mut report = |done: bool| {
@@ -262,9 +262,8 @@ pub fn flatten(
             })
         };
         report(false);
-        let ls = apply::Applier::new(&mut tree, &layer.digest, sink).run(stream, &mut |_| {
-            report(false)
-        })?;
+        let ls = apply::Applier::new(&mut tree, &layer.digest, sink)
+            .run(stream, &mut |_| report(false))?;
         report(true);
         tracing::info!(
             entries = ls.entries,

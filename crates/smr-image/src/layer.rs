@@ -221,12 +221,12 @@ pub fn open_layer<'a>(
     };
     let decoder = match compression {
         Compression::Gzip => Decoder::Gzip(Box::new(flate2::bufread::MultiGzDecoder::new(raw))),
-        Compression::Zstd => Decoder::Zstd(
-            zstd::stream::read::Decoder::with_buffer(raw).map_err(|source| SourceError::Io {
+        Compression::Zstd => Decoder::Zstd(zstd::stream::read::Decoder::with_buffer(raw).map_err(
+            |source| SourceError::Io {
                 path: format!("layer {}", layer.digest).into(),
                 source,
-            })?,
-        ),
+            },
+        )?),
         Compression::None | Compression::Detect => Decoder::Plain(raw),
     };
     tracing::debug!(layer = %layer.digest, ?compression, "opened layer");

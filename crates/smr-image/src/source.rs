@@ -56,7 +56,9 @@ impl FromStr for Platform {
     /// aliases of `amd64` and `arm64`.
     fn from_str(s: &str) -> Result<Self, SourceError> {
         let parts: Vec<&str> = s.split('/').collect();
-        let bad = || SourceError::BadPlatform { spec: s.to_string() };
+        let bad = || SourceError::BadPlatform {
+            spec: s.to_string(),
+        };
         if !(2..=3).contains(&parts.len()) || parts.iter().any(|p| p.is_empty()) {
             return Err(bad());
         }
@@ -292,7 +294,12 @@ pub fn open_source(reference: &str) -> Result<Box<dyn ImageSource>> {
         let (file, name) = split_path(rest);
         return Ok(Box::new(docker_archive::DockerArchive::open(file, name)?));
     }
-    for transport in ["docker://", "registry:", "oci-archive:", "containers-storage:"] {
+    for transport in [
+        "docker://",
+        "registry:",
+        "oci-archive:",
+        "containers-storage:",
+    ] {
         if reference.starts_with(transport) {
             return Err(SourceError::Unsupported {
                 reference: reference.to_string(),

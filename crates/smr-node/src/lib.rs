@@ -1,6 +1,8 @@
 //! The node side of smr: fetching verified chunks, rebuilding and checking
 //! images, and (growing) the lazy image, cache and exports.
 
+pub mod cache;
 pub mod chunks;
+pub mod lazy;
 pub mod nbd;
 pub mod restore;

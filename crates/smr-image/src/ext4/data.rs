@@ -118,7 +118,12 @@ impl<S: ImageSink> DataSink for Ext4Writer<S> {
                 }
                 let physical = self.write_run(start, b)?;
                 let logical = first_logical + (start / BLOCK) as u64;
-                push_run(&mut extents, logical, physical, ((b - start) / BLOCK) as u64);
+                push_run(
+                    &mut extents,
+                    logical,
+                    physical,
+                    ((b - start) / BLOCK) as u64,
+                );
             }
             done += want as u64;
         }

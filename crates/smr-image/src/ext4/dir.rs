@@ -93,9 +93,7 @@ mod tests {
     use super::*;
 
     fn names(n: usize, len: usize) -> Vec<Vec<u8>> {
-        (0..n)
-            .map(|i| format!("{i:0len$}").into_bytes())
-            .collect()
+        (0..n).map(|i| format!("{i:0len$}").into_bytes()).collect()
     }
 
     /// Walks rec_len chains; returns (inode, name) of every entry.

@@ -111,10 +111,7 @@ pub(super) fn finish<S: ImageSink>(
         header_len: super::header_len(),
         data_blocks_written: blocks_written,
         live_data_blocks: plan.live_data_blocks,
-        metadata_blocks: 1
-            + geo.gdt_blocks()
-            + misc_blocks
-            + geo.groups * (2 + geo.itable_blocks),
+        metadata_blocks: 1 + geo.gdt_blocks() + misc_blocks + geo.groups * (2 + geo.itable_blocks),
         inodes_used: last_ino,
         inodes_total: geo.inodes_count(),
         blocks_total: geo.blocks_count,

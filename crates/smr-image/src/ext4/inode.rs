@@ -9,8 +9,8 @@ use zerocopy::little_endian::{U16, U32};
 use zerocopy::FromZeros;
 
 use super::format::{
-    Inode, BLOCK_SIZE, EXTENTS_FL, EXTRA_ISIZE, FT_BLKDEV, FT_CHRDEV, FT_DIR, FT_FIFO,
-    FT_REG_FILE, FT_SYMLINK, S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG,
+    Inode, BLOCK_SIZE, EXTENTS_FL, EXTRA_ISIZE, FT_BLKDEV, FT_CHRDEV, FT_DIR, FT_FIFO, FT_REG_FILE,
+    FT_SYMLINK, S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG,
 };
 use super::plan::{ordered_entries, Node, Plan, LOST_FOUND_BLOCKS};
 use super::{dir, extent, xattr, Ext4Error};
@@ -89,10 +89,7 @@ pub fn render(
             let blocks = match kind {
                 Some(Kind::Dir { entries }) => {
                     let with_lf = node.src == Some(tree.root) && plan.synth_lost_found;
-                    let dots = [
-                        (&b"."[..], ino, FT_DIR),
-                        (&b".."[..], node.parent, FT_DIR),
-                    ];
+                    let dots = [(&b"."[..], ino, FT_DIR), (&b".."[..], node.parent, FT_DIR)];
                     let children = ordered_entries(entries, with_lf).map(|(name, id)| match id {
                         Some(id) => (
                             name,
@@ -138,11 +135,7 @@ pub fn render(
                 physical: node.first_block,
                 len: blocks,
             };
-            inode.block = extent::build(
-                &extent::leaves(&[run]),
-                node.first_block + blocks,
-                out,
-            );
+            inode.block = extent::build(&extent::leaves(&[run]), node.first_block + blocks, out);
             size = blocks * BLOCK_SIZE;
             flags |= EXTENTS_FL;
             S_IFDIR
@@ -196,7 +189,10 @@ pub fn render(
     inode.xattr_area = xattr::ibody(&split.ibody);
     if !split.block.is_empty() {
         let block_no = node.first_block + node.meta_blocks - 1;
-        debug_assert_eq!(out.len() - start_len, (node.meta_blocks - 1) as usize * 4096);
+        debug_assert_eq!(
+            out.len() - start_len,
+            (node.meta_blocks - 1) as usize * 4096
+        );
         out.extend_from_slice(&xattr::block(&split.block));
         inode.file_acl_lo = U32::new(block_no as u32);
         inode.file_acl_high = U16::new((block_no >> 32) as u16);
@@ -249,11 +245,23 @@ mod tests {
             sec += i64::from(extra & 3) << 32;
             (sec, extra >> 2)
         }
-        for sec in [0, 1, -1, 1 << 31, (1 << 31) - 1, -(1 << 31), 1 << 33, 15_000_000_000] {
+        for sec in [
+            0,
+            1,
+            -1,
+            1 << 31,
+            (1 << 31) - 1,
+            -(1 << 31),
+            1 << 33,
+            15_000_000_000,
+        ] {
             let (lo, extra) = encode_time(sec, 123_456_789);
             assert_eq!(decode(lo, extra), (sec, 123_456_789), "sec {sec}");
         }
-        assert_eq!(decode(encode_time(i64::MIN, 0).0, encode_time(i64::MIN, 0).1).0, MIN_TIME);
+        assert_eq!(
+            decode(encode_time(i64::MIN, 0).0, encode_time(i64::MIN, 0).1).0,
+            MIN_TIME
+        );
         let (lo, extra) = encode_time(i64::MAX, 2_000_000_000);
         assert_eq!(decode(lo, extra), (MAX_TIME, 999_999_999));
     }
@@ -265,6 +273,9 @@ mod tests {
         // new_encode_dev(MKDEV(256, 1)) = 1 | 256 << 8
         assert_eq!(encode_dev(256, 1), [0, 0x1_0001]);
         // minor 0x12345: low byte 0x45, high bits 0x123 << 20
-        assert_eq!(encode_dev(8, 0x12345), [0, 0x45 | (8 << 8) | (0x12300 << 12)]);
+        assert_eq!(
+            encode_dev(8, 0x12345),
+            [0, 0x45 | (8 << 8) | (0x12300 << 12)]
+        );
     }
 }

@@ -90,11 +90,8 @@ pub fn compute(
         let inode_bitmaps = block_bitmaps + groups;
         let inode_tables = inode_bitmaps + groups;
         let meta_end = inode_tables + groups * itable_blocks;
-        let used = 1
-            + gdt_blocks(groups)
-            + live_data_blocks
-            + misc_blocks
-            + groups * (2 + itable_blocks);
+        let used =
+            1 + gdt_blocks(groups) + live_data_blocks + misc_blocks + groups * (2 + itable_blocks);
         let mut blocks_count = meta_end + used.div_ceil(10).max(MIN_FREE_BLOCKS);
         let needed = blocks_count.div_ceil(BLOCKS_PER_GROUP);
         if needed > groups {

@@ -261,8 +261,8 @@ impl Walker<'_> {
                 node.is_dir = true;
                 node.links = 2;
                 node.dir_blocks = dir::block_count(names);
-                node.meta_blocks = node.dir_blocks
-                    + extent::tree_blocks(node.dir_blocks.div_ceil(MAX_EXTENT_LEN));
+                node.meta_blocks =
+                    node.dir_blocks + extent::tree_blocks(node.dir_blocks.div_ceil(MAX_EXTENT_LEN));
             }
             Kind::File { size, extents } => {
                 let err = |reason| Ext4Error::BadExtents {

@@ -119,9 +119,7 @@ pub fn prepare(xattrs: &BTreeMap<Vec<u8>, Vec<u8>>) -> Result<Vec<Attr>, XattrEr
         };
         out.push(attr);
     }
-    out.sort_by(|a, b| {
-        (a.index, a.name.len(), &a.name).cmp(&(b.index, b.name.len(), &b.name))
-    });
+    out.sort_by(|a, b| (a.index, a.name.len(), &a.name).cmp(&(b.index, b.name.len(), &b.name)));
     Ok(out)
 }
 
@@ -289,12 +287,7 @@ mod tests {
         let keys: Vec<(u8, &[u8])> = attrs.iter().map(|a| (a.index, &a.name[..])).collect();
         assert_eq!(
             keys,
-            [
-                (1, &b"b"[..]),
-                (1, b"zz"),
-                (4, b"x"),
-                (6, b"capability")
-            ]
+            [(1, &b"b"[..]), (1, b"zz"), (4, b"x"), (6, b"capability")]
         );
         assert!(matches!(
             prepare(&map(&[("foo.bar", b"")])),
@@ -309,7 +302,13 @@ mod tests {
     #[test]
     fn acl_converts_to_the_short_ext4_form() {
         let mut v = 2u32.to_le_bytes().to_vec();
-        for (tag, perm, id) in [(1u16, 6u16, u32::MAX), (2, 4, 1000), (4, 4, u32::MAX), (0x10, 7, u32::MAX), (0x20, 0, u32::MAX)] {
+        for (tag, perm, id) in [
+            (1u16, 6u16, u32::MAX),
+            (2, 4, 1000),
+            (4, 4, u32::MAX),
+            (0x10, 7, u32::MAX),
+            (0x20, 0, u32::MAX),
+        ] {
             v.extend_from_slice(&tag.to_le_bytes());
             v.extend_from_slice(&perm.to_le_bytes());
             v.extend_from_slice(&id.to_le_bytes());

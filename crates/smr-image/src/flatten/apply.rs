@@ -446,7 +446,9 @@ impl Read for EntryData<'_> {
         if self.remaining == 0 || buf.is_empty() {
             return Ok(0);
         }
-        let max = buf.len().min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
+        let max = buf
+            .len()
+            .min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
         match self.inner.read(&mut buf[..max]) {
             Ok(0) => {
                 let e = ApplyError::Truncated {

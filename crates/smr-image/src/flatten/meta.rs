@@ -10,10 +10,12 @@ use std::io::Read;
 pub(crate) fn entry_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Meta, ApplyError> {
     let h = entry.header();
     let bad = |field: &'static str| move |e: std::io::Error| invalid(field, e.to_string());
+    let old = h.as_old();
     let mode = h.mode().map_err(bad("mode"))? & 0o7777;
-    let uid = fit_u32("uid", h.uid().map_err(bad("uid"))?)?;
-    let gid = fit_u32("gid", h.gid().map_err(bad("gid"))?)?;
-    let header_mtime = h.mtime().map_err(bad("mtime"))?;
+    let uid = or_zero(&old.uid, h.uid()).map_err(bad("uid"))?;
+    let uid = fit_u32("uid", uid)?;
+    let gid = fit_u32("gid", or_zero(&old.gid, h.gid()).map_err(bad("gid"))?)?;
+    let header_mtime = or_zero(&old.mtime, h.mtime()).map_err(bad("mtime"))?;
     let mut mtime = (
         i64::try_from(header_mtime).map_err(|_| invalid("mtime", header_mtime.to_string()))?,
         0u32,
@@ -50,6 +52,15 @@ pub(crate) fn entry_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Meta,
         mtime_nsec: mtime.1,
         xattrs,
     })
+}
+
+/// An empty (all NUL / space) numeric field reads as 0, as in Go's
+/// archive/tar; anything else must parse.
+fn or_zero(field: &[u8], parsed: std::io::Result<u64>) -> std::io::Result<u64> {
+    if field.iter().all(|b| *b == 0 || *b == b' ') {
+        return Ok(0);
+    }
+    parsed
 }
 
 fn invalid(field: &'static str, detail: String) -> ApplyError {

@@ -28,8 +28,11 @@ mod tests {
     use super::*;
 
     fn c(p: &str) -> Option<Vec<String>> {
-        components(p.as_bytes())
-            .map(|v| v.into_iter().map(|c| String::from_utf8(c).expect("utf8")).collect())
+        components(p.as_bytes()).map(|v| {
+            v.into_iter()
+                .map(|c| String::from_utf8(c).expect("utf8"))
+                .collect()
+        })
     }
 
     #[test]

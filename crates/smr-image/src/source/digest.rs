@@ -14,7 +14,9 @@ pub fn parse_digest(digest: &str) -> Result<&str> {
     match digest.strip_prefix("sha256:") {
         Some(hex)
             if hex.len() == 64
-                && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) =>
+                && hex
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) =>
         {
             Ok(hex)
         }

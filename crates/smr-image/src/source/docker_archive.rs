@@ -250,7 +250,11 @@ impl ImageSource for DockerArchive {
                 annotations: None,
             });
         }
-        let layers = layer_infos(&descs, diff_ids, &format!("{}: manifest.json", self.describe()))?;
+        let layers = layer_infos(
+            &descs,
+            diff_ids,
+            &format!("{}: manifest.json", self.describe()),
+        )?;
         Ok(ResolvedImage {
             manifest_digest: self.manifest_digest.clone(),
             config_digest,
@@ -261,7 +265,11 @@ impl ImageSource for DockerArchive {
 
     fn open_blob(&self, digest: &str) -> Result<Box<dyn Read + Send + '_>> {
         let hex = parse_digest(digest)?;
-        let known = self.digests.lock().ok().and_then(|m| m.get(digest).cloned());
+        let known = self
+            .digests
+            .lock()
+            .ok()
+            .and_then(|m| m.get(digest).cloned());
         let name = known.unwrap_or_else(|| format!("blobs/sha256/{hex}"));
         match self.open_member(&name)? {
             Some((r, _)) => Ok(Box::new(r)),

@@ -102,7 +102,11 @@ fn select(
         if ManifestKind::of(&child.media_type) != Some(ManifestKind::Index) {
             continue;
         }
-        if child.platform.as_ref().is_some_and(|p| !p.matches(platform)) {
+        if child
+            .platform
+            .as_ref()
+            .is_some_and(|p| !p.matches(platform))
+        {
             continue;
         }
         if let Some(found) = select(src, child, platform, depth + 1, available)? {
@@ -123,7 +127,11 @@ fn build_image(
     let bytes = read_verified(src, &desc.digest, Some(desc.size))?;
     let manifest: Manifest = parse_json(&bytes, &what)?;
     check_schema(manifest.schema_version, &what)?;
-    check_declared(manifest.media_type.as_deref(), ManifestKind::Manifest, &what)?;
+    check_declared(
+        manifest.media_type.as_deref(),
+        ManifestKind::Manifest,
+        &what,
+    )?;
 
     let cdesc = &manifest.config;
     if cdesc.media_type != OCI_CONFIG && cdesc.media_type != DOCKER_CONFIG {

@@ -55,6 +55,11 @@ pub(crate) struct Scanned {
 }
 
 impl Scanned {
+    /// The entry's size in bytes.
+    pub(crate) fn len(&self) -> u64 {
+        self.len
+    }
+
     fn accessed_once(&self) -> bool {
         self.mtime <= UNIX_EPOCH
     }

@@ -1,0 +1,462 @@
+//! The node chunk cache: one directory per node, shared by every image and
+//! every process, plus a small per-process memory tier.
+//!
+//! # Design
+//! - **What is stored.** Entries hold a chunk's *stored* bytes (ciphertext
+//!   when the image is encrypted), as AWS Lambda does: data at rest on the
+//!   node stays encrypted, and decrypting on load is cheap. An entry is
+//!   `DIR/chunks/<2 hex>/<64 hex>`, named by the SHA-256 of its bytes, and
+//!   is re-hashed every time it is loaded from disk; a mismatch deletes the
+//!   entry, counts a `corrupt` event and refetches. Bytes fetched from a
+//!   store are hashed before they are inserted, so nothing unverified is
+//!   ever cached or served. Layout of the directory: `cache/disk.rs`.
+//! - **Crash safety.** Inserts write `DIR/tmp/…` (holding `LOCK_EX` on it),
+//!   fsync, then rename into place: a killed process leaves at most a temp
+//!   file, which is never read as an entry and is deleted by the next
+//!   [`Cache::open`] or [`Cache::prune`] once no process holds its lock.
+//!   The directory itself is not fsynced after the rename: a power cut can
+//!   only lose the newest entries, which a cache may.
+//! - **Memory tier.** A byte-bounded LRU (default 32 MiB) of decoded,
+//!   verified chunks per process, so that the many small reads the kernel
+//!   makes inside one chunk neither re-read nor re-hash it. It is keyed by
+//!   chunk *and* decryption key ([`DecodeKey`]).
+//! - **Single flight.** Within a process, a map of fetches in flight makes
+//!   concurrent readers of one chunk wait for one fetch (and one decode).
+//!   Across processes (and so across images), the fetching thread holds
+//!   `flock(LOCK_EX)` on `DIR/locks/<2 hex>/<64 hex>` and re-checks for the
+//!   entry after taking it; the lock file is removed after a successful
+//!   insert, so the lock directory only holds chunks being (or failing to
+//!   be) fetched. No global lock is held during a fetch.
+//! - **Budget and LRU-K.** Inserts keep a node-wide total in `DIR/stats`;
+//!   one that pushes it over the budget evicts, under `DIR/lock`, down to
+//!   90% of the budget (so eviction, which scans the directory, runs once
+//!   per 10% of budget inserted rather than on every insert). Order and
+//!   history: `cache/evict.rs`. Readers hold `LOCK_SH` on an entry while loading
+//!   it and the evictor skips entries it cannot `LOCK_EX|LOCK_NB`. Hits
+//!   served from the memory tier refresh the entry's history at most once
+//!   per second per chunk (LRU-K's "correlated reference period": accesses
+//!   closer than that count as one).
+//! - **Counters.** Hits, misses, fetches, evictions and the rest are
+//!   counted per process and added to `DIR/stats` under `flock` (format in
+//!   `cache/stats.rs`); `smr cache stats` in another process sees them.
+//!   The total is rescanned on open and prune.
+//! - **Concurrency.** Many fetches may be in flight (one per chunk); a pool
+//!   of [`CacheConfig::fetch_threads`] threads serves prefetches and the
+//!   extra chunks of multi-chunk reads. [`CacheStats::inflight`] and
+//!   [`CacheStats::max_inflight`] show the fetch concurrency reached.
+//!
+//! All processes sharing a directory must run as the same user (setting
+//! timestamps requires owning the files).
+
+pub(crate) mod disk;
+mod error;
+mod evict;
+mod flight;
+mod memory;
+mod pool;
+mod stats;
+
+#[cfg(test)]
+mod tests;
+
+pub use error::{CacheError, Result};
+pub use evict::PruneReport;
+pub use memory::DecodeKey;
+pub use stats::{CacheCounters, CacheStats};
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use smr_format::{ChunkId, FormatError};
+
+use crate::chunks::ChunkError;
+use disk::{Layout, Load};
+use flight::Flights;
+use memory::MemoryLru;
+use pool::{FetchPool, Job};
+use stats::{Pending, StatsFile};
+
+/// Where the node cache lives unless told otherwise (`--cache-dir`,
+/// `SMR_CACHE_DIR`).
+pub const DEFAULT_DIR: &str = "/var/lib/smr/cache";
+/// Default disk budget: 10 GiB.
+pub const DEFAULT_BUDGET_BYTES: u64 = 10 << 30;
+/// Default memory tier: 32 MiB per process.
+pub const DEFAULT_MEMORY_BYTES: u64 = 32 << 20;
+/// Default number of fetch threads per process.
+pub const DEFAULT_FETCH_THREADS: usize = 16;
+/// How often an active process adds its counters to `DIR/stats`.
+pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// Accesses to one chunk closer than this count once for LRU-K.
+const TOUCH_EVERY: Duration = Duration::from_secs(1);
+
+/// How to open a [`Cache`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// The cache directory (created if needed).
+    pub dir: PathBuf,
+    /// Disk budget: bytes of entries kept before evicting.
+    pub budget_bytes: u64,
+    /// Memory tier budget of this process (0 disables it).
+    pub memory_bytes: u64,
+    /// Threads for prefetches and multi-chunk reads.
+    pub fetch_threads: usize,
+}
+
+impl CacheConfig {
+    /// Defaults for everything but the directory.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        CacheConfig {
+            dir: dir.into(),
+            budget_bytes: DEFAULT_BUDGET_BYTES,
+            memory_bytes: DEFAULT_MEMORY_BYTES,
+            fetch_threads: DEFAULT_FETCH_THREADS,
+        }
+    }
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig::new(DEFAULT_DIR)
+    }
+}
+
+/// The node cache (see the module docs). Share it as `Arc<Cache>`.
+pub struct Cache {
+    cfg: CacheConfig,
+    layout: Layout,
+    stats_file: StatsFile,
+    pending: Pending,
+    memory: Mutex<MemoryLru>,
+    raw: Flights<ChunkId>,
+    decoded: Flights<DecodeKey>,
+    pool: FetchPool,
+    inflight: AtomicU64,
+    max_inflight: AtomicU64,
+    opened: Instant,
+    flushed_ms: AtomicU64,
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache").field("cfg", &self.cfg).finish_non_exhaustive()
+    }
+}
+
+impl Cache {
+    /// Opens (creating) the cache directory: removes temp files left by
+    /// dead processes and rescans the total size.
+    pub fn open(cfg: CacheConfig) -> Result<Arc<Cache>> {
+        let layout = Layout::create(&cfg.dir).map_err(|e| CacheError::io(&cfg.dir, e))?;
+        let stats_file = StatsFile::open(&layout.stats()).map_err(|e| CacheError::io(layout.stats(), e))?;
+        let cache = Cache {
+            memory: Mutex::new(MemoryLru::new(cfg.memory_bytes)),
+            pool: FetchPool::new(cfg.fetch_threads),
+            cfg,
+            layout,
+            stats_file,
+            pending: Pending::default(),
+            raw: Flights::new(),
+            decoded: Flights::new(),
+            inflight: AtomicU64::new(0),
+            max_inflight: AtomicU64::new(0),
+            opened: Instant::now(),
+            flushed_ms: AtomicU64::new(0),
+        };
+        let global = cache.global_lock(true)?;
+        let (tmp, _) = disk::clean(&cache.layout, false).map_err(|e| CacheError::io(&cache.layout.tmp, e))?;
+        if tmp > 0 {
+            tracing::info!(dir = %cache.cfg.dir.display(), removed = tmp, "removed temp files of interrupted inserts");
+        }
+        let entries = evict::scan(&cache.layout).map_err(|e| CacheError::io(&cache.layout.chunks, e))?;
+        let bytes = entries.iter().map(|e| e.len()).sum();
+        let n = entries.len() as u64;
+        cache.update_stats(|c| {
+            c.total_bytes = bytes;
+            c.entries = n;
+        })?;
+        drop(global);
+        tracing::debug!(dir = %cache.cfg.dir.display(), entries = n, bytes, "cache opened");
+        Ok(Arc::new(cache))
+    }
+
+    /// The configuration it was opened with.
+    pub fn config(&self) -> &CacheConfig {
+        &self.cfg
+    }
+
+    /// The cache directory.
+    pub fn dir(&self) -> &Path {
+        &self.cfg.dir
+    }
+
+    /// Whether chunk `id` has an entry on disk (not verified).
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        disk::exists(&self.layout, id)
+    }
+
+    /// The verified stored bytes of chunk `id`: from disk, or from `fetch`
+    /// (called at most once per chunk at a time on the node) and inserted.
+    /// Does not use the memory tier.
+    pub fn get_or_fetch(
+        &self,
+        id: &ChunkId,
+        fetch: impl FnOnce() -> Result<Vec<u8>, ChunkError>,
+    ) -> Result<Arc<Vec<u8>>> {
+        let r = self.raw.run(id, *id, || self.load_or_fetch(id, fetch).map(Arc::new));
+        self.maybe_flush();
+        r
+    }
+
+    /// The decoded (plaintext, verified) bytes of a chunk: from the memory
+    /// tier, else [`Cache::get_or_fetch`] then `decode`, kept in memory.
+    pub fn get_decoded(
+        &self,
+        key: &DecodeKey,
+        fetch: impl FnOnce() -> Result<Vec<u8>, ChunkError>,
+        decode: impl FnOnce(Vec<u8>) -> Result<Vec<u8>, ChunkError>,
+    ) -> Result<Arc<Vec<u8>>> {
+        if let Some(data) = self.memory_get(key) {
+            self.maybe_flush();
+            return Ok(data);
+        }
+        let r = self.decoded.run(key, key.id, || {
+            // Another leader may have finished since we looked.
+            if let Some(data) = self.memory_get(key) {
+                return Ok(data);
+            }
+            let stored = self.get_or_fetch(&key.id, fetch)?;
+            let stored = Arc::try_unwrap(stored).unwrap_or_else(|shared| (*shared).clone());
+            let plain = decode(stored).map_err(|source| CacheError::Decode { id: key.id, source })?;
+            let plain = Arc::new(plain);
+            self.memory.lock().unwrap_or_else(PoisonError::into_inner).put(key.clone(), plain.clone());
+            Ok(plain)
+        });
+        self.maybe_flush();
+        r
+    }
+
+    /// Whether the memory tier holds `key`.
+    pub fn in_memory(&self, key: &DecodeKey) -> bool {
+        self.memory.lock().unwrap_or_else(PoisonError::into_inner).contains(key)
+    }
+
+    /// Node-wide counters (after adding this process's) and this process's
+    /// memory tier and fetch concurrency.
+    pub fn stats(&self) -> Result<CacheStats> {
+        let counters = self.update_stats(|_| {})?;
+        let (memory_bytes, memory_entries) = self.memory.lock().unwrap_or_else(PoisonError::into_inner).usage();
+        Ok(CacheStats {
+            dir: self.cfg.dir.clone(),
+            budget_bytes: self.cfg.budget_bytes,
+            counters,
+            memory_bytes,
+            memory_entries,
+            memory_budget_bytes: self.cfg.memory_bytes,
+            inflight: self.inflight.load(Ordering::Relaxed),
+            max_inflight: self.max_inflight.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Evicts (LRU-K order, skipping entries being read) until at most
+    /// `to_bytes` remain; also removes dead temp files and idle lock files,
+    /// and resets the total from the scan.
+    pub fn prune(&self, to_bytes: u64) -> Result<PruneReport> {
+        let _global = self.global_lock(true)?;
+        let (temp, locks) = disk::clean(&self.layout, true).map_err(|e| CacheError::io(&self.layout.root, e))?;
+        let mut report = self.evict_locked(to_bytes)?;
+        report.temp_removed = temp;
+        report.locks_removed = locks;
+        Ok(report)
+    }
+
+    /// Adds this process's counters to `DIR/stats` now.
+    pub fn flush(&self) -> Result<()> {
+        self.update_stats(|_| {}).map(|_| ())
+    }
+
+    /// Runs `job` on the fetch pool.
+    pub(crate) fn spawn(&self, job: Job) {
+        self.pool.spawn(job);
+    }
+
+    fn load_or_fetch(&self, id: &ChunkId, fetch: impl FnOnce() -> Result<Vec<u8>, ChunkError>) -> Result<Vec<u8>> {
+        if let Some(b) = self.load_disk(id) {
+            self.pending.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(b);
+        }
+        self.pending.misses.fetch_add(1, Ordering::Relaxed);
+        let lock = match disk::lock_chunk(&self.layout, id) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(chunk = %id, error = %e, "cannot take chunk fetch lock; fetching without it");
+                None
+            }
+        };
+        if lock.is_some() {
+            // Another process may have fetched it while we waited.
+            if let Some(b) = self.load_disk(id) {
+                return Ok(b);
+            }
+        }
+        let bytes = self.fetch_verified(id, fetch)?;
+        let inserted = match disk::insert(&self.layout, id, &bytes) {
+            Ok(()) => {
+                self.pending.total_bytes.fetch_add(bytes.len() as i64, Ordering::Relaxed);
+                self.pending.entries.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(chunk = %id, dir = %self.cfg.dir.display(), error = %e, "cannot insert chunk into cache; serving it uncached");
+                false
+            }
+        };
+        if let Some(l) = lock {
+            l.release(inserted);
+        }
+        if inserted {
+            self.after_insert();
+        }
+        Ok(bytes)
+    }
+
+    fn load_disk(&self, id: &ChunkId) -> Option<Vec<u8>> {
+        match disk::load(&self.layout, id) {
+            Load::Hit(b) => Some(b),
+            Load::Absent => None,
+            Load::Corrupt { len } => {
+                self.pending.corrupt.fetch_add(1, Ordering::Relaxed);
+                self.pending.total_bytes.fetch_sub(len as i64, Ordering::Relaxed);
+                self.pending.entries.fetch_sub(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    fn fetch_verified(&self, id: &ChunkId, fetch: impl FnOnce() -> Result<Vec<u8>, ChunkError>) -> Result<Vec<u8>> {
+        let now = self.inflight.fetch_add(1, Ordering::Relaxed) + 1;
+        self.max_inflight.fetch_max(now, Ordering::Relaxed);
+        let _guard = Dec(&self.inflight);
+        self.pending.fetches.fetch_add(1, Ordering::Relaxed);
+        let checked = fetch().and_then(|bytes| {
+            let actual = ChunkId::of(&bytes);
+            if actual != *id {
+                return Err(FormatError::ChunkHashMismatch { id: *id, actual }.into());
+            }
+            Ok(bytes)
+        });
+        match checked {
+            Ok(bytes) => {
+                self.pending.fetched_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                Ok(bytes)
+            }
+            Err(source) => {
+                self.pending.fetch_errors.fetch_add(1, Ordering::Relaxed);
+                Err(CacheError::Fetch { id: *id, source })
+            }
+        }
+    }
+
+    fn memory_get(&self, key: &DecodeKey) -> Option<Arc<Vec<u8>>> {
+        let (data, touch) = self.memory.lock().unwrap_or_else(PoisonError::into_inner).get(key, TOUCH_EVERY)?;
+        self.pending.memory_hits.fetch_add(1, Ordering::Relaxed);
+        if touch {
+            disk::touch(&self.layout, &key.id);
+        }
+        Some(data)
+    }
+
+    /// Flushes counters (getting the node-wide total) and evicts if over
+    /// budget, unless another process is evicting already.
+    fn after_insert(&self) {
+        let total = match self.update_stats(|_| {}) {
+            Ok(c) => c.total_bytes,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot update cache stats");
+                return;
+            }
+        };
+        if total <= self.cfg.budget_bytes {
+            return;
+        }
+        let target = self.cfg.budget_bytes - self.cfg.budget_bytes / 10;
+        let result = self.global_lock(false).and_then(|g| match g {
+            Some(_g) => self.evict_locked(target).map(Some),
+            None => Ok(None),
+        });
+        match result {
+            Ok(Some(r)) => tracing::debug!(evicted = r.evicted_entries, bytes = r.evicted_bytes, busy = r.busy_skipped, "cache eviction"),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "cache eviction failed"),
+        }
+    }
+
+    fn evict_locked(&self, target: u64) -> Result<PruneReport> {
+        let r = evict::evict_to(&self.layout, target).map_err(|e| CacheError::io(&self.layout.chunks, e))?;
+        self.update_stats(|c| {
+            c.total_bytes = r.remaining_bytes;
+            c.entries = r.remaining_entries;
+            c.evictions += r.evicted_entries;
+            c.evicted_bytes += r.evicted_bytes;
+        })?;
+        Ok(r)
+    }
+
+    /// `DIR/lock`, taken exclusively (waiting, or `None` if busy).
+    fn global_lock(&self, wait: bool) -> Result<Option<std::fs::File>> {
+        let path = self.layout.global_lock();
+        let io = |e| CacheError::io(&path, e);
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io)?;
+        if wait {
+            disk::lock_exclusive(&f).map_err(io)?;
+        } else if !disk::try_lock_exclusive(&f).map_err(io)? {
+            return Ok(None);
+        }
+        Ok(Some(f))
+    }
+
+    fn update_stats(&self, f: impl FnOnce(&mut CacheCounters)) -> Result<CacheCounters> {
+        let r = self.stats_file.update(&self.pending, f).map_err(|e| CacheError::io(self.layout.stats(), e));
+        self.flushed_ms.store(self.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
+        r
+    }
+
+    fn maybe_flush(&self) {
+        let now = self.opened.elapsed().as_millis() as u64;
+        let last = self.flushed_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < FLUSH_EVERY.as_millis() as u64 {
+            return;
+        }
+        // One thread flushes; the others go on.
+        if self.flushed_ms.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            if let Err(e) = self.flush() {
+                tracing::warn!(error = %e, "cannot update cache stats");
+            }
+        }
+    }
+}
+
+impl Drop for Cache {
+    fn drop(&mut self) {
+        if let Err(e) = self.flush() {
+            tracing::warn!(error = %e, "cannot save cache stats");
+        }
+    }
+}
+
+/// Decrements the in-flight counter, even on panic.
+struct Dec<'a>(&'a AtomicU64);
+
+impl Drop for Dec<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}

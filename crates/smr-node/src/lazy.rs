@@ -1,0 +1,357 @@
+//! The lazy image: an image's bytes served on demand from its chunks.
+//!
+//! `read_at(offset, buf)` maps the range to chunks. Zero chunks (absent
+//! from the recipe) are zeros, with no I/O. Stored chunks come from the
+//! node [`Cache`] (memory tier, then disk), else from the store; every byte
+//! served has been verified against its chunk's SHA-256. Each chunk's bytes
+//! are copied once, straight into the caller's buffer.
+//!
+//! A read spanning several chunks that are not in memory loads them in
+//! parallel on the cache's fetch pool. No readahead beyond the request is
+//! done implicitly: the kernel's readahead already asks for the next blocks
+//! (and `read_ahead_kb` is how to tune it), and guessing here again would
+//! fetch chunks nobody reads. Explicit prefetch ([`LazyImage::prefetch`],
+//! NBD `CACHE`, a startup profile) is the way to fetch ahead.
+//!
+//! A chunk that cannot be fetched or verified fails, with an `EIO`-mapped
+//! [`io::Error`] and an error log naming the chunk and the store, exactly
+//! the reads that touch it; nothing is remembered, so a later read retries.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crossbeam_channel::bounded;
+use smr_format::{ChunkId, FormatError};
+use smr_store::ChunkStore;
+
+use crate::cache::{Cache, CacheError, DecodeKey};
+use crate::chunks::{ChunkError, ImageChunks};
+use crate::nbd::BlockDevice;
+
+/// A read failed because one chunk could not be produced. Carried inside
+/// the [`io::Error`] returned by [`LazyImage::read_at`].
+#[derive(Debug, thiserror::Error)]
+#[error("chunk {index} ({id}) of the image, from store {store}: {source}")]
+pub struct ChunkReadError {
+    /// Chunk number in the image.
+    pub index: u64,
+    /// Chunk name.
+    pub id: ChunkId,
+    /// The store it comes from.
+    pub store: String,
+    /// What went wrong.
+    #[source]
+    pub source: CacheError,
+}
+
+impl ChunkReadError {
+    /// The errno a reader should see.
+    pub fn to_errno(&self) -> i32 {
+        libc::EIO
+    }
+}
+
+/// Counters of one lazy image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LazyStats {
+    /// Chunks this image fetched from its store.
+    pub chunks_fetched: u64,
+    /// Stored bytes this image fetched from its store.
+    pub bytes_fetched: u64,
+    /// `read_at` calls.
+    pub reads: u64,
+    /// Bytes returned by `read_at`.
+    pub bytes_read: u64,
+    /// `read_at` calls that failed.
+    pub read_errors: u64,
+}
+
+/// An image served lazily from a chunk store through the node cache.
+/// Cheap to clone; safe to read from many threads at once.
+#[derive(Clone)]
+pub struct LazyImage {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    img: ImageChunks,
+    store: Arc<dyn ChunkStore>,
+    store_desc: String,
+    cache: Arc<Cache>,
+    chunks_fetched: AtomicU64,
+    bytes_fetched: AtomicU64,
+    reads: AtomicU64,
+    bytes_read: AtomicU64,
+    read_errors: AtomicU64,
+}
+
+impl std::fmt::Debug for LazyImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazyImage")
+            .field("size", &self.size())
+            .field("store", &self.inner.store_desc)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LazyImage {
+    /// Serves `img` from `store` through `cache`. Fails if the recipe is
+    /// encrypted and `img` has no keys (ciphertext is never served).
+    pub fn new(img: ImageChunks, store: Arc<dyn ChunkStore>, cache: Arc<Cache>) -> Result<Self, ChunkError> {
+        if img.keys_missing() {
+            return Err(FormatError::KeyRequired.into());
+        }
+        Ok(LazyImage {
+            inner: Arc::new(Inner {
+                store_desc: store.describe(),
+                img,
+                store,
+                cache,
+                chunks_fetched: AtomicU64::new(0),
+                bytes_fetched: AtomicU64::new(0),
+                reads: AtomicU64::new(0),
+                bytes_read: AtomicU64::new(0),
+                read_errors: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// Image size in bytes.
+    pub fn size(&self) -> u64 {
+        self.inner.img.recipe.image_size
+    }
+
+    /// Chunk size in bytes.
+    pub fn chunk_size(&self) -> u64 {
+        self.inner.img.recipe.chunk_size
+    }
+
+    /// The node cache it reads through.
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.inner.cache
+    }
+
+    /// This image's counters.
+    pub fn stats(&self) -> LazyStats {
+        let i = &self.inner;
+        LazyStats {
+            chunks_fetched: i.chunks_fetched.load(Ordering::Relaxed),
+            bytes_fetched: i.bytes_fetched.load(Ordering::Relaxed),
+            reads: i.reads.load(Ordering::Relaxed),
+            bytes_read: i.bytes_read.load(Ordering::Relaxed),
+            read_errors: i.read_errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Fills `buf` with the image bytes at `offset`. The range must lie
+    /// inside the image.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let i = &self.inner;
+        i.reads.fetch_add(1, Ordering::Relaxed);
+        let r = self.read_inner(offset, buf);
+        match &r {
+            Ok(()) => i.bytes_read.fetch_add(buf.len() as u64, Ordering::Relaxed),
+            Err(_) => i.read_errors.fetch_add(1, Ordering::Relaxed),
+        };
+        r
+    }
+
+    fn read_inner(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let len = buf.len() as u64;
+        let end = offset.checked_add(len).filter(|e| *e <= self.size()).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("read of {len} bytes at {offset} past the image end ({})", self.size()),
+            )
+        })?;
+        if len == 0 {
+            return Ok(());
+        }
+        let cs = self.chunk_size();
+        let (first, last) = (offset / cs, (end - 1) / cs);
+        // Chunks that need loading beyond the first such one go to the
+        // pool, so one read's fetches overlap.
+        let need: Vec<u64> = (first..=last).filter(|&c| self.inner.needs_load(c)).collect();
+        let (tx, rx) = bounded(need.len());
+        let farmed = need.get(1..).unwrap_or(&[]);
+        for &c in farmed {
+            let (inner, tx) = (self.inner.clone(), tx.clone());
+            self.inner.cache.spawn(Box::new(move || {
+                let _ = tx.send((c, inner.chunk(c)));
+            }));
+        }
+        drop(tx);
+        let mut arrived = Vec::new();
+        for c in first..=last {
+            let answered = if farmed.contains(&c) { wait_for(&rx, &mut arrived, c) } else { None };
+            let result = answered.unwrap_or_else(|| self.inner.chunk(c));
+            let data = result.map_err(|e| self.inner.fail(c, offset, e))?;
+            let start = c * cs;
+            let (lo, hi) = (offset.max(start), end.min(start + cs));
+            let dst = buf
+                .get_mut((lo - offset) as usize..(hi - offset) as usize)
+                .ok_or_else(|| io::Error::other("read range arithmetic"))?;
+            match data {
+                None => dst.fill(0),
+                Some(d) => {
+                    let src = d.get((lo - start) as usize..(hi - start) as usize).ok_or_else(|| {
+                        io::Error::other(format!("chunk {c} decoded to {} bytes, too short", d.len()))
+                    })?;
+                    dst.copy_from_slice(src);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Allocation status of `[offset, offset + len)` (clamped to the
+    /// image) as runs of `(length, is_hole)`: zero chunks are holes.
+    pub fn block_status(&self, offset: u64, len: u64) -> Vec<(u64, bool)> {
+        let end = offset.saturating_add(len).min(self.size());
+        let cs = self.chunk_size();
+        let chunks = &self.inner.img.recipe.chunks;
+        let mut p = chunks.partition_point(|e| e.index < offset / cs);
+        let mut runs: Vec<(u64, bool)> = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let index = at / cs;
+            let (stop, hole) = match chunks.get(p) {
+                Some(e) if e.index == index => {
+                    p += 1;
+                    ((index + 1) * cs, false)
+                }
+                Some(e) => (e.index * cs, true),
+                None => (end, true),
+            };
+            let stop = stop.min(end);
+            match runs.last_mut() {
+                Some(last) if last.1 == hole => last.0 += stop - at,
+                _ => runs.push((stop - at, hole)),
+            }
+            at = stop;
+        }
+        runs
+    }
+
+    /// Brings the stored chunks of `[offset, offset + len)` into the node
+    /// cache (disk, not memory), fetching missing ones in parallel on the
+    /// cache's fetch pool; returns when all are done. Fails if any chunk
+    /// failed (each failure is logged).
+    pub fn prefetch(&self, offset: u64, len: u64) -> io::Result<()> {
+        let end = offset.saturating_add(len).min(self.size());
+        if offset >= end {
+            return Ok(());
+        }
+        let cs = self.chunk_size();
+        let chunks = &self.inner.img.recipe.chunks;
+        let from = chunks.partition_point(|e| e.index < offset / cs);
+        let to = chunks.partition_point(|e| e.index <= (end - 1) / cs);
+        let todo: Vec<usize> = (from..to)
+            .filter(|&pos| chunks.get(pos).is_some_and(|e| !self.inner.cache.contains(&e.id)))
+            .collect();
+        let (tx, rx) = bounded(todo.len());
+        for &pos in &todo {
+            let (inner, tx) = (self.inner.clone(), tx.clone());
+            self.inner.cache.spawn(Box::new(move || {
+                let _ = tx.send((pos, inner.prefetch_pos(pos)));
+            }));
+        }
+        drop(tx);
+        let mut first_err = None;
+        for (pos, r) in rx.iter() {
+            if let Err(e) = r {
+                let index = chunks.get(pos).map_or(0, |e| e.index);
+                let err = self.inner.fail(index, index * cs, e);
+                first_err.get_or_insert(err);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+type ChunkResult = Result<Option<Arc<Vec<u8>>>, CacheError>;
+
+/// The pool's answer for chunk `c`, or `None` if the pool went away
+/// without answering (the caller then loads it itself).
+fn wait_for(rx: &crossbeam_channel::Receiver<(u64, ChunkResult)>, arrived: &mut Vec<(u64, ChunkResult)>, c: u64) -> Option<ChunkResult> {
+    loop {
+        if let Some(i) = arrived.iter().position(|(k, _)| *k == c) {
+            return Some(arrived.swap_remove(i).1);
+        }
+        arrived.push(rx.recv().ok()?);
+    }
+}
+
+impl Inner {
+    /// Position in the chunk table and cache key of chunk `index`, or
+    /// `None` for a zero chunk.
+    fn locate(&self, index: u64) -> Option<(usize, DecodeKey)> {
+        let r = &self.img.recipe;
+        let pos = r.chunks.binary_search_by_key(&index, |e| e.index).ok()?;
+        let e = r.chunks.get(pos)?;
+        let key = DecodeKey {
+            id: e.id,
+            key: self.img.key(pos).map(|k| k.0),
+            compressed: e.compressed,
+            plain_len: r.chunk_len(index) as u32,
+        };
+        Some((pos, key))
+    }
+
+    fn needs_load(&self, index: u64) -> bool {
+        self.locate(index).is_some_and(|(_, k)| !self.cache.in_memory(&k))
+    }
+
+    /// The plaintext of chunk `index`, `None` for a zero chunk.
+    fn chunk(&self, index: u64) -> ChunkResult {
+        let Some((pos, key)) = self.locate(index) else {
+            return Ok(None);
+        };
+        self.cache
+            .get_decoded(&key, || self.fetch(&key.id), |stored| self.img.open(pos, stored).map(|(_, p)| p))
+            .map(Some)
+    }
+
+    fn prefetch_pos(&self, pos: usize) -> Result<(), CacheError> {
+        let Some(e) = self.img.recipe.chunks.get(pos) else {
+            return Ok(());
+        };
+        self.cache.get_or_fetch(&e.id, || self.fetch(&e.id)).map(|_| ())
+    }
+
+    fn fetch(&self, id: &ChunkId) -> Result<Vec<u8>, ChunkError> {
+        let bytes = self.store.get(id)?;
+        self.chunks_fetched.fetch_add(1, Ordering::Relaxed);
+        self.bytes_fetched.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Ok(bytes)
+    }
+
+    /// Logs a chunk failure and turns it into the reader's error.
+    fn fail(&self, index: u64, offset: u64, source: CacheError) -> io::Error {
+        let id = source.chunk().or_else(|| self.locate(index).map(|(_, k)| k.id)).unwrap_or(ChunkId([0; 32]));
+        tracing::error!(chunk = %id, index, offset, store = %self.store_desc, error = %source, "chunk unavailable: failing the reads that touch it");
+        io::Error::other(ChunkReadError { index, id, store: self.store_desc.clone(), source })
+    }
+}
+
+impl BlockDevice for LazyImage {
+    fn size(&self) -> u64 {
+        LazyImage::size(self)
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        LazyImage::read_at(self, offset, buf)
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, bool)>> {
+        Ok(LazyImage::block_status(self, offset, len))
+    }
+
+    fn prefetch(&self, offset: u64, len: u64) -> io::Result<()> {
+        LazyImage::prefetch(self, offset, len)
+    }
+}
+
+#[cfg(test)]
+mod tests;
