@@ -231,6 +231,12 @@ impl ChunkingSink {
     }
 }
 
+impl crate::ext4::ImageSink for ChunkingSink {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        ChunkingSink::write_at(self, offset, data)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,7 @@
 
 pub mod cache;
 pub mod chunks;
+pub mod fuse;
 pub mod lazy;
 pub mod nbd;
 pub mod restore;

@@ -301,7 +301,11 @@ impl OciLayout {
             media_type: mt.into(),
             digest: self.add_blob(bytes),
             size,
-            platform: Some((img.os.clone(), img.architecture.clone(), img.variant.clone())),
+            platform: Some((
+                img.os.clone(),
+                img.architecture.clone(),
+                img.variant.clone(),
+            )),
             annotations: BTreeMap::new(),
         }
     }

@@ -834,3 +834,33 @@ fn image_mounts_read_write_and_stays_clean() {
     e2fsck(&path);
     assert_eq!(debugfs_cat(&path, "/etc/passwd"), b"changed\n");
 }
+
+/// Pins the bytes of a small fixed image: any change to the on-disk format
+/// (and so to every image's chunks) must update this digest deliberately.
+#[test]
+fn golden_digest() {
+    use sha2::{Digest, Sha256};
+    let mut f = Fixture::new(Vec::new(), CHUNK);
+    let root = f.root();
+    let etc = f.dir(root, "etc");
+    f.file(etc, "hostname", b"smr\n");
+    f.file(root, "data", &noise(70_000, 7));
+    f.add(
+        root,
+        "sh",
+        Kind::Symlink {
+            target: b"/bin/dash".to_vec(),
+        },
+        meta(0o777),
+    );
+    let mut m = meta(0o755);
+    m.xattrs.insert(b"user.k".to_vec(), b"v".to_vec());
+    f.file_meta(root, "x", b"#!", m);
+    let (img, stats, _, _) = f.finish();
+    assert_eq!(stats.image_size, img.len() as u64);
+    let digest = hex::encode(Sha256::digest(&img));
+    assert_eq!(
+        digest,
+        "7a6198987f5e105c5ccf4706adc3aa8ffccae78c9f6a3bff5096722578c815e8"
+    );
+}

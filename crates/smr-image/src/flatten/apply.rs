@@ -265,20 +265,21 @@ impl<'a> Applier<'a> {
         let Some((name, parents)) = comps.split_last() else {
             return Ok(());
         };
-        let Some(dir) = self.find(parents)?.filter(|id| self.is_dir(*id)) else {
-            return Ok(()); // nothing below a missing parent to delete
-        };
-        if name.as_slice() == OPAQUE {
-            self.prune(dir);
-            return Ok(());
-        }
-        if name.starts_with(WH_META) {
+        let opaque = name.as_slice() == OPAQUE;
+        if !opaque && name.starts_with(WH_META) {
             tracing::debug!(layer = self.layer, "ignoring whiteout metadata entry");
             return Ok(());
         }
         let target = &name[WH.len()..];
         if target.is_empty() || target == b"." || target == b".." {
             return Err(ApplyError::InvalidWhiteout);
+        }
+        let Some(dir) = self.find(parents)?.filter(|id| self.is_dir(*id)) else {
+            return Ok(()); // nothing below a missing parent to delete
+        };
+        if opaque {
+            self.prune(dir);
+            return Ok(());
         }
         if self.written.contains(&(dir, target.to_vec())) {
             return Ok(()); // same-layer entry: whiteouts only hide lower layers

@@ -11,7 +11,8 @@ pub(crate) fn entry_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Meta,
     let h = entry.header();
     let bad = |field: &'static str| move |e: std::io::Error| invalid(field, e.to_string());
     let old = h.as_old();
-    let mode = h.mode().map_err(bad("mode"))? & 0o7777;
+    let mode = or_zero(&old.mode, h.mode().map(u64::from)).map_err(bad("mode"))? & 0o7777;
+    let mode = mode as u32; // masked to 12 bits above
     let uid = or_zero(&old.uid, h.uid()).map_err(bad("uid"))?;
     let uid = fit_u32("uid", uid)?;
     let gid = fit_u32("gid", or_zero(&old.gid, h.gid()).map_err(bad("gid"))?)?;

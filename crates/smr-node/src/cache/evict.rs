@@ -161,7 +161,7 @@ mod tests {
     fn victim_order_is_lru_2() {
         let t = |s| UNIX_EPOCH + Duration::from_secs(s);
         let e = |name: &str, atime, mtime| Scanned { path: name.into(), len: 1, atime, mtime };
-        let mut v = vec![
+        let mut v = [
             e("warm-old-2nd", t(100), t(10)),
             e("once-new", t(90), UNIX_EPOCH),
             e("warm-new-2nd", t(50), t(40)),

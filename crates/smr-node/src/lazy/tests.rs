@@ -1,0 +1,330 @@
+//! Tests of the lazy image over real encrypted, compressed chunks in a real
+//! [`LocalStore`], through a real cache directory. [`CountingStore`] only
+//! counts (and can slow) the calls reaching the local store.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::Path;
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::Duration;
+
+use proptest::prelude::*;
+use smr_format::chunk::default_salt;
+use smr_format::config::ImageConfig;
+use smr_format::{ChunkCodec, ChunkEntry, OwnerKey, Recipe};
+use smr_store::{LocalStore, PutOutcome};
+
+use super::*;
+use crate::cache::CacheConfig;
+
+const CS: u64 = 64 << 10;
+/// 49 chunks, the last one short.
+const SIZE: u64 = 48 * CS + 12345;
+
+/// A real store that counts `get`s per chunk.
+struct CountingStore {
+    inner: LocalStore,
+    gets: Mutex<HashMap<ChunkId, u64>>,
+    delay: Duration,
+}
+
+impl CountingStore {
+    fn total(&self) -> u64 {
+        self.gets.lock().expect("lock").values().sum()
+    }
+
+    fn max_per_chunk(&self) -> u64 {
+        self.gets.lock().expect("lock").values().copied().max().unwrap_or(0)
+    }
+}
+
+impl ChunkStore for CountingStore {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn get(&self, id: &ChunkId) -> smr_store::Result<Vec<u8>> {
+        *self.gets.lock().expect("lock").entry(*id).or_default() += 1;
+        std::thread::sleep(self.delay);
+        self.inner.get(id)
+    }
+    fn put(&self, id: &ChunkId, data: &[u8]) -> smr_store::Result<PutOutcome> {
+        self.inner.put(id, data)
+    }
+    fn exists(&self, id: &ChunkId) -> smr_store::Result<bool> {
+        self.inner.exists(id)
+    }
+}
+
+/// Chunk `c`'s plaintext: zeros for c % 5 == 2 (trimmed from the recipe),
+/// a compressible ramp for c % 3 == 0, chunks 10 and 11 identical, random
+/// bytes otherwise.
+fn plain_image() -> Vec<u8> {
+    let mut out = Vec::with_capacity(SIZE as usize);
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    for c in 0..SIZE.div_ceil(CS) {
+        let len = CS.min(SIZE - c * CS) as usize;
+        let chunk: Vec<u8> = match c {
+            _ if c % 5 == 2 => vec![0; len],
+            11 => out[(10 * CS) as usize..(11 * CS) as usize].to_vec(),
+            _ if c % 3 == 0 => (0..len).map(|i| (i / 7 + c as usize) as u8).collect(),
+            _ => (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect(),
+        };
+        out.extend_from_slice(&chunk);
+    }
+    out
+}
+
+struct Fixture {
+    plain: Vec<u8>,
+    img: ImageChunks,
+    store: Arc<CountingStore>,
+    _tmp: tempfile::TempDir,
+    cache_dir: std::path::PathBuf,
+}
+
+/// Seals the image into a fresh store (encrypted and compressed, as
+/// `smr convert` does) and returns it with its opened recipe.
+fn fixture(delay: Duration) -> Fixture {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let plain = plain_image();
+    let local = LocalStore::open(tmp.path().join("store")).expect("store");
+    let codec = ChunkCodec::new(default_salt(), true, true);
+    let (mut entries, mut keys) = (Vec::new(), Vec::new());
+    for (index, data) in plain.chunks(CS as usize).enumerate() {
+        if data.iter().all(|b| *b == 0) {
+            continue;
+        }
+        let s = codec.seal(data);
+        local.put(&s.id, &s.stored).expect("put");
+        entries.push(ChunkEntry { index: index as u64, id: s.id, stored_len: s.stored.len() as u32, compressed: s.compressed });
+        keys.push(s.key.expect("encrypted"));
+    }
+    let owner = OwnerKey([7; 32]);
+    let recipe = Recipe::new(SIZE, CS, "sha256:test".into(), ImageConfig::default(), entries, Some((&keys, &owner)))
+        .expect("recipe");
+    let keys = recipe.keys(Some(&owner)).expect("keys");
+    let store = Arc::new(CountingStore { inner: local, gets: Mutex::new(HashMap::new()), delay });
+    let cache_dir = tmp.path().join("cache");
+    Fixture { plain, img: ImageChunks::new(recipe, keys), store, _tmp: tmp, cache_dir }
+}
+
+impl Fixture {
+    fn lazy(&self, memory_bytes: u64, budget_bytes: u64) -> LazyImage {
+        let cfg = CacheConfig { memory_bytes, budget_bytes, ..CacheConfig::new(&self.cache_dir) };
+        let cache = Cache::open(cfg).expect("cache");
+        LazyImage::new(self.img.clone(), self.store.clone(), cache).expect("lazy image")
+    }
+
+    fn stored_chunks(&self) -> u64 {
+        self.img.recipe.chunks.len() as u64
+    }
+
+    fn read(&self, lazy: &LazyImage, off: u64, len: u64) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0xa5; len as usize];
+        lazy.read_at(off, &mut buf)?;
+        Ok(buf)
+    }
+}
+
+#[test]
+fn random_reads_equal_the_image_with_and_without_memory_and_eviction() {
+    let fx = fixture(Duration::ZERO);
+    // Default tiers; then no memory tier and a disk budget of 8 chunks, so
+    // chunks are evicted and refetched all along.
+    for (memory, budget) in [(32 << 20, 1 << 30), (0, 8 * CS)] {
+        let lazy = fx.lazy(memory, budget);
+        let mut x: u64 = 42;
+        for _ in 0..400 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let off = (x >> 11) % SIZE;
+            let len = ((x >> 40) % (300 << 10)).min(SIZE - off);
+            let got = fx.read(&lazy, off, len).expect("read");
+            assert!(got == fx.plain[off as usize..(off + len) as usize], "read {len} at {off}");
+        }
+        let s = lazy.stats();
+        assert_eq!((s.reads, s.read_errors), (400, 0));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+    #[test]
+    fn any_read_equals_the_image(off in 0..SIZE, len in 0..(3 * CS)) {
+        static FX: std::sync::OnceLock<(Fixture, LazyImage)> = std::sync::OnceLock::new();
+        let (fx, lazy) = FX.get_or_init(|| {
+            let fx = fixture(Duration::ZERO);
+            let lazy = fx.lazy(1 << 20, 1 << 30);
+            (fx, lazy)
+        });
+        let len = len.min(SIZE - off);
+        let got = fx.read(lazy, off, len).expect("read");
+        prop_assert!(got == fx.plain[off as usize..(off + len) as usize]);
+    }
+}
+
+#[test]
+fn spanning_reads_whole_image_and_bounds() {
+    let fx = fixture(Duration::from_millis(20));
+    let lazy = fx.lazy(32 << 20, 1 << 30);
+    // Across a data|data boundary, then data|zero|data (chunks 1, 2, 3).
+    assert_eq!(fx.read(&lazy, CS - 10, 20).expect("read"), &fx.plain[(CS - 10) as usize..(CS + 10) as usize]);
+    assert_eq!(fx.read(&lazy, CS + 5, 2 * CS).expect("read"), &fx.plain[(CS + 5) as usize..(3 * CS + 5) as usize]);
+    let all = fx.read(&lazy, 0, SIZE).expect("whole image");
+    assert!(all == fx.plain);
+    assert_eq!(fx.store.max_per_chunk(), 1);
+    // Chunks 10 and 11 are the same chunk: fetched once.
+    assert_eq!(fx.store.total(), fx.stored_chunks() - 1);
+    assert!(lazy.cache().stats().expect("stats").max_inflight > 1, "a big read fetches in parallel");
+    assert!(fx.read(&lazy, SIZE - 1, 1).is_ok());
+    let err = fx.read(&lazy, SIZE - 1, 2).expect_err("past the end");
+    assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+}
+
+#[test]
+fn zero_chunks_cost_no_io_and_are_holes() {
+    let fx = fixture(Duration::ZERO);
+    let lazy = fx.lazy(32 << 20, 1 << 30);
+    assert!(fx.read(&lazy, 2 * CS, CS).expect("zero chunk").iter().all(|b| *b == 0));
+    assert!(fx.read(&lazy, 7 * CS + 100, 1000).expect("zero chunk").iter().all(|b| *b == 0));
+    assert_eq!(fx.store.total(), 0, "no store I/O for zero chunks");
+    assert_eq!(lazy.stats().chunks_fetched, 0);
+    // Chunks 0..=4: data, data, hole, data, data.
+    assert_eq!(lazy.block_status(100, 5 * CS - 100), vec![(2 * CS - 100, false), (CS, true), (2 * CS, false)]);
+    assert_eq!(lazy.block_status(2 * CS + 1, 10), vec![(10, true)]);
+    let all = lazy.block_status(0, u64::MAX);
+    assert_eq!(all.iter().map(|r| r.0).sum::<u64>(), SIZE, "clamped to the image");
+    let holes: u64 = all.iter().filter(|r| r.1).map(|r| r.0).sum();
+    let zero_chunks = SIZE.div_ceil(CS) - fx.stored_chunks();
+    assert_eq!(holes, zero_chunks * CS);
+    assert_eq!(fx.store.total(), 0);
+}
+
+#[test]
+fn concurrent_cold_readers_fetch_each_chunk_once() {
+    let fx = fixture(Duration::from_millis(10));
+    let lazy = fx.lazy(32 << 20, 1 << 30);
+    let barrier = Barrier::new(8);
+    std::thread::scope(|s| {
+        for t in 0..8u64 {
+            let (fx, lazy, barrier) = (&fx, &lazy, &barrier);
+            s.spawn(move || {
+                barrier.wait();
+                // Each thread walks the image from a different place, in
+                // 100 KiB reads (not chunk aligned).
+                let step = 100 << 10;
+                let n = SIZE.div_ceil(step);
+                for k in 0..n {
+                    let off = ((k + t * 5) % n) * step;
+                    let len = step.min(SIZE - off);
+                    let got = fx.read(lazy, off, len).expect("read");
+                    assert!(got == fx.plain[off as usize..(off + len) as usize]);
+                }
+            });
+        }
+    });
+    assert_eq!(fx.store.max_per_chunk(), 1, "single flight");
+    assert_eq!(fx.store.total(), fx.stored_chunks() - 1);
+    assert_eq!(lazy.stats().chunks_fetched, fx.stored_chunks() - 1);
+}
+
+/// Collects log lines of the current thread.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl io::Write for Logs {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.0.lock().expect("lock").extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_bad_chunk_fails_exactly_the_reads_touching_it() {
+    let fx = fixture(Duration::ZERO);
+    let lazy = fx.lazy(32 << 20, 1 << 30);
+    let bad = *fx.img.recipe.entry(4).expect("chunk 4 is stored");
+    let gone = *fx.img.recipe.entry(8).expect("chunk 8 is stored");
+    let bad_path = fx.store.inner.chunk_path(&bad.id);
+    let mut raw = fs::read(&bad_path).expect("chunk");
+    raw[17] ^= 1;
+    fs::write(&bad_path, raw).expect("corrupt the store");
+    fs::remove_file(fx.store.inner.chunk_path(&gone.id)).expect("lose a chunk");
+
+    let logs = Logs::default();
+    let sink = logs.clone();
+    let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || sink.clone()).finish();
+    tracing::subscriber::with_default(subscriber, || {
+        for (index, id) in [(4, bad.id), (8, gone.id)] {
+            let err = fx.read(&lazy, index * CS + 10, 100).expect_err("bad chunk");
+            let inner = err.get_ref().and_then(|e| e.downcast_ref::<ChunkReadError>()).expect("ChunkReadError");
+            assert_eq!((inner.index, inner.id, inner.to_errno()), (index, id, libc::EIO));
+            assert!(err.to_string().contains(&id.to_hex()) && err.to_string().contains(&fx.store.describe()), "{err}");
+        }
+        assert!(fx.read(&lazy, 3 * CS, 2 * CS).is_err(), "a read spanning into the bad chunk fails");
+    });
+    let logs = String::from_utf8(logs.0.lock().expect("lock").clone()).expect("utf8");
+    for id in [bad.id, gone.id] {
+        assert!(
+            logs.lines().any(|l| l.contains("ERROR") && l.contains(&id.to_hex()) && l.contains(&fx.store.describe())),
+            "no error line naming {id} and the store in:\n{logs}"
+        );
+    }
+    // Everything else reads fine.
+    assert!(fx.read(&lazy, 0, 4 * CS).expect("before") == fx.plain[..(4 * CS) as usize]);
+    assert!(fx.read(&lazy, 5 * CS, 3 * CS).expect("between") == fx.plain[(5 * CS) as usize..(8 * CS) as usize]);
+    assert!(fx.read(&lazy, 9 * CS, SIZE - 9 * CS).expect("after") == fx.plain[(9 * CS) as usize..]);
+    assert!(!lazy.cache().contains(&bad.id), "bad bytes are never cached");
+    assert_eq!(lazy.stats().read_errors, 3);
+}
+
+#[test]
+fn prefetch_fills_the_cache_in_parallel() {
+    let fx = fixture(Duration::from_millis(20));
+    let lazy = fx.lazy(32 << 20, 1 << 30);
+    lazy.prefetch(0, SIZE).expect("prefetch");
+    let unique = fx.stored_chunks() - 1;
+    assert_eq!(fx.store.total(), unique);
+    let s = lazy.cache().stats().expect("stats");
+    assert!(s.max_inflight > 4, "fetches overlap: max in flight {}", s.max_inflight);
+    assert_eq!((s.inflight, s.counters.entries, s.memory_entries), (0, unique, 0));
+    lazy.prefetch(0, SIZE).expect("again: nothing to do");
+    assert!(fx.read(&lazy, 0, SIZE).expect("read") == fx.plain);
+    assert_eq!(fx.store.total(), unique, "reads after a prefetch cost no store I/O");
+}
+
+#[test]
+fn images_share_the_node_cache() {
+    let fx = fixture(Duration::ZERO);
+    let first = fx.lazy(32 << 20, 1 << 30);
+    assert!(fx.read(&first, 0, SIZE).expect("read") == fx.plain);
+    let fetched = fx.store.total();
+    // Another process serving the same (or an overlapping) image.
+    let second = fx.lazy(32 << 20, 1 << 30);
+    let dev: Arc<dyn BlockDevice> = Arc::new(second.clone());
+    let mut buf = vec![0; SIZE as usize];
+    dev.read_at(0, &mut buf).expect("read via BlockDevice");
+    assert!(buf == fx.plain);
+    assert_eq!(dev.size(), SIZE);
+    assert_eq!(fx.store.total(), fetched, "no store I/O for chunks already on the node");
+    assert_eq!(second.stats().chunks_fetched, 0);
+}
+
+#[test]
+fn an_encrypted_image_without_keys_is_refused() {
+    let fx = fixture(Duration::ZERO);
+    let no_keys = ImageChunks::new(fx.img.recipe.clone(), None);
+    let cache = Cache::open(CacheConfig::new(&fx.cache_dir)).expect("cache");
+    let err = LazyImage::new(no_keys, fx.store.clone(), cache).expect_err("keys required");
+    assert!(matches!(err, ChunkError::Format(FormatError::KeyRequired)), "{err}");
+    assert!(Path::new(&fx.cache_dir).is_dir());
+}

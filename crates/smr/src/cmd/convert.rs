@@ -112,8 +112,9 @@ pub fn run(a: Args) -> Result<ExitCode> {
     };
     let bar = bytes_bar(0, "converting");
     let out = convert(src.as_ref(), store.clone(), &opts, &mut |p| {
-        bar.set_length(p.total_bytes);
-        bar.set_position(p.done_bytes);
+        bar.set_message(format!("layer {}/{}", p.layer_index + 1, p.layer_count));
+        bar.set_length(p.compressed_size);
+        bar.set_position(p.compressed_bytes);
     })
     .with_context(|| format!("converting {}", a.source))?;
     bar.finish_and_clear();

@@ -1,0 +1,67 @@
+//! Budget, LRU-K order, busy entries.
+
+use super::*;
+
+/// Bytes of entries actually on disk.
+fn on_disk(dir: &Path) -> u64 {
+    let mut total = 0;
+    for sub in fs::read_dir(dir.join("chunks")).expect("chunks") {
+        for e in fs::read_dir(sub.expect("sub").path()).expect("sub dir") {
+            total += e.expect("entry").metadata().expect("meta").len();
+        }
+    }
+    total
+}
+
+#[test]
+fn budget_holds_and_a_chunk_read_twice_survives_a_scan() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let len = 16 * 1024;
+    let (store, ids) = store_with(&tmp.path().join("store"), 30, len as usize);
+    let f = Fetcher::new(store, Duration::ZERO);
+    let dir = tmp.path().join("cache");
+    let budget = 10 * len;
+    {
+        let cache = Cache::open(config(&dir, budget)).expect("open");
+        cache.get_or_fetch(&ids[0], || f.get(&ids[0])).expect("fetch");
+        cache.get_or_fetch(&ids[0], never).expect("second access");
+    }
+    // The history lives in the entries: it survives a restart.
+    let cache = Cache::open(config(&dir, budget)).expect("reopen");
+    for id in &ids[1..] {
+        cache.get_or_fetch(id, || f.get(id)).expect("scan");
+        assert!(on_disk(&dir) <= budget, "over budget: {}", on_disk(&dir));
+    }
+    assert!(cache.contains(&ids[0]), "the chunk accessed twice outlives the scan");
+    assert!(!cache.contains(&ids[1]), "the oldest chunk seen once went first");
+    assert!(cache.contains(&ids[29]), "the newest stays");
+    let s = cache.stats().expect("stats");
+    assert_eq!(s.counters.total_bytes, on_disk(&dir));
+    assert_eq!(s.counters.evictions, 30 - s.counters.entries);
+    assert_eq!(s.counters.evicted_bytes, s.counters.evictions * len);
+}
+
+#[test]
+fn an_entry_being_read_is_not_evicted() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (store, ids) = store_with(&tmp.path().join("store"), 3, 4096);
+    let f = Fetcher::new(store, Duration::ZERO);
+    let cache = Cache::open(config(&tmp.path().join("cache"), 1 << 30)).expect("open");
+    for id in &ids {
+        cache.get_or_fetch(id, || f.get(id)).expect("fetch");
+    }
+    // What a reader in another process holds while loading an entry.
+    let reader = fs::File::open(cache.layout.entry(&ids[1])).expect("entry");
+    rustix::fs::flock(&reader, rustix::fs::FlockOperation::LockShared).expect("LOCK_SH");
+
+    let r = cache.prune(0).expect("prune");
+    assert_eq!((r.scanned_entries, r.evicted_entries, r.busy_skipped), (3, 2, 1));
+    assert_eq!((r.remaining_entries, r.remaining_bytes), (1, 4096));
+    assert!(cache.contains(&ids[1]) && !cache.contains(&ids[0]) && !cache.contains(&ids[2]));
+
+    drop(reader);
+    let r = cache.prune(0).expect("prune");
+    assert_eq!((r.evicted_entries, r.remaining_bytes), (1, 0));
+    let s = cache.stats().expect("stats");
+    assert_eq!((s.counters.evictions, s.counters.entries, s.counters.total_bytes), (3, 0, 0));
+}

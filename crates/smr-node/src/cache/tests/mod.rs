@@ -1,0 +1,273 @@
+//! Tests of the node cache on real directories, threads and processes.
+//! Chunks are real stored bytes in a real [`LocalStore`]; [`Fetcher`]
+//! only counts the store calls and can slow them down.
+
+use std::fs;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use smr_format::ChunkId;
+use smr_store::{ChunkStore, LocalStore};
+
+use super::*;
+
+mod evict;
+mod procs;
+
+pub(super) const KIB: u64 = 1 << 10;
+
+/// `len` pseudo-random bytes, distinct for each `seed`.
+pub(super) fn bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A real store holding `n` chunks of `len` bytes, and their ids.
+pub(super) fn store_with(dir: &Path, n: u64, len: usize) -> (LocalStore, Vec<ChunkId>) {
+    let store = LocalStore::open(dir).expect("store");
+    let ids = (0..n)
+        .map(|i| {
+            let data = bytes(i + 1, len);
+            let id = ChunkId::of(&data);
+            store.put(&id, &data).expect("put");
+            id
+        })
+        .collect();
+    (store, ids)
+}
+
+/// Counts (and optionally slows) calls to a real store.
+pub(super) struct Fetcher {
+    pub(super) store: LocalStore,
+    pub(super) calls: AtomicU64,
+    pub(super) delay: Duration,
+}
+
+impl Fetcher {
+    pub(super) fn new(store: LocalStore, delay: Duration) -> Self {
+        Fetcher { store, calls: AtomicU64::new(0), delay }
+    }
+
+    pub(super) fn get(&self, id: &ChunkId) -> Result<Vec<u8>, ChunkError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(self.delay);
+        Ok(self.store.get(id)?)
+    }
+
+    pub(super) fn calls(&self) -> u64 {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+pub(super) fn config(dir: &Path, budget: u64) -> CacheConfig {
+    CacheConfig { budget_bytes: budget, memory_bytes: 1 << 20, fetch_threads: 4, ..CacheConfig::new(dir) }
+}
+
+fn never() -> Result<Vec<u8>, ChunkError> {
+    panic!("must not fetch: the chunk is cached")
+}
+
+#[test]
+fn miss_then_hit_and_everything_survives_a_restart() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (store, ids) = store_with(&tmp.path().join("store"), 2, 64 * 1024);
+    let f = Fetcher::new(store, Duration::ZERO);
+    let dir = tmp.path().join("cache");
+    {
+        let cache = Cache::open(config(&dir, 1 << 30)).expect("open");
+        let a = cache.get_or_fetch(&ids[0], || f.get(&ids[0])).expect("fetch");
+        assert_eq!(ChunkId::of(&a), ids[0]);
+        assert!(cache.contains(&ids[0]) && !cache.contains(&ids[1]));
+        let b = cache.get_or_fetch(&ids[0], never).expect("hit");
+        assert_eq!(a, b);
+        let s = cache.stats().expect("stats");
+        assert_eq!((s.counters.hits, s.counters.misses, s.counters.fetches), (1, 1, 1));
+        assert_eq!((s.counters.entries, s.counters.total_bytes), (1, 64 * KIB));
+        assert_eq!(s.counters.fetched_bytes, 64 * KIB);
+        assert_eq!(f.calls(), 1);
+    }
+    let cache = Cache::open(config(&dir, 1 << 30)).expect("reopen");
+    let a = cache.get_or_fetch(&ids[0], never).expect("entry survived");
+    assert_eq!(ChunkId::of(&a), ids[0]);
+    let s = cache.stats().expect("stats");
+    assert_eq!((s.counters.hits, s.counters.misses, s.counters.fetches), (2, 1, 1), "counters survived");
+    assert_eq!((s.counters.entries, s.counters.total_bytes), (1, 64 * KIB), "total rescanned");
+    let json = serde_json::to_value(&s).expect("serializes");
+    assert_eq!(json["hits"], 2, "{json}");
+}
+
+#[test]
+fn stats_of_one_process_are_seen_by_another() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (store, ids) = store_with(&tmp.path().join("store"), 1, 1000);
+    let f = Fetcher::new(store, Duration::ZERO);
+    let dir = tmp.path().join("cache");
+    let serving = Cache::open(config(&dir, 1 << 30)).expect("open");
+    let viewer = Cache::open(config(&dir, 1 << 30)).expect("open");
+    serving.get_or_fetch(&ids[0], || f.get(&ids[0])).expect("fetch");
+    // An insert flushes at once.
+    assert_eq!(viewer.stats().expect("stats").counters.fetches, 1);
+    serving.get_or_fetch(&ids[0], never).expect("hit");
+    drop(serving); // flushes the hit
+    let s = viewer.stats().expect("stats");
+    assert_eq!((s.counters.hits, s.counters.fetches, s.counters.entries), (1, 1, 1));
+}
+
+#[test]
+fn corrupt_entry_is_detected_deleted_and_refetched() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (store, ids) = store_with(&tmp.path().join("store"), 1, 64 * 1024);
+    let f = Fetcher::new(store, Duration::ZERO);
+    let cache = Cache::open(config(&tmp.path().join("cache"), 1 << 30)).expect("open");
+    cache.get_or_fetch(&ids[0], || f.get(&ids[0])).expect("fetch");
+    let entry = cache.layout.entry(&ids[0]);
+    let mut raw = fs::read(&entry).expect("entry");
+    raw[1234] ^= 0x40;
+    fs::write(&entry, &raw).expect("corrupt it");
+
+    let back = cache.get_or_fetch(&ids[0], || f.get(&ids[0])).expect("healed");
+    assert_eq!(ChunkId::of(&back), ids[0]);
+    assert_eq!(f.calls(), 2, "refetched");
+    assert_eq!(ChunkId::of(&fs::read(&entry).expect("entry")), ids[0], "entry rewritten intact");
+    let s = cache.stats().expect("stats");
+    assert_eq!((s.counters.corrupt, s.counters.fetches, s.counters.entries), (1, 2, 1));
+    assert_eq!(s.counters.total_bytes, 64 * KIB);
+}
+
+#[test]
+fn bad_bytes_from_the_store_are_an_error_and_never_cached() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (store, ids) = store_with(&tmp.path().join("store"), 1, 4096);
+    let mut bad = fs::read(store.chunk_path(&ids[0])).expect("chunk");
+    bad[0] ^= 1;
+    fs::write(store.chunk_path(&ids[0]), bad).expect("corrupt the store");
+    let f = Fetcher::new(store, Duration::ZERO);
+    let cache = Cache::open(config(&tmp.path().join("cache"), 1 << 30)).expect("open");
+    let err = cache.get_or_fetch(&ids[0], || f.get(&ids[0])).expect_err("hash mismatch");
+    assert_eq!(err.chunk(), Some(ids[0]));
+    assert_eq!(err.to_errno(), libc::EIO);
+    assert!(err.to_string().contains(&ids[0].to_hex()), "{err}");
+    assert!(!cache.contains(&ids[0]));
+    let missing = ChunkId([7; 32]);
+    let err = cache.get_or_fetch(&missing, || f.get(&missing)).expect_err("missing");
+    assert!(err.to_string().contains("missing"), "{err}");
+    assert_eq!(cache.stats().expect("stats").counters.fetch_errors, 2);
+}
+
+#[test]
+fn leftover_temp_files_are_never_entries_and_are_cleaned() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (store, ids) = store_with(&tmp.path().join("store"), 2, 4096);
+    let f = Fetcher::new(store, Duration::ZERO);
+    let dir = tmp.path().join("cache");
+    drop(Cache::open(config(&dir, 1 << 30)).expect("create"));
+    // A process killed mid-insert left half a chunk in tmp/.
+    let dead = dir.join("tmp").join(format!("{}.4242.0", ids[0].to_hex()));
+    fs::write(&dead, &bytes(1, 4096)[..100]).expect("partial temp");
+    // A live insert (its writer holds the lock) must survive cleaning.
+    let live = dir.join("tmp").join(format!("{}.4243.0", ids[1].to_hex()));
+    fs::write(&live, b"in progress").expect("live temp");
+    let live_file = fs::File::open(&live).expect("open");
+    assert!(disk::try_lock_exclusive(&live_file).expect("lock"));
+
+    let cache = Cache::open(config(&dir, 1 << 30)).expect("open");
+    assert!(!dead.exists(), "dead temp removed at open");
+    assert!(live.exists(), "live temp kept");
+    assert!(!cache.contains(&ids[0]));
+    let got = cache.get_or_fetch(&ids[0], || f.get(&ids[0])).expect("fetched, not the partial temp");
+    assert_eq!(ChunkId::of(&got), ids[0]);
+    assert_eq!(cache.stats().expect("stats").counters.total_bytes, 4096, "temps are not counted");
+
+    drop(live_file);
+    let r = cache.prune(u64::MAX).expect("prune");
+    assert_eq!((r.temp_removed, r.evicted_entries, r.remaining_entries), (1, 0, 1));
+    assert!(!live.exists(), "removed once its writer is gone");
+}
+
+#[test]
+fn threads_reading_one_cold_chunk_fetch_it_once() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (store, ids) = store_with(&tmp.path().join("store"), 1, 64 * 1024);
+    let f = Fetcher::new(store, Duration::from_millis(100));
+    let cache = Cache::open(config(&tmp.path().join("cache"), 1 << 30)).expect("open");
+    let barrier = Barrier::new(8);
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| {
+                barrier.wait();
+                let got = cache.get_or_fetch(&ids[0], || f.get(&ids[0])).expect("chunk");
+                assert_eq!(ChunkId::of(&got), ids[0]);
+            });
+        }
+    });
+    assert_eq!(f.calls(), 1);
+    assert_eq!(cache.stats().expect("stats").counters.fetches, 1);
+}
+
+/// Two `Cache`s on one directory stand for two processes: `flock` locks
+/// belong to open file descriptions, and each cache opens its own, so the
+/// locking between them is exactly that between processes (the real
+/// multi-process test is in `procs`).
+#[test]
+fn two_caches_on_one_dir_fetch_each_chunk_once() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (store, ids) = store_with(&tmp.path().join("store"), 8, 16 * 1024);
+    let f = Fetcher::new(store, Duration::from_millis(30));
+    let dir = tmp.path().join("cache");
+    let caches = [Cache::open(config(&dir, 1 << 30)).expect("a"), Cache::open(config(&dir, 1 << 30)).expect("b")];
+    let barrier = Barrier::new(8);
+    std::thread::scope(|s| {
+        for t in 0..8usize {
+            let (cache, f, ids, barrier) = (&caches[t % 2], &f, &ids, &barrier);
+            s.spawn(move || {
+                barrier.wait();
+                for k in 0..ids.len() {
+                    let id = &ids[(k + t) % ids.len()];
+                    let got = cache.get_or_fetch(id, || f.get(id)).expect("chunk");
+                    assert_eq!(ChunkId::of(&got), *id);
+                }
+            });
+        }
+    });
+    assert_eq!(f.calls(), 8, "one fetch per chunk across both caches");
+    let s = caches[0].stats().expect("stats");
+    assert_eq!((s.counters.fetches, s.counters.entries), (8, 8));
+    assert!(fs::read_dir(dir.join("locks")).expect("locks").all(|d| {
+        d.map(|d| fs::read_dir(d.path()).map(|mut r| r.next().is_none()).unwrap_or(true)).unwrap_or(true)
+    }), "lock files of fetched chunks are removed");
+}
+
+#[test]
+fn memory_tier_decodes_once_and_keys_by_decryption_key() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (store, ids) = store_with(&tmp.path().join("store"), 1, 4096);
+    let f = Fetcher::new(store, Duration::ZERO);
+    let cache = Cache::open(config(&tmp.path().join("cache"), 1 << 30)).expect("open");
+    let key = DecodeKey { id: ids[0], key: None, compressed: false, plain_len: 4096 };
+    let decodes = AtomicU64::new(0);
+    let decode = |v: Vec<u8>| {
+        decodes.fetch_add(1, Ordering::SeqCst);
+        Ok(v.iter().map(|b| b ^ 0xff).collect())
+    };
+    let a = cache.get_decoded(&key, || f.get(&ids[0]), decode).expect("decoded");
+    let b = cache.get_decoded(&key, never, decode).expect("from memory");
+    assert!(Arc::ptr_eq(&a, &b));
+    assert_eq!(decodes.load(Ordering::SeqCst), 1);
+    assert!(cache.in_memory(&key));
+    let other = DecodeKey { key: Some([1; 32]), ..key.clone() };
+    assert!(!cache.in_memory(&other));
+    cache.get_decoded(&other, never, decode).expect("decoded from disk");
+    assert_eq!(decodes.load(Ordering::SeqCst), 2);
+    let s = cache.stats().expect("stats");
+    assert_eq!((s.counters.memory_hits, s.counters.hits, s.counters.fetches), (1, 1, 1));
+    assert_eq!((s.memory_entries, s.memory_bytes), (2, 8192));
+}

@@ -1,0 +1,110 @@
+//! Tests of the FUSE export against the real kernel (need /dev/fuse and
+//! root; skipped with a note otherwise).
+
+use super::*;
+use std::io::{Read, Seek, SeekFrom};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+/// A device whose byte at `i` is `i % 251`; reads of `[bad, bad + 4096)`
+/// fail, and every read sleeps `delay` while counting how many overlap.
+struct Pattern {
+    size: u64,
+    bad: u64,
+    delay: Duration,
+    now: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl BlockDevice for Pattern {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(n, Ordering::SeqCst);
+        std::thread::sleep(self.delay);
+        self.now.fetch_sub(1, Ordering::SeqCst);
+        let end = offset + buf.len() as u64;
+        if offset < self.bad + 4096 && end > self.bad {
+            return Err(io::Error::other(format!("chunk at {} is corrupt", self.bad)));
+        }
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = ((offset + i as u64) % 251) as u8;
+        }
+        Ok(())
+    }
+}
+
+fn can_mount() -> bool {
+    let ok = rustix::process::geteuid().is_root() && Path::new("/dev/fuse").exists();
+    if !ok {
+        eprintln!("note: FUSE test skipped (needs root and /dev/fuse)");
+    }
+    ok
+}
+
+fn pattern(size: u64, bad: u64, delay: Duration) -> Arc<Pattern> {
+    Arc::new(Pattern {
+        size,
+        bad,
+        delay,
+        now: AtomicUsize::new(0),
+        peak: AtomicUsize::new(0),
+    })
+}
+
+#[test]
+fn serves_bytes_errors_and_parallel_reads() {
+    if !can_mount() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let size = (8 << 20) + 1000;
+    let dev = pattern(size, 4 << 20, Duration::from_millis(150));
+    let m = FuseMount::spawn(dev.clone(), dir.path(), &FuseConfig::default(), "smr-test").expect("mount");
+    let meta = std::fs::metadata(m.file()).expect("stat");
+    assert_eq!(meta.len(), size);
+    assert!(std::fs::OpenOptions::new().write(true).open(m.file()).is_err());
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("readdir")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("image")]);
+
+    // 8 readers of distinct 64 KiB ranges, O_DIRECT-free but far apart so
+    // that the page cache does not merge them: they must overlap in time.
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for k in 0..8u64 {
+            let file = m.file().to_path_buf();
+            s.spawn(move || {
+                let mut f = std::fs::File::open(file).expect("open");
+                let off = k * (512 << 10);
+                f.seek(SeekFrom::Start(off)).expect("seek");
+                let mut buf = vec![0u8; 4096];
+                f.read_exact(&mut buf).expect("read");
+                assert!(buf.iter().enumerate().all(|(i, b)| *b == ((off + i as u64) % 251) as u8));
+            });
+        }
+    });
+    let peak = dev.peak.load(Ordering::SeqCst);
+    assert!(peak >= 4, "reads did not run in parallel: peak {peak}, took {:?}", t.elapsed());
+
+    // The tail is short, the bad range fails with EIO, the rest still works.
+    let mut f = std::fs::File::open(m.file()).expect("open");
+    f.seek(SeekFrom::Start(size - 10)).expect("seek");
+    let mut tail = Vec::new();
+    f.read_to_end(&mut tail).expect("tail");
+    assert_eq!(tail.len(), 10);
+    f.seek(SeekFrom::Start(4 << 20)).expect("seek");
+    let err = f.read_exact(&mut [0u8; 100]).expect_err("bad range must fail");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    f.seek(SeekFrom::Start(1 << 20)).expect("seek");
+    f.read_exact(&mut [0u8; 100]).expect("good range after error");
+    drop(f);
+    m.unmount(Duration::from_secs(5)).expect("unmount");
+    let mounts = std::fs::read_to_string("/proc/self/mounts").expect("mounts");
+    assert!(!mounts.contains(&dir.path().display().to_string()));
+}
