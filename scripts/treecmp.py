@@ -160,7 +160,8 @@ def compare(a, b, args, report):
                 report(rel, "device: %d,%d != %d,%d" % (
                     os.major(sa.st_rdev), os.minor(sa.st_rdev),
                     os.major(sb.st_rdev), os.minor(sb.st_rdev)))
-        if args.mtime != "none":
+        if args.mtime != "none" and not any(
+                fnmatch.fnmatchcase(rel, p) for p in args.mtime_ignore):
             ns = args.mtime == "ns"
             ma, mb = fmt_mtime(sa, ns), fmt_mtime(sb, ns)
             if ma != mb:
@@ -205,6 +206,9 @@ def main():
                          "e.g. --ignore lost+found")
     ap.add_argument("--mtime", choices=("sec", "ns", "none"), default="sec",
                     help="how to compare mtimes (default: whole seconds)")
+    ap.add_argument("--mtime-ignore", action="append", default=[], metavar="PATTERN",
+                    help="do not compare mtimes of paths matching (fnmatch), e.g. "
+                         "implicit parent directories, whose mtime umoci sets to now")
     ap.add_argument("--ns", dest="mtime", action="store_const", const="ns",
                     help="same as --mtime ns")
     ap.add_argument("--xattr-exclude", action="append", default=[], metavar="PATTERN",

@@ -212,10 +212,20 @@ mod tests {
             assert_eq!(s.key.is_some(), enc);
             assert_eq!(s.compressed, comp, "this sample compresses well");
             if enc {
-                assert_ne!(&s.stored[..32], &plain[..32], "ciphertext differs from plaintext");
+                assert_ne!(
+                    &s.stored[..32],
+                    &plain[..32],
+                    "ciphertext differs from plaintext"
+                );
             }
-            let back = open_chunk(&s.id, s.key.as_ref(), s.compressed, s.stored.clone(), plain.len())
-                .unwrap();
+            let back = open_chunk(
+                &s.id,
+                s.key.as_ref(),
+                s.compressed,
+                s.stored.clone(),
+                plain.len(),
+            )
+            .unwrap();
             assert_eq!(back, plain);
         }
     }
@@ -230,7 +240,11 @@ mod tests {
         let c = ChunkCodec::new([9; 32], true, false).seal(&plain);
         assert_ne!(a.id, c.id, "a different salt gives a different chunk");
         let d = ChunkCodec::new(default_salt(), false, false).seal(&plain);
-        assert_eq!(d.id, ChunkId::of(&plain), "plaintext chunks are named by their SHA-256");
+        assert_eq!(
+            d.id,
+            ChunkId::of(&plain),
+            "plaintext chunks are named by their SHA-256"
+        );
     }
 
     #[test]
@@ -245,7 +259,9 @@ mod tests {
 
     #[test]
     fn incompressible_stays_raw() {
-        let plain: Vec<u8> = ChunkCodec::new(default_salt(), true, false).seal(&sample()).stored;
+        let plain: Vec<u8> = ChunkCodec::new(default_salt(), true, false)
+            .seal(&sample())
+            .stored;
         let s = ChunkCodec::new(default_salt(), false, true).seal(&plain);
         assert!(!s.compressed);
         assert_eq!(s.stored, plain);

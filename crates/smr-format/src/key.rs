@@ -33,11 +33,20 @@ impl OwnerKey {
             return Ok(OwnerKey(k));
         }
         let text = std::str::from_utf8(bytes)
-            .map_err(|_| format!("expected 32 raw bytes or 64 hex digits, got {} bytes", bytes.len()))?
+            .map_err(|_| {
+                format!(
+                    "expected 32 raw bytes or 64 hex digits, got {} bytes",
+                    bytes.len()
+                )
+            })?
             .trim_end_matches(['\n', '\r']);
         let mut k = [0u8; 32];
-        hex::decode_to_slice(text, &mut k)
-            .map_err(|_| format!("expected 32 raw bytes or 64 hex digits, got {} bytes", bytes.len()))?;
+        hex::decode_to_slice(text, &mut k).map_err(|_| {
+            format!(
+                "expected 32 raw bytes or 64 hex digits, got {} bytes",
+                bytes.len()
+            )
+        })?;
         Ok(OwnerKey(k))
     }
 }
@@ -52,7 +61,9 @@ mod tests {
         assert_eq!(OwnerKey::parse(&raw).unwrap().0, raw);
         let hex = format!("{}\n", hex::encode(raw));
         assert_eq!(OwnerKey::parse(hex.as_bytes()).unwrap().0, raw);
-        assert!(OwnerKey::parse(b"short").unwrap_err().contains("64 hex digits"));
+        assert!(OwnerKey::parse(b"short")
+            .unwrap_err()
+            .contains("64 hex digits"));
         assert!(OwnerKey::parse(&[b'z'; 64]).is_err());
     }
 

@@ -203,7 +203,10 @@ impl Recipe {
         let mut next = 0u64;
         for e in &self.chunks {
             varint::put(&mut out, e.index - next);
-            varint::put(&mut out, u64::from(e.stored_len) << 1 | u64::from(e.compressed));
+            varint::put(
+                &mut out,
+                u64::from(e.stored_len) << 1 | u64::from(e.compressed),
+            );
             out.extend_from_slice(&e.id.0);
             next = e.index + 1;
         }
@@ -324,7 +327,9 @@ fn put_str(out: &mut Vec<u8>, s: &[u8]) {
 fn get_str<'a>(b: &mut &'a [u8], what: &str) -> Result<&'a [u8]> {
     let len = varint::get(b, what)?;
     if len > MAX_STR || len > b.len() as u64 {
-        return Err(FormatError::Recipe(format!("{what}: length {len} out of range")));
+        return Err(FormatError::Recipe(format!(
+            "{what}: length {len} out of range"
+        )));
     }
     let (s, rest) = b.split_at(len as usize);
     *b = rest;

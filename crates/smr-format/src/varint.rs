@@ -59,7 +59,11 @@ mod tests {
         assert!(get(&mut &[0x80, 0x00][..], "t").is_err());
         assert!(get(&mut &[0x80][..], "t").is_err());
         assert!(get(&mut &[0xff; 11][..], "t").is_err());
-        assert!(get(&mut &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02][..], "t").is_err());
+        assert!(get(
+            &mut &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02][..],
+            "t"
+        )
+        .is_err());
         assert_eq!(get(&mut &[0x7f][..], "t").unwrap(), 127);
     }
 }

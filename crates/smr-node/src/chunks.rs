@@ -51,7 +51,11 @@ impl ImageChunks {
     /// Fetches the `pos`-th stored chunk from `store`, verifies its hash and
     /// returns its plaintext. Without keys for an encrypted recipe, only the
     /// hash is checked and the ciphertext is returned.
-    pub fn fetch(&self, store: &dyn ChunkStore, pos: usize) -> Result<(ChunkEntry, Vec<u8>), ChunkError> {
+    pub fn fetch(
+        &self,
+        store: &dyn ChunkStore,
+        pos: usize,
+    ) -> Result<(ChunkEntry, Vec<u8>), ChunkError> {
         let entry = self.entry_at(pos)?;
         let stored = store.get(&entry.id)?;
         self.open(pos, stored)
@@ -66,11 +70,21 @@ impl ImageChunks {
         if self.keys_missing() {
             let actual = smr_format::ChunkId::of(&stored);
             if actual != entry.id {
-                return Err(FormatError::ChunkHashMismatch { id: entry.id, actual }.into());
+                return Err(FormatError::ChunkHashMismatch {
+                    id: entry.id,
+                    actual,
+                }
+                .into());
             }
             return Ok((entry, stored));
         }
-        let plain = open_chunk(&entry.id, self.key(pos), entry.compressed, stored, plain_len)?;
+        let plain = open_chunk(
+            &entry.id,
+            self.key(pos),
+            entry.compressed,
+            stored,
+            plain_len,
+        )?;
         Ok((entry, plain))
     }
 

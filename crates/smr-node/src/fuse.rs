@@ -28,9 +28,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
-    MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, ReplyStatfs,
-    Request,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyEntry, ReplyOpen, ReplyStatfs, Request,
 };
 
 use crate::nbd::BlockDevice;
@@ -145,7 +145,9 @@ impl Filesystem for ImageFs {
         if let Err(max) = config.set_max_readahead(self.cfg.max_readahead) {
             let _ = config.set_max_readahead(max);
         }
-        let background = u16::try_from(self.cfg.threads.saturating_mul(2)).unwrap_or(u16::MAX).max(16);
+        let background = u16::try_from(self.cfg.threads.saturating_mul(2))
+            .unwrap_or(u16::MAX)
+            .max(16);
         let _ = config.set_max_background(background);
         let _ = config.set_congestion_threshold(background.saturating_mul(3) / 4);
         Ok(())
@@ -200,7 +202,14 @@ impl Filesystem for ImageFs {
         }
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         if ino != INodeNo::ROOT {
             return reply.error(Errno::ENOTDIR);
         }
@@ -238,8 +247,17 @@ fn session_config(cfg: &FuseConfig, fsname: &str) -> fuser::Config {
     c
 }
 
-fn new_session(dev: Arc<dyn BlockDevice>, dir: &Path, cfg: &FuseConfig, fsname: &str) -> Result<fuser::Session<ImageFs>> {
-    if cfg.file_name.is_empty() || cfg.file_name.contains(['/', '\0']) || cfg.file_name == "." || cfg.file_name == ".." {
+fn new_session(
+    dev: Arc<dyn BlockDevice>,
+    dir: &Path,
+    cfg: &FuseConfig,
+    fsname: &str,
+) -> Result<fuser::Session<ImageFs>> {
+    if cfg.file_name.is_empty()
+        || cfg.file_name.contains(['/', '\0'])
+        || cfg.file_name == "."
+        || cfg.file_name == ".."
+    {
         return Err(FuseError::BadName(cfg.file_name.clone()));
     }
     let fs = ImageFs {
@@ -288,7 +306,12 @@ pub struct FuseMount {
 impl FuseMount {
     /// Mounts `dev` as `dir/<cfg.file_name>` and serves it in background
     /// threads. `fsname` shows as the source in `/proc/mounts`.
-    pub fn spawn(dev: Arc<dyn BlockDevice>, dir: &Path, cfg: &FuseConfig, fsname: &str) -> Result<Self> {
+    pub fn spawn(
+        dev: Arc<dyn BlockDevice>,
+        dir: &Path,
+        cfg: &FuseConfig,
+        fsname: &str,
+    ) -> Result<Self> {
         let session = new_session(dev, dir, cfg, fsname)?;
         let session = session.spawn().map_err(|source| FuseError::Session {
             dir: dir.to_path_buf(),

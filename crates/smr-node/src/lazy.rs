@@ -18,7 +18,7 @@
 //! the reads that touch it; nothing is remembered, so a later read retries.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crossbeam_channel::bounded;
@@ -98,7 +98,11 @@ impl std::fmt::Debug for LazyImage {
 impl LazyImage {
     /// Serves `img` from `store` through `cache`. Fails if the recipe is
     /// encrypted and `img` has no keys (ciphertext is never served).
-    pub fn new(img: ImageChunks, store: Arc<dyn ChunkStore>, cache: Arc<Cache>) -> Result<Self, ChunkError> {
+    pub fn new(
+        img: ImageChunks,
+        store: Arc<dyn ChunkStore>,
+        cache: Arc<Cache>,
+    ) -> Result<Self, ChunkError> {
         if img.keys_missing() {
             return Err(FormatError::KeyRequired.into());
         }
@@ -159,34 +163,46 @@ impl LazyImage {
 
     fn read_inner(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let len = buf.len() as u64;
-        let end = offset.checked_add(len).filter(|e| *e <= self.size()).ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("read of {len} bytes at {offset} past the image end ({})", self.size()),
-            )
-        })?;
+        let end = offset
+            .checked_add(len)
+            .filter(|e| *e <= self.size())
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "read of {len} bytes at {offset} past the image end ({})",
+                        self.size()
+                    ),
+                )
+            })?;
         if len == 0 {
             return Ok(());
         }
         let cs = self.chunk_size();
         let (first, last) = (offset / cs, (end - 1) / cs);
-        // Chunks that need loading beyond the first such one go to the
-        // pool, so one read's fetches overlap.
-        let need: Vec<u64> = (first..=last).filter(|&c| self.inner.needs_load(c)).collect();
-        let (tx, rx) = bounded(need.len());
-        let farmed = need.get(1..).unwrap_or(&[]);
-        for &c in farmed {
-            let (inner, tx) = (self.inner.clone(), tx.clone());
+        // Chunks that need loading beyond the first such one are handed to
+        // the pool, so one read's fetches overlap. We still load every chunk
+        // ourselves, in order: single flight makes us join a load the pool
+        // has started, and do it ourselves if the pool is busy (with a big
+        // prefetch, say) and has not, so a read never queues behind others.
+        let need: Vec<u64> = (first..=last)
+            .filter(|&c| self.inner.needs_load(c))
+            .collect();
+        let done = Arc::new(AtomicBool::new(false));
+        for &c in need.get(1..).unwrap_or(&[]) {
+            let (inner, done) = (self.inner.clone(), done.clone());
             self.inner.cache.spawn(Box::new(move || {
-                let _ = tx.send((c, inner.chunk(c)));
+                if !done.load(Ordering::Relaxed) {
+                    let _ = inner.chunk(c);
+                }
             }));
         }
-        drop(tx);
-        let mut arrived = Vec::new();
+        let _finish = SetOnDrop(done);
         for c in first..=last {
-            let answered = if farmed.contains(&c) { wait_for(&rx, &mut arrived, c) } else { None };
-            let result = answered.unwrap_or_else(|| self.inner.chunk(c));
-            let data = result.map_err(|e| self.inner.fail(c, offset, e))?;
+            let data = self
+                .inner
+                .chunk(c)
+                .map_err(|e| self.inner.fail(c, offset, e))?;
             let start = c * cs;
             let (lo, hi) = (offset.max(start), end.min(start + cs));
             let dst = buf
@@ -195,9 +211,14 @@ impl LazyImage {
             match data {
                 None => dst.fill(0),
                 Some(d) => {
-                    let src = d.get((lo - start) as usize..(hi - start) as usize).ok_or_else(|| {
-                        io::Error::other(format!("chunk {c} decoded to {} bytes, too short", d.len()))
-                    })?;
+                    let src = d
+                        .get((lo - start) as usize..(hi - start) as usize)
+                        .ok_or_else(|| {
+                            io::Error::other(format!(
+                                "chunk {c} decoded to {} bytes, too short",
+                                d.len()
+                            ))
+                        })?;
                     dst.copy_from_slice(src);
                 }
             }
@@ -248,7 +269,11 @@ impl LazyImage {
         let from = chunks.partition_point(|e| e.index < offset / cs);
         let to = chunks.partition_point(|e| e.index <= (end - 1) / cs);
         let todo: Vec<usize> = (from..to)
-            .filter(|&pos| chunks.get(pos).is_some_and(|e| !self.inner.cache.contains(&e.id)))
+            .filter(|&pos| {
+                chunks
+                    .get(pos)
+                    .is_some_and(|e| !self.inner.cache.contains(&e.id))
+            })
             .collect();
         let (tx, rx) = bounded(todo.len());
         for &pos in &todo {
@@ -272,14 +297,12 @@ impl LazyImage {
 
 type ChunkResult = Result<Option<Arc<Vec<u8>>>, CacheError>;
 
-/// The pool's answer for chunk `c`, or `None` if the pool went away
-/// without answering (the caller then loads it itself).
-fn wait_for(rx: &crossbeam_channel::Receiver<(u64, ChunkResult)>, arrived: &mut Vec<(u64, ChunkResult)>, c: u64) -> Option<ChunkResult> {
-    loop {
-        if let Some(i) = arrived.iter().position(|(k, _)| *k == c) {
-            return Some(arrived.swap_remove(i).1);
-        }
-        arrived.push(rx.recv().ok()?);
+/// Tells pool jobs of a finished read not to bother.
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
     }
 }
 
@@ -300,7 +323,8 @@ impl Inner {
     }
 
     fn needs_load(&self, index: u64) -> bool {
-        self.locate(index).is_some_and(|(_, k)| !self.cache.in_memory(&k))
+        self.locate(index)
+            .is_some_and(|(_, k)| !self.cache.in_memory(&k))
     }
 
     /// The plaintext of chunk `index`, `None` for a zero chunk.
@@ -309,7 +333,11 @@ impl Inner {
             return Ok(None);
         };
         self.cache
-            .get_decoded(&key, || self.fetch(&key.id), |stored| self.img.open(pos, stored).map(|(_, p)| p))
+            .get_decoded(
+                &key,
+                || self.fetch(&key.id),
+                |stored| self.img.open(pos, stored).map(|(_, p)| p),
+            )
             .map(Some)
     }
 
@@ -317,21 +345,32 @@ impl Inner {
         let Some(e) = self.img.recipe.chunks.get(pos) else {
             return Ok(());
         };
-        self.cache.get_or_fetch(&e.id, || self.fetch(&e.id)).map(|_| ())
+        self.cache
+            .get_or_fetch(&e.id, || self.fetch(&e.id))
+            .map(|_| ())
     }
 
     fn fetch(&self, id: &ChunkId) -> Result<Vec<u8>, ChunkError> {
         let bytes = self.store.get(id)?;
         self.chunks_fetched.fetch_add(1, Ordering::Relaxed);
-        self.bytes_fetched.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        self.bytes_fetched
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         Ok(bytes)
     }
 
     /// Logs a chunk failure and turns it into the reader's error.
     fn fail(&self, index: u64, offset: u64, source: CacheError) -> io::Error {
-        let id = source.chunk().or_else(|| self.locate(index).map(|(_, k)| k.id)).unwrap_or(ChunkId([0; 32]));
+        let id = source
+            .chunk()
+            .or_else(|| self.locate(index).map(|(_, k)| k.id))
+            .unwrap_or(ChunkId([0; 32]));
         tracing::error!(chunk = %id, index, offset, store = %self.store_desc, error = %source, "chunk unavailable: failing the reads that touch it");
-        io::Error::other(ChunkReadError { index, id, store: self.store_desc.clone(), source })
+        io::Error::other(ChunkReadError {
+            index,
+            id,
+            store: self.store_desc.clone(),
+            source,
+        })
     }
 }
 

@@ -5,5 +5,6 @@ pub mod cache;
 pub mod chunks;
 pub mod fuse;
 pub mod lazy;
+pub mod mount;
 pub mod nbd;
 pub mod restore;

@@ -82,7 +82,12 @@ pub enum ExtractError {
 
 /// Rebuilds the image into `out`, verifying every chunk. Writes a sparse
 /// temp file next to `out` and renames it into place only when complete.
-pub fn extract(img: &ImageChunks, store: &dyn ChunkStore, out: &Path, threads: usize) -> Result<u64, ExtractError> {
+pub fn extract(
+    img: &ImageChunks,
+    store: &dyn ChunkStore,
+    out: &Path,
+    threads: usize,
+) -> Result<u64, ExtractError> {
     if img.recipe.encrypted() && img.keys_missing() {
         return Err(smr_format::FormatError::KeyRequired.into());
     }
@@ -90,8 +95,14 @@ pub fn extract(img: &ImageChunks, store: &dyn ChunkStore, out: &Path, threads: u
         path: out.display().to_string(),
         source,
     };
-    let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.smr-tmp-{}", std::process::id()));
     let result = (|| {
         let file = File::create(&tmp).map_err(io_err)?;

@@ -121,7 +121,12 @@ mod tests {
         assert_eq!(s.put(&id, &data).unwrap(), PutOutcome::Existed);
         assert_eq!(s.get(&id).unwrap(), data);
         let hex = id.to_hex();
-        assert!(dir.path().join("chunks").join(&hex[..2]).join(&hex).is_file());
+        assert!(dir
+            .path()
+            .join("chunks")
+            .join(&hex[..2])
+            .join(&hex)
+            .is_file());
         // No temp files left behind.
         let names: Vec<_> = fs::read_dir(dir.path().join("chunks").join(&hex[..2]))
             .unwrap()
@@ -146,7 +151,9 @@ mod tests {
             h.join().unwrap();
         }
         assert_eq!(s.get(&id).unwrap(), data);
-        let n = fs::read_dir(s.chunk_path(&id).parent().unwrap()).unwrap().count();
+        let n = fs::read_dir(s.chunk_path(&id).parent().unwrap())
+            .unwrap()
+            .count();
         assert_eq!(n, 1, "exactly the chunk, no temp files");
     }
 
@@ -156,6 +163,9 @@ mod tests {
         let s = LocalStore::open(dir.path()).unwrap();
         let id = ChunkId([0xab; 32]);
         let msg = s.get(&id).unwrap_err().to_string();
-        assert!(msg.contains(&id.to_hex()) && msg.contains(&s.describe()), "{msg}");
+        assert!(
+            msg.contains(&id.to_hex()) && msg.contains(&s.describe()),
+            "{msg}"
+        );
     }
 }

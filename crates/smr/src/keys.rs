@@ -25,12 +25,17 @@ impl KeyArgs {
 
 /// Reads a recipe file.
 pub fn read_recipe(path: &std::path::Path) -> Result<smr_format::Recipe> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading recipe {}", path.display()))?;
+    let bytes =
+        std::fs::read(path).with_context(|| format!("reading recipe {}", path.display()))?;
     smr_format::Recipe::decode(&bytes).with_context(|| format!("recipe {}", path.display()))
 }
 
 /// Opens a recipe's chunks with its keys (keys required when `need_keys`).
-pub fn open_image(path: &std::path::Path, key: &KeyArgs, need_keys: bool) -> Result<smr_node::chunks::ImageChunks> {
+pub fn open_image(
+    path: &std::path::Path,
+    key: &KeyArgs,
+    need_keys: bool,
+) -> Result<smr_node::chunks::ImageChunks> {
     let recipe = read_recipe(path)?;
     let owner = key.load()?;
     let keys = if owner.is_none() && !need_keys {

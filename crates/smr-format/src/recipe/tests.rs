@@ -86,7 +86,10 @@ fn tampering_detected() {
     let sum: [u8; 32] = Sha256::digest(&b[..n]).into();
     b[n..].copy_from_slice(&sum);
     let forged = Recipe::decode(&b).unwrap();
-    assert!(matches!(forged.keys(Some(&owner)), Err(FormatError::WrongKey)));
+    assert!(matches!(
+        forged.keys(Some(&owner)),
+        Err(FormatError::WrongKey)
+    ));
 }
 
 #[test]
@@ -112,8 +115,15 @@ fn compact() {
         })
         .collect();
     let keys = vec![ChunkKey([2; 32]); n as usize];
-    let r = Recipe::new(n << 19, 1 << 19, "sha256:x".into(), config(), ch, Some((&keys, &owner)))
-        .unwrap();
+    let r = Recipe::new(
+        n << 19,
+        1 << 19,
+        "sha256:x".into(),
+        config(),
+        ch,
+        Some((&keys, &owner)),
+    )
+    .unwrap();
     let len = r.encode().len() as u64;
     assert!(len < 100 * n, "{len} bytes for {n} chunks");
     assert!(len < 4 << 20);

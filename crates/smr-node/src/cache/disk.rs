@@ -99,7 +99,12 @@ pub(crate) fn unlock(file: &File) -> io::Result<()> {
 
 /// Opens (creating) a lock file and takes `LOCK_EX` on it, waiting.
 pub(crate) fn open_locked(path: &Path) -> io::Result<File> {
-    let f = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
     lock_exclusive(&f)?;
     Ok(f)
 }
@@ -150,7 +155,9 @@ pub(crate) fn load(layout: &Layout, id: &ChunkId) -> Load {
         if let Err(e) = fs::remove_file(&path) {
             tracing::warn!(path = %path.display(), error = %e, "cannot delete corrupt cache entry");
         }
-        return Load::Corrupt { len: buf.len() as u64 };
+        return Load::Corrupt {
+            len: buf.len() as u64,
+        };
     }
     record_access(&file, &meta, id);
     Load::Hit(buf)
@@ -160,7 +167,9 @@ pub(crate) fn load(layout: &Layout, id: &ChunkId) -> Load {
 /// previous access), atime := now (this one).
 fn record_access(file: &File, meta: &fs::Metadata, id: &ChunkId) {
     let previous = meta.accessed().unwrap_or(UNIX_EPOCH);
-    let times = FileTimes::new().set_modified(previous).set_accessed(SystemTime::now());
+    let times = FileTimes::new()
+        .set_modified(previous)
+        .set_accessed(SystemTime::now());
     if let Err(e) = file.set_times(times) {
         tracing::debug!(chunk = %id, error = %e, "cannot record cache access");
     }
@@ -190,13 +199,19 @@ pub(crate) fn insert(layout: &Layout, id: &ChunkId, data: &[u8]) -> io::Result<(
         fs::create_dir_all(dir)?;
     }
     let n = layout.tmp_counter.fetch_add(1, Ordering::Relaxed);
-    let tmp = layout.tmp.join(format!("{}.{}.{n}", id.to_hex(), std::process::id()));
+    let tmp = layout
+        .tmp
+        .join(format!("{}.{}.{n}", id.to_hex(), std::process::id()));
     let result = (|| {
         let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         // Tells `clean_tmp` of other processes that this file is alive.
         try_lock_exclusive(&f)?;
         f.write_all(data)?;
-        f.set_times(FileTimes::new().set_modified(UNIX_EPOCH).set_accessed(SystemTime::now()))?;
+        f.set_times(
+            FileTimes::new()
+                .set_modified(UNIX_EPOCH)
+                .set_accessed(SystemTime::now()),
+        )?;
         f.sync_all()?;
         fs::rename(&tmp, &path)
     })();

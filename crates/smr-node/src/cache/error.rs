@@ -66,7 +66,9 @@ impl CacheError {
     /// The chunk concerned, if the error is about one chunk.
     pub fn chunk(&self) -> Option<ChunkId> {
         match self.root() {
-            CacheError::Fetch { id, .. } | CacheError::Decode { id, .. } | CacheError::Panicked { id } => Some(*id),
+            CacheError::Fetch { id, .. }
+            | CacheError::Decode { id, .. }
+            | CacheError::Panicked { id } => Some(*id),
             _ => None,
         }
     }
@@ -77,6 +79,9 @@ impl CacheError {
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        CacheError::Io { path: path.into(), source }
+        CacheError::Io {
+            path: path.into(),
+            source,
+        }
     }
 }

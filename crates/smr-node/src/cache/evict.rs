@@ -87,7 +87,11 @@ pub(crate) fn scan(layout: &Layout) -> io::Result<Vec<Scanned>> {
         for e in fs::read_dir(sub.path())? {
             let e = e?;
             let name = e.file_name();
-            if name.to_str().and_then(|n| n.parse::<ChunkId>().ok()).is_none() {
+            if name
+                .to_str()
+                .and_then(|n| n.parse::<ChunkId>().ok())
+                .is_none()
+            {
                 continue;
             }
             let meta = match e.metadata() {
@@ -160,7 +164,12 @@ mod tests {
     #[test]
     fn victim_order_is_lru_2() {
         let t = |s| UNIX_EPOCH + Duration::from_secs(s);
-        let e = |name: &str, atime, mtime| Scanned { path: name.into(), len: 1, atime, mtime };
+        let e = |name: &str, atime, mtime| Scanned {
+            path: name.into(),
+            len: 1,
+            atime,
+            mtime,
+        };
         let mut v = [
             e("warm-old-2nd", t(100), t(10)),
             e("once-new", t(90), UNIX_EPOCH),
@@ -169,6 +178,9 @@ mod tests {
         ];
         v.sort_by_key(Scanned::victim_order);
         let names: Vec<_> = v.iter().map(|e| e.path.display().to_string()).collect();
-        assert_eq!(names, ["once-old", "once-new", "warm-old-2nd", "warm-new-2nd"]);
+        assert_eq!(
+            names,
+            ["once-old", "once-new", "warm-old-2nd", "warm-new-2nd"]
+        );
     }
 }

@@ -28,7 +28,9 @@ pub(crate) struct Flights<K> {
 
 impl<K: Hash + Eq + Clone> Flights<K> {
     pub(crate) fn new() -> Self {
-        Flights { map: Mutex::new(HashMap::new()) }
+        Flights {
+            map: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Runs `work` unless a run for `key` is already under way, in which case
@@ -61,7 +63,13 @@ impl<K: Hash + Eq + Clone> Flights<K> {
             }
         }
         // Publishes a result even if `work` panics, so waiters never hang.
-        let mut guard = Publish { flights: self, key, flight: &flight, id, outcome: None };
+        let mut guard = Publish {
+            flights: self,
+            key,
+            flight: &flight,
+            id,
+            outcome: None,
+        };
         let outcome = work().map_err(Arc::new);
         guard.outcome = Some(outcome.clone());
         drop(guard);
@@ -71,7 +79,10 @@ impl<K: Hash + Eq + Clone> Flights<K> {
     /// Number of keys in flight.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        self.map.lock().unwrap_or_else(PoisonError::into_inner).len()
+        self.map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 }
 
@@ -87,12 +98,20 @@ impl<K: Hash + Eq> Drop for Publish<'_, K> {
     fn drop(&mut self) {
         // Leave the map first: callers arriving from now on start a fresh run
         // (after a failure they retry rather than inherit a stale error).
-        self.flights.map.lock().unwrap_or_else(PoisonError::into_inner).remove(self.key);
+        self.flights
+            .map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(self.key);
         let outcome = self
             .outcome
             .take()
             .unwrap_or_else(|| Err(Arc::new(CacheError::Panicked { id: self.id })));
-        *self.flight.done.lock().unwrap_or_else(PoisonError::into_inner) = Some(outcome);
+        *self
+            .flight
+            .done
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(outcome);
         self.flight.cv.notify_all();
     }
 }

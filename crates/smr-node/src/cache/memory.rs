@@ -46,13 +46,23 @@ pub(crate) struct MemoryLru {
 
 impl MemoryLru {
     pub(crate) fn new(budget: u64) -> Self {
-        MemoryLru { budget, bytes: 0, tick: 0, slots: HashMap::new(), order: BTreeMap::new() }
+        MemoryLru {
+            budget,
+            bytes: 0,
+            tick: 0,
+            slots: HashMap::new(),
+            order: BTreeMap::new(),
+        }
     }
 
     /// The chunk if present (marking it most recently used), and whether
     /// the caller should record an access on disk: true when the last one
     /// recorded for this entry is at least `touch_every` old.
-    pub(crate) fn get(&mut self, key: &DecodeKey, touch_every: std::time::Duration) -> Option<(Arc<Vec<u8>>, bool)> {
+    pub(crate) fn get(
+        &mut self,
+        key: &DecodeKey,
+        touch_every: std::time::Duration,
+    ) -> Option<(Arc<Vec<u8>>, bool)> {
         self.tick += 1;
         let tick = self.tick;
         let slot = self.slots.get_mut(key)?;
@@ -80,7 +90,9 @@ impl MemoryLru {
         }
         self.remove(&key);
         while self.bytes + len > self.budget {
-            let Some((_, victim)) = self.order.pop_first() else { break };
+            let Some((_, victim)) = self.order.pop_first() else {
+                break;
+            };
             if let Some(s) = self.slots.remove(&victim) {
                 self.bytes -= s.data.len() as u64;
             }
@@ -88,7 +100,14 @@ impl MemoryLru {
         self.tick += 1;
         self.order.insert(self.tick, key.clone());
         self.bytes += len;
-        self.slots.insert(key, Slot { data, tick: self.tick, touched: Instant::now() });
+        self.slots.insert(
+            key,
+            Slot {
+                data,
+                tick: self.tick,
+                touched: Instant::now(),
+            },
+        );
     }
 
     fn remove(&mut self, key: &DecodeKey) {
@@ -110,7 +129,12 @@ mod tests {
     use std::time::Duration;
 
     fn key(n: u8) -> DecodeKey {
-        DecodeKey { id: ChunkId([n; 32]), key: None, compressed: false, plain_len: 10 }
+        DecodeKey {
+            id: ChunkId([n; 32]),
+            key: None,
+            compressed: false,
+            plain_len: 10,
+        }
     }
 
     #[test]
@@ -127,8 +151,14 @@ mod tests {
         assert_eq!(m.usage(), (30, 3));
         m.put(key(9), Arc::new(vec![9; 31]));
         assert!(!m.contains(&key(9)), "larger than the budget: not kept");
-        let other_key = DecodeKey { key: Some([1; 32]), ..key(0) };
-        assert!(m.get(&other_key, hour).is_none(), "another decryption key is another entry");
+        let other_key = DecodeKey {
+            key: Some([1; 32]),
+            ..key(0)
+        };
+        assert!(
+            m.get(&other_key, hour).is_none(),
+            "another decryption key is another entry"
+        );
         let (_, touch) = m.get(&key(0), Duration::ZERO).expect("present");
         assert!(touch);
         let (_, touch) = m.get(&key(0), hour).expect("present");

@@ -141,16 +141,20 @@ pub struct Cache {
 
 impl std::fmt::Debug for Cache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cache").field("cfg", &self.cfg).finish_non_exhaustive()
+        f.debug_struct("Cache")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
     }
 }
 
 impl Cache {
     /// Opens (creating) the cache directory: removes temp files left by
-    /// dead processes and rescans the total size.
+    /// dead processes, rescans the total size and evicts down to the
+    /// budget if it is over.
     pub fn open(cfg: CacheConfig) -> Result<Arc<Cache>> {
         let layout = Layout::create(&cfg.dir).map_err(|e| CacheError::io(&cfg.dir, e))?;
-        let stats_file = StatsFile::open(&layout.stats()).map_err(|e| CacheError::io(layout.stats(), e))?;
+        let stats_file =
+            StatsFile::open(&layout.stats()).map_err(|e| CacheError::io(layout.stats(), e))?;
         let cache = Cache {
             memory: Mutex::new(MemoryLru::new(cfg.memory_bytes)),
             pool: FetchPool::new(cfg.fetch_threads),
@@ -166,17 +170,23 @@ impl Cache {
             flushed_ms: AtomicU64::new(0),
         };
         let global = cache.global_lock(true)?;
-        let (tmp, _) = disk::clean(&cache.layout, false).map_err(|e| CacheError::io(&cache.layout.tmp, e))?;
+        let (tmp, _) =
+            disk::clean(&cache.layout, false).map_err(|e| CacheError::io(&cache.layout.tmp, e))?;
         if tmp > 0 {
             tracing::info!(dir = %cache.cfg.dir.display(), removed = tmp, "removed temp files of interrupted inserts");
         }
-        let entries = evict::scan(&cache.layout).map_err(|e| CacheError::io(&cache.layout.chunks, e))?;
+        let entries =
+            evict::scan(&cache.layout).map_err(|e| CacheError::io(&cache.layout.chunks, e))?;
         let bytes = entries.iter().map(|e| e.len()).sum();
         let n = entries.len() as u64;
         cache.update_stats(|c| {
             c.total_bytes = bytes;
             c.entries = n;
         })?;
+        if bytes > cache.cfg.budget_bytes {
+            // Opened with a smaller budget than the directory holds.
+            cache.evict_locked(cache.low_watermark())?;
+        }
         drop(global);
         tracing::debug!(dir = %cache.cfg.dir.display(), entries = n, bytes, "cache opened");
         Ok(Arc::new(cache))
@@ -205,7 +215,9 @@ impl Cache {
         id: &ChunkId,
         fetch: impl FnOnce() -> Result<Vec<u8>, ChunkError>,
     ) -> Result<Arc<Vec<u8>>> {
-        let r = self.raw.run(id, *id, || self.load_or_fetch(id, fetch).map(Arc::new));
+        let r = self
+            .raw
+            .run(id, *id, || self.load_or_fetch(id, fetch).map(Arc::new));
         self.maybe_flush();
         r
     }
@@ -229,9 +241,13 @@ impl Cache {
             }
             let stored = self.get_or_fetch(&key.id, fetch)?;
             let stored = Arc::try_unwrap(stored).unwrap_or_else(|shared| (*shared).clone());
-            let plain = decode(stored).map_err(|source| CacheError::Decode { id: key.id, source })?;
+            let plain =
+                decode(stored).map_err(|source| CacheError::Decode { id: key.id, source })?;
             let plain = Arc::new(plain);
-            self.memory.lock().unwrap_or_else(PoisonError::into_inner).put(key.clone(), plain.clone());
+            self.memory
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .put(key.clone(), plain.clone());
             Ok(plain)
         });
         self.maybe_flush();
@@ -240,14 +256,21 @@ impl Cache {
 
     /// Whether the memory tier holds `key`.
     pub fn in_memory(&self, key: &DecodeKey) -> bool {
-        self.memory.lock().unwrap_or_else(PoisonError::into_inner).contains(key)
+        self.memory
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(key)
     }
 
     /// Node-wide counters (after adding this process's) and this process's
     /// memory tier and fetch concurrency.
     pub fn stats(&self) -> Result<CacheStats> {
         let counters = self.update_stats(|_| {})?;
-        let (memory_bytes, memory_entries) = self.memory.lock().unwrap_or_else(PoisonError::into_inner).usage();
+        let (memory_bytes, memory_entries) = self
+            .memory
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .usage();
         Ok(CacheStats {
             dir: self.cfg.dir.clone(),
             budget_bytes: self.cfg.budget_bytes,
@@ -265,7 +288,8 @@ impl Cache {
     /// and resets the total from the scan.
     pub fn prune(&self, to_bytes: u64) -> Result<PruneReport> {
         let _global = self.global_lock(true)?;
-        let (temp, locks) = disk::clean(&self.layout, true).map_err(|e| CacheError::io(&self.layout.root, e))?;
+        let (temp, locks) =
+            disk::clean(&self.layout, true).map_err(|e| CacheError::io(&self.layout.root, e))?;
         let mut report = self.evict_locked(to_bytes)?;
         report.temp_removed = temp;
         report.locks_removed = locks;
@@ -282,7 +306,11 @@ impl Cache {
         self.pool.spawn(job);
     }
 
-    fn load_or_fetch(&self, id: &ChunkId, fetch: impl FnOnce() -> Result<Vec<u8>, ChunkError>) -> Result<Vec<u8>> {
+    fn load_or_fetch(
+        &self,
+        id: &ChunkId,
+        fetch: impl FnOnce() -> Result<Vec<u8>, ChunkError>,
+    ) -> Result<Vec<u8>> {
         if let Some(b) = self.load_disk(id) {
             self.pending.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(b);
@@ -304,7 +332,9 @@ impl Cache {
         let bytes = self.fetch_verified(id, fetch)?;
         let inserted = match disk::insert(&self.layout, id, &bytes) {
             Ok(()) => {
-                self.pending.total_bytes.fetch_add(bytes.len() as i64, Ordering::Relaxed);
+                self.pending
+                    .total_bytes
+                    .fetch_add(bytes.len() as i64, Ordering::Relaxed);
                 self.pending.entries.fetch_add(1, Ordering::Relaxed);
                 true
             }
@@ -328,14 +358,20 @@ impl Cache {
             Load::Absent => None,
             Load::Corrupt { len } => {
                 self.pending.corrupt.fetch_add(1, Ordering::Relaxed);
-                self.pending.total_bytes.fetch_sub(len as i64, Ordering::Relaxed);
+                self.pending
+                    .total_bytes
+                    .fetch_sub(len as i64, Ordering::Relaxed);
                 self.pending.entries.fetch_sub(1, Ordering::Relaxed);
                 None
             }
         }
     }
 
-    fn fetch_verified(&self, id: &ChunkId, fetch: impl FnOnce() -> Result<Vec<u8>, ChunkError>) -> Result<Vec<u8>> {
+    fn fetch_verified(
+        &self,
+        id: &ChunkId,
+        fetch: impl FnOnce() -> Result<Vec<u8>, ChunkError>,
+    ) -> Result<Vec<u8>> {
         let now = self.inflight.fetch_add(1, Ordering::Relaxed) + 1;
         self.max_inflight.fetch_max(now, Ordering::Relaxed);
         let _guard = Dec(&self.inflight);
@@ -349,7 +385,9 @@ impl Cache {
         });
         match checked {
             Ok(bytes) => {
-                self.pending.fetched_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                self.pending
+                    .fetched_bytes
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 Ok(bytes)
             }
             Err(source) => {
@@ -360,7 +398,11 @@ impl Cache {
     }
 
     fn memory_get(&self, key: &DecodeKey) -> Option<Arc<Vec<u8>>> {
-        let (data, touch) = self.memory.lock().unwrap_or_else(PoisonError::into_inner).get(key, TOUCH_EVERY)?;
+        let (data, touch) = self
+            .memory
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(key, TOUCH_EVERY)?;
         self.pending.memory_hits.fetch_add(1, Ordering::Relaxed);
         if touch {
             disk::touch(&self.layout, &key.id);
@@ -381,20 +423,30 @@ impl Cache {
         if total <= self.cfg.budget_bytes {
             return;
         }
-        let target = self.cfg.budget_bytes - self.cfg.budget_bytes / 10;
         let result = self.global_lock(false).and_then(|g| match g {
-            Some(_g) => self.evict_locked(target).map(Some),
+            Some(_g) => self.evict_locked(self.low_watermark()).map(Some),
             None => Ok(None),
         });
         match result {
-            Ok(Some(r)) => tracing::debug!(evicted = r.evicted_entries, bytes = r.evicted_bytes, busy = r.busy_skipped, "cache eviction"),
+            Ok(Some(r)) => tracing::debug!(
+                evicted = r.evicted_entries,
+                bytes = r.evicted_bytes,
+                busy = r.busy_skipped,
+                "cache eviction"
+            ),
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "cache eviction failed"),
         }
     }
 
+    /// Where eviction stops: 90% of the budget.
+    fn low_watermark(&self) -> u64 {
+        self.cfg.budget_bytes - self.cfg.budget_bytes / 10
+    }
+
     fn evict_locked(&self, target: u64) -> Result<PruneReport> {
-        let r = evict::evict_to(&self.layout, target).map_err(|e| CacheError::io(&self.layout.chunks, e))?;
+        let r = evict::evict_to(&self.layout, target)
+            .map_err(|e| CacheError::io(&self.layout.chunks, e))?;
         self.update_stats(|c| {
             c.total_bytes = r.remaining_bytes;
             c.entries = r.remaining_entries;
@@ -424,8 +476,12 @@ impl Cache {
     }
 
     fn update_stats(&self, f: impl FnOnce(&mut CacheCounters)) -> Result<CacheCounters> {
-        let r = self.stats_file.update(&self.pending, f).map_err(|e| CacheError::io(self.layout.stats(), e));
-        self.flushed_ms.store(self.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
+        let r = self
+            .stats_file
+            .update(&self.pending, f)
+            .map_err(|e| CacheError::io(self.layout.stats(), e));
+        self.flushed_ms
+            .store(self.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
         r
     }
 
@@ -436,7 +492,11 @@ impl Cache {
             return;
         }
         // One thread flushes; the others go on.
-        if self.flushed_ms.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+        if self
+            .flushed_ms
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
             if let Err(e) = self.flush() {
                 tracing::warn!(error = %e, "cannot update cache stats");
             }

@@ -18,7 +18,10 @@ pub(crate) struct FetchPool {
 
 impl FetchPool {
     pub(crate) fn new(threads: usize) -> Self {
-        FetchPool { threads: threads.max(1), tx: OnceLock::new() }
+        FetchPool {
+            threads: threads.max(1),
+            tx: OnceLock::new(),
+        }
     }
 
     /// Runs `job` on a pool thread (or inline if no thread can be started).
@@ -39,13 +42,15 @@ impl FetchPool {
         let mut started = 0;
         for i in 0..self.threads {
             let rx = rx.clone();
-            let spawned = std::thread::Builder::new().name(format!("smr-fetch-{i}")).spawn(move || {
-                for job in rx.iter() {
-                    // A panicking job (a bug) must not shrink the pool; the
-                    // single-flight guard already reported it to waiters.
-                    let _ = catch_unwind(AssertUnwindSafe(job));
-                }
-            });
+            let spawned = std::thread::Builder::new()
+                .name(format!("smr-fetch-{i}"))
+                .spawn(move || {
+                    for job in rx.iter() {
+                        // A panicking job (a bug) must not shrink the pool; the
+                        // single-flight guard already reported it to waiters.
+                        let _ = catch_unwind(AssertUnwindSafe(job));
+                    }
+                });
             match spawned {
                 Ok(_) => started += 1,
                 Err(e) => tracing::warn!(error = %e, "cannot start fetch thread"),

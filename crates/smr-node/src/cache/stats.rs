@@ -76,7 +76,8 @@ impl CacheCounters {
     }
 
     fn from_array(a: [u64; FIELDS]) -> Self {
-        let [total_bytes, entries, hits, misses, memory_hits, fetches, fetched_bytes, fetch_errors, evictions, evicted_bytes, corrupt] = a;
+        let [total_bytes, entries, hits, misses, memory_hits, fetches, fetched_bytes, fetch_errors, evictions, evicted_bytes, corrupt] =
+            a;
         CacheCounters {
             total_bytes,
             entries,
@@ -167,8 +168,16 @@ pub(crate) struct StatsFile {
 
 impl StatsFile {
     pub(crate) fn open(path: &Path) -> io::Result<Self> {
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
-        Ok(StatsFile { path: path.to_path_buf(), file: Mutex::new(file) })
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        Ok(StatsFile {
+            path: path.to_path_buf(),
+            file: Mutex::new(file),
+        })
     }
 
     /// Reads the record, adds `pending`, applies `f`, writes it back, all
@@ -230,7 +239,13 @@ mod tests {
 
     #[test]
     fn record_roundtrip_and_damage() {
-        let c = CacheCounters { total_bytes: 1, entries: 2, corrupt: 11, fetches: 6, ..Default::default() };
+        let c = CacheCounters {
+            total_bytes: 1,
+            entries: 2,
+            corrupt: 11,
+            fetches: 6,
+            ..Default::default()
+        };
         let mut b = c.encode();
         assert_eq!(CacheCounters::decode(&b), Some(c));
         b[20] ^= 1;

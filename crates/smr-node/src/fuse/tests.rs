@@ -28,7 +28,10 @@ impl BlockDevice for Pattern {
         self.now.fetch_sub(1, Ordering::SeqCst);
         let end = offset + buf.len() as u64;
         if offset < self.bad + 4096 && end > self.bad {
-            return Err(io::Error::other(format!("chunk at {} is corrupt", self.bad)));
+            return Err(io::Error::other(format!(
+                "chunk at {} is corrupt",
+                self.bad
+            )));
         }
         for (i, b) in buf.iter_mut().enumerate() {
             *b = ((offset + i as u64) % 251) as u8;
@@ -63,10 +66,14 @@ fn serves_bytes_errors_and_parallel_reads() {
     let dir = tempfile::tempdir().expect("tempdir");
     let size = (8 << 20) + 1000;
     let dev = pattern(size, 4 << 20, Duration::from_millis(150));
-    let m = FuseMount::spawn(dev.clone(), dir.path(), &FuseConfig::default(), "smr-test").expect("mount");
+    let m = FuseMount::spawn(dev.clone(), dir.path(), &FuseConfig::default(), "smr-test")
+        .expect("mount");
     let meta = std::fs::metadata(m.file()).expect("stat");
     assert_eq!(meta.len(), size);
-    assert!(std::fs::OpenOptions::new().write(true).open(m.file()).is_err());
+    assert!(std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.file())
+        .is_err());
     let names: Vec<_> = std::fs::read_dir(dir.path())
         .expect("readdir")
         .map(|e| e.expect("entry").file_name())
@@ -85,12 +92,19 @@ fn serves_bytes_errors_and_parallel_reads() {
                 f.seek(SeekFrom::Start(off)).expect("seek");
                 let mut buf = vec![0u8; 4096];
                 f.read_exact(&mut buf).expect("read");
-                assert!(buf.iter().enumerate().all(|(i, b)| *b == ((off + i as u64) % 251) as u8));
+                assert!(buf
+                    .iter()
+                    .enumerate()
+                    .all(|(i, b)| *b == ((off + i as u64) % 251) as u8));
             });
         }
     });
     let peak = dev.peak.load(Ordering::SeqCst);
-    assert!(peak >= 4, "reads did not run in parallel: peak {peak}, took {:?}", t.elapsed());
+    assert!(
+        peak >= 4,
+        "reads did not run in parallel: peak {peak}, took {:?}",
+        t.elapsed()
+    );
 
     // The tail is short, the bad range fails with EIO, the rest still works.
     let mut f = std::fs::File::open(m.file()).expect("open");
@@ -99,10 +113,13 @@ fn serves_bytes_errors_and_parallel_reads() {
     f.read_to_end(&mut tail).expect("tail");
     assert_eq!(tail.len(), 10);
     f.seek(SeekFrom::Start(4 << 20)).expect("seek");
-    let err = f.read_exact(&mut [0u8; 100]).expect_err("bad range must fail");
+    let err = f
+        .read_exact(&mut [0u8; 100])
+        .expect_err("bad range must fail");
     assert_eq!(err.raw_os_error(), Some(libc::EIO));
     f.seek(SeekFrom::Start(1 << 20)).expect("seek");
-    f.read_exact(&mut [0u8; 100]).expect("good range after error");
+    f.read_exact(&mut [0u8; 100])
+        .expect("good range after error");
     drop(f);
     m.unmount(Duration::from_secs(5)).expect("unmount");
     let mounts = std::fs::read_to_string("/proc/self/mounts").expect("mounts");

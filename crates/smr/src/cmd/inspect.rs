@@ -54,7 +54,11 @@ pub fn run(a: Args) -> Result<ExitCode> {
     let compressed = r.chunks.iter().filter(|e| e.compressed).count();
     println!("recipe:       {} ({digest})", a.recipe.display());
     println!("source:       {}", r.source_digest);
-    println!("image size:   {} ({} bytes)", human(r.image_size), r.image_size);
+    println!(
+        "image size:   {} ({} bytes)",
+        human(r.image_size),
+        r.image_size
+    );
     println!("chunk size:   {}", human(r.chunk_size));
     println!(
         "chunks:       {} total, {} zero, {} stored ({})",
@@ -71,7 +75,10 @@ pub fn run(a: Args) -> Result<ExitCode> {
             "none (chunks named by SHA-256 of plaintext)"
         }
     );
-    println!("compression:  zstd on {compressed} of {} chunks", r.chunks.len());
+    println!(
+        "compression:  zstd on {compressed} of {} chunks",
+        r.chunks.len()
+    );
     let c = &r.config;
     println!("platform:     {}/{}", c.os, c.architecture);
     println!("entrypoint:   {:?}", c.entrypoint);

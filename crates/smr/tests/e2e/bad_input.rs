@@ -28,7 +28,8 @@ fn image_with(dir: &Path, spec: LayerSpec) -> (String, String) {
     img.layer(base_layer(), Compression::Gzip);
     let digest = smr_testkit::sha256_digest(&spec.blob());
     img.layers.push(spec);
-    img.write_oci_layout(&dir.join("layout"), Some("t")).expect("write layout");
+    img.write_oci_layout(&dir.join("layout"), Some("t"))
+        .expect("write layout");
     (format!("oci:{}:t", dir.join("layout").display()), digest)
 }
 
@@ -118,7 +119,8 @@ fn path_traversal() {
 fn symlink_as_parent_directory() {
     let t = tempfile::tempdir().unwrap();
     let mut l = LayerBuilder::new();
-    l.symlink("lnk", "/etc").file("lnk/passwd", b"owned\n", 0o644);
+    l.symlink("lnk", "/etc")
+        .file("lnk/passwd", b"owned\n", 0o644);
     let (src, digest) = image_with(t.path(), spec(l.into_bytes(), Compression::Gzip));
     convert_fails(t.path(), &src, &[&digest, "lnk/passwd"]);
 }
@@ -147,7 +149,11 @@ fn unknown_media_type() {
     let mut s = spec(base_layer(), Compression::Gzip);
     s.media_type = Some("application/vnd.example.unknown".into());
     let (src, digest) = image_with(t.path(), s);
-    convert_fails(t.path(), &src, &[&digest, "application/vnd.example.unknown"]);
+    convert_fails(
+        t.path(),
+        &src,
+        &[&digest, "application/vnd.example.unknown"],
+    );
 }
 
 #[test]
@@ -155,5 +161,5 @@ fn missing_source() {
     let t = tempfile::tempdir().unwrap();
     std::fs::create_dir(t.path().join("layout")).unwrap();
     let src = format!("oci:{}:t", t.path().join("layout").display());
-    convert_fails(t.path(), &src, &["index.json"]);
+    convert_fails(t.path(), &src, &["oci-layout", "No such file"]);
 }

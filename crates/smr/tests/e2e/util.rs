@@ -12,7 +12,8 @@ pub fn smr() -> Command {
 
 /// Runs a command, returning its output; panics if it cannot start.
 pub fn run(cmd: &mut Command) -> Output {
-    cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
 }
 
 /// Runs a command and panics with its stderr unless it succeeds.
@@ -117,11 +118,21 @@ pub fn umoci_unpack(layout: &Path, tag: &str, dir: &Path) -> PathBuf {
 /// Compares two trees with scripts/treecmp.py (everything: types, contents,
 /// modes, owners, xattrs, link targets, devices, hard link groups).
 pub fn trees_equal(a: &Path, b: &Path) {
-    ok(Command::new("python3")
-        .arg(repo_root().join("scripts/treecmp.py"))
+    trees_equal_except_mtimes(a, b, &[]);
+}
+
+/// Like [`trees_equal`], but mtimes of paths matching `patterns` are not
+/// compared (umoci gives implicit parent directories the current time).
+pub fn trees_equal_except_mtimes(a: &Path, b: &Path, patterns: &[&str]) {
+    let mut cmd = Command::new("python3");
+    cmd.arg(repo_root().join("scripts/treecmp.py"))
         .arg(a)
         .arg(b)
-        .args(["--ignore", "lost+found"]));
+        .args(["--ignore", "lost+found"]);
+    for p in patterns {
+        cmd.arg("--mtime-ignore").arg(p);
+    }
+    ok(&mut cmd);
 }
 
 /// Files in `dir` (recursively) whose name contains `pat`.
@@ -129,7 +140,9 @@ pub fn find_named(dir: &Path, pat: &str) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in rd.flatten() {
             let p = e.path();
             if p.is_dir() {
@@ -147,7 +160,8 @@ pub fn find_named(dir: &Path, pat: &str) -> Vec<PathBuf> {
 /// Returns `None` (and the test returns early with a note) only when
 /// SMR_REQUIRE_IMAGES is unset; CI sets it, so there they must exist.
 pub fn debian_layout() -> Option<PathBuf> {
-    let cache = std::env::var("SMR_IMAGE_CACHE").unwrap_or_else(|_| "/var/cache/smr-test-images".into());
+    let cache =
+        std::env::var("SMR_IMAGE_CACHE").unwrap_or_else(|_| "/var/cache/smr-test-images".into());
     let layout = Path::new(&cache).join("oci");
     if layout.join("index.json").is_file() {
         return Some(layout);
@@ -157,6 +171,9 @@ pub fn debian_layout() -> Option<PathBuf> {
         "test images missing at {}: run scripts/build-test-images.sh",
         layout.display()
     );
-    eprintln!("note: {} missing; run scripts/build-test-images.sh", layout.display());
+    eprintln!(
+        "note: {} missing; run scripts/build-test-images.sh",
+        layout.display()
+    );
     None
 }

@@ -23,7 +23,9 @@ fn budget_holds_and_a_chunk_read_twice_survives_a_scan() {
     let budget = 10 * len;
     {
         let cache = Cache::open(config(&dir, budget)).expect("open");
-        cache.get_or_fetch(&ids[0], || f.get(&ids[0])).expect("fetch");
+        cache
+            .get_or_fetch(&ids[0], || f.get(&ids[0]))
+            .expect("fetch");
         cache.get_or_fetch(&ids[0], never).expect("second access");
     }
     // The history lives in the entries: it survives a restart.
@@ -32,8 +34,14 @@ fn budget_holds_and_a_chunk_read_twice_survives_a_scan() {
         cache.get_or_fetch(id, || f.get(id)).expect("scan");
         assert!(on_disk(&dir) <= budget, "over budget: {}", on_disk(&dir));
     }
-    assert!(cache.contains(&ids[0]), "the chunk accessed twice outlives the scan");
-    assert!(!cache.contains(&ids[1]), "the oldest chunk seen once went first");
+    assert!(
+        cache.contains(&ids[0]),
+        "the chunk accessed twice outlives the scan"
+    );
+    assert!(
+        !cache.contains(&ids[1]),
+        "the oldest chunk seen once went first"
+    );
     assert!(cache.contains(&ids[29]), "the newest stays");
     let s = cache.stats().expect("stats");
     assert_eq!(s.counters.total_bytes, on_disk(&dir));
@@ -55,7 +63,10 @@ fn an_entry_being_read_is_not_evicted() {
     rustix::fs::flock(&reader, rustix::fs::FlockOperation::LockShared).expect("LOCK_SH");
 
     let r = cache.prune(0).expect("prune");
-    assert_eq!((r.scanned_entries, r.evicted_entries, r.busy_skipped), (3, 2, 1));
+    assert_eq!(
+        (r.scanned_entries, r.evicted_entries, r.busy_skipped),
+        (3, 2, 1)
+    );
     assert_eq!((r.remaining_entries, r.remaining_bytes), (1, 4096));
     assert!(cache.contains(&ids[1]) && !cache.contains(&ids[0]) && !cache.contains(&ids[2]));
 
@@ -63,5 +74,12 @@ fn an_entry_being_read_is_not_evicted() {
     let r = cache.prune(0).expect("prune");
     assert_eq!((r.evicted_entries, r.remaining_bytes), (1, 0));
     let s = cache.stats().expect("stats");
-    assert_eq!((s.counters.evictions, s.counters.entries, s.counters.total_bytes), (3, 0, 0));
+    assert_eq!(
+        (
+            s.counters.evictions,
+            s.counters.entries,
+            s.counters.total_bytes
+        ),
+        (3, 0, 0)
+    );
 }

@@ -54,7 +54,11 @@ pub(super) struct Fetcher {
 
 impl Fetcher {
     pub(super) fn new(store: LocalStore, delay: Duration) -> Self {
-        Fetcher { store, calls: AtomicU64::new(0), delay }
+        Fetcher {
+            store,
+            calls: AtomicU64::new(0),
+            delay,
+        }
     }
 
     pub(super) fn get(&self, id: &ChunkId) -> Result<Vec<u8>, ChunkError> {
@@ -69,7 +73,12 @@ impl Fetcher {
 }
 
 pub(super) fn config(dir: &Path, budget: u64) -> CacheConfig {
-    CacheConfig { budget_bytes: budget, memory_bytes: 1 << 20, fetch_threads: 4, ..CacheConfig::new(dir) }
+    CacheConfig {
+        budget_bytes: budget,
+        memory_bytes: 1 << 20,
+        fetch_threads: 4,
+        ..CacheConfig::new(dir)
+    }
 }
 
 fn never() -> Result<Vec<u8>, ChunkError> {
@@ -84,13 +93,18 @@ fn miss_then_hit_and_everything_survives_a_restart() {
     let dir = tmp.path().join("cache");
     {
         let cache = Cache::open(config(&dir, 1 << 30)).expect("open");
-        let a = cache.get_or_fetch(&ids[0], || f.get(&ids[0])).expect("fetch");
+        let a = cache
+            .get_or_fetch(&ids[0], || f.get(&ids[0]))
+            .expect("fetch");
         assert_eq!(ChunkId::of(&a), ids[0]);
         assert!(cache.contains(&ids[0]) && !cache.contains(&ids[1]));
         let b = cache.get_or_fetch(&ids[0], never).expect("hit");
         assert_eq!(a, b);
         let s = cache.stats().expect("stats");
-        assert_eq!((s.counters.hits, s.counters.misses, s.counters.fetches), (1, 1, 1));
+        assert_eq!(
+            (s.counters.hits, s.counters.misses, s.counters.fetches),
+            (1, 1, 1)
+        );
         assert_eq!((s.counters.entries, s.counters.total_bytes), (1, 64 * KIB));
         assert_eq!(s.counters.fetched_bytes, 64 * KIB);
         assert_eq!(f.calls(), 1);
@@ -99,8 +113,16 @@ fn miss_then_hit_and_everything_survives_a_restart() {
     let a = cache.get_or_fetch(&ids[0], never).expect("entry survived");
     assert_eq!(ChunkId::of(&a), ids[0]);
     let s = cache.stats().expect("stats");
-    assert_eq!((s.counters.hits, s.counters.misses, s.counters.fetches), (2, 1, 1), "counters survived");
-    assert_eq!((s.counters.entries, s.counters.total_bytes), (1, 64 * KIB), "total rescanned");
+    assert_eq!(
+        (s.counters.hits, s.counters.misses, s.counters.fetches),
+        (2, 1, 1),
+        "counters survived"
+    );
+    assert_eq!(
+        (s.counters.entries, s.counters.total_bytes),
+        (1, 64 * KIB),
+        "total rescanned"
+    );
     let json = serde_json::to_value(&s).expect("serializes");
     assert_eq!(json["hits"], 2, "{json}");
 }
@@ -113,13 +135,18 @@ fn stats_of_one_process_are_seen_by_another() {
     let dir = tmp.path().join("cache");
     let serving = Cache::open(config(&dir, 1 << 30)).expect("open");
     let viewer = Cache::open(config(&dir, 1 << 30)).expect("open");
-    serving.get_or_fetch(&ids[0], || f.get(&ids[0])).expect("fetch");
+    serving
+        .get_or_fetch(&ids[0], || f.get(&ids[0]))
+        .expect("fetch");
     // An insert flushes at once.
     assert_eq!(viewer.stats().expect("stats").counters.fetches, 1);
     serving.get_or_fetch(&ids[0], never).expect("hit");
     drop(serving); // flushes the hit
     let s = viewer.stats().expect("stats");
-    assert_eq!((s.counters.hits, s.counters.fetches, s.counters.entries), (1, 1, 1));
+    assert_eq!(
+        (s.counters.hits, s.counters.fetches, s.counters.entries),
+        (1, 1, 1)
+    );
 }
 
 #[test]
@@ -128,18 +155,29 @@ fn corrupt_entry_is_detected_deleted_and_refetched() {
     let (store, ids) = store_with(&tmp.path().join("store"), 1, 64 * 1024);
     let f = Fetcher::new(store, Duration::ZERO);
     let cache = Cache::open(config(&tmp.path().join("cache"), 1 << 30)).expect("open");
-    cache.get_or_fetch(&ids[0], || f.get(&ids[0])).expect("fetch");
+    cache
+        .get_or_fetch(&ids[0], || f.get(&ids[0]))
+        .expect("fetch");
     let entry = cache.layout.entry(&ids[0]);
     let mut raw = fs::read(&entry).expect("entry");
     raw[1234] ^= 0x40;
     fs::write(&entry, &raw).expect("corrupt it");
 
-    let back = cache.get_or_fetch(&ids[0], || f.get(&ids[0])).expect("healed");
+    let back = cache
+        .get_or_fetch(&ids[0], || f.get(&ids[0]))
+        .expect("healed");
     assert_eq!(ChunkId::of(&back), ids[0]);
     assert_eq!(f.calls(), 2, "refetched");
-    assert_eq!(ChunkId::of(&fs::read(&entry).expect("entry")), ids[0], "entry rewritten intact");
+    assert_eq!(
+        ChunkId::of(&fs::read(&entry).expect("entry")),
+        ids[0],
+        "entry rewritten intact"
+    );
     let s = cache.stats().expect("stats");
-    assert_eq!((s.counters.corrupt, s.counters.fetches, s.counters.entries), (1, 2, 1));
+    assert_eq!(
+        (s.counters.corrupt, s.counters.fetches, s.counters.entries),
+        (1, 2, 1)
+    );
     assert_eq!(s.counters.total_bytes, 64 * KIB);
 }
 
@@ -152,13 +190,17 @@ fn bad_bytes_from_the_store_are_an_error_and_never_cached() {
     fs::write(store.chunk_path(&ids[0]), bad).expect("corrupt the store");
     let f = Fetcher::new(store, Duration::ZERO);
     let cache = Cache::open(config(&tmp.path().join("cache"), 1 << 30)).expect("open");
-    let err = cache.get_or_fetch(&ids[0], || f.get(&ids[0])).expect_err("hash mismatch");
+    let err = cache
+        .get_or_fetch(&ids[0], || f.get(&ids[0]))
+        .expect_err("hash mismatch");
     assert_eq!(err.chunk(), Some(ids[0]));
     assert_eq!(err.to_errno(), libc::EIO);
     assert!(err.to_string().contains(&ids[0].to_hex()), "{err}");
     assert!(!cache.contains(&ids[0]));
     let missing = ChunkId([7; 32]);
-    let err = cache.get_or_fetch(&missing, || f.get(&missing)).expect_err("missing");
+    let err = cache
+        .get_or_fetch(&missing, || f.get(&missing))
+        .expect_err("missing");
     assert!(err.to_string().contains("missing"), "{err}");
     assert_eq!(cache.stats().expect("stats").counters.fetch_errors, 2);
 }
@@ -183,13 +225,22 @@ fn leftover_temp_files_are_never_entries_and_are_cleaned() {
     assert!(!dead.exists(), "dead temp removed at open");
     assert!(live.exists(), "live temp kept");
     assert!(!cache.contains(&ids[0]));
-    let got = cache.get_or_fetch(&ids[0], || f.get(&ids[0])).expect("fetched, not the partial temp");
+    let got = cache
+        .get_or_fetch(&ids[0], || f.get(&ids[0]))
+        .expect("fetched, not the partial temp");
     assert_eq!(ChunkId::of(&got), ids[0]);
-    assert_eq!(cache.stats().expect("stats").counters.total_bytes, 4096, "temps are not counted");
+    assert_eq!(
+        cache.stats().expect("stats").counters.total_bytes,
+        4096,
+        "temps are not counted"
+    );
 
     drop(live_file);
     let r = cache.prune(u64::MAX).expect("prune");
-    assert_eq!((r.temp_removed, r.evicted_entries, r.remaining_entries), (1, 0, 1));
+    assert_eq!(
+        (r.temp_removed, r.evicted_entries, r.remaining_entries),
+        (1, 0, 1)
+    );
     assert!(!live.exists(), "removed once its writer is gone");
 }
 
@@ -204,7 +255,9 @@ fn threads_reading_one_cold_chunk_fetch_it_once() {
         for _ in 0..8 {
             s.spawn(|| {
                 barrier.wait();
-                let got = cache.get_or_fetch(&ids[0], || f.get(&ids[0])).expect("chunk");
+                let got = cache
+                    .get_or_fetch(&ids[0], || f.get(&ids[0]))
+                    .expect("chunk");
                 assert_eq!(ChunkId::of(&got), ids[0]);
             });
         }
@@ -223,7 +276,10 @@ fn two_caches_on_one_dir_fetch_each_chunk_once() {
     let (store, ids) = store_with(&tmp.path().join("store"), 8, 16 * 1024);
     let f = Fetcher::new(store, Duration::from_millis(30));
     let dir = tmp.path().join("cache");
-    let caches = [Cache::open(config(&dir, 1 << 30)).expect("a"), Cache::open(config(&dir, 1 << 30)).expect("b")];
+    let caches = [
+        Cache::open(config(&dir, 1 << 30)).expect("a"),
+        Cache::open(config(&dir, 1 << 30)).expect("b"),
+    ];
     let barrier = Barrier::new(8);
     std::thread::scope(|s| {
         for t in 0..8usize {
@@ -241,9 +297,17 @@ fn two_caches_on_one_dir_fetch_each_chunk_once() {
     assert_eq!(f.calls(), 8, "one fetch per chunk across both caches");
     let s = caches[0].stats().expect("stats");
     assert_eq!((s.counters.fetches, s.counters.entries), (8, 8));
-    assert!(fs::read_dir(dir.join("locks")).expect("locks").all(|d| {
-        d.map(|d| fs::read_dir(d.path()).map(|mut r| r.next().is_none()).unwrap_or(true)).unwrap_or(true)
-    }), "lock files of fetched chunks are removed");
+    assert!(
+        fs::read_dir(dir.join("locks")).expect("locks").all(|d| {
+            d.map(|d| {
+                fs::read_dir(d.path())
+                    .map(|mut r| r.next().is_none())
+                    .unwrap_or(true)
+            })
+            .unwrap_or(true)
+        }),
+        "lock files of fetched chunks are removed"
+    );
 }
 
 #[test]
@@ -252,22 +316,37 @@ fn memory_tier_decodes_once_and_keys_by_decryption_key() {
     let (store, ids) = store_with(&tmp.path().join("store"), 1, 4096);
     let f = Fetcher::new(store, Duration::ZERO);
     let cache = Cache::open(config(&tmp.path().join("cache"), 1 << 30)).expect("open");
-    let key = DecodeKey { id: ids[0], key: None, compressed: false, plain_len: 4096 };
+    let key = DecodeKey {
+        id: ids[0],
+        key: None,
+        compressed: false,
+        plain_len: 4096,
+    };
     let decodes = AtomicU64::new(0);
     let decode = |v: Vec<u8>| {
         decodes.fetch_add(1, Ordering::SeqCst);
         Ok(v.iter().map(|b| b ^ 0xff).collect())
     };
-    let a = cache.get_decoded(&key, || f.get(&ids[0]), decode).expect("decoded");
+    let a = cache
+        .get_decoded(&key, || f.get(&ids[0]), decode)
+        .expect("decoded");
     let b = cache.get_decoded(&key, never, decode).expect("from memory");
     assert!(Arc::ptr_eq(&a, &b));
     assert_eq!(decodes.load(Ordering::SeqCst), 1);
     assert!(cache.in_memory(&key));
-    let other = DecodeKey { key: Some([1; 32]), ..key.clone() };
+    let other = DecodeKey {
+        key: Some([1; 32]),
+        ..key.clone()
+    };
     assert!(!cache.in_memory(&other));
-    cache.get_decoded(&other, never, decode).expect("decoded from disk");
+    cache
+        .get_decoded(&other, never, decode)
+        .expect("decoded from disk");
     assert_eq!(decodes.load(Ordering::SeqCst), 2);
     let s = cache.stats().expect("stats");
-    assert_eq!((s.counters.memory_hits, s.counters.hits, s.counters.fetches), (1, 1, 1));
+    assert_eq!(
+        (s.counters.memory_hits, s.counters.hits, s.counters.fetches),
+        (1, 1, 1)
+    );
     assert_eq!((s.memory_entries, s.memory_bytes), (2, 8192));
 }

@@ -13,10 +13,15 @@ const ENV: &str = "SMR_CACHE_TEST_CHILD";
 fn child_reads_chunks() {
     let spec = std::env::var(ENV).expect("run by the parent test only");
     let parts: Vec<&str> = spec.split('|').collect();
-    let [dir, store, start, ids] = parts[..] else { panic!("bad spec {spec}") };
+    let [dir, store, start, ids] = parts[..] else {
+        panic!("bad spec {spec}")
+    };
     let ids: Vec<ChunkId> = ids.split(',').map(|h| h.parse().expect("id")).collect();
     let start: usize = start.parse().expect("start");
-    let f = Fetcher::new(LocalStore::open(store).expect("store"), Duration::from_millis(40));
+    let f = Fetcher::new(
+        LocalStore::open(store).expect("store"),
+        Duration::from_millis(40),
+    );
     let cache = Cache::open(config(Path::new(dir), 1 << 30)).expect("open");
     for k in 0..ids.len() {
         let id = &ids[(k + start) % ids.len()];
@@ -36,9 +41,21 @@ fn processes_sharing_a_cache_fetch_each_chunk_once() {
     let exe = std::env::current_exe().expect("test binary");
     let children: Vec<_> = (0..4)
         .map(|i| {
-            let spec = format!("{}|{}|{}|{}", dir.display(), store_dir.display(), i * 3, list.join(","));
+            let spec = format!(
+                "{}|{}|{}|{}",
+                dir.display(),
+                store_dir.display(),
+                i * 3,
+                list.join(",")
+            );
             Command::new(&exe)
-                .args(["--exact", "cache::tests::procs::child_reads_chunks", "--ignored", "--nocapture", "--test-threads=1"])
+                .args([
+                    "--exact",
+                    "cache::tests::procs::child_reads_chunks",
+                    "--ignored",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
                 .env(ENV, spec)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
@@ -50,7 +67,11 @@ fn processes_sharing_a_cache_fetch_each_chunk_once() {
     for child in children {
         let out = child.wait_with_output().expect("child output");
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "child failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "child failed: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let n: u64 = stdout
             .lines()
             .find_map(|l| l.split("FETCHED ").nth(1))
@@ -62,5 +83,9 @@ fn processes_sharing_a_cache_fetch_each_chunk_once() {
     let cache = Cache::open(config(&dir, 1 << 30)).expect("open");
     let s = cache.stats().expect("stats");
     assert_eq!((s.counters.fetches, s.counters.entries), (12, 12));
-    assert_eq!(s.counters.hits + s.counters.misses, 48, "every child looked up every chunk once");
+    assert_eq!(
+        s.counters.hits + s.counters.misses,
+        48,
+        "every child looked up every chunk once"
+    );
 }
