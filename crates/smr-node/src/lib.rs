@@ -8,3 +8,4 @@ pub mod lazy;
 pub mod mount;
 pub mod nbd;
 pub mod restore;
+pub mod run;

@@ -30,6 +30,19 @@ enum Command {
     Verify(cmd::extract::VerifyArgs),
     /// Write a new random 32-byte owner key file (mode 0600).
     Keygen(cmd::keygen::Args),
+    /// Serve an image over NBD (TCP or a UNIX socket), fetching chunks lazily.
+    ServeNbd(cmd::serve::NbdArgs),
+    /// Mount an image lazily, read-only (FUSE file + loop device + ext4).
+    Mount(cmd::mount::MountArgs),
+    /// Unmount what `smr mount` mounted and stop its server.
+    Umount(cmd::mount::UmountArgs),
+    /// Run a container from an image, fetching only the chunks it reads.
+    Run(cmd::run::Args),
+    /// Show or prune the node's chunk cache.
+    Cache(cmd::cache::Args),
+    /// The FUSE server behind `smr mount` (internal).
+    #[command(name = "__serve-fuse", hide = true)]
+    ServeFuse(cmd::serve::FuseArgs),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +59,12 @@ fn main() -> ExitCode {
         Command::Extract(a) => cmd::extract::run_extract(a),
         Command::Verify(a) => cmd::extract::run_verify(a),
         Command::Keygen(a) => cmd::keygen::run(a),
+        Command::ServeNbd(a) => cmd::serve::run_nbd(a),
+        Command::Mount(a) => cmd::mount::run_mount(a),
+        Command::Umount(a) => cmd::mount::run_umount(a),
+        Command::Run(a) => cmd::run::run(a),
+        Command::Cache(a) => cmd::cache::run(a),
+        Command::ServeFuse(a) => cmd::serve::run_fuse(a),
     };
     match result {
         Ok(code) => code,

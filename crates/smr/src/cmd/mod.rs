@@ -1,6 +1,10 @@
 //! One module per subcommand.
 
+pub mod cache;
 pub mod convert;
 pub mod extract;
 pub mod inspect;
 pub mod keygen;
+pub mod mount;
+pub mod run;
+pub mod serve;

@@ -1,0 +1,320 @@
+//! `smr run`: a container on a lazily served image.
+//!
+//! All in this process, set up in order and undone in reverse on every
+//! path (success, failure, Ctrl-C / SIGTERM / SIGHUP):
+//!
+//! 1. the [`LazyImage`] exported by in-process FUSE threads
+//!    ([`FuseMount`]), so the image's counters are at hand for the stats;
+//! 2. a read-only loop device and ext4 mount of it ([`ImageMount`]);
+//! 3. an overlayfs with a writable upper and work directory in a temp
+//!    directory under [`RunRequest::work_root`] (on tmpfs under `/run` by
+//!    default: the container's writes are dropped at exit);
+//! 4. an OCI bundle whose `config.json` comes from the image config in the
+//!    recipe ([`spec`]); the host network is shared (no network
+//!    namespace: no setup, and what a quick `smr run` usually wants);
+//! 5. `runc run`, in the foreground, its exit status passed through
+//!    (`128 + n` for a container killed by signal n). Signals that reach
+//!    smr are forwarded with `runc kill`.
+//!
+//! `start_seconds` runs from the caller's start instant to the moment the
+//! container's process has been started: runc's `poststart` hook (run
+//! right after the process was started) touches a marker file, whose
+//! modification time is read back. It does not include the process's own
+//! work (e.g. python importing modules); `total_seconds` does.
+//!
+//! Killing smr with SIGKILL leaves the mounts behind (the FUSE connection
+//! then reads as aborted); `umount` of the temp directories and
+//! `losetup -d` clean that up.
+
+pub mod spec;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+use smr_format::Recipe;
+
+use crate::fuse::{FuseConfig, FuseMount};
+use crate::lazy::LazyImage;
+use crate::mount::{self, ImageMount, LoopOptions, MountError};
+
+/// Where run directories go unless told otherwise.
+pub const DEFAULT_WORK_ROOT: &str = "/run/smr/run";
+
+/// Errors of `smr run`.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Neither the image nor the command line gives a command.
+    #[error("no command: the image has no Entrypoint or Cmd; give one after `--`")]
+    NoCommand,
+    /// The image's or the requested user is not in the image.
+    #[error("user {0:?} not found in the image's /etc/passwd or /etc/group")]
+    UnknownUser(String),
+    /// Mounting failed.
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    /// A file operation failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// runc could not be started.
+    #[error("cannot run {runc}: {source}")]
+    Runtime {
+        /// The runtime binary.
+        runc: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Interrupted by a signal before the container started.
+    #[error("interrupted by signal {0} before the container started")]
+    Interrupted(i32),
+}
+
+/// Result of this module.
+pub type Result<T> = std::result::Result<T, RunError>;
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {
+    move |source| RunError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Bytes of all stored (non-zero) chunks: what a full pull would fetch.
+pub fn image_bytes(recipe: &Recipe) -> u64 {
+    recipe.chunks.iter().map(|c| recipe.chunk_len(c.index)).sum()
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct RunRequest {
+    /// The image.
+    pub image: LazyImage,
+    /// Its recipe (config, chunk table).
+    pub recipe: Recipe,
+    /// Command, env and terminal overrides.
+    pub overrides: spec::Overrides,
+    /// Loop device settings.
+    pub loop_opts: LoopOptions,
+    /// Parent of the temporary run directory.
+    pub work_root: PathBuf,
+    /// The OCI runtime binary.
+    pub runc: String,
+    /// When smr started (for `start_seconds`).
+    pub started: (Instant, SystemTime),
+}
+
+/// What happened, for `--stats`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    /// The container's exit code (`128 + n` when killed by signal n).
+    pub exit_code: i32,
+    /// From smr's start until the container process was started.
+    pub start_seconds: Option<f64>,
+    /// From smr's start until the container exited.
+    pub total_seconds: f64,
+    /// Stored bytes fetched from the store by this run.
+    pub bytes_fetched: u64,
+    /// Chunks fetched from the store by this run.
+    pub chunks_fetched: u64,
+    /// Bytes of all non-zero chunks of the image.
+    pub image_bytes: u64,
+    /// `bytes_fetched / image_bytes`.
+    pub fetched_fraction: f64,
+    /// Bytes the kernel read from the image (through FUSE).
+    pub bytes_read: u64,
+    /// Most chunk fetches in flight at once in this process.
+    pub max_inflight: u64,
+}
+
+/// Which container is running, for the signal forwarder.
+#[derive(Default)]
+struct Live {
+    container: Mutex<Option<(String, String)>>,
+    signal: std::sync::atomic::AtomicI32,
+    stop: AtomicBool,
+}
+
+/// Forwards SIGINT, SIGTERM and SIGHUP to the container once it runs, and
+/// records them before that (setup then stops at the next step).
+fn forward_signals(live: Arc<Live>) -> Result<signal_hook::iterator::Handle> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .map_err(|source| io_err(Path::new("signal handlers"))(source))?;
+    let handle = signals.handle();
+    std::thread::spawn(move || {
+        for sig in signals.forever() {
+            if live.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            live.signal.store(sig, Ordering::SeqCst);
+            let c = live.container.lock().unwrap_or_else(PoisonError::into_inner).clone();
+            if let Some((runc, id)) = c {
+                let _ = Command::new(&runc).args(["kill", &id, &sig.to_string()]).status();
+            }
+        }
+    });
+    Ok(handle)
+}
+
+fn check(live: &Live) -> Result<()> {
+    match live.signal.load(Ordering::SeqCst) {
+        0 => Ok(()),
+        sig => Err(RunError::Interrupted(sig)),
+    }
+}
+
+/// The overlay mount, unmounted on drop.
+struct Overlay(PathBuf);
+
+impl Drop for Overlay {
+    fn drop(&mut self) {
+        if let Err(e) = mount::umount(&self.0, true) {
+            tracing::warn!(error = %e, "overlay not unmounted");
+        }
+    }
+}
+
+/// The container, deleted on drop.
+struct Container {
+    runc: String,
+    id: String,
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.runc)
+            .args(["delete", "--force", &self.id])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+fn find_touch() -> PathBuf {
+    ["/usr/bin/touch", "/bin/touch"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/touch"))
+}
+
+/// Runs the container; see the module docs. Everything set up is undone
+/// before this returns.
+pub fn run(req: RunRequest) -> Result<RunReport> {
+    let live = Arc::new(Live::default());
+    let handle = forward_signals(live.clone())?;
+    let result = run_inner(&req, &live);
+    live.stop.store(true, Ordering::SeqCst);
+    handle.close();
+    result
+}
+
+fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
+    std::fs::create_dir_all(&req.work_root).map_err(io_err(&req.work_root))?;
+    let tmp = tempfile::Builder::new()
+        .prefix("run-")
+        .tempdir_in(&req.work_root)
+        .map_err(io_err(&req.work_root))?;
+    let dir = |n: &str| -> Result<PathBuf> {
+        let p = tmp.path().join(n);
+        std::fs::create_dir_all(&p).map_err(io_err(&p))?;
+        Ok(p)
+    };
+    let (fuse_dir, lower, upper, work, rootfs, bundle) =
+        (dir("fuse")?, dir("lower")?, dir("upper")?, dir("work")?, dir("rootfs")?, dir("bundle")?);
+    let id = format!(
+        "smr-{}",
+        tmp.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    );
+
+    // Declared in setup order: dropped (undone) in reverse.
+    let dev: Arc<dyn crate::nbd::BlockDevice> = Arc::new(req.image.clone());
+    let fuse = FuseMount::spawn(dev, &fuse_dir, &FuseConfig::default(), &id).map_err(MountError::from)?;
+    check(live)?;
+    let image = ImageMount::attach(fuse.file(), &lower, req.loop_opts)?;
+    check(live)?;
+    mount::mount_overlay(&lower, &upper, &work, &rootfs)?;
+    let overlay = Overlay(rootfs.clone());
+
+    let cfg = &req.recipe.config;
+    let user = spec::resolve_user_in(&cfg.user, &rootfs)?;
+    let args = spec::process_args(cfg, &req.overrides.command)?;
+    let env = spec::environment(cfg, &user, &req.overrides.env, |k| std::env::var(k).ok());
+    let marker = tmp.path().join("started");
+    let config = spec::build(&spec::SpecInput {
+        image: cfg,
+        user: &user,
+        args,
+        env,
+        terminal: req.overrides.terminal,
+        rootfs: &rootfs,
+        hostname: "smr",
+        poststart: Some(vec![find_touch().display().to_string(), marker.display().to_string()]),
+    });
+    let config_path = bundle.join("config.json");
+    let json = serde_json::to_vec_pretty(&config).map_err(|e| io_err(&config_path)(e.into()))?;
+    std::fs::write(&config_path, json).map_err(io_err(&config_path))?;
+    check(live)?;
+
+    let container = Container {
+        runc: req.runc.clone(),
+        id: id.clone(),
+    };
+    *live.container.lock().unwrap_or_else(PoisonError::into_inner) = Some((req.runc.clone(), id.clone()));
+    let status = Command::new(&req.runc)
+        .arg("run")
+        .arg("--bundle")
+        .arg(&bundle)
+        .arg(&id)
+        .status()
+        .map_err(|source| RunError::Runtime {
+            runc: req.runc.clone(),
+            source,
+        })?;
+    *live.container.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    let total_seconds = req.started.0.elapsed().as_secs_f64();
+    let exit_code = status
+        .code()
+        .unwrap_or_else(|| 128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0));
+    let start_seconds = std::fs::metadata(&marker)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(req.started.1).ok())
+        .map(|d| d.as_secs_f64());
+
+    let stats = req.image.stats();
+    let cache = req.image.cache().stats().ok();
+    let image_bytes = image_bytes(&req.recipe);
+    let report = RunReport {
+        exit_code,
+        start_seconds,
+        total_seconds,
+        bytes_fetched: stats.bytes_fetched,
+        chunks_fetched: stats.chunks_fetched,
+        image_bytes,
+        fetched_fraction: if image_bytes == 0 {
+            0.0
+        } else {
+            stats.bytes_fetched as f64 / image_bytes as f64
+        },
+        bytes_read: stats.bytes_read,
+        max_inflight: cache.map_or(0, |c| c.max_inflight),
+    };
+
+    // Tear down in reverse, reporting the first failure.
+    drop(container);
+    drop(overlay);
+    image.teardown()?;
+    fuse.unmount(Duration::from_secs(10)).map_err(MountError::from)?;
+    tmp.close().map_err(io_err(&req.work_root))?;
+    Ok(report)
+}

@@ -1,0 +1,112 @@
+//! `smr mount` and `smr umount`.
+
+use super::serve::ImageArgs;
+use anyhow::{Context, Result};
+use smr_node::mount::{LoopOptions, MountRequest, DEFAULT_READAHEAD_KB, DEFAULT_STATE_ROOT};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+
+/// Loop device options shared by `smr mount` and `smr run`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct LoopArgs {
+    /// The loop device's read_ahead_kb: how far the kernel reads ahead of
+    /// what programs ask for (more chunks fetched, fewer round trips).
+    #[arg(long, default_value_t = DEFAULT_READAHEAD_KB)]
+    pub readahead_kb: u32,
+    /// Open the FUSE file with O_DIRECT from the loop device (no second
+    /// page cache of the image).
+    #[arg(long)]
+    pub direct_io: bool,
+}
+
+impl LoopArgs {
+    /// As library options.
+    pub fn options(&self) -> LoopOptions {
+        LoopOptions {
+            readahead_kb: self.readahead_kb,
+            direct_io: self.direct_io,
+        }
+    }
+}
+
+/// `--state-dir` (or `SMR_STATE_DIR`).
+#[derive(clap::Args, Clone, Debug)]
+pub struct StateArgs {
+    /// Where mount state (server pid, loop device, logs) is kept.
+    #[arg(long, env = "SMR_STATE_DIR", default_value = DEFAULT_STATE_ROOT, hide = true)]
+    pub state_dir: PathBuf,
+}
+
+/// Arguments of `smr mount`.
+#[derive(clap::Args)]
+pub struct MountArgs {
+    #[command(flatten)]
+    image: ImageArgs,
+    /// Where to mount the image's filesystem (read-only).
+    mountpoint: PathBuf,
+    #[command(flatten)]
+    loop_args: LoopArgs,
+    #[command(flatten)]
+    state: StateArgs,
+}
+
+/// Arguments of `smr umount`.
+#[derive(clap::Args)]
+pub struct UmountArgs {
+    /// The mount point given to `smr mount`.
+    mountpoint: PathBuf,
+    #[command(flatten)]
+    state: StateArgs,
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))
+}
+
+/// Mounts the image lazily: FUSE server process, loop device, ext4.
+pub fn run_mount(a: MountArgs) -> Result<ExitCode> {
+    // Fail here, with a clear message, on a bad recipe, key, store or cache.
+    let lazy = a.image.open()?;
+    let exe = std::env::current_exe().context("locating the smr binary")?;
+    let (recipe, store) = (absolute(&a.image.recipe)?, a.image.store.clone());
+    let cache_dir = absolute(&a.image.cache.cache_dir)?;
+    let key = a.image.key.key_file.as_deref().map(absolute).transpose()?;
+    let req = MountRequest {
+        state_root: a.state.state_dir.clone(),
+        mountpoint: a.mountpoint.clone(),
+        image_size: lazy.size(),
+        loop_opts: a.loop_args.options(),
+    };
+    drop(lazy);
+    let st = smr_node::mount::mount_with_server(&req, |fuse_dir, out, err| {
+        let mut c = Command::new("setsid");
+        c.arg(&exe).arg("__serve-fuse").arg(&recipe).arg("--store").arg(&store);
+        c.arg("--cache-dir").arg(&cache_dir).arg("--dir").arg(fuse_dir);
+        if let Some(k) = &key {
+            c.arg("--key-file").arg(k);
+        }
+        if std::env::var_os("SMR_LOG").is_none() {
+            c.env("SMR_LOG", "info");
+        }
+        c.stdin(Stdio::null()).stdout(out).stderr(err).spawn()
+    })
+    .with_context(|| format!("mounting {}", a.image.recipe.display()))?;
+    eprintln!(
+        "mounted {} on {} ({}, read_ahead_kb {}, server pid {}, log {})",
+        a.image.recipe.display(),
+        st.mountpoint.display(),
+        st.loop_dev,
+        st.readahead_kb,
+        st.server_pid,
+        st.log.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Undoes `smr mount`.
+pub fn run_umount(a: UmountArgs) -> Result<ExitCode> {
+    let st = smr_node::mount::unmount(&a.state.state_dir, &a.mountpoint)
+        .with_context(|| format!("unmounting {}", a.mountpoint.display()))?;
+    eprintln!("unmounted {} (detached {})", st.mountpoint.display(), st.loop_dev);
+    Ok(ExitCode::SUCCESS)
+}
