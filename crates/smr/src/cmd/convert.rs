@@ -138,6 +138,11 @@ pub fn run(a: Args) -> Result<ExitCode> {
         out.flatten.layers,
         out.flatten.entries
     );
+    let dead = (out.ext4.data_blocks_written - out.ext4.live_data_blocks) * 4096;
+    eprintln!(
+        "  dead data {} (blocks of files that upper layers replaced or deleted, kept so lower layers' chunks stay shared)",
+        human(dead)
+    );
     eprintln!(
         "  chunks {} total: {} zero, {} new, {} reused; {} stored, {} written",
         c.total,
