@@ -213,7 +213,6 @@ pub fn build(i: &SpecInput<'_>) -> Value {
             "env": i.env,
             "cwd": cwd,
             "capabilities": {"bounding": CAPS, "effective": CAPS, "permitted": CAPS},
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1_048_576u64, "soft": 1_048_576u64}],
             "noNewPrivileges": true
         },
         "root": {"path": i.rootfs, "readonly": false},

@@ -241,3 +241,41 @@ fn docker_archive_input() {
     let (a, b) = (LoopMount::new(&img), LoopMount::new(&img2));
     trees_equal(a.dir.path(), b.dir.path());
 }
+
+/// Concurrent converts into one store are safe: both succeed, both verify,
+/// and no temp files remain in the store.
+#[test]
+fn concurrent_converts_share_a_store() {
+    let t = tempfile::tempdir().unwrap();
+    let src = layout(&t.path().join("layout"));
+    let store = t.path().join("store");
+    let key = key_file(t.path());
+    let children: Vec<_> = (0..4)
+        .map(|i| {
+            smr()
+                .arg("convert")
+                .arg(&src)
+                .arg("--store")
+                .arg(&store)
+                .arg("-o")
+                .arg(t.path().join(format!("r{i}")))
+                .arg("--key-file")
+                .arg(&key)
+                .args(["--chunk-size", "64K"])
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let first = std::fs::read(t.path().join("r0")).unwrap();
+    for i in 0..4 {
+        let r = t.path().join(format!("r{i}"));
+        assert_eq!(std::fs::read(&r).unwrap(), first);
+        ok(smr().arg("verify").arg(&r).arg("--store").arg(&store).arg("--key-file").arg(&key));
+    }
+    assert!(find_named(&store, ".tmp").is_empty());
+}
