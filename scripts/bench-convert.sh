@@ -35,7 +35,7 @@ for r in $(seq "$rounds"); do
   time_cmd "smr-convert-plain" "$smr" convert "oci:$layout:$tag" --store "$work/store-p" -o "$work/p.recipe" --no-encrypt
   size_mb=$(( tree_mb * 3 / 2 + 64 ))
   time_cmd "mkfs.ext4-d" mkfs.ext4 -q -F -b 4096 -I 256 -O ^has_journal -d "$rootfs" "$work/mkfs.img" "${size_mb}M"
-  time_cmd "mkfs.erofs" mkfs.erofs -q "$work/erofs.img" "$rootfs"
+  time_cmd "mkfs.erofs" mkfs.erofs --quiet "$work/erofs.img" "$rootfs"
   "$smr" extract "$work/a.recipe" --store "$work/store" --key-file "$work/key" -o "$work/smr.img" 2>/dev/null
   time_cmd "casync-make" casync make --store="$work/casync.castr" "$work/casync.caibx" "$work/smr.img"
 done

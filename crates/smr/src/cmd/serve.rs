@@ -44,8 +44,27 @@ impl ImageArgs {
     /// Opens the recipe (with its keys), the store and the cache.
     pub fn open(&self) -> Result<LazyImage> {
         let img = open_image(&self.recipe, &self.key, true)?;
+        let local = self.store.strip_prefix("file://").unwrap_or(&self.store);
+        if !self.store.contains("://") || self.store.starts_with("file://") {
+            anyhow::ensure!(
+                std::path::Path::new(local).is_dir(),
+                "store {} does not exist",
+                self.store
+            );
+        }
         let store = smr_store::open_store(&self.store)
             .with_context(|| format!("opening the store {}", self.store))?;
+        // A store without the image's first chunk is the wrong store:
+        // say so now rather than as EIO on the first read.
+        if let Some(first) = img.recipe.chunks.first() {
+            anyhow::ensure!(
+                store.exists(&first.id)?,
+                "store {} lacks chunk {} of {}",
+                self.store,
+                first.id,
+                self.recipe.display()
+            );
+        }
         let cache = self.cache.open()?;
         LazyImage::new(img, Arc::from(store), cache)
             .with_context(|| format!("serving {}", self.recipe.display()))
