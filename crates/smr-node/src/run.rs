@@ -91,7 +91,11 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {
 
 /// Bytes of all stored (non-zero) chunks: what a full pull would fetch.
 pub fn image_bytes(recipe: &Recipe) -> u64 {
-    recipe.chunks.iter().map(|c| recipe.chunk_len(c.index)).sum()
+    recipe
+        .chunks
+        .iter()
+        .map(|c| recipe.chunk_len(c.index))
+        .sum()
 }
 
 /// What to run.
@@ -157,9 +161,15 @@ fn forward_signals(live: Arc<Live>) -> Result<signal_hook::iterator::Handle> {
                 break;
             }
             live.signal.store(sig, Ordering::SeqCst);
-            let c = live.container.lock().unwrap_or_else(PoisonError::into_inner).clone();
+            let c = live
+                .container
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
             if let Some((runc, id)) = c {
-                let _ = Command::new(&runc).args(["kill", &id, &sig.to_string()]).status();
+                let _ = Command::new(&runc)
+                    .args(["kill", &id, &sig.to_string()])
+                    .status();
             }
         }
     });
@@ -229,16 +239,26 @@ fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
         std::fs::create_dir_all(&p).map_err(io_err(&p))?;
         Ok(p)
     };
-    let (fuse_dir, lower, upper, work, rootfs, bundle) =
-        (dir("fuse")?, dir("lower")?, dir("upper")?, dir("work")?, dir("rootfs")?, dir("bundle")?);
+    let (fuse_dir, lower, upper, work, rootfs, bundle) = (
+        dir("fuse")?,
+        dir("lower")?,
+        dir("upper")?,
+        dir("work")?,
+        dir("rootfs")?,
+        dir("bundle")?,
+    );
     let id = format!(
         "smr-{}",
-        tmp.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        tmp.path()
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
     );
 
     // Declared in setup order: dropped (undone) in reverse.
     let dev: Arc<dyn crate::nbd::BlockDevice> = Arc::new(req.image.clone());
-    let fuse = FuseMount::spawn(dev, &fuse_dir, &FuseConfig::default(), &id).map_err(MountError::from)?;
+    let fuse =
+        FuseMount::spawn(dev, &fuse_dir, &FuseConfig::default(), &id).map_err(MountError::from)?;
     check(live)?;
     let image = ImageMount::attach(fuse.file(), &lower, req.loop_opts)?;
     check(live)?;
@@ -258,7 +278,10 @@ fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
         terminal: req.overrides.terminal,
         rootfs: &rootfs,
         hostname: "smr",
-        poststart: Some(vec![find_touch().display().to_string(), marker.display().to_string()]),
+        poststart: Some(vec![
+            find_touch().display().to_string(),
+            marker.display().to_string(),
+        ]),
     });
     let config_path = bundle.join("config.json");
     let json = serde_json::to_vec_pretty(&config).map_err(|e| io_err(&config_path)(e.into()))?;
@@ -269,7 +292,10 @@ fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
         runc: req.runc.clone(),
         id: id.clone(),
     };
-    *live.container.lock().unwrap_or_else(PoisonError::into_inner) = Some((req.runc.clone(), id.clone()));
+    *live
+        .container
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner) = Some((req.runc.clone(), id.clone()));
     let status = Command::new(&req.runc)
         .arg("run")
         .arg("--bundle")
@@ -280,11 +306,14 @@ fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
             runc: req.runc.clone(),
             source,
         })?;
-    *live.container.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    *live
+        .container
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner) = None;
     let total_seconds = req.started.0.elapsed().as_secs_f64();
-    let exit_code = status
-        .code()
-        .unwrap_or_else(|| 128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0));
+    let exit_code = status.code().unwrap_or_else(|| {
+        128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0)
+    });
     let start_seconds = std::fs::metadata(&marker)
         .and_then(|m| m.modified())
         .ok()
@@ -314,7 +343,8 @@ fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
     drop(container);
     drop(overlay);
     image.teardown()?;
-    fuse.unmount(Duration::from_secs(10)).map_err(MountError::from)?;
+    fuse.unmount(Duration::from_secs(10))
+        .map_err(MountError::from)?;
     tmp.close().map_err(io_err(&req.work_root))?;
     Ok(report)
 }

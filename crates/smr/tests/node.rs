@@ -77,7 +77,9 @@ impl Env {
 
     fn umount(&self, mnt: &Path) -> Command {
         let mut c = smr();
-        c.arg("umount").arg(mnt).env("SMR_STATE_DIR", self.path("state"));
+        c.arg("umount")
+            .arg(mnt)
+            .env("SMR_STATE_DIR", self.path("state"));
         c
     }
 
@@ -89,8 +91,8 @@ impl Env {
             !mounts.contains(&root),
             "mounts left under {root}:\n{mounts}"
         );
-        let loops = String::from_utf8_lossy(&run(Command::new("losetup").arg("-a")).stdout)
-            .into_owned();
+        let loops =
+            String::from_utf8_lossy(&run(Command::new("losetup").arg("-a")).stdout).into_owned();
         assert!(!loops.contains(&root), "loop devices left: {loops}");
         let t = std::time::Instant::now();
         while fuse_connections() > self.fuse_before && t.elapsed().as_secs() < 5 {
@@ -168,7 +170,11 @@ fn mount_failures_leave_nothing_behind() {
         ("missing mount point", e.smr("mount")),
         ("file as mount point", e.smr("mount")),
     ] {
-        let target = if what.starts_with("missing") { e.path("nope") } else { file.clone() };
+        let target = if what.starts_with("missing") {
+            e.path("nope")
+        } else {
+            file.clone()
+        };
         let err = fails(cmd.arg(&target));
         eprintln!("{what}: {err}");
         e.assert_clean();
@@ -198,7 +204,12 @@ fn mount_failures_leave_nothing_behind() {
 
     // A server killed under a live mount: reads fail, umount still cleans up.
     ok(e.smr("mount").arg(&mnt));
-    let state_dir = std::fs::read_dir(e.path("state")).unwrap().next().unwrap().unwrap().path();
+    let state_dir = std::fs::read_dir(e.path("state"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     let st: serde_json::Value =
         serde_json::from_slice(&std::fs::read(state_dir.join("state.json")).unwrap()).unwrap();
     let pid = st["server_pid"].as_u64().unwrap().to_string();
@@ -215,19 +226,29 @@ fn run_passes_exit_codes_and_cleans_up() {
     let _g = lock();
     let e = Env::new(None);
     let stats = e.path("stats.json");
-    let out = run(e
-        .smr("run")
-        .arg("--stats")
-        .arg(&stats)
-        .args(["--", "/bin/sh", "-c", "echo hi; exit 7"]));
+    let out = run(e.smr("run").arg("--stats").arg(&stats).args([
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo hi; exit 7",
+    ]));
     let stderr = String::from_utf8_lossy(&out.stderr);
     if out.status.code() != Some(7) {
         // The synthetic image may lack a shell: then runc fails to exec.
-        assert!(stderr.contains("exec") || stderr.contains("no such file"), "{stderr}");
+        assert!(
+            stderr.contains("exec") || stderr.contains("no such file"),
+            "{stderr}"
+        );
     } else {
         assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
-        for k in ["start_seconds", "bytes_fetched", "chunks_fetched", "image_bytes", "fetched_fraction"] {
+        for k in [
+            "start_seconds",
+            "bytes_fetched",
+            "chunks_fetched",
+            "image_bytes",
+            "fetched_fraction",
+        ] {
             assert!(v[k].is_number(), "{k} missing in {v}");
         }
     }
@@ -247,11 +268,12 @@ fn run_debian_python() {
     let _g = lock();
     let e = Env::new(Some(&format!("oci:{}:debian-python", layout.display())));
     let stats = e.path("stats.json");
-    let out = run(e
-        .smr("run")
-        .arg("--stats")
-        .arg(&stats)
-        .args(["--", "python3", "-c", "import json, sqlite3; print('ok')"]));
+    let out = run(e.smr("run").arg("--stats").arg(&stats).args([
+        "--",
+        "python3",
+        "-c",
+        "import json, sqlite3; print('ok')",
+    ]));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n");
@@ -261,7 +283,9 @@ fn run_debian_python() {
     assert!(frac > 0.0 && frac < 0.5, "{v}");
     assert!(v["start_seconds"].as_f64().unwrap() > 0.0, "{v}");
     e.assert_clean();
-    let out = run(e.smr("run").args(["-e", "CODE=7", "--", "sh", "-c", "exit $CODE"]));
+    let out = run(e
+        .smr("run")
+        .args(["-e", "CODE=7", "--", "sh", "-c", "exit $CODE"]));
     assert_eq!(out.status.code(), Some(7));
     e.assert_clean();
 }

@@ -55,7 +55,11 @@ pub struct Overrides {
 
 /// The process arguments by Docker's rule: `Entrypoint + (override or Cmd)`.
 pub fn process_args(cfg: &ImageConfig, command: &[String]) -> Result<Vec<String>> {
-    let cmd = if command.is_empty() { &cfg.cmd } else { command };
+    let cmd = if command.is_empty() {
+        &cfg.cmd
+    } else {
+        command
+    };
     let args: Vec<String> = cfg.entrypoint.iter().chain(cmd).cloned().collect();
     if args.is_empty() {
         return Err(RunError::NoCommand);
@@ -66,7 +70,12 @@ pub fn process_args(cfg: &ImageConfig, command: &[String]) -> Result<Vec<String>
 /// Image env, then `PATH` if missing, `HOME` if missing, then each `-e`
 /// (replacing a variable of the same name); `-e K` copies `K` from
 /// `host_env` (and is skipped when unset there), as `docker run` does.
-pub fn environment(cfg: &ImageConfig, user: &User, extra: &[String], host_env: impl Fn(&str) -> Option<String>) -> Vec<String> {
+pub fn environment(
+    cfg: &ImageConfig,
+    user: &User,
+    extra: &[String],
+    host_env: impl Fn(&str) -> Option<String>,
+) -> Vec<String> {
     fn put(env: &mut Vec<(String, String)>, k: &str, v: String, replace: bool) {
         match env.iter_mut().find(|(ek, _)| ek == k) {
             Some(e) if replace => e.1 = v,
@@ -114,8 +123,17 @@ fn group(text: &str) -> Vec<(String, u32, Vec<String>)> {
     text.lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split(':').collect();
-            let members = f.get(3).map(|m| m.split(',').filter(|s| !s.is_empty()).map(String::from).collect());
-            Some(((*f.first()?).to_string(), f.get(2)?.parse().ok()?, members.unwrap_or_default()))
+            let members = f.get(3).map(|m| {
+                m.split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect()
+            });
+            Some((
+                (*f.first()?).to_string(),
+                f.get(2)?.parse().ok()?,
+                members.unwrap_or_default(),
+            ))
         })
         .collect()
 }
@@ -133,10 +151,17 @@ pub fn resolve_user(spec: &str, passwd_text: &str, group_text: &str) -> Result<U
     };
     let u = if u.is_empty() { "0" } else { u };
     let entry = match u.parse::<u32>() {
-        Ok(uid) => users.iter().find(|e| e.1 == uid).cloned().or(Some((String::new(), uid, 0, "/".into()))),
+        Ok(uid) => {
+            users
+                .iter()
+                .find(|e| e.1 == uid)
+                .cloned()
+                .or(Some((String::new(), uid, 0, "/".into())))
+        }
         Err(_) => users.iter().find(|e| e.0 == u).cloned(),
     };
-    let (name, uid, mut gid, home) = entry.ok_or_else(|| RunError::UnknownUser(spec.to_string()))?;
+    let (name, uid, mut gid, home) =
+        entry.ok_or_else(|| RunError::UnknownUser(spec.to_string()))?;
     if let Some(g) = g {
         gid = match g.parse::<u32>() {
             Ok(gid) => gid,
@@ -150,7 +175,11 @@ pub fn resolve_user(spec: &str, passwd_text: &str, group_text: &str) -> Result<U
     let mut additional_gids: Vec<u32> = if name.is_empty() {
         Vec::new()
     } else {
-        groups.iter().filter(|e| e.2.contains(&name)).map(|e| e.1).collect()
+        groups
+            .iter()
+            .filter(|e| e.2.contains(&name))
+            .map(|e| e.1)
+            .collect()
     };
     additional_gids.retain(|x| *x != gid);
     additional_gids.sort_unstable();
@@ -262,19 +291,43 @@ mod tests {
     fn command_follows_docker() {
         let c = cfg();
         assert_eq!(process_args(&c, &[]).expect("args"), vec!["/ep", "default"]);
-        assert_eq!(process_args(&c, &["x".into(), "y".into()]).expect("args"), vec!["/ep", "x", "y"]);
+        assert_eq!(
+            process_args(&c, &["x".into(), "y".into()]).expect("args"),
+            vec!["/ep", "x", "y"]
+        );
         let bare = ImageConfig::default();
         assert!(matches!(process_args(&bare, &[]), Err(RunError::NoCommand)));
-        assert_eq!(process_args(&bare, &["sh".into()]).expect("args"), vec!["sh"]);
+        assert_eq!(
+            process_args(&bare, &["sh".into()]).expect("args"),
+            vec!["sh"]
+        );
     }
 
     #[test]
     fn env_overrides_and_defaults() {
         let u = resolve_user("app", PASSWD, GROUP).expect("user");
         let host = |k: &str| (k == "FROM_HOST").then(|| "h".to_string());
-        let e = environment(&cfg(), &u, &["A=2".into(), "B=3".into(), "FROM_HOST".into(), "UNSET".into()], host);
-        assert_eq!(e, vec!["PATH=/x", "A=2", "HOME=/home/app", "B=3", "FROM_HOST=h"]);
-        let e = environment(&ImageConfig::default(), &resolve_user("", "", "").expect("root"), &[], host);
+        let e = environment(
+            &cfg(),
+            &u,
+            &[
+                "A=2".into(),
+                "B=3".into(),
+                "FROM_HOST".into(),
+                "UNSET".into(),
+            ],
+            host,
+        );
+        assert_eq!(
+            e,
+            vec!["PATH=/x", "A=2", "HOME=/home/app", "B=3", "FROM_HOST=h"]
+        );
+        let e = environment(
+            &ImageConfig::default(),
+            &resolve_user("", "", "").expect("root"),
+            &[],
+            host,
+        );
         assert_eq!(e, vec![format!("PATH={DEFAULT_PATH}"), "HOME=/".into()]);
     }
 
@@ -283,7 +336,10 @@ mod tests {
         let r = resolve_user("", PASSWD, GROUP).expect("root");
         assert_eq!((r.uid, r.gid, r.home.as_str()), (0, 0, "/root"));
         let a = resolve_user("app", PASSWD, GROUP).expect("app");
-        assert_eq!((a.uid, a.gid, a.additional_gids.clone()), (1000, 1000, vec![50]));
+        assert_eq!(
+            (a.uid, a.gid, a.additional_gids.clone()),
+            (1000, 1000, vec![50])
+        );
         let n = resolve_user("1234:5", PASSWD, GROUP).expect("numeric");
         assert_eq!((n.uid, n.gid, n.home.as_str()), (1234, 5, "/"));
         let g = resolve_user("nobody:staff", PASSWD, GROUP).expect("named group");

@@ -39,7 +39,12 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let n: u64 = num.parse().map_err(|_| format!("not a size: {s:?}"))?;
-    let shift = match unit.trim().to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+    let shift = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
         "" => 0,
         "K" => 10,
         "M" => 20,
@@ -47,7 +52,8 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
         "T" => 40,
         _ => return Err(format!("unknown unit in {s:?} (use K, M, G or T)")),
     };
-    n.checked_mul(1u64 << shift).ok_or_else(|| format!("size too large: {s:?}"))
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("size too large: {s:?}"))
 }
 
 /// Runs `smr cache ...`.
@@ -63,10 +69,28 @@ pub fn run(a: Args) -> Result<ExitCode> {
             } else {
                 let c = &s.counters;
                 println!("cache      {}", s.dir.display());
-                println!("size       {} in {} chunks (budget {})", human(c.total_bytes), c.entries, human(s.budget_bytes));
-                println!("hits       {} (memory {}), misses {}", c.hits, c.memory_hits, c.misses);
-                println!("fetches    {} ({}), errors {}", c.fetches, human(c.fetched_bytes), c.fetch_errors);
-                println!("evictions  {} ({}), corrupt entries healed {}", c.evictions, human(c.evicted_bytes), c.corrupt);
+                println!(
+                    "size       {} in {} chunks (budget {})",
+                    human(c.total_bytes),
+                    c.entries,
+                    human(s.budget_bytes)
+                );
+                println!(
+                    "hits       {} (memory {}), misses {}",
+                    c.hits, c.memory_hits, c.misses
+                );
+                println!(
+                    "fetches    {} ({}), errors {}",
+                    c.fetches,
+                    human(c.fetched_bytes),
+                    c.fetch_errors
+                );
+                println!(
+                    "evictions  {} ({}), corrupt entries healed {}",
+                    c.evictions,
+                    human(c.evicted_bytes),
+                    c.corrupt
+                );
             }
         }
         CacheCommand::Prune { cache, to } => {
@@ -76,7 +100,11 @@ pub fn run(a: Args) -> Result<ExitCode> {
                 r.evicted_entries,
                 human(r.evicted_bytes),
                 r.remaining_entries,
-                if r.busy_skipped > 0 { format!(", {} busy skipped", r.busy_skipped) } else { String::new() }
+                if r.busy_skipped > 0 {
+                    format!(", {} busy skipped", r.busy_skipped)
+                } else {
+                    String::new()
+                }
             );
         }
     }

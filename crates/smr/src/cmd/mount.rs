@@ -80,8 +80,15 @@ pub fn run_mount(a: MountArgs) -> Result<ExitCode> {
     drop(lazy);
     let st = smr_node::mount::mount_with_server(&req, |fuse_dir, out, err| {
         let mut c = Command::new("setsid");
-        c.arg(&exe).arg("__serve-fuse").arg(&recipe).arg("--store").arg(&store);
-        c.arg("--cache-dir").arg(&cache_dir).arg("--dir").arg(fuse_dir);
+        c.arg(&exe)
+            .arg("__serve-fuse")
+            .arg(&recipe)
+            .arg("--store")
+            .arg(&store);
+        c.arg("--cache-dir")
+            .arg(&cache_dir)
+            .arg("--dir")
+            .arg(fuse_dir);
         if let Some(k) = &key {
             c.arg("--key-file").arg(k);
         }
@@ -107,6 +114,10 @@ pub fn run_mount(a: MountArgs) -> Result<ExitCode> {
 pub fn run_umount(a: UmountArgs) -> Result<ExitCode> {
     let st = smr_node::mount::unmount(&a.state.state_dir, &a.mountpoint)
         .with_context(|| format!("unmounting {}", a.mountpoint.display()))?;
-    eprintln!("unmounted {} (detached {})", st.mountpoint.display(), st.loop_dev);
+    eprintln!(
+        "unmounted {} (detached {})",
+        st.mountpoint.display(),
+        st.loop_dev
+    );
     Ok(ExitCode::SUCCESS)
 }

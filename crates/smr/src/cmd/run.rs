@@ -52,7 +52,8 @@ pub fn run(a: Args) -> Result<ExitCode> {
         runc: a.runtime,
         started,
     };
-    let r = smr_node::run::run(req).with_context(|| format!("running {}", a.image.recipe.display()))?;
+    let r =
+        smr_node::run::run(req).with_context(|| format!("running {}", a.image.recipe.display()))?;
     let start = r.start_seconds.map_or("?".into(), |s| format!("{s:.2}s"));
     eprintln!(
         "smr: exit {}; started in {start}, total {:.2}s; fetched {} of {} ({:.1}%) in {} chunks",

@@ -104,13 +104,19 @@ pub fn run_nbd(a: NbdArgs) -> Result<ExitCode> {
             let _ = std::fs::remove_file(path);
             let l = std::os::unix::net::UnixListener::bind(path)
                 .with_context(|| format!("binding {}", path.display()))?;
-            eprintln!("serving export {name:?} on nbd+unix:///{name}?socket={}", path.display());
+            eprintln!(
+                "serving export {name:?} on nbd+unix:///{name}?socket={}",
+                path.display()
+            );
             server.spawn_unix(l)?
         }
         None => {
             let l = std::net::TcpListener::bind(&a.listen)
                 .with_context(|| format!("binding {}", a.listen))?;
-            eprintln!("serving export {name:?} on nbd://{}/{name}", l.local_addr()?);
+            eprintln!(
+                "serving export {name:?} on nbd://{}/{name}",
+                l.local_addr()?
+            );
             server.spawn_tcp(l)?
         }
     };
