@@ -6,7 +6,7 @@ pkgs=(ca-certificates curl jq python3 gcc libc6-dev pkg-config time attr
       e2fsprogs erofs-utils qemu-utils
       umoci skopeo debootstrap docker-registry apache2-utils
       runc containerd casync
-      libnbd-bin nbdkit
+      libnbd-bin python3-libnbd nbdkit
       fuse3 libfuse3-dev)
 missing=()
 for p in "${pkgs[@]}"; do

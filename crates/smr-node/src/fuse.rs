@@ -149,6 +149,9 @@ impl Filesystem for ImageFs {
             .unwrap_or(u16::MAX)
             .max(16);
         let _ = config.set_max_background(background);
+        // Let O_DIRECT readers (a loop device with --direct-io=on) have
+        // many reads in flight, and splice large replies.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_ASYNC_DIO);
         let _ = config.set_congestion_threshold(background.saturating_mul(3) / 4);
         Ok(())
     }

@@ -343,7 +343,9 @@ pub fn mount_with_server(
     };
     write_state(&state, &st)?;
     // Success: the mount stays; the server lives on in its own session.
-    b.image.take().map(ImageMount::keep);
+    if let Some(image) = b.image.take() {
+        image.keep();
+    }
     b.done = true;
     Ok(st)
 }

@@ -6,5 +6,6 @@ mod e2e {
 
     mod bad_input;
     mod debian;
+    mod nbd;
     mod synthetic;
 }

@@ -1,0 +1,299 @@
+#!/usr/bin/env bash
+# Lazy-serving benchmark (issue 3), side by side in one run:
+#  1. cold start: `smr run` of debian-python, `python3 -c 'import numpy'`,
+#     empty cache, for chunk sizes 64K..1M x loop read_ahead_kb 0/16/128 x
+#     loop direct I/O off/on; vs the same runc container on a plain loop
+#     mount of the extracted image (loop + ext4 ro + overlay + runc, as smr
+#     run builds it);
+#  2. fetch concurrency: max fetches in flight (`--stats` max_inflight);
+#  3. warm read of every file (`tar -cf - . | wc -c`) over `smr mount` vs
+#     the plain loop mount;
+#  4. warm NBD: nbdcopy of `smr serve-nbd` vs `qemu-nbd` of the image;
+#  5. memory: peak RSS (VmHWM) of 4 `smr serve-nbd` processes (4 images)
+#     under concurrent nbdcopy load, and of the FUSE server of `smr mount`.
+# Page cache dropped before every timed command. Needs root.
+# Usage: scripts/bench-lazy.sh [ROUNDS]   (prints markdown tables)
+set -euo pipefail
+rounds=${1:-3}
+here=$(cd "$(dirname "$0")/.." && pwd)
+cache=${SMR_IMAGE_CACHE:-/var/cache/smr-test-images}
+layout=$cache/oci
+tag=debian-python
+sizes=${SMR_BENCH_SIZES:-64K 128K 256K 512K 1M}
+ras=${SMR_BENCH_RAS:-0 16 128}
+pycmd=(python3 -c 'import numpy')
+smr=$here/target/release/smr
+[ -x "$smr" ] || (cd "$here" && cargo build --release -q -p smr)
+"$here/scripts/build-test-images.sh" "$cache" >/dev/null
+work=$(mktemp -d /var/tmp/smr-bench-lazy.XXXXXX)
+res=$work/results
+pids=()
+smr_mnts=()
+mnts=()
+loops=()
+
+cleanup() {
+  set +e
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null; done
+  for m in "${smr_mnts[@]}"; do "$smr" umount "$m" --state-dir "$work/state" 2>/dev/null; done
+  for m in "${mnts[@]}"; do umount "$m" 2>/dev/null; done
+  for l in "${loops[@]}"; do losetup -d "$l" 2>/dev/null; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+now() { date +%s.%N; }
+drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+elapsed() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.3f}')" "$1" "$2"; }
+log() { echo "bench-lazy: $*" >&2; }
+
+head -c 32 /dev/urandom > "$work/key"
+log "converting $tag at chunk sizes $sizes"
+for cs in $sizes; do
+  "$smr" convert "oci:$layout:$tag" --store "$work/store-$cs" -o "$work/py-$cs.recipe" \
+    --key-file "$work/key" --chunk-size "$cs" 2>/dev/null
+done
+for cs in 64K 512K 1M; do   # more images for the memory test
+  "$smr" convert "oci:$layout:debian" --store "$work/store-deb-$cs" -o "$work/deb-$cs.recipe" \
+    --key-file "$work/key" --chunk-size "$cs" 2>/dev/null
+done
+"$smr" extract "$work/py-512K.recipe" --store "$work/store-512K" --key-file "$work/key" \
+  -o "$work/py.img" 2>/dev/null
+img_bytes=$(stat -c %s "$work/py.img")
+
+# ---- 1+2. cold start -------------------------------------------------------
+# base_run RA DIO: the same container from a plain loop mount of py.img;
+# prints the wall time of attach + mount + overlay + runc run + teardown.
+mkdir -p "$work/b/lower" "$work/b/upper" "$work/b/work" "$work/b/rootfs" "$work/b/bundle"
+"$here/scripts/bench/runc-bundle.py" "$work/b/bundle" "$work/b/rootfs" "${pycmd[@]}"
+base_run() {
+  local ra=$1 dio=$2 t0 t1 dev
+  drop
+  t0=$(now)
+  dev=$(losetup --find --show --read-only --direct-io="$dio" "$work/py.img")
+  echo "$ra" > "/sys/block/${dev#/dev/}/queue/read_ahead_kb"
+  mount -t ext4 -o ro,noload "$dev" "$work/b/lower"
+  rm -rf "$work/b/upper" "$work/b/work"; mkdir "$work/b/upper" "$work/b/work"
+  mount -t overlay overlay -o "lowerdir=$work/b/lower,upperdir=$work/b/upper,workdir=$work/b/work" "$work/b/rootfs"
+  runc run --bundle "$work/b/bundle" "smr-bench-$$" >/dev/null
+  umount "$work/b/rootfs"; umount "$work/b/lower"; losetup -d "$dev"
+  t1=$(now)
+  elapsed "$t0" "$t1"
+}
+
+log "cold start: $rounds rounds x sizes x read_ahead_kb {$ras} x direct-io {off,on} + baseline"
+for r in $(seq "$rounds"); do
+  for ra in $ras; do
+    for dio in off on; do
+      echo "coldbase $ra $dio $r $(base_run "$ra" "$dio")" >> "$res"
+    done
+  done
+  for cs in $sizes; do
+    for ra in $ras; do
+      for dio in off on; do
+        flag=(); [ "$dio" = on ] && flag=(--direct-io)
+        rm -rf "$work/cache-cold"
+        drop
+        t0=$(now)
+        "$smr" run "$work/py-$cs.recipe" --store "$work/store-$cs" --key-file "$work/key" \
+          --cache-dir "$work/cache-cold" --readahead-kb "$ra" "${flag[@]}" \
+          --stats "$work/stats.json" -- "${pycmd[@]}" >/dev/null 2>"$work/run.err" || {
+            cat "$work/run.err" >&2; exit 1; }
+        t1=$(now)
+        python3 - "$work/stats.json" "$cs" "$ra" "$dio" "$r" "$(elapsed "$t0" "$t1")" >> "$res" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))
+print("cold", *sys.argv[2:], s["total_seconds"], s["bytes_fetched"], s["image_bytes"],
+      s["chunks_fetched"], s["bytes_read"], s.get("max_inflight", -1))
+PY
+      done
+    done
+  done
+done
+
+# ---- 3. warm tar over the mount vs the plain loop mount --------------------
+log "warm tar: smr mount (chunk cache warm) vs plain loop mount"
+warm=$work/cache-warm
+mkdir -p "$work/m-smr" "$work/m-smr-dio" "$work/m-loop" "$work/m-loop-dio" "$work/m-loop-kdef"
+"$smr" mount "$work/py-512K.recipe" --store "$work/store-512K" --key-file "$work/key" \
+  --cache-dir "$warm" --state-dir "$work/state" "$work/m-smr" 2>/dev/null
+smr_mnts+=("$work/m-smr")
+"$smr" mount "$work/py-512K.recipe" --store "$work/store-512K" --key-file "$work/key" \
+  --cache-dir "$warm" --state-dir "$work/state" --direct-io "$work/m-smr-dio" 2>/dev/null
+smr_mnts+=("$work/m-smr-dio")
+smr_ra=$(cat "/sys/block/$(basename "$(findmnt -n -o SOURCE "$work/m-smr")")/queue/read_ahead_kb")
+# Plain loop mounts: at smr's read_ahead_kb, with and without direct I/O,
+# and at the kernel's default for a new loop device.
+for v in m-loop:off:set m-loop-dio:on:set m-loop-kdef:off:kernel; do
+  IFS=: read -r m dio ra <<<"$v"
+  dev=$(losetup --find --show --read-only --direct-io="$dio" "$work/py.img")
+  loops+=("$dev")
+  [ "$ra" = set ] && echo "$smr_ra" > "/sys/block/${dev#/dev/}/queue/read_ahead_kb"
+  mount -t ext4 -o ro,noload "$dev" "$work/$m"; mnts+=("$work/$m")
+done
+# Fill the chunk cache: a first full pass over the lazy mount.
+(cd "$work/m-smr" && tar -cf - . | wc -c) > /dev/null
+for m in m-smr m-smr-dio m-loop m-loop-dio m-loop-kdef; do
+  dev=$(findmnt -n -o SOURCE "$work/$m")
+  echo "tarinfo $m $dev $(cat "/sys/block/${dev#/dev/}/queue/read_ahead_kb") $(cat "/sys/block/${dev#/dev/}/loop/dio")" >> "$res"
+done
+for r in $(seq "$rounds"); do
+  for m in m-smr m-smr-dio m-loop m-loop-dio m-loop-kdef; do
+    drop
+    t0=$(now)
+    n=$(cd "$work/$m" && tar -cf - . | wc -c)
+    t1=$(now)
+    echo "tar $m $r $(elapsed "$t0" "$t1") $n" >> "$res"
+  done
+done
+for stj in "$work"/state/*/state.json; do
+  python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); print(s["server_pid"], s["mountpoint"].rsplit("/",1)[1])' "$stj" |
+    while read -r pid name; do
+      echo "mem fuse-server($name,after-tar) $(awk '/VmHWM/{h=$2} /RssAnon/{a=$2} /^Threads/{t=$2} END{print h, a, t}' "/proc/$pid/status")" >> "$res"
+    done
+done
+for m in m-smr m-smr-dio; do "$smr" umount "$work/$m" --state-dir "$work/state" 2>/dev/null; done
+for m in m-loop m-loop-dio m-loop-kdef; do umount "$work/$m"; done
+for l in "${loops[@]}"; do losetup -d "$l"; done
+smr_mnts=(); mnts=(); loops=()
+
+# ---- 4. warm NBD: smr serve-nbd vs qemu-nbd --------------------------------
+log "warm NBD: nbdcopy of smr serve-nbd vs qemu-nbd"
+"$smr" serve-nbd "$work/py-512K.recipe" --store "$work/store-512K" --key-file "$work/key" \
+  --cache-dir "$warm" --socket "$work/smr.sock" --name py 2>"$work/serve.err" &
+pids+=($!)
+qemu-nbd -r -f raw --persistent -x py -k "$work/qemu.sock" "$work/py.img" 2>"$work/qemu.err" &
+pids+=($!)
+for s in smr qemu; do
+  for _ in $(seq 100); do [ -S "$work/$s.sock" ] && break; sleep 0.1; done
+done
+nbdcopy "nbd+unix:///py?socket=$work/smr.sock" null:   # fill the cache (first pass)
+for r in $(seq "$rounds"); do
+  for conns in default 1; do
+    opt=(); [ "$conns" = 1 ] && opt=(--connections=1)
+    for s in smr qemu; do
+      drop
+      t0=$(now)
+      nbdcopy "${opt[@]}" "nbd+unix:///py?socket=$work/$s.sock" null:
+      t1=$(now)
+      echo "nbd $s $conns $r $(elapsed "$t0" "$t1")" >> "$res"
+    done
+  done
+done
+echo "mem serve-nbd(1-image,after-warm-nbdcopy) $(awk '/VmHWM/{h=$2} /RssAnon/{a=$2} /^Threads/{t=$2} END{print h, a, t}' "/proc/${pids[0]}/status")" >> "$res"
+for p in "${pids[@]}"; do kill "$p"; wait "$p" 2>/dev/null || true; done
+pids=()
+
+# ---- 5. memory: 4 images served at once under nbdcopy load -----------------
+log "memory: 4 smr serve-nbd (one export each) under concurrent nbdcopy"
+four=(py-512K deb-64K deb-512K deb-1M)
+mem_cache=$work/cache-mem
+for i in "${!four[@]}"; do
+  rcp=${four[$i]}; st=$work/store-${rcp#py-}
+  "$smr" serve-nbd "$work/$rcp.recipe" --store "$st" --key-file "$work/key" \
+    --cache-dir "$mem_cache" --socket "$work/m$i.sock" --name x 2>/dev/null &
+  pids+=($!)
+done
+for i in "${!four[@]}"; do
+  for _ in $(seq 100); do [ -S "$work/m$i.sock" ] && break; sleep 0.1; done
+done
+for pass in cold warm; do
+  cp=()
+  for i in "${!four[@]}"; do
+    nbdcopy "nbd+unix:///x?socket=$work/m$i.sock" null: & cp+=($!)
+  done
+  for p in "${cp[@]}"; do wait "$p"; done
+done
+for i in "${!four[@]}"; do
+  echo "mem serve-nbd(${four[$i]},4-at-once) $(awk '/VmHWM/{h=$2} /RssAnon/{a=$2} /^Threads/{t=$2} END{print h, a, t}' "/proc/${pids[$i]}/status")" >> "$res"
+done
+for p in "${pids[@]}"; do kill "$p"; wait "$p" 2>/dev/null || true; done
+pids=()
+
+# The same server under a light client (1 connection, 4 requests in
+# flight): how much of the peak is the client's queue depth.
+"$smr" serve-nbd "$work/py-512K.recipe" --store "$work/store-512K" --key-file "$work/key" \
+  --cache-dir "$mem_cache" --socket "$work/light.sock" --name x 2>/dev/null &
+pids+=($!)
+for _ in $(seq 100); do [ -S "$work/light.sock" ] && break; sleep 0.1; done
+nbdcopy --connections=1 --requests=4 "nbd+unix:///x?socket=$work/light.sock" null:
+echo "mem serve-nbd(py-512K,nbdcopy-1-conn-4-requests) $(awk '/VmHWM/{h=$2} /RssAnon/{a=$2} /^Threads/{t=$2} END{print h, a, t}' "/proc/${pids[0]}/status")" >> "$res"
+kill "${pids[0]}"; wait "${pids[0]}" 2>/dev/null || true
+pids=()
+
+# ---- report ----------------------------------------------------------------
+python3 - "$res" "$img_bytes" "$rounds" <<'PY'
+import sys, statistics as st, collections
+res, img_bytes, rounds = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+med = st.median
+L = [l.split() for l in open(res)]
+MiB = 1 << 20
+print(f"Rounds: {rounds} (median shown); image {img_bytes / MiB:.0f} MiB (512K recipe)\n")
+
+base = collections.defaultdict(list)
+for l in L:
+    if l[0] == "coldbase":
+        base[(l[1], l[2])].append(float(l[4]))
+print("### Cold start, `python3 -c 'import numpy'`, empty cache\n")
+print("Plain loop mount of the extracted image + overlay + runc (wall seconds):\n")
+print("| read_ahead_kb | direct-io | seconds |")
+print("| --- | --- | --- |")
+for (ra, dio), v in base.items():
+    print(f"| {ra} | {dio} | {med(v):.2f} |")
+print()
+cold = collections.defaultdict(list)
+for l in L:
+    if l[0] == "cold":
+        cs, ra, dio, r, wall, tot, fetched, imgb, chunks, bread, infl = l[1:]
+        cold[(cs, ra, dio)].append((float(wall), float(tot), int(fetched), int(imgb),
+                                    int(chunks), int(bread), int(infl)))
+print("| chunk | read_ahead_kb | direct-io | fetched MiB | image_bytes MiB | fetched/image | chunks | kernel read MiB | max in flight | smr run s | baseline s | vs baseline |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+for (cs, ra, dio), v in cold.items():
+    wall = med(x[0] for x in v)
+    fetched = med(x[2] for x in v); imgb = v[0][3]
+    b = med(base[(ra, dio)]) if (ra, dio) in base else float("nan")
+    print(f"| {cs} | {ra} | {dio} | {fetched / MiB:.1f} | {imgb / MiB:.0f} | {fetched / imgb * 100:.1f}% "
+          f"| {med(x[4] for x in v):.0f} | {med(x[5] for x in v) / MiB:.1f} | {max(x[6] for x in v)} "
+          f"| {wall:.2f} | {b:.2f} | {wall / b:.2f}x |")
+print()
+
+print("### Warm read of every file: `tar -cf - . | wc -c`, page cache dropped\n")
+info = {l[1]: l[2:] for l in L if l[0] == "tarinfo"}
+tar = collections.defaultdict(list)
+for l in L:
+    if l[0] == "tar":
+        tar[l[1]].append((float(l[3]), int(l[4])))
+names = {"m-smr": "smr mount (FUSE + loop)", "m-smr-dio": "smr mount --direct-io",
+         "m-loop": "plain loop mount", "m-loop-dio": "plain loop mount, --direct-io=on",
+         "m-loop-kdef": "plain loop mount, kernel's default read_ahead_kb"}
+print("| mount | loop read_ahead_kb | loop dio | seconds | MB/s | vs plain loop |")
+print("| --- | --- | --- | --- | --- | --- |")
+b = med(x[0] for x in tar["m-loop"])
+for m, v in tar.items():
+    s = med(x[0] for x in v)
+    print(f"| {names[m]} | {info[m][1]} | {info[m][2]} | {s:.2f} | {v[0][1] / s / 1e6:.0f} | {b / s:.2f}x |")
+print()
+
+print("### Warm NBD: `nbdcopy nbd+unix:///... null:`, page cache dropped\n")
+nbd = collections.defaultdict(list)
+for l in L:
+    if l[0] == "nbd":
+        nbd[(l[1], l[2])].append(float(l[4]))
+print("| server | nbdcopy connections | seconds | MB/s | vs qemu-nbd |")
+print("| --- | --- | --- | --- | --- |")
+for (s, c), v in nbd.items():
+    m, q = med(v), med(nbd[("qemu", c)])
+    name = 'smr serve-nbd (chunk cache warm)' if s == 'smr' else 'qemu-nbd -r -f raw'
+    cn = "default (4 if multi-conn)" if c == "default" else c
+    print(f"| {name} | {cn} | {m:.2f} | {img_bytes / m / 1e6:.0f} | {q / m:.2f}x |")
+print()
+
+print("### Memory: peak RSS (VmHWM)\n")
+print("| process | peak RSS (VmHWM) MiB | anon RSS at the end MiB | threads at the end |")
+print("| --- | --- | --- | --- |")
+for l in L:
+    if l[0] == "mem":
+        print(f"| {l[1]} | {int(l[2]) / 1024:.1f} | {int(l[3]) / 1024:.1f} | {l[4]} |")
+PY
