@@ -48,7 +48,7 @@ pub enum ConvertError {
     Source(#[from] crate::source::SourceError),
     /// A layer could not be applied.
     #[error(transparent)]
-    Flatten(#[from] flatten::FlattenError),
+    Flatten(Box<flatten::FlattenError>),
     /// The filesystem could not be written.
     #[error(transparent)]
     Ext4(#[from] ext4::Ext4Error),
@@ -58,6 +58,12 @@ pub enum ConvertError {
     /// Building the recipe failed.
     #[error(transparent)]
     Format(#[from] smr_format::FormatError),
+}
+
+impl From<flatten::FlattenError> for ConvertError {
+    fn from(e: flatten::FlattenError) -> Self {
+        ConvertError::Flatten(Box::new(e))
+    }
 }
 
 /// A 16-byte value derived from the image digest, for filesystem UUIDs and

@@ -1,5 +1,6 @@
 //! End-to-end tests of the `smr` binary against real tools: e2fsck, the
 //! kernel's ext4 (loop mounts), umoci. They need root (loop mounts), as CI has.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod e2e {
     pub mod util;

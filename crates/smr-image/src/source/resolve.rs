@@ -91,7 +91,7 @@ fn select(
             None if single => 2,
             None => continue,
         };
-        if best.map_or(true, |(r, _)| rank < r) {
+        if best.is_none_or(|(r, _)| rank < r) {
             best = Some((rank, child));
         }
     }

@@ -35,7 +35,11 @@ impl Server {
         let s = Server { child, socket, log };
         let t = Instant::now();
         while !s.socket.exists() {
-            assert!(t.elapsed() < Duration::from_secs(20), "server did not start: {}", s.log());
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "server did not start: {}",
+                s.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         s
@@ -60,7 +64,11 @@ impl Drop for Server {
 /// Converts the synthetic image with 64 KiB chunks; returns (recipe, store, key, extracted image).
 fn setup(dir: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
     smr_testkit::synthetic_everything(&dir.join("layout")).unwrap();
-    let src = format!("oci:{}:{}", dir.join("layout").display(), smr_testkit::SYNTHETIC_TAG);
+    let src = format!(
+        "oci:{}:{}",
+        dir.join("layout").display(),
+        smr_testkit::SYNTHETIC_TAG
+    );
     let (store, recipe, img) = (dir.join("store"), dir.join("r"), dir.join("img"));
     let key = key_file(dir);
     convert(&src, &store, &recipe, &key, &["--chunk-size", "64K"]);
@@ -77,8 +85,14 @@ fn nbd_export_matches_extracted_image() {
     let srv = Server::start(&recipe, &store, &key, &t.path().join("cache"), t.path());
     let copy = t.path().join("copy");
     ok(Command::new("nbdcopy").arg(srv.uri()).arg(&copy));
-    assert!(std::fs::read(&copy).unwrap() == std::fs::read(&img).unwrap(), "nbdcopy differs from extract");
-    let out = ok(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&img).arg(srv.uri()));
+    assert!(
+        std::fs::read(&copy).unwrap() == std::fs::read(&img).unwrap(),
+        "nbdcopy differs from extract"
+    );
+    let out = ok(Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(&img)
+        .arg(srv.uri()));
     assert!(String::from_utf8_lossy(&out.stdout).contains("identical"));
     let info = ok(Command::new("qemu-img").arg("info").arg(srv.uri()));
     let size = std::fs::metadata(&img).unwrap().len();
@@ -86,15 +100,26 @@ fn nbd_export_matches_extracted_image() {
 
     // Every zero chunk (absent from the recipe) is reported as a hole.
     let v: serde_json::Value =
-        serde_json::from_slice(&ok(smr().arg("inspect").arg("--json").arg(&recipe)).stdout).unwrap();
-    let stored: std::collections::HashSet<u64> =
-        v["chunks"].as_array().unwrap().iter().map(|c| c["index"].as_u64().unwrap()).collect();
-    let map = ok(Command::new("nbdinfo").args(["--map", "--json"]).arg(srv.uri()));
+        serde_json::from_slice(&ok(smr().arg("inspect").arg("--json").arg(&recipe)).stdout)
+            .unwrap();
+    let stored: std::collections::HashSet<u64> = v["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["index"].as_u64().unwrap())
+        .collect();
+    let map = ok(Command::new("nbdinfo")
+        .args(["--map", "--json"])
+        .arg(srv.uri()));
     let runs: serde_json::Value = serde_json::from_slice(&map.stdout).unwrap();
     let cs = 65536u64;
     let mut holes = 0;
     for r in runs.as_array().unwrap() {
-        let (off, len, ty) = (r["offset"].as_u64().unwrap(), r["length"].as_u64().unwrap(), r["type"].as_u64().unwrap());
+        let (off, len, ty) = (
+            r["offset"].as_u64().unwrap(),
+            r["length"].as_u64().unwrap(),
+            r["type"].as_u64().unwrap(),
+        );
         let hole = ty & 1 == 1;
         for i in off / cs..(off + len).div_ceil(cs) {
             assert_eq!(hole, !stored.contains(&i), "chunk {i} at run {r}");
@@ -102,7 +127,10 @@ fn nbd_export_matches_extracted_image() {
         holes += u64::from(hole) * len;
     }
     let zero_chunks = v["zero_chunks"].as_u64().unwrap();
-    assert!(zero_chunks > 0 && holes > 0, "the synthetic image has zero chunks");
+    assert!(
+        zero_chunks > 0 && holes > 0,
+        "the synthetic image has zero chunks"
+    );
 }
 
 /// A chunk corrupted in the store gives EIO on exactly the reads touching
@@ -112,9 +140,13 @@ fn nbd_corrupt_chunk_fails_only_its_reads() {
     let t = tempfile::tempdir().unwrap();
     let (recipe, store, key, img) = setup(t.path());
     let v: serde_json::Value =
-        serde_json::from_slice(&ok(smr().arg("inspect").arg("--json").arg(&recipe)).stdout).unwrap();
+        serde_json::from_slice(&ok(smr().arg("inspect").arg("--json").arg(&recipe)).stdout)
+            .unwrap();
     let bad = &v["chunks"][1];
-    let (id, index) = (bad["id"].as_str().unwrap().to_string(), bad["index"].as_u64().unwrap());
+    let (id, index) = (
+        bad["id"].as_str().unwrap().to_string(),
+        bad["index"].as_u64().unwrap(),
+    );
     let path = store.join("chunks").join(&id[..2]).join(&id);
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[5] ^= 0x80;
@@ -122,18 +154,34 @@ fn nbd_corrupt_chunk_fails_only_its_reads() {
     let srv = Server::start(&recipe, &store, &key, &t.path().join("cache"), t.path());
     let cs = 65536u64;
     let read = |off: u64, len: u64| {
-        run(Command::new("nbdsh")
+        // Debian's python3 has the nbd module (python3-libnbd); a python3
+        // earlier on PATH may not.
+        run(Command::new("/usr/bin/python3")
+            .args(["-m", "nbd"])
             .arg("-u")
             .arg(srv.uri())
             .arg("-c")
-            .arg(format!("import sys; sys.stdout.buffer.write(h.pread({len}, {off}))")))
+            .arg(format!(
+                "import sys; sys.stdout.buffer.write(h.pread({len}, {off}))"
+            )))
     };
     let bad_read = read(index * cs + 100, 4096);
-    assert!(!bad_read.status.success(), "read of the corrupt chunk must fail");
+    assert!(
+        !bad_read.status.success(),
+        "read of the corrupt chunk must fail"
+    );
     let good = read(0, 4096);
-    assert!(good.status.success(), "{}", String::from_utf8_lossy(&good.stderr));
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
     let expect = std::fs::read(&img).unwrap();
     assert_eq!(good.stdout, &expect[..4096]);
     std::thread::sleep(Duration::from_millis(200));
-    assert!(srv.log().contains(&id), "log names the chunk: {}", srv.log());
+    assert!(
+        srv.log().contains(&id),
+        "log names the chunk: {}",
+        srv.log()
+    );
 }

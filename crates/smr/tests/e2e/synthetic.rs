@@ -269,13 +269,23 @@ fn concurrent_converts_share_a_store() {
         .collect();
     for c in children {
         let out = c.wait_with_output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let first = std::fs::read(t.path().join("r0")).unwrap();
     for i in 0..4 {
         let r = t.path().join(format!("r{i}"));
         assert_eq!(std::fs::read(&r).unwrap(), first);
-        ok(smr().arg("verify").arg(&r).arg("--store").arg(&store).arg("--key-file").arg(&key));
+        ok(smr()
+            .arg("verify")
+            .arg(&r)
+            .arg("--store")
+            .arg(&store)
+            .arg("--key-file")
+            .arg(&key));
     }
     assert!(find_named(&store, ".tmp").is_empty());
 }
