@@ -168,13 +168,27 @@ pub fn open_chunk(
     id: &ChunkId,
     key: Option<&ChunkKey>,
     compressed: bool,
-    mut stored: Vec<u8>,
+    stored: Vec<u8>,
     plain_len: usize,
 ) -> Result<Vec<u8>> {
     let actual = ChunkId::of(&stored);
     if actual != *id {
         return Err(FormatError::ChunkHashMismatch { id: *id, actual });
     }
+    decode_verified(id, key, compressed, stored, plain_len)
+}
+
+/// Decrypts and decompresses stored bytes whose hash the caller has
+/// *already* checked against `id` (e.g. a cache that verifies every entry
+/// it loads), so hot paths hash each chunk once, not twice. `id` only names
+/// the chunk in errors.
+pub fn decode_verified(
+    id: &ChunkId,
+    key: Option<&ChunkKey>,
+    compressed: bool,
+    mut stored: Vec<u8>,
+    plain_len: usize,
+) -> Result<Vec<u8>> {
     if let Some(key) = key {
         apply_ctr(key, &mut stored);
     }

@@ -88,6 +88,25 @@ impl ImageChunks {
         Ok((entry, plain))
     }
 
+    /// Like [`ImageChunks::open`] for stored bytes whose SHA-256 the caller
+    /// has already checked against the chunk's name (the node cache checks
+    /// every entry it inserts or loads): decrypts and decompresses without
+    /// hashing again.
+    pub fn open_verified(&self, pos: usize, stored: Vec<u8>) -> Result<Vec<u8>, ChunkError> {
+        let entry = self.entry_at(pos)?;
+        if self.keys_missing() {
+            return Ok(stored);
+        }
+        let plain_len = self.recipe.chunk_len(entry.index) as usize;
+        Ok(smr_format::chunk::decode_verified(
+            &entry.id,
+            self.key(pos),
+            entry.compressed,
+            stored,
+            plain_len,
+        )?)
+    }
+
     fn entry_at(&self, pos: usize) -> Result<ChunkEntry, ChunkError> {
         Ok(*self
             .recipe

@@ -336,7 +336,9 @@ impl Inner {
             .get_decoded(
                 &key,
                 || self.fetch(&key.id),
-                |stored| self.img.open(pos, stored).map(|(_, p)| p),
+                // get_or_fetch hands over only bytes it has hashed against
+                // the chunk's name; do not hash them a second time.
+                |stored| self.img.open_verified(pos, stored),
             )
             .map(Some)
     }
