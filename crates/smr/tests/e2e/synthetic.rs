@@ -3,23 +3,18 @@
 use super::util::*;
 use std::path::Path;
 
-fn layout(dir: &Path) -> String {
-    smr_testkit::synthetic_everything(dir).expect("write synthetic layout");
-    format!("oci:{}:{}", dir.display(), smr_testkit::SYNTHETIC_TAG)
-}
-
 /// The kernel and e2fsprogs accept the image, and the mounted tree equals
 /// `umoci unpack` of the same layout.
 #[test]
 fn synthetic_converts_mounts_and_matches_umoci() {
-    let t = tempfile::tempdir().unwrap();
-    let src = layout(&t.path().join("layout"));
-    let (store, recipe, img) = (
-        t.path().join("store"),
-        t.path().join("r"),
-        t.path().join("img"),
-    );
-    let key = key_file(t.path());
+    let Synthetic {
+        t,
+        src,
+        store,
+        recipe,
+        img,
+        key,
+    } = Synthetic::new();
     convert(&src, &store, &recipe, &key, &[]);
     extract(&recipe, &store, &key, &img);
     fsck_clean(&img);
@@ -64,14 +59,14 @@ fn conversion_is_deterministic() {
     ] {
         let mut outs = Vec::new();
         for _ in 0..2 {
-            let t = tempfile::tempdir().unwrap();
-            let src = layout(&t.path().join("layout"));
-            let (store, recipe, img) = (
-                t.path().join("store"),
-                t.path().join("r"),
-                t.path().join("img"),
-            );
-            let key = key_file(t.path());
+            let Synthetic {
+                t: _t,
+                src,
+                store,
+                recipe,
+                img,
+                key,
+            } = Synthetic::new();
             convert(&src, &store, &recipe, &key, extra);
             extract(&recipe, &store, &key, &img);
             outs.push((
@@ -89,10 +84,15 @@ fn conversion_is_deterministic() {
 /// the on-disk format changed (update docs/FORMAT.md and bump the version).
 #[test]
 fn golden_recipe_digest() {
-    let t = tempfile::tempdir().unwrap();
-    let src = layout(&t.path().join("layout"));
-    let (store, recipe) = (t.path().join("store"), t.path().join("r"));
-    let key = key_file(t.path());
+    // `_t` keeps the temp dir alive to the end of the test.
+    let Synthetic {
+        t: _t,
+        src,
+        store,
+        recipe,
+        key,
+        ..
+    } = Synthetic::new();
     convert(&src, &store, &recipe, &key, &[]);
     let out = ok(smr().arg("inspect").arg("--json").arg(&recipe));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -108,14 +108,14 @@ const GOLDEN: &str = "sha256:8009e4c01424ab6d86fa96c55f5d4b334641f003386194e629e
 /// both `verify` and `extract`; extract leaves no output behind.
 #[test]
 fn corrupted_chunk_is_detected_and_named() {
-    let t = tempfile::tempdir().unwrap();
-    let src = layout(&t.path().join("layout"));
-    let (store, recipe, img) = (
-        t.path().join("store"),
-        t.path().join("r"),
-        t.path().join("img"),
-    );
-    let key = key_file(t.path());
+    let Synthetic {
+        t,
+        src,
+        store,
+        recipe,
+        img,
+        key,
+    } = Synthetic::new();
     convert(&src, &store, &recipe, &key, &["--chunk-size", "64K"]);
     ok(smr().arg("verify").arg(&recipe).arg("--store").arg(&store));
     let out = ok(smr().arg("inspect").arg("--json").arg(&recipe));
@@ -154,13 +154,14 @@ fn corrupted_chunk_is_detected_and_named() {
 /// but works without them.
 #[test]
 fn key_errors_are_clear() {
-    let t = tempfile::tempdir().unwrap();
-    let src = layout(&t.path().join("layout"));
-    let (store, recipe, img) = (
-        t.path().join("store"),
-        t.path().join("r"),
-        t.path().join("img"),
-    );
+    let Synthetic {
+        t,
+        src,
+        store,
+        recipe,
+        img,
+        key,
+    } = Synthetic::new();
     let err = fails(
         smr()
             .arg("convert")
@@ -172,7 +173,6 @@ fn key_errors_are_clear() {
     );
     assert!(err.contains("--key-file"), "{err}");
     assert!(!recipe.exists());
-    let key = key_file(t.path());
     convert(&src, &store, &recipe, &key, &[]);
     let wrong = t.path().join("wrong");
     std::fs::write(&wrong, "cd".repeat(32)).unwrap();
@@ -210,7 +210,14 @@ fn key_errors_are_clear() {
 /// A docker-archive of the same image converts to the same tree.
 #[test]
 fn docker_archive_input() {
-    let t = tempfile::tempdir().unwrap();
+    let Synthetic {
+        t,
+        src,
+        store,
+        recipe,
+        img,
+        key,
+    } = Synthetic::new();
     let img_def = smr_testkit::synthetic_image();
     let tar = t.path().join("image.tar");
     smr_testkit::write_docker_archive(
@@ -219,12 +226,6 @@ fn docker_archive_input() {
         smr_testkit::DockerArchiveStyle::Legacy,
     )
     .expect("write docker archive");
-    let (store, recipe, img) = (
-        t.path().join("store"),
-        t.path().join("r"),
-        t.path().join("img"),
-    );
-    let key = key_file(t.path());
     convert(
         &format!("docker-archive:{}", tar.display()),
         &store,
@@ -234,7 +235,6 @@ fn docker_archive_input() {
     );
     extract(&recipe, &store, &key, &img);
     fsck_clean(&img);
-    let src = layout(&t.path().join("layout"));
     let (recipe2, img2) = (t.path().join("r2"), t.path().join("img2"));
     convert(&src, &store, &recipe2, &key, &[]);
     extract(&recipe2, &store, &key, &img2);
@@ -246,10 +246,9 @@ fn docker_archive_input() {
 /// and no temp files remain in the store.
 #[test]
 fn concurrent_converts_share_a_store() {
-    let t = tempfile::tempdir().unwrap();
-    let src = layout(&t.path().join("layout"));
-    let store = t.path().join("store");
-    let key = key_file(t.path());
+    let Synthetic {
+        t, src, store, key, ..
+    } = Synthetic::new();
     let children: Vec<_> = (0..4)
         .map(|i| {
             smr()

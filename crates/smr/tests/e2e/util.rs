@@ -177,3 +177,40 @@ pub fn debian_layout() -> Option<PathBuf> {
     );
     None
 }
+
+/// A temp dir holding the synthetic OCI layout (see smr-testkit), an owner
+/// key, and the paths tests convert and extract into.
+pub struct Synthetic {
+    /// The temp dir (removed on drop).
+    pub t: tempfile::TempDir,
+    /// `oci:DIR:TAG` of the synthetic layout.
+    pub src: String,
+    /// The chunk store.
+    pub store: PathBuf,
+    /// Where the recipe goes.
+    pub recipe: PathBuf,
+    /// Where an extracted image goes.
+    pub img: PathBuf,
+    /// The owner key file.
+    pub key: PathBuf,
+}
+
+impl Synthetic {
+    /// Writes the layout and key into a new temp dir.
+    pub fn new() -> Self {
+        let t = tempfile::tempdir().expect("tempdir");
+        let dir = t.path().join("layout");
+        smr_testkit::synthetic_everything(&dir).expect("write synthetic layout");
+        let src = format!("oci:{}:{}", dir.display(), smr_testkit::SYNTHETIC_TAG);
+        let p = |n: &str| t.path().join(n);
+        let (store, recipe, img, key) = (p("store"), p("r"), p("img"), key_file(t.path()));
+        Synthetic {
+            t,
+            src,
+            store,
+            recipe,
+            img,
+            key,
+        }
+    }
+}
