@@ -171,11 +171,17 @@ pub fn open_chunk(
     stored: Vec<u8>,
     plain_len: usize,
 ) -> Result<Vec<u8>> {
-    let actual = ChunkId::of(&stored);
+    verify(id, &stored)?;
+    decode_verified(id, key, compressed, stored, plain_len)
+}
+
+/// Checks that `stored` hashes to `id`.
+pub fn verify(id: &ChunkId, stored: &[u8]) -> Result<()> {
+    let actual = ChunkId::of(stored);
     if actual != *id {
         return Err(FormatError::ChunkHashMismatch { id: *id, actual });
     }
-    decode_verified(id, key, compressed, stored, plain_len)
+    Ok(())
 }
 
 /// Decrypts and decompresses stored bytes whose hash the caller has

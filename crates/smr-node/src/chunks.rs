@@ -1,6 +1,5 @@
 //! Fetching one chunk of an image from a store, verified and decrypted.
 
-use smr_format::chunk::open_chunk;
 use smr_format::{ChunkEntry, ChunkKey, FormatError, Recipe};
 use smr_store::{ChunkStore, StoreError};
 
@@ -66,26 +65,8 @@ impl ImageChunks {
     /// [`ImageChunks::fetch`] does after its `get`.
     pub fn open(&self, pos: usize, stored: Vec<u8>) -> Result<(ChunkEntry, Vec<u8>), ChunkError> {
         let entry = self.entry_at(pos)?;
-        let plain_len = self.recipe.chunk_len(entry.index) as usize;
-        if self.keys_missing() {
-            let actual = smr_format::ChunkId::of(&stored);
-            if actual != entry.id {
-                return Err(FormatError::ChunkHashMismatch {
-                    id: entry.id,
-                    actual,
-                }
-                .into());
-            }
-            return Ok((entry, stored));
-        }
-        let plain = open_chunk(
-            &entry.id,
-            self.key(pos),
-            entry.compressed,
-            stored,
-            plain_len,
-        )?;
-        Ok((entry, plain))
+        smr_format::chunk::verify(&entry.id, &stored)?;
+        Ok((entry, self.open_verified(pos, stored)?))
     }
 
     /// Like [`ImageChunks::open`] for stored bytes whose SHA-256 the caller
