@@ -7,6 +7,7 @@
 
 pub mod error;
 pub mod local;
+pub mod runtime;
 
 pub use error::{Result, StoreError};
 pub use local::LocalStore;
