@@ -17,3 +17,7 @@ if ((${#missing[@]})); then
     apt-get update
     apt-get install -y --no-install-recommends "${missing[@]}"
 fi
+# s3s-fs: the S3-compatible server of the S3 store tests (scripts/s3.sh).
+if ! command -v s3s-fs >/dev/null; then
+    cargo install s3s-fs@0.14.1 --features binary --locked
+fi

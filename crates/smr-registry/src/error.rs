@@ -80,14 +80,66 @@ pub enum RegistryError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// `--creds` that are not `USER:PASS` (the input is not echoed).
+    #[error("bad credentials: {reason}")]
+    BadCredentials {
+        /// What is wrong with them.
+        reason: String,
+    },
+    /// The HTTP client for a registry could not be set up (TLS backend,
+    /// bad option).
+    #[error("{registry}: setting up the HTTP client: {reason}")]
+    ClientSetup {
+        /// The registry host.
+        registry: String,
+        /// The underlying error.
+        reason: String,
+    },
     /// A chunk store error while pushing or serving chunks.
     #[error(transparent)]
     Store(#[from] smr_store::StoreError),
+    /// A pack layout that cannot be planned, or a pack index that does not
+    /// decode.
+    #[error("{what}: {source}")]
+    Pack {
+        /// What was being planned or decoded, e.g. `pack index sha256:…`.
+        what: String,
+        /// What is wrong with it.
+        source: crate::pack::PackError,
+    },
+    /// A manifest or referrers entry that is not an smr artifact as smr
+    /// writes it, or does not belong to the expected subject.
+    #[error("{repo}: smr artifact {manifest}: {reason}")]
+    BadArtifact {
+        /// `host/name` of the repository.
+        repo: String,
+        /// Digest (or tag) of the manifest or index at fault.
+        manifest: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A recipe or chunk that does not fit what it is pushed or served
+    /// with (undecodable recipe, chunk hash or length mismatch).
+    #[error("{what}: {source}")]
+    Format {
+        /// The recipe or chunk, e.g. `recipe sha256:…`, `chunk <id>`.
+        what: String,
+        /// What is wrong with it.
+        source: smr_format::FormatError,
+    },
 }
 
 impl RegistryError {
     /// Whether retrying the same request later may succeed.
     pub fn is_transient(&self) -> bool {
         matches!(self, RegistryError::Transient { .. })
+    }
+
+    /// Seconds the server asked us to wait before retrying, if it did.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            RegistryError::Transient { retry_after, .. } => *retry_after,
+            _ => None,
+        }
     }
 }

@@ -2,10 +2,30 @@
 //!
 //! - [`blobs`]: the [`blobs::Blobs`] trait, one repository's blobs and
 //!   manifests, as the rest of this crate sees a registry.
-//! - [`error`]: [`RegistryError`].
+//! - [`error`]: the crate error, [`RegistryError`].
+//! - [`pack`]: packs (chunks concatenated into blobs) and the pack index.
+//! - [`artifact`]: the smr artifact manifest and its media types.
+//! - [`push`]: pushing a converted image as an smr artifact.
+//! - [`discover`]: finding and opening the smr artifact of an image.
+//! - [`store`]: [`RegistryStore`], a chunk store over an artifact's packs.
+//! - [`reference`](mod@reference): `docker://host[:port]/name[:tag][@digest]` references.
+//! - [`client`]: the registry client ([`client::Registry`],
+//!   [`client::Repository`]), over oci-client.
+//! - [`source`]: `docker://` image sources ([`source::RegistrySource`]).
 
+pub mod artifact;
 pub mod blobs;
+pub mod client;
+pub mod discover;
 pub mod error;
+pub mod pack;
+pub mod push;
+pub mod reference;
+pub mod source;
+pub mod store;
+#[cfg(test)]
+mod testing;
 
 pub use blobs::Blobs;
 pub use error::{RegistryError, Result};
+pub use store::RegistryStore;

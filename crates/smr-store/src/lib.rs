@@ -1,17 +1,33 @@
 //! Chunk stores: where sealed chunks live, named by their SHA-256.
 //!
-//! One small trait, [`ChunkStore`], and its backends. Stores deal in stored
-//! (sealed) bytes only; verification against the name happens in the reader
+//! One small trait, [`ChunkStore`], and its backends: a local directory
+//! ([`LocalStore`]), an S3-compatible bucket ([`S3Store`]) and a read-only
+//! HTTP(S) server or CDN ([`HttpStore`]), all with the layout
+//! `chunks/<2 hex>/<64 hex>`. Stores deal in stored (sealed) bytes only;
+//! verification against the name happens in the reader
 //! (`smr_format::chunk::open_chunk`), so a store can never serve bad bytes
 //! unnoticed.
+//!
+//! The remote stores share one resilience policy ([`RemoteOptions`]):
+//! timeouts, retries with backoff on transient errors, a deadline per
+//! operation and a bound on requests in flight.
 
 pub mod error;
+pub mod http;
 pub mod local;
+mod location;
+pub mod options;
+mod retry;
 pub mod runtime;
+pub mod s3;
 
-pub use error::{Result, StoreError};
+pub use error::{Op, Result, StoreError, TransportKind};
+pub use http::HttpStore;
 pub use local::LocalStore;
+pub use options::{RemoteOptions, DEADLINE_ENV, MAX_IN_FLIGHT_ENV};
+pub use s3::{S3Store, S3StoreBuilder};
 
+use location::Scheme;
 use smr_format::ChunkId;
 
 /// What a `put` did.
@@ -35,14 +51,67 @@ pub trait ChunkStore: Send + Sync {
     fn exists(&self, id: &ChunkId) -> Result<bool>;
 }
 
-/// Opens a store from a location. Today: a local directory path or
-/// `file://` URL; remote backends come with the remote-store work.
+/// Opens a store from a location:
+///
+/// - a directory path or `file://` URL: [`LocalStore`];
+/// - `s3://bucket[/prefix]`: [`S3Store`], credentials and endpoint from the
+///   `AWS_*` environment;
+/// - `http://host[:port][/prefix]`, `https://…`: [`HttpStore`] (read-only).
+///
+/// Remote stores take [`RemoteOptions::from_env`] (`SMR_STORE_DEADLINE`,
+/// `SMR_STORE_MAX_IN_FLIGHT`); anything else is [`StoreError::Unsupported`].
 pub fn open_store(location: &str) -> Result<Box<dyn ChunkStore>> {
-    if let Some(path) = location.strip_prefix("file://") {
-        return Ok(Box::new(LocalStore::open(path)?));
+    let options = match location::scheme(location) {
+        Scheme::S3 | Scheme::Http => RemoteOptions::from_env()?,
+        Scheme::Local | Scheme::Other => RemoteOptions::default(),
+    };
+    open_store_with(location, options)
+}
+
+/// [`open_store`] with explicit options for remote stores.
+pub fn open_store_with(location: &str, options: RemoteOptions) -> Result<Box<dyn ChunkStore>> {
+    Ok(match location::scheme(location) {
+        Scheme::Local => {
+            let path = location
+                .split_once("://")
+                .map_or(location, |(_, path)| path);
+            Box::new(LocalStore::open(path)?)
+        }
+        Scheme::S3 => Box::new(S3Store::open(location, options)?),
+        Scheme::Http => Box::new(HttpStore::open(location, options)?),
+        Scheme::Other => return Err(StoreError::Unsupported(location::redact(location))),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_store_dispatches() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let s = open_store(path.to_str().unwrap()).unwrap();
+        assert_eq!(s.describe(), path.display().to_string());
+        let s = open_store(&format!("file://{}", path.display())).unwrap();
+        assert_eq!(s.describe(), path.display().to_string());
+        let s = open_store("https://u:secret@cdn.example/p").unwrap();
+        assert_eq!(s.describe(), "https://cdn.example/p");
+        let s = open_store_with(
+            "s3://bucket/p",
+            RemoteOptions::default().with_deadline(std::time::Duration::from_secs(1)),
+        )
+        .unwrap();
+        assert_eq!(s.describe(), "s3://bucket/p");
+
+        let Err(e) = open_store("gs://key:secret@bucket/p") else {
+            panic!("gs:// opened")
+        };
+        let msg = e.to_string();
+        assert!(matches!(e, StoreError::Unsupported(_)), "{msg}");
+        assert!(!msg.contains("secret"), "{msg}");
+        for form in ["file://", "s3://", "http://", "https://"] {
+            assert!(msg.contains(form), "{msg}");
+        }
     }
-    if location.contains("://") {
-        return Err(StoreError::Unsupported(location.to_string()));
-    }
-    Ok(Box::new(LocalStore::open(location)?))
 }

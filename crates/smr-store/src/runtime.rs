@@ -54,7 +54,9 @@ mod tests {
     #[test]
     fn runs_futures_from_plain_and_blocking_threads() {
         assert_eq!(block_on(async { 1 + 1 }), 2);
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         let v = rt.block_on(async {
             tokio::task::spawn_blocking(|| block_on(async { 7 }))
                 .await

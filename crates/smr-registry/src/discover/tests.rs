@@ -1,0 +1,169 @@
+use super::*;
+use crate::artifact::{fallback_tag, INDEX_MEDIA_TYPE};
+use crate::pack::PackParams;
+use crate::push::{push, PushOptions};
+use crate::testing::{tags, test_image, DirBlobs, TestImage};
+use smr_store::LocalStore;
+
+struct Env {
+    _dir: tempfile::TempDir,
+    blobs: DirBlobs,
+    img: TestImage,
+    artifact: String,
+}
+
+/// One image pushed with 4 chunks per pack.
+fn pushed() -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let blobs = DirBlobs::new(dir.path().join("registry"), false);
+    let store = LocalStore::open(dir.path().join("store")).unwrap();
+    let img = test_image(&store, "a", &tags("a-", 0..12));
+    let o = PushOptions {
+        pack: Some(PackParams::with_target(4)),
+        ..PushOptions::default()
+    };
+    let artifact = push(&blobs, &img.subject, &img.recipe_bytes, &store, &o)
+        .unwrap()
+        .manifest_digest;
+    Env {
+        _dir: dir,
+        blobs,
+        img,
+        artifact,
+    }
+}
+
+fn manifest(e: &Env) -> ArtifactManifest {
+    let (_, bytes) = e.blobs.get_manifest(&e.artifact).unwrap().unwrap();
+    ArtifactManifest::parse("r", &e.artifact, &bytes).unwrap()
+}
+
+#[test]
+fn nothing_to_find_is_not_found() {
+    let e = pushed();
+    let other = digest_of(b"some other image");
+    let err = discover(&e.blobs, &other, &DiscoverOptions::default()).unwrap_err();
+    assert!(matches!(err, RegistryError::NotFound { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("smr artifact for {other}")),
+        "{err}"
+    );
+    let err = discover(&e.blobs, "latest", &DiscoverOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("not a sha256 digest"), "{err}");
+}
+
+#[test]
+fn options_select_by_digest_and_chunk_size() {
+    let e = pushed();
+    let s = &e.img.subject.digest;
+    let by_digest = DiscoverOptions {
+        artifact: Some(e.artifact.clone()),
+        ..DiscoverOptions::default()
+    };
+    assert_eq!(
+        discover(&e.blobs, s, &by_digest).unwrap().digest,
+        e.artifact
+    );
+    let size = |c| DiscoverOptions {
+        chunk_size: Some(c),
+        ..DiscoverOptions::default()
+    };
+    assert_eq!(
+        discover(&e.blobs, s, &size(64 << 10)).unwrap().digest,
+        e.artifact
+    );
+    let err = discover(&e.blobs, s, &size(512 << 10))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("chunk size 524288") && err.contains("1 others"),
+        "{err}"
+    );
+    // An artifact of another subject is refused.
+    let other = digest_of(b"other");
+    let err = open_artifact(&e.blobs, &e.artifact, Some(&other))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("not {other}")) && err.contains(&e.artifact),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_corrupt_recipe_or_index_blob_is_refused() {
+    let e = pushed();
+    let m = manifest(&e);
+    let recipe = m.recipe().unwrap().digest.clone();
+    e.blobs.corrupt(&recipe, b"junk");
+    let err = open_artifact(&e.blobs, &e.artifact, None).unwrap_err();
+    assert!(matches!(err, RegistryError::DigestMismatch { .. }), "{err}");
+    assert!(err.to_string().contains(&recipe), "{err}");
+
+    let e = pushed();
+    let index = manifest(&e).pack_index().unwrap().digest.clone();
+    e.blobs.corrupt(&index, b"junk");
+    let err = open_artifact(&e.blobs, &e.artifact, None).unwrap_err();
+    assert!(err.to_string().contains(&index), "{err}");
+}
+
+/// Pushes `m` (edited) as a new manifest; returns its digest.
+fn repush(e: &Env, m: &ArtifactManifest) -> String {
+    e.blobs
+        .put_manifest("edited", MANIFEST_MEDIA_TYPE, &m.to_bytes())
+        .unwrap()
+}
+
+#[test]
+fn manifests_that_disagree_with_their_index_or_recipe_are_refused() {
+    let e = pushed();
+    let mut m = manifest(&e);
+    m.layers.pop();
+    let d = repush(&e, &m);
+    let err = open_artifact(&e.blobs, &d, None).unwrap_err().to_string();
+    assert!(
+        err.contains("pack layers, but the pack index lists"),
+        "{err}"
+    );
+
+    let mut m = manifest(&e);
+    m.layers[2].size += 1;
+    let d = repush(&e, &m);
+    let err = open_artifact(&e.blobs, &d, None).unwrap_err().to_string();
+    assert!(err.contains("pack layer 0 is"), "{err}");
+
+    // A recipe converted from another image, under this subject.
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open(dir.path()).unwrap();
+    let other = test_image(&store, "b", &tags("a-", 0..12));
+    e.blobs
+        .push_blob(&digest_of(&other.recipe_bytes), &other.recipe_bytes)
+        .unwrap();
+    let mut m = manifest(&e);
+    m.layers[0] = Descriptor::of(crate::artifact::RECIPE_MEDIA_TYPE, &other.recipe_bytes);
+    let d = repush(&e, &m);
+    let err = open_artifact(&e.blobs, &d, None).unwrap_err().to_string();
+    assert!(err.contains("recipe was converted from"), "{err}");
+}
+
+#[test]
+fn a_fallback_tag_that_is_not_an_index_is_an_error() {
+    let e = pushed();
+    let subject = digest_of(b"x");
+    let tag = fallback_tag(&subject).unwrap();
+    e.blobs
+        .put_manifest(
+            &tag,
+            INDEX_MEDIA_TYPE,
+            br#"{"schemaVersion":2,"layers":[]}"#,
+        )
+        .unwrap();
+    let err = discover(&e.blobs, &subject, &DiscoverOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&tag) && err.contains("not an image index"),
+        "{err}"
+    );
+}

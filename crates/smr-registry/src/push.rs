@@ -1,0 +1,437 @@
+//! Pushing a converted image to a registry as an smr artifact.
+//!
+//! Order matters for crash safety: packs, pack index, recipe and the empty
+//! config blob first (each only if the registry lacks it), the artifact
+//! manifest after all of them (so no manifest ever points at a missing
+//! blob), and the referrers entry last (so nothing lists a manifest that
+//! does not exist). Every step is idempotent: pushing the same recipe again
+//! uploads nothing.
+
+use crate::artifact::{
+    bad, digest_of, fallback_tag, index_manifests, parse_digest, parse_referrers, ArtifactManifest,
+    Descriptor, ANNOTATION_CHUNKS, ANNOTATION_CHUNKS_PER_PACK, ANNOTATION_CHUNK_SIZE,
+    ANNOTATION_ENCRYPTED, ANNOTATION_IMAGE_SIZE, EMPTY_BLOB, EMPTY_MEDIA_TYPE, INDEX_MEDIA_TYPE,
+    MANIFEST_MEDIA_TYPE, PACK_INDEX_MEDIA_TYPE, PACK_MEDIA_TYPE, RECIPE_MEDIA_TYPE,
+};
+use crate::blobs::Blobs;
+use crate::error::{RegistryError, Result};
+use crate::pack::{self, IndexedChunk, IndexedPack, PackIndex, PackParams};
+use smr_format::{ChunkId, FormatError, Recipe};
+use smr_store::ChunkStore;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
+
+#[cfg(test)]
+mod tests;
+
+/// Manifests above this size may be refused by registries (the OCI
+/// distribution spec only promises 4 MiB).
+const MANIFEST_SIZE_WARN: usize = 4 << 20;
+
+/// How to push.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PushOptions {
+    /// Pack boundaries; `None` = [`PackParams::for_chunk_size`] of the
+    /// recipe (packs of about 4 MiB). `PackParams::with_target(1)` makes
+    /// one blob per chunk.
+    pub pack: Option<PackParams>,
+    /// Packs built and uploaded at once (0 = 3). Each holds one pack in
+    /// memory.
+    pub threads: usize,
+    /// Also tag the artifact manifest (it is reachable without a tag,
+    /// through the referrers of its subject).
+    pub tag: Option<String>,
+}
+
+/// How the artifact was made findable from its subject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReferrersUpdate {
+    /// The registry's referrers API lists it (no fallback tag written).
+    Api,
+    /// The fallback tag `sha256-<hex>` was created listing it.
+    TagCreated,
+    /// It was added to the existing fallback tag's index.
+    TagUpdated,
+    /// The fallback tag's index already listed it.
+    TagUnchanged,
+}
+
+/// What a push did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PushReport {
+    /// Digest of the artifact manifest.
+    pub manifest_digest: String,
+    /// Whether the manifest was written (false: it already existed).
+    pub manifest_pushed: bool,
+    /// Number of packs.
+    pub packs: u64,
+    /// Distinct chunks in the packs.
+    pub chunks: u64,
+    /// Blobs of the artifact: packs, pack index, recipe, config.
+    pub blobs_total: u64,
+    /// Blobs uploaded.
+    pub blobs_uploaded: u64,
+    /// Blobs the registry already had.
+    pub blobs_skipped: u64,
+    /// Bytes uploaded.
+    pub bytes_uploaded: u64,
+    /// Bytes of the blobs the registry already had.
+    pub bytes_skipped: u64,
+    /// How the artifact is found from its subject.
+    pub referrers: ReferrersUpdate,
+}
+
+/// Upload counters, shared by the pack threads.
+#[derive(Default)]
+struct Tally {
+    total: u64,
+    uploaded: u64,
+    skipped: u64,
+    bytes_uploaded: u64,
+    bytes_skipped: u64,
+}
+
+/// Pushes the image of `recipe_bytes`, with chunks from `store`, as an smr
+/// artifact whose subject is `subject` (the source image's platform
+/// manifest, which must be the one the recipe was converted from).
+pub fn push(
+    blobs: &dyn Blobs,
+    subject: &Descriptor,
+    recipe_bytes: &[u8],
+    store: &dyn ChunkStore,
+    options: &PushOptions,
+) -> Result<PushReport> {
+    let repo = blobs.describe();
+    let recipe_digest = digest_of(recipe_bytes);
+    let recipe = Recipe::decode(recipe_bytes).map_err(|source| RegistryError::Format {
+        what: format!("recipe {recipe_digest}"),
+        source,
+    })?;
+    if parse_digest(&subject.digest).is_none() {
+        return Err(bad(
+            &repo,
+            &subject.digest,
+            "subject is not a sha256 digest",
+        ));
+    }
+    if recipe.source_digest != subject.digest {
+        return Err(bad(
+            &repo,
+            &subject.digest,
+            format!(
+                "recipe {recipe_digest} was converted from {}, not from this subject",
+                recipe.source_digest
+            ),
+        ));
+    }
+    let params = options
+        .pack
+        .unwrap_or_else(|| PackParams::for_chunk_size(recipe.chunk_size));
+    let plan = pack::plan(&params, recipe.chunks.iter().map(|e| &e.id)).map_err(|source| {
+        RegistryError::Pack {
+            what: format!("pack layout of recipe {recipe_digest}"),
+            source,
+        }
+    })?;
+    let span =
+        tracing::info_span!("push", %repo, subject = %subject.digest, recipe = %recipe_digest);
+    let _enter = span.enter();
+    tracing::info!(
+        chunks = recipe.chunks.len(),
+        packs = plan.len(),
+        target = params.target,
+        "pushing smr artifact"
+    );
+
+    let mut lens: HashMap<ChunkId, u32> = HashMap::new();
+    for e in &recipe.chunks {
+        lens.entry(e.id).or_insert(e.stored_len);
+    }
+    let tally = Mutex::new(Tally::default());
+    let threads = if options.threads == 0 {
+        3
+    } else {
+        options.threads
+    };
+    let packs = push_packs(blobs, store, &plan, &lens, threads, &tally)?;
+    let index = PackIndex::new(params, packs).map_err(|source| RegistryError::Pack {
+        what: format!("pack index of recipe {recipe_digest}"),
+        source,
+    })?;
+    let index_bytes = index.encode();
+    upload(blobs, &digest_of(&index_bytes), &index_bytes, &tally)?;
+    upload(blobs, &recipe_digest, recipe_bytes, &tally)?;
+    upload(blobs, &digest_of(EMPTY_BLOB), EMPTY_BLOB, &tally)?;
+
+    let pack_descs = index
+        .packs()
+        .iter()
+        .map(|p| Descriptor::new(PACK_MEDIA_TYPE, p.digest.clone(), p.size()))
+        .collect();
+    let manifest = ArtifactManifest::new(
+        subject.clone(),
+        Descriptor::of(RECIPE_MEDIA_TYPE, recipe_bytes),
+        Descriptor::of(PACK_INDEX_MEDIA_TYPE, &index_bytes),
+        pack_descs,
+        annotations(&recipe, &params),
+    );
+    debug_assert!(manifest.validate().is_ok() && manifest.config.media_type == EMPTY_MEDIA_TYPE);
+    let bytes = manifest.to_bytes();
+    if bytes.len() > MANIFEST_SIZE_WARN {
+        tracing::warn!(
+            size = bytes.len(),
+            packs = index.packs().len(),
+            "artifact manifest exceeds 4 MiB; registries may refuse it (use more chunks per pack)"
+        );
+    }
+    let digest = digest_of(&bytes);
+    let manifest_pushed = blobs.get_manifest(&digest)?.is_none();
+    if manifest_pushed {
+        let got = blobs.put_manifest(&digest, MANIFEST_MEDIA_TYPE, &bytes)?;
+        check_digest(&repo, &digest, &got)?;
+    }
+    if let Some(tag) = &options.tag {
+        let got = blobs.put_manifest(tag, MANIFEST_MEDIA_TYPE, &bytes)?;
+        check_digest(&repo, &digest, &got)?;
+    }
+    let referrers = update_referrers(blobs, &manifest, &bytes, &digest)?;
+    let t = tally.into_inner().unwrap_or_else(PoisonError::into_inner);
+    let stats = index.stats();
+    let report = PushReport {
+        manifest_digest: digest,
+        manifest_pushed,
+        packs: stats.packs,
+        chunks: stats.chunks,
+        blobs_total: t.total,
+        blobs_uploaded: t.uploaded,
+        blobs_skipped: t.skipped,
+        bytes_uploaded: t.bytes_uploaded,
+        bytes_skipped: t.bytes_skipped,
+        referrers,
+    };
+    tracing::info!(manifest = %report.manifest_digest, uploaded = report.blobs_uploaded, skipped = report.blobs_skipped, bytes = report.bytes_uploaded, ?referrers, "pushed smr artifact");
+    Ok(report)
+}
+
+/// The artifact's annotations: a summary that the referrers list shows
+/// (no timestamps: the same push gives the same manifest).
+fn annotations(recipe: &Recipe, params: &PackParams) -> BTreeMap<String, String> {
+    [
+        (ANNOTATION_CHUNK_SIZE, recipe.chunk_size.to_string()),
+        (ANNOTATION_IMAGE_SIZE, recipe.image_size.to_string()),
+        (ANNOTATION_CHUNKS, recipe.chunks.len().to_string()),
+        (ANNOTATION_ENCRYPTED, recipe.encrypted().to_string()),
+        (ANNOTATION_CHUNKS_PER_PACK, params.target.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+fn check_digest(repo: &str, want: &str, got: &str) -> Result<()> {
+    if want == got {
+        return Ok(());
+    }
+    Err(RegistryError::Protocol {
+        repo: repo.to_string(),
+        what: format!("PUT manifest {want}"),
+        reason: format!("the registry stored it as {got}"),
+    })
+}
+
+/// Builds and uploads every pack of `plan` on `threads` threads; returns
+/// the packs in plan order.
+fn push_packs(
+    blobs: &dyn Blobs,
+    store: &dyn ChunkStore,
+    plan: &[Vec<ChunkId>],
+    lens: &HashMap<ChunkId, u32>,
+    threads: usize,
+    tally: &Mutex<Tally>,
+) -> Result<Vec<IndexedPack>> {
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let done: Mutex<Vec<Option<IndexedPack>>> = Mutex::new(vec![None; plan.len()]);
+    let first_err: Mutex<Option<RegistryError>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..threads.clamp(1, plan.len().max(1)) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(ids) = plan.get(i) else { break };
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                match push_pack(blobs, store, ids, lens, tally) {
+                    Ok(p) => {
+                        if let Some(slot) = done
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .get_mut(i)
+                        {
+                            *slot = Some(p);
+                        }
+                    }
+                    Err(e) => {
+                        stop.store(true, Ordering::Relaxed);
+                        first_err
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .get_or_insert(e);
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = first_err
+        .into_inner()
+        .unwrap_or_else(PoisonError::into_inner)
+    {
+        return Err(e);
+    }
+    let done = done.into_inner().unwrap_or_else(PoisonError::into_inner);
+    // Every slot is filled when no thread failed.
+    Ok(done.into_iter().flatten().collect())
+}
+
+/// Reads pack `ids` from `store` (checking each chunk), uploads it unless
+/// present.
+fn push_pack(
+    blobs: &dyn Blobs,
+    store: &dyn ChunkStore,
+    ids: &[ChunkId],
+    lens: &HashMap<ChunkId, u32>,
+    tally: &Mutex<Tally>,
+) -> Result<IndexedPack> {
+    let size: u64 = ids
+        .iter()
+        .map(|id| u64::from(lens.get(id).copied().unwrap_or(0)))
+        .sum();
+    let mut data = Vec::with_capacity(size as usize);
+    let mut chunks = Vec::with_capacity(ids.len());
+    for id in ids {
+        let bytes = store.get(id)?;
+        let what = || format!("chunk {id} from store {}", store.describe());
+        // A corrupt chunk pushed once would stay in the registry for good.
+        smr_format::chunk::verify(id, &bytes).map_err(|source| RegistryError::Format {
+            what: what(),
+            source,
+        })?;
+        let want = lens.get(id).copied().unwrap_or(0);
+        if bytes.len() as u64 != u64::from(want) {
+            return Err(RegistryError::Format {
+                what: what(),
+                source: FormatError::Recipe(format!(
+                    "the recipe lists {want} stored bytes, the store holds {}",
+                    bytes.len()
+                )),
+            });
+        }
+        chunks.push(IndexedChunk { id: *id, len: want });
+        data.extend_from_slice(&bytes);
+    }
+    let digest = match chunks.as_slice() {
+        // A one-chunk pack is the chunk: its digest is the (verified) id.
+        [only] => format!("sha256:{}", only.id),
+        _ => digest_of(&data),
+    };
+    upload(blobs, &digest, &data, tally)?;
+    Ok(IndexedPack { digest, chunks })
+}
+
+/// Uploads blob `digest` unless the registry has it (HEAD first).
+fn upload(blobs: &dyn Blobs, digest: &str, data: &[u8], tally: &Mutex<Tally>) -> Result<()> {
+    let present = blobs.blob_size(digest)?.is_some() || !blobs.push_blob(digest, data)?;
+    tracing::debug!(blob = %digest, size = data.len(), present, "blob");
+    let mut t = tally.lock().unwrap_or_else(PoisonError::into_inner);
+    t.total += 1;
+    if present {
+        t.skipped += 1;
+        t.bytes_skipped += data.len() as u64;
+    } else {
+        t.uploaded += 1;
+        t.bytes_uploaded += data.len() as u64;
+    }
+    Ok(())
+}
+
+/// Makes the artifact findable from its subject: nothing to do when the
+/// referrers API already lists it, else a read-modify-write of the
+/// fallback tag's image index (entries sorted by digest; other tools'
+/// entries kept as they are). Concurrent pushers to the same subject can
+/// lose each other's entry: the tag schema has no compare-and-swap.
+fn update_referrers(
+    blobs: &dyn Blobs,
+    manifest: &ArtifactManifest,
+    bytes: &[u8],
+    digest: &str,
+) -> Result<ReferrersUpdate> {
+    let repo = blobs.describe();
+    let subject = &manifest.subject.digest;
+    if let Some(list) = blobs.referrers(subject)? {
+        let list = parse_referrers(&repo, &format!("referrers of {subject}"), &list)?;
+        if list.iter().any(|d| d.digest == digest) {
+            return Ok(ReferrersUpdate::Api);
+        }
+        tracing::debug!(%subject, "the referrers API does not list the artifact: writing the fallback tag");
+    }
+    let tag = fallback_tag(subject)
+        .ok_or_else(|| bad(&repo, subject, "subject is not a sha256 digest"))?;
+    let entry =
+        serde_json::to_value(manifest.referrer(bytes)).map_err(|source| RegistryError::Json {
+            what: format!("referrers entry of {digest}"),
+            source,
+        })?;
+    let (mut doc, update) = match blobs.get_manifest(&tag)? {
+        None => (
+            serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": INDEX_MEDIA_TYPE,
+                "manifests": [],
+            }),
+            ReferrersUpdate::TagCreated,
+        ),
+        Some((media_type, old)) => {
+            if media_type != INDEX_MEDIA_TYPE {
+                return Err(bad(
+                    &repo,
+                    &tag,
+                    format!(
+                        "the referrers fallback tag holds a `{media_type}`, not an image index"
+                    ),
+                ));
+            }
+            let doc: serde_json::Value =
+                serde_json::from_slice(&old).map_err(|source| RegistryError::Json {
+                    what: format!("{repo}: referrers index {tag}"),
+                    source,
+                })?;
+            let listed = index_manifests(&doc)
+                .map_err(|reason| bad(&repo, &tag, reason))?
+                .iter()
+                .any(|m| m.get("digest").and_then(|d| d.as_str()) == Some(digest));
+            if listed {
+                return Ok(ReferrersUpdate::TagUnchanged);
+            }
+            (doc, ReferrersUpdate::TagUpdated)
+        }
+    };
+    if let Some(list) = doc.get_mut("manifests").and_then(|m| m.as_array_mut()) {
+        list.push(entry);
+        list.sort_by(|a, b| {
+            let key = |v: &serde_json::Value| {
+                v.get("digest").and_then(|d| d.as_str()).map(str::to_string)
+            };
+            key(a).cmp(&key(b))
+        });
+    }
+    let out = serde_json::to_vec(&doc).map_err(|source| RegistryError::Json {
+        what: format!("referrers index {tag}"),
+        source,
+    })?;
+    blobs.put_manifest(&tag, INDEX_MEDIA_TYPE, &out)?;
+    tracing::info!(%tag, ?update, "referrers fallback tag written");
+    Ok(update)
+}

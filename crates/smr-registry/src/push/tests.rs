@@ -1,0 +1,292 @@
+use super::*;
+use crate::artifact::{ARTIFACT_TYPE, PACK_MEDIA_TYPE};
+use crate::discover::{discover, DiscoverOptions};
+use crate::store::StoreOptions;
+use crate::testing::{tags, test_image, DirBlobs, TestImage};
+use smr_store::LocalStore;
+use std::sync::Arc;
+
+struct Env {
+    _dir: tempfile::TempDir,
+    blobs: Arc<DirBlobs>,
+    store: LocalStore,
+}
+
+fn env(referrers_api: bool) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let blobs = Arc::new(DirBlobs::new(dir.path().join("registry"), referrers_api));
+    let store = LocalStore::open(dir.path().join("store")).unwrap();
+    Env {
+        _dir: dir,
+        blobs,
+        store,
+    }
+}
+
+fn opts(target: u32) -> PushOptions {
+    PushOptions {
+        pack: Some(PackParams::with_target(target)),
+        ..PushOptions::default()
+    }
+}
+
+/// 40 chunks with a zero chunk and a duplicate.
+fn sample(e: &Env, name: &str) -> TestImage {
+    let mut t = tags(&format!("{name}-"), 0..40);
+    t[7] = None;
+    t[20] = t[3].clone();
+    test_image(&e.store, name, &t)
+}
+
+fn do_push(e: &Env, img: &TestImage, o: &PushOptions) -> Result<PushReport> {
+    push(
+        e.blobs.as_ref(),
+        &img.subject,
+        &img.recipe_bytes,
+        &e.store,
+        o,
+    )
+}
+
+/// Every chunk of `img`, read through a registry store and opened.
+fn check_served(e: &Env, img: &TestImage, artifact: &crate::discover::Artifact) {
+    let store = artifact.store(e.blobs.clone(), StoreOptions::default());
+    let keys = artifact.recipe.keys(Some(&img.owner)).unwrap().unwrap();
+    for (pos, entry) in artifact.recipe.chunks.iter().enumerate() {
+        let stored = store.get(&entry.id).unwrap();
+        let plain =
+            smr_format::chunk::open_chunk(&entry.id, keys.get(pos), false, stored, 64 << 10)
+                .unwrap();
+        assert_eq!(&plain, &img.plain[&entry.index], "chunk {}", entry.index);
+    }
+}
+
+#[test]
+fn push_discover_and_serve() {
+    let e = env(false);
+    let img = sample(&e, "a");
+    let r = do_push(&e, &img, &opts(4)).unwrap();
+    assert_eq!(r.chunks, 38); // 40 - zero chunk - duplicate
+    assert_eq!(r.blobs_total, r.packs + 3);
+    assert_eq!((r.blobs_uploaded, r.blobs_skipped), (r.blobs_total, 0));
+    assert_eq!(r.referrers, ReferrersUpdate::TagCreated);
+    assert!(r.manifest_pushed);
+    assert_eq!(e.blobs.blob_count() as u64, r.blobs_total);
+    // The artifact manifest goes first, then the fallback tag.
+    let puts = e.blobs.manifest_puts.lock().unwrap().clone();
+    let tag = fallback_tag(&img.subject.digest).unwrap();
+    assert_eq!(
+        puts,
+        vec![
+            format!("{} {MANIFEST_MEDIA_TYPE}", r.manifest_digest),
+            format!("{tag} {INDEX_MEDIA_TYPE}"),
+        ]
+    );
+
+    let a = discover(
+        e.blobs.as_ref(),
+        &img.subject.digest,
+        &DiscoverOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(a.digest, r.manifest_digest);
+    assert_eq!(a.recipe_bytes, img.recipe_bytes);
+    assert_eq!(a.manifest.artifact_type, ARTIFACT_TYPE);
+    assert_eq!(a.manifest.subject, img.subject);
+    assert_eq!(a.manifest.annotations[ANNOTATION_CHUNK_SIZE], "65536");
+    assert!(a
+        .manifest
+        .packs()
+        .iter()
+        .all(|p| p.media_type == PACK_MEDIA_TYPE));
+    check_served(&e, &img, &a);
+}
+
+#[test]
+fn pushing_twice_uploads_nothing() {
+    let e = env(false);
+    let img = sample(&e, "a");
+    let first = do_push(&e, &img, &opts(4)).unwrap();
+    let uploads = e.blobs.uploads.load(Ordering::Relaxed);
+    let second = do_push(&e, &img, &opts(4)).unwrap();
+    assert_eq!(second.manifest_digest, first.manifest_digest);
+    assert_eq!((second.blobs_uploaded, second.bytes_uploaded), (0, 0));
+    assert_eq!(second.blobs_skipped, first.blobs_total);
+    assert_eq!(second.bytes_skipped, first.bytes_uploaded);
+    assert!(!second.manifest_pushed);
+    assert_eq!(second.referrers, ReferrersUpdate::TagUnchanged);
+    assert_eq!(e.blobs.uploads.load(Ordering::Relaxed), uploads);
+    assert_eq!(e.blobs.manifest_puts.lock().unwrap().len(), 2);
+}
+
+#[test]
+fn the_manifest_is_a_pure_function_of_recipe_and_options() {
+    let (e1, e2) = (env(false), env(true));
+    let (i1, i2) = (sample(&e1, "a"), sample(&e2, "a"));
+    assert_eq!(i1.recipe_bytes, i2.recipe_bytes);
+    let o = PushOptions {
+        threads: 1,
+        ..opts(4)
+    };
+    let r1 = do_push(&e1, &i1, &o).unwrap();
+    let r2 = do_push(&e2, &i2, &opts(4)).unwrap();
+    assert_eq!(r1.manifest_digest, r2.manifest_digest);
+    let r3 = do_push(&e2, &i2, &opts(8)).unwrap();
+    assert_ne!(r3.manifest_digest, r1.manifest_digest);
+}
+
+#[test]
+fn one_chunk_per_pack_names_each_pack_by_its_chunk() {
+    let e = env(false);
+    let img = sample(&e, "a");
+    let r = do_push(&e, &img, &opts(1)).unwrap();
+    assert_eq!(r.packs, 38);
+    let a = discover(
+        e.blobs.as_ref(),
+        &img.subject.digest,
+        &DiscoverOptions::default(),
+    )
+    .unwrap();
+    for (layer, pack) in a.manifest.packs().iter().zip(a.index.packs()) {
+        assert_eq!(layer.digest, format!("sha256:{}", pack.chunks[0].id));
+    }
+    check_served(&e, &img, &a);
+}
+
+#[test]
+fn images_sharing_a_base_share_packs_in_the_registry() {
+    let e = env(false);
+    let base = tags("base-", 0..60);
+    let a = test_image(&e.store, "a", &[base.clone(), tags("a-", 0..10)].concat());
+    let b = test_image(&e.store, "b", &[base, tags("b-", 0..25)].concat());
+    let ra = do_push(&e, &a, &opts(4)).unwrap();
+    let rb = do_push(&e, &b, &opts(4)).unwrap();
+    // Packs entirely inside the base are already there; only those at
+    // the junction and after it are new (plus index, recipe).
+    assert!(rb.blobs_skipped > 60 / 16, "{rb:?}");
+    assert!(rb.bytes_skipped >= (60 - 16) * (64 << 10), "{rb:?}");
+    assert!(rb.bytes_uploaded < ra.bytes_uploaded, "{ra:?} {rb:?}");
+}
+
+#[test]
+fn the_referrers_api_needs_no_fallback_tag() {
+    let e = env(true);
+    let img = sample(&e, "a");
+    let r = do_push(&e, &img, &opts(4)).unwrap();
+    assert_eq!(r.referrers, ReferrersUpdate::Api);
+    let tag = fallback_tag(&img.subject.digest).unwrap();
+    assert!(e.blobs.get_manifest(&tag).unwrap().is_none());
+    let a = discover(
+        e.blobs.as_ref(),
+        &img.subject.digest,
+        &DiscoverOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(a.digest, r.manifest_digest);
+}
+
+#[test]
+fn the_fallback_tag_keeps_other_entries_sorted() {
+    let e = env(false);
+    let img = sample(&e, "a");
+    let tag = fallback_tag(&img.subject.digest).unwrap();
+    let foreign = serde_json::json!({
+        "mediaType": MANIFEST_MEDIA_TYPE,
+        "digest": digest_of(b"a signature"),
+        "size": 11,
+        "artifactType": "application/vnd.dev.cosign.artifact.sig.v1+json",
+        "annotations": {"x": "y"},
+        "extra": [1, 2],
+    });
+    let doc = serde_json::json!({"schemaVersion": 2, "mediaType": INDEX_MEDIA_TYPE, "manifests": [foreign]});
+    e.blobs
+        .put_manifest(&tag, INDEX_MEDIA_TYPE, &serde_json::to_vec(&doc).unwrap())
+        .unwrap();
+
+    let r4 = do_push(&e, &img, &opts(4)).unwrap();
+    assert_eq!(r4.referrers, ReferrersUpdate::TagUpdated);
+    let r1 = do_push(&e, &img, &opts(1)).unwrap();
+    assert_eq!(r1.referrers, ReferrersUpdate::TagUpdated);
+
+    let (_, bytes) = e.blobs.get_manifest(&tag).unwrap().unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    let list = doc["manifests"].as_array().unwrap();
+    assert_eq!(list.len(), 3);
+    assert!(list.contains(&foreign), "{doc}");
+    let digests: Vec<&str> = list.iter().map(|m| m["digest"].as_str().unwrap()).collect();
+    let mut sorted = digests.clone();
+    sorted.sort_unstable();
+    assert_eq!(digests, sorted);
+    // Both artifacts are listed; discovery picks the smaller digest.
+    let found = crate::discover::list_artifacts(e.blobs.as_ref(), &img.subject.digest).unwrap();
+    assert_eq!(found.len(), 2);
+    let a = discover(
+        e.blobs.as_ref(),
+        &img.subject.digest,
+        &DiscoverOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        a.digest,
+        r1.manifest_digest.clone().min(r4.manifest_digest.clone())
+    );
+}
+
+#[test]
+fn a_subject_that_is_not_the_recipes_source_is_refused() {
+    let e = env(false);
+    let img = sample(&e, "a");
+    let other = Descriptor::of(MANIFEST_MEDIA_TYPE, b"another manifest");
+    let err = push(
+        e.blobs.as_ref(),
+        &other,
+        &img.recipe_bytes,
+        &e.store,
+        &opts(4),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("was converted from") && err.contains(&img.subject.digest),
+        "{err}"
+    );
+    assert_eq!(e.blobs.blob_count(), 0);
+}
+
+#[test]
+fn a_missing_or_corrupt_chunk_fails_before_any_manifest() {
+    let e = env(false);
+    let img = sample(&e, "a");
+    let recipe = Recipe::decode(&img.recipe_bytes).unwrap();
+    let victim = recipe.chunks[25].id;
+
+    std::fs::write(e.store.chunk_path(&victim), b"rotten").unwrap();
+    let err = do_push(&e, &img, &opts(4)).unwrap_err().to_string();
+    assert!(
+        err.contains(&victim.to_hex()) && err.contains("hash mismatch"),
+        "{err}"
+    );
+
+    std::fs::remove_file(e.store.chunk_path(&victim)).unwrap();
+    let err = do_push(&e, &img, &opts(4)).unwrap_err().to_string();
+    assert!(
+        err.contains(&victim.to_hex()) && err.contains("missing"),
+        "{err}"
+    );
+    assert!(e.blobs.manifest_puts.lock().unwrap().is_empty());
+}
+
+#[test]
+fn an_empty_image_pushes_an_artifact_without_packs() {
+    let e = env(false);
+    let img = test_image(&e.store, "empty", &[None, None]);
+    let r = do_push(&e, &img, &PushOptions::default()).unwrap();
+    assert_eq!((r.packs, r.chunks, r.blobs_total), (0, 0, 3));
+    let a = discover(
+        e.blobs.as_ref(),
+        &img.subject.digest,
+        &DiscoverOptions::default(),
+    )
+    .unwrap();
+    assert!(a.manifest.packs().is_empty());
+}

@@ -1,0 +1,219 @@
+//! The resilience policy of the remote stores, in one place.
+//!
+//! A backend writes one attempt of an operation (`get_once`, ...) that maps
+//! its client's failures to [`StoreError`]s; [`Remote::run`] turns it into
+//! an operation that waits for one of the store's request slots, retries
+//! transient failures with exponential backoff and jitter (at least as long
+//! as a `Retry-After` asks), and gives up at the deadline with an error that
+//! names the store, the chunk and the time spent. Nothing persists between
+//! operations except the connection pool, so when a server comes back the
+//! next operation simply succeeds.
+
+use crate::error::{Op, StoreError, TransportKind};
+use crate::options::RemoteOptions;
+use crate::Result;
+use smr_format::ChunkId;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::Semaphore;
+
+/// The retry loop and request slots of one remote store.
+#[derive(Debug)]
+pub(crate) struct Remote {
+    store: String,
+    options: RemoteOptions,
+    slots: Semaphore,
+}
+
+impl Remote {
+    /// A policy for the store described as `store` (no credentials).
+    pub(crate) fn new(store: String, options: RemoteOptions) -> Self {
+        let slots = Semaphore::new(options.max_in_flight.clamp(1, Semaphore::MAX_PERMITS));
+        Remote {
+            store,
+            options,
+            slots,
+        }
+    }
+
+    /// The store's description.
+    pub(crate) fn store(&self) -> &str {
+        &self.store
+    }
+
+    /// The options in force.
+    pub(crate) fn options(&self) -> &RemoteOptions {
+        &self.options
+    }
+
+    /// Runs `attempt` until it succeeds, fails permanently, or the deadline
+    /// passes. Each attempt holds one request slot; backoff does not.
+    pub(crate) async fn run<T, F, Fut>(&self, op: Op, id: ChunkId, mut attempt: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let start = Instant::now();
+        let deadline = self.options.deadline;
+        let mut attempts = 0u32;
+        let mut last = None;
+        loop {
+            let remaining = deadline.saturating_sub(start.elapsed());
+            if remaining.is_zero() {
+                let last = last.unwrap_or_else(|| self.cut(op, id, false));
+                return Err(self.gave_up(op, id, start, attempts, last));
+            }
+            attempts += 1;
+            let got_slot = AtomicBool::new(false);
+            let outcome = tokio::time::timeout(remaining, async {
+                // The semaphore is never closed; without a permit we would
+                // only exceed the bound, never hang.
+                let _slot = self.slots.acquire().await;
+                got_slot.store(true, Ordering::Relaxed);
+                attempt().await
+            })
+            .await;
+            let err = match outcome {
+                Ok(Ok(v)) => {
+                    if attempts > 1 {
+                        tracing::info!(store = %self.store, chunk = %id, %op, attempts, "succeeded after retries");
+                    }
+                    return Ok(v);
+                }
+                Ok(Err(e)) if !e.is_transient() => return Err(e),
+                Ok(Err(e)) => e,
+                Err(_) => {
+                    let cut = self.cut(op, id, got_slot.load(Ordering::Relaxed));
+                    return Err(self.gave_up(op, id, start, attempts, cut));
+                }
+            };
+            let remaining = deadline.saturating_sub(start.elapsed());
+            let backoff = backoff(&self.options, attempts);
+            let wait = match err.retry_after() {
+                // The server will not serve us before the deadline.
+                Some(asked) if asked >= remaining => {
+                    return Err(self.gave_up(op, id, start, attempts, err));
+                }
+                Some(asked) => asked.max(backoff),
+                None => backoff,
+            }
+            .min(remaining);
+            tracing::warn!(
+                store = %self.store,
+                chunk = %id,
+                %op,
+                attempt = attempts,
+                "{err}; attempt {attempts} failed, retrying in {} ms",
+                wait.as_millis()
+            );
+            last = Some(err);
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// The error of an attempt cut short by the deadline.
+    fn cut(&self, op: Op, id: ChunkId, got_slot: bool) -> StoreError {
+        let what = if got_slot {
+            "no complete answer before the deadline".to_string()
+        } else {
+            format!(
+                "still waiting for one of {} request slots at the deadline",
+                self.options.max_in_flight
+            )
+        };
+        StoreError::Transport {
+            store: self.store.clone(),
+            id,
+            op,
+            kind: TransportKind::Timeout,
+            cause: std::io::Error::new(std::io::ErrorKind::TimedOut, what).into(),
+        }
+    }
+
+    fn gave_up(
+        &self,
+        op: Op,
+        id: ChunkId,
+        start: Instant,
+        attempts: u32,
+        last: StoreError,
+    ) -> StoreError {
+        let e = StoreError::GaveUp {
+            store: self.store.clone(),
+            id,
+            op,
+            elapsed: start.elapsed(),
+            deadline: self.options.deadline,
+            attempts,
+            last: Box::new(last),
+        };
+        tracing::warn!(store = %self.store, chunk = %id, %op, "{e}");
+        e
+    }
+}
+
+/// The jittered backoff after the `failures`-th failure (1-based):
+/// `initial * 2^(failures-1)`, capped at `backoff_max`, then a uniformly
+/// random point in its upper half (so concurrent clients spread out while
+/// the delay still grows).
+pub(crate) fn backoff(options: &RemoteOptions, failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(31);
+    let full = options
+        .backoff_initial
+        .saturating_mul(1u32 << exp)
+        .min(options.backoff_max);
+    full.mul_f64(0.5 + 0.5 * fastrand::f64())
+}
+
+/// Parses an HTTP `Retry-After` value: delay-seconds, or an IMF-fixdate
+/// (`Sun, 06 Nov 1994 08:49:37 GMT`) taken relative to `now` (a date in
+/// the past means "now"). Other forms yield `None` and plain backoff.
+pub(crate) fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = parse_imf_fixdate(value)?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+fn parse_imf_fixdate(s: &str) -> Option<SystemTime> {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let (_weekday, rest) = s.split_once(", ")?;
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let [day, month, year, time, "GMT"] = fields.as_slice() else {
+        return None;
+    };
+    let day: i64 = day.parse().ok()?;
+    let month = MONTHS.iter().position(|m| m == month)? as i64 + 1;
+    let year: i64 = year.parse().ok()?;
+    let hms: Vec<i64> = time
+        .split(':')
+        .map(|p| p.parse().ok())
+        .collect::<Option<_>>()?;
+    let [h, m, sec] = hms.as_slice() else {
+        return None;
+    };
+    if !(1..=31).contains(&day) || *h > 23 || *m > 59 || *sec > 60 {
+        return None;
+    }
+    let secs = days_from_civil(year, month, day) * 86_400 + h * 3600 + m * 60 + sec;
+    Some(UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).ok()?))
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests;

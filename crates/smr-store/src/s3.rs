@@ -1,0 +1,385 @@
+//! A read-write chunk store in an S3-compatible bucket, through
+//! `object_store`: `s3://bucket/prefix` holds `prefix/chunks/<2 hex>/<64 hex>`,
+//! the local store's layout.
+//!
+//! Credentials, region and endpoint come from the environment as
+//! `AmazonS3Builder::from_env` reads it (`AWS_ACCESS_KEY_ID`,
+//! `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`,
+//! `AWS_ENDPOINT_URL` / `AWS_ENDPOINT`, `AWS_ALLOW_HTTP`, ...), and can be
+//! overridden with [`S3StoreBuilder`].
+//!
+//! `put` asks with a HEAD first (most chunks of a new image already exist)
+//! and then writes with `If-None-Match: *`, so concurrent writers never
+//! overwrite each other. Stores without conditional writes can set
+//! `AWS_CONDITIONAL_PUT=disabled`: the PUT then overwrites, which is
+//! harmless for content-addressed chunks.
+//!
+//! `object_store`'s own retries are switched off: the [`RemoteOptions`]
+//! policy applies, as for every remote store. So that it can see statuses,
+//! a wrapping HTTP connector (`s3/status.rs`) reports retryable HTTP
+//! statuses as typed transport errors.
+
+mod status;
+
+use crate::error::{Op, StoreError, TransportKind};
+use crate::location::redact;
+use crate::options::RemoteOptions;
+use crate::retry::Remote;
+use crate::runtime::block_on;
+use crate::{ChunkStore, PutOutcome, Result};
+use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::client::{ClientConfigKey, HttpError, HttpErrorKind};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig};
+use smr_format::ChunkId;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A chunk store in an S3-compatible bucket. See the module documentation.
+#[derive(Clone)]
+pub struct S3Store {
+    inner: Arc<Inner>,
+}
+
+/// Shows the location and options, never the credentials.
+impl std::fmt::Debug for S3Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Store")
+            .field("store", &self.inner.remote.store())
+            .field("conditional_put", &self.inner.conditional_put)
+            .field("options", self.inner.remote.options())
+            .finish()
+    }
+}
+
+struct Inner {
+    s3: AmazonS3,
+    /// The key prefix (no leading or trailing `/`; may be empty).
+    prefix: Path,
+    /// Whether writes use `If-None-Match: *`.
+    conditional_put: bool,
+    remote: Remote,
+}
+
+/// Settings of an [`S3Store`] beyond its location; starts from the
+/// environment (see the module documentation).
+pub struct S3StoreBuilder {
+    store: String,
+    bucket: String,
+    prefix: Path,
+    s3: AmazonS3Builder,
+    options: RemoteOptions,
+}
+
+impl S3Store {
+    /// Opens `s3://bucket[/prefix]` with settings from the environment.
+    /// Nothing is requested until the first operation.
+    pub fn open(location: &str, options: RemoteOptions) -> Result<Self> {
+        Self::builder(location)?.options(options).build()
+    }
+
+    /// A builder for `s3://bucket[/prefix]`, starting from the environment.
+    pub fn builder(location: &str) -> Result<S3StoreBuilder> {
+        let invalid = |reason: &str| StoreError::InvalidLocation {
+            location: redact(location),
+            reason: reason.to_string(),
+        };
+        let rest = location
+            .split_once("://")
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("s3"))
+            .map(|(_, rest)| rest)
+            .ok_or_else(|| invalid("expected s3://bucket[/prefix]"))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.contains('@') {
+            return Err(invalid(
+                "credentials in s3:// locations are not supported; use AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+            ));
+        }
+        if bucket.is_empty() || bucket.contains(['?', '#']) || prefix.contains(['?', '#']) {
+            return Err(invalid("expected s3://bucket[/prefix]"));
+        }
+        let prefix = prefix.trim_matches('/');
+        let store = match prefix {
+            "" => format!("s3://{bucket}"),
+            p => format!("s3://{bucket}/{p}"),
+        };
+        let prefix = Path::parse(prefix).map_err(|e| invalid(&e.to_string()))?;
+        Ok(S3StoreBuilder {
+            store,
+            bucket: bucket.to_string(),
+            prefix,
+            s3: AmazonS3Builder::from_env(),
+            options: RemoteOptions::default(),
+        })
+    }
+}
+
+/// Shows the location and options, never the credentials.
+impl std::fmt::Debug for S3StoreBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3StoreBuilder")
+            .field("store", &self.store)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl S3StoreBuilder {
+    /// Timeouts, deadline, retries and concurrency.
+    pub fn options(mut self, options: RemoteOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// The S3 endpoint, e.g. `http://127.0.0.1:9000` (path-style requests).
+    pub fn endpoint(mut self, endpoint: &str) -> Self {
+        self.s3 = self.s3.with_endpoint(endpoint);
+        self
+    }
+
+    /// Whether plain `http://` endpoints are allowed.
+    pub fn allow_http(mut self, allow: bool) -> Self {
+        self.s3 = self.s3.with_allow_http(allow);
+        self
+    }
+
+    /// The region (default `us-east-1`).
+    pub fn region(mut self, region: &str) -> Self {
+        self.s3 = self.s3.with_region(region);
+        self
+    }
+
+    /// Static credentials instead of the environment's.
+    pub fn credentials(mut self, access_key_id: &str, secret_access_key: &str) -> Self {
+        self.s3 = self
+            .s3
+            .with_access_key_id(access_key_id)
+            .with_secret_access_key(secret_access_key);
+        self
+    }
+
+    /// Builds the store (no request is made).
+    pub fn build(self) -> Result<S3Store> {
+        let o = &self.options;
+        let ms = |d: Duration| format!("{}ms", d.as_millis().max(1));
+        let conditional_put = !matches!(
+            self.s3.get_config_value(&AmazonS3ConfigKey::ConditionalPut).as_deref(),
+            Some(v) if v.trim().eq_ignore_ascii_case("disabled")
+        );
+        let client = |key| AmazonS3ConfigKey::Client(key);
+        let s3 = self
+            .s3
+            .with_bucket_name(&self.bucket)
+            .with_config(
+                client(ClientConfigKey::ConnectTimeout),
+                ms(o.connect_timeout),
+            )
+            .with_config(client(ClientConfigKey::ReadTimeout), ms(o.read_timeout))
+            .with_config(client(ClientConfigKey::Timeout), ms(o.deadline))
+            .with_retry(RetryConfig {
+                max_retries: 0,
+                retry_timeout: o.deadline,
+                ..RetryConfig::default()
+            })
+            .with_http_connector(status::StatusConnector)
+            .build()
+            .map_err(|e| StoreError::Client {
+                store: self.store.clone(),
+                cause: e.into(),
+            })?;
+        Ok(S3Store {
+            inner: Arc::new(Inner {
+                s3,
+                prefix: self.prefix,
+                conditional_put,
+                remote: Remote::new(self.store, self.options),
+            }),
+        })
+    }
+}
+
+impl Inner {
+    fn store(&self) -> String {
+        self.remote.store().to_string()
+    }
+
+    fn key(&self, id: &ChunkId) -> Path {
+        let hex = id.to_hex();
+        let (fanout, _) = hex.split_at(2);
+        self.prefix
+            .clone()
+            .join("chunks")
+            .join(fanout)
+            .join(hex.as_str())
+    }
+
+    async fn get_once(&self, id: ChunkId) -> Result<Vec<u8>> {
+        let got = self
+            .s3
+            .get(&self.key(&id))
+            .await
+            .map_err(|e| self.error(Op::Get, id, e))?;
+        let (size, limit) = (got.meta.size, self.remote.options().max_object_bytes);
+        if size > limit {
+            return Err(StoreError::TooLarge {
+                store: self.store(),
+                id,
+                size,
+                limit,
+            });
+        }
+        let bytes = got.bytes().await.map_err(|e| self.error(Op::Get, id, e))?;
+        if bytes.len() as u64 != size {
+            return Err(StoreError::LengthMismatch {
+                store: self.store(),
+                id,
+                expected: size,
+                got: bytes.len() as u64,
+            });
+        }
+        Ok(Vec::from(bytes))
+    }
+
+    async fn exists_once(&self, op: Op, id: ChunkId) -> Result<bool> {
+        match self.s3.head(&self.key(&id)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(self.error(op, id, e)),
+        }
+    }
+
+    async fn put_once(&self, id: ChunkId, payload: PutPayload) -> Result<PutOutcome> {
+        if self.exists_once(Op::Put, id).await? {
+            return Ok(PutOutcome::Existed);
+        }
+        let mode = match self.conditional_put {
+            true => PutMode::Create,
+            false => PutMode::Overwrite,
+        };
+        match self
+            .s3
+            .put_opts(&self.key(&id), payload, PutOptions::from(mode))
+            .await
+        {
+            Ok(_) => Ok(PutOutcome::Written),
+            // Someone wrote it since the HEAD (or a retried PUT had landed).
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) => Ok(PutOutcome::Existed),
+            Err(e) => Err(self.error(Op::Put, id, e)),
+        }
+    }
+
+    /// Maps an `object_store` error of `op` on chunk `id`.
+    fn error(&self, op: Op, id: ChunkId, e: object_store::Error) -> StoreError {
+        let store = self.store();
+        match e {
+            // A missing bucket is a broken location, not a missing chunk.
+            object_store::Error::NotFound { source, .. }
+                if status::s3_code(&*source).as_deref() == Some("NoSuchBucket") =>
+            {
+                StoreError::Remote {
+                    store,
+                    id,
+                    op,
+                    cause: "the bucket does not exist (NoSuchBucket)".into(),
+                }
+            }
+            object_store::Error::NotFound { .. } => StoreError::Missing { id, store },
+            object_store::Error::PermissionDenied { source, .. } => StoreError::Denied {
+                store,
+                id,
+                op,
+                reason: status::s3_reason(&*source, "HTTP 403 Forbidden"),
+            },
+            object_store::Error::Unauthenticated { source, .. } => StoreError::Denied {
+                store,
+                id,
+                op,
+                reason: status::s3_reason(&*source, "HTTP 401 Unauthorized"),
+            },
+            e => match classify(&e) {
+                Class::Status(s) => StoreError::Status {
+                    store,
+                    id,
+                    op,
+                    status: s.status,
+                    retry_after: s.retry_after,
+                },
+                Class::Transport(kind) => StoreError::Transport {
+                    store,
+                    id,
+                    op,
+                    kind,
+                    cause: e.into(),
+                },
+                Class::Other => StoreError::Remote {
+                    store,
+                    id,
+                    op,
+                    cause: e.into(),
+                },
+            },
+        }
+    }
+}
+
+enum Class {
+    Status(status::RetryableStatus),
+    Transport(TransportKind),
+    Other,
+}
+
+/// Finds what failed in an `object_store` error's chain: a retryable
+/// status (from [`status::StatusConnector`]) or a transport error.
+fn classify(e: &object_store::Error) -> Class {
+    let mut class = Class::Other;
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(s) = err.downcast_ref::<status::RetryableStatus>() {
+            return Class::Status(*s);
+        }
+        if let Some(h) = err.downcast_ref::<HttpError>() {
+            class = Class::Transport(match h.kind() {
+                HttpErrorKind::Connect => TransportKind::Connect,
+                HttpErrorKind::Timeout => TransportKind::Timeout,
+                HttpErrorKind::Request | HttpErrorKind::Interrupted => TransportKind::Interrupted,
+                _ => TransportKind::Other,
+            });
+        }
+        cur = err.source();
+    }
+    class
+}
+
+impl ChunkStore for S3Store {
+    fn describe(&self) -> String {
+        self.inner.store()
+    }
+
+    fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        let (inner, id) = (self.inner.clone(), *id);
+        block_on(async move { inner.remote.run(Op::Get, id, || inner.get_once(id)).await })
+    }
+
+    fn exists(&self, id: &ChunkId) -> Result<bool> {
+        let (inner, id) = (self.inner.clone(), *id);
+        block_on(async move {
+            let exists = || inner.exists_once(Op::Exists, id);
+            inner.remote.run(Op::Exists, id, exists).await
+        })
+    }
+
+    fn put(&self, id: &ChunkId, data: &[u8]) -> Result<PutOutcome> {
+        let (inner, id) = (self.inner.clone(), *id);
+        let payload = PutPayload::from(data.to_vec());
+        block_on(async move {
+            let put = || inner.put_once(id, payload.clone());
+            inner.remote.run(Op::Put, id, put).await
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
