@@ -26,7 +26,7 @@ use crate::blobs::Blobs;
 use crate::error::RegistryError;
 use crate::pack::PackIndex;
 use smr_format::ChunkId;
-use smr_store::{ChunkStore, PutOutcome, StoreError};
+use smr_store::{ChunkStore, Op, PutOutcome, StoreError, TransportKind};
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,6 +50,10 @@ pub struct StoreOptions {
     /// (default 1 ms: small next to a registry round trip, long enough for
     /// the fetch pool to queue the other chunks of the same read).
     pub linger: Duration,
+    /// How long a `get` keeps retrying transient failures (registry down,
+    /// 5xx, 429) before it gives up with [`StoreError::GaveUp`] (default
+    /// 30 s, as for every remote store; see `SMR_STORE_DEADLINE`).
+    pub deadline: Duration,
 }
 
 impl Default for StoreOptions {
@@ -59,9 +63,16 @@ impl Default for StoreOptions {
             max_gap: 64 << 10,
             max_request: 8 << 20,
             linger: Duration::from_millis(1),
+            deadline: Duration::from_secs(30),
         }
     }
 }
+
+/// First back-off between tries of a failed `get`; it doubles up to
+/// [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest back-off between tries of a failed `get`.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// Counters of a [`RegistryStore`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -371,8 +382,53 @@ impl RegistryStore {
         })
     }
 
+    /// [`ChunkStore::get`]: [`RegistryStore::fetch`] until it succeeds,
+    /// fails for good, or transient failures outlast the deadline. Backs
+    /// off exponentially with jitter, at least as long as a `Retry-After`.
+    fn get_with_deadline(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
+        let start = Instant::now();
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let err = match self.fetch(id) {
+                Ok(bytes) => return Ok(bytes),
+                Err(e) if !e.is_transient() => return Err(e),
+                Err(e) => e,
+            };
+            let exp = FIRST_BACKOFF
+                .saturating_mul(1 << attempts.min(8))
+                .min(MAX_BACKOFF);
+            let wait = (exp / 2 + (exp / 2).mul_f64(fastrand::f64()))
+                .max(err.retry_after().unwrap_or_default());
+            let elapsed = start.elapsed();
+            if elapsed + wait >= self.opts.deadline {
+                return Err(StoreError::GaveUp {
+                    store: self.desc.clone(),
+                    id: *id,
+                    op: Op::Get,
+                    elapsed,
+                    deadline: self.opts.deadline,
+                    attempts,
+                    last: Box::new(err),
+                });
+            }
+            tracing::warn!(store = %self.desc, chunk = %id, attempts, error = %err, "retrying in {:.1} s", wait.as_secs_f64());
+            std::thread::sleep(wait);
+        }
+    }
+
     fn finish(&self, id: &ChunkId, out: Outcome) -> Result<Vec<u8>, StoreError> {
         out.map_err(|err| {
+            if err.source.is_transient() {
+                // The client has already honoured any Retry-After.
+                return StoreError::Transport {
+                    store: self.desc.clone(),
+                    id: *id,
+                    op: Op::Get,
+                    kind: TransportKind::Interrupted,
+                    cause: Box::new(io::Error::other(err.to_string())),
+                };
+            }
             let kind = match err.source {
                 RegistryError::NotFound { .. } => io::ErrorKind::NotFound,
                 _ => io::ErrorKind::Other,
@@ -426,7 +482,7 @@ impl ChunkStore for RegistryStore {
     }
 
     fn get(&self, id: &ChunkId) -> smr_store::Result<Vec<u8>> {
-        self.fetch(id)
+        self.get_with_deadline(id)
     }
 
     fn put(&self, id: &ChunkId, _data: &[u8]) -> smr_store::Result<PutOutcome> {

@@ -75,6 +75,11 @@ impl DirBlobs {
         self.fail.lock().unwrap().insert(digest.to_string());
     }
 
+    /// Undoes [`DirBlobs::fail_ranges`].
+    pub fn heal_ranges(&self, digest: &str) {
+        self.fail.lock().unwrap().remove(digest);
+    }
+
     /// Makes range reads of blob `digest` wait for the returned gate.
     pub fn gate_ranges(&self, digest: &str) -> Arc<Gate> {
         let gate = Arc::new(Gate::default());

@@ -108,15 +108,26 @@ fn adjacent_gets_from_many_threads_are_coalesced() {
     assert_eq!((s.bytes_discarded, s.failed_requests), (0, 0));
 }
 
+/// Lingering 50 ms, giving up on transient failures after `deadline_ms`.
+fn with_deadline(deadline_ms: u64) -> StoreOptions {
+    StoreOptions {
+        deadline: Duration::from_millis(deadline_ms),
+        ..lingering(50)
+    }
+}
+
 #[test]
 fn a_failed_read_reaches_every_waiter_of_its_batch() {
     let fx = fixture(&[8]);
     fx.blobs.fail_ranges(&fx.pack(0));
-    let store = fx.store(lingering(50));
+    // A deadline shorter than the first back-off: one try each.
+    let store = fx.store(with_deadline(10));
     let ids: Vec<ChunkId> = fx.chunks[0].iter().map(|c| c.0).collect();
     let got = get_all(&store, &ids);
     for (r, id) in got.into_iter().zip(&ids) {
-        let err = r.unwrap_err().to_string();
+        let err = r.unwrap_err();
+        assert!(matches!(err, StoreError::GaveUp { .. }), "{err}");
+        let err = err.to_string();
         assert!(err.contains(&id.to_hex()), "{err}");
         assert!(
             err.contains(&fx.pack(0)) && err.contains("injected failure"),
@@ -130,6 +141,35 @@ fn a_failed_read_reaches_every_waiter_of_its_batch() {
     let fx2_ok = fx.blobs.range_requests.load(Relaxed);
     assert!(store.get(&ids[0]).is_err());
     assert_eq!(fx.blobs.range_requests.load(Relaxed), fx2_ok + 1);
+}
+
+#[test]
+fn transient_failures_are_retried_until_the_store_comes_back() {
+    let fx = fixture(&[4]);
+    fx.blobs.fail_ranges(&fx.pack(0));
+    let store = fx.store(with_deadline(20_000));
+    let id = fx.chunks[0][1].0;
+    let reader = {
+        let store = store.clone();
+        thread::spawn(move || store.get(&id))
+    };
+    // The reader blocks, retrying, while the "registry" is down.
+    thread::sleep(Duration::from_millis(400));
+    assert!(!reader.is_finished());
+    let tries = fx.blobs.range_requests.load(Relaxed);
+    assert!(tries >= 2, "{tries} tries in 400 ms");
+    fx.blobs.heal_ranges(&fx.pack(0));
+    assert_eq!(reader.join().unwrap().unwrap(), fx.chunks[0][1].1);
+}
+
+#[test]
+fn missing_chunks_are_not_retried() {
+    let fx = fixture(&[2]);
+    let store = fx.store(with_deadline(20_000));
+    std::fs::remove_dir_all(fx._dir.path().join("blobs")).ok();
+    let err = store.get(&fx.chunks[0][0].0).unwrap_err();
+    assert!(!matches!(err, StoreError::GaveUp { .. }), "{err}");
+    assert_eq!(fx.blobs.range_requests.load(Relaxed), 1);
 }
 
 #[test]
@@ -166,6 +206,7 @@ fn requests_in_flight_are_capped() {
         max_gap: 0,
         max_request: 1,
         linger: Duration::ZERO,
+        ..StoreOptions::default()
     });
     let handles: Vec<_> = fx.chunks[0]
         .iter()
