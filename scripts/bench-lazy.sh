@@ -7,12 +7,18 @@
 #     run builds it);
 #  2. fetch concurrency: max fetches in flight (`--stats` max_inflight);
 #  3. warm read of every file (`tar -cf - . | wc -c`) over `smr mount` vs
-#     the plain loop mount;
-#  4. warm NBD: nbdcopy of `smr serve-nbd` vs `qemu-nbd` of the image;
-#  5. memory: peak RSS (VmHWM) of 4 `smr serve-nbd` processes (4 images)
-#     under concurrent nbdcopy load, and of the FUSE server of `smr mount`.
+#     the plain loop mount (recipe at the default chunk size);
+#  4. warm NBD: nbdcopy of `smr serve-nbd` vs `qemu-nbd` of the image
+#     (default chunk size), with the server's CPU seconds;
+#  5. memory: peak RSS (VmHWM) of ONE `smr serve-nbd` process serving 4
+#     images (one store, one cache) under 4 concurrent nbdcopy (multi-conn),
+#     cold then warm; and of the FUSE server of `smr mount`.
 # Page cache dropped before every timed command. Needs root.
 # Usage: scripts/bench-lazy.sh [ROUNDS]   (prints markdown tables)
+# Env: SMR_BENCH_SIZES (chunk sizes of the cold start, default 64K..1M),
+#      SMR_BENCH_RAS (loop read_ahead_kb values, default "0 16 128"),
+#      SMR_BENCH_WARM_CS (chunk size of the warm and memory tests, default
+#      64K, the default of `smr convert`).
 set -euo pipefail
 rounds=${1:-3}
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -21,6 +27,7 @@ layout=$cache/oci
 tag=debian-python
 sizes=${SMR_BENCH_SIZES:-64K 128K 256K 512K 1M}
 ras=${SMR_BENCH_RAS:-0 16 128}
+wcs=${SMR_BENCH_WARM_CS:-64K}
 pycmd=(python3 -c 'import numpy')
 smr=$here/target/release/smr
 [ -x "$smr" ] || (cd "$here" && cargo build --release -q -p smr)
@@ -49,16 +56,21 @@ elapsed() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv
 log() { echo "bench-lazy: $*" >&2; }
 
 head -c 32 /dev/urandom > "$work/key"
-log "converting $tag at chunk sizes $sizes"
-for cs in $sizes; do
+log "converting $tag at chunk sizes $sizes (and $wcs)"
+for cs in $sizes $wcs; do
+  [ -f "$work/py-$cs.recipe" ] && continue
   "$smr" convert "oci:$layout:$tag" --store "$work/store-$cs" -o "$work/py-$cs.recipe" \
     --key-file "$work/key" --chunk-size "$cs" 2>/dev/null
 done
-for cs in 64K 512K 1M; do   # more images for the memory test
-  "$smr" convert "oci:$layout:debian" --store "$work/store-deb-$cs" -o "$work/deb-$cs.recipe" \
+# The memory test's 4 images, in one store: debian-python and debian at
+# the warm chunk size, debian at 512K and 1M.
+mem_images=("py:$tag:$wcs" "deb:debian:$wcs" "deb512:debian:512K" "deb1m:debian:1M")
+for spec in "${mem_images[@]}"; do
+  IFS=: read -r name t cs <<<"$spec"
+  "$smr" convert "oci:$layout:$t" --store "$work/store-mem" -o "$work/mem-$name.recipe" \
     --key-file "$work/key" --chunk-size "$cs" 2>/dev/null
 done
-"$smr" extract "$work/py-512K.recipe" --store "$work/store-512K" --key-file "$work/key" \
+"$smr" extract "$work/py-$wcs.recipe" --store "$work/store-$wcs" --key-file "$work/key" \
   -o "$work/py.img" 2>/dev/null
 img_bytes=$(stat -c %s "$work/py.img")
 
@@ -116,10 +128,10 @@ done
 log "warm tar: smr mount (chunk cache warm) vs plain loop mount"
 warm=$work/cache-warm
 mkdir -p "$work/m-smr" "$work/m-smr-dio" "$work/m-loop" "$work/m-loop-dio" "$work/m-loop-kdef"
-"$smr" mount "$work/py-512K.recipe" --store "$work/store-512K" --key-file "$work/key" \
+"$smr" mount "$work/py-$wcs.recipe" --store "$work/store-$wcs" --key-file "$work/key" \
   --cache-dir "$warm" --state-dir "$work/state" "$work/m-smr" 2>/dev/null
 smr_mnts+=("$work/m-smr")
-"$smr" mount "$work/py-512K.recipe" --store "$work/store-512K" --key-file "$work/key" \
+"$smr" mount "$work/py-$wcs.recipe" --store "$work/store-$wcs" --key-file "$work/key" \
   --cache-dir "$warm" --state-dir "$work/state" --direct-io "$work/m-smr-dio" 2>/dev/null
 smr_mnts+=("$work/m-smr-dio")
 smr_ra=$(cat "/sys/block/$(basename "$(findmnt -n -o SOURCE "$work/m-smr")")/queue/read_ahead_kb")
@@ -160,7 +172,7 @@ smr_mnts=(); mnts=(); loops=()
 
 # ---- 4. warm NBD: smr serve-nbd vs qemu-nbd --------------------------------
 log "warm NBD: nbdcopy of smr serve-nbd vs qemu-nbd"
-"$smr" serve-nbd "$work/py-512K.recipe" --store "$work/store-512K" --key-file "$work/key" \
+"$smr" serve-nbd "$work/py-$wcs.recipe" --store "$work/store-$wcs" --key-file "$work/key" \
   --cache-dir "$warm" --socket "$work/smr.sock" --name py 2>"$work/serve.err" &
 pids+=($!)
 qemu-nbd -r -f raw --persistent -x py -k "$work/qemu.sock" "$work/py.img" 2>"$work/qemu.err" &
@@ -168,16 +180,18 @@ pids+=($!)
 for s in smr qemu; do
   for _ in $(seq 100); do [ -S "$work/$s.sock" ] && break; sleep 0.1; done
 done
+cpu_of() { awk '{print $14 + $15}' "/proc/$1/stat"; }   # utime + stime, ticks
 nbdcopy "nbd+unix:///py?socket=$work/smr.sock" null:   # fill the cache (first pass)
 for r in $(seq "$rounds"); do
   for conns in default 1; do
     opt=(); [ "$conns" = 1 ] && opt=(--connections=1)
     for s in smr qemu; do
+      pid=${pids[0]}; [ "$s" = qemu ] && pid=${pids[1]}
       drop
-      t0=$(now)
+      c0=$(cpu_of "$pid"); t0=$(now)
       nbdcopy "${opt[@]}" "nbd+unix:///py?socket=$work/$s.sock" null:
-      t1=$(now)
-      echo "nbd $s $conns $r $(elapsed "$t0" "$t1")" >> "$res"
+      t1=$(now); c1=$(cpu_of "$pid")
+      echo "nbd $s $conns $r $(elapsed "$t0" "$t1") $(( c1 - c0 ))" >> "$res"
     done
   done
 done
@@ -185,40 +199,24 @@ echo "mem serve-nbd(1-image,after-warm-nbdcopy) $(awk '/VmHWM/{h=$2} /RssAnon/{a
 for p in "${pids[@]}"; do kill "$p"; wait "$p" 2>/dev/null || true; done
 pids=()
 
-# ---- 5. memory: 4 images served at once under nbdcopy load -----------------
-log "memory: 4 smr serve-nbd (one export each) under concurrent nbdcopy"
-four=(py-512K deb-64K deb-512K deb-1M)
-mem_cache=$work/cache-mem
-for i in "${!four[@]}"; do
-  rcp=${four[$i]}; st=$work/store-${rcp#py-}
-  "$smr" serve-nbd "$work/$rcp.recipe" --store "$st" --key-file "$work/key" \
-    --cache-dir "$mem_cache" --socket "$work/m$i.sock" --name x 2>/dev/null &
-  pids+=($!)
+# ---- 5. memory: 4 images served by one process under nbdcopy load ----------
+log "memory: one smr serve-nbd with 4 exports under 4 concurrent nbdcopy"
+names=(); recipes=()
+for spec in "${mem_images[@]}"; do
+  IFS=: read -r name _ _ <<<"$spec"; names+=("$name"); recipes+=("$work/mem-$name.recipe")
 done
-for i in "${!four[@]}"; do
-  for _ in $(seq 100); do [ -S "$work/m$i.sock" ] && break; sleep 0.1; done
-done
+"$smr" serve-nbd "${recipes[@]}" --store "$work/store-mem" --key-file "$work/key" \
+  --cache-dir "$work/cache-mem" --socket "$work/mem.sock" 2>/dev/null &
+pids+=($!)
+for _ in $(seq 100); do [ -S "$work/mem.sock" ] && break; sleep 0.1; done
 for pass in cold warm; do
   cp=()
-  for i in "${!four[@]}"; do
-    nbdcopy "nbd+unix:///x?socket=$work/m$i.sock" null: & cp+=($!)
+  for n in "${names[@]}"; do
+    nbdcopy "nbd+unix:///$n?socket=$work/mem.sock" null: & cp+=($!)
   done
   for p in "${cp[@]}"; do wait "$p"; done
+  echo "mem serve-nbd(4-images:${names[*]},4-nbdcopy-at-once,after-$pass) $(awk '/VmHWM/{h=$2} /RssAnon/{a=$2} /^Threads/{t=$2} END{print h, a, t}' "/proc/${pids[0]}/status")" >> "$res"
 done
-for i in "${!four[@]}"; do
-  echo "mem serve-nbd(${four[$i]},4-at-once) $(awk '/VmHWM/{h=$2} /RssAnon/{a=$2} /^Threads/{t=$2} END{print h, a, t}' "/proc/${pids[$i]}/status")" >> "$res"
-done
-for p in "${pids[@]}"; do kill "$p"; wait "$p" 2>/dev/null || true; done
-pids=()
-
-# The same server under a light client (1 connection, 4 requests in
-# flight): how much of the peak is the client's queue depth.
-"$smr" serve-nbd "$work/py-512K.recipe" --store "$work/store-512K" --key-file "$work/key" \
-  --cache-dir "$mem_cache" --socket "$work/light.sock" --name x 2>/dev/null &
-pids+=($!)
-for _ in $(seq 100); do [ -S "$work/light.sock" ] && break; sleep 0.1; done
-nbdcopy --connections=1 --requests=4 "nbd+unix:///x?socket=$work/light.sock" null:
-echo "mem serve-nbd(py-512K,nbdcopy-1-conn-4-requests) $(awk '/VmHWM/{h=$2} /RssAnon/{a=$2} /^Threads/{t=$2} END{print h, a, t}' "/proc/${pids[0]}/status")" >> "$res"
 kill "${pids[0]}"; wait "${pids[0]}" 2>/dev/null || true
 pids=()
 
@@ -229,7 +227,7 @@ res, img_bytes, rounds = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 med = st.median
 L = [l.split() for l in open(res)]
 MiB = 1 << 20
-print(f"Rounds: {rounds} (median shown); image {img_bytes / MiB:.0f} MiB (512K recipe)\n")
+print(f"Rounds: {rounds} (median shown); image {img_bytes / MiB:.0f} MiB\n")
 
 base = collections.defaultdict(list)
 for l in L:
@@ -280,14 +278,18 @@ print("### Warm NBD: `nbdcopy nbd+unix:///... null:`, page cache dropped\n")
 nbd = collections.defaultdict(list)
 for l in L:
     if l[0] == "nbd":
-        nbd[(l[1], l[2])].append(float(l[4]))
-print("| server | nbdcopy connections | seconds | MB/s | vs qemu-nbd |")
-print("| --- | --- | --- | --- | --- |")
+        nbd[(l[1], l[2])].append((float(l[4]), int(l[5]) / 100))
+print("| server | nbdcopy connections | seconds | MB/s | server CPU s | vs qemu-nbd (1 conn) | vs qemu-nbd, same round (min-max) |")
+print("| --- | --- | --- | --- | --- | --- | --- |")
+q1 = [x[0] for x in nbd[("qemu", "1")]]
 for (s, c), v in nbd.items():
-    m, q = med(v), med(nbd[("qemu", c)])
+    m = med(x[0] for x in v)
+    cpu = med(x[1] for x in v)
     name = 'smr serve-nbd (chunk cache warm)' if s == 'smr' else 'qemu-nbd -r -f raw'
     cn = "default (4 if multi-conn)" if c == "default" else c
-    print(f"| {name} | {cn} | {m:.2f} | {img_bytes / m / 1e6:.0f} | {q / m:.2f}x |")
+    per = [qv / sv for qv, sv in zip(q1, (x[0] for x in v))]
+    print(f"| {name} | {cn} | {m:.2f} | {img_bytes / m / 1e6:.0f} | {cpu:.2f} | {med(q1) / m:.2f}x "
+          f"| {min(per):.2f}-{max(per):.2f}x |")
 print()
 
 print("### Memory: peak RSS (VmHWM)\n")

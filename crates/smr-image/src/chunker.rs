@@ -4,9 +4,17 @@
 //! region at the start of the image, which it writes last. [`ChunkingSink`]
 //! keeps the chunk being filled and the header chunks in memory; every other
 //! chunk is handed, as soon as it is complete, to worker threads that seal it
-//! (hash, encrypt, optionally compress) and put it in the store, so sealing
-//! runs in parallel with decompression and flattening. All-zero chunks are
-//! never stored. Memory is bounded by the queue depth times the chunk size.
+//! (hash, encrypt, optionally compress), and then to put threads that store
+//! it, so sealing runs in parallel with decompression and flattening.
+//! All-zero chunks are never stored.
+//!
+//! Sealing is CPU work (one thread per core is enough); a put mostly waits
+//! (a local store's two `fsync`s, a remote store's round trip), so there are
+//! more put threads than sealing threads ([`put_threads`]): with many puts
+//! waiting at once, the local store's `fsync`s share journal commits and a
+//! remote store's requests overlap. Memory is bounded by the queue depths
+//! and thread counts times the chunk size (about 40 chunks; fewer put
+//! threads for big chunks).
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use smr_format::{ChunkCodec, ChunkEntry, ChunkKey};
@@ -46,6 +54,25 @@ pub struct Chunked {
     pub stats: ChunkStats,
 }
 
+/// Most threads putting chunks at once.
+pub const MAX_PUT_THREADS: usize = 16;
+
+/// Put threads for chunks of `chunk_size`: [`MAX_PUT_THREADS`], fewer for
+/// chunks over 1 MiB so that chunks waiting to be stored stay within
+/// about 16 MiB (at least 2).
+pub fn put_threads(chunk_size: u64) -> usize {
+    let by_memory = (16 << 20) / chunk_size.max(1);
+    (by_memory as usize).clamp(2, MAX_PUT_THREADS)
+}
+
+/// A sealed chunk on its way to the store.
+struct ToPut {
+    entry: ChunkEntry,
+    key: Option<ChunkKey>,
+    stored: Vec<u8>,
+    plain_len: u64,
+}
+
 struct Sealed {
     entry: ChunkEntry,
     key: Option<ChunkKey>,
@@ -77,16 +104,18 @@ impl ChunkingSink {
     ) -> Self {
         let header_chunks = header_len.div_ceil(chunk_size);
         let encrypts = codec.encrypts();
-        let (tx, rx) = bounded::<(u64, Vec<u8>)>(workers * 4);
+        let workers = workers.max(1);
+        let puts = put_threads(chunk_size);
+        let (tx, rx) = bounded::<(u64, Vec<u8>)>(workers * 2);
+        let (stx, srx) = bounded::<ToPut>(puts);
         let (rtx, results) = crossbeam_channel::unbounded();
-        let workers = (0..workers.max(1))
+        let mut threads: Vec<JoinHandle<()>> = (0..workers)
             .map(|_| {
-                let (rx, rtx, codec, store) =
-                    (rx.clone(), rtx.clone(), codec.clone(), store.clone());
+                let (rx, stx, codec) = (rx.clone(), stx.clone(), codec.clone());
                 std::thread::spawn(move || {
                     for (index, buf) in rx {
                         let sealed = codec.seal(&buf);
-                        let res = store.put(&sealed.id, &sealed.stored).map(|outcome| Sealed {
+                        let job = ToPut {
                             entry: ChunkEntry {
                                 index,
                                 id: sealed.id,
@@ -94,17 +123,36 @@ impl ChunkingSink {
                                 compressed: sealed.compressed,
                             },
                             key: sealed.key,
-                            outcome,
+                            stored: sealed.stored,
                             plain_len: buf.len() as u64,
-                        });
-                        let failed = res.is_err();
-                        if rtx.send(res).is_err() || failed {
+                        };
+                        // Fails only once the put threads stopped on an error.
+                        if stx.send(job).is_err() {
                             return;
                         }
                     }
                 })
             })
             .collect();
+        drop(stx);
+        threads.extend((0..puts).map(|_| {
+            let (srx, rtx, store) = (srx.clone(), rtx.clone(), store.clone());
+            std::thread::spawn(move || {
+                for job in srx {
+                    let res = store.put(&job.entry.id, &job.stored).map(|outcome| Sealed {
+                        entry: job.entry,
+                        key: job.key,
+                        outcome,
+                        plain_len: job.plain_len,
+                    });
+                    let failed = res.is_err();
+                    if rtx.send(res).is_err() || failed {
+                        return;
+                    }
+                }
+            })
+        }));
+        let workers = threads;
         ChunkingSink {
             chunk_size,
             encrypts,

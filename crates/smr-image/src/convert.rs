@@ -10,10 +10,16 @@ use smr_format::{ChunkCodec, OwnerKey, Recipe};
 use smr_store::ChunkStore;
 use std::sync::Arc;
 
+/// The default chunk size: 64 KiB. Chosen by measurement (docs/BENCHMARKS.md,
+/// "Lazy serving"): a cold start fetches whole chunks around what the kernel
+/// reads, and for `python3 -c 'import numpy'` on Debian that is 12-15% of
+/// the image at 64 KiB, 15-17% at 128 KiB and 24% at 512 KiB.
+pub const DEFAULT_CHUNK_SIZE: u64 = 64 << 10;
+
 /// How to convert.
 #[derive(Debug, Clone)]
 pub struct ConvertOptions {
-    /// Chunk size (power of two, 64 KiB..4 MiB).
+    /// Chunk size (power of two, 64 KiB..4 MiB; default [`DEFAULT_CHUNK_SIZE`]).
     pub chunk_size: u64,
     /// How chunks are sealed.
     pub codec: ChunkCodec,
@@ -21,7 +27,8 @@ pub struct ConvertOptions {
     pub platform: Platform,
     /// The owner key sealing the key table (required when the codec encrypts).
     pub owner: Option<OwnerKey>,
-    /// Threads sealing and storing chunks.
+    /// Threads sealing chunks (one per core); storing them has threads of
+    /// its own ([`crate::chunker::put_threads`]).
     pub workers: usize,
 }
 

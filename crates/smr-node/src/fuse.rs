@@ -33,7 +33,7 @@ use fuser::{
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, Request,
 };
 
-use crate::nbd::BlockDevice;
+use crate::nbd::{BlockDevice, ReadPart};
 
 /// Attribute and entry lifetime in the kernel: nothing here ever changes.
 const TTL: Duration = Duration::from_secs(24 * 3600);
@@ -128,16 +128,40 @@ impl ImageFs {
         })
     }
 
-    /// The bytes at `offset`, at most `size` of them, short at the end.
-    fn read_range(&self, offset: u64, size: u32) -> io::Result<Vec<u8>> {
+    /// The parts of a read of at most `size` bytes at `offset` (short at
+    /// the end).
+    fn read_parts(&self, offset: u64, size: u32) -> io::Result<Vec<ReadPart>> {
         let end = self.dev.size();
-        let len = end.saturating_sub(offset).min(u64::from(size));
-        let mut buf = vec![0u8; len as usize];
-        if len > 0 {
-            self.dev.read_at(offset, &mut buf)?;
+        let len = end.saturating_sub(offset).min(u64::from(size)) as usize;
+        if len == 0 {
+            return Ok(Vec::new());
         }
-        Ok(buf)
+        let parts = self.dev.read_parts(offset, len)?;
+        if parts.iter().map(|p| p.len()).sum::<usize>() != len {
+            return Err(io::Error::other(
+                "device returned the wrong number of bytes",
+            ));
+        }
+        Ok(parts)
     }
+}
+
+/// Answers a read with `parts`: straight from the device's buffer when one
+/// part covers it (no copy), else gathered into one buffer.
+fn reply_parts(reply: ReplyData, parts: &[ReadPart]) {
+    if let [one] = parts {
+        if let Some(d) = one.data() {
+            return reply.data(d);
+        }
+    }
+    let mut buf = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for p in parts {
+        match p.data() {
+            Some(d) => buf.extend_from_slice(d),
+            None => buf.resize(buf.len() + p.len(), 0),
+        }
+    }
+    reply.data(&buf)
 }
 
 impl Filesystem for ImageFs {
@@ -196,8 +220,8 @@ impl Filesystem for ImageFs {
         if ino != FILE_INO {
             return reply.error(Errno::EISDIR);
         }
-        match self.read_range(offset, size) {
-            Ok(buf) => reply.data(&buf),
+        match self.read_parts(offset, size) {
+            Ok(parts) => reply_parts(reply, &parts),
             Err(e) => {
                 tracing::error!(offset, size, error = %e, "FUSE read failed; answering EIO");
                 reply.error(Errno::EIO)

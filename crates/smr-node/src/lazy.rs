@@ -3,11 +3,13 @@
 //! `read_at(offset, buf)` maps the range to chunks. Zero chunks (absent
 //! from the recipe) are zeros, with no I/O. Stored chunks come from the
 //! node [`Cache`] (memory tier, then disk), else from the store; every byte
-//! served has been verified against its chunk's SHA-256. Each chunk's bytes
-//! are copied once, straight into the caller's buffer.
+//! served has been verified against its chunk's SHA-256. [`LazyImage::read_at`]
+//! copies each chunk's bytes once, straight into the caller's buffer;
+//! [`LazyImage::read_parts`] (what the NBD server uses) hands out the cached
+//! chunks themselves, so a reply is written from them without any copy.
 //!
-//! A read spanning several chunks that are not in memory loads them in
-//! parallel on the cache's fetch pool. No readahead beyond the request is
+//! A read spanning several chunks that must come from the store fetches
+//! them in parallel on the cache's fetch pool. No readahead beyond the request is
 //! done implicitly: the kernel's readahead already asks for the next blocks
 //! (and `read_ahead_kb` is how to tune it), and guessing here again would
 //! fetch chunks nobody reads. Explicit prefetch ([`LazyImage::prefetch`],
@@ -27,7 +29,7 @@ use smr_store::ChunkStore;
 
 use crate::cache::{Cache, CacheError, DecodeKey};
 use crate::chunks::{ChunkError, ImageChunks};
-use crate::nbd::BlockDevice;
+use crate::nbd::{BlockDevice, ReadPart};
 
 /// A read failed because one chunk could not be produced. Carried inside
 /// the [`io::Error`] returned by [`LazyImage::read_at`].
@@ -162,7 +164,57 @@ impl LazyImage {
     }
 
     fn read_inner(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let len = buf.len() as u64;
+        self.each_chunk(offset, buf.len() as u64, |lo, piece| {
+            let at = (lo - offset) as usize;
+            match piece {
+                ChunkSlice::Zero(n) => buf.get_mut(at..at + n).ok_or_else(range_bug)?.fill(0),
+                ChunkSlice::Data(d, r) => {
+                    let dst = buf.get_mut(at..at + r.len()).ok_or_else(range_bug)?;
+                    dst.copy_from_slice(d.get(r).ok_or_else(range_bug)?);
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Like [`LazyImage::read_at`], but hands out the cached chunks' bytes
+    /// instead of copying them: a part per chunk (zero chunks as
+    /// [`ReadPart::Zero`]). A part that is less than half of its chunk is
+    /// copied, so that a small read never pins a whole chunk.
+    pub fn read_parts(&self, offset: u64, len: usize) -> io::Result<Vec<ReadPart>> {
+        let i = &self.inner;
+        i.reads.fetch_add(1, Ordering::Relaxed);
+        let mut parts: Vec<ReadPart> = Vec::new();
+        let r = self.each_chunk(offset, len as u64, |_, data| {
+            match data {
+                ChunkSlice::Zero(n) => match parts.last_mut() {
+                    Some(ReadPart::Zero(z)) => *z += n,
+                    _ => parts.push(ReadPart::Zero(n)),
+                },
+                ChunkSlice::Data(d, r) if r.len() * 2 < d.len() => {
+                    parts.push(ReadPart::Owned(d.get(r).ok_or_else(range_bug)?.to_vec()))
+                }
+                ChunkSlice::Data(d, r) => parts.push(ReadPart::Shared(d.clone(), r)),
+            }
+            Ok(())
+        });
+        match &r {
+            Ok(()) => i.bytes_read.fetch_add(len as u64, Ordering::Relaxed),
+            Err(_) => i.read_errors.fetch_add(1, Ordering::Relaxed),
+        };
+        r.map(|()| parts)
+    }
+
+    /// Calls `f(start, slice)` for each chunk's piece of `[offset, offset +
+    /// len)`, in order. Chunks that must be fetched from the store, beyond
+    /// the first, are handed to the cache's fetch pool first, so that one
+    /// read's fetches overlap; chunks in the disk cache are loaded here.
+    fn each_chunk(
+        &self,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(u64, ChunkSlice<'_>) -> io::Result<()>,
+    ) -> io::Result<()> {
         let end = offset
             .checked_add(len)
             .filter(|e| *e <= self.size())
@@ -180,16 +232,18 @@ impl LazyImage {
         }
         let cs = self.chunk_size();
         let (first, last) = (offset / cs, (end - 1) / cs);
-        // Chunks that need loading beyond the first such one are handed to
-        // the pool, so one read's fetches overlap. We still load every chunk
-        // ourselves, in order: single flight makes us join a load the pool
-        // has started, and do it ourselves if the pool is busy (with a big
-        // prefetch, say) and has not, so a read never queues behind others.
-        let need: Vec<u64> = (first..=last)
-            .filter(|&c| self.inner.needs_load(c))
-            .collect();
+        // We still load every chunk ourselves, in order: single flight makes
+        // us join a fetch the pool has started, and do it ourselves if the
+        // pool is busy (with a big prefetch, say) and has not, so a read
+        // never queues behind others. Loading from the disk cache is left
+        // to us: handing it to the pool costs more thread switches than it
+        // saves; `needs_fetch` has the kernel start those disk reads
+        // meanwhile (readahead hints), so they still overlap.
         let done = Arc::new(AtomicBool::new(false));
-        for &c in need.get(1..).unwrap_or(&[]) {
+        for c in first + 1..=last {
+            if !self.inner.needs_fetch(c) {
+                continue;
+            }
             let (inner, done) = (self.inner.clone(), done.clone());
             self.inner.cache.spawn(Box::new(move || {
                 if !done.load(Ordering::Relaxed) {
@@ -205,23 +259,20 @@ impl LazyImage {
                 .map_err(|e| self.inner.fail(c, offset, e))?;
             let start = c * cs;
             let (lo, hi) = (offset.max(start), end.min(start + cs));
-            let dst = buf
-                .get_mut((lo - offset) as usize..(hi - offset) as usize)
-                .ok_or_else(|| io::Error::other("read range arithmetic"))?;
-            match data {
-                None => dst.fill(0),
+            let piece = match &data {
+                None => ChunkSlice::Zero((hi - lo) as usize),
                 Some(d) => {
-                    let src = d
-                        .get((lo - start) as usize..(hi - start) as usize)
-                        .ok_or_else(|| {
-                            io::Error::other(format!(
-                                "chunk {c} decoded to {} bytes, too short",
-                                d.len()
-                            ))
-                        })?;
-                    dst.copy_from_slice(src);
+                    let r = (lo - start) as usize..(hi - start) as usize;
+                    if r.end > d.len() {
+                        return Err(io::Error::other(format!(
+                            "chunk {c} decoded to {} bytes, too short",
+                            d.len()
+                        )));
+                    }
+                    ChunkSlice::Data(d, r)
                 }
-            }
+            };
+            f(lo, piece)?;
         }
         Ok(())
     }
@@ -297,6 +348,16 @@ impl LazyImage {
 
 type ChunkResult = Result<Option<Arc<Vec<u8>>>, CacheError>;
 
+/// One chunk's piece of a read: zeros, or a range of its plaintext.
+enum ChunkSlice<'a> {
+    Zero(usize),
+    Data(&'a Arc<Vec<u8>>, std::ops::Range<usize>),
+}
+
+fn range_bug() -> io::Error {
+    io::Error::other("read range arithmetic")
+}
+
 /// Tells pool jobs of a finished read not to bother.
 struct SetOnDrop(Arc<AtomicBool>);
 
@@ -322,9 +383,13 @@ impl Inner {
         Some((pos, key))
     }
 
-    fn needs_load(&self, index: u64) -> bool {
-        self.locate(index)
-            .is_some_and(|(_, k)| !self.cache.in_memory(&k))
+    /// Whether chunk `index` is stored and in neither cache tier (so must
+    /// come from the store). A chunk in the disk tier gets its disk read
+    /// started in the background.
+    fn needs_fetch(&self, index: u64) -> bool {
+        self.locate(index).is_some_and(|(_, k)| {
+            !self.cache.in_memory(&k) && !self.cache.contains_readahead(&k.id)
+        })
     }
 
     /// The plaintext of chunk `index`, `None` for a zero chunk.
@@ -337,7 +402,8 @@ impl Inner {
                 &key,
                 || self.fetch(&key.id),
                 // get_or_fetch hands over only bytes it has hashed against
-                // the chunk's name; do not hash them a second time.
+                // the chunk's name (at insert; loads check the entry's
+                // checksum): do not hash them again.
                 |stored| self.img.open_verified(pos, stored),
             )
             .map(Some)
@@ -383,6 +449,10 @@ impl BlockDevice for LazyImage {
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         LazyImage::read_at(self, offset, buf)
+    }
+
+    fn read_parts(&self, offset: u64, len: usize) -> io::Result<Vec<ReadPart>> {
+        LazyImage::read_parts(self, offset, len)
     }
 
     fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, bool)>> {

@@ -2,9 +2,32 @@
 //!
 //! Writes go to a unique temp name in the same directory, are fsynced and
 //! renamed into place, and the directory is fsynced: a crash leaves either no
-//! chunk or the whole chunk. An existing chunk is never rewritten, so
-//! concurrent writers of the same chunk are harmless (both write identical
-//! bytes; the last rename wins).
+//! chunk or the whole chunk, and `put` returns only once the chunk is
+//! durable. An existing chunk is never rewritten, so concurrent writers of
+//! the same chunk are harmless (both write identical bytes; the last rename
+//! wins).
+//!
+//! # Crash safety and speed
+//! Two `fsync`s per chunk are the price of "durable when `put` returns".
+//! They are paid in parallel, not skipped: the converter stores chunks from
+//! many threads at once (`smr_image::chunker::put_threads`), and ext4 (like
+//! any journaling filesystem) folds the `fsync`s that arrive while a journal
+//! commit is under way into the next commit, so 16 puts in flight cost about
+//! one commit, not 32. Measured in docs/BENCHMARKS.md ("Convert
+//! throughput"). The alternative (no per-chunk `fsync`, one `syncfs` before
+//! the recipe is written) was rejected: once puts overlap it saves far less
+//! than the overlap did (see the benchmark), it makes `put`'s durability depend on every caller syncing, and
+//! after a crash a chunk file could exist with the right name and wrong
+//! contents (delayed allocation), so every `put` of an existing chunk would
+//! have to read it back.
+//!
+//! What a crash leaves, at each step of a `put`: a temp file (`.tmp-*`,
+//! never read as a chunk, harmless garbage), or the complete chunk (data
+//! synced before the rename), possibly without its directory entry if the
+//! directory `fsync` had not finished (then the chunk is simply missing and
+//! the next `put` writes it again). A chunk file of the wrong length (only
+//! damage from outside could make one) is replaced by the next `put` of
+//! that chunk instead of being taken as present.
 
 use crate::{ChunkStore, PutOutcome, Result, StoreError};
 use smr_format::ChunkId;
@@ -78,10 +101,14 @@ impl ChunkStore for LocalStore {
     }
 
     fn put(&self, id: &ChunkId, data: &[u8]) -> Result<PutOutcome> {
-        if self.exists(id)? {
-            return Ok(PutOutcome::Existed);
-        }
         let path = self.chunk_path(id);
+        match fs::symlink_metadata(&path) {
+            Ok(m) if m.is_file() && m.len() == data.len() as u64 => return Ok(PutOutcome::Existed),
+            // Damaged (wrong length) or not a file: replaced by the rename.
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(self.chunk_err(id, e)),
+        }
         let dir = path.parent().expect("chunk path has a parent");
         fs::create_dir_all(dir).map_err(|e| self.chunk_err(id, e))?;
         let tmp = dir.join(format!(
@@ -133,6 +160,21 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 1);
+    }
+
+    #[test]
+    fn put_replaces_a_chunk_file_of_the_wrong_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStore::open(dir.path()).unwrap();
+        let data = vec![7u8; 5000];
+        let id = ChunkId::of(&data);
+        fs::create_dir_all(s.chunk_path(&id).parent().unwrap()).unwrap();
+        for torn in [&data[..0], &data[..4096]] {
+            fs::write(s.chunk_path(&id), torn).unwrap();
+            assert_eq!(s.put(&id, &data).unwrap(), PutOutcome::Written);
+            assert_eq!(s.get(&id).unwrap(), data);
+        }
+        assert_eq!(s.put(&id, &data).unwrap(), PutOutcome::Existed);
     }
 
     #[test]

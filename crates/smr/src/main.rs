@@ -3,6 +3,7 @@
 mod cmd;
 mod keys;
 mod progress;
+mod remote;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

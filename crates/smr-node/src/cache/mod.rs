@@ -5,18 +5,20 @@
 //! - **What is stored.** Entries hold a chunk's *stored* bytes (ciphertext
 //!   when the image is encrypted), as AWS Lambda does: data at rest on the
 //!   node stays encrypted, and decrypting on load is cheap. An entry is
-//!   `DIR/chunks/<2 hex>/<64 hex>`, named by the SHA-256 of its bytes, and
-//!   is re-hashed every time it is loaded from disk; a mismatch deletes the
-//!   entry, counts a `corrupt` event and refetches. Bytes fetched from a
-//!   store are hashed before they are inserted, so nothing unverified is
-//!   ever cached or served. Layout of the directory: `cache/disk.rs`.
+//!   `DIR/chunks/<2 hex>/<64 hex>`, named by the SHA-256 of its bytes.
+//!   Bytes fetched from a store are hashed before they are inserted, so
+//!   nothing unverified is ever cached or served; the insert records the
+//!   entry's CRC-32C, which is checked every time the entry is loaded from
+//!   disk (SHA-256 if the filesystem has no user xattrs); a mismatch
+//!   deletes the entry, counts a `corrupt` event and refetches. Why a CRC
+//!   and what it does not protect against: `cache/disk.rs`.
 //! - **Crash safety.** Inserts write `DIR/tmp/…` (holding `LOCK_EX` on it),
 //!   fsync, then rename into place: a killed process leaves at most a temp
 //!   file, which is never read as an entry and is deleted by the next
 //!   [`Cache::open`] or [`Cache::prune`] once no process holds its lock.
 //!   The directory itself is not fsynced after the rename: a power cut can
 //!   only lose the newest entries, which a cache may.
-//! - **Memory tier.** A byte-bounded LRU (default 32 MiB) of decoded,
+//! - **Memory tier.** A byte-bounded LRU (default 16 MiB) of decoded,
 //!   verified chunks per process, so that the many small reads the kernel
 //!   makes inside one chunk neither re-read nor re-hash it. It is keyed by
 //!   chunk *and* decryption key ([`DecodeKey`]).
@@ -83,8 +85,12 @@ use stats::{Pending, StatsFile};
 pub const DEFAULT_DIR: &str = "/var/lib/smr/cache";
 /// Default disk budget: 10 GiB.
 pub const DEFAULT_BUDGET_BYTES: u64 = 10 << 30;
-/// Default memory tier: 32 MiB per process.
-pub const DEFAULT_MEMORY_BYTES: u64 = 32 << 20;
+/// Default memory tier: 16 MiB per process, shared by every image the
+/// process serves. It only has to hold the chunks that reads are working
+/// through (the kernel reads a chunk in several requests); the disk tier
+/// and the page cache hold the rest. Part of the serving process's memory
+/// budget (under 64 MiB while serving 4 images; docs/BENCHMARKS.md).
+pub const DEFAULT_MEMORY_BYTES: u64 = 16 << 20;
 /// Default number of fetch threads per process.
 pub const DEFAULT_FETCH_THREADS: usize = 16;
 /// How often an active process adds its counters to `DIR/stats`.
@@ -205,6 +211,14 @@ impl Cache {
     /// Whether chunk `id` has an entry on disk (not verified).
     pub fn contains(&self, id: &ChunkId) -> bool {
         disk::exists(&self.layout, id)
+    }
+
+    /// Like [`Cache::contains`], and if the entry exists, starts reading it
+    /// from the disk in the background (so that loading it soon after does
+    /// not wait): what a multi-chunk read does for the chunks after the
+    /// first, so that their disk reads overlap without extra threads.
+    pub fn contains_readahead(&self, id: &ChunkId) -> bool {
+        disk::exists_and_readahead(&self.layout, id)
     }
 
     /// The verified stored bytes of chunk `id`: from disk, or from `fetch`

@@ -211,6 +211,56 @@ proptest! {
     }
 }
 
+/// `read_parts` gives the same bytes as `read_at`, zero chunks as zero
+/// parts (never data), whole-chunk pieces as shared cached chunks, and
+/// small pieces copied (so a small read never pins a whole chunk).
+#[test]
+fn read_parts_share_cached_chunks_and_report_zero_chunks() {
+    let fx = fixture(Duration::ZERO);
+    let lazy = fx.lazy(32 << 20, 1 << 30);
+    let flatten = |parts: &[ReadPart]| {
+        let mut v = Vec::new();
+        for p in parts {
+            match p.data() {
+                Some(d) => v.extend_from_slice(d),
+                None => v.resize(v.len() + p.len(), 0),
+            }
+        }
+        v
+    };
+    for (off, len) in [
+        (0, SIZE),
+        (CS + 100, 3 * CS),
+        (2 * CS, CS),
+        (7 * CS, 5 * CS),
+        (SIZE - 10, 10),
+        (5, 4096),
+    ] {
+        let parts = lazy.read_parts(off, len as usize).expect("parts");
+        assert!(
+            flatten(&parts) == fx.plain[off as usize..(off + len) as usize],
+            "{len} at {off}"
+        );
+    }
+    // Chunks 1..=3: 1 whole (shared), 2 a zero chunk, 3 whole (shared).
+    let parts = lazy.read_parts(CS, (3 * CS) as usize).expect("parts");
+    assert!(
+        matches!(
+            parts.as_slice(),
+            [ReadPart::Shared(..), ReadPart::Zero(z), ReadPart::Shared(..)] if *z == CS as usize
+        ),
+        "{parts:?}"
+    );
+    // A small piece is copied.
+    let parts = lazy.read_parts(CS + 10, 4096).expect("parts");
+    assert!(
+        matches!(parts.as_slice(), [ReadPart::Owned(v)] if v.len() == 4096),
+        "{parts:?}"
+    );
+    let err = lazy.read_parts(SIZE - 10, 11).expect_err("past the end");
+    assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+}
+
 #[test]
 fn spanning_reads_whole_image_and_bounds() {
     let fx = fixture(Duration::from_millis(20));

@@ -1,6 +1,7 @@
 //! What the NBD server exports: the [`BlockDevice`] trait and [`Export`].
 
 use std::io;
+use std::ops::Range;
 use std::sync::Arc;
 
 use super::proto::MAX_STRING_LEN;
@@ -31,6 +32,18 @@ pub trait BlockDevice: Send + Sync + 'static {
         Ok(vec![(len, false)])
     }
 
+    /// The bytes of `[offset, offset + len)` as consecutive [`ReadPart`]s
+    /// covering exactly `len` bytes: what the NBD server sends for a
+    /// `READ` (zero parts become hole chunks in structured replies). A
+    /// device that keeps its data in shared buffers (a chunk cache) hands
+    /// them out without copying. Default: the holes of
+    /// [`BlockDevice::block_status`] as [`ReadPart::Zero`] (when there are
+    /// few) and the rest read with [`BlockDevice::read_at`] into owned
+    /// buffers.
+    fn read_parts(&self, offset: u64, len: usize) -> io::Result<Vec<ReadPart>> {
+        default_read_parts(self, offset, len)
+    }
+
     /// `NBD_CMD_CACHE`: bring the range into the local cache without
     /// returning it. Default: nothing to do.
     fn prefetch(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -54,6 +67,103 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn flush(&self) -> io::Result<()> {
         Ok(())
     }
+}
+
+/// A piece of the bytes of a read (see [`BlockDevice::read_parts`]).
+#[derive(Clone)]
+pub enum ReadPart {
+    /// Bytes owned by this read.
+    Owned(Vec<u8>),
+    /// `range` of a buffer shared with others (e.g. a cached chunk); the
+    /// buffer lives until the reply has been sent.
+    Shared(Arc<Vec<u8>>, Range<usize>),
+    /// This many zero bytes (a hole: nothing to read or copy).
+    Zero(usize),
+}
+
+impl ReadPart {
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            ReadPart::Owned(v) => v.len(),
+            ReadPart::Shared(_, r) => r.len(),
+            ReadPart::Zero(n) => *n,
+        }
+    }
+
+    /// Whether the part is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes, `None` for a zero part.
+    pub fn data(&self) -> Option<&[u8]> {
+        match self {
+            ReadPart::Owned(v) => Some(v),
+            // An out-of-range `range` (a device bug) reads as empty, and the
+            // length check of the caller catches it.
+            ReadPart::Shared(b, r) => Some(b.get(r.clone()).unwrap_or(&[])),
+            ReadPart::Zero(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Debug for ReadPart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadPart::Owned(v) => write!(f, "Owned({})", v.len()),
+            ReadPart::Shared(_, r) => write!(f, "Shared({r:?})"),
+            ReadPart::Zero(n) => write!(f, "Zero({n})"),
+        }
+    }
+}
+
+/// Holes beyond this many in one read are not worth separate parts.
+const MAX_HOLE_PARTS: usize = 64;
+
+/// [`BlockDevice::read_parts`]'s default.
+fn default_read_parts<D: BlockDevice + ?Sized>(
+    d: &D,
+    offset: u64,
+    len: usize,
+) -> io::Result<Vec<ReadPart>> {
+    let mut runs = vec![(len, false)];
+    match d.block_status(offset, len as u64) {
+        Ok(r) => {
+            let mut ex: Vec<(usize, bool)> = Vec::new();
+            let mut left = len;
+            for (l, hole) in r {
+                let take = usize::try_from(l).unwrap_or(usize::MAX).min(left);
+                if take == 0 {
+                    continue;
+                }
+                left -= take;
+                match ex.last_mut() {
+                    Some(last) if last.1 == hole => last.0 += take,
+                    _ => ex.push((take, hole)),
+                }
+            }
+            if left == 0 && ex.len() <= 2 * MAX_HOLE_PARTS {
+                runs = ex;
+            }
+        }
+        Err(e) => {
+            tracing::debug!(offset, len, error = %e, "block status for read failed; reading all")
+        }
+    }
+    let mut parts = Vec::with_capacity(runs.len());
+    let mut at = offset;
+    for (l, hole) in runs {
+        if hole {
+            parts.push(ReadPart::Zero(l));
+        } else {
+            let mut buf = vec![0u8; l];
+            d.read_at(at, &mut buf)?;
+            parts.push(ReadPart::Owned(buf));
+        }
+        at += l as u64;
+    }
+    Ok(parts)
 }
 
 /// One named export of an [`NbdServer`](super::NbdServer).

@@ -31,7 +31,7 @@ mod transmission;
 #[cfg(test)]
 mod tests;
 
-pub use device::{BlockDevice, Export};
+pub use device::{BlockDevice, Export, ReadPart};
 pub use server::{NbdServer, ServerConfig, ServerHandle};
 
 /// Errors of the NBD server. Per-request device errors never surface here:

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use super::device::Export;
@@ -13,6 +13,12 @@ use super::handshake::{negotiate, Outcome};
 use super::{transmission, NbdError, Result};
 
 /// Tunables of an [`NbdServer`]; `Default` suits a node daemon.
+///
+/// Memory: what requests hold is bounded per connection and, across all
+/// connections and exports, per server ([`ServerConfig::server_max_in_flight_bytes`]);
+/// request bytes are held from the time a request is accepted until its
+/// reply has been written, so a client that does not read its replies
+/// holds back only its own share once the server-wide budget is used.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// A client must finish option haggling within this time.
@@ -21,9 +27,15 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Requests of one connection processed concurrently.
     pub max_in_flight: usize,
-    /// READ/WRITE buffer bytes of one connection in flight (raised to at
-    /// least one maximum-size request).
+    /// READ/WRITE buffer bytes of one connection in flight (a larger
+    /// request waits for, and takes, all of it).
     pub max_in_flight_bytes: usize,
+    /// Requests of all connections processed concurrently (each may block
+    /// a thread on a chunk fetch, so this also bounds the server's threads).
+    pub server_max_in_flight: usize,
+    /// READ/WRITE bytes of all connections in flight (a larger request
+    /// waits for, and takes, all of it).
+    pub server_max_in_flight_bytes: usize,
     /// On shutdown, how long connections get to answer in-flight requests.
     pub shutdown_grace: Duration,
 }
@@ -33,9 +45,33 @@ impl Default for ServerConfig {
         Self {
             handshake_timeout: Duration::from_secs(30),
             max_connections: 1024,
-            max_in_flight: 128,
-            max_in_flight_bytes: 64 << 20,
+            max_in_flight: 32,
+            max_in_flight_bytes: 4 << 20,
+            server_max_in_flight: 96,
+            server_max_in_flight_bytes: 16 << 20,
             shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The server-wide request and byte budgets shared by every connection.
+pub(crate) struct Budget {
+    pub(crate) requests: Arc<Semaphore>,
+    pub(crate) bytes: Arc<Semaphore>,
+    /// Permits in `bytes`.
+    pub(crate) max_bytes: usize,
+}
+
+impl Budget {
+    fn new(config: &ServerConfig) -> Self {
+        // A request larger than the whole budget takes all of it.
+        let max_bytes = config
+            .server_max_in_flight_bytes
+            .clamp(1, Semaphore::MAX_PERMITS);
+        Budget {
+            requests: Arc::new(Semaphore::new(config.server_max_in_flight.max(1))),
+            bytes: Arc::new(Semaphore::new(max_bytes)),
+            max_bytes,
         }
     }
 }
@@ -52,6 +88,7 @@ pub(crate) async fn wait_shutdown(rx: &mut Shutdown) {
 struct Shared {
     exports: Vec<Export>,
     config: ServerConfig,
+    budget: Budget,
     stop: watch::Sender<bool>,
 }
 
@@ -98,6 +135,7 @@ impl NbdServer {
         Ok(Self {
             shared: Arc::new(Shared {
                 exports,
+                budget: Budget::new(&config),
                 config,
                 stop,
             }),
@@ -218,7 +256,7 @@ impl NbdServer {
             }
         };
         tracing::debug!(export = %session.export.name, structured = session.structured, "NBD transmission");
-        transmission::serve(reader, writer, session, config, stop).await
+        transmission::serve(reader, writer, session, config, &self.shared.budget, stop).await
     }
 
     /// Serve TCP clients on a runtime of its own, from synchronous code.
@@ -246,8 +284,11 @@ impl NbdServer {
         F: FnOnce(NbdServer) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = Result<()>>,
     {
+        // Device calls run on the blocking pool, at most
+        // `server_max_in_flight` at once; a few more threads for the rest.
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .thread_name(name)
+            .max_blocking_threads(self.shared.config.server_max_in_flight.max(1) + 4)
             .enable_all()
             .build()?;
         let server = self.clone();

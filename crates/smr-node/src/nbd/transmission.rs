@@ -1,17 +1,17 @@
 //! Transmission phase: read requests, run them concurrently on the blocking
 //! pool, send replies (possibly out of order) through one serialized writer.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-use super::device::BlockDevice;
+use super::device::{BlockDevice, ReadPart};
 use super::handshake::Session;
 use super::proto::*;
-use super::server::{wait_shutdown, ServerConfig, Shutdown};
+use super::server::{wait_shutdown, Budget, ServerConfig, Shutdown};
 use super::{NbdError, Result};
 
 /// Everything a request task needs; cheap to clone.
@@ -34,16 +34,12 @@ impl<W> Clone for Ctx<W> {
 }
 
 impl<W: AsyncWrite + Unpin> Ctx<W> {
-    /// Write one complete reply (any number of parts) without interleaving.
+    /// Write one complete reply (any number of parts) without interleaving,
+    /// with as few system calls as the socket takes (vectored writes).
     async fn send(&self, parts: &[&[u8]]) {
+        let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
         let mut w = self.writer.lock().await;
-        let mut res = Ok(());
-        for p in parts {
-            res = w.write_all(p).await;
-            if res.is_err() {
-                break;
-            }
-        }
+        let res = write_all_vectored(&mut *w, &mut slices).await;
         if let Err(e) = res.and(w.flush().await) {
             tracing::debug!(export = %self.export, error = %e, "NBD reply not delivered");
         }
@@ -64,6 +60,22 @@ impl<W: AsyncWrite + Unpin> Ctx<W> {
     async fn send_ok(&self, cookie: u64) {
         self.send(&[&simple_reply(cookie, 0)]).await;
     }
+}
+
+/// Writes all of `bufs` (the slices are consumed).
+async fn write_all_vectored<W: AsyncWrite + Unpin + ?Sized>(
+    w: &mut W,
+    mut bufs: &mut [IoSlice<'_>],
+) -> io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        let n = w.write_vectored(bufs).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut bufs, n);
+    }
+    Ok(())
 }
 
 /// Run `f` against the device on the blocking pool; a panic in the device
@@ -95,6 +107,7 @@ pub(crate) async fn serve<R, W>(
     writer: W,
     session: Session,
     config: &ServerConfig,
+    budget: &Budget,
     mut shutdown: Shutdown,
 ) -> Result<()>
 where
@@ -114,10 +127,10 @@ where
         structured: session.structured,
     };
     let requests = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
-    // Bytes of READ/WRITE buffers in flight; a single request may use the
-    // whole budget (budget is at least one max-size request).
-    let budget = config.max_in_flight_bytes.max(MAX_BLOCK_SIZE as usize);
-    let bytes = Arc::new(Semaphore::new(budget));
+    // Bytes of READ/WRITE buffers in flight; a request larger than the
+    // whole budget waits for all of it.
+    let conn_budget = config.max_in_flight_bytes.clamp(1, Semaphore::MAX_PERMITS);
+    let bytes = Arc::new(Semaphore::new(conn_budget));
     let mut tasks = JoinSet::new();
     let result = loop {
         while let Some(done) = tasks.try_join_next() {
@@ -154,9 +167,13 @@ where
             Command::Read { len, .. } | Command::Write { len, .. } => len as usize,
             _ => 0,
         };
+        // This connection's share first, then the server's: a connection
+        // waiting for its own budget never holds server-wide permits.
         let permits = Permits {
             _request: acquire(&requests, 1).await,
-            _bytes: acquire(&bytes, buffer.min(budget)).await,
+            _bytes: acquire(&bytes, buffer.min(conn_budget)).await,
+            _server_request: acquire(&budget.requests, 1).await,
+            _server_bytes: acquire(&budget.bytes, buffer.min(budget.max_bytes)).await,
         };
         let ctx = ctx.clone();
         let cookie = req.cookie;
@@ -223,9 +240,12 @@ fn refusal_message(errno: u32) -> &'static str {
     }
 }
 
+/// What a request holds while it runs and until its reply is written.
 struct Permits {
     _request: Option<OwnedSemaphorePermit>,
     _bytes: Option<OwnedSemaphorePermit>,
+    _server_request: Option<OwnedSemaphorePermit>,
+    _server_bytes: Option<OwnedSemaphorePermit>,
 }
 
 async fn acquire(sem: &Arc<Semaphore>, n: usize) -> Option<OwnedSemaphorePermit> {
@@ -275,51 +295,42 @@ async fn reply_status<W: AsyncWrite + Unpin>(
     }
 }
 
-/// Data of a read: the bytes (holes already zero) and, for structured
-/// replies, the hole map as `(length, is_hole)` runs covering the buffer.
-struct ReadData {
-    buf: Vec<u8>,
-    runs: Vec<(u32, bool)>,
+/// Zeros for simple replies and `DF` reads of holes.
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+
+/// `n` zero bytes as slices of [`ZEROS`].
+fn zero_slices(mut n: usize, out: &mut Vec<IoSlice<'static>>) {
+    while n > 0 {
+        let take = n.min(ZEROS.len());
+        out.push(IoSlice::new(&ZEROS[..take]));
+        n -= take;
+    }
 }
 
-/// Runs beyond this many are not worth separate chunks: read it all.
-const MAX_READ_RUNS: usize = 64;
+/// Whether the parts cover exactly `len` bytes.
+fn parts_cover(parts: &[ReadPart], len: u32) -> bool {
+    parts.iter().map(|p| p.len() as u64).sum::<u64>() == u64::from(len)
+}
 
-fn read_blocking(
-    d: &dyn BlockDevice,
-    offset: u64,
-    len: u32,
-    want_holes: bool,
-) -> io::Result<ReadData> {
-    let mut runs = vec![(len, false)];
-    if want_holes {
-        match d.block_status(offset, u64::from(len)) {
-            Ok(r) => {
-                let ex = extents_from_runs(&r, len, MAX_READ_RUNS);
-                let covered: u64 = ex.iter().map(|e| u64::from(e.0)).sum();
-                if covered == u64::from(len) && ex.len() < MAX_READ_RUNS {
-                    runs = ex
-                        .into_iter()
-                        .map(|(l, f)| (l, f & STATE_HOLE != 0))
-                        .collect();
-                }
+/// How a read's reply is framed: runs of data parts (one data chunk each)
+/// and zero parts (one hole chunk each), or everything as data.
+fn reply_runs(parts: &[ReadPart], holes: bool) -> Vec<(usize, bool, std::ops::Range<usize>)> {
+    // (byte length, is_hole, range of parts)
+    let mut runs: Vec<(usize, bool, std::ops::Range<usize>)> = Vec::new();
+    for (i, p) in parts.iter().enumerate() {
+        if p.is_empty() {
+            continue;
+        }
+        let hole = holes && matches!(p, ReadPart::Zero(_));
+        match runs.last_mut() {
+            Some(last) if last.1 == hole => {
+                last.0 += p.len();
+                last.2.end = i + 1;
             }
-            Err(e) => {
-                tracing::debug!(offset, len, error = %e, "block status for read failed; reading all")
-            }
+            _ => runs.push((p.len(), hole, i..i + 1)),
         }
     }
-    // Zeroed allocation: holes need no read.
-    let mut buf = vec![0u8; len as usize];
-    let mut at = 0usize;
-    for &(l, hole) in &runs {
-        let end = at + l as usize;
-        if !hole {
-            d.read_at(offset + at as u64, &mut buf[at..end])?;
-        }
-        at = end;
-    }
-    Ok(ReadData { buf, runs })
+    runs
 }
 
 async fn read<W: AsyncWrite + Unpin>(
@@ -330,51 +341,78 @@ async fn read<W: AsyncWrite + Unpin>(
     df: bool,
     permits: Permits,
 ) {
-    let want_holes = ctx.structured && !df;
-    let r = blocking(&ctx.device, move |d| {
-        read_blocking(d, offset, len, want_holes)
-    })
-    .await;
-    let data = match r {
-        Ok(d) => d,
+    let r = blocking(&ctx.device, move |d| d.read_parts(offset, len as usize)).await;
+    let parts = match r {
+        Ok(p) if parts_cover(&p, len) => p,
+        Ok(p) => {
+            let got: u64 = p.iter().map(|p| p.len() as u64).sum();
+            tracing::error!(export = %ctx.export, offset, len, got, "device returned the wrong number of bytes");
+            ctx.send_error(cookie, EIO, "read failed").await;
+            return;
+        }
         Err(e) => {
             tracing::warn!(export = %ctx.export, offset, len, error = %e, "NBD read failed");
             ctx.send_error(cookie, EIO, "read failed").await;
             return;
         }
     };
+    let holes = ctx.structured && !df;
+    let runs = reply_runs(&parts, holes);
+    let mut heads: Vec<u8> = Vec::with_capacity(32 * runs.len().max(1));
     if !ctx.structured {
-        ctx.send(&[&simple_reply(cookie, 0), &data.buf]).await;
-        return;
-    }
-    // Build every chunk header first, then write them with their data under
-    // one lock so the reply is contiguous on the wire.
-    let mut heads: Vec<Vec<u8>> = Vec::with_capacity(data.runs.len());
-    let mut at = 0u32;
-    for (i, &(l, hole)) in data.runs.iter().enumerate() {
-        let flags = if i + 1 == data.runs.len() {
-            REPLY_FLAG_DONE
-        } else {
-            0
-        };
-        let off = offset + u64::from(at);
-        heads.push(if hole {
-            structured_hole(flags, cookie, off, l).to_vec()
-        } else {
-            structured_data_header(flags, cookie, off, l).to_vec()
-        });
-        at += l;
-    }
-    let mut parts: Vec<&[u8]> = Vec::with_capacity(2 * heads.len());
-    let mut at = 0usize;
-    for (h, &(l, hole)) in heads.iter().zip(&data.runs) {
-        parts.push(h);
-        if !hole {
-            parts.push(&data.buf[at..at + l as usize]);
+        heads.extend_from_slice(&simple_reply(cookie, 0));
+    } else {
+        let mut at = offset;
+        for (i, (l, hole, _)) in runs.iter().enumerate() {
+            let flags = if i + 1 == runs.len() {
+                REPLY_FLAG_DONE
+            } else {
+                0
+            };
+            // `l` <= `len`, a u32.
+            let l32 = u32::try_from(*l).unwrap_or(u32::MAX);
+            if *hole {
+                heads.extend_from_slice(&structured_hole(flags, cookie, at, l32));
+            } else {
+                heads.extend_from_slice(&structured_data_header(flags, cookie, at, l32));
+            }
+            at += *l as u64;
         }
-        at += l as usize;
     }
-    ctx.send(&parts).await;
+    // Interleave headers and data as IoSlices; header sizes are fixed per kind.
+    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(2 * runs.len() + parts.len());
+    let mut h = 0usize;
+    if !ctx.structured {
+        slices.push(IoSlice::new(&heads[..16]));
+    }
+    for (_, hole, range) in &runs {
+        if ctx.structured {
+            let n = if *hole { 32 } else { 28 };
+            slices.push(IoSlice::new(&heads[h..h + n]));
+            h += n;
+        }
+        if *hole {
+            continue;
+        }
+        for p in &parts[range.clone()] {
+            match p.data() {
+                Some(d) => slices.push(IoSlice::new(d)),
+                None => {
+                    let mut z = Vec::new();
+                    zero_slices(p.len(), &mut z);
+                    slices.extend(z);
+                }
+            }
+        }
+    }
+    {
+        let mut w = ctx.writer.lock().await;
+        let res = write_all_vectored(&mut *w, &mut slices).await;
+        if let Err(e) = res.and(w.flush().await) {
+            tracing::debug!(export = %ctx.export, error = %e, "NBD reply not delivered");
+        }
+    }
+    drop(parts);
     drop(permits);
 }
 

@@ -1,11 +1,16 @@
 //! `smr convert`: OCI image -> chunks in a store + recipe file.
 
 use crate::keys::KeyArgs;
+use crate::remote::{is_remote, push_converted, RegistryArgs};
 use crate::progress::{bytes_bar, human};
 use anyhow::{bail, Context, Result};
 use smr_format::chunk::default_salt;
 use smr_format::ChunkCodec;
 use smr_image::convert::{convert, ConvertOptions};
+use smr_image::source::ImageSource;
+use smr_registry::pack::PackParams;
+use smr_registry::push::PushOptions;
+use smr_registry::source::RegistrySource;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -24,16 +29,30 @@ pub enum Compress {
 /// Arguments of `smr convert`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Source image: `oci:DIR[:TAG]` or `docker-archive:FILE[:REF]`.
+    /// Source image: `docker://HOST[:PORT]/NAME[:TAG|@DIGEST]`,
+    /// `oci:DIR[:TAG]` or `docker-archive:FILE[:REF]`.
     source: String,
-    /// The chunk store (directory or file:// URL).
+    /// The chunk store: a directory, `file://`, `s3://BUCKET/PREFIX` or
+    /// (read-only, so not here) `http(s)://`. Optional with `--push`, which
+    /// then stages chunks in a temporary directory.
     #[arg(long, env = "SMR_STORE")]
-    store: String,
-    /// Where to write the recipe.
+    store: Option<String>,
+    /// Where to write the recipe (optional with `--push`: the recipe is
+    /// part of the pushed artifact).
     #[arg(short = 'o', long)]
-    out: PathBuf,
+    out: Option<PathBuf>,
+    /// Push the converted image to the source's repository as an smr
+    /// artifact referring to the source image (which stays untouched).
+    #[arg(long)]
+    push: bool,
+    /// With `--push`: chunks per registry blob ("pack") on average; 1 makes
+    /// one blob per chunk (default: packs of about 4 MiB).
+    #[arg(long, value_name = "N", requires = "push")]
+    pack_chunks: Option<u32>,
+    #[command(flatten)]
+    registry: RegistryArgs,
     /// Chunk size: a power of two from 64K to 4M (suffixes K, M).
-    #[arg(long, default_value = "512K", value_parser = parse_size)]
+    #[arg(long, default_value = DEFAULT_CHUNK_ARG, value_parser = parse_size)]
     chunk_size: u64,
     /// Store plaintext chunks named by their SHA-256 (for public images).
     #[arg(long)]
@@ -50,6 +69,9 @@ pub struct Args {
     #[command(flatten)]
     key: KeyArgs,
 }
+
+/// `--chunk-size`'s default, [`smr_image::convert::DEFAULT_CHUNK_SIZE`].
+const DEFAULT_CHUNK_ARG: &str = "64K";
 
 /// Parses `512K`, `1M`, `65536`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -104,8 +126,45 @@ pub fn run(a: Args) -> Result<ExitCode> {
         None => default_salt(),
     };
     let platform = a.platform.parse().context("--platform")?;
-    let src = smr_image::source::open_source(&a.source)?;
-    let store: Arc<dyn smr_store::ChunkStore> = Arc::from(smr_store::open_store(&a.store)?);
+    if a.push && !is_remote(&a.source) {
+        bail!("--push needs a docker:// source: the artifact goes next to the source image");
+    }
+    if !a.push && (a.store.is_none() || a.out.is_none()) {
+        bail!("convert needs --store and -o (or --push, which keeps the recipe and chunks in the registry)");
+    }
+    // With --push and no --store, chunks are staged in a temporary
+    // directory that is removed when we are done, pushed or not.
+    let staging = match &a.store {
+        Some(_) => None,
+        None => Some(
+            tempfile::Builder::new()
+                .prefix("smr-push-")
+                .tempdir()
+                .context("creating a staging directory for the chunks")?,
+        ),
+    };
+    let location = match (&a.store, &staging) {
+        (Some(s), _) => s.clone(),
+        (None, Some(d)) => d.path().display().to_string(),
+        (None, None) => unreachable!("staging exists when --store is absent"),
+    };
+    let registry_src = if is_remote(&a.source) {
+        Some(RegistrySource::open(&a.source, &a.registry.options()?)?)
+    } else {
+        None
+    };
+    let local_src = match &registry_src {
+        Some(_) => None,
+        None => Some(smr_image::source::open_source(&a.source)?),
+    };
+    let src: &dyn ImageSource = match (&registry_src, &local_src) {
+        (Some(r), _) => r,
+        (None, Some(l)) => l.as_ref(),
+        (None, None) => unreachable!("one source is open"),
+    };
+    let store: Arc<dyn smr_store::ChunkStore> = Arc::from(
+        smr_store::open_store(&location).with_context(|| format!("opening the store {location}"))?,
+    );
     let opts = ConvertOptions {
         chunk_size: a.chunk_size,
         codec: ChunkCodec::new(salt, !a.no_encrypt, a.compress == Compress::Zstd),
@@ -114,7 +173,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
     };
     let bar = bytes_bar(0, "converting");
-    let out = convert(src.as_ref(), store.clone(), &opts, &mut |p| {
+    let out = convert(src, store.clone(), &opts, &mut |p| {
         bar.set_message(format!("layer {}/{}", p.layer_index + 1, p.layer_count));
         bar.set_length(p.compressed_size);
         bar.set_position(p.compressed_bytes);
@@ -122,13 +181,15 @@ pub fn run(a: Args) -> Result<ExitCode> {
     .with_context(|| format!("converting {}", a.source))?;
     bar.finish_and_clear();
     let bytes = out.recipe.encode();
-    write_atomic(&a.out, &bytes)?;
+    if let Some(path) = &a.out {
+        write_atomic(path, &bytes)?;
+    }
     let c = &out.chunks;
     let secs = t.elapsed().as_secs_f64();
     eprintln!(
         "converted {} -> {} ({})",
         src.describe(),
-        a.out.display(),
+        a.out.as_ref().map_or("the registry".into(), |p| p.display().to_string()),
         out.recipe.digest()
     );
     eprintln!(
@@ -158,12 +219,45 @@ pub fn run(a: Args) -> Result<ExitCode> {
         out.flatten.tar_bytes as f64 / secs / 1e6,
         human(bytes.len() as u64)
     );
+    if let Some(reg) = &registry_src {
+        if a.push {
+            let opts = PushOptions {
+                pack: a.pack_chunks.map(PackParams::with_target),
+                ..Default::default()
+            };
+            let t = Instant::now();
+            let r = push_converted(reg, &out.recipe.source_digest, &bytes, store.as_ref(), &opts)?;
+            eprintln!(
+                "pushed smr artifact {} to {}: uploaded {} of {} blobs ({}), {} already there ({}); {} packs of {} chunks; referrers: {}; {:.2}s",
+                r.manifest_digest,
+                reg.describe(),
+                r.blobs_uploaded,
+                r.blobs_total,
+                human(r.bytes_uploaded),
+                r.blobs_skipped,
+                human(r.bytes_skipped),
+                r.packs,
+                r.chunks,
+                serde_json::to_value(r.referrers)?.as_str().unwrap_or("?"),
+                t.elapsed().as_secs_f64()
+            );
+        }
+    }
+    drop(staging);
     Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{parse_size, DEFAULT_CHUNK_ARG};
+
+    #[test]
+    fn default_chunk_size_is_the_library_default() {
+        assert_eq!(
+            parse_size(DEFAULT_CHUNK_ARG),
+            Ok(smr_image::convert::DEFAULT_CHUNK_SIZE)
+        );
+    }
 
     #[test]
     fn sizes() {

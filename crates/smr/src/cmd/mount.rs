@@ -1,6 +1,7 @@
 //! `smr mount` and `smr umount`.
 
 use super::serve::ImageArgs;
+use crate::remote::is_remote;
 use anyhow::{Context, Result};
 use smr_node::mount::{LoopOptions, MountRequest, DEFAULT_READAHEAD_KB, DEFAULT_STATE_ROOT};
 use std::path::{Path, PathBuf};
@@ -68,7 +69,17 @@ pub fn run_mount(a: MountArgs) -> Result<ExitCode> {
     // Fail here, with a clear message, on a bad recipe, key, store or cache.
     let lazy = a.image.open()?;
     let exe = std::env::current_exe().context("locating the smr binary")?;
-    let (recipe, store) = (absolute(&a.image.recipe)?, a.image.store.clone());
+    // The server process opens the same image: local paths made absolute,
+    // credentials passed in its environment (never on its command line).
+    let image = if is_remote(&a.image.image) {
+        a.image.image.clone()
+    } else {
+        absolute(Path::new(&a.image.image))?.display().to_string()
+    };
+    let store = match &a.image.store {
+        Some(s) if !s.contains("://") => Some(absolute(Path::new(s))?.display().to_string()),
+        other => other.clone(),
+    };
     let cache_dir = absolute(&a.image.cache.cache_dir)?;
     let key = a.image.key.key_file.as_deref().map(absolute).transpose()?;
     let req = MountRequest {
@@ -80,11 +91,17 @@ pub fn run_mount(a: MountArgs) -> Result<ExitCode> {
     drop(lazy);
     let st = smr_node::mount::mount_with_server(&req, |fuse_dir, out, err| {
         let mut c = Command::new("setsid");
-        c.arg(&exe)
-            .arg("__serve-fuse")
-            .arg(&recipe)
-            .arg("--store")
-            .arg(&store);
+        c.arg(&exe).arg("__serve-fuse").arg(&image);
+        if let Some(s) = &store {
+            c.arg("--store").arg(s);
+        }
+        if let Some(d) = &a.image.artifact {
+            c.arg("--artifact").arg(d);
+        }
+        if let Some(creds) = &a.image.registry.creds {
+            c.env("SMR_REGISTRY_CREDS", creds);
+        }
+        c.arg("--platform").arg(&a.image.platform);
         c.arg("--cache-dir")
             .arg(&cache_dir)
             .arg("--dir")
@@ -97,10 +114,10 @@ pub fn run_mount(a: MountArgs) -> Result<ExitCode> {
         }
         c.stdin(Stdio::null()).stdout(out).stderr(err).spawn()
     })
-    .with_context(|| format!("mounting {}", a.image.recipe.display()))?;
+    .with_context(|| format!("mounting {}", a.image.image))?;
     eprintln!(
         "mounted {} on {} ({}, read_ahead_kb {}, server pid {}, log {})",
-        a.image.recipe.display(),
+        a.image.image,
         st.mountpoint.display(),
         st.loop_dev,
         st.readahead_kb,

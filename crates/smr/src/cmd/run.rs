@@ -37,8 +37,7 @@ pub struct Args {
 /// Runs a container from the image; its exit code becomes smr's.
 pub fn run(a: Args) -> Result<ExitCode> {
     let started = (Instant::now(), SystemTime::now());
-    let image = a.image.open()?;
-    let recipe = crate::keys::read_recipe(&a.image.recipe)?;
+    let (image, recipe) = a.image.open_with_recipe()?;
     let req = RunRequest {
         image,
         recipe,
@@ -52,8 +51,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         runc: a.runtime,
         started,
     };
-    let r =
-        smr_node::run::run(req).with_context(|| format!("running {}", a.image.recipe.display()))?;
+    let r = smr_node::run::run(req).with_context(|| format!("running {}", a.image.image))?;
     let start = r.start_seconds.map_or("?".into(), |s| format!("{s:.2}s"));
     eprintln!(
         "smr: exit {}; started in {start}, total {:.2}s; fetched {} of {} ({:.1}%) in {} chunks",

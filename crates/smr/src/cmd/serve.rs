@@ -1,12 +1,15 @@
-//! `smr serve-nbd`, the hidden `smr __serve-fuse`, and the options every
-//! command that serves an image shares.
+//! `smr serve-nbd` (one or more images from one process), the hidden
+//! `smr __serve-fuse`, and the options every command that serves an image
+//! shares.
 
 use crate::keys::{open_image, KeyArgs};
+use crate::remote::{is_remote, open_remote, RegistryArgs};
 use anyhow::{Context, Result};
 use smr_node::cache::{Cache, CacheConfig};
 use smr_node::lazy::LazyImage;
 use smr_node::nbd::{Export, NbdServer};
-use std::path::PathBuf;
+use smr_store::ChunkStore;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -26,100 +29,214 @@ impl CacheArgs {
     }
 }
 
-/// A recipe served from a store through the node cache.
+/// An image served through the node cache: a recipe file with its chunk
+/// store, or a registry image with its smr artifact.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ImageArgs {
-    /// The recipe.
-    pub recipe: PathBuf,
-    /// The chunk store (directory or file:// URL).
+    /// The image: a recipe file (chunks in `--store`), or
+    /// `docker://HOST[:PORT]/NAME[:TAG|@DIGEST]` (recipe and chunks from the
+    /// smr artifact pushed by `smr convert --push`).
+    pub image: String,
+    /// The chunk store: a directory, `file://`, `s3://BUCKET/PREFIX` or
+    /// `http(s)://…` (required for a recipe file; for a registry image it
+    /// replaces the artifact's packs).
     #[arg(long, env = "SMR_STORE")]
-    pub store: String,
+    pub store: Option<String>,
     #[command(flatten)]
     pub cache: CacheArgs,
     #[command(flatten)]
     pub key: KeyArgs,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// For a registry image with several smr artifacts: the one to use, by
+    /// manifest digest (default: the smallest digest).
+    #[arg(long, value_name = "DIGEST")]
+    pub artifact: Option<String>,
+    /// For a registry image: the platform to pick from an index.
+    #[arg(long, default_value = "linux/amd64")]
+    pub platform: String,
 }
 
 impl ImageArgs {
     /// Opens the recipe (with its keys), the store and the cache.
     pub fn open(&self) -> Result<LazyImage> {
-        let img = open_image(&self.recipe, &self.key, true)?;
-        let local = self.store.strip_prefix("file://").unwrap_or(&self.store);
-        if !self.store.contains("://") || self.store.starts_with("file://") {
-            anyhow::ensure!(
-                std::path::Path::new(local).is_dir(),
-                "store {} does not exist",
-                self.store
-            );
-        }
-        let store = smr_store::open_store(&self.store)
-            .with_context(|| format!("opening the store {}", self.store))?;
-        // A store without the image's first chunk is the wrong store:
-        // say so now rather than as EIO on the first read.
-        if let Some(first) = img.recipe.chunks.first() {
-            anyhow::ensure!(
-                store.exists(&first.id)?,
-                "store {} lacks chunk {} of {}",
-                self.store,
-                first.id,
-                self.recipe.display()
-            );
-        }
-        let cache = self.cache.open()?;
-        LazyImage::new(img, Arc::from(store), cache)
-            .with_context(|| format!("serving {}", self.recipe.display()))
+        self.open_with_recipe().map(|(lazy, _)| lazy)
     }
+
+    /// [`ImageArgs::open`], also returning the recipe (from the file, or
+    /// the registry artifact).
+    pub fn open_with_recipe(&self) -> Result<(LazyImage, smr_format::Recipe)> {
+        if is_remote(&self.image) {
+            let platform = self.platform.parse().context("--platform")?;
+            let remote =
+                open_remote(&self.image, &platform, &self.registry, self.artifact.clone())?;
+            let store: Arc<dyn ChunkStore> = match &self.store {
+                Some(location) => open_store(location)?,
+                None => remote.store,
+            };
+            let recipe = remote.artifact.recipe;
+            let owner = self.key.load()?;
+            let keys = recipe
+                .keys(owner.as_ref())
+                .with_context(|| format!("the recipe of {}", self.image))?;
+            let img = smr_node::chunks::ImageChunks::new(recipe.clone(), keys);
+            let lazy = LazyImage::new(img, store, self.cache.open()?)
+                .with_context(|| format!("serving {}", self.image))?;
+            return Ok((lazy, recipe));
+        }
+        let location = self
+            .store
+            .as_deref()
+            .with_context(|| format!("--store is required to serve the recipe {}", self.image))?;
+        let store = open_store(location)?;
+        let cache = self.cache.open()?;
+        let path = Path::new(&self.image);
+        let lazy = open_lazy(path, &self.key, location, store, cache)?;
+        Ok((lazy, crate::keys::read_recipe(path)?))
+    }
+}
+
+/// Opens the chunk store at `location`; a local one must exist.
+fn open_store(location: &str) -> Result<Arc<dyn ChunkStore>> {
+    let local = location.strip_prefix("file://").unwrap_or(location);
+    if !location.contains("://") || location.starts_with("file://") {
+        anyhow::ensure!(
+            std::path::Path::new(local).is_dir(),
+            "store {location} does not exist"
+        );
+    }
+    let store =
+        smr_store::open_store(location).with_context(|| format!("opening the store {location}"))?;
+    Ok(Arc::from(store))
+}
+
+/// Opens `recipe` (with its keys) as a lazy image of `store` through `cache`.
+fn open_lazy(
+    recipe: &Path,
+    key: &KeyArgs,
+    location: &str,
+    store: Arc<dyn ChunkStore>,
+    cache: Arc<Cache>,
+) -> Result<LazyImage> {
+    let img = open_image(recipe, key, true)?;
+    // A store without the image's first chunk is the wrong store:
+    // say so now rather than as EIO on the first read.
+    if let Some(first) = img.recipe.chunks.first() {
+        anyhow::ensure!(
+            store.exists(&first.id)?,
+            "store {location} lacks chunk {} of {}",
+            first.id,
+            recipe.display()
+        );
+    }
+    LazyImage::new(img, store, cache).with_context(|| format!("serving {}", recipe.display()))
 }
 
 /// Arguments of `smr serve-nbd`.
 #[derive(clap::Args)]
 pub struct NbdArgs {
+    /// The recipes to serve, one export each (all from one store, through
+    /// one node cache and one memory tier).
+    #[arg(required = true, value_name = "RECIPE")]
+    recipes: Vec<PathBuf>,
+    /// The chunk store (directory or file:// URL).
+    #[arg(long, env = "SMR_STORE")]
+    store: String,
     #[command(flatten)]
-    image: ImageArgs,
+    cache: CacheArgs,
+    #[command(flatten)]
+    key: KeyArgs,
     /// TCP address to listen on.
     #[arg(long, default_value = "127.0.0.1:10809", conflicts_with = "socket")]
     listen: String,
     /// UNIX socket to listen on instead of TCP.
     #[arg(long)]
     socket: Option<PathBuf>,
-    /// Export name (default: the image's source digest).
-    #[arg(long)]
-    name: Option<String>,
+    /// Export name, once per recipe in the same order (default: the
+    /// recipe's file name without `.recipe`). The first export is also the
+    /// default one (empty name).
+    #[arg(long = "name", value_name = "NAME")]
+    names: Vec<String>,
 }
 
-/// Serves the image over NBD until SIGINT or SIGTERM.
+/// The export name of `recipe` when none is given: its file name without
+/// a `.recipe` suffix.
+fn default_export_name(recipe: &Path) -> String {
+    let file = recipe
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    match file.strip_suffix(".recipe") {
+        Some(stem) if !stem.is_empty() => stem.to_string(),
+        _ => file,
+    }
+}
+
+/// Export names for `recipes`: `names` if given (one per recipe), else the
+/// defaults; every name must be distinct.
+fn export_names(recipes: &[PathBuf], names: &[String]) -> Result<Vec<String>> {
+    let out: Vec<String> = if names.is_empty() {
+        recipes.iter().map(|r| default_export_name(r)).collect()
+    } else {
+        anyhow::ensure!(
+            names.len() == recipes.len(),
+            "give one --name per recipe, in order ({} recipes, {} names)",
+            recipes.len(),
+            names.len()
+        );
+        names.to_vec()
+    };
+    let mut seen = std::collections::HashSet::new();
+    for (name, recipe) in out.iter().zip(recipes) {
+        anyhow::ensure!(
+            seen.insert(name.as_str()),
+            "two exports would be named {name:?} (the second is {}): name them with --name",
+            recipe.display()
+        );
+    }
+    Ok(out)
+}
+
+/// Serves the images over NBD until SIGINT or SIGTERM.
 pub fn run_nbd(a: NbdArgs) -> Result<ExitCode> {
-    let lazy = a.image.open()?;
-    let recipe = crate::keys::read_recipe(&a.image.recipe)?;
-    let name = a.name.unwrap_or_else(|| recipe.source_digest.clone());
-    let export = Export::new(name.clone(), Arc::new(lazy))
-        .with_description(format!("smr {}", a.image.recipe.display()));
-    let server = NbdServer::new(vec![export])?;
+    let names = export_names(&a.recipes, &a.names)?;
+    let store = open_store(&a.store)?;
+    let cache = a.cache.open()?;
+    let mut exports = Vec::with_capacity(a.recipes.len());
+    for (recipe, name) in a.recipes.iter().zip(&names) {
+        let lazy = open_lazy(recipe, &a.key, &a.store, store.clone(), cache.clone())?;
+        exports.push(
+            Export::new(name.clone(), Arc::new(lazy))
+                .with_description(format!("smr {}", recipe.display())),
+        );
+    }
+    let server = NbdServer::new(exports)?;
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
     ])?;
-    let running = match &a.socket {
+    let (running, uris): (_, Vec<String>) = match &a.socket {
         Some(path) => {
             let _ = std::fs::remove_file(path);
             let l = std::os::unix::net::UnixListener::bind(path)
                 .with_context(|| format!("binding {}", path.display()))?;
-            eprintln!(
-                "serving export {name:?} on nbd+unix:///{name}?socket={}",
-                path.display()
-            );
-            server.spawn_unix(l)?
+            let uris = names
+                .iter()
+                .map(|n| format!("nbd+unix:///{n}?socket={}", path.display()))
+                .collect();
+            (server.spawn_unix(l)?, uris)
         }
         None => {
             let l = std::net::TcpListener::bind(&a.listen)
                 .with_context(|| format!("binding {}", a.listen))?;
-            eprintln!(
-                "serving export {name:?} on nbd://{}/{name}",
-                l.local_addr()?
-            );
-            server.spawn_tcp(l)?
+            let addr = l.local_addr()?;
+            let uris = names.iter().map(|n| format!("nbd://{addr}/{n}")).collect();
+            (server.spawn_tcp(l)?, uris)
         }
     };
+    for ((name, recipe), uri) in names.iter().zip(&a.recipes).zip(&uris) {
+        eprintln!("serving export {name:?} ({}) on {uri}", recipe.display());
+    }
     let sig = signals.forever().next();
     eprintln!("signal {sig:?}: stopping");
     running.stop()?;
@@ -142,9 +259,38 @@ pub struct FuseArgs {
 /// Serves the image's FUSE export until unmounted or signalled.
 pub fn run_fuse(a: FuseArgs) -> Result<ExitCode> {
     let lazy = a.image.open()?;
-    let name = format!("smr:{}", a.image.recipe.display());
+    let name = format!("smr:{}", a.image.image);
     tracing::info!(dir = %a.dir.display(), pid = std::process::id(), "serving FUSE export");
     smr_node::mount::serve_fuse_process(Arc::new(lazy), &a.dir, &name)?;
     tracing::info!("FUSE export unmounted; exiting");
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn export_names_default_to_recipe_file_names_and_must_differ() {
+        let r = |s: &str| PathBuf::from(s);
+        let recipes = [
+            r("/x/debian.recipe"),
+            r("py.recipe"),
+            r("plain"),
+            r(".recipe"),
+        ];
+        assert_eq!(
+            export_names(&recipes, &[]).expect("names"),
+            ["debian", "py", "plain", ".recipe"]
+        );
+        let named = ["a".to_string(), "b".to_string()];
+        assert_eq!(
+            export_names(&recipes[..2], &named).expect("names"),
+            ["a", "b"]
+        );
+        let err = export_names(&recipes, &named).expect_err("count");
+        assert!(err.to_string().contains("one --name per recipe"), "{err}");
+        let err = export_names(&[r("a/py.recipe"), r("b/py.recipe")], &[]).expect_err("dup");
+        assert!(err.to_string().contains("\"py\""), "{err}");
+    }
 }

@@ -14,11 +14,23 @@ struct Server {
 
 impl Server {
     fn start(recipe: &Path, store: &Path, key: &Path, cache: &Path, dir: &Path) -> Self {
+        Self::start_many(&[recipe], &["--name", "img"], store, key, cache, dir)
+    }
+
+    /// `smr serve-nbd RECIPES... EXTRA...` on `dir/nbd.sock`.
+    fn start_many(
+        recipes: &[&Path],
+        extra: &[&str],
+        store: &Path,
+        key: &Path,
+        cache: &Path,
+        dir: &Path,
+    ) -> Self {
         let socket = dir.join("nbd.sock");
         let log = dir.join("server.log");
         let child = smr()
             .arg("serve-nbd")
-            .arg(recipe)
+            .args(recipes)
             .arg("--store")
             .arg(store)
             .arg("--key-file")
@@ -27,7 +39,7 @@ impl Server {
             .arg(cache)
             .arg("--socket")
             .arg(&socket)
-            .args(["--name", "img"])
+            .args(extra)
             .env("SMR_LOG", "warn")
             .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
             .spawn()
@@ -45,8 +57,12 @@ impl Server {
         s
     }
 
+    fn uri_of(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.socket.display())
+    }
+
     fn uri(&self) -> String {
-        format!("nbd+unix:///img?socket={}", self.socket.display())
+        self.uri_of("img")
     }
 
     fn log(&self) -> String {
@@ -184,4 +200,92 @@ fn nbd_corrupt_chunk_fails_only_its_reads() {
         "log names the chunk: {}",
         srv.log()
     );
+}
+
+/// One `smr serve-nbd` serves several recipes, each under its own export
+/// name (the recipe's file name by default, `--name` per recipe otherwise),
+/// through one cache; each export reads as its own image.
+#[test]
+fn one_server_exports_several_images() {
+    let t = tempfile::tempdir().unwrap();
+    let (small, store, key, img) = setup(t.path());
+    let src = format!(
+        "oci:{}:{}",
+        t.path().join("layout").display(),
+        smr_testkit::SYNTHETIC_TAG
+    );
+    let (a, b) = (t.path().join("a.recipe"), t.path().join("b.recipe"));
+    std::fs::copy(&small, &a).unwrap();
+    convert(&src, &store, &b, &key, &["--chunk-size", "256K"]);
+    let cache = t.path().join("cache");
+    let expect = std::fs::read(&img).unwrap();
+    // The ext4 layout depends on the chunk size: b is another image.
+    let img_b = t.path().join("img-b");
+    extract(&b, &store, &key, &img_b);
+    let expect_b = std::fs::read(&img_b).unwrap();
+
+    let srv = Server::start_many(&[&a, &b], &[], &store, &key, &cache, t.path());
+    let list = ok(Command::new("nbdinfo").arg("--list").arg(srv.uri_of("a")));
+    let listed = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        listed.contains("export=\"a\"") && listed.contains("export=\"b\""),
+        "{listed}"
+    );
+    for (name, want) in [("a", &expect), ("b", &expect_b)] {
+        let copy = t.path().join(format!("copy-{name}"));
+        ok(Command::new("nbdcopy").arg(srv.uri_of(name)).arg(&copy));
+        assert!(
+            std::fs::read(&copy).unwrap() == *want,
+            "export {name} differs"
+        );
+    }
+    drop(srv);
+
+    // Explicit names, one per recipe; the same image twice is fine.
+    let srv = Server::start_many(
+        &[&a, &a],
+        &["--name", "one", "--name", "two"],
+        &store,
+        &key,
+        &cache,
+        t.path(),
+    );
+    for name in ["one", "two"] {
+        let size = ok(Command::new("nbdinfo").arg("--size").arg(srv.uri_of(name)));
+        assert_eq!(
+            String::from_utf8_lossy(&size.stdout).trim(),
+            expect.len().to_string()
+        );
+    }
+    drop(srv);
+
+    // Two exports with one name, or a --name count that does not match,
+    // are refused before serving.
+    let err = fails(
+        smr()
+            .arg("serve-nbd")
+            .args([&a, &a])
+            .arg("--store")
+            .arg(&store)
+            .arg("--key-file")
+            .arg(&key)
+            .arg("--cache-dir")
+            .arg(&cache)
+            .arg("--socket")
+            .arg(t.path().join("x.sock")),
+    );
+    assert!(err.contains("--name"), "{err}");
+    let err = fails(
+        smr()
+            .arg("serve-nbd")
+            .args([&a, &b])
+            .args(["--name", "only-one"])
+            .arg("--store")
+            .arg(&store)
+            .arg("--cache-dir")
+            .arg(&cache)
+            .arg("--socket")
+            .arg(t.path().join("x.sock")),
+    );
+    assert!(err.contains("one --name per recipe"), "{err}");
 }

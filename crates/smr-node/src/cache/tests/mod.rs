@@ -181,6 +181,46 @@ fn corrupt_entry_is_detected_deleted_and_refetched() {
     assert_eq!(s.counters.total_bytes, 64 * KIB);
 }
 
+/// Loads check the CRC-32C recorded at insert; an entry without it (a
+/// filesystem without user xattrs, an older smr) is checked with SHA-256,
+/// and corruption is caught either way.
+#[test]
+fn entries_are_checked_by_recorded_crc_else_by_sha256() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (store, ids) = store_with(&tmp.path().join("store"), 2, 64 * 1024);
+    let f = Fetcher::new(store, Duration::ZERO);
+    let cache = Cache::open(config(&tmp.path().join("cache"), 1 << 30)).expect("open");
+    for id in &ids {
+        cache.get_or_fetch(id, || f.get(id)).expect("fetch");
+    }
+    let (a, b) = (cache.layout.entry(&ids[0]), cache.layout.entry(&ids[1]));
+    let file = fs::File::open(&a).expect("entry");
+    let mut crc = [0u8; 4];
+    match rustix::fs::fgetxattr(&file, "user.smr.crc32c", &mut crc) {
+        Ok(4) => {
+            let want = crc32c::crc32c(&fs::read(&a).expect("entry"));
+            assert_eq!(u32::from_le_bytes(crc), want, "CRC recorded at insert");
+        }
+        // This filesystem has no user xattrs: only the fallback is tested.
+        r => eprintln!("no CRC xattr on {}: {r:?}", a.display()),
+    }
+    // Without the attribute: loaded (by SHA-256), corruption still found.
+    for p in [&a, &b] {
+        let _ = rustix::fs::removexattr(p, "user.smr.crc32c");
+    }
+    cache
+        .get_or_fetch(&ids[0], never)
+        .expect("SHA-256 fallback hit");
+    let mut raw = fs::read(&b).expect("entry");
+    raw[99] ^= 1;
+    fs::write(&b, &raw).expect("corrupt it");
+    cache
+        .get_or_fetch(&ids[1], || f.get(&ids[1]))
+        .expect("healed");
+    assert_eq!(f.calls(), 3, "only the corrupt entry was refetched");
+    assert_eq!(cache.stats().expect("stats").counters.corrupt, 1);
+}
+
 #[test]
 fn bad_bytes_from_the_store_are_an_error_and_never_cached() {
     let tmp = tempfile::tempdir().expect("tempdir");

@@ -1,0 +1,284 @@
+//! `smr convert docker://… --push`, then `smr mount` / `smr run` of
+//! `docker://…` against a real registry.
+
+use crate::servers::{debian_layout, Registry};
+use crate::util::*;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// `smr convert IMAGE --push` with the owner key; returns stderr.
+fn push(image: &str, key: &Path, extra: &[&str]) -> String {
+    let out = ok(smr()
+        .arg("convert")
+        .arg(image)
+        .arg("--push")
+        .arg("--key-file")
+        .arg(key)
+        .args(extra));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Mounts `image` lazily on `mnt`; the returned guard unmounts.
+struct Mounted<'a> {
+    mnt: &'a Path,
+    state: &'a Path,
+}
+
+impl<'a> Mounted<'a> {
+    fn new(
+        image: &str,
+        mnt: &'a Path,
+        state: &'a Path,
+        cache: &Path,
+        key: &Path,
+        env: &[(&str, &str)],
+    ) -> Self {
+        std::fs::create_dir_all(mnt).unwrap();
+        ok(smr()
+            .arg("mount")
+            .arg(image)
+            .arg(mnt)
+            .arg("--cache-dir")
+            .arg(cache)
+            .arg("--key-file")
+            .arg(key)
+            .arg("--state-dir")
+            .arg(state)
+            .envs(env.iter().copied()));
+        Mounted { mnt, state }
+    }
+}
+
+impl Drop for Mounted<'_> {
+    fn drop(&mut self) {
+        let _ = smr()
+            .arg("umount")
+            .arg(self.mnt)
+            .arg("--state-dir")
+            .arg(self.state)
+            .status();
+    }
+}
+
+#[test]
+fn push_then_mount_lazily_from_the_registry() {
+    let Some(reg) = Registry::start(None) else {
+        return;
+    };
+    let s = Synthetic::new();
+    let layout = s.t.path().join("layout");
+    reg.push_layout(&layout, smr_testkit::SYNTHETIC_TAG, "synth:v1", None);
+    let image = reg.image("synth:v1");
+
+    let first = push(&image, &s.key, &[]);
+    assert!(first.contains("pushed smr artifact"), "{first}");
+    // Pushing again uploads nothing.
+    let again = push(&image, &s.key, &[]);
+    assert!(again.contains("uploaded 0 of"), "{again}");
+
+    // The source image is untouched and the artifact is listed by the
+    // referrers fallback tag.
+    ok(Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false"])
+        .arg(&image));
+    let tags = ok(Command::new("skopeo")
+        .args(["list-tags", "--tls-verify=false"])
+        .arg(reg.image("synth")));
+    let tags = String::from_utf8_lossy(&tags.stdout);
+    assert!(tags.contains("\"sha256-"), "{tags}");
+
+    // The lazily mounted tree equals the image converted locally and
+    // loop-mounted from its extracted file.
+    convert(&s.src, &s.store, &s.recipe, &s.key, &[]);
+    extract(&s.recipe, &s.store, &s.key, &s.img);
+    let local = LoopMount::new(&s.img);
+    let (mnt, state, cache) = (
+        s.t.path().join("mnt"),
+        s.t.path().join("state"),
+        s.t.path().join("cache"),
+    );
+    let m = Mounted::new(&image, &mnt, &state, &cache, &s.key, &[]);
+    trees_equal(local.dir.path(), m.mnt);
+}
+
+/// An OCI layout (tag `big`) of one layer with two 4 MiB files of
+/// incompressible bytes, `big/a` and `big/b`.
+fn big_files_layout(dir: &Path) {
+    let mut layer = smr_testkit::LayerBuilder::new();
+    layer.dir("big/", 0o755);
+    for (name, seed) in [("big/a", 1u64), ("big/b", 2)] {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let data: Vec<u8> = (0..4 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        layer.file(name, &data, 0o644);
+    }
+    let mut img = smr_testkit::ImageBuilder::new();
+    img.layer(layer.into_bytes(), smr_testkit::Compression::Gzip);
+    img.write_oci_layout(dir, Some("big")).unwrap();
+}
+
+#[test]
+fn reads_wait_for_a_registry_outage_and_fail_after_the_deadline() {
+    let Some(mut reg) = Registry::start(None) else {
+        return;
+    };
+    let s = Synthetic::new();
+    let layout = s.t.path().join("big-layout");
+    big_files_layout(&layout);
+    reg.push_layout(&layout, "big", "big:v1", None);
+    let image = reg.image("big:v1");
+    push(&image, &s.key, &[]);
+    let (mnt, state, cache) = (
+        s.t.path().join("mnt"),
+        s.t.path().join("state"),
+        s.t.path().join("cache"),
+    );
+    let m = Mounted::new(
+        &image,
+        &mnt,
+        &state,
+        &cache,
+        &s.key,
+        &[("SMR_STORE_DEADLINE", "8")],
+    );
+    let files = [m.mnt.join("big/a"), m.mnt.join("big/b")];
+
+    // Registry down: a read blocks; registry back: it completes.
+    reg.stop();
+    let mut reader = Command::new("sha256sum")
+        .arg(&files[0])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        reader.try_wait().unwrap().is_none(),
+        "the read did not wait for the registry"
+    );
+    reg.start_again();
+    let out = reader.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the read failed after the registry came back"
+    );
+
+    // Down for longer than the deadline: EIO, and the server log names
+    // the store and the chunk.
+    reg.stop();
+    let t = Instant::now();
+    let out = run(Command::new("cat").arg(&files[1]).stdout(Stdio::null()));
+    assert!(
+        !out.status.success(),
+        "read succeeded with the registry down"
+    );
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_secs(6),
+        "gave up after {waited:?}, before the deadline"
+    );
+    assert!(waited < Duration::from_secs(60), "blocked {waited:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Input/output error"), "{stderr}");
+    let log = std::fs::read_dir(&state)
+        .unwrap()
+        .flatten()
+        .flat_map(|e| std::fs::read_dir(e.path()).into_iter().flatten().flatten())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect::<String>();
+    assert!(
+        log.contains("gave up after") && log.contains(&reg.addr),
+        "{log}"
+    );
+    // And once it is back, reads work again without remounting.
+    reg.start_again();
+    ok(Command::new("cat").arg(&files[1]).stdout(Stdio::null()));
+}
+
+#[test]
+fn wrong_credentials_are_a_clear_error_without_the_password() {
+    let Some(reg) = Registry::start(Some("smr:right-pass")) else {
+        return;
+    };
+    let s = Synthetic::new();
+    let layout = s.t.path().join("layout");
+    reg.push_layout(
+        &layout,
+        smr_testkit::SYNTHETIC_TAG,
+        "synth:v1",
+        Some("smr:right-pass"),
+    );
+    let image = reg.image("synth:v1");
+    let err = fails(
+        smr()
+            .arg("convert")
+            .arg(&image)
+            .arg("--push")
+            .arg("--key-file")
+            .arg(&s.key)
+            .arg("--creds")
+            .arg("smr:wrong-pass-xyzzy"),
+    );
+    assert!(
+        err.contains("authentication") && err.contains(&reg.addr),
+        "{err}"
+    );
+    assert!(!err.contains("wrong-pass-xyzzy"), "{err}");
+    // The right ones work.
+    let out = push(&image, &s.key, &["--creds", "smr:right-pass"]);
+    assert!(out.contains("pushed smr artifact"), "{out}");
+}
+
+#[test]
+fn run_debian_python_lazily_from_the_registry() {
+    let Some(layout) = debian_layout() else {
+        return;
+    };
+    let Some(reg) = Registry::start(None) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let key = key_file(t.path());
+    reg.push_layout(&layout, "debian", "debian:bookworm", None);
+    reg.push_layout(&layout, "debian-python", "debian-python:bookworm", None);
+    let base = push(&reg.image("debian:bookworm"), &key, &[]);
+    assert!(base.contains("pushed smr artifact"), "{base}");
+    // The python image shares the base layer: most of it is already there.
+    let py = push(&reg.image("debian-python:bookworm"), &key, &[]);
+    assert!(py.contains("already there"), "{py}");
+
+    let stats = t.path().join("stats.json");
+    let run_it = |args: &[&str]| {
+        smr()
+            .arg("run")
+            .arg(reg.image("debian-python:bookworm"))
+            .arg("--cache-dir")
+            .arg(t.path().join("cache"))
+            .arg("--key-file")
+            .arg(&key)
+            .arg("--stats")
+            .arg(&stats)
+            .arg("--")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run_it(&["python3", "-c", "import json, sqlite3"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
+    let fraction = s["fetched_fraction"].as_f64().unwrap();
+    assert!(fraction > 0.0 && fraction < 0.5, "fetched {fraction}");
+    let out = run_it(&["python3", "-c", "import sys; sys.exit(7)"]);
+    assert_eq!(out.status.code(), Some(7));
+}
