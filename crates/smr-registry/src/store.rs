@@ -29,7 +29,7 @@ use smr_format::ChunkId;
 use smr_store::{ChunkStore, Op, PutOutcome, StoreError, TransportKind};
 use std::collections::{BTreeMap, HashMap};
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -118,6 +118,11 @@ pub struct RegistryStore {
     wake: Condvar,
     requests: AtomicU64,
     failed: AtomicU64,
+    /// Set when a `get` gave up, cleared by the next success. While set,
+    /// `get`s try once and fail at once: a registry that is down does not
+    /// make every read (and the kernel's retries of it) wait out a whole
+    /// deadline.
+    down: AtomicBool,
     served: AtomicU64,
     transferred: AtomicU64,
     discarded: AtomicU64,
@@ -166,6 +171,7 @@ impl RegistryStore {
             wake: Condvar::new(),
             requests: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            down: AtomicBool::new(false),
             served: AtomicU64::new(0),
             transferred: AtomicU64::new(0),
             discarded: AtomicU64::new(0),
@@ -391,7 +397,12 @@ impl RegistryStore {
         loop {
             attempts += 1;
             let err = match self.fetch(id) {
-                Ok(bytes) => return Ok(bytes),
+                Ok(bytes) => {
+                    if self.down.swap(false, Ordering::Relaxed) {
+                        tracing::info!(store = %self.desc, "registry answers again");
+                    }
+                    return Ok(bytes);
+                }
                 Err(e) if !e.is_transient() => return Err(e),
                 Err(e) => e,
             };
@@ -401,7 +412,10 @@ impl RegistryStore {
             let wait = (exp / 2 + (exp / 2).mul_f64(fastrand::f64()))
                 .max(err.retry_after().unwrap_or_default());
             let elapsed = start.elapsed();
-            if elapsed + wait >= self.opts.deadline {
+            if self.down.load(Ordering::Relaxed) || elapsed + wait >= self.opts.deadline {
+                if !self.down.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(store = %self.desc, "registry marked down: until it answers again, reads try once and fail at once");
+                }
                 return Err(StoreError::GaveUp {
                     store: self.desc.clone(),
                     id: *id,

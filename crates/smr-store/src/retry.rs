@@ -24,6 +24,11 @@ pub(crate) struct Remote {
     store: String,
     options: RemoteOptions,
     slots: Semaphore,
+    /// Set when an operation gave up, cleared by the next success. While
+    /// set, operations make one attempt and do not retry: a store that is
+    /// down fails new reads at once instead of making every read (and the
+    /// kernel's retries of it) wait out a whole deadline.
+    down: AtomicBool,
 }
 
 impl Remote {
@@ -34,6 +39,7 @@ impl Remote {
             store,
             options,
             slots,
+            down: AtomicBool::new(false),
         }
     }
 
@@ -76,6 +82,9 @@ impl Remote {
             .await;
             let err = match outcome {
                 Ok(Ok(v)) => {
+                    if self.down.swap(false, Ordering::Relaxed) {
+                        tracing::info!(store = %self.store, "store answers again");
+                    }
                     if attempts > 1 {
                         tracing::info!(store = %self.store, chunk = %id, %op, attempts, "succeeded after retries");
                     }
@@ -88,6 +97,9 @@ impl Remote {
                     return Err(self.gave_up(op, id, start, attempts, cut));
                 }
             };
+            if self.down.load(Ordering::Relaxed) {
+                return Err(self.gave_up(op, id, start, attempts, err));
+            }
             let remaining = deadline.saturating_sub(start.elapsed());
             let backoff = backoff(&self.options, attempts);
             let wait = match err.retry_after() {
@@ -149,6 +161,9 @@ impl Remote {
             last: Box::new(last),
         };
         tracing::warn!(store = %self.store, chunk = %id, %op, "{e}");
+        if !self.down.swap(true, Ordering::Relaxed) {
+            tracing::warn!(store = %self.store, "store marked down: until it answers again, operations try once and fail at once");
+        }
         e
     }
 }

@@ -283,3 +283,27 @@ fn unknown_chunks_are_missing_and_puts_are_refused() {
     assert_eq!(&store.get(id).unwrap(), bytes);
     assert_eq!(fx.blobs.range_requests.load(Relaxed), 1);
 }
+
+#[test]
+fn after_giving_up_reads_fail_at_once_until_the_registry_answers() {
+    let fx = fixture(&[4]);
+    fx.blobs.fail_ranges(&fx.pack(0));
+    let store = fx.store(with_deadline(300));
+    let (a, b) = (fx.chunks[0][0].0, fx.chunks[0][3].0);
+    let t = Instant::now();
+    assert!(matches!(store.get(&a), Err(StoreError::GaveUp { .. })));
+    assert!(t.elapsed() >= Duration::from_millis(100), "{:?}", t.elapsed());
+    // Marked down: one try, no waiting.
+    let before = fx.blobs.range_requests.load(Relaxed);
+    let t = Instant::now();
+    assert!(matches!(store.get(&b), Err(StoreError::GaveUp { .. })));
+    assert!(t.elapsed() < Duration::from_millis(200), "{:?}", t.elapsed());
+    assert_eq!(fx.blobs.range_requests.load(Relaxed), before + 1);
+    // Back: reads succeed, and the next outage is waited out again.
+    fx.blobs.heal_ranges(&fx.pack(0));
+    assert_eq!(store.get(&b).unwrap(), fx.chunks[0][3].1);
+    fx.blobs.fail_ranges(&fx.pack(0));
+    let t = Instant::now();
+    assert!(store.get(&a).is_err());
+    assert!(t.elapsed() >= Duration::from_millis(100), "{:?}", t.elapsed());
+}
