@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The README's demo: builds real Debian images (cached), converts them into an
-# encrypted chunk store, shows the dedup between them, then runs python3 in a
-# container started lazily from an empty node cache and prints how much of
-# the image it fetched.
+# The README's demo, the whole story on one machine: starts an OCI registry on
+# loopback, builds real Debian images (cached) and pushes them, converts them
+# with `smr convert --push` (the smr artifact goes next to each image, which
+# stays untouched), then runs python3 + numpy lazily straight from the
+# registry with an empty node cache, and prints time and bytes next to a full
+# pull (skopeo copy + umoci unpack) of the same image.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cache=${SMR_IMAGE_CACHE:-/var/cache/smr-test-images}
@@ -11,24 +13,63 @@ work=${SMR_DEMO_DIR:-/var/tmp/smr-demo}
 (cd "$here" && cargo build --release -q -p smr)
 smr=$here/target/release/smr
 "$here/scripts/build-test-images.sh" "$cache"
+if [[ -f $work/registry/registry.pid ]]; then
+    "$here/scripts/registry.sh" stop "$work/registry" || true
+fi
 rm -rf "$work"; mkdir -p "$work"
+trap '"$here/scripts/registry.sh" stop "$work/registry" >/dev/null 2>&1 || true' EXIT
+
+echo "== start a registry on loopback and push debian and debian + python3 + numpy"
+addr=$("$here/scripts/registry.sh" start "$work/registry" 0)
+for tag in debian debian-python; do
+    skopeo copy --quiet --dest-tls-verify=false --preserve-digests \
+        "oci:$cache/oci:$tag" "docker://$addr/$tag:bookworm"
+done
 "$smr" keygen -o "$work/key"
-export SMR_KEY_FILE=$work/key SMR_STORE=$work/store SMR_CACHE_DIR=$work/node-cache
-echo "== convert debian (minbase) and debian + python3 + numpy into one store"
-"$smr" convert "oci:$cache/oci:debian" -o "$work/debian.recipe"
-"$smr" convert "oci:$cache/oci:debian-python" -o "$work/debian-python.recipe"
-echo "== dedup: base image chunks reused by the python image"
-"$smr" inspect "$work/debian.recipe" --compare "$work/debian-python.recipe"
-"$smr" verify "$work/debian-python.recipe"
-echo "== run python3 lazily from an empty node cache"
+export SMR_KEY_FILE=$work/key SMR_CACHE_DIR=$work/node-cache
+
+echo "== convert both and push the smr artifacts (python shares debian's base layer)"
+"$smr" convert "docker://$addr/debian:bookworm" --push 2>&1 | grep -E '^(converted|pushed)'
+"$smr" convert "docker://$addr/debian-python:bookworm" --push 2>&1 | grep -E '^(converted|pushed)'
+echo "== the source image is untouched; the artifact is listed by the referrers tag"
+skopeo list-tags --tls-verify=false "docker://$addr/debian-python"
+
+image="docker://$addr/debian-python:bookworm"
+cmd=(python3 -c 'import json, sqlite3, numpy; print("hello from python3 with numpy", numpy.__version__)')
+
+echo "== full pull: skopeo copy + umoci unpack"
 sync; echo 3 > /proc/sys/vm/drop_caches
-"$smr" run "$work/debian-python.recipe" --stats "$work/run.json" -- \
-    python3 -c 'import json, sqlite3, numpy; print("hello from python3 with numpy", numpy.__version__)'
-python3 - "$work/run.json" <<'PY'
+t0=$(date +%s.%N)
+skopeo copy --quiet --src-tls-verify=false "$image" "oci:$work/pulled:x"
+umoci unpack --image "$work/pulled:x" "$work/bundle" >/dev/null
+t1=$(date +%s.%N)
+pull_bytes=$(python3 - "$work/pulled" <<'PY'
+import json, os, sys
+root = sys.argv[1]
+idx = json.load(open(os.path.join(root, "index.json")))
+def blob(d):
+    return os.path.join(root, "blobs", *d.split(":"))
+man = json.load(open(blob(idx["manifests"][0]["digest"])))
+print(sum(os.path.getsize(blob(l["digest"])) for l in man["layers"] + [man["config"]]))
+PY
+)
+
+echo "== lazy: smr run straight from the registry, empty node cache"
+sync; echo 3 > /proc/sys/vm/drop_caches
+t2=$(date +%s.%N)
+"$smr" run "$image" --stats "$work/run.json" -- "${cmd[@]}"
+t3=$(date +%s.%N)
+
+python3 - "$work/run.json" "$t0" "$t1" "$t2" "$t3" "$pull_bytes" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))
-print(f"started in {s['start_seconds']:.2f} s; fetched {s['bytes_fetched'] / 1e6:.1f} MB "
-      f"({s['chunks_fetched']} chunks) of {s['image_bytes'] / 1e6:.1f} MB "
-      f"= {100 * s['fetched_fraction']:.1f}% of the image")
+t0, t1, t2, t3 = map(float, sys.argv[2:6])
+pull_bytes = int(sys.argv[6])
+print()
+print(f"{'':28} {'seconds':>8} {'MB transferred':>15}")
+print(f"{'full pull (before any run)':28} {t1 - t0:8.2f} {pull_bytes / 1e6:15.1f}")
+print(f"{'smr run, whole container':28} {t3 - t2:8.2f} {s['bytes_fetched'] / 1e6:15.1f}")
+print(f"smr fetched {s['chunks_fetched']} chunks = {100 * s['fetched_fraction']:.1f}% "
+      f"of the image's {s['image_bytes'] / 1e6:.1f} MB; container started in {s['start_seconds']:.2f} s")
 PY
 "$smr" cache stats

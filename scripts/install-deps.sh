@@ -2,7 +2,7 @@
 # Installs the Debian packages smr's tests, benchmarks and demo use. Run as
 # root on Debian 12. Skips apt entirely when everything is already there.
 set -euo pipefail
-pkgs=(ca-certificates curl jq python3 gcc libc6-dev pkg-config time attr
+pkgs=(ca-certificates curl jq openssl python3 gcc libc6-dev pkg-config time attr
       e2fsprogs erofs-utils qemu-utils
       umoci skopeo debootstrap docker-registry apache2-utils
       runc containerd casync
