@@ -8,7 +8,7 @@ pub mod config;
 pub mod error;
 pub mod key;
 pub mod recipe;
-mod varint;
+pub mod varint;
 
 pub use chunk::{ChunkCodec, ChunkId, ChunkKey, SealedChunk};
 pub use error::{FormatError, Result};

@@ -3,7 +3,7 @@
 use crate::error::{FormatError, Result};
 
 /// Appends `v` as LEB128.
-pub(crate) fn put(out: &mut Vec<u8>, mut v: u64) {
+pub fn put(out: &mut Vec<u8>, mut v: u64) {
     loop {
         let byte = (v & 0x7f) as u8;
         v >>= 7;

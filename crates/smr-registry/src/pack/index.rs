@@ -13,6 +13,7 @@
 use super::{PackError, PackParams};
 use crate::artifact::{digest_of_hex, parse_digest};
 use sha2::{Digest, Sha256};
+use smr_format::varint::put as put_varint;
 use smr_format::ChunkId;
 use std::collections::HashMap;
 
@@ -244,19 +245,6 @@ impl PackIndex {
             return Err(PackError::Checksum);
         }
         PackIndex::new(params, packs)
-    }
-}
-
-/// Appends `v` as minimal unsigned LEB128.
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    loop {
-        let byte = (v & 0x7f) as u8;
-        v >>= 7;
-        if v == 0 {
-            out.push(byte);
-            return;
-        }
-        out.push(byte | 0x80);
     }
 }
 

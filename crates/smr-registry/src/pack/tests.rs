@@ -219,16 +219,8 @@ fn seal(mut body: Vec<u8>) -> Vec<u8> {
     body
 }
 
-fn index_tests_varint(out: &mut Vec<u8>, mut v: u64) {
-    loop {
-        let b = (v & 0x7f) as u8;
-        v >>= 7;
-        if v == 0 {
-            out.push(b);
-            return;
-        }
-        out.push(b | 0x80);
-    }
+fn index_tests_varint(out: &mut Vec<u8>, v: u64) {
+    smr_format::varint::put(out, v);
 }
 
 fn decode_err(bytes: &[u8]) -> String {
