@@ -61,6 +61,17 @@ impl Drop for Mounted<'_> {
     }
 }
 
+/// The logs of the FUSE servers of the mounts under `state`.
+fn server_logs(state: &Path) -> String {
+    std::fs::read_dir(state)
+        .unwrap()
+        .flatten()
+        .flat_map(|e| std::fs::read_dir(e.path()).into_iter().flatten().flatten())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect()
+}
+
 #[test]
 fn push_then_mount_lazily_from_the_registry() {
     let Some(reg) = Registry::start(None) else {
@@ -186,13 +197,7 @@ fn reads_wait_for_a_registry_outage_and_fail_after_the_deadline() {
     assert!(waited < Duration::from_secs(60), "blocked {waited:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("Input/output error"), "{stderr}");
-    let log = std::fs::read_dir(&state)
-        .unwrap()
-        .flatten()
-        .flat_map(|e| std::fs::read_dir(e.path()).into_iter().flatten().flatten())
-        .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
-        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
-        .collect::<String>();
+    let log = server_logs(&state);
     assert!(
         log.contains("gave up after") && log.contains(&reg.addr),
         "{log}"
@@ -281,4 +286,85 @@ fn run_debian_python_lazily_from_the_registry() {
     assert!(fraction > 0.0 && fraction < 0.5, "fetched {fraction}");
     let out = run_it(&["python3", "-c", "import sys; sys.exit(7)"]);
     assert_eq!(out.status.code(), Some(7));
+}
+
+/// `skopeo inspect --raw` of `image` as JSON.
+fn raw_manifest(image: &str) -> serde_json::Value {
+    let out = ok(Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(image));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn a_corrupted_pack_in_the_registry_is_never_served() {
+    let Some(reg) = Registry::start(None) else {
+        return;
+    };
+    let s = Synthetic::new();
+    let layout = s.t.path().join("big-layout");
+    big_files_layout(&layout);
+    reg.push_layout(&layout, "big", "big:v1", None);
+    let image = reg.image("big:v1");
+    push(&image, &s.key, &[]);
+
+    // Find the artifact's packs through the referrers fallback tag.
+    let tags = ok(Command::new("skopeo")
+        .args(["list-tags", "--tls-verify=false"])
+        .arg(reg.image("big")));
+    let tags: serde_json::Value = serde_json::from_slice(&tags.stdout).unwrap();
+    let tag = tags["Tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t.as_str())
+        .find(|t| t.starts_with("sha256-"))
+        .unwrap()
+        .to_string();
+    let referrers = raw_manifest(&reg.image(&format!("big:{tag}")));
+    let artifact = referrers["manifests"][0]["digest"].as_str().unwrap();
+    let manifest = raw_manifest(&reg.image(&format!("big@{artifact}")));
+    let packs: Vec<String> = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["mediaType"] == "application/vnd.smr.pack.v1")
+        .map(|l| {
+            l["digest"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("sha256:")
+                .to_string()
+        })
+        .collect();
+    assert!(!packs.is_empty(), "{manifest}");
+    // Flip a byte in the middle of every pack, on the registry's disk.
+    for hex in &packs {
+        let data = reg
+            .dir
+            .path()
+            .join("reg/data/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data");
+        let mut bytes = std::fs::read(&data).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x55;
+        std::fs::write(&data, bytes).unwrap();
+    }
+
+    let (mnt, state, cache) = (
+        s.t.path().join("mnt"),
+        s.t.path().join("state"),
+        s.t.path().join("cache"),
+    );
+    let _m = Mounted::new(&image, &mnt, &state, &cache, &s.key, &[]);
+    let out = run(Command::new("sha256sum")
+        .arg(mnt.join("big/a"))
+        .arg(mnt.join("big/b")));
+    assert!(!out.status.success(), "corrupted chunks were served");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Input/output error"), "{stderr}");
+    let log = server_logs(&state);
+    assert!(log.contains("hash mismatch"), "{log}");
 }
