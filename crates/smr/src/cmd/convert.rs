@@ -1,8 +1,8 @@
 //! `smr convert`: OCI image -> chunks in a store + recipe file.
 
 use crate::keys::KeyArgs;
-use crate::remote::{is_remote, push_converted, RegistryArgs};
 use crate::progress::{bytes_bar, human};
+use crate::remote::{is_remote, push_converted, RegistryArgs};
 use anyhow::{bail, Context, Result};
 use smr_format::chunk::default_salt;
 use smr_format::ChunkCodec;
@@ -163,7 +163,8 @@ pub fn run(a: Args) -> Result<ExitCode> {
         (None, None) => unreachable!("one source is open"),
     };
     let store: Arc<dyn smr_store::ChunkStore> = Arc::from(
-        smr_store::open_store(&location).with_context(|| format!("opening the store {location}"))?,
+        smr_store::open_store(&location)
+            .with_context(|| format!("opening the store {location}"))?,
     );
     let opts = ConvertOptions {
         chunk_size: a.chunk_size,
@@ -189,7 +190,9 @@ pub fn run(a: Args) -> Result<ExitCode> {
     eprintln!(
         "converted {} -> {} ({})",
         src.describe(),
-        a.out.as_ref().map_or("the registry".into(), |p| p.display().to_string()),
+        a.out
+            .as_ref()
+            .map_or("the registry".into(), |p| p.display().to_string()),
         out.recipe.digest()
     );
     eprintln!(
@@ -226,7 +229,13 @@ pub fn run(a: Args) -> Result<ExitCode> {
                 ..Default::default()
             };
             let t = Instant::now();
-            let r = push_converted(reg, &out.recipe.source_digest, &bytes, store.as_ref(), &opts)?;
+            let r = push_converted(
+                reg,
+                &out.recipe.source_digest,
+                &bytes,
+                store.as_ref(),
+                &opts,
+            )?;
             eprintln!(
                 "pushed smr artifact {} to {}: uploaded {} of {} blobs ({}), {} already there ({}); {} packs of {} chunks; referrers: {}; {:.2}s",
                 r.manifest_digest,
