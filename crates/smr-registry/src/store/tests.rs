@@ -292,12 +292,20 @@ fn after_giving_up_reads_fail_at_once_until_the_registry_answers() {
     let (a, b) = (fx.chunks[0][0].0, fx.chunks[0][3].0);
     let t = Instant::now();
     assert!(matches!(store.get(&a), Err(StoreError::GaveUp { .. })));
-    assert!(t.elapsed() >= Duration::from_millis(100), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() >= Duration::from_millis(100),
+        "{:?}",
+        t.elapsed()
+    );
     // Marked down: one try, no waiting.
     let before = fx.blobs.range_requests.load(Relaxed);
     let t = Instant::now();
     assert!(matches!(store.get(&b), Err(StoreError::GaveUp { .. })));
-    assert!(t.elapsed() < Duration::from_millis(200), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(200),
+        "{:?}",
+        t.elapsed()
+    );
     assert_eq!(fx.blobs.range_requests.load(Relaxed), before + 1);
     // Back: reads succeed, and the next outage is waited out again.
     fx.blobs.heal_ranges(&fx.pack(0));
@@ -305,5 +313,9 @@ fn after_giving_up_reads_fail_at_once_until_the_registry_answers() {
     fx.blobs.fail_ranges(&fx.pack(0));
     let t = Instant::now();
     assert!(store.get(&a).is_err());
-    assert!(t.elapsed() >= Duration::from_millis(100), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() >= Duration::from_millis(100),
+        "{:?}",
+        t.elapsed()
+    );
 }
