@@ -2,6 +2,7 @@
 # Convert benchmark (issue: convert throughput): smr convert of the
 # debian-python test image, side by side in one run with mkfs.ext4 -d and
 # mkfs.erofs on the same unpacked tree and casync make on the resulting image.
+# smr rows use the default chunk size (64K) unless named otherwise.
 # Usage: scripts/bench-convert.sh [ROUNDS]   (prints a markdown table)
 set -euo pipefail
 rounds=${1:-3}
@@ -9,7 +10,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 cache=${SMR_IMAGE_CACHE:-/var/cache/smr-test-images}
 layout=$cache/oci
 tag=debian-python
-smr=$here/target/release/smr
+smr=${SMR_BIN:-$here/target/release/smr}   # SMR_BIN: a copy, safe from concurrent builds
 [ -x "$smr" ] || (cd "$here" && cargo build --release -q -p smr)
 "$here/scripts/build-test-images.sh" "$cache" >/dev/null
 work=$(mktemp -d /var/tmp/smr-bench.XXXXXX)
@@ -27,17 +28,31 @@ time_cmd() {
     cat "$work/last.err" >&2; exit 1; }
 }
 
+size_mb=$(( tree_mb * 3 / 2 + 64 ))
+# One timed command per tool; the order rotates every round, so that no
+# tool always runs first after the previous round's files were deleted.
+run_tool() {
+  case $1 in
+    smr-convert) time_cmd "$1" "$smr" convert "oci:$layout:$tag" --store "$work/store" -o "$work/a.recipe" --key-file "$work/key"
+      cp "$work/last.err" "$work/smr-summary.txt" ;;
+    smr-convert-512K) time_cmd "$1" "$smr" convert "oci:$layout:$tag" --store "$work/store-512" -o "$work/b.recipe" --key-file "$work/key" --chunk-size 512K ;;
+    smr-convert-zstd) time_cmd "$1" "$smr" convert "oci:$layout:$tag" --store "$work/store-z" -o "$work/z.recipe" --key-file "$work/key" --compress zstd ;;
+    smr-convert-plain) time_cmd "$1" "$smr" convert "oci:$layout:$tag" --store "$work/store-p" -o "$work/p.recipe" --no-encrypt ;;
+    mkfs.ext4-d) time_cmd "$1" mkfs.ext4 -q -F -b 4096 -I 256 -O ^has_journal -d "$rootfs" "$work/mkfs.img" "${size_mb}M" ;;
+    mkfs.erofs) time_cmd "$1" mkfs.erofs --quiet "$work/erofs.img" "$rootfs" ;;
+    casync-make)   # on smr's image, made (untimed) in a store of its own
+      "$smr" convert "oci:$layout:$tag" --store "$work/store-c" -o "$work/c.recipe" --key-file "$work/key" 2>/dev/null
+      "$smr" extract "$work/c.recipe" --store "$work/store-c" --key-file "$work/key" -o "$work/smr.img" 2>/dev/null
+      time_cmd "$1" casync make --store="$work/casync.castr" "$work/casync.caibx" "$work/smr.img" ;;
+  esac
+}
+tools=(smr-convert smr-convert-512K smr-convert-zstd smr-convert-plain mkfs.ext4-d mkfs.erofs casync-make)
 for r in $(seq "$rounds"); do
   rm -rf "$work/store"* "$work"/*.img "$work"/*.recipe "$work/casync"*
-  time_cmd "smr-convert" "$smr" convert "oci:$layout:$tag" --store "$work/store" -o "$work/a.recipe" --key-file "$work/key"
-  cp "$work/last.err" "$work/smr-summary.txt"
-  time_cmd "smr-convert-zstd" "$smr" convert "oci:$layout:$tag" --store "$work/store-z" -o "$work/z.recipe" --key-file "$work/key" --compress zstd
-  time_cmd "smr-convert-plain" "$smr" convert "oci:$layout:$tag" --store "$work/store-p" -o "$work/p.recipe" --no-encrypt
-  size_mb=$(( tree_mb * 3 / 2 + 64 ))
-  time_cmd "mkfs.ext4-d" mkfs.ext4 -q -F -b 4096 -I 256 -O ^has_journal -d "$rootfs" "$work/mkfs.img" "${size_mb}M"
-  time_cmd "mkfs.erofs" mkfs.erofs --quiet "$work/erofs.img" "$rootfs"
-  "$smr" extract "$work/a.recipe" --store "$work/store" --key-file "$work/key" -o "$work/smr.img" 2>/dev/null
-  time_cmd "casync-make" casync make --store="$work/casync.castr" "$work/casync.caibx" "$work/smr.img"
+  n=${#tools[@]}
+  for i in $(seq 0 $((n - 1))); do
+    run_tool "${tools[$(( (i + r - 1) % n ))]}"
+  done
 done
 
 layer_bytes=$(python3 - "$layout" "$tag" <<'PY'
@@ -61,9 +76,9 @@ PY
 )
 echo "Unpacked tree: ${tree_mb} MiB; uncompressed layer data: $((layer_bytes / 1000000)) MB; ${rounds} rounds, median shown"
 echo
-echo "| tool | seconds (median) | MB/s of layer data | peak RSS MiB | vs mkfs.ext4 -d |"
-echo "| --- | --- | --- | --- | --- |"
-python3 - "$work/times" "$layer_bytes" <<'PY'
+echo "| tool | seconds (median) | min-max | MB/s of layer data | peak RSS MiB | vs mkfs.ext4 -d |"
+echo "| --- | --- | --- | --- | --- | --- |"
+python3 - "$work/times" "$layer_bytes" "${tools[@]}" <<'PY'
 import sys, statistics, collections
 rows = collections.OrderedDict()
 for line in open(sys.argv[1]):
@@ -71,10 +86,12 @@ for line in open(sys.argv[1]):
     rows.setdefault(name, []).append((float(secs), int(rss)))
 lb = int(sys.argv[2])
 base = statistics.median(s for s, _ in rows["mkfs.ext4-d"])
-for name, v in rows.items():
+for name in sys.argv[3:]:
+    v = rows[name]
     s = statistics.median(x for x, _ in v)
+    lo, hi = min(x for x, _ in v), max(x for x, _ in v)
     rss = max(r for _, r in v) / 1024
-    print(f"| {name} | {s:.2f} | {lb / s / 1e6:.0f} | {rss:.0f} | {s / base:.2f}x |")
+    print(f"| {name} | {s:.2f} | {lo:.2f}-{hi:.2f} | {lb / s / 1e6:.0f} | {rss:.0f} | {s / base:.2f}x |")
 PY
 echo
 echo "smr convert summary (last round):"

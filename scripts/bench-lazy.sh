@@ -18,7 +18,8 @@
 # Env: SMR_BENCH_SIZES (chunk sizes of the cold start, default 64K..1M),
 #      SMR_BENCH_RAS (loop read_ahead_kb values, default "0 16 128"),
 #      SMR_BENCH_WARM_CS (chunk size of the warm and memory tests, default
-#      64K, the default of `smr convert`).
+#      64K, the default of `smr convert`),
+#      SMR_BENCH_ONLY (sections to run, default "cold,tar,nbd,mem").
 set -euo pipefail
 rounds=${1:-3}
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -28,12 +29,15 @@ tag=debian-python
 sizes=${SMR_BENCH_SIZES:-64K 128K 256K 512K 1M}
 ras=${SMR_BENCH_RAS:-0 16 128}
 wcs=${SMR_BENCH_WARM_CS:-64K}
+only=${SMR_BENCH_ONLY:-cold,tar,nbd,mem}
+want() { [[ ",$only," == *",$1,"* ]]; }
 pycmd=(python3 -c 'import numpy')
-smr=$here/target/release/smr
+smr=${SMR_BIN:-$here/target/release/smr}   # SMR_BIN: a copy, safe from concurrent builds
 [ -x "$smr" ] || (cd "$here" && cargo build --release -q -p smr)
 "$here/scripts/build-test-images.sh" "$cache" >/dev/null
 work=$(mktemp -d /var/tmp/smr-bench-lazy.XXXXXX)
 res=$work/results
+warm=$work/cache-warm   # the chunk cache of the warm tests
 pids=()
 smr_mnts=()
 mnts=()
@@ -65,9 +69,10 @@ done
 # The memory test's 4 images, in one store: debian-python and debian at
 # the warm chunk size, debian at 512K and 1M.
 mem_images=("py:$tag:$wcs" "deb:debian:$wcs" "deb512:debian:512K" "deb1m:debian:1M")
+mkdir -p "$work/mem"
 for spec in "${mem_images[@]}"; do
   IFS=: read -r name t cs <<<"$spec"
-  "$smr" convert "oci:$layout:$t" --store "$work/store-mem" -o "$work/mem-$name.recipe" \
+  "$smr" convert "oci:$layout:$t" --store "$work/store-mem" -o "$work/mem/$name.recipe" \
     --key-file "$work/key" --chunk-size "$cs" 2>/dev/null
 done
 "$smr" extract "$work/py-$wcs.recipe" --store "$work/store-$wcs" --key-file "$work/key" \
@@ -75,6 +80,7 @@ done
 img_bytes=$(stat -c %s "$work/py.img")
 
 # ---- 1+2. cold start -------------------------------------------------------
+if want cold; then
 # base_run RA DIO: the same container from a plain loop mount of py.img;
 # prints the wall time of attach + mount + overlay + runc run + teardown.
 mkdir -p "$work/b/lower" "$work/b/upper" "$work/b/work" "$work/b/rootfs" "$work/b/bundle"
@@ -124,9 +130,11 @@ PY
   done
 done
 
+fi
+
 # ---- 3. warm tar over the mount vs the plain loop mount --------------------
+if want tar; then
 log "warm tar: smr mount (chunk cache warm) vs plain loop mount"
-warm=$work/cache-warm
 mkdir -p "$work/m-smr" "$work/m-smr-dio" "$work/m-loop" "$work/m-loop-dio" "$work/m-loop-kdef"
 "$smr" mount "$work/py-$wcs.recipe" --store "$work/store-$wcs" --key-file "$work/key" \
   --cache-dir "$warm" --state-dir "$work/state" "$work/m-smr" 2>/dev/null
@@ -170,7 +178,10 @@ for m in m-loop m-loop-dio m-loop-kdef; do umount "$work/$m"; done
 for l in "${loops[@]}"; do losetup -d "$l"; done
 smr_mnts=(); mnts=(); loops=()
 
+fi
+
 # ---- 4. warm NBD: smr serve-nbd vs qemu-nbd --------------------------------
+if want nbd; then
 log "warm NBD: nbdcopy of smr serve-nbd vs qemu-nbd"
 "$smr" serve-nbd "$work/py-$wcs.recipe" --store "$work/store-$wcs" --key-file "$work/key" \
   --cache-dir "$warm" --socket "$work/smr.sock" --name py 2>"$work/serve.err" &
@@ -199,11 +210,14 @@ echo "mem serve-nbd(1-image,after-warm-nbdcopy) $(awk '/VmHWM/{h=$2} /RssAnon/{a
 for p in "${pids[@]}"; do kill "$p"; wait "$p" 2>/dev/null || true; done
 pids=()
 
+fi
+
 # ---- 5. memory: 4 images served by one process under nbdcopy load ----------
+if want mem; then
 log "memory: one smr serve-nbd with 4 exports under 4 concurrent nbdcopy"
 names=(); recipes=()
 for spec in "${mem_images[@]}"; do
-  IFS=: read -r name _ _ <<<"$spec"; names+=("$name"); recipes+=("$work/mem-$name.recipe")
+  IFS=: read -r name _ _ <<<"$spec"; names+=("$name"); recipes+=("$work/mem/$name.recipe")
 done
 "$smr" serve-nbd "${recipes[@]}" --store "$work/store-mem" --key-file "$work/key" \
   --cache-dir "$work/cache-mem" --socket "$work/mem.sock" 2>/dev/null &
@@ -215,10 +229,12 @@ for pass in cold warm; do
     nbdcopy "nbd+unix:///$n?socket=$work/mem.sock" null: & cp+=($!)
   done
   for p in "${cp[@]}"; do wait "$p"; done
-  echo "mem serve-nbd(4-images:${names[*]},4-nbdcopy-at-once,after-$pass) $(awk '/VmHWM/{h=$2} /RssAnon/{a=$2} /^Threads/{t=$2} END{print h, a, t}' "/proc/${pids[0]}/status")" >> "$res"
+  echo "mem serve-nbd(4-images:$(IFS=,; echo "${names[*]}"),4-nbdcopy-at-once,after-$pass) $(awk '/VmHWM/{h=$2} /RssAnon/{a=$2} /^Threads/{t=$2} END{print h, a, t}' "/proc/${pids[0]}/status")" >> "$res"
 done
 kill "${pids[0]}"; wait "${pids[0]}" 2>/dev/null || true
 pids=()
+
+fi
 
 # ---- report ----------------------------------------------------------------
 python3 - "$res" "$img_bytes" "$rounds" <<'PY'
@@ -229,73 +245,87 @@ L = [l.split() for l in open(res)]
 MiB = 1 << 20
 print(f"Rounds: {rounds} (median shown); image {img_bytes / MiB:.0f} MiB\n")
 
-base = collections.defaultdict(list)
-for l in L:
-    if l[0] == "coldbase":
-        base[(l[1], l[2])].append(float(l[4]))
-print("### Cold start, `python3 -c 'import numpy'`, empty cache\n")
-print("Plain loop mount of the extracted image + overlay + runc (wall seconds):\n")
-print("| read_ahead_kb | direct-io | seconds |")
-print("| --- | --- | --- |")
-for (ra, dio), v in base.items():
-    print(f"| {ra} | {dio} | {med(v):.2f} |")
-print()
-cold = collections.defaultdict(list)
-for l in L:
-    if l[0] == "cold":
-        cs, ra, dio, r, wall, tot, fetched, imgb, chunks, bread, infl = l[1:]
-        cold[(cs, ra, dio)].append((float(wall), float(tot), int(fetched), int(imgb),
-                                    int(chunks), int(bread), int(infl)))
-print("| chunk | read_ahead_kb | direct-io | fetched MiB | image_bytes MiB | fetched/image | chunks | kernel read MiB | max in flight | smr run s | baseline s | vs baseline |")
-print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-for (cs, ra, dio), v in cold.items():
-    wall = med(x[0] for x in v)
-    fetched = med(x[2] for x in v); imgb = v[0][3]
-    b = med(base[(ra, dio)]) if (ra, dio) in base else float("nan")
-    print(f"| {cs} | {ra} | {dio} | {fetched / MiB:.1f} | {imgb / MiB:.0f} | {fetched / imgb * 100:.1f}% "
-          f"| {med(x[4] for x in v):.0f} | {med(x[5] for x in v) / MiB:.1f} | {max(x[6] for x in v)} "
-          f"| {wall:.2f} | {b:.2f} | {wall / b:.2f}x |")
-print()
 
-print("### Warm read of every file: `tar -cf - . | wc -c`, page cache dropped\n")
-info = {l[1]: l[2:] for l in L if l[0] == "tarinfo"}
-tar = collections.defaultdict(list)
-for l in L:
-    if l[0] == "tar":
-        tar[l[1]].append((float(l[3]), int(l[4])))
-names = {"m-smr": "smr mount (FUSE + loop)", "m-smr-dio": "smr mount --direct-io",
-         "m-loop": "plain loop mount", "m-loop-dio": "plain loop mount, --direct-io=on",
-         "m-loop-kdef": "plain loop mount, kernel's default read_ahead_kb"}
-print("| mount | loop read_ahead_kb | loop dio | seconds | MB/s | vs plain loop |")
-print("| --- | --- | --- | --- | --- | --- |")
-b = med(x[0] for x in tar["m-loop"])
-for m, v in tar.items():
-    s = med(x[0] for x in v)
-    print(f"| {names[m]} | {info[m][1]} | {info[m][2]} | {s:.2f} | {v[0][1] / s / 1e6:.0f} | {b / s:.2f}x |")
-print()
+def cold_section():
+    base = collections.defaultdict(list)
+    for l in L:
+        if l[0] == "coldbase":
+            base[(l[1], l[2])].append(float(l[4]))
+    print("### Cold start, `python3 -c 'import numpy'`, empty cache\n")
+    print("Plain loop mount of the extracted image + overlay + runc (wall seconds):\n")
+    print("| read_ahead_kb | direct-io | seconds |")
+    print("| --- | --- | --- |")
+    for (ra, dio), v in base.items():
+        print(f"| {ra} | {dio} | {med(v):.2f} |")
+    print()
+    cold = collections.defaultdict(list)
+    for l in L:
+        if l[0] == "cold":
+            cs, ra, dio, r, wall, tot, fetched, imgb, chunks, bread, infl = l[1:]
+            cold[(cs, ra, dio)].append((float(wall), float(tot), int(fetched), int(imgb),
+                                        int(chunks), int(bread), int(infl)))
+    print("| chunk | read_ahead_kb | direct-io | fetched MiB | image_bytes MiB | fetched/image | chunks | kernel read MiB | max in flight | smr run s | baseline s | vs baseline |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for (cs, ra, dio), v in cold.items():
+        wall = med(x[0] for x in v)
+        fetched = med(x[2] for x in v); imgb = v[0][3]
+        b = med(base[(ra, dio)]) if (ra, dio) in base else float("nan")
+        print(f"| {cs} | {ra} | {dio} | {fetched / MiB:.1f} | {imgb / MiB:.0f} | {fetched / imgb * 100:.1f}% "
+              f"| {med(x[4] for x in v):.0f} | {med(x[5] for x in v) / MiB:.1f} | {max(x[6] for x in v)} "
+              f"| {wall:.2f} | {b:.2f} | {wall / b:.2f}x |")
+    print()
 
-print("### Warm NBD: `nbdcopy nbd+unix:///... null:`, page cache dropped\n")
-nbd = collections.defaultdict(list)
-for l in L:
-    if l[0] == "nbd":
-        nbd[(l[1], l[2])].append((float(l[4]), int(l[5]) / 100))
-print("| server | nbdcopy connections | seconds | MB/s | server CPU s | vs qemu-nbd (1 conn) | vs qemu-nbd, same round (min-max) |")
-print("| --- | --- | --- | --- | --- | --- | --- |")
-q1 = [x[0] for x in nbd[("qemu", "1")]]
-for (s, c), v in nbd.items():
-    m = med(x[0] for x in v)
-    cpu = med(x[1] for x in v)
-    name = 'smr serve-nbd (chunk cache warm)' if s == 'smr' else 'qemu-nbd -r -f raw'
-    cn = "default (4 if multi-conn)" if c == "default" else c
-    per = [qv / sv for qv, sv in zip(q1, (x[0] for x in v))]
-    print(f"| {name} | {cn} | {m:.2f} | {img_bytes / m / 1e6:.0f} | {cpu:.2f} | {med(q1) / m:.2f}x "
-          f"| {min(per):.2f}-{max(per):.2f}x |")
-print()
 
-print("### Memory: peak RSS (VmHWM)\n")
-print("| process | peak RSS (VmHWM) MiB | anon RSS at the end MiB | threads at the end |")
-print("| --- | --- | --- | --- |")
-for l in L:
-    if l[0] == "mem":
-        print(f"| {l[1]} | {int(l[2]) / 1024:.1f} | {int(l[3]) / 1024:.1f} | {l[4]} |")
+def tar_section():
+    print("### Warm read of every file: `tar -cf - . | wc -c`, page cache dropped\n")
+    info = {l[1]: l[2:] for l in L if l[0] == "tarinfo"}
+    tar = collections.defaultdict(list)
+    for l in L:
+        if l[0] == "tar":
+            tar[l[1]].append((float(l[3]), int(l[4])))
+    names = {"m-smr": "smr mount (FUSE + loop)", "m-smr-dio": "smr mount --direct-io",
+             "m-loop": "plain loop mount", "m-loop-dio": "plain loop mount, --direct-io=on",
+             "m-loop-kdef": "plain loop mount, kernel's default read_ahead_kb"}
+    print("| mount | loop read_ahead_kb | loop dio | seconds | MB/s | vs plain loop |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    b = med(x[0] for x in tar["m-loop"])
+    for m, v in tar.items():
+        s = med(x[0] for x in v)
+        print(f"| {names[m]} | {info[m][1]} | {info[m][2]} | {s:.2f} | {v[0][1] / s / 1e6:.0f} | {b / s:.2f}x |")
+    print()
+
+
+def nbd_section():
+    print("### Warm NBD: `nbdcopy nbd+unix:///... null:`, page cache dropped\n")
+    nbd = collections.defaultdict(list)
+    for l in L:
+        if l[0] == "nbd":
+            nbd[(l[1], l[2])].append((float(l[4]), int(l[5]) / 100))
+    print("| server | nbdcopy connections | seconds | MB/s | server CPU s | vs qemu-nbd (1 conn) | vs qemu-nbd, same round (min-max) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    q1 = [x[0] for x in nbd[("qemu", "1")]]
+    for (s, c), v in nbd.items():
+        m = med(x[0] for x in v)
+        cpu = med(x[1] for x in v)
+        name = 'smr serve-nbd (chunk cache warm)' if s == 'smr' else 'qemu-nbd -r -f raw'
+        cn = "default (4 if multi-conn)" if c == "default" else c
+        per = [qv / sv for qv, sv in zip(q1, (x[0] for x in v))]
+        print(f"| {name} | {cn} | {m:.2f} | {img_bytes / m / 1e6:.0f} | {cpu:.2f} | {med(q1) / m:.2f}x "
+              f"| {min(per):.2f}-{max(per):.2f}x |")
+    print()
+
+
+def mem_section():
+    print("### Memory: peak RSS (VmHWM)\n")
+    print("| process | peak RSS (VmHWM) MiB | anon RSS at the end MiB | threads at the end |")
+    print("| --- | --- | --- | --- |")
+    for l in L:
+        if l[0] == "mem":
+            print(f"| {l[1]} | {int(l[2]) / 1024:.1f} | {int(l[3]) / 1024:.1f} | {l[4]} |")
+
+
+for key, section in [("cold", cold_section), ("tar", tar_section), ("nbd", nbd_section),
+                     ("mem", mem_section)]:
+    if any(l[0] == key for l in L):
+        section()
 PY

@@ -1,41 +1,64 @@
 #!/usr/bin/env bash
 # Cold start from a registry (issue 4, "Performance"): debian-python running
 # `python3 -c 'import numpy'`, smr's lazy start vs a full pull and run with
-# containerd 1.6, on loopback and through a shaped link. Needs root.
+# containerd 1.6, on loopback and through a shaped link; plus the push side
+# of the artifact layout decision (one blob per chunk vs packs). Needs root.
 #
 # Usage:
 #   scripts/bench-registry.sh [ROUNDS]        (default 3; prints markdown)
 #
-# Setup (once): a throwaway registry (scripts/registry.sh start DIR 0) with
-# the cached test image pushed as ADDR/debian-python:bookworm and again as
-# ADDR/debian-python-zstd:bookworm; `smr convert docker://ADDR/REPO:bookworm
-# --push` converts both (the second with --compress zstd).
+# Setup (once per invocation): a throwaway docker-registry on 127.0.0.1
+# (its own config, log level info: every request is logged with its
+# timing and body size, which is where request and byte counts come from);
+# smr is built (release) and copied aside, so that another build of the
+# tree during the benchmark does not change the binary under test. The
+# cached test image is copied with skopeo into one repository per variant,
+# and `smr convert docker://ADDR/REPO:bookworm --push --key-file K` pushes:
+#   debian-python        default packs (~4 MiB; containerd pulls this repo too)
+#   debian-python-zstd   --compress zstd, default packs
+#   debian-python-chunk  --pack-chunks 1: one registry blob per chunk
+# Push side (once, not per round):
+#   - the pushes above, timed (loopback), and the same two layouts pushed
+#     again through the shaped link into fresh repositories (*-pushshaped);
+#     the proxy limits only server->client bandwidth, so uploads there pay
+#     the round trips, not the rate;
+#   - second image into the same repository: debian, then debian-python,
+#     then debian-python again (must upload nothing), for packs and for
+#     blob per chunk (debian-incr, debian-incr-chunk).
 #
 # Links: "loopback" = straight to the registry; "shaped" = through
 # scripts/bench/shape-proxy.py (default 100 Mbit/s server->client, 20 ms
 # added per request round trip and per new connection), a fresh proxy per
-# timed run so its byte count is that run's.
+# timed run.
 #
 # Per round, link and tool (page cache dropped before each timed command):
 #   containerd  a private containerd (fresh --root/--state/--address under a
 #               temp dir, own config, stopped and removed after the run), timed:
 #               ctr images pull --plain-http REF && ctr run --rm REF ID CMD
-#   smr         smr run --cache-dir FRESH docker://REF -- CMD
+#   smr         smr run --key-file K --cache-dir FRESH --stats S docker://REF -- CMD
 #   smr-zstd    the same from the --compress zstd artifact
-# Bytes: shaped link = server->client bytes through the proxy (everything:
-# HTTP, manifests, recipes, chunks); loopback = the tool's own count
-# (containerd: blobs in its content store; smr: --stats bytes_fetched).
+#   smr-chunk   the same from the --pack-chunks 1 artifact
+# Bytes: response bodies written by the registry during the run (all of
+# them: manifests, configs, layers, recipe, pack index, chunks); the shaped
+# link's proxy count (with HTTP headers) and each tool's own count
+# (containerd content store, smr --stats bytes_fetched) are kept in the
+# results too.
 #
 # Environment:
 #   SMR_BENCH_RATE=100mbit  SMR_BENCH_DELAY_MS=20   the shaped link
 #   SMR_BENCH_LINKS="loopback shaped"
-#   SMR_BENCH_TOOLS="containerd smr smr-zstd"
+#   SMR_BENCH_TOOLS="containerd smr smr-zstd smr-chunk"
+#   SMR_BENCH_PUSH=1        the push measurements (0: skip the shaped pushes
+#                           and the second-image pushes)
 #   SMR_BENCH_BUILD=1       cargo build --release -p smr first (0: use as is)
+#   SMR_BENCH_KEEP=DIR      copy the results, registry log and smr outputs there
 #   SMR_BIN                 the smr binary (default target/release/smr)
 #   SMR_CONVERT_ARGS, SMR_RUN_ARGS   extra arguments for smr convert / run
+#   SMR_RUN_LOG             SMR_LOG for the timed smr runs (default: warn;
+#                           e.g. smr_registry::store=debug, kept with SMR_BENCH_KEEP)
 #   SMR_IMAGE_CACHE         test images (default /var/cache/smr-test-images)
-# Exits 1 if a requested tool could not be measured (e.g. this smr has no
-# `convert --push` yet); the rows that were measured are printed anyway.
+# Exits 1 if a requested tool could not be measured; the rows that were
+# measured are printed anyway.
 set -euo pipefail
 
 if [[ ${1:-} == -h || ${1:-} == --help ]]; then sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0; fi
@@ -47,12 +70,16 @@ layout=$cache/oci
 rate=${SMR_BENCH_RATE:-100mbit}
 delay_ms=${SMR_BENCH_DELAY_MS:-20}
 links=${SMR_BENCH_LINKS:-loopback shaped}
-tools=${SMR_BENCH_TOOLS:-containerd smr smr-zstd}
+tools=${SMR_BENCH_TOOLS:-containerd smr smr-zstd smr-chunk}
+bench_push=${SMR_BENCH_PUSH:-1}
+keep=${SMR_BENCH_KEEP:-}
 read -r -a convert_args <<<"${SMR_CONVERT_ARGS:-}"
 read -r -a run_args <<<"${SMR_RUN_ARGS:-}"
 pycmd=(python3 -c 'import numpy')
-smr=${SMR_BIN:-$here/target/release/smr}
+smr_src=${SMR_BIN:-$here/target/release/smr}
 proxy_py=$here/scripts/bench/shape-proxy.py
+reglog_py=$here/scripts/bench/reglog.py
+helper=$here/scripts/bench/registry_bench.py
 
 log() { printf '[bench-registry %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -60,9 +87,12 @@ now() { date +%s.%N; }
 drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 elapsed() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.3f}')" "$1" "$2"; }
 want() { [[ " $tools " == *" $1 "* ]]; }
+# Other compilers running right now (another engineer's cargo build).
+builds_now() { pgrep -c -x rustc 2>/dev/null || true; }
+load1() { cut -d' ' -f1 /proc/loadavg; }
 
 [[ $(id -u) == 0 ]] || die "must run as root (containerd, smr run, drop_caches)"
-need=(docker-registry skopeo python3 curl findmnt)
+need=(docker-registry skopeo python3 curl findmnt pgrep)
 want containerd && need+=(containerd ctr runc containerd-shim-runc-v2)
 for t in "${need[@]}"; do
   command -v "$t" >/dev/null || die "missing tool: $t (scripts/install-deps.sh)"
@@ -73,10 +103,11 @@ fi
 "$here/scripts/build-test-images.sh" "$cache" >/dev/null
 
 work=$(mktemp -d /var/tmp/smr-bench-registry.XXXXXX)
-res=$work/results
+res=$work/results.jsonl
 : >"$res"
-proxy_pid="" ctd_pid="" ctd_dir=""
+proxy_pid="" ctd_pid="" ctd_dir="" reg_pid=""
 failed=()   # "tool: reason" for tools that could not be measured
+record() { python3 "$helper" record "$res" "$@"; }
 
 # Unmount whatever is still mounted under $work, deepest first.
 umount_under() {
@@ -91,8 +122,12 @@ cleanup() {
   set +e
   [[ -n $proxy_pid ]] && kill "$proxy_pid" 2>/dev/null && wait "$proxy_pid" 2>/dev/null
   [[ -n $ctd_pid ]] && ctd_stop
-  "$here/scripts/registry.sh" stop "$work/registry" 2>/dev/null
+  declare -F reg_stop >/dev/null && reg_stop
   umount_under "$work"
+  if [[ -n $keep ]]; then
+    mkdir -p "$keep" && cp -r "$work/results.jsonl" "$work/logs" "$work/registry/registry.log" "$keep/" 2>/dev/null
+    log "results and logs kept in $keep"
+  fi
   if findmnt -rn -o TARGET | grep -qF -- "$work/"; then
     log "mounts left under $work; not removing it"
   else
@@ -102,16 +137,64 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+mkdir -p "$work/logs"
 
-# ---- registry and images ---------------------------------------------------
-addr=$("$here/scripts/registry.sh" start "$work/registry" 0)
-log "registry at $addr; pushing debian-python (twice: plain and -zstd repos)"
-for repo in debian-python debian-python-zstd; do
-  skopeo copy --quiet --dest-tls-verify=false "oci:$layout:debian-python" \
-    "docker://$addr/$repo:bookworm"
+# ---- registry ----------------------------------------------------------------
+# A docker-registry of our own (not scripts/registry.sh: that one logs at
+# "warn", and the request log is what counts requests and bytes here).
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+reglog=$work/registry/registry.log
+reg_start() {
+  local dir=$work/registry i
+  mkdir -p "$dir/data"
+  addr=127.0.0.1:$(free_port)
+  cat >"$dir/config.yml" <<EOF
+version: 0.1
+log:
+  level: info
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: $dir/data
+  delete:
+    enabled: true
+  maintenance:
+    uploadpurging:
+      enabled: false
+http:
+  addr: $addr
+EOF
+  setsid docker-registry serve "$dir/config.yml" >"$reglog" 2>&1 </dev/null &
+  reg_pid=$!
+  for ((i = 0; i < 200; i++)); do
+    kill -0 "$reg_pid" 2>/dev/null || break
+    [[ $(curl -s -o /dev/null -w '%{http_code}' "http://$addr/v2/" || true) == 200 ]] && return 0
+    sleep 0.1
+  done
+  tail -20 "$reglog" >&2
+  die "docker-registry did not start on $addr"
+}
+reg_stop() {
+  [[ -n $reg_pid ]] || return 0
+  kill -TERM "$reg_pid" 2>/dev/null
+  wait "$reg_pid" 2>/dev/null
+  reg_pid=""
+}
+# reg_mark: the registry log's line count once the last response is logged.
+reg_mark() { sleep 0.3; wc -l <"$reglog"; }
+# reg_window FROM TO OUT [reglog.py options]: summary of the requests logged
+# after line FROM up to line TO.
+reg_window() { python3 "$reglog_py" "$reglog" "$(($1 + 1))" "$2" "${@:4}" >"$3"; }
+
+reg_start
+log "registry at $addr; copying debian-python into one repository per variant"
+copy() { skopeo copy --quiet --dest-tls-verify=false "oci:$layout:$1" "docker://$addr/$2"; }
+for repo in debian-python debian-python-zstd debian-python-chunk; do
+  copy debian-python "$repo:bookworm"
 done
 # One port for every proxy instance, so image references stay the same.
-proxy_addr=127.0.0.1:$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+proxy_addr=127.0.0.1:$(free_port)
 
 # proxy_start: a fresh shaping proxy in front of the registry on $proxy_addr.
 proxy_start() {
@@ -128,16 +211,14 @@ proxy_start() {
   cat "$work/proxy.err" >&2
   die "shape-proxy did not start on $proxy_addr"
 }
-# proxy_stop: stop it; sets link_stats to "BYTES CONNECTIONS MAX_PARALLEL"
-# (server->client bytes it carried, connections opened, most open at once).
+# proxy_stop: stop it; its final stats stay in $work/proxy.json.
 # Not called in $(...): the proxy is a child of this shell.
-link_stats="- - -"
 proxy_stop() {
   kill -TERM "$proxy_pid"
   wait "$proxy_pid" || die "shape-proxy failed: $(cat "$work/proxy.err")"
   proxy_pid=""
-  link_stats=$(python3 -c 'import json, sys; s = json.load(open(sys.argv[1])); assert s["final"]
-print(s["bytes_s2c"], s["connections"], s["max_active"])' "$work/proxy.json")
+  python3 -c 'import json, sys; assert json.load(open(sys.argv[1]))["final"]' "$work/proxy.json" \
+    || die "shape-proxy wrote no final stats"
 }
 
 # ---- containerd --------------------------------------------------------------
@@ -191,14 +272,16 @@ ctd_stop() {
   findmnt -rn -o TARGET | grep -qF -- "$ctd_dir/" || rm -rf -- "$ctd_dir"
 }
 
-# ctd_run LINK ROUND REGISTRY: appends a result line.
+# ctd_run LINK ROUND REGISTRY: records one run.
 ctd_run() {
-  local link=$1 r=$2 reg=$3 t0 t1 t2 sock bytes_tool
+  local link=$1 r=$2 reg=$3 t0 t1 t2 sock bytes_tool m0 m1 b0 b1 l0
   local ref=$reg/debian-python:bookworm id=bench-$r-$link
   ctd_start "$work/ctd"
   sock=$ctd_dir/containerd.sock
+  rm -f "$work/proxy.json"
   [[ $link == shaped ]] && proxy_start
   drop
+  m0=$(reg_mark) b0=$(builds_now) l0=$(load1)
   t0=$(now)
   ctr -a "$sock" images pull --plain-http "$ref" >"$ctd_dir/pull.out" 2>&1 \
     || { tail -20 "$ctd_dir/pull.out" >&2; die "ctr images pull $ref failed"; }
@@ -206,76 +289,138 @@ ctd_run() {
   ctr -a "$sock" run --rm "$ref" "$id" "${pycmd[@]}" >"$ctd_dir/run.out" 2>&1 \
     || { cat "$ctd_dir/run.out" >&2; die "ctr run $ref failed"; }
   t2=$(now)
-  link_stats="- - -"
+  b1=$(builds_now)
   [[ $link == shaped ]] && proxy_stop
+  m1=$(reg_mark)
+  reg_window "$m0" "$m1" "$work/reg.json"
   bytes_tool=$(find "$ctd_dir/root/io.containerd.content.v1.content/blobs" -type f -printf '%s\n' |
     awk '{ s += $1 } END { print s + 0 }')
-  echo "run $link containerd $r $(elapsed "$t0" "$t2") $(elapsed "$t0" "$t1") $link_stats $bytes_tool" >>"$res"
+  record run link="$link" tool=containerd round="$r" wall="$(elapsed "$t0" "$t2")" \
+    pull="$(elapsed "$t0" "$t1")" tool_bytes="$bytes_tool" builds="$((b0 > b1 ? b0 : b1))" load="$l0" \
+    reg@="$work/reg.json" proxy@="$work/proxy.json"
   ctd_stop
 }
 
 # ---- smr ---------------------------------------------------------------------
+smr=$work/bin/smr
+key=$work/owner.key
 smr_ok=0
+# smr_push VARIANT LINK REPO:TAG KIND [STEP] [convert args...]: converts and
+# pushes, records what the push did. KIND: push or incr.
+smr_push() {
+  local variant=$1 link=$2 ref=$3 kind=$4 step=$5 reg=$addr t0 t1 m0 m1 out since host=()
+  shift 5
+  [[ $link == shaped ]] && { reg=$proxy_addr; host=(--host "$proxy_addr"); proxy_start; }
+  out=$work/logs/convert-$variant-$link-${ref//[:\/]/_}-$step.out
+  log "smr convert docker://$reg/$ref --push $* ($variant, $link)"
+  m0=$(reg_mark)
+  t0=$(now)
+  if ! SMR_LOG=smr_registry::push=info "$smr" convert "docker://$reg/$ref" --push --key-file "$key" \
+      "$@" "${convert_args[@]}" >"$out" 2>&1; then
+    [[ $link == shaped ]] && proxy_stop
+    cat "$out" >&2
+    failed+=("$variant: smr convert docker://$reg/$ref --push $* failed (output above)")
+    return 1
+  fi
+  t1=$(now)
+  [[ $link == shaped ]] && proxy_stop
+  m1=$(reg_mark)
+  python3 "$helper" push "$out" >"$work/push.json" || { failed+=("$variant: no push summary in $out"); return 1; }
+  since=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["push_started"] or "")' "$work/push.json")
+  if [[ -n $since ]]; then
+    reg_window "$m0" "$m1" "$work/reg.json" --since "$since" "${host[@]}"
+  else
+    reg_window "$m0" "$m1" "$work/reg.json" "${host[@]}"
+  fi
+  python3 - "$work/push.json" "$res" "$kind" "$variant" "$link" "$ref" "$step" "$(elapsed "$t0" "$t1")" \
+    "$work/reg.json" <<'PY'
+import json, sys
+push, res, kind, variant, link, ref, step, wall, reg = sys.argv[1:]
+d = dict(kind=kind, variant=variant, link=link, ref=ref, step=step, wall=float(wall))
+d.update(json.load(open(push)))
+d["reg"] = json.load(open(reg))
+open(res, "a").write(json.dumps(d) + "\n")
+PY
+}
+
 smr_prepare() {
   if [[ ${SMR_BENCH_BUILD:-1} == 1 ]]; then
     log "cargo build --release -p smr (may wait for the build lock)"
     (cd "$here" && cargo build --release -q -p smr) || { failed+=("smr: cargo build --release -p smr failed"); return 1; }
   fi
-  [[ -x $smr ]] || { failed+=("smr: $smr not built"); return 1; }
-  if ! "$smr" convert --help 2>/dev/null | grep -q -- '--push'; then
-    failed+=("smr: $smr has no 'smr convert docker://... --push' yet (registry support is not built in); smr rows skipped")
+  [[ -x $smr_src ]] || { failed+=("smr: $smr_src not built"); return 1; }
+  # A private copy: a rebuild of the tree during the benchmark must not
+  # swap the binary under test.
+  mkdir -p "$work/bin"
+  cp "$smr_src" "$smr"
+  (cd "$here" && git rev-parse HEAD && git diff --stat HEAD -- crates Cargo.lock) >"$work/logs/smr-build.txt" 2>&1 || true
+  log "smr under test: $smr_src ($(cd "$here" && git rev-parse --short HEAD)$(cd "$here" && git diff --quiet HEAD -- crates Cargo.lock || echo ', with uncommitted changes in crates/'))"
+  if ! "$smr" convert --help 2>/dev/null | grep -q -- '--pack-chunks'; then
+    failed+=("smr: $smr has no 'smr convert docker://... --push --pack-chunks' (registry support is not built in); smr rows skipped")
     return 1
   fi
-  "$smr" keygen -o "$work/owner.key" >/dev/null
-  export SMR_KEY_FILE=$work/owner.key
-  local repo extra
-  for repo in debian-python debian-python-zstd; do
-    extra=(); [[ $repo == *-zstd ]] && extra=(--compress zstd)
-    log "smr convert docker://$addr/$repo:bookworm --push ${extra[*]}"
-    if ! "$smr" convert "docker://$addr/$repo:bookworm" --push "${extra[@]}" "${convert_args[@]}" \
-        >"$work/convert-$repo.out" 2>&1; then
-      cat "$work/convert-$repo.out" >&2
-      failed+=("smr: smr convert docker://$addr/$repo:bookworm --push ${extra[*]} failed (output above)")
-      return 1
-    fi
-  done
+  "$smr" keygen -o "$key" >/dev/null
+  smr_push packs loopback debian-python:bookworm push - || return 1
+  smr_push zstd loopback debian-python-zstd:bookworm push - --compress zstd || return 1
+  smr_push chunk loopback debian-python-chunk:bookworm push - --pack-chunks 1 || return 1
   smr_ok=1
+  [[ $bench_push == 1 ]] || return 0
+  copy debian-python debian-python-pushshaped:bookworm
+  copy debian-python debian-python-chunk-pushshaped:bookworm
+  smr_push packs shaped debian-python-pushshaped:bookworm push - || true
+  smr_push chunk shaped debian-python-chunk-pushshaped:bookworm push - --pack-chunks 1 || true
+  local variant repo extra
+  for variant in packs chunk; do
+    repo=debian-incr extra=()
+    [[ $variant == chunk ]] && repo=debian-incr-chunk extra=(--pack-chunks 1)
+    copy debian "$repo:debian"
+    copy debian-python "$repo:debian-python"
+    smr_push "$variant" loopback "$repo:debian" incr debian "${extra[@]}" || continue
+    smr_push "$variant" loopback "$repo:debian-python" incr debian-python "${extra[@]}" || continue
+    smr_push "$variant" loopback "$repo:debian-python" incr "debian-python again" "${extra[@]}" || continue
+  done
 }
 
-# smr_run LINK ROUND REGISTRY TOOL: appends a result line, or returns 1.
+# smr_run LINK ROUND REGISTRY TOOL: records one run, or returns 1.
 smr_run() {
-  local link=$1 r=$2 reg=$3 tool=$4 t0 t1 bytes_tool=- stats=()
+  local link=$1 r=$2 reg=$3 tool=$4 t0 t1 m0 m1 b0 b1 l0 out
   local repo=debian-python
-  [[ $tool == smr-zstd ]] && repo=debian-python-zstd
-  local ref=docker://$reg/$repo:bookworm c=$work/smr-cache
-  rm -rf "$c" "$work/smr-stats.json"
-  "$smr" run --help 2>/dev/null | grep -q -- '--stats' && stats=(--stats "$work/smr-stats.json")
+  case $tool in
+    smr-zstd) repo=debian-python-zstd ;;
+    smr-chunk) repo=debian-python-chunk ;;
+  esac
+  local ref=docker://$reg/$repo:bookworm c=$work/smr-cache stats=$work/smr-stats.json
+  out=$work/logs/run-$tool-$link-$r.out
+  rm -rf "$c" "$stats" "$work/proxy.json"
   [[ $link == shaped ]] && proxy_start
   drop
+  m0=$(reg_mark) b0=$(builds_now) l0=$(load1)
   t0=$(now)
-  if ! "$smr" run --cache-dir "$c" "${stats[@]}" "${run_args[@]}" "$ref" -- "${pycmd[@]}" \
-      >"$work/smr-run.out" 2>&1; then
-    cat "$work/smr-run.out" >&2
+  if ! SMR_LOG=${SMR_RUN_LOG:-warn} "$smr" run --key-file "$key" --cache-dir "$c" --stats "$stats" \
+      "${run_args[@]}" "$ref" -- "${pycmd[@]}" >"$out" 2>&1; then
     [[ $link == shaped ]] && proxy_stop
-    failed+=("$tool: smr run --cache-dir DIR $ref -- ${pycmd[*]} failed (output above)")
+    tail -30 "$out" >&2
+    record fail link="$link" tool="$tool" round="$r" error="$(tail -1 "$out" | sed 's/\x1b\[[0-9;]*m//g')"
+    rm -rf "$c"
     return 1
   fi
   t1=$(now)
-  link_stats="- - -"
+  b1=$(builds_now)
   [[ $link == shaped ]] && proxy_stop
-  if [[ -s $work/smr-stats.json ]]; then
-    bytes_tool=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1])).get("bytes_fetched", "-"))' \
-      "$work/smr-stats.json")
-  fi
+  m1=$(reg_mark)
+  reg_window "$m0" "$m1" "$work/reg.json"
+  record run link="$link" tool="$tool" round="$r" wall="$(elapsed "$t0" "$t1")" pull=- \
+    builds="$((b0 > b1 ? b0 : b1))" load="$l0" \
+    reg@="$work/reg.json" proxy@="$work/proxy.json" smr@="$stats"
   rm -rf "$c"
-  echo "run $link $tool $r $(elapsed "$t0" "$t1") - $link_stats $bytes_tool" >>"$res"
 }
 
-if want smr || want smr-zstd; then
+if want smr || want smr-zstd || want smr-chunk; then
   smr_prepare || log "${failed[-1]}"
 fi
 
 # ---- rounds ------------------------------------------------------------------
+declare -A fails=()
 log "$rounds round(s); links: $links; tools: $tools; shaped = $rate, +${delay_ms} ms per round trip"
 for r in $(seq "$rounds"); do
   for link in $links; do
@@ -289,70 +434,25 @@ for r in $(seq "$rounds"); do
         containerd)
           log "round $r, $link: containerd pull + run"
           ctd_run "$link" "$r" "$reg" ;;
-        smr | smr-zstd)
+        smr | smr-zstd | smr-chunk)
           [[ $smr_ok == 1 ]] || continue
+          # A failed run is recorded and reported; a tool that fails twice
+          # is not run again.
+          if ((${fails[$tool]:-0} >= 2)); then continue; fi
           log "round $r, $link: $tool run"
-          smr_run "$link" "$r" "$reg" "$tool" || { smr_ok=0; log "${failed[-1]}"; } ;;
-        *) die "unknown tool $tool (containerd, smr, smr-zstd)" ;;
+          if ! smr_run "$link" "$r" "$reg" "$tool"; then
+            fails[$tool]=$((${fails[$tool]:-0} + 1))
+            log "$tool: smr run failed on the $link link in round $r (output above; recorded)"
+            ((fails[$tool] < 2)) || failed+=("$tool: smr run failed twice; not run again")
+          fi ;;
+        *) die "unknown tool $tool (containerd, smr, smr-zstd, smr-chunk)" ;;
       esac
     done
   done
 done
 
 # ---- report ------------------------------------------------------------------
-python3 - "$res" "$rounds" "$rate" "$delay_ms" "$(containerd --version 2>/dev/null | awk '{print $3}')" <<'PY'
-import sys, statistics as st, collections
-res, rounds, rate, delay, ctd_version = sys.argv[1:]
-runs = collections.defaultdict(list)
-for l in open(res):
-    f = l.split()
-    if f[0] == "run":
-        link, tool, r, wall, pull, bl, conns, par, bt = f[1:]
-        num = lambda x: None if x == "-" else float(x)
-        runs[(link, tool)].append((float(wall), num(pull), num(bl), num(bt), num(conns), num(par)))
-
-def med(xs):
-    xs = [x for x in xs if x is not None]
-    return st.median(xs) if xs else None
-
-names = {"loopback": "loopback", "shaped": f"shaped {rate} + {delay} ms"}
-tools = {"containerd": f"containerd {ctd_version} (ctr pull + run)",
-         "smr": "smr run", "smr-zstd": "smr run (--compress zstd)"}
-print(f"Rounds: {rounds} (median shown). Bytes: shaped link = server->client bytes through "
-      f"the proxy; loopback = the tool's own count (containerd content store; smr --stats "
-      f"bytes_fetched).\n")
-print("| link | tool | wall s | of which pull s | MB | connections (max at once) | wall vs containerd | bytes vs containerd |")
-print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-summary = {}
-for link in ("loopback", "shaped"):
-    base = runs.get((link, "containerd"))
-    bw = med(x[0] for x in base) if base else None
-    bb = med((x[2] if link == "shaped" else x[3]) for x in base) if base else None
-    for tool in ("containerd", "smr", "smr-zstd"):
-        v = runs.get((link, tool))
-        if not v:
-            continue
-        w = med(x[0] for x in v)
-        p = med(x[1] for x in v)
-        b = med((x[2] if link == "shaped" else x[3]) for x in v)
-        c, par = med(x[4] for x in v), max((x[5] for x in v if x[5] is not None), default=None)
-        conns = "-" if c is None else f"{c:.0f} ({par:.0f})"
-        rw = w / bw if bw and tool != "containerd" else None
-        rb = b / bb if bb and b is not None and tool != "containerd" else None
-        summary[(link, tool)] = (rw, rb)
-        pct = lambda x: "-" if x is None else f"{x * 100:.0f}%"
-        print(f"| {names[link]} | {tools[tool]} | {w:.2f} | {'-' if p is None else f'{p:.2f}'} "
-              f"| {'-' if b is None else f'{b / 1e6:.1f}'} | {conns} | {pct(rw)} | {pct(rb)} |")
-print()
-
-def target(what, key, i, limit):
-    x = summary.get(key, (None, None))[i]
-    verdict = "not measured" if x is None else f"{x * 100:.0f}%, {'met' if x <= limit else 'MISSED'}"
-    print(f"- Target: {what} <= {limit * 100:.0f}% of containerd's: {verdict}")
-
-target("smr wall time on the shaped link", ("shaped", "smr"), 0, 0.25)
-target("smr with zstd chunks, bytes on the shaped link", ("shaped", "smr-zstd"), 1, 0.15)
-PY
+python3 "$helper" report "$res" "$rounds" "$rate" "$delay_ms" "$(containerd --version 2>/dev/null | awk '{print $3}')"
 
 if ((${#failed[@]})); then
   for f in "${failed[@]}"; do log "NOT MEASURED: $f"; done

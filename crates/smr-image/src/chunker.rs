@@ -9,10 +9,12 @@
 //! All-zero chunks are never stored.
 //!
 //! Sealing is CPU work (one thread per core is enough); a put mostly waits
-//! (a local store's two `fsync`s, a remote store's round trip), so there are
-//! more put threads than sealing threads ([`put_threads`]): with many puts
-//! waiting at once, the local store's `fsync`s share journal commits and a
-//! remote store's requests overlap. Memory is bounded by the queue depths
+//! (a remote store's round trip, an immediate-mode local store's `fsync`s),
+//! so there are more put threads than sealing threads ([`put_threads`]):
+//! with many puts waiting at once, a remote store's requests overlap and
+//! `fsync`s share journal commits. (`smr convert` opens a local store in
+//! batched mode, where a put only writes a temp file: see
+//! `smr_store::local`.) Memory is bounded by the queue depths
 //! and thread counts times the chunk size (about 40 chunks; fewer put
 //! threads for big chunks).
 

@@ -15,6 +15,10 @@
 //! - **Caching.** Attributes and entries never change, so their TTL is a
 //!   day, and files open with `FOPEN_KEEP_CACHE`: the page cache of the file
 //!   survives opens (loop devices with `--direct-io=on` bypass it anyway).
+//! - **Copies.** Reads go through [`BlockDevice::read_parts`]: a read
+//!   inside one cached chunk is answered straight from the chunk; one
+//!   spanning chunks is gathered once into the reply buffer (never
+//!   zero-filled first).
 //! - **Errors.** A failed read answers `EIO` and logs the device's error,
 //!   which names the chunk and the store.
 //!

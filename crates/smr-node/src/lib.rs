@@ -5,6 +5,7 @@ pub mod cache;
 pub mod chunks;
 pub mod fuse;
 pub mod lazy;
+pub mod malloc;
 pub mod mount;
 pub mod nbd;
 pub mod restore;

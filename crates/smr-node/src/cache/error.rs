@@ -23,8 +23,9 @@ pub enum CacheError {
     Fetch {
         /// The chunk.
         id: ChunkId,
-        /// What the store (or the verification) said.
-        source: ChunkError,
+        /// What the store (or the verification) said (boxed: store errors
+        /// are large, and this error travels through every read).
+        source: Box<ChunkError>,
     },
     /// The verified stored bytes could not be decrypted or decompressed.
     #[error("decoding chunk {id}: {source}")]
@@ -32,7 +33,7 @@ pub enum CacheError {
         /// The chunk.
         id: ChunkId,
         /// What went wrong.
-        source: ChunkError,
+        source: Box<ChunkError>,
     },
     /// An I/O error on the cache directory (opening, scanning, pruning).
     #[error("cache {path}: {source}", path = path.display())]

@@ -255,8 +255,10 @@ impl Cache {
             }
             let stored = self.get_or_fetch(&key.id, fetch)?;
             let stored = Arc::try_unwrap(stored).unwrap_or_else(|shared| (*shared).clone());
-            let plain =
-                decode(stored).map_err(|source| CacheError::Decode { id: key.id, source })?;
+            let plain = decode(stored).map_err(|source| CacheError::Decode {
+                id: key.id,
+                source: Box::new(source),
+            })?;
             let plain = Arc::new(plain);
             self.memory
                 .lock()
@@ -406,7 +408,10 @@ impl Cache {
             }
             Err(source) => {
                 self.pending.fetch_errors.fetch_add(1, Ordering::Relaxed);
-                Err(CacheError::Fetch { id: *id, source })
+                Err(CacheError::Fetch {
+                    id: *id,
+                    source: Box::new(source),
+                })
             }
         }
     }

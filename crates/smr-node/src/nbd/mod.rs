@@ -5,7 +5,12 @@
 //! serves `READ`, `BLOCK_STATUS`, `CACHE`, `FLUSH`, `DISC` (plus `WRITE`
 //! for writable devices). Requests of one connection run concurrently on
 //! tokio's blocking pool and are answered out of order; read-only exports
-//! advertise `NBD_FLAG_CAN_MULTI_CONN`.
+//! advertise `NBD_FLAG_CAN_MULTI_CONN`. Requests in flight are bounded per
+//! connection and per server (count and bytes, [`ServerConfig`]), which
+//! bounds the server's threads and memory whatever the clients do. A read
+//! reply is written with vectored writes straight from the device's
+//! [`ReadPart`]s (for the lazy image: the cached chunks), so no reply
+//! buffer is allocated, zero-filled or copied into.
 //!
 //! Layout: [`proto`] is the pure wire format (fuzzable), `handshake` the
 //! option haggling, `transmission` the request loop, `server` the

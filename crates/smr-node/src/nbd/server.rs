@@ -41,13 +41,20 @@ pub struct ServerConfig {
 }
 
 impl Default for ServerConfig {
+    /// Sized for a node serving a handful of images: 48 requests and
+    /// 16 MiB in flight across all clients keep two cores busy on a warm
+    /// cache (a request reads its chunks from disk one after another, so
+    /// the disk sees many requests at once) and a cold one fetching
+    /// (one fetch per chunk of each request in flight), while the whole
+    /// process stays under 64 MiB serving 4 images under load
+    /// (docs/BENCHMARKS.md). One connection may use half of it.
     fn default() -> Self {
         Self {
             handshake_timeout: Duration::from_secs(30),
             max_connections: 1024,
             max_in_flight: 32,
-            max_in_flight_bytes: 4 << 20,
-            server_max_in_flight: 96,
+            max_in_flight_bytes: 8 << 20,
+            server_max_in_flight: 48,
             server_max_in_flight_bytes: 16 << 20,
             shutdown_grace: Duration::from_secs(10),
         }

@@ -68,8 +68,12 @@ impl ImageArgs {
     pub fn open_with_recipe(&self) -> Result<(LazyImage, smr_format::Recipe)> {
         if is_remote(&self.image) {
             let platform = self.platform.parse().context("--platform")?;
-            let remote =
-                open_remote(&self.image, &platform, &self.registry, self.artifact.clone())?;
+            let remote = open_remote(
+                &self.image,
+                &platform,
+                &self.registry,
+                self.artifact.clone(),
+            )?;
             let store: Arc<dyn ChunkStore> = match &self.store {
                 Some(location) => open_store(location)?,
                 None => remote.store,
@@ -199,6 +203,7 @@ fn export_names(recipes: &[PathBuf], names: &[String]) -> Result<Vec<String>> {
 
 /// Serves the images over NBD until SIGINT or SIGTERM.
 pub fn run_nbd(a: NbdArgs) -> Result<ExitCode> {
+    smr_node::malloc::limit_arenas(smr_node::malloc::SERVER_ARENAS);
     let names = export_names(&a.recipes, &a.names)?;
     let store = open_store(&a.store)?;
     let cache = a.cache.open()?;
@@ -258,6 +263,7 @@ pub struct FuseArgs {
 
 /// Serves the image's FUSE export until unmounted or signalled.
 pub fn run_fuse(a: FuseArgs) -> Result<ExitCode> {
+    smr_node::malloc::limit_arenas(smr_node::malloc::SERVER_ARENAS);
     let lazy = a.image.open()?;
     let name = format!("smr:{}", a.image.image);
     tracing::info!(dir = %a.dir.display(), pid = std::process::id(), "serving FUSE export");
