@@ -28,6 +28,8 @@ impl Server {
     ) -> Self {
         let socket = dir.join("nbd.sock");
         let log = dir.join("server.log");
+        // A killed server leaves its socket: wait for this one's, not that.
+        let _ = std::fs::remove_file(&socket);
         let child = smr()
             .arg("serve-nbd")
             .args(recipes)
