@@ -289,10 +289,27 @@ impl Core {
         op: RegistryOperation,
         ctx: &Ctx,
     ) -> Result<reqwest::Response> {
-        let mut req = self.http.request(method, self.url(repo, rest));
-        if let Some(a) = accept {
-            req = req.header(reqwest::header::ACCEPT, a);
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(a) = accept.and_then(|a| reqwest::header::HeaderValue::from_str(a).ok()) {
+            headers.insert(reqwest::header::ACCEPT, a);
         }
+        self.raw_with(method, repo, rest, headers, op, ctx).await
+    }
+
+    /// [`Core::raw`] with extra request headers (e.g. `Range`).
+    pub async fn raw_with(
+        &self,
+        method: reqwest::Method,
+        repo: &str,
+        rest: &str,
+        headers: reqwest::header::HeaderMap,
+        op: RegistryOperation,
+        ctx: &Ctx,
+    ) -> Result<reqwest::Response> {
+        let mut req = self
+            .http
+            .request(method, self.url(repo, rest))
+            .headers(headers);
         let cred = self
             .raw_auth
             .lock()

@@ -6,7 +6,6 @@ use super::core::Core;
 use crate::error::{RegistryError, Result};
 use bytes::Bytes;
 use futures::StreamExt;
-use oci_client::client::BlobResponse;
 use oci_client::RegistryOperation::{Pull, Push};
 use reqwest::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use reqwest::{Method, StatusCode};
@@ -80,26 +79,36 @@ impl Core {
             return Err(ctx.protocol("range end overflows"));
         }
         let cap = usize::try_from(len).map_err(|_| ctx.protocol("range too large"))?;
-        let r = self.reference(repo, "latest");
+        // Our own request, not oci-client's pull_blob_stream_partial: that
+        // one first asks `GET /v2/` for auth on every call, doubling the
+        // round trips of a lazy read. Credentials come from the cache the
+        // retry loop refreshes after a 401.
+        let rest = format!("blobs/{digest}");
+        let range = format!("bytes={offset}-{}", offset + len - 1);
         self.retry(repo, Pull, &ctx, || async {
+            let mut headers = reqwest::header::HeaderMap::new();
+            headers.insert(
+                reqwest::header::RANGE,
+                HeaderValue::from_str(&range).map_err(|_| ctx.protocol("bad range header"))?,
+            );
             let resp = self
-                .oci
-                .pull_blob_stream_partial(&r, digest, offset, Some(len))
-                .await
-                .map_err(|e| from_oci(e, &ctx))?;
-            let (mut stream, mut skip) = match resp {
-                BlobResponse::Partial(s) => (s, 0u64),
-                BlobResponse::Full(s) => {
+                .raw_with(Method::GET, repo, &rest, headers, Pull, &ctx)
+                .await?;
+            let mut skip = match resp.status() {
+                StatusCode::PARTIAL_CONTENT => 0u64,
+                StatusCode::OK => {
                     tracing::debug!(repo = %ctx.repo, %digest, "server ignored Range");
-                    (s, offset)
+                    offset
                 }
+                s => return Err(from_status(s, retry_after(resp.headers()), b"", &ctx)),
             };
+            let mut stream = resp.bytes_stream();
             let mut out = Vec::with_capacity(cap.min(16 << 20));
             while out.len() < cap {
                 let Some(chunk) = stream.next().await else {
                     break;
                 };
-                let chunk = chunk.map_err(|e| super::classify::from_stream_io(e, &ctx))?;
+                let chunk = chunk.map_err(|e| super::classify::from_reqwest(&e, &ctx))?;
                 let mut c = &chunk[..];
                 let drop_n = skip.min(c.len() as u64) as usize;
                 c = &c[drop_n..];
