@@ -407,6 +407,12 @@ impl FuseMount {
             source,
         };
         match rx.recv_timeout(timeout) {
+            // The kernel aborts the connection as the unmount completes;
+            // a session loop that sees that abort has ended cleanly.
+            Ok(Err(e)) if e.raw_os_error() == Some(libc::ECONNABORTED) => {
+                tracing::debug!(dir = %self.dir.display(), "FUSE session ended by the unmount's connection abort");
+                Ok(())
+            }
             Ok(r) => r.map_err(err),
             Err(_) => Err(err(io::Error::new(
                 io::ErrorKind::TimedOut,

@@ -37,6 +37,8 @@ pub struct Args {
 /// Runs a container from the image; its exit code becomes smr's.
 pub fn run(a: Args) -> Result<ExitCode> {
     let started = (Instant::now(), SystemTime::now());
+    // This process serves the image's FUSE export while the container runs.
+    smr_node::malloc::limit_arenas(smr_node::malloc::SERVER_ARENAS);
     let (image, recipe) = a.image.open_with_recipe()?;
     let req = RunRequest {
         image,
