@@ -33,8 +33,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+mod ahead;
 #[cfg(test)]
 mod tests;
+
+use ahead::{Ahead, AheadChunk};
 
 /// Tuning of a [`RegistryStore`]'s dispatcher.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +57,9 @@ pub struct StoreOptions {
     /// 5xx, 429) before it gives up with [`StoreError::GaveUp`] (default
     /// 30 s, as for every remote store; see `SMR_STORE_DEADLINE`).
     pub deadline: Duration,
+    /// Most bytes read ahead of a sequential reader per request (default
+    /// 1 MiB; 0 disables; see the `ahead` module).
+    pub readahead: u64,
 }
 
 impl Default for StoreOptions {
@@ -64,6 +70,7 @@ impl Default for StoreOptions {
             max_request: 8 << 20,
             linger: Duration::from_millis(1),
             deadline: Duration::from_secs(30),
+            readahead: 1 << 20,
         }
     }
 }
@@ -89,6 +96,10 @@ pub struct RegistryStoreStats {
     pub bytes_discarded: u64,
     /// Most requests that were running at the same time.
     pub max_in_flight: u64,
+    /// Bytes read ahead of sequential readers.
+    pub readahead_bytes: u64,
+    /// `get`s served from what was read ahead (no request).
+    pub readahead_hits: u64,
 }
 
 /// A ranged read that failed; shared by every chunk it was to serve.
@@ -126,6 +137,8 @@ pub struct RegistryStore {
     served: AtomicU64,
     transferred: AtomicU64,
     discarded: AtomicU64,
+    read_ahead: AtomicU64,
+    ahead_hits: AtomicU64,
 }
 
 /// Queue key: pack position, offset in the pack, ticket (arrival order).
@@ -139,6 +152,7 @@ struct Queue {
     in_flight: usize,
     max_in_flight: usize,
     next_ticket: u64,
+    ahead: Ahead,
 }
 
 struct Pending {
@@ -153,6 +167,8 @@ struct Batch {
     end: u64,
     /// `(ticket, id, offset, len)`, in offset order.
     members: Vec<(u64, ChunkId, u64, u32)>,
+    /// Chunks read ahead after the members, in offset order.
+    ahead: Vec<AheadChunk>,
 }
 
 impl RegistryStore {
@@ -175,6 +191,8 @@ impl RegistryStore {
             served: AtomicU64::new(0),
             transferred: AtomicU64::new(0),
             discarded: AtomicU64::new(0),
+            read_ahead: AtomicU64::new(0),
+            ahead_hits: AtomicU64::new(0),
         }
     }
 
@@ -192,6 +210,8 @@ impl RegistryStore {
             bytes_transferred: self.transferred.load(Ordering::Relaxed),
             bytes_discarded: self.discarded.load(Ordering::Relaxed),
             max_in_flight: self.lock().max_in_flight as u64,
+            readahead_bytes: self.read_ahead.load(Ordering::Relaxed),
+            readahead_hits: self.ahead_hits.load(Ordering::Relaxed),
         }
     }
 
@@ -208,6 +228,11 @@ impl RegistryStore {
         })?;
         let since = Instant::now();
         let mut q = self.lock();
+        if let Some(bytes) = q.ahead.take(id) {
+            self.ahead_hits.fetch_add(1, Ordering::Relaxed);
+            self.served.fetch_add(1, Ordering::Relaxed);
+            return Ok(bytes);
+        }
         let ticket = q.next_ticket;
         q.next_ticket += 1;
         let key = (loc.pack, loc.offset, ticket);
@@ -284,11 +309,20 @@ impl RegistryStore {
                 Some((k.2, p.id, k.1, p.len))
             })
             .collect();
+        let ahead = q.ahead.plan(
+            &self.index,
+            pack,
+            (start, end),
+            self.opts.readahead,
+            self.opts.max_request,
+        );
+        let end = ahead.last().map_or(end, |&(_, o, l)| o + u64::from(l));
         Batch {
             pack,
             start,
             end,
             members,
+            ahead,
         }
     }
 
@@ -329,9 +363,18 @@ impl RegistryStore {
                 }
             });
         let mut outcomes: Vec<(u64, Outcome)> = Vec::with_capacity(batch.members.len());
+        let mut read_ahead: Vec<(ChunkId, Vec<u8>)> = Vec::new();
         match result {
             Ok(bytes) => {
                 self.transferred.fetch_add(len, Ordering::Relaxed);
+                for &(id, offset, clen) in &batch.ahead {
+                    let from = (offset - batch.start) as usize;
+                    if let Some(piece) = bytes.get(from..from + clen as usize) {
+                        read_ahead.push((id, piece.to_vec()));
+                    }
+                }
+                let ahead_bytes: u64 = read_ahead.iter().map(|(_, b)| b.len() as u64).sum();
+                self.read_ahead.fetch_add(ahead_bytes, Ordering::Relaxed);
                 let mut wanted = 0;
                 let mut last_offset = None;
                 for &(ticket, _, offset, clen) in &batch.members {
@@ -343,7 +386,8 @@ impl RegistryStore {
                     }
                     outcomes.push((ticket, Ok(piece.to_vec())));
                 }
-                self.discarded.fetch_add(len - wanted, Ordering::Relaxed);
+                self.discarded
+                    .fetch_add(len - wanted - ahead_bytes, Ordering::Relaxed);
                 self.served
                     .fetch_add(batch.members.len() as u64, Ordering::Relaxed);
             }
@@ -363,6 +407,10 @@ impl RegistryStore {
         let mut mine = None;
         let mut q = self.lock();
         q.in_flight -= 1;
+        let cap = 4 * self.opts.readahead;
+        for (id, bytes) in read_ahead {
+            q.ahead.keep(id, bytes, cap);
+        }
         for (ticket, out) in outcomes {
             if ticket == own {
                 mine = Some(out);

@@ -70,6 +70,7 @@ impl Fixture {
 fn lingering(ms: u64) -> StoreOptions {
     StoreOptions {
         linger: Duration::from_millis(ms),
+        readahead: 0,
         ..StoreOptions::default()
     }
 }
@@ -206,6 +207,7 @@ fn requests_in_flight_are_capped() {
         max_gap: 0,
         max_request: 1,
         linger: Duration::ZERO,
+        readahead: 0,
         ..StoreOptions::default()
     });
     let handles: Vec<_> = fx.chunks[0]
@@ -318,4 +320,32 @@ fn after_giving_up_reads_fail_at_once_until_the_registry_answers() {
         "{:?}",
         t.elapsed()
     );
+}
+
+#[test]
+fn sequential_reads_are_read_ahead_scattered_ones_are_not() {
+    let fx = fixture(&[12]);
+    let store = fx.store(StoreOptions {
+        linger: Duration::ZERO,
+        readahead: 40_000,
+        ..StoreOptions::default()
+    });
+    let chunks = &fx.chunks[0];
+    // Scattered: no stream, nothing read ahead.
+    for i in [9, 2, 6] {
+        assert_eq!(store.get(&chunks[i].0).unwrap(), chunks[i].1);
+    }
+    let s = store.stats();
+    assert_eq!((s.requests, s.readahead_bytes, s.readahead_hits), (3, 0, 0));
+    // Sequential from 3: 4 starts the stream (3 ended where 4 starts), so
+    // its request also reads the chunks after it, up to the window; they
+    // are then served without requests.
+    for (i, (id, want)) in chunks.iter().enumerate().skip(3).take(9) {
+        assert_eq!(&store.get(id).unwrap(), want, "chunk {i}");
+    }
+    let s = store.stats();
+    assert!(s.readahead_hits > 0, "{s:?}");
+    assert!(s.requests < 3 + 9, "{s:?}");
+    assert_eq!(s.chunks_served, 12);
+    assert_eq!(s.requests + s.readahead_hits, 12, "{s:?}");
 }
