@@ -14,6 +14,10 @@ use smr_registry::RegistryStore;
 use smr_store::ChunkStore;
 use std::sync::Arc;
 
+/// Bytes read ahead of a sequential reader per registry request (e.g.
+/// `256K`; `0` disables; default 1M).
+pub const READAHEAD_ENV: &str = "SMR_REGISTRY_READAHEAD";
+
 /// Options for talking to registries, shared by the subcommands.
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct RegistryArgs {
@@ -71,10 +75,14 @@ pub fn open_remote(
         )
     })?;
     tracing::info!(image = %reference, artifact = %artifact.digest, "opened smr artifact");
-    let opts = StoreOptions {
+    let mut opts = StoreOptions {
         deadline: smr_store::RemoteOptions::from_env()?.deadline,
         ..StoreOptions::default()
     };
+    if let Ok(v) = std::env::var(READAHEAD_ENV) {
+        opts.readahead = crate::cmd::convert::parse_size(&v)
+            .map_err(|e| anyhow::anyhow!("{READAHEAD_ENV}: {e}"))?;
+    }
     let store = Arc::new(artifact.store(Arc::new(repo), opts));
     Ok(RemoteImage { artifact, store })
 }
