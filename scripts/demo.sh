@@ -28,7 +28,7 @@ done
 "$smr" keygen -o "$work/key"
 export SMR_KEY_FILE=$work/key SMR_CACHE_DIR=$work/node-cache
 
-echo "== convert both and push the smr artifacts (python shares debian's base layer)"
+echo "== convert both and push their smr artifacts next to them"
 "$smr" convert "docker://$addr/debian:bookworm" --push 2>&1 | grep -E '^(converted|pushed)'
 "$smr" convert "docker://$addr/debian-python:bookworm" --push 2>&1 | grep -E '^(converted|pushed)'
 echo "== the source image is untouched; the artifact is listed by the referrers tag"
