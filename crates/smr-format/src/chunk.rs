@@ -18,7 +18,8 @@ use std::fmt;
 
 type Aes256Ctr = ctr::Ctr128BE<aes::Aes256>;
 
-/// zstd level used for `--compress zstd`.
+/// zstd level used for `--compress zstd` unless another is chosen
+/// ([`ChunkCodec::with_zstd_level`]).
 pub const ZSTD_LEVEL: i32 = 3;
 
 /// The default convergent-encryption salt: SHA-256 of this string.
@@ -91,6 +92,7 @@ pub struct ChunkCodec {
     salt: [u8; 32],
     encrypt: bool,
     compress: bool,
+    zstd_level: i32,
 }
 
 impl fmt::Debug for ChunkCodec {
@@ -98,6 +100,7 @@ impl fmt::Debug for ChunkCodec {
         f.debug_struct("ChunkCodec")
             .field("encrypt", &self.encrypt)
             .field("compress", &self.compress)
+            .field("zstd_level", &self.zstd_level)
             .finish_non_exhaustive()
     }
 }
@@ -114,7 +117,16 @@ impl ChunkCodec {
             salt,
             encrypt,
             compress,
+            zstd_level: ZSTD_LEVEL,
         }
+    }
+
+    /// The same codec compressing at zstd `level` (1-22; higher: smaller
+    /// chunks, slower conversion; decompression speed barely changes).
+    /// Sealing stays deterministic for a given level.
+    pub fn with_zstd_level(mut self, level: i32) -> Self {
+        self.zstd_level = level.clamp(1, 22);
+        self
     }
 
     /// Whether chunks sealed by this codec are encrypted.
@@ -126,7 +138,7 @@ impl ChunkCodec {
     pub fn seal(&self, plain: &[u8]) -> SealedChunk {
         let mut compressed = false;
         let mut data = if self.compress {
-            match zstd::bulk::compress(plain, ZSTD_LEVEL) {
+            match zstd::bulk::compress(plain, self.zstd_level) {
                 Ok(c) if c.len() < plain.len() => {
                     compressed = true;
                     c
@@ -275,6 +287,30 @@ mod tests {
         bad[100] ^= 1;
         let err = open_chunk(&s.id, s.key.as_ref(), false, bad, plain.len()).unwrap_err();
         assert!(err.to_string().contains(&s.id.to_hex()), "{err}");
+    }
+
+    #[test]
+    fn higher_zstd_levels_seal_smaller_and_still_open() {
+        let plain: Vec<u8> = (0..65536u32)
+            .map(|i| (i % 251) as u8 ^ (i / 4096) as u8)
+            .chain(b"tail".iter().copied())
+            .take(65536)
+            .collect();
+        let fast = ChunkCodec::new(default_salt(), true, true).seal(&plain);
+        let codec = ChunkCodec::new(default_salt(), true, true).with_zstd_level(19);
+        let small = codec.seal(&plain);
+        assert!(small.stored.len() <= fast.stored.len());
+        assert_eq!(codec.seal(&plain).id, small.id, "deterministic");
+        assert!(small.compressed);
+        let opened = open_chunk(
+            &small.id,
+            small.key.as_ref(),
+            true,
+            small.stored,
+            plain.len(),
+        )
+        .expect("open");
+        assert_eq!(opened, plain);
     }
 
     #[test]
