@@ -135,17 +135,24 @@ fn big_files_layout(dir: &Path) {
     img.write_oci_layout(dir, Some("big")).unwrap();
 }
 
-#[test]
-fn reads_wait_for_a_registry_outage_and_fail_after_the_deadline() {
-    let Some(mut reg) = Registry::start(None) else {
-        return;
-    };
+/// The big-files image pushed to `reg` as `big:v1` and converted with
+/// `--push`; returns its temp dir (with the key) and reference.
+fn pushed_big_files(reg: &Registry) -> (Synthetic, String) {
     let s = Synthetic::new();
     let layout = s.t.path().join("big-layout");
     big_files_layout(&layout);
     reg.push_layout(&layout, "big", "big:v1", None);
     let image = reg.image("big:v1");
     push(&image, &s.key, &[]);
+    (s, image)
+}
+
+#[test]
+fn reads_wait_for_a_registry_outage_and_fail_after_the_deadline() {
+    let Some(mut reg) = Registry::start(None) else {
+        return;
+    };
+    let (s, image) = pushed_big_files(&reg);
     let (mnt, state, cache) = (
         s.t.path().join("mnt"),
         s.t.path().join("state"),
@@ -310,12 +317,7 @@ fn a_corrupted_pack_in_the_registry_is_never_served() {
     let Some(reg) = Registry::start(None) else {
         return;
     };
-    let s = Synthetic::new();
-    let layout = s.t.path().join("big-layout");
-    big_files_layout(&layout);
-    reg.push_layout(&layout, "big", "big:v1", None);
-    let image = reg.image("big:v1");
-    push(&image, &s.key, &[]);
+    let (s, image) = pushed_big_files(&reg);
 
     // Find the artifact's packs through the referrers fallback tag.
     let tags = ok(Command::new("skopeo")
