@@ -147,34 +147,30 @@ pub fn run(a: Args) -> Result<ExitCode> {
         bail!("convert needs --store and -o (or --push, which keeps the recipe and chunks in the registry)");
     }
     // With --push and no --store, chunks are staged in a temporary
-    // directory that is removed when we are done, pushed or not.
-    let staging = match &a.store {
-        Some(_) => None,
-        None => Some(
-            tempfile::Builder::new()
+    // directory, removed when this function returns, pushed or not.
+    let staging;
+    let location = match &a.store {
+        Some(s) => s.clone(),
+        None => {
+            staging = tempfile::Builder::new()
                 .prefix("smr-push-")
                 .tempdir()
-                .context("creating a staging directory for the chunks")?,
-        ),
-    };
-    let location = match (&a.store, &staging) {
-        (Some(s), _) => s.clone(),
-        (None, Some(d)) => d.path().display().to_string(),
-        (None, None) => unreachable!("staging exists when --store is absent"),
+                .context("creating a staging directory for the chunks")?;
+            staging.path().display().to_string()
+        }
     };
     let registry_src = if is_remote(&a.source) {
         Some(RegistrySource::open(&a.source, &a.registry.options()?)?)
     } else {
         None
     };
-    let local_src = match &registry_src {
-        Some(_) => None,
-        None => Some(smr_image::source::open_source(&a.source)?),
-    };
-    let src: &dyn ImageSource = match (&registry_src, &local_src) {
-        (Some(r), _) => r,
-        (None, Some(l)) => l.as_ref(),
-        (None, None) => unreachable!("one source is open"),
+    let local_src;
+    let src: &dyn ImageSource = match &registry_src {
+        Some(r) => r,
+        None => {
+            local_src = smr_image::source::open_source(&a.source)?;
+            local_src.as_ref()
+        }
     };
     // A local store takes the chunks in one batch, made durable by one
     // commit before the recipe is written (smr_store::local: 4,000
@@ -282,7 +278,6 @@ pub fn run(a: Args) -> Result<ExitCode> {
             );
         }
     }
-    drop(staging);
     Ok(ExitCode::SUCCESS)
 }
 
