@@ -37,13 +37,24 @@ pub fn open_image(
     need_keys: bool,
 ) -> Result<smr_node::chunks::ImageChunks> {
     let recipe = read_recipe(path)?;
+    image_chunks(recipe, key, need_keys, &path.display().to_string())
+}
+
+/// `recipe`'s chunks with its keys (keys required when `need_keys`);
+/// `label` names the recipe in errors.
+pub fn image_chunks(
+    recipe: smr_format::Recipe,
+    key: &KeyArgs,
+    need_keys: bool,
+    label: &str,
+) -> Result<smr_node::chunks::ImageChunks> {
     let owner = key.load()?;
     let keys = if owner.is_none() && !need_keys {
         None
     } else {
         recipe
             .keys(owner.as_ref())
-            .with_context(|| format!("recipe {}", path.display()))?
+            .with_context(|| format!("recipe {label}"))?
     };
     Ok(smr_node::chunks::ImageChunks::new(recipe, keys))
 }

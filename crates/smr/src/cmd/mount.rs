@@ -67,7 +67,8 @@ fn absolute(p: &Path) -> Result<PathBuf> {
 /// Mounts the image lazily: FUSE server process, loop device, ext4.
 pub fn run_mount(a: MountArgs) -> Result<ExitCode> {
     // Fail here, with a clear message, on a bad recipe, key, store or cache.
-    let lazy = a.image.open()?;
+    let opened = a.image.open_full()?;
+    let lazy = opened.lazy;
     let exe = std::env::current_exe().context("locating the smr binary")?;
     // The server process opens the same image: local paths made absolute,
     // credentials passed in its environment (never on its command line).
@@ -95,7 +96,9 @@ pub fn run_mount(a: MountArgs) -> Result<ExitCode> {
         if let Some(s) = &store {
             c.arg("--store").arg(s);
         }
-        if let Some(d) = &a.image.artifact {
+        // The server serves the artifact checked here, even if another
+        // is pushed meanwhile.
+        if let Some(d) = &opened.artifact {
             c.arg("--artifact").arg(d);
         }
         if let Some(creds) = &a.image.registry.creds {

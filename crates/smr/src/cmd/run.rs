@@ -39,7 +39,8 @@ pub fn run(a: Args) -> Result<ExitCode> {
     let started = (Instant::now(), SystemTime::now());
     // This process serves the image's FUSE export while the container runs.
     smr_node::malloc::limit_arenas(smr_node::malloc::SERVER_ARENAS);
-    let (image, recipe) = a.image.open_with_recipe()?;
+    let opened = a.image.open_full()?;
+    let (image, recipe) = (opened.lazy, opened.recipe);
     let req = RunRequest {
         image,
         recipe,

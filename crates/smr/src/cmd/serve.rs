@@ -2,10 +2,11 @@
 //! `smr __serve-fuse`, and the options every command that serves an image
 //! shares.
 
-use crate::keys::{open_image, KeyArgs};
+use crate::keys::{image_chunks, open_image, KeyArgs};
 use crate::remote::{is_remote, open_remote, RegistryArgs};
 use anyhow::{Context, Result};
 use smr_node::cache::{Cache, CacheConfig};
+use smr_node::chunks::ImageChunks;
 use smr_node::lazy::LazyImage;
 use smr_node::nbd::{Export, NbdServer};
 use smr_store::ChunkStore;
@@ -57,16 +58,26 @@ pub struct ImageArgs {
     pub platform: String,
 }
 
+/// An image opened for serving.
+pub struct OpenedImage {
+    /// The lazy image.
+    pub lazy: LazyImage,
+    /// Its recipe (from the file, or the registry artifact).
+    pub recipe: smr_format::Recipe,
+    /// For a registry image: the digest of the smr artifact used.
+    pub artifact: Option<String>,
+}
+
 impl ImageArgs {
     /// Opens the recipe (with its keys), the store and the cache.
     pub fn open(&self) -> Result<LazyImage> {
-        self.open_with_recipe().map(|(lazy, _)| lazy)
+        self.open_full().map(|o| o.lazy)
     }
 
-    /// [`ImageArgs::open`], also returning the recipe (from the file, or
-    /// the registry artifact).
-    pub fn open_with_recipe(&self) -> Result<(LazyImage, smr_format::Recipe)> {
-        if is_remote(&self.image) {
+    /// [`ImageArgs::open`], also returning the recipe and, for a registry
+    /// image, which artifact was used.
+    pub fn open_full(&self) -> Result<OpenedImage> {
+        let (recipe, store, location, artifact) = if is_remote(&self.image) {
             let platform = self.platform.parse().context("--platform")?;
             let remote = open_remote(
                 &self.image,
@@ -74,29 +85,26 @@ impl ImageArgs {
                 &self.registry,
                 self.artifact.clone(),
             )?;
-            let store: Arc<dyn ChunkStore> = match &self.store {
-                Some(location) => open_store(location)?,
-                None => remote.store,
+            let (store, location): (Arc<dyn ChunkStore>, String) = match &self.store {
+                Some(location) => (open_store(location)?, location.clone()),
+                None => (remote.store, remote.artifact.repo.clone()),
             };
-            let recipe = remote.artifact.recipe;
-            let owner = self.key.load()?;
-            let keys = recipe
-                .keys(owner.as_ref())
-                .with_context(|| format!("the recipe of {}", self.image))?;
-            let img = smr_node::chunks::ImageChunks::new(recipe.clone(), keys);
-            let lazy = LazyImage::new(img, store, self.cache.open()?)
-                .with_context(|| format!("serving {}", self.image))?;
-            return Ok((lazy, recipe));
-        }
-        let location = self
-            .store
-            .as_deref()
-            .with_context(|| format!("--store is required to serve the recipe {}", self.image))?;
-        let store = open_store(location)?;
-        let cache = self.cache.open()?;
-        let path = Path::new(&self.image);
-        let lazy = open_lazy(path, &self.key, location, store, cache)?;
-        Ok((lazy, crate::keys::read_recipe(path)?))
+            let artifact = Some(remote.artifact.digest);
+            (remote.artifact.recipe, store, location, artifact)
+        } else {
+            let location = self.store.as_deref().with_context(|| {
+                format!("--store is required to serve the recipe {}", self.image)
+            })?;
+            let recipe = crate::keys::read_recipe(Path::new(&self.image))?;
+            (recipe, open_store(location)?, location.to_string(), None)
+        };
+        let img = image_chunks(recipe.clone(), &self.key, true, &self.image)?;
+        let lazy = open_lazy(img, &self.image, &location, store, self.cache.open()?)?;
+        Ok(OpenedImage {
+            lazy,
+            recipe,
+            artifact,
+        })
     }
 }
 
@@ -114,26 +122,25 @@ fn open_store(location: &str) -> Result<Arc<dyn ChunkStore>> {
     Ok(Arc::from(store))
 }
 
-/// Opens `recipe` (with its keys) as a lazy image of `store` through `cache`.
+/// Serves `img` (named `label` in errors) lazily from `store` (at
+/// `location`) through `cache`.
 fn open_lazy(
-    recipe: &Path,
-    key: &KeyArgs,
+    img: ImageChunks,
+    label: &str,
     location: &str,
     store: Arc<dyn ChunkStore>,
     cache: Arc<Cache>,
 ) -> Result<LazyImage> {
-    let img = open_image(recipe, key, true)?;
     // A store without the image's first chunk is the wrong store:
     // say so now rather than as EIO on the first read.
     if let Some(first) = img.recipe.chunks.first() {
         anyhow::ensure!(
             store.exists(&first.id)?,
-            "store {location} lacks chunk {} of {}",
+            "store {location} lacks chunk {} of {label}",
             first.id,
-            recipe.display()
         );
     }
-    LazyImage::new(img, store, cache).with_context(|| format!("serving {}", recipe.display()))
+    LazyImage::new(img, store, cache).with_context(|| format!("serving {label}"))
 }
 
 /// Arguments of `smr serve-nbd`.
@@ -209,7 +216,9 @@ pub fn run_nbd(a: NbdArgs) -> Result<ExitCode> {
     let cache = a.cache.open()?;
     let mut exports = Vec::with_capacity(a.recipes.len());
     for (recipe, name) in a.recipes.iter().zip(&names) {
-        let lazy = open_lazy(recipe, &a.key, &a.store, store.clone(), cache.clone())?;
+        let img = open_image(recipe, &a.key, true)?;
+        let label = recipe.display().to_string();
+        let lazy = open_lazy(img, &label, &a.store, store.clone(), cache.clone())?;
         exports.push(
             Export::new(name.clone(), Arc::new(lazy))
                 .with_description(format!("smr {}", recipe.display())),
