@@ -38,17 +38,7 @@ impl TestRegistry {
     /// Starts one, or returns `None` (after saying so) when docker-registry
     /// is not installed, unless SMR_REQUIRE_IMAGES is set (CI).
     fn start() -> Option<TestRegistry> {
-        let installed = Command::new("sh")
-            .args(["-c", "command -v docker-registry"])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !installed {
-            assert!(
-                std::env::var_os("SMR_REQUIRE_IMAGES").is_none(),
-                "docker-registry is not installed but SMR_REQUIRE_IMAGES is set: run scripts/install-deps.sh"
-            );
-            eprintln!("note: skipping registry test: docker-registry not installed");
+        if !smr_testkit::env::require_tools(&["docker-registry"]) {
             return None;
         }
         let dir = tempfile::tempdir().unwrap();

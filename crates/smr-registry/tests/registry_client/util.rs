@@ -13,48 +13,7 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// Whether `tool` is on PATH.
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool} >/dev/null"))
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// Whether the tools a test needs exist. Missing tools fail the test when
-/// `SMR_REQUIRE_IMAGES` is set (CI), else the test prints a note and
-/// returns early.
-pub fn tools(needed: &[&str]) -> bool {
-    let missing: Vec<&str> = needed.iter().copied().filter(|t| !have(t)).collect();
-    if missing.is_empty() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("SMR_REQUIRE_IMAGES").is_none(),
-        "missing tools {missing:?} (scripts/install-deps.sh installs them)"
-    );
-    eprintln!("note: skipping: missing tools {missing:?}");
-    false
-}
-
-/// The Debian test images' OCI layout (tags `debian`, `debian-python`), or
-/// `None` with a note; fails when `SMR_REQUIRE_IMAGES` is set.
-pub fn debian_layout() -> Option<PathBuf> {
-    let cache =
-        std::env::var("SMR_IMAGE_CACHE").unwrap_or_else(|_| "/var/cache/smr-test-images".into());
-    let layout = Path::new(&cache).join("oci");
-    if layout.join("index.json").is_file() {
-        return Some(layout);
-    }
-    assert!(
-        std::env::var_os("SMR_REQUIRE_IMAGES").is_none(),
-        "test images missing at {}: run scripts/build-test-images.sh",
-        layout.display()
-    );
-    eprintln!("note: skipping: {} missing", layout.display());
-    None
-}
+pub use smr_testkit::env::{debian_layout, require_tools as tools};
 
 /// A docker-registry started by `scripts/registry.sh` in a temp dir,
 /// stopped on drop.

@@ -248,18 +248,7 @@ impl S3Server {
     /// Starts a server, or returns `None` (after saying so) when s3s-fs is
     /// not installed, unless SMR_REQUIRE_IMAGES is set (CI): then it panics.
     pub fn start() -> Option<S3Server> {
-        let installed = Command::new("sh")
-            .args(["-c", "command -v s3s-fs"])
-            .stdout(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if !installed {
-            assert!(
-                std::env::var_os("SMR_REQUIRE_IMAGES").is_none(),
-                "s3s-fs is not installed but SMR_REQUIRE_IMAGES is set: run scripts/install-deps.sh"
-            );
-            eprintln!("note: skipping S3 test: s3s-fs not installed (scripts/install-deps.sh installs it)");
+        if !smr_testkit::env::require_tools(&["s3s-fs"]) {
             return None;
         }
         let dir = tempfile::tempdir().unwrap();

@@ -64,6 +64,17 @@ pub fn convert(source: &str, store: &Path, recipe: &Path, key: &Path, extra: &[&
 
 /// Extracts `recipe` into `img`.
 pub fn extract(recipe: &Path, store: &Path, key: &Path, img: &Path) {
+    extract_with(recipe, store, key, img, &[]);
+}
+
+/// Extracts `recipe` from `store` (a path or URL) into `img`, with `env`.
+pub fn extract_with(
+    recipe: &Path,
+    store: impl AsRef<std::ffi::OsStr>,
+    key: &Path,
+    img: &Path,
+    env: &[(&str, String)],
+) {
     ok(smr()
         .arg("extract")
         .arg(recipe)
@@ -72,7 +83,8 @@ pub fn extract(recipe: &Path, store: &Path, key: &Path, img: &Path) {
         .arg("--key-file")
         .arg(key)
         .arg("-o")
-        .arg(img));
+        .arg(img)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str()))));
 }
 
 /// `e2fsck -fn` must exit 0.
@@ -156,27 +168,9 @@ pub fn find_named(dir: &Path, pat: &str) -> Vec<PathBuf> {
     out
 }
 
-/// Where the real Debian test images are cached (scripts/build-test-images.sh).
-/// Returns `None` (and the test returns early with a note) only when
-/// SMR_REQUIRE_IMAGES is unset; CI sets it, so there they must exist.
-pub fn debian_layout() -> Option<PathBuf> {
-    let cache =
-        std::env::var("SMR_IMAGE_CACHE").unwrap_or_else(|_| "/var/cache/smr-test-images".into());
-    let layout = Path::new(&cache).join("oci");
-    if layout.join("index.json").is_file() {
-        return Some(layout);
-    }
-    assert!(
-        std::env::var_os("SMR_REQUIRE_IMAGES").is_none(),
-        "test images missing at {}: run scripts/build-test-images.sh",
-        layout.display()
-    );
-    eprintln!(
-        "note: {} missing; run scripts/build-test-images.sh",
-        layout.display()
-    );
-    None
-}
+// Not every test binary that includes this file uses it.
+#[allow(unused_imports)]
+pub use smr_testkit::env::debian_layout;
 
 /// A temp dir holding the synthetic OCI layout (see smr-testkit), an owner
 /// key, and the paths tests convert and extract into.

@@ -2,52 +2,13 @@
 //! scripts on 127.0.0.1 and stopped on drop.
 
 use crate::util::repo_root;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Whether the tests must not skip (CI).
-pub fn required() -> bool {
-    std::env::var_os("SMR_REQUIRE_IMAGES").is_some_and(|v| v == "1")
-}
+pub use smr_testkit::env::{debian_layout, require_tools as have};
 
-/// Whether every program in `tools` is on PATH; if not, a note (or a
-/// failure when [`required`]).
-pub fn have(tools: &[&str]) -> bool {
-    let missing: Vec<&str> = tools
-        .iter()
-        .copied()
-        .filter(|t| {
-            !Command::new("sh")
-                .arg("-c")
-                .arg(format!("command -v {t}"))
-                .stdout(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        })
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    assert!(!required(), "missing tools: {missing:?}");
-    eprintln!("note: skipping: missing {missing:?}");
-    false
-}
-
-/// The cached real Debian images (OCI layout), if built.
-pub fn debian_layout() -> Option<PathBuf> {
-    let cache = std::env::var_os("SMR_IMAGE_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/cache/smr-test-images"));
-    let layout = cache.join("oci");
-    if layout.join("index.json").is_file() {
-        return Some(layout);
-    }
-    assert!(!required(), "{} missing", layout.display());
-    eprintln!("note: skipping: {} missing", layout.display());
-    None
-}
-
+/// Runs `scripts/NAME ARGS[0] DIR ARGS[1..]`; returns its stdout.
 fn script(name: &str, args: &[&str], dir: &Path) -> String {
     let out = Command::new(repo_root().join("scripts").join(name))
         .arg(args[0])

@@ -4,21 +4,6 @@
 
 use crate::servers::{FileServer, S3};
 use crate::util::*;
-use std::path::Path;
-
-/// `smr extract RECIPE --store STORE -o OUT` with `env`.
-fn extract_from(recipe: &Path, store: &str, key: &Path, out: &Path, env: &[(&str, String)]) {
-    ok(smr()
-        .arg("extract")
-        .arg(recipe)
-        .arg("--store")
-        .arg(store)
-        .arg("--key-file")
-        .arg(key)
-        .arg("-o")
-        .arg(out)
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str()))));
-}
 
 #[test]
 fn s3_store_round_trip() {
@@ -47,7 +32,7 @@ fn s3_store_round_trip() {
         std::fs::read(&s.recipe).unwrap()
     );
     let img = s.t.path().join("s3.img");
-    extract_from(&recipe, remote, &s.key, &img, &env);
+    extract_with(&recipe, remote, &s.key, &img, &env);
     assert!(std::fs::read(&img).unwrap() == std::fs::read(&s.img).unwrap());
 
     // Wrong credentials: a clear error naming the store, no secret.
@@ -75,7 +60,7 @@ fn http_store_serves_a_local_store_read_only() {
         return;
     };
     let img = s.t.path().join("http.img");
-    extract_from(&s.recipe, &http.url, &s.key, &img, &[]);
+    extract_with(&s.recipe, &http.url, &s.key, &img, &[]);
     assert!(std::fs::read(&img).unwrap() == std::fs::read(&s.img).unwrap());
     // Converting into it is refused: it is read-only.
     let err = fails(
