@@ -26,10 +26,12 @@ use crate::blobs::Blobs;
 use crate::error::RegistryError;
 use crate::pack::PackIndex;
 use smr_format::ChunkId;
-use smr_store::{ChunkStore, Op, PutOutcome, StoreError, TransportKind};
+use smr_store::{
+    backoff, ChunkStore, Op, Outage, PutOutcome, RemoteOptions, StoreError, TransportKind,
+};
 use std::collections::{BTreeMap, HashMap};
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -74,12 +76,6 @@ impl Default for StoreOptions {
         }
     }
 }
-
-/// First back-off between tries of a failed `get`; it doubles up to
-/// [`MAX_BACKOFF`].
-const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-/// Longest back-off between tries of a failed `get`.
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// Counters of a [`RegistryStore`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -129,11 +125,8 @@ pub struct RegistryStore {
     wake: Condvar,
     requests: AtomicU64,
     failed: AtomicU64,
-    /// Set when a `get` gave up, cleared by the next success. While set,
-    /// `get`s try once and fail at once: a registry that is down does not
-    /// make every read (and the kernel's retries of it) wait out a whole
-    /// deadline.
-    down: AtomicBool,
+    /// While down, `get`s try once and fail at once.
+    down: Outage,
     served: AtomicU64,
     transferred: AtomicU64,
     discarded: AtomicU64,
@@ -187,7 +180,7 @@ impl RegistryStore {
             wake: Condvar::new(),
             requests: AtomicU64::new(0),
             failed: AtomicU64::new(0),
-            down: AtomicBool::new(false),
+            down: Outage::default(),
             served: AtomicU64::new(0),
             transferred: AtomicU64::new(0),
             discarded: AtomicU64::new(0),
@@ -446,24 +439,19 @@ impl RegistryStore {
             attempts += 1;
             let err = match self.fetch(id) {
                 Ok(bytes) => {
-                    if self.down.swap(false, Ordering::Relaxed) {
-                        tracing::info!(store = %self.desc, "registry answers again");
-                    }
+                    self.down.up(&self.desc);
                     return Ok(bytes);
                 }
                 Err(e) if !e.is_transient() => return Err(e),
                 Err(e) => e,
             };
-            let exp = FIRST_BACKOFF
-                .saturating_mul(1 << attempts.min(8))
-                .min(MAX_BACKOFF);
-            let wait = (exp / 2 + (exp / 2).mul_f64(fastrand::f64()))
+            // The remote stores' backoff (100 ms doubling to 2 s, jittered).
+            let policy = RemoteOptions::default();
+            let wait = backoff(policy.backoff_initial, policy.backoff_max, attempts)
                 .max(err.retry_after().unwrap_or_default());
             let elapsed = start.elapsed();
-            if self.down.load(Ordering::Relaxed) || elapsed + wait >= self.opts.deadline {
-                if !self.down.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(store = %self.desc, "registry marked down: until it answers again, reads try once and fail at once");
-                }
+            if self.down.is_down() || elapsed + wait >= self.opts.deadline {
+                self.down.down(&self.desc);
                 return Err(StoreError::GaveUp {
                     store: self.desc.clone(),
                     id: *id,

@@ -25,6 +25,7 @@ pub use error::{Op, Result, StoreError, TransportKind};
 pub use http::HttpStore;
 pub use local::LocalStore;
 pub use options::{RemoteOptions, DEADLINE_ENV, MAX_IN_FLIGHT_ENV};
+pub use retry::{backoff, Outage};
 pub use s3::{S3Store, S3StoreBuilder};
 
 use location::Scheme;

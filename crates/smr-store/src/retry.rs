@@ -24,11 +24,8 @@ pub(crate) struct Remote {
     store: String,
     options: RemoteOptions,
     slots: Semaphore,
-    /// Set when an operation gave up, cleared by the next success. While
-    /// set, operations make one attempt and do not retry: a store that is
-    /// down fails new reads at once instead of making every read (and the
-    /// kernel's retries of it) wait out a whole deadline.
-    down: AtomicBool,
+    /// While down, operations make one attempt and do not retry.
+    down: Outage,
 }
 
 impl Remote {
@@ -39,7 +36,7 @@ impl Remote {
             store,
             options,
             slots,
-            down: AtomicBool::new(false),
+            down: Outage::default(),
         }
     }
 
@@ -82,9 +79,7 @@ impl Remote {
             .await;
             let err = match outcome {
                 Ok(Ok(v)) => {
-                    if self.down.swap(false, Ordering::Relaxed) {
-                        tracing::info!(store = %self.store, "store answers again");
-                    }
+                    self.down.up(&self.store);
                     if attempts > 1 {
                         tracing::info!(store = %self.store, chunk = %id, %op, attempts, "succeeded after retries");
                     }
@@ -97,11 +92,15 @@ impl Remote {
                     return Err(self.gave_up(op, id, start, attempts, cut));
                 }
             };
-            if self.down.load(Ordering::Relaxed) {
+            if self.down.is_down() {
                 return Err(self.gave_up(op, id, start, attempts, err));
             }
             let remaining = deadline.saturating_sub(start.elapsed());
-            let backoff = backoff(&self.options, attempts);
+            let backoff = backoff(
+                self.options.backoff_initial,
+                self.options.backoff_max,
+                attempts,
+            );
             let wait = match err.retry_after() {
                 // The server will not serve us before the deadline.
                 Some(asked) if asked >= remaining => {
@@ -161,23 +160,50 @@ impl Remote {
             last: Box::new(last),
         };
         tracing::warn!(store = %self.store, chunk = %id, %op, "{e}");
-        if !self.down.swap(true, Ordering::Relaxed) {
-            tracing::warn!(store = %self.store, "store marked down: until it answers again, operations try once and fail at once");
-        }
+        self.down.down(&self.store);
         e
     }
 }
 
+/// Whether a store is down: set when an operation gave up, cleared by the
+/// next success. While it is down, callers try once and do not retry, so a
+/// store that is away fails new reads at once instead of making every read
+/// (and the kernel's retries of it) wait out a whole deadline.
+#[derive(Debug, Default)]
+pub struct Outage(AtomicBool);
+
+impl Outage {
+    /// Whether the last operation that ended gave up.
+    pub fn is_down(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Records a success of `store` (logged if it was down).
+    pub fn up(&self, store: &str) {
+        if self.0.swap(false, Ordering::Relaxed) {
+            tracing::info!(store, "store answers again");
+        }
+    }
+
+    /// Records that an operation on `store` gave up (logged once).
+    pub fn down(&self, store: &str) {
+        if !self.0.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                store,
+                "store marked down: until it answers again, operations try once and fail at once"
+            );
+        }
+    }
+}
+
 /// The jittered backoff after the `failures`-th failure (1-based):
-/// `initial * 2^(failures-1)`, capped at `backoff_max`, then a uniformly
-/// random point in its upper half (so concurrent clients spread out while
-/// the delay still grows).
-pub(crate) fn backoff(options: &RemoteOptions, failures: u32) -> Duration {
+/// `initial * 2^(failures-1)`, capped at `max`, then a uniformly random
+/// point in its upper half (so concurrent clients spread out while the
+/// delay still grows and never retry at once). Every retry loop of smr
+/// (remote stores, registry client, registry store) backs off this way.
+pub fn backoff(initial: Duration, max: Duration, failures: u32) -> Duration {
     let exp = failures.saturating_sub(1).min(31);
-    let full = options
-        .backoff_initial
-        .saturating_mul(1u32 << exp)
-        .min(options.backoff_max);
+    let full = initial.saturating_mul(1u32 << exp).min(max);
     full.mul_f64(0.5 + 0.5 * fastrand::f64())
 }
 

@@ -75,14 +75,7 @@ impl RetryPolicy {
         if let Some(s) = retry_after {
             return Duration::from_secs(s).min(self.max_retry_after);
         }
-        let exp = self
-            .base
-            .saturating_mul(1u32 << retry.saturating_sub(1).min(16));
-        let cap = exp.min(self.max);
-        // Full jitter: anywhere in [cap/2, cap], so concurrent clients
-        // spread out but never retry immediately.
-        let half = cap / 2;
-        half + half.mul_f64(fastrand::f64())
+        smr_store::backoff(self.base, self.max, retry)
     }
 }
 

@@ -27,17 +27,17 @@ fn fast(deadline_ms: u64) -> RemoteOptions {
 fn backoff_grows_jitters_and_caps() {
     let o = RemoteOptions::default();
     for _ in 0..50 {
-        let b1 = backoff(&o, 1);
+        let b1 = backoff(o.backoff_initial, o.backoff_max, 1);
         assert!(
             b1 >= Duration::from_millis(50) && b1 <= Duration::from_millis(100),
             "{b1:?}"
         );
-        let b3 = backoff(&o, 3);
+        let b3 = backoff(o.backoff_initial, o.backoff_max, 3);
         assert!(
             b3 >= Duration::from_millis(200) && b3 <= Duration::from_millis(400),
             "{b3:?}"
         );
-        let b40 = backoff(&o, 40);
+        let b40 = backoff(o.backoff_initial, o.backoff_max, 40);
         assert!(
             b40 >= Duration::from_secs(1) && b40 <= Duration::from_secs(2),
             "{b40:?}"
