@@ -144,41 +144,15 @@ mkdir -p "$work/logs"
 # "warn", and the request log is what counts requests and bytes here).
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 reglog=$work/registry/registry.log
+# The registry logs at level info: every request with its timing and size.
 reg_start() {
-  local dir=$work/registry i
-  mkdir -p "$dir/data"
-  addr=127.0.0.1:$(free_port)
-  cat >"$dir/config.yml" <<EOF
-version: 0.1
-log:
-  level: info
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: $dir/data
-  delete:
-    enabled: true
-  maintenance:
-    uploadpurging:
-      enabled: false
-http:
-  addr: $addr
-EOF
-  setsid docker-registry serve "$dir/config.yml" >"$reglog" 2>&1 </dev/null &
-  reg_pid=$!
-  for ((i = 0; i < 200; i++)); do
-    kill -0 "$reg_pid" 2>/dev/null || break
-    [[ $(curl -s -o /dev/null -w '%{http_code}' "http://$addr/v2/" || true) == 200 ]] && return 0
-    sleep 0.1
-  done
-  tail -20 "$reglog" >&2
-  die "docker-registry did not start on $addr"
+  addr=$("$here/scripts/registry.sh" start "$work/registry" 0 --log-level info) ||
+    { tail -20 "$reglog" >&2; die "docker-registry did not start"; }
+  reg_pid=$(cat "$work/registry/registry.pid")
 }
 reg_stop() {
   [[ -n $reg_pid ]] || return 0
-  kill -TERM "$reg_pid" 2>/dev/null
-  wait "$reg_pid" 2>/dev/null
+  "$here/scripts/registry.sh" stop "$work/registry" >/dev/null 2>&1 || true
   reg_pid=""
 }
 # reg_mark: the registry log's line count once the last response is logged.

@@ -3,7 +3,7 @@
 # for tests and demos.
 #
 # Usage:
-#   scripts/registry.sh start DIR [PORT] [--htpasswd USER:PASS]
+#   scripts/registry.sh start DIR [PORT] [--htpasswd USER:PASS] [--log-level LEVEL]
 #   scripts/registry.sh stop DIR
 #
 # start  writes DIR/config.yml, stores blobs under DIR/data, logs to
@@ -12,7 +12,8 @@
 #        answers, writes the pid to DIR/registry.pid and the address to
 #        DIR/registry.addr, and prints the address (e.g. 127.0.0.1:5000) on
 #        stdout. --htpasswd enables basic auth (bcrypt, needs htpasswd from
-#        apache2-utils).
+#        apache2-utils). --log-level sets the registry log level (default
+#        warn; info logs every request with its timing and size).
 # stop   stops the registry whose pid is in DIR/registry.pid; the data stays.
 #
 # Clients need plain HTTP: skopeo --tls-verify=false / --dest-tls-verify=false.
@@ -24,9 +25,11 @@ die() { echo "registry.sh: $*" >&2; exit 1; }
 [[ $# -ge 2 ]] || usage
 cmd=$1 dir=$2
 shift 2
-port=5000 auth=""
+port=5000 auth="" level=warn
 while [[ $# -gt 0 ]]; do
     case $1 in
+        --log-level) [[ $# -ge 2 ]] || usage; level=$2; shift 2 ;;
+        --log-level=*) level=${1#--log-level=}; shift ;;
         --htpasswd) [[ $# -ge 2 ]] || usage; auth=$2; shift 2 ;;
         --htpasswd=*) auth=${1#--htpasswd=}; shift ;;
         [0-9]*) port=$1; shift ;;
@@ -84,7 +87,7 @@ start() {
     cat >"$dir/config.yml" <<EOF
 version: 0.1
 log:
-  level: warn
+  level: $level
   accesslog:
     disabled: true
 storage:
