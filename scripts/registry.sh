@@ -38,26 +38,13 @@ while [[ $# -gt 0 ]]; do
 done
 pidfile=$dir/registry.pid
 
-alive() { [[ -f $pidfile ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
+# shellcheck source=scripts/lib/daemon.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/daemon.sh"
+alive() { alive_pidfile "$pidfile"; }
 
 stop() {
-    if ! [[ -f $pidfile ]]; then
-        echo "registry.sh: not running (no $pidfile)" >&2
-        return 0
-    fi
-    local pid i
-    pid=$(cat "$pidfile")
-    if kill -0 "$pid" 2>/dev/null; then
-        kill -TERM "$pid"
-        for ((i = 0; i < 100; i++)); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        if kill -0 "$pid" 2>/dev/null; then
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-    fi
-    rm -f "$pidfile" "$dir/registry.addr"
+    stop_pidfile "$pidfile" registry.sh
+    rm -f "$dir/registry.addr"
 }
 
 start() {
@@ -109,13 +96,13 @@ EOF
     local pid=$! i code
     echo "$pid" >"$pidfile"
     for ((i = 0; i < 200; i++)); do
-        if ! kill -0 "$pid" 2>/dev/null; then
+        if ! running "$pid"; then
             rm -f "$pidfile"
             tail -20 "$dir/registry.log" >&2
             die "docker-registry exited during startup (port $port in use?)"
         fi
         code=$(curl -s -o /dev/null -w '%{http_code}' "${curl_auth[@]}" "http://$addr/v2/" || true)
-        if [[ $code == 200 ]] && kill -0 "$pid" 2>/dev/null; then
+        if [[ $code == 200 ]] && running "$pid"; then
             echo "$addr" >"$dir/registry.addr"
             echo "$addr"
             return 0

@@ -40,32 +40,13 @@ while [[ $# -gt 0 ]]; do
 done
 pidfile=$dir/s3s.pid
 
-# Whether process $1 runs (a zombie waiting for a busy init to reap it does
-# not: it has already released its port).
-running() {
-    kill -0 "$1" 2>/dev/null || return 1
-    [[ $(sed -E 's/.*\) (.).*/\1/' "/proc/$1/stat" 2>/dev/null) != Z ]]
-}
-alive() { [[ -f $pidfile ]] && running "$(cat "$pidfile")"; }
+# shellcheck source=scripts/lib/daemon.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/daemon.sh"
+alive() { alive_pidfile "$pidfile"; }
 
 stop() {
-    if ! [[ -f $pidfile ]]; then
-        echo "s3.sh: not running (no $pidfile)" >&2
-        return 0
-    fi
-    local pid i
-    pid=$(cat "$pidfile")
-    if running "$pid"; then
-        kill -TERM "$pid"
-        for ((i = 0; i < 100; i++)); do
-            running "$pid" || break
-            sleep 0.1
-        done
-        if running "$pid"; then
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-    fi
-    rm -f "$pidfile" "$dir/s3s.addr"
+    stop_pidfile "$pidfile" s3.sh
+    rm -f "$dir/s3s.addr"
 }
 
 start() {
