@@ -44,6 +44,9 @@ pub enum FormatError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A startup profile is malformed or belongs to another recipe.
+    #[error("profile: {0}")]
+    Profile(String),
     /// A chunk id string is not 64 hex digits.
     #[error("invalid chunk id `{0}`: expected 64 hex digits")]
     BadChunkId(String),

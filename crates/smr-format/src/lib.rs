@@ -1,4 +1,5 @@
-//! smr's pure formats: chunk ids, convergent chunk encryption, the recipe.
+//! smr's pure formats: chunk ids, convergent chunk encryption, the recipe,
+//! startup profiles.
 //!
 //! Nothing here does I/O beyond byte slices and key files; everything is
 //! deterministic. `docs/FORMAT.md` specifies the bytes.
@@ -7,10 +8,12 @@ pub mod chunk;
 pub mod config;
 pub mod error;
 pub mod key;
+pub mod profile;
 pub mod recipe;
 pub mod varint;
 
 pub use chunk::{ChunkCodec, ChunkId, ChunkKey, SealedChunk};
 pub use error::{FormatError, Result};
 pub use key::OwnerKey;
+pub use profile::Profile;
 pub use recipe::{ChunkEntry, Recipe};

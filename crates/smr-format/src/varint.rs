@@ -16,26 +16,31 @@ pub fn put(out: &mut Vec<u8>, mut v: u64) {
 }
 
 /// Reads a canonical LEB128 value from the front of `buf`, advancing it.
-pub(crate) fn get(buf: &mut &[u8], what: &str) -> Result<u64> {
+/// The error says what is wrong with the bytes (truncated, overlong, too
+/// big for 64 bits).
+pub fn take(buf: &mut &[u8]) -> std::result::Result<u64, &'static str> {
     let mut v: u64 = 0;
     for i in 0..10 {
-        let (&byte, rest) = buf
-            .split_first()
-            .ok_or_else(|| FormatError::Recipe(format!("truncated varint ({what})")))?;
+        let (&byte, rest) = buf.split_first().ok_or("truncated varint")?;
         *buf = rest;
         let bits = u64::from(byte & 0x7f);
         if i == 9 && bits > 1 {
-            return Err(FormatError::Recipe(format!("varint overflow ({what})")));
+            return Err("varint overflow");
         }
         v |= bits << (7 * i);
         if byte & 0x80 == 0 {
             if byte == 0 && i > 0 {
-                return Err(FormatError::Recipe(format!("overlong varint ({what})")));
+                return Err("overlong varint");
             }
             return Ok(v);
         }
     }
-    Err(FormatError::Recipe(format!("varint too long ({what})")))
+    Err("varint too long")
+}
+
+/// [`take`] for the recipe: errors name the field `what`.
+pub(crate) fn get(buf: &mut &[u8], what: &str) -> Result<u64> {
+    take(buf).map_err(|reason| FormatError::Recipe(format!("{reason} ({what})")))
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crossbeam_channel::bounded;
 use smr_format::{ChunkId, FormatError};
@@ -86,6 +86,7 @@ struct Inner {
     reads: AtomicU64,
     bytes_read: AtomicU64,
     read_errors: AtomicU64,
+    recorder: OnceLock<Arc<profile::Recorder>>,
 }
 
 impl std::fmt::Debug for LazyImage {
@@ -119,6 +120,7 @@ impl LazyImage {
                 reads: AtomicU64::new(0),
                 bytes_read: AtomicU64::new(0),
                 read_errors: AtomicU64::new(0),
+                recorder: OnceLock::new(),
             }),
         })
     }
@@ -252,7 +254,11 @@ impl LazyImage {
             }));
         }
         let _finish = SetOnDrop(done);
+        let recorder = self.inner.recorder.get();
         for c in first..=last {
+            if let Some(r) = recorder {
+                r.touch(c);
+            }
             let data = self
                 .inner
                 .chunk(c)
@@ -464,5 +470,6 @@ impl BlockDevice for LazyImage {
     }
 }
 
+pub mod profile;
 #[cfg(test)]
 mod tests;

@@ -11,7 +11,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use smr_format::chunk::default_salt;
 use smr_format::config::ImageConfig;
-use smr_format::{ChunkCodec, ChunkEntry, OwnerKey, Recipe};
+use smr_format::{ChunkCodec, ChunkEntry, OwnerKey, Profile, Recipe};
 use smr_store::{LocalStore, PutOutcome};
 
 use super::*;
@@ -485,4 +485,81 @@ fn an_encrypted_image_without_keys_is_refused() {
         "{err}"
     );
     assert!(Path::new(&fx.cache_dir).is_dir());
+}
+
+#[test]
+fn recording_lists_stored_chunks_in_first_read_order() {
+    let fx = fixture(Duration::ZERO);
+    let lazy = fx.lazy(32 << 20, 1 << 30);
+    fx.read(&lazy, 0, 10).expect("before recording");
+    assert!(lazy.recorded_profile([1; 32]).is_none(), "not recording");
+    let rec = lazy.record();
+    for (off, len) in [
+        (5 * CS + 100, 10),
+        (0, 1),
+        (5 * CS, CS),     // chunk 5 again
+        (2 * CS, 10),     // a zero chunk: never fetched, so not listed
+        (30 * CS - 1, 2), // spans 29 and 30
+    ] {
+        fx.read(&lazy, off, len).expect("read");
+    }
+    lazy.prefetch(40 * CS, CS)
+        .expect("prefetches are not reads");
+    assert_eq!(rec.chunks(), vec![5, 0, 2, 29, 30]);
+    let p = lazy.recorded_profile([1; 32]).expect("recording");
+    assert_eq!(p.chunks, vec![5, 0, 29, 30]);
+    assert_eq!(p.recipe_sha256, [1; 32]);
+    assert!(Arc::ptr_eq(&rec, &lazy.record()), "record is idempotent");
+}
+
+#[test]
+fn replay_fetches_the_profile_in_parallel_once() {
+    let fx = fixture(Duration::from_millis(20));
+    let lazy = fx.lazy(32 << 20, 1 << 30);
+    // Every chunk, last first, plus a zero chunk and one past the end.
+    let mut chunks: Vec<u64> = (0..SIZE.div_ceil(CS)).rev().collect();
+    chunks.push(1000);
+    let profile = Profile {
+        recipe_sha256: [0; 32],
+        chunks,
+    };
+    let unique = fx.stored_chunks() - 1; // chunks 10 and 11 are one chunk
+    let stats = lazy.replay(&profile, 8).wait();
+    assert_eq!(
+        stats.chunks,
+        fx.stored_chunks(),
+        "zero and missing chunks skipped"
+    );
+    assert_eq!(stats.fetched + stats.cached, stats.chunks);
+    assert_eq!(stats.failed, 0);
+    assert!(stats.seconds.is_some());
+    assert_eq!(fx.store.total(), unique, "each chunk fetched once");
+    let s = lazy.cache().stats().expect("stats");
+    assert!(s.max_inflight > 4, "in parallel: {}", s.max_inflight);
+    assert_eq!(s.memory_entries, 0, "replay fills the disk tier only");
+    assert!(fx.read(&lazy, 0, SIZE).expect("read") == fx.plain);
+    assert_eq!(
+        fx.store.total(),
+        unique,
+        "reads after the replay fetch nothing"
+    );
+    let again = lazy.replay(&profile, 8).wait();
+    assert_eq!((again.fetched, again.cached), (0, fx.stored_chunks()));
+}
+
+#[test]
+fn replay_failures_are_left_to_the_readers() {
+    let fx = fixture(Duration::ZERO);
+    let lazy = fx.lazy(32 << 20, 1 << 30);
+    let victim = *fx.img.recipe.entry(4).expect("chunk 4 is stored");
+    fs::write(fx.store.inner.chunk_path(&victim.id), b"garbage").expect("corrupt");
+    let profile = Profile {
+        recipe_sha256: [0; 32],
+        chunks: vec![0, victim.index, 1],
+    };
+    let stats = lazy.replay(&profile, 2).wait();
+    assert_eq!((stats.fetched, stats.failed), (2, 1));
+    let err = fx.read(&lazy, victim.index * CS, 1).expect_err("bad chunk");
+    assert!(err.to_string().contains(&victim.id.to_hex()), "{err}");
+    assert!(fx.read(&lazy, 0, 2 * CS).is_ok());
 }
