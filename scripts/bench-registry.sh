@@ -38,6 +38,13 @@
 #   smr         smr run --key-file K --cache-dir FRESH --stats S docker://REF -- CMD
 #   smr-zstd    the same from the --compress zstd artifact
 #   smr-chunk   the same from the --pack-chunks 1 artifact
+#   smr-profile, smr-zstd-profile
+#               like smr and smr-zstd, from repositories (debian-python-prof,
+#               debian-python-zstd-prof) where a startup profile was pushed
+#               during setup: one untimed loopback `smr run --record-profile P`
+#               of the same command with an empty cache, then
+#               `smr profile push docker://REF P`; the timed runs find it
+#               and replay it
 # Bytes: response bodies written by the registry during the run (all of
 # them: manifests, configs, layers, recipe, pack index, chunks); the shaped
 # link's proxy count (with HTTP headers) and each tool's own count
@@ -47,7 +54,7 @@
 # Environment:
 #   SMR_BENCH_RATE=100mbit  SMR_BENCH_DELAY_MS=20   the shaped link
 #   SMR_BENCH_LINKS="loopback shaped"
-#   SMR_BENCH_TOOLS="containerd smr smr-zstd smr-chunk"
+#   SMR_BENCH_TOOLS="containerd smr smr-zstd smr-chunk smr-profile smr-zstd-profile"
 #   SMR_BENCH_PUSH=1        the push measurements (0: skip the shaped pushes
 #                           and the second-image pushes)
 #   SMR_BENCH_BUILD=1       cargo build --release -p smr first (0: use as is)
@@ -70,7 +77,7 @@ layout=$cache/oci
 rate=${SMR_BENCH_RATE:-100mbit}
 delay_ms=${SMR_BENCH_DELAY_MS:-20}
 links=${SMR_BENCH_LINKS:-loopback shaped}
-tools=${SMR_BENCH_TOOLS:-containerd smr smr-zstd smr-chunk}
+tools=${SMR_BENCH_TOOLS:-containerd smr smr-zstd smr-chunk smr-profile smr-zstd-profile}
 bench_push=${SMR_BENCH_PUSH:-1}
 keep=${SMR_BENCH_KEEP:-}
 read -r -a convert_args <<<"${SMR_CONVERT_ARGS:-}"
@@ -164,7 +171,7 @@ reg_window() { python3 "$reglog_py" "$reglog" "$(($1 + 1))" "$2" "${@:4}" >"$3";
 reg_start
 log "registry at $addr; copying debian-python into one repository per variant"
 copy() { skopeo copy --quiet --dest-tls-verify=false "oci:$layout:$1" "docker://$addr/$2"; }
-for repo in debian-python debian-python-zstd debian-python-chunk; do
+for repo in debian-python debian-python-zstd debian-python-chunk debian-python-prof debian-python-zstd-prof; do
   copy debian-python "$repo:bookworm"
 done
 # One port for every proxy instance, so image references stay the same.
@@ -337,6 +344,14 @@ smr_prepare() {
   smr_push packs loopback debian-python:bookworm push - || return 1
   smr_push zstd loopback debian-python-zstd:bookworm push - --compress zstd || return 1
   smr_push chunk loopback debian-python-chunk:bookworm push - --pack-chunks 1 || return 1
+  if want smr-profile; then
+    smr_push packs-prof loopback debian-python-prof:bookworm push - || return 1
+    smr_profile debian-python-prof || return 1
+  fi
+  if want smr-zstd-profile; then
+    smr_push zstd-prof loopback debian-python-zstd-prof:bookworm push - --compress zstd || return 1
+    smr_profile debian-python-zstd-prof || return 1
+  fi
   smr_ok=1
   [[ $bench_push == 1 ]] || return 0
   copy debian-python debian-python-pushshaped:bookworm
@@ -355,6 +370,22 @@ smr_prepare() {
   done
 }
 
+# smr_profile REPO: records a startup profile of the benchmark command from
+# REPO:bookworm (loopback, empty cache, untimed) and pushes it there.
+smr_profile() {
+  local ref=docker://$addr/$1:bookworm out=$work/logs/profile-$1.out p=$work/$1.profile
+  log "recording and pushing a startup profile for $ref"
+  rm -rf "$work/smr-cache"
+  if ! "$smr" run --key-file "$key" --cache-dir "$work/smr-cache" --record-profile "$p" \
+      "${run_args[@]}" "$ref" -- "${pycmd[@]}" >"$out" 2>&1 ||
+     ! "$smr" profile push "$ref" "$p" >>"$out" 2>&1; then
+    tail -20 "$out" >&2
+    failed+=("$1: recording or pushing the startup profile failed (output above)")
+    return 1
+  fi
+  rm -rf "$work/smr-cache"
+}
+
 # smr_run LINK ROUND REGISTRY TOOL: records one run, or returns 1.
 smr_run() {
   local link=$1 r=$2 reg=$3 tool=$4 t0 t1 m0 m1 b0 b1 l0 out
@@ -362,6 +393,8 @@ smr_run() {
   case $tool in
     smr-zstd) repo=debian-python-zstd ;;
     smr-chunk) repo=debian-python-chunk ;;
+    smr-profile) repo=debian-python-prof ;;
+    smr-zstd-profile) repo=debian-python-zstd-prof ;;
   esac
   local ref=docker://$reg/$repo:bookworm c=$work/smr-cache stats=$work/smr-stats.json
   out=$work/logs/run-$tool-$link-$r.out
@@ -389,7 +422,7 @@ smr_run() {
   rm -rf "$c"
 }
 
-if want smr || want smr-zstd || want smr-chunk; then
+if want smr || want smr-zstd || want smr-chunk || want smr-profile || want smr-zstd-profile; then
   smr_prepare || log "${failed[-1]}"
 fi
 
@@ -408,7 +441,7 @@ for r in $(seq "$rounds"); do
         containerd)
           log "round $r, $link: containerd pull + run"
           ctd_run "$link" "$r" "$reg" ;;
-        smr | smr-zstd | smr-chunk)
+        smr | smr-zstd | smr-chunk | smr-profile | smr-zstd-profile)
           [[ $smr_ok == 1 ]] || continue
           # A failed run is recorded and reported; a tool that fails twice
           # is not run again.
@@ -419,7 +452,7 @@ for r in $(seq "$rounds"); do
             log "$tool: smr run failed on the $link link in round $r (output above; recorded)"
             ((fails[$tool] < 2)) || failed+=("$tool: smr run failed twice; not run again")
           fi ;;
-        *) die "unknown tool $tool (containerd, smr, smr-zstd, smr-chunk)" ;;
+        *) die "unknown tool $tool (containerd, smr, smr-zstd, smr-chunk, smr-profile, smr-zstd-profile)" ;;
       esac
     done
   done

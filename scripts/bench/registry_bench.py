@@ -89,6 +89,8 @@ TOOLS = {
     "smr": "smr run (packs, default)",
     "smr-zstd": "smr run, `--compress zstd` (packs)",
     "smr-chunk": "smr run, `--pack-chunks 1` (blob per chunk)",
+    "smr-profile": "smr run with its startup profile (packs)",
+    "smr-zstd-profile": "smr run with its startup profile, `--compress zstd`",
 }
 
 
@@ -221,6 +223,11 @@ def report(path, rounds, rate, delay, ctd_version):
     target("smr wall time on the shaped link", ("shaped", "smr"), "rw", 0.25, 0)
     target("smr --compress zstd wall time on the shaped link", ("shaped", "smr-zstd"), "rw", 0.25, 0)
     target("smr --compress zstd bytes (shaped link)", ("shaped", "smr-zstd"), "rb", 0.15, 1)
+    target("smr with its startup profile, wall time on the shaped link", ("shaped", "smr-profile"), "rw", 0.25, 0)
+    target("smr with its startup profile, --compress zstd, wall time on the shaped link",
+           ("shaped", "smr-zstd-profile"), "rw", 0.25, 0)
+    target("smr with its startup profile, --compress zstd, bytes (shaped link)",
+           ("shaped", "smr-zstd-profile"), "rb", 0.15, 1)
     for link in ("loopback", "shaped"):
         p, c = summary.get((link, "smr")), summary.get((link, "smr-chunk"))
         if p and c:

@@ -138,6 +138,9 @@ pub struct RunReport {
     pub bytes_read: u64,
     /// Most chunk fetches in flight at once in this process.
     pub max_inflight: u64,
+    /// The startup profile's replay, if one ran (filled in by the caller
+    /// that started it).
+    pub profile: Option<crate::lazy::profile::ReplayStats>,
 }
 
 /// Which container is running, for the signal forwarder.
@@ -337,6 +340,7 @@ fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
         },
         bytes_read: stats.bytes_read,
         max_inflight: cache.map_or(0, |c| c.max_inflight),
+        profile: None,
     };
 
     // Tear down in reverse, reporting the first failure.

@@ -8,6 +8,9 @@
 //! so the choice is deterministic instead: filtered by
 //! [`DiscoverOptions`], then the smallest digest.
 //!
+//! The startup profile of the chosen artifact ([`crate::profile`]) is
+//! found in the same referrers list.
+//!
 //! Opening an artifact fetches and checks everything a reader relies on:
 //! the manifest (by digest), its media types and subject, the recipe and
 //! the pack index (each verified against its digest and size), that the
@@ -21,8 +24,9 @@ use crate::artifact::{
 use crate::blobs::Blobs;
 use crate::error::{RegistryError, Result};
 use crate::pack::PackIndex;
+use crate::profile::{fetch_profile, profiles_of};
 use crate::store::{RegistryStore, StoreOptions};
-use smr_format::Recipe;
+use smr_format::{Profile, Recipe};
 use std::sync::Arc;
 
 #[cfg(test)]
@@ -36,6 +40,9 @@ pub struct DiscoverOptions {
     /// Only artifacts with this chunk size (their `vnd.smr.chunk-size`
     /// annotation).
     pub chunk_size: Option<u64>,
+    /// Also look for the artifact's startup profile
+    /// ([`crate::profile`]); fetched alongside the recipe and pack index.
+    pub profile: bool,
 }
 
 /// An opened, checked smr artifact.
@@ -53,6 +60,10 @@ pub struct Artifact {
     pub recipe: Recipe,
     /// The pack index.
     pub index: Arc<PackIndex>,
+    /// Its startup profile, when asked for ([`DiscoverOptions::profile`]),
+    /// found and valid for the recipe (a bad one is logged and left out:
+    /// a profile only speeds a start up).
+    pub profile: Option<Profile>,
 }
 
 impl Artifact {
@@ -66,24 +77,28 @@ impl Artifact {
 /// The smr artifacts referring to `subject` (a manifest digest), sorted by
 /// digest, without duplicates.
 pub fn list_artifacts(blobs: &dyn Blobs, subject: &str) -> Result<Vec<Descriptor>> {
+    Ok(artifacts_among(&list_referrers(blobs, subject)?))
+}
+
+fn artifacts_among(list: &[Descriptor]) -> Vec<Descriptor> {
+    let mut v: Vec<Descriptor> = list
+        .iter()
+        .filter(|d| d.artifact_type.as_deref() == Some(ARTIFACT_TYPE))
+        .cloned()
+        .collect();
+    v.sort_by(|a, b| a.digest.cmp(&b.digest));
+    v.dedup_by(|a, b| a.digest == b.digest);
+    v
+}
+
+/// Every referrer of `subject`: from the referrers API when it lists an
+/// smr artifact, else from the fallback tag (none if there is no tag).
+pub fn list_referrers(blobs: &dyn Blobs, subject: &str) -> Result<Vec<Descriptor>> {
     let repo = blobs.describe();
-    let keep = |list: Vec<Descriptor>| -> Vec<Descriptor> {
-        let mut v: Vec<Descriptor> = list
-            .into_iter()
-            .filter(|d| d.artifact_type.as_deref() == Some(ARTIFACT_TYPE))
-            .collect();
-        v.sort_by(|a, b| a.digest.cmp(&b.digest));
-        v.dedup_by(|a, b| a.digest == b.digest);
-        v
-    };
     if let Some(bytes) = blobs.referrers(subject)? {
-        let found = keep(parse_referrers(
-            &repo,
-            &format!("referrers of {subject}"),
-            &bytes,
-        )?);
-        if !found.is_empty() {
-            tracing::debug!(%subject, count = found.len(), "smr artifacts from the referrers API");
+        let found = parse_referrers(&repo, &format!("referrers of {subject}"), &bytes)?;
+        if !artifacts_among(&found).is_empty() {
+            tracing::debug!(%subject, count = found.len(), "referrers from the referrers API");
             return Ok(found);
         }
     }
@@ -91,21 +106,66 @@ pub fn list_artifacts(blobs: &dyn Blobs, subject: &str) -> Result<Vec<Descriptor
     let Some((_, bytes)) = blobs.get_manifest(&tag)? else {
         return Ok(Vec::new());
     };
-    let found = keep(parse_referrers(
-        &repo,
-        &format!("referrers tag {tag}"),
-        &bytes,
-    )?);
-    tracing::debug!(%subject, %tag, count = found.len(), "smr artifacts from the fallback tag");
+    let found = parse_referrers(&repo, &format!("referrers tag {tag}"), &bytes)?;
+    tracing::debug!(%subject, %tag, count = found.len(), "referrers from the fallback tag");
     Ok(found)
 }
 
-/// Finds, opens and checks the smr artifact of source manifest `subject`.
+/// Finds, opens and checks the smr artifact of source manifest `subject`
+/// (and its profile, if asked: fetched in parallel with the artifact).
 pub fn discover(blobs: &dyn Blobs, subject: &str, opts: &DiscoverOptions) -> Result<Artifact> {
-    if let Some(digest) = &opts.artifact {
-        return open_artifact(blobs, digest, Some(subject));
+    let listed = match (&opts.artifact, opts.profile) {
+        (Some(_), false) => Vec::new(),
+        _ => list_referrers(blobs, subject)?,
+    };
+    let chosen = match &opts.artifact {
+        Some(digest) => digest.clone(),
+        None => choose(blobs, subject, opts, &artifacts_among(&listed))?,
+    };
+    let profile = opts
+        .profile
+        .then(|| profiles_of(&listed, &chosen).into_iter().next())
+        .flatten();
+    let Some(profile_desc) = profile else {
+        return open_artifact(blobs, &chosen, Some(subject));
+    };
+    let (artifact, profile) = std::thread::scope(|s| {
+        let p = s.spawn(|| fetch_profile(blobs, &profile_desc.digest, &chosen));
+        let a = open_artifact(blobs, &chosen, Some(subject));
+        let p = p
+            .join()
+            .unwrap_or_else(|_| Err(bad(&blobs.describe(), &profile_desc.digest, "panicked")));
+        (a, p)
+    });
+    let mut artifact = artifact?;
+    let profile = profile.and_then(|p| {
+        p.check_recipe(&artifact.recipe_bytes)
+            .map_err(|source| RegistryError::Format {
+                what: format!("profile {}", profile_desc.digest),
+                source,
+            })?;
+        Ok(p)
+    });
+    match profile {
+        Ok(p) => {
+            tracing::info!(profile = %profile_desc.digest, chunks = p.chunks.len(), "found startup profile");
+            artifact.profile = Some(p);
+        }
+        Err(e) => {
+            tracing::warn!(profile = %profile_desc.digest, error = %e, "startup profile unusable; starting without it");
+        }
     }
-    let all = list_artifacts(blobs, subject)?;
+    Ok(artifact)
+}
+
+/// The artifact to use among `all`: filtered by `opts`, then the smallest
+/// digest.
+fn choose(
+    blobs: &dyn Blobs,
+    subject: &str,
+    opts: &DiscoverOptions,
+    all: &[Descriptor],
+) -> Result<String> {
     let wanted = opts.chunk_size.map(|c| c.to_string());
     let fits: Vec<&Descriptor> = all
         .iter()
@@ -128,7 +188,7 @@ pub fn discover(blobs: &dyn Blobs, subject: &str, opts: &DiscoverOptions) -> Res
         let others: Vec<&str> = fits.iter().skip(1).map(|d| d.digest.as_str()).collect();
         tracing::info!(%subject, chosen = %chosen.digest, ?others, "several smr artifacts: taking the smallest digest");
     }
-    open_artifact(blobs, &chosen.digest, Some(subject))
+    Ok(chosen.digest.clone())
 }
 
 /// Opens artifact manifest `digest` and checks it (and, if given, that its
@@ -163,7 +223,16 @@ pub fn open_artifact(blobs: &dyn Blobs, digest: &str, subject: Option<&str>) -> 
     let (Some(recipe_desc), Some(index_desc)) = (manifest.recipe(), manifest.pack_index()) else {
         return Err(bad(&repo, digest, "recipe or pack index layer missing"));
     };
-    let recipe_bytes = fetch(blobs, &format!("recipe of {digest}"), recipe_desc)?;
+    // Two blobs, two round trips: in parallel.
+    let (recipe_bytes, index_bytes) = std::thread::scope(|s| {
+        let index = s.spawn(|| fetch(blobs, &format!("pack index of {digest}"), index_desc));
+        let recipe = fetch(blobs, &format!("recipe of {digest}"), recipe_desc);
+        let index = index
+            .join()
+            .unwrap_or_else(|_| Err(bad(&repo, digest, "pack index fetch panicked")));
+        (recipe, index)
+    });
+    let (recipe_bytes, index_bytes) = (recipe_bytes?, index_bytes?);
     let recipe = Recipe::decode(&recipe_bytes).map_err(|source| RegistryError::Format {
         what: format!("{repo}: recipe {} of {digest}", recipe_desc.digest),
         source,
@@ -178,7 +247,6 @@ pub fn open_artifact(blobs: &dyn Blobs, digest: &str, subject: Option<&str>) -> 
             ),
         ));
     }
-    let index_bytes = fetch(blobs, &format!("pack index of {digest}"), index_desc)?;
     let index = PackIndex::decode(&index_bytes).map_err(|source| RegistryError::Pack {
         what: format!("{repo}: pack index {} of {digest}", index_desc.digest),
         source,
@@ -202,6 +270,7 @@ pub fn open_artifact(blobs: &dyn Blobs, digest: &str, subject: Option<&str>) -> 
         recipe_bytes,
         recipe,
         index: Arc::new(index),
+        profile: None,
     })
 }
 
@@ -238,7 +307,7 @@ fn check_packs(repo: &str, digest: &str, m: &ArtifactManifest, index: &PackIndex
 }
 
 /// Blob `desc`, checked against its digest and size.
-fn fetch(blobs: &dyn Blobs, what: &str, desc: &Descriptor) -> Result<Vec<u8>> {
+pub(crate) fn fetch(blobs: &dyn Blobs, what: &str, desc: &Descriptor) -> Result<Vec<u8>> {
     let bytes = blobs.get_blob(&desc.digest)?;
     let repo = blobs.describe();
     verify(
@@ -257,7 +326,7 @@ fn fetch(blobs: &dyn Blobs, what: &str, desc: &Descriptor) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-fn verify(repo: &str, what: &str, digest: &str, bytes: &[u8]) -> Result<()> {
+pub(crate) fn verify(repo: &str, what: &str, digest: &str, bytes: &[u8]) -> Result<()> {
     let actual = digest_of(bytes);
     if actual == digest {
         return Ok(());

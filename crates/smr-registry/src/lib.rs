@@ -7,6 +7,7 @@
 //! - [`artifact`]: the smr artifact manifest and its media types.
 //! - [`push`]: pushing a converted image as an smr artifact.
 //! - [`discover`]: finding and opening the smr artifact of an image.
+//! - [`profile`]: startup profiles pushed next to the smr artifact.
 //! - [`store`]: [`RegistryStore`], a chunk store over an artifact's packs.
 //! - [`reference`](mod@reference): `docker://host[:port]/name[:tag][@digest]` references.
 //! - [`client`]: the registry client ([`client::Registry`],
@@ -19,6 +20,7 @@ pub mod client;
 pub mod discover;
 pub mod error;
 pub mod pack;
+pub mod profile;
 pub mod push;
 pub mod reference;
 pub mod source;

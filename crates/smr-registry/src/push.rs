@@ -362,7 +362,7 @@ fn upload(blobs: &dyn Blobs, digest: &str, data: &[u8], tally: &Mutex<Tally>) ->
 /// fallback tag's image index (entries sorted by digest; other tools'
 /// entries kept as they are). Concurrent pushers to the same subject can
 /// lose each other's entry: the tag schema has no compare-and-swap.
-fn update_referrers(
+pub(crate) fn update_referrers(
     blobs: &dyn Blobs,
     manifest: &ArtifactManifest,
     bytes: &[u8],

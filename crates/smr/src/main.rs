@@ -41,6 +41,8 @@ enum Command {
     Run(cmd::run::Args),
     /// Show or prune the node's chunk cache.
     Cache(cmd::cache::Args),
+    /// Push or show startup profiles (recorded by `smr run --record-profile`).
+    Profile(cmd::profile::Args),
     /// The FUSE server behind `smr mount` (internal).
     #[command(name = "__serve-fuse", hide = true)]
     ServeFuse(cmd::serve::FuseArgs),
@@ -65,6 +67,7 @@ fn main() -> ExitCode {
         Command::Umount(a) => cmd::mount::run_umount(a),
         Command::Run(a) => cmd::run::run(a),
         Command::Cache(a) => cmd::cache::run(a),
+        Command::Profile(a) => cmd::profile::run(a),
         Command::ServeFuse(a) => cmd::serve::run_fuse(a),
     };
     match result {

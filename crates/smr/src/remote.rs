@@ -52,36 +52,53 @@ pub struct RemoteImage {
 }
 
 /// Resolves `reference` for `platform`, finds the smr artifact whose
-/// subject is that manifest, and opens it.
-pub fn open_remote(
+/// subject is that manifest (with `opts`), and opens it; returns its
+/// repository too.
+pub fn find_artifact(
     reference: &str,
     platform: &Platform,
     args: &RegistryArgs,
-    artifact: Option<String>,
-) -> Result<RemoteImage> {
+    opts: &DiscoverOptions,
+) -> Result<(Repository, Artifact)> {
     let src = RegistrySource::open(reference, &args.options()?)?;
     let resolved = src
         .resolve(platform)
         .with_context(|| format!("resolving {reference}"))?;
     let repo = src.repository().clone();
-    let opts = DiscoverOptions {
-        artifact,
-        ..Default::default()
-    };
-    let artifact = discover(&repo, &resolved.manifest_digest, &opts).with_context(|| {
+    let artifact = discover(&repo, &resolved.manifest_digest, opts).with_context(|| {
         format!(
             "finding the smr artifact of {reference} ({}); create it with `smr convert {reference} --push`",
             resolved.manifest_digest
         )
     })?;
-    tracing::info!(image = %reference, artifact = %artifact.digest, "opened smr artifact");
+    tracing::info!(image = %reference, artifact = %artifact.digest, profile = artifact.profile.is_some(), "opened smr artifact");
+    Ok((repo, artifact))
+}
+
+/// [`find_artifact`], then a chunk store over the artifact's packs. When a
+/// startup profile will be replayed (`replaying`, or one was found), the
+/// store does not read ahead (unless `SMR_REGISTRY_READAHEAD` says so):
+/// the profile already fetches what the start reads, and readahead would
+/// only add bytes.
+pub fn open_remote(
+    reference: &str,
+    platform: &Platform,
+    args: &RegistryArgs,
+    opts: &DiscoverOptions,
+    replaying: bool,
+) -> Result<RemoteImage> {
+    let (repo, artifact) = find_artifact(reference, platform, args, opts)?;
     let mut opts = StoreOptions {
         deadline: smr_store::RemoteOptions::from_env()?.deadline,
         ..StoreOptions::default()
     };
-    if let Ok(v) = std::env::var(READAHEAD_ENV) {
-        opts.readahead = crate::cmd::convert::parse_size(&v)
-            .map_err(|e| anyhow::anyhow!("{READAHEAD_ENV}: {e}"))?;
+    match std::env::var(READAHEAD_ENV) {
+        Ok(v) => {
+            opts.readahead = crate::cmd::convert::parse_size(&v)
+                .map_err(|e| anyhow::anyhow!("{READAHEAD_ENV}: {e}"))?;
+        }
+        Err(_) if replaying || artifact.profile.is_some() => opts.readahead = 0,
+        Err(_) => {}
     }
     let store = Arc::new(artifact.store(Arc::new(repo), opts));
     Ok(RemoteImage { artifact, store })

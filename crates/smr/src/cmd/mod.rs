@@ -6,5 +6,6 @@ pub mod extract;
 pub mod inspect;
 pub mod keygen;
 pub mod mount;
+pub mod profile;
 pub mod run;
 pub mod serve;

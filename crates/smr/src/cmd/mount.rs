@@ -67,7 +67,8 @@ fn absolute(p: &Path) -> Result<PathBuf> {
 /// Mounts the image lazily: FUSE server process, loop device, ext4.
 pub fn run_mount(a: MountArgs) -> Result<ExitCode> {
     // Fail here, with a clear message, on a bad recipe, key, store or cache.
-    let opened = a.image.open_full()?;
+    // The profile is the server's business (it replays it).
+    let opened = a.image.open_with(false)?;
     let lazy = opened.lazy;
     let exe = std::env::current_exe().context("locating the smr binary")?;
     // The server process opens the same image: local paths made absolute,
@@ -83,6 +84,7 @@ pub fn run_mount(a: MountArgs) -> Result<ExitCode> {
     };
     let cache_dir = absolute(&a.image.cache.cache_dir)?;
     let key = a.image.key.key_file.as_deref().map(absolute).transpose()?;
+    let profile = a.image.profile.as_deref().map(absolute).transpose()?;
     let req = MountRequest {
         state_root: a.state.state_dir.clone(),
         mountpoint: a.mountpoint.clone(),
@@ -111,6 +113,11 @@ pub fn run_mount(a: MountArgs) -> Result<ExitCode> {
             .arg(fuse_dir);
         if let Some(k) = &key {
             c.arg("--key-file").arg(k);
+        }
+        if let Some(p) = &profile {
+            c.arg("--profile").arg(p);
+        } else if a.image.no_profile {
+            c.arg("--no-profile");
         }
         if std::env::var_os("SMR_LOG").is_none() {
             c.env("SMR_LOG", "info");

@@ -4,6 +4,7 @@ use super::mount::LoopArgs;
 use super::serve::ImageArgs;
 use crate::progress::human;
 use anyhow::{Context, Result};
+use smr_node::lazy::profile::DEFAULT_REPLAY_THREADS;
 use smr_node::run::{spec::Overrides, RunRequest, DEFAULT_WORK_ROOT};
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -21,6 +22,11 @@ pub struct Args {
     /// Write the run's statistics as JSON to this file.
     #[arg(long)]
     stats: Option<PathBuf>,
+    /// Record the chunks this run reads, in first-read order, as a startup
+    /// profile in this file (replay it with `--profile`, or publish it with
+    /// `smr profile push`).
+    #[arg(long, value_name = "FILE")]
+    record_profile: Option<PathBuf>,
     #[command(flatten)]
     loop_args: LoopArgs,
     /// Where the temporary run directory (overlay upper, bundle) goes.
@@ -40,10 +46,18 @@ pub fn run(a: Args) -> Result<ExitCode> {
     // This process serves the image's FUSE export while the container runs.
     smr_node::malloc::limit_arenas(smr_node::malloc::SERVER_ARENAS);
     let opened = a.image.open_full()?;
-    let (image, recipe) = (opened.lazy, opened.recipe);
+    // Started first: the replay's fetches overlap the mount and runc.
+    let replay = opened
+        .profile
+        .as_ref()
+        .map(|p| opened.lazy.replay(p, DEFAULT_REPLAY_THREADS));
+    if a.record_profile.is_some() {
+        opened.lazy.record();
+    }
+    let lazy = opened.lazy.clone();
     let req = RunRequest {
-        image,
-        recipe,
+        image: opened.lazy,
+        recipe: opened.recipe,
         overrides: Overrides {
             command: a.command,
             env: a.env,
@@ -54,7 +68,19 @@ pub fn run(a: Args) -> Result<ExitCode> {
         runc: a.runtime,
         started,
     };
-    let r = smr_node::run::run(req).with_context(|| format!("running {}", a.image.image))?;
+    let mut r = smr_node::run::run(req).with_context(|| format!("running {}", a.image.image))?;
+    r.profile = replay.map(|p| p.stats());
+    if let Some(path) = &a.record_profile {
+        let p = lazy
+            .recorded_profile(opened.recipe_sha256)
+            .context("recording was not started")?;
+        super::convert::write_atomic(path, &p.encode())?;
+        eprintln!(
+            "smr: recorded a startup profile of {} chunks in {}",
+            p.chunks.len(),
+            path.display()
+        );
+    }
     let start = r.start_seconds.map_or("?".into(), |s| format!("{s:.2}s"));
     eprintln!(
         "smr: exit {}; started in {start}, total {:.2}s; fetched {} of {} ({:.1}%) in {} chunks",
@@ -65,6 +91,15 @@ pub fn run(a: Args) -> Result<ExitCode> {
         r.fetched_fraction * 100.0,
         r.chunks_fetched
     );
+    if let Some(p) = &r.profile {
+        let done = p
+            .seconds
+            .map_or("not finished".into(), |s| format!("done in {s:.2}s"));
+        eprintln!(
+            "smr: startup profile: {} chunks, {} fetched ahead, {} already cached, {} failed; {done}",
+            p.chunks, p.fetched, p.cached, p.failed
+        );
+    }
     if let Some(path) = &a.stats {
         std::fs::write(path, serde_json::to_vec_pretty(&r)?)
             .with_context(|| format!("writing {}", path.display()))?;

@@ -5,10 +5,13 @@
 use crate::keys::{image_chunks, open_image, KeyArgs};
 use crate::remote::{is_remote, open_remote, RegistryArgs};
 use anyhow::{Context, Result};
+use smr_format::Profile;
 use smr_node::cache::{Cache, CacheConfig};
 use smr_node::chunks::ImageChunks;
+use smr_node::lazy::profile::DEFAULT_REPLAY_THREADS;
 use smr_node::lazy::LazyImage;
 use smr_node::nbd::{Export, NbdServer};
+use smr_registry::discover::DiscoverOptions;
 use smr_store::ChunkStore;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -56,6 +59,15 @@ pub struct ImageArgs {
     /// For a registry image: the platform to pick from an index.
     #[arg(long, default_value = "linux/amd64")]
     pub platform: String,
+    /// Replay this startup profile (written by `smr run --record-profile`):
+    /// the chunks it lists are fetched ahead of the reads, many at once.
+    /// Default for a registry image: the profile pushed next to its smr
+    /// artifact (`smr profile push`), if any.
+    #[arg(long, value_name = "FILE")]
+    pub profile: Option<PathBuf>,
+    /// Replay no startup profile (and look for none in the registry).
+    #[arg(long, conflicts_with = "profile")]
+    pub no_profile: bool,
 }
 
 /// An image opened for serving.
@@ -66,44 +78,76 @@ pub struct OpenedImage {
     pub recipe: smr_format::Recipe,
     /// For a registry image: the digest of the smr artifact used.
     pub artifact: Option<String>,
+    /// The startup profile to replay (checked against the recipe).
+    pub profile: Option<Profile>,
+    /// SHA-256 of the recipe's bytes (what a recorded profile is bound to).
+    pub recipe_sha256: [u8; 32],
 }
 
 impl ImageArgs {
-    /// Opens the recipe (with its keys), the store and the cache.
-    pub fn open(&self) -> Result<LazyImage> {
-        self.open_full().map(|o| o.lazy)
+    /// [`ImageArgs::open`], also returning the recipe, the startup profile
+    /// (`--profile`, or the registry's unless `--no-profile`) and, for a
+    /// registry image, which artifact was used.
+    pub fn open_full(&self) -> Result<OpenedImage> {
+        self.open_with(!self.no_profile)
     }
 
-    /// [`ImageArgs::open`], also returning the recipe and, for a registry
-    /// image, which artifact was used.
-    pub fn open_full(&self) -> Result<OpenedImage> {
-        let (recipe, store, location, artifact) = if is_remote(&self.image) {
+    /// [`ImageArgs::open_full`]; `profiles: false` neither reads nor looks
+    /// for a profile.
+    pub fn open_with(&self, profiles: bool) -> Result<OpenedImage> {
+        let local_profile = match (&self.profile, profiles) {
+            (Some(path), true) => Some(super::profile::read(path)?),
+            _ => None,
+        };
+        let (recipe_bytes, store, location, artifact, mut profile) = if is_remote(&self.image) {
             let platform = self.platform.parse().context("--platform")?;
+            let opts = DiscoverOptions {
+                artifact: self.artifact.clone(),
+                profile: profiles && local_profile.is_none(),
+                ..DiscoverOptions::default()
+            };
             let remote = open_remote(
                 &self.image,
                 &platform,
                 &self.registry,
-                self.artifact.clone(),
+                &opts,
+                local_profile.is_some(),
             )?;
             let (store, location): (Arc<dyn ChunkStore>, String) = match &self.store {
                 Some(location) => (open_store(location)?, location.clone()),
                 None => (remote.store, remote.artifact.repo.clone()),
             };
-            let artifact = Some(remote.artifact.digest);
-            (remote.artifact.recipe, store, location, artifact)
+            let a = remote.artifact;
+            (a.recipe_bytes, store, location, Some(a.digest), a.profile)
         } else {
             let location = self.store.as_deref().with_context(|| {
                 format!("--store is required to serve the recipe {}", self.image)
             })?;
-            let recipe = crate::keys::read_recipe(Path::new(&self.image))?;
-            (recipe, open_store(location)?, location.to_string(), None)
+            let bytes = std::fs::read(&self.image)
+                .with_context(|| format!("reading recipe {}", self.image))?;
+            (
+                bytes,
+                open_store(location)?,
+                location.to_string(),
+                None,
+                None,
+            )
         };
+        let recipe = smr_format::Recipe::decode(&recipe_bytes)
+            .with_context(|| format!("recipe {}", self.image))?;
+        if let (Some(p), Some(path)) = (&local_profile, &self.profile) {
+            p.check_recipe(&recipe_bytes)
+                .with_context(|| format!("profile {} for {}", path.display(), self.image))?;
+            profile = local_profile;
+        }
         let img = image_chunks(recipe.clone(), &self.key, true, &self.image)?;
         let lazy = open_lazy(img, &self.image, &location, store, self.cache.open()?)?;
         Ok(OpenedImage {
             lazy,
             recipe,
             artifact,
+            profile,
+            recipe_sha256: Profile::recipe_hash(&recipe_bytes),
         })
     }
 }
@@ -273,10 +317,17 @@ pub struct FuseArgs {
 /// Serves the image's FUSE export until unmounted or signalled.
 pub fn run_fuse(a: FuseArgs) -> Result<ExitCode> {
     smr_node::malloc::limit_arenas(smr_node::malloc::SERVER_ARENAS);
-    let lazy = a.image.open()?;
+    let opened = a.image.open_full()?;
+    let replay = opened
+        .profile
+        .as_ref()
+        .map(|p| opened.lazy.replay(p, DEFAULT_REPLAY_THREADS));
     let name = format!("smr:{}", a.image.image);
-    tracing::info!(dir = %a.dir.display(), pid = std::process::id(), "serving FUSE export");
-    smr_node::mount::serve_fuse_process(Arc::new(lazy), &a.dir, &name)?;
+    tracing::info!(dir = %a.dir.display(), pid = std::process::id(), profile = replay.is_some(), "serving FUSE export");
+    smr_node::mount::serve_fuse_process(Arc::new(opened.lazy), &a.dir, &name)?;
+    if let Some(r) = replay {
+        tracing::info!(stats = ?r.stats(), "startup profile replay");
+    }
     tracing::info!("FUSE export unmounted; exiting");
     Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,198 @@
+//! Startup profiles in a registry: an OCI artifact next to the smr
+//! artifact, so that every node starting the image replays the same
+//! working set (docs/FORMAT.md §6).
+//!
+//! ```text
+//! { "schemaVersion": 2,
+//!   "mediaType": "application/vnd.oci.image.manifest.v1+json",
+//!   "artifactType": "application/vnd.smr.profile.v1",
+//!   "config": <the OCI empty descriptor>,
+//!   "layers": [ <the profile, application/vnd.smr.profile.v1> ],
+//!   "subject": <source platform manifest>,
+//!   "annotations": { "org.opencontainers.image.created": "…",
+//!                    "vnd.smr.profile.artifact": "sha256:<smr artifact>",
+//!                    "vnd.smr.profile.chunks": "<entries>" } }
+//! ```
+//!
+//! Its subject is the source image, like the smr artifact's, so one
+//! referrers lookup finds both (a start pays no extra round trip to learn
+//! there is a profile); `vnd.smr.profile.artifact` says which smr
+//! artifact's chunk indices it lists, and the profile itself carries the
+//! recipe's SHA-256, checked before use. Several profiles of one artifact
+//! may be listed (recorded again after the workload changed): the newest by
+//! `created` wins, then the smallest digest.
+
+use crate::artifact::{
+    bad, digest_of, ArtifactManifest, Descriptor, EMPTY_BLOB, EMPTY_DIGEST, EMPTY_MEDIA_TYPE,
+    MANIFEST_MEDIA_TYPE,
+};
+use crate::blobs::Blobs;
+use crate::discover::Artifact;
+use crate::error::{RegistryError, Result};
+use crate::push::{update_referrers, ReferrersUpdate};
+use smr_format::Profile;
+use std::collections::BTreeMap;
+
+/// `artifactType` of a startup profile.
+pub const PROFILE_ARTIFACT_TYPE: &str = "application/vnd.smr.profile.v1";
+/// Media type of the profile layer (the `SMRPROF1` bytes).
+pub const PROFILE_MEDIA_TYPE: &str = "application/vnd.smr.profile.v1";
+/// Annotation: digest of the smr artifact the profile belongs to.
+pub const ANNOTATION_PROFILE_ARTIFACT: &str = "vnd.smr.profile.artifact";
+/// Annotation: number of chunks the profile lists (decimal).
+pub const ANNOTATION_PROFILE_CHUNKS: &str = "vnd.smr.profile.chunks";
+/// Annotation: when the profile was pushed (RFC 3339, UTC).
+pub const ANNOTATION_CREATED: &str = "org.opencontainers.image.created";
+
+/// What [`push_profile`] did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ProfilePush {
+    /// Digest of the profile manifest.
+    pub manifest_digest: String,
+    /// Digest of the profile blob.
+    pub profile_digest: String,
+    /// Chunks the profile lists.
+    pub chunks: usize,
+    /// How the profile was made findable.
+    pub referrers: ReferrersUpdate,
+}
+
+/// The manifest of `profile_bytes` (`chunks` entries) for the smr artifact
+/// `artifact`, created at `created` (RFC 3339).
+pub fn profile_manifest(
+    artifact: &Artifact,
+    profile_bytes: &[u8],
+    chunks: usize,
+    created: &str,
+) -> ArtifactManifest {
+    let annotations = BTreeMap::from([
+        (ANNOTATION_CREATED.to_string(), created.to_string()),
+        (
+            ANNOTATION_PROFILE_ARTIFACT.to_string(),
+            artifact.digest.clone(),
+        ),
+        (ANNOTATION_PROFILE_CHUNKS.to_string(), chunks.to_string()),
+    ]);
+    ArtifactManifest {
+        schema_version: 2,
+        media_type: MANIFEST_MEDIA_TYPE.to_string(),
+        artifact_type: PROFILE_ARTIFACT_TYPE.to_string(),
+        config: Descriptor::empty(),
+        layers: vec![Descriptor::of(PROFILE_MEDIA_TYPE, profile_bytes)],
+        subject: artifact.manifest.subject.clone(),
+        annotations,
+    }
+}
+
+/// Pushes `profile` as the startup profile of `artifact` (blobs, then the
+/// manifest, then the referrers entry, as for the smr artifact). Fails if
+/// the profile was recorded for another recipe.
+pub fn push_profile(
+    blobs: &dyn Blobs,
+    artifact: &Artifact,
+    profile: &Profile,
+) -> Result<ProfilePush> {
+    let repo = blobs.describe();
+    profile
+        .check_recipe(&artifact.recipe_bytes)
+        .map_err(|source| RegistryError::Format {
+            what: format!("{repo}: profile for smr artifact {}", artifact.digest),
+            source,
+        })?;
+    let bytes = profile.encode();
+    let created = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let manifest = profile_manifest(artifact, &bytes, profile.chunks.len(), &created);
+    blobs.push_blob(EMPTY_DIGEST, EMPTY_BLOB)?;
+    let profile_digest = digest_of(&bytes);
+    blobs.push_blob(&profile_digest, &bytes)?;
+    let manifest_bytes = manifest.to_bytes();
+    let digest = digest_of(&manifest_bytes);
+    let got = blobs.put_manifest(&digest, MANIFEST_MEDIA_TYPE, &manifest_bytes)?;
+    if got != digest {
+        return Err(bad(
+            &repo,
+            &digest,
+            format!("the registry stored the profile manifest as {got}"),
+        ));
+    }
+    let referrers = update_referrers(blobs, &manifest, &manifest_bytes, &digest)?;
+    tracing::info!(%repo, manifest = %digest, artifact = %artifact.digest, chunks = profile.chunks.len(), ?referrers, "pushed startup profile");
+    Ok(ProfilePush {
+        manifest_digest: digest,
+        profile_digest,
+        chunks: profile.chunks.len(),
+        referrers,
+    })
+}
+
+/// The profiles among `referrers` that belong to the smr artifact
+/// `artifact`, best first (newest `created`, then smallest digest).
+pub fn profiles_of(referrers: &[Descriptor], artifact: &str) -> Vec<Descriptor> {
+    let mut v: Vec<Descriptor> = referrers
+        .iter()
+        .filter(|d| {
+            d.artifact_type.as_deref() == Some(PROFILE_ARTIFACT_TYPE)
+                && d.annotations
+                    .get(ANNOTATION_PROFILE_ARTIFACT)
+                    .map(String::as_str)
+                    == Some(artifact)
+        })
+        .cloned()
+        .collect();
+    let created = |d: &Descriptor| d.annotations.get(ANNOTATION_CREATED).cloned();
+    v.sort_by(|a, b| created(b).cmp(&created(a)).then(a.digest.cmp(&b.digest)));
+    v.dedup_by(|a, b| a.digest == b.digest);
+    v
+}
+
+/// Fetches profile manifest `digest` and its profile, checking the
+/// manifest (digest, media types, the artifact it names) and the profile
+/// (digest, format). The recipe binding is checked by the caller, against
+/// the recipe it serves ([`Profile::check_recipe`]).
+pub fn fetch_profile(blobs: &dyn Blobs, digest: &str, artifact: &str) -> Result<Profile> {
+    let repo = blobs.describe();
+    let what = format!("profile manifest {digest}");
+    let (media_type, bytes) =
+        blobs
+            .get_manifest(digest)?
+            .ok_or_else(|| RegistryError::NotFound {
+                repo: repo.clone(),
+                what: what.clone(),
+            })?;
+    crate::discover::verify(&repo, &what, digest, &bytes)?;
+    let m: ArtifactManifest =
+        serde_json::from_slice(&bytes).map_err(|source| RegistryError::Json {
+            what: format!("{repo}: {what}"),
+            source,
+        })?;
+    let layer = match (media_type.as_str(), m.artifact_type.as_str(), &m.layers[..]) {
+        (MANIFEST_MEDIA_TYPE, PROFILE_ARTIFACT_TYPE, [l])
+            if l.media_type == PROFILE_MEDIA_TYPE && m.config.media_type == EMPTY_MEDIA_TYPE =>
+        {
+            l
+        }
+        _ => {
+            return Err(bad(
+                &repo,
+                digest,
+                "not an smr profile (media type, artifactType or layers)",
+            ))
+        }
+    };
+    let named = m.annotations.get(ANNOTATION_PROFILE_ARTIFACT);
+    if named.map(String::as_str) != Some(artifact) {
+        return Err(bad(
+            &repo,
+            digest,
+            format!("a profile of artifact {named:?}, not {artifact}"),
+        ));
+    }
+    let blob = crate::discover::fetch(blobs, &format!("profile of {digest}"), layer)?;
+    Profile::decode(&blob).map_err(|source| RegistryError::Format {
+        what: format!("{repo}: profile {} of {digest}", layer.digest),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,107 @@
+//! `smr profile`: publish and show startup profiles.
+
+use crate::remote::{find_artifact, is_remote, RegistryArgs};
+use anyhow::{Context, Result};
+use smr_format::Profile;
+use smr_registry::discover::DiscoverOptions;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Arguments of `smr profile`.
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Push a profile (from `smr run --record-profile`) next to the image's
+    /// smr artifact, where every later `smr run`/`smr mount` of the image
+    /// finds and replays it.
+    Push(PushArgs),
+    /// Show a profile file: the recipe it belongs to and its chunks.
+    Show(ShowArgs),
+}
+
+/// Arguments of `smr profile push`.
+#[derive(clap::Args)]
+struct PushArgs {
+    /// The image: `docker://HOST[:PORT]/NAME[:TAG|@DIGEST]`.
+    image: String,
+    /// The profile file.
+    profile: PathBuf,
+    #[command(flatten)]
+    registry: RegistryArgs,
+    /// The smr artifact the profile was recorded with, by manifest digest
+    /// (default: the one `smr run` picks).
+    #[arg(long, value_name = "DIGEST")]
+    artifact: Option<String>,
+    /// The platform to pick from an index.
+    #[arg(long, default_value = "linux/amd64")]
+    platform: String,
+}
+
+/// Arguments of `smr profile show`.
+#[derive(clap::Args)]
+struct ShowArgs {
+    /// The profile file.
+    profile: PathBuf,
+    /// Print JSON (recipe hash and every chunk index).
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `smr profile`.
+pub fn run(a: Args) -> Result<ExitCode> {
+    match a.command {
+        Command::Push(p) => push(p),
+        Command::Show(s) => show(s),
+    }
+}
+
+/// Reads and decodes a profile file.
+pub(crate) fn read(path: &std::path::Path) -> Result<Profile> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("reading profile {}", path.display()))?;
+    Profile::decode(&bytes).with_context(|| format!("profile {}", path.display()))
+}
+
+fn push(a: PushArgs) -> Result<ExitCode> {
+    anyhow::ensure!(
+        is_remote(&a.image),
+        "{}: profiles are pushed to a registry image (docker://…)",
+        a.image
+    );
+    let profile = read(&a.profile)?;
+    let platform = a.platform.parse().context("--platform")?;
+    let opts = DiscoverOptions {
+        artifact: a.artifact.clone(),
+        ..DiscoverOptions::default()
+    };
+    let (repo, artifact) = find_artifact(&a.image, &platform, &a.registry, &opts)?;
+    let r = smr_registry::profile::push_profile(&repo, &artifact, &profile)
+        .with_context(|| format!("pushing profile {} for {}", a.profile.display(), a.image))?;
+    eprintln!(
+        "smr: pushed startup profile {} ({} chunks) for smr artifact {} ({:?})",
+        r.manifest_digest, r.chunks, artifact.digest, r.referrers
+    );
+    println!("{}", r.manifest_digest);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn show(a: ShowArgs) -> Result<ExitCode> {
+    let p = read(&a.profile)?;
+    let recipe = format!("sha256:{}", hex::encode(p.recipe_sha256));
+    if a.json {
+        let doc = serde_json::json!({ "recipe": recipe, "chunks": p.chunks });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        println!("recipe: {recipe}");
+        println!("chunks: {}", p.chunks.len());
+        let head: Vec<String> = p.chunks.iter().take(16).map(u64::to_string).collect();
+        let more = if p.chunks.len() > 16 { ", …" } else { "" };
+        println!("first:  {}{more}", head.join(", "));
+    }
+    Ok(ExitCode::SUCCESS)
+}

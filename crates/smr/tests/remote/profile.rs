@@ -1,0 +1,120 @@
+//! Startup profiles end to end: `smr run --record-profile`, `smr profile
+//! push`, and later runs from an empty cache finding and replaying the
+//! profile from the registry (or from `--profile FILE`).
+
+use crate::servers::{debian_layout, Registry};
+use crate::util::*;
+use std::path::Path;
+
+fn run(image: &str, cache: &Path, key: &Path, stats: &Path, extra: &[&str]) -> serde_json::Value {
+    ok(smr()
+        .arg("run")
+        .arg(image)
+        .arg("--cache-dir")
+        .arg(cache)
+        .arg("--key-file")
+        .arg(key)
+        .arg("--stats")
+        .arg(stats)
+        .args(extra)
+        .args(["--", "python3", "-c", "import json, sqlite3"]));
+    serde_json::from_slice(&std::fs::read(stats).unwrap()).unwrap()
+}
+
+#[test]
+fn a_recorded_profile_is_pushed_then_found_and_replayed() {
+    let Some(layout) = debian_layout() else {
+        return;
+    };
+    let Some(reg) = Registry::start(None) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let d = |n: &str| t.path().join(n);
+    let key = key_file(t.path());
+    reg.push_layout(&layout, "debian-python", "py:v1", None);
+    let image = reg.image("py:v1");
+    ok(smr()
+        .arg("convert")
+        .arg(&image)
+        .arg("--push")
+        .arg("--key-file")
+        .arg(&key));
+
+    // Record: the profile lists what the start read, nothing more.
+    let prof = d("py.profile");
+    let recorded = run(
+        &image,
+        &d("c1"),
+        &key,
+        &d("s1.json"),
+        &["--record-profile", prof.to_str().unwrap()],
+    );
+    assert!(
+        recorded["profile"].is_null(),
+        "nothing to replay yet: {recorded}"
+    );
+    let show = ok(smr().args(["profile", "show", "--json"]).arg(&prof));
+    let shown: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    let listed = shown["chunks"].as_array().unwrap().len() as u64;
+    let fetched = recorded["chunks_fetched"].as_u64().unwrap();
+    assert!(
+        listed > 10 && listed <= fetched,
+        "{listed} listed, {fetched} fetched"
+    );
+
+    // Push it; every later start finds it next to the smr artifact.
+    let pushed = ok(smr().args(["profile", "push"]).arg(&image).arg(&prof));
+    assert!(String::from_utf8_lossy(&pushed.stdout).starts_with("sha256:"));
+    let replayed = run(&image, &d("c2"), &key, &d("s2.json"), &[]);
+    let p = &replayed["profile"];
+    assert_eq!(p["chunks"].as_u64(), Some(listed), "{replayed}");
+    assert_eq!(p["failed"].as_u64(), Some(0), "{replayed}");
+    assert_eq!(
+        p["fetched"].as_u64().unwrap() + p["cached"].as_u64().unwrap(),
+        listed,
+        "{replayed}"
+    );
+    // The same profile from a file; and none at all with --no-profile.
+    let from_file = run(
+        &image,
+        &d("c3"),
+        &key,
+        &d("s3.json"),
+        &["--profile", prof.to_str().unwrap()],
+    );
+    assert_eq!(from_file["profile"]["chunks"].as_u64(), Some(listed));
+    let without = run(&image, &d("c4"), &key, &d("s4.json"), &["--no-profile"]);
+    assert!(without["profile"].is_null(), "{without}");
+
+    // A profile of another recipe is refused with the file's name, by both
+    // commands; garbage is named as such.
+    let mut other = std::fs::read(&prof).unwrap();
+    other[8] ^= 1;
+    let bad = d("other.profile");
+    std::fs::write(&bad, &other).unwrap();
+    let e = fails(smr().args(["profile", "push"]).arg(&image).arg(&bad));
+    assert!(e.contains("not this one"), "{e}");
+    let e = fails(
+        smr()
+            .arg("run")
+            .arg(&image)
+            .arg("--cache-dir")
+            .arg(d("c5"))
+            .arg("--key-file")
+            .arg(&key)
+            .arg("--profile")
+            .arg(&bad)
+            .args(["--", "true"]),
+    );
+    assert!(
+        e.contains("other.profile") && e.contains("not this one"),
+        "{e}"
+    );
+    std::fs::write(&bad, b"not a profile").unwrap();
+    let e = fails(smr().args(["profile", "show"]).arg(&bad));
+    assert!(
+        e.contains("other.profile") && e.contains("bad magic"),
+        "{e}"
+    );
+}
