@@ -4,7 +4,9 @@
 # with `smr convert --push` (the smr artifact goes next to each image, which
 # stays untouched), then runs python3 + numpy lazily straight from the
 # registry with an empty node cache, and prints time and bytes next to a full
-# pull (skopeo copy + umoci unpack) of the same image.
+# pull (skopeo copy + umoci unpack) of the same image. The lazy run records
+# a startup profile, pushed next to the image; a second lazy run from an
+# empty cache (a new node) finds it and fetches the start's chunks ahead.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cache=${SMR_IMAGE_CACHE:-/var/cache/smr-test-images}
@@ -57,18 +59,27 @@ PY
 echo "== lazy: smr run straight from the registry, empty node cache"
 sync; echo 3 > /proc/sys/vm/drop_caches
 t2=$(date +%s.%N)
-"$smr" run "$image" --stats "$work/run.json" -- "${cmd[@]}"
+"$smr" run "$image" --stats "$work/run.json" --record-profile "$work/py.profile" -- "${cmd[@]}"
 t3=$(date +%s.%N)
 
-python3 - "$work/run.json" "$t0" "$t1" "$t2" "$t3" "$pull_bytes" <<'PY'
+echo "== push the startup profile it recorded; a new node (empty cache) replays it"
+"$smr" profile push "$image" "$work/py.profile" >/dev/null
+rm -rf "$SMR_CACHE_DIR"
+sync; echo 3 > /proc/sys/vm/drop_caches
+t4=$(date +%s.%N)
+"$smr" run "$image" --stats "$work/run2.json" -- "${cmd[@]}"
+t5=$(date +%s.%N)
+
+python3 - "$work/run.json" "$work/run2.json" "$t0" "$t1" "$t2" "$t3" "$t4" "$t5" "$pull_bytes" <<'PY'
 import json, sys
-s = json.load(open(sys.argv[1]))
-t0, t1, t2, t3 = map(float, sys.argv[2:6])
-pull_bytes = int(sys.argv[6])
+s, s2 = (json.load(open(f)) for f in sys.argv[1:3])
+t0, t1, t2, t3, t4, t5 = map(float, sys.argv[3:9])
+pull_bytes = int(sys.argv[9])
 print()
-print(f"{'':28} {'seconds':>8} {'MB transferred':>15}")
-print(f"{'full pull (before any run)':28} {t1 - t0:8.2f} {pull_bytes / 1e6:15.1f}")
-print(f"{'smr run, whole container':28} {t3 - t2:8.2f} {s['bytes_fetched'] / 1e6:15.1f}")
+print(f"{'':36} {'seconds':>8} {'MB transferred':>15}")
+print(f"{'full pull (before any run)':36} {t1 - t0:8.2f} {pull_bytes / 1e6:15.1f}")
+print(f"{'smr run, whole container':36} {t3 - t2:8.2f} {s['bytes_fetched'] / 1e6:15.1f}")
+print(f"{'smr run with the startup profile':36} {t5 - t4:8.2f} {s2['bytes_fetched'] / 1e6:15.1f}")
 print(f"smr fetched {s['chunks_fetched']} chunks = {100 * s['fetched_fraction']:.1f}% "
       f"of the image's {s['image_bytes'] / 1e6:.1f} MB; container started in {s['start_seconds']:.2f} s")
 PY
