@@ -2,9 +2,21 @@
 //! push`, and later runs from an empty cache finding and replaying the
 //! profile from the registry (or from `--profile FILE`).
 
+use crate::registry::Mounted;
 use crate::servers::{debian_layout, Registry};
 use crate::util::*;
 use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Entries in the node cache `dir`.
+fn cached_chunks(dir: &Path) -> u64 {
+    let Ok(fans) = std::fs::read_dir(dir.join("chunks")) else {
+        return 0;
+    };
+    fans.flatten()
+        .map(|f| std::fs::read_dir(f.path()).map_or(0, |d| d.count() as u64))
+        .sum()
+}
 
 fn run(image: &str, cache: &Path, key: &Path, stats: &Path, extra: &[&str]) -> serde_json::Value {
     ok(smr()
@@ -75,6 +87,19 @@ fn a_recorded_profile_is_pushed_then_found_and_replayed() {
         listed,
         "{replayed}"
     );
+    // `smr mount` replays it too: the chunks arrive with no read at all.
+    let (mnt, state, c6) = (d("mnt"), d("state"), d("c6"));
+    let m = Mounted::new(&image, &mnt, &state, &c6, &key, &[]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while cached_chunks(&c6) < listed {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {listed} chunks cached",
+            cached_chunks(&c6)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(m);
     // The same profile from a file; and none at all with --no-profile.
     let from_file = run(
         &image,

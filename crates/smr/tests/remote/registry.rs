@@ -20,13 +20,13 @@ fn push(image: &str, key: &Path, extra: &[&str]) -> String {
 }
 
 /// Mounts `image` lazily on `mnt`; the returned guard unmounts.
-struct Mounted<'a> {
+pub(crate) struct Mounted<'a> {
     mnt: &'a Path,
     state: &'a Path,
 }
 
 impl<'a> Mounted<'a> {
-    fn new(
+    pub(crate) fn new(
         image: &str,
         mnt: &'a Path,
         state: &'a Path,
