@@ -9,6 +9,10 @@
 //! DIR/stats                     shared counters (see `stats`)
 //! ```
 //!
+//! Entries are read through a per-process cache of open handles
+//! (`cache/handles.rs`): each is opened once, with `LOCK_SH` held while it
+//! stays open, and read with one `pread` per load.
+//!
 //! # Checking entries on load
 //! Bytes are hashed (SHA-256) against the chunk name before they are
 //! inserted. The insert also records their CRC-32C in the entry's extended
@@ -22,15 +26,21 @@
 //! file, an entry overwritten by mistake); it is no defense against someone
 //! who can write the cache directory on purpose, who could as well replace
 //! the smr binary. Either way a mismatch deletes the entry and refetches.
+//! The attribute is read once, when the entry is opened, and kept with the
+//! handle: it never changes once the entry exists, while the bytes are read
+//! (and checked) anew on every load.
 
 use std::fs::{self, File, FileTimes, OpenOptions};
-use std::io::{self, ErrorKind, Read, Write};
+use std::io::{self, ErrorKind, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustix::fs::FlockOperation;
 use smr_format::ChunkId;
+
+use super::handles::{Handle, Handles};
 
 /// Paths inside the cache directory.
 #[derive(Debug)]
@@ -142,9 +152,9 @@ fn get_crc(file: &File) -> Option<u32> {
 }
 
 /// Whether `buf` is intact as the entry of `id`: by its recorded CRC-32C
-/// when there is one, else by SHA-256.
-fn intact(file: &File, id: &ChunkId, buf: &[u8]) -> bool {
-    match get_crc(file) {
+/// `crc` when there is one, else by SHA-256.
+fn intact(crc: Option<u32>, id: &ChunkId, buf: &[u8]) -> bool {
+    match crc {
         Some(crc) => crc32c::crc32c(buf) == crc,
         None => ChunkId::of(buf) == *id,
     }
@@ -163,35 +173,132 @@ pub(crate) enum Load {
     },
 }
 
-/// Loads and checks (see the module docs) the entry of `id`, holding `LOCK_SH` on it meanwhile
-/// (so the evictor skips it), and records the access for LRU-K.
-pub(crate) fn load(layout: &Layout, id: &ChunkId) -> Load {
-    let path = layout.entry(id);
-    let mut file = match File::open(&path) {
+/// No entry is larger: the largest chunk, with room for compression that
+/// did not pay (zstd adds a few bytes per block). Loads allocate an entry's
+/// length up front; a file above this is not read.
+const MAX_ENTRY_BYTES: u64 = 2 * smr_format::recipe::MAX_CHUNK_SIZE;
+
+/// Opens an entry for reading. `O_NOATIME`: the entries' timestamps are
+/// the LRU-K history this module writes itself; the kernel's own atime
+/// updates (relatime updates it on the first read after each of ours,
+/// since ours moves ctime) would be a metadata write for nothing.
+/// `O_NOATIME` needs the file's owner (the cache's processes all run as
+/// the same user); without it, a plain open.
+fn open_entry(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOATIME)
+        .open(path)
+    {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => File::open(path),
+        r => r,
+    }
+}
+
+/// Opens the entry of `id` as a [`Handle`]: `LOCK_SH` (taken for the
+/// handle's life, see `cache/handles.rs`), then its length, identity,
+/// last recorded access and CRC. `None` if there is no entry, or if it was
+/// evicted between our `open` and our lock (its link count is 0).
+fn open_handle(layout: &Layout, id: &ChunkId) -> io::Result<Option<Handle>> {
+    use std::os::unix::fs::MetadataExt;
+    let file = match open_entry(&layout.entry(id)) {
         Ok(f) => f,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Load::Absent,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    flock(&file, FlockOperation::LockShared)?;
+    let meta = file.metadata()?;
+    if meta.nlink() == 0 {
+        return Ok(None);
+    }
+    if meta.len() > MAX_ENTRY_BYTES {
+        // Not an entry we wrote; it is replaced when the chunk is refetched.
+        return Err(io::Error::new(
+            ErrorKind::InvalidData,
+            format!("{} bytes, larger than any chunk", meta.len()),
+        ));
+    }
+    let crc = get_crc(&file);
+    let atime = meta.accessed().unwrap_or(UNIX_EPOCH);
+    Ok(Some(Handle::new(
+        file,
+        meta.len(),
+        crc,
+        (meta.dev(), meta.ino()),
+        atime,
+    )))
+}
+
+/// The handle of `id`: cached, else opened and cached. `Ok(None)`: no
+/// entry. Out of file descriptors, closes the cached handles and tries
+/// once more.
+fn handle(layout: &Layout, handles: &Handles, id: &ChunkId) -> io::Result<Option<Arc<Handle>>> {
+    if let Some(h) = handles.get(id) {
+        return Ok(Some(h));
+    }
+    let opened = match open_handle(layout, id) {
+        Err(e) if e.raw_os_error() == Some(libc::EMFILE) => {
+            tracing::debug!(chunk = %id, "out of file descriptors: closing cached cache entries");
+            handles.clear();
+            open_handle(layout, id)
+        }
+        r => r,
+    }?;
+    Ok(opened.map(|h| handles.insert(*id, h)))
+}
+
+/// Opens and caches the handle of `id`'s entry if it has none (errors are
+/// ignored: a later load opens it or refetches).
+pub(crate) fn open_cached(layout: &Layout, handles: &Handles, id: &ChunkId) {
+    if let Err(e) = handle(layout, handles, id) {
+        tracing::debug!(chunk = %id, error = %e, "cannot open new cache entry");
+    }
+}
+
+/// Loads and checks (see the module docs) the entry of `id` through its
+/// cached handle (opening and caching one if needed; see
+/// `cache/handles.rs`), and records the access for LRU-K unless the last
+/// one recorded is less than `granularity` old.
+pub(crate) fn load(
+    layout: &Layout,
+    handles: &Handles,
+    id: &ChunkId,
+    granularity: Duration,
+) -> Load {
+    let unreadable = |e: &io::Error| {
+        tracing::warn!(chunk = %id, path = %layout.entry(id).display(), error = %e, "cache entry unreadable; refetching");
+    };
+    let h = match handle(layout, handles, id) {
+        Ok(Some(h)) => h,
+        Ok(None) => return Load::Absent,
         Err(e) => {
-            tracing::warn!(chunk = %id, path = %path.display(), error = %e, "cache entry unreadable; refetching");
+            unreadable(&e);
             return Load::Absent;
         }
     };
-    let read = (|| {
-        flock(&file, FlockOperation::LockShared)?;
-        // The previous access time, read before our read can move it.
-        let meta = file.metadata()?;
-        let mut buf = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
-        file.read_to_end(&mut buf)?;
-        Ok::<_, io::Error>((meta, buf))
-    })();
-    let (meta, buf) = match read {
-        Ok(x) => x,
+    let buf = match read_exact_len(&h.file, h.len) {
+        Ok(b) => b,
         Err(e) => {
-            tracing::warn!(chunk = %id, path = %path.display(), error = %e, "cache entry unreadable; refetching");
+            unreadable(&e);
+            handles.remove(id, &h);
             return Load::Absent;
         }
     };
-    if !intact(&file, id, &buf) {
+    if !intact(h.crc, id, &buf) {
+        handles.remove(id, &h);
+        let path = layout.entry(id);
         let actual = ChunkId::of(&buf);
+        // Delete the entry only if its path still names the file we read
+        // (not a good entry written since by someone else).
+        let ours = {
+            use std::os::unix::fs::MetadataExt;
+            fs::metadata(&path).is_ok_and(|m| (m.dev(), m.ino()) == h.dev_ino)
+        };
+        if !ours {
+            tracing::warn!(chunk = %id, actual = %actual, path = %path.display(), "corrupt cache entry, already replaced or deleted; refetching");
+            return Load::Absent;
+        }
         tracing::warn!(chunk = %id, actual = %actual, path = %path.display(), "corrupt cache entry deleted; refetching");
         if let Err(e) = fs::remove_file(&path) {
             tracing::warn!(path = %path.display(), error = %e, "cannot delete corrupt cache entry");
@@ -200,47 +307,108 @@ pub(crate) fn load(layout: &Layout, id: &ChunkId) -> Load {
             len: buf.len() as u64,
         };
     }
-    record_access(&file, &meta, id);
+    record_access(&h, id, granularity);
     Load::Hit(buf)
 }
 
+/// Reads the `len` bytes of an entry with `pread` into a buffer of exactly
+/// that size: usually one system call (`read_to_end` makes at least two,
+/// plus an `fstat` and an `lseek`). A file shorter than `len` (truncated
+/// meanwhile) yields what it has, which the checksum then rejects.
+fn read_exact_len(file: &File, len: u64) -> io::Result<Vec<u8>> {
+    let len = usize::try_from(len).map_err(|_| io::Error::from(ErrorKind::OutOfMemory))?;
+    let mut buf = Vec::with_capacity(len);
+    while buf.len() < len {
+        let at = buf.len() as u64;
+        match rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), at) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(buf)
+}
+
 /// Records an access for LRU-K (K = 2): mtime := previous atime (the
-/// previous access), atime := now (this one).
-fn record_access(file: &File, meta: &fs::Metadata, id: &ChunkId) {
-    let previous = meta.accessed().unwrap_or(UNIX_EPOCH);
-    let times = FileTimes::new()
-        .set_modified(previous)
-        .set_accessed(SystemTime::now());
+/// previous access), atime := now (this one); unless the previous access
+/// is less than `granularity` old: then this access and that one count as
+/// one (LRU-K's "correlated reference period"), and nothing is written. An
+/// entry read a thousand times in a minute costs one metadata write, not
+/// a thousand (each `futimens` is a journaled inode update), and, with a
+/// cached handle, no system call at all: the handle remembers the last
+/// access recorded, and only when that is old does it look at the inode
+/// (another process may have recorded one since).
+fn record_access(h: &Handle, id: &ChunkId, granularity: Duration) {
+    let now = SystemTime::now();
+    if !h.claim_record(now, granularity) {
+        return;
+    }
+    match h.file.metadata() {
+        Ok(meta) => {
+            let previous = meta.accessed().unwrap_or(UNIX_EPOCH);
+            if due(previous, now, granularity) {
+                write_access(&h.file, previous, now, id);
+            } else {
+                h.set_recorded(previous);
+            }
+        }
+        Err(e) => tracing::debug!(chunk = %id, error = %e, "cannot record cache access"),
+    }
+}
+
+/// Writes the LRU-K history of an access at `now` after one at `previous`.
+fn write_access(file: &File, previous: SystemTime, now: SystemTime, id: &ChunkId) {
+    let times = FileTimes::new().set_modified(previous).set_accessed(now);
     if let Err(e) = file.set_times(times) {
         tracing::debug!(chunk = %id, error = %e, "cannot record cache access");
     }
 }
 
+/// Whether an access at `now` must be recorded, the last recorded one
+/// being at `previous`. A `previous` in the future (clock set back) is
+/// recorded over, so that it cannot freeze the history.
+pub(crate) fn due(previous: SystemTime, now: SystemTime, granularity: Duration) -> bool {
+    match now.duration_since(previous) {
+        Ok(age) => age >= granularity,
+        Err(_) => true,
+    }
+}
+
 /// Records an access to the entry of `id` without reading it (for hits
-/// served from the memory tier). Errors are ignored: it is a hint.
-pub(crate) fn touch(layout: &Layout, id: &ChunkId) {
-    if let Ok(f) = File::open(layout.entry(id)) {
+/// served from the memory tier), through its cached handle if it has one.
+/// Errors are ignored: it is a hint.
+pub(crate) fn touch(layout: &Layout, handles: &Handles, id: &ChunkId, granularity: Duration) {
+    if let Some(h) = handles.get(id) {
+        record_access(&h, id, granularity);
+        return;
+    }
+    if let Ok(f) = open_entry(&layout.entry(id)) {
         if let Ok(meta) = f.metadata() {
-            record_access(&f, &meta, id);
+            let (previous, now) = (meta.accessed().unwrap_or(UNIX_EPOCH), SystemTime::now());
+            if due(previous, now, granularity) {
+                write_access(&f, previous, now, id);
+            }
         }
     }
 }
 
 /// Whether an entry for `id` exists (unverified).
-pub(crate) fn exists(layout: &Layout, id: &ChunkId) -> bool {
-    layout.entry(id).is_file()
+pub(crate) fn exists(layout: &Layout, handles: &Handles, id: &ChunkId) -> bool {
+    handles.contains(id) || layout.entry(id).is_file()
 }
 
-/// Whether an entry for `id` exists; if so, asks the kernel to start
-/// reading it into the page cache (`POSIX_FADV_WILLNEED`), so that a load
-/// soon after finds it there instead of waiting for the disk.
-pub(crate) fn exists_and_readahead(layout: &Layout, id: &ChunkId) -> bool {
-    match File::open(layout.entry(id)) {
-        Ok(f) => {
-            let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::WillNeed);
+/// Whether an entry for `id` exists; if so, opens (and caches) its handle
+/// and asks the kernel to start reading it into the page cache
+/// (`POSIX_FADV_WILLNEED`), so that a load soon after finds it there
+/// instead of waiting for the disk.
+pub(crate) fn exists_and_readahead(layout: &Layout, handles: &Handles, id: &ChunkId) -> bool {
+    match handle(layout, handles, id) {
+        Ok(Some(h)) => {
+            let _ = rustix::fs::fadvise(&h.file, 0, None, rustix::fs::Advice::WillNeed);
             true
         }
-        Err(_) => false,
+        Ok(None) | Err(_) => false,
     }
 }
 

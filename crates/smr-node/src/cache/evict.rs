@@ -7,8 +7,13 @@
 //!    of chunks read once can only push out other chunks read once;
 //! 2. then the rest by their K-th (2nd) most recent access, oldest first.
 //!
-//! An entry being read holds `LOCK_SH`; the evictor takes `LOCK_EX|LOCK_NB`
-//! and skips entries it cannot lock.
+//! An entry being read holds `LOCK_SH` (so does every entry a process keeps
+//! open in its handle cache: `cache/handles.rs`); the evictor takes
+//! `LOCK_EX|LOCK_NB` and skips entries it cannot lock.
+//!
+//! Accesses are recorded with a granularity (default a minute): see
+//! [`super::CacheConfig::access_granularity`] and the module docs of
+//! `cache`.
 
 use std::fs::{self, File};
 use std::io::{self, ErrorKind};

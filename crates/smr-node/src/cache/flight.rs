@@ -89,7 +89,7 @@ impl<K: Hash + Eq + Clone> Flights<K> {
 struct Publish<'a, K: Hash + Eq> {
     flights: &'a Flights<K>,
     key: &'a K,
-    flight: &'a Flight,
+    flight: &'a Arc<Flight>,
     id: ChunkId,
     outcome: Option<Outcome>,
 }
@@ -112,7 +112,13 @@ impl<K: Hash + Eq> Drop for Publish<'_, K> {
             .done
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(outcome);
-        self.flight.cv.notify_all();
+        // Waiters clone the flight under the map's lock, and it has left
+        // the map: if we hold the only reference, nobody waits and none
+        // will. Skip the wake-up then (a condvar's `notify_all` is a system
+        // call whether or not anyone waits: two per chunk loaded).
+        if Arc::strong_count(self.flight) > 1 {
+            self.flight.cv.notify_all();
+        }
     }
 }
 

@@ -33,11 +33,31 @@
 //!   one that pushes it over the budget evicts, under `DIR/lock`, down to
 //!   90% of the budget (so eviction, which scans the directory, runs once
 //!   per 10% of budget inserted rather than on every insert). Order and
-//!   history: `cache/evict.rs`. Readers hold `LOCK_SH` on an entry while loading
-//!   it and the evictor skips entries it cannot `LOCK_EX|LOCK_NB`. Hits
-//!   served from the memory tier refresh the entry's history at most once
-//!   per second per chunk (LRU-K's "correlated reference period": accesses
-//!   closer than that count as one).
+//!   history: `cache/evict.rs`. Readers hold `LOCK_SH` on an entry while
+//!   loading it (in fact for as long as they keep it open, see below) and
+//!   the evictor skips entries it cannot `LOCK_EX|LOCK_NB`. An access is
+//!   recorded in the entry's timestamps only if the last one recorded is
+//!   at least [`CacheConfig::access_granularity`] old (default 60 s), for
+//!   loads from disk and hits from the memory tier alike: LRU-K's
+//!   "correlated reference period", accesses closer than that count as
+//!   one. The effect on the order: a chunk read twice within a minute
+//!   (the kernel reading one chunk in several requests, two containers
+//!   starting together) counts as read once, so it is among the first
+//!   victims, with the chunks of a one-off scan; a chunk read again minutes
+//!   or days later ranks by that second access as before. And the history
+//!   is a minute coarse: victims are ordered by when they were last
+//!   recorded, which may be up to a minute before their last access. What
+//!   it buys: a warm read writes no metadata (before, every load was a
+//!   `futimens`, a journaled inode write).
+//! - **Open entries.** Each process keeps the entries it loads open, in a
+//!   bounded LRU of file handles ([`CacheConfig::open_files`], default
+//!   4096, and at most 1/16 of the budget in bytes), so that loading one
+//!   again is a single `pread`: no path lookup, no `open`/`close`, and the
+//!   kernel keeps those inodes even when asked to drop its caches. A handle
+//!   holds `LOCK_SH` for its whole life, so the entries a process holds
+//!   open are never evicted (the byte bound is what keeps that from
+//!   defeating the budget), and the CRC-32C is still checked on every
+//!   load. The reasoning, and what it costs: `cache/handles.rs`.
 //! - **Counters.** Hits, misses, fetches, evictions and the rest are
 //!   counted per process and added to `DIR/stats` under `flock` (format in
 //!   `cache/stats.rs`); `smr cache stats` in another process sees them.
@@ -48,12 +68,14 @@
 //!   [`CacheStats::max_inflight`] show the fetch concurrency reached.
 //!
 //! All processes sharing a directory must run as the same user (setting
-//! timestamps requires owning the files).
+//! timestamps, and opening entries with `O_NOATIME`, require owning the
+//! files).
 
 pub(crate) mod disk;
 mod error;
 mod evict;
 mod flight;
+mod handles;
 mod memory;
 mod pool;
 mod stats;
@@ -76,6 +98,7 @@ use smr_format::{ChunkId, FormatError};
 use crate::chunks::ChunkError;
 use disk::{Layout, Load};
 use flight::Flights;
+use handles::Handles;
 use memory::MemoryLru;
 use pool::{FetchPool, Job};
 use stats::{Pending, StatsFile};
@@ -91,12 +114,19 @@ pub const DEFAULT_BUDGET_BYTES: u64 = 10 << 30;
 /// and the page cache hold the rest. Part of the serving process's memory
 /// budget (under 64 MiB while serving 4 images; docs/BENCHMARKS.md).
 pub const DEFAULT_MEMORY_BYTES: u64 = 16 << 20;
+/// Default [`CacheConfig::open_files`]: enough for every chunk of a
+/// 256 MiB image at 64 KiB chunks.
+pub const DEFAULT_OPEN_FILES: usize = 4096;
+/// The entries a process keeps open (pinned, see `cache/handles.rs`) hold
+/// at most this fraction of the disk budget: 1/16.
+const OPEN_BYTES_DIVISOR: u64 = 16;
 /// Default number of fetch threads per process.
 pub const DEFAULT_FETCH_THREADS: usize = 16;
 /// How often an active process adds its counters to `DIR/stats`.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
-/// Accesses to one chunk closer than this count once for LRU-K.
-const TOUCH_EVERY: Duration = Duration::from_secs(1);
+/// Default [`CacheConfig::access_granularity`]: accesses to one entry
+/// closer than this to the last recorded one count once for LRU-K.
+pub const DEFAULT_ACCESS_GRANULARITY: Duration = Duration::from_secs(60);
 
 /// How to open a [`Cache`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,6 +139,18 @@ pub struct CacheConfig {
     pub memory_bytes: u64,
     /// Threads for prefetches and multi-chunk reads.
     pub fetch_threads: usize,
+    /// LRU-K's correlated reference period: an access to an entry less
+    /// than this after the last one recorded is not recorded (no metadata
+    /// write); the two count as one access. `Duration::ZERO` records
+    /// every access.
+    pub access_granularity: Duration,
+    /// How many cache entries this process keeps open, so that loading
+    /// one again is a single `pread` (0 disables it). Open entries are
+    /// pinned: no process evicts them (see `cache/handles.rs`); they also
+    /// hold at most a sixteenth of `budget_bytes`. Fewer if the open-file
+    /// limit (`RLIMIT_NOFILE`, whose soft limit is raised towards the hard
+    /// one if needed) does not leave room for them.
+    pub open_files: usize,
 }
 
 impl CacheConfig {
@@ -119,6 +161,8 @@ impl CacheConfig {
             budget_bytes: DEFAULT_BUDGET_BYTES,
             memory_bytes: DEFAULT_MEMORY_BYTES,
             fetch_threads: DEFAULT_FETCH_THREADS,
+            access_granularity: DEFAULT_ACCESS_GRANULARITY,
+            open_files: DEFAULT_OPEN_FILES,
         }
     }
 }
@@ -136,6 +180,7 @@ pub struct Cache {
     stats_file: StatsFile,
     pending: Pending,
     memory: Mutex<MemoryLru>,
+    handles: Handles,
     raw: Flights<ChunkId>,
     decoded: Flights<DecodeKey>,
     pool: FetchPool,
@@ -163,6 +208,10 @@ impl Cache {
             StatsFile::open(&layout.stats()).map_err(|e| CacheError::io(layout.stats(), e))?;
         let cache = Cache {
             memory: Mutex::new(MemoryLru::new(cfg.memory_bytes)),
+            handles: Handles::new(
+                handles::file_limit(cfg.open_files),
+                cfg.budget_bytes / OPEN_BYTES_DIVISOR,
+            ),
             pool: FetchPool::new(cfg.fetch_threads),
             cfg,
             layout,
@@ -210,15 +259,17 @@ impl Cache {
 
     /// Whether chunk `id` has an entry on disk (not verified).
     pub fn contains(&self, id: &ChunkId) -> bool {
-        disk::exists(&self.layout, id)
+        disk::exists(&self.layout, &self.handles, id)
     }
 
     /// Like [`Cache::contains`], and if the entry exists, starts reading it
     /// from the disk in the background (so that loading it soon after does
     /// not wait): what a multi-chunk read does for the chunks after the
-    /// first, so that their disk reads overlap without extra threads.
+    /// first, so that their disk reads overlap without extra threads. The
+    /// entry is opened for it and kept open for the load (see
+    /// [`CacheConfig::open_files`]).
     pub fn contains_readahead(&self, id: &ChunkId) -> bool {
-        disk::exists_and_readahead(&self.layout, id)
+        disk::exists_and_readahead(&self.layout, &self.handles, id)
     }
 
     /// The verified stored bytes of chunk `id`: from disk, or from `fetch`
@@ -287,6 +338,7 @@ impl Cache {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .usage();
+        let (open_files, open_file_bytes) = self.handles.usage();
         Ok(CacheStats {
             dir: self.cfg.dir.clone(),
             budget_bytes: self.cfg.budget_bytes,
@@ -294,6 +346,8 @@ impl Cache {
             memory_bytes,
             memory_entries,
             memory_budget_bytes: self.cfg.memory_bytes,
+            open_files,
+            open_file_bytes,
             inflight: self.inflight.load(Ordering::Relaxed),
             max_inflight: self.max_inflight.load(Ordering::Relaxed),
         })
@@ -364,12 +418,15 @@ impl Cache {
         }
         if inserted {
             self.after_insert();
+            // The next load of the chunk is likely soon (the kernel reads
+            // a chunk in several requests): have its handle ready.
+            disk::open_cached(&self.layout, &self.handles, id);
         }
         Ok(bytes)
     }
 
     fn load_disk(&self, id: &ChunkId) -> Option<Vec<u8>> {
-        match disk::load(&self.layout, id) {
+        match disk::load(&self.layout, &self.handles, id, self.cfg.access_granularity) {
             Load::Hit(b) => Some(b),
             Load::Absent => None,
             Load::Corrupt { len } => {
@@ -421,10 +478,15 @@ impl Cache {
             .memory
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .get(key, TOUCH_EVERY)?;
+            .get(key, self.cfg.access_granularity)?;
         self.pending.memory_hits.fetch_add(1, Ordering::Relaxed);
         if touch {
-            disk::touch(&self.layout, &key.id);
+            disk::touch(
+                &self.layout,
+                &self.handles,
+                &key.id,
+                self.cfg.access_granularity,
+            );
         }
         Some(data)
     }
@@ -464,6 +526,9 @@ impl Cache {
     }
 
     fn evict_locked(&self, target: u64) -> Result<PruneReport> {
+        // Our own open entries are pinned like everyone's: unpin them, so
+        // that only reads in progress and other processes' keep entries.
+        self.handles.clear();
         let r = evict::evict_to(&self.layout, target)
             .map_err(|e| CacheError::io(&self.layout.chunks, e))?;
         self.update_stats(|c| {

@@ -227,6 +227,10 @@ pub struct CacheStats {
     pub memory_entries: u64,
     /// This process: the memory tier's budget.
     pub memory_budget_bytes: u64,
+    /// This process: cache entries it holds open (and so pinned).
+    pub open_files: u64,
+    /// This process: the bytes of those entries.
+    pub open_file_bytes: u64,
     /// This process: store fetches in flight now.
     pub inflight: u64,
     /// This process: the most store fetches ever in flight at once.

@@ -14,6 +14,7 @@ use smr_store::{ChunkStore, LocalStore};
 use super::*;
 
 mod evict;
+mod open_files;
 mod procs;
 
 pub(super) const KIB: u64 = 1 << 10;
@@ -77,6 +78,8 @@ pub(super) fn config(dir: &Path, budget: u64) -> CacheConfig {
         budget_bytes: budget,
         memory_bytes: 1 << 20,
         fetch_threads: 4,
+        // Every access counts: the LRU-K tests read twice within a second.
+        access_granularity: Duration::ZERO,
         ..CacheConfig::new(dir)
     }
 }
@@ -205,9 +208,13 @@ fn entries_are_checked_by_recorded_crc_else_by_sha256() {
         r => eprintln!("no CRC xattr on {}: {r:?}", a.display()),
     }
     // Without the attribute: loaded (by SHA-256), corruption still found.
+    // The attribute is read when an entry is opened: start again without
+    // open entries (as another process would).
     for p in [&a, &b] {
         let _ = rustix::fs::removexattr(p, "user.smr.crc32c");
     }
+    drop(cache);
+    let cache = Cache::open(config(&tmp.path().join("cache"), 1 << 30)).expect("reopen");
     cache
         .get_or_fetch(&ids[0], never)
         .expect("SHA-256 fallback hit");
