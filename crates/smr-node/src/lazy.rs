@@ -241,9 +241,13 @@ impl LazyImage {
         // to us: handing it to the pool costs more thread switches than it
         // saves; `needs_fetch` has the kernel start those disk reads
         // meanwhile (readahead hints), so they still overlap.
+        // The first chunk is hinted too (first, so that its disk read is
+        // not queued behind the others'), but only for a read of several
+        // chunks: a one-chunk read is one pread anyway.
         let done = Arc::new(AtomicBool::new(false));
-        for c in first + 1..=last {
-            if !self.inner.needs_fetch(c) {
+        let hinted = if last > first { first } else { first + 1 };
+        for c in hinted..=last {
+            if !self.inner.needs_fetch(c) || c == first {
                 continue;
             }
             let (inner, done) = (self.inner.clone(), done.clone());
