@@ -242,6 +242,9 @@ pub fn build(i: &SpecInput<'_>) -> Value {
             "env": i.env,
             "cwd": cwd,
             "capabilities": {"bounding": CAPS, "effective": CAPS, "permitted": CAPS},
+            // containerd's default: the container does not inherit the
+            // open-file limit smr raised for its cache (cache/handles.rs).
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
             "noNewPrivileges": true
         },
         "root": {"path": i.rootfs, "readonly": false},
@@ -364,6 +367,7 @@ mod tests {
         });
         assert_eq!(s["process"]["user"]["uid"], 1000);
         assert_eq!(s["process"]["cwd"], "/");
+        assert_eq!(s["process"]["rlimits"][0]["soft"], 1024);
         assert_eq!(s["root"]["path"], "/r");
         assert_eq!(s["hooks"]["poststart"][0]["path"], "/usr/bin/touch");
         let ns: Vec<&str> = s["linux"]["namespaces"]
