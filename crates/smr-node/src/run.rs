@@ -22,11 +22,13 @@
 //! modification time is read back. It does not include the process's own
 //! work (e.g. python importing modules); `total_seconds` does.
 //!
-//! Killing smr with SIGKILL leaves the mounts behind (the FUSE connection
-//! then reads as aborted); `umount` of the temp directories and
-//! `losetup -d` clean that up.
+//! Killing smr with SIGKILL leaves all that behind (the FUSE connection
+//! then reads as aborted); the next `smr run` with the same work root
+//! removes it ([`sweep`]: each run holds a lock on its directory while it
+//! lives).
 
 pub mod spec;
+pub mod sweep;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -233,10 +235,13 @@ pub fn run(req: RunRequest) -> Result<RunReport> {
 
 fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
     std::fs::create_dir_all(&req.work_root).map_err(io_err(&req.work_root))?;
+    sweep::sweep(&req.work_root, &req.runc);
     let tmp = tempfile::Builder::new()
         .prefix("run-")
         .tempdir_in(&req.work_root)
         .map_err(io_err(&req.work_root))?;
+    // Held while this run lives: a later run's sweep knows we are alive.
+    let _alive = sweep::hold(tmp.path()).map_err(io_err(tmp.path()))?;
     let dir = |n: &str| -> Result<PathBuf> {
         let p = tmp.path().join(n);
         std::fs::create_dir_all(&p).map_err(io_err(&p))?;
@@ -250,13 +255,7 @@ fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
         dir("rootfs")?,
         dir("bundle")?,
     );
-    let id = format!(
-        "smr-{}",
-        tmp.path()
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    );
+    let id = sweep::container_id(tmp.path());
 
     // Declared in setup order: dropped (undone) in reverse.
     let dev: Arc<dyn crate::nbd::BlockDevice> = Arc::new(req.image.clone());

@@ -291,3 +291,56 @@ fn run_debian_python() {
     assert_eq!(out.status.code(), Some(7));
     e.assert_clean();
 }
+
+/// A `smr run` killed with SIGKILL leaves its container, mounts, loop
+/// device and FUSE connection behind; the next `smr run` removes them.
+#[test]
+fn the_next_run_cleans_up_after_a_killed_one() {
+    let Some(layout) = debian_layout() else {
+        return;
+    };
+    let _g = lock();
+    let e = Env::new(Some(&format!("oci:{}:debian-python", layout.display())));
+    let mut victim = e
+        .smr("run")
+        .args(["--", "sleep", "61.25"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = || {
+        std::fs::read_dir(e.path("runs"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|d| d.path().join("started").exists())
+    };
+    let t = std::time::Instant::now();
+    while !started() {
+        assert!(t.elapsed().as_secs() < 60, "the container never started");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    victim.kill().unwrap(); // SIGKILL
+    victim.wait().unwrap();
+    let root = e.t.path().display().to_string();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        mounts.contains(&root),
+        "the killed run left nothing to clean up"
+    );
+
+    let alive = || {
+        run(Command::new("pgrep").args(["-f", "sleep 61.25"]))
+            .status
+            .success()
+    };
+
+    let out = run(e.smr("run").args(["--", "true"]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    e.assert_clean();
+    assert!(!alive(), "the dead run's container was removed");
+}
