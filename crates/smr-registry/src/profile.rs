@@ -20,7 +20,8 @@
 //! artifact's chunk indices it lists, and the profile itself carries the
 //! recipe's SHA-256, checked before use. Several profiles of one artifact
 //! may be listed (recorded again after the workload changed): the newest by
-//! `created` wins, then the smallest digest.
+//! `created` wins, then the smallest digest. In the referrers fallback tag
+//! a push replaces the artifact's older profiles.
 
 use crate::artifact::{
     bad, digest_of, ArtifactManifest, Descriptor, EMPTY_BLOB, EMPTY_DIGEST, EMPTY_MEDIA_TYPE,
@@ -115,7 +116,15 @@ pub fn push_profile(
             format!("the registry stored the profile manifest as {got}"),
         ));
     }
-    let referrers = update_referrers(blobs, &manifest, &manifest_bytes, &digest)?;
+    // In the fallback tag, a new profile replaces the artifact's older ones
+    // (the referrers API cannot forget them: there, the newest wins).
+    let older = |m: &serde_json::Value| {
+        m.get("artifactType").and_then(|t| t.as_str()) == Some(PROFILE_ARTIFACT_TYPE)
+            && m.pointer("/annotations/vnd.smr.profile.artifact")
+                .and_then(|a| a.as_str())
+                == Some(artifact.digest.as_str())
+    };
+    let referrers = update_referrers(blobs, &manifest, &manifest_bytes, &digest, &older)?;
     tracing::info!(%repo, manifest = %digest, artifact = %artifact.digest, chunks = profile.chunks.len(), ?referrers, "pushed startup profile");
     Ok(ProfilePush {
         manifest_digest: digest,

@@ -196,7 +196,7 @@ pub fn push(
         let got = blobs.put_manifest(tag, MANIFEST_MEDIA_TYPE, &bytes)?;
         check_digest(&repo, &digest, &got)?;
     }
-    let referrers = update_referrers(blobs, &manifest, &bytes, &digest)?;
+    let referrers = update_referrers(blobs, &manifest, &bytes, &digest, &|_| false)?;
     let t = tally.into_inner().unwrap_or_else(PoisonError::into_inner);
     let stats = index.stats();
     let report = PushReport {
@@ -360,13 +360,15 @@ fn upload(blobs: &dyn Blobs, digest: &str, data: &[u8], tally: &Mutex<Tally>) ->
 /// Makes the artifact findable from its subject: nothing to do when the
 /// referrers API already lists it, else a read-modify-write of the
 /// fallback tag's image index (entries sorted by digest; other tools'
-/// entries kept as they are). Concurrent pushers to the same subject can
+/// entries kept as they are, except those `supersedes` says the new entry
+/// replaces). Concurrent pushers to the same subject can
 /// lose each other's entry: the tag schema has no compare-and-swap.
 pub(crate) fn update_referrers(
     blobs: &dyn Blobs,
     manifest: &ArtifactManifest,
     bytes: &[u8],
     digest: &str,
+    supersedes: &dyn Fn(&serde_json::Value) -> bool,
 ) -> Result<ReferrersUpdate> {
     let repo = blobs.describe();
     let subject = &manifest.subject.digest;
@@ -419,6 +421,7 @@ pub(crate) fn update_referrers(
         }
     };
     if let Some(list) = doc.get_mut("manifests").and_then(|m| m.as_array_mut()) {
+        list.retain(|m| !supersedes(m));
         list.push(entry);
         list.sort_by(|a, b| {
             let key = |v: &serde_json::Value| {

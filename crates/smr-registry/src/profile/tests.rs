@@ -123,3 +123,30 @@ fn the_newest_profile_of_the_artifact_wins() {
         .collect();
     assert_eq!(got, ["sha256:a", "sha256:c", "sha256:b"]);
 }
+
+#[test]
+fn in_the_fallback_tag_a_new_profile_replaces_the_older_one() {
+    let (_d, blobs, img, artifact) = pushed(false);
+    push_profile(&blobs, &artifact, &profile_of(&artifact, vec![3, 0, 1])).unwrap();
+    let newer = profile_of(&artifact, vec![1]);
+    push_profile(&blobs, &artifact, &newer).unwrap();
+    let listed = crate::discover::list_referrers(&blobs, &img.subject.digest).unwrap();
+    let kinds: Vec<&str> = listed
+        .iter()
+        .filter_map(|d| d.artifact_type.as_deref())
+        .collect();
+    assert_eq!(
+        kinds
+            .iter()
+            .filter(|k| **k == PROFILE_ARTIFACT_TYPE)
+            .count(),
+        1,
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.contains(&crate::artifact::ARTIFACT_TYPE),
+        "the smr artifact stays"
+    );
+    let found = discover(&blobs, &img.subject.digest, &with_profile()).unwrap();
+    assert_eq!(found.profile, Some(newer));
+}
