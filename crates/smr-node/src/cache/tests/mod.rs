@@ -84,6 +84,19 @@ pub(super) fn config(dir: &Path, budget: u64) -> CacheConfig {
     }
 }
 
+/// Loading `id` (whose entry `entry` was corrupted) refetches it (the
+/// second fetch of `f`) and rewrites the entry intact.
+pub(super) fn assert_healed(cache: &Cache, f: &Fetcher, id: &ChunkId, entry: &Path) {
+    let back = cache.get_or_fetch(id, || f.get(id)).expect("healed");
+    assert_eq!(ChunkId::of(&back), *id);
+    assert_eq!(f.calls(), 2, "refetched");
+    assert_eq!(
+        ChunkId::of(&fs::read(entry).expect("entry")),
+        *id,
+        "entry rewritten intact"
+    );
+}
+
 fn never() -> Result<Vec<u8>, ChunkError> {
     panic!("must not fetch: the chunk is cached")
 }
@@ -166,16 +179,7 @@ fn corrupt_entry_is_detected_deleted_and_refetched() {
     raw[1234] ^= 0x40;
     fs::write(&entry, &raw).expect("corrupt it");
 
-    let back = cache
-        .get_or_fetch(&ids[0], || f.get(&ids[0]))
-        .expect("healed");
-    assert_eq!(ChunkId::of(&back), ids[0]);
-    assert_eq!(f.calls(), 2, "refetched");
-    assert_eq!(
-        ChunkId::of(&fs::read(&entry).expect("entry")),
-        ids[0],
-        "entry rewritten intact"
-    );
+    assert_healed(&cache, &f, &ids[0], &entry);
     let s = cache.stats().expect("stats");
     assert_eq!(
         (s.counters.corrupt, s.counters.fetches, s.counters.entries),

@@ -143,16 +143,7 @@ fn a_corrupt_entry_is_caught_through_a_cached_handle() {
     let entry = cache.layout.entry(&ids[0]);
     flip_in_place(&entry, 4321);
 
-    let back = cache
-        .get_or_fetch(&ids[0], || f.get(&ids[0]))
-        .expect("healed");
-    assert_eq!(ChunkId::of(&back), ids[0]);
-    assert_eq!(f.calls(), 2, "refetched");
-    assert_eq!(
-        ChunkId::of(&fs::read(&entry).expect("entry")),
-        ids[0],
-        "entry rewritten intact"
-    );
+    assert_healed(&cache, &f, &ids[0], &entry);
     let s = cache.stats().expect("stats");
     assert_eq!(
         (
