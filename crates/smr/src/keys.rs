@@ -25,9 +25,17 @@ impl KeyArgs {
 
 /// Reads a recipe file.
 pub fn read_recipe(path: &std::path::Path) -> Result<smr_format::Recipe> {
+    read_recipe_bytes(path).map(|(recipe, _)| recipe)
+}
+
+/// Reads a recipe file; returns it with its bytes (what a startup profile
+/// is bound to).
+pub fn read_recipe_bytes(path: &std::path::Path) -> Result<(smr_format::Recipe, Vec<u8>)> {
     let bytes =
         std::fs::read(path).with_context(|| format!("reading recipe {}", path.display()))?;
-    smr_format::Recipe::decode(&bytes).with_context(|| format!("recipe {}", path.display()))
+    let recipe =
+        smr_format::Recipe::decode(&bytes).with_context(|| format!("recipe {}", path.display()))?;
+    Ok((recipe, bytes))
 }
 
 /// Opens a recipe's chunks with its keys (keys required when `need_keys`).

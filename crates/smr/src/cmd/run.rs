@@ -4,7 +4,6 @@ use super::mount::LoopArgs;
 use super::serve::ImageArgs;
 use crate::progress::human;
 use anyhow::{Context, Result};
-use smr_node::lazy::profile::DEFAULT_REPLAY_THREADS;
 use smr_node::run::{spec::Overrides, RunRequest, DEFAULT_WORK_ROOT};
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -47,10 +46,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
     smr_node::malloc::limit_arenas(smr_node::malloc::SERVER_ARENAS);
     let opened = a.image.open_full()?;
     // Started first: the replay's fetches overlap the mount and runc.
-    let replay = opened
-        .profile
-        .as_ref()
-        .map(|p| opened.lazy.replay(p, DEFAULT_REPLAY_THREADS));
+    let replay = opened.replay();
     if a.record_profile.is_some() {
         opened.lazy.record();
     }

@@ -2,13 +2,13 @@
 //! `smr __serve-fuse`, and the options every command that serves an image
 //! shares.
 
-use crate::keys::{image_chunks, open_image, KeyArgs};
+use crate::keys::{image_chunks, open_image, read_recipe_bytes, KeyArgs};
 use crate::remote::{is_remote, open_remote, RegistryArgs};
 use anyhow::{Context, Result};
 use smr_format::Profile;
 use smr_node::cache::{Cache, CacheConfig};
 use smr_node::chunks::ImageChunks;
-use smr_node::lazy::profile::DEFAULT_REPLAY_THREADS;
+use smr_node::lazy::profile::{Replay, DEFAULT_REPLAY_THREADS};
 use smr_node::lazy::LazyImage;
 use smr_node::nbd::{Export, NbdServer};
 use smr_registry::discover::DiscoverOptions;
@@ -84,10 +84,20 @@ pub struct OpenedImage {
     pub recipe_sha256: [u8; 32],
 }
 
+impl OpenedImage {
+    /// Starts replaying the startup profile, if there is one, in the
+    /// background (see [`LazyImage::replay`]).
+    pub fn replay(&self) -> Option<Replay> {
+        self.profile
+            .as_ref()
+            .map(|p| self.lazy.replay(p, DEFAULT_REPLAY_THREADS))
+    }
+}
+
 impl ImageArgs {
-    /// [`ImageArgs::open`], also returning the recipe, the startup profile
-    /// (`--profile`, or the registry's unless `--no-profile`) and, for a
-    /// registry image, which artifact was used.
+    /// Opens the recipe (with its keys), the store and the cache, and
+    /// finds the startup profile (`--profile`, or the registry's unless
+    /// `--no-profile`) and, for a registry image, the artifact used.
     pub fn open_full(&self) -> Result<OpenedImage> {
         self.open_with(!self.no_profile)
     }
@@ -96,50 +106,47 @@ impl ImageArgs {
     /// for a profile.
     pub fn open_with(&self, profiles: bool) -> Result<OpenedImage> {
         let local_profile = match (&self.profile, profiles) {
-            (Some(path), true) => Some(super::profile::read(path)?),
+            (Some(path), true) => Some((path, super::profile::read(path)?)),
             _ => None,
         };
-        let (recipe_bytes, store, location, artifact, mut profile) = if is_remote(&self.image) {
-            let platform = self.platform.parse().context("--platform")?;
-            let opts = DiscoverOptions {
-                artifact: self.artifact.clone(),
-                profile: profiles && local_profile.is_none(),
-                ..DiscoverOptions::default()
+        let (recipe, recipe_bytes, store, location, artifact, found_profile) =
+            if is_remote(&self.image) {
+                let platform = self.platform.parse().context("--platform")?;
+                let opts = DiscoverOptions {
+                    artifact: self.artifact.clone(),
+                    profile: profiles && local_profile.is_none(),
+                    ..DiscoverOptions::default()
+                };
+                let remote = open_remote(
+                    &self.image,
+                    &platform,
+                    &self.registry,
+                    &opts,
+                    local_profile.is_some(),
+                )?;
+                let (store, location): (Arc<dyn ChunkStore>, String) = match &self.store {
+                    Some(location) => (open_store(location)?, location.clone()),
+                    None => (remote.store, remote.artifact.repo.clone()),
+                };
+                let a = remote.artifact;
+                let digest = Some(a.digest);
+                (a.recipe, a.recipe_bytes, store, location, digest, a.profile)
+            } else {
+                let location = self.store.as_deref().with_context(|| {
+                    format!("--store is required to serve the recipe {}", self.image)
+                })?;
+                let (recipe, bytes) = read_recipe_bytes(Path::new(&self.image))?;
+                let store = open_store(location)?;
+                (recipe, bytes, store, location.to_string(), None, None)
             };
-            let remote = open_remote(
-                &self.image,
-                &platform,
-                &self.registry,
-                &opts,
-                local_profile.is_some(),
-            )?;
-            let (store, location): (Arc<dyn ChunkStore>, String) = match &self.store {
-                Some(location) => (open_store(location)?, location.clone()),
-                None => (remote.store, remote.artifact.repo.clone()),
-            };
-            let a = remote.artifact;
-            (a.recipe_bytes, store, location, Some(a.digest), a.profile)
-        } else {
-            let location = self.store.as_deref().with_context(|| {
-                format!("--store is required to serve the recipe {}", self.image)
-            })?;
-            let bytes = std::fs::read(&self.image)
-                .with_context(|| format!("reading recipe {}", self.image))?;
-            (
-                bytes,
-                open_store(location)?,
-                location.to_string(),
-                None,
-                None,
-            )
+        let profile = match local_profile {
+            Some((path, p)) => {
+                p.check_recipe(&recipe_bytes)
+                    .with_context(|| format!("profile {} for {}", path.display(), self.image))?;
+                Some(p)
+            }
+            None => found_profile,
         };
-        let recipe = smr_format::Recipe::decode(&recipe_bytes)
-            .with_context(|| format!("recipe {}", self.image))?;
-        if let (Some(p), Some(path)) = (&local_profile, &self.profile) {
-            p.check_recipe(&recipe_bytes)
-                .with_context(|| format!("profile {} for {}", path.display(), self.image))?;
-            profile = local_profile;
-        }
         let img = image_chunks(recipe.clone(), &self.key, true, &self.image)?;
         let lazy = open_lazy(img, &self.image, &location, store, self.cache.open()?)?;
         Ok(OpenedImage {
@@ -318,10 +325,7 @@ pub struct FuseArgs {
 pub fn run_fuse(a: FuseArgs) -> Result<ExitCode> {
     smr_node::malloc::limit_arenas(smr_node::malloc::SERVER_ARENAS);
     let opened = a.image.open_full()?;
-    let replay = opened
-        .profile
-        .as_ref()
-        .map(|p| opened.lazy.replay(p, DEFAULT_REPLAY_THREADS));
+    let replay = opened.replay();
     let name = format!("smr:{}", a.image.image);
     tracing::info!(dir = %a.dir.display(), pid = std::process::id(), profile = replay.is_some(), "serving FUSE export");
     smr_node::mount::serve_fuse_process(Arc::new(opened.lazy), &a.dir, &name)?;
