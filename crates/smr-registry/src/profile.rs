@@ -118,12 +118,7 @@ pub fn push_profile(
     }
     // In the fallback tag, a new profile replaces the artifact's older ones
     // (the referrers API cannot forget them: there, the newest wins).
-    let older = |m: &serde_json::Value| {
-        m.get("artifactType").and_then(|t| t.as_str()) == Some(PROFILE_ARTIFACT_TYPE)
-            && m.pointer("/annotations/vnd.smr.profile.artifact")
-                .and_then(|a| a.as_str())
-                == Some(artifact.digest.as_str())
-    };
+    let older = |d: &Descriptor| is_profile_of(d, &artifact.digest);
     let referrers = update_referrers(blobs, &manifest, &manifest_bytes, &digest, &older)?;
     tracing::info!(%repo, manifest = %digest, artifact = %artifact.digest, chunks = profile.chunks.len(), ?referrers, "pushed startup profile");
     Ok(ProfilePush {
@@ -134,18 +129,21 @@ pub fn push_profile(
     })
 }
 
+/// Whether referrer `d` is a startup profile of the smr artifact `artifact`.
+fn is_profile_of(d: &Descriptor, artifact: &str) -> bool {
+    d.artifact_type.as_deref() == Some(PROFILE_ARTIFACT_TYPE)
+        && d.annotations
+            .get(ANNOTATION_PROFILE_ARTIFACT)
+            .map(String::as_str)
+            == Some(artifact)
+}
+
 /// The profiles among `referrers` that belong to the smr artifact
 /// `artifact`, best first (newest `created`, then smallest digest).
 pub fn profiles_of(referrers: &[Descriptor], artifact: &str) -> Vec<Descriptor> {
     let mut v: Vec<Descriptor> = referrers
         .iter()
-        .filter(|d| {
-            d.artifact_type.as_deref() == Some(PROFILE_ARTIFACT_TYPE)
-                && d.annotations
-                    .get(ANNOTATION_PROFILE_ARTIFACT)
-                    .map(String::as_str)
-                    == Some(artifact)
-        })
+        .filter(|d| is_profile_of(d, artifact))
         .cloned()
         .collect();
     let created = |d: &Descriptor| d.annotations.get(ANNOTATION_CREATED).cloned();

@@ -368,7 +368,7 @@ pub(crate) fn update_referrers(
     manifest: &ArtifactManifest,
     bytes: &[u8],
     digest: &str,
-    supersedes: &dyn Fn(&serde_json::Value) -> bool,
+    supersedes: &dyn Fn(&Descriptor) -> bool,
 ) -> Result<ReferrersUpdate> {
     let repo = blobs.describe();
     let subject = &manifest.subject.digest;
@@ -421,7 +421,9 @@ pub(crate) fn update_referrers(
         }
     };
     if let Some(list) = doc.get_mut("manifests").and_then(|m| m.as_array_mut()) {
-        list.retain(|m| !supersedes(m));
+        list.retain(|m| {
+            !serde_json::from_value::<Descriptor>(m.clone()).is_ok_and(|d| supersedes(&d))
+        });
         list.push(entry);
         list.sort_by(|a, b| {
             let key = |v: &serde_json::Value| {
