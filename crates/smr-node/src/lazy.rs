@@ -245,17 +245,18 @@ impl LazyImage {
         // not queued behind the others'), but only for a read of several
         // chunks: a one-chunk read is one pread anyway.
         let done = Arc::new(AtomicBool::new(false));
-        let hinted = if last > first { first } else { first + 1 };
-        for c in hinted..=last {
-            if !self.inner.needs_fetch(c) || c == first {
-                continue;
-            }
-            let (inner, done) = (self.inner.clone(), done.clone());
-            self.inner.cache.spawn(Box::new(move || {
-                if !done.load(Ordering::Relaxed) {
-                    let _ = inner.chunk(c);
+        if last > first {
+            for c in first..=last {
+                if !self.inner.needs_fetch(c) || c == first {
+                    continue;
                 }
-            }));
+                let (inner, done) = (self.inner.clone(), done.clone());
+                self.inner.cache.spawn(Box::new(move || {
+                    if !done.load(Ordering::Relaxed) {
+                        let _ = inner.chunk(c);
+                    }
+                }));
+            }
         }
         let _finish = SetOnDrop(done);
         let recorder = self.inner.recorder.get();
