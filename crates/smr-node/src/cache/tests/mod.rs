@@ -84,6 +84,35 @@ pub(super) fn config(dir: &Path, budget: u64) -> CacheConfig {
     }
 }
 
+/// One chunk of `len` bytes in a real store, fetched once into a fresh
+/// cache (budget 1 GiB, [`config`]).
+pub(super) struct OneChunk {
+    pub(super) tmp: tempfile::TempDir,
+    pub(super) f: Fetcher,
+    pub(super) cache: Arc<Cache>,
+    pub(super) id: ChunkId,
+    /// The chunk's cache entry.
+    pub(super) entry: std::path::PathBuf,
+}
+
+/// See [`OneChunk`].
+pub(super) fn one_chunk(len: usize) -> OneChunk {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (store, ids) = store_with(&tmp.path().join("store"), 1, len);
+    let f = Fetcher::new(store, Duration::ZERO);
+    let cache = Cache::open(config(&tmp.path().join("cache"), 1 << 30)).expect("open");
+    let id = ids[0];
+    cache.get_or_fetch(&id, || f.get(&id)).expect("fetch");
+    let entry = cache.layout.entry(&id);
+    OneChunk {
+        tmp,
+        f,
+        cache,
+        id,
+        entry,
+    }
+}
+
 /// Loading `id` (whose entry `entry` was corrupted) refetches it (the
 /// second fetch of `f`) and rewrites the entry intact.
 pub(super) fn assert_healed(cache: &Cache, f: &Fetcher, id: &ChunkId, entry: &Path) {
@@ -167,19 +196,13 @@ fn stats_of_one_process_are_seen_by_another() {
 
 #[test]
 fn corrupt_entry_is_detected_deleted_and_refetched() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let (store, ids) = store_with(&tmp.path().join("store"), 1, 64 * 1024);
-    let f = Fetcher::new(store, Duration::ZERO);
-    let cache = Cache::open(config(&tmp.path().join("cache"), 1 << 30)).expect("open");
-    cache
-        .get_or_fetch(&ids[0], || f.get(&ids[0]))
-        .expect("fetch");
-    let entry = cache.layout.entry(&ids[0]);
-    let mut raw = fs::read(&entry).expect("entry");
+    let fx = one_chunk(64 * 1024);
+    let (f, cache, id, entry) = (&fx.f, &fx.cache, fx.id, &fx.entry);
+    let mut raw = fs::read(entry).expect("entry");
     raw[1234] ^= 0x40;
-    fs::write(&entry, &raw).expect("corrupt it");
+    fs::write(entry, &raw).expect("corrupt it");
 
-    assert_healed(&cache, &f, &ids[0], &entry);
+    assert_healed(cache, f, &id, entry);
     let s = cache.stats().expect("stats");
     assert_eq!(
         (s.counters.corrupt, s.counters.fetches, s.counters.entries),

@@ -71,18 +71,12 @@ fn accesses_within_the_granularity_write_no_timestamps() {
 
 #[test]
 fn with_no_granularity_every_load_is_recorded_through_the_handle() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let (store, ids) = store_with(&tmp.path().join("store"), 1, 4096);
-    let f = Fetcher::new(store, Duration::ZERO);
-    let cache = Cache::open(config(&tmp.path().join("cache"), 1 << 30)).expect("open");
-    cache
-        .get_or_fetch(&ids[0], || f.get(&ids[0]))
-        .expect("fetch");
-    let entry = cache.layout.entry(&ids[0]);
-    let (first, _) = times(&entry);
+    let fx = one_chunk(4096);
+    let (cache, id, entry) = (&fx.cache, fx.id, &fx.entry);
+    let (first, _) = times(entry);
     std::thread::sleep(Duration::from_millis(20));
-    cache.get_or_fetch(&ids[0], never).expect("hit");
-    let (second, prev) = times(&entry);
+    cache.get_or_fetch(&id, never).expect("hit");
+    let (second, prev) = times(entry);
     assert_eq!(prev, first, "mtime is the access before");
     assert!(second > first);
     assert_eq!(
@@ -131,19 +125,13 @@ fn open_files_are_bounded_in_number_and_in_bytes() {
 
 #[test]
 fn a_corrupt_entry_is_caught_through_a_cached_handle() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let (store, ids) = store_with(&tmp.path().join("store"), 1, 64 * 1024);
-    let f = Fetcher::new(store, Duration::ZERO);
-    let cache = Cache::open(config(&tmp.path().join("cache"), 1 << 30)).expect("open");
-    cache
-        .get_or_fetch(&ids[0], || f.get(&ids[0]))
-        .expect("fetch");
-    cache.get_or_fetch(&ids[0], never).expect("hit");
+    let fx = one_chunk(64 * 1024);
+    let (f, cache, id, entry) = (&fx.f, &fx.cache, fx.id, &fx.entry);
+    cache.get_or_fetch(&id, never).expect("hit");
     assert_eq!(cache.stats().expect("stats").open_files, 1);
-    let entry = cache.layout.entry(&ids[0]);
-    flip_in_place(&entry, 4321);
+    flip_in_place(entry, 4321);
 
-    assert_healed(&cache, &f, &ids[0], &entry);
+    assert_healed(cache, f, &id, entry);
     let s = cache.stats().expect("stats");
     assert_eq!(
         (
@@ -154,7 +142,7 @@ fn a_corrupt_entry_is_caught_through_a_cached_handle() {
         (1, 1, 64 * KIB)
     );
     // And the new entry is served (and checked) through a new handle.
-    cache.get_or_fetch(&ids[0], never).expect("hit");
+    cache.get_or_fetch(&id, never).expect("hit");
     assert_eq!(cache.stats().expect("stats").open_files, 1);
 }
 
@@ -163,22 +151,16 @@ fn a_corrupt_entry_is_caught_through_a_cached_handle() {
 /// entry, and the load goes on with the new one.
 #[test]
 fn corruption_behind_a_stale_handle_does_not_delete_the_new_entry() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let (store, ids) = store_with(&tmp.path().join("store"), 1, 4096);
-    let f = Fetcher::new(store, Duration::ZERO);
-    let cache = Cache::open(config(&tmp.path().join("cache"), 1 << 30)).expect("open");
-    cache
-        .get_or_fetch(&ids[0], || f.get(&ids[0]))
-        .expect("fetch");
-    let entry = cache.layout.entry(&ids[0]);
-    let good = fs::read(&entry).expect("entry");
-    flip_in_place(&entry, 7);
+    let fx = one_chunk(4096);
+    let (tmp, cache, id, entry) = (&fx.tmp, &fx.cache, fx.id, &fx.entry);
+    let good = fs::read(entry).expect("entry");
+    flip_in_place(entry, 7);
     let replacement = tmp.path().join("replacement");
     fs::write(&replacement, &good).expect("good copy");
-    fs::rename(&replacement, &entry).expect("replace the entry");
+    fs::rename(&replacement, entry).expect("replace the entry");
 
-    let got = cache.get_or_fetch(&ids[0], never).expect("the new entry");
-    assert_eq!(ChunkId::of(&got), ids[0]);
+    let got = cache.get_or_fetch(&id, never).expect("the new entry");
+    assert_eq!(ChunkId::of(&got), id);
     assert!(entry.is_file(), "the good entry stays");
     let s = cache.stats().expect("stats");
     assert_eq!((s.counters.corrupt, s.counters.entries), (0, 1));
