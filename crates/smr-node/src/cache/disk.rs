@@ -344,16 +344,33 @@ fn record_access(h: &Handle, id: &ChunkId, granularity: Duration) {
     if !h.claim_record(now, granularity) {
         return;
     }
-    match h.file.metadata() {
+    if let Some(previous) = record_in_inode(&h.file, now, granularity, id) {
+        h.set_recorded(previous);
+    }
+}
+
+/// Records an access at `now` in `file`'s timestamps if the one recorded
+/// there is at least `granularity` old; else returns that one.
+fn record_in_inode(
+    file: &File,
+    now: SystemTime,
+    granularity: Duration,
+    id: &ChunkId,
+) -> Option<SystemTime> {
+    match file.metadata() {
         Ok(meta) => {
             let previous = meta.accessed().unwrap_or(UNIX_EPOCH);
             if due(previous, now, granularity) {
-                write_access(&h.file, previous, now, id);
+                write_access(file, previous, now, id);
+                None
             } else {
-                h.set_recorded(previous);
+                Some(previous)
             }
         }
-        Err(e) => tracing::debug!(chunk = %id, error = %e, "cannot record cache access"),
+        Err(e) => {
+            tracing::debug!(chunk = %id, error = %e, "cannot record cache access");
+            None
+        }
     }
 }
 
@@ -384,12 +401,7 @@ pub(crate) fn touch(layout: &Layout, handles: &Handles, id: &ChunkId, granularit
         return;
     }
     if let Ok(f) = open_entry(&layout.entry(id)) {
-        if let Ok(meta) = f.metadata() {
-            let (previous, now) = (meta.accessed().unwrap_or(UNIX_EPOCH), SystemTime::now());
-            if due(previous, now, granularity) {
-                write_access(&f, previous, now, id);
-            }
-        }
+        record_in_inode(&f, SystemTime::now(), granularity, id);
     }
 }
 
