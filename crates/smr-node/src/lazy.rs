@@ -155,13 +155,8 @@ impl LazyImage {
     /// Fills `buf` with the image bytes at `offset`. The range must lie
     /// inside the image.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let i = &self.inner;
-        i.reads.fetch_add(1, Ordering::Relaxed);
         let r = self.read_inner(offset, buf);
-        match &r {
-            Ok(()) => i.bytes_read.fetch_add(buf.len() as u64, Ordering::Relaxed),
-            Err(_) => i.read_errors.fetch_add(1, Ordering::Relaxed),
-        };
+        self.count_read(buf.len(), r.is_ok());
         r
     }
 
@@ -184,27 +179,71 @@ impl LazyImage {
     /// [`ReadPart::Zero`]). A part that is less than half of its chunk is
     /// copied, so that a small read never pins a whole chunk.
     pub fn read_parts(&self, offset: u64, len: usize) -> io::Result<Vec<ReadPart>> {
+        let mut parts: Vec<ReadPart> = Vec::new();
+        let r = self.each_chunk(offset, len as u64, |_, data| push_part(&mut parts, data));
+        self.count_read(len, r.is_ok());
+        r.map(|()| parts)
+    }
+
+    /// [`LazyImage::read_parts`] if every chunk of the range is at hand
+    /// (zero, or see [`Cache::get_decoded_now`]); `None` if one is not (nor
+    /// is anything counted): then `read_parts` must wait for it. Never
+    /// waits for a chunk's disk read or fetch.
+    pub fn read_parts_now(&self, offset: u64, len: usize) -> Option<io::Result<Vec<ReadPart>>> {
+        let end = match self.end_of(offset, len as u64) {
+            Ok(end) => end,
+            Err(e) => return Some(Err(e)),
+        };
+        let mut parts: Vec<ReadPart> = Vec::new();
+        if len > 0 {
+            let cs = self.chunk_size();
+            let recorder = self.inner.recorder.get();
+            for c in offset / cs..=(end - 1) / cs {
+                if let Some(r) = recorder {
+                    r.touch(c);
+                }
+                let data = match self.inner.locate(c) {
+                    None => None,
+                    Some((pos, key)) => Some(self.inner.cache.get_decoded_now(&key, |stored| {
+                        self.inner.img.open_verified(pos, stored)
+                    })?),
+                };
+                if let Err(e) = piece(c, cs, offset, end, data.as_ref())
+                    .and_then(|(_, p)| push_part(&mut parts, p))
+                {
+                    return Some(Err(e));
+                }
+            }
+        }
+        self.count_read(len, true);
+        Some(Ok(parts))
+    }
+
+    fn count_read(&self, len: usize, ok: bool) {
         let i = &self.inner;
         i.reads.fetch_add(1, Ordering::Relaxed);
-        let mut parts: Vec<ReadPart> = Vec::new();
-        let r = self.each_chunk(offset, len as u64, |_, data| {
-            match data {
-                ChunkSlice::Zero(n) => match parts.last_mut() {
-                    Some(ReadPart::Zero(z)) => *z += n,
-                    _ => parts.push(ReadPart::Zero(n)),
-                },
-                ChunkSlice::Data(d, r) if r.len() * 2 < d.len() => {
-                    parts.push(ReadPart::Owned(d.get(r).ok_or_else(range_bug)?.to_vec()))
-                }
-                ChunkSlice::Data(d, r) => parts.push(ReadPart::Shared(d.clone(), r)),
-            }
-            Ok(())
-        });
-        match &r {
-            Ok(()) => i.bytes_read.fetch_add(len as u64, Ordering::Relaxed),
-            Err(_) => i.read_errors.fetch_add(1, Ordering::Relaxed),
-        };
-        r.map(|()| parts)
+        if ok {
+            i.bytes_read.fetch_add(len as u64, Ordering::Relaxed);
+        } else {
+            i.read_errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The end of a read of `len` bytes at `offset`, if it lies inside the
+    /// image.
+    fn end_of(&self, offset: u64, len: u64) -> io::Result<u64> {
+        offset
+            .checked_add(len)
+            .filter(|e| *e <= self.size())
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "read of {len} bytes at {offset} past the image end ({})",
+                        self.size()
+                    ),
+                )
+            })
     }
 
     /// Calls `f(start, slice)` for each chunk's piece of `[offset, offset +
@@ -217,18 +256,7 @@ impl LazyImage {
         len: u64,
         mut f: impl FnMut(u64, ChunkSlice<'_>) -> io::Result<()>,
     ) -> io::Result<()> {
-        let end = offset
-            .checked_add(len)
-            .filter(|e| *e <= self.size())
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!(
-                        "read of {len} bytes at {offset} past the image end ({})",
-                        self.size()
-                    ),
-                )
-            })?;
+        let end = self.end_of(offset, len)?;
         if len == 0 {
             return Ok(());
         }
@@ -268,21 +296,7 @@ impl LazyImage {
                 .inner
                 .chunk(c)
                 .map_err(|e| self.inner.fail(c, offset, e))?;
-            let start = c * cs;
-            let (lo, hi) = (offset.max(start), end.min(start + cs));
-            let piece = match &data {
-                None => ChunkSlice::Zero((hi - lo) as usize),
-                Some(d) => {
-                    let r = (lo - start) as usize..(hi - start) as usize;
-                    if r.end > d.len() {
-                        return Err(io::Error::other(format!(
-                            "chunk {c} decoded to {} bytes, too short",
-                            d.len()
-                        )));
-                    }
-                    ChunkSlice::Data(d, r)
-                }
-            };
+            let (lo, piece) = piece(c, cs, offset, end, data.as_ref())?;
             f(lo, piece)?;
         }
         Ok(())
@@ -363,6 +377,48 @@ type ChunkResult = Result<Option<Arc<Vec<u8>>>, CacheError>;
 enum ChunkSlice<'a> {
     Zero(usize),
     Data(&'a Arc<Vec<u8>>, std::ops::Range<usize>),
+}
+
+/// Chunk `c`'s piece of the read `[offset, end)` (chunks of `cs` bytes;
+/// `data` its plaintext, `None` for a zero chunk), and where it starts.
+fn piece(
+    c: u64,
+    cs: u64,
+    offset: u64,
+    end: u64,
+    data: Option<&Arc<Vec<u8>>>,
+) -> io::Result<(u64, ChunkSlice<'_>)> {
+    let start = c * cs;
+    let (lo, hi) = (offset.max(start), end.min(start + cs));
+    let piece = match data {
+        None => ChunkSlice::Zero((hi - lo) as usize),
+        Some(d) => {
+            let r = (lo - start) as usize..(hi - start) as usize;
+            if r.end > d.len() {
+                return Err(io::Error::other(format!(
+                    "chunk {c} decoded to {} bytes, too short",
+                    d.len()
+                )));
+            }
+            ChunkSlice::Data(d, r)
+        }
+    };
+    Ok((lo, piece))
+}
+
+/// Appends a chunk's piece to a read's parts (see [`LazyImage::read_parts`]).
+fn push_part(parts: &mut Vec<ReadPart>, data: ChunkSlice<'_>) -> io::Result<()> {
+    match data {
+        ChunkSlice::Zero(n) => match parts.last_mut() {
+            Some(ReadPart::Zero(z)) => *z += n,
+            _ => parts.push(ReadPart::Zero(n)),
+        },
+        ChunkSlice::Data(d, r) if r.len() * 2 < d.len() => {
+            parts.push(ReadPart::Owned(d.get(r).ok_or_else(range_bug)?.to_vec()))
+        }
+        ChunkSlice::Data(d, r) => parts.push(ReadPart::Shared(d.clone(), r)),
+    }
+    Ok(())
 }
 
 fn range_bug() -> io::Error {
@@ -464,6 +520,10 @@ impl BlockDevice for LazyImage {
 
     fn read_parts(&self, offset: u64, len: usize) -> io::Result<Vec<ReadPart>> {
         LazyImage::read_parts(self, offset, len)
+    }
+
+    fn read_parts_now(&self, offset: u64, len: usize) -> Option<io::Result<Vec<ReadPart>>> {
+        LazyImage::read_parts_now(self, offset, len)
     }
 
     fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, bool)>> {

@@ -311,6 +311,62 @@ pub(crate) fn load(
     Load::Hit(buf)
 }
 
+/// Loads the entry of `id` only if that cannot wait: through a handle
+/// already open (no path lookup) and with every byte already in the page
+/// cache (`preadv2` with `RWF_NOWAIT` fails rather than start a disk read).
+/// The bytes are checked as [`load`] checks them. `None` in every other
+/// case (no open handle, not all cached, a short read, a checksum
+/// mismatch): the caller then takes [`load`]'s path, which waits for the
+/// disk and handles a bad entry. Lets an event loop serve the warm reads
+/// itself and hand only the others to a thread.
+pub(crate) fn load_now(handles: &Handles, id: &ChunkId, granularity: Duration) -> Option<Vec<u8>> {
+    let h = handles.get(id)?;
+    let len = usize::try_from(h.len).ok()?;
+    let mut buf = Vec::with_capacity(len);
+    while buf.len() < len {
+        match pread_nowait(&h.file, &mut buf, len) {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => {}
+        }
+    }
+    if !intact(h.crc, id, &buf) {
+        return None;
+    }
+    record_access(&h, id, granularity);
+    Some(buf)
+}
+
+/// One `preadv2(RWF_NOWAIT)` into the spare capacity of `buf`, up to `len`
+/// bytes in all, at the file offset `buf.len()`; returns the bytes read
+/// (0 at the end of the file). `EAGAIN` (some of it not in the page cache)
+/// and `EINTR` are errors like any other: the caller reads the slow way.
+#[allow(unsafe_code)]
+fn pread_nowait(file: &File, buf: &mut Vec<u8>, len: usize) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let at =
+        libc::off_t::try_from(buf.len()).map_err(|_| io::Error::from(ErrorKind::InvalidInput))?;
+    let want = len
+        .saturating_sub(buf.len())
+        .min(buf.capacity() - buf.len());
+    let spare = buf.spare_capacity_mut();
+    let iov = libc::iovec {
+        iov_base: spare.as_mut_ptr().cast(),
+        iov_len: want,
+    };
+    // SAFETY: `iov` describes `want` bytes of `buf`'s spare capacity, which
+    // `buf` owns and nothing else references while we hold `&mut buf`
+    // (`want` <= the spare capacity's length). The kernel writes at most
+    // `iov_len` bytes there and returns how many it wrote (or -1, writing
+    // nothing we use), and `file`'s descriptor is open for the whole call.
+    let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, at, libc::RWF_NOWAIT) };
+    let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+    // SAFETY: the kernel initialized the first `n` (<= `want`) bytes of the
+    // spare capacity, so `buf.len() + n` bytes are initialized, within the
+    // capacity.
+    unsafe { buf.set_len(buf.len() + n.min(want)) };
+    Ok(n)
+}
+
 /// Reads the `len` bytes of an entry with `pread` into a buffer of exactly
 /// that size: usually one system call (`read_to_end` makes at least two,
 /// plus an `fstat` and an `lseek`). A file shorter than `len` (truncated

@@ -321,6 +321,32 @@ impl Cache {
         r
     }
 
+    /// [`Cache::get_decoded`] for a chunk at hand: from the memory tier,
+    /// or from a disk entry already open whose bytes are all in the page
+    /// cache (`disk::load_now`). `None` when that would wait for a disk
+    /// read or a fetch, or when anything went wrong (decoding included):
+    /// `get_decoded` then waits, and reports. Never waits for a chunk's
+    /// disk read or fetch, so an event loop can serve warm reads itself.
+    pub fn get_decoded_now(
+        &self,
+        key: &DecodeKey,
+        decode: impl FnOnce(Vec<u8>) -> Result<Vec<u8>, ChunkError>,
+    ) -> Option<Arc<Vec<u8>>> {
+        if let Some(data) = self.memory_get(key) {
+            self.maybe_flush();
+            return Some(data);
+        }
+        let stored = disk::load_now(&self.handles, &key.id, self.cfg.access_granularity)?;
+        self.pending.hits.fetch_add(1, Ordering::Relaxed);
+        let plain = Arc::new(decode(stored).ok()?);
+        self.memory
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .put(key.clone(), plain.clone());
+        self.maybe_flush();
+        Some(plain)
+    }
+
     /// Whether the memory tier holds `key`.
     pub fn in_memory(&self, key: &DecodeKey) -> bool {
         self.memory

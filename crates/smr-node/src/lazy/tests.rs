@@ -218,16 +218,6 @@ proptest! {
 fn read_parts_share_cached_chunks_and_report_zero_chunks() {
     let fx = fixture(Duration::ZERO);
     let lazy = fx.lazy(32 << 20, 1 << 30);
-    let flatten = |parts: &[ReadPart]| {
-        let mut v = Vec::new();
-        for p in parts {
-            match p.data() {
-                Some(d) => v.extend_from_slice(d),
-                None => v.resize(v.len() + p.len(), 0),
-            }
-        }
-        v
-    };
     for (off, len) in [
         (0, SIZE),
         (CS + 100, 3 * CS),
@@ -258,6 +248,56 @@ fn read_parts_share_cached_chunks_and_report_zero_chunks() {
         "{parts:?}"
     );
     let err = lazy.read_parts(SIZE - 10, 11).expect_err("past the end");
+    assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+}
+
+/// The bytes of a read's parts, zero parts as zeros.
+fn flatten(parts: &[ReadPart]) -> Vec<u8> {
+    let mut v = Vec::new();
+    for p in parts {
+        match p.data() {
+            Some(d) => v.extend_from_slice(d),
+            None => v.resize(v.len() + p.len(), 0),
+        }
+    }
+    v
+}
+
+#[test]
+fn read_parts_now_answers_only_what_is_at_hand() {
+    let fx = fixture(Duration::ZERO);
+    // No memory tier: "at hand" is the disk tier in the page cache.
+    let lazy = fx.lazy(0, 1 << 30);
+    let (off, len) = (CS + 100, 5 * CS);
+    assert!(
+        lazy.read_parts_now(off, len as usize).is_none(),
+        "cold chunks must be fetched: not at hand"
+    );
+    assert_eq!(fx.store.total(), 0, "and nothing was fetched for it");
+    // Zero chunks are always at hand (chunk 2 is one).
+    let zero = lazy
+        .read_parts_now(2 * CS + 5, 100)
+        .expect("at hand")
+        .expect("read");
+    assert!(matches!(zero.as_slice(), [ReadPart::Zero(100)]), "{zero:?}");
+    lazy.read_parts(off, len as usize).expect("fetched");
+    let fetched = fx.store.total();
+    let now = lazy
+        .read_parts_now(off, len as usize)
+        .expect("warm chunks are at hand")
+        .expect("read");
+    assert!(flatten(&now) == fx.plain[off as usize..(off + len) as usize]);
+    assert_eq!(fx.store.total(), fetched, "served without a fetch");
+    let s = lazy.stats();
+    assert_eq!(
+        (s.reads, s.bytes_read),
+        (3, 2 * len + 100),
+        "the cold attempt is not counted"
+    );
+    let err = lazy
+        .read_parts_now(SIZE - 10, 11)
+        .expect("an error is an answer")
+        .expect_err("past the end");
     assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
 }
 

@@ -44,6 +44,16 @@ pub trait BlockDevice: Send + Sync + 'static {
         default_read_parts(self, offset, len)
     }
 
+    /// [`BlockDevice::read_parts`] if it can be answered at once, without
+    /// waiting for I/O; `None` if not. Called on the server's event loop
+    /// (unlike the other methods): a warm read answered here is written
+    /// back by the task that read the request, with no hand-off to a
+    /// worker thread and back. Default: `None` (always hand off).
+    fn read_parts_now(&self, offset: u64, len: usize) -> Option<io::Result<Vec<ReadPart>>> {
+        let _ = (offset, len);
+        None
+    }
+
     /// `NBD_CMD_CACHE`: bring the range into the local cache without
     /// returning it. Default: nothing to do.
     fn prefetch(&self, offset: u64, len: u64) -> io::Result<()> {

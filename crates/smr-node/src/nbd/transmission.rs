@@ -347,7 +347,10 @@ async fn read<W: AsyncWrite + Unpin>(
     df: bool,
     permits: Permits,
 ) {
-    let r = blocking(&ctx.device, move |d| d.read_parts(offset, len as usize)).await;
+    let r = match ctx.device.read_parts_now(offset, len as usize) {
+        Some(r) => r,
+        None => blocking(&ctx.device, move |d| d.read_parts(offset, len as usize)).await,
+    };
     let parts = match r {
         Ok(p) if parts_cover(&p, len) => p,
         Ok(p) => {

@@ -14,6 +14,7 @@ use smr_store::{ChunkStore, LocalStore};
 use super::*;
 
 mod evict;
+mod now;
 mod open_files;
 mod procs;
 
@@ -126,7 +127,21 @@ pub(super) fn assert_healed(cache: &Cache, f: &Fetcher, id: &ChunkId, entry: &Pa
     );
 }
 
-fn never() -> Result<Vec<u8>, ChunkError> {
+/// Flips one byte of a file in place (same inode, same length).
+pub(super) fn flip_in_place(path: &Path, at: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open entry for writing");
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).expect("read byte");
+    b[0] ^= 0x20;
+    f.write_all_at(&b, at).expect("write byte");
+}
+
+pub(super) fn never() -> Result<Vec<u8>, ChunkError> {
     panic!("must not fetch: the chunk is cached")
 }
 

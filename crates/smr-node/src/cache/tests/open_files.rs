@@ -1,27 +1,13 @@
 //! Open entries (the handle cache) and the access-time granularity.
 
 use super::*;
-use std::fs::{File, FileTimes, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::fs::{File, FileTimes};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// (atime, mtime) of a file: the entry's LRU-K history.
 fn times(path: &Path) -> (SystemTime, SystemTime) {
     let m = fs::metadata(path).expect("metadata");
     (m.accessed().expect("atime"), m.modified().expect("mtime"))
-}
-
-/// Flips one byte of a file in place (same inode, same length).
-fn flip_in_place(path: &Path, at: u64) {
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .expect("open entry for writing");
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, at).expect("read byte");
-    b[0] ^= 0x20;
-    f.write_all_at(&b, at).expect("write byte");
 }
 
 #[test]
