@@ -9,11 +9,13 @@
 #  3. warm read of every file (`tar -cf - . | wc -c`) over `smr mount` vs
 #     the plain loop mount (recipe at the default chunk size);
 #  4. warm NBD: nbdcopy of `smr serve-nbd` vs `qemu-nbd` of the image
-#     (default chunk size), with the server's CPU seconds;
+#     (default chunk size), with the server's CPU seconds, with the page
+#     cache dropped and with it warm;
 #  5. memory: peak RSS (VmHWM) of ONE `smr serve-nbd` process serving 4
 #     images (one store, one cache) under 4 concurrent nbdcopy (multi-conn),
 #     cold then warm; and of the FUSE server of `smr mount`.
-# Page cache dropped before every timed command. Needs root.
+# Page cache dropped before every timed command (the warm NBD copies are
+# also timed with it warm). Needs root.
 # Usage: scripts/bench-lazy.sh [ROUNDS]   (prints markdown tables)
 # Env: SMR_BENCH_SIZES (chunk sizes of the cold start, default 64K..1M),
 #      SMR_BENCH_RAS (loop read_ahead_kb values, default "0 16 128"),
@@ -193,16 +195,24 @@ for s in smr qemu; do
 done
 cpu_of() { awk '{print $14 + $15}' "/proc/$1/stat"; }   # utime + stime, ticks
 nbdcopy "nbd+unix:///py?socket=$work/smr.sock" null:   # fill the cache (first pass)
+# Page cache dropped before each copy (disk reads included), and kept warm
+# (the previous copy of the same server left it there: serving cost alone).
 for r in $(seq "$rounds"); do
-  for conns in default 1; do
-    opt=(); [ "$conns" = 1 ] && opt=(--connections=1)
-    for s in smr qemu; do
-      pid=${pids[0]}; [ "$s" = qemu ] && pid=${pids[1]}
-      drop
-      c0=$(cpu_of "$pid"); t0=$(now)
-      nbdcopy "${opt[@]}" "nbd+unix:///py?socket=$work/$s.sock" null:
-      t1=$(now); c1=$(cpu_of "$pid")
-      echo "nbd $s $conns $r $(elapsed "$t0" "$t1") $(( c1 - c0 ))" >> "$res"
+  for pc in dropped warm; do
+    for conns in default 1; do
+      opt=(); [ "$conns" = 1 ] && opt=(--connections=1)
+      for s in smr qemu; do
+        pid=${pids[0]}; [ "$s" = qemu ] && pid=${pids[1]}
+        if [ "$pc" = dropped ]; then
+          drop
+        else
+          nbdcopy "nbd+unix:///py?socket=$work/$s.sock" null:
+        fi
+        c0=$(cpu_of "$pid"); t0=$(now)
+        nbdcopy "${opt[@]}" "nbd+unix:///py?socket=$work/$s.sock" null:
+        t1=$(now); c1=$(cpu_of "$pid")
+        echo "nbd $s $conns $pc $r $(elapsed "$t0" "$t1") $(( c1 - c0 ))" >> "$res"
+      done
     done
   done
 done
@@ -296,23 +306,28 @@ def tar_section():
 
 
 def nbd_section():
-    print("### Warm NBD: `nbdcopy nbd+unix:///... null:`, page cache dropped\n")
     nbd = collections.defaultdict(list)
     for l in L:
         if l[0] == "nbd":
-            nbd[(l[1], l[2])].append((float(l[4]), int(l[5]) / 100))
-    print("| server | nbdcopy connections | seconds | MB/s | server CPU s | vs qemu-nbd (1 conn) | vs qemu-nbd, same round (min-max) |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    q1 = [x[0] for x in nbd[("qemu", "1")]]
-    for (s, c), v in nbd.items():
-        m = med(x[0] for x in v)
-        cpu = med(x[1] for x in v)
-        name = 'smr serve-nbd (chunk cache warm)' if s == 'smr' else 'qemu-nbd -r -f raw'
-        cn = "default (4 if multi-conn)" if c == "default" else c
-        per = [qv / sv for qv, sv in zip(q1, (x[0] for x in v))]
-        print(f"| {name} | {cn} | {m:.2f} | {img_bytes / m / 1e6:.0f} | {cpu:.2f} | {med(q1) / m:.2f}x "
-              f"| {min(per):.2f}-{max(per):.2f}x |")
-    print()
+            nbd[(l[3], l[1], l[2])].append((float(l[5]), int(l[6]) / 100))
+    for pc in ("dropped", "warm"):
+        what = ("page cache dropped before each copy" if pc == "dropped"
+                else "page cache warm (a copy of the same server just before)")
+        print(f"### Warm NBD: `nbdcopy nbd+unix:///... null:`, {what}\n")
+        print("| server | nbdcopy connections | seconds | MB/s | server CPU s | vs qemu-nbd (1 conn) | vs qemu-nbd, same round (min-max) |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        q1 = [x[0] for x in nbd[(pc, "qemu", "1")]]
+        for (p, s, c), v in nbd.items():
+            if p != pc:
+                continue
+            m = med(x[0] for x in v)
+            cpu = med(x[1] for x in v)
+            name = 'smr serve-nbd (chunk cache warm)' if s == 'smr' else 'qemu-nbd -r -f raw'
+            cn = "default (4 if multi-conn)" if c == "default" else c
+            per = [qv / sv for qv, sv in zip(q1, (x[0] for x in v))]
+            print(f"| {name} | {cn} | {m:.2f} | {img_bytes / m / 1e6:.0f} | {cpu:.2f} | {med(q1) / m:.2f}x "
+                  f"| {min(per):.2f}-{max(per):.2f}x |")
+        print()
 
 
 def mem_section():

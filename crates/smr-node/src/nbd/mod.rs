@@ -3,8 +3,10 @@
 //! Speaks fixed-newstyle negotiation (`NBD_OPT_GO`/`INFO`/`EXPORT_NAME`,
 //! `LIST`, structured replies, the `base:allocation` metadata context) and
 //! serves `READ`, `BLOCK_STATUS`, `CACHE`, `FLUSH`, `DISC` (plus `WRITE`
-//! for writable devices). Requests of one connection run concurrently on
-//! tokio's blocking pool and are answered out of order; read-only exports
+//! for writable devices). Requests of one connection run concurrently and
+//! are answered out of order: a read the device can answer at once
+//! ([`BlockDevice::read_parts_now`]: a warm chunk cache) on the event loop,
+//! everything else on tokio's blocking pool; read-only exports
 //! advertise `NBD_FLAG_CAN_MULTI_CONN`. Requests in flight are bounded per
 //! connection and per server (count and bytes, [`ServerConfig`]), which
 //! bounds the server's threads and memory whatever the clients do. A read

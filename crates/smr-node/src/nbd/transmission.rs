@@ -1,5 +1,7 @@
-//! Transmission phase: read requests, run them concurrently on the blocking
-//! pool, send replies (possibly out of order) through one serialized writer.
+//! Transmission phase: read requests, run them concurrently (a read the
+//! device answers at once in the request's task, the rest on the blocking
+//! pool), send replies (possibly out of order) through one serialized
+//! writer.
 
 use std::io::{self, IoSlice};
 use std::sync::Arc;

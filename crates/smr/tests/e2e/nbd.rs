@@ -95,7 +95,8 @@ fn setup(dir: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
 }
 
 /// nbdcopy of the export equals `smr extract`'s image, qemu-img agrees, and
-/// `nbdinfo --map` shows the zero chunks as holes — from an empty cache.
+/// `nbdinfo --map` shows the zero chunks as holes — from an empty cache,
+/// then from the warm one.
 #[test]
 fn nbd_export_matches_extracted_image() {
     let t = tempfile::tempdir().unwrap();
@@ -112,6 +113,14 @@ fn nbd_export_matches_extracted_image() {
         .arg(&img)
         .arg(srv.uri()));
     assert!(String::from_utf8_lossy(&out.stdout).contains("identical"));
+    // Again from the warm cache: now the reads are answered on the
+    // server's event loop (`read_parts_now`), not on its blocking threads.
+    let warm = t.path().join("warm-copy");
+    ok(Command::new("nbdcopy").arg(srv.uri()).arg(&warm));
+    assert!(
+        std::fs::read(&warm).unwrap() == std::fs::read(&img).unwrap(),
+        "warm nbdcopy differs from extract"
+    );
     let info = ok(Command::new("qemu-img").arg("info").arg(srv.uri()));
     let size = std::fs::metadata(&img).unwrap().len();
     assert!(String::from_utf8_lossy(&info.stdout).contains(&size.to_string()));
