@@ -186,13 +186,16 @@ impl LazyImage {
     }
 
     /// [`LazyImage::read_parts`] if every chunk of the range is at hand
-    /// (zero, or see [`Cache::get_decoded_now`]); `None` if one is not (nor
-    /// is anything counted): then `read_parts` must wait for it. Never
-    /// waits for a chunk's disk read or fetch.
+    /// (zero, or see [`Cache::get_decoded_now`]); `None` if one is not
+    /// (and the read is not counted): then `read_parts` must wait for it.
+    /// Never waits for a chunk's disk read or fetch.
     pub fn read_parts_now(&self, offset: u64, len: usize) -> Option<io::Result<Vec<ReadPart>>> {
         let end = match self.end_of(offset, len as u64) {
             Ok(end) => end,
-            Err(e) => return Some(Err(e)),
+            Err(e) => {
+                self.count_read(len, false);
+                return Some(Err(e));
+            }
         };
         let mut parts: Vec<ReadPart> = Vec::new();
         if len > 0 {
@@ -211,6 +214,7 @@ impl LazyImage {
                 if let Err(e) = piece(c, cs, offset, end, data.as_ref())
                     .and_then(|(_, p)| push_part(&mut parts, p))
                 {
+                    self.count_read(len, false);
                     return Some(Err(e));
                 }
             }
@@ -219,6 +223,7 @@ impl LazyImage {
         Some(Ok(parts))
     }
 
+    /// Counts a read of `len` bytes that succeeded or failed.
     fn count_read(&self, len: usize, ok: bool) {
         let i = &self.inner;
         i.reads.fetch_add(1, Ordering::Relaxed);

@@ -299,6 +299,7 @@ fn read_parts_now_answers_only_what_is_at_hand() {
         .expect("an error is an answer")
         .expect_err("past the end");
     assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    assert_eq!(lazy.stats().read_errors, 1);
 }
 
 #[test]
