@@ -236,12 +236,8 @@ pub fn run(req: RunRequest) -> Result<RunReport> {
 fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
     std::fs::create_dir_all(&req.work_root).map_err(io_err(&req.work_root))?;
     sweep::sweep(&req.work_root, &req.runc);
-    let tmp = tempfile::Builder::new()
-        .prefix("run-")
-        .tempdir_in(&req.work_root)
-        .map_err(io_err(&req.work_root))?;
-    // Held while this run lives: a later run's sweep knows we are alive.
-    let _alive = sweep::hold(tmp.path()).map_err(io_err(tmp.path()))?;
+    // Locked while this run lives: a later run's sweep knows we are alive.
+    let tmp = sweep::RunDir::create(&req.work_root).map_err(io_err(&req.work_root))?;
     let dir = |n: &str| -> Result<PathBuf> {
         let p = tmp.path().join(n);
         std::fs::create_dir_all(&p).map_err(io_err(&p))?;

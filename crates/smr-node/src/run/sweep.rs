@@ -23,11 +23,41 @@ pub(crate) const LOCK: &str = "lock";
 /// Age after which a run directory without a lock file is a leftover.
 pub const UNLOCKED_GRACE: Duration = Duration::from_secs(60);
 
-/// Creates and locks `dir/lock` for the life of the returned file.
-pub(crate) fn hold(dir: &Path) -> std::io::Result<File> {
-    let f = File::create(dir.join(LOCK))?;
-    disk_lock::lock_exclusive(&f)?;
-    Ok(f)
+/// A live run's directory (`WORK_ROOT/run-*`) and the lock on its
+/// `lock` file that tells sweeps the run is alive.
+///
+/// Dropping it (an error path of [`super::run`]) removes the directory
+/// first and only then releases the lock: fields drop in declaration
+/// order. Released first, the lock would let another run's sweep take the
+/// directory for a dead run's and race us to remove it.
+pub(crate) struct RunDir {
+    dir: tempfile::TempDir,
+    _lock: File,
+}
+
+impl RunDir {
+    /// Creates a new run directory under `work_root`, locked.
+    pub(crate) fn create(work_root: &Path) -> std::io::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("run-")
+            .tempdir_in(work_root)?;
+        let lock = File::create(dir.path().join(LOCK))?;
+        disk_lock::lock_exclusive(&lock)?;
+        Ok(RunDir { dir, _lock: lock })
+    }
+
+    /// The directory.
+    pub(crate) fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Removes the directory, then releases the lock.
+    pub(crate) fn close(self) -> std::io::Result<()> {
+        let RunDir { dir, _lock: lock } = self;
+        let removed = dir.close();
+        drop(lock);
+        removed
+    }
 }
 
 /// The container id of the run in `dir` (as [`super::run`] names it).
@@ -73,6 +103,9 @@ pub fn sweep(work_root: &Path, runc: &str) -> usize {
                 None
             }
         };
+        if !dir.exists() {
+            continue; // removed by its own run just before it let go of the lock
+        }
         match tear_down(&dir, runc) {
             Ok(()) => {
                 tracing::info!(dir = %dir.display(), "removed the leftovers of a dead smr run");
@@ -115,4 +148,52 @@ fn loops_under(dir: &Path) -> Vec<(String, PathBuf)> {
             file.starts_with(dir).then_some((dev, file))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `true` stands in for runc: the sweep's `runc delete` of a run with no
+    /// container does nothing either way.
+    const RUNC: &str = "true";
+
+    #[test]
+    fn a_live_run_directory_is_kept_and_a_dead_one_swept() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let live = RunDir::create(root.path()).expect("run dir");
+        std::fs::create_dir(live.path().join("rootfs")).expect("mkdir");
+        assert_eq!(sweep(root.path(), RUNC), 0, "locked: alive");
+        assert!(live.path().is_dir());
+
+        // A dead run: its lock file is there, and nobody holds it.
+        let dead = root.path().join("run-dead");
+        std::fs::create_dir_all(dead.join("upper/etc")).expect("mkdir");
+        File::create(dead.join(LOCK)).expect("lock file");
+        assert_eq!(sweep(root.path(), RUNC), 1);
+        assert!(!dead.exists(), "the dead run's directory is gone");
+        assert!(live.path().is_dir(), "the live one is kept");
+
+        let path = live.path().to_path_buf();
+        live.close().expect("close");
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn dropping_a_run_directory_removes_it_and_frees_its_lock() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let run = RunDir::create(root.path()).expect("run dir");
+        let path = run.path().to_path_buf();
+        // A sweep's view of the lock, opened while the directory exists.
+        let sweeper = File::open(path.join(LOCK)).expect("open lock");
+        assert!(
+            !disk_lock::try_lock_exclusive(&sweeper).expect("try"),
+            "held"
+        );
+        drop(run);
+        assert!(!path.exists(), "removed");
+        // Only now can the sweeper take it, and there is nothing left to sweep.
+        assert!(disk_lock::try_lock_exclusive(&sweeper).expect("try"));
+        assert_eq!(sweep(root.path(), RUNC), 0);
+    }
 }
