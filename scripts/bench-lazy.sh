@@ -36,6 +36,10 @@ want() { [[ ",$only," == *",$1,"* ]]; }
 pycmd=(python3 -c 'import numpy')
 smr=${SMR_BIN:-$here/target/release/smr}   # SMR_BIN: a copy, safe from concurrent builds
 [ -x "$smr" ] || (cd "$here" && cargo build --release -q -p smr)
+floor=$here/target/release/examples/read_floor   # the disk floor of the NBD copies
+if [[ ",$only," == *",nbd,"* ]] && [ ! -x "$floor" ]; then
+  (cd "$here" && cargo build --release -q -p smr-node --example read_floor)
+fi
 "$here/scripts/build-test-images.sh" "$cache" >/dev/null
 work=$(mktemp -d /var/tmp/smr-bench-lazy.XXXXXX)
 res=$work/results
@@ -215,6 +219,13 @@ for r in $(seq "$rounds"); do
       done
     done
   done
+  # The disk's floor under the dropped copies: just reading smr's cache
+  # entries (48 threads), and qemu-nbd's one image file.
+  drop
+  echo "floor entries $r $("$floor" "$warm/chunks" 48 | awk '{print $3}')" >> "$res"
+  drop
+  t0=$(now); cat "$work/py.img" > /dev/null; t1=$(now)
+  echo "floor image $r $(elapsed "$t0" "$t1")" >> "$res"
 done
 echo "mem serve-nbd(1-image,after-warm-nbdcopy) $(awk '/VmHWM/{h=$2} /RssAnon/{a=$2} /^Threads/{t=$2} END{print h, a, t}' "/proc/${pids[0]}/status")" >> "$res"
 for p in "${pids[@]}"; do kill "$p"; wait "$p" 2>/dev/null || true; done
@@ -328,6 +339,10 @@ def nbd_section():
             print(f"| {name} | {cn} | {m:.2f} | {img_bytes / m / 1e6:.0f} | {cpu:.2f} | {med(q1) / m:.2f}x "
                   f"| {min(per):.2f}-{max(per):.2f}x |")
         print()
+        floors = {k: [float(l[3]) for l in L if l[:2] == ["floor", k]] for k in ("entries", "image")}
+        if pc == "dropped" and floors["entries"] and floors["image"]:
+            print(f"Disk floor, page cache dropped (median): reading every cache entry, 48 threads, "
+                  f"{med(floors['entries']):.2f} s; `cat` of the image file {med(floors['image']):.2f} s.\n")
 
 
 def mem_section():
