@@ -12,11 +12,8 @@
 //! which is what makes chunks deduplicate across images and nodes.
 
 use crate::error::{FormatError, Result};
-use aes::cipher::{KeyIvInit, StreamCipher};
 use sha2::{Digest, Sha256};
 use std::fmt;
-
-type Aes256Ctr = ctr::Ctr128BE<aes::Aes256>;
 
 /// zstd level used for `--compress zstd` unless another is chosen
 /// ([`ChunkCodec::with_zstd_level`]). 9, not zstd's usual 3: an image is
@@ -172,8 +169,7 @@ impl ChunkCodec {
 }
 
 fn apply_ctr(key: &ChunkKey, data: &mut [u8]) {
-    let mut cipher = Aes256Ctr::new(&key.0.into(), &[0u8; 16].into());
-    cipher.apply_keystream(data);
+    crate::ctr::apply_keystream(&key.0, data);
 }
 
 /// Checks that `stored` is the chunk named `id`, then decrypts and

@@ -6,6 +6,7 @@
 
 pub mod chunk;
 pub mod config;
+mod ctr;
 pub mod error;
 pub mod key;
 pub mod profile;
