@@ -207,9 +207,12 @@ impl LazyImage {
                 }
                 let data = match self.inner.locate(c) {
                     None => None,
-                    Some((pos, key)) => Some(self.inner.cache.get_decoded_now(&key, |stored| {
-                        self.inner.img.open_verified(pos, stored)
-                    })?),
+                    Some((pos, key)) => {
+                        let keep = !self.covers(c, offset, end);
+                        Some(self.inner.cache.get_decoded_now(&key, keep, |stored| {
+                            self.inner.img.open_verified(pos, stored)
+                        })?)
+                    }
                 };
                 if let Err(e) = piece(c, cs, offset, end, data.as_ref())
                     .and_then(|(_, p)| push_part(&mut parts, p))
@@ -221,6 +224,13 @@ impl LazyImage {
         }
         self.count_read(len, true);
         Some(Ok(parts))
+    }
+
+    /// Whether the read `[offset, end)` takes all of chunk `c`.
+    fn covers(&self, c: u64, offset: u64, end: u64) -> bool {
+        let cs = self.chunk_size();
+        let start = c * cs;
+        offset <= start && end >= (start + cs).min(self.size())
     }
 
     /// Counts a read of `len` bytes that succeeded or failed.
@@ -284,9 +294,10 @@ impl LazyImage {
                     continue;
                 }
                 let (inner, done) = (self.inner.clone(), done.clone());
+                // Kept: the reader picks it up from the memory tier.
                 self.inner.cache.spawn(Box::new(move || {
                     if !done.load(Ordering::Relaxed) {
-                        let _ = inner.chunk(c);
+                        let _ = inner.chunk(c, true);
                     }
                 }));
             }
@@ -299,7 +310,7 @@ impl LazyImage {
             }
             let data = self
                 .inner
-                .chunk(c)
+                .chunk(c, !self.covers(c, offset, end))
                 .map_err(|e| self.inner.fail(c, offset, e))?;
             let (lo, piece) = piece(c, cs, offset, end, data.as_ref())?;
             f(lo, piece)?;
@@ -464,14 +475,16 @@ impl Inner {
         })
     }
 
-    /// The plaintext of chunk `index`, `None` for a zero chunk.
-    fn chunk(&self, index: u64) -> ChunkResult {
+    /// The plaintext of chunk `index`, `None` for a zero chunk; kept in
+    /// the memory tier if `keep` (see [`Cache::get_decoded`]).
+    fn chunk(&self, index: u64, keep: bool) -> ChunkResult {
         let Some((pos, key)) = self.locate(index) else {
             return Ok(None);
         };
         self.cache
             .get_decoded(
                 &key,
+                keep,
                 || self.fetch(&key.id),
                 // get_or_fetch hands over only bytes it has hashed against
                 // the chunk's name (at insert; loads check the entry's

@@ -288,10 +288,14 @@ impl Cache {
     }
 
     /// The decoded (plaintext, verified) bytes of a chunk: from the memory
-    /// tier, else [`Cache::get_or_fetch`] then `decode`, kept in memory.
+    /// tier, else [`Cache::get_or_fetch`] then `decode`, kept in memory if
+    /// `keep`. A reader that takes a whole chunk (a sequential scan, say)
+    /// is unlikely to want it again soon: keeping it would only push out
+    /// chunks that partial readers come back to.
     pub fn get_decoded(
         &self,
         key: &DecodeKey,
+        keep: bool,
         fetch: impl FnOnce() -> Result<Vec<u8>, ChunkError>,
         decode: impl FnOnce(Vec<u8>) -> Result<Vec<u8>, ChunkError>,
     ) -> Result<Arc<Vec<u8>>> {
@@ -311,17 +315,16 @@ impl Cache {
                 source: Box::new(source),
             })?;
             let plain = Arc::new(plain);
-            self.memory
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .put(key.clone(), plain.clone());
+            if keep {
+                self.keep(key, &plain);
+            }
             Ok(plain)
         });
         self.maybe_flush();
         r
     }
 
-    /// [`Cache::get_decoded`] for a chunk at hand: from the memory tier,
+    /// [`Cache::get_decoded`] (`keep` alike) for a chunk at hand: from the memory tier,
     /// or from a disk entry already open whose bytes are all in the page
     /// cache (`disk::load_now`). `None` when that would wait for a disk
     /// read or a fetch, or when anything went wrong (decoding included):
@@ -330,6 +333,7 @@ impl Cache {
     pub fn get_decoded_now(
         &self,
         key: &DecodeKey,
+        keep: bool,
         decode: impl FnOnce(Vec<u8>) -> Result<Vec<u8>, ChunkError>,
     ) -> Option<Arc<Vec<u8>>> {
         if let Some(data) = self.memory_get(key) {
@@ -339,12 +343,19 @@ impl Cache {
         let stored = disk::load_now(&self.handles, &key.id, self.cfg.access_granularity)?;
         self.pending.hits.fetch_add(1, Ordering::Relaxed);
         let plain = Arc::new(decode(stored).ok()?);
+        if keep {
+            self.keep(key, &plain);
+        }
+        self.maybe_flush();
+        Some(plain)
+    }
+
+    /// Puts decoded bytes in the memory tier.
+    fn keep(&self, key: &DecodeKey, plain: &Arc<Vec<u8>>) {
         self.memory
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .put(key.clone(), plain.clone());
-        self.maybe_flush();
-        Some(plain)
     }
 
     /// Whether the memory tier holds `key`.

@@ -303,6 +303,34 @@ fn read_parts_now_answers_only_what_is_at_hand() {
 }
 
 #[test]
+fn whole_chunks_read_pass_by_the_memory_tier_and_pieces_stay() {
+    let fx = fixture(Duration::ZERO);
+    let lazy = fx.lazy(32 << 20, 1 << 30);
+    let mem = |lazy: &LazyImage| lazy.cache().stats().expect("stats").memory_entries;
+    // Chunks 0 and 1 in the disk tier (a cold read would keep what the
+    // fetch pool fetched for the reader), then read whole by each path.
+    lazy.prefetch(0, 2 * CS).expect("prefetch");
+    lazy.read_parts(0, (2 * CS) as usize).expect("read_parts");
+    lazy.read_parts_now(0, (2 * CS) as usize)
+        .expect("at hand")
+        .expect("warm");
+    fx.read(&lazy, 0, 2 * CS).expect("read_at");
+    assert_eq!(mem(&lazy), 0, "whole chunks are not kept");
+    // A piece of chunk 3, then of chunk 4 at hand: both kept.
+    lazy.read_parts(3 * CS + 10, 100).expect("piece");
+    fx.read(&lazy, 4 * CS, 10).expect("piece");
+    lazy.read_parts_now(4 * CS + 20, 10)
+        .expect("at hand")
+        .expect("piece");
+    assert_eq!(mem(&lazy), 2);
+    // The image's short last chunk, read to its end, counts as whole.
+    let last = (SIZE - 1) / CS;
+    lazy.read_parts(last * CS, (SIZE - last * CS) as usize)
+        .expect("last");
+    assert_eq!(mem(&lazy), 2);
+}
+
+#[test]
 fn spanning_reads_whole_image_and_bounds() {
     let fx = fixture(Duration::from_millis(20));
     let lazy = fx.lazy(32 << 20, 1 << 30);

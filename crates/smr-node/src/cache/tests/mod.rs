@@ -417,9 +417,11 @@ fn memory_tier_decodes_once_and_keys_by_decryption_key() {
         Ok(v.iter().map(|b| b ^ 0xff).collect())
     };
     let a = cache
-        .get_decoded(&key, || f.get(&ids[0]), decode)
+        .get_decoded(&key, true, || f.get(&ids[0]), decode)
         .expect("decoded");
-    let b = cache.get_decoded(&key, never, decode).expect("from memory");
+    let b = cache
+        .get_decoded(&key, true, never, decode)
+        .expect("from memory");
     assert!(Arc::ptr_eq(&a, &b));
     assert_eq!(decodes.load(Ordering::SeqCst), 1);
     assert!(cache.in_memory(&key));
@@ -429,7 +431,7 @@ fn memory_tier_decodes_once_and_keys_by_decryption_key() {
     };
     assert!(!cache.in_memory(&other));
     cache
-        .get_decoded(&other, never, decode)
+        .get_decoded(&other, true, never, decode)
         .expect("decoded from disk");
     assert_eq!(decodes.load(Ordering::SeqCst), 2);
     let s = cache.stats().expect("stats");

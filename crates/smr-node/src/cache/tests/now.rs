@@ -32,12 +32,12 @@ fn a_warm_entry_is_served_at_once_and_a_missing_one_is_not() {
     // Just inserted: its handle is open and its pages are cached.
     let a = c
         .cache
-        .get_decoded_now(&key(c.id, LEN, 1), invert)
+        .get_decoded_now(&key(c.id, LEN, 1), true, invert)
         .expect("at hand");
     assert!(*a == expected);
     let b = c
         .cache
-        .get_decoded_now(&key(c.id, LEN, 1), |_| panic!("decoded again"))
+        .get_decoded_now(&key(c.id, LEN, 1), true, |_| panic!("decoded again"))
         .expect("from memory");
     assert!(Arc::ptr_eq(&a, &b));
     let s = c.cache.stats().expect("stats");
@@ -46,7 +46,7 @@ fn a_warm_entry_is_served_at_once_and_a_missing_one_is_not() {
     let absent = ChunkId::of(b"not in the cache");
     assert!(c
         .cache
-        .get_decoded_now(&key(absent, LEN, 1), invert)
+        .get_decoded_now(&key(absent, LEN, 1), true, invert)
         .is_none());
     assert_eq!(c.f.calls(), 1, "never fetches");
 }
@@ -58,17 +58,17 @@ fn an_entry_not_in_the_page_cache_is_left_to_get_decoded() {
     evict_pages(&c.entry);
     assert!(
         c.cache
-            .get_decoded_now(&key(c.id, LEN, 1), invert)
+            .get_decoded_now(&key(c.id, LEN, 1), true, invert)
             .is_none(),
         "would wait for the disk"
     );
     // The waiting path reads it (and so brings it into the page cache).
     c.cache
-        .get_decoded(&key(c.id, LEN, 1), never, invert)
+        .get_decoded(&key(c.id, LEN, 1), true, never, invert)
         .expect("read from disk");
     let again = c
         .cache
-        .get_decoded_now(&key(c.id, LEN, 2), invert)
+        .get_decoded_now(&key(c.id, LEN, 2), true, invert)
         .expect("at hand now");
     assert_eq!(again.len(), LEN);
     assert_eq!(c.f.calls(), 1);
@@ -81,8 +81,31 @@ fn a_corrupt_entry_is_left_to_get_decoded_which_heals_it() {
     flip_in_place(&c.entry, 999);
     assert!(c
         .cache
-        .get_decoded_now(&key(c.id, LEN, 1), invert)
+        .get_decoded_now(&key(c.id, LEN, 1), true, invert)
         .is_none());
     assert_eq!(c.f.calls(), 1, "not refetched here");
     assert_healed(&c.cache, &c.f, &c.id, &c.entry);
+}
+
+#[test]
+fn only_kept_chunks_enter_the_memory_tier() {
+    const LEN: usize = 8 << 10;
+    let c = one_chunk(LEN);
+    let passing = key(c.id, LEN, 1);
+    c.cache
+        .get_decoded_now(&passing, false, invert)
+        .expect("at hand");
+    c.cache
+        .get_decoded(&passing, false, never, invert)
+        .expect("from disk");
+    assert!(!c.cache.in_memory(&passing), "not kept");
+    c.cache
+        .get_decoded_now(&passing, true, invert)
+        .expect("at hand");
+    assert!(c.cache.in_memory(&passing), "kept");
+    let other = key(c.id, LEN, 2);
+    c.cache
+        .get_decoded(&other, true, never, invert)
+        .expect("from disk");
+    assert!(c.cache.in_memory(&other));
 }
