@@ -198,6 +198,10 @@ impl LazyImage {
             }
         };
         let mut parts: Vec<ReadPart> = Vec::new();
+        // Whole chunks loaded but not kept: if a later chunk is not at
+        // hand, they are kept after all, so that `read_parts` does not
+        // load and decrypt them again.
+        let mut passing: Vec<(DecodeKey, Arc<Vec<u8>>)> = Vec::new();
         if len > 0 {
             let cs = self.chunk_size();
             let recorder = self.inner.recorder.get();
@@ -209,9 +213,19 @@ impl LazyImage {
                     None => None,
                     Some((pos, key)) => {
                         let keep = !self.covers(c, offset, end);
-                        Some(self.inner.cache.get_decoded_now(&key, keep, |stored| {
+                        let got = self.inner.cache.get_decoded_now(&key, keep, |stored| {
                             self.inner.img.open_verified(pos, stored)
-                        })?)
+                        });
+                        let Some(d) = got else {
+                            for (k, d) in &passing {
+                                self.inner.cache.keep(k, d);
+                            }
+                            return None;
+                        };
+                        if !keep {
+                            passing.push((key, d.clone()));
+                        }
+                        Some(d)
                     }
                 };
                 if let Err(e) = piece(c, cs, offset, end, data.as_ref())

@@ -351,7 +351,7 @@ impl Cache {
     }
 
     /// Puts decoded bytes in the memory tier.
-    fn keep(&self, key: &DecodeKey, plain: &Arc<Vec<u8>>) {
+    pub(crate) fn keep(&self, key: &DecodeKey, plain: &Arc<Vec<u8>>) {
         self.memory
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

@@ -331,6 +331,24 @@ fn whole_chunks_read_pass_by_the_memory_tier_and_pieces_stay() {
 }
 
 #[test]
+fn chunks_read_before_one_not_at_hand_are_kept_for_the_slow_path() {
+    let fx = fixture(Duration::ZERO);
+    let lazy = fx.lazy(32 << 20, 1 << 30);
+    // Chunk 0 on disk, chunk 1 not cached at all.
+    lazy.prefetch(0, CS).expect("prefetch");
+    assert!(lazy.read_parts_now(0, (2 * CS) as usize).is_none());
+    let s = lazy.cache().stats().expect("stats");
+    assert_eq!(s.memory_entries, 1, "chunk 0, decoded once, is kept");
+    let parts = lazy.read_parts(0, (2 * CS) as usize).expect("slow path");
+    assert!(flatten(&parts) == fx.plain[..(2 * CS) as usize]);
+    let s = lazy.cache().stats().expect("stats");
+    assert_eq!(
+        s.counters.memory_hits, 1,
+        "the slow path took chunk 0 from memory"
+    );
+}
+
+#[test]
 fn spanning_reads_whole_image_and_bounds() {
     let fx = fixture(Duration::from_millis(20));
     let lazy = fx.lazy(32 << 20, 1 << 30);
