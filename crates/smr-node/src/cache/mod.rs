@@ -21,7 +21,9 @@
 //! - **Memory tier.** A byte-bounded LRU (default 16 MiB) of decoded,
 //!   verified chunks per process, so that the many small reads the kernel
 //!   makes inside one chunk neither re-read nor re-hash it. It is keyed by
-//!   chunk *and* decryption key ([`DecodeKey`]).
+//!   chunk *and* decryption key ([`DecodeKey`]). Only chunks read in part
+//!   are kept (the caller says, `keep`): a reader taking whole chunks, a
+//!   scan, would only push the others out.
 //! - **Single flight.** Within a process, a map of fetches in flight makes
 //!   concurrent readers of one chunk wait for one fetch (and one decode).
 //!   Across processes (and so across images), the fetching thread holds
@@ -324,9 +326,9 @@ impl Cache {
         r
     }
 
-    /// [`Cache::get_decoded`] (`keep` alike) for a chunk at hand: from the memory tier,
-    /// or from a disk entry already open whose bytes are all in the page
-    /// cache (`disk::load_now`). `None` when that would wait for a disk
+    /// [`Cache::get_decoded`] (`keep` alike) for a chunk at hand: from the
+    /// memory tier, or from a disk entry already open whose bytes are all
+    /// in the page cache (`disk::load_now`). `None` when that would wait for a disk
     /// read or a fetch, or when anything went wrong (decoding included):
     /// `get_decoded` then waits, and reports. Never waits for a chunk's
     /// disk read or fetch, so an event loop can serve warm reads itself.
