@@ -7,9 +7,9 @@
 //! speed of a warm read: on CPUs with VAES and AVX-512 (x86-64 since Ice
 //! Lake and Zen 4) 16 blocks are encrypted per step, four per 512-bit
 //! register, about 2.5x the `aes` crate's AES-NI path in CTR mode
-//! (docs/BENCHMARKS.md, "Session 4"). Elsewhere, and for any input, the
-//! RustCrypto implementation does the work; both give the same bytes,
-//! which the tests check on random keys and lengths.
+//! (docs/BENCHMARKS.md, "Session 4"). On other CPUs the RustCrypto
+//! implementation does the work. Both give the same bytes, which the tests
+//! check on random keys and lengths.
 
 use aes::cipher::{KeyIvInit, StreamCipher};
 
@@ -36,7 +36,8 @@ fn portable(key: &[u8; 32], data: &mut [u8]) {
 mod vaes {
     use std::arch::x86_64::*;
 
-    /// Blocks per step: four 512-bit registers of four blocks each.
+    /// Bytes per step: 16 blocks of 16 bytes, in four 512-bit registers
+    /// of four blocks each.
     const STEP: usize = 16 * 16;
 
     /// Whether this CPU runs [`apply_keystream`]'s VAES path (detected
