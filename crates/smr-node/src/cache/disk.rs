@@ -138,7 +138,7 @@ const CRC_XATTR: &str = "user.smr.crc32c";
 
 /// Records `data`'s CRC-32C on `file`; `false` if the filesystem refused.
 fn set_crc(file: &File, data: &[u8]) -> bool {
-    let crc = crc32c::crc32c(data).to_le_bytes();
+    let crc = crc32c(data).to_le_bytes();
     rustix::fs::fsetxattr(file, CRC_XATTR, &crc, rustix::fs::XattrFlags::empty()).is_ok()
 }
 
@@ -153,9 +153,19 @@ fn get_crc(file: &File) -> Option<u32> {
 
 /// Whether `buf` is intact as the entry of `id`: by its recorded CRC-32C
 /// `crc` when there is one, else by SHA-256.
+/// CRC-32C (Castagnoli, as iSCSI and ext4 use it) of `data`. `crc-fast`
+/// folds with carry-less multiplies (VPCLMULQDQ where there is AVX-512),
+/// about 4x the `crc32` instruction's three-stream speed; the values are
+/// the standard ones (the tests check them against the `crc32c` crate),
+/// so entries written by earlier versions check the same.
+pub(crate) fn crc32c(data: &[u8]) -> u32 {
+    // A CRC-32 fits in 32 bits; the crate returns every width as a u64.
+    crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, data) as u32
+}
+
 fn intact(crc: Option<u32>, id: &ChunkId, buf: &[u8]) -> bool {
     match crc {
-        Some(crc) => crc32c::crc32c(buf) == crc,
+        Some(crc) => crc32c(buf) == crc,
         None => ChunkId::of(buf) == *id,
     }
 }

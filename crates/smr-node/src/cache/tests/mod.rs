@@ -441,3 +441,35 @@ fn memory_tier_decodes_once_and_keys_by_decryption_key() {
     );
     assert_eq!((s.memory_entries, s.memory_bytes), (2, 8192));
 }
+
+#[test]
+fn the_entry_crc_is_the_standard_crc32c() {
+    // Lengths and offsets around the folding widths, and a whole chunk.
+    let data = bytes(99, (1 << 20) + 300);
+    for len in [
+        0usize,
+        1,
+        7,
+        15,
+        16,
+        63,
+        64,
+        65,
+        255,
+        256,
+        4095,
+        4096,
+        65536,
+        1 << 20,
+    ] {
+        for off in [0usize, 1, 3, 17] {
+            let s = &data[off..off + len];
+            assert_eq!(disk::crc32c(s), crc32c::crc32c(s), "{len} bytes at {off}");
+        }
+    }
+    assert_eq!(
+        disk::crc32c(b"123456789"),
+        0xe306_9283,
+        "the check value of CRC-32C"
+    );
+}
