@@ -194,15 +194,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn bytes(seed: u64, len: usize) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+        smr_testkit::noise(len, seed)
     }
 
     /// A known answer: with the all-zero key, keystream block 0 is

@@ -10,6 +10,7 @@
 //!   and golden tests.
 //! - [`env`]: tools on PATH and the cached Debian images, skipped or
 //!   required (`SMR_REQUIRE_IMAGES`).
+//! - [`noise`]: deterministic pseudo-random bytes.
 
 pub mod env;
 mod image;
@@ -27,9 +28,35 @@ pub use synthetic::{
     synthetic_long_target, SYNTHETIC_CAPABILITY, SYNTHETIC_TAG,
 };
 
+/// `len` deterministic pseudo-random bytes (xorshift64), different for
+/// each `seed`; no 8-byte word of it is zero, so it never makes a zero
+/// block or compresses.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn noise_is_deterministic_and_seeded() {
+        assert_eq!(noise(100, 7), noise(100, 7));
+        assert_ne!(noise(100, 7), noise(100, 8));
+        assert_eq!(noise(13, 7), noise(100, 7)[..13]);
+        assert!(noise(1 << 16, 3)
+            .chunks(8)
+            .all(|w| w.iter().any(|b| *b != 0)));
+    }
 
     #[test]
     fn synthetic_is_byte_deterministic() {

@@ -10,6 +10,7 @@ use std::process::Command;
 
 use super::*;
 use crate::tree::{DataSink, Inode, InodeId, Kind, Meta, Tree};
+use smr_testkit::noise;
 
 const CHUNK: u64 = 64 * 1024;
 
@@ -28,20 +29,6 @@ fn meta(mode: u32) -> Meta {
         mtime_nsec: 250_000_000,
         ..Meta::default()
     }
-}
-
-/// Deterministic pseudo-random bytes (xorshift), never an all-zero block.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 /// A tree under construction plus the writer its file data goes to; keeps

@@ -22,15 +22,7 @@ pub(super) const KIB: u64 = 1 << 10;
 
 /// `len` pseudo-random bytes, distinct for each `seed`.
 pub(super) fn bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    smr_testkit::noise(len, seed.wrapping_mul(0x9e37_79b9_7f4a_7c15))
 }
 
 /// A real store holding `n` chunks of `len` bytes, and their ids.
