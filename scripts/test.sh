@@ -3,7 +3,8 @@
 # Extra arguments go to cargo nextest (e.g. scripts/test.sh -E 'test(ext4)').
 #
 # Steps: treecmp self-test, cargo fmt --check, cargo clippy -D warnings,
-# cargo nextest run --workspace --no-fail-fast. Every step runs even when an
+# cargo doc -D warnings (broken doc links), cargo nextest run --workspace
+# --no-fail-fast. Every step runs even when an
 # earlier one failed (a formatting slip should not hide test results); the
 # exit status is non-zero if any step failed.
 #
@@ -27,6 +28,7 @@ step() {
 step "treecmp self-test" scripts/treecmp_selftest.py
 step "cargo fmt" cargo fmt --all --check
 step "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
+step "cargo doc" env RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 step "cargo nextest" cargo nextest run --workspace --no-fail-fast "$@"
 
 if ((${#failed[@]})); then

@@ -8,7 +8,7 @@
 //!   [`write_docker_archive`] writes `docker save` tarballs.
 //! - [`synthetic_everything`] writes the canonical image used by end-to-end
 //!   and golden tests.
-//! - [`env`]: tools on PATH and the cached Debian images, skipped or
+//! - [`env`](mod@env): tools on PATH and the cached Debian images, skipped or
 //!   required (`SMR_REQUIRE_IMAGES`).
 //! - [`noise`]: deterministic pseudo-random bytes.
 
