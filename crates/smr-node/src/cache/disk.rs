@@ -287,7 +287,7 @@ pub(crate) fn load(
             return Load::Absent;
         }
     };
-    let buf = match read_exact_len(&h.file, h.len) {
+    let buf = match read_exact_len(&h.file, h.len, 0) {
         Ok(b) => b,
         Err(e) => {
             unreadable(&e);
@@ -331,14 +331,7 @@ pub(crate) fn load(
 /// itself and hand only the others to a thread.
 pub(crate) fn load_now(handles: &Handles, id: &ChunkId, granularity: Duration) -> Option<Vec<u8>> {
     let h = handles.get(id)?;
-    let len = usize::try_from(h.len).ok()?;
-    let mut buf = Vec::with_capacity(len);
-    while buf.len() < len {
-        match pread_nowait(&h.file, &mut buf, len) {
-            Ok(0) | Err(_) => return None,
-            Ok(_) => {}
-        }
-    }
+    let buf = read_exact_len(&h.file, h.len, libc::RWF_NOWAIT).ok()?;
     if !intact(h.crc, id, &buf) {
         return None;
     }
@@ -346,12 +339,31 @@ pub(crate) fn load_now(handles: &Handles, id: &ChunkId, granularity: Duration) -
     Some(buf)
 }
 
-/// One `preadv2(RWF_NOWAIT)` into the spare capacity of `buf`, up to `len`
+/// Reads the `len` bytes of an entry into a buffer of exactly that size,
+/// with `preadv2(flags)`: usually one system call (`read_to_end` makes at
+/// least two, plus an `fstat` and an `lseek`). A file shorter than `len`
+/// (truncated meanwhile) yields what it has, which the checksum then
+/// rejects. With `RWF_NOWAIT`, bytes not in the page cache are an error
+/// (`EAGAIN`) instead of a wait for the disk.
+fn read_exact_len(file: &File, len: u64, flags: libc::c_int) -> io::Result<Vec<u8>> {
+    let len = usize::try_from(len).map_err(|_| io::Error::from(ErrorKind::OutOfMemory))?;
+    let mut buf = Vec::with_capacity(len);
+    while buf.len() < len {
+        match pread_into(file, &mut buf, len, flags) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(buf)
+}
+
+/// One `preadv2(flags)` into the spare capacity of `buf`, up to `len`
 /// bytes in all, at the file offset `buf.len()`; returns the bytes read
-/// (0 at the end of the file). `EAGAIN` (some of it not in the page cache)
-/// and `EINTR` are errors like any other: the caller reads the slow way.
+/// (0 at the end of the file).
 #[allow(unsafe_code)]
-fn pread_nowait(file: &File, buf: &mut Vec<u8>, len: usize) -> io::Result<usize> {
+fn pread_into(file: &File, buf: &mut Vec<u8>, len: usize, flags: libc::c_int) -> io::Result<usize> {
     use std::os::fd::AsRawFd;
     let at =
         libc::off_t::try_from(buf.len()).map_err(|_| io::Error::from(ErrorKind::InvalidInput))?;
@@ -368,32 +380,13 @@ fn pread_nowait(file: &File, buf: &mut Vec<u8>, len: usize) -> io::Result<usize>
     // (`want` <= the spare capacity's length). The kernel writes at most
     // `iov_len` bytes there and returns how many it wrote (or -1, writing
     // nothing we use), and `file`'s descriptor is open for the whole call.
-    let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, at, libc::RWF_NOWAIT) };
+    let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, at, flags) };
     let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
     // SAFETY: the kernel initialized the first `n` (<= `want`) bytes of the
     // spare capacity, so `buf.len() + n` bytes are initialized, within the
     // capacity.
     unsafe { buf.set_len(buf.len() + n.min(want)) };
     Ok(n)
-}
-
-/// Reads the `len` bytes of an entry with `pread` into a buffer of exactly
-/// that size: usually one system call (`read_to_end` makes at least two,
-/// plus an `fstat` and an `lseek`). A file shorter than `len` (truncated
-/// meanwhile) yields what it has, which the checksum then rejects.
-fn read_exact_len(file: &File, len: u64) -> io::Result<Vec<u8>> {
-    let len = usize::try_from(len).map_err(|_| io::Error::from(ErrorKind::OutOfMemory))?;
-    let mut buf = Vec::with_capacity(len);
-    while buf.len() < len {
-        let at = buf.len() as u64;
-        match rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), at) {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(buf)
 }
 
 /// Records an access for LRU-K (K = 2): mtime := previous atime (the
