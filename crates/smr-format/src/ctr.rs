@@ -18,8 +18,7 @@ type Aes256Ctr = ctr::Ctr128BE<aes::Aes256>;
 /// XORs `data` with the keystream of `key` (encrypts and decrypts).
 pub(crate) fn apply_keystream(key: &[u8; 32], data: &mut [u8]) {
     #[cfg(target_arch = "x86_64")]
-    if vaes::available() {
-        vaes::apply_keystream(key, data);
+    if vaes::apply_keystream(key, data) {
         return;
     }
     portable(key, data);
@@ -49,23 +48,21 @@ mod vaes {
             && is_x86_feature_detected!("vaes")
     }
 
-    /// [`super::apply_keystream`] with VAES. Falls back to the portable
-    /// path if the CPU lacks the features (callers check [`available`]
-    /// first, so this is only a guard).
-    pub(super) fn apply_keystream(key: &[u8; 32], data: &mut [u8]) {
+    /// [`super::apply_keystream`] with VAES, if this CPU has it; returns
+    /// whether it did (else `data` is untouched).
+    pub(super) fn apply_keystream(key: &[u8; 32], data: &mut [u8]) -> bool {
         if !available() {
-            super::portable(key, data);
-            return;
+            return false;
         }
         // SAFETY: `available()` just confirmed that the CPU supports every
         // feature `apply_vaes` is compiled for (aes, avx512f, avx512bw,
-        // vaes), which
-        // is the only requirement of calling a `#[target_feature]`
-        // function.
+        // vaes), which is the only requirement of calling a
+        // `#[target_feature]` function.
         #[allow(unsafe_code)]
         unsafe {
             apply_vaes(key, data)
-        }
+        };
+        true
     }
 
     /// AES-256 round keys from `key` (the FIPS-197 key expansion, with
@@ -246,7 +243,9 @@ mod tests {
         let key = [7u8; 32];
         let mut a = vec![0u8; 4096];
         let mut b = a.clone();
-        vaes::apply_keystream(&key, &mut a);
+        if !vaes::apply_keystream(&key, &mut a) {
+            portable(&key, &mut a);
+        }
         portable(&key, &mut b);
         assert_eq!(a, b);
     }
