@@ -211,8 +211,17 @@ impl ChunkingSink {
             return Ok(());
         }
         let tx = self.tx.as_ref().expect("sink not finished");
-        tx.send((index, buf))
-            .map_err(|_| io::Error::other("chunk workers stopped (a store write failed)"))
+        tx.send((index, buf)).map_err(|_| self.worker_error())
+    }
+
+    /// The error that stopped the workers: the first failed put's, which
+    /// names the chunk and the store (the put threads send it before they
+    /// stop, so it is waiting once every worker is gone).
+    fn worker_error(&self) -> io::Error {
+        match self.results.try_iter().find_map(Result::err) {
+            Some(e) => io::Error::other(format!("storing a chunk: {e}")),
+            None => io::Error::other("chunk workers stopped"),
+        }
     }
 
     /// Flushes everything for an image of `size` bytes and waits for the
@@ -346,6 +355,32 @@ mod tests {
         assert!(
             a.stats.stored_bytes < a.stats.data_bytes,
             "zstd compressed the repeated bytes"
+        );
+    }
+
+    #[test]
+    fn a_failed_store_write_is_reported_with_its_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ChunkStore> = Arc::new(LocalStore::open(dir.path()).unwrap());
+        // Every put fails: its chunk's directory cannot be made.
+        std::fs::remove_dir_all(dir.path().join("chunks")).ok();
+        std::fs::write(dir.path().join("chunks"), b"not a directory").unwrap();
+        let codec = ChunkCodec::new(default_salt(), false, false);
+        let mut sink = ChunkingSink::new(4096, 4096, codec, store, 1);
+        // Enough chunks to fill every queue, so the failure surfaces in a
+        // write; whichever call reports it must give the store's error.
+        let mut err = None;
+        for i in 1..=256u64 {
+            if let Err(e) = sink.write_at(i * 4096, &i.to_le_bytes().repeat(512)) {
+                err = Some(e.to_string());
+                break;
+            }
+        }
+        let msg = err.expect("a write failed once the put threads stopped");
+        assert!(msg.contains("storing a chunk"), "{msg}");
+        assert!(
+            msg.contains("chunk ") && msg.contains("Not a directory"),
+            "{msg}"
         );
     }
 
