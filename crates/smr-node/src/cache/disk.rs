@@ -455,13 +455,31 @@ pub(crate) fn due(previous: SystemTime, now: SystemTime, granularity: Duration) 
 /// served from the memory tier), through its cached handle if it has one.
 /// Errors are ignored: it is a hint.
 pub(crate) fn touch(layout: &Layout, handles: &Handles, id: &ChunkId, granularity: Duration) {
+    if let Some(job) = touch_now(layout, handles, id, granularity) {
+        job();
+    }
+}
+
+/// [`touch`] for a caller that must not wait (an event loop): records the
+/// access through the cached handle if there is one (no path lookup), and
+/// otherwise returns the rest (opening the entry by path, which may wait
+/// for the disk) as a job for a thread that may.
+pub(crate) fn touch_now(
+    layout: &Layout,
+    handles: &Handles,
+    id: &ChunkId,
+    granularity: Duration,
+) -> Option<impl FnOnce() + Send + 'static> {
     if let Some(h) = handles.get(id) {
         record_access(&h, id, granularity);
-        return;
+        return None;
     }
-    if let Ok(f) = open_entry(&layout.entry(id)) {
-        record_in_inode(&f, SystemTime::now(), granularity, id);
-    }
+    let (path, id) = (layout.entry(id), *id);
+    Some(move || {
+        if let Ok(f) = open_entry(&path) {
+            record_in_inode(&f, SystemTime::now(), granularity, &id);
+        }
+    })
 }
 
 /// Whether an entry for `id` exists (unverified).

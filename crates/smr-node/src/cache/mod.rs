@@ -301,13 +301,13 @@ impl Cache {
         fetch: impl FnOnce() -> Result<Vec<u8>, ChunkError>,
         decode: impl FnOnce(Vec<u8>) -> Result<Vec<u8>, ChunkError>,
     ) -> Result<Arc<Vec<u8>>> {
-        if let Some(data) = self.memory_get(key) {
+        if let Some(data) = self.memory_get(key, true) {
             self.maybe_flush();
             return Ok(data);
         }
         let r = self.decoded.run(key, key.id, || {
             // Another leader may have finished since we looked.
-            if let Some(data) = self.memory_get(key) {
+            if let Some(data) = self.memory_get(key, true) {
                 return Ok(data);
             }
             let stored = self.get_or_fetch(&key.id, fetch)?;
@@ -338,7 +338,7 @@ impl Cache {
         keep: bool,
         decode: impl FnOnce(Vec<u8>) -> Result<Vec<u8>, ChunkError>,
     ) -> Option<Arc<Vec<u8>>> {
-        if let Some(data) = self.memory_get(key) {
+        if let Some(data) = self.memory_get(key, false) {
             self.maybe_flush();
             return Some(data);
         }
@@ -512,7 +512,11 @@ impl Cache {
         }
     }
 
-    fn memory_get(&self, key: &DecodeKey) -> Option<Arc<Vec<u8>>> {
+    /// The memory tier's copy of `key`, recording the access in the disk
+    /// entry when it is due (see `disk::record_access`). With `wait` false
+    /// (an event loop) an entry without an open handle is recorded by a
+    /// pool thread, since opening it by path may wait for the disk.
+    fn memory_get(&self, key: &DecodeKey, wait: bool) -> Option<Arc<Vec<u8>>> {
         let (data, touch) = self
             .memory
             .lock()
@@ -520,12 +524,14 @@ impl Cache {
             .get(key, self.cfg.access_granularity)?;
         self.pending.memory_hits.fetch_add(1, Ordering::Relaxed);
         if touch {
-            disk::touch(
-                &self.layout,
-                &self.handles,
-                &key.id,
-                self.cfg.access_granularity,
-            );
+            let granularity = self.cfg.access_granularity;
+            if wait {
+                disk::touch(&self.layout, &self.handles, &key.id, granularity);
+            } else if let Some(job) =
+                disk::touch_now(&self.layout, &self.handles, &key.id, granularity)
+            {
+                self.spawn(Box::new(job));
+            }
         }
         Some(data)
     }

@@ -203,3 +203,44 @@ fn an_oversized_file_in_place_of_an_entry_is_refetched() {
     assert_eq!(f.calls(), 1);
     assert_eq!(fs::metadata(&entry).expect("entry").len(), 4096, "replaced");
 }
+
+#[test]
+fn a_memory_hit_without_a_handle_is_recorded_off_the_event_loop() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (store, ids) = store_with(&tmp.path().join("store"), 1, 4096);
+    let f = Fetcher::new(store, Duration::ZERO);
+    let cache = Cache::open(CacheConfig {
+        open_files: 0,
+        ..config(&tmp.path().join("cache"), 1 << 30)
+    })
+    .expect("open");
+    let id = ids[0];
+    let key = DecodeKey {
+        id,
+        key: None,
+        compressed: false,
+        plain_len: 4096,
+    };
+    cache
+        .get_decoded(&key, true, || f.get(&id), Ok)
+        .expect("fetched and kept");
+    let entry = cache.layout.entry(&id);
+    let (before, _) = times(&entry);
+    std::thread::sleep(Duration::from_millis(20));
+    cache
+        .get_decoded_now(&key, true, |_| panic!("decoded again"))
+        .expect("from the memory tier");
+    // No handle to record through: a pool thread opens the entry by path.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while times(&entry).0 <= before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the access was never recorded"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (atime, mtime) = times(&entry);
+    assert_eq!(mtime, before, "the previous access moved to mtime");
+    assert!(atime > before);
+    assert_eq!(cache.stats().expect("stats").open_files, 0, "no handle");
+}
