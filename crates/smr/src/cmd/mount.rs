@@ -78,13 +78,26 @@ pub fn run_mount(a: MountArgs) -> Result<ExitCode> {
     } else {
         absolute(Path::new(&a.image.image))?.display().to_string()
     };
-    let store = match &a.image.store {
+    let store = match &a.image.source.store {
         Some(s) if !s.contains("://") => Some(absolute(Path::new(s))?.display().to_string()),
         other => other.clone(),
     };
-    let cache_dir = absolute(&a.image.cache.cache_dir)?;
-    let key = a.image.key.key_file.as_deref().map(absolute).transpose()?;
-    let profile = a.image.profile.as_deref().map(absolute).transpose()?;
+    let cache_dir = absolute(&a.image.source.cache.cache_dir)?;
+    let key = a
+        .image
+        .source
+        .key
+        .key_file
+        .as_deref()
+        .map(absolute)
+        .transpose()?;
+    let profile = a
+        .image
+        .source
+        .profile
+        .as_deref()
+        .map(absolute)
+        .transpose()?;
     let req = MountRequest {
         state_root: a.state.state_dir.clone(),
         mountpoint: a.mountpoint.clone(),
@@ -103,10 +116,10 @@ pub fn run_mount(a: MountArgs) -> Result<ExitCode> {
         if let Some(d) = &opened.artifact {
             c.arg("--artifact").arg(d);
         }
-        if let Some(creds) = &a.image.registry.creds {
+        if let Some(creds) = &a.image.source.registry.creds {
             c.env("SMR_REGISTRY_CREDS", creds);
         }
-        c.arg("--platform").arg(&a.image.platform);
+        c.arg("--platform").arg(&a.image.source.platform);
         c.arg("--cache-dir")
             .arg(&cache_dir)
             .arg("--dir")
@@ -116,7 +129,7 @@ pub fn run_mount(a: MountArgs) -> Result<ExitCode> {
         }
         if let Some(p) = &profile {
             c.arg("--profile").arg(p);
-        } else if a.image.no_profile {
+        } else if a.image.source.no_profile {
             c.arg("--no-profile");
         }
         if std::env::var_os("SMR_LOG").is_none() {

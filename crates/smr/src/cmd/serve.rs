@@ -2,7 +2,7 @@
 //! `smr __serve-fuse`, and the options every command that serves an image
 //! shares.
 
-use crate::keys::{image_chunks, open_image, read_recipe_bytes, KeyArgs};
+use crate::keys::{image_chunks, read_recipe_bytes, KeyArgs};
 use crate::remote::{is_remote, open_remote, RegistryArgs};
 use anyhow::{Context, Result};
 use smr_format::Profile;
@@ -41,6 +41,15 @@ pub struct ImageArgs {
     /// `docker://HOST[:PORT]/NAME[:TAG|@DIGEST]` (recipe and chunks from the
     /// smr artifact pushed by `smr convert --push`).
     pub image: String,
+    #[command(flatten)]
+    pub source: SourceArgs,
+}
+
+/// Where an image's recipe, chunks, keys and startup profile come from,
+/// and the node cache it is served through: the options of every command
+/// that serves images.
+#[derive(clap::Args, Clone, Debug)]
+pub struct SourceArgs {
     /// The chunk store: a directory, `file://`, `s3://BUCKET/PREFIX` or
     /// `http(s)://…` (required for a recipe file; for a registry image it
     /// replaces the artifact's packs).
@@ -99,56 +108,66 @@ impl ImageArgs {
     /// finds the startup profile (`--profile`, or the registry's unless
     /// `--no-profile`) and, for a registry image, the artifact used.
     pub fn open_full(&self) -> Result<OpenedImage> {
-        self.open_with(!self.no_profile)
+        self.open_with(!self.source.no_profile)
     }
 
     /// [`ImageArgs::open_full`]; `profiles: false` neither reads nor looks
     /// for a profile.
     pub fn open_with(&self, profiles: bool) -> Result<OpenedImage> {
+        self.source
+            .open(&self.image, profiles, self.source.cache.open()?)
+    }
+}
+
+impl SourceArgs {
+    /// Opens `image` (see [`ImageArgs::image`]) for serving through
+    /// `cache`: its recipe (with its keys) and store, and, if `profiles`,
+    /// its startup profile (`--profile`, or the registry's).
+    pub fn open(&self, image: &str, profiles: bool, cache: Arc<Cache>) -> Result<OpenedImage> {
         let local_profile = match (&self.profile, profiles) {
             (Some(path), true) => Some((path, super::profile::read(path)?)),
             _ => None,
         };
-        let (recipe, recipe_bytes, store, location, artifact, found_profile) =
-            if is_remote(&self.image) {
-                let platform = self.platform.parse().context("--platform")?;
-                let opts = DiscoverOptions {
-                    artifact: self.artifact.clone(),
-                    profile: profiles && local_profile.is_none(),
-                    ..DiscoverOptions::default()
-                };
-                let remote = open_remote(
-                    &self.image,
-                    &platform,
-                    &self.registry,
-                    &opts,
-                    local_profile.is_some(),
-                )?;
-                let (store, location): (Arc<dyn ChunkStore>, String) = match &self.store {
-                    Some(location) => (open_store(location)?, location.clone()),
-                    None => (remote.store, remote.artifact.repo.clone()),
-                };
-                let a = remote.artifact;
-                let digest = Some(a.digest);
-                (a.recipe, a.recipe_bytes, store, location, digest, a.profile)
-            } else {
-                let location = self.store.as_deref().with_context(|| {
-                    format!("--store is required to serve the recipe {}", self.image)
-                })?;
-                let (recipe, bytes) = read_recipe_bytes(Path::new(&self.image))?;
-                let store = open_store(location)?;
-                (recipe, bytes, store, location.to_string(), None, None)
+        let (recipe, recipe_bytes, store, location, artifact, found_profile) = if is_remote(image) {
+            let platform = self.platform.parse().context("--platform")?;
+            let opts = DiscoverOptions {
+                artifact: self.artifact.clone(),
+                profile: profiles && local_profile.is_none(),
+                ..DiscoverOptions::default()
             };
+            let remote = open_remote(
+                image,
+                &platform,
+                &self.registry,
+                &opts,
+                local_profile.is_some(),
+            )?;
+            let (store, location): (Arc<dyn ChunkStore>, String) = match &self.store {
+                Some(location) => (open_store(location)?, location.clone()),
+                None => (remote.store, remote.artifact.repo.clone()),
+            };
+            let a = remote.artifact;
+            let digest = Some(a.digest);
+            (a.recipe, a.recipe_bytes, store, location, digest, a.profile)
+        } else {
+            let location = self
+                .store
+                .as_deref()
+                .with_context(|| format!("--store is required to serve the recipe {image}"))?;
+            let (recipe, bytes) = read_recipe_bytes(Path::new(image))?;
+            let store = open_store(location)?;
+            (recipe, bytes, store, location.to_string(), None, None)
+        };
         let profile = match local_profile {
             Some((path, p)) => {
                 p.check_recipe(&recipe_bytes)
-                    .with_context(|| format!("profile {} for {}", path.display(), self.image))?;
+                    .with_context(|| format!("profile {} for {image}", path.display()))?;
                 Some(p)
             }
             None => found_profile,
         };
-        let img = image_chunks(recipe.clone(), &self.key, true, &self.image)?;
-        let lazy = open_lazy(img, &self.image, &location, store, self.cache.open()?)?;
+        let img = image_chunks(recipe.clone(), &self.key, true, image)?;
+        let lazy = open_lazy(img, image, &location, store, cache)?;
         Ok(OpenedImage {
             lazy,
             recipe,
@@ -197,34 +216,36 @@ fn open_lazy(
 /// Arguments of `smr serve-nbd`.
 #[derive(clap::Args)]
 pub struct NbdArgs {
-    /// The recipes to serve, one export each (all from one store, through
-    /// one node cache and one memory tier).
-    #[arg(required = true, value_name = "RECIPE")]
-    recipes: Vec<PathBuf>,
-    /// The chunk store (directory or file:// URL).
-    #[arg(long, env = "SMR_STORE")]
-    store: String,
+    /// The images to serve, one export each, through one node cache and
+    /// one memory tier: recipe files (chunks in `--store`) or
+    /// `docker://HOST[:PORT]/NAME[:TAG|@DIGEST]` (from the smr artifact).
+    #[arg(required = true, value_name = "IMAGE")]
+    images: Vec<String>,
     #[command(flatten)]
-    cache: CacheArgs,
-    #[command(flatten)]
-    key: KeyArgs,
+    source: SourceArgs,
     /// TCP address to listen on.
     #[arg(long, default_value = "127.0.0.1:10809", conflicts_with = "socket")]
     listen: String,
     /// UNIX socket to listen on instead of TCP.
     #[arg(long)]
     socket: Option<PathBuf>,
-    /// Export name, once per recipe in the same order (default: the
-    /// recipe's file name without `.recipe`). The first export is also the
-    /// default one (empty name).
+    /// Export name, once per image in the same order (default: a recipe's
+    /// file name without `.recipe`, a registry image's repository name
+    /// without its registry, path, tag or digest). The first export is
+    /// also the default one (empty name).
     #[arg(long = "name", value_name = "NAME")]
     names: Vec<String>,
 }
 
-/// The export name of `recipe` when none is given: its file name without
-/// a `.recipe` suffix.
-fn default_export_name(recipe: &Path) -> String {
-    let file = recipe
+/// The export name of `image` when none is given: a recipe's file name
+/// without a `.recipe` suffix; for `docker://HOST/PATH/NAME:TAG`, `NAME`.
+fn default_export_name(image: &str) -> String {
+    if is_remote(image) {
+        let last = image.rsplit('/').next().unwrap_or(image);
+        let last = last.split('@').next().unwrap_or(last);
+        return last.split(':').next().unwrap_or(last).to_string();
+    }
+    let file = Path::new(image)
         .file_name()
         .map(|f| f.to_string_lossy().into_owned())
         .unwrap_or_default();
@@ -234,46 +255,51 @@ fn default_export_name(recipe: &Path) -> String {
     }
 }
 
-/// Export names for `recipes`: `names` if given (one per recipe), else the
+/// Export names for `images`: `names` if given (one per image), else the
 /// defaults; every name must be distinct.
-fn export_names(recipes: &[PathBuf], names: &[String]) -> Result<Vec<String>> {
+fn export_names(images: &[String], names: &[String]) -> Result<Vec<String>> {
     let out: Vec<String> = if names.is_empty() {
-        recipes.iter().map(|r| default_export_name(r)).collect()
+        images.iter().map(|r| default_export_name(r)).collect()
     } else {
         anyhow::ensure!(
-            names.len() == recipes.len(),
-            "give one --name per recipe, in order ({} recipes, {} names)",
-            recipes.len(),
+            names.len() == images.len(),
+            "give one --name per image, in order ({} images, {} names)",
+            images.len(),
             names.len()
         );
         names.to_vec()
     };
     let mut seen = std::collections::HashSet::new();
-    for (name, recipe) in out.iter().zip(recipes) {
+    for (name, image) in out.iter().zip(images) {
         anyhow::ensure!(
             seen.insert(name.as_str()),
-            "two exports would be named {name:?} (the second is {}): name them with --name",
-            recipe.display()
+            "two exports would be named {name:?} (the second is {image}): name them with --name"
         );
     }
     Ok(out)
 }
 
-/// Serves the images over NBD until SIGINT or SIGTERM.
+/// Serves the images over NBD until SIGINT or SIGTERM. Each image's
+/// startup profile (`--profile`, for one image; else the registry's) is
+/// replayed from the start, so its chunks are at hand when a client reads.
 pub fn run_nbd(a: NbdArgs) -> Result<ExitCode> {
     smr_node::malloc::limit_arenas(smr_node::malloc::SERVER_ARENAS);
-    let names = export_names(&a.recipes, &a.names)?;
-    let store = open_store(&a.store)?;
-    let cache = a.cache.open()?;
-    let mut exports = Vec::with_capacity(a.recipes.len());
-    for (recipe, name) in a.recipes.iter().zip(&names) {
-        let img = open_image(recipe, &a.key, true)?;
-        let label = recipe.display().to_string();
-        let lazy = open_lazy(img, &label, &a.store, store.clone(), cache.clone())?;
-        exports.push(
-            Export::new(name.clone(), Arc::new(lazy))
-                .with_description(format!("smr {}", recipe.display())),
-        );
+    anyhow::ensure!(
+        a.source.profile.is_none() || a.images.len() == 1,
+        "--profile is for one image ({} given): a registry image's own profile is found without it",
+        a.images.len()
+    );
+    let names = export_names(&a.images, &a.names)?;
+    let cache = a.source.cache.open()?;
+    let mut exports = Vec::with_capacity(a.images.len());
+    let mut replays = Vec::new();
+    for (image, name) in a.images.iter().zip(&names) {
+        let opened = a.source.open(image, !a.source.no_profile, cache.clone())?;
+        let lazy = Arc::new(opened.lazy);
+        if let Some(p) = &opened.profile {
+            replays.push(lazy.replay(p, DEFAULT_REPLAY_THREADS));
+        }
+        exports.push(Export::new(name.clone(), lazy).with_description(format!("smr {image}")));
     }
     let server = NbdServer::new(exports)?;
     let mut signals = signal_hook::iterator::Signals::new([
@@ -299,11 +325,15 @@ pub fn run_nbd(a: NbdArgs) -> Result<ExitCode> {
             (server.spawn_tcp(l)?, uris)
         }
     };
-    for ((name, recipe), uri) in names.iter().zip(&a.recipes).zip(&uris) {
-        eprintln!("serving export {name:?} ({}) on {uri}", recipe.display());
+    for ((name, image), uri) in names.iter().zip(&a.images).zip(&uris) {
+        eprintln!("serving export {name:?} ({image}) on {uri}");
     }
     let sig = signals.forever().next();
     eprintln!("signal {sig:?}: stopping");
+    for r in &replays {
+        tracing::info!(stats = ?r.stats(), "startup profile replay");
+    }
+    drop(replays);
     running.stop()?;
     if let Some(path) = &a.socket {
         let _ = std::fs::remove_file(path);
@@ -342,7 +372,7 @@ mod tests {
 
     #[test]
     fn export_names_default_to_recipe_file_names_and_must_differ() {
-        let r = |s: &str| PathBuf::from(s);
+        let r = |s: &str| s.to_string();
         let recipes = [
             r("/x/debian.recipe"),
             r("py.recipe"),
@@ -359,8 +389,17 @@ mod tests {
             ["a", "b"]
         );
         let err = export_names(&recipes, &named).expect_err("count");
-        assert!(err.to_string().contains("one --name per recipe"), "{err}");
+        assert!(err.to_string().contains("one --name per image"), "{err}");
         let err = export_names(&[r("a/py.recipe"), r("b/py.recipe")], &[]).expect_err("dup");
         assert!(err.to_string().contains("\"py\""), "{err}");
+        let images = [
+            r("docker://127.0.0.1:5000/py:v1"),
+            r("docker://reg.example/team/base@sha256:0123"),
+            r("docker://reg.example:443/deb"),
+        ];
+        assert_eq!(
+            export_names(&images, &[]).expect("names"),
+            ["py", "base", "deb"]
+        );
     }
 }

@@ -1,23 +1,21 @@
 //! `smr serve-nbd` with the lazy image, against real NBD clients.
 
 use super::util::*;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-/// A running `smr serve-nbd` on a UNIX socket; killed on drop.
-struct Server {
-    child: Child,
-    socket: PathBuf,
-    log: PathBuf,
-}
+/// `smr serve-nbd` of recipes from one local store.
+struct Server;
 
 impl Server {
-    fn start(recipe: &Path, store: &Path, key: &Path, cache: &Path, dir: &Path) -> Self {
+    fn start(recipe: &Path, store: &Path, key: &Path, cache: &Path, dir: &Path) -> NbdServe {
         Self::start_many(&[recipe], &["--name", "img"], store, key, cache, dir)
     }
 
-    /// `smr serve-nbd RECIPES... EXTRA...` on `dir/nbd.sock`.
+    /// `smr serve-nbd RECIPES... --store --key-file --cache-dir EXTRA...`
+    /// on `dir/nbd.sock`.
     fn start_many(
         recipes: &[&Path],
         extra: &[&str],
@@ -25,57 +23,18 @@ impl Server {
         key: &Path,
         cache: &Path,
         dir: &Path,
-    ) -> Self {
-        let socket = dir.join("nbd.sock");
-        let log = dir.join("server.log");
-        // A killed server leaves its socket: wait for this one's, not that.
-        let _ = std::fs::remove_file(&socket);
-        let child = smr()
-            .arg("serve-nbd")
-            .args(recipes)
-            .arg("--store")
-            .arg(store)
-            .arg("--key-file")
-            .arg(key)
-            .arg("--cache-dir")
-            .arg(cache)
-            .arg("--socket")
-            .arg(&socket)
-            .args(extra)
-            .env("SMR_LOG", "warn")
-            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
-            .spawn()
-            .unwrap();
-        let s = Server { child, socket, log };
-        let t = Instant::now();
-        while !s.socket.exists() {
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "server did not start: {}",
-                s.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
+    ) -> NbdServe {
+        let mut args: Vec<OsString> = recipes.iter().map(|r| r.as_os_str().into()).collect();
+        for (flag, value) in [
+            ("--store", store),
+            ("--key-file", key),
+            ("--cache-dir", cache),
+        ] {
+            args.push(flag.into());
+            args.push(value.as_os_str().into());
         }
-        s
-    }
-
-    fn uri_of(&self, export: &str) -> String {
-        format!("nbd+unix:///{export}?socket={}", self.socket.display())
-    }
-
-    fn uri(&self) -> String {
-        self.uri_of("img")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        args.extend(extra.iter().map(OsString::from));
+        NbdServe::start(&args, dir)
     }
 }
 
@@ -298,5 +257,5 @@ fn one_server_exports_several_images() {
             .arg("--socket")
             .arg(t.path().join("x.sock")),
     );
-    assert!(err.contains("one --name per recipe"), "{err}");
+    assert!(err.contains("one --name per image"), "{err}");
 }

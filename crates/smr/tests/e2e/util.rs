@@ -208,3 +208,65 @@ impl Synthetic {
         }
     }
 }
+
+/// A running `smr serve-nbd` on a UNIX socket; killed on drop.
+pub struct NbdServe {
+    child: std::process::Child,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl NbdServe {
+    /// `smr serve-nbd ARGS... --socket dir/nbd.sock`, logging to
+    /// `dir/server.log`; returns once the socket is there.
+    pub fn start(args: &[std::ffi::OsString], dir: &Path) -> Self {
+        let socket = dir.join("nbd.sock");
+        let log = dir.join("server.log");
+        // A killed server leaves its socket: wait for this one's, not that.
+        let _ = std::fs::remove_file(&socket);
+        let child = smr()
+            .arg("serve-nbd")
+            .args(args)
+            .arg("--socket")
+            .arg(&socket)
+            .env("SMR_LOG", "warn")
+            .stderr(std::process::Stdio::from(
+                std::fs::File::create(&log).unwrap(),
+            ))
+            .spawn()
+            .unwrap();
+        let s = NbdServe { child, socket, log };
+        let t = std::time::Instant::now();
+        while !s.socket.exists() {
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(20),
+                "server did not start: {}",
+                s.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        s
+    }
+
+    /// The URI of `export`.
+    pub fn uri_of(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.socket.display())
+    }
+
+    /// The URI of the export named `img`.
+    pub fn uri(&self) -> String {
+        self.uri_of("img")
+    }
+
+    /// What the server logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for NbdServe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -113,6 +113,58 @@ fn push_then_mount_lazily_from_the_registry() {
     trees_equal(local.dir.path(), m.mnt);
 }
 
+#[test]
+fn serve_nbd_of_a_registry_image() {
+    let Some(reg) = Registry::start(None) else {
+        return;
+    };
+    let s = Synthetic::new();
+    let layout = s.t.path().join("layout");
+    reg.push_layout(&layout, smr_testkit::SYNTHETIC_TAG, "synth:v1", None);
+    let image = reg.image("synth:v1");
+    push(&image, &s.key, &[]);
+
+    // Served from the registry alone (no --store: the artifact's packs),
+    // under the repository's name, it is the image converted locally.
+    convert(&s.src, &s.store, &s.recipe, &s.key, &[]);
+    extract(&s.recipe, &s.store, &s.key, &s.img);
+    let dir = s.t.path().join("srv");
+    std::fs::create_dir_all(&dir).unwrap();
+    let args: Vec<std::ffi::OsString> = vec![
+        image.clone().into(),
+        "--key-file".into(),
+        s.key.clone().into(),
+        "--cache-dir".into(),
+        s.t.path().join("cache").into(),
+    ];
+    let srv = NbdServe::start(&args, &dir);
+    let copy = s.t.path().join("copy.img");
+    ok(Command::new("nbdcopy").arg(srv.uri_of("synth")).arg(&copy));
+    assert_eq!(
+        std::fs::metadata(&copy).unwrap().len(),
+        std::fs::metadata(&s.img).unwrap().len()
+    );
+    fsck_clean(&copy);
+    let (from_registry, local) = (LoopMount::new(&copy), LoopMount::new(&s.img));
+    trees_equal(from_registry.dir.path(), local.dir.path());
+    drop(srv);
+
+    // A recipe file still needs its store; the error names the recipe.
+    let err = fails(
+        smr()
+            .arg("serve-nbd")
+            .arg(&s.recipe)
+            .arg("--socket")
+            .arg(dir.join("x.sock"))
+            .arg("--cache-dir")
+            .arg(s.t.path().join("cache")),
+    );
+    assert!(
+        err.contains("--store is required") && err.contains(&*s.recipe.to_string_lossy()),
+        "{err}"
+    );
+}
+
 /// An OCI layout (tag `big`) of one layer with two 4 MiB files of
 /// incompressible bytes, `big/a` and `big/b`.
 fn big_files_layout(dir: &Path) {
