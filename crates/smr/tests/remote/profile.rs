@@ -100,6 +100,28 @@ fn a_recorded_profile_is_pushed_then_found_and_replayed() {
         std::thread::sleep(Duration::from_millis(100));
     }
     drop(m);
+    // So does `smr serve-nbd`, before any client connects.
+    let (nbd_dir, c7) = (d("nbd"), d("c7"));
+    std::fs::create_dir_all(&nbd_dir).unwrap();
+    let args: Vec<std::ffi::OsString> = vec![
+        image.clone().into(),
+        "--key-file".into(),
+        key.clone().into(),
+        "--cache-dir".into(),
+        c7.clone().into(),
+    ];
+    let srv = NbdServe::start(&args, &nbd_dir);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while cached_chunks(&c7) < listed {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {listed} chunks cached: {}",
+            cached_chunks(&c7),
+            srv.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(srv);
     // The same profile from a file; and none at all with --no-profile.
     let from_file = run(
         &image,
