@@ -38,16 +38,6 @@ pub fn read_recipe_bytes(path: &std::path::Path) -> Result<(smr_format::Recipe, 
     Ok((recipe, bytes))
 }
 
-/// Opens a recipe's chunks with its keys (keys required when `need_keys`).
-pub fn open_image(
-    path: &std::path::Path,
-    key: &KeyArgs,
-    need_keys: bool,
-) -> Result<smr_node::chunks::ImageChunks> {
-    let recipe = read_recipe(path)?;
-    image_chunks(recipe, key, need_keys, &path.display().to_string())
-}
-
 /// `recipe`'s chunks with its keys (keys required when `need_keys`);
 /// `label` names the recipe in errors.
 pub fn image_chunks(

@@ -1,6 +1,7 @@
 //! `smr extract` and `smr verify`.
 
-use crate::keys::{open_image, KeyArgs};
+use super::serve::OriginArgs;
+use crate::keys::image_chunks;
 use crate::progress::human;
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
@@ -10,28 +11,25 @@ use std::time::Instant;
 /// Arguments of `smr extract`.
 #[derive(clap::Args)]
 pub struct ExtractArgs {
-    /// The recipe.
-    recipe: PathBuf,
-    /// The chunk store (directory or file:// URL).
-    #[arg(long, env = "SMR_STORE")]
-    store: String,
+    /// The image: a recipe file (chunks in `--store`), or
+    /// `docker://HOST[:PORT]/NAME[:TAG|@DIGEST]` (recipe and chunks from the
+    /// smr artifact pushed by `smr convert --push`).
+    image: String,
     /// Output image file.
     #[arg(short = 'o', long)]
     out: PathBuf,
     #[command(flatten)]
-    key: KeyArgs,
+    origin: OriginArgs,
 }
 
 /// Arguments of `smr verify`.
 #[derive(clap::Args)]
 pub struct VerifyArgs {
-    /// The recipe.
-    recipe: PathBuf,
-    /// The chunk store (directory or file:// URL).
-    #[arg(long, env = "SMR_STORE")]
-    store: String,
+    /// The image: a recipe file (chunks in `--store`), or `docker://…`
+    /// (its smr artifact).
+    image: String,
     #[command(flatten)]
-    key: KeyArgs,
+    origin: OriginArgs,
 }
 
 fn threads() -> usize {
@@ -40,11 +38,11 @@ fn threads() -> usize {
 
 /// Rebuilds the image.
 pub fn run_extract(a: ExtractArgs) -> Result<ExitCode> {
-    let img = open_image(&a.recipe, &a.key, true)?;
-    let store = smr_store::open_store(&a.store)?;
+    let r = a.origin.resolve(&a.image, false, false)?;
+    let img = image_chunks(r.recipe, &a.origin.key, true, &a.image)?;
     let t = Instant::now();
-    let size = smr_node::restore::extract(&img, store.as_ref(), &a.out, threads())
-        .with_context(|| format!("extracting {}", a.recipe.display()))?;
+    let size = smr_node::restore::extract(&img, r.store.as_ref(), &a.out, threads())
+        .with_context(|| format!("extracting {}", a.image))?;
     eprintln!(
         "extracted {} ({}) in {:.2}s",
         a.out.display(),
@@ -56,8 +54,9 @@ pub fn run_extract(a: ExtractArgs) -> Result<ExitCode> {
 
 /// Checks every chunk; fails naming each bad chunk.
 pub fn run_verify(a: VerifyArgs) -> Result<ExitCode> {
-    let img = open_image(&a.recipe, &a.key, false)?;
-    let store = smr_store::open_store(&a.store)?;
+    let r = a.origin.resolve(&a.image, false, false)?;
+    let img = image_chunks(r.recipe, &a.origin.key, false, &a.image)?;
+    let store = r.store;
     let report = smr_node::restore::verify(&img, store.as_ref(), threads());
     for (index, e) in &report.failures {
         eprintln!("chunk #{index}: {e}");

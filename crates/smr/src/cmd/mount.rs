@@ -78,7 +78,7 @@ pub fn run_mount(a: MountArgs) -> Result<ExitCode> {
     } else {
         absolute(Path::new(&a.image.image))?.display().to_string()
     };
-    let store = match &a.image.source.store {
+    let store = match &a.image.source.origin.store {
         Some(s) if !s.contains("://") => Some(absolute(Path::new(s))?.display().to_string()),
         other => other.clone(),
     };
@@ -86,6 +86,7 @@ pub fn run_mount(a: MountArgs) -> Result<ExitCode> {
     let key = a
         .image
         .source
+        .origin
         .key
         .key_file
         .as_deref()
@@ -116,10 +117,10 @@ pub fn run_mount(a: MountArgs) -> Result<ExitCode> {
         if let Some(d) = &opened.artifact {
             c.arg("--artifact").arg(d);
         }
-        if let Some(creds) = &a.image.source.registry.creds {
+        if let Some(creds) = &a.image.source.origin.registry.creds {
             c.env("SMR_REGISTRY_CREDS", creds);
         }
-        c.arg("--platform").arg(&a.image.source.platform);
+        c.arg("--platform").arg(&a.image.source.origin.platform);
         c.arg("--cache-dir")
             .arg(&cache_dir)
             .arg("--dir")

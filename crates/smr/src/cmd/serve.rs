@@ -45,18 +45,15 @@ pub struct ImageArgs {
     pub source: SourceArgs,
 }
 
-/// Where an image's recipe, chunks, keys and startup profile come from,
-/// and the node cache it is served through: the options of every command
-/// that serves images.
+/// Where an image's recipe, chunks and keys come from: the options of every
+/// command that reads an image (a recipe file or `docker://`).
 #[derive(clap::Args, Clone, Debug)]
-pub struct SourceArgs {
+pub struct OriginArgs {
     /// The chunk store: a directory, `file://`, `s3://BUCKET/PREFIX` or
     /// `http(s)://…` (required for a recipe file; for a registry image it
     /// replaces the artifact's packs).
     #[arg(long, env = "SMR_STORE")]
     pub store: Option<String>,
-    #[command(flatten)]
-    pub cache: CacheArgs,
     #[command(flatten)]
     pub key: KeyArgs,
     #[command(flatten)]
@@ -68,6 +65,77 @@ pub struct SourceArgs {
     /// For a registry image: the platform to pick from an index.
     #[arg(long, default_value = "linux/amd64")]
     pub platform: String,
+}
+
+/// An image's recipe and chunk store, found by [`OriginArgs::resolve`].
+pub struct Resolved {
+    /// The recipe.
+    pub recipe: smr_format::Recipe,
+    /// Its bytes (what a profile is bound to).
+    pub recipe_bytes: Vec<u8>,
+    /// The chunks.
+    pub store: Arc<dyn ChunkStore>,
+    /// Where the chunks are, for messages.
+    pub location: String,
+    /// For a registry image: the digest of the smr artifact used.
+    pub artifact: Option<String>,
+    /// The startup profile found next to the artifact, if looked for.
+    pub profile: Option<Profile>,
+}
+
+impl OriginArgs {
+    /// Finds `image`'s recipe and chunk store. For a registry image,
+    /// `find_profile` also looks for its startup profile, and `replaying`
+    /// says one will be replayed (the store then fetches just the chunks
+    /// asked for, not their neighbours).
+    pub fn resolve(&self, image: &str, find_profile: bool, replaying: bool) -> Result<Resolved> {
+        if is_remote(image) {
+            let platform = self.platform.parse().context("--platform")?;
+            let opts = DiscoverOptions {
+                artifact: self.artifact.clone(),
+                profile: find_profile,
+                ..DiscoverOptions::default()
+            };
+            let remote = open_remote(image, &platform, &self.registry, &opts, replaying)?;
+            let (store, location): (Arc<dyn ChunkStore>, String) = match &self.store {
+                Some(location) => (open_store(location)?, location.clone()),
+                None => (remote.store, remote.artifact.repo.clone()),
+            };
+            let a = remote.artifact;
+            return Ok(Resolved {
+                recipe: a.recipe,
+                recipe_bytes: a.recipe_bytes,
+                store,
+                location,
+                artifact: Some(a.digest),
+                profile: a.profile,
+            });
+        }
+        let location = self
+            .store
+            .as_deref()
+            .with_context(|| format!("--store is required for the recipe {image}"))?;
+        let (recipe, recipe_bytes) = read_recipe_bytes(Path::new(image))?;
+        Ok(Resolved {
+            recipe,
+            recipe_bytes,
+            store: open_store(location)?,
+            location: location.to_string(),
+            artifact: None,
+            profile: None,
+        })
+    }
+}
+
+/// Where an image's recipe, chunks, keys and startup profile come from,
+/// and the node cache it is served through: the options of every command
+/// that serves images.
+#[derive(clap::Args, Clone, Debug)]
+pub struct SourceArgs {
+    #[command(flatten)]
+    pub origin: OriginArgs,
+    #[command(flatten)]
+    pub cache: CacheArgs,
     /// Replay this startup profile (written by `smr run --record-profile`):
     /// the chunks it lists are fetched ahead of the reads, many at once.
     /// Default for a registry image: the profile pushed next to its smr
@@ -128,36 +196,13 @@ impl SourceArgs {
             (Some(path), true) => Some((path, super::profile::read(path)?)),
             _ => None,
         };
-        let (recipe, recipe_bytes, store, location, artifact, found_profile) = if is_remote(image) {
-            let platform = self.platform.parse().context("--platform")?;
-            let opts = DiscoverOptions {
-                artifact: self.artifact.clone(),
-                profile: profiles && local_profile.is_none(),
-                ..DiscoverOptions::default()
-            };
-            let remote = open_remote(
-                image,
-                &platform,
-                &self.registry,
-                &opts,
-                local_profile.is_some(),
-            )?;
-            let (store, location): (Arc<dyn ChunkStore>, String) = match &self.store {
-                Some(location) => (open_store(location)?, location.clone()),
-                None => (remote.store, remote.artifact.repo.clone()),
-            };
-            let a = remote.artifact;
-            let digest = Some(a.digest);
-            (a.recipe, a.recipe_bytes, store, location, digest, a.profile)
-        } else {
-            let location = self
-                .store
-                .as_deref()
-                .with_context(|| format!("--store is required to serve the recipe {image}"))?;
-            let (recipe, bytes) = read_recipe_bytes(Path::new(image))?;
-            let store = open_store(location)?;
-            (recipe, bytes, store, location.to_string(), None, None)
-        };
+        let r = self.origin.resolve(
+            image,
+            profiles && local_profile.is_none(),
+            local_profile.is_some(),
+        )?;
+        let (recipe, recipe_bytes) = (r.recipe, r.recipe_bytes);
+        let found_profile = r.profile;
         let profile = match local_profile {
             Some((path, p)) => {
                 p.check_recipe(&recipe_bytes)
@@ -166,12 +211,12 @@ impl SourceArgs {
             }
             None => found_profile,
         };
-        let img = image_chunks(recipe.clone(), &self.key, true, image)?;
-        let lazy = open_lazy(img, image, &location, store, cache)?;
+        let img = image_chunks(recipe.clone(), &self.origin.key, true, image)?;
+        let lazy = open_lazy(img, image, &r.location, r.store, cache)?;
         Ok(OpenedImage {
             lazy,
             recipe,
-            artifact,
+            artifact: r.artifact,
             profile,
             recipe_sha256: Profile::recipe_hash(&recipe_bytes),
         })

@@ -149,6 +149,31 @@ fn serve_nbd_of_a_registry_image() {
     trees_equal(from_registry.dir.path(), local.dir.path());
     drop(srv);
 
+    // `extract` and `verify` take the registry image too: the same image,
+    // byte for byte, as extracted from the local conversion.
+    let extracted = s.t.path().join("from-registry.img");
+    ok(smr()
+        .arg("extract")
+        .arg(&image)
+        .arg("-o")
+        .arg(&extracted)
+        .arg("--key-file")
+        .arg(&s.key));
+    assert!(
+        std::fs::read(&extracted).unwrap() == std::fs::read(&s.img).unwrap(),
+        "extract of the registry image differs from the local one"
+    );
+    let verified = ok(smr()
+        .arg("verify")
+        .arg(&image)
+        .arg("--key-file")
+        .arg(&s.key));
+    let verified = String::from_utf8_lossy(&verified.stderr);
+    assert!(
+        verified.contains("hashes and contents checked"),
+        "{verified}"
+    );
+
     // A recipe file still needs its store; the error names the recipe.
     let err = fails(
         smr()
