@@ -72,15 +72,22 @@ fn server_logs(state: &Path) -> String {
         .collect()
 }
 
+/// The synthetic image pushed to `reg` as `synth:v1` (not converted yet),
+/// and its `docker://` name.
+fn synthetic_in(reg: &Registry) -> (Synthetic, String) {
+    let s = Synthetic::new();
+    let layout = s.t.path().join("layout");
+    reg.push_layout(&layout, smr_testkit::SYNTHETIC_TAG, "synth:v1", None);
+    let image = reg.image("synth:v1");
+    (s, image)
+}
+
 #[test]
 fn push_then_mount_lazily_from_the_registry() {
     let Some(reg) = Registry::start(None) else {
         return;
     };
-    let s = Synthetic::new();
-    let layout = s.t.path().join("layout");
-    reg.push_layout(&layout, smr_testkit::SYNTHETIC_TAG, "synth:v1", None);
-    let image = reg.image("synth:v1");
+    let (s, image) = synthetic_in(&reg);
 
     let first = push(&image, &s.key, &[]);
     assert!(first.contains("pushed smr artifact"), "{first}");
@@ -118,10 +125,7 @@ fn serve_nbd_of_a_registry_image() {
     let Some(reg) = Registry::start(None) else {
         return;
     };
-    let s = Synthetic::new();
-    let layout = s.t.path().join("layout");
-    reg.push_layout(&layout, smr_testkit::SYNTHETIC_TAG, "synth:v1", None);
-    let image = reg.image("synth:v1");
+    let (s, image) = synthetic_in(&reg);
     push(&image, &s.key, &[]);
 
     // Served from the registry alone (no --store: the artifact's packs),
