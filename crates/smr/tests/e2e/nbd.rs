@@ -258,4 +258,19 @@ fn one_server_exports_several_images() {
             .arg(t.path().join("x.sock")),
     );
     assert!(err.contains("one --name per image"), "{err}");
+    // A profile file belongs to one image.
+    let err = fails(
+        smr()
+            .arg("serve-nbd")
+            .args([&a, &b])
+            .arg("--profile")
+            .arg(t.path().join("py.profile"))
+            .arg("--store")
+            .arg(&store)
+            .arg("--cache-dir")
+            .arg(&cache)
+            .arg("--socket")
+            .arg(t.path().join("x.sock")),
+    );
+    assert!(err.contains("--profile is for one image"), "{err}");
 }
