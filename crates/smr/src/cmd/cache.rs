@@ -1,6 +1,6 @@
 //! `smr cache stats` and `smr cache prune`.
 
-use super::serve::CacheArgs;
+use super::image::CacheArgs;
 use crate::progress::human;
 use anyhow::{bail, Result};
 use std::process::ExitCode;

@@ -1,6 +1,6 @@
 //! `smr extract` and `smr verify`.
 
-use super::serve::OriginArgs;
+use super::image::OriginArgs;
 use crate::keys::image_chunks;
 use crate::progress::human;
 use anyhow::{bail, Context, Result};

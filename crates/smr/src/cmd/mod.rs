@@ -1,8 +1,10 @@
-//! One module per subcommand.
+//! One module per subcommand, and `image`: the options they share for
+//! reading an image.
 
 pub mod cache;
 pub mod convert;
 pub mod extract;
+pub mod image;
 pub mod inspect;
 pub mod keygen;
 pub mod mount;

@@ -1,6 +1,6 @@
 //! `smr mount` and `smr umount`.
 
-use super::serve::ImageArgs;
+use super::image::ImageArgs;
 use crate::remote::is_remote;
 use anyhow::{Context, Result};
 use smr_node::mount::{LoopOptions, MountRequest, DEFAULT_READAHEAD_KB, DEFAULT_STATE_ROOT};

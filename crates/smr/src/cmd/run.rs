@@ -1,7 +1,7 @@
 //! `smr run`.
 
+use super::image::ImageArgs;
 use super::mount::LoopArgs;
-use super::serve::ImageArgs;
 use crate::progress::human;
 use anyhow::{Context, Result};
 use smr_node::run::{spec::Overrides, RunRequest, DEFAULT_WORK_ROOT};

@@ -1,0 +1,259 @@
+//! The options of every command that reads an image (a recipe file with
+//! its chunk store, or a `docker://` image with its smr artifact), and
+//! opening an image with them: for `extract` and `verify`
+//! ([`OriginArgs`]), and for serving through the node cache (`run`,
+//! `mount`, `serve-nbd`: [`SourceArgs`], [`ImageArgs`]).
+
+use crate::keys::{image_chunks, read_recipe_bytes, KeyArgs};
+use crate::remote::{is_remote, open_remote, RegistryArgs};
+use anyhow::{Context, Result};
+use smr_format::Profile;
+use smr_node::cache::{Cache, CacheConfig};
+use smr_node::chunks::ImageChunks;
+use smr_node::lazy::profile::{Replay, DEFAULT_REPLAY_THREADS};
+use smr_node::lazy::LazyImage;
+use smr_registry::discover::DiscoverOptions;
+use smr_store::ChunkStore;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// `--cache-dir` (or `SMR_CACHE_DIR`).
+#[derive(clap::Args, Clone, Debug)]
+pub struct CacheArgs {
+    /// The node's chunk cache, shared by every image and process.
+    #[arg(long, env = "SMR_CACHE_DIR", default_value = smr_node::cache::DEFAULT_DIR)]
+    pub cache_dir: PathBuf,
+}
+
+impl CacheArgs {
+    /// Opens (creating) the cache.
+    pub fn open(&self) -> Result<Arc<Cache>> {
+        Cache::open(CacheConfig::new(&self.cache_dir))
+            .with_context(|| format!("opening the cache {}", self.cache_dir.display()))
+    }
+}
+
+/// An image served through the node cache: a recipe file with its chunk
+/// store, or a registry image with its smr artifact.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ImageArgs {
+    /// The image: a recipe file (chunks in `--store`), or
+    /// `docker://HOST[:PORT]/NAME[:TAG|@DIGEST]` (recipe and chunks from the
+    /// smr artifact pushed by `smr convert --push`).
+    pub image: String,
+    #[command(flatten)]
+    pub source: SourceArgs,
+}
+
+/// Where an image's recipe, chunks and keys come from: the options of every
+/// command that reads an image (a recipe file or `docker://`).
+#[derive(clap::Args, Clone, Debug)]
+pub struct OriginArgs {
+    /// The chunk store: a directory, `file://`, `s3://BUCKET/PREFIX` or
+    /// `http(s)://…` (required for a recipe file; for a registry image it
+    /// replaces the artifact's packs).
+    #[arg(long, env = "SMR_STORE")]
+    pub store: Option<String>,
+    #[command(flatten)]
+    pub key: KeyArgs,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// For a registry image with several smr artifacts: the one to use, by
+    /// manifest digest (default: the smallest digest).
+    #[arg(long, value_name = "DIGEST")]
+    pub artifact: Option<String>,
+    /// For a registry image: the platform to pick from an index.
+    #[arg(long, default_value = "linux/amd64")]
+    pub platform: String,
+}
+
+/// An image's recipe and chunk store, found by [`OriginArgs::resolve`].
+pub struct Resolved {
+    /// The recipe.
+    pub recipe: smr_format::Recipe,
+    /// Its bytes (what a profile is bound to).
+    pub recipe_bytes: Vec<u8>,
+    /// The chunks.
+    pub store: Arc<dyn ChunkStore>,
+    /// Where the chunks are, for messages.
+    pub location: String,
+    /// For a registry image: the digest of the smr artifact used.
+    pub artifact: Option<String>,
+    /// The startup profile found next to the artifact, if looked for.
+    pub profile: Option<Profile>,
+}
+
+impl OriginArgs {
+    /// Finds `image`'s recipe and chunk store. For a registry image,
+    /// `find_profile` also looks for its startup profile, and `replaying`
+    /// says one will be replayed (the store then fetches just the chunks
+    /// asked for, not their neighbours).
+    pub fn resolve(&self, image: &str, find_profile: bool, replaying: bool) -> Result<Resolved> {
+        if is_remote(image) {
+            let platform = self.platform.parse().context("--platform")?;
+            let opts = DiscoverOptions {
+                artifact: self.artifact.clone(),
+                profile: find_profile,
+                ..DiscoverOptions::default()
+            };
+            let remote = open_remote(image, &platform, &self.registry, &opts, replaying)?;
+            let (store, location): (Arc<dyn ChunkStore>, String) = match &self.store {
+                Some(location) => (open_store(location)?, location.clone()),
+                None => (remote.store, remote.artifact.repo.clone()),
+            };
+            let a = remote.artifact;
+            return Ok(Resolved {
+                recipe: a.recipe,
+                recipe_bytes: a.recipe_bytes,
+                store,
+                location,
+                artifact: Some(a.digest),
+                profile: a.profile,
+            });
+        }
+        let location = self
+            .store
+            .as_deref()
+            .with_context(|| format!("--store is required for the recipe {image}"))?;
+        let (recipe, recipe_bytes) = read_recipe_bytes(Path::new(image))?;
+        Ok(Resolved {
+            recipe,
+            recipe_bytes,
+            store: open_store(location)?,
+            location: location.to_string(),
+            artifact: None,
+            profile: None,
+        })
+    }
+}
+
+/// Where an image's recipe, chunks, keys and startup profile come from,
+/// and the node cache it is served through: the options of every command
+/// that serves images.
+#[derive(clap::Args, Clone, Debug)]
+pub struct SourceArgs {
+    #[command(flatten)]
+    pub origin: OriginArgs,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+    /// Replay this startup profile (written by `smr run --record-profile`):
+    /// the chunks it lists are fetched ahead of the reads, many at once.
+    /// Default for a registry image: the profile pushed next to its smr
+    /// artifact (`smr profile push`), if any.
+    #[arg(long, value_name = "FILE")]
+    pub profile: Option<PathBuf>,
+    /// Replay no startup profile (and look for none in the registry).
+    #[arg(long, conflicts_with = "profile")]
+    pub no_profile: bool,
+}
+
+/// An image opened for serving.
+pub struct OpenedImage {
+    /// The lazy image.
+    pub lazy: LazyImage,
+    /// Its recipe (from the file, or the registry artifact).
+    pub recipe: smr_format::Recipe,
+    /// For a registry image: the digest of the smr artifact used.
+    pub artifact: Option<String>,
+    /// The startup profile to replay (checked against the recipe).
+    pub profile: Option<Profile>,
+    /// SHA-256 of the recipe's bytes (what a recorded profile is bound to).
+    pub recipe_sha256: [u8; 32],
+}
+
+impl OpenedImage {
+    /// Starts replaying the startup profile, if there is one, in the
+    /// background (see [`LazyImage::replay`]).
+    pub fn replay(&self) -> Option<Replay> {
+        self.profile
+            .as_ref()
+            .map(|p| self.lazy.replay(p, DEFAULT_REPLAY_THREADS))
+    }
+}
+
+impl ImageArgs {
+    /// Opens the recipe (with its keys), the store and the cache, and
+    /// finds the startup profile (`--profile`, or the registry's unless
+    /// `--no-profile`) and, for a registry image, the artifact used.
+    pub fn open_full(&self) -> Result<OpenedImage> {
+        self.open_with(!self.source.no_profile)
+    }
+
+    /// [`ImageArgs::open_full`]; `profiles: false` neither reads nor looks
+    /// for a profile.
+    pub fn open_with(&self, profiles: bool) -> Result<OpenedImage> {
+        self.source
+            .open(&self.image, profiles, self.source.cache.open()?)
+    }
+}
+
+impl SourceArgs {
+    /// Opens `image` (see [`ImageArgs::image`]) for serving through
+    /// `cache`: its recipe (with its keys) and store, and, if `profiles`,
+    /// its startup profile (`--profile`, or the registry's).
+    pub fn open(&self, image: &str, profiles: bool, cache: Arc<Cache>) -> Result<OpenedImage> {
+        let local_profile = match (&self.profile, profiles) {
+            (Some(path), true) => Some((path, super::profile::read(path)?)),
+            _ => None,
+        };
+        let r = self.origin.resolve(
+            image,
+            profiles && local_profile.is_none(),
+            local_profile.is_some(),
+        )?;
+        let (recipe, recipe_bytes) = (r.recipe, r.recipe_bytes);
+        let found_profile = r.profile;
+        let profile = match local_profile {
+            Some((path, p)) => {
+                p.check_recipe(&recipe_bytes)
+                    .with_context(|| format!("profile {} for {image}", path.display()))?;
+                Some(p)
+            }
+            None => found_profile,
+        };
+        let img = image_chunks(recipe.clone(), &self.origin.key, true, image)?;
+        let lazy = open_lazy(img, image, &r.location, r.store, cache)?;
+        Ok(OpenedImage {
+            lazy,
+            recipe,
+            artifact: r.artifact,
+            profile,
+            recipe_sha256: Profile::recipe_hash(&recipe_bytes),
+        })
+    }
+}
+
+/// Opens the chunk store at `location`; a local one must exist.
+fn open_store(location: &str) -> Result<Arc<dyn ChunkStore>> {
+    let local = location.strip_prefix("file://").unwrap_or(location);
+    if !location.contains("://") || location.starts_with("file://") {
+        anyhow::ensure!(
+            std::path::Path::new(local).is_dir(),
+            "store {location} does not exist"
+        );
+    }
+    let store =
+        smr_store::open_store(location).with_context(|| format!("opening the store {location}"))?;
+    Ok(Arc::from(store))
+}
+
+/// Serves `img` (named `label` in errors) lazily from `store` (at
+/// `location`) through `cache`.
+fn open_lazy(
+    img: ImageChunks,
+    label: &str,
+    location: &str,
+    store: Arc<dyn ChunkStore>,
+    cache: Arc<Cache>,
+) -> Result<LazyImage> {
+    // A store without the image's first chunk is the wrong store:
+    // say so now rather than as EIO on the first read.
+    if let Some(first) = img.recipe.chunks.first() {
+        anyhow::ensure!(
+            store.exists(&first.id)?,
+            "store {location} lacks chunk {} of {label}",
+            first.id,
+        );
+    }
+    LazyImage::new(img, store, cache).with_context(|| format!("serving {label}"))
+}
