@@ -6,7 +6,7 @@
 //! from disk each time. Values are `Arc`s: dropping an entry never frees
 //! bytes a reader is still copying from.
 
-use std::collections::{BTreeMap, HashMap};
+use lru::LruCache;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -29,19 +29,17 @@ pub struct DecodeKey {
 
 struct Slot {
     data: Arc<Vec<u8>>,
-    tick: u64,
     /// When the disk entry's LRU-K history was last updated on behalf of
     /// hits served from here.
     touched: Instant,
 }
 
-/// The LRU itself (callers hold it behind a mutex).
+/// The LRU itself (callers hold it behind a mutex): the `lru` crate's
+/// list, bounded here by bytes rather than by count.
 pub(crate) struct MemoryLru {
     budget: u64,
     bytes: u64,
-    tick: u64,
-    slots: HashMap<DecodeKey, Slot>,
-    order: BTreeMap<u64, DecodeKey>,
+    slots: LruCache<DecodeKey, Slot>,
 }
 
 impl MemoryLru {
@@ -49,9 +47,7 @@ impl MemoryLru {
         MemoryLru {
             budget,
             bytes: 0,
-            tick: 0,
-            slots: HashMap::new(),
-            order: BTreeMap::new(),
+            slots: LruCache::unbounded(),
         }
     }
 
@@ -63,12 +59,7 @@ impl MemoryLru {
         key: &DecodeKey,
         touch_every: std::time::Duration,
     ) -> Option<(Arc<Vec<u8>>, bool)> {
-        self.tick += 1;
-        let tick = self.tick;
         let slot = self.slots.get_mut(key)?;
-        self.order.remove(&slot.tick);
-        slot.tick = tick;
-        self.order.insert(tick, key.clone());
         let touch = slot.touched.elapsed() >= touch_every;
         if touch {
             slot.touched = Instant::now();
@@ -78,7 +69,7 @@ impl MemoryLru {
 
     /// Whether `key` is present (without changing the order).
     pub(crate) fn contains(&self, key: &DecodeKey) -> bool {
-        self.slots.contains_key(key)
+        self.slots.contains(key)
     }
 
     /// Inserts a chunk, evicting least recently used ones to stay within
@@ -90,29 +81,23 @@ impl MemoryLru {
         }
         self.remove(&key);
         while self.bytes + len > self.budget {
-            let Some((_, victim)) = self.order.pop_first() else {
+            let Some((_, victim)) = self.slots.pop_lru() else {
                 break;
             };
-            if let Some(s) = self.slots.remove(&victim) {
-                self.bytes -= s.data.len() as u64;
-            }
+            self.bytes -= victim.data.len() as u64;
         }
-        self.tick += 1;
-        self.order.insert(self.tick, key.clone());
         self.bytes += len;
-        self.slots.insert(
+        self.slots.put(
             key,
             Slot {
                 data,
-                tick: self.tick,
                 touched: Instant::now(),
             },
         );
     }
 
     fn remove(&mut self, key: &DecodeKey) {
-        if let Some(s) = self.slots.remove(key) {
-            self.order.remove(&s.tick);
+        if let Some(s) = self.slots.pop(key) {
             self.bytes -= s.data.len() as u64;
         }
     }
