@@ -9,6 +9,9 @@ pub enum ChunkError {
     /// The store failed or lacks the chunk.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The fetcher's request for it failed.
+    #[error(transparent)]
+    Fetch(#[from] crate::fetch::FetchError),
     /// The stored bytes failed verification or decoding.
     #[error(transparent)]
     Format(#[from] FormatError),

@@ -20,15 +20,19 @@
 //! the reads that touch it; nothing is remembered, so a later read retries.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, PoisonError};
+
+/// The first read-ahead window of a sequential reader: two 64 KiB chunks.
+const FIRST_WINDOW: u64 = 128 << 10;
 
 use crossbeam_channel::bounded;
 use smr_format::{ChunkId, FormatError};
-use smr_store::ChunkStore;
+use smr_store::{ChunkStore, Extent};
 
 use crate::cache::{Cache, CacheError, DecodeKey};
 use crate::chunks::{ChunkError, ImageChunks};
+use crate::fetch::{FetchOptions, Fetcher, Priority};
 use crate::nbd::{BlockDevice, ReadPart};
 
 /// A read failed because one chunk could not be produced. Carried inside
@@ -78,8 +82,11 @@ pub struct LazyImage {
 
 struct Inner {
     img: ImageChunks,
-    store: Arc<dyn ChunkStore>,
+    fetcher: Arc<Fetcher>,
     store_desc: String,
+    /// Sequential-reader detection: the chunk after the last read that
+    /// missed, and the read-ahead window in bytes.
+    stream: std::sync::Mutex<(u64, u64)>,
     cache: Arc<Cache>,
     chunks_fetched: AtomicU64,
     bytes_fetched: AtomicU64,
@@ -99,11 +106,21 @@ impl std::fmt::Debug for LazyImage {
 }
 
 impl LazyImage {
-    /// Serves `img` from `store` through `cache`. Fails if the recipe is
-    /// encrypted and `img` has no keys (ciphertext is never served).
+    /// Serves `img` from `store` through `cache`, fetching with the default
+    /// [`FetchOptions`]. Fails if the recipe is encrypted and `img` has no
+    /// keys (ciphertext is never served).
     pub fn new(
         img: ImageChunks,
         store: Arc<dyn ChunkStore>,
+        cache: Arc<Cache>,
+    ) -> Result<Self, ChunkError> {
+        Self::with_fetcher(img, Fetcher::new(store, FetchOptions::default()), cache)
+    }
+
+    /// [`LazyImage::new`] with the fetcher of its store.
+    pub fn with_fetcher(
+        img: ImageChunks,
+        fetcher: Arc<Fetcher>,
         cache: Arc<Cache>,
     ) -> Result<Self, ChunkError> {
         if img.keys_missing() {
@@ -111,9 +128,10 @@ impl LazyImage {
         }
         Ok(LazyImage {
             inner: Arc::new(Inner {
-                store_desc: store.describe(),
+                store_desc: fetcher.store().describe(),
                 img,
-                store,
+                fetcher,
+                stream: std::sync::Mutex::new((u64::MAX, 0)),
                 cache,
                 chunks_fetched: AtomicU64::new(0),
                 bytes_fetched: AtomicU64::new(0),
@@ -138,6 +156,11 @@ impl LazyImage {
     /// The node cache it reads through.
     pub fn cache(&self) -> &Arc<Cache> {
         &self.inner.cache
+    }
+
+    /// The fetcher of its store.
+    pub fn fetcher(&self) -> &Arc<Fetcher> {
+        &self.inner.fetcher
     }
 
     /// This image's counters.
@@ -291,32 +314,20 @@ impl LazyImage {
         }
         let cs = self.chunk_size();
         let (first, last) = (offset / cs, (end - 1) / cs);
-        // We still load every chunk ourselves, in order: single flight makes
-        // us join a fetch the pool has started, and do it ourselves if the
-        // pool is busy (with a big prefetch, say) and has not, so a read
-        // never queues behind others. Loading from the disk cache is left
-        // to us: handing it to the pool costs more thread switches than it
-        // saves; `needs_fetch` has the kernel start those disk reads
-        // meanwhile (readahead hints), so they still overlap.
-        // The first chunk is hinted too (first, so that its disk read is
-        // not queued behind the others'), but only for a read of several
-        // chunks: a one-chunk read is one pread anyway.
-        let done = Arc::new(AtomicBool::new(false));
-        if last > first {
-            for c in first..=last {
-                if !self.inner.needs_fetch(c) || c == first {
-                    continue;
-                }
-                let (inner, done) = (self.inner.clone(), done.clone());
-                // Kept: the reader picks it up from the memory tier.
-                self.inner.cache.spawn(Box::new(move || {
-                    if !done.load(Ordering::Relaxed) {
-                        let _ = inner.chunk(c, true);
-                    }
-                }));
-            }
-        }
-        let _finish = SetOnDrop(done);
+        // Chunks that must come from the store are handed to the fetcher
+        // together (so that neighbours share a request), with a read-ahead
+        // window for a sequential reader; then every chunk is loaded here,
+        // in order, joining those fetches. Chunks in the disk cache get
+        // their disk reads started meanwhile (`needs_fetch`), except the
+        // first of the read, which is loaded at once anyway.
+        let missing: Vec<u64> = if last > first {
+            (first..=last)
+                .filter(|&c| self.inner.needs_fetch(c))
+                .collect()
+        } else {
+            Vec::from_iter(self.inner.is_missing(first).then_some(first))
+        };
+        self.inner.plan(&missing);
         let recorder = self.inner.recorder.get();
         for c in first..=last {
             if let Some(r) = recorder {
@@ -455,15 +466,6 @@ fn range_bug() -> io::Error {
     io::Error::other("read range arithmetic")
 }
 
-/// Tells pool jobs of a finished read not to bother.
-struct SetOnDrop(Arc<AtomicBool>);
-
-impl Drop for SetOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-}
-
 impl Inner {
     /// Position in the chunk table and cache key of chunk `index`, or
     /// `None` for a zero chunk.
@@ -489,6 +491,13 @@ impl Inner {
         })
     }
 
+    /// Whether chunk `index` is stored and in neither cache tier (no disk
+    /// read is started for it).
+    fn is_missing(&self, index: u64) -> bool {
+        self.locate(index)
+            .is_some_and(|(_, k)| !self.cache.in_memory(&k) && !self.cache.contains(&k.id))
+    }
+
     /// The plaintext of chunk `index`, `None` for a zero chunk; kept in
     /// the memory tier if `keep` (see [`Cache::get_decoded`]).
     fn chunk(&self, index: u64, keep: bool) -> ChunkResult {
@@ -499,7 +508,7 @@ impl Inner {
             .get_decoded(
                 &key,
                 keep,
-                || self.fetch(&key.id),
+                || self.fetch(&key.id, Priority::Demand),
                 // get_or_fetch hands over only bytes it has hashed against
                 // the chunk's name (at insert; loads check the entry's
                 // checksum): do not hash them again.
@@ -513,12 +522,71 @@ impl Inner {
             return Ok(());
         };
         self.cache
-            .get_or_fetch(&e.id, || self.fetch(&e.id))
+            .get_or_fetch(&e.id, || self.fetch(&e.id, Priority::Prefetch))
             .map(|_| ())
     }
 
-    fn fetch(&self, id: &ChunkId) -> Result<Vec<u8>, ChunkError> {
-        let bytes = self.store.get(id)?;
+    /// Queues the chunks of a read that must come from the store (`missing`,
+    /// in order) as demand fetches, and, when the reader goes through the
+    /// image in order, the chunks after them in the same object (a window
+    /// that doubles per sequential read up to the fetcher's read-ahead).
+    fn plan(&self, missing: &[u64]) {
+        let (Some(&first), Some(&last)) = (missing.first(), missing.last()) else {
+            return;
+        };
+        let mut wants: Vec<(ChunkId, Extent)> =
+            missing.iter().filter_map(|&c| self.extent(c)).collect();
+        let missing = |id: &ChunkId| self.cache.is_missing(id);
+        self.fetcher.plan(&wants, Priority::Demand, missing);
+        let max = self.fetcher.options().readahead;
+        let mut stream = self.stream.lock().unwrap_or_else(PoisonError::into_inner);
+        let (next, window) = *stream;
+        let sequential = first <= next && next <= last + 1;
+        let window = match (sequential, max) {
+            (true, 1..) => (window * 2).clamp(FIRST_WINDOW.min(max), max),
+            _ => 0,
+        };
+        *stream = (last + 1, window);
+        drop(stream);
+        let Some(object) = wants.last().map(|(_, e)| e.object.clone()) else {
+            return;
+        };
+        wants.clear();
+        let r = &self.img.recipe;
+        let end = r.image_size.div_ceil(r.chunk_size.max(1));
+        let mut bytes = 0u64;
+        for c in last + 1..end {
+            if bytes >= window {
+                break;
+            }
+            if let Some((pos, key)) = self.locate(c) {
+                let Some(e) = self.extent_at(pos) else { break };
+                if e.object != object {
+                    break;
+                }
+                bytes += e.range.len.unwrap_or(self.img.recipe.chunk_size);
+                if !self.cache.in_memory(&key) {
+                    wants.push((key.id, e));
+                }
+            }
+        }
+        self.fetcher.plan(&wants, Priority::Prefetch, missing);
+    }
+
+    /// Where the store keeps chunk `index` (`None` for a zero chunk, or
+    /// when the store cannot say: the read then reports it).
+    fn extent(&self, index: u64) -> Option<(ChunkId, Extent)> {
+        let (pos, key) = self.locate(index)?;
+        Some((key.id, self.extent_at(pos)?))
+    }
+
+    fn extent_at(&self, pos: usize) -> Option<Extent> {
+        let e = self.img.recipe.chunks.get(pos)?;
+        self.fetcher.store().locate(&e.id).ok()
+    }
+
+    fn fetch(&self, id: &ChunkId, prio: Priority) -> Result<Vec<u8>, ChunkError> {
+        let bytes = self.fetcher.get(id, prio)?;
         self.chunks_fetched.fetch_add(1, Ordering::Relaxed);
         self.bytes_fetched
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);

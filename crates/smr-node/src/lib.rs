@@ -3,6 +3,7 @@
 
 pub mod cache;
 pub mod chunks;
+pub mod fetch;
 pub mod fuse;
 pub mod lazy;
 pub mod malloc;

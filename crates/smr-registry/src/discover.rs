@@ -25,7 +25,7 @@ use crate::blobs::Blobs;
 use crate::error::{RegistryError, Result};
 use crate::pack::PackIndex;
 use crate::profile::{fetch_profile, profiles_of};
-use crate::store::{RegistryStore, StoreOptions};
+use crate::store::RegistryStore;
 use smr_format::{Profile, Recipe};
 use std::sync::Arc;
 
@@ -69,7 +69,7 @@ pub struct Artifact {
 impl Artifact {
     /// A chunk store serving this artifact's chunks from `blobs` (the same
     /// repository).
-    pub fn store(&self, blobs: Arc<dyn Blobs>, opts: StoreOptions) -> RegistryStore {
+    pub fn store(&self, blobs: Arc<dyn Blobs>, opts: smr_store::RemoteOptions) -> RegistryStore {
         RegistryStore::new(blobs, self.index.clone(), opts)
     }
 }

@@ -1,37 +1,15 @@
 //! Test-only: a [`Blobs`] over a local directory, with counters and fault
-//! hooks (failing or gated range reads), standing in for a registry in unit
+//! hooks (failing range reads), standing in for a registry in unit
 //! tests. The real registry is exercised by `tests/artifact.rs`.
 
 use crate::artifact::{digest_of, parse_referrers, Descriptor, INDEX_MEDIA_TYPE};
 use crate::blobs::Blobs;
 use crate::error::{RegistryError, Result};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-
-/// A gate that blocks range reads until opened.
-#[derive(Default)]
-pub struct Gate {
-    open: Mutex<bool>,
-    cv: Condvar,
-}
-
-impl Gate {
-    /// Lets every blocked and future reader through.
-    pub fn open(&self) {
-        *self.open.lock().unwrap() = true;
-        self.cv.notify_all();
-    }
-
-    fn pass(&self) {
-        let mut open = self.open.lock().unwrap();
-        while !*open {
-            open = self.cv.wait(open).unwrap();
-        }
-    }
-}
+use std::sync::Mutex;
 
 /// Blobs in `ROOT/blobs/<hex>`, manifests in `ROOT/manifests/<reference>`
 /// (bytes) and `<reference>.type` (media type).
@@ -49,7 +27,6 @@ pub struct DirBlobs {
     /// `put_manifest` calls, as `(reference, media type)`.
     pub manifest_puts: Mutex<Vec<String>>,
     fail: Mutex<HashSet<String>>,
-    gates: Mutex<HashMap<String, Arc<Gate>>>,
 }
 
 impl DirBlobs {
@@ -66,7 +43,6 @@ impl DirBlobs {
             uploads: AtomicU64::new(0),
             manifest_puts: Mutex::new(Vec::new()),
             fail: Mutex::new(HashSet::new()),
-            gates: Mutex::new(HashMap::new()),
         }
     }
 
@@ -78,16 +54,6 @@ impl DirBlobs {
     /// Undoes [`DirBlobs::fail_ranges`].
     pub fn heal_ranges(&self, digest: &str) {
         self.fail.lock().unwrap().remove(digest);
-    }
-
-    /// Makes range reads of blob `digest` wait for the returned gate.
-    pub fn gate_ranges(&self, digest: &str) -> Arc<Gate> {
-        let gate = Arc::new(Gate::default());
-        self.gates
-            .lock()
-            .unwrap()
-            .insert(digest.to_string(), gate.clone());
-        gate
     }
 
     /// Number of blob files.
@@ -140,10 +106,6 @@ impl Blobs for DirBlobs {
 
     fn get_blob_range(&self, digest: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
         self.range_requests.fetch_add(1, Ordering::Relaxed);
-        let gate = self.gates.lock().unwrap().get(digest).cloned();
-        if let Some(gate) = gate {
-            gate.pass();
-        }
         if self.fail.lock().unwrap().contains(digest) {
             return Err(RegistryError::Transient {
                 repo: self.describe(),

@@ -1,6 +1,6 @@
 //! Errors of chunk stores.
 
-use smr_format::ChunkId;
+use crate::object::Target;
 use std::fmt;
 use std::time::Duration;
 
@@ -62,18 +62,18 @@ impl fmt::Display for TransportKind {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The chunk is not in the store (permanent: never retried).
-    #[error("chunk {id} is missing from store {store}")]
+    #[error("{what} is missing from store {store}")]
     Missing {
-        /// The chunk.
-        id: ChunkId,
+        /// What the operation was about (a chunk, or a range of an object).
+        what: Target,
         /// The store's location.
         store: String,
     },
-    /// An I/O error on a chunk.
-    #[error("store {store}: chunk {id}: {source}")]
+    /// An I/O error on a chunk or object.
+    #[error("store {store}: {what}: {source}")]
     ChunkIo {
-        /// The chunk.
-        id: ChunkId,
+        /// What the operation was about (a chunk, or a range of an object).
+        what: Target,
         /// The store's location.
         store: String,
         /// The underlying error.
@@ -121,23 +121,23 @@ pub enum StoreError {
     },
     /// `put` on a store that only serves chunks (HTTP).
     #[error(
-        "store {store} is a read-only store: cannot put chunk {id} \
+        "store {store} is a read-only store: cannot put {what} \
          (write to a directory or s3:// store and serve that over HTTP)"
     )]
     ReadOnly {
         /// The store's location.
         store: String,
-        /// The chunk.
-        id: ChunkId,
+        /// What the operation was about (a chunk, or a range of an object).
+        what: Target,
     },
     /// The server rejected the credentials or the request's authorization
     /// (HTTP 401/403; permanent).
-    #[error("store {store}: chunk {id}: {op} denied: {reason} (check the store's credentials)")]
+    #[error("store {store}: {what}: {op} denied: {reason} (check the store's credentials)")]
     Denied {
         /// The store's location.
         store: String,
-        /// The chunk.
-        id: ChunkId,
+        /// What the operation was about (a chunk, or a range of an object).
+        what: Target,
         /// The operation.
         op: Op,
         /// The server's reason (e.g. an S3 error code and message).
@@ -145,13 +145,13 @@ pub enum StoreError {
     },
     /// The server answered with an unexpected HTTP status. Transient for
     /// 408, 429 and 5xx except 501 and 505.
-    #[error("store {store}: chunk {id}: {op} answered HTTP {status}{}",
+    #[error("store {store}: {what}: {op} answered HTTP {status}{}",
         retry_after.map(|d| format!(" (retry after {} s)", d.as_secs_f64())).unwrap_or_default())]
     Status {
         /// The store's location.
         store: String,
-        /// The chunk.
-        id: ChunkId,
+        /// What the operation was about (a chunk, or a range of an object).
+        what: Target,
         /// The operation.
         op: Op,
         /// The HTTP status code.
@@ -160,12 +160,12 @@ pub enum StoreError {
         retry_after: Option<Duration>,
     },
     /// The request failed below HTTP (see [`TransportKind`]).
-    #[error("store {store}: chunk {id}: {op}: {kind}: {}", chain(&**cause))]
+    #[error("store {store}: {what}: {op}: {kind}: {}", chain(&**cause))]
     Transport {
         /// The store's location.
         store: String,
-        /// The chunk.
-        id: ChunkId,
+        /// What the operation was about (a chunk, or a range of an object).
+        what: Target,
         /// The operation.
         op: Op,
         /// What kind of failure.
@@ -174,38 +174,36 @@ pub enum StoreError {
         cause: BoxError,
     },
     /// The body was shorter or longer than its announced length (transient).
-    #[error(
-        "store {store}: chunk {id}: received {got} bytes but Content-Length announced {expected}"
-    )]
+    #[error("store {store}: {what}: received {got} bytes but Content-Length announced {expected}")]
     LengthMismatch {
         /// The store's location.
         store: String,
-        /// The chunk.
-        id: ChunkId,
+        /// What the operation was about (a chunk, or a range of an object).
+        what: Target,
         /// The announced length.
         expected: u64,
         /// The bytes received.
         got: u64,
     },
     /// The chunk is larger than any chunk smr writes (permanent).
-    #[error("store {store}: chunk {id}: object of {size} bytes exceeds the {limit}-byte limit")]
+    #[error("store {store}: {what}: object of {size} bytes exceeds the {limit}-byte limit")]
     TooLarge {
         /// The store's location.
         store: String,
-        /// The chunk.
-        id: ChunkId,
+        /// What the operation was about (a chunk, or a range of an object).
+        what: Target,
         /// Its size (or the bytes read so far).
         size: u64,
         /// The limit.
         limit: u64,
     },
     /// Any other error of a remote store's client (permanent).
-    #[error("store {store}: chunk {id}: {op}: {}", chain(&**cause))]
+    #[error("store {store}: {what}: {op}: {}", chain(&**cause))]
     Remote {
         /// The store's location.
         store: String,
-        /// The chunk.
-        id: ChunkId,
+        /// What the operation was about (a chunk, or a range of an object).
+        what: Target,
         /// The operation.
         op: Op,
         /// The client library's error (its chain is part of the message).
@@ -214,14 +212,14 @@ pub enum StoreError {
     /// Transient failures lasted until the deadline. Not itself transient:
     /// the retry budget is spent. The message ends with the last error's.
     #[error(
-        "store {store}: chunk {id}: {op} gave up after {:.1} s ({attempts} attempt{}, deadline {:.1} s); last error: {last}",
+        "store {store}: {what}: {op} gave up after {:.1} s ({attempts} attempt{}, deadline {:.1} s); last error: {last}",
         elapsed.as_secs_f64(), if *attempts == 1 { "" } else { "s" }, deadline.as_secs_f64()
     )]
     GaveUp {
         /// The store's location.
         store: String,
-        /// The chunk.
-        id: ChunkId,
+        /// What the operation was about (a chunk, or a range of an object).
+        what: Target,
         /// The operation.
         op: Op,
         /// Time spent.
@@ -251,6 +249,23 @@ impl StoreError {
             StoreError::Transport { kind, .. } => *kind != TransportKind::Other,
             StoreError::LengthMismatch { .. } => true,
             _ => false,
+        }
+    }
+
+    /// What the failed operation was about.
+    pub fn target(&self) -> Option<&Target> {
+        match self {
+            StoreError::Missing { what, .. }
+            | StoreError::ChunkIo { what, .. }
+            | StoreError::ReadOnly { what, .. }
+            | StoreError::Denied { what, .. }
+            | StoreError::Status { what, .. }
+            | StoreError::Transport { what, .. }
+            | StoreError::LengthMismatch { what, .. }
+            | StoreError::TooLarge { what, .. }
+            | StoreError::Remote { what, .. }
+            | StoreError::GaveUp { what, .. } => Some(what),
+            _ => None,
         }
     }
 
@@ -291,11 +306,12 @@ pub(crate) fn is_transient_status(status: u16) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use smr_format::ChunkId;
 
     fn status(status: u16) -> StoreError {
         StoreError::Status {
             store: "http://h/p".into(),
-            id: ChunkId([1; 32]),
+            what: ChunkId([1; 32]).into(),
             op: Op::Get,
             status,
             retry_after: None,
@@ -311,7 +327,7 @@ mod tests {
             assert!(!status(s).is_transient(), "{s}");
         }
         let missing = StoreError::Missing {
-            id: ChunkId([1; 32]),
+            what: ChunkId([1; 32]).into(),
             store: "s".into(),
         };
         assert!(!missing.is_transient());
@@ -322,7 +338,7 @@ mod tests {
         let id = ChunkId([7; 32]);
         let e = StoreError::GaveUp {
             store: "https://cdn.example/p".into(),
-            id,
+            what: id.into(),
             op: Op::Get,
             elapsed: Duration::from_millis(2040),
             deadline: Duration::from_secs(2),
@@ -352,7 +368,7 @@ mod tests {
         assert_eq!(chain(&Wraps(Repeats(io()))), "wrapper: outer: refused");
         let e = StoreError::Transport {
             store: "http://h/p".into(),
-            id: ChunkId([2; 32]),
+            what: ChunkId([2; 32]).into(),
             op: Op::Exists,
             kind: TransportKind::Connect,
             cause: Box::new(Wraps(Repeats(io()))),

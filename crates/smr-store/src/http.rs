@@ -1,10 +1,11 @@
 //! A read-only chunk store over HTTP(S): any static file server or CDN that
-//! serves a store directory, `BASE/chunks/<2 hex>/<64 hex>`.
+//! serves a store directory, `BASE/chunks/<2 hex>/<64 hex>`. Ranges of an
+//! object are read with `Range` requests, one per range, concurrently.
 //!
 //! Built on `reqwest` directly rather than `object_store`'s HTTP store:
 //! that one targets WebDAV servers (PUT, PROPFIND listings) and keeps its
 //! own retry policy, while a chunk store needs exactly two idempotent
-//! requests (GET and HEAD) whose statuses, `Retry-After` and
+//! requests (ranged GET and HEAD) whose statuses, `Retry-After` and
 //! `Content-Length` we must see ourselves to apply the [`RemoteOptions`]
 //! policy — the same one the S3 store uses. `reqwest` is already in the
 //! build through `object_store`, so this costs no extra dependency.
@@ -16,8 +17,8 @@ use crate::error::{Op, StoreError, TransportKind};
 use crate::location::{percent_decode, redact};
 use crate::options::RemoteOptions;
 use crate::retry::{parse_retry_after, Remote};
-use crate::runtime::block_on;
-use crate::{ChunkStore, PutOutcome, Result};
+use crate::runtime::{block_on, cut, each_range};
+use crate::{ByteRange, ChunkStore, ObjectName, PutOutcome, Result, Target};
 use reqwest::{Method, Url};
 use smr_format::ChunkId;
 use std::sync::Arc;
@@ -112,39 +113,56 @@ impl Inner {
         self.remote.store().to_string()
     }
 
-    fn chunk_url(&self, op: Op, id: &ChunkId) -> Result<Url> {
-        let hex = id.to_hex();
-        let (fanout, _) = hex.split_at(2);
+    fn object_url(&self, op: Op, object: &ObjectName) -> Result<Url> {
         self.base
-            .join(&format!("chunks/{fanout}/{hex}"))
+            .join(object.as_str())
             .map_err(|e| StoreError::Remote {
                 store: self.store(),
-                id: *id,
+                what: Target::of(object, ByteRange::WHOLE),
                 op,
                 cause: e.into(),
             })
     }
 
-    /// One request, its status mapped: 2xx, missing, or an error.
-    async fn request(&self, method: Method, op: Op, id: ChunkId) -> Result<Answer> {
-        let mut req = self.client.request(method, self.chunk_url(op, &id)?);
+    /// One request for `range` of `object` (a `Range` header unless the
+    /// whole object is asked for), its status mapped: 2xx, missing, or an
+    /// error.
+    async fn request(
+        &self,
+        method: Method,
+        op: Op,
+        object: &ObjectName,
+        range: ByteRange,
+    ) -> Result<Answer> {
+        let what = Target::of(object, range);
+        let mut req = self.client.request(method, self.object_url(op, object)?);
         if let Some((user, password)) = &self.auth {
             req = req.basic_auth(user, Some(password));
         }
-        let resp = req.send().await.map_err(|e| self.transport(op, id, e))?;
+        if !range.is_whole() {
+            let last = range.end().map(|e| (e - 1).to_string()).unwrap_or_default();
+            req = req.header(
+                reqwest::header::RANGE,
+                format!("bytes={}-{last}", range.offset),
+            );
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| self.transport(op, what.clone(), e))?;
         let status = resp.status().as_u16();
         match status {
             200..=299 => Ok(Answer::Found(resp)),
             404 | 410 => Ok(Answer::Missing),
             401 | 403 => Err(StoreError::Denied {
                 store: self.store(),
-                id,
+                what,
                 op,
                 reason: format!("HTTP {}", resp.status()),
             }),
             _ => Err(StoreError::Status {
                 store: self.store(),
-                id,
+                what,
                 op,
                 status,
                 retry_after: resp
@@ -156,16 +174,25 @@ impl Inner {
         }
     }
 
-    async fn get_once(&self, id: ChunkId) -> Result<Vec<u8>> {
-        let mut resp = match self.request(Method::GET, Op::Get, id).await? {
+    /// One GET of `range` of `object`. A server that ignores `Range` and
+    /// sends the whole object (200) is served by cutting the range out.
+    async fn read_once(&self, object: &ObjectName, range: ByteRange) -> Result<Vec<u8>> {
+        let what = Target::of(object, range);
+        let mut resp = match self.request(Method::GET, Op::Get, object, range).await? {
             Answer::Found(resp) => resp,
-            Answer::Missing => return Err(self.missing(id)),
+            Answer::Missing => {
+                return Err(StoreError::Missing {
+                    what,
+                    store: self.store(),
+                })
+            }
         };
+        let whole_body = resp.status().as_u16() != 206;
         let limit = self.remote.options().max_object_bytes;
         let expected = resp.content_length();
         let too_large = |size| StoreError::TooLarge {
             store: self.store(),
-            id,
+            what: what.clone(),
             size,
             limit,
         };
@@ -176,7 +203,7 @@ impl Inner {
         while let Some(piece) = resp
             .chunk()
             .await
-            .map_err(|e| self.transport(Op::Get, id, e))?
+            .map_err(|e| self.transport(Op::Get, what.clone(), e))?
         {
             let size = (body.len() + piece.len()) as u64;
             if size > limit {
@@ -186,11 +213,29 @@ impl Inner {
         }
         // hyper already fails a body cut short of its Content-Length; this
         // keeps the guarantee whatever the transport does.
-        match expected {
-            Some(n) if n != body.len() as u64 => Err(StoreError::LengthMismatch {
+        if let Some(n) = expected.filter(|&n| n != body.len() as u64) {
+            return Err(StoreError::LengthMismatch {
                 store: self.store(),
-                id,
+                what,
                 expected: n,
+                got: body.len() as u64,
+            });
+        }
+        if whole_body && !range.is_whole() {
+            return cut(body, range).ok_or_else(|| StoreError::ChunkIo {
+                what,
+                store: self.store(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the range ends past the end of the object",
+                ),
+            });
+        }
+        match range.len {
+            Some(len) if len != body.len() as u64 => Err(StoreError::LengthMismatch {
+                store: self.store(),
+                what,
+                expected: len,
                 got: body.len() as u64,
             }),
             _ => Ok(body),
@@ -198,23 +243,18 @@ impl Inner {
     }
 
     async fn exists_once(&self, id: ChunkId) -> Result<bool> {
+        let object = ObjectName::of_chunk(&id);
         Ok(matches!(
-            self.request(Method::HEAD, Op::Exists, id).await?,
+            self.request(Method::HEAD, Op::Exists, &object, ByteRange::WHOLE)
+                .await?,
             Answer::Found(_)
         ))
     }
 
-    fn missing(&self, id: ChunkId) -> StoreError {
-        StoreError::Missing {
-            id,
-            store: self.store(),
-        }
-    }
-
-    fn transport(&self, op: Op, id: ChunkId, e: reqwest::Error) -> StoreError {
+    fn transport(&self, op: Op, what: Target, e: reqwest::Error) -> StoreError {
         StoreError::Transport {
             store: self.store(),
-            id,
+            what,
             op,
             kind: transport_kind(&e),
             // The store and chunk name the URL; keep the message short.
@@ -260,9 +300,22 @@ impl ChunkStore for HttpStore {
         self.inner.store()
     }
 
-    fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
-        let (inner, id) = (self.inner.clone(), *id);
-        block_on(async move { inner.remote.run(Op::Get, id, || inner.get_once(id)).await })
+    fn read_ranges(&self, object: &ObjectName, ranges: &[ByteRange]) -> Result<Vec<Vec<u8>>> {
+        let inner = self.inner.clone();
+        let (object, ranges) = (object.clone(), ranges.to_vec());
+        block_on(async move {
+            each_range(&object, &ranges, |object, range| {
+                let inner = inner.clone();
+                async move {
+                    let what = Target::of(&object, range);
+                    inner
+                        .remote
+                        .run(Op::Get, what, || inner.read_once(&object, range))
+                        .await
+                }
+            })
+            .await
+        })
     }
 
     fn exists(&self, id: &ChunkId) -> Result<bool> {
@@ -270,7 +323,7 @@ impl ChunkStore for HttpStore {
         block_on(async move {
             inner
                 .remote
-                .run(Op::Exists, id, || inner.exists_once(id))
+                .run(Op::Exists, id.into(), || inner.exists_once(id))
                 .await
         })
     }
@@ -279,7 +332,7 @@ impl ChunkStore for HttpStore {
     fn put(&self, id: &ChunkId, _data: &[u8]) -> Result<PutOutcome> {
         Err(StoreError::ReadOnly {
             store: self.describe(),
-            id: *id,
+            what: Target::Chunk(*id),
         })
     }
 }
@@ -295,7 +348,10 @@ mod tests {
         assert_eq!(s.describe(), "https://cdn.example:8443/a/b");
         assert_eq!(s.inner.auth, Some(("user".to_string(), "p@ss".to_string())));
         let id = ChunkId([0xab; 32]);
-        let url = s.inner.chunk_url(Op::Get, &id).unwrap();
+        let url = s
+            .inner
+            .object_url(Op::Get, &ObjectName::of_chunk(&id))
+            .unwrap();
         assert_eq!(
             url.as_str(),
             format!("https://cdn.example:8443/a/b/chunks/ab/{}", id.to_hex())
@@ -303,7 +359,10 @@ mod tests {
         let s = HttpStore::open("http://127.0.0.1:8080", o()).unwrap();
         assert_eq!(s.describe(), "http://127.0.0.1:8080");
         assert!(s.inner.auth.is_none());
-        let url = s.inner.chunk_url(Op::Get, &id).unwrap();
+        let url = s
+            .inner
+            .object_url(Op::Get, &ObjectName::of_chunk(&id))
+            .unwrap();
         assert_eq!(url.path(), format!("/chunks/ab/{}", id.to_hex()));
 
         for bad in ["http://", "http://h/p?token=1", "https://u:secret@/x"] {

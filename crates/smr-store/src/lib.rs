@@ -3,19 +3,23 @@
 //! One small trait, [`ChunkStore`], and its backends: a local directory
 //! ([`LocalStore`]), an S3-compatible bucket ([`S3Store`]) and a read-only
 //! HTTP(S) server or CDN ([`HttpStore`]), all with the layout
-//! `chunks/<2 hex>/<64 hex>`. Stores deal in stored (sealed) bytes only;
+//! `chunks/<2 hex>/<64 hex>`. A backend reads byte ranges of its objects
+//! ([`ChunkStore::read_ranges`]) and says where a chunk is
+//! ([`ChunkStore::locate`]); what to read, and when, is decided above the
+//! stores (smr-node's fetcher). Stores deal in stored (sealed) bytes only;
 //! verification against the name happens in the reader
 //! (`smr_format::chunk::open_chunk`), so a store can never serve bad bytes
 //! unnoticed.
 //!
-//! The remote stores share one resilience policy ([`RemoteOptions`]):
-//! timeouts, retries with backoff on transient errors, a deadline per
-//! operation and a bound on requests in flight.
+//! The remote stores share one resilience policy ([`Remote`] with
+//! [`RemoteOptions`]): timeouts, retries with backoff on transient errors, a
+//! deadline per operation and a bound on requests in flight.
 
 pub mod error;
 pub mod http;
 pub mod local;
 mod location;
+pub mod object;
 pub mod options;
 mod retry;
 pub mod runtime;
@@ -24,8 +28,9 @@ pub mod s3;
 pub use error::{Op, Result, StoreError, TransportKind};
 pub use http::HttpStore;
 pub use local::LocalStore;
+pub use object::{ByteRange, Extent, ObjectName, Target};
 pub use options::{RemoteOptions, DEADLINE_ENV, MAX_IN_FLIGHT_ENV};
-pub use retry::{backoff, Outage};
+pub use retry::{backoff, Outage, Remote};
 pub use s3::{S3Store, S3StoreBuilder};
 
 use location::Scheme;
@@ -41,11 +46,36 @@ pub enum PutOutcome {
 }
 
 /// A content-addressed store of sealed chunks.
+///
+/// A backend implements [`ChunkStore::read_ranges`] (and, if its chunks
+/// do not each live in their own object, [`ChunkStore::locate`]);
+/// [`ChunkStore::get`] is provided.
 pub trait ChunkStore: Send + Sync {
     /// A human-readable location (path or URL, never credentials).
     fn describe(&self) -> String;
-    /// The stored bytes of chunk `id` (unverified: callers verify).
-    fn get(&self, id: &ChunkId) -> Result<Vec<u8>>;
+    /// Where chunk `id`'s stored bytes are. By default its own object,
+    /// `chunks/<2 hex>/<64 hex>`, whole. [`StoreError::Missing`] if the
+    /// store knows without asking that it lacks the chunk.
+    fn locate(&self, id: &ChunkId) -> Result<Extent> {
+        Ok(Extent::own_object(id))
+    }
+    /// The bytes of each of `ranges` of `object`, in order (unverified:
+    /// callers verify). A remote backend issues one request per range
+    /// (concurrently), each under the store's retry policy; a range past
+    /// the object's end is an error, not a short read.
+    fn read_ranges(&self, object: &ObjectName, ranges: &[ByteRange]) -> Result<Vec<Vec<u8>>>;
+    /// The stored bytes of chunk `id` (unverified: callers verify): one
+    /// [`ChunkStore::read_ranges`] of its [`ChunkStore::locate`].
+    fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        let extent = self.locate(id)?;
+        self.read_ranges(&extent.object, &[extent.range])?
+            .pop()
+            .ok_or_else(|| StoreError::ChunkIo {
+                what: Target::Chunk(*id),
+                store: self.describe(),
+                source: std::io::Error::other("the store returned no bytes for the chunk"),
+            })
+    }
     /// Stores `data` under `id` unless present. `id` must be SHA-256 of `data`.
     fn put(&self, id: &ChunkId, data: &[u8]) -> Result<PutOutcome>;
     /// Whether chunk `id` is present.

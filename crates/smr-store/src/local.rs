@@ -1,4 +1,5 @@
 //! A chunk store in a local directory: `ROOT/chunks/<2 hex>/<64 hex>`.
+//! Ranged reads are `pread`s of an object's file.
 //!
 //! A chunk is written under a unique temp name in its directory and renamed
 //! into place only once its bytes are durable, so a file under a chunk's
@@ -33,12 +34,13 @@
 //! wrong length (only damage from outside could make one) is replaced by
 //! the next `put` of that chunk instead of being taken as present.
 
-use crate::{ChunkStore, PutOutcome, Result, StoreError};
+use crate::{ByteRange, ChunkStore, ObjectName, PutOutcome, Result, StoreError, Target};
 use smr_format::ChunkId;
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File};
 use std::io::{ErrorKind, Write};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::FileExt;
+use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
@@ -132,10 +134,59 @@ impl LocalStore {
 
     fn chunk_err(&self, id: &ChunkId, source: std::io::Error) -> StoreError {
         StoreError::ChunkIo {
-            id: *id,
+            what: Target::Chunk(*id),
             store: self.describe(),
             source,
         }
+    }
+
+    /// The file of `object`: a chunk of the uncommitted batch, or a path
+    /// under the root. Names that could leave the root are refused.
+    fn object_path(&self, object: &ObjectName) -> Result<PathBuf> {
+        if let Some(path) = object.chunk().and_then(|id| self.batched(&id)) {
+            return Ok(path);
+        }
+        let rel = Path::new(object.as_str());
+        if !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+            return Err(StoreError::ChunkIo {
+                what: Target::of(object, ByteRange::WHOLE),
+                store: self.describe(),
+                source: std::io::Error::new(
+                    ErrorKind::InvalidInput,
+                    "object name is not a plain relative path",
+                ),
+            });
+        }
+        Ok(self.root.join(rel))
+    }
+
+    /// Reads `range` of the open `file` (`object`'s).
+    fn read_range(&self, file: &File, object: &ObjectName, range: ByteRange) -> Result<Vec<u8>> {
+        let err = |source| StoreError::ChunkIo {
+            what: Target::of(object, range),
+            store: self.describe(),
+            source,
+        };
+        let len = match range.len {
+            Some(len) => len,
+            None => file
+                .metadata()
+                .map_err(err)?
+                .len()
+                .saturating_sub(range.offset),
+        };
+        let mut buf =
+            vec![0; usize::try_from(len).map_err(|_| err(ErrorKind::OutOfMemory.into()))?];
+        file.read_exact_at(&mut buf, range.offset).map_err(|e| {
+            err(match e.kind() {
+                ErrorKind::UnexpectedEof => std::io::Error::new(
+                    ErrorKind::UnexpectedEof,
+                    "the range ends past the end of the object",
+                ),
+                _ => e,
+            })
+        })?;
+        Ok(buf)
     }
 }
 
@@ -144,15 +195,23 @@ impl ChunkStore for LocalStore {
         self.root.display().to_string()
     }
 
-    fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
-        let path = self.batched(id).unwrap_or_else(|| self.chunk_path(id));
-        fs::read(path).map_err(|e| match e.kind() {
+    fn read_ranges(&self, object: &ObjectName, ranges: &[ByteRange]) -> Result<Vec<Vec<u8>>> {
+        let path = self.object_path(object)?;
+        let file = File::open(&path).map_err(|e| match e.kind() {
             ErrorKind::NotFound => StoreError::Missing {
-                id: *id,
+                what: Target::of(object, ByteRange::WHOLE),
                 store: self.describe(),
             },
-            _ => self.chunk_err(id, e),
-        })
+            _ => StoreError::ChunkIo {
+                what: Target::of(object, ByteRange::WHOLE),
+                store: self.describe(),
+                source: e,
+            },
+        })?;
+        ranges
+            .iter()
+            .map(|&r| self.read_range(&file, object, r))
+            .collect()
     }
 
     fn exists(&self, id: &ChunkId) -> Result<bool> {

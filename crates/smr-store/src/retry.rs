@@ -1,7 +1,8 @@
 //! The resilience policy of the remote stores, in one place.
 //!
-//! A backend writes one attempt of an operation (`get_once`, ...) that maps
-//! its client's failures to [`StoreError`]s; [`Remote::run`] turns it into
+//! A backend writes one attempt of an operation (`read_once`, ...) that maps
+//! its client's failures to [`StoreError`]s; [`Remote::run`] (or
+//! [`Remote::run_blocking`] for a blocking client) turns it into
 //! an operation that waits for one of the store's request slots, retries
 //! transient failures with exponential backoff and jitter (at least as long
 //! as a `Retry-After` asks), and gives up at the deadline with an error that
@@ -10,17 +11,18 @@
 //! next operation simply succeeds.
 
 use crate::error::{Op, StoreError, TransportKind};
+use crate::object::Target;
 use crate::options::RemoteOptions;
 use crate::Result;
-use smr_format::ChunkId;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::Semaphore;
 
-/// The retry loop and request slots of one remote store.
+/// The retry loop and request slots of one remote store: the one policy
+/// every remote backend (HTTP, S3, registry) applies to each operation.
 #[derive(Debug)]
-pub(crate) struct Remote {
+pub struct Remote {
     store: String,
     options: RemoteOptions,
     slots: Semaphore,
@@ -30,7 +32,7 @@ pub(crate) struct Remote {
 
 impl Remote {
     /// A policy for the store described as `store` (no credentials).
-    pub(crate) fn new(store: String, options: RemoteOptions) -> Self {
+    pub fn new(store: String, options: RemoteOptions) -> Self {
         let slots = Semaphore::new(options.max_in_flight.clamp(1, Semaphore::MAX_PERMITS));
         Remote {
             store,
@@ -41,33 +43,30 @@ impl Remote {
     }
 
     /// The store's description.
-    pub(crate) fn store(&self) -> &str {
+    pub fn store(&self) -> &str {
         &self.store
     }
 
     /// The options in force.
-    pub(crate) fn options(&self) -> &RemoteOptions {
+    pub fn options(&self) -> &RemoteOptions {
         &self.options
+    }
+
+    /// Whether the store is marked down (see [`Outage`]).
+    pub fn is_down(&self) -> bool {
+        self.down.is_down()
     }
 
     /// Runs `attempt` until it succeeds, fails permanently, or the deadline
     /// passes. Each attempt holds one request slot; backoff does not.
-    pub(crate) async fn run<T, F, Fut>(&self, op: Op, id: ChunkId, mut attempt: F) -> Result<T>
+    pub async fn run<T, F, Fut>(&self, op: Op, what: Target, mut attempt: F) -> Result<T>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T>>,
     {
-        let start = Instant::now();
-        let deadline = self.options.deadline;
-        let mut attempts = 0u32;
-        let mut last = None;
+        let mut tries = Tries::new(self, op, what);
         loop {
-            let remaining = deadline.saturating_sub(start.elapsed());
-            if remaining.is_zero() {
-                let last = last.unwrap_or_else(|| self.cut(op, id, false));
-                return Err(self.gave_up(op, id, start, attempts, last));
-            }
-            attempts += 1;
+            let remaining = tries.remaining()?;
             let got_slot = AtomicBool::new(false);
             let outcome = tokio::time::timeout(remaining, async {
                 // The semaphore is never closed; without a permit we would
@@ -77,55 +76,42 @@ impl Remote {
                 attempt().await
             })
             .await;
-            let err = match outcome {
-                Ok(Ok(v)) => {
-                    self.down.up(&self.store);
-                    if attempts > 1 {
-                        tracing::info!(store = %self.store, chunk = %id, %op, attempts, "succeeded after retries");
-                    }
-                    return Ok(v);
-                }
-                Ok(Err(e)) if !e.is_transient() => return Err(e),
-                Ok(Err(e)) => e,
+            let outcome = match outcome {
+                Ok(r) => r,
                 Err(_) => {
-                    let cut = self.cut(op, id, got_slot.load(Ordering::Relaxed));
-                    return Err(self.gave_up(op, id, start, attempts, cut));
+                    let cut = self.cut(op, &tries.what, got_slot.load(Ordering::Relaxed));
+                    return Err(tries.give_up(cut));
                 }
             };
-            if self.down.is_down() {
-                return Err(self.gave_up(op, id, start, attempts, err));
+            match tries.judge(outcome)? {
+                Judged::Done(v) => return Ok(v),
+                Judged::Wait(wait) => tokio::time::sleep(wait).await,
             }
-            let remaining = deadline.saturating_sub(start.elapsed());
-            let backoff = backoff(
-                self.options.backoff_initial,
-                self.options.backoff_max,
-                attempts,
-            );
-            let wait = match err.retry_after() {
-                // The server will not serve us before the deadline.
-                Some(asked) if asked >= remaining => {
-                    return Err(self.gave_up(op, id, start, attempts, err));
-                }
-                Some(asked) => asked.max(backoff),
-                None => backoff,
+        }
+    }
+
+    /// [`Remote::run`] for a blocking `attempt` (a client with its own
+    /// runtime): the same retries, backoff and deadline, checked between
+    /// attempts; the caller bounds how many run at once.
+    pub fn run_blocking<T>(
+        &self,
+        op: Op,
+        what: Target,
+        mut attempt: impl FnMut() -> Result<T>,
+    ) -> Result<T> {
+        let mut tries = Tries::new(self, op, what);
+        loop {
+            tries.remaining()?;
+            match tries.judge(attempt())? {
+                Judged::Done(v) => return Ok(v),
+                Judged::Wait(wait) => std::thread::sleep(wait),
             }
-            .min(remaining);
-            tracing::warn!(
-                store = %self.store,
-                chunk = %id,
-                %op,
-                attempt = attempts,
-                "{err}; attempt {attempts} failed, retrying in {} ms",
-                wait.as_millis()
-            );
-            last = Some(err);
-            tokio::time::sleep(wait).await;
         }
     }
 
     /// The error of an attempt cut short by the deadline.
-    fn cut(&self, op: Op, id: ChunkId, got_slot: bool) -> StoreError {
-        let what = if got_slot {
+    fn cut(&self, op: Op, what: &Target, got_slot: bool) -> StoreError {
+        let reason = if got_slot {
             "no complete answer before the deadline".to_string()
         } else {
             format!(
@@ -135,32 +121,117 @@ impl Remote {
         };
         StoreError::Transport {
             store: self.store.clone(),
-            id,
+            what: what.clone(),
             op,
             kind: TransportKind::Timeout,
-            cause: std::io::Error::new(std::io::ErrorKind::TimedOut, what).into(),
+            cause: std::io::Error::new(std::io::ErrorKind::TimedOut, reason).into(),
+        }
+    }
+}
+
+/// The state of one operation's attempts: what [`Remote::run`] and
+/// [`Remote::run_blocking`] share.
+struct Tries<'a> {
+    remote: &'a Remote,
+    op: Op,
+    what: Target,
+    start: Instant,
+    attempts: u32,
+    last: Option<StoreError>,
+}
+
+/// What to do after an attempt.
+enum Judged<T> {
+    Done(T),
+    Wait(Duration),
+}
+
+impl<'a> Tries<'a> {
+    fn new(remote: &'a Remote, op: Op, what: Target) -> Self {
+        Tries {
+            remote,
+            op,
+            what,
+            start: Instant::now(),
+            attempts: 0,
+            last: None,
         }
     }
 
-    fn gave_up(
-        &self,
-        op: Op,
-        id: ChunkId,
-        start: Instant,
-        attempts: u32,
-        last: StoreError,
-    ) -> StoreError {
-        let e = StoreError::GaveUp {
-            store: self.store.clone(),
-            id,
-            op,
-            elapsed: start.elapsed(),
-            deadline: self.options.deadline,
+    /// Time left before the deadline, counting the attempt about to start;
+    /// the give-up error if there is none.
+    fn remaining(&mut self) -> Result<Duration> {
+        let remaining = self
+            .remote
+            .options
+            .deadline
+            .saturating_sub(self.start.elapsed());
+        if remaining.is_zero() {
+            let last = match self.last.take() {
+                Some(last) => last,
+                None => self.remote.cut(self.op, &self.what, false),
+            };
+            return Err(self.give_up(last));
+        }
+        self.attempts += 1;
+        Ok(remaining)
+    }
+
+    /// Success, a permanent error, or how long to back off before retrying.
+    fn judge<T>(&mut self, outcome: Result<T>) -> Result<Judged<T>> {
+        let (remote, op, attempts) = (self.remote, self.op, self.attempts);
+        let err = match outcome {
+            Ok(v) => {
+                remote.down.up(&remote.store);
+                if attempts > 1 {
+                    tracing::info!(store = %remote.store, what = %self.what, %op, attempts, "succeeded after retries");
+                }
+                return Ok(Judged::Done(v));
+            }
+            Err(e) if !e.is_transient() => return Err(e),
+            Err(e) => e,
+        };
+        if remote.down.is_down() {
+            return Err(self.give_up(err));
+        }
+        let remaining = remote.options.deadline.saturating_sub(self.start.elapsed());
+        let backoff = backoff(
+            remote.options.backoff_initial,
+            remote.options.backoff_max,
             attempts,
+        );
+        let wait = match err.retry_after() {
+            // The server will not serve us before the deadline.
+            Some(asked) if asked >= remaining => return Err(self.give_up(err)),
+            Some(asked) => asked.max(backoff),
+            None => backoff,
+        }
+        .min(remaining);
+        tracing::warn!(
+            store = %remote.store,
+            what = %self.what,
+            %op,
+            attempt = attempts,
+            "{err}; attempt {attempts} failed, retrying in {} ms",
+            wait.as_millis()
+        );
+        self.last = Some(err);
+        Ok(Judged::Wait(wait))
+    }
+
+    fn give_up(&self, last: StoreError) -> StoreError {
+        let remote = self.remote;
+        let e = StoreError::GaveUp {
+            store: remote.store.clone(),
+            what: self.what.clone(),
+            op: self.op,
+            elapsed: self.start.elapsed(),
+            deadline: remote.options.deadline,
+            attempts: self.attempts,
             last: Box::new(last),
         };
-        tracing::warn!(store = %self.store, chunk = %id, %op, "{e}");
-        self.down.down(&self.store);
+        tracing::warn!(store = %remote.store, what = %self.what, op = %self.op, "{e}");
+        remote.down.down(&remote.store);
         e
     }
 }
@@ -200,7 +271,7 @@ impl Outage {
 /// `initial * 2^(failures-1)`, capped at `max`, then a uniformly random
 /// point in its upper half (so concurrent clients spread out while the
 /// delay still grows and never retry at once). Every retry loop of smr
-/// (remote stores, registry client, registry store) backs off this way.
+/// (remote stores, the registry client) backs off this way.
 pub fn backoff(initial: Duration, max: Duration, failures: u32) -> Duration {
     let exp = failures.saturating_sub(1).min(31);
     let full = initial.saturating_mul(1u32 << exp).min(max);

@@ -7,6 +7,7 @@
 //! block: a worker thread, a `spawn_blocking` thread, or `main`. It must not
 //! be called from a tokio worker thread (that would stall that runtime).
 
+use crate::{ByteRange, ObjectName, Result};
 use std::future::Future;
 use std::sync::OnceLock;
 
@@ -47,6 +48,51 @@ where
     }
 }
 
+/// Runs `read(object, range)` for each of `ranges` concurrently on the
+/// network runtime and collects the results in order (the first error
+/// wins). One range runs inline, without a task.
+pub(crate) async fn each_range<F, Fut>(
+    object: &ObjectName,
+    ranges: &[ByteRange],
+    read: F,
+) -> Result<Vec<Vec<u8>>>
+where
+    F: Fn(ObjectName, ByteRange) -> Fut,
+    Fut: Future<Output = Result<Vec<u8>>> + Send + 'static,
+{
+    if let [range] = ranges {
+        return Ok(vec![read(object.clone(), *range).await?]);
+    }
+    let tasks: Vec<_> = ranges
+        .iter()
+        .map(|&r| tokio::spawn(read(object.clone(), r)))
+        .collect();
+    let mut out = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        match task.await {
+            Ok(bytes) => out.push(bytes?),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => panic!("network task cancelled: {e}"),
+        }
+    }
+    Ok(out)
+}
+
+/// `range` of a whole object's bytes, `None` if it ends past them.
+pub(crate) fn cut(mut body: Vec<u8>, range: ByteRange) -> Option<Vec<u8>> {
+    let start = usize::try_from(range.offset).ok()?;
+    let end = match range.end() {
+        Some(end) => usize::try_from(end).ok()?,
+        None => body.len(),
+    };
+    if start > end || end > body.len() {
+        return None;
+    }
+    body.truncate(end);
+    body.drain(..start);
+    Some(body)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -63,6 +109,24 @@ mod tests {
                 .unwrap()
         });
         assert_eq!(v, 7);
+    }
+
+    #[test]
+    fn cuts_ranges_of_a_body() {
+        let body: Vec<u8> = (0..10).collect();
+        assert_eq!(cut(body.clone(), ByteRange::new(2, 3)), Some(vec![2, 3, 4]));
+        assert_eq!(cut(body.clone(), ByteRange::WHOLE), Some(body.clone()));
+        assert_eq!(cut(body.clone(), ByteRange::new(8, 3)), None);
+        assert_eq!(
+            cut(
+                body,
+                ByteRange {
+                    offset: 7,
+                    len: None
+                }
+            ),
+            Some(vec![7, 8, 9])
+        );
     }
 
     #[test]

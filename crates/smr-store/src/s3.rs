@@ -25,8 +25,8 @@ use crate::error::{Op, StoreError, TransportKind};
 use crate::location::redact;
 use crate::options::RemoteOptions;
 use crate::retry::Remote;
-use crate::runtime::block_on;
-use crate::{ChunkStore, PutOutcome, Result};
+use crate::runtime::{block_on, cut, each_range};
+use crate::{ByteRange, ChunkStore, ObjectName, PutOutcome, Result, Target};
 use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::client::{ClientConfigKey, HttpError, HttpErrorKind};
 use object_store::path::Path;
@@ -203,37 +203,65 @@ impl Inner {
         self.remote.store().to_string()
     }
 
-    fn key(&self, id: &ChunkId) -> Path {
-        let hex = id.to_hex();
-        let (fanout, _) = hex.split_at(2);
-        self.prefix
-            .clone()
-            .join("chunks")
-            .join(fanout)
-            .join(hex.as_str())
+    fn key(&self, object: &ObjectName) -> Path {
+        object
+            .as_str()
+            .split('/')
+            .fold(self.prefix.clone(), |path, part| path.join(part))
     }
 
-    async fn get_once(&self, id: ChunkId) -> Result<Vec<u8>> {
-        let got = self
-            .s3
-            .get(&self.key(&id))
-            .await
-            .map_err(|e| self.error(Op::Get, id, e))?;
-        let (size, limit) = (got.meta.size, self.remote.options().max_object_bytes);
-        if size > limit {
-            return Err(StoreError::TooLarge {
-                store: self.store(),
-                id,
-                size,
-                limit,
-            });
-        }
-        let bytes = got.bytes().await.map_err(|e| self.error(Op::Get, id, e))?;
-        if bytes.len() as u64 != size {
+    /// One GET of `range` of `object`.
+    async fn read_once(&self, object: &ObjectName, range: ByteRange) -> Result<Vec<u8>> {
+        let what = Target::of(object, range);
+        let limit = self.remote.options().max_object_bytes;
+        let too_large = |size| StoreError::TooLarge {
+            store: self.store(),
+            what: what.clone(),
+            size,
+            limit,
+        };
+        let key = self.key(object);
+        let (bytes, expected) = match range.end() {
+            Some(end) => {
+                let len = end - range.offset;
+                if len > limit {
+                    return Err(too_large(len));
+                }
+                let bytes = self
+                    .s3
+                    .get_range(&key, range.offset..end)
+                    .await
+                    .map_err(|e| self.error(Op::Get, what.clone(), e))?;
+                (bytes, len)
+            }
+            None => {
+                let got = self
+                    .s3
+                    .get(&key)
+                    .await
+                    .map_err(|e| self.error(Op::Get, what.clone(), e))?;
+                let size = got.meta.size;
+                if size > limit {
+                    return Err(too_large(size));
+                }
+                let bytes = got
+                    .bytes()
+                    .await
+                    .map_err(|e| self.error(Op::Get, what.clone(), e))?;
+                let bytes = cut(Vec::from(bytes), range).ok_or_else(|| StoreError::ChunkIo {
+                    what: what.clone(),
+                    store: self.store(),
+                    source: std::io::ErrorKind::UnexpectedEof.into(),
+                })?;
+                let expected = size.saturating_sub(range.offset);
+                (bytes.into(), expected)
+            }
+        };
+        if bytes.len() as u64 != expected {
             return Err(StoreError::LengthMismatch {
                 store: self.store(),
-                id,
-                expected: size,
+                what,
+                expected,
                 got: bytes.len() as u64,
             });
         }
@@ -241,10 +269,10 @@ impl Inner {
     }
 
     async fn exists_once(&self, op: Op, id: ChunkId) -> Result<bool> {
-        match self.s3.head(&self.key(&id)).await {
+        match self.s3.head(&self.key(&ObjectName::of_chunk(&id))).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(e) => Err(self.error(op, id, e)),
+            Err(e) => Err(self.error(op, id.into(), e)),
         }
     }
 
@@ -258,7 +286,11 @@ impl Inner {
         };
         match self
             .s3
-            .put_opts(&self.key(&id), payload, PutOptions::from(mode))
+            .put_opts(
+                &self.key(&ObjectName::of_chunk(&id)),
+                payload,
+                PutOptions::from(mode),
+            )
             .await
         {
             Ok(_) => Ok(PutOutcome::Written),
@@ -267,12 +299,12 @@ impl Inner {
                 object_store::Error::AlreadyExists { .. }
                 | object_store::Error::Precondition { .. },
             ) => Ok(PutOutcome::Existed),
-            Err(e) => Err(self.error(Op::Put, id, e)),
+            Err(e) => Err(self.error(Op::Put, id.into(), e)),
         }
     }
 
-    /// Maps an `object_store` error of `op` on chunk `id`.
-    fn error(&self, op: Op, id: ChunkId, e: object_store::Error) -> StoreError {
+    /// Maps an `object_store` error of `op` on `what`.
+    fn error(&self, op: Op, what: Target, e: object_store::Error) -> StoreError {
         let store = self.store();
         match e {
             // A missing bucket is a broken location, not a missing chunk.
@@ -281,42 +313,42 @@ impl Inner {
             {
                 StoreError::Remote {
                     store,
-                    id,
+                    what,
                     op,
                     cause: "the bucket does not exist (NoSuchBucket)".into(),
                 }
             }
-            object_store::Error::NotFound { .. } => StoreError::Missing { id, store },
+            object_store::Error::NotFound { .. } => StoreError::Missing { what, store },
             object_store::Error::PermissionDenied { source, .. } => StoreError::Denied {
                 store,
-                id,
+                what,
                 op,
                 reason: status::s3_reason(&*source, "HTTP 403 Forbidden"),
             },
             object_store::Error::Unauthenticated { source, .. } => StoreError::Denied {
                 store,
-                id,
+                what,
                 op,
                 reason: status::s3_reason(&*source, "HTTP 401 Unauthorized"),
             },
             e => match classify(&e) {
                 Class::Status(s) => StoreError::Status {
                     store,
-                    id,
+                    what,
                     op,
                     status: s.status,
                     retry_after: s.retry_after,
                 },
                 Class::Transport(kind) => StoreError::Transport {
                     store,
-                    id,
+                    what,
                     op,
                     kind,
                     cause: e.into(),
                 },
                 Class::Other => StoreError::Remote {
                     store,
-                    id,
+                    what,
                     op,
                     cause: e.into(),
                 },
@@ -358,16 +390,29 @@ impl ChunkStore for S3Store {
         self.inner.store()
     }
 
-    fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
-        let (inner, id) = (self.inner.clone(), *id);
-        block_on(async move { inner.remote.run(Op::Get, id, || inner.get_once(id)).await })
+    fn read_ranges(&self, object: &ObjectName, ranges: &[ByteRange]) -> Result<Vec<Vec<u8>>> {
+        let inner = self.inner.clone();
+        let (object, ranges) = (object.clone(), ranges.to_vec());
+        block_on(async move {
+            each_range(&object, &ranges, |object, range| {
+                let inner = inner.clone();
+                async move {
+                    let what = Target::of(&object, range);
+                    inner
+                        .remote
+                        .run(Op::Get, what, || inner.read_once(&object, range))
+                        .await
+                }
+            })
+            .await
+        })
     }
 
     fn exists(&self, id: &ChunkId) -> Result<bool> {
         let (inner, id) = (self.inner.clone(), *id);
         block_on(async move {
             let exists = || inner.exists_once(Op::Exists, id);
-            inner.remote.run(Op::Exists, id, exists).await
+            inner.remote.run(Op::Exists, id.into(), exists).await
         })
     }
 
@@ -376,7 +421,7 @@ impl ChunkStore for S3Store {
         let payload = PutPayload::from(data.to_vec());
         block_on(async move {
             let put = || inner.put_once(id, payload.clone());
-            inner.remote.run(Op::Put, id, put).await
+            inner.remote.run(Op::Put, id.into(), put).await
         })
     }
 }

@@ -9,29 +9,9 @@ use smr_registry::discover::{discover, Artifact, DiscoverOptions};
 use smr_registry::push::{push, PushOptions, PushReport};
 use smr_registry::reference::DOCKER_PREFIX;
 use smr_registry::source::RegistrySource;
-use smr_registry::store::StoreOptions;
 use smr_registry::RegistryStore;
 use smr_store::ChunkStore;
 use std::sync::Arc;
-
-/// Bytes read ahead of a sequential reader per registry request (e.g.
-/// `256K`; `0` disables; default 1M).
-pub const READAHEAD_ENV: &str = "SMR_REGISTRY_READAHEAD";
-
-/// Largest hole between two wanted chunks of a pack that is read (and
-/// thrown away) so that one request serves both (default 64K, `0` when
-/// replaying a startup profile).
-pub const MAX_GAP_ENV: &str = "SMR_REGISTRY_MAX_GAP";
-
-/// A size (`64K`, `1M`, bytes) from environment variable `name`, if set.
-fn size_env(name: &str) -> Result<Option<u64>> {
-    match std::env::var(name) {
-        Ok(v) => crate::cmd::convert::parse_size(&v)
-            .map(Some)
-            .map_err(|e| anyhow::anyhow!("{name}: {e}")),
-        Err(_) => Ok(None),
-    }
-}
 
 /// Options for talking to registries, shared by the subcommands.
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -90,37 +70,16 @@ pub fn find_artifact(
     Ok((repo, artifact))
 }
 
-/// [`find_artifact`], then a chunk store over the artifact's packs. When a
-/// startup profile will be replayed (`replaying`, or one was found), the
-/// store neither reads ahead nor reads across holes between wanted chunks
-/// (unless `SMR_REGISTRY_READAHEAD` / `SMR_REGISTRY_MAX_GAP` say so): the
-/// profile already fetches what the start reads, many requests at once,
-/// and those would only add bytes.
+/// [`find_artifact`], then a chunk store over the artifact's packs (with
+/// the remote stores' retry policy, `SMR_STORE_DEADLINE`).
 pub fn open_remote(
     reference: &str,
     platform: &Platform,
     args: &RegistryArgs,
     opts: &DiscoverOptions,
-    replaying: bool,
 ) -> Result<RemoteImage> {
     let (repo, artifact) = find_artifact(reference, platform, args, opts)?;
-    let mut opts = StoreOptions {
-        deadline: smr_store::RemoteOptions::from_env()?.deadline,
-        ..StoreOptions::default()
-    };
-    let replaying = replaying || artifact.profile.is_some();
-    if replaying {
-        // The profile names the chunks: fetch those, not their neighbours.
-        opts.readahead = 0;
-        opts.max_gap = 0;
-    }
-    if let Some(v) = size_env(READAHEAD_ENV)? {
-        opts.readahead = v;
-    }
-    if let Some(v) = size_env(MAX_GAP_ENV)? {
-        opts.max_gap = v;
-    }
-    let store = Arc::new(artifact.store(Arc::new(repo), opts));
+    let store = Arc::new(artifact.store(Arc::new(repo), smr_store::RemoteOptions::from_env()?));
     Ok(RemoteImage { artifact, store })
 }
 

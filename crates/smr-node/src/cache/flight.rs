@@ -33,6 +33,14 @@ impl<K: Hash + Eq + Clone> Flights<K> {
         }
     }
 
+    /// Whether a run for `key` is under way.
+    pub(crate) fn contains(&self, key: &K) -> bool {
+        self.map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(key)
+    }
+
     /// Runs `work` unless a run for `key` is already under way, in which case
     /// waits for that run and returns its outcome. `id` names the chunk in
     /// the error if the leader panics.

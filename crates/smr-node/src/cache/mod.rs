@@ -12,12 +12,16 @@
 //!   disk (SHA-256 if the filesystem has no user xattrs); a mismatch
 //!   deletes the entry, counts a `corrupt` event and refetches. Why a CRC
 //!   and what it does not protect against: `cache/disk.rs`.
-//! - **Crash safety.** Inserts write `DIR/tmp/…` (holding `LOCK_EX` on it),
-//!   fsync, then rename into place: a killed process leaves at most a temp
-//!   file, which is never read as an entry and is deleted by the next
-//!   [`Cache::open`] or [`Cache::prune`] once no process holds its lock.
-//!   The directory itself is not fsynced after the rename: a power cut can
-//!   only lose the newest entries, which a cache may.
+//! - **Crash safety without fsync.** Inserts write `DIR/tmp/…` (holding
+//!   `LOCK_EX` on it), set the entry's CRC-32C attribute, then rename into
+//!   place: a killed process leaves at most a temp file, which is never read
+//!   as an entry and is deleted by the next [`Cache::open`] or
+//!   [`Cache::prune`] once no process holds its lock. Nothing is fsynced: a
+//!   cache needs no durability, only never to serve a wrong byte. After a
+//!   power cut an entry may be empty, torn, or have lost its attribute;
+//!   each case fails its check on load (CRC-32C, or SHA-256 against the
+//!   name when the attribute is gone), which deletes it and refetches. An
+//!   fsync would cost a journal commit per chunk fetched.
 //! - **Memory tier.** A byte-bounded LRU (default 16 MiB) of decoded,
 //!   verified chunks per process, so that the many small reads the kernel
 //!   makes inside one chunk neither re-read nor re-hash it. It is keyed by
@@ -31,8 +35,10 @@
 //!   entry after taking it; the lock file is removed after a successful
 //!   insert, so the lock directory only holds chunks being (or failing to
 //!   be) fetched. No global lock is held during a fetch.
-//! - **Budget and LRU-K.** Inserts keep a node-wide total in `DIR/stats`;
-//!   one that pushes it over the budget evicts, under `DIR/lock`, down to
+//! - **Budget and LRU-K.** Inserts add to a node-wide total in `DIR/stats`
+//!   (with the other counters, at most once a second, see below); an insert
+//!   that takes the total known to this process over the budget evicts,
+//!   under `DIR/lock`, down to
 //!   90% of the budget (so eviction, which scans the directory, runs once
 //!   per 10% of budget inserted rather than on every insert). Order and
 //!   history: `cache/evict.rs`. Readers hold `LOCK_SH` on an entry while
@@ -61,9 +67,12 @@
 //!   defeating the budget), and the CRC-32C is still checked on every
 //!   load. The reasoning, and what it costs: `cache/handles.rs`.
 //! - **Counters.** Hits, misses, fetches, evictions and the rest are
-//!   counted per process and added to `DIR/stats` under `flock` (format in
-//!   `cache/stats.rs`); `smr cache stats` in another process sees them.
-//!   The total is rescanned on open and prune.
+//!   counted in memory per process and added to `DIR/stats` under `flock`
+//!   (format in `cache/stats.rs`) at most once a second while the process
+//!   is busy ([`FLUSH_EVERY`]), and when the cache is dropped; `smr cache
+//!   stats` in another process sees them. The total is rescanned on open
+//!   and prune. So processes see each other's inserts up to a second late,
+//!   and the budget can be overshot by what the node fetches meanwhile.
 //! - **Concurrency.** Many fetches may be in flight (one per chunk); a pool
 //!   of [`CacheConfig::fetch_threads`] threads serves prefetches and the
 //!   extra chunks of multi-chunk reads. [`CacheStats::inflight`] and
@@ -190,6 +199,8 @@ pub struct Cache {
     max_inflight: AtomicU64,
     opened: Instant,
     flushed_ms: AtomicU64,
+    /// The node-wide total of entry bytes as of the last flush.
+    known_total: AtomicU64,
 }
 
 impl std::fmt::Debug for Cache {
@@ -225,6 +236,7 @@ impl Cache {
             max_inflight: AtomicU64::new(0),
             opened: Instant::now(),
             flushed_ms: AtomicU64::new(0),
+            known_total: AtomicU64::new(0),
         };
         let global = cache.global_lock(true)?;
         let (tmp, _) =
@@ -262,6 +274,14 @@ impl Cache {
     /// Whether chunk `id` has an entry on disk (not verified).
     pub fn contains(&self, id: &ChunkId) -> bool {
         disk::exists(&self.layout, &self.handles, id)
+    }
+
+    /// Whether chunk `id` is neither being fetched (or loaded) through
+    /// [`Cache::get_or_fetch`] in this process nor on disk: checked in that
+    /// order, so a chunk that a fetch is inserting is never reported
+    /// missing.
+    pub fn is_missing(&self, id: &ChunkId) -> bool {
+        !self.raw.contains(id) && !self.contains(id)
     }
 
     /// Like [`Cache::contains`], and if the entry exists, starts reading it
@@ -536,9 +556,19 @@ impl Cache {
         Some(data)
     }
 
-    /// Flushes counters (getting the node-wide total) and evicts if over
-    /// budget, unless another process is evicting already.
+    /// Flushes the counters when due; when the total known here goes over
+    /// the budget, flushes (getting the node-wide total) and evicts, unless
+    /// another process is evicting already.
     fn after_insert(&self) {
+        let pending = self.pending.total_bytes.load(Ordering::Relaxed);
+        let estimate = self
+            .known_total
+            .load(Ordering::Relaxed)
+            .saturating_add_signed(pending);
+        if estimate <= self.cfg.budget_bytes {
+            self.maybe_flush();
+            return;
+        }
         let total = match self.update_stats(|_| {}) {
             Ok(c) => c.total_bytes,
             Err(e) => {
@@ -609,6 +639,9 @@ impl Cache {
             .stats_file
             .update(&self.pending, f)
             .map_err(|e| CacheError::io(self.layout.stats(), e));
+        if let Ok(c) = &r {
+            self.known_total.store(c.total_bytes, Ordering::Relaxed);
+        }
         self.flushed_ms
             .store(self.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
         r

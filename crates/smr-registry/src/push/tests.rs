@@ -1,7 +1,6 @@
 use super::*;
 use crate::artifact::{ARTIFACT_TYPE, PACK_MEDIA_TYPE};
 use crate::discover::{discover, DiscoverOptions};
-use crate::store::StoreOptions;
 use crate::testing::{tags, test_image, DirBlobs, TestImage};
 use smr_store::LocalStore;
 use std::sync::Arc;
@@ -50,7 +49,7 @@ fn do_push(e: &Env, img: &TestImage, o: &PushOptions) -> Result<PushReport> {
 
 /// Every chunk of `img`, read through a registry store and opened.
 fn check_served(e: &Env, img: &TestImage, artifact: &crate::discover::Artifact) {
-    let store = artifact.store(e.blobs.clone(), StoreOptions::default());
+    let store = artifact.store(e.blobs.clone(), smr_store::RemoteOptions::default());
     let keys = artifact.recipe.keys(Some(&img.owner)).unwrap().unwrap();
     for (pos, entry) in artifact.recipe.chunks.iter().enumerate() {
         let stored = store.get(&entry.id).unwrap();

@@ -3,8 +3,8 @@ use crate::artifact::digest_of;
 use crate::pack::{IndexedChunk, IndexedPack, PackParams};
 use crate::testing::DirBlobs;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{mpsc, Barrier};
 use std::thread;
+use std::time::{Duration, Instant};
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -54,7 +54,7 @@ fn fixture(sizes: &[usize]) -> Fixture {
 }
 
 impl Fixture {
-    fn store(&self, opts: StoreOptions) -> Arc<RegistryStore> {
+    fn store(&self, opts: RemoteOptions) -> Arc<RegistryStore> {
         Arc::new(RegistryStore::new(
             self.blobs.clone(),
             self.index.clone(),
@@ -67,81 +67,29 @@ impl Fixture {
     }
 }
 
-fn lingering(ms: u64) -> StoreOptions {
-    StoreOptions {
-        linger: Duration::from_millis(ms),
-        readahead: 0,
-        ..StoreOptions::default()
-    }
-}
-
-/// Gets `ids` from one thread each, started together.
-fn get_all(store: &Arc<RegistryStore>, ids: &[ChunkId]) -> Vec<smr_store::Result<Vec<u8>>> {
-    let barrier = Arc::new(Barrier::new(ids.len()));
-    let handles: Vec<_> = ids
-        .iter()
-        .map(|id| {
-            let (store, barrier, id) = (store.clone(), barrier.clone(), *id);
-            thread::spawn(move || {
-                barrier.wait();
-                store.get(&id)
-            })
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().unwrap()).collect()
+fn with_deadline(deadline_ms: u64) -> RemoteOptions {
+    RemoteOptions::default().with_deadline(Duration::from_millis(deadline_ms))
 }
 
 #[test]
-fn adjacent_gets_from_many_threads_are_coalesced() {
-    let fx = fixture(&[8, 3]);
-    let store = fx.store(lingering(50));
-    let ids: Vec<ChunkId> = fx.chunks[0].iter().map(|c| c.0).collect();
-    let got = get_all(&store, &ids);
-    for (r, (_, want)) in got.into_iter().zip(&fx.chunks[0]) {
-        assert_eq!(&r.unwrap(), want);
-    }
-    let requests = fx.blobs.range_requests.load(Relaxed);
-    assert!(requests < 8, "{requests} requests for 8 adjacent chunks");
-    let s = store.stats();
-    assert_eq!(s.requests, requests);
-    assert_eq!(s.chunks_served, 8);
-    assert_eq!(s.bytes_transferred, fx.index.packs()[0].size());
-    assert_eq!((s.bytes_discarded, s.failed_requests), (0, 0));
-}
-
-/// Lingering 50 ms, giving up on transient failures after `deadline_ms`.
-fn with_deadline(deadline_ms: u64) -> StoreOptions {
-    StoreOptions {
-        deadline: Duration::from_millis(deadline_ms),
-        ..lingering(50)
-    }
-}
-
-#[test]
-fn a_failed_read_reaches_every_waiter_of_its_batch() {
-    let fx = fixture(&[8]);
-    fx.blobs.fail_ranges(&fx.pack(0));
-    // A deadline shorter than the first back-off: one try each.
-    let store = fx.store(with_deadline(10));
-    let ids: Vec<ChunkId> = fx.chunks[0].iter().map(|c| c.0).collect();
-    let got = get_all(&store, &ids);
-    for (r, id) in got.into_iter().zip(&ids) {
-        let err = r.unwrap_err();
-        assert!(matches!(err, StoreError::GaveUp { .. }), "{err}");
-        let err = err.to_string();
-        assert!(err.contains(&id.to_hex()), "{err}");
-        assert!(
-            err.contains(&fx.pack(0)) && err.contains("injected failure"),
-            "{err}"
-        );
-    }
-    let s = store.stats();
-    assert_eq!(s.failed_requests, s.requests);
-    assert_eq!(s.chunks_served, 0);
-    // Nothing is remembered: the next get tries again.
-    let fx2_ok = fx.blobs.range_requests.load(Relaxed);
-    assert!(store.get(&ids[0]).is_err());
-    assert_eq!(fx.blobs.range_requests.load(Relaxed), fx2_ok + 1);
+fn chunks_are_ranges_of_their_pack_read_in_one_call() {
+    let fx = fixture(&[3, 5]);
+    let store = fx.store(RemoteOptions::default());
+    let (id, bytes) = &fx.chunks[1][2];
+    let extent = store.locate(id).unwrap();
+    assert_eq!(extent.object.as_str(), fx.pack(1));
+    assert_eq!(extent.range.len, Some(bytes.len() as u64));
+    // Two ranges of one pack: one call, a request per range.
+    let next = store.locate(&fx.chunks[1][3].0).unwrap();
+    let got = store
+        .read_ranges(&extent.object, &[extent.range, next.range])
+        .unwrap();
+    assert_eq!(got, vec![bytes.clone(), fx.chunks[1][3].1.clone()]);
+    assert_eq!(fx.blobs.range_requests.load(Relaxed), 2);
+    // A range past the pack's end is an error naming the pack.
+    let past = smr_store::ByteRange::new(1 << 30, 10);
+    let err = store.read_ranges(&extent.object, &[past]).unwrap_err();
+    assert!(err.to_string().contains(&fx.pack(1)), "{err}");
 }
 
 #[test]
@@ -174,105 +122,13 @@ fn missing_chunks_are_not_retried() {
 }
 
 #[test]
-fn a_slow_read_does_not_block_unrelated_ones() {
-    let fx = fixture(&[4, 4]);
-    let gate = fx.blobs.gate_ranges(&fx.pack(0));
-    let store = fx.store(lingering(0));
-    let slow = {
-        let (store, id) = (store.clone(), fx.chunks[0][0].0);
-        thread::spawn(move || store.get(&id))
-    };
-    while fx.blobs.range_requests.load(Relaxed) == 0 {
-        thread::sleep(Duration::from_millis(1));
-    }
-    // A chunk of another pack is served while the first read hangs.
-    let (tx, rx) = mpsc::channel();
-    let (store2, id) = (store.clone(), fx.chunks[1][2].0);
-    thread::spawn(move || tx.send(store2.get(&id)).unwrap());
-    let got = rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("blocked behind a slow read");
-    assert_eq!(got.unwrap(), fx.chunks[1][2].1);
-    gate.open();
-    assert_eq!(slow.join().unwrap().unwrap(), fx.chunks[0][0].1);
-    assert_eq!(store.stats().max_in_flight, 2);
-}
-
-#[test]
-fn requests_in_flight_are_capped() {
-    let fx = fixture(&[6]);
-    let gate = fx.blobs.gate_ranges(&fx.pack(0));
-    let store = fx.store(StoreOptions {
-        max_in_flight: 2,
-        max_gap: 0,
-        max_request: 1,
-        linger: Duration::ZERO,
-        readahead: 0,
-        ..StoreOptions::default()
-    });
-    let handles: Vec<_> = fx.chunks[0]
-        .iter()
-        .map(|(id, _)| {
-            let (store, id) = (store.clone(), *id);
-            thread::spawn(move || store.get(&id))
-        })
-        .collect();
-    thread::sleep(Duration::from_millis(200));
-    assert_eq!(fx.blobs.range_requests.load(Relaxed), 2);
-    gate.open();
-    for (h, (_, want)) in handles.into_iter().zip(&fx.chunks[0]) {
-        assert_eq!(&h.join().unwrap().unwrap(), want);
-    }
-    let s = store.stats();
-    assert_eq!((s.requests, s.max_in_flight), (6, 2));
-}
-
-#[test]
-fn small_gaps_are_read_and_discarded_large_ones_split() {
-    let fx = fixture(&[3]);
-    let ids = [fx.chunks[0][0].0, fx.chunks[0][2].0];
-    let gap = fx.chunks[0][1].1.len() as u64;
-
-    let store = fx.store(lingering(50));
-    let got = get_all(&store, &ids);
-    assert_eq!(got[0].as_ref().unwrap(), &fx.chunks[0][0].1);
-    assert_eq!(got[1].as_ref().unwrap(), &fx.chunks[0][2].1);
-    let s = store.stats();
-    assert_eq!((s.requests, s.bytes_discarded), (1, gap));
-
-    let store = fx.store(StoreOptions {
-        max_gap: gap - 1,
-        ..lingering(50)
-    });
-    for r in get_all(&store, &ids) {
-        r.unwrap();
-    }
-    assert_eq!(store.stats().requests, 2);
-}
-
-#[test]
-fn requests_respect_the_size_cap() {
-    let fx = fixture(&[8]);
-    let store = fx.store(StoreOptions {
-        max_request: 25_000,
-        ..lingering(50)
-    });
-    let ids: Vec<ChunkId> = fx.chunks[0].iter().map(|c| c.0).collect();
-    for (r, (_, want)) in get_all(&store, &ids).into_iter().zip(&fx.chunks[0]) {
-        assert_eq!(&r.unwrap(), want);
-    }
-    // Chunks are 10-11 KB: at most two per 25 KB request.
-    assert!(store.stats().requests >= 4);
-}
-
-#[test]
 fn unknown_chunks_are_missing_and_puts_are_refused() {
     let fx = fixture(&[2]);
-    let store = fx.store(StoreOptions::default());
+    let store = fx.store(RemoteOptions::default());
     let unknown = ChunkId([3; 32]);
     assert!(matches!(
         store.get(&unknown),
-        Err(StoreError::Missing { id, .. }) if id == unknown
+        Err(StoreError::Missing { what, .. }) if what == Target::Chunk(unknown)
     ));
     assert!(!store.exists(&unknown).unwrap());
     let (id, bytes) = &fx.chunks[0][1];
@@ -320,32 +176,4 @@ fn after_giving_up_reads_fail_at_once_until_the_registry_answers() {
         "{:?}",
         t.elapsed()
     );
-}
-
-#[test]
-fn sequential_reads_are_read_ahead_scattered_ones_are_not() {
-    let fx = fixture(&[12]);
-    let store = fx.store(StoreOptions {
-        linger: Duration::ZERO,
-        readahead: 40_000,
-        ..StoreOptions::default()
-    });
-    let chunks = &fx.chunks[0];
-    // Scattered: no stream, nothing read ahead.
-    for i in [9, 2, 6] {
-        assert_eq!(store.get(&chunks[i].0).unwrap(), chunks[i].1);
-    }
-    let s = store.stats();
-    assert_eq!((s.requests, s.readahead_bytes, s.readahead_hits), (3, 0, 0));
-    // Sequential from 3: 4 starts the stream (3 ended where 4 starts), so
-    // its request also reads the chunks after it, up to the window; they
-    // are then served without requests.
-    for (i, (id, want)) in chunks.iter().enumerate().skip(3).take(9) {
-        assert_eq!(&store.get(id).unwrap(), want, "chunk {i}");
-    }
-    let s = store.stats();
-    assert!(s.readahead_hits > 0, "{s:?}");
-    assert!(s.requests < 3 + 9, "{s:?}");
-    assert_eq!(s.chunks_served, 12);
-    assert_eq!(s.requests + s.readahead_hits, 12, "{s:?}");
 }

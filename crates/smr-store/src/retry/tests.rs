@@ -1,5 +1,6 @@
 use super::*;
 use crate::runtime::block_on;
+use smr_format::ChunkId;
 use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 
@@ -10,7 +11,7 @@ fn id() -> ChunkId {
 fn status(code: u16, retry_after: Option<Duration>) -> StoreError {
     StoreError::Status {
         store: "http://test/p".into(),
-        id: id(),
+        what: id().into(),
         op: Op::Get,
         status: code,
         retry_after,
@@ -84,7 +85,7 @@ fn transient_errors_are_retried_until_success() {
     let r = block_on(async move {
         let remote = Remote::new("http://test/p".into(), fast(5_000));
         remote
-            .run(Op::Get, id(), || {
+            .run(Op::Get, id().into(), || {
                 let n = c.fetch_add(1, Ordering::SeqCst);
                 async move {
                     if n < 3 {
@@ -107,11 +108,11 @@ fn permanent_errors_are_not_retried() {
     let r: Result<()> = block_on(async move {
         let remote = Remote::new("http://test/p".into(), fast(5_000));
         remote
-            .run(Op::Get, id(), || {
+            .run(Op::Get, id().into(), || {
                 c.fetch_add(1, Ordering::SeqCst);
                 async {
                     Err(StoreError::Missing {
-                        id: id(),
+                        what: id().into(),
                         store: "http://test/p".into(),
                     })
                 }
@@ -128,7 +129,7 @@ fn gives_up_at_the_deadline_with_the_last_error() {
     let r: Result<()> = block_on(async move {
         let remote = Remote::new("http://test/p".into(), fast(300));
         remote
-            .run(Op::Get, id(), || async { Err(status(502, None)) })
+            .run(Op::Get, id().into(), || async { Err(status(502, None)) })
             .await
     });
     let elapsed = t.elapsed();
@@ -154,7 +155,7 @@ fn a_hung_attempt_is_cut_at_the_deadline() {
     let r: Result<()> = block_on(async move {
         let remote = Remote::new("http://test/p".into(), fast(200));
         remote
-            .run(Op::Get, id(), || async {
+            .run(Op::Get, id().into(), || async {
                 tokio::time::sleep(Duration::from_secs(60)).await;
                 Ok(())
             })
@@ -176,7 +177,7 @@ fn retry_after_is_honored_or_beyond_the_deadline_gives_up_at_once() {
     let r = block_on(async move {
         let remote = Remote::new("http://test/p".into(), fast(5_000));
         remote
-            .run(Op::Get, id(), || {
+            .run(Op::Get, id().into(), || {
                 let n = c.fetch_add(1, Ordering::SeqCst);
                 async move {
                     if n == 0 {
@@ -195,7 +196,7 @@ fn retry_after_is_honored_or_beyond_the_deadline_gives_up_at_once() {
     let r: Result<()> = block_on(async move {
         let remote = Remote::new("http://test/p".into(), fast(1_000));
         remote
-            .run(Op::Get, id(), || async {
+            .run(Op::Get, id().into(), || async {
                 Err(status(429, Some(Duration::from_secs(60))))
             })
             .await
@@ -218,7 +219,7 @@ fn requests_in_flight_are_bounded() {
             std::thread::spawn(move || {
                 block_on(async move {
                     remote
-                        .run(Op::Get, id(), || async {
+                        .run(Op::Get, id().into(), || async {
                             let n = now.fetch_add(1, Ordering::SeqCst) + 1;
                             peak.fetch_max(n, Ordering::SeqCst);
                             tokio::time::sleep(Duration::from_millis(50)).await;

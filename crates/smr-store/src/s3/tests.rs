@@ -22,12 +22,15 @@ fn locations_and_layout() {
     let s = open("s3://bucket/some/prefix/").unwrap();
     assert_eq!(s.describe(), "s3://bucket/some/prefix");
     assert_eq!(
-        s.inner.key(&id).as_ref(),
+        s.inner.key(&ObjectName::of_chunk(&id)).as_ref(),
         format!("some/prefix/chunks/cd/{hex}")
     );
     let s = open("S3://bucket").unwrap();
     assert_eq!(s.describe(), "s3://bucket");
-    assert_eq!(s.inner.key(&id).as_ref(), format!("chunks/cd/{hex}"));
+    assert_eq!(
+        s.inner.key(&ObjectName::of_chunk(&id)).as_ref(),
+        format!("chunks/cd/{hex}")
+    );
     assert!(s.inner.conditional_put);
 
     for bad in [
@@ -88,16 +91,16 @@ fn maps_object_store_errors() {
         source: format!("Server returned non-2xx status code: 404 Not Found: <Error><Code>{code}</Code></Error>").into(),
     }
     };
-    let e = s.inner.error(Op::Get, id, not_found("NoSuchKey"));
+    let e = s.inner.error(Op::Get, id.into(), not_found("NoSuchKey"));
     assert!(matches!(e, StoreError::Missing { .. }), "{e}");
     // A missing bucket is a broken location, not a missing chunk (S3, MinIO;
     // s3s-fs answers NoSuchKey).
-    let e = s.inner.error(Op::Get, id, not_found("NoSuchBucket"));
+    let e = s.inner.error(Op::Get, id.into(), not_found("NoSuchBucket"));
     assert!(matches!(e, StoreError::Remote { .. }), "{e}");
     assert!(e.to_string().contains("bucket does not exist"), "{e}");
     let e = s.inner.error(
         Op::Put,
-        id,
+        id.into(),
         object_store::Error::Unauthenticated {
             path: "p".into(),
             source: "no body".into(),

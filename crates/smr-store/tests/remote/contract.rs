@@ -11,8 +11,11 @@ pub fn read_write(store: Arc<dyn ChunkStore>) {
     let (id, data) = chunk(70_000);
     assert!(!store.exists(&id).unwrap());
     match store.get(&id) {
-        Err(StoreError::Missing { id: got, store: s }) => {
-            assert_eq!(got, id);
+        Err(StoreError::Missing {
+            what: got,
+            store: s,
+        }) => {
+            assert_eq!(got, id.into());
             assert_eq!(s, store.describe());
         }
         other => panic!("expected Missing, got {other:?}"),

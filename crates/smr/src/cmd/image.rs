@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use smr_format::Profile;
 use smr_node::cache::{Cache, CacheConfig};
 use smr_node::chunks::ImageChunks;
+use smr_node::fetch::{FetchOptions, Fetcher};
 use smr_node::lazy::profile::{Replay, DEFAULT_REPLAY_THREADS};
 use smr_node::lazy::LazyImage;
 use smr_registry::discover::DiscoverOptions;
@@ -81,6 +82,48 @@ pub struct Resolved {
     pub artifact: Option<String>,
     /// The startup profile found next to the artifact, if looked for.
     pub profile: Option<Profile>,
+    /// How its chunks are fetched.
+    pub fetch: FetchOptions,
+}
+
+/// Bytes of a pack read ahead of a sequential reader (e.g. `256K`; `0`
+/// disables; default 1M, 0 when a startup profile is replayed).
+pub const READAHEAD_ENV: &str = "SMR_FETCH_READAHEAD";
+
+/// Largest hole between two wanted chunks of a pack that is read (and
+/// thrown away) so that one request serves both (default 64K, 0 when a
+/// startup profile is replayed).
+pub const MAX_GAP_ENV: &str = "SMR_FETCH_MAX_GAP";
+
+/// A size (`64K`, `1M`, bytes) from environment variable `name`, if set.
+fn size_env(name: &str) -> Result<Option<u64>> {
+    match std::env::var(name) {
+        Ok(v) => crate::cmd::convert::parse_size(&v)
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("{name}: {e}")),
+        Err(_) => Ok(None),
+    }
+}
+
+/// The fetcher's options: when a startup profile will be replayed, it
+/// neither reads ahead nor reads across holes between wanted chunks
+/// (unless `SMR_FETCH_READAHEAD` / `SMR_FETCH_MAX_GAP` say so): the profile
+/// already fetches what the start reads, many requests at once, and those
+/// would only add bytes.
+fn fetch_options(replaying: bool) -> Result<FetchOptions> {
+    let mut opts = FetchOptions::default();
+    if replaying {
+        // The profile names the chunks: fetch those, not their neighbours.
+        opts.readahead = 0;
+        opts.max_gap = 0;
+    }
+    if let Some(v) = size_env(READAHEAD_ENV)? {
+        opts.readahead = v;
+    }
+    if let Some(v) = size_env(MAX_GAP_ENV)? {
+        opts.max_gap = v;
+    }
+    Ok(opts)
 }
 
 impl OriginArgs {
@@ -96,12 +139,13 @@ impl OriginArgs {
                 profile: find_profile,
                 ..DiscoverOptions::default()
             };
-            let remote = open_remote(image, &platform, &self.registry, &opts, replaying)?;
+            let remote = open_remote(image, &platform, &self.registry, &opts)?;
             let (store, location): (Arc<dyn ChunkStore>, String) = match &self.store {
                 Some(location) => (open_store(location)?, location.clone()),
                 None => (remote.store, remote.artifact.repo.clone()),
             };
             let a = remote.artifact;
+            let fetch = fetch_options(replaying || a.profile.is_some())?;
             return Ok(Resolved {
                 recipe: a.recipe,
                 recipe_bytes: a.recipe_bytes,
@@ -109,6 +153,7 @@ impl OriginArgs {
                 location,
                 artifact: Some(a.digest),
                 profile: a.profile,
+                fetch,
             });
         }
         let location = self
@@ -123,6 +168,7 @@ impl OriginArgs {
             location: location.to_string(),
             artifact: None,
             profile: None,
+            fetch: fetch_options(replaying)?,
         })
     }
 }
@@ -212,7 +258,8 @@ impl SourceArgs {
             None => found_profile,
         };
         let img = image_chunks(recipe.clone(), &self.origin.key, true, image)?;
-        let lazy = open_lazy(img, image, &r.location, r.store, cache)?;
+        let fetcher = Fetcher::new(r.store, r.fetch);
+        let lazy = open_lazy(img, image, &r.location, fetcher, cache)?;
         Ok(OpenedImage {
             lazy,
             recipe,
@@ -237,15 +284,16 @@ fn open_store(location: &str) -> Result<Arc<dyn ChunkStore>> {
     Ok(Arc::from(store))
 }
 
-/// Serves `img` (named `label` in errors) lazily from `store` (at
-/// `location`) through `cache`.
+/// Serves `img` (named `label` in errors) lazily through `fetcher` (of the
+/// store at `location`) and `cache`.
 fn open_lazy(
     img: ImageChunks,
     label: &str,
     location: &str,
-    store: Arc<dyn ChunkStore>,
+    fetcher: Arc<Fetcher>,
     cache: Arc<Cache>,
 ) -> Result<LazyImage> {
+    let store = fetcher.store();
     // A store without the image's first chunk is the wrong store:
     // say so now rather than as EIO on the first read.
     if let Some(first) = img.recipe.chunks.first() {
@@ -255,5 +303,5 @@ fn open_lazy(
             first.id,
         );
     }
-    LazyImage::new(img, store, cache).with_context(|| format!("serving {label}"))
+    LazyImage::with_fetcher(img, fetcher, cache).with_context(|| format!("serving {label}"))
 }

@@ -190,7 +190,9 @@ fn stats_of_one_process_are_seen_by_another() {
     serving
         .get_or_fetch(&ids[0], || f.get(&ids[0]))
         .expect("fetch");
-    // An insert flushes at once.
+    // Counters reach the file when the process flushes (at most a second
+    // after a change while busy, or when asked).
+    serving.flush().expect("flush");
     assert_eq!(viewer.stats().expect("stats").counters.fetches, 1);
     serving.get_or_fetch(&ids[0], never).expect("hit");
     drop(serving); // flushes the hit
@@ -376,6 +378,8 @@ fn two_caches_on_one_dir_fetch_each_chunk_once() {
         }
     });
     assert_eq!(f.calls(), 8, "one fetch per chunk across both caches");
+    // The other "process" adds its counters when it flushes.
+    caches[1].flush().expect("flush");
     let s = caches[0].stats().expect("stats");
     assert_eq!((s.counters.fetches, s.counters.entries), (8, 8));
     assert!(

@@ -21,6 +21,9 @@ fn invert(v: Vec<u8>) -> Result<Vec<u8>, ChunkError> {
 /// Has the kernel drop a file's clean pages from the page cache.
 fn evict_pages(path: &Path) {
     let f = fs::File::open(path).expect("open entry");
+    // Entries are written without fsync: write the pages back first, or
+    // the kernel keeps them (dirty pages are not dropped).
+    f.sync_all().expect("sync entry");
     rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).expect("fadvise");
 }
 

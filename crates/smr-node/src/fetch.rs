@@ -1,0 +1,671 @@
+//! The fetcher: the one place where chunk misses become store requests.
+//!
+//! Between the node cache and a [`ChunkStore`]. Callers ask for chunks
+//! ([`Fetcher::get`] waits for one, [`Fetcher::plan`] queues chunks that a
+//! read is about to want or that are worth reading ahead); a small pool of
+//! request threads turns the queue into ranged reads:
+//!
+//! - **Coalescing.** A request takes the oldest queued chunk of the highest
+//!   priority and every queued chunk of the same object next to it: holes
+//!   up to [`FetchOptions::max_gap`] are read and dropped, a request spans
+//!   at most [`FetchOptions::max_request`] bytes. Stores whose chunks each
+//!   have their own object have nothing to merge; pack stores (registry
+//!   packs) read many chunks per request.
+//! - **Priorities.** The container's own misses ([`Priority::Demand`]) go
+//!   before prefetches ([`Priority::Prefetch`]: profile replays, read-ahead),
+//!   and prefetches never hold more than all but
+//!   [`FetchOptions::reserved`] request threads, so a demand miss never
+//!   queues behind them.
+//! - **Read-ahead.** A reader going through an object in order gets the
+//!   chunks after its read queued as prefetches ([`FetchOptions::readahead`]
+//!   bytes); what arrives for nobody is kept in a small bounded buffer until
+//!   asked for.
+//! - **Single flight.** A chunk queued or being read is read once however
+//!   many callers ask; they all get its bytes (or its error).
+//!
+//! Bytes are not verified here: the cache hashes every fetched chunk
+//! against its name before anyone sees it. Retries, backoff and deadlines
+//! are the store's ([`smr_store::Remote`]).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+
+use smr_format::ChunkId;
+use smr_store::{ByteRange, ChunkStore, Extent, ObjectName, StoreError};
+
+#[cfg(test)]
+mod tests;
+
+/// Tuning of a [`Fetcher`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FetchOptions {
+    /// Requests in flight at once: the request threads (default 16).
+    pub requests: usize,
+    /// Request threads prefetches may not take (default 4).
+    pub reserved: usize,
+    /// Largest hole between two queued chunks of an object that is read and
+    /// dropped to serve both with one request (default 64 KiB).
+    pub max_gap: u64,
+    /// Largest span of one request (default 8 MiB).
+    pub max_request: u64,
+    /// Bytes of an object queued after a sequential reader's miss (default
+    /// 1 MiB; 0 disables).
+    pub readahead: u64,
+}
+
+impl Default for FetchOptions {
+    fn default() -> Self {
+        FetchOptions {
+            requests: 16,
+            reserved: 4,
+            max_gap: 64 << 10,
+            max_request: 8 << 20,
+            readahead: 1 << 20,
+        }
+    }
+}
+
+/// Who wants a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Priority {
+    /// A reader is waiting for it.
+    Demand,
+    /// Fetched ahead (profile replay, read-ahead): after every demand miss.
+    Prefetch,
+}
+
+/// A request that failed; shared by every chunk it was to serve.
+#[derive(Debug, thiserror::Error)]
+#[error("{object} bytes {start}..{end} ({chunks} chunks): {source}")]
+pub struct RangeError {
+    /// The object read.
+    pub object: ObjectName,
+    /// First byte asked for.
+    pub start: u64,
+    /// End of the range (exclusive; `u64::MAX` for "to the object's end").
+    pub end: u64,
+    /// Chunks the request was to serve.
+    pub chunks: usize,
+    /// What the store said.
+    #[source]
+    pub source: StoreError,
+}
+
+/// Why a [`Fetcher::get`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The store could not say where the chunk is (unknown to it).
+    #[error(transparent)]
+    Locate(#[from] StoreError),
+    /// The request that was to serve the chunk failed.
+    #[error(transparent)]
+    Range(Arc<RangeError>),
+}
+
+impl FetchError {
+    /// The store error underneath.
+    pub fn store_error(&self) -> &StoreError {
+        match self {
+            FetchError::Locate(e) => e,
+            FetchError::Range(r) => &r.source,
+        }
+    }
+}
+
+/// Counters of a [`Fetcher`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct FetchStats {
+    /// Requests issued (including failed ones).
+    pub requests: u64,
+    /// Requests that failed.
+    pub failed_requests: u64,
+    /// Chunks the requests served.
+    pub chunks: u64,
+    /// Bytes received.
+    pub bytes: u64,
+    /// Received bytes that were holes between wanted chunks.
+    pub bytes_discarded: u64,
+    /// Most requests in flight at once.
+    pub max_in_flight: u64,
+    /// Bytes of chunks read for nobody yet (read-ahead, plans).
+    pub ahead_bytes: u64,
+    /// Chunks served from what was read ahead.
+    pub ahead_hits: u64,
+}
+
+type Outcome = Result<Arc<Vec<u8>>, Arc<RangeError>>;
+
+/// One queued or running chunk.
+struct Slot {
+    id: ChunkId,
+    range: ByteRange,
+    prio: Priority,
+    seq: u64,
+    /// Whether a caller waits for it (else its bytes go to `ahead`).
+    wanted: bool,
+    done: Arc<Done>,
+}
+
+#[derive(Default)]
+struct Done {
+    outcome: Mutex<Option<Outcome>>,
+    cv: Condvar,
+}
+
+impl Done {
+    fn wait(&self) -> Outcome {
+        let mut o = self.outcome.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(out) = o.as_ref() {
+                return out.clone();
+            }
+            o = self.cv.wait(o).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    fn post(&self, out: Outcome) {
+        *self.outcome.lock().unwrap_or_else(PoisonError::into_inner) = Some(out);
+        self.cv.notify_all();
+    }
+}
+
+/// Queue key: object, offset in it, chunk.
+type Key = (ObjectName, u64, ChunkId);
+
+#[derive(Default)]
+struct State {
+    /// Queued chunks in object order (what coalescing scans).
+    queue: BTreeMap<Key, Slot>,
+    /// Queued chunks per priority in arrival order.
+    order: BTreeMap<(Priority, u64), Key>,
+    /// Where each queued chunk is in `queue`.
+    keys: HashMap<ChunkId, Key>,
+    /// Queued and running chunks: where to wait for each.
+    flights: HashMap<ChunkId, Arc<Done>>,
+    /// Running chunks that nobody waits for yet.
+    unwanted: HashMap<ChunkId, ()>,
+    ahead: Ahead,
+    running: usize,
+    running_prefetch: usize,
+    max_running: usize,
+    seq: u64,
+    stop: bool,
+}
+
+/// Chunks one request serves.
+struct Batch {
+    object: ObjectName,
+    start: u64,
+    /// `None`: the whole object (a single chunk).
+    end: Option<u64>,
+    prio: Priority,
+    slots: Vec<Slot>,
+}
+
+/// Turns chunk misses of one store into requests (see the module docs).
+pub struct Fetcher {
+    store: Arc<dyn ChunkStore>,
+    opts: FetchOptions,
+    state: Mutex<State>,
+    work: Condvar,
+    started: OnceLock<()>,
+    requests: AtomicU64,
+    failed: AtomicU64,
+    chunks: AtomicU64,
+    bytes: AtomicU64,
+    discarded: AtomicU64,
+    ahead_bytes: AtomicU64,
+    ahead_hits: AtomicU64,
+}
+
+impl std::fmt::Debug for Fetcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fetcher")
+            .field("store", &self.store.describe())
+            .field("opts", &self.opts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Fetcher {
+    /// A fetcher of `store`'s chunks. Its request threads start on first
+    /// use and stop when it is dropped.
+    pub fn new(store: Arc<dyn ChunkStore>, opts: FetchOptions) -> Arc<Self> {
+        Arc::new(Fetcher {
+            store,
+            opts: FetchOptions {
+                requests: opts.requests.max(1),
+                reserved: opts.reserved.min(opts.requests.max(1) - 1),
+                ..opts
+            },
+            state: Mutex::new(State::default()),
+            work: Condvar::new(),
+            started: OnceLock::new(),
+            requests: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            chunks: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            discarded: AtomicU64::new(0),
+            ahead_bytes: AtomicU64::new(0),
+            ahead_hits: AtomicU64::new(0),
+        })
+    }
+
+    /// The store it reads.
+    pub fn store(&self) -> &Arc<dyn ChunkStore> {
+        &self.store
+    }
+
+    /// The options in force.
+    pub fn options(&self) -> &FetchOptions {
+        &self.opts
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> FetchStats {
+        FetchStats {
+            requests: self.requests.load(Ordering::Relaxed),
+            failed_requests: self.failed.load(Ordering::Relaxed),
+            chunks: self.chunks.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            bytes_discarded: self.discarded.load(Ordering::Relaxed),
+            max_in_flight: self.lock().max_running as u64,
+            ahead_bytes: self.ahead_bytes.load(Ordering::Relaxed),
+            ahead_hits: self.ahead_hits.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The stored bytes of chunk `id` (unverified), fetched with `prio`:
+    /// from what was read ahead, by joining a queued or running request
+    /// for it, or by queueing it.
+    pub fn get(self: &Arc<Self>, id: &ChunkId, prio: Priority) -> Result<Vec<u8>, FetchError> {
+        let done = {
+            let mut st = self.lock();
+            if let Some(bytes) = st.ahead.take(id) {
+                self.ahead_hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(bytes);
+            }
+            match st.flights.get(id).cloned() {
+                Some(done) => {
+                    st.unwanted.remove(id);
+                    want(&mut st, id, prio, true);
+                    done
+                }
+                None => {
+                    drop(st);
+                    let extent = self.store.locate(id)?;
+                    let mut st = self.lock();
+                    self.enqueue(&mut st, *id, extent, prio, true)
+                }
+            }
+        };
+        self.start();
+        self.work.notify_all();
+        let out = done.wait();
+        out.map(|b| Arc::try_unwrap(b).unwrap_or_else(|shared| (*shared).clone()))
+            .map_err(FetchError::Range)
+    }
+
+    /// Queues `chunks` (with where they are) to be fetched with `prio`
+    /// unless queued, running or read ahead already, or `missing` says the
+    /// caller has them after all; returns at once. What arrives before
+    /// anyone asks is kept for a later [`Fetcher::get`].
+    ///
+    /// `missing` is asked after this fetcher has been checked, so a chunk
+    /// that leaves the fetcher for the cache meanwhile is seen there: it
+    /// must check where such a chunk goes (the cache's fetches in flight,
+    /// then its disk), in that order.
+    pub fn plan(
+        self: &Arc<Self>,
+        chunks: &[(ChunkId, Extent)],
+        prio: Priority,
+        missing: impl Fn(&ChunkId) -> bool,
+    ) {
+        if chunks.is_empty() {
+            return;
+        }
+        let new: Vec<&(ChunkId, Extent)> = {
+            let mut st = self.lock();
+            chunks
+                .iter()
+                .filter(|(id, _)| {
+                    let known = st.flights.contains_key(id) || st.ahead.has(id);
+                    if known {
+                        want(&mut st, id, prio, false);
+                    }
+                    !known
+                })
+                .collect()
+        };
+        let new: Vec<_> = new.into_iter().filter(|(id, _)| missing(id)).collect();
+        {
+            let mut st = self.lock();
+            for (id, extent) in new {
+                // Another caller may have queued it since.
+                if !st.flights.contains_key(id) && !st.ahead.has(id) {
+                    self.enqueue(&mut st, *id, extent.clone(), prio, false);
+                }
+            }
+        }
+        self.start();
+        self.work.notify_all();
+    }
+
+    fn enqueue(
+        &self,
+        st: &mut State,
+        id: ChunkId,
+        extent: Extent,
+        prio: Priority,
+        wanted: bool,
+    ) -> Arc<Done> {
+        let done = Arc::new(Done::default());
+        st.seq += 1;
+        let seq = st.seq;
+        let key = (extent.object, extent.range.offset, id);
+        st.order.insert((prio, seq), key.clone());
+        st.keys.insert(id, key.clone());
+        st.queue.insert(
+            key,
+            Slot {
+                id,
+                range: extent.range,
+                prio,
+                seq,
+                wanted,
+                done: done.clone(),
+            },
+        );
+        st.flights.insert(id, done.clone());
+        done
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state's invariants hold between statements.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts the request threads once.
+    fn start(self: &Arc<Self>) {
+        self.started.get_or_init(|| {
+            for i in 0..self.opts.requests {
+                let me = Arc::downgrade(self);
+                let spawned = std::thread::Builder::new()
+                    .name(format!("smr-fetch-{i}"))
+                    .spawn(move || request_thread(me));
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "cannot start a fetch request thread");
+                }
+            }
+        });
+    }
+
+    /// The next batch to run, waiting for one; `None` once stopping.
+    fn next_batch(&self) -> Option<Batch> {
+        let mut st = self.lock();
+        loop {
+            if st.stop {
+                return None;
+            }
+            let prefetch_room = st.running_prefetch < self.opts.requests - self.opts.reserved;
+            let first = st
+                .order
+                .iter()
+                .find(|((p, _), _)| *p == Priority::Demand || prefetch_room)
+                .map(|(k, key)| (*k, key.clone()));
+            if let Some((order_key, key)) = first {
+                let batch = self.take_batch(&mut st, order_key.0, key);
+                st.running += 1;
+                if batch.prio == Priority::Prefetch {
+                    st.running_prefetch += 1;
+                }
+                st.max_running = st.max_running.max(st.running);
+                return Some(batch);
+            }
+            st = self.work.wait(st).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Removes from the queue the chunk at `key` and its queued neighbours
+    /// in the same object that one request can serve.
+    fn take_batch(&self, st: &mut State, prio: Priority, key: Key) -> Batch {
+        let object = key.0.clone();
+        let Some(first) = remove(st, &key) else {
+            return Batch {
+                object,
+                start: 0,
+                end: None,
+                prio,
+                slots: Vec::new(),
+            };
+        };
+        let Some(mut end) = first.range.end() else {
+            // A whole object: one chunk, nothing to merge with.
+            return Batch {
+                object,
+                start: first.range.offset,
+                end: None,
+                prio,
+                slots: vec![first],
+            };
+        };
+        let mut start = first.range.offset;
+        let mut slots = vec![first];
+        let after: Vec<Key> = st
+            .queue
+            .range(key.clone()..)
+            .take_while(|(k, s)| {
+                k.0 == object
+                    && k.1 <= end.saturating_add(self.opts.max_gap)
+                    && s.range.end().is_some_and(|e| {
+                        let new_end = end.max(e);
+                        let ok = new_end - start <= self.opts.max_request;
+                        if ok {
+                            end = new_end;
+                        }
+                        ok
+                    })
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        let before: Vec<Key> = st
+            .queue
+            .range(..key)
+            .rev()
+            .take_while(|(k, s)| {
+                k.0 == object
+                    && s.range.end().is_some_and(|e| {
+                        let ok = e.saturating_add(self.opts.max_gap) >= start
+                            && end - k.1.min(start) <= self.opts.max_request;
+                        if ok {
+                            start = start.min(k.1);
+                        }
+                        ok
+                    })
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        slots.extend(after.iter().chain(&before).filter_map(|k| remove(st, k)));
+        slots.sort_unstable_by_key(|s| s.range.offset);
+        Batch {
+            object,
+            start,
+            end: Some(end),
+            prio,
+            slots,
+        }
+    }
+
+    /// Issues `batch`'s request and posts every chunk's outcome.
+    fn run(&self, batch: Batch) {
+        let range = match batch.end {
+            Some(end) => ByteRange::new(batch.start, end - batch.start),
+            None => batch.slots.first().map_or(ByteRange::WHOLE, |s| s.range),
+        };
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(object = %batch.object, %range, chunks = batch.slots.len(), "store request");
+        let result = self
+            .store
+            .read_ranges(&batch.object, &[range])
+            .and_then(|mut got| {
+                got.pop().ok_or_else(|| StoreError::ChunkIo {
+                    what: smr_store::Target::of(&batch.object, range),
+                    store: self.store.describe(),
+                    source: std::io::Error::other("the store returned no bytes"),
+                })
+            });
+        let mut outcomes: Vec<(Slot, Outcome)> = Vec::with_capacity(batch.slots.len());
+        match result {
+            Ok(bytes) => {
+                self.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                let mut used = 0u64;
+                for slot in batch.slots {
+                    let piece = match slot.range.len {
+                        None => Some(bytes.clone()),
+                        Some(len) => {
+                            let from = (slot.range.offset - batch.start) as usize;
+                            bytes.get(from..from + len as usize).map(<[u8]>::to_vec)
+                        }
+                    };
+                    let out = match piece {
+                        Some(p) => {
+                            used += p.len() as u64;
+                            Ok(Arc::new(p))
+                        }
+                        None => Err(Arc::new(RangeError {
+                            object: batch.object.clone(),
+                            start: range.offset,
+                            end: range.end().unwrap_or(u64::MAX),
+                            chunks: 1,
+                            source: StoreError::LengthMismatch {
+                                store: self.store.describe(),
+                                what: smr_store::Target::of(&batch.object, range),
+                                expected: range.len.unwrap_or(0),
+                                got: bytes.len() as u64,
+                            },
+                        })),
+                    };
+                    outcomes.push((slot, out));
+                }
+                self.chunks
+                    .fetch_add(outcomes.len() as u64, Ordering::Relaxed);
+                self.discarded
+                    .fetch_add((bytes.len() as u64).saturating_sub(used), Ordering::Relaxed);
+            }
+            Err(source) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                let err = Arc::new(RangeError {
+                    object: batch.object.clone(),
+                    start: range.offset,
+                    end: range.end().unwrap_or(u64::MAX),
+                    chunks: batch.slots.len(),
+                    source,
+                });
+                tracing::warn!(store = %self.store.describe(), error = %err, "store request failed");
+                outcomes.extend(batch.slots.into_iter().map(|s| (s, Err(err.clone()))));
+            }
+        }
+        let mut st = self.lock();
+        st.running -= 1;
+        if batch.prio == Priority::Prefetch {
+            st.running_prefetch -= 1;
+        }
+        let cap = 4 * self.opts.readahead.max(self.opts.max_request);
+        for (slot, out) in outcomes {
+            st.flights.remove(&slot.id);
+            let unwanted = st.unwanted.remove(&slot.id).is_some();
+            if let (true, Ok(bytes)) = (unwanted, &out) {
+                self.ahead_bytes
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                st.ahead.keep(slot.id, bytes.clone(), cap);
+            }
+            slot.done.post(out);
+        }
+        drop(st);
+        // A prefetch slot may have freed up.
+        self.work.notify_all();
+    }
+}
+
+impl Drop for Fetcher {
+    fn drop(&mut self) {
+        self.lock().stop = true;
+        self.work.notify_all();
+    }
+}
+
+/// Request thread: runs batches until the fetcher is gone.
+fn request_thread(fetcher: std::sync::Weak<Fetcher>) {
+    loop {
+        let Some(f) = fetcher.upgrade() else { return };
+        let Some(batch) = f.next_batch() else { return };
+        f.run(batch);
+    }
+}
+
+/// Removes the queued chunk at `key`; a chunk nobody waits for is noted
+/// in `unwanted` while it runs.
+fn remove(st: &mut State, key: &Key) -> Option<Slot> {
+    let slot = st.queue.remove(key)?;
+    st.order.remove(&(slot.prio, slot.seq));
+    st.keys.remove(&slot.id);
+    if !slot.wanted {
+        st.unwanted.insert(slot.id, ());
+    }
+    Some(slot)
+}
+
+/// Records, for a queued chunk, that it is wanted with `prio` (raising a
+/// prefetch to a demand) and, if `waiter`, that a caller waits for it.
+fn want(st: &mut State, id: &ChunkId, prio: Priority, waiter: bool) {
+    let Some(key) = st.keys.get(id).cloned() else {
+        return;
+    };
+    let Some(slot) = st.queue.get_mut(&key) else {
+        return;
+    };
+    slot.wanted |= waiter;
+    if prio < slot.prio {
+        st.order.remove(&(slot.prio, slot.seq));
+        slot.prio = prio;
+        st.order.insert((prio, slot.seq), key);
+    }
+}
+
+/// Chunks read for nobody yet, oldest dropped first beyond a byte cap.
+#[derive(Default)]
+struct Ahead {
+    bytes: HashMap<ChunkId, Arc<Vec<u8>>>,
+    order: VecDeque<ChunkId>,
+    total: u64,
+}
+
+impl Ahead {
+    fn has(&self, id: &ChunkId) -> bool {
+        self.bytes.contains_key(id)
+    }
+
+    fn take(&mut self, id: &ChunkId) -> Option<Vec<u8>> {
+        let b = self.bytes.remove(id)?;
+        self.total -= b.len() as u64;
+        Some(Arc::try_unwrap(b).unwrap_or_else(|shared| (*shared).clone()))
+    }
+
+    fn keep(&mut self, id: ChunkId, bytes: Arc<Vec<u8>>, cap: u64) {
+        self.total += bytes.len() as u64;
+        if let Some(old) = self.bytes.insert(id, bytes) {
+            self.total -= old.len() as u64;
+        } else {
+            self.order.push_back(id);
+        }
+        while self.total > cap {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(b) = self.bytes.remove(&old) {
+                self.total -= b.len() as u64;
+            }
+        }
+    }
+}
