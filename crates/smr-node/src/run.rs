@@ -138,8 +138,11 @@ pub struct RunReport {
     pub fetched_fraction: f64,
     /// Bytes the kernel read from the image (through FUSE).
     pub bytes_read: u64,
-    /// Most chunk fetches in flight at once in this process.
+    /// Most store requests (or, replaying a profile, chunk fetches) in
+    /// flight at once in this process.
     pub max_inflight: u64,
+    /// The fetcher's counters: store requests, bytes, coalescing.
+    pub fetch: crate::fetch::FetchStats,
     /// The startup profile's replay, if one ran (filled in by the caller
     /// that started it).
     pub profile: Option<crate::lazy::profile::ReplayStats>,
@@ -320,6 +323,7 @@ fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
 
     let stats = req.image.stats();
     let cache = req.image.cache().stats().ok();
+    let fetch = req.image.fetcher().stats();
     let image_bytes = image_bytes(&req.recipe);
     let report = RunReport {
         exit_code,
@@ -334,7 +338,10 @@ fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
             stats.bytes_fetched as f64 / image_bytes as f64
         },
         bytes_read: stats.bytes_read,
-        max_inflight: cache.map_or(0, |c| c.max_inflight),
+        max_inflight: cache
+            .map_or(0, |c| c.max_inflight)
+            .max(fetch.max_in_flight),
+        fetch,
         profile: None,
     };
 

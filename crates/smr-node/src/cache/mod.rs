@@ -68,8 +68,9 @@
 //!   load. The reasoning, and what it costs: `cache/handles.rs`.
 //! - **Counters.** Hits, misses, fetches, evictions and the rest are
 //!   counted in memory per process and added to `DIR/stats` under `flock`
-//!   (format in `cache/stats.rs`) at most once a second while the process
-//!   is busy ([`FLUSH_EVERY`]), and when the cache is dropped; `smr cache
+//!   (format in `cache/stats.rs`) at most once every [`FLUSH_EVERY`] (by
+//!   the thread that changes them, or a timer thread when the process is
+//!   idle), and when the cache is dropped; `smr cache
 //!   stats` in another process sees them. The total is rescanned on open
 //!   and prune. So processes see each other's inserts up to a second late,
 //!   and the budget can be overshot by what the node fetches meanwhile.
@@ -258,7 +259,9 @@ impl Cache {
         }
         drop(global);
         tracing::debug!(dir = %cache.cfg.dir.display(), entries = n, bytes, "cache opened");
-        Ok(Arc::new(cache))
+        let cache = Arc::new(cache);
+        start_flusher(&cache);
+        Ok(cache)
     }
 
     /// The configuration it was opened with.
@@ -671,6 +674,24 @@ impl Drop for Cache {
         if let Err(e) = self.flush() {
             tracing::warn!(error = %e, "cannot save cache stats");
         }
+    }
+}
+
+/// Adds the counters of an idle cache to `DIR/stats` every [`FLUSH_EVERY`]
+/// (a busy one flushes on its own): a thread that ends with the cache.
+fn start_flusher(cache: &Arc<Cache>) {
+    let weak = Arc::downgrade(cache);
+    let spawned = std::thread::Builder::new()
+        .name("smr-cache-stats".into())
+        .spawn(move || loop {
+            std::thread::sleep(FLUSH_EVERY);
+            let Some(cache) = weak.upgrade() else { return };
+            if !cache.pending.is_empty() {
+                cache.maybe_flush();
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the cache stats thread: counters are saved at exit");
     }
 }
 

@@ -155,6 +155,27 @@ impl Pending {
         add(&mut c.evicted_bytes, &self.evicted_bytes);
         add(&mut c.corrupt, &self.corrupt);
     }
+
+    /// Whether there is nothing to add to the file.
+    pub(crate) fn is_empty(&self) -> bool {
+        let zero = |a: &AtomicU64| a.load(Ordering::Relaxed) == 0;
+        let zero_signed = |a: &AtomicI64| a.load(Ordering::Relaxed) == 0;
+        zero_signed(&self.total_bytes)
+            && zero_signed(&self.entries)
+            && [
+                &self.hits,
+                &self.misses,
+                &self.memory_hits,
+                &self.fetches,
+                &self.fetched_bytes,
+                &self.fetch_errors,
+                &self.evictions,
+                &self.evicted_bytes,
+                &self.corrupt,
+            ]
+            .into_iter()
+            .all(zero)
+    }
 }
 
 /// `DIR/stats`, open for the life of the cache.

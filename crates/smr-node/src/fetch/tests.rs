@@ -220,7 +220,6 @@ fn a_prefetch_never_delays_a_demand_read() {
         assert_eq!(&f.get(id, Priority::Demand).unwrap(), bytes);
     }
     assert_eq!(store.requests(), 12, "each chunk read once");
-    assert_eq!(f.stats().ahead_hits, 9);
 }
 
 #[test]
