@@ -1,8 +1,9 @@
 //! FUSE export: any [`BlockDevice`] as one read-only regular file.
 //!
 //! The mount holds a single file (`image` by default) whose bytes are the
-//! device's. The kernel side is the point: `losetup` turns the file into a
-//! block device and the kernel's ext4 mounts it (see [`crate::mount`]).
+//! device's. The kernel side is the point: a loop device turns the file
+//! into a block device and the kernel's ext4 mounts it (see
+//! [`crate::mount`]).
 //!
 //! - **Parallel reads.** The session runs [`FuseConfig::threads`] event
 //!   loops, each on its own cloned `/dev/fuse` descriptor, and each blocks in

@@ -6,9 +6,13 @@
 //!    subcommand, in its own session, logging to `STATE/serve.log`)
 //!    exporting the [`LazyImage`](crate::lazy::LazyImage) as
 //!    `STATE/fuse/image` ([`crate::fuse`]);
-//! 2. a read-only loop device on that file (`losetup`), whose
-//!    `read_ahead_kb` is set from [`LoopOptions::readahead_kb`];
-//! 3. `mount -t ext4 -o ro,noload` of the loop device on the mount point.
+//! 2. a read-only loop device on that file, attached through the loop
+//!    driver's ioctls with autoclear, whose `read_ahead_kb` is set from
+//!    [`LoopOptions::readahead_kb`];
+//! 3. the ext4 filesystem on it mounted read-only (mount(2), like
+//!    `mount -t ext4 -o ro,noload`) on the mount point; from then on the
+//!    mount alone holds the loop device, and the kernel frees the device
+//!    when it is unmounted.
 //!
 //! `STATE` is `ROOT/<escaped mount point>/` (ROOT defaults to
 //! [`DEFAULT_STATE_ROOT`]), holding `state.json` ([`MountState`]), so that
@@ -25,6 +29,7 @@
 //! is the default until the benchmark picks one (`--readahead-kb`).
 
 mod kernel;
+mod loopdev;
 #[cfg(test)]
 mod tests;
 
@@ -32,6 +37,7 @@ pub use kernel::{
     attach_loop, detach_loop, is_mountpoint, loop_backing_file, mount_ext4_ro, mount_overlay,
     mounts, set_read_ahead_kb, umount, ImageMount, LoopOptions,
 };
+pub use loopdev::{LoopDevice, LOOP_CONTROL};
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -52,7 +58,7 @@ pub const SERVER_START_TIMEOUT: Duration = Duration::from_secs(20);
 /// Errors of mounting and unmounting.
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
-    /// A tool could not be started.
+    /// A program (the FUSE server) could not be started.
     #[error("cannot run {cmd}: {source}")]
     Spawn {
         /// The command.
@@ -61,15 +67,48 @@ pub enum MountError {
         #[source]
         source: std::io::Error,
     },
-    /// A tool failed.
-    #[error("{cmd} failed ({status}): {stderr}")]
-    Tool {
-        /// The command.
+    /// A loop device operation failed.
+    #[error("loop device {dev} for {}: {op}: {source}", file.display())]
+    Loop {
+        /// The device (or `/dev/loop-control`).
+        dev: String,
+        /// The backing file.
+        file: PathBuf,
+        /// What was being done (an ioctl's name, `open`).
+        op: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// mount(2) failed.
+    #[error("{cmd}: {source}{}", mount_hint(source))]
+    Mount {
+        /// The equivalent `mount` command.
         cmd: String,
-        /// Its exit status.
-        status: String,
-        /// What it printed on stderr.
-        stderr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// umount2(2) failed.
+    #[error("umount{} {}: {source}", if *lazy { " -l" } else { "" }, dir.display())]
+    Unmount {
+        /// The mount point.
+        dir: PathBuf,
+        /// Whether it was a lazy unmount (`MNT_DETACH`).
+        lazy: bool,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Mount options longer than the kernel takes.
+    #[error("{cmd}: options are {len} bytes, the kernel takes at most {max}")]
+    OptionsTooLong {
+        /// The equivalent `mount` command.
+        cmd: String,
+        /// Their length.
+        len: usize,
+        /// The limit.
+        max: usize,
     },
     /// A file operation failed.
     #[error("{}: {source}", path.display())]
@@ -89,8 +128,8 @@ pub enum MountError {
     /// `umount` of a directory smr did not mount.
     #[error("no smr mount on {} (no state in {})", .0.display(), .1.display())]
     NotMounted(PathBuf, PathBuf),
-    /// A path that mount options cannot carry (`,` or `:`).
-    #[error("path {} cannot be used in mount options", .0.display())]
+    /// A path that mount options cannot carry (it holds a NUL byte).
+    #[error("path {:?} cannot be used in mount options", .0)]
     BadPath(PathBuf),
     /// The FUSE server exited or did not come up.
     #[error("FUSE server {what}; its log {}:\n{tail}", log.display())]
@@ -121,6 +160,18 @@ pub enum MountError {
 
 /// Result of this module.
 pub type Result<T> = std::result::Result<T, MountError>;
+
+/// What mount(8) would add to a mount(2) error.
+fn mount_hint(e: &std::io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::EINVAL) => {
+            " (wrong filesystem type, bad option or bad superblock; the kernel log may say more)"
+        }
+        Some(libc::ENODEV) => " (filesystem type not supported by the kernel)",
+        Some(libc::ENOTBLK) => " (not a block device)",
+        _ => "",
+    }
+}
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> MountError + '_ {
     move |source| MountError::Io {

@@ -5,7 +5,8 @@
 //!
 //! 1. the [`LazyImage`] exported by in-process FUSE threads
 //!    ([`FuseMount`]), so the image's counters are at hand for the stats;
-//! 2. a read-only loop device and ext4 mount of it ([`ImageMount`]);
+//! 2. a read-only loop device and ext4 mount of it ([`ImageMount`]; the
+//!    kernel frees the device when the mount goes);
 //! 3. an overlayfs with a writable upper and work directory in a temp
 //!    directory under [`RunRequest::work_root`] (on tmpfs under `/run` by
 //!    default: the container's writes are dropped at exit);

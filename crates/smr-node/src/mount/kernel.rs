@@ -1,29 +1,25 @@
-//! Loop devices and mounts, through the standard tools (`losetup`,
-//! `mount`, `umount`), so what smr does is what an administrator would
-//! type, and their error messages reach the user unchanged.
+//! Loop devices and mounts through the kernel's own interfaces: the loop
+//! driver's ioctls ([`super::loopdev`]), mount(2) and umount2(2); and
+//! `/proc/self/mountinfo` and sysfs to see what is there. Errors show the
+//! equivalent command (`mount -t ext4 -o ro,noload /dev/loop3 /mnt: ...`).
 
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
+use rustix::mount::{MountFlags, UnmountFlags};
+
+use super::loopdev::{self, LoopDevice};
 use super::{MountError, Result};
 
-/// Runs a tool, returning its trimmed stdout or its stderr as the error.
-pub(crate) fn tool(cmd: &mut Command) -> Result<String> {
-    let shown = format!("{cmd:?}").replace('"', "");
-    let out = cmd.output().map_err(|source| MountError::Spawn {
-        cmd: shown.clone(),
-        source,
-    })?;
-    if !out.status.success() {
-        return Err(MountError::Tool {
-            cmd: shown,
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
+/// How long [`detach_loop`] (and a failed [`ImageMount::attach`]) wait
+/// for the kernel to let go of a loop device's backing file.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The kernel reads at most one page of mount(2) data: 4 KiB on most
+/// machines, the smallest page size. With the NUL.
+const MAX_MOUNT_DATA: usize = 4096;
 
 /// Undoes the octal escapes (`\040` for a space) of `/proc/*/mountinfo`.
 fn unescape(field: &str) -> PathBuf {
@@ -70,18 +66,12 @@ pub fn is_mountpoint(path: &Path) -> bool {
     mounts().iter().any(|(p, _)| p == path)
 }
 
-/// Attaches `file` read-only to a free loop device and returns its path.
-pub fn attach_loop(file: &Path, direct_io: bool) -> Result<String> {
-    let dio = if direct_io {
-        "--direct-io=on"
-    } else {
-        "--direct-io=off"
-    };
-    tool(
-        Command::new("losetup")
-            .args(["--find", "--show", "--read-only", dio])
-            .arg(file),
-    )
+/// Attaches `file` read-only to a free loop device, with direct I/O if
+/// `direct_io`, and with autoclear: the device stays attached while the
+/// returned [`LoopDevice`] is open and then while something else (a
+/// mount) holds it.
+pub fn attach_loop(file: &Path, direct_io: bool) -> Result<LoopDevice> {
+    loopdev::attach(file, direct_io)
 }
 
 /// Sets the loop device's (any block device's) `read_ahead_kb`.
@@ -101,17 +91,11 @@ pub fn loop_backing_file(dev: &str) -> Option<PathBuf> {
     Some(PathBuf::from(s.trim_end_matches('\n')))
 }
 
-/// Detaches loop device `dev` if it is still attached to `file` (a device
-/// since reused for another file is left alone), and waits until the
-/// kernel has let go of the file.
-pub fn detach_loop(dev: &str, file: &Path) -> Result<()> {
-    if loop_backing_file(dev).as_deref() != Some(file) {
-        return Ok(());
-    }
-    tool(Command::new("losetup").arg("-d").arg(dev))?;
+/// Waits until loop device `dev` no longer has `file` behind it.
+fn wait_released(dev: &str, file: &Path, timeout: Duration) -> Result<()> {
     let t = Instant::now();
     while loop_backing_file(dev).as_deref() == Some(file) {
-        if t.elapsed() > Duration::from_secs(10) {
+        if t.elapsed() > timeout {
             return Err(MountError::Timeout(format!(
                 "{dev} to release {}",
                 file.display()
@@ -122,55 +106,124 @@ pub fn detach_loop(dev: &str, file: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Mounts ext4 from `dev` read-only on `dir`, without replaying a journal.
+/// Detaches loop device `dev` if it is still attached to `file` (a device
+/// since freed, or reused for another file, is left alone), and waits
+/// until the kernel has let go of the file. A device smr attached is
+/// freed by the kernel when its filesystem is unmounted (autoclear), so
+/// this is for one that is not mounted, or was attached without
+/// autoclear; a device still mounted is not freed (this then times out).
+pub fn detach_loop(dev: &str, file: &Path) -> Result<()> {
+    if loop_backing_file(dev).as_deref() != Some(file) {
+        return Ok(());
+    }
+    // `false`: freed (or being freed) meanwhile; wait for it all the same.
+    loopdev::clear(dev, file)?;
+    wait_released(dev, file, RELEASE_TIMEOUT)
+}
+
+/// Mounts ext4 from `dev` read-only on `dir`, without replaying a journal
+/// (`mount -t ext4 -o ro,noload DEV DIR`).
 pub fn mount_ext4_ro(dev: &str, dir: &Path) -> Result<()> {
-    tool(
-        Command::new("mount")
-            .args(["-t", "ext4", "-o", "ro,noload"])
-            .arg(dev)
-            .arg(dir),
-    )
-    .map(drop)
+    rustix::mount::mount(dev, dir, "ext4", MountFlags::RDONLY, c"noload").map_err(|e| {
+        MountError::Mount {
+            cmd: format!("mount -t ext4 -o ro,noload {dev} {}", dir.display()),
+            source: e.into(),
+        }
+    })
+}
+
+/// `path` for overlayfs options: `\`, `,` and `:` escaped with a
+/// backslash (the kernel splits options at `,` and `lowerdir` at `:`, and
+/// undoes the escapes).
+fn overlay_escape(path: &Path) -> Result<Vec<u8>> {
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.contains(&0) {
+        return Err(MountError::BadPath(path.to_path_buf()));
+    }
+    let mut out = Vec::with_capacity(bytes.len());
+    for &b in bytes {
+        if matches!(b, b'\\' | b',' | b':') {
+            out.push(b'\\');
+        }
+        out.push(b);
+    }
+    Ok(out)
 }
 
 /// Mounts an overlay of writable `upper` (with `work`) over read-only
-/// `lower` on `dir`.
+/// `lower` on `dir` (`mount -t overlay overlay -o
+/// lowerdir=L,upperdir=U,workdir=W DIR`). Any path works, but the options
+/// must fit in a page.
 pub fn mount_overlay(lower: &Path, upper: &Path, work: &Path, dir: &Path) -> Result<()> {
-    for p in [lower, upper, work] {
-        if p.to_string_lossy().contains([',', ':']) {
-            return Err(MountError::BadPath(p.to_path_buf()));
+    let mut data = Vec::new();
+    for (key, path) in [
+        ("lowerdir=", lower),
+        ("upperdir=", upper),
+        ("workdir=", work),
+    ] {
+        if !data.is_empty() {
+            data.push(b',');
         }
+        data.extend_from_slice(key.as_bytes());
+        data.extend(overlay_escape(path)?);
     }
-    let opts = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        lower.display(),
-        upper.display(),
-        work.display()
+    let cmd = format!(
+        "mount -t overlay overlay -o {} {}",
+        String::from_utf8_lossy(&data),
+        dir.display()
     );
-    tool(
-        Command::new("mount")
-            .args(["-t", "overlay", "overlay", "-o", &opts])
-            .arg(dir),
+    if data.len() >= MAX_MOUNT_DATA {
+        return Err(MountError::OptionsTooLong {
+            cmd,
+            len: data.len(),
+            max: MAX_MOUNT_DATA - 1,
+        });
+    }
+    // No NUL in `data`: overlay_escape refused paths with one.
+    let data = CString::new(data).map_err(|e| {
+        MountError::BadPath(PathBuf::from(std::ffi::OsStr::from_bytes(&e.into_vec())))
+    })?;
+    rustix::mount::mount(
+        "overlay",
+        dir,
+        "overlay",
+        MountFlags::empty(),
+        data.as_c_str(),
     )
-    .map(drop)
+    .map_err(|e| MountError::Mount {
+        cmd,
+        source: e.into(),
+    })
+}
+
+fn unmount_err(dir: &Path, lazy: bool) -> impl FnOnce(rustix::io::Errno) -> MountError + '_ {
+    move |e| MountError::Unmount {
+        dir: dir.to_path_buf(),
+        lazy,
+        source: e.into(),
+    }
 }
 
 /// Unmounts `dir` if it is a mount point, retrying a busy one for a
-/// second; with `lazy`, a still-busy mount is then detached (`umount -l`).
+/// second; with `lazy`, a still-busy mount is then detached (`umount -l`,
+/// `MNT_DETACH`: gone from the tree now, torn down when no longer used).
 pub fn umount(dir: &Path, lazy: bool) -> Result<()> {
     let t = Instant::now();
     loop {
         if !is_mountpoint(dir) {
             return Ok(());
         }
-        match tool(Command::new("umount").arg(dir)) {
-            Ok(_) => return Ok(()),
+        match rustix::mount::unmount(dir, UnmountFlags::NOFOLLOW) {
+            Ok(()) => return Ok(()),
             Err(e) if t.elapsed() < Duration::from_secs(1) => {
-                tracing::debug!(error = %e, "umount failed; retrying");
+                tracing::debug!(error = %e, dir = %dir.display(), "umount failed; retrying");
                 std::thread::sleep(Duration::from_millis(50));
             }
-            Err(_) if lazy => return tool(Command::new("umount").arg("-l").arg(dir)).map(drop),
-            Err(e) => return Err(e),
+            Err(_) if lazy => {
+                return rustix::mount::unmount(dir, UnmountFlags::NOFOLLOW | UnmountFlags::DETACH)
+                    .map_err(unmount_err(dir, true))
+            }
+            Err(e) => return Err(unmount_err(dir, false)(e)),
         }
     }
 }
@@ -207,20 +260,30 @@ impl Default for LoopOptions {
 
 impl ImageMount {
     /// Attaches `file` to a loop device, applies `opts` and mounts it on
-    /// `dir`. On failure, nothing is left attached.
+    /// `dir`. On failure, nothing is left attached. The device is attached
+    /// with autoclear: once this returns, it is the mount that holds it,
+    /// and unmounting frees it (even if this process is gone by then).
     pub fn attach(file: &Path, dir: &Path, opts: LoopOptions) -> Result<Self> {
-        let loop_dev = attach_loop(file, opts.direct_io)?;
-        let mut m = ImageMount {
+        let dev = attach_loop(file, opts.direct_io)?;
+        let loop_dev = dev.path().to_string();
+        let mounted = set_read_ahead_kb(&loop_dev, opts.readahead_kb)
+            .and_then(|()| mount_ext4_ro(&loop_dev, dir));
+        // Mounted, the filesystem holds the device; else nothing does, and
+        // closing ours lets autoclear free it.
+        drop(dev);
+        if let Err(e) = mounted {
+            if let Err(w) = wait_released(&loop_dev, file, RELEASE_TIMEOUT) {
+                tracing::warn!(error = %w, "loop device not freed after a failed mount");
+            }
+            return Err(e);
+        }
+        Ok(ImageMount {
             file: file.to_path_buf(),
             loop_dev,
             dir: dir.to_path_buf(),
             attached: true,
-            mounted: false,
-        };
-        set_read_ahead_kb(&m.loop_dev, opts.readahead_kb)?;
-        mount_ext4_ro(&m.loop_dev, dir)?;
-        m.mounted = true;
-        Ok(m)
+            mounted: true,
+        })
     }
 
     /// Takes over an existing mount (from saved state).
@@ -250,7 +313,8 @@ impl ImageMount {
         &self.dir
     }
 
-    /// Unmounts and detaches the loop device.
+    /// Unmounts, and detaches the loop device (usually freed by the
+    /// unmount already: autoclear).
     pub fn teardown(mut self) -> Result<()> {
         self.stop()
     }

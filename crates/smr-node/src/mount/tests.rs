@@ -58,6 +58,43 @@ fn losetup_mentions(file: &Path) -> bool {
     String::from_utf8_lossy(&out.stdout).contains(&file.display().to_string())
 }
 
+/// Root with loop devices (no FUSE needed).
+fn loop_root() -> bool {
+    let ok = rustix::process::geteuid().is_root() && Path::new(LOOP_CONTROL).exists();
+    if !ok {
+        eprintln!("note: loop test skipped (needs root and {LOOP_CONTROL})");
+    }
+    ok
+}
+
+/// A small ext4 image file in `dir` holding `hello` = "hi there\n".
+fn ext4_file(dir: &Path) -> PathBuf {
+    let bytes = ext4_image(dir);
+    let file = dir.join("ext4.img");
+    std::fs::write(&file, bytes).expect("write image");
+    file
+}
+
+/// `/sys/block/loopN/<attr>` of device `dev`, trimmed.
+fn sys_attr(dev: &str, attr: &str) -> Option<String> {
+    let name = dev.trim_start_matches("/dev/");
+    std::fs::read_to_string(format!("/sys/block/{name}/{attr}"))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// Waits (up to 10 s) until loop device `dev` has no `file` behind it.
+fn freed(dev: &str, file: &Path) -> bool {
+    let t = Instant::now();
+    while loop_backing_file(dev).as_deref() == Some(file) {
+        if t.elapsed() > Duration::from_secs(10) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
 #[test]
 fn state_dir_escapes_every_path_uniquely() {
     let r = Path::new("/run/x");
@@ -105,8 +142,17 @@ fn fuse_loop_ext4_stack_mounts_and_tears_down() {
         Err(MountError::AlreadyMounted(_))
     ));
     let file = fuse.file().to_path_buf();
+    let loop_dev = image.loop_dev().to_string();
+    assert_eq!(
+        loop_backing_file(&loop_dev).as_deref(),
+        Some(file.as_path())
+    );
     image.teardown().expect("teardown");
     assert!(!is_mountpoint(&canon));
+    assert_ne!(
+        loop_backing_file(&loop_dev).as_deref(),
+        Some(file.as_path())
+    );
     assert!(!losetup_mentions(&file));
     fuse.unmount(Duration::from_secs(5)).expect("fuse unmount");
     assert!(!is_mountpoint(&fuse_dir.canonicalize().expect("canon")));
@@ -124,8 +170,277 @@ fn a_failing_loop_step_leaves_nothing_attached() {
     let mnt = tmp.path().join("mnt");
     std::fs::create_dir_all(&mnt).expect("mkdir");
     let err = ImageMount::attach(&file, &mnt, LoopOptions::default()).expect_err("must fail");
-    assert!(matches!(err, MountError::Tool { .. }), "{err}");
+    assert!(matches!(err, MountError::Mount { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("mount -t ext4 -o ro,noload /dev/loop") && msg.contains("wrong filesystem"),
+        "{msg}"
+    );
     assert!(!losetup_mentions(&file));
+    assert!(!is_mountpoint(&mnt.canonicalize().expect("canon")));
+}
+
+#[test]
+fn a_loop_device_is_read_only_with_autoclear_and_freed_by_the_unmount() {
+    if !loop_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let file = ext4_file(tmp.path());
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir_all(&mnt).expect("mkdir");
+
+    let dev = attach_loop(&file, true).expect("attach");
+    let path = dev.path().to_string();
+    assert_eq!(loop_backing_file(&path).as_deref(), Some(file.as_path()));
+    assert_eq!(sys_attr(&path, "ro").as_deref(), Some("1"));
+    assert_eq!(sys_attr(&path, "loop/autoclear").as_deref(), Some("1"));
+    // /tmp's ext4 does direct I/O (the kernel falls back where it cannot).
+    assert_eq!(sys_attr(&path, "loop/dio").as_deref(), Some("1"));
+    set_read_ahead_kb(&path, 32).expect("read_ahead_kb");
+    assert_eq!(
+        sys_attr(&path, "queue/read_ahead_kb").as_deref(),
+        Some("32")
+    );
+    mount_ext4_ro(&path, &mnt).expect("mount");
+    drop(dev); // the mount holds it now
+    assert_eq!(
+        std::fs::read_to_string(mnt.join("hello")).expect("read"),
+        "hi there\n"
+    );
+    assert_eq!(loop_backing_file(&path).as_deref(), Some(file.as_path()));
+    let canon = mnt.canonicalize().expect("canon");
+    umount(&canon, false).expect("umount");
+    assert!(!is_mountpoint(&canon));
+    assert!(freed(&path, &file), "autoclear frees {path} on unmount");
+    // Nothing left to detach: a no-op.
+    detach_loop(&path, &file).expect("detach a freed device");
+}
+
+#[test]
+fn a_dropped_loop_device_is_freed_and_without_autoclear_detached() {
+    if !loop_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let file = tmp.path().join("data");
+    std::fs::write(&file, vec![7u8; 1 << 20]).expect("write");
+    // Not mounted: closing the only descriptor frees it.
+    let dev = attach_loop(&file, false).expect("attach");
+    let path = dev.path().to_string();
+    assert_eq!(sys_attr(&path, "loop/dio").as_deref(), Some("0"));
+    drop(dev);
+    assert!(freed(&path, &file));
+
+    // A device attached without autoclear (by an older smr, say) is
+    // detached with LOOP_CLR_FD.
+    let out = Command::new("losetup")
+        .args(["--find", "--show", "--read-only"])
+        .arg(&file)
+        .output()
+        .expect("losetup");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(sys_attr(&path, "loop/autoclear").as_deref(), Some("0"));
+    detach_loop(&path, &file).expect("detach");
+    assert_ne!(loop_backing_file(&path).as_deref(), Some(file.as_path()));
+    detach_loop(&path, &file).expect("detach again: nothing to do");
+}
+
+#[test]
+fn concurrent_attaches_get_distinct_devices() {
+    if !loop_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let files: Vec<PathBuf> = (0..6)
+        .map(|i| {
+            let f = tmp.path().join(format!("f{i}"));
+            std::fs::write(&f, vec![0u8; 64 << 10]).expect("write");
+            f
+        })
+        .collect();
+    let devs: Vec<LoopDevice> = std::thread::scope(|s| {
+        let handles: Vec<_> = files
+            .iter()
+            .map(|f| s.spawn(move || attach_loop(f, false).expect("attach")))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("join"))
+            .collect()
+    });
+    let pairs: Vec<(String, &PathBuf)> = devs
+        .iter()
+        .map(|d| d.path().to_string())
+        .zip(&files)
+        .collect();
+    for (d, f) in &pairs {
+        assert_eq!(loop_backing_file(d).as_deref(), Some(f.as_path()));
+    }
+    let mut paths: Vec<&String> = pairs.iter().map(|(d, _)| d).collect();
+    paths.sort();
+    paths.dedup();
+    assert_eq!(paths.len(), files.len());
+    drop(devs);
+    for (d, f) in &pairs {
+        assert!(freed(d, f), "{d} freed");
+    }
+}
+
+#[test]
+fn a_lazy_unmount_of_a_busy_mount_frees_the_device_when_it_is_let_go() {
+    if !loop_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let file = ext4_file(tmp.path());
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir_all(&mnt).expect("mkdir");
+    let image = ImageMount::attach(&file, &mnt, LoopOptions::default()).expect("attach");
+    let dev = image.loop_dev().to_string();
+    image.keep();
+    let canon = mnt.canonicalize().expect("canon");
+    let busy = std::fs::File::open(canon.join("hello")).expect("open");
+    let err = umount(&canon, false).expect_err("busy");
+    assert!(
+        matches!(err, MountError::Unmount { lazy: false, .. }),
+        "{err}"
+    );
+    umount(&canon, true).expect("lazy umount");
+    assert!(!is_mountpoint(&canon));
+    // Still in use through `busy`: the filesystem, and so the device, live on.
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(loop_backing_file(&dev).as_deref(), Some(file.as_path()));
+    drop(busy);
+    assert!(freed(&dev, &file), "freed once the last file is closed");
+}
+
+#[test]
+fn overlay_paths_with_commas_and_colons_are_escaped() {
+    if !loop_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let base = tmp.path().join("a,b:c\\d");
+    let [lower, upper, work, root] = ["lo,wer", "up:per", "wo\\rk", "ro,o:t"].map(|n| {
+        let p = base.join(n);
+        std::fs::create_dir_all(&p).expect("mkdir");
+        p
+    });
+    std::fs::write(lower.join("f"), "lower\n").expect("write");
+    mount_overlay(&lower, &upper, &work, &root).expect("overlay");
+    assert_eq!(
+        std::fs::read_to_string(root.join("f")).expect("read"),
+        "lower\n"
+    );
+    std::fs::write(root.join("g"), "upper\n").expect("write");
+    assert_eq!(
+        std::fs::read_to_string(upper.join("g")).expect("read"),
+        "upper\n"
+    );
+    umount(&root, false).expect("umount");
+    assert!(!is_mountpoint(&root));
+}
+
+#[test]
+fn overlay_options_too_long_are_refused_up_front() {
+    let long = PathBuf::from(format!("/{}", "x".repeat(5000)));
+    let err = mount_overlay(&long, &long, &long, Path::new("/nonexistent")).expect_err("long");
+    assert!(matches!(err, MountError::OptionsTooLong { .. }), "{err}");
+    let nul = PathBuf::from(
+        <std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(b"/a\0b".to_vec()),
+    );
+    let err = mount_overlay(&nul, &long, &long, Path::new("/x")).expect_err("nul");
+    assert!(matches!(err, MountError::BadPath(_)), "{err}");
+}
+
+/// Environment variable that makes [`sigkill_child`] run (see
+/// [`a_killed_process_leaks_no_loop_device`]): `MODE FILE MNT`.
+const CHILD_ENV: &str = "SMR_TEST_LOOP_CHILD";
+
+/// The child of [`a_killed_process_leaks_no_loop_device`]: attaches (mode
+/// `fd`) or attaches and mounts (mode `mount`), says `READY /dev/loopN`
+/// and waits to be killed.
+#[test]
+#[ignore = "run by a_killed_process_leaks_no_loop_device"]
+fn sigkill_child() {
+    let Ok(args) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let mut it = args.split('\n');
+    let (Some(mode), Some(file), Some(mnt)) = (it.next(), it.next(), it.next()) else {
+        panic!("bad {CHILD_ENV}: {args:?}");
+    };
+    let dev = match mode {
+        "fd" => {
+            let dev = attach_loop(Path::new(file), false).expect("attach");
+            let path = dev.path().to_string();
+            std::mem::forget(dev); // held until the process dies
+            path
+        }
+        _ => {
+            let m = ImageMount::attach(Path::new(file), Path::new(mnt), LoopOptions::default())
+                .expect("mount");
+            let path = m.loop_dev().to_string();
+            m.keep();
+            path
+        }
+    };
+    println!("READY {dev}");
+    std::thread::sleep(Duration::from_secs(60));
+}
+
+/// A child process that is SIGKILLed while holding a loop device leaks
+/// nothing: before mounting, the device goes with the process; after, it
+/// goes with the (here lazy) unmount.
+#[test]
+fn a_killed_process_leaks_no_loop_device() {
+    use std::io::BufRead;
+    if !loop_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let file = ext4_file(tmp.path());
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir_all(&mnt).expect("mkdir");
+    let canon = mnt.canonicalize().expect("canon");
+    for mode in ["fd", "mount"] {
+        let mut child = Command::new(std::env::current_exe().expect("exe"))
+            .args([
+                "--exact",
+                "mount::tests::sigkill_child",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(
+                CHILD_ENV,
+                format!("{mode}\n{}\n{}", file.display(), canon.display()),
+            )
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn child");
+        let stdout = child.stdout.take().expect("stdout");
+        let dev = std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(std::result::Result::ok)
+            // After libtest's "test ... " on the same line.
+            .find_map(|l| l.split_once("READY ").map(|(_, d)| d.trim().to_string()));
+        child.kill().expect("SIGKILL");
+        child.wait().expect("wait");
+        let dev = dev.expect("child said READY");
+        if mode == "mount" {
+            assert!(is_mountpoint(&canon), "the mount outlives its process");
+            assert_eq!(loop_backing_file(&dev).as_deref(), Some(file.as_path()));
+            umount(&canon, true).expect("lazy umount");
+        }
+        assert!(freed(&dev, &file), "{mode}: {dev} freed");
+    }
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Cleaning up after `smr run`s that died without undoing their setup
-//! (SIGKILL, the OOM killer): their container, overlay, ext4 mount, loop
-//! device, FUSE mount and run directory.
+//! (SIGKILL, the OOM killer): their container, overlay, ext4 mount (whose
+//! unmount frees its loop device: it is attached with autoclear), FUSE
+//! mount and run directory.
 //!
 //! Every run holds `LOCK_EX` on `RUN_DIR/lock` while it lives (the kernel
 //! drops it when the process dies, however it dies). Each `smr run` first
@@ -135,7 +136,9 @@ fn tear_down(dir: &Path, runc: &str) -> Result<(), String> {
     std::fs::remove_dir_all(dir).map_err(|e| err("removing it", &e))
 }
 
-/// Loop devices whose backing file is under `dir`.
+/// Loop devices whose backing file is under `dir`: none once the ext4
+/// mount is gone (autoclear), unless it is still busy after a lazy
+/// unmount, or the device was attached without autoclear (an older smr).
 fn loops_under(dir: &Path) -> Vec<(String, PathBuf)> {
     let Ok(devs) = std::fs::read_dir("/sys/block") else {
         return Vec::new();
