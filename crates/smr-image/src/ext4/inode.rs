@@ -5,16 +5,18 @@
 //! The same function serves both output passes (metadata blocks, then inode
 //! tables), so the two always agree.
 
+use std::collections::BTreeMap;
+
 use zerocopy::little_endian::{U16, U32};
 use zerocopy::FromZeros;
 
 use super::format::{
     Inode, BLOCK_SIZE, EXTENTS_FL, EXTRA_ISIZE, FT_BLKDEV, FT_CHRDEV, FT_DIR, FT_FIFO, FT_REG_FILE,
-    FT_SYMLINK, S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG,
+    FT_SYMLINK, LOST_FOUND_INO, S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG,
 };
 use super::plan::{ordered_entries, Node, Plan, LOST_FOUND_BLOCKS};
 use super::{dir, extent, xattr, Ext4Error};
-use crate::tree::{Extent, Kind, Meta, Tree};
+use crate::tree::{Extent, InodeId, Kind, Meta, Tree};
 
 /// Seconds range an ext4 timestamp with 2 epoch bits can hold.
 const MIN_TIME: i64 = -(1 << 31);
@@ -70,116 +72,217 @@ pub fn render(
             (Some(&i.kind), &i.meta)
         }
         None => {
-            // The made-up lost+found: owned by root, mode 0700, root's times.
-            lost_found_meta = Meta {
-                mode: 0o700,
-                mtime: tree.inodes[tree.root as usize].meta.mtime,
-                mtime_nsec: tree.inodes[tree.root as usize].meta.mtime_nsec,
-                ..Meta::default()
-            };
+            lost_found_meta = synth_lost_found_meta(tree);
             (None, &lost_found_meta)
         }
     };
     let mut inode = Inode::new_zeroed();
-    let mut size = 0u64;
-    let mut flags = 0u32;
-    let type_bits = match kind {
-        None | Some(Kind::Dir { .. }) => {
-            let first = out.len();
-            let blocks = match kind {
-                Some(Kind::Dir { entries }) => {
-                    let with_lf = node.src == Some(tree.root) && plan.synth_lost_found;
-                    let dots = [(&b"."[..], ino, FT_DIR), (&b".."[..], node.parent, FT_DIR)];
-                    let children = ordered_entries(entries, with_lf).map(|(name, id)| match id {
-                        Some(id) => (
-                            name,
-                            plan.ino_of[id as usize],
-                            file_type(&tree.inodes[id as usize].kind),
-                        ),
-                        None => (name, super::format::LOST_FOUND_INO, FT_DIR),
-                    });
-                    let all = dots.into_iter().chain(children);
-                    dir::render(
-                        all.map(|(name, ino, file_type)| dir::Entry {
-                            ino,
-                            name,
-                            file_type,
-                        }),
-                        out,
-                    )
-                }
-                _ => {
-                    let dots = [
-                        dir::Entry {
-                            ino,
-                            name: b".",
-                            file_type: FT_DIR,
-                        },
-                        dir::Entry {
-                            ino: node.parent,
-                            name: b"..",
-                            file_type: FT_DIR,
-                        },
-                    ];
-                    dir::render(dots, out);
-                    for _ in 1..LOST_FOUND_BLOCKS {
-                        dir::empty_block(out);
-                    }
-                    LOST_FOUND_BLOCKS
-                }
-            };
-            debug_assert_eq!(blocks, node.dir_blocks);
-            debug_assert_eq!((out.len() - first) as u64, blocks * BLOCK_SIZE);
-            let run = Extent {
-                logical: 0,
-                physical: node.first_block,
-                len: blocks,
-            };
-            inode.block = extent::build(&extent::leaves(&[run]), node.first_block + blocks, out);
-            size = blocks * BLOCK_SIZE;
-            flags |= EXTENTS_FL;
-            S_IFDIR
-        }
-        Some(Kind::File {
-            size: file_size,
-            extents,
-        }) => {
-            inode.block = extent::build(&extent::leaves(extents), node.first_block, out);
-            size = *file_size;
-            flags |= EXTENTS_FL;
-            S_IFREG
-        }
-        Some(Kind::Symlink { target }) => {
-            size = target.len() as u64;
-            if target.len() < 60 {
-                inode.block[..target.len()].copy_from_slice(target);
-            } else {
-                let at = out.len();
-                out.resize(at + BLOCK_SIZE as usize, 0);
-                out[at..at + target.len()].copy_from_slice(target);
-                let run = Extent {
-                    logical: 0,
-                    physical: node.first_block,
-                    len: 1,
-                };
-                inode.block = extent::build(&extent::leaves(&[run]), node.first_block + 1, out);
-                flags |= EXTENTS_FL;
-            }
-            S_IFLNK
-        }
-        Some(Kind::CharDev { major, minor }) | Some(Kind::BlockDev { major, minor }) => {
-            let words = encode_dev(*major, *minor);
-            inode.block[..4].copy_from_slice(&words[0].to_le_bytes());
-            inode.block[4..8].copy_from_slice(&words[1].to_le_bytes());
-            if matches!(kind, Some(Kind::CharDev { .. })) {
-                S_IFCHR
-            } else {
-                S_IFBLK
-            }
-        }
-        Some(Kind::Fifo) => S_IFIFO,
-    };
+    let body = render_body(tree, plan, ino, node, kind, &mut inode, out);
+    render_xattrs(ino, node, meta, start_len, &mut inode, out)?;
+    debug_assert_eq!(
+        (out.len() - start_len) as u64,
+        node.meta_blocks * BLOCK_SIZE
+    );
+    set_mode_and_owner(&mut inode, body.type_bits, meta);
+    set_size(&mut inode, body.size);
+    set_times(&mut inode, meta);
+    set_counts(&mut inode, node);
+    inode.flags = U32::new(body.flags);
+    inode.extra_isize = U16::new(EXTRA_ISIZE);
+    Ok(inode)
+}
 
+/// What the kind-specific part of an inode decides besides `i_block`.
+struct Body {
+    /// File type bits of `i_mode`.
+    type_bits: u16,
+    /// `i_size`.
+    size: u64,
+    /// `i_flags`.
+    flags: u32,
+}
+
+/// Metadata of a `lost+found` the tree lacks: owned by root, mode 0700,
+/// the root's times.
+fn synth_lost_found_meta(tree: &Tree) -> Meta {
+    let root = &tree.inodes[tree.root as usize].meta;
+    Meta {
+        mode: 0o700,
+        mtime: root.mtime,
+        mtime_nsec: root.mtime_nsec,
+        ..Meta::default()
+    }
+}
+
+/// Fills `i_block` by kind (`None`: the made-up `lost+found`) and appends
+/// the kind's metadata blocks (directory blocks, extent tree blocks, long
+/// symlink target) to `out`.
+fn render_body(
+    tree: &Tree,
+    plan: &Plan,
+    ino: u32,
+    node: &Node,
+    kind: Option<&Kind>,
+    inode: &mut Inode,
+    out: &mut Vec<u8>,
+) -> Body {
+    match kind {
+        None => render_dir(node, inode, out, |out| {
+            render_lost_found_blocks(ino, node, out)
+        }),
+        Some(Kind::Dir { entries }) => render_dir(node, inode, out, |out| {
+            render_dir_blocks(tree, plan, ino, node, entries, out)
+        }),
+        Some(Kind::File { size, extents }) => {
+            inode.block = extent::build(&extent::leaves(extents), node.first_block, out);
+            Body {
+                type_bits: S_IFREG,
+                size: *size,
+                flags: EXTENTS_FL,
+            }
+        }
+        Some(Kind::Symlink { target }) => render_symlink(node, target, inode, out),
+        Some(Kind::CharDev { major, minor }) => {
+            set_device(inode, *major, *minor);
+            no_data(S_IFCHR)
+        }
+        Some(Kind::BlockDev { major, minor }) => {
+            set_device(inode, *major, *minor);
+            no_data(S_IFBLK)
+        }
+        Some(Kind::Fifo) => no_data(S_IFIFO),
+    }
+}
+
+/// The body of an inode with neither data nor flags.
+fn no_data(type_bits: u16) -> Body {
+    Body {
+        type_bits,
+        size: 0,
+        flags: 0,
+    }
+}
+
+/// A directory: `blocks` appends its directory blocks and returns their
+/// count; then the extent tree mapping them follows.
+fn render_dir(
+    node: &Node,
+    inode: &mut Inode,
+    out: &mut Vec<u8>,
+    blocks: impl FnOnce(&mut Vec<u8>) -> u64,
+) -> Body {
+    let first = out.len();
+    let blocks = blocks(out);
+    debug_assert_eq!(blocks, node.dir_blocks);
+    debug_assert_eq!((out.len() - first) as u64, blocks * BLOCK_SIZE);
+    let run = Extent {
+        logical: 0,
+        physical: node.first_block,
+        len: blocks,
+    };
+    inode.block = extent::build(&extent::leaves(&[run]), node.first_block + blocks, out);
+    Body {
+        type_bits: S_IFDIR,
+        size: blocks * BLOCK_SIZE,
+        flags: EXTENTS_FL,
+    }
+}
+
+/// The directory blocks of a tree directory: `.`, `..`, then the entries
+/// (with a made-up `lost+found` in the root when the plan has one).
+fn render_dir_blocks(
+    tree: &Tree,
+    plan: &Plan,
+    ino: u32,
+    node: &Node,
+    entries: &BTreeMap<Vec<u8>, InodeId>,
+    out: &mut Vec<u8>,
+) -> u64 {
+    let with_lf = node.src == Some(tree.root) && plan.synth_lost_found;
+    let dots = [(&b"."[..], ino, FT_DIR), (&b".."[..], node.parent, FT_DIR)];
+    let children = ordered_entries(entries, with_lf).map(|(name, id)| match id {
+        Some(id) => (
+            name,
+            plan.ino_of[id as usize],
+            file_type(&tree.inodes[id as usize].kind),
+        ),
+        None => (name, LOST_FOUND_INO, FT_DIR),
+    });
+    let all = dots.into_iter().chain(children);
+    dir::render(
+        all.map(|(name, ino, file_type)| dir::Entry {
+            ino,
+            name,
+            file_type,
+        }),
+        out,
+    )
+}
+
+/// The directory blocks of a made-up `lost+found`: `.` and `..`, then
+/// empty blocks up to [`LOST_FOUND_BLOCKS`].
+fn render_lost_found_blocks(ino: u32, node: &Node, out: &mut Vec<u8>) -> u64 {
+    let dots = [
+        dir::Entry {
+            ino,
+            name: b".",
+            file_type: FT_DIR,
+        },
+        dir::Entry {
+            ino: node.parent,
+            name: b"..",
+            file_type: FT_DIR,
+        },
+    ];
+    dir::render(dots, out);
+    for _ in 1..LOST_FOUND_BLOCKS {
+        dir::empty_block(out);
+    }
+    LOST_FOUND_BLOCKS
+}
+
+/// A symlink: a target under 60 bytes is stored inline in `i_block`, a
+/// longer one in a block of its own mapped by an extent.
+fn render_symlink(node: &Node, target: &[u8], inode: &mut Inode, out: &mut Vec<u8>) -> Body {
+    let mut flags = 0;
+    if target.len() < 60 {
+        inode.block[..target.len()].copy_from_slice(target);
+    } else {
+        let at = out.len();
+        out.resize(at + BLOCK_SIZE as usize, 0);
+        out[at..at + target.len()].copy_from_slice(target);
+        let run = Extent {
+            logical: 0,
+            physical: node.first_block,
+            len: 1,
+        };
+        inode.block = extent::build(&extent::leaves(&[run]), node.first_block + 1, out);
+        flags = EXTENTS_FL;
+    }
+    Body {
+        type_bits: S_IFLNK,
+        size: target.len() as u64,
+        flags,
+    }
+}
+
+/// A device inode: the device number in `i_block[0..8]`.
+fn set_device(inode: &mut Inode, major: u32, minor: u32) {
+    let words = encode_dev(major, minor);
+    inode.block[..4].copy_from_slice(&words[0].to_le_bytes());
+    inode.block[4..8].copy_from_slice(&words[1].to_le_bytes());
+}
+
+/// Extended attributes: those that fit go in the inode body, the rest in an
+/// xattr block appended to `out` as the node's last metadata block.
+fn render_xattrs(
+    ino: u32,
+    node: &Node,
+    meta: &Meta,
+    start_len: usize,
+    inode: &mut Inode,
+    out: &mut Vec<u8>,
+) -> Result<(), Ext4Error> {
     let split = xattr::prepare(&meta.xattrs)
         .and_then(xattr::split)
         .map_err(|source| Ext4Error::Xattr {
@@ -197,18 +300,27 @@ pub fn render(
         inode.file_acl_lo = U32::new(block_no as u32);
         inode.file_acl_high = U16::new((block_no >> 32) as u16);
     }
-    debug_assert_eq!(
-        (out.len() - start_len) as u64,
-        node.meta_blocks * BLOCK_SIZE
-    );
+    Ok(())
+}
 
+/// `i_mode` (type bits and permissions), `i_uid` and `i_gid`.
+fn set_mode_and_owner(inode: &mut Inode, type_bits: u16, meta: &Meta) {
     inode.mode = U16::new(type_bits | (meta.mode & 0o7777) as u16);
     inode.uid = U16::new(meta.uid as u16);
     inode.uid_high = U16::new((meta.uid >> 16) as u16);
     inode.gid = U16::new(meta.gid as u16);
     inode.gid_high = U16::new((meta.gid >> 16) as u16);
+}
+
+/// `i_size`, split in its low and high words.
+fn set_size(inode: &mut Inode, size: u64) {
     inode.size_lo = U32::new(size as u32);
     inode.size_high = U32::new((size >> 32) as u32);
+}
+
+/// All four timestamps (access, change, modification, creation) are the
+/// modification time.
+fn set_times(inode: &mut Inode, meta: &Meta) {
     let (t, extra) = encode_time(meta.mtime, meta.mtime_nsec);
     for (field, extra_field) in [
         (&mut inode.atime, &mut inode.atime_extra),
@@ -219,6 +331,10 @@ pub fn render(
         *field = U32::new(t);
         *extra_field = U32::new(extra);
     }
+}
+
+/// `i_links_count` and `i_blocks` (512-byte sectors of data and metadata).
+fn set_counts(inode: &mut Inode, node: &Node) {
     // dir_nlink: a directory with too many subdirectories counts 1.
     let links = if node.is_dir && node.links >= 65000 {
         1
@@ -229,9 +345,6 @@ pub fn render(
     let sectors = (node.data_blocks + node.meta_blocks) * (BLOCK_SIZE / 512);
     inode.blocks_lo = U32::new(sectors as u32);
     inode.blocks_high = U16::new((sectors >> 32) as u16);
-    inode.flags = U32::new(flags);
-    inode.extra_isize = U16::new(EXTRA_ISIZE);
-    Ok(inode)
 }
 
 #[cfg(test)]
