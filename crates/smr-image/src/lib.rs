@@ -6,8 +6,6 @@
 //! [`tree::DataSink`] as it goes; the [`ext4::Ext4Writer`] is that data sink
 //! and, once all layers are applied, writes the filesystem metadata.
 
-pub mod chunker;
-pub mod convert;
 pub mod ext4;
 pub mod flatten;
 pub mod layer;

@@ -6,9 +6,9 @@
 
 #![allow(clippy::unwrap_used)]
 
+use smr_convert::{convert, ConvertOptions};
 use smr_format::chunk::open_chunk;
 use smr_format::{ChunkCodec, OwnerKey};
-use smr_image::convert::{convert, ConvertOptions};
 use smr_image::source::{open_source, Platform};
 use smr_registry::artifact::{fallback_tag, Descriptor, INDEX_MEDIA_TYPE, MANIFEST_MEDIA_TYPE};
 use smr_registry::client::{Registry, RegistryOptions, Repository};

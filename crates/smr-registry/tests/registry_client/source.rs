@@ -2,9 +2,9 @@
 //! to the `oci:` layout's.
 
 use super::util::*;
+use smr_convert::{convert, ConvertOptions};
 use smr_format::chunk::default_salt;
 use smr_format::{ChunkCodec, OwnerKey};
-use smr_image::convert::{convert, ConvertOptions};
 use smr_image::source::digest::VerifyingReader;
 use smr_image::source::oci_layout::OciLayout;
 use smr_image::source::{ImageSource, Platform, ResolvedImage, SourceError};

@@ -4,9 +4,9 @@ use crate::keys::KeyArgs;
 use crate::progress::{bytes_bar, human};
 use crate::remote::{is_remote, push_converted, RegistryArgs};
 use anyhow::{bail, Context, Result};
+use smr_convert::{convert, ConvertOptions};
 use smr_format::chunk::default_salt;
 use smr_format::ChunkCodec;
-use smr_image::convert::{convert, ConvertOptions};
 use smr_image::source::ImageSource;
 use smr_registry::pack::PackParams;
 use smr_registry::push::PushOptions;
@@ -75,7 +75,7 @@ pub struct Args {
     key: KeyArgs,
 }
 
-/// `--chunk-size`'s default, [`smr_image::convert::DEFAULT_CHUNK_SIZE`].
+/// `--chunk-size`'s default, [`smr_convert::DEFAULT_CHUNK_SIZE`].
 const DEFAULT_CHUNK_ARG: &str = "64K";
 
 /// Parses `512K`, `1M`, `65536`.
@@ -298,7 +298,7 @@ mod tests {
     fn default_chunk_size_is_the_library_default() {
         assert_eq!(
             parse_size(DEFAULT_CHUNK_ARG),
-            Ok(smr_image::convert::DEFAULT_CHUNK_SIZE)
+            Ok(smr_convert::DEFAULT_CHUNK_SIZE)
         );
     }
 

@@ -1,12 +1,12 @@
 //! The whole conversion: image source -> flattened tree -> ext4 -> chunks ->
 //! store, and the recipe that ties them together.
 
-use crate::chunker::{ChunkStats, ChunkingSink};
-use crate::ext4::{self, Ext4Stats, Ext4Writer};
-use crate::flatten::{self, FlattenStats, Progress};
-use crate::source::{ImageSource, Platform, ResolvedImage};
+use crate::chunker::{ChunkError, ChunkStats, ChunkingSink};
 use sha2::{Digest, Sha256};
 use smr_format::{ChunkCodec, OwnerKey, Recipe};
+use smr_image::ext4::{self, Ext4Stats, Ext4Writer};
+use smr_image::flatten::{self, FlattenStats, Progress};
+use smr_image::source::{ImageSource, Platform, ResolvedImage, SourceError};
 use smr_store::ChunkStore;
 use std::sync::Arc;
 
@@ -52,16 +52,16 @@ pub struct ConvertOutput {
 pub enum ConvertError {
     /// Reading the image failed.
     #[error(transparent)]
-    Source(#[from] crate::source::SourceError),
+    Source(#[from] SourceError),
     /// A layer could not be applied.
     #[error(transparent)]
     Flatten(Box<flatten::FlattenError>),
     /// The filesystem could not be written.
     #[error(transparent)]
     Ext4(#[from] ext4::Ext4Error),
-    /// Storing chunks failed.
+    /// Chunking the image or storing its chunks failed.
     #[error(transparent)]
-    Store(#[from] smr_store::StoreError),
+    Chunk(#[from] ChunkError),
     /// Building the recipe failed.
     #[error(transparent)]
     Format(#[from] smr_format::FormatError),

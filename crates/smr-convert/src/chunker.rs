@@ -67,6 +67,17 @@ pub fn put_threads(chunk_size: u64) -> usize {
     (by_memory as usize).clamp(2, MAX_PUT_THREADS)
 }
 
+/// What can go wrong chunking an image.
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkError {
+    /// Storing a chunk failed.
+    #[error("storing a chunk: {0}")]
+    Store(#[from] StoreError),
+    /// The last chunks could not be handed to the workers.
+    #[error("chunk pipeline: {0}")]
+    Pipeline(#[source] io::Error),
+}
+
 /// A sealed chunk on its way to the store.
 struct ToPut {
     entry: ChunkEntry,
@@ -219,14 +230,14 @@ impl ChunkingSink {
     /// stop, so it is waiting once every worker is gone).
     fn worker_error(&self) -> io::Error {
         match self.results.try_iter().find_map(Result::err) {
-            Some(e) => io::Error::other(format!("storing a chunk: {e}")),
+            Some(e) => io::Error::other(ChunkError::Store(e)),
             None => io::Error::other("chunk workers stopped"),
         }
     }
 
     /// Flushes everything for an image of `size` bytes and waits for the
     /// workers. Returns the chunk table.
-    pub fn finish(mut self, size: u64) -> Result<Chunked, StoreError> {
+    pub fn finish(mut self, size: u64) -> Result<Chunked, ChunkError> {
         let total = size.div_ceil(self.chunk_size);
         let send_all = (|| -> io::Result<()> {
             if let Some((index, mut buf)) = self.current.take() {
@@ -257,10 +268,7 @@ impl ChunkingSink {
             let s = r?;
             by_index.insert(s.entry.index, s);
         }
-        send_all.map_err(|source| StoreError::Io {
-            store: "chunk pipeline".into(),
-            source,
-        })?;
+        send_all.map_err(ChunkError::Pipeline)?;
         let mut stats = ChunkStats {
             total,
             ..ChunkStats::default()
@@ -290,7 +298,7 @@ impl ChunkingSink {
     }
 }
 
-impl crate::ext4::ImageSink for ChunkingSink {
+impl smr_image::ext4::ImageSink for ChunkingSink {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
         ChunkingSink::write_at(self, offset, data)
     }
