@@ -11,8 +11,11 @@
 //! must read to EOF ([`crate::flatten`] does) for the bytes to count as
 //! verified.
 
+use crate::media_types::{
+    DOCKER_ARCHIVE_LAYER, DOCKER_FOREIGN_LAYER_GZIP, DOCKER_LAYER_GZIP, OCI_LAYER, OCI_LAYER_GZIP,
+    OCI_LAYER_ZSTD, OCI_NONDIST_LAYER, OCI_NONDIST_LAYER_GZIP, OCI_NONDIST_LAYER_ZSTD,
+};
 use crate::source::digest::VerifyingReader;
-use crate::source::docker_archive::DOCKER_ARCHIVE_LAYER;
 use crate::source::{ImageSource, LayerInfo, SourceError};
 use sha2::{Digest as _, Sha256};
 use std::io::{self, BufRead, BufReader, Read};
@@ -37,15 +40,11 @@ impl Compression {
     /// layers and anything unknown, naming the layer.
     pub fn for_layer(layer: &LayerInfo) -> Result<Self, SourceError> {
         Ok(match layer.media_type.as_str() {
-            "application/vnd.oci.image.layer.v1.tar"
-            | "application/vnd.oci.image.layer.nondistributable.v1.tar" => Compression::None,
-            "application/vnd.oci.image.layer.v1.tar+gzip"
-            | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
-            | "application/vnd.docker.image.rootfs.diff.tar.gzip" => Compression::Gzip,
-            "application/vnd.oci.image.layer.v1.tar+zstd"
-            | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => Compression::Zstd,
+            OCI_LAYER | OCI_NONDIST_LAYER => Compression::None,
+            OCI_LAYER_GZIP | OCI_NONDIST_LAYER_GZIP | DOCKER_LAYER_GZIP => Compression::Gzip,
+            OCI_LAYER_ZSTD | OCI_NONDIST_LAYER_ZSTD => Compression::Zstd,
             DOCKER_ARCHIVE_LAYER => Compression::Detect,
-            mt @ "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => {
+            mt @ DOCKER_FOREIGN_LAYER_GZIP => {
                 return Err(SourceError::ForeignLayer {
                     digest: layer.digest.clone(),
                     media_type: mt.to_string(),

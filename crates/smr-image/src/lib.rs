@@ -9,6 +9,7 @@
 pub mod ext4;
 pub mod flatten;
 pub mod layer;
+pub mod media_types;
 pub mod source;
 pub mod tree;
 

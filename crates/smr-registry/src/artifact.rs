@@ -16,24 +16,12 @@
 //! digest (no timestamps). Layout and rules: `docs/FORMAT.md` §5.
 
 use crate::error::{RegistryError, Result};
+use crate::media_types::{SMR_ARTIFACT, SMR_PACK, SMR_PACK_INDEX, SMR_RECIPE};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use smr_image::media_types::{OCI_EMPTY, OCI_INDEX, OCI_MANIFEST};
 use std::collections::BTreeMap;
 
-/// Media type of an OCI image manifest.
-pub const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
-/// Media type of an OCI image index (the referrers list).
-pub const INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
-/// `artifactType` of an smr artifact.
-pub const ARTIFACT_TYPE: &str = "application/vnd.smr.image.v1";
-/// Media type of the recipe layer (`docs/FORMAT.md` §3).
-pub const RECIPE_MEDIA_TYPE: &str = "application/vnd.smr.recipe.v1";
-/// Media type of the pack index layer (`docs/FORMAT.md` §5).
-pub const PACK_INDEX_MEDIA_TYPE: &str = "application/vnd.smr.pack-index.v1";
-/// Media type of a pack layer (concatenated stored chunks).
-pub const PACK_MEDIA_TYPE: &str = "application/vnd.smr.pack.v1";
-/// Media type of the OCI empty descriptor (the config of artifacts).
-pub const EMPTY_MEDIA_TYPE: &str = "application/vnd.oci.empty.v1+json";
 /// The content of the OCI empty blob.
 pub const EMPTY_BLOB: &[u8] = b"{}";
 /// Digest of [`EMPTY_BLOB`].
@@ -119,7 +107,7 @@ impl Descriptor {
 
     /// The OCI empty descriptor (`{}`), the config of every smr artifact.
     pub fn empty() -> Self {
-        Descriptor::new(EMPTY_MEDIA_TYPE, EMPTY_DIGEST.to_string(), 2)
+        Descriptor::new(OCI_EMPTY, EMPTY_DIGEST.to_string(), 2)
     }
 }
 
@@ -129,9 +117,9 @@ impl Descriptor {
 pub struct ArtifactManifest {
     /// Always 2.
     pub schema_version: u32,
-    /// Always [`MANIFEST_MEDIA_TYPE`].
+    /// Always [`OCI_MANIFEST`].
     pub media_type: String,
-    /// Always [`ARTIFACT_TYPE`].
+    /// Always [`SMR_ARTIFACT`].
     pub artifact_type: String,
     /// The empty descriptor.
     pub config: Descriptor,
@@ -160,8 +148,8 @@ impl ArtifactManifest {
         layers.extend(packs);
         ArtifactManifest {
             schema_version: 2,
-            media_type: MANIFEST_MEDIA_TYPE.to_string(),
-            artifact_type: ARTIFACT_TYPE.to_string(),
+            media_type: OCI_MANIFEST.to_string(),
+            artifact_type: SMR_ARTIFACT.to_string(),
             config: Descriptor::empty(),
             layers,
             subject: Descriptor {
@@ -199,13 +187,9 @@ impl ArtifactManifest {
                 self.schema_version
             ));
         }
-        expect("mediaType", &self.media_type, MANIFEST_MEDIA_TYPE)?;
-        expect("artifactType", &self.artifact_type, ARTIFACT_TYPE)?;
-        expect(
-            "config mediaType",
-            &self.config.media_type,
-            EMPTY_MEDIA_TYPE,
-        )?;
+        expect("mediaType", &self.media_type, OCI_MANIFEST)?;
+        expect("artifactType", &self.artifact_type, SMR_ARTIFACT)?;
+        expect("config mediaType", &self.config.media_type, OCI_EMPTY)?;
         if self.config.digest != EMPTY_DIGEST || self.config.size != 2 {
             return Err(format!(
                 "config {} ({} bytes) is not the empty descriptor",
@@ -220,9 +204,9 @@ impl ArtifactManifest {
         }
         for (i, l) in self.layers.iter().enumerate() {
             let want = match i {
-                0 => RECIPE_MEDIA_TYPE,
-                1 => PACK_INDEX_MEDIA_TYPE,
-                _ => PACK_MEDIA_TYPE,
+                0 => SMR_RECIPE,
+                1 => SMR_PACK_INDEX,
+                _ => SMR_PACK,
             };
             expect(&format!("layer {i} mediaType"), &l.media_type, want)?;
             if parse_digest(&l.digest).is_none() {
@@ -303,12 +287,8 @@ pub fn parse_referrers(repo: &str, what: &str, bytes: &[u8]) -> Result<Vec<Descr
 pub(crate) fn index_manifests(doc: &serde_json::Value) -> Result<&Vec<serde_json::Value>, String> {
     let obj = doc.as_object().ok_or("not a JSON object")?;
     match obj.get("mediaType").and_then(|v| v.as_str()) {
-        None | Some(INDEX_MEDIA_TYPE) => {}
-        Some(other) => {
-            return Err(format!(
-                "mediaType `{other}` (expected `{INDEX_MEDIA_TYPE}`)"
-            ))
-        }
+        None | Some(OCI_INDEX) => {}
+        Some(other) => return Err(format!("mediaType `{other}` (expected `{OCI_INDEX}`)")),
     }
     obj.get("manifests")
         .and_then(|v| v.as_array())
@@ -320,12 +300,12 @@ mod tests {
     use super::*;
 
     fn sample() -> (ArtifactManifest, Vec<u8>) {
-        let subject = Descriptor::of(MANIFEST_MEDIA_TYPE, b"source manifest");
-        let recipe = Descriptor::of(RECIPE_MEDIA_TYPE, b"recipe");
-        let index = Descriptor::of(PACK_INDEX_MEDIA_TYPE, b"index");
+        let subject = Descriptor::of(OCI_MANIFEST, b"source manifest");
+        let recipe = Descriptor::of(SMR_RECIPE, b"recipe");
+        let index = Descriptor::of(SMR_PACK_INDEX, b"index");
         let packs = vec![
-            Descriptor::of(PACK_MEDIA_TYPE, b"p1"),
-            Descriptor::of(PACK_MEDIA_TYPE, b"p2"),
+            Descriptor::of(SMR_PACK, b"p1"),
+            Descriptor::of(SMR_PACK, b"p2"),
         ];
         let mut ann = BTreeMap::new();
         ann.insert(ANNOTATION_CHUNK_SIZE.to_string(), "65536".to_string());
@@ -366,7 +346,7 @@ mod tests {
         assert_eq!(back.packs().len(), 2);
         let entry = m.referrer(&b);
         assert_eq!(entry.digest, digest_of(&b));
-        assert_eq!(entry.artifact_type.as_deref(), Some(ARTIFACT_TYPE));
+        assert_eq!(entry.artifact_type.as_deref(), Some(SMR_ARTIFACT));
     }
 
     #[test]
@@ -375,10 +355,7 @@ mod tests {
         type Mutation = Box<dyn Fn(&mut ArtifactManifest)>;
         let cases: Vec<(Mutation, &str)> = vec![
             (Box::new(|m| m.artifact_type = "x".into()), "artifactType"),
-            (
-                Box::new(|m| m.media_type = INDEX_MEDIA_TYPE.into()),
-                "mediaType",
-            ),
+            (Box::new(|m| m.media_type = OCI_INDEX.into()), "mediaType"),
             (Box::new(|m| m.config.digest = digest_of(b"x")), "config"),
             (Box::new(|m| m.layers.swap(0, 1)), "layer 0 mediaType"),
             (Box::new(|m| m.layers.truncate(1)), "1 layers"),
@@ -415,12 +392,12 @@ mod tests {
         let (m, b) = sample();
         let doc = serde_json::json!({
             "schemaVersion": 2,
-            "mediaType": INDEX_MEDIA_TYPE,
+            "mediaType": OCI_INDEX,
             "manifests": [m.referrer(&b), {"weird": true}],
         });
         let v = parse_referrers("r", "t", &serde_json::to_vec(&doc).unwrap()).unwrap();
         assert_eq!(v, vec![m.referrer(&b)]);
-        let not = serde_json::json!({"mediaType": MANIFEST_MEDIA_TYPE, "layers": []});
+        let not = serde_json::json!({"mediaType": OCI_MANIFEST, "layers": []});
         let err = parse_referrers("r", "tag x", &serde_json::to_vec(&not).unwrap()).unwrap_err();
         assert!(err.to_string().contains("tag x"), "{err}");
     }

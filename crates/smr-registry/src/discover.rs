@@ -1,7 +1,7 @@
 //! Finding and opening the smr artifact of a source image.
 //!
 //! The candidates are the referrers of the source manifest whose
-//! `artifactType` is [`ARTIFACT_TYPE`]: from the referrers API when the
+//! `artifactType` is [`SMR_ARTIFACT`]: from the referrers API when the
 //! registry has it, else (or when it lists none) from the `sha256-<hex>`
 //! fallback tag. Several artifacts may refer to one image (different chunk
 //! sizes, salts or pack sizes); without timestamps "newest" is unknowable,
@@ -19,14 +19,16 @@
 
 use crate::artifact::{
     bad, digest_of, fallback_tag, parse_referrers, ArtifactManifest, Descriptor,
-    ANNOTATION_CHUNK_SIZE, ARTIFACT_TYPE, MANIFEST_MEDIA_TYPE,
+    ANNOTATION_CHUNK_SIZE,
 };
 use crate::blobs::Blobs;
 use crate::error::{RegistryError, Result};
+use crate::media_types::SMR_ARTIFACT;
 use crate::pack::PackIndex;
 use crate::profile::{fetch_profile, profiles_of};
 use crate::store::RegistryStore;
 use smr_format::{Profile, Recipe};
+use smr_image::media_types::OCI_MANIFEST;
 use std::sync::Arc;
 
 #[cfg(test)]
@@ -83,7 +85,7 @@ pub fn list_artifacts(blobs: &dyn Blobs, subject: &str) -> Result<Vec<Descriptor
 fn artifacts_among(list: &[Descriptor]) -> Vec<Descriptor> {
     let mut v: Vec<Descriptor> = list
         .iter()
-        .filter(|d| d.artifact_type.as_deref() == Some(ARTIFACT_TYPE))
+        .filter(|d| d.artifact_type.as_deref() == Some(SMR_ARTIFACT))
         .cloned()
         .collect();
     v.sort_by(|a, b| a.digest.cmp(&b.digest));
@@ -203,7 +205,7 @@ pub fn open_artifact(blobs: &dyn Blobs, digest: &str, subject: Option<&str>) -> 
                 what: format!("smr artifact manifest {digest}"),
             })?;
     verify(&repo, &format!("manifest {digest}"), digest, &bytes)?;
-    if media_type != MANIFEST_MEDIA_TYPE {
+    if media_type != OCI_MANIFEST {
         return Err(bad(
             &repo,
             digest,

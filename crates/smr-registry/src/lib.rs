@@ -4,7 +4,8 @@
 //!   manifests, as the rest of this crate sees a registry.
 //! - [`error`]: the crate error, [`RegistryError`].
 //! - [`pack`]: packs (chunks concatenated into blobs) and the pack index.
-//! - [`artifact`]: the smr artifact manifest and its media types.
+//! - [`media_types`]: the smr artifacts' media types.
+//! - [`artifact`]: the smr artifact manifest.
 //! - [`push`]: pushing a converted image as an smr artifact.
 //! - [`discover`]: finding and opening the smr artifact of an image.
 //! - [`profile`]: startup profiles pushed next to the smr artifact.
@@ -19,6 +20,7 @@ pub mod blobs;
 pub mod client;
 pub mod discover;
 pub mod error;
+pub mod media_types;
 pub mod pack;
 pub mod profile;
 pub mod push;

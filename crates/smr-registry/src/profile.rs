@@ -23,21 +23,16 @@
 //! `created` wins, then the smallest digest. In the referrers fallback tag
 //! a push replaces the artifact's older profiles.
 
-use crate::artifact::{
-    bad, digest_of, ArtifactManifest, Descriptor, EMPTY_BLOB, EMPTY_DIGEST, EMPTY_MEDIA_TYPE,
-    MANIFEST_MEDIA_TYPE,
-};
+use crate::artifact::{bad, digest_of, ArtifactManifest, Descriptor, EMPTY_BLOB, EMPTY_DIGEST};
 use crate::blobs::Blobs;
 use crate::discover::Artifact;
 use crate::error::{RegistryError, Result};
+use crate::media_types::SMR_PROFILE;
 use crate::push::{update_referrers, ReferrersUpdate};
 use smr_format::Profile;
+use smr_image::media_types::{OCI_EMPTY, OCI_MANIFEST};
 use std::collections::BTreeMap;
 
-/// `artifactType` of a startup profile.
-pub const PROFILE_ARTIFACT_TYPE: &str = "application/vnd.smr.profile.v1";
-/// Media type of the profile layer (the `SMRPROF1` bytes).
-pub const PROFILE_MEDIA_TYPE: &str = "application/vnd.smr.profile.v1";
 /// Annotation: digest of the smr artifact the profile belongs to.
 pub const ANNOTATION_PROFILE_ARTIFACT: &str = "vnd.smr.profile.artifact";
 /// Annotation: number of chunks the profile lists (decimal).
@@ -76,10 +71,10 @@ pub fn profile_manifest(
     ]);
     ArtifactManifest {
         schema_version: 2,
-        media_type: MANIFEST_MEDIA_TYPE.to_string(),
-        artifact_type: PROFILE_ARTIFACT_TYPE.to_string(),
+        media_type: OCI_MANIFEST.to_string(),
+        artifact_type: SMR_PROFILE.to_string(),
         config: Descriptor::empty(),
-        layers: vec![Descriptor::of(PROFILE_MEDIA_TYPE, profile_bytes)],
+        layers: vec![Descriptor::of(SMR_PROFILE, profile_bytes)],
         subject: artifact.manifest.subject.clone(),
         annotations,
     }
@@ -108,7 +103,7 @@ pub fn push_profile(
     blobs.push_blob(&profile_digest, &bytes)?;
     let manifest_bytes = manifest.to_bytes();
     let digest = digest_of(&manifest_bytes);
-    let got = blobs.put_manifest(&digest, MANIFEST_MEDIA_TYPE, &manifest_bytes)?;
+    let got = blobs.put_manifest(&digest, OCI_MANIFEST, &manifest_bytes)?;
     if got != digest {
         return Err(bad(
             &repo,
@@ -131,7 +126,7 @@ pub fn push_profile(
 
 /// Whether referrer `d` is a startup profile of the smr artifact `artifact`.
 fn is_profile_of(d: &Descriptor, artifact: &str) -> bool {
-    d.artifact_type.as_deref() == Some(PROFILE_ARTIFACT_TYPE)
+    d.artifact_type.as_deref() == Some(SMR_PROFILE)
         && d.annotations
             .get(ANNOTATION_PROFILE_ARTIFACT)
             .map(String::as_str)
@@ -173,8 +168,8 @@ pub fn fetch_profile(blobs: &dyn Blobs, digest: &str, artifact: &str) -> Result<
             source,
         })?;
     let layer = match (media_type.as_str(), m.artifact_type.as_str(), &m.layers[..]) {
-        (MANIFEST_MEDIA_TYPE, PROFILE_ARTIFACT_TYPE, [l])
-            if l.media_type == PROFILE_MEDIA_TYPE && m.config.media_type == EMPTY_MEDIA_TYPE =>
+        (OCI_MANIFEST, SMR_PROFILE, [l])
+            if l.media_type == SMR_PROFILE && m.config.media_type == OCI_EMPTY =>
         {
             l
         }

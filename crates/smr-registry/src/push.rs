@@ -10,13 +10,14 @@
 use crate::artifact::{
     bad, digest_of, fallback_tag, index_manifests, parse_digest, parse_referrers, ArtifactManifest,
     Descriptor, ANNOTATION_CHUNKS, ANNOTATION_CHUNKS_PER_PACK, ANNOTATION_CHUNK_SIZE,
-    ANNOTATION_ENCRYPTED, ANNOTATION_IMAGE_SIZE, EMPTY_BLOB, EMPTY_MEDIA_TYPE, INDEX_MEDIA_TYPE,
-    MANIFEST_MEDIA_TYPE, PACK_INDEX_MEDIA_TYPE, PACK_MEDIA_TYPE, RECIPE_MEDIA_TYPE,
+    ANNOTATION_ENCRYPTED, ANNOTATION_IMAGE_SIZE, EMPTY_BLOB,
 };
 use crate::blobs::Blobs;
 use crate::error::{RegistryError, Result};
+use crate::media_types::{SMR_PACK, SMR_PACK_INDEX, SMR_RECIPE};
 use crate::pack::{self, IndexedChunk, IndexedPack, PackIndex, PackParams};
 use smr_format::{ChunkId, FormatError, Recipe};
+use smr_image::media_types::{OCI_EMPTY, OCI_INDEX, OCI_MANIFEST};
 use smr_store::ChunkStore;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -168,16 +169,16 @@ pub fn push(
     let pack_descs = index
         .packs()
         .iter()
-        .map(|p| Descriptor::new(PACK_MEDIA_TYPE, p.digest.clone(), p.size()))
+        .map(|p| Descriptor::new(SMR_PACK, p.digest.clone(), p.size()))
         .collect();
     let manifest = ArtifactManifest::new(
         subject.clone(),
-        Descriptor::of(RECIPE_MEDIA_TYPE, recipe_bytes),
-        Descriptor::of(PACK_INDEX_MEDIA_TYPE, &index_bytes),
+        Descriptor::of(SMR_RECIPE, recipe_bytes),
+        Descriptor::of(SMR_PACK_INDEX, &index_bytes),
         pack_descs,
         annotations(&recipe, &params),
     );
-    debug_assert!(manifest.validate().is_ok() && manifest.config.media_type == EMPTY_MEDIA_TYPE);
+    debug_assert!(manifest.validate().is_ok() && manifest.config.media_type == OCI_EMPTY);
     let bytes = manifest.to_bytes();
     if bytes.len() > MANIFEST_SIZE_WARN {
         tracing::warn!(
@@ -189,11 +190,11 @@ pub fn push(
     let digest = digest_of(&bytes);
     let manifest_pushed = blobs.get_manifest(&digest)?.is_none();
     if manifest_pushed {
-        let got = blobs.put_manifest(&digest, MANIFEST_MEDIA_TYPE, &bytes)?;
+        let got = blobs.put_manifest(&digest, OCI_MANIFEST, &bytes)?;
         check_digest(&repo, &digest, &got)?;
     }
     if let Some(tag) = &options.tag {
-        let got = blobs.put_manifest(tag, MANIFEST_MEDIA_TYPE, &bytes)?;
+        let got = blobs.put_manifest(tag, OCI_MANIFEST, &bytes)?;
         check_digest(&repo, &digest, &got)?;
     }
     let referrers = update_referrers(blobs, &manifest, &bytes, &digest, &|_| false)?;
@@ -390,13 +391,13 @@ pub(crate) fn update_referrers(
         None => (
             serde_json::json!({
                 "schemaVersion": 2,
-                "mediaType": INDEX_MEDIA_TYPE,
+                "mediaType": OCI_INDEX,
                 "manifests": [],
             }),
             ReferrersUpdate::TagCreated,
         ),
         Some((media_type, old)) => {
-            if media_type != INDEX_MEDIA_TYPE {
+            if media_type != OCI_INDEX {
                 return Err(bad(
                     &repo,
                     &tag,
@@ -436,7 +437,7 @@ pub(crate) fn update_referrers(
         what: format!("referrers index {tag}"),
         source,
     })?;
-    blobs.put_manifest(&tag, INDEX_MEDIA_TYPE, &out)?;
+    blobs.put_manifest(&tag, OCI_INDEX, &out)?;
     tracing::info!(%tag, ?update, "referrers fallback tag written");
     Ok(update)
 }

@@ -2,9 +2,10 @@
 //! hooks (failing range reads), standing in for a registry in unit
 //! tests. The real registry is exercised by `tests/artifact.rs`.
 
-use crate::artifact::{digest_of, parse_referrers, Descriptor, INDEX_MEDIA_TYPE};
+use crate::artifact::{digest_of, parse_referrers, Descriptor};
 use crate::blobs::Blobs;
 use crate::error::{RegistryError, Result};
+use smr_image::media_types::{OCI_INDEX, OCI_MANIFEST};
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::path::PathBuf;
@@ -185,7 +186,7 @@ impl Blobs for DirBlobs {
         }
         let doc = serde_json::json!({
             "schemaVersion": 2,
-            "mediaType": INDEX_MEDIA_TYPE,
+            "mediaType": OCI_INDEX,
             "manifests": found.into_values().collect::<Vec<_>>(),
         });
         let bytes = serde_json::to_vec(&doc).unwrap();
@@ -226,10 +227,7 @@ pub fn test_image(store: &smr_store::LocalStore, name: &str, tags: &[Option<Stri
     use smr_store::ChunkStore;
     let codec = ChunkCodec::new(smr_format::chunk::default_salt(), true, false);
     let owner = OwnerKey([5; 32]);
-    let subject = Descriptor::of(
-        crate::artifact::MANIFEST_MEDIA_TYPE,
-        format!("manifest {name}").as_bytes(),
-    );
+    let subject = Descriptor::of(OCI_MANIFEST, format!("manifest {name}").as_bytes());
     let (mut entries, mut keys, mut plain) = (Vec::new(), Vec::new(), BTreeMap::new());
     for (index, tag) in tags.iter().enumerate() {
         let Some(tag) = tag else { continue };

@@ -9,15 +9,16 @@
 use smr_convert::{convert, ConvertOptions};
 use smr_format::chunk::open_chunk;
 use smr_format::{ChunkCodec, OwnerKey};
+use smr_image::media_types::{OCI_INDEX, OCI_MANIFEST};
 use smr_image::source::{open_source, Platform};
-use smr_registry::artifact::{fallback_tag, Descriptor, INDEX_MEDIA_TYPE, MANIFEST_MEDIA_TYPE};
+use smr_registry::artifact::{fallback_tag, Descriptor};
 use smr_registry::client::{Registry, RegistryOptions, Repository};
 use smr_registry::discover::{discover, list_artifacts, DiscoverOptions};
 use smr_registry::pack::PackParams;
 use smr_registry::push::{push, PushOptions, PushReport, ReferrersUpdate};
 use smr_registry::Blobs;
 use smr_store::{ChunkStore, LocalStore};
-use smr_testkit::{Compression, ImageBuilder, LayerBuilder, OciLayout, OCI_MANIFEST};
+use smr_testkit::{Compression, ImageBuilder, LayerBuilder, OciLayout};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -135,7 +136,7 @@ fn publish_and_convert(
     assert_eq!(out.recipe.source_digest, desc.digest);
     Converted {
         recipe_bytes: out.recipe.encode(),
-        subject: Descriptor::new(MANIFEST_MEDIA_TYPE, desc.digest, desc.size),
+        subject: Descriptor::new(OCI_MANIFEST, desc.digest, desc.size),
     }
 }
 
@@ -211,7 +212,7 @@ fn push_find_and_serve_through_a_real_registry() {
     assert_eq!(repo.get_manifest("app").unwrap().unwrap(), source_manifest);
     let tag = fallback_tag(&app.subject.digest).unwrap();
     let (mt, _) = repo.get_manifest(&tag).unwrap().unwrap();
-    assert_eq!(mt, INDEX_MEDIA_TYPE);
+    assert_eq!(mt, OCI_INDEX);
 
     // A fresh client finds it and serves the image from the packs.
     let fresh: Arc<dyn Blobs> = Arc::new(reg.repo("smr/test"));

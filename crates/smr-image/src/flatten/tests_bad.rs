@@ -200,7 +200,7 @@ fn unknown_media_type() {
 fn foreign_layer_rejected() {
     let d = tempfile::tempdir().expect("tempdir");
     let mut s = spec(simple_layer(), C::Gzip);
-    s.media_type = Some("application/vnd.docker.image.rootfs.foreign.diff.tar.gzip".into());
+    s.media_type = Some(crate::media_types::DOCKER_FOREIGN_LAYER_GZIP.into());
     let (e, layer) = flatten_err(d.path(), &image_with(s), |_| {});
     assert!(
         matches!(&e, FlattenError::Source(SourceError::ForeignLayer { digest, .. }) if *digest == layer),

@@ -13,6 +13,7 @@ use super::digest::{parse_digest, sha256_digest, JSON_BLOB_LIMIT};
 use super::resolve::layer_infos;
 use super::spec::{parse_json, ConfigFile, Descriptor};
 use super::{ImageSource, Platform, ResolvedImage, Result, SourceError};
+use crate::media_types::DOCKER_ARCHIVE_LAYER;
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 use std::collections::BTreeMap;
@@ -20,10 +21,6 @@ use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-
-/// Media type given to docker-archive layers: a tar, compressed or not
-/// (detected from the magic bytes).
-pub const DOCKER_ARCHIVE_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar";
 
 /// How many symlink / hard link hops a member name may take.
 const MAX_LINK_HOPS: usize = 8;

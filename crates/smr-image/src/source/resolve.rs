@@ -4,8 +4,8 @@
 
 use super::digest::{parse_digest, read_verified};
 use super::spec::{parse_json, ConfigFile, Descriptor, Index, Manifest, ManifestKind};
-use super::spec::{DOCKER_CONFIG, OCI_CONFIG};
 use super::{ImageSource, LayerInfo, Platform, ResolvedImage, Result, SourceError};
+use crate::media_types::{DOCKER_CONFIG, OCI_CONFIG};
 
 /// How deep indexes may nest before we call the image malformed.
 const MAX_INDEX_DEPTH: usize = 8;

@@ -1,26 +1,15 @@
 //! The parts of the OCI image spec (and Docker schema2) that we read, as
-//! serde types, plus media type constants.
+//! serde types.
 //!
 //! Own types rather than oci-spec's: they accept both OCI and Docker media
 //! types, tolerate `null` where Docker writes it, and carry only what we use.
 
 use super::{Platform, Result, SourceError};
+use crate::media_types::{DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST};
 use serde::Deserialize;
 use smr_format::config::ImageConfig;
 use std::collections::BTreeMap;
 
-/// OCI image index.
-pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-/// OCI image manifest.
-pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-/// OCI image config.
-pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-/// Docker manifest list.
-pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-/// Docker schema2 manifest.
-pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-/// Docker image config.
-pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 /// The annotation that holds a tag in an OCI layout's `index.json`.
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
 

@@ -185,7 +185,7 @@ fn docker_media_types() {
         .expect("resolve");
     assert_eq!(
         r.layers[0].media_type,
-        "application/vnd.docker.image.rootfs.diff.tar.gzip"
+        crate::media_types::DOCKER_LAYER_GZIP
     );
 }
 
@@ -344,7 +344,7 @@ fn hostile_digest_in_index() {
         .expect("write");
     let idx = format!(
         r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"{}","digest":"sha256:../../../etc/passwd","size":1}}]}}"#,
-        spec::OCI_MANIFEST
+        crate::media_types::OCI_MANIFEST
     );
     std::fs::write(d.path().join("index.json"), idx).expect("w");
     let e = open(d.path(), None)

@@ -10,8 +10,8 @@ use oci_client::RegistryOperation::{Pull, Push};
 use reqwest::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use reqwest::{Method, StatusCode};
 use sha2::{Digest as _, Sha256};
+use smr_image::media_types::{DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST};
 use smr_image::source::digest::{sha256_digest, JSON_BLOB_LIMIT};
-use smr_image::source::spec::{DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST};
 
 /// The manifest media types we ask for (and accept).
 pub(crate) const MANIFEST_TYPES: &[&str] = &[OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST];

@@ -1,8 +1,9 @@
 use super::*;
-use crate::artifact::{fallback_tag, INDEX_MEDIA_TYPE};
+use crate::artifact::fallback_tag;
 use crate::pack::PackParams;
 use crate::push::{push, PushOptions};
 use crate::testing::{tags, test_image, DirBlobs, TestImage};
+use smr_image::media_types::OCI_INDEX;
 use smr_store::LocalStore;
 
 struct Env {
@@ -111,7 +112,7 @@ fn a_corrupt_recipe_or_index_blob_is_refused() {
 /// Pushes `m` (edited) as a new manifest; returns its digest.
 fn repush(e: &Env, m: &ArtifactManifest) -> String {
     e.blobs
-        .put_manifest("edited", MANIFEST_MEDIA_TYPE, &m.to_bytes())
+        .put_manifest("edited", OCI_MANIFEST, &m.to_bytes())
         .unwrap()
 }
 
@@ -141,7 +142,7 @@ fn manifests_that_disagree_with_their_index_or_recipe_are_refused() {
         .push_blob(&digest_of(&other.recipe_bytes), &other.recipe_bytes)
         .unwrap();
     let mut m = manifest(&e);
-    m.layers[0] = Descriptor::of(crate::artifact::RECIPE_MEDIA_TYPE, &other.recipe_bytes);
+    m.layers[0] = Descriptor::of(crate::media_types::SMR_RECIPE, &other.recipe_bytes);
     let d = repush(&e, &m);
     let err = open_artifact(&e.blobs, &d, None).unwrap_err().to_string();
     assert!(err.contains("recipe was converted from"), "{err}");
@@ -153,11 +154,7 @@ fn a_fallback_tag_that_is_not_an_index_is_an_error() {
     let subject = digest_of(b"x");
     let tag = fallback_tag(&subject).unwrap();
     e.blobs
-        .put_manifest(
-            &tag,
-            INDEX_MEDIA_TYPE,
-            br#"{"schemaVersion":2,"layers":[]}"#,
-        )
+        .put_manifest(&tag, OCI_INDEX, br#"{"schemaVersion":2,"layers":[]}"#)
         .unwrap();
     let err = discover(&e.blobs, &subject, &DiscoverOptions::default())
         .unwrap_err()

@@ -103,19 +103,19 @@ fn a_corrupted_profile_is_left_out_and_the_image_still_opens() {
 #[test]
 fn the_newest_profile_of_the_artifact_wins() {
     let d = |digest: &str, artifact: &str, created: &str| Descriptor {
-        artifact_type: Some(PROFILE_ARTIFACT_TYPE.into()),
+        artifact_type: Some(SMR_PROFILE.into()),
         annotations: BTreeMap::from([
             (ANNOTATION_PROFILE_ARTIFACT.into(), artifact.into()),
             (ANNOTATION_CREATED.into(), created.into()),
         ]),
-        ..Descriptor::new(MANIFEST_MEDIA_TYPE, digest.into(), 10)
+        ..Descriptor::new(OCI_MANIFEST, digest.into(), 10)
     };
     let list = vec![
         d("sha256:b", "sha256:a1", "2026-01-01T00:00:00Z"),
         d("sha256:c", "sha256:a1", "2026-03-01T00:00:00Z"),
         d("sha256:a", "sha256:a1", "2026-03-01T00:00:00Z"),
         d("sha256:d", "sha256:a2", "2027-01-01T00:00:00Z"),
-        Descriptor::new(MANIFEST_MEDIA_TYPE, "sha256:e".into(), 1),
+        Descriptor::new(OCI_MANIFEST, "sha256:e".into(), 1),
     ];
     let got: Vec<String> = profiles_of(&list, "sha256:a1")
         .into_iter()
@@ -136,15 +136,12 @@ fn in_the_fallback_tag_a_new_profile_replaces_the_older_one() {
         .filter_map(|d| d.artifact_type.as_deref())
         .collect();
     assert_eq!(
-        kinds
-            .iter()
-            .filter(|k| **k == PROFILE_ARTIFACT_TYPE)
-            .count(),
+        kinds.iter().filter(|k| **k == SMR_PROFILE).count(),
         1,
         "{kinds:?}"
     );
     assert!(
-        kinds.contains(&crate::artifact::ARTIFACT_TYPE),
+        kinds.contains(&crate::media_types::SMR_ARTIFACT),
         "the smr artifact stays"
     );
     let found = discover(&blobs, &img.subject.digest, &with_profile()).unwrap();

@@ -1,6 +1,6 @@
 use super::*;
-use crate::artifact::{ARTIFACT_TYPE, PACK_MEDIA_TYPE};
 use crate::discover::{discover, DiscoverOptions};
+use crate::media_types::{SMR_ARTIFACT, SMR_PACK};
 use crate::testing::{tags, test_image, DirBlobs, TestImage};
 use smr_store::LocalStore;
 use std::sync::Arc;
@@ -77,8 +77,8 @@ fn push_discover_and_serve() {
     assert_eq!(
         puts,
         vec![
-            format!("{} {MANIFEST_MEDIA_TYPE}", r.manifest_digest),
-            format!("{tag} {INDEX_MEDIA_TYPE}"),
+            format!("{} {OCI_MANIFEST}", r.manifest_digest),
+            format!("{tag} {OCI_INDEX}"),
         ]
     );
 
@@ -90,14 +90,10 @@ fn push_discover_and_serve() {
     .unwrap();
     assert_eq!(a.digest, r.manifest_digest);
     assert_eq!(a.recipe_bytes, img.recipe_bytes);
-    assert_eq!(a.manifest.artifact_type, ARTIFACT_TYPE);
+    assert_eq!(a.manifest.artifact_type, SMR_ARTIFACT);
     assert_eq!(a.manifest.subject, img.subject);
     assert_eq!(a.manifest.annotations[ANNOTATION_CHUNK_SIZE], "65536");
-    assert!(a
-        .manifest
-        .packs()
-        .iter()
-        .all(|p| p.media_type == PACK_MEDIA_TYPE));
+    assert!(a.manifest.packs().iter().all(|p| p.media_type == SMR_PACK));
     check_served(&e, &img, &a);
 }
 
@@ -190,16 +186,17 @@ fn the_fallback_tag_keeps_other_entries_sorted() {
     let img = sample(&e, "a");
     let tag = fallback_tag(&img.subject.digest).unwrap();
     let foreign = serde_json::json!({
-        "mediaType": MANIFEST_MEDIA_TYPE,
+        "mediaType": OCI_MANIFEST,
         "digest": digest_of(b"a signature"),
         "size": 11,
         "artifactType": "application/vnd.dev.cosign.artifact.sig.v1+json",
         "annotations": {"x": "y"},
         "extra": [1, 2],
     });
-    let doc = serde_json::json!({"schemaVersion": 2, "mediaType": INDEX_MEDIA_TYPE, "manifests": [foreign]});
+    let doc =
+        serde_json::json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [foreign]});
     e.blobs
-        .put_manifest(&tag, INDEX_MEDIA_TYPE, &serde_json::to_vec(&doc).unwrap())
+        .put_manifest(&tag, OCI_INDEX, &serde_json::to_vec(&doc).unwrap())
         .unwrap();
 
     let r4 = do_push(&e, &img, &opts(4)).unwrap();
@@ -235,7 +232,7 @@ fn the_fallback_tag_keeps_other_entries_sorted() {
 fn a_subject_that_is_not_the_recipes_source_is_refused() {
     let e = env(false);
     let img = sample(&e, "a");
-    let other = Descriptor::of(MANIFEST_MEDIA_TYPE, b"another manifest");
+    let other = Descriptor::of(OCI_MANIFEST, b"another manifest");
     let err = push(
         e.blobs.as_ref(),
         &other,

@@ -420,7 +420,7 @@ fn a_corrupted_pack_in_the_registry_is_never_served() {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|l| l["mediaType"] == "application/vnd.smr.pack.v1")
+        .filter(|l| l["mediaType"] == smr_registry::media_types::SMR_PACK)
         .map(|l| {
             l["digest"]
                 .as_str()
