@@ -38,7 +38,7 @@ use fuser::{
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, Request,
 };
 
-use crate::nbd::{BlockDevice, ReadPart};
+use crate::device::{BlockDevice, ReadPart};
 
 /// Attribute and entry lifetime in the kernel: nothing here ever changes.
 const TTL: Duration = Duration::from_secs(24 * 3600);

@@ -32,8 +32,8 @@ use smr_store::{ChunkStore, Extent};
 
 use crate::cache::{Cache, CacheError, DecodeKey};
 use crate::chunks::{ChunkError, ImageChunks};
+use crate::device::{BlockDevice, ReadPart};
 use crate::fetch::{FetchOptions, Fetcher, Priority};
-use crate::nbd::{BlockDevice, ReadPart};
 
 /// A read failed because one chunk could not be produced. Carried inside
 /// the [`io::Error`] returned by [`LazyImage::read_at`].

@@ -1,8 +1,18 @@
-//! The node side of smr: fetching verified chunks, rebuilding and checking
-//! images, and (growing) the lazy image, cache and exports.
+//! The node side of smr, one module per concern:
+//!
+//! - chunks and fetching: [`chunks`] (verify and decrypt one chunk),
+//!   [`fetch`] (misses into store requests), [`cache`] (the node cache:
+//!   memory tier, disk tier, fetches in flight), [`restore`] (extract and
+//!   verify whole images);
+//! - block devices and exports: [`device`] (the trait every export
+//!   serves), [`lazy`] (the lazy image, startup profiles), [`nbd`], [`fuse`];
+//! - the runtime side: [`mount`] (loop devices and mounts through the
+//!   kernel's interfaces), [`run`] (containers with runc: the OCI spec, run
+//!   directories and their sweep), [`malloc`].
 
 pub mod cache;
 pub mod chunks;
+pub mod device;
 pub mod fetch;
 pub mod fuse;
 pub mod lazy;

@@ -339,9 +339,7 @@ fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
             stats.bytes_fetched as f64 / image_bytes as f64
         },
         bytes_read: stats.bytes_read,
-        max_inflight: cache
-            .map_or(0, |c| c.max_inflight)
-            .max(fetch.max_in_flight),
+        max_inflight: cache.map_or(0, |c| c.max_inflight).max(fetch.max_in_flight),
         fetch,
         profile: None,
     };

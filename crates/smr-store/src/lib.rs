@@ -33,7 +33,7 @@ pub use options::{RemoteOptions, DEADLINE_ENV, MAX_IN_FLIGHT_ENV};
 pub use retry::{backoff, Outage, Remote};
 pub use s3::{S3Store, S3StoreBuilder};
 
-use location::Scheme;
+pub use location::StoreLocation;
 use smr_format::ChunkId;
 
 /// What a `put` did.
@@ -82,7 +82,7 @@ pub trait ChunkStore: Send + Sync {
     fn exists(&self, id: &ChunkId) -> Result<bool>;
 }
 
-/// Opens a store from a location:
+/// Opens a store from a location (see [`StoreLocation`]):
 ///
 /// - a directory path or `file://` URL: [`LocalStore`];
 /// - `s3://bucket[/prefix]`: [`S3Store`], credentials and endpoint from the
@@ -92,26 +92,12 @@ pub trait ChunkStore: Send + Sync {
 /// Remote stores take [`RemoteOptions::from_env`] (`SMR_STORE_DEADLINE`,
 /// `SMR_STORE_MAX_IN_FLIGHT`); anything else is [`StoreError::Unsupported`].
 pub fn open_store(location: &str) -> Result<Box<dyn ChunkStore>> {
-    let options = match location::scheme(location) {
-        Scheme::S3 | Scheme::Http => RemoteOptions::from_env()?,
-        Scheme::Local | Scheme::Other => RemoteOptions::default(),
-    };
-    open_store_with(location, options)
+    location.parse::<StoreLocation>()?.open()
 }
 
 /// [`open_store`] with explicit options for remote stores.
 pub fn open_store_with(location: &str, options: RemoteOptions) -> Result<Box<dyn ChunkStore>> {
-    Ok(match location::scheme(location) {
-        Scheme::Local => {
-            let path = location
-                .split_once("://")
-                .map_or(location, |(_, path)| path);
-            Box::new(LocalStore::open(path)?)
-        }
-        Scheme::S3 => Box::new(S3Store::open(location, options)?),
-        Scheme::Http => Box::new(HttpStore::open(location, options)?),
-        Scheme::Other => return Err(StoreError::Unsupported(location::redact(location))),
-    })
+    location.parse::<StoreLocation>()?.open_with(options)
 }
 
 #[cfg(test)]

@@ -1,4 +1,83 @@
-//! Store locations as text: scheme detection and credential redaction.
+//! Store locations: parsed once into a [`StoreLocation`], and credential
+//! redaction for messages.
+
+use crate::{ChunkStore, HttpStore, LocalStore, RemoteOptions, Result, S3Store, StoreError};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+/// Where a chunk store is, parsed from its location text: a directory
+/// path or `file://` URL, `s3://bucket[/prefix]`, or `http(s)://…`
+/// (schemes are case-insensitive). [`std::fmt::Display`] shows it without
+/// credentials.
+#[derive(Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// A local directory.
+    Local(PathBuf),
+    /// An S3-compatible bucket (the location as given).
+    S3(String),
+    /// A read-only HTTP(S) server (the location as given).
+    Http(String),
+}
+
+impl FromStr for StoreLocation {
+    type Err = StoreError;
+
+    fn from_str(location: &str) -> Result<Self> {
+        Ok(match scheme(location) {
+            Scheme::Local => StoreLocation::Local(PathBuf::from(
+                location
+                    .split_once("://")
+                    .map_or(location, |(_, path)| path),
+            )),
+            Scheme::S3 => StoreLocation::S3(location.to_string()),
+            Scheme::Http => StoreLocation::Http(location.to_string()),
+            Scheme::Other => return Err(StoreError::Unsupported(redact(location))),
+        })
+    }
+}
+
+impl StoreLocation {
+    /// The directory of a local store.
+    pub fn local_dir(&self) -> Option<&Path> {
+        match self {
+            StoreLocation::Local(dir) => Some(dir),
+            _ => None,
+        }
+    }
+
+    /// Opens the store; remote ones with `options`.
+    pub fn open_with(&self, options: RemoteOptions) -> Result<Box<dyn ChunkStore>> {
+        Ok(match self {
+            StoreLocation::Local(dir) => Box::new(LocalStore::open(dir)?),
+            StoreLocation::S3(l) => Box::new(S3Store::open(l, options)?),
+            StoreLocation::Http(l) => Box::new(HttpStore::open(l, options)?),
+        })
+    }
+
+    /// Opens the store; remote ones with [`RemoteOptions::from_env`].
+    pub fn open(&self) -> Result<Box<dyn ChunkStore>> {
+        let options = match self {
+            StoreLocation::Local(_) => RemoteOptions::default(),
+            _ => RemoteOptions::from_env()?,
+        };
+        self.open_with(options)
+    }
+}
+
+impl std::fmt::Display for StoreLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreLocation::Local(dir) => write!(f, "{}", dir.display()),
+            StoreLocation::S3(l) | StoreLocation::Http(l) => f.write_str(&redact(l)),
+        }
+    }
+}
+
+impl std::fmt::Debug for StoreLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StoreLocation({self})")
+    }
+}
 
 /// The kind of store a location names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +147,26 @@ pub(crate) fn percent_decode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn locations_parse_once() {
+        let local = |l: &str| {
+            l.parse::<StoreLocation>()
+                .unwrap()
+                .local_dir()
+                .map(Path::to_path_buf)
+        };
+        assert_eq!(local("./store"), Some(PathBuf::from("./store")));
+        assert_eq!(local("file:///s"), Some(PathBuf::from("/s")));
+        assert_eq!(local("FILE:///s"), Some(PathBuf::from("/s")));
+        assert_eq!(local("s3://b/p"), None);
+        assert_eq!(local("https://cdn/p"), None);
+        let http: StoreLocation = "https://u:secret@cdn/p".parse().unwrap();
+        assert_eq!(http.to_string(), "https://cdn/p");
+        assert!(!format!("{http:?}").contains("secret"));
+        let e = "gs://k:secret@b".parse::<StoreLocation>().unwrap_err();
+        assert!(matches!(e, StoreError::Unsupported(_)), "{e}");
+    }
 
     #[test]
     fn schemes() {

@@ -1,8 +1,8 @@
 //! Mount plumbing against the real kernel (root, /dev/fuse, loop devices).
 
 use super::*;
+use crate::device::BlockDevice;
 use crate::fuse::{FuseConfig, FuseMount};
-use crate::nbd::BlockDevice;
 use std::process::Command;
 use std::sync::Arc;
 

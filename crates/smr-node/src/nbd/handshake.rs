@@ -2,7 +2,7 @@
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::device::Export;
+use super::export::Export;
 use super::proto::*;
 use super::{NbdError, Result};
 

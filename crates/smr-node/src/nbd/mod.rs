@@ -29,7 +29,7 @@
 //! # Ok(()) }
 //! ```
 
-mod device;
+mod export;
 mod handshake;
 pub mod proto;
 mod server;
@@ -38,7 +38,8 @@ mod transmission;
 #[cfg(test)]
 mod tests;
 
-pub use device::{BlockDevice, Export, ReadPart};
+pub use crate::device::{BlockDevice, ReadPart};
+pub use export::Export;
 pub use server::{NbdServer, ServerConfig, ServerHandle};
 
 /// Errors of the NBD server. Per-request device errors never surface here:

@@ -8,7 +8,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
-use super::device::Export;
+use super::export::Export;
 use super::handshake::{negotiate, Outcome};
 use super::{transmission, NbdError, Result};
 

@@ -10,11 +10,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-use super::device::{BlockDevice, ReadPart};
 use super::handshake::Session;
 use super::proto::*;
 use super::server::{wait_shutdown, Budget, ServerConfig, Shutdown};
 use super::{NbdError, Result};
+use crate::device::{BlockDevice, ReadPart};
 
 /// Everything a request task needs; cheap to clone.
 struct Ctx<W> {

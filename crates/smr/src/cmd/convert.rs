@@ -104,15 +104,6 @@ fn read_salt(path: &Path) -> Result<[u8; 32]> {
     Ok(key.0)
 }
 
-/// The directory of a local store location (a path or `file://` URL).
-fn local_store_path(location: &str) -> Option<&str> {
-    match location.split_once("://") {
-        None => Some(location),
-        Some(("file", path)) => Some(path),
-        Some(_) => None,
-    }
-}
-
 /// Writes `bytes` to `path` via a temp file and rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path
@@ -175,14 +166,19 @@ pub fn run(a: Args) -> Result<ExitCode> {
     // A local store takes the chunks in one batch, made durable by one
     // commit before the recipe is written (smr_store::local: 4,000
     // fsync'ed puts would cost as much as the whole conversion).
-    let batched = local_store_path(&location)
+    let parsed: smr_store::StoreLocation = location
+        .parse()
+        .with_context(|| format!("--store {location}"))?;
+    let batched = parsed
+        .local_dir()
         .map(|p| smr_store::LocalStore::open_batched(p).map(Arc::new))
         .transpose()
         .with_context(|| format!("opening the store {location}"))?;
     let store: Arc<dyn smr_store::ChunkStore> = match &batched {
         Some(local) => local.clone(),
         None => Arc::from(
-            smr_store::open_store(&location)
+            parsed
+                .open()
                 .with_context(|| format!("opening the store {location}"))?,
         ),
     };
@@ -284,15 +280,6 @@ pub fn run(a: Args) -> Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::{parse_size, DEFAULT_CHUNK_ARG};
-
-    #[test]
-    fn local_store_locations() {
-        use super::local_store_path;
-        assert_eq!(local_store_path("./store"), Some("./store"));
-        assert_eq!(local_store_path("file:///s"), Some("/s"));
-        assert_eq!(local_store_path("s3://b/p"), None);
-        assert_eq!(local_store_path("https://cdn/p"), None);
-    }
 
     #[test]
     fn default_chunk_size_is_the_library_default() {

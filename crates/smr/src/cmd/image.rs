@@ -272,15 +272,15 @@ impl SourceArgs {
 
 /// Opens the chunk store at `location`; a local one must exist.
 fn open_store(location: &str) -> Result<Arc<dyn ChunkStore>> {
-    let local = location.strip_prefix("file://").unwrap_or(location);
-    if !location.contains("://") || location.starts_with("file://") {
-        anyhow::ensure!(
-            std::path::Path::new(local).is_dir(),
-            "store {location} does not exist"
-        );
+    let parsed: smr_store::StoreLocation = location
+        .parse()
+        .with_context(|| format!("--store {location}"))?;
+    if let Some(dir) = parsed.local_dir() {
+        anyhow::ensure!(dir.is_dir(), "store {location} does not exist");
     }
-    let store =
-        smr_store::open_store(location).with_context(|| format!("opening the store {location}"))?;
+    let store = parsed
+        .open()
+        .with_context(|| format!("opening the store {location}"))?;
     Ok(Arc::from(store))
 }
 
