@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! DIR/chunks/<2 hex>/<64 hex>   entry: the chunk's stored bytes
-//! DIR/locks/<2 hex>/<64 hex>    held (LOCK_EX) while fetching that chunk
+//! DIR/fetch.lock                fetch locks: a byte per chunk (`fetch_lock`)
 //! DIR/tmp/<64 hex>.<pid>.<n>    insert in progress (LOCK_EX while alive)
 //! DIR/lock                      global lock: eviction and pruning
 //! DIR/stats                     shared counters (see `stats`)
@@ -47,7 +47,7 @@ use super::handles::{Handle, Handles};
 pub(crate) struct Layout {
     pub(crate) root: PathBuf,
     pub(crate) chunks: PathBuf,
-    pub(crate) locks: PathBuf,
+    pub(crate) fetch_lock: PathBuf,
     pub(crate) tmp: PathBuf,
     tmp_counter: AtomicU64,
 }
@@ -58,11 +58,11 @@ impl Layout {
         let l = Layout {
             root: root.to_path_buf(),
             chunks: root.join("chunks"),
-            locks: root.join("locks"),
+            fetch_lock: root.join("fetch.lock"),
             tmp: root.join("tmp"),
             tmp_counter: AtomicU64::new(0),
         };
-        for d in [&l.chunks, &l.locks, &l.tmp] {
+        for d in [&l.chunks, &l.tmp] {
             fs::create_dir_all(d)?;
         }
         Ok(l)
@@ -71,10 +71,6 @@ impl Layout {
     /// Path of the entry for `id`.
     pub(crate) fn entry(&self, id: &ChunkId) -> PathBuf {
         fan_out(&self.chunks, id)
-    }
-
-    fn lock(&self, id: &ChunkId) -> PathBuf {
-        fan_out(&self.locks, id)
     }
 
     /// The global lock file.
@@ -536,58 +532,16 @@ pub(crate) fn insert(layout: &Layout, id: &ChunkId, data: &[u8]) -> io::Result<(
     result
 }
 
-/// The per-chunk fetch lock (see [`lock_chunk`]).
-pub(crate) struct ChunkLock {
-    path: PathBuf,
-    _file: File,
-}
-
-impl ChunkLock {
-    /// Releases the lock, first removing the lock file if the chunk is now
-    /// in the cache (waiters then re-check, find it, and never fetch).
-    pub(crate) fn release(self, remove: bool) {
-        if remove {
-            let _ = fs::remove_file(&self.path);
-        }
-    }
-}
-
-/// Takes the cross-process fetch lock of `id`, waiting for any other holder
-/// (a thread with its own open file description, or another process).
-pub(crate) fn lock_chunk(layout: &Layout, id: &ChunkId) -> io::Result<ChunkLock> {
-    let path = layout.lock(id);
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir)?;
-    }
-    let file = open_locked(&path)?;
-    Ok(ChunkLock { path, _file: file })
-}
-
-/// Deletes temp files of dead inserts (those nobody holds a lock on) and,
-/// if `locks` is set, idle lock files. Returns (temp files, lock files)
-/// removed.
-pub(crate) fn clean(layout: &Layout, locks: bool) -> io::Result<(u64, u64)> {
+/// Deletes temp files of dead inserts (those nobody holds a lock on);
+/// returns how many.
+pub(crate) fn clean(layout: &Layout) -> io::Result<u64> {
     let mut tmp_removed = 0;
     for e in fs::read_dir(&layout.tmp)? {
         if remove_if_unlocked(&e?.path())? {
             tmp_removed += 1;
         }
     }
-    let mut locks_removed = 0;
-    if locks {
-        for sub in fs::read_dir(&layout.locks)? {
-            let sub = sub?.path();
-            if !sub.is_dir() {
-                continue;
-            }
-            for e in fs::read_dir(&sub)? {
-                if remove_if_unlocked(&e?.path())? {
-                    locks_removed += 1;
-                }
-            }
-        }
-    }
-    Ok((tmp_removed, locks_removed))
+    Ok(tmp_removed)
 }
 
 fn remove_if_unlocked(path: &Path) -> io::Result<bool> {

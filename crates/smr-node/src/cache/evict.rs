@@ -44,8 +44,6 @@ pub struct PruneReport {
     pub remaining_bytes: u64,
     /// Temp files of dead inserts removed (prune and open only).
     pub temp_removed: u64,
-    /// Idle per-chunk lock files removed (prune only).
-    pub locks_removed: u64,
 }
 
 /// One entry as seen by a scan.

@@ -31,10 +31,9 @@
 //! - **Single flight.** Within a process, a map of fetches in flight makes
 //!   concurrent readers of one chunk wait for one fetch (and one decode).
 //!   Across processes (and so across images), the fetching thread holds
-//!   `flock(LOCK_EX)` on `DIR/locks/<2 hex>/<64 hex>` and re-checks for the
-//!   entry after taking it; the lock file is removed after a successful
-//!   insert, so the lock directory only holds chunks being (or failing to
-//!   be) fetched. No global lock is held during a fetch.
+//!   the chunk's byte lock in `DIR/fetch.lock` (`cache/fetch_lock.rs`: no
+//!   file per chunk) and re-checks for the entry after taking it. No global
+//!   lock is held during a fetch.
 //! - **Budget and LRU-K.** Inserts add to a node-wide total in `DIR/stats`
 //!   (with the other counters, at most once a second, see below); an insert
 //!   that takes the total known to this process over the budget evicts,
@@ -86,6 +85,7 @@
 pub(crate) mod disk;
 mod error;
 mod evict;
+mod fetch_lock;
 mod flight;
 mod handles;
 mod memory;
@@ -240,8 +240,7 @@ impl Cache {
             known_total: AtomicU64::new(0),
         };
         let global = cache.global_lock(true)?;
-        let (tmp, _) =
-            disk::clean(&cache.layout, false).map_err(|e| CacheError::io(&cache.layout.tmp, e))?;
+        let tmp = disk::clean(&cache.layout).map_err(|e| CacheError::io(&cache.layout.tmp, e))?;
         if tmp > 0 {
             tracing::info!(dir = %cache.cfg.dir.display(), removed = tmp, "removed temp files of interrupted inserts");
         }
@@ -416,15 +415,13 @@ impl Cache {
     }
 
     /// Evicts (LRU-K order, skipping entries being read) until at most
-    /// `to_bytes` remain; also removes dead temp files and idle lock files,
-    /// and resets the total from the scan.
+    /// `to_bytes` remain; also removes dead temp files, and resets the
+    /// total from the scan.
     pub fn prune(&self, to_bytes: u64) -> Result<PruneReport> {
         let _global = self.global_lock(true)?;
-        let (temp, locks) =
-            disk::clean(&self.layout, true).map_err(|e| CacheError::io(&self.layout.root, e))?;
+        let temp = disk::clean(&self.layout).map_err(|e| CacheError::io(&self.layout.root, e))?;
         let mut report = self.evict_locked(to_bytes)?;
         report.temp_removed = temp;
-        report.locks_removed = locks;
         Ok(report)
     }
 
@@ -448,7 +445,7 @@ impl Cache {
             return Ok(b);
         }
         self.pending.misses.fetch_add(1, Ordering::Relaxed);
-        let lock = match disk::lock_chunk(&self.layout, id) {
+        let lock = match fetch_lock::lock(&self.layout.fetch_lock, id) {
             Ok(l) => Some(l),
             Err(e) => {
                 tracing::warn!(chunk = %id, error = %e, "cannot take chunk fetch lock; fetching without it");
@@ -475,9 +472,8 @@ impl Cache {
                 false
             }
         };
-        if let Some(l) = lock {
-            l.release(inserted);
-        }
+        // Waiters re-check the disk once they hold the lock.
+        drop(lock);
         if inserted {
             self.after_insert();
             // The next load of the chunk is likely soon (the kernel reads
