@@ -117,18 +117,6 @@ pub(crate) fn unlock(file: &File) -> io::Result<()> {
     flock(file, FlockOperation::Unlock)
 }
 
-/// Opens (creating) a lock file and takes `LOCK_EX` on it, waiting.
-pub(crate) fn open_locked(path: &Path) -> io::Result<File> {
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)?;
-    lock_exclusive(&f)?;
-    Ok(f)
-}
-
 /// The extended attribute holding an entry's CRC-32C.
 const CRC_XATTR: &str = "user.smr.crc32c";
 
