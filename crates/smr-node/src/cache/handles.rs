@@ -43,12 +43,13 @@
 //!   the inode on each load and checked against the CRC-32C read at open
 //!   (the attribute is set before the entry is renamed into place and
 //!   never changes, so caching it loses nothing); bytes corrupted in place
-//!   after the handle was opened fail the check like before: the handle is
-//!   dropped, the entry deleted (only if its path still names that file)
-//!   and the chunk refetched. If the path names another file by then
+//!   after the handle was opened fail the check as any damaged entry does:
+//!   the handle is dropped, the entry deleted (only if its path still
+//!   names that file) and the chunk refetched. If the path names another file by then
 //!   (another process replaced the entry), that one is loaded instead.
 //! - **Sharing the directory.** Other processes see the same locks,
-//!   entries and timestamps as before; a handle changes nothing on disk.
+//!   entries and timestamps whether or not a process keeps handles open; a
+//!   handle changes nothing on disk.
 //!   LRU-K history is still written to the entry (see `cache/disk.rs`).
 //! - **Costs.** A file descriptor per handle (the soft `RLIMIT_NOFILE` is
 //!   raised for them, see [`file_limit`]; out of descriptors, the cache is

@@ -51,11 +51,11 @@
 //!   (the kernel reading one chunk in several requests, two containers
 //!   starting together) counts as read once, so it is among the first
 //!   victims, with the chunks of a one-off scan; a chunk read again minutes
-//!   or days later ranks by that second access as before. And the history
+//!   or days later ranks by that second access. And the history
 //!   is a minute coarse: victims are ordered by when they were last
 //!   recorded, which may be up to a minute before their last access. What
-//!   it buys: a warm read writes no metadata (before, every load was a
-//!   `futimens`, a journaled inode write).
+//!   it buys: a warm read writes no metadata (recording every load would
+//!   be a `futimens`, a journaled inode write, per read).
 //! - **Open entries.** Each process keeps the entries it loads open, in a
 //!   bounded LRU of file handles ([`CacheConfig::open_files`], default
 //!   4096, and at most 1/16 of the budget in bytes), so that loading one
