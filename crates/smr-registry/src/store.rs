@@ -61,12 +61,8 @@ impl RegistryStore {
             .get_blob_range(object.as_str(), range.offset, len)
             .map_err(|e| self.error(what.clone(), e))?;
         if bytes.len() as u64 != len {
-            return Err(StoreError::LengthMismatch {
-                store: self.remote.store().to_string(),
-                what,
-                expected: len,
-                got: bytes.len() as u64,
-            });
+            let store = self.remote.store().to_string();
+            return Err(StoreError::past_the_end(store, what, bytes.len() as u64));
         }
         Ok(bytes)
     }

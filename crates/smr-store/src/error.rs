@@ -252,6 +252,19 @@ impl StoreError {
         }
     }
 
+    /// A range read answered with fewer bytes than asked for (`got`): the
+    /// range ends past the end of the object. Permanent.
+    pub fn past_the_end(store: String, what: Target, got: u64) -> StoreError {
+        StoreError::ChunkIo {
+            what,
+            store,
+            source: std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("the range ends past the end of the object (got {got} bytes)"),
+            ),
+        }
+    }
+
     /// What the failed operation was about.
     pub fn target(&self) -> Option<&Target> {
         match self {

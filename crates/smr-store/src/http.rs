@@ -221,24 +221,14 @@ impl Inner {
                 got: body.len() as u64,
             });
         }
-        if whole_body && !range.is_whole() {
-            return cut(body, range).ok_or_else(|| StoreError::ChunkIo {
-                what,
-                store: self.store(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "the range ends past the end of the object",
-                ),
-            });
-        }
-        match range.len {
-            Some(len) if len != body.len() as u64 => Err(StoreError::LengthMismatch {
-                store: self.store(),
-                what,
-                expected: len,
-                got: body.len() as u64,
-            }),
-            _ => Ok(body),
+        let got = body.len() as u64;
+        let body = match (whole_body, range.is_whole()) {
+            (true, false) => cut(body, range),
+            _ => Some(body),
+        };
+        match body {
+            Some(b) if range.len.is_none_or(|len| len == b.len() as u64) => Ok(b),
+            _ => Err(StoreError::past_the_end(self.store(), what, got)),
         }
     }
 

@@ -248,22 +248,29 @@ impl Inner {
                     .bytes()
                     .await
                     .map_err(|e| self.error(Op::Get, what.clone(), e))?;
-                let bytes = cut(Vec::from(bytes), range).ok_or_else(|| StoreError::ChunkIo {
-                    what: what.clone(),
-                    store: self.store(),
-                    source: std::io::ErrorKind::UnexpectedEof.into(),
-                })?;
-                let expected = size.saturating_sub(range.offset);
-                (bytes.into(), expected)
+                if bytes.len() as u64 != size {
+                    return Err(StoreError::LengthMismatch {
+                        store: self.store(),
+                        what,
+                        expected: size,
+                        got: bytes.len() as u64,
+                    });
+                }
+                let got = bytes.len() as u64;
+                let bytes = cut(Vec::from(bytes), range)
+                    .ok_or_else(|| StoreError::past_the_end(self.store(), what.clone(), got))?;
+                (bytes.into(), size.saturating_sub(range.offset))
             }
         };
+        // A range is answered up to the object's end: fewer bytes than
+        // asked means the range ends past it (not a transfer cut short,
+        // which the client reports as an error).
         if bytes.len() as u64 != expected {
-            return Err(StoreError::LengthMismatch {
-                store: self.store(),
+            return Err(StoreError::past_the_end(
+                self.store(),
                 what,
-                expected,
-                got: bytes.len() as u64,
-            });
+                bytes.len() as u64,
+            ));
         }
         Ok(Vec::from(bytes))
     }

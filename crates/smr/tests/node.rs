@@ -137,10 +137,19 @@ fn lazy_mount_equals_extracted_image() {
     // Mounting again on the same point is refused and changes nothing.
     let err = fails(e.smr("mount").arg(&mnt));
     assert!(err.contains("already"), "{err}");
-    let stats = ok(smr()
-        .args(["cache", "stats", "--json", "--cache-dir"])
-        .arg(e.path("cache")));
-    let v: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
+    // The serving process adds its counters to the cache's stats file
+    // within a second (smr_node::cache::FLUSH_EVERY).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let v = loop {
+        let stats = ok(smr()
+            .args(["cache", "stats", "--json", "--cache-dir"])
+            .arg(e.path("cache")));
+        let v: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
+        if v["fetches"].as_u64().unwrap() > 0 || std::time::Instant::now() > deadline {
+            break v;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
     assert!(v["fetches"].as_u64().unwrap() > 0, "{v}");
     ok(&mut e.umount(&mnt));
     e.assert_clean();

@@ -35,6 +35,36 @@ fn serves_a_store_directory() {
 }
 
 #[test]
+fn ranged_reads_with_and_without_range_support() {
+    let (dir, _seed) = seeded();
+    let (object, data) = contract::pack_object(&dir.path().join("store"), 100_000);
+    for server in [
+        FileServer::start_with_ranges(dir.path()),
+        FileServer::start(dir.path(), 0),
+    ] {
+        let store = HttpStore::open(&format!("{}/store", server.url()), options(5.0)).unwrap();
+        contract::ranged(&store, &object, &data);
+    }
+}
+
+#[test]
+fn a_ranged_read_that_fails_twice_then_answers_succeeds() {
+    let (_, data) = chunk(100_000);
+    let server = Scripted::start(vec![
+        Reply::Status(503, ""),
+        Reply::Status(502, ""),
+        Reply::Body(data.clone()),
+    ]);
+    let store = HttpStore::open(&server.url(), options(10.0)).unwrap();
+    let object = smr_store::ObjectName::new("packs/p");
+    let got = store
+        .read_ranges(&object, &[smr_store::ByteRange::new(100, 900)])
+        .unwrap();
+    assert!(got[0] == data[100..1000]);
+    assert_eq!(server.hits(), 3);
+}
+
+#[test]
 fn a_get_blocked_on_a_stopped_server_succeeds_after_restart() {
     let (dir, seed) = seeded();
     let (id, data) = chunk(50_000);

@@ -36,6 +36,17 @@ fn read_write_round_trip() {
 }
 
 #[test]
+fn ranged_reads() {
+    let Some(server) = S3Server::start() else {
+        return;
+    };
+    let s = store(&server, "images/prod", SECRET_KEY, 10.0);
+    let root = server.object_path("images/prod");
+    let (object, data) = contract::pack_object(&root, 100_000);
+    contract::ranged(&s, &object, &data);
+}
+
+#[test]
 fn missing_chunk_names_chunk_and_store() {
     let Some(server) = S3Server::start() else {
         return;

@@ -38,19 +38,37 @@ fn wait_listening(port: u16, what: &str) {
     }
 }
 
-/// `python3 -m http.server` serving a directory; killed on drop.
+/// `python3 -m http.server` (whole files only: a Range request gets the
+/// whole file) or `scripts/lib/range-http.py` (206 answers to Range
+/// requests) serving a directory; killed on drop.
 pub struct FileServer {
     child: Option<Child>,
     dir: PathBuf,
+    ranges: bool,
     pub port: u16,
 }
 
 impl FileServer {
-    /// Serves `dir` on `port` (0: a free one) and waits until it listens.
+    /// Serves `dir` with `python3 -m http.server` on `port` (0: a free
+    /// one) and waits until it listens.
     pub fn start(dir: &Path, port: u16) -> FileServer {
+        FileServer::spawn(dir, port, false)
+    }
+
+    /// Serves `dir` with Range support.
+    pub fn start_with_ranges(dir: &Path) -> FileServer {
+        FileServer::spawn(dir, 0, true)
+    }
+
+    fn spawn(dir: &Path, port: u16, ranges: bool) -> FileServer {
         let port = if port == 0 { free_port() } else { port };
-        let child = Command::new("python3")
-            .args([
+        let mut cmd = Command::new("python3");
+        if ranges {
+            let script =
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/lib/range-http.py");
+            cmd.arg(script).arg(port.to_string()).arg(dir);
+        } else {
+            cmd.args([
                 "-m",
                 "http.server",
                 "--bind",
@@ -58,16 +76,19 @@ impl FileServer {
                 &port.to_string(),
                 "--directory",
             ])
-            .arg(dir)
+            .arg(dir);
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("python3 (for python3 -m http.server)");
-        wait_listening(port, "python3 -m http.server");
+            .expect("python3 (for the test HTTP server)");
+        wait_listening(port, "the test HTTP server");
         FileServer {
             child: Some(child),
             dir: dir.to_path_buf(),
+            ranges,
             port,
         }
     }
@@ -87,7 +108,7 @@ impl FileServer {
     /// Starts it again on the same port.
     pub fn restart(&mut self) {
         self.stop();
-        *self = FileServer::start(&self.dir.clone(), self.port);
+        *self = FileServer::spawn(&self.dir.clone(), self.port, self.ranges);
     }
 }
 

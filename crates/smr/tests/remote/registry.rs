@@ -143,7 +143,18 @@ fn serve_nbd_of_a_registry_image() {
     ];
     let srv = NbdServe::start(&args, &dir);
     let copy = s.t.path().join("copy.img");
+    let gets = reg.blob_gets();
     ok(Command::new("nbdcopy").arg(srv.uri_of("synth")).arg(&copy));
+    // Coalesced at the fetcher: neighbouring chunks of a pack share a
+    // ranged request, counted at the registry.
+    let inspect = ok(smr().arg("inspect").arg("--json").arg(&s.recipe));
+    let recipe: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    let chunks = recipe["stored_chunks"].as_u64().unwrap() as usize;
+    let requests = reg.blob_gets() - gets;
+    assert!(
+        requests > 0 && requests * 2 <= chunks,
+        "{requests} registry requests for {chunks} chunks"
+    );
     assert_eq!(
         std::fs::metadata(&copy).unwrap().len(),
         std::fs::metadata(&s.img).unwrap().len()

@@ -57,12 +57,26 @@ impl Registry {
 
     fn restart(&mut self, port: &str) {
         let reg = self.dir.path().join("reg");
-        let mut args = vec!["start", port];
+        // Info logs every request: what `blob_gets` counts.
+        let mut args = vec!["start", port, "--log-level", "info"];
         if let Some(a) = &self.htpasswd {
             args.extend(["--htpasswd", a]);
         }
         self.addr = script("registry.sh", &args, &reg);
         self.running = true;
+    }
+
+    /// Blob GETs the registry has answered so far (from its request log).
+    pub fn blob_gets(&self) -> usize {
+        let log = std::fs::read(self.dir.path().join("reg/registry.log")).unwrap_or_default();
+        String::from_utf8_lossy(&log)
+            .lines()
+            .filter(|l| {
+                l.contains("response completed")
+                    && l.contains("http.request.method=GET")
+                    && l.contains("/blobs/")
+            })
+            .count()
     }
 
     /// Stops it; the data stays.
