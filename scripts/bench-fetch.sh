@@ -47,6 +47,7 @@ one() {
     server=$!
     for _ in $(seq 200); do [[ -S $dir/sock ]] && break; sleep 0.05; done
     [[ -S $dir/sock ]] || { cat "$dir/log" >&2; exit 1; }
+    [[ -s $work/size ]] || nbdinfo --size "nbd+unix:///debian-python?socket=$dir/sock" >"$work/size"
     sync; echo 3 >/proc/sys/vm/drop_caches
     local t0 t1 cpu
     t0=$(date +%s.%N)
@@ -70,10 +71,9 @@ for r in $(seq "$rounds"); do
 done
 
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
-size=$("$after" inspect --json "docker://$ref" 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["image_size"])' || echo 0)
-mb=$(echo "$size / 1048576" | bc -l)
+mb=$(echo "$(cat "$work/size") / 1048576" | bc -l)
 mbs=$(median "${bs[@]}") mcs=$(median "${bc[@]}") mas=$(median "${as[@]}") mac=$(median "${ac[@]}")
-printf '| binary | wall s (median of %d) | MiB/s | server CPU s |\n| --- | --- | --- | --- |\n' "$rounds"
+printf '| binary | wall s (median of %d) | image MiB/s | server CPU s |\n| --- | --- | --- | --- |\n' "$rounds"
 printf '| before | %.2f | %.0f | %.2f |\n' "$mbs" "$(echo "$mb / $mbs" | bc -l)" "$mcs"
 printf '| after | %.2f | %.0f | %.2f |\n' "$mas" "$(echo "$mb / $mas" | bc -l)" "$mac"
 printf '| after/before | %.2fx time (%.2fx throughput) | | %.2fx CPU |\n' \

@@ -47,7 +47,9 @@ pub struct FetchOptions {
     /// Largest hole between two queued chunks of an object that is read and
     /// dropped to serve both with one request (default 64 KiB).
     pub max_gap: u64,
-    /// Largest span of one request (default 8 MiB).
+    /// Largest span of one request (default 2 MiB: enough to fill a
+    /// long, fast link, small enough that requests in flight stay a few
+    /// MiB of memory per image).
     pub max_request: u64,
     /// Bytes of an object queued after a sequential reader's miss (default
     /// 1 MiB; 0 disables).
@@ -60,7 +62,7 @@ impl Default for FetchOptions {
             requests: 16,
             reserved: 4,
             max_gap: 64 << 10,
-            max_request: 8 << 20,
+            max_request: 2 << 20,
             readahead: 1 << 20,
         }
     }
@@ -518,12 +520,21 @@ impl Fetcher {
         let mut outcomes: Vec<(Slot, Outcome)> = Vec::with_capacity(batch.slots.len());
         match result {
             Ok(bytes) => {
-                self.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                let total = bytes.len() as u64;
+                self.bytes.fetch_add(total, Ordering::Relaxed);
                 let mut used = 0u64;
+                // One chunk that is the whole answer takes it as it is.
+                let single = matches!(batch.slots.as_slice(),
+                    [s] if s.range.len.is_none_or(|l| l == total));
+                let (mut whole, bytes) = match single {
+                    true => (Some(bytes), Vec::new()),
+                    false => (None, bytes),
+                };
                 for slot in batch.slots {
-                    let piece = match slot.range.len {
-                        None => Some(bytes.clone()),
-                        Some(len) => {
+                    let piece = match (whole.take(), slot.range.len) {
+                        (Some(all), _) => Some(all),
+                        (None, None) => None,
+                        (None, Some(len)) => {
                             let from = (slot.range.offset - batch.start) as usize;
                             bytes.get(from..from + len as usize).map(<[u8]>::to_vec)
                         }
@@ -571,7 +582,7 @@ impl Fetcher {
         if batch.prio == Priority::Prefetch {
             st.running_prefetch -= 1;
         }
-        let cap = 4 * self.opts.readahead.max(self.opts.max_request);
+        let cap = 2 * self.opts.readahead.max(self.opts.max_request);
         for (slot, out) in outcomes {
             st.flights.remove(&slot.id);
             let unwanted = st.unwanted.remove(&slot.id).is_some();
