@@ -282,7 +282,7 @@ impl Fetcher {
     /// from what was read ahead, by joining a queued or running request
     /// for it, or by queueing it.
     pub fn get(self: &Arc<Self>, id: &ChunkId, prio: Priority) -> Result<Vec<u8>, FetchError> {
-        let done = {
+        let (done, runnable) = {
             let mut st = self.lock();
             if let Some(bytes) = st.ahead.take(id) {
                 self.ahead_hits.fetch_add(1, Ordering::Relaxed);
@@ -291,19 +291,20 @@ impl Fetcher {
             match st.flights.get(id).cloned() {
                 Some(done) => {
                     st.unwanted.remove(id);
-                    want(&mut st, id, prio, true);
-                    done
+                    let promoted = want(&mut st, id, prio, true);
+                    (done, promoted)
                 }
                 None => {
                     drop(st);
                     let extent = self.store.locate(id)?;
                     let mut st = self.lock();
-                    self.enqueue(&mut st, *id, extent, prio, true)
+                    (self.enqueue(&mut st, *id, extent, prio, true), true)
                 }
             }
         };
-        self.start();
-        self.work.notify_all();
+        if runnable {
+            self.wake(1);
+        }
         let out = done.wait();
         out.map(|b| Arc::try_unwrap(b).unwrap_or_else(|shared| (*shared).clone()))
             .map_err(FetchError::Range)
@@ -327,14 +328,15 @@ impl Fetcher {
         if chunks.is_empty() {
             return;
         }
+        let mut runnable = 0;
         let new: Vec<&(ChunkId, Extent)> = {
             let mut st = self.lock();
             chunks
                 .iter()
                 .filter(|(id, _)| {
                     let known = st.flights.contains_key(id) || st.ahead.has(id);
-                    if known {
-                        want(&mut st, id, prio, false);
+                    if known && want(&mut st, id, prio, false) {
+                        runnable += 1;
                     }
                     !known
                 })
@@ -347,11 +349,25 @@ impl Fetcher {
                 // Another caller may have queued it since.
                 if !st.flights.contains_key(id) && !st.ahead.has(id) {
                     self.enqueue(&mut st, *id, extent.clone(), prio, false);
+                    runnable += 1;
                 }
             }
         }
+        self.wake(runnable);
+    }
+
+    /// Wakes up to `n` request threads for newly runnable chunks (starting
+    /// them on first use). One per chunk at most: a thread that wakes to
+    /// an empty queue goes back to sleep, and every thread looks at the
+    /// queue before it sleeps, so none is woken for nothing in bulk.
+    fn wake(self: &Arc<Self>, n: usize) {
+        if n == 0 {
+            return;
+        }
         self.start();
-        self.work.notify_all();
+        for _ in 0..n.min(self.opts.requests) {
+            self.work.notify_one();
+        }
     }
 
     fn enqueue(
@@ -594,8 +610,11 @@ impl Fetcher {
             slot.done.post(out);
         }
         drop(st);
-        // A prefetch slot may have freed up.
-        self.work.notify_all();
+        if batch.prio == Priority::Prefetch {
+            // A thread waiting for room for a prefetch may take one now;
+            // this thread looks at the queue itself before it sleeps.
+            self.work.notify_one();
+        }
     }
 }
 
@@ -629,19 +648,22 @@ fn remove(st: &mut State, key: &Key) -> Option<Slot> {
 
 /// Records, for a queued chunk, that it is wanted with `prio` (raising a
 /// prefetch to a demand) and, if `waiter`, that a caller waits for it.
-fn want(st: &mut State, id: &ChunkId, prio: Priority, waiter: bool) {
+/// Returns whether it was raised (it may be runnable now).
+fn want(st: &mut State, id: &ChunkId, prio: Priority, waiter: bool) -> bool {
     let Some(key) = st.keys.get(id).cloned() else {
-        return;
+        return false;
     };
     let Some(slot) = st.queue.get_mut(&key) else {
-        return;
+        return false;
     };
     slot.wanted |= waiter;
-    if prio < slot.prio {
-        st.order.remove(&(slot.prio, slot.seq));
-        slot.prio = prio;
-        st.order.insert((prio, slot.seq), key);
+    if prio >= slot.prio {
+        return false;
     }
+    st.order.remove(&(slot.prio, slot.seq));
+    slot.prio = prio;
+    st.order.insert((prio, slot.seq), key);
+    true
 }
 
 /// Chunks read for nobody yet, oldest dropped first beyond a byte cap.

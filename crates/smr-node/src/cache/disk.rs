@@ -50,6 +50,8 @@ pub(crate) struct Layout {
     pub(crate) fetch_lock: PathBuf,
     pub(crate) tmp: PathBuf,
     tmp_counter: AtomicU64,
+    /// This process's id, in temp file names.
+    pid: u32,
 }
 
 impl Layout {
@@ -61,6 +63,7 @@ impl Layout {
             fetch_lock: root.join("fetch.lock"),
             tmp: root.join("tmp"),
             tmp_counter: AtomicU64::new(0),
+            pid: std::process::id(),
         };
         for d in [&l.chunks, &l.tmp] {
             fs::create_dir_all(d)?;
@@ -121,9 +124,17 @@ pub(crate) fn unlock(file: &File) -> io::Result<()> {
 const CRC_XATTR: &str = "user.smr.crc32c";
 
 /// Records `data`'s CRC-32C on `file`; `false` if the filesystem refused.
-fn set_crc(file: &File, data: &[u8]) -> bool {
-    let crc = crc32c(data).to_le_bytes();
-    rustix::fs::fsetxattr(file, CRC_XATTR, &crc, rustix::fs::XattrFlags::empty()).is_ok()
+/// Records the CRC-32C of `data` on `file`; returns it if it was recorded.
+fn set_crc(file: &File, data: &[u8]) -> Option<u32> {
+    let crc = crc32c(data);
+    rustix::fs::fsetxattr(
+        file,
+        CRC_XATTR,
+        &crc.to_le_bytes(),
+        rustix::fs::XattrFlags::empty(),
+    )
+    .is_ok()
+    .then_some(crc)
 }
 
 /// The CRC-32C recorded on `file`, if any.
@@ -240,14 +251,6 @@ fn handle(layout: &Layout, handles: &Handles, id: &ChunkId) -> io::Result<Option
         r => r,
     }?;
     Ok(opened.map(|h| handles.insert(*id, h)))
-}
-
-/// Opens and caches the handle of `id`'s entry if it has none (errors are
-/// ignored: a later load opens it or refetches).
-pub(crate) fn open_cached(layout: &Layout, handles: &Handles, id: &ChunkId) {
-    if let Err(e) = handle(layout, handles, id) {
-        tracing::debug!(chunk = %id, error = %e, "cannot open new cache entry");
-    }
 }
 
 /// Loads and checks (see the module docs) the entry of `id` through its
@@ -488,31 +491,51 @@ pub(crate) fn exists_and_readahead(layout: &Layout, handles: &Handles, id: &Chun
 /// Writes `data` as the entry of `id`: temp file (locked while we live),
 /// CRC-32C attribute, timestamps for "seen once", rename into place. A
 /// killed process leaves no entry or the whole entry; a power cut may
-/// leave a torn one, which fails its check on load.
-pub(crate) fn insert(layout: &Layout, id: &ChunkId, data: &[u8]) -> io::Result<()> {
+/// leave a torn one, which fails its check on load. Returns the entry's
+/// handle (the temp file's descriptor, its lock turned shared), so that
+/// loading it next costs no `open`.
+pub(crate) fn insert(layout: &Layout, id: &ChunkId, data: &[u8]) -> io::Result<Handle> {
+    use std::os::unix::fs::MetadataExt;
     let path = layout.entry(id);
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir)?;
-    }
     let n = layout.tmp_counter.fetch_add(1, Ordering::Relaxed);
     let tmp = layout
         .tmp
-        .join(format!("{}.{}.{n}", id.to_hex(), std::process::id()));
+        .join(format!("{}.{}.{n}", id.to_hex(), layout.pid));
     let result = (|| {
-        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
         // Tells `clean_tmp` of other processes that this file is alive.
         try_lock_exclusive(&f)?;
         f.write_all(data)?;
-        if !set_crc(&f, data) {
+        let crc = set_crc(&f, data);
+        if crc.is_none() {
             tracing::debug!(chunk = %id, "no user xattrs here: the entry will be checked with SHA-256 on load");
         }
-        f.set_times(
-            FileTimes::new()
-                .set_modified(UNIX_EPOCH)
-                .set_accessed(SystemTime::now()),
-        )?;
-        // No fsync: see "Crash safety" in the cache's module docs.
-        fs::rename(&tmp, &path)
+        let now = SystemTime::now();
+        f.set_times(FileTimes::new().set_modified(UNIX_EPOCH).set_accessed(now))?;
+        // No fsync: see "Crash safety" in the cache's module docs. The
+        // fan-out directory is made on the first insert into it.
+        if let Err(e) = fs::rename(&tmp, &path) {
+            let Some(dir) = path.parent().filter(|_| e.kind() == ErrorKind::NotFound) else {
+                return Err(e);
+            };
+            fs::create_dir_all(dir)?;
+            fs::rename(&tmp, &path)?;
+        }
+        // Shared from now on, like every reader's handle: the evictor
+        // skips the entry while we hold it.
+        flock(&f, FlockOperation::LockShared)?;
+        let meta = f.metadata()?;
+        Ok(Handle::new(
+            f,
+            data.len() as u64,
+            crc,
+            (meta.dev(), meta.ino()),
+            now,
+        ))
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);

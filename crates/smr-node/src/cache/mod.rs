@@ -460,11 +460,14 @@ impl Cache {
         }
         let bytes = self.fetch_verified(id, fetch)?;
         let inserted = match disk::insert(&self.layout, id, &bytes) {
-            Ok(()) => {
+            Ok(handle) => {
                 self.pending
                     .total_bytes
                     .fetch_add(bytes.len() as i64, Ordering::Relaxed);
                 self.pending.entries.fetch_add(1, Ordering::Relaxed);
+                // The next load of the chunk is likely soon (the kernel
+                // reads a chunk in several requests): keep its handle.
+                self.handles.insert(*id, handle);
                 true
             }
             Err(e) => {
@@ -476,9 +479,6 @@ impl Cache {
         drop(lock);
         if inserted {
             self.after_insert();
-            // The next load of the chunk is likely soon (the kernel reads
-            // a chunk in several requests): have its handle ready.
-            disk::open_cached(&self.layout, &self.handles, id);
         }
         Ok(bytes)
     }
