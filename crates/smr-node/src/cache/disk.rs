@@ -4,7 +4,8 @@
 //! ```text
 //! DIR/chunks/<2 hex>/<64 hex>   entry: the chunk's stored bytes
 //! DIR/fetch.lock                fetch locks: a byte per chunk (`fetch_lock`)
-//! DIR/tmp/<64 hex>.<pid>.<n>    insert in progress (LOCK_EX while alive)
+//! DIR/tmp/<64 hex>.<pid>.<n>    insert in progress where the filesystem has
+//!                               no O_TMPFILE (LOCK_EX while alive)
 //! DIR/lock                      global lock: eviction and pruning
 //! DIR/stats                     shared counters (see `stats`)
 //! ```
@@ -37,7 +38,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rustix::fs::FlockOperation;
+use std::os::fd::AsRawFd;
+
+use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags};
+use rustix::io::Errno;
 use smr_format::ChunkId;
 
 use super::handles::{Handle, Handles};
@@ -69,6 +73,12 @@ impl Layout {
             fs::create_dir_all(d)?;
         }
         Ok(l)
+    }
+
+    /// A new temp file name for an insert of `id`: `tmp/<id>.<pid>.<n>`.
+    fn tmp_name(&self, id: &ChunkId) -> PathBuf {
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        self.tmp.join(format!("{}.{}.{n}", id.to_hex(), self.pid))
     }
 
     /// Path of the entry for `id`.
@@ -488,36 +498,120 @@ pub(crate) fn exists_and_readahead(layout: &Layout, handles: &Handles, id: &Chun
     }
 }
 
-/// Writes `data` as the entry of `id`: temp file (locked while we live),
-/// CRC-32C attribute, timestamps for "seen once", rename into place. A
-/// killed process leaves no entry or the whole entry; a power cut may
-/// leave a torn one, which fails its check on load. Returns the entry's
-/// handle (the temp file's descriptor, its lock turned shared), so that
-/// loading it next costs no `open`.
+/// Writes `data` as the entry of `id` (replacing any file in the way) and
+/// returns its handle (its lock shared, like every reader's).
+///
+/// The entry is written as an unnamed file in its fan-out directory
+/// (`O_TMPFILE`): bytes, CRC-32C attribute, timestamps for "seen once",
+/// then linked under its name. A killed process leaves nothing behind
+/// (the kernel frees an unnamed file with its last descriptor); a power
+/// cut may leave a torn entry, which fails its check on load. Where the
+/// filesystem has no `O_TMPFILE`, a named temp file in `DIR/tmp` is
+/// renamed into place instead ([`insert_named`]).
 pub(crate) fn insert(layout: &Layout, id: &ChunkId, data: &[u8]) -> io::Result<Handle> {
-    use std::os::unix::fs::MetadataExt;
     let path = layout.entry(id);
-    let n = layout.tmp_counter.fetch_add(1, Ordering::Relaxed);
-    let tmp = layout
-        .tmp
-        .join(format!("{}.{}.{n}", id.to_hex(), layout.pid));
+    let Some(dir) = path.parent() else {
+        return Err(io::Error::other("entry path without a directory"));
+    };
+    let unnamed = || {
+        rustix::fs::openat(
+            rustix::fs::CWD,
+            dir,
+            OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o644),
+        )
+    };
+    let fd = match unnamed() {
+        Err(Errno::NOENT) => {
+            // The fan-out directory is made on the first insert into it.
+            fs::create_dir_all(dir)?;
+            unnamed()
+        }
+        r => r,
+    };
+    let file = match fd {
+        Ok(fd) => File::from(fd),
+        Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL) => {
+            return insert_named(layout, id, data);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let (file, crc, now) = write_entry(file, id, data)?;
+    let proc_path = format!("/proc/self/fd/{}", file.as_raw_fd());
+    let link = |to: &Path| {
+        rustix::fs::linkat(
+            rustix::fs::CWD,
+            proc_path.as_str(),
+            rustix::fs::CWD,
+            to,
+            AtFlags::SYMLINK_FOLLOW,
+        )
+    };
+    match link(&path) {
+        Ok(()) => {}
+        // A file is in the way: another process's insert of the same
+        // bytes, or something that failed its check on load. Replace it,
+        // as a rename does.
+        Err(Errno::EXIST) => {
+            let tmp = layout.tmp_name(id);
+            link(&tmp)?;
+            if let Err(e) = fs::rename(&tmp, &path) {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        }
+        Err(e) => return Err(e.into()),
+    }
+    entry_handle(file, data.len(), crc, now)
+}
+
+/// Writes an entry's bytes, CRC-32C attribute and "seen once" timestamps
+/// to `file`; returns it with the CRC (if recorded) and the time written.
+fn write_entry(
+    mut file: File,
+    id: &ChunkId,
+    data: &[u8],
+) -> io::Result<(File, Option<u32>, SystemTime)> {
+    file.write_all(data)?;
+    let crc = set_crc(&file, data);
+    if crc.is_none() {
+        tracing::debug!(chunk = %id, "no user xattrs here: the entry will be checked with SHA-256 on load");
+    }
+    let now = SystemTime::now();
+    file.set_times(FileTimes::new().set_modified(UNIX_EPOCH).set_accessed(now))?;
+    // No fsync: see "Crash safety" in the cache's module docs.
+    Ok((file, crc, now))
+}
+
+/// The handle of a just-written entry: its lock turned shared, so that
+/// the evictor skips it while this process keeps it.
+fn entry_handle(file: File, len: usize, crc: Option<u32>, now: SystemTime) -> io::Result<Handle> {
+    use std::os::unix::fs::MetadataExt;
+    flock(&file, FlockOperation::LockShared)?;
+    let meta = file.metadata()?;
+    Ok(Handle::new(
+        file,
+        len as u64,
+        crc,
+        (meta.dev(), meta.ino()),
+        now,
+    ))
+}
+
+/// [`insert`] through a named temp file `DIR/tmp/<id>.<pid>.<n>` (locked
+/// while we live, so that `clean` of other processes leaves it alone),
+/// renamed into place.
+pub(crate) fn insert_named(layout: &Layout, id: &ChunkId, data: &[u8]) -> io::Result<Handle> {
+    let path = layout.entry(id);
+    let tmp = layout.tmp_name(id);
     let result = (|| {
-        let mut f = OpenOptions::new()
+        let f = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .open(&tmp)?;
-        // Tells `clean_tmp` of other processes that this file is alive.
         try_lock_exclusive(&f)?;
-        f.write_all(data)?;
-        let crc = set_crc(&f, data);
-        if crc.is_none() {
-            tracing::debug!(chunk = %id, "no user xattrs here: the entry will be checked with SHA-256 on load");
-        }
-        let now = SystemTime::now();
-        f.set_times(FileTimes::new().set_modified(UNIX_EPOCH).set_accessed(now))?;
-        // No fsync: see "Crash safety" in the cache's module docs. The
-        // fan-out directory is made on the first insert into it.
+        let (f, crc, now) = write_entry(f, id, data)?;
         if let Err(e) = fs::rename(&tmp, &path) {
             let Some(dir) = path.parent().filter(|_| e.kind() == ErrorKind::NotFound) else {
                 return Err(e);
@@ -525,17 +619,7 @@ pub(crate) fn insert(layout: &Layout, id: &ChunkId, data: &[u8]) -> io::Result<H
             fs::create_dir_all(dir)?;
             fs::rename(&tmp, &path)?;
         }
-        // Shared from now on, like every reader's handle: the evictor
-        // skips the entry while we hold it.
-        flock(&f, FlockOperation::LockShared)?;
-        let meta = f.metadata()?;
-        Ok(Handle::new(
-            f,
-            data.len() as u64,
-            crc,
-            (meta.dev(), meta.ino()),
-            now,
-        ))
+        entry_handle(f, data.len(), crc, now)
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);

@@ -12,11 +12,12 @@
 //!   disk (SHA-256 if the filesystem has no user xattrs); a mismatch
 //!   deletes the entry, counts a `corrupt` event and refetches. Why a CRC
 //!   and what it does not protect against: `cache/disk.rs`.
-//! - **Crash safety without fsync.** Inserts write `DIR/tmp/…` (holding
-//!   `LOCK_EX` on it), set the entry's CRC-32C attribute, then rename into
-//!   place: a killed process leaves at most a temp file, which is never read
-//!   as an entry and is deleted by the next [`Cache::open`] or
-//!   [`Cache::prune`] once no process holds its lock. Nothing is fsynced: a
+//! - **Crash safety without fsync.** Inserts write an unnamed file in the
+//!   entry's directory (`O_TMPFILE`), set its CRC-32C attribute, then link
+//!   it under the entry's name: a killed process leaves nothing (where the
+//!   filesystem lacks `O_TMPFILE`, a temp file `DIR/tmp/…`, locked while
+//!   its writer lives, renamed into place, and deleted by the next
+//!   [`Cache::open`] or [`Cache::prune`] if its writer died). Nothing is fsynced: a
 //!   cache needs no durability, only never to serve a wrong byte. After a
 //!   power cut an entry may be empty, torn, or have lost its attribute;
 //!   each case fails its check on load (CRC-32C, or SHA-256 against the

@@ -289,6 +289,27 @@ fn bad_bytes_from_the_store_are_an_error_and_never_cached() {
 }
 
 #[test]
+fn inserts_leave_whole_entries_with_their_crc_and_no_temp_files() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let layout = disk::Layout::create(&tmp.path().join("cache")).expect("layout");
+    let (a, b) = (bytes(1, 5000), bytes(2, 7000));
+    let (ida, idb) = (ChunkId::of(&a), ChunkId::of(&b));
+    // Unnamed file linked into place (O_TMPFILE), its directory made on
+    // the way; then over a file in the way.
+    let h = disk::insert(&layout, &ida, &a).expect("insert");
+    assert_eq!((h.len, h.crc), (5000, Some(crc32c::crc32c(&a))));
+    fs::write(layout.entry(&ida), b"in the way").expect("bogus entry");
+    disk::insert(&layout, &ida, &a).expect("again, replacing");
+    // The named-temp-file fallback.
+    let h = disk::insert_named(&layout, &idb, &b).expect("insert named");
+    assert_eq!(h.len, 7000);
+    for (id, data) in [(ida, &a), (idb, &b)] {
+        assert_eq!(&fs::read(layout.entry(&id)).expect("entry"), data);
+    }
+    assert_eq!(fs::read_dir(&layout.tmp).expect("tmp").count(), 0);
+}
+
+#[test]
 fn leftover_temp_files_are_never_entries_and_are_cleaned() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (store, ids) = store_with(&tmp.path().join("store"), 2, 4096);
