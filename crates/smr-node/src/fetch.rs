@@ -40,9 +40,10 @@ mod tests;
 /// Tuning of a [`Fetcher`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FetchOptions {
-    /// Requests in flight at once: the request threads (default 16).
+    /// Requests in flight at once: the request threads (default 8 per
+    /// image, which also bounds the memory of requests in flight).
     pub requests: usize,
-    /// Request threads prefetches may not take (default 4).
+    /// Request threads prefetches may not take (default 2).
     pub reserved: usize,
     /// Largest hole between two queued chunks of an object that is read and
     /// dropped to serve both with one request (default 64 KiB).
@@ -59,8 +60,8 @@ pub struct FetchOptions {
 impl Default for FetchOptions {
     fn default() -> Self {
         FetchOptions {
-            requests: 16,
-            reserved: 4,
+            requests: 8,
+            reserved: 2,
             max_gap: 64 << 10,
             max_request: 2 << 20,
             readahead: 1 << 20,
