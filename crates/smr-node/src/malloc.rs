@@ -14,7 +14,7 @@ pub const SERVER_ARENAS: i32 = 2;
 /// Caps glibc malloc at `n` arenas, process-wide; best called early, before
 /// threads start. Returns whether the allocator took the setting (always
 /// `false` off glibc, where there is nothing to do).
-// The one `unsafe` of the crate: an FFI call with no memory-safety contract.
+// An FFI call with no memory-safety contract.
 #[allow(unsafe_code)]
 pub fn limit_arenas(n: i32) -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

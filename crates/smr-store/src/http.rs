@@ -17,7 +17,7 @@ use crate::error::{Op, StoreError, TransportKind};
 use crate::location::{percent_decode, redact};
 use crate::options::RemoteOptions;
 use crate::retry::{parse_retry_after, Remote};
-use crate::runtime::{block_on, cut, each_range};
+use crate::runtime::{block_on, cut, read_ranges, RangeRead};
 use crate::{ByteRange, ChunkStore, ObjectName, PutOutcome, Result, Target};
 use reqwest::{Method, Url};
 use smr_format::ChunkId;
@@ -176,7 +176,7 @@ impl Inner {
 
     /// One GET of `range` of `object`. A server that ignores `Range` and
     /// sends the whole object (200) is served by cutting the range out.
-    async fn read_once(&self, object: &ObjectName, range: ByteRange) -> Result<Vec<u8>> {
+    async fn read_range(&self, object: &ObjectName, range: ByteRange) -> Result<Vec<u8>> {
         let what = Target::of(object, range);
         let mut resp = match self.request(Method::GET, Op::Get, object, range).await? {
             Answer::Found(resp) => resp,
@@ -285,27 +285,27 @@ fn transport_kind(e: &reqwest::Error) -> TransportKind {
     }
 }
 
+impl RangeRead for Inner {
+    fn remote(&self) -> &Remote {
+        &self.remote
+    }
+
+    fn read_once(
+        &self,
+        object: &ObjectName,
+        range: ByteRange,
+    ) -> impl std::future::Future<Output = Result<Vec<u8>>> + Send {
+        self.read_range(object, range)
+    }
+}
+
 impl ChunkStore for HttpStore {
     fn describe(&self) -> String {
         self.inner.store()
     }
 
     fn read_ranges(&self, object: &ObjectName, ranges: &[ByteRange]) -> Result<Vec<Vec<u8>>> {
-        let inner = self.inner.clone();
-        let (object, ranges) = (object.clone(), ranges.to_vec());
-        block_on(async move {
-            each_range(&object, &ranges, |object, range| {
-                let inner = inner.clone();
-                async move {
-                    let what = Target::of(&object, range);
-                    inner
-                        .remote
-                        .run(Op::Get, what, || inner.read_once(&object, range))
-                        .await
-                }
-            })
-            .await
-        })
+        read_ranges(&self.inner, object, ranges)
     }
 
     fn exists(&self, id: &ChunkId) -> Result<bool> {

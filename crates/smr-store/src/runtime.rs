@@ -7,9 +7,11 @@
 //! block: a worker thread, a `spawn_blocking` thread, or `main`. It must not
 //! be called from a tokio worker thread (that would stall that runtime).
 
-use crate::{ByteRange, ObjectName, Result};
+use crate::error::Op;
+use crate::retry::Remote;
+use crate::{ByteRange, ObjectName, Result, Target};
 use std::future::Future;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
 
@@ -48,34 +50,55 @@ where
     }
 }
 
-/// Runs `read(object, range)` for each of `ranges` concurrently on the
-/// network runtime and collects the results in order (the first error
-/// wins). One range runs inline, without a task.
-pub(crate) async fn each_range<F, Fut>(
+/// A remote backend's single ranged read, for [`read_ranges`].
+pub(crate) trait RangeRead: Send + Sync + 'static {
+    /// The backend's retry policy.
+    fn remote(&self) -> &Remote;
+    /// One attempt at reading `range` of `object`.
+    fn read_once(
+        &self,
+        object: &ObjectName,
+        range: ByteRange,
+    ) -> impl Future<Output = Result<Vec<u8>>> + Send;
+}
+
+/// [`crate::ChunkStore::read_ranges`] of a remote backend: each of
+/// `ranges` read concurrently on the network runtime, each under the
+/// backend's retry policy, the results in order (the first error wins).
+/// One range runs without a task of its own.
+pub(crate) fn read_ranges<B: RangeRead>(
+    backend: &Arc<B>,
     object: &ObjectName,
     ranges: &[ByteRange],
-    read: F,
-) -> Result<Vec<Vec<u8>>>
-where
-    F: Fn(ObjectName, ByteRange) -> Fut,
-    Fut: Future<Output = Result<Vec<u8>>> + Send + 'static,
-{
-    if let [range] = ranges {
-        return Ok(vec![read(object.clone(), *range).await?]);
-    }
-    let tasks: Vec<_> = ranges
-        .iter()
-        .map(|&r| tokio::spawn(read(object.clone(), r)))
-        .collect();
-    let mut out = Vec::with_capacity(tasks.len());
-    for task in tasks {
-        match task.await {
-            Ok(bytes) => out.push(bytes?),
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(e) => panic!("network task cancelled: {e}"),
+) -> Result<Vec<Vec<u8>>> {
+    let backend = backend.clone();
+    let (object, ranges) = (object.clone(), ranges.to_vec());
+    block_on(async move {
+        let one = |object: ObjectName, range: ByteRange| {
+            let backend = backend.clone();
+            async move {
+                let what = Target::of(&object, range);
+                let attempt = || backend.read_once(&object, range);
+                backend.remote().run(Op::Get, what, attempt).await
+            }
+        };
+        if let [range] = ranges.as_slice() {
+            return Ok(vec![one(object.clone(), *range).await?]);
         }
-    }
-    Ok(out)
+        let tasks: Vec<_> = ranges
+            .iter()
+            .map(|&r| tokio::spawn(one(object.clone(), r)))
+            .collect();
+        let mut out = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            match task.await {
+                Ok(bytes) => out.push(bytes?),
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(e) => panic!("network task cancelled: {e}"),
+            }
+        }
+        Ok(out)
+    })
 }
 
 /// `range` of a whole object's bytes, `None` if it ends past them.

@@ -25,7 +25,7 @@ use crate::error::{Op, StoreError, TransportKind};
 use crate::location::redact;
 use crate::options::RemoteOptions;
 use crate::retry::Remote;
-use crate::runtime::{block_on, cut, each_range};
+use crate::runtime::{block_on, cut, read_ranges, RangeRead};
 use crate::{ByteRange, ChunkStore, ObjectName, PutOutcome, Result, Target};
 use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::client::{ClientConfigKey, HttpError, HttpErrorKind};
@@ -211,7 +211,7 @@ impl Inner {
     }
 
     /// One GET of `range` of `object`.
-    async fn read_once(&self, object: &ObjectName, range: ByteRange) -> Result<Vec<u8>> {
+    async fn read_range(&self, object: &ObjectName, range: ByteRange) -> Result<Vec<u8>> {
         let what = Target::of(object, range);
         let limit = self.remote.options().max_object_bytes;
         let too_large = |size| StoreError::TooLarge {
@@ -392,27 +392,27 @@ fn classify(e: &object_store::Error) -> Class {
     class
 }
 
+impl RangeRead for Inner {
+    fn remote(&self) -> &Remote {
+        &self.remote
+    }
+
+    fn read_once(
+        &self,
+        object: &ObjectName,
+        range: ByteRange,
+    ) -> impl std::future::Future<Output = Result<Vec<u8>>> + Send {
+        self.read_range(object, range)
+    }
+}
+
 impl ChunkStore for S3Store {
     fn describe(&self) -> String {
         self.inner.store()
     }
 
     fn read_ranges(&self, object: &ObjectName, ranges: &[ByteRange]) -> Result<Vec<Vec<u8>>> {
-        let inner = self.inner.clone();
-        let (object, ranges) = (object.clone(), ranges.to_vec());
-        block_on(async move {
-            each_range(&object, &ranges, |object, range| {
-                let inner = inner.clone();
-                async move {
-                    let what = Target::of(&object, range);
-                    inner
-                        .remote
-                        .run(Op::Get, what, || inner.read_once(&object, range))
-                        .await
-                }
-            })
-            .await
-        })
+        read_ranges(&self.inner, object, ranges)
     }
 
     fn exists(&self, id: &ChunkId) -> Result<bool> {
