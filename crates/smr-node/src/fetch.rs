@@ -534,53 +534,9 @@ impl Fetcher {
                     source: std::io::Error::other("the store returned no bytes"),
                 })
             });
-        let mut outcomes: Vec<(Slot, Outcome)> = Vec::with_capacity(batch.slots.len());
-        match result {
-            Ok(bytes) => {
-                let total = bytes.len() as u64;
-                self.bytes.fetch_add(total, Ordering::Relaxed);
-                let mut used = 0u64;
-                // One chunk that is the whole answer takes it as it is.
-                let single = matches!(batch.slots.as_slice(),
-                    [s] if s.range.len.is_none_or(|l| l == total));
-                let (mut whole, bytes) = match single {
-                    true => (Some(bytes), Vec::new()),
-                    false => (None, bytes),
-                };
-                for slot in batch.slots {
-                    let piece = match (whole.take(), slot.range.len) {
-                        (Some(all), _) => Some(all),
-                        (None, None) => None,
-                        (None, Some(len)) => {
-                            let from = (slot.range.offset - batch.start) as usize;
-                            bytes.get(from..from + len as usize).map(<[u8]>::to_vec)
-                        }
-                    };
-                    let out = match piece {
-                        Some(p) => {
-                            used += p.len() as u64;
-                            Ok(Arc::new(p))
-                        }
-                        None => Err(Arc::new(RangeError {
-                            object: batch.object.clone(),
-                            start: range.offset,
-                            end: range.end().unwrap_or(u64::MAX),
-                            chunks: 1,
-                            source: StoreError::LengthMismatch {
-                                store: self.store.describe(),
-                                what: smr_store::Target::of(&batch.object, range),
-                                expected: range.len.unwrap_or(0),
-                                got: bytes.len() as u64,
-                            },
-                        })),
-                    };
-                    outcomes.push((slot, out));
-                }
-                self.chunks
-                    .fetch_add(outcomes.len() as u64, Ordering::Relaxed);
-                self.discarded
-                    .fetch_add((bytes.len() as u64).saturating_sub(used), Ordering::Relaxed);
-            }
+        let prio = batch.prio;
+        let outcomes = match result {
+            Ok(bytes) => self.cut(batch, range, bytes),
             Err(source) => {
                 self.failed.fetch_add(1, Ordering::Relaxed);
                 let err = Arc::new(RangeError {
@@ -591,12 +547,69 @@ impl Fetcher {
                     source,
                 });
                 tracing::warn!(store = %self.store.describe(), error = %err, "store request failed");
-                outcomes.extend(batch.slots.into_iter().map(|s| (s, Err(err.clone()))));
+                let failed = batch.slots.into_iter().map(|s| (s, Err(err.clone())));
+                failed.collect()
             }
+        };
+        self.post(prio, outcomes);
+    }
+
+    /// Each chunk's bytes out of the answer `bytes` to `batch`'s request
+    /// for `range`.
+    fn cut(&self, batch: Batch, range: ByteRange, bytes: Vec<u8>) -> Vec<(Slot, Outcome)> {
+        let total = bytes.len() as u64;
+        self.bytes.fetch_add(total, Ordering::Relaxed);
+        // One chunk that is the whole answer takes it as it is.
+        let single = matches!(batch.slots.as_slice(),
+            [s] if s.range.len.is_none_or(|l| l == total));
+        let (mut whole, bytes) = match single {
+            true => (Some(bytes), Vec::new()),
+            false => (None, bytes),
+        };
+        let mut used = 0u64;
+        let mut outcomes = Vec::with_capacity(batch.slots.len());
+        for slot in batch.slots {
+            let piece = match (whole.take(), slot.range.len) {
+                (Some(all), _) => Some(all),
+                (None, None) => None,
+                (None, Some(len)) => {
+                    let from = (slot.range.offset - batch.start) as usize;
+                    bytes.get(from..from + len as usize).map(<[u8]>::to_vec)
+                }
+            };
+            let out = match piece {
+                Some(p) => {
+                    used += p.len() as u64;
+                    Ok(Arc::new(p))
+                }
+                None => Err(Arc::new(RangeError {
+                    object: batch.object.clone(),
+                    start: range.offset,
+                    end: range.end().unwrap_or(u64::MAX),
+                    chunks: 1,
+                    source: StoreError::past_the_end(
+                        self.store.describe(),
+                        smr_store::Target::of(&batch.object, range),
+                        total,
+                    ),
+                })),
+            };
+            outcomes.push((slot, out));
         }
+        self.chunks
+            .fetch_add(outcomes.len() as u64, Ordering::Relaxed);
+        self.discarded
+            .fetch_add(total.saturating_sub(used), Ordering::Relaxed);
+        outcomes
+    }
+
+    /// Hands out the outcomes of a request of priority `prio`: to the
+    /// callers waiting for them, and what nobody waits for yet to the
+    /// read-ahead buffer.
+    fn post(&self, prio: Priority, outcomes: Vec<(Slot, Outcome)>) {
         let mut st = self.lock();
         st.running -= 1;
-        if batch.prio == Priority::Prefetch {
+        if prio == Priority::Prefetch {
             st.running_prefetch -= 1;
         }
         let cap = 2 * self.opts.readahead.max(self.opts.max_request);
@@ -611,7 +624,7 @@ impl Fetcher {
             slot.done.post(out);
         }
         drop(st);
-        if batch.prio == Priority::Prefetch {
+        if prio == Priority::Prefetch {
             // A thread waiting for room for a prefetch may take one now;
             // this thread looks at the queue itself before it sleeps.
             self.work.notify_one();

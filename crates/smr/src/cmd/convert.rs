@@ -4,7 +4,7 @@ use crate::keys::KeyArgs;
 use crate::progress::{bytes_bar, human};
 use crate::remote::{is_remote, push_converted, RegistryArgs};
 use anyhow::{bail, Context, Result};
-use smr_convert::{convert, ConvertOptions};
+use smr_convert::{convert, ConvertOptions, ConvertOutput};
 use smr_format::chunk::default_salt;
 use smr_format::ChunkCodec;
 use smr_image::source::ImageSource;
@@ -122,21 +122,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Runs the conversion and prints a summary.
 pub fn run(a: Args) -> Result<ExitCode> {
     let t = Instant::now();
-    let owner = a.key.load()?;
-    if !a.no_encrypt && owner.is_none() {
-        bail!("encrypted conversion needs the owner key: pass --key-file PATH (or SMR_KEY_FILE; create one with `smr keygen -o PATH`), or --no-encrypt for a public image");
-    }
-    let salt = match &a.salt_file {
-        Some(p) => read_salt(p)?,
-        None => default_salt(),
-    };
-    let platform = a.platform.parse().context("--platform")?;
-    if a.push && !is_remote(&a.source) {
-        bail!("--push needs a docker:// source: the artifact goes next to the source image");
-    }
-    if !a.push && (a.store.is_none() || a.out.is_none()) {
-        bail!("convert needs --store and -o (or --push, which keeps the recipe and chunks in the registry)");
-    }
+    let opts = convert_options(&a)?;
     // With --push and no --store, chunks are staged in a temporary
     // directory, removed when this function returns, pushed or not.
     let staging;
@@ -163,33 +149,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
             local_src.as_ref()
         }
     };
-    // A local store takes the chunks in one batch, made durable by one
-    // commit before the recipe is written (smr_store::local: 4,000
-    // fsync'ed puts would cost as much as the whole conversion).
-    let parsed: smr_store::StoreLocation = location
-        .parse()
-        .with_context(|| format!("--store {location}"))?;
-    let batched = parsed
-        .local_dir()
-        .map(|p| smr_store::LocalStore::open_batched(p).map(Arc::new))
-        .transpose()
-        .with_context(|| format!("opening the store {location}"))?;
-    let store: Arc<dyn smr_store::ChunkStore> = match &batched {
-        Some(local) => local.clone(),
-        None => Arc::from(
-            parsed
-                .open()
-                .with_context(|| format!("opening the store {location}"))?,
-        ),
-    };
-    let opts = ConvertOptions {
-        chunk_size: a.chunk_size,
-        codec: ChunkCodec::new(salt, !a.no_encrypt, a.compress == Compress::Zstd)
-            .with_zstd_level(a.zstd_level),
-        platform,
-        owner: if a.no_encrypt { None } else { owner },
-        workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
-    };
+    let (store, batched) = open_store(&location)?;
     let bar = bytes_bar(0, "converting");
     let out = convert(src, store.clone(), &opts, &mut |p| {
         bar.set_message(format!("layer {}/{}", p.layer_index + 1, p.layer_count));
@@ -207,8 +167,71 @@ pub fn run(a: Args) -> Result<ExitCode> {
     if let Some(path) = &a.out {
         write_atomic(path, &bytes)?;
     }
+    report(&a, src, &out, bytes.len(), t.elapsed().as_secs_f64());
+    if let (Some(reg), true) = (&registry_src, a.push) {
+        push(&a, reg, &out, &bytes, store.as_ref())?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The conversion's options from the arguments (keys, salt, platform),
+/// after checking that they go together.
+fn convert_options(a: &Args) -> Result<ConvertOptions> {
+    let owner = a.key.load()?;
+    if !a.no_encrypt && owner.is_none() {
+        bail!("encrypted conversion needs the owner key: pass --key-file PATH (or SMR_KEY_FILE; create one with `smr keygen -o PATH`), or --no-encrypt for a public image");
+    }
+    let salt = match &a.salt_file {
+        Some(p) => read_salt(p)?,
+        None => default_salt(),
+    };
+    let platform = a.platform.parse().context("--platform")?;
+    if a.push && !is_remote(&a.source) {
+        bail!("--push needs a docker:// source: the artifact goes next to the source image");
+    }
+    if !a.push && (a.store.is_none() || a.out.is_none()) {
+        bail!("convert needs --store and -o (or --push, which keeps the recipe and chunks in the registry)");
+    }
+    Ok(ConvertOptions {
+        chunk_size: a.chunk_size,
+        codec: ChunkCodec::new(salt, !a.no_encrypt, a.compress == Compress::Zstd)
+            .with_zstd_level(a.zstd_level),
+        platform,
+        owner: if a.no_encrypt { None } else { owner },
+        workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+    })
+}
+
+/// A local store taking the chunks in one batch (see [`open_store`]).
+type Batched = Option<Arc<smr_store::LocalStore>>;
+
+/// The store at `location`, and the same store when it is a local one
+/// taking the chunks in one batch, made durable by one commit before the
+/// recipe is written (smr_store::local: 4,000 fsync'ed puts would cost as
+/// much as the whole conversion).
+fn open_store(location: &str) -> Result<(Arc<dyn smr_store::ChunkStore>, Batched)> {
+    let parsed: smr_store::StoreLocation = location
+        .parse()
+        .with_context(|| format!("--store {location}"))?;
+    let batched = parsed
+        .local_dir()
+        .map(|p| smr_store::LocalStore::open_batched(p).map(Arc::new))
+        .transpose()
+        .with_context(|| format!("opening the store {location}"))?;
+    let store: Arc<dyn smr_store::ChunkStore> = match &batched {
+        Some(local) => local.clone(),
+        None => Arc::from(
+            parsed
+                .open()
+                .with_context(|| format!("opening the store {location}"))?,
+        ),
+    };
+    Ok((store, batched))
+}
+
+/// Prints what the conversion made, in `secs` seconds.
+fn report(a: &Args, src: &dyn ImageSource, out: &ConvertOutput, recipe_len: usize, secs: f64) {
     let c = &out.chunks;
-    let secs = t.elapsed().as_secs_f64();
     eprintln!(
         "converted {} -> {} ({})",
         src.describe(),
@@ -242,39 +265,40 @@ pub fn run(a: Args) -> Result<ExitCode> {
         "  {:.2}s, {:.1} MB/s of layer data, recipe {}",
         secs,
         out.flatten.tar_bytes as f64 / secs / 1e6,
-        human(bytes.len() as u64)
+        human(recipe_len as u64)
     );
-    if let Some(reg) = &registry_src {
-        if a.push {
-            let opts = PushOptions {
-                pack: a.pack_chunks.map(PackParams::with_target),
-                ..Default::default()
-            };
-            let t = Instant::now();
-            let r = push_converted(
-                reg,
-                &out.recipe.source_digest,
-                &bytes,
-                store.as_ref(),
-                &opts,
-            )?;
-            eprintln!(
-                "pushed smr artifact {} to {}: uploaded {} of {} blobs ({}), {} already there ({}); {} packs of {} chunks; referrers: {}; {:.2}s",
-                r.manifest_digest,
-                reg.describe(),
-                r.blobs_uploaded,
-                r.blobs_total,
-                human(r.bytes_uploaded),
-                r.blobs_skipped,
-                human(r.bytes_skipped),
-                r.packs,
-                r.chunks,
-                serde_json::to_value(r.referrers)?.as_str().unwrap_or("?"),
-                t.elapsed().as_secs_f64()
-            );
-        }
-    }
-    Ok(ExitCode::SUCCESS)
+}
+
+/// Pushes the converted image (recipe `bytes`, chunks in `store`) as the
+/// smr artifact of the source image `reg`, and says what it did.
+fn push(
+    a: &Args,
+    reg: &RegistrySource,
+    out: &ConvertOutput,
+    bytes: &[u8],
+    store: &dyn smr_store::ChunkStore,
+) -> Result<()> {
+    let opts = PushOptions {
+        pack: a.pack_chunks.map(PackParams::with_target),
+        ..Default::default()
+    };
+    let t = Instant::now();
+    let r = push_converted(reg, &out.recipe.source_digest, bytes, store, &opts)?;
+    eprintln!(
+        "pushed smr artifact {} to {}: uploaded {} of {} blobs ({}), {} already there ({}); {} packs of {} chunks; referrers: {}; {:.2}s",
+        r.manifest_digest,
+        reg.describe(),
+        r.blobs_uploaded,
+        r.blobs_total,
+        human(r.bytes_uploaded),
+        r.blobs_skipped,
+        human(r.bytes_skipped),
+        r.packs,
+        r.chunks,
+        serde_json::to_value(r.referrers)?.as_str().unwrap_or("?"),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 #[cfg(test)]
