@@ -524,16 +524,20 @@ impl Fetcher {
         };
         self.requests.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(object = %batch.object, %range, chunks = batch.slots.len(), "store request");
-        let result = self
-            .store
-            .read_ranges(&batch.object, &[range])
-            .and_then(|mut got| {
-                got.pop().ok_or_else(|| StoreError::ChunkIo {
-                    what: smr_store::Target::of(&batch.object, range),
-                    store: self.store.describe(),
-                    source: std::io::Error::other("the store returned no bytes"),
-                })
-            });
+        let fail = |why: &str| StoreError::ChunkIo {
+            what: smr_store::Target::of(&batch.object, range),
+            store: self.store.describe(),
+            source: std::io::Error::other(why.to_string()),
+        };
+        // A store that panics (a bug) fails this request's chunks, not
+        // every later reader of them.
+        let read = || self.store.read_ranges(&batch.object, &[range]);
+        let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)) {
+            Ok(r) => {
+                r.and_then(|mut got| got.pop().ok_or_else(|| fail("the store returned no bytes")))
+            }
+            Err(_) => Err(fail("the store panicked")),
+        };
         let prio = batch.prio;
         let outcomes = match result {
             Ok(bytes) => self.cut(batch, range, bytes),
@@ -715,4 +719,10 @@ impl Ahead {
             }
         }
     }
+}
+
+/// Requests running now (tests: every slot is freed after a request).
+#[cfg(test)]
+pub(crate) fn tests_running(f: &Fetcher) -> usize {
+    f.lock().running
 }

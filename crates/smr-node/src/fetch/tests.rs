@@ -16,6 +16,7 @@ struct PackStore {
     where_: HashMap<ChunkId, Extent>,
     requests: AtomicU64,
     fail: AtomicBool,
+    panic: AtomicBool,
     held: Mutex<Vec<ObjectName>>,
     release: Condvar,
 }
@@ -54,6 +55,7 @@ fn pack_store(packs: &[usize]) -> (Arc<PackStore>, Packs) {
         where_,
         requests: AtomicU64::new(0),
         fail: AtomicBool::new(false),
+        panic: AtomicBool::new(false),
         held: Mutex::new(Vec::new()),
         release: Condvar::new(),
     };
@@ -100,6 +102,7 @@ impl ChunkStore for PackStore {
             held = self.release.wait(held).unwrap();
         }
         drop(held);
+        assert!(!self.panic.load(Ordering::SeqCst), "injected panic");
         if self.fail.load(Ordering::SeqCst) {
             return Err(StoreError::ChunkIo {
                 what: Target::of(object, ranges[0]),
@@ -277,4 +280,17 @@ fn unknown_chunks_fail_without_a_request() {
         FetchError::Locate(StoreError::Missing { .. })
     ));
     assert_eq!(store.requests(), 0);
+}
+
+#[test]
+fn a_panicking_store_fails_the_request_and_the_fetcher_goes_on() {
+    let (store, chunks) = pack_store(&[3]);
+    let f = Fetcher::new(store.clone(), FetchOptions::default());
+    store.panic.store(true, Ordering::SeqCst);
+    let (id, bytes) = &chunks[0][1];
+    let err = f.get(id, Priority::Demand).unwrap_err().to_string();
+    assert!(err.contains("the store panicked"), "{err}");
+    store.panic.store(false, Ordering::SeqCst);
+    assert_eq!(&f.get(id, Priority::Demand).unwrap(), bytes);
+    assert_eq!(super::tests_running(&f), 0, "request slots freed");
 }
