@@ -27,7 +27,7 @@
 //! against its name before anyone sees it. Retries, backoff and deadlines
 //! are the store's ([`smr_store::Remote`]).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 
@@ -187,13 +187,20 @@ struct State {
     /// Queued and running chunks: where to wait for each.
     flights: HashMap<ChunkId, Arc<Done>>,
     /// Running chunks that nobody waits for yet.
-    unwanted: HashMap<ChunkId, ()>,
+    unwanted: HashSet<ChunkId>,
     ahead: Ahead,
     running: usize,
     running_prefetch: usize,
     max_running: usize,
     seq: u64,
     stop: bool,
+}
+
+impl State {
+    /// Whether chunk `id` is queued, running or read ahead.
+    fn known(&self, id: &ChunkId) -> bool {
+        self.flights.contains_key(id) || self.ahead.has(id)
+    }
 }
 
 /// Chunks one request serves.
@@ -283,23 +290,27 @@ impl Fetcher {
     /// from what was read ahead, by joining a queued or running request
     /// for it, or by queueing it.
     pub fn get(self: &Arc<Self>, id: &ChunkId, prio: Priority) -> Result<Vec<u8>, FetchError> {
-        let (done, runnable) = {
+        // Where the chunk is, asked of the store without holding the lock;
+        // then the state is looked at again, so that a request another
+        // caller queued meanwhile is joined, never replaced (its waiters
+        // would hang).
+        let mut extent = None;
+        let (done, runnable) = loop {
             let mut st = self.lock();
             if let Some(bytes) = st.ahead.take(id) {
                 self.ahead_hits.fetch_add(1, Ordering::Relaxed);
                 return Ok(bytes);
             }
-            match st.flights.get(id).cloned() {
-                Some(done) => {
-                    st.unwanted.remove(id);
-                    let promoted = want(&mut st, id, prio, true);
-                    (done, promoted)
-                }
+            if let Some(done) = st.flights.get(id).cloned() {
+                st.unwanted.remove(id);
+                let promoted = want(&mut st, id, prio, true);
+                break (done, promoted);
+            }
+            match extent.take() {
+                Some(e) => break (self.enqueue(&mut st, *id, e, prio, true), true),
                 None => {
                     drop(st);
-                    let extent = self.store.locate(id)?;
-                    let mut st = self.lock();
-                    (self.enqueue(&mut st, *id, extent, prio, true), true)
+                    extent = Some(self.store.locate(id)?);
                 }
             }
         };
@@ -335,7 +346,7 @@ impl Fetcher {
             chunks
                 .iter()
                 .filter(|(id, _)| {
-                    let known = st.flights.contains_key(id) || st.ahead.has(id);
+                    let known = st.known(id);
                     if known && want(&mut st, id, prio, false) {
                         runnable += 1;
                     }
@@ -348,7 +359,7 @@ impl Fetcher {
             let mut st = self.lock();
             for (id, extent) in new {
                 // Another caller may have queued it since.
-                if !st.flights.contains_key(id) && !st.ahead.has(id) {
+                if !st.known(id) {
                     self.enqueue(&mut st, *id, extent.clone(), prio, false);
                     runnable += 1;
                 }
@@ -434,7 +445,12 @@ impl Fetcher {
                 .find(|((p, _), _)| *p == Priority::Demand || prefetch_room)
                 .map(|(k, key)| (*k, key.clone()));
             if let Some((order_key, key)) = first {
-                let batch = self.take_batch(&mut st, order_key.0, key);
+                let Some(batch) = self.take_batch(&mut st, order_key.0, key) else {
+                    // An order entry without its chunk (never expected):
+                    // drop it rather than look at it forever.
+                    st.order.remove(&order_key);
+                    continue;
+                };
                 st.running += 1;
                 if batch.prio == Priority::Prefetch {
                     st.running_prefetch += 1;
@@ -447,27 +463,20 @@ impl Fetcher {
     }
 
     /// Removes from the queue the chunk at `key` and its queued neighbours
-    /// in the same object that one request can serve.
-    fn take_batch(&self, st: &mut State, prio: Priority, key: Key) -> Batch {
+    /// in the same object that one request can serve; `None` if `key` is
+    /// not queued.
+    fn take_batch(&self, st: &mut State, prio: Priority, key: Key) -> Option<Batch> {
         let object = key.0.clone();
-        let Some(first) = remove(st, &key) else {
-            return Batch {
-                object,
-                start: 0,
-                end: None,
-                prio,
-                slots: Vec::new(),
-            };
-        };
+        let first = remove(st, &key)?;
         let Some(mut end) = first.range.end() else {
             // A whole object: one chunk, nothing to merge with.
-            return Batch {
+            return Some(Batch {
                 object,
                 start: first.range.offset,
                 end: None,
                 prio,
                 slots: vec![first],
-            };
+            });
         };
         let mut start = first.range.offset;
         let mut slots = vec![first];
@@ -507,13 +516,13 @@ impl Fetcher {
             .collect();
         slots.extend(after.iter().chain(&before).filter_map(|k| remove(st, k)));
         slots.sort_unstable_by_key(|s| s.range.offset);
-        Batch {
+        Some(Batch {
             object,
             start,
             end: Some(end),
             prio,
             slots,
-        }
+        })
     }
 
     /// Issues `batch`'s request and posts every chunk's outcome.
@@ -619,7 +628,7 @@ impl Fetcher {
         let cap = 2 * self.opts.readahead.max(self.opts.max_request);
         for (slot, out) in outcomes {
             st.flights.remove(&slot.id);
-            let unwanted = st.unwanted.remove(&slot.id).is_some();
+            let unwanted = st.unwanted.remove(&slot.id);
             if let (true, Ok(bytes)) = (unwanted, &out) {
                 self.ahead_bytes
                     .fetch_add(bytes.len() as u64, Ordering::Relaxed);
@@ -659,7 +668,7 @@ fn remove(st: &mut State, key: &Key) -> Option<Slot> {
     st.order.remove(&(slot.prio, slot.seq));
     st.keys.remove(&slot.id);
     if !slot.wanted {
-        st.unwanted.insert(slot.id, ());
+        st.unwanted.insert(slot.id);
     }
     Some(slot)
 }

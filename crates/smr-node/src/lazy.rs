@@ -23,9 +23,6 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, PoisonError};
 
-/// The first read-ahead window of a sequential reader: two 64 KiB chunks.
-const FIRST_WINDOW: u64 = 128 << 10;
-
 use crossbeam_channel::bounded;
 use smr_format::{ChunkId, FormatError};
 use smr_store::{ChunkStore, Extent};
@@ -34,6 +31,9 @@ use crate::cache::{Cache, CacheError, DecodeKey};
 use crate::chunks::{ChunkError, ImageChunks};
 use crate::device::{BlockDevice, ReadPart};
 use crate::fetch::{FetchOptions, Fetcher, Priority};
+
+/// The first read-ahead window of a sequential reader: two 64 KiB chunks.
+const FIRST_WINDOW: u64 = 128 << 10;
 
 /// A read failed because one chunk could not be produced. Carried inside
 /// the [`io::Error`] returned by [`LazyImage::read_at`].
@@ -552,10 +552,9 @@ impl Inner {
             return;
         };
         wants.clear();
-        let r = &self.img.recipe;
-        let end = r.image_size.div_ceil(r.chunk_size.max(1));
+        let recipe = &self.img.recipe;
         let mut bytes = 0u64;
-        for c in last + 1..end {
+        for c in last + 1..recipe.chunk_count() {
             if bytes >= window {
                 break;
             }
@@ -564,7 +563,7 @@ impl Inner {
                 if e.object != object {
                     break;
                 }
-                bytes += e.range.len.unwrap_or(self.img.recipe.chunk_size);
+                bytes += e.range.len.unwrap_or(recipe.chunk_size);
                 if !self.cache.in_memory(&key) {
                     wants.push((key.id, e));
                 }

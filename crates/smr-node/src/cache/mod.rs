@@ -17,8 +17,9 @@
 //!   it under the entry's name: a killed process leaves nothing (where the
 //!   filesystem lacks `O_TMPFILE`, a temp file `DIR/tmp/…`, locked while
 //!   its writer lives, renamed into place, and deleted by the next
-//!   [`Cache::open`] or [`Cache::prune`] if its writer died). Nothing is fsynced: a
-//!   cache needs no durability, only never to serve a wrong byte. After a
+//!   [`Cache::open`] or [`Cache::prune`] if its writer died). Nothing is
+//!   fsynced: a cache needs no durability, only never to serve a wrong
+//!   byte. After a
 //!   power cut an entry may be empty, torn, or have lost its attribute;
 //!   each case fails its check on load (CRC-32C, or SHA-256 against the
 //!   name when the attribute is gone), which deletes it and refetches. An
@@ -70,8 +71,8 @@
 //!   counted in memory per process and added to `DIR/stats` under `flock`
 //!   (format in `cache/stats.rs`) at most once every [`FLUSH_EVERY`] (by
 //!   the thread that changes them, or a timer thread when the process is
-//!   idle), and when the cache is dropped; `smr cache
-//!   stats` in another process sees them. The total is rescanned on open
+//!   idle), and when the cache is dropped; `smr cache stats` in another
+//!   process sees them. The total is rescanned on open
 //!   and prune. So processes see each other's inserts up to a second late,
 //!   and the budget can be overshot by what the node fetches meanwhile.
 //! - **Concurrency.** Many fetches may be in flight (one per chunk); a pool
