@@ -5,7 +5,7 @@ set -euo pipefail
 pkgs=(ca-certificates curl jq openssl python3 gcc libc6-dev pkg-config time attr
       e2fsprogs erofs-utils qemu-utils
       umoci skopeo debootstrap docker-registry apache2-utils
-      runc containerd casync
+      runc containerd casync slirp4netns
       libnbd-bin python3-libnbd nbdkit
       fuse3 libfuse3-dev)
 missing=()

@@ -8,11 +8,13 @@
 //!   serves), [`lazy`] (the lazy image, startup profiles), [`nbd`], [`fuse`];
 //! - the runtime side: [`mount`] (loop devices and mounts through the
 //!   kernel's interfaces), [`run`] (containers with runc: the OCI spec, run
-//!   directories and their sweep), [`malloc`].
+//!   directories and their sweep), [`dirs`] (private directories),
+//!   [`malloc`].
 
 pub mod cache;
 pub mod chunks;
 pub mod device;
+pub mod dirs;
 pub mod fetch;
 pub mod fuse;
 pub mod lazy;

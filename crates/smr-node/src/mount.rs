@@ -329,6 +329,7 @@ pub fn mount_with_server(
     spawn: impl FnOnce(&Path, Stdio, Stdio) -> std::io::Result<Child>,
 ) -> Result<MountState> {
     let mnt = check_mountpoint(&req.mountpoint)?;
+    crate::dirs::private_dir(&req.state_root).map_err(io_err(&req.state_root))?;
     let state = state_dir(&req.state_root, &mnt);
     if state.join("state.json").exists() {
         return Err(MountError::AlreadyMounted(mnt));

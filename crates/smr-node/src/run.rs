@@ -10,9 +10,10 @@
 //! 3. an overlayfs with a writable upper and work directory in a temp
 //!    directory under [`RunRequest::work_root`] (on tmpfs under `/run` by
 //!    default: the container's writes are dropped at exit);
-//! 4. an OCI bundle whose `config.json` comes from the image config in the
-//!    recipe ([`spec`]); the host network is shared (no network
-//!    namespace: no setup, and what a quick `smr run` usually wants);
+//! 4. the container's network ([`net`]: a namespace of its own by
+//!    default, with `slirp4netns` for outbound traffic when installed),
+//!    and an OCI bundle whose `config.json` comes from the image config in
+//!    the recipe ([`spec`]), with the default seccomp filter ([`seccomp`]);
 //! 5. `runc run`, in the foreground, its exit status passed through
 //!    (`128 + n` for a container killed by signal n). Signals that reach
 //!    smr are forwarded with `runc kill`.
@@ -23,11 +24,21 @@
 //! modification time is read back. It does not include the process's own
 //! work (e.g. python importing modules); `total_seconds` does.
 //!
+//! The work root and the run directories are `0700`, and `config.json`
+//! (which holds the `-e` variables) is `0600`: the image's ext4 mount and
+//! the overlay under them are the container's root, where the image's
+//! setuid files and device nodes work (as in any container runtime); no
+//! other host user may reach them there. (The ext4 mount itself is
+//! `nosuid,nodev` as well, see [`mount`]; the overlay is not, so that the
+//! container sees its image as built.)
+//!
 //! Killing smr with SIGKILL leaves all that behind (the FUSE connection
 //! then reads as aborted); the next `smr run` with the same work root
 //! removes it ([`sweep`]: each run holds a lock on its directory while it
 //! lives).
 
+pub mod net;
+pub mod seccomp;
 pub mod spec;
 pub mod sweep;
 
@@ -116,6 +127,10 @@ pub struct RunRequest {
     pub work_root: PathBuf,
     /// The OCI runtime binary.
     pub runc: String,
+    /// The container's network.
+    pub network: net::Network,
+    /// The container's seccomp filter.
+    pub seccomp: seccomp::Seccomp,
     /// When smr started (for `start_seconds`).
     pub started: (Instant, SystemTime),
 }
@@ -226,6 +241,18 @@ fn find_touch() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/usr/bin/touch"))
 }
 
+/// Writes `data` to a new file readable by its owner only (`0600`).
+fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(data)
+}
+
 /// Runs the container; see the module docs. Everything set up is undone
 /// before this returns.
 pub fn run(req: RunRequest) -> Result<RunReport> {
@@ -238,7 +265,7 @@ pub fn run(req: RunRequest) -> Result<RunReport> {
 }
 
 fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
-    std::fs::create_dir_all(&req.work_root).map_err(io_err(&req.work_root))?;
+    crate::dirs::private_dir(&req.work_root).map_err(io_err(&req.work_root))?;
     sweep::sweep(&req.work_root, &req.runc);
     // Locked while this run lives: a later run's sweep knows we are alive.
     let tmp = sweep::RunDir::create(&req.work_root).map_err(io_err(&req.work_root))?;
@@ -272,6 +299,26 @@ fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
     let args = spec::process_args(cfg, &req.overrides.command)?;
     let env = spec::environment(cfg, &user, &req.overrides.env, |k| std::env::var(k).ok());
     let marker = tmp.path().join("started");
+    let netns = match req.network {
+        net::Network::Host => None,
+        net::Network::None => Some(None),
+        net::Network::Default => match net::find_slirp4netns() {
+            Some(slirp) => Some(Some(net::private(&slirp).map_err(io_err(&slirp))?)),
+            None => {
+                tracing::info!("slirp4netns is not installed: the container has a network namespace with loopback only");
+                Some(None)
+            }
+        },
+    };
+    let resolv_conf = match &netns {
+        Some(Some(_)) => {
+            let p = bundle.join("resolv.conf");
+            // slirp4netns's DNS forwarder.
+            std::fs::write(&p, "nameserver 10.0.2.3\n").map_err(io_err(&p))?;
+            p
+        }
+        _ => PathBuf::from("/etc/resolv.conf"),
+    };
     let config = spec::build(&spec::SpecInput {
         image: cfg,
         user: &user,
@@ -284,10 +331,17 @@ fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
             find_touch().display().to_string(),
             marker.display().to_string(),
         ]),
+        network: match &netns {
+            None => spec::NetNs::Host,
+            Some(None) => spec::NetNs::New,
+            Some(Some(n)) => spec::NetNs::Path(n.path()),
+        },
+        resolv_conf: &resolv_conf,
+        seccomp: req.seccomp.spec(),
     });
     let config_path = bundle.join("config.json");
     let json = serde_json::to_vec_pretty(&config).map_err(|e| io_err(&config_path)(e.into()))?;
-    std::fs::write(&config_path, json).map_err(io_err(&config_path))?;
+    write_private(&config_path, &json).map_err(io_err(&config_path))?;
     check(live)?;
 
     let container = Container {
@@ -346,6 +400,7 @@ fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
 
     // Tear down in reverse, reporting the first failure.
     drop(container);
+    drop(netns);
     drop(overlay);
     image.teardown()?;
     fuse.unmount(Duration::from_secs(10))

@@ -353,3 +353,6 @@ fn the_next_run_cleans_up_after_a_killed_one() {
     e.assert_clean();
     assert!(!alive(), "the dead run's container was removed");
 }
+
+#[path = "node/isolation.rs"]
+mod isolation;

@@ -1,7 +1,7 @@
 //! Loop devices and mounts through the kernel's own interfaces: the loop
 //! driver's ioctls ([`super::loopdev`]), mount(2) and umount2(2); and
 //! `/proc/self/mountinfo` and sysfs to see what is there. Errors show the
-//! equivalent command (`mount -t ext4 -o ro,noload /dev/loop3 /mnt: ...`).
+//! equivalent command (`mount -t ext4 -o ro,noload,nosuid,nodev /dev/loop3 /mnt: ...`).
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -121,14 +121,25 @@ pub fn detach_loop(dev: &str, file: &Path) -> Result<()> {
     wait_released(dev, file, RELEASE_TIMEOUT)
 }
 
-/// Mounts ext4 from `dev` read-only on `dir`, without replaying a journal
-/// (`mount -t ext4 -o ro,noload DEV DIR`).
+/// Mounts ext4 from `dev` read-only on `dir`, without replaying a journal,
+/// and with the image's setuid bits and device nodes inert
+/// (`mount -t ext4 -o ro,noload,nosuid,nodev DEV DIR`): the mount is a
+/// path every host user can reach (`smr mount`'s mount point), and an
+/// image may hold a setuid-root binary or a node of a host device.
 pub fn mount_ext4_ro(dev: &str, dir: &Path) -> Result<()> {
-    rustix::mount::mount(dev, dir, "ext4", MountFlags::RDONLY, c"noload").map_err(|e| {
-        MountError::Mount {
-            cmd: format!("mount -t ext4 -o ro,noload {dev} {}", dir.display()),
-            source: e.into(),
-        }
+    rustix::mount::mount(
+        dev,
+        dir,
+        "ext4",
+        MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV,
+        c"noload",
+    )
+    .map_err(|e| MountError::Mount {
+        cmd: format!(
+            "mount -t ext4 -o ro,noload,nosuid,nodev {dev} {}",
+            dir.display()
+        ),
+        source: e.into(),
     })
 }
 

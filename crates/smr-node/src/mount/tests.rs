@@ -173,7 +173,8 @@ fn a_failing_loop_step_leaves_nothing_attached() {
     assert!(matches!(err, MountError::Mount { .. }), "{err}");
     let msg = err.to_string();
     assert!(
-        msg.contains("mount -t ext4 -o ro,noload /dev/loop") && msg.contains("wrong filesystem"),
+        msg.contains("mount -t ext4 -o ro,noload,nosuid,nodev /dev/loop")
+            && msg.contains("wrong filesystem"),
         "{msg}"
     );
     assert!(!losetup_mentions(&file));

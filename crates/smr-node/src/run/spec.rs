@@ -11,14 +11,15 @@ use super::{Result, RunError};
 /// The `PATH` Docker gives containers whose image sets none.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// Capabilities granted (Docker's default set).
+/// Capabilities granted: containerd's default set, which is Docker's
+/// without `CAP_NET_RAW` (raw sockets let a container forge packets on
+/// its network).
 const CAPS: &[&str] = &[
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",
     "CAP_FSETID",
     "CAP_FOWNER",
     "CAP_MKNOD",
-    "CAP_NET_RAW",
     "CAP_SETGID",
     "CAP_SETUID",
     "CAP_SETFCAP",
@@ -217,18 +218,72 @@ pub struct SpecInput<'a> {
     pub hostname: &'a str,
     /// Command run by runc as a poststart hook (marks "started").
     pub poststart: Option<Vec<String>>,
+    /// The network namespace.
+    pub network: NetNs<'a>,
+    /// The file bind-mounted on the container's `/etc/resolv.conf`.
+    pub resolv_conf: &'a Path,
+    /// The seccomp filter (`linux.seccomp`), if any.
+    pub seccomp: Option<Value>,
 }
 
-/// Builds the OCI runtime config: namespaces pid, mount, ipc and uts (the
-/// host network is shared), the usual `/proc`, `/dev`, `/dev/pts`,
-/// `/dev/shm`, `/dev/mqueue` and read-only `/sys` mounts, Docker's default
-/// capabilities, masked and read-only kernel paths.
+/// The container's network namespace in the spec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetNs<'a> {
+    /// The host's (no `network` namespace in the spec).
+    Host,
+    /// A new one made by the runtime (loopback only).
+    New,
+    /// The namespace at this path (made by smr, see [`super::net`]).
+    Path(&'a Path),
+}
+
+/// Paths the container cannot read (containerd's default list).
+const MASKED: &[&str] = &[
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/sys/firmware",
+    "/proc/scsi",
+    "/sys/devices/virtual/powercap",
+];
+
+/// Builds the OCI runtime config: namespaces pid, mount, ipc, uts, cgroup
+/// and (unless [`NetNs::Host`]) network, the usual `/proc`, `/dev`,
+/// `/dev/pts`, `/dev/shm`, `/dev/mqueue` and read-only `/sys` mounts,
+/// containerd's default capabilities, masked and read-only kernel paths,
+/// and the seccomp filter. docs/ARCHITECTURE.md ("Container defaults")
+/// compares it with `runc spec` and containerd.
 pub fn build(i: &SpecInput<'_>) -> Value {
     let cwd = if i.image.working_dir.is_empty() {
         "/"
     } else {
         i.image.working_dir.as_str()
     };
+    let mut namespaces = vec![
+        json!({"type": "pid"}),
+        json!({"type": "mount"}),
+        json!({"type": "ipc"}),
+        json!({"type": "uts"}),
+        json!({"type": "cgroup"}),
+    ];
+    match i.network {
+        NetNs::Host => {}
+        NetNs::New => namespaces.push(json!({"type": "network"})),
+        NetNs::Path(p) => namespaces.push(json!({"type": "network", "path": p})),
+    }
+    let mut linux = json!({
+        "namespaces": namespaces,
+        "maskedPaths": MASKED,
+        "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
+    });
+    if let Some(seccomp) = &i.seccomp {
+        linux["seccomp"] = seccomp.clone();
+    }
     let hooks = match &i.poststart {
         Some(cmd) if !cmd.is_empty() => json!({"poststart": [{"path": cmd[0], "args": cmd}]}),
         _ => json!({}),
@@ -261,16 +316,11 @@ pub fn build(i: &SpecInput<'_>) -> Value {
              "options": ["nosuid", "noexec", "nodev"]},
             {"destination": "/sys", "type": "sysfs", "source": "sysfs",
              "options": ["nosuid", "noexec", "nodev", "ro"]},
-            {"destination": "/etc/resolv.conf", "type": "bind", "source": "/etc/resolv.conf",
-             "options": ["rbind", "ro"]}
+            {"destination": "/etc/resolv.conf", "type": "bind", "source": i.resolv_conf,
+             "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]}
         ],
         "hooks": hooks,
-        "linux": {
-            "namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"}, {"type": "uts"}],
-            "maskedPaths": ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-                "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware", "/proc/scsi"],
-            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
-        }
+        "linux": linux
     })
 }
 
@@ -364,6 +414,9 @@ mod tests {
             rootfs: Path::new("/r"),
             hostname: "h",
             poststart: Some(vec!["/usr/bin/touch".into(), "/tmp/x".into()]),
+            network: NetNs::New,
+            resolv_conf: Path::new("/etc/resolv.conf"),
+            seccomp: super::super::seccomp::Seccomp::Default.spec(),
         });
         assert_eq!(s["process"]["user"]["uid"], 1000);
         assert_eq!(s["process"]["cwd"], "/");
@@ -376,6 +429,51 @@ mod tests {
             .iter()
             .filter_map(|n| n["type"].as_str())
             .collect();
-        assert_eq!(ns, vec!["pid", "mount", "ipc", "uts"]);
+        assert_eq!(ns, vec!["pid", "mount", "ipc", "uts", "cgroup", "network"]);
+        let caps = s["process"]["capabilities"]["bounding"]
+            .as_array()
+            .expect("caps");
+        assert!(!caps.iter().any(|c| c == "CAP_NET_RAW"), "{caps:?}");
+        assert!(s["linux"]["maskedPaths"]
+            .as_array()
+            .expect("masked")
+            .iter()
+            .any(|p| p == "/sys/devices/virtual/powercap"));
+        assert_eq!(s["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ALLOW");
+    }
+
+    #[test]
+    fn network_choices() {
+        let u = resolve_user("", "", "").expect("root");
+        let c = cfg();
+        let spec = |network| {
+            build(&SpecInput {
+                image: &c,
+                user: &u,
+                args: vec!["sh".into()],
+                env: vec![],
+                terminal: false,
+                rootfs: Path::new("/r"),
+                hostname: "h",
+                poststart: None,
+                network,
+                resolv_conf: Path::new("/b/resolv.conf"),
+                seccomp: None,
+            })
+        };
+        let net = |s: &Value| -> Option<Value> {
+            s["linux"]["namespaces"]
+                .as_array()
+                .expect("namespaces")
+                .iter()
+                .find(|n| n["type"] == "network")
+                .cloned()
+        };
+        assert!(net(&spec(NetNs::Host)).is_none());
+        assert_eq!(net(&spec(NetNs::New)), Some(json!({"type": "network"})));
+        let p = spec(NetNs::Path(Path::new("/proc/1/task/2/ns/net")));
+        assert_eq!(net(&p).expect("ns")["path"], "/proc/1/task/2/ns/net");
+        assert!(p["linux"].get("seccomp").is_none());
+        assert_eq!(p["mounts"][6]["source"], "/b/resolv.conf");
     }
 }

@@ -39,8 +39,10 @@ pub(crate) struct RunDir {
 impl RunDir {
     /// Creates a new run directory under `work_root`, locked.
     pub(crate) fn create(work_root: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::Builder::new()
             .prefix("run-")
+            .permissions(std::fs::Permissions::from_mode(0o700))
             .tempdir_in(work_root)?;
         let lock = File::create(dir.path().join(LOCK))?;
         disk_lock::lock_exclusive(&lock)?;

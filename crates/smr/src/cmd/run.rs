@@ -34,6 +34,22 @@ pub struct Args {
     /// The OCI runtime.
     #[arg(long, default_value = "runc")]
     runtime: String,
+    /// The container's network, like `docker run --network`: `default` (a
+    /// namespace of its own, outbound through slirp4netns when installed;
+    /// the host's loopback is not reachable), `none` (loopback only) or
+    /// `host` (the host's network namespace).
+    #[arg(
+        long = "net",
+        alias = "network",
+        value_name = "MODE",
+        default_value = "default"
+    )]
+    network: smr_node::run::net::Network,
+    /// Security options, like `docker run --security-opt`:
+    /// `seccomp=unconfined` (no filter) or `seccomp=FILE` (an OCI
+    /// LinuxSeccomp JSON profile) instead of smr's default filter.
+    #[arg(long = "security-opt", value_name = "OPT")]
+    security_opt: Vec<String>,
     /// The command (replaces the image's Cmd; its Entrypoint is kept).
     #[arg(last = true)]
     command: Vec<String>,
@@ -42,6 +58,10 @@ pub struct Args {
 /// Runs a container from the image; its exit code becomes smr's.
 pub fn run(a: Args) -> Result<ExitCode> {
     let started = (Instant::now(), SystemTime::now());
+    let mut seccomp = smr_node::run::seccomp::Seccomp::Default;
+    for opt in &a.security_opt {
+        seccomp = smr_node::run::seccomp::Seccomp::parse(opt)?;
+    }
     // This process serves the image's FUSE export while the container runs.
     smr_node::malloc::limit_arenas(smr_node::malloc::SERVER_ARENAS);
     let opened = a.image.open_full()?;
@@ -62,6 +82,8 @@ pub fn run(a: Args) -> Result<ExitCode> {
         loop_opts: a.loop_args.options(),
         work_root: a.work_dir,
         runc: a.runtime,
+        network: a.network,
+        seccomp,
         started,
     };
     let mut r = smr_node::run::run(req).with_context(|| format!("running {}", a.image.image))?;
