@@ -10,7 +10,7 @@
 //!    driver's ioctls with autoclear, whose `read_ahead_kb` is set from
 //!    [`LoopOptions::readahead_kb`];
 //! 3. the ext4 filesystem on it mounted read-only (mount(2), like
-//!    `mount -t ext4 -o ro,noload`) on the mount point; from then on the
+//!    `mount -t ext4 -o ro,noload,nosuid,nodev`) on the mount point; from then on the
 //!    mount alone holds the loop device, and the kernel frees the device
 //!    when it is unmounted.
 //!

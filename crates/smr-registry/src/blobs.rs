@@ -14,8 +14,9 @@ pub trait Blobs: Send + Sync {
     /// The size of blob `digest`, or `None` when the repository lacks it.
     fn blob_size(&self, digest: &str) -> Result<Option<u64>>;
 
-    /// The whole blob `digest`, verified against its digest.
-    fn get_blob(&self, digest: &str) -> Result<Vec<u8>>;
+    /// The whole blob `digest`, verified against its digest; a blob of
+    /// more than `limit` bytes is an error, found while it is read.
+    fn get_blob(&self, digest: &str, limit: u64) -> Result<Vec<u8>>;
 
     /// `len` bytes of blob `digest` from `offset` (HTTP Range). Not
     /// verifiable here: callers verify what they cut out of it.

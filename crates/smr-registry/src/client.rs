@@ -192,9 +192,9 @@ impl Blobs for Repository {
         self.run(move |c, repo| async move { c.blob_size(&repo, &digest).await })
     }
 
-    fn get_blob(&self, digest: &str) -> Result<Vec<u8>> {
+    fn get_blob(&self, digest: &str, limit: u64) -> Result<Vec<u8>> {
         let digest = digest.to_string();
-        self.run(move |c, repo| async move { c.get_blob(&repo, &digest).await })
+        self.run(move |c, repo| async move { c.get_blob(&repo, &digest, limit).await })
     }
 
     fn get_blob_range(&self, digest: &str, offset: u64, len: u64) -> Result<Vec<u8>> {

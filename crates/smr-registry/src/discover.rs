@@ -308,10 +308,26 @@ fn check_packs(repo: &str, digest: &str, m: &ArtifactManifest, index: &PackIndex
     Ok(())
 }
 
-/// Blob `desc`, checked against its digest and size.
+/// Largest blob of an smr artifact read into memory (recipe, profile,
+/// pack index, config): a recipe of 256 MiB describes an image of
+/// hundreds of GiB.
+pub const ARTIFACT_BLOB_LIMIT: u64 = 256 << 20;
+
+/// Blob `desc`, checked against its digest and size; read up to the size
+/// its descriptor gives.
 pub(crate) fn fetch(blobs: &dyn Blobs, what: &str, desc: &Descriptor) -> Result<Vec<u8>> {
-    let bytes = blobs.get_blob(&desc.digest)?;
     let repo = blobs.describe();
+    if desc.size > ARTIFACT_BLOB_LIMIT {
+        return Err(RegistryError::Protocol {
+            repo,
+            what: format!("GET blob {} ({what})", desc.digest),
+            reason: format!(
+                "the manifest says {} bytes, more than the {ARTIFACT_BLOB_LIMIT}-byte limit",
+                desc.size
+            ),
+        });
+    }
+    let bytes = blobs.get_blob(&desc.digest, desc.size)?;
     verify(
         &repo,
         &format!("{what} {}", desc.digest),

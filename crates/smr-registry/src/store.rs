@@ -53,7 +53,7 @@ impl RegistryStore {
         let Some(len) = range.len else {
             return self
                 .blobs
-                .get_blob(object.as_str())
+                .get_blob(object.as_str(), self.remote.options().max_object_bytes)
                 .map_err(|e| self.error(what, e));
         };
         let bytes = self

@@ -91,9 +91,16 @@ impl Blobs for DirBlobs {
         Ok(fs::metadata(self.blob_path(digest)).ok().map(|m| m.len()))
     }
 
-    fn get_blob(&self, digest: &str) -> Result<Vec<u8>> {
+    fn get_blob(&self, digest: &str, limit: u64) -> Result<Vec<u8>> {
         let data = fs::read(self.blob_path(digest))
             .map_err(|_| self.not_found(format!("blob {digest}")))?;
+        if data.len() as u64 > limit {
+            return Err(RegistryError::Protocol {
+                repo: self.describe(),
+                what: format!("blob {digest}"),
+                reason: format!("more than the {limit}-byte limit"),
+            });
+        }
         let actual = digest_of(&data);
         if actual != digest {
             return Err(RegistryError::DigestMismatch {

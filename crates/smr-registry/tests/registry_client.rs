@@ -14,6 +14,7 @@ mod registry_client {
 
     mod auth;
     mod blobs;
+    mod endless;
     mod faults;
     mod source;
 }

@@ -47,17 +47,30 @@ impl Core {
         .await
     }
 
-    /// The whole blob, verified by oci-client against its digest.
-    pub async fn get_blob(&self, repo: &str, digest: &str) -> Result<Vec<u8>> {
+    /// The whole blob, verified against its digest. The body is read up to
+    /// `limit` bytes: a longer one fails while it is read (and is not
+    /// retried).
+    pub async fn get_blob(&self, repo: &str, digest: &str, limit: u64) -> Result<Vec<u8>> {
         let ctx = self.ctx(repo, format!("GET blob {digest}"));
-        let r = self.reference(repo, "latest");
+        let rest = format!("blobs/{digest}");
         self.retry(repo, Pull, &ctx, || async {
-            let mut out = Vec::new();
-            self.oci
-                .pull_blob(&r, digest, &mut out)
-                .await
-                .map_err(|e| from_oci(e, &ctx))?;
-            Ok(out)
+            let resp = self
+                .raw(Method::GET, repo, &rest, None, Pull, &ctx)
+                .await?;
+            let status = resp.status();
+            if status != StatusCode::OK {
+                let ra = retry_after(resp.headers());
+                let body = read_capped(resp, &ctx, ERROR_BODY_LIMIT)
+                    .await
+                    .unwrap_or_default();
+                return Err(from_status(status, ra, &body, &ctx));
+            }
+            let body = read_capped(resp, &ctx, limit).await?;
+            let actual = sha256_digest(&body);
+            if actual != digest {
+                return Err(ctx.mismatch(actual));
+            }
+            Ok(body)
         })
         .await
     }
@@ -214,35 +227,54 @@ impl Core {
     }
 
     /// The manifest at tag or digest `at` as `(media type, bytes)`, `None`
-    /// when absent. oci-client verifies bytes fetched by digest (and
-    /// against `Docker-Content-Digest`).
+    /// when absent. The body is read up to [`JSON_BLOB_LIMIT`] bytes (a
+    /// longer one fails while it is read, and is not retried); bytes
+    /// fetched by digest are verified, and by tag checked against the
+    /// `Docker-Content-Digest` the registry sends.
     pub async fn get_manifest(&self, repo: &str, at: &str) -> Result<Option<(String, Vec<u8>)>> {
         let ctx = self.ctx(repo, format!("manifest {at}"));
-        let r = self.reference(repo, at);
+        let rest = format!("manifests/{at}");
+        let accept = MANIFEST_TYPES.join(", ");
         let res = self
             .retry(repo, Pull, &ctx, || async {
-                self.oci
-                    .pull_manifest_raw(&r, &self.auth.auth, MANIFEST_TYPES)
-                    .await
-                    .map_err(|e| from_oci(e, &ctx))
+                let resp = self
+                    .raw(Method::GET, repo, &rest, Some(&accept), Pull, &ctx)
+                    .await?;
+                let status = resp.status();
+                let ra = retry_after(resp.headers());
+                let sent_digest = resp
+                    .headers()
+                    .get("docker-content-digest")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                if status != StatusCode::OK {
+                    let body = read_capped(resp, &ctx, ERROR_BODY_LIMIT)
+                        .await
+                        .unwrap_or_default();
+                    return Err(from_status(status, ra, &body, &ctx));
+                }
+                let body = read_capped(resp, &ctx, JSON_BLOB_LIMIT).await?;
+                Ok((body, sent_digest))
             })
             .await;
-        let (bytes, _digest) = match res {
+        let (bytes, sent_digest) = match res {
             Ok(v) => v,
             Err(RegistryError::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(e),
         };
-        if bytes.len() as u64 > JSON_BLOB_LIMIT {
-            return Err(ctx.protocol(format!(
-                "{} bytes, more than the {JSON_BLOB_LIMIT}-byte limit",
-                bytes.len()
-            )));
-        }
-        if at.starts_with("sha256:") && sha256_digest(&bytes) != at {
-            return Err(ctx.mismatch(sha256_digest(&bytes)));
+        let actual = sha256_digest(&bytes);
+        let expected = if at.starts_with("sha256:") {
+            Some(at)
+        } else {
+            sent_digest
+                .as_deref()
+                .filter(|d| d.starts_with("sha256:"))
+        };
+        if expected.is_some_and(|d| d != actual) {
+            return Err(ctx.mismatch(actual));
         }
         let media_type = media_type_of(&bytes, &ctx)?;
-        Ok(Some((media_type, bytes.to_vec())))
+        Ok(Some((media_type, bytes)))
     }
 
     /// Pushes manifest `bytes` under tag or digest `at`; returns its digest.
@@ -290,7 +322,7 @@ impl Core {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("")
                 .to_string();
-            let body = read_capped(resp, &ctx).await?;
+            let body = read_capped(resp, &ctx, JSON_BLOB_LIMIT).await?;
             match status {
                 StatusCode::OK if ctype.starts_with(OCI_INDEX) => Ok(Some(body)),
                 StatusCode::OK => {
@@ -341,16 +373,31 @@ impl Core {
     }
 }
 
-/// Reads a response body of at most [`JSON_BLOB_LIMIT`] bytes.
-async fn read_capped(mut resp: reqwest::Response, ctx: &Ctx) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
+/// Largest error body read (it only feeds the error message).
+const ERROR_BODY_LIMIT: u64 = 64 << 10;
+
+/// Reads a response body of at most `limit` bytes, failing as soon as it
+/// grows past it (or announces more in `Content-Length`) with an error
+/// naming the URL and the limit. The error is not transient: a registry
+/// that sent too much once is not asked again.
+async fn read_capped(mut resp: reqwest::Response, ctx: &Ctx, limit: u64) -> Result<Vec<u8>> {
+    let url = resp.url().clone();
+    let too_large = |what: String| {
+        ctx.protocol(format!(
+            "{url}: {what}, more than the {limit}-byte limit; not read"
+        ))
+    };
+    if let Some(n) = resp.content_length().filter(|&n| n > limit) {
+        return Err(too_large(format!("body of {n} bytes")));
+    }
+    let mut out = Vec::with_capacity(resp.content_length().unwrap_or(0) as usize);
     while let Some(chunk) = resp
         .chunk()
         .await
         .map_err(|e| super::classify::from_reqwest(&e, ctx))?
     {
-        if (out.len() + chunk.len()) as u64 > JSON_BLOB_LIMIT {
-            return Err(ctx.protocol(format!("answer exceeds {JSON_BLOB_LIMIT} bytes")));
+        if (out.len() + chunk.len()) as u64 > limit {
+            return Err(too_large("body still growing".into()));
         }
         out.extend_from_slice(&chunk);
     }

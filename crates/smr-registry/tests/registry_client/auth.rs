@@ -36,7 +36,7 @@ fn round_trip(repo: &Repository, seed: u64) {
     let d = digest(&data);
     repo.push_blob(&d, &data).expect("push");
     assert_eq!(repo.blob_size(&d).expect("head"), Some(10_000));
-    assert!(repo.get_blob(&d).expect("get") == data);
+    assert!(repo.get_blob(&d, LIMIT).expect("get") == data);
     assert!(repo.get_blob_range(&d, 10, 10).expect("range") == data[10..20]);
     assert_eq!(repo.referrers(&d).expect("referrers"), None);
 }
@@ -71,7 +71,7 @@ fn basic_auth_with_htpasswd() {
     assert_auth_error(&e, wrong_pass);
 
     let anon = repo_with(&reg.addr, fast_options());
-    let e = anon.get_blob(&digest(b"x")).expect_err("anonymous");
+    let e = anon.get_blob(&digest(b"x"), LIMIT).expect_err("anonymous");
     assert_auth_error(&e, PASS);
     assert!(e.to_string().contains("no credentials"), "{e}");
 }
@@ -187,7 +187,7 @@ fn bearer_tokens_and_refresh_after_401() {
     // without the password.
     let wrong = "not-the-Pa55";
     let e = repo_with(&reg.addr, with_creds(USER, wrong))
-        .get_blob(&digest(b"x"))
+        .get_blob(&digest(b"x"), LIMIT)
         .expect_err("wrong password");
     assert_auth_error(&e, wrong);
     assert!(e.to_string().contains("token service"), "{e}");
@@ -203,7 +203,7 @@ fn bearer_tokens_and_refresh_after_401() {
     let data = random_bytes(10_000, 5);
     let d = digest(&data);
     let before = svc.issued.load(Ordering::SeqCst);
-    assert!(repo.get_blob(&d).expect("get after rotation") == data);
+    assert!(repo.get_blob(&d, LIMIT).expect("get after rotation") == data);
     assert_eq!(
         svc.issued.load(Ordering::SeqCst),
         before + 1,

@@ -17,7 +17,7 @@ fn blobs_ranges_and_uploads() {
     let d = digest(&data);
 
     assert_eq!(repo.blob_size(&d).expect("head"), None);
-    match repo.get_blob(&d) {
+    match repo.get_blob(&d, LIMIT) {
         Err(RegistryError::NotFound { repo: r, what }) => {
             assert!(r.ends_with("smr/blobs"), "{r}");
             assert!(what.contains(&d), "{what}");
@@ -33,7 +33,7 @@ fn blobs_ranges_and_uploads() {
         "second push is a no-op"
     );
     assert_eq!(repo.blob_size(&d).expect("head"), Some(data.len() as u64));
-    assert!(repo.get_blob(&d).expect("get") == data);
+    assert!(repo.get_blob(&d, LIMIT).expect("get") == data);
 
     // Ranges.
     for (off, len) in [
@@ -88,7 +88,7 @@ fn chunked_uploads_and_cross_repo_mounts() {
     let big = random_bytes(9 << 20, 2);
     let d = digest(&big);
     assert!(a.push_blob(&d, &big).expect("chunked push"));
-    assert!(a.get_blob(&d).expect("get") == big);
+    assert!(a.get_blob(&d, LIMIT).expect("get") == big);
 
     // Mounted into b from a: nothing uploaded.
     assert_eq!(b.blob_size(&d).expect("head b"), None);

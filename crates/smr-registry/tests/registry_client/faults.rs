@@ -45,7 +45,7 @@ fn registry_stopped_mid_read_is_transient() {
     assert!(start.elapsed() < Duration::from_secs(30), "gave up in time");
 
     // Later requests: connection refused, also transient.
-    let e = repo.get_blob(&d).expect_err("stopped");
+    let e = repo.get_blob(&d, LIMIT).expect_err("stopped");
     assert!(e.is_transient(), "{e}");
     let e = repo.blob_size(&d).expect_err("stopped");
     assert!(e.is_transient(), "{e}");
@@ -108,14 +108,14 @@ fn retries_429_with_retry_after_and_5xx() {
         "Retry-After honoured"
     );
     assert_eq!(heads.load(Ordering::SeqCst), 2);
-    assert_eq!(repo.get_blob(&d).expect("after two 503"), body);
+    assert_eq!(repo.get_blob(&d, LIMIT).expect("after two 503"), body);
     assert_eq!(gets.load(Ordering::SeqCst), 3);
 
     let fail = Registry::new(&srv.addr, &fast_options())
         .expect("client")
         .repository("smr/fail")
         .expect("repo");
-    let e = fail.get_blob(&d).expect_err("always 500");
+    let e = fail.get_blob(&d, LIMIT).expect_err("always 500");
     assert!(e.is_transient(), "{e}");
     assert!(e.to_string().contains("always broken"), "{e}");
 }

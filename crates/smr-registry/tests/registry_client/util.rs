@@ -165,3 +165,6 @@ pub fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
 pub fn digest(data: &[u8]) -> String {
     smr_testkit::sha256_digest(data)
 }
+
+/// The read limit the tests give whole-blob reads.
+pub const LIMIT: u64 = 1 << 30;
