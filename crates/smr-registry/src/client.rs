@@ -151,6 +151,15 @@ impl Repository {
     /// Waits for the first bytes, so a missing blob or refused credentials
     /// fail here rather than on the first read.
     pub fn open_blob(&self, digest: &str) -> Result<BlobReader> {
+        if smr_image::source::digest::parse_digest(digest).is_err() {
+            return Err(self.core.finish(RegistryError::Protocol {
+                repo: self.describe(),
+                what: format!("GET blob {digest}"),
+                reason: format!(
+                    "digest {digest:?} is not sha256:<64 lowercase hex digits>; not requested"
+                ),
+            }));
+        }
         let mut r = BlobReader::start(self.core.clone(), self.name.clone(), digest.to_string());
         r.prime()?;
         Ok(r)

@@ -14,7 +14,7 @@ mod registry_client {
 
     mod auth;
     mod blobs;
-    mod endless;
     mod faults;
+    mod hostile;
     mod source;
 }

@@ -11,10 +11,15 @@ use reqwest::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use reqwest::{Method, StatusCode};
 use sha2::{Digest as _, Sha256};
 use smr_image::media_types::{DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST};
-use smr_image::source::digest::{sha256_digest, JSON_BLOB_LIMIT};
+use smr_image::source::digest::sha256_digest;
 
 /// The manifest media types we ask for (and accept).
 pub(crate) const MANIFEST_TYPES: &[&str] = &[OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST];
+
+/// Largest manifest, index or referrers list read: 4 MiB, the limit
+/// containerd applies to manifests and the size the distribution spec
+/// asks registries to accept at least.
+pub const MANIFEST_LIMIT: u64 = 4 << 20;
 
 /// Tags asked for per page of `tags/list`.
 const TAGS_PAGE: usize = 1000;
@@ -23,6 +28,7 @@ impl Core {
     /// `HEAD` of a blob: its size, or `None` if absent.
     pub async fn blob_size(&self, repo: &str, digest: &str) -> Result<Option<u64>> {
         let ctx = self.ctx(repo, format!("HEAD blob {digest}"));
+        check_digest(digest, &ctx)?;
         let rest = format!("blobs/{digest}");
         self.retry(repo, Pull, &ctx, || async {
             let resp = self
@@ -52,11 +58,10 @@ impl Core {
     /// retried).
     pub async fn get_blob(&self, repo: &str, digest: &str, limit: u64) -> Result<Vec<u8>> {
         let ctx = self.ctx(repo, format!("GET blob {digest}"));
+        check_digest(digest, &ctx)?;
         let rest = format!("blobs/{digest}");
         self.retry(repo, Pull, &ctx, || async {
-            let resp = self
-                .raw(Method::GET, repo, &rest, None, Pull, &ctx)
-                .await?;
+            let resp = self.raw(Method::GET, repo, &rest, None, Pull, &ctx).await?;
             let status = resp.status();
             if status != StatusCode::OK {
                 let ra = retry_after(resp.headers());
@@ -85,6 +90,7 @@ impl Core {
         len: u64,
     ) -> Result<Vec<u8>> {
         let ctx = self.ctx(repo, format!("GET blob {digest} bytes {offset}+{len}"));
+        check_digest(digest, &ctx)?;
         if len == 0 {
             return Ok(Vec::new());
         }
@@ -151,6 +157,7 @@ impl Core {
         from: Option<&str>,
     ) -> Result<bool> {
         let ctx = self.ctx(repo, format!("upload of blob {digest}"));
+        check_digest(digest, &ctx)?;
         if let Some(size) = self.blob_size(repo, digest).await? {
             if size != data.len() as u64 {
                 tracing::warn!(repo = %ctx.repo, %digest, size, len = data.len(), "blob present with another size");
@@ -201,6 +208,7 @@ impl Core {
     /// registry would not (then it answered 202 and we upload instead).
     pub async fn mount_blob(&self, repo: &str, digest: &str, from: &str) -> Result<bool> {
         let ctx = self.ctx(repo, format!("mount of blob {digest} from {from}"));
+        check_digest(digest, &ctx)?;
         let r = self.reference(repo, "latest");
         let src = self.reference(from, "latest");
         let res = self
@@ -227,12 +235,13 @@ impl Core {
     }
 
     /// The manifest at tag or digest `at` as `(media type, bytes)`, `None`
-    /// when absent. The body is read up to [`JSON_BLOB_LIMIT`] bytes (a
+    /// when absent. The body is read up to [`MANIFEST_LIMIT`] bytes (a
     /// longer one fails while it is read, and is not retried); bytes
     /// fetched by digest are verified, and by tag checked against the
     /// `Docker-Content-Digest` the registry sends.
     pub async fn get_manifest(&self, repo: &str, at: &str) -> Result<Option<(String, Vec<u8>)>> {
         let ctx = self.ctx(repo, format!("manifest {at}"));
+        check_tag_or_digest(at, &ctx)?;
         let rest = format!("manifests/{at}");
         let accept = MANIFEST_TYPES.join(", ");
         let res = self
@@ -253,7 +262,7 @@ impl Core {
                         .unwrap_or_default();
                     return Err(from_status(status, ra, &body, &ctx));
                 }
-                let body = read_capped(resp, &ctx, JSON_BLOB_LIMIT).await?;
+                let body = read_capped(resp, &ctx, MANIFEST_LIMIT).await?;
                 Ok((body, sent_digest))
             })
             .await;
@@ -266,9 +275,7 @@ impl Core {
         let expected = if at.starts_with("sha256:") {
             Some(at)
         } else {
-            sent_digest
-                .as_deref()
-                .filter(|d| d.starts_with("sha256:"))
+            sent_digest.as_deref().filter(|d| d.starts_with("sha256:"))
         };
         if expected.is_some_and(|d| d != actual) {
             return Err(ctx.mismatch(actual));
@@ -286,6 +293,7 @@ impl Core {
         bytes: Bytes,
     ) -> Result<String> {
         let ctx = self.ctx(repo, format!("PUT manifest {at}"));
+        check_tag_or_digest(at, &ctx)?;
         let digest = sha256_digest(&bytes);
         if at.starts_with("sha256:") && at != digest {
             return Err(ctx.mismatch(digest));
@@ -309,6 +317,7 @@ impl Core {
     /// that is not an OCI index, as the spec tells clients to treat it).
     pub async fn referrers(&self, repo: &str, digest: &str) -> Result<Option<Vec<u8>>> {
         let ctx = self.ctx(repo, format!("referrers of {digest}"));
+        check_digest(digest, &ctx)?;
         let rest = format!("referrers/{digest}");
         self.retry(repo, Pull, &ctx, || async {
             let resp = self
@@ -322,7 +331,7 @@ impl Core {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("")
                 .to_string();
-            let body = read_capped(resp, &ctx, JSON_BLOB_LIMIT).await?;
+            let body = read_capped(resp, &ctx, MANIFEST_LIMIT).await?;
             match status {
                 StatusCode::OK if ctype.starts_with(OCI_INDEX) => Ok(Some(body)),
                 StatusCode::OK => {
@@ -370,6 +379,39 @@ impl Core {
             }
             all.sort();
         }
+    }
+}
+
+/// Refuses a digest that is not `sha256:<64 lowercase hex>` before it
+/// goes into a URL (a referrers list or index could name
+/// `sha256:../../x`).
+fn check_digest(digest: &str, ctx: &Ctx) -> Result<()> {
+    smr_image::source::digest::parse_digest(digest).map_err(|_| {
+        ctx.protocol(format!(
+            "digest {digest:?} is not sha256:<64 lowercase hex digits>; not requested"
+        ))
+    })?;
+    Ok(())
+}
+
+/// [`check_digest`] for a digest (it has a `:`), else the tag grammar of
+/// the distribution spec: `[A-Za-z0-9_][A-Za-z0-9._-]{0,127}`.
+fn check_tag_or_digest(at: &str, ctx: &Ctx) -> Result<()> {
+    if at.contains(':') {
+        return check_digest(at, ctx);
+    }
+    let ok = at.len() <= 128
+        && at
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && at
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ctx.protocol(format!("tag {at:?} is not a valid tag; not requested")))
     }
 }
 

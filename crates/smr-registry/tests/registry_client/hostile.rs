@@ -1,5 +1,6 @@
-//! A registry that never stops sending: every body read is bounded while
-//! it is read, and a body that was too large is not asked for again.
+//! A hostile registry: bodies that never end are bounded while they are
+//! read (and not asked for again), and digests it names are validated
+//! before they go into a URL.
 
 use super::util::*;
 use smr_registry::client::Registry;
@@ -64,7 +65,7 @@ fn endless_bodies_fail_at_the_limit_without_retry() {
     let msg = e.to_string();
     assert!(
         msg.contains(&format!("http://{addr}/v2/smr/endless/manifests/latest"))
-            && msg.contains("33554432-byte limit"),
+            && msg.contains("4194304-byte limit"),
         "{msg}"
     );
     assert_eq!(started.load(Ordering::SeqCst), 1, "retried: {msg}");
@@ -79,4 +80,37 @@ fn endless_bodies_fail_at_the_limit_without_retry() {
     let e = repo.referrers(&d).expect_err("endless referrers");
     assert!(e.to_string().contains("-byte limit"), "{e}");
     assert_eq!(started.load(Ordering::SeqCst), 3, "retried: {e}");
+}
+
+/// Digests and tags that are not what they claim never reach the server.
+#[test]
+fn hostile_digests_are_refused_before_any_request() {
+    let (addr, started) = endless_server();
+    let repo = Registry::new(&addr, &fast_options())
+        .expect("client")
+        .repository("smr/hostile")
+        .expect("repo");
+    for bad in [
+        "sha256:../../x",
+        "sha256:AB",
+        &format!("sha256:{}", "AB".repeat(32)),
+        &format!("sha256:{}/../x", "ab".repeat(32)),
+        "md5:abc",
+    ] {
+        let name = format!("{bad:?}");
+        for e in [
+            repo.get_blob(bad, LIMIT).expect_err("blob"),
+            repo.blob_size(bad).expect_err("size"),
+            repo.get_blob_range(bad, 0, 1).expect_err("range"),
+            repo.referrers(bad).expect_err("referrers"),
+            repo.get_manifest(bad).expect_err("manifest"),
+            repo.open_blob(bad).map(|_| ()).expect_err("stream"),
+        ] {
+            assert!(matches!(e, RegistryError::Protocol { .. }), "{e}");
+            assert!(e.to_string().contains(&name), "{e}");
+        }
+    }
+    let e = repo.get_manifest("../../v2/_catalog").expect_err("tag");
+    assert!(e.to_string().contains("not a valid tag"), "{e}");
+    assert_eq!(started.load(Ordering::SeqCst), 0, "a request was sent");
 }
