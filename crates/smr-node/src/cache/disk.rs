@@ -56,11 +56,15 @@ pub(crate) struct Layout {
     tmp_counter: AtomicU64,
     /// This process's id, in temp file names.
     pid: u32,
+    /// Bound on every wait for a lock in the cache.
+    pub(crate) lock_timeout: Duration,
 }
 
 impl Layout {
-    /// Creates the directories if needed.
-    pub(crate) fn create(root: &Path) -> io::Result<Self> {
+    /// Creates the directories if needed; the cache directory itself is
+    /// private to its owner (`0700`, see [`crate::dirs::private_dir`]).
+    pub(crate) fn create(root: &Path, lock_timeout: Duration) -> io::Result<Self> {
+        crate::dirs::private_dir(root)?;
         let l = Layout {
             root: root.to_path_buf(),
             chunks: root.join("chunks"),
@@ -68,6 +72,7 @@ impl Layout {
             tmp: root.join("tmp"),
             tmp_counter: AtomicU64::new(0),
             pid: std::process::id(),
+            lock_timeout,
         };
         for d in [&l.chunks, &l.tmp] {
             fs::create_dir_all(d)?;
@@ -123,6 +128,47 @@ pub(crate) fn try_lock_exclusive(file: &File) -> io::Result<bool> {
 /// Takes `LOCK_EX`, waiting for it.
 pub(crate) fn lock_exclusive(file: &File) -> io::Result<()> {
     flock(file, FlockOperation::LockExclusive)
+}
+
+/// Takes `LOCK_EX` (or `LOCK_SH`), waiting at most `timeout`: non-blocking
+/// attempts with pauses growing from 0.2 to 20 ms (a lock in the cache is
+/// held for a file write at most, so waits are short; a holder that never
+/// lets go makes this a `TimedOut` error, not a hang).
+pub(crate) fn lock_within(file: &File, exclusive: bool, timeout: Duration) -> io::Result<()> {
+    let op = if exclusive {
+        FlockOperation::NonBlockingLockExclusive
+    } else {
+        FlockOperation::NonBlockingLockShared
+    };
+    retry_within(timeout, || match flock(file, op) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(false),
+        Err(e) => Err(e),
+    })
+}
+
+/// Calls `attempt` until it returns `Ok(true)` or `timeout` has passed
+/// (then a `TimedOut` error), pausing 0.2 ms, doubling up to 20 ms.
+pub(crate) fn retry_within(
+    timeout: Duration,
+    mut attempt: impl FnMut() -> io::Result<bool>,
+) -> io::Result<()> {
+    let start = std::time::Instant::now();
+    let mut pause = Duration::from_micros(200);
+    loop {
+        if attempt()? {
+            return Ok(());
+        }
+        let left = timeout.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                ErrorKind::TimedOut,
+                format!("lock held by another process for more than {timeout:?}"),
+            ));
+        }
+        std::thread::sleep(pause.min(left));
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
 }
 
 /// Releases a lock taken with [`lock_exclusive`].
@@ -222,7 +268,7 @@ fn open_handle(layout: &Layout, id: &ChunkId) -> io::Result<Option<Handle>> {
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    flock(&file, FlockOperation::LockShared)?;
+    lock_within(&file, false, layout.lock_timeout)?;
     let meta = file.metadata()?;
     if meta.nlink() == 0 {
         return Ok(None);
@@ -562,7 +608,7 @@ pub(crate) fn insert(layout: &Layout, id: &ChunkId, data: &[u8]) -> io::Result<H
         }
         Err(e) => return Err(e.into()),
     }
-    entry_handle(file, data.len(), crc, now)
+    entry_handle(file, data.len(), crc, now, layout.lock_timeout)
 }
 
 /// Writes an entry's bytes, CRC-32C attribute and "seen once" timestamps
@@ -585,9 +631,15 @@ fn write_entry(
 
 /// The handle of a just-written entry: its lock turned shared, so that
 /// the evictor skips it while this process keeps it.
-fn entry_handle(file: File, len: usize, crc: Option<u32>, now: SystemTime) -> io::Result<Handle> {
+fn entry_handle(
+    file: File,
+    len: usize,
+    crc: Option<u32>,
+    now: SystemTime,
+    timeout: Duration,
+) -> io::Result<Handle> {
     use std::os::unix::fs::MetadataExt;
-    flock(&file, FlockOperation::LockShared)?;
+    lock_within(&file, false, timeout)?;
     let meta = file.metadata()?;
     Ok(Handle::new(
         file,
@@ -619,7 +671,7 @@ pub(crate) fn insert_named(layout: &Layout, id: &ChunkId, data: &[u8]) -> io::Re
             fs::create_dir_all(dir)?;
             fs::rename(&tmp, &path)?;
         }
-        entry_handle(f, data.len(), crc, now)
+        entry_handle(f, data.len(), crc, now, layout.lock_timeout)
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);

@@ -80,6 +80,14 @@
 //!   extra chunks of multi-chunk reads. [`CacheStats::inflight`] and
 //!   [`CacheStats::max_inflight`] show the fetch concurrency reached.
 //!
+//! - **Who may touch it.** The directory is its owner's alone (`0700`:
+//!   created so, an existing one with wider permissions is narrowed on
+//!   open, one owned by another user is refused), so no other user can
+//!   hold one of its locks or read its entries. Every wait for a lock has
+//!   a bound ([`CacheConfig::lock_timeout`], default 60 s): past it a
+//!   miss is fetched without the fetch lock (a duplicate fetch at worst),
+//!   and the other waits fail with an error naming the file.
+//!
 //! All processes sharing a directory must run as the same user (setting
 //! timestamps, and opening entries with `O_NOATIME`, require owning the
 //! files).
@@ -165,6 +173,34 @@ pub struct CacheConfig {
     /// limit (`RLIMIT_NOFILE`, whose soft limit is raised towards the hard
     /// one if needed) does not leave room for them.
     pub open_files: usize,
+    /// Bound on every wait for a lock in the cache directory (another
+    /// process's fetch of the same chunk, the stats record, an entry):
+    /// past it a fetch goes ahead without the fetch lock, and other waits
+    /// fail with an error naming the file. Default
+    /// [`DEFAULT_LOCK_TIMEOUT`], or `SMR_CACHE_LOCK_TIMEOUT` (seconds).
+    pub lock_timeout: Duration,
+}
+
+/// Default [`CacheConfig::lock_timeout`].
+pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Environment variable overriding [`DEFAULT_LOCK_TIMEOUT`] (seconds,
+/// fractions allowed).
+pub const LOCK_TIMEOUT_ENV: &str = "SMR_CACHE_LOCK_TIMEOUT";
+
+/// [`DEFAULT_LOCK_TIMEOUT`], or [`LOCK_TIMEOUT_ENV`] when it holds a
+/// positive number of seconds (anything else is ignored with a warning).
+fn lock_timeout_from_env() -> Duration {
+    let Some(v) = std::env::var_os(LOCK_TIMEOUT_ENV) else {
+        return DEFAULT_LOCK_TIMEOUT;
+    };
+    match v.to_str().and_then(|s| s.parse::<f64>().ok()) {
+        Some(s) if s > 0.0 && s.is_finite() && s < 1e9 => Duration::from_secs_f64(s),
+        _ => {
+            tracing::warn!(value = ?v, "{LOCK_TIMEOUT_ENV} is not a positive number of seconds; using {DEFAULT_LOCK_TIMEOUT:?}");
+            DEFAULT_LOCK_TIMEOUT
+        }
+    }
 }
 
 impl CacheConfig {
@@ -177,6 +213,7 @@ impl CacheConfig {
             fetch_threads: DEFAULT_FETCH_THREADS,
             access_granularity: DEFAULT_ACCESS_GRANULARITY,
             open_files: DEFAULT_OPEN_FILES,
+            lock_timeout: lock_timeout_from_env(),
         }
     }
 }
@@ -219,9 +256,10 @@ impl Cache {
     /// dead processes, rescans the total size and evicts down to the
     /// budget if it is over.
     pub fn open(cfg: CacheConfig) -> Result<Arc<Cache>> {
-        let layout = Layout::create(&cfg.dir).map_err(|e| CacheError::io(&cfg.dir, e))?;
-        let stats_file =
-            StatsFile::open(&layout.stats()).map_err(|e| CacheError::io(layout.stats(), e))?;
+        let layout =
+            Layout::create(&cfg.dir, cfg.lock_timeout).map_err(|e| CacheError::io(&cfg.dir, e))?;
+        let stats_file = StatsFile::open(&layout.stats(), cfg.lock_timeout)
+            .map_err(|e| CacheError::io(layout.stats(), e))?;
         let cache = Cache {
             memory: Mutex::new(MemoryLru::new(cfg.memory_bytes)),
             handles: Handles::new(
@@ -447,10 +485,10 @@ impl Cache {
             return Ok(b);
         }
         self.pending.misses.fetch_add(1, Ordering::Relaxed);
-        let lock = match fetch_lock::lock(&self.layout.fetch_lock, id) {
+        let lock = match fetch_lock::lock(&self.layout.fetch_lock, id, self.cfg.lock_timeout) {
             Ok(l) => Some(l),
             Err(e) => {
-                tracing::warn!(chunk = %id, error = %e, "cannot take chunk fetch lock; fetching without it");
+                tracing::warn!(chunk = %id, lock = %self.layout.fetch_lock.display(), error = %e, "cannot take chunk fetch lock; fetching without it");
                 None
             }
         };
@@ -628,7 +666,7 @@ impl Cache {
             .open(&path)
             .map_err(io)?;
         if wait {
-            disk::lock_exclusive(&f).map_err(io)?;
+            disk::lock_within(&f, true, self.cfg.lock_timeout).map_err(io)?;
         } else if !disk::try_lock_exclusive(&f).map_err(io)? {
             return Ok(None);
         }

@@ -185,10 +185,12 @@ pub(crate) struct StatsFile {
     /// flock excludes other processes; the mutex excludes our own threads
     /// (they share this open file description, which flock does not).
     file: Mutex<File>,
+    /// Bound on the wait for the flock.
+    lock_timeout: std::time::Duration,
 }
 
 impl StatsFile {
-    pub(crate) fn open(path: &Path) -> io::Result<Self> {
+    pub(crate) fn open(path: &Path, lock_timeout: std::time::Duration) -> io::Result<Self> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -198,6 +200,7 @@ impl StatsFile {
         Ok(StatsFile {
             path: path.to_path_buf(),
             file: Mutex::new(file),
+            lock_timeout,
         })
     }
 
@@ -209,7 +212,7 @@ impl StatsFile {
         f: impl FnOnce(&mut CacheCounters),
     ) -> io::Result<CacheCounters> {
         let file = self.file.lock().unwrap_or_else(PoisonError::into_inner);
-        disk::lock_exclusive(&file)?;
+        disk::lock_within(&file, true, self.lock_timeout)?;
         let result = (|| {
             let mut buf = [0u8; RECORD_LEN];
             let mut c = match file.read_exact_at(&mut buf, 0) {
@@ -281,7 +284,7 @@ mod tests {
     fn update_adds_pending_and_persists() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("stats");
-        let s = StatsFile::open(&path).expect("open");
+        let s = StatsFile::open(&path, std::time::Duration::from_secs(10)).expect("open");
         let p = Pending::default();
         p.hits.fetch_add(3, Ordering::Relaxed);
         p.total_bytes.fetch_add(100, Ordering::Relaxed);
@@ -289,7 +292,7 @@ mod tests {
         assert_eq!((c.hits, c.total_bytes), (3, 100));
         p.total_bytes.fetch_sub(40, Ordering::Relaxed);
         drop(s);
-        let s2 = StatsFile::open(&path).expect("reopen");
+        let s2 = StatsFile::open(&path, std::time::Duration::from_secs(10)).expect("reopen");
         let c = s2.update(&p, |c| c.evictions += 1).expect("update");
         assert_eq!((c.hits, c.total_bytes, c.evictions), (3, 60, 1));
         assert_eq!(p.hits.load(Ordering::Relaxed), 0, "deltas drained");

@@ -51,8 +51,7 @@ fn mounted_images_keep_setuid_and_devices_inert() {
     }
     ok(e.smr("mount").arg(&mnt));
     let suid = mnt.join("usr/bin/id-suid");
-    let mode = std::fs::metadata(&suid).unwrap().permissions().mode();
-    assert_eq!(mode & 0o7777, 0o4755, "the image keeps its mode bits");
+    assert_eq!(mode(&suid), 0o4755, "the image keeps its mode bits");
     let out = run(Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(&suid)
@@ -65,8 +64,24 @@ fn mounted_images_keep_setuid_and_devices_inert() {
         .unwrap()
         .permissions()
         .mode();
+    // The node cache is root's: another user cannot open its lock files
+    // (and so cannot hold a lock that would hang a start).
+    let cache_lock = e.path("cache").join("fetch.lock");
+    assert!(cache_lock.exists());
+    let locker = run(Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "flock",
+            "-n",
+        ])
+        .arg(&cache_lock)
+        .arg("true"));
     ok(&mut e.umount(&mnt));
     e.assert_clean();
+    assert!(!locker.status.success(), "another user took a cache lock");
+    assert_eq!(mode(&e.path("cache")), 0o700, "cache directory mode");
     assert_eq!(
         euid,
         "65534",

@@ -14,6 +14,7 @@ use smr_store::{ChunkStore, LocalStore};
 use super::*;
 
 mod evict;
+mod locks;
 mod now;
 mod open_files;
 mod procs;
@@ -291,7 +292,8 @@ fn bad_bytes_from_the_store_are_an_error_and_never_cached() {
 #[test]
 fn inserts_leave_whole_entries_with_their_crc_and_no_temp_files() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let layout = disk::Layout::create(&tmp.path().join("cache")).expect("layout");
+    let layout = disk::Layout::create(&tmp.path().join("cache"), super::DEFAULT_LOCK_TIMEOUT)
+        .expect("layout");
     let (a, b) = (bytes(1, 5000), bytes(2, 7000));
     let (ida, idb) = (ChunkId::of(&a), ChunkId::of(&b));
     // Unnamed file linked into place (O_TMPFILE), its directory made on
