@@ -5,6 +5,8 @@ use crate::chunks::{ChunkError, ImageChunks};
 use crossbeam_channel::unbounded;
 use smr_store::ChunkStore;
 use std::fs::File;
+use std::io::Write;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -26,8 +28,18 @@ fn for_each_chunk<T: Send, E: Send>(
     threads: usize,
     f: impl Fn(usize) -> Result<T, E> + Sync,
 ) -> Vec<(usize, Result<T, E>)> {
+    for_each_chunk_in(0..img.recipe.chunks.len(), threads, f)
+}
+
+/// Runs `f` on the chunk-table positions `positions` with `threads`
+/// workers; returns the per-position results in order.
+fn for_each_chunk_in<T: Send, E: Send>(
+    positions: Range<usize>,
+    threads: usize,
+    f: impl Fn(usize) -> Result<T, E> + Sync,
+) -> Vec<(usize, Result<T, E>)> {
     let (tx, rx) = unbounded();
-    for pos in 0..img.recipe.chunks.len() {
+    for pos in positions {
         let _ = tx.send(pos);
     }
     drop(tx);
@@ -122,4 +134,57 @@ pub fn extract(
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Chunks fetched ahead of the writer per worker by [`extract_stream`]:
+/// bounds its memory to about `threads * STREAM_AHEAD` chunks.
+const STREAM_AHEAD: usize = 4;
+
+/// Writes the image to `out` front to back, verifying every chunk, for
+/// outputs that cannot be written out of order or replaced (a pipe, a FIFO,
+/// a character device). Holes (chunks the recipe omits because they are
+/// zero) are written as zeros. `name` names the output in errors. Chunks
+/// are fetched `threads` at a time in windows, and written in order.
+pub fn extract_stream(
+    img: &ImageChunks,
+    store: &dyn ChunkStore,
+    out: &mut dyn Write,
+    name: &str,
+    threads: usize,
+) -> Result<u64, ExtractError> {
+    if img.recipe.encrypted() && img.keys_missing() {
+        return Err(smr_format::FormatError::KeyRequired.into());
+    }
+    let io_err = |source| ExtractError::Io {
+        path: name.to_string(),
+        source,
+    };
+    let cs = img.recipe.chunk_size;
+    let size = img.recipe.image_size;
+    let mut written = 0u64;
+    let zeros = vec![0u8; 1 << 16];
+    let fill = |out: &mut dyn Write, written: &mut u64, to: u64| -> Result<(), ExtractError> {
+        while *written < to {
+            let n = (to - *written).min(zeros.len() as u64) as usize;
+            out.write_all(&zeros[..n]).map_err(io_err)?;
+            *written += n as u64;
+        }
+        Ok(())
+    };
+    let total = img.recipe.chunks.len();
+    let window = threads.max(1) * STREAM_AHEAD;
+    let mut start = 0;
+    while start < total {
+        let end = (start + window).min(total);
+        for (_, r) in for_each_chunk_in(start..end, threads, |pos| img.fetch(store, pos)) {
+            let (e, plain) = r?;
+            fill(out, &mut written, e.index * cs)?;
+            out.write_all(&plain).map_err(io_err)?;
+            written += plain.len() as u64;
+        }
+        start = end;
+    }
+    fill(out, &mut written, size)?;
+    out.flush().map_err(io_err)?;
+    Ok(size)
 }

@@ -1,5 +1,25 @@
 //! `smr`: Stream My Root. Thin command line over the smr libraries.
 
+/// `println!` that ends the process quietly with status 141 (what a shell
+/// reports for SIGPIPE) when standard output is a closed pipe, as other Unix
+/// tools do, instead of panicking.
+macro_rules! outln {
+    () => {
+        $crate::write_stdout(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `eprintln!` that ignores a closed or failing standard error: status
+/// lines are not worth failing (or panicking) the work they describe.
+macro_rules! errln {
+    ($($arg:tt)*) => {
+        $crate::write_stderr(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 mod cmd;
 mod keys;
 mod progress;
@@ -72,8 +92,9 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        Err(e) if broken_pipe(&e) => ExitCode::from(EXIT_BROKEN_PIPE),
         Err(e) => {
-            eprintln!("smr: error: {}", error_chain(&e));
+            errln!("smr: error: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
@@ -94,4 +115,35 @@ fn error_chain(e: &anyhow::Error) -> String {
         out.push_str(&text);
     }
     out
+}
+
+/// Exit status for a closed standard output: 128 + SIGPIPE, what a shell
+/// reports for a tool killed by the signal.
+const EXIT_BROKEN_PIPE: u8 = 141;
+
+/// Writes to standard output; a closed pipe ends the process quietly with
+/// [`EXIT_BROKEN_PIPE`], any other failure with an error.
+fn write_stdout(args: std::fmt::Arguments) {
+    use std::io::Write;
+    if let Err(e) = std::io::stdout().lock().write_fmt(args) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(EXIT_BROKEN_PIPE.into());
+        }
+        write_stderr(format_args!("smr: error: writing standard output: {e}\n"));
+        std::process::exit(1);
+    }
+}
+
+/// Writes to standard error, ignoring failure.
+fn write_stderr(args: std::fmt::Arguments) {
+    use std::io::Write;
+    let _ = std::io::stderr().lock().write_fmt(args);
+}
+
+/// Whether `e` comes from writing to a closed pipe.
+fn broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }

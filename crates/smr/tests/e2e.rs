@@ -8,5 +8,6 @@ mod e2e {
     mod bad_input;
     mod debian;
     mod nbd;
+    mod outputs;
     mod synthetic;
 }

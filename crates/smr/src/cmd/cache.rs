@@ -65,27 +65,29 @@ pub fn run(a: Args) -> Result<ExitCode> {
             }
             let s = cache.open()?.stats()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                outln!("{}", serde_json::to_string_pretty(&s)?);
             } else {
                 let c = &s.counters;
-                println!("cache      {}", s.dir.display());
-                println!(
+                outln!("cache      {}", s.dir.display());
+                outln!(
                     "size       {} in {} chunks (budget {})",
                     human(c.total_bytes),
                     c.entries,
                     human(s.budget_bytes)
                 );
-                println!(
+                outln!(
                     "hits       {} (memory {}), misses {}",
-                    c.hits, c.memory_hits, c.misses
+                    c.hits,
+                    c.memory_hits,
+                    c.misses
                 );
-                println!(
+                outln!(
                     "fetches    {} ({}), errors {}",
                     c.fetches,
                     human(c.fetched_bytes),
                     c.fetch_errors
                 );
-                println!(
+                outln!(
                     "evictions  {} ({}), corrupt entries healed {}",
                     c.evictions,
                     human(c.evicted_bytes),
@@ -95,7 +97,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         }
         CacheCommand::Prune { cache, to } => {
             let r = cache.open()?.prune(to)?;
-            eprintln!(
+            errln!(
                 "evicted {} chunks ({}); {} chunks left{}",
                 r.evicted_entries,
                 human(r.evicted_bytes),

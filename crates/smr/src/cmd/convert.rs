@@ -232,7 +232,7 @@ fn open_store(location: &str) -> Result<(Arc<dyn smr_store::ChunkStore>, Batched
 /// Prints what the conversion made, in `secs` seconds.
 fn report(a: &Args, src: &dyn ImageSource, out: &ConvertOutput, recipe_len: usize, secs: f64) {
     let c = &out.chunks;
-    eprintln!(
+    errln!(
         "converted {} -> {} ({})",
         src.describe(),
         a.out
@@ -240,7 +240,7 @@ fn report(a: &Args, src: &dyn ImageSource, out: &ConvertOutput, recipe_len: usiz
             .map_or("the registry".into(), |p| p.display().to_string()),
         out.recipe.digest()
     );
-    eprintln!(
+    errln!(
         "  image {}, file data {} in {} layers, {} entries",
         human(out.ext4.image_size),
         human(out.flatten.file_bytes),
@@ -248,11 +248,11 @@ fn report(a: &Args, src: &dyn ImageSource, out: &ConvertOutput, recipe_len: usiz
         out.flatten.entries
     );
     let dead = (out.ext4.data_blocks_written - out.ext4.live_data_blocks) * 4096;
-    eprintln!(
+    errln!(
         "  dead data {} (blocks of files that upper layers replaced or deleted, kept so lower layers' chunks stay shared)",
         human(dead)
     );
-    eprintln!(
+    errln!(
         "  chunks {} total: {} zero, {} new, {} reused; {} stored, {} written",
         c.total,
         c.zero,
@@ -261,7 +261,7 @@ fn report(a: &Args, src: &dyn ImageSource, out: &ConvertOutput, recipe_len: usiz
         human(c.stored_bytes),
         human(c.written_bytes)
     );
-    eprintln!(
+    errln!(
         "  {:.2}s, {:.1} MB/s of layer data, recipe {}",
         secs,
         out.flatten.tar_bytes as f64 / secs / 1e6,
@@ -284,7 +284,7 @@ fn push(
     };
     let t = Instant::now();
     let r = push_converted(reg, &out.recipe.source_digest, bytes, store, &opts)?;
-    eprintln!(
+    errln!(
         "pushed smr artifact {} to {}: uploaded {} of {} blobs ({}), {} already there ({}); {} packs of {} chunks; referrers: {}; {:.2}s",
         r.manifest_digest,
         reg.describe(),

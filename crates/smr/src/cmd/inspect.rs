@@ -30,9 +30,9 @@ pub fn run(a: Args) -> Result<ExitCode> {
         let o = read_recipe(other)?;
         let c = compare(&r, &o);
         if a.json {
-            println!("{}", serde_json::to_string_pretty(&c)?);
+            outln!("{}", serde_json::to_string_pretty(&c)?);
         } else {
-            println!(
+            outln!(
                 "{} of {} chunks of {} ({:.1}%) are also in {} ({} of {} stored bytes, {:.1}%)",
                 c["shared_chunks"],
                 c["base_chunks"],
@@ -47,27 +47,27 @@ pub fn run(a: Args) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&to_json(&r, &digest))?);
+        outln!("{}", serde_json::to_string_pretty(&to_json(&r, &digest))?);
         return Ok(ExitCode::SUCCESS);
     }
     let stored: u64 = r.chunks.iter().map(|e| u64::from(e.stored_len)).sum();
     let compressed = r.chunks.iter().filter(|e| e.compressed).count();
-    println!("recipe:       {} ({digest})", a.recipe.display());
-    println!("source:       {}", r.source_digest);
-    println!(
+    outln!("recipe:       {} ({digest})", a.recipe.display());
+    outln!("source:       {}", r.source_digest);
+    outln!(
         "image size:   {} ({} bytes)",
         human(r.image_size),
         r.image_size
     );
-    println!("chunk size:   {}", human(r.chunk_size));
-    println!(
+    outln!("chunk size:   {}", human(r.chunk_size));
+    outln!(
         "chunks:       {} total, {} zero, {} stored ({})",
         r.chunk_count(),
         r.chunk_count() - r.chunks.len() as u64,
         r.chunks.len(),
         human(stored)
     );
-    println!(
+    outln!(
         "encryption:   {}",
         if r.encrypted() {
             "convergent AES-256-CTR; key table sealed with AES-256-GCM-SIV"
@@ -75,17 +75,17 @@ pub fn run(a: Args) -> Result<ExitCode> {
             "none (chunks named by SHA-256 of plaintext)"
         }
     );
-    println!(
+    outln!(
         "compression:  zstd on {compressed} of {} chunks",
         r.chunks.len()
     );
     let c = &r.config;
-    println!("platform:     {}/{}", c.os, c.architecture);
-    println!("entrypoint:   {:?}", c.entrypoint);
-    println!("cmd:          {:?}", c.cmd);
-    println!("env:          {:?}", c.env);
-    println!("workdir:      {:?}", c.working_dir);
-    println!("user:         {:?}", c.user);
+    outln!("platform:     {}/{}", c.os, c.architecture);
+    outln!("entrypoint:   {:?}", c.entrypoint);
+    outln!("cmd:          {:?}", c.cmd);
+    outln!("env:          {:?}", c.env);
+    outln!("workdir:      {:?}", c.working_dir);
+    outln!("user:         {:?}", c.user);
     Ok(ExitCode::SUCCESS)
 }
 

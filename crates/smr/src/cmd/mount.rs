@@ -139,7 +139,7 @@ pub fn run_mount(a: MountArgs) -> Result<ExitCode> {
         c.stdin(Stdio::null()).stdout(out).stderr(err).spawn()
     })
     .with_context(|| format!("mounting {}", a.image.image))?;
-    eprintln!(
+    errln!(
         "mounted {} on {} ({}, read_ahead_kb {}, server pid {}, log {})",
         a.image.image,
         st.mountpoint.display(),
@@ -155,7 +155,7 @@ pub fn run_mount(a: MountArgs) -> Result<ExitCode> {
 pub fn run_umount(a: UmountArgs) -> Result<ExitCode> {
     let st = smr_node::mount::unmount(&a.state.state_dir, &a.mountpoint)
         .with_context(|| format!("unmounting {}", a.mountpoint.display()))?;
-    eprintln!(
+    errln!(
         "unmounted {} (detached {})",
         st.mountpoint.display(),
         st.loop_dev

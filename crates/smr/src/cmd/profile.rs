@@ -82,11 +82,14 @@ fn push(a: PushArgs) -> Result<ExitCode> {
     let (repo, artifact) = find_artifact(&a.image, &platform, &a.registry, &opts)?;
     let r = smr_registry::profile::push_profile(&repo, &artifact, &profile)
         .with_context(|| format!("pushing profile {} for {}", a.profile.display(), a.image))?;
-    eprintln!(
+    errln!(
         "smr: pushed startup profile {} ({} chunks) for smr artifact {} ({:?})",
-        r.manifest_digest, r.chunks, artifact.digest, r.referrers
+        r.manifest_digest,
+        r.chunks,
+        artifact.digest,
+        r.referrers
     );
-    println!("{}", r.manifest_digest);
+    outln!("{}", r.manifest_digest);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -95,13 +98,13 @@ fn show(a: ShowArgs) -> Result<ExitCode> {
     let recipe = format!("sha256:{}", hex::encode(p.recipe_sha256));
     if a.json {
         let doc = serde_json::json!({ "recipe": recipe, "chunks": p.chunks });
-        println!("{}", serde_json::to_string_pretty(&doc)?);
+        outln!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
-        println!("recipe: {recipe}");
-        println!("chunks: {}", p.chunks.len());
+        outln!("recipe: {recipe}");
+        outln!("chunks: {}", p.chunks.len());
         let head: Vec<String> = p.chunks.iter().take(16).map(u64::to_string).collect();
         let more = if p.chunks.len() > 16 { ", …" } else { "" };
-        println!("first:  {}{more}", head.join(", "));
+        outln!("first:  {}{more}", head.join(", "));
     }
     Ok(ExitCode::SUCCESS)
 }

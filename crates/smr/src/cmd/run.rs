@@ -93,14 +93,14 @@ pub fn run(a: Args) -> Result<ExitCode> {
             .recorded_profile(opened.recipe_sha256)
             .context("recording was not started")?;
         super::convert::write_atomic(path, &p.encode())?;
-        eprintln!(
+        errln!(
             "smr: recorded a startup profile of {} chunks in {}",
             p.chunks.len(),
             path.display()
         );
     }
     let start = r.start_seconds.map_or("?".into(), |s| format!("{s:.2}s"));
-    eprintln!(
+    errln!(
         "smr: exit {}; started in {start}, total {:.2}s; fetched {} of {} ({:.1}%) in {} chunks",
         r.exit_code,
         r.total_seconds,
@@ -113,7 +113,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         let done = p
             .seconds
             .map_or("not finished".into(), |s| format!("done in {s:.2}s"));
-        eprintln!(
+        errln!(
             "smr: startup profile: {} chunks, {} fetched ahead, {} already cached, {} failed; {done}",
             p.chunks, p.fetched, p.cached, p.failed
         );

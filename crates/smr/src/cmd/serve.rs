@@ -123,10 +123,10 @@ pub fn run_nbd(a: NbdArgs) -> Result<ExitCode> {
         }
     };
     for ((name, image), uri) in names.iter().zip(&a.images).zip(&uris) {
-        eprintln!("serving export {name:?} ({image}) on {uri}");
+        errln!("serving export {name:?} ({image}) on {uri}");
     }
     let sig = signals.forever().next();
-    eprintln!("signal {sig:?}: stopping");
+    errln!("signal {sig:?}: stopping");
     for r in &replays {
         tracing::info!(stats = ?r.stats(), "startup profile replay");
     }
