@@ -13,6 +13,9 @@ impl std::fmt::Debug for OwnerKey {
     }
 }
 
+/// Largest key file read: a key is 32 raw bytes or 64 hex digits.
+pub const MAX_KEY_FILE_BYTES: u64 = 4096;
+
 impl OwnerKey {
     /// Reads a key file: exactly 32 raw bytes, or 64 hex digits with an
     /// optional trailing newline.
@@ -21,7 +24,8 @@ impl OwnerKey {
             path: path.display().to_string(),
             reason,
         };
-        let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+        let bytes =
+            crate::read_bounded(path, MAX_KEY_FILE_BYTES).map_err(|e| err(e.to_string()))?;
         Self::parse(&bytes).map_err(err)
     }
 

@@ -8,6 +8,7 @@ pub mod chunk;
 pub mod config;
 mod ctr;
 pub mod error;
+pub mod file;
 pub mod key;
 pub mod profile;
 pub mod recipe;
@@ -15,6 +16,7 @@ pub mod varint;
 
 pub use chunk::{ChunkCodec, ChunkId, ChunkKey, SealedChunk};
 pub use error::{FormatError, Result};
+pub use file::read_bounded;
 pub use key::OwnerKey;
 pub use profile::Profile;
 pub use recipe::{ChunkEntry, Recipe};

@@ -27,6 +27,8 @@ pub const PROFILE_MAGIC: &[u8; 8] = b"SMRPROF1";
 /// Most entries a profile may have (a profile of every chunk of a 64 GiB
 /// image at 4 KiB chunks); bounds what a hostile profile can allocate.
 pub const MAX_PROFILE_ENTRIES: u64 = 1 << 24;
+/// Largest profile file read (bounds [`MAX_PROFILE_ENTRIES`] varints).
+pub const MAX_PROFILE_BYTES: u64 = 256 << 20;
 
 /// A startup profile: chunk indices of one recipe in first-read order.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -33,6 +33,9 @@ pub const VERSION: u16 = 1;
 pub const MIN_CHUNK_SIZE: u64 = 64 << 10;
 /// Largest allowed chunk size (4 MiB).
 pub const MAX_CHUNK_SIZE: u64 = 4 << 20;
+/// Largest recipe read from a file or registry (a 64 KiB-chunk image of
+/// about 200 GiB).
+pub const MAX_RECIPE_BYTES: u64 = 256 << 20;
 const FLAG_ENCRYPTED: u8 = 1;
 const MAX_STR: u64 = 16 << 20;
 

@@ -40,6 +40,9 @@ use crate::source::{ImageSource, ResolvedImage, SourceError};
 use crate::tree::{DataSink, Tree};
 use std::io::Read;
 
+/// Longest name of a directory entry (ext4's limit, as Linux's NAME_MAX).
+pub const MAX_NAME_LEN: usize = 255;
+
 /// Counts for one applied layer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LayerStats {
@@ -101,6 +104,14 @@ pub enum ApplyError {
     /// A `..` component leads out of the root.
     #[error("path escapes the root")]
     PathEscapesRoot,
+    /// A path component longer than ext4 allows in a directory entry.
+    #[error("name `{name}…` is {len} bytes; ext4 allows at most {MAX_NAME_LEN}")]
+    NameTooLong {
+        /// The component's first 32 bytes (the entry names the whole path).
+        name: String,
+        /// Its length in bytes.
+        len: usize,
+    },
     /// A parent component is a symlink (never followed).
     #[error("parent `{parent}` is a symlink (path traversal via symlink)")]
     SymlinkParent {

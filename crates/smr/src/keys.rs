@@ -31,8 +31,8 @@ pub fn read_recipe(path: &std::path::Path) -> Result<smr_format::Recipe> {
 /// Reads a recipe file; returns it with its bytes (what a startup profile
 /// is bound to).
 pub fn read_recipe_bytes(path: &std::path::Path) -> Result<(smr_format::Recipe, Vec<u8>)> {
-    let bytes =
-        std::fs::read(path).with_context(|| format!("reading recipe {}", path.display()))?;
+    let bytes = smr_format::read_bounded(path, smr_format::recipe::MAX_RECIPE_BYTES)
+        .with_context(|| format!("reading recipe {}", path.display()))?;
     let recipe =
         smr_format::Recipe::decode(&bytes).with_context(|| format!("recipe {}", path.display()))?;
     Ok((recipe, bytes))

@@ -2,7 +2,7 @@
 
 use super::meta::entry_meta;
 use super::path::{components, display};
-use super::{ApplyError, FlattenError, LayerStats};
+use super::{ApplyError, FlattenError, LayerStats, MAX_NAME_LEN};
 use crate::tree::{DataSink, Inode, InodeId, Kind, Meta, Tree};
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashSet};
@@ -117,6 +117,12 @@ impl<'a> Applier<'a> {
         use tar::EntryType as T;
         self.stats.entries += 1;
         let comps = components(raw).ok_or(ApplyError::PathEscapesRoot)?;
+        if let Some(long) = comps.iter().find(|c| c.len() > MAX_NAME_LEN) {
+            return Err(ApplyError::NameTooLong {
+                name: String::from_utf8_lossy(&long[..32]).into_owned(),
+                len: long.len(),
+            });
+        }
         if comps.last().is_some_and(|n| n.starts_with(WH)) {
             return self.whiteout(&comps);
         }

@@ -512,3 +512,18 @@ fn sink_failure_names_entry() {
     .expect_err("sink fails");
     assert_entry(&e, "layerX", "a", |k| matches!(k, ApplyError::Sink(_)));
 }
+
+#[test]
+fn name_longer_than_ext4_allows() {
+    let mut l = LayerBuilder::new();
+    let path = format!("etc/{}", "n".repeat(256));
+    l.file(&path, b"x", 0o644);
+    let e = apply_err(&[], l.into_bytes());
+    assert_entry(&e, "layer0", &path, |k| {
+        matches!(k, ApplyError::NameTooLong { len: 256, .. })
+    });
+    assert!(e.to_string().contains("at most 255"), "{e}");
+    let mut l = LayerBuilder::new();
+    l.file(&format!("etc/{}", "n".repeat(255)), b"x", 0o644);
+    assert!(apply_all(&[l.into_bytes()]).is_ok(), "255 bytes fit");
+}

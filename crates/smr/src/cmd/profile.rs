@@ -62,8 +62,8 @@ pub fn run(a: Args) -> Result<ExitCode> {
 
 /// Reads and decodes a profile file.
 pub(crate) fn read(path: &std::path::Path) -> Result<Profile> {
-    let bytes =
-        std::fs::read(path).with_context(|| format!("reading profile {}", path.display()))?;
+    let bytes = smr_format::read_bounded(path, smr_format::profile::MAX_PROFILE_BYTES)
+        .with_context(|| format!("reading profile {}", path.display()))?;
     Profile::decode(&bytes).with_context(|| format!("profile {}", path.display()))
 }
 

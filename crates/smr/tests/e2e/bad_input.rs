@@ -163,3 +163,44 @@ fn missing_source() {
     let src = format!("oci:{}:t", t.path().join("layout").display());
     convert_fails(t.path(), &src, &["oci-layout", "No such file"]);
 }
+
+/// A 256-byte file name (ext4 holds 255) is refused naming the layer and
+/// the tar entry.
+#[test]
+fn file_name_too_long_for_ext4() {
+    let t = tempfile::tempdir().unwrap();
+    let name = format!("etc/{}", "n".repeat(256));
+    let mut l = LayerBuilder::new();
+    l.file(&name, b"x", 0o644);
+    let (src, digest) = image_with(t.path(), spec(l.into_bytes(), Compression::Gzip));
+    convert_fails(t.path(), &src, &[&digest, &name, "255"]);
+}
+
+/// A key file or recipe that never ends (`/dev/zero`) is refused after a
+/// bounded read, naming the file and the limit.
+#[test]
+fn endless_key_file_and_recipe() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("img");
+    let err = fails(
+        smr()
+            .args(["extract", "/dev/zero", "--store"])
+            .arg(t.path())
+            .arg("-o")
+            .arg(&out),
+    );
+    assert!(err.contains("/dev/zero") && err.contains("limit"), "{err}");
+    let s = Synthetic::new();
+    convert(&s.src, &s.store, &s.recipe, &s.key, &[]);
+    let err = fails(
+        smr()
+            .arg("extract")
+            .arg(&s.recipe)
+            .arg("--store")
+            .arg(&s.store)
+            .args(["--key-file", "/dev/zero", "-o"])
+            .arg(&out),
+    );
+    assert!(err.contains("/dev/zero") && err.contains("limit"), "{err}");
+    assert!(!out.exists());
+}
