@@ -13,24 +13,96 @@ use smr_registry::RegistryStore;
 use smr_store::ChunkStore;
 use std::sync::Arc;
 
+/// Environment variable holding registry credentials `USER:PASS`.
+pub const CREDS_ENV: &str = "SMR_REGISTRY_CREDS";
+
+/// Largest credentials file read.
+const MAX_CREDS_BYTES: u64 = 64 << 10;
+
 /// Options for talking to registries, shared by the subcommands.
+///
+/// Credentials come from `--creds-file`, `--creds-stdin`, `--creds` or
+/// `SMR_REGISTRY_CREDS`, else `~/.docker/config.json` (or
+/// `$DOCKER_CONFIG/config.json`) with its credential helpers.
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct RegistryArgs {
-    /// Registry credentials `USER:PASS` (default: `~/.docker/config.json`,
-    /// or `$DOCKER_CONFIG/config.json`, with its credential helpers).
-    #[arg(long, env = "SMR_REGISTRY_CREDS", hide_env_values = true)]
+    /// Registry credentials `USER:PASS` on the command line, where every
+    /// user of the host sees them (`ps`): prefer `--creds-file`,
+    /// `--creds-stdin` or `SMR_REGISTRY_CREDS`.
+    #[arg(long, value_name = "USER:PASS", conflicts_with_all = ["creds_file", "creds_stdin"])]
     pub creds: Option<String>,
+    /// A file holding registry credentials `USER:PASS` (one line).
+    #[arg(long, value_name = "FILE", conflicts_with = "creds_stdin")]
+    pub creds_file: Option<std::path::PathBuf>,
+    /// Read registry credentials `USER:PASS` (one line) from standard input.
+    #[arg(long)]
+    pub creds_stdin: bool,
+    /// The credentials once read (standard input can be read only once).
+    #[arg(skip)]
+    resolved: std::sync::OnceLock<Option<String>>,
 }
 
 impl RegistryArgs {
-    /// The client options: the environment plus `--creds`.
+    /// The client options: the environment plus the credentials given.
     pub fn options(&self) -> Result<RegistryOptions> {
         let mut o = RegistryOptions::from_env();
-        if let Some(c) = &self.creds {
-            o.creds = Some(Credentials::parse(c).context("--creds")?);
+        if let Some((c, from)) = self.creds_with_source()? {
+            o.creds = Some(Credentials::parse(&c).context(from)?);
         }
         Ok(o)
     }
+
+    /// The credentials given as `USER:PASS`, if any (to hand to a helper
+    /// process through [`CREDS_ENV`]).
+    pub fn creds_string(&self) -> Result<Option<String>> {
+        Ok(self.creds_with_source()?.map(|(c, _)| c))
+    }
+
+    fn creds_with_source(&self) -> Result<Option<(String, &'static str)>> {
+        let from = if self.creds_file.is_some() {
+            "--creds-file"
+        } else if self.creds_stdin {
+            "--creds-stdin"
+        } else if self.creds.is_some() {
+            "--creds"
+        } else {
+            CREDS_ENV
+        };
+        if let Some(c) = self.resolved.get() {
+            return Ok(c.clone().map(|c| (c, from)));
+        }
+        let creds = if let Some(path) = &self.creds_file {
+            let bytes = smr_format::read_bounded(path, MAX_CREDS_BYTES)
+                .with_context(|| format!("reading --creds-file {}", path.display()))?;
+            Some(one_line(&bytes).with_context(|| format!("--creds-file {}", path.display()))?)
+        } else if self.creds_stdin {
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(
+                &mut std::io::Read::take(std::io::stdin().lock(), MAX_CREDS_BYTES),
+                &mut bytes,
+            )
+            .context("reading --creds-stdin")?;
+            Some(one_line(&bytes).context("--creds-stdin")?)
+        } else if let Some(c) = &self.creds {
+            tracing::warn!(
+                "--creds puts the password on the command line, where every user of this host \
+                 can read it (ps); use --creds-file, --creds-stdin or {CREDS_ENV}"
+            );
+            Some(c.clone())
+        } else {
+            std::env::var(CREDS_ENV).ok().filter(|c| !c.is_empty())
+        };
+        let _ = self.resolved.set(creds.clone());
+        Ok(creds.map(|c| (c, from)))
+    }
+}
+
+/// The first line of `bytes`, without its line ending; refuses an empty one.
+fn one_line(bytes: &[u8]) -> Result<String> {
+    let text = std::str::from_utf8(bytes).context("credentials are not UTF-8")?;
+    let line = text.lines().next().unwrap_or("").trim_end_matches('\r');
+    anyhow::ensure!(!line.is_empty(), "no USER:PASS line");
+    Ok(line.to_string())
 }
 
 /// Whether `image` names a registry image rather than a recipe file.

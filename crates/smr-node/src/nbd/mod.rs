@@ -29,6 +29,7 @@
 //! # Ok(()) }
 //! ```
 
+mod conns;
 mod export;
 mod handshake;
 pub mod proto;

@@ -8,6 +8,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
+use super::conns::{Activity, Table};
 use super::export::Export;
 use super::handshake::{negotiate, Outcome};
 use super::{transmission, NbdError, Result};
@@ -23,8 +24,21 @@ use super::{transmission, NbdError, Result};
 pub struct ServerConfig {
     /// A client must finish option haggling within this time.
     pub handshake_timeout: Duration,
-    /// Connections served at once; further ones are closed on accept.
+    /// Connections served at once. A client beyond it takes the slot of
+    /// the connection idle longest, if that one has been idle for
+    /// [`evict_idle_after`](Self::evict_idle_after); else it is closed on
+    /// accept.
     pub max_connections: usize,
+    /// Connections from one IP address served at once (TCP; UNIX-socket
+    /// clients count against `max_connections` only), with the same rule.
+    pub max_connections_per_address: usize,
+    /// How long a connection must have been idle (no request in flight or
+    /// received) to give way to a new client over a limit.
+    pub evict_idle_after: Duration,
+    /// Close a connection idle this long even with no one waiting. Off by
+    /// default: kernel and FUSE clients stay connected, idle, while a device
+    /// is in use.
+    pub idle_timeout: Option<Duration>,
     /// Requests of one connection processed concurrently.
     pub max_in_flight: usize,
     /// READ/WRITE buffer bytes of one connection in flight (a larger
@@ -52,6 +66,9 @@ impl Default for ServerConfig {
         Self {
             handshake_timeout: Duration::from_secs(30),
             max_connections: 1024,
+            max_connections_per_address: 64,
+            evict_idle_after: Duration::from_secs(10),
+            idle_timeout: None,
             max_in_flight: 32,
             max_in_flight_bytes: 8 << 20,
             server_max_in_flight: 48,
@@ -94,6 +111,7 @@ pub(crate) async fn wait_shutdown(rx: &mut Shutdown) {
 
 struct Shared {
     exports: Vec<Export>,
+    conns: Arc<Table>,
     config: ServerConfig,
     budget: Budget,
     stop: watch::Sender<bool>,
@@ -142,6 +160,7 @@ impl NbdServer {
         Ok(Self {
             shared: Arc::new(Shared {
                 exports,
+                conns: Table::new(),
                 budget: Budget::new(&config),
                 config,
                 stop,
@@ -167,7 +186,7 @@ impl NbdServer {
             let (s, peer) = listener.accept().await?;
             // Replies are written whole; do not let Nagle delay them.
             s.set_nodelay(true)?;
-            Ok((s, peer.to_string()))
+            Ok((s, Some(peer.ip()), peer.to_string()))
         })
         .await
     }
@@ -178,7 +197,7 @@ impl NbdServer {
         self.accept_loop(move || async move {
             let (s, _) = listener.accept().await?;
             set_send_buffer(&s);
-            Ok((s, "unix".to_string()))
+            Ok((s, None, "unix".to_string()))
         })
         .await
     }
@@ -187,7 +206,7 @@ impl NbdServer {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
         F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = std::io::Result<(S, String)>>,
+        Fut: std::future::Future<Output = std::io::Result<(S, Option<std::net::IpAddr>, String)>>,
     {
         let mut stop = self.shared.stop.subscribe();
         let mut conns = JoinSet::new();
@@ -196,15 +215,22 @@ impl NbdServer {
                 _ = wait_shutdown(&mut stop) => break,
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
                 r = accept() => match r {
-                    Ok((stream, peer)) if conns.len() >= self.shared.config.max_connections => {
-                        tracing::warn!(%peer, "NBD connection limit reached; closing");
-                        drop(stream);
-                    }
-                    Ok((stream, peer)) => {
+                    Ok((stream, ip, peer)) => {
+                        let slot = match self.shared.conns.admit(ip, &self.shared.config) {
+                            Ok(slot) => slot,
+                            Err(refusal) => {
+                                tracing::warn!(%peer, "NBD client refused: {refusal}");
+                                drop(stream);
+                                continue;
+                            }
+                        };
                         let server = self.clone();
                         conns.spawn(async move {
                             tracing::debug!(%peer, "NBD client connected");
-                            match server.serve_connection(stream).await {
+                            let activity = slot.activity.clone();
+                            let r = server.serve_admitted(stream, activity).await;
+                            drop(slot);
+                            match r {
                                 Ok(()) => tracing::debug!(%peer, "NBD client done"),
                                 Err(e) => tracing::info!(%peer, error = %e, "NBD client dropped"),
                             }
@@ -238,6 +264,16 @@ impl NbdServer {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
+        self.serve_admitted(stream, Arc::new(Activity::new(std::time::Instant::now())))
+            .await
+    }
+
+    /// [`serve_connection`](Self::serve_connection) of a client whose
+    /// activity the connection table watches.
+    async fn serve_admitted<S>(&self, stream: S, activity: Arc<Activity>) -> Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
         let mut stop = self.shared.stop.subscribe();
         if *stop.borrow() {
             return Ok(());
@@ -251,6 +287,7 @@ impl NbdServer {
                 Err(_) => Err(NbdError::HandshakeTimeout),
             },
             _ = wait_shutdown(&mut stop) => return Ok(()),
+            _ = activity.closed() => return Ok(()),
         };
         let session = match outcome {
             Ok(Outcome::Transmission(s)) => s,
@@ -264,7 +301,8 @@ impl NbdServer {
             }
         };
         tracing::debug!(export = %session.export.name, structured = session.structured, "NBD transmission");
-        transmission::serve(reader, writer, session, config, &self.shared.budget, stop).await
+        let budget = &self.shared.budget;
+        transmission::serve(reader, writer, session, config, budget, stop, activity).await
     }
 
     /// Serve TCP clients on a runtime of its own, from synchronous code.

@@ -10,6 +10,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
+use super::conns::{Activity, Busy};
 use super::handshake::Session;
 use super::proto::*;
 use super::server::{wait_shutdown, Budget, ServerConfig, Shutdown};
@@ -114,6 +115,7 @@ pub(crate) async fn serve<R, W>(
     config: &ServerConfig,
     budget: &Budget,
     mut shutdown: Shutdown,
+    activity: Arc<Activity>,
 ) -> Result<()>
 where
     R: AsyncRead + Unpin,
@@ -148,7 +150,13 @@ where
         let got = tokio::select! {
             r = reader.read_exact(&mut head) => r,
             _ = wait_shutdown(&mut shutdown) => break Ok(()),
+            _ = activity.closed() => break Ok(()),
+            _ = idle_expired(&activity, config.idle_timeout) => {
+                tracing::debug!(export = %ctx.export, "NBD connection idle too long; closing");
+                break Ok(());
+            }
         };
+        activity.touch();
         match got {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break Ok(()),
@@ -178,6 +186,7 @@ where
         // This connection's share first, then the server's: a connection
         // waiting for its own budget never holds server-wide permits.
         let permits = Permits {
+            _busy: activity.begin(),
             _request: acquire(&requests, 1).await,
             _bytes: acquire(&bytes, buffer.min(conn_budget)).await,
             _server_request: acquire(&budget.requests, 1).await,
@@ -238,6 +247,22 @@ where
     result
 }
 
+/// Resolves once the connection has been idle (nothing in flight, nothing
+/// received) for `timeout`; never without one.
+async fn idle_expired(activity: &Activity, timeout: Option<std::time::Duration>) {
+    let Some(timeout) = timeout else {
+        return std::future::pending().await;
+    };
+    loop {
+        let wait = match activity.idle_for() {
+            Some(idle) if idle >= timeout => return,
+            Some(idle) => timeout - idle,
+            None => timeout,
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
 /// Human-readable text for an error chunk refusing a request.
 fn refusal_message(errno: u32) -> &'static str {
     match errno {
@@ -250,6 +275,7 @@ fn refusal_message(errno: u32) -> &'static str {
 
 /// What a request holds while it runs and until its reply is written.
 struct Permits {
+    _busy: Busy,
     _request: Option<OwnedSemaphorePermit>,
     _bytes: Option<OwnedSemaphorePermit>,
     _server_request: Option<OwnedSemaphorePermit>,

@@ -99,6 +99,7 @@ pub fn run_mount(a: MountArgs) -> Result<ExitCode> {
         .as_deref()
         .map(absolute)
         .transpose()?;
+    let creds = a.image.source.origin.registry.creds_string()?;
     let req = MountRequest {
         state_root: a.state.state_dir.clone(),
         mountpoint: a.mountpoint.clone(),
@@ -117,8 +118,8 @@ pub fn run_mount(a: MountArgs) -> Result<ExitCode> {
         if let Some(d) = &opened.artifact {
             c.arg("--artifact").arg(d);
         }
-        if let Some(creds) = &a.image.source.origin.registry.creds {
-            c.env("SMR_REGISTRY_CREDS", creds);
+        if let Some(creds) = &creds {
+            c.env(crate::remote::CREDS_ENV, creds);
         }
         c.arg("--platform").arg(&a.image.source.origin.platform);
         c.arg("--cache-dir")

@@ -5,7 +5,7 @@ use super::image::{ImageArgs, SourceArgs};
 use crate::remote::is_remote;
 use anyhow::{Context, Result};
 use smr_node::lazy::profile::DEFAULT_REPLAY_THREADS;
-use smr_node::nbd::{Export, NbdServer};
+use smr_node::nbd::{Export, NbdServer, ServerConfig};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -32,6 +32,18 @@ pub struct NbdArgs {
     /// also the default one (empty name).
     #[arg(long = "name", value_name = "NAME")]
     names: Vec<String>,
+    /// Clients served at once. Over a limit, a new client takes the slot of
+    /// the connection idle longest (at least 10 s), else it is refused.
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
+    /// Clients from one IP address served at once (TCP).
+    #[arg(long, default_value_t = 64)]
+    max_connections_per_address: usize,
+    /// Close a connection idle this long (e.g. `10m`), even when no other
+    /// client waits. Off by default: a kernel or nbdfuse client stays
+    /// connected, idle, while its device is in use.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    idle_timeout: Option<std::time::Duration>,
 }
 
 /// The export name of `image` when none is given: a recipe's file name
@@ -98,7 +110,13 @@ pub fn run_nbd(a: NbdArgs) -> Result<ExitCode> {
         }
         exports.push(Export::new(name.clone(), lazy).with_description(format!("smr {image}")));
     }
-    let server = NbdServer::new(exports)?;
+    let config = ServerConfig {
+        max_connections: a.max_connections,
+        max_connections_per_address: a.max_connections_per_address,
+        idle_timeout: a.idle_timeout,
+        ..ServerConfig::default()
+    };
+    let server = NbdServer::with_config(exports, config)?;
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
@@ -118,6 +136,12 @@ pub fn run_nbd(a: NbdArgs) -> Result<ExitCode> {
             let l = std::net::TcpListener::bind(&a.listen)
                 .with_context(|| format!("binding {}", a.listen))?;
             let addr = l.local_addr()?;
+            if !addr.ip().is_loopback() {
+                tracing::warn!(
+                    "serving on {addr}: NBD has no authentication or encryption here, so anyone \
+                     who can reach this address reads the exported images decrypted"
+                );
+            }
             let uris = names.iter().map(|n| format!("nbd://{addr}/{n}")).collect();
             (server.spawn_tcp(l)?, uris)
         }

@@ -274,3 +274,43 @@ fn one_server_exports_several_images() {
     );
     assert!(err.contains("--profile is for one image"), "{err}");
 }
+
+/// Listening beyond loopback warns that exports are unauthenticated; on
+/// loopback it does not.
+#[test]
+fn serving_beyond_loopback_warns() {
+    let t = tempfile::tempdir().unwrap();
+    let (recipe, store, key, _) = setup(t.path());
+    for (listen, warns) in [("0.0.0.0:0", true), ("127.0.0.1:0", false)] {
+        let log = t.path().join("serve.log");
+        let mut child = smr()
+            .arg("serve-nbd")
+            .arg(&recipe)
+            .arg("--store")
+            .arg(&store)
+            .arg("--key-file")
+            .arg(&key)
+            .arg("--cache-dir")
+            .arg(t.path().join("cache"))
+            .args(["--listen", listen])
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        let text = loop {
+            let text = std::fs::read_to_string(&log).unwrap();
+            if text.contains("serving export") {
+                break text;
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "{text}");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(
+            text.contains("no authentication"),
+            warns,
+            "{listen}: {text}"
+        );
+    }
+}

@@ -335,9 +335,54 @@ fn wrong_credentials_are_a_clear_error_without_the_password() {
         "{err}"
     );
     assert!(!err.contains("wrong-pass-xyzzy"), "{err}");
-    // The right ones work.
+    // The right ones work; on the command line with a warning that `ps`
+    // shows them, from a file or standard input without one.
     let out = push(&image, &s.key, &["--creds", "smr:right-pass"]);
     assert!(out.contains("pushed smr artifact"), "{out}");
+    assert!(
+        out.contains("--creds puts the password on the command line"),
+        "{out}"
+    );
+    let file = s.t.path().join("creds");
+    std::fs::write(&file, "smr:right-pass\n").unwrap();
+    let out = push(&image, &s.key, &["--creds-file", file.to_str().unwrap()]);
+    assert!(out.contains("pushed smr artifact"), "{out}");
+    assert!(!out.contains("--creds puts"), "{out}");
+    let mut c = smr()
+        .arg("convert")
+        .arg(&image)
+        .arg("--push")
+        .arg("--key-file")
+        .arg(&s.key)
+        .arg("--creds-stdin")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    c.stdin
+        .take()
+        .unwrap()
+        .write_all(b"smr:right-pass\n")
+        .unwrap();
+    let out = c.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.contains("pushed smr artifact"),
+        "{err}"
+    );
+    // Two sources at once are refused.
+    let err = fails(
+        smr()
+            .arg("convert")
+            .arg(&image)
+            .arg("--push")
+            .arg("--creds-stdin")
+            .arg("--creds-file")
+            .arg(&file),
+    );
+    assert!(err.contains("cannot be used with"), "{err}");
 }
 
 #[test]

@@ -410,3 +410,59 @@ fn slow_handshake_times_out_and_stop_ends_open_connections() {
     open.expect_closed();
     assert!(start.elapsed() < Duration::from_secs(5));
 }
+
+/// Whether a new TCP client at `addr` is closed before any greeting.
+fn refused(addr: &str) -> bool {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut b = [0u8; 18];
+    matches!(s.read(&mut b), Ok(0) | Err(_))
+}
+
+#[test]
+fn idle_connections_cannot_lock_out_new_clients() {
+    let (e, dev) = export("root", std_device());
+    let config = ServerConfig {
+        max_connections_per_address: 3,
+        evict_idle_after: Duration::from_millis(300),
+        ..ServerConfig::default()
+    };
+    let srv = serve_tcp_with(vec![e], config);
+    // A client holding every slot of its address, idle after the handshake.
+    let mut idle: Vec<Raw> = (0..3).map(|_| Raw::go(&srv.addr, false)).collect();
+    assert!(
+        refused(&srv.addr),
+        "over the limit while the others are fresh"
+    );
+    std::thread::sleep(Duration::from_millis(400));
+    // Now the longest-idle one gives way, and the newcomer is served.
+    let mut fresh = Raw::go(&srv.addr, false);
+    let got = fresh.read(1, 4096, 4096).expect("served");
+    assert!(got == dev.bytes()[4096..8192]);
+    idle[0].expect_closed();
+    // The others were not closed: they still answer.
+    for (i, c) in idle.iter_mut().enumerate().skip(1) {
+        assert!(c.read(i as u64, 0, 512).is_ok(), "connection {i} kept");
+    }
+    srv.stop();
+}
+
+#[test]
+fn an_idle_timeout_closes_idle_connections_but_not_busy_ones() {
+    let (e, dev) = export("root", std_device().slow_at(0, Duration::from_millis(600)));
+    let config = ServerConfig {
+        idle_timeout: Some(Duration::from_millis(200)),
+        ..ServerConfig::default()
+    };
+    let srv = serve_tcp_with(vec![e], config);
+    let mut idle = Raw::go(&srv.addr, false);
+    let start = Instant::now();
+    idle.expect_closed();
+    assert!(start.elapsed() < Duration::from_secs(5));
+    // A request slower than the timeout is answered: busy is not idle.
+    let mut busy = Raw::go(&srv.addr, false);
+    let got = busy.read(1, 0, 4096).expect("slow read answered");
+    assert!(got == dev.bytes()[..4096]);
+    srv.stop();
+}
