@@ -26,7 +26,8 @@
 //!
 //! # What a crash leaves
 //! Temp files (`.tmp-*`, never read as chunks; safe to delete while no
-//! writer runs), and whole chunks: data is always synced before the rename.
+//! writer runs: `smr verify` reports them, and `smr convert` removes those
+//! older than [`STALE_TEMP_AGE`]), and whole chunks: data is always synced before the rename.
 //! A rename whose directory `fsync` had not completed may be lost; the
 //! chunk is then missing and the next `put` writes it again (no recipe
 //! refers to it yet). Never a chunk file with partial contents, so a `put`
@@ -43,6 +44,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
 
 /// A directory-backed chunk store (see the module docs for its two modes).
 #[derive(Debug)]
@@ -52,6 +54,14 @@ pub struct LocalStore {
     /// Batched mode: chunks written to temp files, not yet committed.
     batch: Option<Mutex<HashMap<ChunkId, PathBuf>>>,
 }
+
+/// Name prefix of the store's temp files.
+pub const TEMP_PREFIX: &str = ".tmp-";
+
+/// Age after which a temp file is taken as left by an interrupted writer:
+/// far longer than any write takes (a batched convert holds its temp files
+/// until its commit, minutes for the largest images).
+pub const STALE_TEMP_AGE: Duration = Duration::from_secs(24 * 3600);
 
 impl LocalStore {
     /// Opens (creating if needed) the store at `root`.
@@ -109,6 +119,64 @@ impl LocalStore {
             File::open(&dir).and_then(|d| d.sync_all()).map_err(io)?;
         }
         Ok(())
+    }
+
+    /// Temp files (`.tmp-*`) under the store last modified at least `age`
+    /// ago: what interrupted writers left (a live writer's temp files are
+    /// seconds old). Each with its age.
+    pub fn stale_temps(&self, age: Duration) -> Result<Vec<(PathBuf, Duration)>> {
+        let io = |source| StoreError::Io {
+            store: self.describe(),
+            source,
+        };
+        let now = SystemTime::now();
+        let mut out = Vec::new();
+        for dir in fs::read_dir(self.root.join("chunks")).map_err(io)? {
+            let dir = dir.map_err(io)?;
+            if !dir.file_type().map_err(io)?.is_dir() {
+                continue;
+            }
+            for e in fs::read_dir(dir.path()).map_err(io)? {
+                let e = e.map_err(io)?;
+                if !e
+                    .file_name()
+                    .as_encoded_bytes()
+                    .starts_with(TEMP_PREFIX.as_bytes())
+                {
+                    continue;
+                }
+                // Gone meanwhile (its writer committed or cleaned up): skip.
+                let Ok(modified) = e.metadata().and_then(|m| m.modified()) else {
+                    continue;
+                };
+                let old = now.duration_since(modified).unwrap_or_default();
+                if old >= age {
+                    out.push((e.path(), old));
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Removes the temp files [`stale_temps`](Self::stale_temps) finds
+    /// older than `age`; returns how many.
+    pub fn remove_stale_temps(&self, age: Duration) -> Result<usize> {
+        let stale = self.stale_temps(age)?;
+        let mut n = 0;
+        for (path, _) in stale {
+            match fs::remove_file(&path) {
+                Ok(()) => n += 1,
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(StoreError::Io {
+                        store: format!("{}: removing {}", self.describe(), path.display()),
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(n)
     }
 
     /// The temp file of chunk `id` if it is in the uncommitted batch.
@@ -240,7 +308,7 @@ impl ChunkStore for LocalStore {
         let dir = path.parent().expect("chunk path has a parent");
         fs::create_dir_all(dir).map_err(|e| self.chunk_err(id, e))?;
         let tmp = dir.join(format!(
-            ".tmp-{}-{}-{}",
+            "{TEMP_PREFIX}{}-{}-{}",
             &id.to_hex()[..16],
             std::process::id(),
             self.tmp_counter.fetch_add(1, Ordering::Relaxed)
@@ -426,6 +494,32 @@ mod tests {
             }
         }
         n
+    }
+
+    #[test]
+    fn stale_temps_are_found_and_removed_fresh_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStore::open(dir.path()).unwrap();
+        let sub = dir.path().join("chunks/ab");
+        fs::create_dir_all(&sub).unwrap();
+        let old = sub.join(".tmp-abcd-1-0");
+        let fresh = sub.join(".tmp-abcd-2-0");
+        fs::write(&old, b"partial").unwrap();
+        fs::write(&fresh, b"partial").unwrap();
+        let two_days = SystemTime::now() - Duration::from_secs(48 * 3600);
+        File::options()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_modified(two_days)
+            .unwrap();
+        let stale = s.stale_temps(STALE_TEMP_AGE).unwrap();
+        assert_eq!(stale.len(), 1);
+        assert_eq!(stale[0].0, old);
+        assert!(stale[0].1 >= Duration::from_secs(47 * 3600));
+        assert_eq!(s.remove_stale_temps(STALE_TEMP_AGE).unwrap(), 1);
+        assert!(!old.exists() && fresh.exists());
+        assert_eq!(s.stale_temps(Duration::ZERO).unwrap().len(), 1);
     }
 
     #[test]

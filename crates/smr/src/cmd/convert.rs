@@ -162,6 +162,11 @@ pub fn run(a: Args) -> Result<ExitCode> {
         local
             .commit()
             .with_context(|| format!("making the chunks in {location} durable"))?;
+        match local.remove_stale_temps(smr_store::local::STALE_TEMP_AGE) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("removed {n} temp files of interrupted writes from {location}"),
+            Err(e) => tracing::warn!("cleaning up temp files: {e}"),
+        }
     }
     let bytes = out.recipe.encode();
     if let Some(path) = &a.out {

@@ -132,6 +132,36 @@ pub fn run_extract(a: ExtractArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Temp files older than this are reported by `smr verify` (a running
+/// writer's are younger).
+const REPORTED_TEMP_AGE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Reports temp files that interrupted writes left in a local store.
+fn report_temps(location: Option<&str>) {
+    let Some(dir) = location
+        .and_then(|l| l.parse::<smr_store::StoreLocation>().ok())
+        .and_then(|l| l.local_dir().map(Path::to_path_buf))
+    else {
+        return;
+    };
+    let temps = smr_store::LocalStore::open(&dir).and_then(|s| s.stale_temps(REPORTED_TEMP_AGE));
+    match temps {
+        Ok(t) if t.is_empty() => {}
+        Ok(t) => {
+            for (path, age) in &t {
+                errln!("left over: {} ({}s old)", path.display(), age.as_secs());
+            }
+            errln!(
+                "{} temp files of interrupted writes in {} (not chunks; `smr convert` into this store removes those older than {}h)",
+                t.len(),
+                dir.display(),
+                smr_store::local::STALE_TEMP_AGE.as_secs() / 3600
+            );
+        }
+        Err(e) => tracing::warn!("looking for temp files: {e}"),
+    }
+}
+
 /// Checks every chunk; fails naming each bad chunk.
 pub fn run_verify(a: VerifyArgs) -> Result<ExitCode> {
     let r = a.origin.resolve(&a.image, false, false)?;
@@ -141,6 +171,7 @@ pub fn run_verify(a: VerifyArgs) -> Result<ExitCode> {
     for (index, e) in &report.failures {
         errln!("chunk #{index}: {e}");
     }
+    report_temps(a.origin.store.as_deref());
     if !report.failures.is_empty() {
         bail!(
             "{} of {} chunks are missing or corrupt in {}",

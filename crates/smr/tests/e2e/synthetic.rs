@@ -300,3 +300,42 @@ fn concurrent_converts_share_a_store() {
     }
     assert!(find_named(&store, ".tmp").is_empty());
 }
+
+/// Temp files an interrupted convert left in the store: `verify` reports
+/// them, a later convert removes those older than a day and keeps younger
+/// ones (a concurrent writer's).
+#[test]
+fn leftover_temp_files_are_reported_then_removed() {
+    let s = Synthetic::new();
+    convert(&s.src, &s.store, &s.recipe, &s.key, &[]);
+    let dir = s.store.join("chunks/00");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (old, young) = (dir.join(".tmp-killed-1-0"), dir.join(".tmp-recent-2-0"));
+    let now = std::time::SystemTime::now();
+    for (path, age) in [(&old, 48 * 3600), (&young, 120)] {
+        let f = std::fs::File::create(path).unwrap();
+        f.set_modified(now - std::time::Duration::from_secs(age))
+            .unwrap();
+    }
+    let verify = || {
+        let out = ok(smr()
+            .arg("verify")
+            .arg(&s.recipe)
+            .arg("--store")
+            .arg(&s.store));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = verify();
+    assert!(
+        err.contains(".tmp-killed-1-0") && err.contains(".tmp-recent-2-0"),
+        "{err}"
+    );
+    assert!(err.contains("2 temp files of interrupted writes"), "{err}");
+    convert(&s.src, &s.store, &s.recipe, &s.key, &[]);
+    assert!(!old.exists() && young.exists());
+    let err = verify();
+    assert!(
+        err.contains("1 temp files") && !err.contains("killed"),
+        "{err}"
+    );
+}
