@@ -100,6 +100,7 @@ mod flight;
 mod handles;
 mod memory;
 mod pool;
+mod space;
 mod stats;
 
 #[cfg(test)]
@@ -241,6 +242,8 @@ pub struct Cache {
     flushed_ms: AtomicU64,
     /// The node-wide total of entry bytes as of the last flush.
     known_total: AtomicU64,
+    /// A failed insert was warned about (later ones are debug logs).
+    insert_warned: space::Once,
 }
 
 impl std::fmt::Debug for Cache {
@@ -278,6 +281,7 @@ impl Cache {
             opened: Instant::now(),
             flushed_ms: AtomicU64::new(0),
             known_total: AtomicU64::new(0),
+            insert_warned: space::Once::default(),
         };
         let global = cache.global_lock(true)?;
         let tmp = disk::clean(&cache.layout).map_err(|e| CacheError::io(&cache.layout.tmp, e))?;
@@ -292,9 +296,11 @@ impl Cache {
             c.total_bytes = bytes;
             c.entries = n;
         })?;
-        if bytes > cache.cfg.budget_bytes {
-            // Opened with a smaller budget than the directory holds.
-            cache.evict_locked(cache.low_watermark())?;
+        let budget = cache.budget(bytes);
+        if bytes > budget {
+            // Opened with a smaller budget than the directory holds, or the
+            // disk filled up.
+            cache.evict_locked(low_watermark(budget))?;
         }
         drop(global);
         tracing::debug!(dir = %cache.cfg.dir.display(), entries = n, bytes, "cache opened");
@@ -499,7 +505,7 @@ impl Cache {
             }
         }
         let bytes = self.fetch_verified(id, fetch)?;
-        let inserted = match disk::insert(&self.layout, id, &bytes) {
+        let inserted = match self.insert(id, &bytes) {
             Ok(handle) => {
                 self.pending
                     .total_bytes
@@ -510,8 +516,12 @@ impl Cache {
                 self.handles.insert(*id, handle);
                 true
             }
+            Err(e) if self.insert_warned.first() => {
+                tracing::warn!(chunk = %id, dir = %self.cfg.dir.display(), error = %e, "cannot insert chunk into cache; serving it uncached (said once; later failures are debug logs)");
+                false
+            }
             Err(e) => {
-                tracing::warn!(chunk = %id, dir = %self.cfg.dir.display(), error = %e, "cannot insert chunk into cache; serving it uncached");
+                tracing::debug!(chunk = %id, error = %e, "cannot insert chunk into cache");
                 false
             }
         };
@@ -595,16 +605,48 @@ impl Cache {
         Some(data)
     }
 
+    /// Inserts into the disk tier. On a full filesystem (which the budget,
+    /// following free space, makes rare: others can fill it meanwhile),
+    /// evicts a tenth of the cache and tries once more.
+    fn insert(&self, id: &ChunkId, bytes: &[u8]) -> std::io::Result<handles::Handle> {
+        match disk::insert(&self.layout, id, bytes) {
+            Err(e) if space::is_full(&e) => {
+                let used = self.estimated_total();
+                let budget = space::budget(&self.cfg.dir, self.cfg.budget_bytes, used);
+                let target = low_watermark(budget.min(used));
+                let evicted = self.global_lock(false).and_then(|g| match g {
+                    Some(_g) => self.evict_locked(target).map(Some),
+                    None => Ok(None),
+                });
+                if let Err(e) = evicted {
+                    tracing::debug!(error = %e, "cache eviction on a full disk failed");
+                }
+                disk::insert(&self.layout, id, bytes)
+            }
+            r => r,
+        }
+    }
+
+    /// The node-wide total last seen plus what this process added since.
+    fn estimated_total(&self) -> u64 {
+        let pending = self.pending.total_bytes.load(Ordering::Relaxed);
+        self.known_total
+            .load(Ordering::Relaxed)
+            .saturating_add_signed(pending)
+    }
+
+    /// The budget in force for `used` bytes cached: the configured one,
+    /// or less when the filesystem has no room for it (`cache/space.rs`).
+    fn budget(&self, used: u64) -> u64 {
+        space::budget(&self.cfg.dir, self.cfg.budget_bytes, used)
+    }
+
     /// Flushes the counters when due; when the total known here goes over
     /// the budget, flushes (getting the node-wide total) and evicts, unless
     /// another process is evicting already.
     fn after_insert(&self) {
-        let pending = self.pending.total_bytes.load(Ordering::Relaxed);
-        let estimate = self
-            .known_total
-            .load(Ordering::Relaxed)
-            .saturating_add_signed(pending);
-        if estimate <= self.cfg.budget_bytes {
+        let estimate = self.estimated_total();
+        if estimate <= self.budget(estimate) {
             self.maybe_flush();
             return;
         }
@@ -615,11 +657,12 @@ impl Cache {
                 return;
             }
         };
-        if total <= self.cfg.budget_bytes {
+        let budget = self.budget(total);
+        if total <= budget {
             return;
         }
         let result = self.global_lock(false).and_then(|g| match g {
-            Some(_g) => self.evict_locked(self.low_watermark()).map(Some),
+            Some(_g) => self.evict_locked(low_watermark(budget)).map(Some),
             None => Ok(None),
         });
         match result {
@@ -632,11 +675,6 @@ impl Cache {
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "cache eviction failed"),
         }
-    }
-
-    /// Where eviction stops: 90% of the budget.
-    fn low_watermark(&self) -> u64 {
-        self.cfg.budget_bytes - self.cfg.budget_bytes / 10
     }
 
     fn evict_locked(&self, target: u64) -> Result<PruneReport> {
@@ -738,4 +776,9 @@ impl Drop for Dec<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// Where eviction stops: 90% of the budget.
+fn low_watermark(budget: u64) -> u64 {
+    budget - budget / 10
 }

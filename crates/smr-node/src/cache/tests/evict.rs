@@ -83,3 +83,42 @@ fn an_entry_being_read_is_not_evicted() {
         (3, 0, 0)
     );
 }
+
+/// The cache on a filesystem smaller than its budget: the budget follows
+/// the free space, so inserts keep succeeding (older entries evicted) and
+/// a little space stays free, instead of every insert failing.
+#[test]
+fn a_nearly_full_disk_shrinks_the_budget() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let len = 64 * 1024;
+    let (store, ids) = store_with(&tmp.path().join("store"), 160, len as usize);
+    let f = Fetcher::new(store, Duration::ZERO);
+    let mnt = tmp.path().join("small");
+    fs::create_dir(&mnt).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .expect("mount");
+    assert!(
+        mounted.success(),
+        "mounting a tmpfs needs root, as the suite does"
+    );
+    struct Umount<'a>(&'a Path);
+    impl Drop for Umount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _umount = Umount(&mnt);
+    let dir = mnt.join("cache");
+    let cache = Cache::open(config(&dir, 1 << 30)).expect("open");
+    for id in &ids {
+        cache.get_or_fetch(id, || f.get(id)).expect("served");
+        assert!(cache.contains(id), "each new chunk is cached");
+    }
+    assert!(on_disk(&dir) < 4 << 20, "{}", on_disk(&dir));
+    assert!(cache.stats().expect("stats").counters.evictions > 0);
+    let st = rustix::fs::statvfs(&mnt).unwrap();
+    assert!(st.f_bavail * st.f_frsize > 0, "the cache left room");
+}
