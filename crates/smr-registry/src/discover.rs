@@ -6,7 +6,10 @@
 //! fallback tag. Several artifacts may refer to one image (different chunk
 //! sizes, salts or pack sizes); without timestamps "newest" is unknowable,
 //! so the choice is deterministic instead: filtered by
-//! [`DiscoverOptions`], then the smallest digest.
+//! [`DiscoverOptions`], then tried in digest order, the first one the
+//! caller's policy accepts ([`discover_trusted`]) is used. Digest order
+//! only breaks ties between trusted artifacts: one that anyone able to push
+//! attached cannot win by grinding a small digest.
 //!
 //! The startup profile of the chosen artifact ([`crate::profile`]) is
 //! found in the same referrers list.
@@ -116,17 +119,64 @@ pub fn list_referrers(blobs: &dyn Blobs, subject: &str) -> Result<Vec<Descriptor
 /// Finds, opens and checks the smr artifact of source manifest `subject`
 /// (and its profile, if asked: fetched in parallel with the artifact).
 pub fn discover(blobs: &dyn Blobs, subject: &str, opts: &DiscoverOptions) -> Result<Artifact> {
+    discover_trusted(blobs, subject, opts, &|_| Ok(()))
+}
+
+/// What a caller accepts: `Err(why)` refuses an opened artifact.
+pub type Accept<'a> = &'a (dyn Fn(&Artifact) -> std::result::Result<(), String> + Sync);
+
+/// [`discover`], using only an artifact `accept` takes: candidates are
+/// opened in digest order and the first accepted is used; a refused or
+/// broken one is logged and skipped, so that an artifact someone else
+/// attached cannot win by its digest alone. None accepted:
+/// [`RegistryError::NoTrustedArtifact`], naming each and why.
+pub fn discover_trusted(
+    blobs: &dyn Blobs,
+    subject: &str,
+    opts: &DiscoverOptions,
+    accept: Accept<'_>,
+) -> Result<Artifact> {
     let listed = match (&opts.artifact, opts.profile) {
         (Some(_), false) => Vec::new(),
         _ => list_referrers(blobs, subject)?,
     };
-    let chosen = match &opts.artifact {
-        Some(digest) => digest.clone(),
+    let candidates = match &opts.artifact {
+        Some(digest) => vec![digest.clone()],
         None => choose(blobs, subject, opts, &artifacts_among(&listed))?,
     };
+    let mut refused = Vec::new();
+    for digest in &candidates {
+        let why = match open_chosen(blobs, subject, opts, &listed, digest) {
+            Ok(a) => match accept(&a) {
+                Ok(()) => return Ok(a),
+                Err(why) => why,
+            },
+            Err(e) if candidates.len() == 1 => return Err(e),
+            Err(e) => e.to_string(),
+        };
+        tracing::warn!(%subject, artifact = %digest, %why, "smr artifact refused");
+        refused.push(format!("{digest} ({why})"));
+    }
+    Err(RegistryError::NoTrustedArtifact {
+        repo: blobs.describe(),
+        subject: subject.to_string(),
+        refused: refused.join(", "),
+    })
+}
+
+/// Opens candidate `chosen` with its startup profile (when asked for and
+/// listed in `listed`).
+fn open_chosen(
+    blobs: &dyn Blobs,
+    subject: &str,
+    opts: &DiscoverOptions,
+    listed: &[Descriptor],
+    chosen: &str,
+) -> Result<Artifact> {
+    let chosen = chosen.to_string();
     let profile = opts
         .profile
-        .then(|| profiles_of(&listed, &chosen).into_iter().next())
+        .then(|| profiles_of(listed, &chosen).into_iter().next())
         .flatten();
     let Some(profile_desc) = profile else {
         return open_artifact(blobs, &chosen, Some(subject));
@@ -160,14 +210,14 @@ pub fn discover(blobs: &dyn Blobs, subject: &str, opts: &DiscoverOptions) -> Res
     Ok(artifact)
 }
 
-/// The artifact to use among `all`: filtered by `opts`, then the smallest
-/// digest.
+/// The candidates among `all`: filtered by `opts`, in digest order (the
+/// order the caller tries them in).
 fn choose(
     blobs: &dyn Blobs,
     subject: &str,
     opts: &DiscoverOptions,
     all: &[Descriptor],
-) -> Result<String> {
+) -> Result<Vec<String>> {
     let wanted = opts.chunk_size.map(|c| c.to_string());
     let fits: Vec<&Descriptor> = all
         .iter()
@@ -188,9 +238,9 @@ fn choose(
     };
     if fits.len() > 1 {
         let others: Vec<&str> = fits.iter().skip(1).map(|d| d.digest.as_str()).collect();
-        tracing::info!(%subject, chosen = %chosen.digest, ?others, "several smr artifacts: taking the smallest digest");
+        tracing::info!(%subject, first = %chosen.digest, ?others, "several smr artifacts: trying them in digest order");
     }
-    Ok(chosen.digest.clone())
+    Ok(fits.iter().map(|d| d.digest.clone()).collect())
 }
 
 /// Opens artifact manifest `digest` and checks it (and, if given, that its

@@ -23,6 +23,17 @@ pub enum RegistryError {
         /// What the registry or the token service said (no secrets).
         reason: String,
     },
+    /// Smr artifacts exist for an image, but the caller's policy refused
+    /// every one.
+    #[error("{repo}: no trusted smr artifact for {subject}; refused: {refused}")]
+    NoTrustedArtifact {
+        /// `host/name` of the repository.
+        repo: String,
+        /// The image manifest digest.
+        subject: String,
+        /// Each candidate's digest and why it was refused.
+        refused: String,
+    },
     /// A manifest, tag or blob does not exist.
     #[error("{repo}: {what} not found")]
     NotFound {

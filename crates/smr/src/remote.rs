@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use smr_image::source::{ImageSource, Platform};
 use smr_registry::artifact::Descriptor;
 use smr_registry::client::{Credentials, RegistryOptions, Repository};
-use smr_registry::discover::{discover, Artifact, DiscoverOptions};
+use smr_registry::discover::{discover_trusted, Accept, Artifact, DiscoverOptions};
 use smr_registry::push::{push, PushOptions, PushReport};
 use smr_registry::reference::DOCKER_PREFIX;
 use smr_registry::source::RegistrySource;
@@ -119,20 +119,21 @@ pub struct RemoteImage {
 }
 
 /// Resolves `reference` for `platform`, finds the smr artifact whose
-/// subject is that manifest (with `opts`), and opens it; returns its
-/// repository too.
+/// subject is that manifest (with `opts`, the first that `accept` takes),
+/// and opens it; returns its repository too.
 pub fn find_artifact(
     reference: &str,
     platform: &Platform,
     args: &RegistryArgs,
     opts: &DiscoverOptions,
+    accept: Accept<'_>,
 ) -> Result<(Repository, Artifact)> {
     let src = RegistrySource::open(reference, &args.options()?)?;
     let resolved = src
         .resolve(platform)
         .with_context(|| format!("resolving {reference}"))?;
     let repo = src.repository().clone();
-    let artifact = discover(&repo, &resolved.manifest_digest, opts).with_context(|| {
+    let artifact = discover_trusted(&repo, &resolved.manifest_digest, opts, accept).with_context(|| {
         format!(
             "finding the smr artifact of {reference} ({}); create it with `smr convert {reference} --push`",
             resolved.manifest_digest
@@ -149,8 +150,9 @@ pub fn open_remote(
     platform: &Platform,
     args: &RegistryArgs,
     opts: &DiscoverOptions,
+    accept: Accept<'_>,
 ) -> Result<RemoteImage> {
-    let (repo, artifact) = find_artifact(reference, platform, args, opts)?;
+    let (repo, artifact) = find_artifact(reference, platform, args, opts, accept)?;
     let store = Arc::new(artifact.store(Arc::new(repo), smr_store::RemoteOptions::from_env()?));
     Ok(RemoteImage { artifact, store })
 }
@@ -175,4 +177,19 @@ pub fn push_converted(
     let subject = Descriptor::of(&media_type, &bytes);
     push(repo, &subject, recipe_bytes, store, opts)
         .with_context(|| format!("pushing the smr artifact to {}", src.describe()))
+}
+
+/// The node's policy with an owner key: an artifact is used only if its
+/// recipe's key table opens with that key. An unencrypted recipe carries no
+/// authentication, so it is refused too.
+pub fn owner_key_policy(
+    owner: &smr_format::OwnerKey,
+) -> impl Fn(&Artifact) -> std::result::Result<(), String> + Sync + '_ {
+    move |a: &Artifact| match a.recipe.keys(Some(owner)) {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err("its recipe is not encrypted, so nothing binds it to the owner key".into()),
+        Err(e) => Err(format!(
+            "its key table does not open with the owner key: {e}"
+        )),
+    }
 }

@@ -164,3 +164,41 @@ fn a_fallback_tag_that_is_not_an_index_is_an_error() {
         "{err}"
     );
 }
+
+/// Of two artifacts of one image, the policy's choice is used whatever its
+/// digest; with every candidate refused, the error names each and why.
+#[test]
+fn a_refused_artifact_is_skipped_whatever_its_digest() {
+    let e = pushed();
+    let store = LocalStore::open(e._dir.path().join("store")).unwrap();
+    let o = PushOptions {
+        pack: Some(PackParams::with_target(2)),
+        ..PushOptions::default()
+    };
+    let second = push(&e.blobs, &e.img.subject, &e.img.recipe_bytes, &store, &o)
+        .unwrap()
+        .manifest_digest;
+    assert_ne!(second, e.artifact);
+    let s = &e.img.subject.digest;
+    let opts = DiscoverOptions::default();
+    for trusted in [&e.artifact, &second] {
+        let only = |a: &Artifact| {
+            (&a.digest == trusted)
+                .then_some(())
+                .ok_or_else(|| "not the trusted one".to_string())
+        };
+        let got = discover_trusted(&e.blobs, s, &opts, &only).unwrap();
+        assert_eq!(&got.digest, trusted);
+    }
+    let err =
+        discover_trusted(&e.blobs, s, &opts, &|_| Err("signed by nobody".into())).unwrap_err();
+    assert!(
+        matches!(err, RegistryError::NoTrustedArtifact { .. }),
+        "{err}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains(&e.artifact) && text.contains(&second) && text.contains("signed by nobody"),
+        "{text}"
+    );
+}

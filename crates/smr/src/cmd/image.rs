@@ -5,7 +5,7 @@
 //! `mount`, `serve-nbd`: [`SourceArgs`], [`ImageArgs`]).
 
 use crate::keys::{image_chunks, read_recipe_bytes, KeyArgs};
-use crate::remote::{is_remote, open_remote, RegistryArgs};
+use crate::remote::{is_remote, open_remote, owner_key_policy, RegistryArgs};
 use anyhow::{Context, Result};
 use smr_format::Profile;
 use smr_node::cache::{Cache, CacheConfig};
@@ -139,7 +139,18 @@ impl OriginArgs {
                 profile: find_profile,
                 ..DiscoverOptions::default()
             };
-            let remote = open_remote(image, &platform, &self.registry, &opts)?;
+            // With an owner key, only artifacts sealed under it are used.
+            let owner = self.key.load()?;
+            let remote = match &owner {
+                Some(k) => open_remote(
+                    image,
+                    &platform,
+                    &self.registry,
+                    &opts,
+                    &owner_key_policy(k),
+                )?,
+                None => open_remote(image, &platform, &self.registry, &opts, &|_| Ok(()))?,
+            };
             let (store, location): (Arc<dyn ChunkStore>, String) = match &self.store {
                 Some(location) => (open_store(location)?, location.clone()),
                 None => (remote.store, remote.artifact.repo.clone()),

@@ -79,7 +79,7 @@ fn push(a: PushArgs) -> Result<ExitCode> {
         artifact: a.artifact.clone(),
         ..DiscoverOptions::default()
     };
-    let (repo, artifact) = find_artifact(&a.image, &platform, &a.registry, &opts)?;
+    let (repo, artifact) = find_artifact(&a.image, &platform, &a.registry, &opts, &|_| Ok(()))?;
     let r = smr_registry::profile::push_profile(&repo, &artifact, &profile)
         .with_context(|| format!("pushing profile {} for {}", a.profile.display(), a.image))?;
     errln!(

@@ -516,3 +516,42 @@ fn a_corrupted_pack_in_the_registry_is_never_served() {
     let log = server_logs(&state);
     assert!(log.contains("hash mismatch"), "{log}");
 }
+
+/// Two artifacts for one image, sealed under different owner keys (one
+/// attached by someone else): each node uses the one its key opens,
+/// whichever digest is smaller; a node whose key opens neither gets an
+/// error naming both and why.
+#[test]
+fn a_node_uses_only_an_artifact_its_owner_key_opens() {
+    let Some(reg) = Registry::start(None) else {
+        return;
+    };
+    let (s, image) = synthetic_in(&reg);
+    let other = s.t.path().join("other.key");
+    std::fs::write(&other, format!("{}\n", "cd".repeat(32))).unwrap();
+    let stranger = s.t.path().join("stranger.key");
+    std::fs::write(&stranger, format!("{}\n", "ef".repeat(32))).unwrap();
+    push(&image, &s.key, &[]);
+    push(&image, &other, &[]);
+    let extract = |key: &Path, out: &str| {
+        let mut c = smr();
+        c.arg("extract")
+            .arg(&image)
+            .arg("-o")
+            .arg(s.t.path().join(out))
+            .arg("--key-file")
+            .arg(key);
+        c
+    };
+    ok(&mut extract(&s.key, "mine.img"));
+    ok(&mut extract(&other, "theirs.img"));
+    let (mine, theirs) = (
+        std::fs::read(s.t.path().join("mine.img")).unwrap(),
+        std::fs::read(s.t.path().join("theirs.img")).unwrap(),
+    );
+    assert!(mine == theirs, "both artifacts hold the same image");
+    let err = fails(&mut extract(&stranger, "none.img"));
+    let last = err.lines().last().unwrap_or_default();
+    assert!(last.contains("no trusted smr artifact"), "{err}");
+    assert_eq!(last.matches("does not open with the owner key").count(), 2, "{err}");
+}
