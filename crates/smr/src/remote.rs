@@ -133,12 +133,20 @@ pub fn find_artifact(
         .resolve(platform)
         .with_context(|| format!("resolving {reference}"))?;
     let repo = src.repository().clone();
-    let artifact = discover_trusted(&repo, &resolved.manifest_digest, opts, accept).with_context(|| {
-        format!(
-            "finding the smr artifact of {reference} ({}); create it with `smr convert {reference} --push`",
-            resolved.manifest_digest
-        )
-    })?;
+    let digest = &resolved.manifest_digest;
+    let artifact = match discover_trusted(&repo, digest, opts, accept) {
+        Ok(a) => a,
+        Err(e @ smr_registry::RegistryError::NoTrustedArtifact { .. }) => {
+            return Err(e).with_context(|| format!("finding the smr artifact of {reference}"))
+        }
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "finding the smr artifact of {reference} ({digest}); create it with `smr convert {reference} --push`"
+                )
+            })
+        }
+    };
     tracing::info!(image = %reference, artifact = %artifact.digest, profile = artifact.profile.is_some(), "opened smr artifact");
     Ok((repo, artifact))
 }
