@@ -79,7 +79,13 @@ fn push(a: PushArgs) -> Result<ExitCode> {
         artifact: a.artifact.clone(),
         ..DiscoverOptions::default()
     };
-    let (repo, artifact) = find_artifact(&a.image, &platform, &a.registry, &opts, &|_| Ok(()))?;
+    // The artifact whose recipe the profile was recorded against.
+    let recorded_on = |art: &smr_registry::discover::Artifact| {
+        profile
+            .check_recipe(&art.recipe_bytes)
+            .map_err(|e| format!("not the recipe the profile was recorded against: {e}"))
+    };
+    let (repo, artifact) = find_artifact(&a.image, &platform, &a.registry, &opts, &recorded_on)?;
     let r = smr_registry::profile::push_profile(&repo, &artifact, &profile)
         .with_context(|| format!("pushing profile {} for {}", a.profile.display(), a.image))?;
     errln!(
