@@ -92,6 +92,15 @@ pub enum ExtractError {
     Format(#[from] smr_format::FormatError),
 }
 
+/// Refuses an encrypted recipe given without its keys: its chunks could be
+/// checked but not decrypted.
+fn keys_present(img: &ImageChunks) -> Result<(), ExtractError> {
+    if img.keys_missing() {
+        return Err(smr_format::FormatError::KeyRequired.into());
+    }
+    Ok(())
+}
+
 /// Rebuilds the image into `out`, verifying every chunk. Writes a sparse
 /// temp file next to `out` and renames it into place only when complete.
 pub fn extract(
@@ -100,9 +109,7 @@ pub fn extract(
     out: &Path,
     threads: usize,
 ) -> Result<u64, ExtractError> {
-    if img.recipe.encrypted() && img.keys_missing() {
-        return Err(smr_format::FormatError::KeyRequired.into());
-    }
+    keys_present(img)?;
     let io_err = |source| ExtractError::Io {
         path: out.display().to_string(),
         source,
@@ -152,9 +159,7 @@ pub fn extract_stream(
     name: &str,
     threads: usize,
 ) -> Result<u64, ExtractError> {
-    if img.recipe.encrypted() && img.keys_missing() {
-        return Err(smr_format::FormatError::KeyRequired.into());
-    }
+    keys_present(img)?;
     let io_err = |source| ExtractError::Io {
         path: name.to_string(),
         source,

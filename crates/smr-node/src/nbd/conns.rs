@@ -55,10 +55,10 @@ impl Activity {
         self.last.store(self.now_ms(), Ordering::Relaxed);
     }
 
-    /// Marks a request in flight until the guard drops.
+    /// Marks a request in flight until the guard drops (the caller touched
+    /// the activity when it read the request).
     pub(crate) fn begin(self: &Arc<Self>) -> Busy {
         self.busy.fetch_add(1, Ordering::AcqRel);
-        self.touch();
         Busy(self.clone())
     }
 

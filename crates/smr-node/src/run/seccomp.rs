@@ -220,25 +220,16 @@ impl Seccomp {
     }
 
     fn from_file(path: &Path) -> Result<Value, SeccompError> {
-        use std::io::Read;
         let name = path.display().to_string();
-        let read = |source| SeccompError::Read {
-            path: name.clone(),
-            source,
-        };
-        let mut text = Vec::new();
-        std::fs::File::open(path)
-            .map_err(read)?
-            .take(MAX_PROFILE + 1)
-            .read_to_end(&mut text)
-            .map_err(read)?;
+        let text =
+            smr_format::read_bounded(path, MAX_PROFILE).map_err(|source| SeccompError::Read {
+                path: name.clone(),
+                source,
+            })?;
         let invalid = |why: String| SeccompError::Invalid {
             path: name.clone(),
             why,
         };
-        if text.len() as u64 > MAX_PROFILE {
-            return Err(invalid(format!("larger than {MAX_PROFILE} bytes")));
-        }
         let v: Value = serde_json::from_slice(&text).map_err(|e| invalid(e.to_string()))?;
         match v.get("defaultAction") {
             Some(Value::String(_)) => Ok(v),
