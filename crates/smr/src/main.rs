@@ -63,6 +63,11 @@ enum Command {
     Cache(cmd::cache::Args),
     /// Push or show startup profiles (recorded by `smr run --record-profile`).
     Profile(cmd::profile::Args),
+    /// The node daemon: containerd's remote snapshotter over lazy images.
+    Daemon(cmd::daemon::DaemonArgs),
+    /// Pull an image into containerd, its layers served lazily by the
+    /// smr snapshotter (like `ctr-remote image rpull`).
+    Pull(cmd::daemon::PullArgs),
     /// The FUSE server behind `smr mount` (internal).
     #[command(name = "__serve-fuse", hide = true)]
     ServeFuse(cmd::serve::FuseArgs),
@@ -88,6 +93,8 @@ fn main() -> ExitCode {
         Command::Run(a) => cmd::run::run(a),
         Command::Cache(a) => cmd::cache::run(a),
         Command::Profile(a) => cmd::profile::run(a),
+        Command::Daemon(a) => cmd::daemon::run(a),
+        Command::Pull(a) => cmd::daemon::run_pull(a),
         Command::ServeFuse(a) => cmd::serve::run_fuse(a),
     };
     match result {

@@ -3,6 +3,7 @@
 
 pub mod cache;
 pub mod convert;
+pub mod daemon;
 pub mod extract;
 pub mod image;
 pub mod inspect;

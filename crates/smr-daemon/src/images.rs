@@ -1,0 +1,166 @@
+//! Lazily mounted smr images, one mount per image manifest however many
+//! snapshots and containers use it.
+//!
+//! A mount is made by `smr mount` (the same code path, policy and cache as
+//! on the command line): its FUSE server runs in a session of its own, so
+//! the mount and every read through it survive a restart or a SIGKILL of
+//! the daemon; the daemon finds the mounts again by their directories.
+
+use smr_node::mount::is_mountpoint;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long an image that could not be mounted is not tried again: the
+/// layers of one pull all ask within this time, and one refusal is enough.
+pub const NEGATIVE_TTL: Duration = Duration::from_secs(30);
+
+/// How the daemon runs `smr mount`.
+#[derive(Debug, Clone)]
+pub struct MountConfig {
+    /// The smr binary.
+    pub smr: PathBuf,
+    /// Node cache directory (`--cache-dir`).
+    pub cache_dir: PathBuf,
+    /// The owner key, if the node has one (`--key-file`).
+    pub key_file: Option<PathBuf>,
+}
+
+/// The node's image mounts under `ROOT/images`.
+pub struct Images {
+    dir: PathBuf,
+    state: PathBuf,
+    cfg: MountConfig,
+    /// Manifests being mounted right now (others wait for them).
+    busy: Mutex<HashSet<String>>,
+    done: Condvar,
+    /// Manifests that could not be mounted, and when.
+    refused: Mutex<HashMap<String, (Instant, String)>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Images {
+    /// Image mounts under `root/images`, their `smr mount` state under
+    /// `root/mount-state`.
+    pub fn new(root: &Path, cfg: MountConfig) -> Images {
+        Images {
+            dir: root.join("images"),
+            state: root.join("mount-state"),
+            cfg,
+            busy: Mutex::new(HashSet::new()),
+            done: Condvar::new(),
+            refused: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Where the image with manifest `digest` is mounted.
+    pub fn rootfs(&self, manifest: &str) -> PathBuf {
+        let name = manifest.replace(':', "-");
+        self.dir.join(name).join("rootfs")
+    }
+
+    /// Whether the image is mounted now.
+    pub fn is_mounted(&self, manifest: &str) -> bool {
+        is_mountpoint(&self.rootfs(manifest))
+    }
+
+    /// Mounts `image` (`docker://host/repo@manifest`) unless it already
+    /// is; returns its root directory. Concurrent callers for one image
+    /// wait for the first.
+    pub fn ensure(&self, image: &str, manifest: &str) -> Result<PathBuf, String> {
+        let dir = self.rootfs(manifest);
+        {
+            let mut busy = lock(&self.busy);
+            while busy.contains(manifest) {
+                busy = self.done.wait(busy).unwrap_or_else(|e| e.into_inner());
+            }
+            if is_mountpoint(&dir) {
+                return Ok(dir);
+            }
+            if let Some((at, why)) = lock(&self.refused).get(manifest) {
+                if at.elapsed() < NEGATIVE_TTL {
+                    return Err(why.clone());
+                }
+            }
+            busy.insert(manifest.to_string());
+        }
+        let out = self.mount(image, &dir);
+        match &out {
+            Ok(()) => {
+                lock(&self.refused).remove(manifest);
+            }
+            Err(why) => {
+                lock(&self.refused).insert(manifest.to_string(), (Instant::now(), why.clone()));
+            }
+        }
+        lock(&self.busy).remove(manifest);
+        self.done.notify_all();
+        out.map(|()| dir)
+    }
+
+    fn mount(&self, image: &str, dir: &Path) -> Result<(), String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let t = Instant::now();
+        let mut c = Command::new(&self.cfg.smr);
+        c.arg("mount")
+            .arg(image)
+            .arg(dir)
+            .arg("--cache-dir")
+            .arg(&self.cfg.cache_dir)
+            .arg("--state-dir")
+            .arg(&self.state);
+        if let Some(k) = &self.cfg.key_file {
+            c.arg("--key-file").arg(k);
+        }
+        let out = c
+            .output()
+            .map_err(|e| format!("running {}: {e}", self.cfg.smr.display()))?;
+        if !out.status.success() {
+            let _ = std::fs::remove_dir(dir);
+            let err = String::from_utf8_lossy(&out.stderr);
+            return Err(format!("smr mount {image}: {}", err.trim()));
+        }
+        tracing::info!(image, dir = %dir.display(), took = ?t.elapsed(), "image mounted");
+        Ok(())
+    }
+
+    /// Unmounts the image with manifest `digest`; a busy mount (a container
+    /// still uses it) stays and the error says so.
+    pub fn release(&self, manifest: &str) -> Result<(), String> {
+        let dir = self.rootfs(manifest);
+        if !is_mountpoint(&dir) {
+            return Ok(());
+        }
+        let out = Command::new(&self.cfg.smr)
+            .arg("umount")
+            .arg(&dir)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .output()
+            .map_err(|e| format!("running {}: {e}", self.cfg.smr.display()))?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            return Err(format!("smr umount {}: {}", dir.display(), err.trim()));
+        }
+        if let Some(parent) = dir.parent() {
+            let _ = std::fs::remove_dir_all(parent);
+        }
+        tracing::info!(manifest, "image released");
+        Ok(())
+    }
+
+    /// Manifests with a directory under `images/` (mounted or not).
+    pub fn known(&self) -> Vec<String> {
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        rd.flatten()
+            .filter_map(|e| e.file_name().to_str().map(|n| n.replacen('-', ":", 1)))
+            .collect()
+    }
+}
