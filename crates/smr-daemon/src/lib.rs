@@ -12,6 +12,7 @@ pub mod images;
 pub mod meta;
 pub mod pull;
 pub mod snapshotter;
+mod unpack;
 
 pub use grpc::SnapshotService;
 pub use images::{Images, MountConfig};

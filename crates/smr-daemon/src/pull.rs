@@ -88,17 +88,24 @@ pub struct Pulled {
     pub present: usize,
 }
 
-/// `chainID`s of the layers with `diff_ids` (OCI image spec, bottom first).
+/// The `chainID` of a layer with `diff_id` on the chain `parent` (OCI
+/// image spec): the diff id itself at the bottom, else
+/// `sha256(parent + " " + diff_id)`.
+pub fn chain_id(parent: Option<&str>, diff_id: &str) -> String {
+    match parent {
+        None => diff_id.to_string(),
+        Some(p) => format!(
+            "sha256:{}",
+            hex::encode(Sha256::digest(format!("{p} {diff_id}").as_bytes()))
+        ),
+    }
+}
+
+/// `chainID`s of the layers with `diff_ids` (bottom first).
 pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
     let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
     for d in diff_ids {
-        let next = match out.last() {
-            None => d.clone(),
-            Some(prev) => format!(
-                "sha256:{}",
-                hex::encode(Sha256::digest(format!("{prev} {d}").as_bytes()))
-            ),
-        };
+        let next = chain_id(out.last().map(String::as_str), d);
         out.push(next);
     }
     out

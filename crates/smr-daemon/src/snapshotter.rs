@@ -19,6 +19,7 @@ use crate::SnapError;
 use std::collections::{BTreeMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 /// The chain id a `Prepare` is asked to produce (remote snapshots).
 pub const LABEL_TARGET: &str = "containerd.io/snapshot.ref";
@@ -58,6 +59,8 @@ pub struct Snapshotter {
     root: PathBuf,
     meta: Meta,
     images: Images,
+    /// Held while an inner remote layer is unpacked on its own.
+    materializing: Mutex<()>,
 }
 
 fn io(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> SnapError {
@@ -82,6 +85,7 @@ impl Snapshotter {
             root: root.to_path_buf(),
             meta,
             images,
+            materializing: Mutex::new(()),
         })
     }
 
@@ -264,13 +268,11 @@ impl Snapshotter {
                 return Err(SnapError::Internal(format!("parent loop at {p:?}")));
             }
             let rec = self.need(&p)?;
+            let rec = match &rec.remote {
+                Some(r) if !r.top => self.materialize(&p)?,
+                _ => rec,
+            };
             if let Some(r) = &rec.remote {
-                if !r.top {
-                    return Err(SnapError::FailedPrecondition(format!(
-                        "snapshot {p:?} is layer {} inside the flattened smr image {}; only the image's top layer can be a parent",
-                        r.layer, r.image
-                    )));
-                }
                 let dir = self
                     .images
                     .ensure(&r.image, &r.manifest)
@@ -282,6 +284,66 @@ impl Snapshotter {
             parent = rec.parent;
         }
         Ok(out)
+    }
+
+    /// Turns remote layer `name`, an inner layer of a flattened smr image,
+    /// into an ordinary layer directory: its blob is fetched from the
+    /// image's repository and unpacked, verified against the blob digest,
+    /// the config's diff id and the chain id that names the snapshot. Needed
+    /// when another image's top layer is this layer (a base image pulled
+    /// after an image built on it).
+    fn materialize(&self, name: &str) -> Result<Record, SnapError> {
+        let _one = self.materializing.lock().unwrap_or_else(|e| e.into_inner());
+        let rec = self.need(name)?;
+        let Some(r) = rec.remote.clone().filter(|r| !r.top) else {
+            return Ok(rec);
+        };
+        let unavailable = |e: String| SnapError::Unavailable(format!("layer {} of {}: {e}", r.layer, r.image));
+        let opts = smr_registry::client::RegistryOptions::from_env();
+        let src = smr_registry::source::RegistrySource::open(&r.image, &opts)
+            .map_err(|e| unavailable(e.to_string()))?;
+        use smr_image::source::ImageSource;
+        let img = src
+            .resolve(&smr_image::source::Platform::default())
+            .map_err(|e| unavailable(e.to_string()))?;
+        let layer = img
+            .layers
+            .iter()
+            .find(|l| l.digest == r.layer)
+            .ok_or_else(|| unavailable("the manifest does not list the layer".into()))?;
+        let chain = crate::pull::chain_id(rec.parent.as_deref(), &layer.diff_id);
+        if chain != name {
+            return Err(SnapError::FailedPrecondition(format!(
+                "snapshot {name:?}: layer {} with diff id {} on parent {:?} gives chain id {chain}",
+                r.layer, layer.diff_id, rec.parent
+            )));
+        }
+        let id = self.meta.update(|tx| Ok(tx.next_id()?))?;
+        let fs = self.dir(id).join("fs");
+        std::fs::create_dir_all(&fs).map_err(io("creating", &fs))?;
+        let t = std::time::Instant::now();
+        let unpacked = smr_image::layer::open_layer(&src, layer)
+            .map_err(|e| unavailable(e.to_string()))
+            .and_then(|stream| {
+                crate::unpack::unpack_layer(stream, &fs).map_err(|e| unavailable(e.to_string()))
+            });
+        if let Err(e) = unpacked {
+            let _ = std::fs::remove_dir_all(self.dir(id));
+            return Err(e);
+        }
+        let rec = self.meta.update(|tx| {
+            let mut cur = tx
+                .get(name)?
+                .ok_or_else(|| SnapError::NotFound(format!("snapshot {name:?}")))?;
+            cur.remote = None;
+            cur.id = id;
+            cur.labels.remove(LABEL_REMOTE);
+            tx.put(name, &cur)?;
+            Ok(cur)
+        })?;
+        tracing::info!(snapshot = name, layer = r.layer, took = ?t.elapsed(), "inner layer of a lazy image unpacked on its own");
+        self.release_unused(Some(&r.manifest));
+        Ok(rec)
     }
 
     /// The mounts of active or view snapshot `key`.
