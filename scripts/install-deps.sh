@@ -7,7 +7,7 @@ pkgs=(ca-certificates curl jq openssl python3 gcc libc6-dev pkg-config time attr
       umoci skopeo debootstrap docker-registry apache2-utils
       runc containerd casync slirp4netns
       libnbd-bin python3-libnbd nbdkit
-      fuse3 libfuse3-dev)
+      fuse3 libfuse3-dev protobuf-compiler)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

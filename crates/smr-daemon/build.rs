@@ -18,13 +18,33 @@ fn method(name: &str, route: &str, input: &str, output: &str) -> Method {
 fn main() {
     let m = |n: &str| format!("containerd_client::services::v1::snapshots::{n}");
     let unary = [
-        ("prepare", "Prepare", "PrepareSnapshotRequest", Some("PrepareSnapshotResponse")),
-        ("view", "View", "ViewSnapshotRequest", Some("ViewSnapshotResponse")),
+        (
+            "prepare",
+            "Prepare",
+            "PrepareSnapshotRequest",
+            Some("PrepareSnapshotResponse"),
+        ),
+        (
+            "view",
+            "View",
+            "ViewSnapshotRequest",
+            Some("ViewSnapshotResponse"),
+        ),
         ("mounts", "Mounts", "MountsRequest", Some("MountsResponse")),
         ("commit", "Commit", "CommitSnapshotRequest", None),
         ("remove", "Remove", "RemoveSnapshotRequest", None),
-        ("stat", "Stat", "StatSnapshotRequest", Some("StatSnapshotResponse")),
-        ("update", "Update", "UpdateSnapshotRequest", Some("UpdateSnapshotResponse")),
+        (
+            "stat",
+            "Stat",
+            "StatSnapshotRequest",
+            Some("StatSnapshotResponse"),
+        ),
+        (
+            "update",
+            "Update",
+            "UpdateSnapshotRequest",
+            Some("UpdateSnapshotResponse"),
+        ),
         ("usage", "Usage", "UsageRequest", Some("UsageResponse")),
         ("cleanup", "Cleanup", "CleanupRequest", None),
     ];

@@ -51,7 +51,10 @@ fn split_unquoted(s: &str, sep: char) -> Vec<&str> {
 }
 
 fn field_path(s: &str) -> Vec<String> {
-    split_unquoted(s.trim(), '.').into_iter().map(unquote).collect()
+    split_unquoted(s.trim(), '.')
+        .into_iter()
+        .map(unquote)
+        .collect()
 }
 
 impl Filter {
@@ -140,10 +143,9 @@ mod tests {
     #[test]
     fn containerd_remote_snapshot_lookup() {
         // The filter containerd's metadata layer sends after AlreadyExists.
-        let f = Filter::parse(
-            r#"labels."containerd.io/snapshot.ref"==sha256:abc,parent=="sha256:p""#,
-        )
-        .unwrap();
+        let f =
+            Filter::parse(r#"labels."containerd.io/snapshot.ref"==sha256:abc,parent=="sha256:p""#)
+                .unwrap();
         let hit = info(
             "sha256:abc",
             Some("sha256:p"),
@@ -158,7 +160,8 @@ mod tests {
         );
         assert!(!f.matches(&other_parent));
         // A bottom layer: containerd asks for parent=="".
-        let f = Filter::parse(r#"labels."containerd.io/snapshot.ref"==sha256:abc,parent=="""#).unwrap();
+        let f =
+            Filter::parse(r#"labels."containerd.io/snapshot.ref"==sha256:abc,parent=="""#).unwrap();
         assert!(f.matches(&other_parent));
     }
 

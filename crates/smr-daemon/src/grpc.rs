@@ -98,7 +98,8 @@ fn labels(m: HashMap<String, String>) -> BTreeMap<String, String> {
     m.into_iter().collect()
 }
 
-type ListStream = futures::stream::Iter<std::vec::IntoIter<Result<pb::ListSnapshotsResponse, Status>>>;
+type ListStream =
+    futures::stream::Iter<std::vec::IntoIter<Result<pb::ListSnapshotsResponse, Status>>>;
 
 /// Snapshots per `List` response message.
 const LIST_BATCH: usize = 100;
@@ -115,7 +116,9 @@ impl Snapshots for SnapshotService {
                 s.prepare(&r.key, &r.parent, labels(r.labels), Kind::Active)
             })
             .await?;
-        Ok(Response::new(pb::PrepareSnapshotResponse { mounts: mounts(m) }))
+        Ok(Response::new(pb::PrepareSnapshotResponse {
+            mounts: mounts(m),
+        }))
     }
 
     async fn view(
@@ -128,7 +131,9 @@ impl Snapshots for SnapshotService {
                 s.prepare(&r.key, &r.parent, labels(r.labels), Kind::View)
             })
             .await?;
-        Ok(Response::new(pb::ViewSnapshotResponse { mounts: mounts(m) }))
+        Ok(Response::new(pb::ViewSnapshotResponse {
+            mounts: mounts(m),
+        }))
     }
 
     async fn mounts(
@@ -142,8 +147,10 @@ impl Snapshots for SnapshotService {
 
     async fn commit(&self, r: Request<pb::CommitSnapshotRequest>) -> Result<Response<()>, Status> {
         let r = r.into_inner();
-        self.call("commit", move |s| s.commit(&r.name, &r.key, labels(r.labels)))
-            .await?;
+        self.call("commit", move |s| {
+            s.commit(&r.name, &r.key, labels(r.labels))
+        })
+        .await?;
         Ok(Response::new(()))
     }
 
@@ -174,7 +181,9 @@ impl Snapshots for SnapshotService {
         };
         let mask = r.update_mask.map(|m| m.paths).unwrap_or_default();
         let i = self
-            .call("update", move |s| s.update(&i.name, labels(i.labels), &mask))
+            .call("update", move |s| {
+                s.update(&i.name, labels(i.labels), &mask)
+            })
             .await?;
         Ok(Response::new(pb::UpdateSnapshotResponse {
             info: Some(info(i)),
@@ -198,7 +207,10 @@ impl Snapshots for SnapshotService {
         Ok(Response::new(futures::stream::iter(batches)))
     }
 
-    async fn usage(&self, r: Request<pb::UsageRequest>) -> Result<Response<pb::UsageResponse>, Status> {
+    async fn usage(
+        &self,
+        r: Request<pb::UsageRequest>,
+    ) -> Result<Response<pb::UsageResponse>, Status> {
         let r = r.into_inner();
         let (size, inodes) = self.call("usage", move |s| s.usage(&r.key)).await?;
         Ok(Response::new(pb::UsageResponse {

@@ -73,7 +73,7 @@ pub enum DaemonError {
         /// The root.
         root: PathBuf,
         /// The cause.
-        source: SnapError,
+        source: Box<SnapError>,
     },
     /// The socket could not be set up.
     #[error("snapshotter socket {path}: {source}")]
@@ -139,7 +139,7 @@ pub async fn serve(
     let images = Images::new(&cfg.root, cfg.mount.clone());
     let sn = Snapshotter::open(&cfg.root, images).map_err(|source| DaemonError::Open {
         root: cfg.root.clone(),
-        source,
+        source: Box::new(source),
     })?;
     let listener = bind(&cfg.snapshotter_socket)?;
     tracing::info!(

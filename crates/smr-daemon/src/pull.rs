@@ -14,7 +14,9 @@
 //! (`containerd.io/gc.ref.snapshot.SNAPSHOTTER`), so `ctr image rm` frees
 //! it.
 
-use crate::snapshotter::{LABEL_IMAGE_REF, LABEL_LAYER, LABEL_LAYERS, LABEL_MANIFEST, LABEL_TARGET};
+use crate::snapshotter::{
+    LABEL_IMAGE_REF, LABEL_LAYER, LABEL_LAYERS, LABEL_MANIFEST, LABEL_TARGET,
+};
 use containerd_client::services::v1 as api;
 use containerd_client::types::Descriptor;
 use sha2::{Digest, Sha256};
@@ -142,12 +144,11 @@ fn read_small(src: &RegistrySource, digest: &str) -> Result<Vec<u8>, PullError> 
     let mut out = Vec::new();
     src.open_blob(digest)
         .and_then(|mut r| {
-            r.read_to_end(&mut out).map_err(|e| {
-                smr_image::source::SourceError::Io {
+            r.read_to_end(&mut out)
+                .map_err(|e| smr_image::source::SourceError::Io {
                     path: PathBuf::from(digest),
                     source: e,
-                }
-            })
+                })
         })
         .map_err(|e| PullError::Registry(format!("{}: blob {digest}: {e}", src.describe())))?;
     Ok(out)
@@ -172,9 +173,7 @@ async fn put_content(
         data,
         labels: labels.clone(),
     };
-    let res = content
-        .write(c.req(futures::stream::iter(vec![msg])))
-        .await;
+    let res = content.write(c.req(futures::stream::iter(vec![msg]))).await;
     let written = match res {
         Ok(mut stream) => loop {
             match stream.get_mut().message().await {
@@ -241,9 +240,9 @@ async fn fetch_layer(
         let mut offset = 0i64;
         loop {
             let mut buf = vec![0u8; WRITE_CHUNK];
-            let n = r
-                .read(&mut buf)
-                .map_err(|e| PullError::Registry(format!("{}: layer {digest}: {e}", src.describe())))?;
+            let n = r.read(&mut buf).map_err(|e| {
+                PullError::Registry(format!("{}: layer {digest}: {e}", src.describe()))
+            })?;
             buf.truncate(n);
             let last = n == 0;
             let msg = api::WriteContentRequest {
@@ -409,7 +408,11 @@ async fn pull_leased(
             pulled.present += 1;
             continue;
         }
-        let parent = if i == 0 { String::new() } else { chains[i - 1].clone() };
+        let parent = if i == 0 {
+            String::new()
+        } else {
+            chains[i - 1].clone()
+        };
         let above: Vec<&str> = img.layers[i..].iter().map(|l| l.digest.as_str()).collect();
         let labels = HashMap::from([
             (LABEL_TARGET.to_string(), chain.clone()),
@@ -486,7 +489,10 @@ async fn pull_leased(
         ),
     ]);
     for (i, l) in img.layers.iter().enumerate() {
-        manifest_labels.insert(format!("containerd.io/gc.ref.content.l.{i}"), l.digest.clone());
+        manifest_labels.insert(
+            format!("containerd.io/gc.ref.content.l.{i}"),
+            l.digest.clone(),
+        );
     }
     let media_type = manifest_media_type(&manifest);
     let size = manifest.len() as u64;

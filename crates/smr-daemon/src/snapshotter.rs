@@ -124,10 +124,7 @@ impl Snapshotter {
             .map(|s| s.split(',').filter(|x| !x.is_empty()).collect())
             .unwrap_or_default();
         Ok(Some(RemoteLayer {
-            image: format!(
-                "docker://{}/{}@{m}",
-                parsed.registry, parsed.repository
-            ),
+            image: format!("docker://{}/{}@{m}", parsed.registry, parsed.repository),
             manifest: m.clone(),
             layer: l.clone(),
             top: above.as_slice() == [l.as_str()],
@@ -298,7 +295,8 @@ impl Snapshotter {
         let Some(r) = rec.remote.clone().filter(|r| !r.top) else {
             return Ok(rec);
         };
-        let unavailable = |e: String| SnapError::Unavailable(format!("layer {} of {}: {e}", r.layer, r.image));
+        let unavailable =
+            |e: String| SnapError::Unavailable(format!("layer {} of {}: {e}", r.layer, r.image));
         let opts = smr_registry::client::RegistryOptions::from_env();
         let src = smr_registry::source::RegistrySource::open(&r.image, &opts)
             .map_err(|e| unavailable(e.to_string()))?;
@@ -552,7 +550,10 @@ impl Snapshotter {
             .map(|(_, r)| r.id)
             .collect();
         let snaps = self.root.join("snapshots");
-        for e in std::fs::read_dir(&snaps).map_err(io("reading", &snaps))?.flatten() {
+        for e in std::fs::read_dir(&snaps)
+            .map_err(io("reading", &snaps))?
+            .flatten()
+        {
             let owned = e
                 .file_name()
                 .to_str()

@@ -103,8 +103,9 @@ pub fn unpack_layer(tar: impl Read, dir: &Path) -> std::io::Result<()> {
             None
         };
         if let Some(ft) = node {
-            let major = h.device_major()?.unwrap_or(0);
-            let minor = h.device_minor()?.unwrap_or(0);
+            // Blank device fields (some writers leave them so for FIFOs) are 0.
+            let major = h.device_major().ok().flatten().unwrap_or(0);
+            let minor = h.device_minor().ok().flatten().unwrap_or(0);
             let mode = h.mode()?;
             let (uid, gid) = (h.uid()?, h.gid()?);
             let target = confined(dir, &path)?;
@@ -132,11 +133,21 @@ mod tests {
     use super::*;
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
+    fn header(kind: tar::EntryType) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_mode(0o755);
+        h.set_size(0);
+        h
+    }
+
     fn tar_of(entries: &[(&str, tar::EntryType, &[u8])]) -> Vec<u8> {
         let mut b = tar::Builder::new(Vec::new());
         for (path, kind, data) in entries {
-            let mut h = tar::Header::new_gnu();
-            h.set_entry_type(*kind);
+            let mut h = header(*kind);
             h.set_mode(0o755);
             h.set_size(data.len() as u64);
             h.set_path(path).unwrap();
@@ -175,13 +186,9 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let outside = tempfile::tempdir().unwrap();
         let mut b = tar::Builder::new(Vec::new());
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Symlink);
-        h.set_size(0);
+        let mut h = header(tar::EntryType::Symlink);
         b.append_link(&mut h, "l", outside.path()).unwrap();
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Regular);
-        h.set_size(0);
+        let mut h = header(tar::EntryType::Regular);
         h.set_path("l/.wh.x").unwrap();
         h.set_cksum();
         b.append(&h, &b""[..]).unwrap();

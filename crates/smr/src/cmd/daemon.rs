@@ -28,7 +28,8 @@ pub struct DaemonArgs {
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(a: DaemonArgs) -> Result<ExitCode> {
-    let abs = |p: &PathBuf| std::path::absolute(p).with_context(|| format!("resolving {}", p.display()));
+    let abs =
+        |p: &PathBuf| std::path::absolute(p).with_context(|| format!("resolving {}", p.display()));
     let cfg = DaemonConfig {
         root: abs(&a.root)?,
         snapshotter_socket: abs(&a.snapshotter_socket)?,
@@ -42,7 +43,10 @@ pub fn run(a: DaemonArgs) -> Result<ExitCode> {
     rt.block_on(async {
         let shutdown = async {
             use tokio::signal::unix::{signal, SignalKind};
-            match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            match (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
                 (Ok(mut t), Ok(mut i)) => {
                     tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
                 }
