@@ -8,6 +8,7 @@
 
 pub mod filter;
 mod grpc;
+pub mod handover;
 pub mod images;
 pub mod meta;
 pub mod pull;
@@ -106,7 +107,7 @@ pub struct DaemonConfig {
 
 /// Binds `path`, replacing a stale socket file; refuses when a live server
 /// answers on it.
-fn bind(path: &Path) -> Result<tokio::net::UnixListener, DaemonError> {
+fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, DaemonError> {
     let err = |source| DaemonError::Socket {
         path: path.to_path_buf(),
         source,
@@ -125,23 +126,65 @@ fn bind(path: &Path) -> Result<tokio::net::UnixListener, DaemonError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(err(e)),
     }
-    let l = tokio::net::UnixListener::bind(path).map_err(err)?;
+    let l = std::os::unix::net::UnixListener::bind(path).map_err(err)?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
     Ok(l)
 }
 
-/// Runs the daemon until `shutdown` completes.
+/// Opens the snapshotter, waiting a little for a previous daemon to let go
+/// of the metadata store.
+async fn open_snapshotter(cfg: &DaemonConfig) -> Result<Snapshotter, DaemonError> {
+    let t = std::time::Instant::now();
+    loop {
+        let images = Images::new(&cfg.root, cfg.mount.clone());
+        match Snapshotter::open(&cfg.root, images) {
+            Ok(sn) => return Ok(sn),
+            Err(e) if t.elapsed() < std::time::Duration::from_secs(5) => {
+                tracing::debug!(error = %e, "metadata store busy; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(source) => {
+                return Err(DaemonError::Open {
+                    root: cfg.root.clone(),
+                    source: Box::new(source),
+                })
+            }
+        }
+    }
+}
+
+/// Runs the daemon until `shutdown` completes, or until a new daemon on
+/// the same root takes its socket over (see [`handover`]).
 pub async fn serve(
     cfg: DaemonConfig,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), DaemonError> {
-    let images = Images::new(&cfg.root, cfg.mount.clone());
-    let sn = Snapshotter::open(&cfg.root, images).map_err(|source| DaemonError::Open {
-        root: cfg.root.clone(),
-        source: Box::new(source),
-    })?;
-    let listener = bind(&cfg.snapshotter_socket)?;
+    let sock_err = |source| DaemonError::Socket {
+        path: cfg.snapshotter_socket.clone(),
+        source,
+    };
+    smr_node::dirs::private_dir(&cfg.root).map_err(sock_err)?;
+    let hpath = handover::socket_path(&cfg.root);
+    let h2 = hpath.clone();
+    let taken = tokio::task::spawn_blocking(move || handover::take_over(&h2))
+        .await
+        .map_err(|e| sock_err(std::io::Error::other(e)))?
+        .map_err(sock_err)?;
+    let std_listener = match taken {
+        Some(fd) => std::os::unix::net::UnixListener::from(fd),
+        None => bind(&cfg.snapshotter_socket)?,
+    };
+    let sn = open_snapshotter(&cfg).await?;
+    std_listener.set_nonblocking(true).map_err(sock_err)?;
+    let kept = std_listener.try_clone().map_err(sock_err)?;
+    let listener = tokio::net::UnixListener::from_std(std_listener).map_err(sock_err)?;
+    let (offer, withdraw) = handover::Offer::bind(&hpath).map_err(sock_err)?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let r = offer.wait(&kept);
+        let _ = tx.send(r);
+    });
     tracing::info!(
         root = %cfg.root.display(),
         socket = %cfg.snapshotter_socket.display(),
@@ -149,14 +192,38 @@ pub async fn serve(
     );
     let svc = proto::snapshots_server::SnapshotsServer::new(SnapshotService::new(Arc::new(sn)));
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    let handed: Arc<std::sync::Mutex<Option<std::os::unix::net::UnixStream>>> = Arc::default();
+    let h = handed.clone();
+    let stop = async move {
+        tokio::select! {
+            _ = shutdown => {}
+            r = rx => match r {
+                Ok(Ok(Some(conn))) => {
+                    tracing::info!("a new daemon took the socket over; finishing");
+                    *h.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn);
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "handover failed"),
+                _ => {}
+            }
+        }
+    };
     let out = tonic::transport::Server::builder()
         .add_service(svc)
-        .serve_with_incoming_shutdown(incoming, shutdown)
+        .serve_with_incoming_shutdown(incoming, stop)
         .await
         .map_err(|source| DaemonError::Serve {
             path: cfg.snapshotter_socket.clone(),
             source,
         });
-    let _ = std::fs::remove_file(&cfg.snapshotter_socket);
+    let conn = handed.lock().unwrap_or_else(|e| e.into_inner()).take();
+    match conn {
+        // The new daemon serves the socket now; closing the connection
+        // tells it this one is done.
+        Some(conn) => drop(conn),
+        None => {
+            withdraw.withdraw();
+            let _ = std::fs::remove_file(&cfg.snapshotter_socket);
+        }
+    }
     out
 }

@@ -1,0 +1,192 @@
+//! `ctr run --snapshotter smr`: lazy images, the fallback to containerd's
+//! own unpacking, garbage collection, daemon restarts and concurrency.
+
+use crate::node::{bytes_under, Node};
+use std::time::Duration;
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+/// The full image, for comparison: what `smr convert` stored.
+const PY_STORED_BYTES: u64 = 200 << 20;
+
+#[test]
+fn lazy_run_fallback_and_gc() {
+    let Some(node) = Node::start(false) else {
+        return;
+    };
+    // debian has no smr artifact: smr pull falls back to containerd's
+    // unpacking (content store + diff service) through the smr snapshotter.
+    let out = node.pull("deb:1");
+    assert!(out.contains("0 layers lazy, 1 unpacked"), "{out}");
+    let o = node.run("deb:1", "c-deb", &["cat", "/etc/debian_version"]);
+    assert!(stdout(&o).starts_with("12."), "{}", stdout(&o));
+    // debian-python shares the base layer (present) and is lazy above it.
+    let out = node.pull("py:1");
+    assert!(
+        out.contains("1 layers lazy, 0 unpacked, 1 present"),
+        "{out}"
+    );
+    let o = node.run(
+        "py:1",
+        "c-py",
+        &["python3", "-c", "import json; print(json.dumps([1]))"],
+    );
+    assert_eq!(stdout(&o), "[1]");
+    let fetched = bytes_under(&node.cache());
+    eprintln!("debian-python via containerd: {fetched} bytes fetched into the node cache");
+    assert!(fetched < PY_STORED_BYTES / 2, "{fetched} bytes fetched");
+    assert_eq!(node.image_mounts(), 1);
+    // Image removal and containerd's GC remove the snapshots, their
+    // directories and the image mount.
+    node.remove_all_images();
+    assert!(node.snapshots().is_empty(), "{:?}", node.snapshots());
+    assert_eq!(
+        std::fs::read_dir(node.root().join("snapshots"))
+            .unwrap()
+            .count(),
+        0
+    );
+    assert_eq!(node.image_mounts(), 0);
+
+    // The other order: the lazy image first, then containerd's own pull of
+    // the base image, whose only layer is an inner layer of the lazy one.
+    let out = node.pull("py:1");
+    assert!(out.contains("2 layers lazy"), "{out}");
+    let image = format!("{}/deb:1", node.reg.addr);
+    crate::util::ok(
+        node.ctr()
+            .args(["image", "pull", "--plain-http", "--snapshotter", "smr"])
+            .arg(&image),
+    );
+    let o = node.run("deb:1", "c-deb2", &["cat", "/etc/debian_version"]);
+    assert!(stdout(&o).starts_with("12."), "{}", stdout(&o));
+    assert!(
+        node.daemon_log().contains("unpacked on its own"),
+        "{}",
+        node.daemon_log()
+    );
+    let o = node.run("py:1", "c-py2", &["python3", "-c", "print(6*7)"]);
+    assert_eq!(stdout(&o), "42");
+    node.remove_all_images();
+    assert!(node.snapshots().is_empty());
+    assert_eq!(node.image_mounts(), 0);
+}
+
+#[test]
+fn daemon_restarts_do_not_break_running_containers() {
+    let Some(mut node) = Node::start(false) else {
+        return;
+    };
+    node.pull("py:1");
+    // A container that reads the image in a loop for the whole test.
+    let image = format!("{}/py:1", node.reg.addr);
+    let script =
+        "for i in $(seq 1 400); do cat /usr/lib/python3.11/*.py > /dev/null || echo READ-FAILED; \
+                  sleep 0.02; done; echo LOOP-DONE";
+    let reader = node
+        .ctr()
+        .args(["run", "--rm", "--snapshotter", "smr"])
+        .arg(&image)
+        .arg(node.id("reader"))
+        .args(["sh", "-c", script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    // Five upgrades: a new daemon takes the socket over from the running
+    // one, while containerd keeps using it (a container starts each time).
+    for i in 0..5 {
+        node.start_daemon();
+        let o = node.run(
+            "py:1",
+            &format!("during-{i}"),
+            &["python3", "-c", "print('up')"],
+        );
+        assert_eq!(stdout(&o), "up");
+    }
+    assert_eq!(
+        node.daemon_log()
+            .matches("took the snapshotter socket over")
+            .count(),
+        5
+    );
+    // A SIGKILL: the socket is gone until the new daemon binds it again,
+    // and containerd reconnects (its client backs off up to 3 s).
+    node.stop_daemon("KILL");
+    node.start_daemon();
+    let t = std::time::Instant::now();
+    while !node
+        .ctr()
+        .args(["snapshot", "--snapshotter", "smr", "ls"])
+        .output()
+        .unwrap()
+        .status
+        .success()
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "containerd did not reconnect"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // State restored from disk: new containers start on the same image.
+    let o = node.run("py:1", "after", &["python3", "-c", "print('back')"]);
+    assert_eq!(stdout(&o), "back");
+    let out = reader.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("LOOP-DONE") && !text.contains("READ-FAILED"),
+        "{text}"
+    );
+    node.remove_all_images();
+    assert_eq!(node.image_mounts(), 0);
+}
+
+#[test]
+fn ten_containers_of_two_images_at_once() {
+    let Some(node) = Node::start(true) else {
+        return;
+    };
+    // debian first: its layer is then the top of a lazy image of its own.
+    node.pull("deb:1");
+    node.pull("py:1");
+    let node = &node;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..10)
+            .map(|i| {
+                s.spawn(move || {
+                    if i % 2 == 0 {
+                        let o = node.run(
+                            "py:1",
+                            &format!("py-{i}"),
+                            &["python3", "-c", &format!("print({i}*2)")],
+                        );
+                        assert_eq!(stdout(&o), (i * 2).to_string());
+                    } else {
+                        let o = node.run(
+                            "deb:1",
+                            &format!("deb-{i}"),
+                            &["sh", "-c", &format!("echo {i}")],
+                        );
+                        assert_eq!(stdout(&o), i.to_string());
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+    });
+    // One mount per image, however many containers.
+    assert_eq!(node.image_mounts(), 2, "{}", node.daemon_log());
+    node.remove_all_images();
+    assert_eq!(node.image_mounts(), 0);
+}
