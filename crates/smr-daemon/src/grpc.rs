@@ -31,9 +31,20 @@ impl SnapshotService {
         f: impl FnOnce(&Snapshotter) -> Result<T, SnapError> + Send + 'static,
     ) -> Result<T, Status> {
         let sn = self.sn.clone();
+        let t = std::time::Instant::now();
         let out = tokio::task::spawn_blocking(move || f(&sn))
             .await
             .map_err(|e| Status::internal(format!("{op}: {e}")))?;
+        let code = match &out {
+            Ok(_) => "Ok",
+            Err(SnapError::NotFound(_)) => "NotFound",
+            Err(SnapError::AlreadyExists(_)) => "AlreadyExists",
+            Err(SnapError::FailedPrecondition(_)) => "FailedPrecondition",
+            Err(SnapError::InvalidArgument(_)) => "InvalidArgument",
+            Err(SnapError::Unavailable(_)) => "Unavailable",
+            Err(_) => "Internal",
+        };
+        self.sn.metrics().observe(op, code, t.elapsed());
         out.map_err(|e| {
             match &e {
                 SnapError::AlreadyExists(_) | SnapError::NotFound(_) => {

@@ -6,11 +6,13 @@
 //! service routing is generated in `build.rs` over the messages of the
 //! `containerd-client` crate, from containerd's own protos.
 
+pub mod control;
 pub mod filter;
 mod grpc;
 pub mod handover;
 pub mod images;
 pub mod meta;
+pub mod metrics;
 pub mod pull;
 pub mod snapshotter;
 mod unpack;
@@ -36,6 +38,8 @@ pub mod proto {
 
 /// The node's default daemon root.
 pub const DEFAULT_ROOT: &str = "/var/lib/smr";
+/// The default control socket.
+pub const DEFAULT_SOCKET: &str = "/run/smr/smr.sock";
 /// The default snapshotter socket.
 pub const DEFAULT_SNAPSHOTTER_SOCKET: &str = "/run/smr/snapshotter.sock";
 
@@ -101,6 +105,10 @@ pub struct DaemonConfig {
     pub root: PathBuf,
     /// The snapshotter socket containerd connects to.
     pub snapshotter_socket: PathBuf,
+    /// The control API's socket (`/status`, `/metrics`).
+    pub socket: PathBuf,
+    /// Also serve `/metrics` (and `/status`) on this TCP address.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// How images are mounted.
     pub mount: MountConfig,
 }
@@ -130,6 +138,54 @@ fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, DaemonError> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
     Ok(l)
+}
+
+/// Serves the control API on its socket (and the TCP metrics address).
+fn serve_control(
+    cfg: &DaemonConfig,
+    c: Arc<control::Control>,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, DaemonError> {
+    let std_l = bind(&cfg.socket)?;
+    std_l
+        .set_nonblocking(true)
+        .map_err(|source| DaemonError::Socket {
+            path: cfg.socket.clone(),
+            source,
+        })?;
+    let l = tokio::net::UnixListener::from_std(std_l).map_err(|source| DaemonError::Socket {
+        path: cfg.socket.clone(),
+        source,
+    })?;
+    let app = control::router(c);
+    let mut tasks = Vec::new();
+    let a = app.clone();
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = axum::serve(l, a).await {
+            tracing::warn!(error = %e, "control socket stopped");
+        }
+    }));
+    if let Some(addr) = cfg.metrics_addr {
+        let std_l = std::net::TcpListener::bind(addr).map_err(|source| DaemonError::Socket {
+            path: PathBuf::from(addr.to_string()),
+            source,
+        })?;
+        std_l
+            .set_nonblocking(true)
+            .map_err(|source| DaemonError::Socket {
+                path: PathBuf::from(addr.to_string()),
+                source,
+            })?;
+        let l = tokio::net::TcpListener::from_std(std_l).map_err(|source| DaemonError::Socket {
+            path: PathBuf::from(addr.to_string()),
+            source,
+        })?;
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = axum::serve(l, app).await {
+                tracing::warn!(error = %e, "metrics address stopped");
+            }
+        }));
+    }
+    Ok(tasks)
 }
 
 /// Opens the snapshotter, waiting a little for a previous daemon to let go
@@ -190,7 +246,16 @@ pub async fn serve(
         socket = %cfg.snapshotter_socket.display(),
         "snapshotter serving"
     );
-    let svc = proto::snapshots_server::SnapshotsServer::new(SnapshotService::new(Arc::new(sn)));
+    let sn = Arc::new(sn);
+    let control = Arc::new(control::Control {
+        sn: sn.clone(),
+        metrics: sn.metrics().clone(),
+        cache_dir: cfg.mount.cache_dir.clone(),
+        root: cfg.root.clone(),
+        started: std::time::Instant::now(),
+    });
+    let control_task = serve_control(&cfg, control)?;
+    let svc = proto::snapshots_server::SnapshotsServer::new(SnapshotService::new(sn));
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     let handed: Arc<std::sync::Mutex<Option<std::os::unix::net::UnixStream>>> = Arc::default();
     let h = handed.clone();
@@ -215,6 +280,9 @@ pub async fn serve(
             path: cfg.snapshotter_socket.clone(),
             source,
         });
+    for t in control_task {
+        t.abort();
+    }
     let conn = handed.lock().unwrap_or_else(|e| e.into_inner()).take();
     match conn {
         // The new daemon serves the socket now; closing the connection
@@ -223,6 +291,7 @@ pub async fn serve(
         None => {
             withdraw.withdraw();
             let _ = std::fs::remove_file(&cfg.snapshotter_socket);
+            let _ = std::fs::remove_file(&cfg.socket);
         }
     }
     out

@@ -15,11 +15,13 @@
 
 use crate::images::Images;
 use crate::meta::{now_nanos, Kind, Meta, Record, RemoteLayer};
+use crate::metrics::Metrics;
 use crate::SnapError;
 use std::collections::{BTreeMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 
 /// The chain id a `Prepare` is asked to produce (remote snapshots).
 pub const LABEL_TARGET: &str = "containerd.io/snapshot.ref";
@@ -61,6 +63,7 @@ pub struct Snapshotter {
     images: Images,
     /// Held while an inner remote layer is unpacked on its own.
     materializing: Mutex<()>,
+    metrics: Arc<Metrics>,
 }
 
 fn io(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> SnapError {
@@ -86,7 +89,13 @@ impl Snapshotter {
             meta,
             images,
             materializing: Mutex::new(()),
+            metrics: Arc::default(),
         })
+    }
+
+    /// The daemon's counters.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The image mounts.
@@ -223,6 +232,7 @@ impl Snapshotter {
                 reason = why,
                 "no lazy image; containerd unpacks this layer"
             );
+            self.metrics.fallbacks.fetch_add(1, Ordering::Relaxed);
             return Ok(false);
         }
         let now = now_nanos();
@@ -252,6 +262,7 @@ impl Snapshotter {
             target,
             "remote snapshot"
         );
+        self.metrics.remote_layers.fetch_add(1, Ordering::Relaxed);
         Ok(true)
     }
 
@@ -340,6 +351,7 @@ impl Snapshotter {
             Ok(cur)
         })?;
         tracing::info!(snapshot = name, layer = r.layer, took = ?t.elapsed(), "inner layer of a lazy image unpacked on its own");
+        self.metrics.materialized.fetch_add(1, Ordering::Relaxed);
         self.release_unused(Some(&r.manifest));
         Ok(rec)
     }

@@ -30,6 +30,8 @@ impl Server {
         let cfg = DaemonConfig {
             root: root.clone(),
             snapshotter_socket: sock.clone(),
+            socket: sock.with_file_name("smr.sock"),
+            metrics_addr: None,
             mount: MountConfig {
                 // No image is mounted in these tests.
                 smr: PathBuf::from("/nonexistent/smr"),

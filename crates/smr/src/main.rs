@@ -65,6 +65,8 @@ enum Command {
     Profile(cmd::profile::Args),
     /// The node daemon: containerd's remote snapshotter over lazy images.
     Daemon(cmd::daemon::DaemonArgs),
+    /// Show what the node daemon serves: snapshots, images, cache.
+    Status(cmd::daemon::StatusArgs),
     /// Pull an image into containerd, its layers served lazily by the
     /// smr snapshotter (like `ctr-remote image rpull`).
     Pull(cmd::daemon::PullArgs),
@@ -95,6 +97,7 @@ fn main() -> ExitCode {
         Command::Profile(a) => cmd::profile::run(a),
         Command::Daemon(a) => cmd::daemon::run(a),
         Command::Pull(a) => cmd::daemon::run_pull(a),
+        Command::Status(a) => cmd::daemon::run_status(a),
         Command::ServeFuse(a) => cmd::serve::run_fuse(a),
     };
     match result {

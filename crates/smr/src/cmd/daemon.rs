@@ -17,6 +17,12 @@ pub struct DaemonArgs {
     /// The socket containerd's proxy snapshotter plugin connects to.
     #[arg(long, default_value = smr_daemon::DEFAULT_SNAPSHOTTER_SOCKET)]
     snapshotter_socket: PathBuf,
+    /// The control API (`/status`, `/metrics`; HTTP over a UNIX socket).
+    #[arg(long, default_value = smr_daemon::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Also serve `/metrics` on this TCP address (e.g. 127.0.0.1:9100).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
     /// The node's chunk cache, shared by every image.
     #[arg(long, env = "SMR_CACHE_DIR", default_value = smr_node::cache::DEFAULT_DIR)]
     cache_dir: PathBuf,
@@ -33,6 +39,8 @@ pub fn run(a: DaemonArgs) -> Result<ExitCode> {
     let cfg = DaemonConfig {
         root: abs(&a.root)?,
         snapshotter_socket: abs(&a.snapshotter_socket)?,
+        socket: abs(&a.socket)?,
+        metrics_addr: a.metrics,
         mount: MountConfig {
             smr: std::env::current_exe().context("locating the smr binary")?,
             cache_dir: abs(&a.cache_dir)?,
@@ -56,6 +64,94 @@ pub fn run(a: DaemonArgs) -> Result<ExitCode> {
         };
         smr_daemon::serve(cfg, shutdown).await
     })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Arguments of `smr status`.
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    /// The daemon's control socket.
+    #[arg(long, default_value = smr_daemon::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Print the daemon's JSON as it is.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `GET path` on the control socket: the body of a 200 answer.
+pub fn control_get(socket: &std::path::Path, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
+        format!(
+            "connecting to the smr daemon at {} (is `smr daemon` running?)",
+            socket.display()
+        )
+    })?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: smr\r\n\r\n")
+        .with_context(|| format!("writing to {}", socket.display()))?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)
+        .with_context(|| format!("reading from {}", socket.display()))?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("{}: not an HTTP answer", socket.display()))?;
+    let status = head.lines().next().unwrap_or_default();
+    anyhow::ensure!(
+        status.split_whitespace().nth(1) == Some("200"),
+        "{} GET {path}: {status}: {body}",
+        socket.display()
+    );
+    Ok(body.to_string())
+}
+
+/// Shows what the daemon serves.
+pub fn run_status(a: StatusArgs) -> Result<ExitCode> {
+    let body = control_get(&a.socket, "/status")?;
+    if a.json {
+        outln!("{body}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&body).context("decoding the daemon's status")?;
+    let n = |p: &str| v.pointer(p).and_then(|x| x.as_u64()).unwrap_or(0);
+    outln!("root:      {}", v["root"].as_str().unwrap_or("?"));
+    outln!("uptime:    {} s", n("/uptime_seconds"));
+    outln!(
+        "snapshots: {} active, {} view, {} committed, {} remote",
+        n("/snapshots/active"),
+        n("/snapshots/view"),
+        n("/snapshots/committed"),
+        n("/snapshots/remote")
+    );
+    let images = v["images"].as_array().cloned().unwrap_or_default();
+    outln!("images:    {}", images.len());
+    for i in images {
+        outln!(
+            "  {} ({} layers, {})",
+            i["image"].as_str().unwrap_or("?"),
+            i["layers"],
+            if i["mounted"].as_bool() == Some(true) {
+                "mounted"
+            } else {
+                "not mounted"
+            }
+        );
+    }
+    if v["cache"].is_object() {
+        outln!(
+            "cache:     {} chunks, {} bytes; {} fetches ({} bytes), {} disk hits, {} memory hits, {} misses, {} errors",
+            n("/cache/entries"),
+            n("/cache/total_bytes"),
+            n("/cache/fetches"),
+            n("/cache/fetched_bytes"),
+            n("/cache/hits"),
+            n("/cache/memory_hits"),
+            n("/cache/misses"),
+            n("/cache/fetch_errors")
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

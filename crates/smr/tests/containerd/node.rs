@@ -72,6 +72,10 @@ impl Node {
         self.dir.path().join("cache")
     }
 
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.path().join("smr.sock")
+    }
+
     pub fn snapshotter_socket(&self) -> PathBuf {
         self.dir.path().join("snapshotter.sock")
     }
@@ -93,6 +97,8 @@ impl Node {
             .arg(self.root())
             .arg("--snapshotter-socket")
             .arg(&sock)
+            .arg("--socket")
+            .arg(self.control_socket())
             .arg("--cache-dir")
             .arg(self.cache())
             .arg("--key-file")

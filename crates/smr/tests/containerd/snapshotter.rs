@@ -187,6 +187,57 @@ fn ten_containers_of_two_images_at_once() {
     });
     // One mount per image, however many containers.
     assert_eq!(node.image_mounts(), 2, "{}", node.daemon_log());
+    control_api(node);
     node.remove_all_images();
     assert_eq!(node.image_mounts(), 0);
+}
+
+/// `smr status`, `/metrics`, and bad requests on the control socket.
+fn control_api(node: &Node) {
+    let sock = node.control_socket();
+    let out = crate::util::ok(crate::util::smr().arg("status").arg("--socket").arg(&sock));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("images:    2"), "{text}");
+    assert_eq!(text.matches(", mounted)").count(), 2, "{text}");
+    let curl = |args: &[&str]| {
+        let o = std::process::Command::new("curl")
+            .args(["-s", "--unix-socket"])
+            .arg(&sock)
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let m = curl(&["http://smr/metrics"]);
+    let value = |name: &str| -> u64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{m}"))
+    };
+    assert!(value("smr_fetches_total") > 0, "{m}");
+    assert_eq!(value("smr_image_mounts"), 2, "{m}");
+    assert!(
+        m.contains("smr_snapshotter_calls_total{op=\"prepare\",code=\"AlreadyExists\"}"),
+        "{m}"
+    );
+    assert!(
+        m.contains("smr_snapshotter_call_seconds_bucket{op=\"mounts\",le=\"+Inf\"}"),
+        "{m}"
+    );
+    // Bad requests: clean HTTP errors, and the daemon goes on.
+    let code = |args: &[&str]| curl(&[&["-o", "/dev/null", "-w", "%{http_code}"], args].concat());
+    assert_eq!(code(&["http://smr/nope"]), "404");
+    assert_eq!(code(&["-X", "POST", "http://smr/status"]), "405");
+    let mut raw = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    std::io::Write::write_all(&mut raw, b"\x00\xffGARBAGE / HTTP/9\r\n\r\n").unwrap();
+    drop(raw);
+    let out = crate::util::ok(
+        crate::util::smr()
+            .arg("status")
+            .arg("--socket")
+            .arg(&sock)
+            .arg("--json"),
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["snapshots"]["remote"], 2, "{v}");
 }

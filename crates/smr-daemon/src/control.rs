@@ -1,0 +1,248 @@
+//! The daemon's control API: HTTP/JSON on a UNIX socket (0600).
+//!
+//! HTTP/JSON rather than gRPC: `curl --unix-socket` reads it, Prometheus
+//! scrapes `/metrics` from it (or from a TCP address, `--metrics`), and
+//! the CLI needs no generated code to ask it. Routes:
+//! - `GET /status`: snapshots, image mounts, the node cache (JSON);
+//! - `GET /metrics`: Prometheus text format.
+//!
+//! Anything else is a 404 or 405 with a JSON error body.
+
+use crate::meta::Kind;
+use crate::metrics::Metrics;
+use crate::Snapshotter;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use smr_node::cache::{Cache, CacheConfig, CacheStats};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What the control API reads.
+pub struct Control {
+    /// The snapshotter.
+    pub sn: Arc<Snapshotter>,
+    /// Request counters and latencies.
+    pub metrics: Arc<Metrics>,
+    /// The node cache directory.
+    pub cache_dir: PathBuf,
+    /// The daemon's root.
+    pub root: PathBuf,
+    /// When the daemon started.
+    pub started: Instant,
+}
+
+/// One lazily served image.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ImageStatus {
+    /// `docker://host/repo@manifest`.
+    pub image: String,
+    /// The manifest digest.
+    pub manifest: String,
+    /// Whether its filesystem is mounted now.
+    pub mounted: bool,
+    /// Remote snapshots (layers) that stand for it.
+    pub layers: usize,
+}
+
+/// `GET /status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// The daemon's root.
+    pub root: PathBuf,
+    /// Seconds since the daemon started.
+    pub uptime_seconds: u64,
+    /// Snapshots by kind (`active`, `view`, `committed`, `remote`).
+    pub snapshots: BTreeMap<&'static str, usize>,
+    /// Images served lazily.
+    pub images: Vec<ImageStatus>,
+    /// The node cache (`null` if it cannot be read).
+    pub cache: Option<CacheStats>,
+}
+
+fn error(code: StatusCode, msg: impl Into<String>) -> Response {
+    (code, Json(serde_json::json!({ "error": msg.into() }))).into_response()
+}
+
+impl Control {
+    /// The current status (blocking: reads the metadata store and cache).
+    pub fn status(&self) -> Result<Status, crate::SnapError> {
+        let all = self.sn.list(&[])?;
+        let mut snapshots =
+            BTreeMap::from([("active", 0), ("view", 0), ("committed", 0), ("remote", 0)]);
+        let mut images: BTreeMap<String, ImageStatus> = BTreeMap::new();
+        for i in &all {
+            let k = match (&i.rec.remote, i.rec.kind) {
+                (Some(_), _) => "remote",
+                (None, Kind::Active) => "active",
+                (None, Kind::View) => "view",
+                (None, Kind::Committed) => "committed",
+            };
+            *snapshots.entry(k).or_default() += 1;
+            if let Some(r) = &i.rec.remote {
+                let e = images
+                    .entry(r.manifest.clone())
+                    .or_insert_with(|| ImageStatus {
+                        image: r.image.clone(),
+                        manifest: r.manifest.clone(),
+                        mounted: self.sn.images().is_mounted(&r.manifest),
+                        layers: 0,
+                    });
+                e.layers += 1;
+            }
+        }
+        let cache = Cache::open(CacheConfig::new(&self.cache_dir))
+            .and_then(|c| c.stats())
+            .map_err(|e| tracing::debug!(error = %e, "cache stats"))
+            .ok();
+        Ok(Status {
+            root: self.root.clone(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            snapshots,
+            images: images.into_values().collect(),
+            cache,
+        })
+    }
+
+    /// Prometheus text of the status and the request metrics.
+    pub fn metrics_text(&self, st: &Status) -> String {
+        let mut o = String::new();
+        let mut gauge = |name: &str, help: &str, kind: &str, samples: &[(String, u64)]| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, v) in samples {
+                let _ = writeln!(o, "{name}{labels} {v}");
+            }
+        };
+        let snaps: Vec<(String, u64)> = st
+            .snapshots
+            .iter()
+            .map(|(k, v)| (format!("{{kind=\"{k}\"}}"), *v as u64))
+            .collect();
+        gauge("smr_snapshots", "Snapshots by kind.", "gauge", &snaps);
+        let mounted = st.images.iter().filter(|i| i.mounted).count() as u64;
+        gauge(
+            "smr_image_mounts",
+            "Lazily mounted images.",
+            "gauge",
+            &[(String::new(), mounted)],
+        );
+        if let Some(c) = &st.cache {
+            let n = &c.counters;
+            let rows: [(&str, &str, &str, u64); 10] = [
+                (
+                    "smr_cache_bytes",
+                    "Bytes of chunks in the node cache.",
+                    "gauge",
+                    n.total_bytes,
+                ),
+                (
+                    "smr_cache_entries",
+                    "Chunks in the node cache.",
+                    "gauge",
+                    n.entries,
+                ),
+                (
+                    "smr_cache_disk_hits_total",
+                    "Chunks read from the disk tier.",
+                    "counter",
+                    n.hits,
+                ),
+                (
+                    "smr_cache_memory_hits_total",
+                    "Chunks read from a memory tier.",
+                    "counter",
+                    n.memory_hits,
+                ),
+                (
+                    "smr_cache_misses_total",
+                    "Chunks not in the cache at first look.",
+                    "counter",
+                    n.misses,
+                ),
+                (
+                    "smr_fetches_total",
+                    "Chunk fetches from stores.",
+                    "counter",
+                    n.fetches,
+                ),
+                (
+                    "smr_fetched_bytes_total",
+                    "Bytes fetched from stores.",
+                    "counter",
+                    n.fetched_bytes,
+                ),
+                (
+                    "smr_fetch_errors_total",
+                    "Fetches that failed.",
+                    "counter",
+                    n.fetch_errors,
+                ),
+                (
+                    "smr_cache_evictions_total",
+                    "Chunks evicted.",
+                    "counter",
+                    n.evictions,
+                ),
+                (
+                    "smr_cache_corrupt_total",
+                    "Cache entries found corrupt.",
+                    "counter",
+                    n.corrupt,
+                ),
+            ];
+            for (name, help, kind, v) in rows {
+                gauge(name, help, kind, &[(String::new(), v)]);
+            }
+        }
+        self.metrics.write_prometheus(&mut o);
+        o
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    c: &Arc<Control>,
+    f: impl FnOnce(&Control) -> T + Send + 'static,
+) -> Result<T, Response> {
+    let c = c.clone();
+    tokio::task::spawn_blocking(move || f(&c))
+        .await
+        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+async fn status(State(c): State<Arc<Control>>) -> Response {
+    match blocking(&c, |c| c.status()).await {
+        Ok(Ok(st)) => Json(st).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(r) => r,
+    }
+}
+
+async fn metrics(State(c): State<Arc<Control>>) -> Response {
+    match blocking(&c, |c| c.status().map(|st| c.metrics_text(&st))).await {
+        Ok(Ok(text)) => {
+            ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+        }
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(r) => r,
+    }
+}
+
+/// The control API's routes.
+pub fn router(c: Arc<Control>) -> Router {
+    Router::new()
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            error(
+                StatusCode::NOT_FOUND,
+                "no such route; try /status or /metrics",
+            )
+        })
+        .with_state(c)
+}
