@@ -22,23 +22,27 @@ struct Server {
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// A daemon under `dir` that mounts no image (no smr binary).
+fn config(dir: &Path, root: &Path, sock: &Path) -> DaemonConfig {
+    DaemonConfig {
+        root: root.to_path_buf(),
+        snapshotter_socket: sock.to_path_buf(),
+        socket: sock.with_file_name("smr.sock"),
+        metrics_addr: None,
+        mount: MountConfig {
+            smr: PathBuf::from("/nonexistent/smr"),
+            cache_dir: dir.join("cache"),
+            key_file: None,
+        },
+    }
+}
+
 impl Server {
     async fn start() -> Server {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("root");
         let sock = dir.path().join("snap.sock");
-        let cfg = DaemonConfig {
-            root: root.clone(),
-            snapshotter_socket: sock.clone(),
-            socket: sock.with_file_name("smr.sock"),
-            metrics_addr: None,
-            mount: MountConfig {
-                // No image is mounted in these tests.
-                smr: PathBuf::from("/nonexistent/smr"),
-                cache_dir: dir.path().join("cache"),
-                key_file: None,
-            },
-        };
+        let cfg = config(dir.path(), &root, &sock);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             smr_daemon::serve(cfg, async {
@@ -365,15 +369,7 @@ async fn state_survives_a_restart_and_cleanup_frees_orphans() {
 }
 
 async fn restart(dir: tempfile::TempDir, root: PathBuf, sock: PathBuf) -> Server {
-    let cfg = DaemonConfig {
-        root: root.clone(),
-        snapshotter_socket: sock.clone(),
-        mount: MountConfig {
-            smr: PathBuf::from("/nonexistent/smr"),
-            cache_dir: dir.path().join("cache"),
-            key_file: None,
-        },
-    };
+    let cfg = config(dir.path(), &root, &sock);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         smr_daemon::serve(cfg, async {
