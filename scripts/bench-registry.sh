@@ -38,6 +38,11 @@
 #   smr         smr run --key-file K --cache-dir FRESH --stats S docker://REF -- CMD
 #   smr-zstd    the same from the --compress zstd artifact
 #   smr-chunk   the same from the --pack-chunks 1 artifact
+#   snapshotter containerd (scripts/containerd.sh) with `smr daemon` as its
+#               smr snapshotter, both fresh (empty node cache), timed:
+#               smr pull --containerd SOCK docker://REF &&
+#               ctr run --rm --snapshotter smr REF ID CMD
+#   snapshotter-profile  the same from debian-python-prof (startup profile)
 #   smr-profile, smr-zstd-profile
 #               like smr and smr-zstd, from repositories (debian-python-prof,
 #               debian-python-zstd-prof) where a startup profile was pushed
@@ -54,7 +59,7 @@
 # Environment:
 #   SMR_BENCH_RATE=100mbit  SMR_BENCH_DELAY_MS=20   the shaped link
 #   SMR_BENCH_LINKS="loopback shaped"
-#   SMR_BENCH_TOOLS="containerd smr smr-zstd smr-chunk smr-profile smr-zstd-profile"
+#   SMR_BENCH_TOOLS="containerd smr smr-zstd smr-chunk smr-profile smr-zstd-profile snapshotter snapshotter-profile"
 #   SMR_BENCH_PUSH=1        the push measurements (0: skip the shaped pushes
 #                           and the second-image pushes)
 #   SMR_BENCH_BUILD=1       cargo build --release -p smr first (0: use as is)
@@ -77,7 +82,7 @@ layout=$cache/oci
 rate=${SMR_BENCH_RATE:-100mbit}
 delay_ms=${SMR_BENCH_DELAY_MS:-20}
 links=${SMR_BENCH_LINKS:-loopback shaped}
-tools=${SMR_BENCH_TOOLS:-containerd smr smr-zstd smr-chunk smr-profile smr-zstd-profile}
+tools=${SMR_BENCH_TOOLS:-containerd smr smr-zstd smr-chunk smr-profile smr-zstd-profile snapshotter snapshotter-profile}
 bench_push=${SMR_BENCH_PUSH:-1}
 keep=${SMR_BENCH_KEEP:-}
 read -r -a convert_args <<<"${SMR_CONVERT_ARGS:-}"
@@ -129,6 +134,7 @@ cleanup() {
   set +e
   [[ -n $proxy_pid ]] && kill "$proxy_pid" 2>/dev/null && wait "$proxy_pid" 2>/dev/null
   [[ -n $ctd_pid ]] && ctd_stop
+  [[ -n ${snap_pid:-} || -d $work/snap ]] && snap_stop
   declare -F reg_stop >/dev/null && reg_stop
   umount_under "$work"
   if [[ -n $keep ]]; then
@@ -282,6 +288,61 @@ ctd_run() {
   ctd_stop
 }
 
+# ---- containerd with the smr snapshotter ------------------------------------
+# snap_run LINK ROUND REGISTRY TOOL: records one run, or returns 1.
+snap_run() {
+  local link=$1 r=$2 reg=$3 tool=$4 t0 t1 t2 m0 m1 b0 b1 l0 d=$work/snap rss
+  local repo=debian-python
+  [[ $tool == snapshotter-profile ]] && repo=debian-python-prof
+  local ref=$reg/$repo:bookworm id=bench-snap-$r-$link
+  rm -rf "$d" "$work/proxy.json"
+  mkdir -p "$d"
+  setsid "$smr" daemon --root "$d/smr" --snapshotter-socket "$d/snap.sock" --socket "$d/smr.sock" \
+    --cache-dir "$d/cache" --key-file "$key" >"$d/daemon.log" 2>&1 &
+  snap_pid=$!
+  local i
+  for ((i = 0; i < 200; i++)); do [[ -S $d/snap.sock ]] && break; sleep 0.05; done
+  local sock
+  sock=$("$here/scripts/containerd.sh" start "$d/ctd" "$d/snap.sock") || { snap_stop; return 1; }
+  [[ $link == shaped ]] && proxy_start
+  drop
+  m0=$(reg_mark) b0=$(builds_now) l0=$(load1)
+  t0=$(now)
+  if ! "$smr" pull --containerd "$sock" "docker://$ref" >"$d/pull.out" 2>&1; then
+    [[ $link == shaped ]] && proxy_stop
+    cat "$d/pull.out" >&2; record fail link="$link" tool="$tool" round="$r" error="smr pull failed"
+    snap_stop; return 1
+  fi
+  t1=$(now)
+  if ! ctr -a "$sock" run --rm --snapshotter smr "$ref" "$id" "${pycmd[@]}" >"$d/run.out" 2>&1; then
+    [[ $link == shaped ]] && proxy_stop
+    cat "$d/run.out" >&2; record fail link="$link" tool="$tool" round="$r" error="ctr run failed"
+    snap_stop; return 1
+  fi
+  t2=$(now)
+  b1=$(builds_now)
+  [[ $link == shaped ]] && proxy_stop
+  m1=$(reg_mark)
+  rss=$(awk '/^VmHWM/ { print $2 }' "/proc/$snap_pid/status" 2>/dev/null || echo 0)
+  reg_window "$m0" "$m1" "$work/reg.json"
+  record run link="$link" tool="$tool" round="$r" wall="$(elapsed "$t0" "$t2")" \
+    pull="$(elapsed "$t0" "$t1")" builds="$((b0 > b1 ? b0 : b1))" load="$l0" daemon_rss_kib="$rss" \
+    reg@="$work/reg.json" proxy@="$work/proxy.json"
+  snap_stop
+}
+# snap_stop: containerd, then the daemon, then the image mounts it made.
+snap_stop() {
+  local d=$work/snap m
+  "$here/scripts/containerd.sh" stop "$d/ctd" >/dev/null 2>&1 || true
+  [[ -n ${snap_pid:-} ]] && { kill -TERM "$snap_pid" 2>/dev/null; wait "$snap_pid" 2>/dev/null || true; }
+  snap_pid=""
+  for m in "$d"/smr/images/*/rootfs; do
+    [[ -d $m ]] && "$smr" umount "$m" --state-dir "$d/smr/mount-state" >/dev/null 2>&1 || true
+  done
+  umount_under "$d"
+  findmnt -rn -o TARGET | grep -qF -- "$d/" || rm -rf -- "$d"
+}
+
 # ---- smr ---------------------------------------------------------------------
 smr=$work/bin/smr
 key=$work/owner.key
@@ -344,7 +405,7 @@ smr_prepare() {
   smr_push packs loopback debian-python:bookworm push - || return 1
   smr_push zstd loopback debian-python-zstd:bookworm push - --compress zstd || return 1
   smr_push chunk loopback debian-python-chunk:bookworm push - --pack-chunks 1 || return 1
-  if want smr-profile; then
+  if want smr-profile || want snapshotter-profile; then
     smr_push packs-prof loopback debian-python-prof:bookworm push - || return 1
     smr_profile debian-python-prof || return 1
   fi
@@ -422,7 +483,8 @@ smr_run() {
   rm -rf "$c"
 }
 
-if want smr || want smr-zstd || want smr-chunk || want smr-profile || want smr-zstd-profile; then
+if want smr || want smr-zstd || want smr-chunk || want smr-profile || want smr-zstd-profile ||
+   want snapshotter || want snapshotter-profile; then
   smr_prepare || log "${failed[-1]}"
 fi
 
@@ -452,7 +514,15 @@ for r in $(seq "$rounds"); do
             log "$tool: smr run failed on the $link link in round $r (output above; recorded)"
             ((fails[$tool] < 2)) || failed+=("$tool: smr run failed twice; not run again")
           fi ;;
-        *) die "unknown tool $tool (containerd, smr, smr-zstd, smr-chunk, smr-profile, smr-zstd-profile)" ;;
+        snapshotter | snapshotter-profile)
+          [[ $smr_ok == 1 ]] || continue
+          if ((${fails[$tool]:-0} >= 2)); then continue; fi
+          log "round $r, $link: $tool (smr pull --containerd + ctr run --snapshotter smr)"
+          if ! snap_run "$link" "$r" "$reg" "$tool"; then
+            fails[$tool]=$((${fails[$tool]:-0} + 1))
+            ((fails[$tool] < 2)) || failed+=("$tool: failed twice; not run again")
+          fi ;;
+        *) die "unknown tool $tool (containerd, smr, smr-zstd, smr-chunk, smr-profile, smr-zstd-profile, snapshotter, snapshotter-profile)" ;;
       esac
     done
   done

@@ -7,11 +7,14 @@
 # pull (skopeo copy + umoci unpack) of the same image. The lazy run records
 # a startup profile, pushed next to the image; a second lazy run from an
 # empty cache (a new node) finds it and fetches the start's chunks ahead.
+# Then the containerd path: a private containerd runs the same command
+# after its own pull (overlayfs), and after `smr pull --containerd` with
+# `smr daemon` as its snapshotter (lazy, no layer downloaded).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cache=${SMR_IMAGE_CACHE:-/var/cache/smr-test-images}
 work=${SMR_DEMO_DIR:-/var/tmp/smr-demo}
-"$here/scripts/install-deps.sh"
+"$here/scripts/install-deps.sh" --demo
 (cd "$here" && cargo build --release -q -p smr)
 smr=$here/target/release/smr
 "$here/scripts/build-test-images.sh" "$cache"
@@ -19,7 +22,15 @@ if [[ -f $work/registry/registry.pid ]]; then
     "$here/scripts/registry.sh" stop "$work/registry" || true
 fi
 rm -rf "$work"; mkdir -p "$work"
-trap '"$here/scripts/registry.sh" stop "$work/registry" >/dev/null 2>&1 || true' EXIT
+stop_all() {
+    "$here/scripts/containerd.sh" stop "$work/containerd" >/dev/null 2>&1 || true
+    [[ -n ${daemon_pid:-} ]] && { kill "$daemon_pid" 2>/dev/null; wait "$daemon_pid" 2>/dev/null || true; }
+    for m in "$work"/smr/images/*/rootfs; do
+        [[ -d $m ]] && "$smr" umount "$m" --state-dir "$work/smr/mount-state" >/dev/null 2>&1 || true
+    done
+    "$here/scripts/registry.sh" stop "$work/registry" >/dev/null 2>&1 || true
+}
+trap stop_all EXIT
 
 echo "== start a registry on loopback and push debian and debian + python3 + numpy"
 addr=$("$here/scripts/registry.sh" start "$work/registry" 0)
@@ -84,3 +95,35 @@ print(f"smr fetched {s['chunks_fetched']} chunks = {100 * s['fetched_fraction']:
       f"of the image's {s['image_bytes'] / 1e6:.1f} MB; container started in {s['start_seconds']:.2f} s")
 PY
 "$smr" cache stats
+
+echo
+echo "== containerd: its own pull (overlayfs) next to smr daemon as its snapshotter"
+setsid "$smr" daemon --root "$work/smr" --snapshotter-socket "$work/smr/snapshotter.sock" \
+    --socket "$work/smr/smr.sock" --cache-dir "$work/smr-cache" >"$work/daemon.log" 2>&1 &
+daemon_pid=$!
+for _ in $(seq 100); do [[ -S $work/smr/snapshotter.sock ]] && break; sleep 0.1; done
+ctd=$("$here/scripts/containerd.sh" start "$work/containerd" "$work/smr/snapshotter.sock")
+ref=$addr/debian-python:bookworm
+sync; echo 3 > /proc/sys/vm/drop_caches
+t6=$(date +%s.%N)
+ctr -a "$ctd" image pull --plain-http "$ref" >/dev/null
+ctr -a "$ctd" run --rm "$ref" demo-overlay "${cmd[@]}"
+t7=$(date +%s.%N)
+ctr -a "$ctd" image rm --sync "$ref" >/dev/null
+sync; echo 3 > /proc/sys/vm/drop_caches
+t8=$(date +%s.%N)
+"$smr" pull --containerd "$ctd" "docker://$ref"
+t9=$(date +%s.%N)
+ctr -a "$ctd" run --rm --snapshotter smr "$ref" demo-smr "${cmd[@]}"
+t10=$(date +%s.%N)
+python3 - "$t6" "$t7" "$t8" "$t9" "$t10" <<'PY'
+import sys
+t6, t7, t8, t9, t10 = map(float, sys.argv[1:])
+print()
+print(f"{'':44} {'seconds':>8}")
+print(f"{'containerd: ctr image pull + ctr run':44} {t7 - t6:8.2f}")
+print(f"{'containerd + smr: smr pull --containerd':44} {t9 - t8:8.2f}")
+print(f"{'containerd + smr: ctr run --snapshotter smr':44} {t10 - t9:8.2f}")
+PY
+"$smr" status --socket "$work/smr/smr.sock"
+ctr -a "$ctd" image rm --sync "$ref" >/dev/null

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Installs the Debian packages smr's tests, benchmarks and demo use. Run as
 # root on Debian 12. Skips apt entirely when everything is already there.
+# --demo: only what scripts/demo.sh uses (no s3s-fs, which only the S3
+# store tests start).
 set -euo pipefail
+demo=0
+[[ ${1:-} == --demo ]] && demo=1
 pkgs=(ca-certificates curl jq openssl python3 gcc libc6-dev pkg-config time attr
       e2fsprogs erofs-utils qemu-utils
       umoci skopeo debootstrap docker-registry apache2-utils
@@ -18,6 +22,6 @@ if ((${#missing[@]})); then
     apt-get install -y --no-install-recommends "${missing[@]}"
 fi
 # s3s-fs: the S3-compatible server of the S3 store tests (scripts/s3.sh).
-if ! command -v s3s-fs >/dev/null; then
+if ((demo == 0)) && ! command -v s3s-fs >/dev/null; then
     cargo install s3s-fs@0.14.1 --features binary --locked
 fi

@@ -91,6 +91,8 @@ TOOLS = {
     "smr-chunk": "smr run, `--pack-chunks 1` (blob per chunk)",
     "smr-profile": "smr run with its startup profile (packs)",
     "smr-zstd-profile": "smr run with its startup profile, `--compress zstd`",
+    "snapshotter": "containerd {v} + smr snapshotter (smr pull --containerd + ctr run)",
+    "snapshotter-profile": "containerd {v} + smr snapshotter, with the startup profile",
 }
 
 
@@ -165,10 +167,13 @@ def report(path, rounds, rate, delay, ctd_version):
             rb = b / bb if bb and b is not None and tool != "containerd" else None
             summary[(link, tool)] = dict(wall=w, bytes=b, rw=rw, rb=rb, req=req)
             name = TOOLS[tool].format(v=ctd_version)
-            if tool == "containerd":
+            if tool in ("containerd", "snapshotter", "snapshotter-profile"):
                 p = med(r.get("pull") for r in v)
                 name += f"; pull {p:.2f} s" if p is not None else ""
                 smr = "-"
+                if tool != "containerd":
+                    rss = max((r.get("daemon_rss_kib") or 0) for r in v)
+                    smr = f"daemon RSS {rss / 1024:.1f} MiB" if rss else "-"
             else:
                 ch = med(get(r, "smr", "chunks_fetched") for r in v)
                 mi = max((get(r, "smr", "max_inflight") or 0) for r in v)
@@ -228,6 +233,10 @@ def report(path, rounds, rate, delay, ctd_version):
            ("shaped", "smr-zstd-profile"), "rw", 0.25, 0)
     target("smr with its startup profile, --compress zstd, bytes (shaped link)",
            ("shaped", "smr-zstd-profile"), "rb", 0.15, 1)
+    target("containerd with the smr snapshotter, wall time on the shaped link", ("shaped", "snapshotter"), "rw", 0.25, 0)
+    target("containerd with the smr snapshotter and a startup profile, wall time on the shaped link",
+           ("shaped", "snapshotter-profile"), "rw", 0.15, 0)
+    target("containerd with the smr snapshotter, bytes (shaped link)", ("shaped", "snapshotter"), "rb", 0.30, 1)
     for link in ("loopback", "shaped"):
         p, c = summary.get((link, "smr")), summary.get((link, "smr-chunk"))
         if p and c:
