@@ -3,7 +3,7 @@
 # snapshotter, for tests and demos.
 #
 # Usage:
-#   scripts/containerd.sh start DIR SNAPSHOTTER_SOCKET [--cri]
+#   scripts/containerd.sh start DIR SNAPSHOTTER_SOCKET [--cri SANDBOX_IMAGE] [--plain-http HOST:PORT]
 #   scripts/containerd.sh stop DIR
 #
 # start  writes DIR/config.toml (root DIR/root, state DIR/state, socket
@@ -11,7 +11,9 @@
 #        logs to DIR/containerd.log, waits until `ctr version` answers,
 #        writes the pid to DIR/containerd.pid and prints the socket path.
 #        Without --cri the CRI plugin is disabled; with it, CRI uses the smr
-#        snapshotter with snapshot annotations on (the cri.* labels).
+#        snapshotter with snapshot annotations on (the cri.* labels) and
+#        SANDBOX_IMAGE as its pause image. --plain-http: CRI reaches that
+#        registry over HTTP.
 # stop   stops it (SIGTERM, then SIGKILL after 10 s), unmounts what is left
 #        under DIR/state and DIR/root; the data stays.
 set -euo pipefail
@@ -22,10 +24,11 @@ die() { echo "containerd.sh: $*" >&2; exit 1; }
 [[ $# -ge 2 ]] || usage
 cmd=$1 dir=$2
 shift 2
-sock="" cri=0
+sock="" cri=0 sandbox="" plain=""
 while [[ $# -gt 0 ]]; do
     case $1 in
-        --cri) cri=1; shift ;;
+        --cri) [[ $# -ge 2 ]] || usage; cri=1; sandbox=$2; shift 2 ;;
+        --plain-http) [[ $# -ge 2 ]] || usage; plain=$2; shift 2 ;;
         -*) usage ;;
         *) sock=$1; shift ;;
     esac
@@ -56,13 +59,21 @@ start() {
     local cri_toml
     if [[ $cri == 1 ]]; then
         cri_toml="[plugins.\"io.containerd.grpc.v1.cri\"]
-  sandbox_image = \"smr.test/pause:1\"
+  sandbox_image = \"$sandbox\"
+  # Some machines (nested or sandboxed kernels) refuse a negative
+  # oom_score_adj, which CRI gives pause containers: keep it at containerd's.
+  restrict_oom_score_adj = true
   [plugins.\"io.containerd.grpc.v1.cri\".containerd]
     snapshotter = \"smr\"
     disable_snapshot_annotations = false
   [plugins.\"io.containerd.grpc.v1.cri\".cni]
     bin_dir = \"$dir/cni-bin\"
     conf_dir = \"$dir/cni-conf\""
+        if [[ -n $plain ]]; then
+            cri_toml+="
+  [plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"$plain\"]
+    endpoint = [\"http://$plain\"]"
+        fi
     else
         cri_toml='disabled_plugins = ["io.containerd.grpc.v1.cri"]'
     fi
@@ -74,6 +85,9 @@ $( [[ $cri == 1 ]] || echo "$cri_toml" )
 
 [grpc]
   address = "$dir/containerd.sock"
+
+[debug]
+  level = "${CONTAINERD_LOG_LEVEL:-info}"
 
 [proxy_plugins]
   [proxy_plugins.smr]

@@ -5,14 +5,18 @@
 
 use tonic_build::manual::{Builder, Method, Service};
 
-fn method(name: &str, route: &str, input: &str, output: &str) -> Method {
-    Method::builder()
+fn method(name: &str, route: &str, input: &str, output: &str, streaming: bool) -> Method {
+    let b = Method::builder()
         .name(name)
         .route_name(route)
         .input_type(input)
         .output_type(output)
-        .codec_path("tonic_prost::ProstCodec")
-        .build()
+        .codec_path("tonic_prost::ProstCodec");
+    if streaming {
+        b.server_streaming().build()
+    } else {
+        b.build()
+    }
 }
 
 fn main() {
@@ -53,16 +57,15 @@ fn main() {
         .package("containerd.services.snapshots.v1");
     for (name, route, input, output) in unary {
         let output = output.map_or_else(|| "crate::proto::Empty".to_string(), m);
-        service = service.method(method(name, route, &m(input), &output));
+        service = service.method(method(name, route, &m(input), &output, false));
     }
-    let list = Method::builder()
-        .name("list")
-        .route_name("List")
-        .input_type(m("ListSnapshotsRequest"))
-        .output_type(m("ListSnapshotsResponse"))
-        .codec_path("tonic_prost::ProstCodec")
-        .server_streaming()
-        .build();
+    let list = method(
+        "list",
+        "List",
+        &m("ListSnapshotsRequest"),
+        &m("ListSnapshotsResponse"),
+        true,
+    );
     service = service.method(list);
     Builder::new()
         .build_client(false)

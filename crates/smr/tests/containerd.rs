@@ -21,3 +21,6 @@ mod node;
 
 #[path = "containerd/snapshotter.rs"]
 mod snapshotter;
+
+#[path = "containerd/cri.rs"]
+mod cri;

@@ -41,7 +41,17 @@ pub fn registry_with_images(key: &Path, convert_debian: bool) -> Option<Registry
 impl Node {
     /// Starts a node, or `None` (test skipped) without the tools or images.
     pub fn start(convert_debian: bool) -> Option<Node> {
-        if !have(&["containerd", "ctr", "runc", "containerd-shim-runc-v2"]) {
+        Self::start_with(convert_debian, false)
+    }
+
+    /// With `cri`, containerd's CRI plugin is on, with a pause image built
+    /// here and pushed to the registry.
+    pub fn start_with(convert_debian: bool, cri: bool) -> Option<Node> {
+        let mut tools = vec!["containerd", "ctr", "runc", "containerd-shim-runc-v2"];
+        if cri {
+            tools.extend(["gcc", "umoci"]);
+        }
+        if !have(&tools) {
             return None;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -56,10 +66,18 @@ impl Node {
             dir,
         };
         n.start_daemon();
-        let out = ok(Command::new(repo_root().join("scripts/containerd.sh"))
-            .arg("start")
+        let mut c = Command::new(repo_root().join("scripts/containerd.sh"));
+        c.arg("start")
             .arg(n.dir.path().join("ctd"))
-            .arg(n.snapshotter_socket()));
+            .arg(n.snapshotter_socket());
+        if cri {
+            push_pause_image(&n.reg, n.dir.path());
+            c.arg("--cri")
+                .arg(format!("{}/pause:1", n.reg.addr))
+                .arg("--plain-http")
+                .arg(&n.reg.addr);
+        }
+        let out = ok(&mut c);
         n.containerd = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
         Some(n)
     }
@@ -259,4 +277,42 @@ pub fn bytes_under(dir: &Path) -> u64 {
         }
     }
     total
+}
+
+/// Builds a pause image (a static binary that waits for a signal) with gcc
+/// and umoci and pushes it as `pause:1`.
+fn push_pause_image(reg: &Registry, dir: &Path) {
+    let src = dir.join("pause.c");
+    std::fs::write(
+        &src,
+        "#include <signal.h>\n#include <unistd.h>\n#include <stdlib.h>\n\
+         static void done(int s) { (void)s; exit(0); }\n\
+         int main(void) { signal(SIGTERM, done); signal(SIGINT, done); for (;;) pause(); }\n",
+    )
+    .unwrap();
+    let layout = dir.join("pause-layout");
+    let bundle = dir.join("pause-bundle");
+    let image = format!("{}:pause", layout.display());
+    ok(Command::new("umoci")
+        .arg("init")
+        .arg("--layout")
+        .arg(&layout));
+    ok(Command::new("umoci").args(["new", "--image"]).arg(&image));
+    ok(Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(&image)
+        .arg(&bundle));
+    ok(Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(bundle.join("rootfs/pause"))
+        .arg(&src));
+    ok(Command::new("umoci")
+        .args(["repack", "--image"])
+        .arg(&image)
+        .arg(&bundle));
+    ok(Command::new("umoci")
+        .args(["config", "--image"])
+        .arg(&image)
+        .args(["--config.entrypoint", "/pause"]));
+    reg.push_layout(&layout, "pause", "pause:1", None);
 }
