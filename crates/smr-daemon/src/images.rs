@@ -38,6 +38,8 @@ pub struct Images {
     done: Condvar,
     /// Manifests that could not be mounted, and when.
     refused: Mutex<HashMap<String, (Instant, String)>>,
+    /// When each image was last asked for.
+    last_used: Mutex<HashMap<String, Instant>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -55,7 +57,19 @@ impl Images {
             busy: Mutex::new(HashSet::new()),
             done: Condvar::new(),
             refused: Mutex::new(HashMap::new()),
+            last_used: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// How long ago the image was last asked for (since this daemon
+    /// started: a restarted daemon counts from its start).
+    pub fn idle_for(&self, manifest: &str) -> Option<std::time::Duration> {
+        lock(&self.last_used).get(manifest).map(Instant::elapsed)
+    }
+
+    /// Notes that the image is used now.
+    pub fn touch(&self, manifest: &str) {
+        lock(&self.last_used).insert(manifest.to_string(), Instant::now());
     }
 
     /// Where the image with manifest `digest` is mounted.
@@ -74,6 +88,7 @@ impl Images {
     /// wait for the first.
     pub fn ensure(&self, image: &str, manifest: &str) -> Result<PathBuf, String> {
         let dir = self.rootfs(manifest);
+        self.touch(manifest);
         {
             let mut busy = lock(&self.busy);
             while busy.contains(manifest) {
@@ -132,6 +147,20 @@ impl Images {
     /// Unmounts the image with manifest `digest`; a busy mount (a container
     /// still uses it) stays and the error says so.
     pub fn release(&self, manifest: &str) -> Result<(), String> {
+        {
+            let mut busy = lock(&self.busy);
+            while busy.contains(manifest) {
+                busy = self.done.wait(busy).unwrap_or_else(|e| e.into_inner());
+            }
+            busy.insert(manifest.to_string());
+        }
+        let out = self.unmount(manifest);
+        lock(&self.busy).remove(manifest);
+        self.done.notify_all();
+        out
+    }
+
+    fn unmount(&self, manifest: &str) -> Result<(), String> {
         let dir = self.rootfs(manifest);
         if !is_mountpoint(&dir) {
             return Ok(());

@@ -111,6 +111,10 @@ pub struct DaemonConfig {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// How images are mounted.
     pub mount: MountConfig,
+    /// Unmount an image no container has used for this long (it is mounted
+    /// again when one needs it); `None` keeps mounts while their snapshots
+    /// exist.
+    pub release_after: Option<std::time::Duration>,
 }
 
 /// Binds `path`, replacing a stale socket file; refuses when a live server
@@ -254,7 +258,23 @@ pub async fn serve(
         root: cfg.root.clone(),
         started: std::time::Instant::now(),
     });
-    let control_task = serve_control(&cfg, control)?;
+    let mut control_task = serve_control(&cfg, control)?;
+    if let Some(idle) = cfg.release_after {
+        let sn2 = sn.clone();
+        control_task.push(tokio::spawn(async move {
+            let mut tick =
+                tokio::time::interval(std::cmp::min(idle, std::time::Duration::from_secs(30)));
+            loop {
+                tick.tick().await;
+                let sn3 = sn2.clone();
+                if let Ok(r) = tokio::task::spawn_blocking(move || sn3.release_idle(idle)).await {
+                    for m in r {
+                        tracing::info!(manifest = m, ?idle, "idle image unmounted");
+                    }
+                }
+            }
+        }));
+    }
     let svc = proto::snapshots_server::SnapshotsServer::new(SnapshotService::new(sn));
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     let handed: Arc<std::sync::Mutex<Option<std::os::unix::net::UnixStream>>> = Arc::default();

@@ -476,6 +476,54 @@ impl Snapshotter {
         }
     }
 
+    /// Unmounts images that no active or view snapshot stands on and that
+    /// nobody asked for in `idle`; their remote snapshots stay, and the
+    /// next container on one mounts it again. Returns the manifests
+    /// released.
+    pub fn release_idle(&self, idle: std::time::Duration) -> Vec<String> {
+        let Ok(all) = self.meta.all() else {
+            return Vec::new();
+        };
+        let by_name: std::collections::HashMap<&str, &Record> =
+            all.iter().map(|(n, r)| (n.as_str(), r)).collect();
+        // Images under a live (active or view) snapshot.
+        let mut used = HashSet::new();
+        for (_, r) in all.iter().filter(|(_, r)| r.kind != Kind::Committed) {
+            let mut p = r.parent.as_deref();
+            let mut hops = 0;
+            while let Some(rec) = p.and_then(|n| by_name.get(n)) {
+                if let Some(x) = rec.remote.as_ref().filter(|x| x.top) {
+                    used.insert(x.manifest.clone());
+                    break;
+                }
+                hops += 1;
+                if hops > all.len() {
+                    break;
+                }
+                p = rec.parent.as_deref();
+            }
+        }
+        let mut released = Vec::new();
+        for m in self.images.known() {
+            if used.contains(&m) || !self.images.is_mounted(&m) {
+                continue;
+            }
+            if self.images.idle_for(&m).is_some_and(|d| d < idle) {
+                continue;
+            }
+            if self.images.idle_for(&m).is_none() {
+                // Not asked for since this daemon started: start the clock.
+                self.images.touch(&m);
+                continue;
+            }
+            match self.images.release(&m) {
+                Ok(()) => released.push(m),
+                Err(e) => tracing::debug!(manifest = m, error = e, "idle image still busy"),
+            }
+        }
+        released
+    }
+
     /// `Stat`.
     pub fn stat(&self, key: &str) -> Result<Info, SnapError> {
         Ok(Info {

@@ -29,6 +29,7 @@ fn config(dir: &Path, root: &Path, sock: &Path) -> DaemonConfig {
         snapshotter_socket: sock.to_path_buf(),
         socket: sock.with_file_name("smr.sock"),
         metrics_addr: None,
+        release_after: None,
         mount: MountConfig {
             smr: PathBuf::from("/nonexistent/smr"),
             cache_dir: dir.join("cache"),

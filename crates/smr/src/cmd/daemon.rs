@@ -20,6 +20,10 @@ pub struct DaemonArgs {
     /// The control API (`/status`, `/metrics`; HTTP over a UNIX socket).
     #[arg(long, default_value = smr_daemon::DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// Unmount an image no container has used for this long; it is mounted
+    /// again when a container needs it (`0s`: never).
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    release_after: std::time::Duration,
     /// Also serve `/metrics` on this TCP address (e.g. 127.0.0.1:9100).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
@@ -41,6 +45,7 @@ pub fn run(a: DaemonArgs) -> Result<ExitCode> {
         snapshotter_socket: abs(&a.snapshotter_socket)?,
         socket: abs(&a.socket)?,
         metrics_addr: a.metrics,
+        release_after: (!a.release_after.is_zero()).then_some(a.release_after),
         mount: MountConfig {
             smr: std::env::current_exe().context("locating the smr binary")?,
             cache_dir: abs(&a.cache_dir)?,

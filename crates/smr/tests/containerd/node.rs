@@ -14,6 +14,8 @@ pub struct Node {
     pub key: PathBuf,
     daemon: Option<Child>,
     pub containerd: PathBuf,
+    /// Extra arguments of the next `smr daemon` started.
+    pub daemon_args: Vec<String>,
 }
 
 /// `debian-python` as `py:1` (converted, with an smr artifact) and `debian`
@@ -63,6 +65,7 @@ impl Node {
             key,
             daemon: None,
             containerd: PathBuf::new(),
+            daemon_args: Vec::new(),
             dir,
         };
         n.start_daemon();
@@ -121,6 +124,7 @@ impl Node {
             .arg(self.cache())
             .arg("--key-file")
             .arg(&self.key)
+            .args(&self.daemon_args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -151,6 +151,33 @@ fn daemon_restarts_do_not_break_running_containers() {
 }
 
 #[test]
+fn idle_images_are_unmounted_and_mounted_again() {
+    let Some(mut node) = Node::start(false) else {
+        return;
+    };
+    node.daemon_args = vec!["--release-after".into(), "1s".into()];
+    node.start_daemon();
+    node.pull("py:1");
+    let o = node.run("py:1", "idle-1", &["python3", "-c", "print(1)"]);
+    assert_eq!(stdout(&o), "1");
+    let t = std::time::Instant::now();
+    while node.image_mounts() != 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "idle image not released:\n{}",
+            node.daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(node.daemon_log().contains("idle image unmounted"));
+    // Still pulled: the next container mounts it again.
+    let o = node.run("py:1", "idle-2", &["python3", "-c", "print(2)"]);
+    assert_eq!(stdout(&o), "2");
+    node.remove_all_images();
+    assert_eq!(node.image_mounts(), 0);
+}
+
+#[test]
 fn ten_containers_of_two_images_at_once() {
     let Some(node) = Node::start(true) else {
         return;
