@@ -49,6 +49,9 @@ pub struct ImageStatus {
     pub mounted: bool,
     /// Remote snapshots (layers) that stand for it.
     pub layers: usize,
+    /// What its FUSE server reports: `lazy` (chunks and bytes fetched,
+    /// reads) and `fetch` (store requests, latency histogram).
+    pub server: Option<serde_json::Value>,
 }
 
 /// `GET /status`.
@@ -93,6 +96,7 @@ impl Control {
                         manifest: r.manifest.clone(),
                         mounted: self.sn.images().is_mounted(&r.manifest),
                         layers: 0,
+                        server: self.sn.images().server_stats(&r.manifest),
                     });
                 e.layers += 1;
             }
@@ -200,8 +204,100 @@ impl Control {
                 gauge(name, help, kind, &[(String::new(), v)]);
             }
         }
+        write_image_metrics(&mut o, &st.images);
         self.metrics.write_prometheus(&mut o);
         o
+    }
+}
+
+/// Per-image counters from the images' FUSE servers.
+fn write_image_metrics(o: &mut String, images: &[ImageStatus]) {
+    let num = |v: &serde_json::Value, p: &str| v.pointer(p).and_then(|x| x.as_u64()).unwrap_or(0);
+    let counters = [
+        (
+            "smr_image_bytes_fetched_total",
+            "Stored bytes an image fetched.",
+            "counter",
+            "/lazy/bytes_fetched",
+        ),
+        (
+            "smr_image_chunks_fetched_total",
+            "Chunks an image fetched.",
+            "counter",
+            "/lazy/chunks_fetched",
+        ),
+        (
+            "smr_image_reads_total",
+            "Reads of an image's block file.",
+            "counter",
+            "/lazy/reads",
+        ),
+        (
+            "smr_image_read_errors_total",
+            "Reads that failed.",
+            "counter",
+            "/lazy/read_errors",
+        ),
+        (
+            "smr_store_requests_total",
+            "Store requests of an image.",
+            "counter",
+            "/fetch/requests",
+        ),
+        (
+            "smr_store_request_errors_total",
+            "Store requests that failed.",
+            "counter",
+            "/fetch/failed_requests",
+        ),
+        (
+            "smr_fetches_in_flight",
+            "Store requests running now.",
+            "gauge",
+            "/fetch/in_flight",
+        ),
+    ];
+    let served: Vec<(&ImageStatus, &serde_json::Value)> = images
+        .iter()
+        .filter_map(|i| i.server.as_ref().map(|s| (i, s)))
+        .collect();
+    for (name, help, kind, path) in counters {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (i, s) in &served {
+            let _ = writeln!(o, "{name}{{image=\"{}\"}} {}", i.manifest, num(s, path));
+        }
+    }
+    let name = "smr_fetch_seconds";
+    let _ = writeln!(
+        o,
+        "# HELP {name} Store request latency.\n# TYPE {name} histogram"
+    );
+    for (i, s) in &served {
+        let bounds = s["latency_bounds_ms"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let counts = s
+            .pointer("/fetch/latency_buckets")
+            .and_then(|x| x.as_array())
+            .cloned()
+            .unwrap_or_default();
+        for (b, n) in bounds.iter().zip(&counts) {
+            let le = b.as_f64().unwrap_or(0.0) / 1000.0;
+            let _ = writeln!(
+                o,
+                "{name}_bucket{{image=\"{}\",le=\"{le}\"}} {}",
+                i.manifest,
+                n.as_u64().unwrap_or(0)
+            );
+        }
+        let total = num(s, "/fetch/requests");
+        let sum = num(s, "/fetch/latency_sum_us") as f64 / 1e6;
+        let _ = writeln!(
+            o,
+            "{name}_bucket{{image=\"{m}\",le=\"+Inf\"}} {total}\n{name}_sum{{image=\"{m}\"}} {sum}\n{name}_count{{image=\"{m}\"}} {total}",
+            m = i.manifest
+        );
     }
 }
 

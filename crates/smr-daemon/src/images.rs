@@ -78,6 +78,15 @@ impl Images {
         self.dir.join(name).join("rootfs")
     }
 
+    /// The counters its FUSE server publishes (`stats.json` in the mount's
+    /// state directory; see `smr __serve-fuse`), if any.
+    pub fn server_stats(&self, manifest: &str) -> Option<serde_json::Value> {
+        let mnt = self.rootfs(manifest).canonicalize().ok()?;
+        let path = smr_node::mount::state_dir(&self.state, &mnt).join("stats.json");
+        let bytes = std::fs::read(path).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
     /// Whether the image is mounted now.
     pub fn is_mounted(&self, manifest: &str) -> bool {
         is_mountpoint(&self.rootfs(manifest))

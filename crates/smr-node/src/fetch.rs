@@ -135,7 +135,17 @@ pub struct FetchStats {
     pub ahead_bytes: u64,
     /// Chunks served from what was read ahead.
     pub ahead_hits: u64,
+    /// Requests running now.
+    pub in_flight: u64,
+    /// Requests by how long they took: counts at or under each bound of
+    /// [`LATENCY_BOUNDS_MS`] (cumulative, as Prometheus histograms count).
+    pub latency_buckets: [u64; LATENCY_BOUNDS_MS.len()],
+    /// Total time of all requests, microseconds.
+    pub latency_sum_us: u64,
 }
+
+/// Upper bounds (ms) of the request latency histogram of [`FetchStats`].
+pub const LATENCY_BOUNDS_MS: [u64; 12] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000];
 
 type Outcome = Result<Arc<Vec<u8>>, Arc<RangeError>>;
 
@@ -227,6 +237,8 @@ pub struct Fetcher {
     discarded: AtomicU64,
     ahead_bytes: AtomicU64,
     ahead_hits: AtomicU64,
+    latency: [AtomicU64; LATENCY_BOUNDS_MS.len()],
+    latency_sum_us: AtomicU64,
 }
 
 impl std::fmt::Debug for Fetcher {
@@ -259,6 +271,8 @@ impl Fetcher {
             discarded: AtomicU64::new(0),
             ahead_bytes: AtomicU64::new(0),
             ahead_hits: AtomicU64::new(0),
+            latency: Default::default(),
+            latency_sum_us: AtomicU64::new(0),
         })
     }
 
@@ -274,15 +288,22 @@ impl Fetcher {
 
     /// Counters so far.
     pub fn stats(&self) -> FetchStats {
+        let (max_running, running) = {
+            let st = self.lock();
+            (st.max_running as u64, st.running as u64)
+        };
         FetchStats {
             requests: self.requests.load(Ordering::Relaxed),
             failed_requests: self.failed.load(Ordering::Relaxed),
             chunks: self.chunks.load(Ordering::Relaxed),
             bytes: self.bytes.load(Ordering::Relaxed),
             bytes_discarded: self.discarded.load(Ordering::Relaxed),
-            max_in_flight: self.lock().max_running as u64,
+            max_in_flight: max_running,
             ahead_bytes: self.ahead_bytes.load(Ordering::Relaxed),
             ahead_hits: self.ahead_hits.load(Ordering::Relaxed),
+            in_flight: running,
+            latency_buckets: std::array::from_fn(|i| self.latency[i].load(Ordering::Relaxed)),
+            latency_sum_us: self.latency_sum_us.load(Ordering::Relaxed),
         }
     }
 
@@ -541,7 +562,10 @@ impl Fetcher {
         // A store that panics (a bug) fails this request's chunks, not
         // every later reader of them.
         let read = || self.store.read_ranges(&batch.object, &[range]);
-        let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)) {
+        let t = std::time::Instant::now();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(read));
+        self.observe(t.elapsed());
+        let result = match result {
             Ok(r) => {
                 r.and_then(|mut got| got.pop().ok_or_else(|| fail("the store returned no bytes")))
             }
@@ -565,6 +589,18 @@ impl Fetcher {
             }
         };
         self.post(prio, outcomes);
+    }
+
+    /// Counts one request that took `took`.
+    fn observe(&self, took: std::time::Duration) {
+        let ms = took.as_secs_f64() * 1000.0;
+        for (b, n) in LATENCY_BOUNDS_MS.iter().zip(&self.latency) {
+            if ms <= *b as f64 {
+                n.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.latency_sum_us.fetch_add(us, Ordering::Relaxed);
     }
 
     /// Each chunk's bytes out of the answer `bytes` to `batch`'s request

@@ -172,6 +172,32 @@ pub struct FuseArgs {
     dir: PathBuf,
 }
 
+/// The FUSE server's counters, next to its mount state (read by the node
+/// daemon's `/metrics`).
+pub const STATS_FILE: &str = "stats.json";
+
+/// Rewrites `path` every second with the image's read and fetch counters
+/// (atomically: a reader sees the old or the new file, never half of one).
+fn publish_stats(lazy: smr_node::lazy::LazyImage, image: String, path: PathBuf) {
+    std::thread::spawn(move || {
+        let tmp = path.with_extension("json.tmp");
+        loop {
+            let v = serde_json::json!({
+                "image": image,
+                "lazy": lazy.stats(),
+                "fetch": lazy.fetcher().stats(),
+                "latency_bounds_ms": smr_node::fetch::LATENCY_BOUNDS_MS,
+            });
+            let ok =
+                std::fs::write(&tmp, v.to_string()).and_then(|()| std::fs::rename(&tmp, &path));
+            if let Err(e) = ok {
+                tracing::debug!(error = %e, path = %path.display(), "writing stats");
+            }
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+    });
+}
+
 /// Serves the image's FUSE export until unmounted or signalled.
 pub fn run_fuse(a: FuseArgs) -> Result<ExitCode> {
     smr_node::malloc::limit_arenas(smr_node::malloc::SERVER_ARENAS);
@@ -179,6 +205,13 @@ pub fn run_fuse(a: FuseArgs) -> Result<ExitCode> {
     let replay = opened.replay();
     let name = format!("smr:{}", a.image.image);
     tracing::info!(dir = %a.dir.display(), pid = std::process::id(), profile = replay.is_some(), "serving FUSE export");
+    if let Some(state) = a.dir.parent() {
+        publish_stats(
+            opened.lazy.clone(),
+            a.image.image.clone(),
+            state.join(STATS_FILE),
+        );
+    }
     smr_node::mount::serve_fuse_process(Arc::new(opened.lazy), &a.dir, &name)?;
     if let Some(r) = replay {
         tracing::info!(stats = ?r.stats(), "startup profile replay");

@@ -242,6 +242,17 @@ fn control_api(node: &Node) {
             .unwrap_or_else(|| panic!("no {name} in\n{m}"))
     };
     assert!(value("smr_fetches_total") > 0, "{m}");
+    // Per image, from the images' FUSE servers (published every second).
+    let per_image: Vec<&str> = m
+        .lines()
+        .filter(|l| l.starts_with("smr_image_bytes_fetched_total{"))
+        .collect();
+    assert_eq!(per_image.len(), 2, "{m}");
+    assert!(per_image.iter().all(|l| !l.ends_with(" 0")), "{m}");
+    assert!(
+        m.contains("smr_fetch_seconds_bucket{image=\"sha256:"),
+        "{m}"
+    );
     assert_eq!(value("smr_image_mounts"), 2, "{m}");
     assert!(
         m.contains("smr_snapshotter_calls_total{op=\"prepare\",code=\"AlreadyExists\"}"),
