@@ -43,6 +43,8 @@
 #               smr pull --containerd SOCK docker://REF &&
 #               ctr run --rm --snapshotter smr REF ID CMD
 #   snapshotter-profile  the same from debian-python-prof (startup profile)
+#   snapshotter-zstd, snapshotter-zstd-profile
+#               the same from the --compress zstd artifacts
 #   smr-profile, smr-zstd-profile
 #               like smr and smr-zstd, from repositories (debian-python-prof,
 #               debian-python-zstd-prof) where a startup profile was pushed
@@ -59,7 +61,7 @@
 # Environment:
 #   SMR_BENCH_RATE=100mbit  SMR_BENCH_DELAY_MS=20   the shaped link
 #   SMR_BENCH_LINKS="loopback shaped"
-#   SMR_BENCH_TOOLS="containerd smr smr-zstd smr-chunk smr-profile smr-zstd-profile snapshotter snapshotter-profile"
+#   SMR_BENCH_TOOLS="containerd smr smr-zstd smr-chunk smr-profile smr-zstd-profile snapshotter snapshotter-profile snapshotter-zstd snapshotter-zstd-profile"
 #   SMR_BENCH_PUSH=1        the push measurements (0: skip the shaped pushes
 #                           and the second-image pushes)
 #   SMR_BENCH_BUILD=1       cargo build --release -p smr first (0: use as is)
@@ -82,7 +84,7 @@ layout=$cache/oci
 rate=${SMR_BENCH_RATE:-100mbit}
 delay_ms=${SMR_BENCH_DELAY_MS:-20}
 links=${SMR_BENCH_LINKS:-loopback shaped}
-tools=${SMR_BENCH_TOOLS:-containerd smr smr-zstd smr-chunk smr-profile smr-zstd-profile snapshotter snapshotter-profile}
+tools=${SMR_BENCH_TOOLS:-containerd smr smr-zstd smr-chunk smr-profile smr-zstd-profile snapshotter snapshotter-profile snapshotter-zstd snapshotter-zstd-profile}
 bench_push=${SMR_BENCH_PUSH:-1}
 keep=${SMR_BENCH_KEEP:-}
 read -r -a convert_args <<<"${SMR_CONVERT_ARGS:-}"
@@ -293,7 +295,11 @@ ctd_run() {
 snap_run() {
   local link=$1 r=$2 reg=$3 tool=$4 t0 t1 t2 m0 m1 b0 b1 l0 d=$work/snap rss
   local repo=debian-python
-  [[ $tool == snapshotter-profile ]] && repo=debian-python-prof
+  case $tool in
+    snapshotter-profile) repo=debian-python-prof ;;
+    snapshotter-zstd) repo=debian-python-zstd ;;
+    snapshotter-zstd-profile) repo=debian-python-zstd-prof ;;
+  esac
   local ref=$reg/$repo:bookworm id=bench-snap-$r-$link
   rm -rf "$d" "$work/proxy.json"
   mkdir -p "$d"
@@ -409,7 +415,7 @@ smr_prepare() {
     smr_push packs-prof loopback debian-python-prof:bookworm push - || return 1
     smr_profile debian-python-prof || return 1
   fi
-  if want smr-zstd-profile; then
+  if want smr-zstd-profile || want snapshotter-zstd-profile; then
     smr_push zstd-prof loopback debian-python-zstd-prof:bookworm push - --compress zstd || return 1
     smr_profile debian-python-zstd-prof || return 1
   fi
@@ -484,7 +490,7 @@ smr_run() {
 }
 
 if want smr || want smr-zstd || want smr-chunk || want smr-profile || want smr-zstd-profile ||
-   want snapshotter || want snapshotter-profile; then
+   want snapshotter || want snapshotter-profile || want snapshotter-zstd || want snapshotter-zstd-profile; then
   smr_prepare || log "${failed[-1]}"
 fi
 
@@ -514,7 +520,7 @@ for r in $(seq "$rounds"); do
             log "$tool: smr run failed on the $link link in round $r (output above; recorded)"
             ((fails[$tool] < 2)) || failed+=("$tool: smr run failed twice; not run again")
           fi ;;
-        snapshotter | snapshotter-profile)
+        snapshotter | snapshotter-profile | snapshotter-zstd | snapshotter-zstd-profile)
           [[ $smr_ok == 1 ]] || continue
           if ((${fails[$tool]:-0} >= 2)); then continue; fi
           log "round $r, $link: $tool (smr pull --containerd + ctr run --snapshotter smr)"
@@ -522,7 +528,7 @@ for r in $(seq "$rounds"); do
             fails[$tool]=$((${fails[$tool]:-0} + 1))
             ((fails[$tool] < 2)) || failed+=("$tool: failed twice; not run again")
           fi ;;
-        *) die "unknown tool $tool (containerd, smr, smr-zstd, smr-chunk, smr-profile, smr-zstd-profile, snapshotter, snapshotter-profile)" ;;
+        *) die "unknown tool $tool (containerd, smr, smr-zstd, smr-chunk, smr-profile, smr-zstd-profile, snapshotter, snapshotter-profile, snapshotter-zstd, snapshotter-zstd-profile)" ;;
       esac
     done
   done

@@ -93,6 +93,8 @@ TOOLS = {
     "smr-zstd-profile": "smr run with its startup profile, `--compress zstd`",
     "snapshotter": "containerd {v} + smr snapshotter (smr pull --containerd + ctr run)",
     "snapshotter-profile": "containerd {v} + smr snapshotter, with the startup profile",
+    "snapshotter-zstd": "containerd {v} + smr snapshotter, `--compress zstd`",
+    "snapshotter-zstd-profile": "containerd {v} + smr snapshotter, `--compress zstd`, startup profile",
 }
 
 
@@ -167,7 +169,7 @@ def report(path, rounds, rate, delay, ctd_version):
             rb = b / bb if bb and b is not None and tool != "containerd" else None
             summary[(link, tool)] = dict(wall=w, bytes=b, rw=rw, rb=rb, req=req)
             name = TOOLS[tool].format(v=ctd_version)
-            if tool in ("containerd", "snapshotter", "snapshotter-profile"):
+            if tool == "containerd" or tool.startswith("snapshotter"):
                 p = med(r.get("pull") for r in v)
                 name += f"; pull {p:.2f} s" if p is not None else ""
                 smr = "-"
@@ -237,6 +239,12 @@ def report(path, rounds, rate, delay, ctd_version):
     target("containerd with the smr snapshotter and a startup profile, wall time on the shaped link",
            ("shaped", "snapshotter-profile"), "rw", 0.15, 0)
     target("containerd with the smr snapshotter, bytes (shaped link)", ("shaped", "snapshotter"), "rb", 0.30, 1)
+    target("containerd with the smr snapshotter, --compress zstd, wall time on the shaped link",
+           ("shaped", "snapshotter-zstd"), "rw", 0.25, 0)
+    target("containerd with the smr snapshotter, --compress zstd and a startup profile, wall time on the shaped link",
+           ("shaped", "snapshotter-zstd-profile"), "rw", 0.15, 0)
+    target("containerd with the smr snapshotter, --compress zstd, bytes (shaped link)",
+           ("shaped", "snapshotter-zstd"), "rb", 0.30, 1)
     for link in ("loopback", "shaped"):
         p, c = summary.get((link, "smr")), summary.get((link, "smr-chunk"))
         if p and c:
