@@ -4,8 +4,8 @@
 # Usage: scripts/bench-daemon.sh [SMR_BIN]
 #
 # Starts a registry on loopback with four images (debian, debian-python and
-# a variant of each whose config differs, so four manifests and four lazy
-# mounts), converts and pushes them, then a private containerd
+# a variant of each with one more small layer, so four layer chains and four
+# lazy mounts), converts and pushes them, then a private containerd
 # (scripts/containerd.sh) with `smr daemon` as its snapshotter, and reports:
 #   - the daemon's RSS idle (after start), then its peak (VmHWM) and the
 #     image servers' RSS (one `smr __serve-fuse` per mounted image) while
@@ -25,7 +25,7 @@ log() { printf '[bench-daemon %s] %s\n' "$(date +%T)" "$*" >&2; }
 
 daemon_pid=""
 start_daemon() {
-    setsid "$smr" daemon --root "$work/smr" --snapshotter-socket "$work/snap.sock" \
+    setsid "$smr" --log info daemon --root "$work/smr" --snapshotter-socket "$work/snap.sock" \
         --socket "$work/smr.sock" --cache-dir "$work/cache" --key-file "$work/key" \
         >>"$work/daemon.log" 2>&1 &
     daemon_pid=$!
@@ -55,7 +55,10 @@ log "registry with four images"
 addr=$("$here/scripts/registry.sh" start "$work/reg" 0)
 cp -r "$cache/oci" "$work/layout"
 for t in debian debian-python; do
-    umoci config --image "$work/layout:$t" --tag "$t-v2" --config.label smr.bench.variant=2
+    umoci unpack --image "$work/layout:$t" "$work/bundle-$t" >/dev/null
+    echo "variant 2 of $t" >"$work/bundle-$t/rootfs/etc/smr-bench-variant"
+    umoci repack --image "$work/layout:$t-v2" "$work/bundle-$t" >/dev/null
+    rm -rf "$work/bundle-$t"
 done
 "$smr" keygen -o "$work/key" >/dev/null
 images=()
