@@ -50,6 +50,9 @@ cleanup() {
 }
 trap cleanup EXIT
 rss_kib() { awk "/^$2/ { print \$2 }" "/proc/$1/status" 2>/dev/null || echo 0; }
+# Proportional set size: shared pages (the smr binary's text, mapped by
+# every server) counted once across the processes that share them.
+pss_kib() { awk '/^Pss:/ { print $2 }' "/proc/$1/smaps_rollup" 2>/dev/null || echo 0; }
 
 log "registry with four images"
 addr=$("$here/scripts/registry.sh" start "$work/reg" 0)
@@ -83,9 +86,10 @@ done
 sleep 5
 peak=$(rss_kib "$daemon_pid" VmHWM)
 now=$(rss_kib "$daemon_pid" VmRSS)
-servers=0 nservers=0
+servers=0 nservers=0 pss=$(pss_kib "$daemon_pid")
 for p in $(pgrep -f -- "__serve-fuse.*$work/smr" || true); do
     servers=$((servers + $(rss_kib "$p" VmRSS))); nservers=$((nservers + 1))
+    pss=$((pss + $(pss_kib "$p")))
 done
 mounts=$(findmnt -rn -o TARGET | grep -c -- "$work/smr/images/" || true)
 for n in $(seq 0 9); do
@@ -135,6 +139,7 @@ cat <<EOF
 | daemon RSS idle (after start, no image) | $(awk -v k="$idle" 'BEGIN { printf "%.1f MiB", k / 1024 }') |
 | daemon peak RSS (VmHWM) with 10 containers of 4 images | $(awk -v k="$peak" 'BEGIN { printf "%.1f MiB", k / 1024 }') (now $(awk -v k="$now" 'BEGIN { printf "%.1f", k / 1024 }')) |
 | image servers (\`smr __serve-fuse\`, one per image) RSS, sum | $(awk -v k="$servers" 'BEGIN { printf "%.1f MiB", k / 1024 }') in $nservers processes; $mounts image mounts |
+| daemon + image servers, PSS (shared pages counted once) | $(awk -v k="$pss" 'BEGIN { printf "%.1f MiB", k / 1024 }') |
 | longest gap between reads during 5 handovers and a SIGKILL | ${stall} s ($errors read errors; $handovers handovers logged) |
 | commit | $commit |
 | command | \`scripts/bench-daemon.sh\` |

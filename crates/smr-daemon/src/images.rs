@@ -26,6 +26,8 @@ pub struct MountConfig {
     pub cache_dir: PathBuf,
     /// The owner key, if the node has one (`--key-file`).
     pub key_file: Option<PathBuf>,
+    /// Each image server's memory tier (`--cache-memory`, bytes).
+    pub cache_memory: Option<u64>,
 }
 
 /// The node's image mounts under `ROOT/images`.
@@ -140,6 +142,9 @@ impl Images {
             .arg(&self.state);
         if let Some(k) = &self.cfg.key_file {
             c.arg("--key-file").arg(k);
+        }
+        if let Some(m) = self.cfg.cache_memory {
+            c.arg("--cache-memory").arg(m.to_string());
         }
         let out = c
             .output()

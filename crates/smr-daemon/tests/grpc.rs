@@ -34,6 +34,7 @@ fn config(dir: &Path, root: &Path, sock: &Path) -> DaemonConfig {
             smr: PathBuf::from("/nonexistent/smr"),
             cache_dir: dir.join("cache"),
             key_file: None,
+            cache_memory: None,
         },
     }
 }

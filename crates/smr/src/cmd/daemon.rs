@@ -20,6 +20,10 @@ pub struct DaemonArgs {
     /// The control API (`/status`, `/metrics`; HTTP over a UNIX socket).
     #[arg(long, default_value = smr_daemon::DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// Memory tier of each image server (one per mounted image; the page
+    /// cache above the loop device holds what is read again).
+    #[arg(long, default_value = "4M", value_parser = super::cache::parse_size)]
+    image_cache_memory: u64,
     /// Unmount an image no container has used for this long; it is mounted
     /// again when a container needs it (`0s`: never).
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
@@ -50,6 +54,7 @@ pub fn run(a: DaemonArgs) -> Result<ExitCode> {
             smr: std::env::current_exe().context("locating the smr binary")?,
             cache_dir: abs(&a.cache_dir)?,
             key_file: a.key_file.as_ref().map(abs).transpose()?,
+            cache_memory: Some(a.image_cache_memory),
         },
     };
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;

@@ -24,13 +24,20 @@ pub struct CacheArgs {
     /// The node's chunk cache, shared by every image and process.
     #[arg(long, env = "SMR_CACHE_DIR", default_value = smr_node::cache::DEFAULT_DIR)]
     pub cache_dir: PathBuf,
+    /// This process's memory tier of the cache (default 16M; the node
+    /// daemon gives its image servers less).
+    #[arg(long, env = "SMR_CACHE_MEMORY", value_parser = super::cache::parse_size, hide = true)]
+    pub cache_memory: Option<u64>,
 }
 
 impl CacheArgs {
     /// Opens (creating) the cache.
     pub fn open(&self) -> Result<Arc<Cache>> {
-        Cache::open(CacheConfig::new(&self.cache_dir))
-            .with_context(|| format!("opening the cache {}", self.cache_dir.display()))
+        let mut cfg = CacheConfig::new(&self.cache_dir);
+        if let Some(m) = self.cache_memory {
+            cfg.memory_bytes = m;
+        }
+        Cache::open(cfg).with_context(|| format!("opening the cache {}", self.cache_dir.display()))
     }
 }
 

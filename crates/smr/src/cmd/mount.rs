@@ -83,6 +83,7 @@ pub fn run_mount(a: MountArgs) -> Result<ExitCode> {
         other => other.clone(),
     };
     let cache_dir = absolute(&a.image.source.cache.cache_dir)?;
+    let cache_memory = a.image.source.cache.cache_memory;
     let key = a
         .image
         .source
@@ -126,6 +127,9 @@ pub fn run_mount(a: MountArgs) -> Result<ExitCode> {
             .arg(&cache_dir)
             .arg("--dir")
             .arg(fuse_dir);
+        if let Some(m) = cache_memory {
+            c.arg("--cache-memory").arg(m.to_string());
+        }
         if let Some(k) = &key {
             c.arg("--key-file").arg(k);
         }

@@ -201,6 +201,8 @@ fn publish_stats(lazy: smr_node::lazy::LazyImage, image: String, path: PathBuf) 
 /// Serves the image's FUSE export until unmounted or signalled.
 pub fn run_fuse(a: FuseArgs) -> Result<ExitCode> {
     smr_node::malloc::limit_arenas(smr_node::malloc::SERVER_ARENAS);
+    // One of these runs per mounted image, for as long as it is mounted.
+    smr_node::malloc::bound_heap();
     let opened = a.image.open_full()?;
     let replay = opened.replay();
     let name = format!("smr:{}", a.image.image);
