@@ -67,6 +67,8 @@ pub struct Status {
     pub images: Vec<ImageStatus>,
     /// The node cache (`null` if it cannot be read).
     pub cache: Option<CacheStats>,
+    /// Images bound on mount points by `smr mount`.
+    pub binds: Vec<crate::binds::Bind>,
 }
 
 fn error(code: StatusCode, msg: impl Into<String>) -> Response {
@@ -101,6 +103,18 @@ impl Control {
                 e.layers += 1;
             }
         }
+        let binds = self.sn.binds().live();
+        for b in &binds {
+            images
+                .entry(b.manifest.clone())
+                .or_insert_with(|| ImageStatus {
+                    image: b.image.clone(),
+                    manifest: b.manifest.clone(),
+                    mounted: self.sn.images().is_mounted(&b.manifest),
+                    layers: 0,
+                    server: self.sn.images().server_stats(&b.manifest),
+                });
+        }
         let cache = Cache::open(CacheConfig::new(&self.cache_dir))
             .and_then(|c| c.stats())
             .map_err(|e| tracing::debug!(error = %e, "cache stats"))
@@ -111,6 +125,7 @@ impl Control {
             snapshots,
             images: images.into_values().collect(),
             cache,
+            binds,
         })
     }
 
@@ -329,11 +344,53 @@ async fn metrics(State(c): State<Arc<Control>>) -> Response {
     }
 }
 
+/// `POST /mounts` and `DELETE /mounts`.
+#[derive(Debug, serde::Deserialize)]
+pub struct MountRequest {
+    /// The image (`docker://…`); not needed to unmount.
+    #[serde(default)]
+    pub image: String,
+    /// The mount point.
+    pub mountpoint: PathBuf,
+}
+
+fn bind_error(e: crate::binds::BindError) -> Response {
+    use crate::binds::BindError as E;
+    let code = match &e {
+        E::BadRequest(_) => StatusCode::BAD_REQUEST,
+        E::NotFound(_) => StatusCode::NOT_FOUND,
+        E::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        E::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(code, e.to_string())
+}
+
+async fn mount(State(c): State<Arc<Control>>, Json(r): Json<MountRequest>) -> Response {
+    let out = blocking(&c, move |c| {
+        c.sn.binds().bind(c.sn.images(), &r.image, &r.mountpoint)
+    })
+    .await;
+    match out {
+        Ok(Ok(b)) => Json(b).into_response(),
+        Ok(Err(e)) => bind_error(e),
+        Err(r) => r,
+    }
+}
+
+async fn unmount(State(c): State<Arc<Control>>, Json(r): Json<MountRequest>) -> Response {
+    match blocking(&c, move |c| c.sn.binds().unbind(&r.mountpoint)).await {
+        Ok(Ok(b)) => Json(b).into_response(),
+        Ok(Err(e)) => bind_error(e),
+        Err(r) => r,
+    }
+}
+
 /// The control API's routes.
 pub fn router(c: Arc<Control>) -> Router {
     Router::new()
         .route("/status", get(status))
         .route("/metrics", get(metrics))
+        .route("/mounts", axum::routing::post(mount).delete(unmount))
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,

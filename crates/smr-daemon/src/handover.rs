@@ -39,15 +39,19 @@ fn err(path: &Path, what: &str, e: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::other(format!("{what} {}: {e}", path.display()))
 }
 
-/// New side: takes the listening socket from a daemon running on `path`;
-/// `None` when none answers. Returns after the old daemon has exited.
-pub fn take_over(path: &Path) -> std::io::Result<Option<OwnedFd>> {
+/// Sockets handed over at most.
+const MAX_FDS: usize = 4;
+
+/// New side: takes the listening sockets (snapshotter first, then the
+/// control API) from a daemon running on `path`; `None` when none
+/// answers. Returns after the old daemon has exited.
+pub fn take_over(path: &Path) -> std::io::Result<Option<Vec<OwnedFd>>> {
     let mut s = match UnixStream::connect(path) {
         Ok(s) => s,
         Err(_) => return Ok(None),
     };
     rustix::io::write(&s, &[REQUEST]).map_err(|e| err(path, "asking", e))?;
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
     let mut cmsg = RecvAncillaryBuffer::new(&mut space);
     let mut byte = [0u8; 1];
     rustix::net::recvmsg(
@@ -57,19 +61,21 @@ pub fn take_over(path: &Path) -> std::io::Result<Option<OwnedFd>> {
         RecvFlags::CMSG_CLOEXEC,
     )
     .map_err(|e| err(path, "receiving the socket from", e))?;
-    let mut fd = None;
+    let mut fds = Vec::new();
     for m in cmsg.drain() {
-        if let RecvAncillaryMessage::ScmRights(mut fds) = m {
-            fd = fds.next();
+        if let RecvAncillaryMessage::ScmRights(got) = m {
+            fds.extend(got);
         }
     }
-    let fd = fd.ok_or_else(|| err(path, "no socket received from", "empty message"))?;
+    if fds.is_empty() {
+        return Err(err(path, "no socket received from", "empty message"));
+    }
     // Wait for the old daemon to finish (the connection closes as it exits).
     s.set_read_timeout(Some(DRAIN_TIMEOUT))?;
     let mut rest = Vec::new();
     let _ = s.read_to_end(&mut rest);
-    tracing::info!(handover = %path.display(), "took the snapshotter socket over");
-    Ok(Some(fd))
+    tracing::info!(handover = %path.display(), sockets = fds.len(), "took the snapshotter socket over");
+    Ok(Some(fds))
 }
 
 /// Old side: the handover socket, bound.
@@ -118,11 +124,11 @@ impl Offer {
         ))
     }
 
-    /// Waits for a new daemon to ask, sends it `listener` and returns the
+    /// Waits for a new daemon to ask, sends it `listeners` and returns the
     /// connection, to be closed once this daemon has stopped; `None` once
     /// withdrawn.
-    pub fn wait(self, listener: &impl AsFd) -> std::io::Result<Option<UnixStream>> {
-        offer(&self.path, &self.listener, &self.closing, listener)
+    pub fn wait(self, listeners: &[OwnedFd]) -> std::io::Result<Option<UnixStream>> {
+        offer(&self.path, &self.listener, &self.closing, listeners)
     }
 }
 
@@ -130,7 +136,7 @@ fn offer(
     path: &Path,
     l: &UnixListener,
     closing: &AtomicBool,
-    listener: &impl AsFd,
+    listeners: &[OwnedFd],
 ) -> std::io::Result<Option<UnixStream>> {
     loop {
         let (mut s, _) = l.accept().map_err(|e| err(path, "accepting on", e))?;
@@ -141,8 +147,8 @@ fn offer(
         if s.read_exact(&mut b).is_err() || b[0] != REQUEST {
             continue;
         }
-        let fds = [listener.as_fd()];
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let fds: Vec<_> = listeners.iter().take(MAX_FDS).map(|l| l.as_fd()).collect();
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
         let mut cmsg = SendAncillaryBuffer::new(&mut space);
         if !cmsg.push(SendAncillaryMessage::ScmRights(&fds)) {
             return Err(err(path, "building the message for", "no space"));

@@ -6,6 +6,7 @@
 //! service routing is generated in `build.rs` over the messages of the
 //! `containerd-client` crate, from containerd's own protos.
 
+pub mod binds;
 pub mod control;
 pub mod filter;
 mod grpc;
@@ -148,8 +149,8 @@ fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, DaemonError> {
 fn serve_control(
     cfg: &DaemonConfig,
     c: Arc<control::Control>,
+    std_l: std::os::unix::net::UnixListener,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, DaemonError> {
-    let std_l = bind(&cfg.socket)?;
     std_l
         .set_nonblocking(true)
         .map_err(|source| DaemonError::Socket {
@@ -231,13 +232,21 @@ pub async fn serve(
         .await
         .map_err(|e| sock_err(std::io::Error::other(e)))?
         .map_err(sock_err)?;
-    let std_listener = match taken {
+    let mut taken = taken.unwrap_or_default().into_iter();
+    let std_listener = match taken.next() {
         Some(fd) => std::os::unix::net::UnixListener::from(fd),
         None => bind(&cfg.snapshotter_socket)?,
     };
+    let control_listener = match taken.next() {
+        Some(fd) => std::os::unix::net::UnixListener::from(fd),
+        None => bind(&cfg.socket)?,
+    };
     let sn = open_snapshotter(&cfg).await?;
     std_listener.set_nonblocking(true).map_err(sock_err)?;
-    let kept = std_listener.try_clone().map_err(sock_err)?;
+    let kept: Vec<std::os::fd::OwnedFd> = vec![
+        std_listener.try_clone().map_err(sock_err)?.into(),
+        control_listener.try_clone().map_err(sock_err)?.into(),
+    ];
     let listener = tokio::net::UnixListener::from_std(std_listener).map_err(sock_err)?;
     let (offer, withdraw) = handover::Offer::bind(&hpath).map_err(sock_err)?;
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -258,7 +267,7 @@ pub async fn serve(
         root: cfg.root.clone(),
         started: std::time::Instant::now(),
     });
-    let mut control_task = serve_control(&cfg, control)?;
+    let mut control_task = serve_control(&cfg, control, control_listener)?;
     if let Some(idle) = cfg.release_after {
         let sn2 = sn.clone();
         control_task.push(tokio::spawn(async move {

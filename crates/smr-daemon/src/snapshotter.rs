@@ -64,6 +64,7 @@ pub struct Snapshotter {
     /// Held while an inner remote layer is unpacked on its own.
     materializing: Mutex<()>,
     metrics: Arc<Metrics>,
+    binds: crate::binds::Binds,
 }
 
 fn io(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> SnapError {
@@ -90,7 +91,13 @@ impl Snapshotter {
             images,
             materializing: Mutex::new(()),
             metrics: Arc::default(),
+            binds: crate::binds::Binds::new(root),
         })
+    }
+
+    /// Images bound on mount points by `smr mount` through the daemon.
+    pub fn binds(&self) -> &crate::binds::Binds {
+        &self.binds
     }
 
     /// The daemon's counters.
@@ -459,10 +466,11 @@ impl Snapshotter {
     /// given); busy ones stay for the next cleanup.
     fn release_unused(&self, only: Option<&str>) {
         let Ok(all) = self.meta.all() else { return };
-        let used: HashSet<String> = all
+        let mut used: HashSet<String> = all
             .iter()
             .filter_map(|(_, r)| r.remote.as_ref().map(|x| x.manifest.clone()))
             .collect();
+        used.extend(self.binds.live().into_iter().map(|b| b.manifest));
         let candidates = match only {
             Some(m) => vec![m.to_string()],
             None => self.images.known(),
@@ -503,6 +511,7 @@ impl Snapshotter {
                 p = rec.parent.as_deref();
             }
         }
+        used.extend(self.binds.live().into_iter().map(|b| b.manifest));
         let mut released = Vec::new();
         for m in self.images.known() {
             if used.contains(&m) || !self.images.is_mounted(&m) {

@@ -88,8 +88,26 @@ pub struct StatusArgs {
     json: bool,
 }
 
-/// `GET path` on the control socket: the body of a 200 answer.
-pub fn control_get(socket: &std::path::Path, path: &str) -> Result<String> {
+/// The node daemon's control socket: `SMR_DAEMON_SOCKET`, else the
+/// default.
+pub fn daemon_socket() -> PathBuf {
+    std::env::var_os("SMR_DAEMON_SOCKET")
+        .map_or_else(|| PathBuf::from(smr_daemon::DEFAULT_SOCKET), PathBuf::from)
+}
+
+/// Whether a daemon answers on `socket`.
+pub fn daemon_runs(socket: &std::path::Path) -> bool {
+    std::os::unix::net::UnixStream::connect(socket).is_ok()
+}
+
+/// `METHOD path` (with a JSON `body`) on the control socket: the body of a
+/// 200 answer; any other answer is an error with the daemon's message.
+pub fn control_request(
+    socket: &std::path::Path,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> Result<String> {
     use std::io::{Read, Write};
     let mut s = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
         format!(
@@ -97,9 +115,14 @@ pub fn control_get(socket: &std::path::Path, path: &str) -> Result<String> {
             socket.display()
         )
     })?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: smr\r\n\r\n")
-        .with_context(|| format!("writing to {}", socket.display()))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(300)))?;
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: smr\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .with_context(|| format!("writing to {}", socket.display()))?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)
         .with_context(|| format!("reading from {}", socket.display()))?;
@@ -108,17 +131,19 @@ pub fn control_get(socket: &std::path::Path, path: &str) -> Result<String> {
         .split_once("\r\n\r\n")
         .with_context(|| format!("{}: not an HTTP answer", socket.display()))?;
     let status = head.lines().next().unwrap_or_default();
-    anyhow::ensure!(
-        status.split_whitespace().nth(1) == Some("200"),
-        "{} GET {path}: {status}: {body}",
-        socket.display()
-    );
+    if status.split_whitespace().nth(1) != Some("200") {
+        let msg = serde_json::from_str::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_string))
+            .unwrap_or_else(|| format!("{status}: {body}"));
+        anyhow::bail!("the smr daemon ({}): {msg}", socket.display());
+    }
     Ok(body.to_string())
 }
 
 /// Shows what the daemon serves.
 pub fn run_status(a: StatusArgs) -> Result<ExitCode> {
-    let body = control_get(&a.socket, "/status")?;
+    let body = control_request(&a.socket, "GET", "/status", None)?;
     if a.json {
         outln!("{body}");
         return Ok(ExitCode::SUCCESS);

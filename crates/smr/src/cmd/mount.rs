@@ -49,6 +49,11 @@ pub struct MountArgs {
     loop_args: LoopArgs,
     #[command(flatten)]
     state: StateArgs,
+    /// Mount in a server of this command's own even when the node daemon
+    /// runs (otherwise a `docker://` image is mounted once by the daemon,
+    /// with its owner key and cache, and bound here).
+    #[arg(long)]
+    standalone: bool,
 }
 
 /// Arguments of `smr umount`.
@@ -64,8 +69,24 @@ fn absolute(p: &Path) -> Result<PathBuf> {
     std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))
 }
 
-/// Mounts the image lazily: FUSE server process, loop device, ext4.
+/// Mounts the image lazily: FUSE server process, loop device, ext4; a
+/// registry image through the node daemon when one runs.
 pub fn run_mount(a: MountArgs) -> Result<ExitCode> {
+    let daemon = super::daemon::daemon_socket();
+    if is_remote(&a.image.image) && !a.standalone && super::daemon::daemon_runs(&daemon) {
+        let mnt = absolute(&a.mountpoint)?;
+        let req = serde_json::json!({ "image": a.image.image, "mountpoint": mnt });
+        let body = super::daemon::control_request(&daemon, "POST", "/mounts", Some(&req))
+            .with_context(|| format!("mounting {}", a.image.image))?;
+        let b: serde_json::Value = serde_json::from_str(&body).context("the daemon's answer")?;
+        errln!(
+            "mounted {} on {} through the smr daemon ({})",
+            b["image"].as_str().unwrap_or("?"),
+            mnt.display(),
+            daemon.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     // Fail here, with a clear message, on a bad recipe, key, store or cache.
     // The profile is the server's business (it replays it).
     let opened = a.image.open_with(false)?;
@@ -156,10 +177,26 @@ pub fn run_mount(a: MountArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Undoes `smr mount`.
+/// Undoes `smr mount` (its own mount, or a bind made by the daemon).
 pub fn run_umount(a: UmountArgs) -> Result<ExitCode> {
-    let st = smr_node::mount::unmount(&a.state.state_dir, &a.mountpoint)
-        .with_context(|| format!("unmounting {}", a.mountpoint.display()))?;
+    let st = match smr_node::mount::unmount(&a.state.state_dir, &a.mountpoint) {
+        Err(smr_node::mount::MountError::NotMounted(..))
+            if super::daemon::daemon_runs(&super::daemon::daemon_socket()) =>
+        {
+            let mnt = absolute(&a.mountpoint)?;
+            let req = serde_json::json!({ "mountpoint": mnt });
+            super::daemon::control_request(
+                &super::daemon::daemon_socket(),
+                "DELETE",
+                "/mounts",
+                Some(&req),
+            )
+            .with_context(|| format!("unmounting {}", a.mountpoint.display()))?;
+            errln!("unmounted {} (through the smr daemon)", mnt.display());
+            return Ok(ExitCode::SUCCESS);
+        }
+        r => r.with_context(|| format!("unmounting {}", a.mountpoint.display()))?,
+    };
     errln!(
         "unmounted {} (detached {})",
         st.mountpoint.display(),

@@ -279,3 +279,50 @@ fn control_api(node: &Node) {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["snapshots"]["remote"], 2, "{v}");
 }
+
+#[test]
+fn smr_mount_goes_through_the_daemon() {
+    let Some(mut node) = Node::start(false) else {
+        return;
+    };
+    node.daemon_args = vec!["--release-after".into(), "1s".into()];
+    node.start_daemon();
+    let sock = node.control_socket();
+    let mnt = node.dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let smr = || {
+        let mut c = crate::util::smr();
+        c.env("SMR_DAEMON_SOCKET", &sock);
+        c
+    };
+    let out = crate::util::ok(smr().arg("mount").arg(node.reg.image("py:1")).arg(&mnt));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("through the smr daemon"));
+    let py = std::fs::read(mnt.join("usr/lib/python3.11/json/__init__.py")).unwrap();
+    assert!(!py.is_empty());
+    assert_eq!(node.image_mounts(), 1);
+    let out = crate::util::ok(smr().arg("status").arg("--socket").arg(&sock).arg("--json"));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["binds"].as_array().map(Vec::len), Some(1), "{v}");
+    // Bound: idle release leaves the image alone.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(node.image_mounts(), 1, "{}", node.daemon_log());
+    assert!(mnt.join("usr/bin").is_dir());
+    // A missing image: an error naming it, nothing mounted.
+    let other = node.dir.path().join("mnt2");
+    std::fs::create_dir_all(&other).unwrap();
+    let err = crate::util::fails(smr().arg("mount").arg(node.reg.image("nope:1")).arg(&other));
+    assert!(err.contains("nope"), "{err}");
+    assert_eq!(std::fs::read_dir(&other).unwrap().count(), 0);
+    // Unmounted through the daemon; then the idle image goes.
+    crate::util::ok(smr().arg("umount").arg(&mnt));
+    assert!(!mnt.join("usr").exists());
+    let t = std::time::Instant::now();
+    while node.image_mounts() != 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{}",
+            node.daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

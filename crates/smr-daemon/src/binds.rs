@@ -1,0 +1,145 @@
+//! `smr mount` through the daemon: the image is mounted once under
+//! `ROOT/images` (shared with containerd's snapshots) and bound read-only
+//! onto the user's mount point. Each bind is recorded in `ROOT/binds`, so
+//! the image is not released while a bind uses it, and survives a restart
+//! of the daemon.
+
+use crate::images::Images;
+use rustix::mount::{MountFlags, UnmountFlags};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use smr_image::source::{ImageSource, Platform};
+use std::path::{Path, PathBuf};
+
+/// One bind of an image onto a mount point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bind {
+    /// The mount point (canonical).
+    pub mountpoint: PathBuf,
+    /// `docker://host/repo@manifest`.
+    pub image: String,
+    /// The manifest digest.
+    pub manifest: String,
+}
+
+/// Errors of binds, each naming the image or mount point.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    /// The request is wrong (not a registry image, not a directory, ...).
+    #[error("{0}")]
+    BadRequest(String),
+    /// No such bind.
+    #[error("{0} is not mounted by the smr daemon")]
+    NotFound(String),
+    /// The image cannot be mounted now.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A system call failed.
+    #[error("{0}")]
+    Io(String),
+}
+
+/// The binds under `ROOT/binds`.
+pub struct Binds {
+    dir: PathBuf,
+}
+
+fn record_name(mnt: &Path) -> String {
+    hex::encode(Sha256::digest(mnt.as_os_str().as_encoded_bytes()))
+}
+
+impl Binds {
+    /// Binds recorded under `root/binds`.
+    pub fn new(root: &Path) -> Binds {
+        Binds {
+            dir: root.join("binds"),
+        }
+    }
+
+    /// Every recorded bind whose mount point is still mounted.
+    pub fn live(&self) -> Vec<Bind> {
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        rd.flatten()
+            .filter_map(|e| serde_json::from_slice::<Bind>(&std::fs::read(e.path()).ok()?).ok())
+            .filter(|b| smr_node::mount::is_mountpoint(&b.mountpoint))
+            .collect()
+    }
+
+    /// Mounts `image` (`docker://…`, a tag or a digest) through `images`
+    /// and binds it read-only on `mountpoint`.
+    pub fn bind(&self, images: &Images, image: &str, mountpoint: &Path) -> Result<Bind, BindError> {
+        let opts = smr_registry::client::RegistryOptions::from_env();
+        let src = smr_registry::source::RegistrySource::open(image, &opts)
+            .map_err(|e| BindError::BadRequest(e.to_string()))?;
+        let resolved = src
+            .resolve(&Platform::default())
+            .map_err(|e| BindError::Unavailable(format!("{image}: {e}")))?;
+        let r = src.reference();
+        let pinned = format!(
+            "docker://{}/{}@{}",
+            r.registry, r.repository, resolved.manifest_digest
+        );
+        let mnt = smr_node::mount::check_mountpoint(mountpoint)
+            .map_err(|e| BindError::BadRequest(e.to_string()))?;
+        let rootfs = images
+            .ensure(&pinned, &resolved.manifest_digest)
+            .map_err(BindError::Unavailable)?;
+        let io = |what: &str, e: rustix::io::Errno| {
+            BindError::Io(format!(
+                "{what} {} on {}: {e}",
+                rootfs.display(),
+                mnt.display()
+            ))
+        };
+        rustix::mount::mount_bind(&rootfs, &mnt).map_err(|e| io("binding", e))?;
+        let ro = MountFlags::BIND | MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV;
+        if let Err(e) = rustix::mount::mount_remount(&mnt, ro, "") {
+            let _ = rustix::mount::unmount(&mnt, UnmountFlags::DETACH);
+            return Err(io("making read-only the bind of", e));
+        }
+        let b = Bind {
+            mountpoint: mnt.clone(),
+            image: pinned,
+            manifest: resolved.manifest_digest,
+        };
+        let write = || -> std::io::Result<()> {
+            std::fs::create_dir_all(&self.dir)?;
+            let path = self.dir.join(record_name(&mnt));
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, serde_json::to_vec(&b)?)?;
+            std::fs::rename(&tmp, &path)
+        };
+        if let Err(e) = write() {
+            let _ = rustix::mount::unmount(&mnt, UnmountFlags::DETACH);
+            return Err(BindError::Io(format!(
+                "recording the bind on {}: {e}",
+                mnt.display()
+            )));
+        }
+        tracing::info!(image = b.image, mountpoint = %mnt.display(), "image bound");
+        Ok(b)
+    }
+
+    /// Undoes [`Binds::bind`] of `mountpoint` (failing, with nothing
+    /// changed, while it is busy).
+    pub fn unbind(&self, mountpoint: &Path) -> Result<Bind, BindError> {
+        let mnt = mountpoint
+            .canonicalize()
+            .map_err(|e| BindError::BadRequest(format!("{}: {e}", mountpoint.display())))?;
+        let path = self.dir.join(record_name(&mnt));
+        let b: Bind = std::fs::read(&path)
+            .ok()
+            .and_then(|v| serde_json::from_slice(&v).ok())
+            .ok_or_else(|| BindError::NotFound(mnt.display().to_string()))?;
+        if smr_node::mount::is_mountpoint(&mnt) {
+            rustix::mount::unmount(&mnt, UnmountFlags::empty())
+                .map_err(|e| BindError::Io(format!("unmounting {}: {e}", mnt.display())))?;
+        }
+        std::fs::remove_file(&path)
+            .map_err(|e| BindError::Io(format!("removing {}: {e}", path.display())))?;
+        tracing::info!(image = b.image, mountpoint = %mnt.display(), "image unbound");
+        Ok(b)
+    }
+}
