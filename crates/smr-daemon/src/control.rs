@@ -76,6 +76,16 @@ fn error(code: StatusCode, msg: impl Into<String>) -> Response {
 }
 
 impl Control {
+    fn image_status(&self, image: &str, manifest: &str) -> ImageStatus {
+        ImageStatus {
+            image: image.to_string(),
+            manifest: manifest.to_string(),
+            mounted: self.sn.images().is_mounted(manifest),
+            layers: 0,
+            server: self.sn.images().server_stats(manifest),
+        }
+    }
+
     /// The current status (blocking: reads the metadata store and cache).
     pub fn status(&self) -> Result<Status, crate::SnapError> {
         let all = self.sn.list(&[])?;
@@ -93,13 +103,7 @@ impl Control {
             if let Some(r) = &i.rec.remote {
                 let e = images
                     .entry(r.manifest.clone())
-                    .or_insert_with(|| ImageStatus {
-                        image: r.image.clone(),
-                        manifest: r.manifest.clone(),
-                        mounted: self.sn.images().is_mounted(&r.manifest),
-                        layers: 0,
-                        server: self.sn.images().server_stats(&r.manifest),
-                    });
+                    .or_insert_with(|| self.image_status(&r.image, &r.manifest));
                 e.layers += 1;
             }
         }
@@ -107,13 +111,7 @@ impl Control {
         for b in &binds {
             images
                 .entry(b.manifest.clone())
-                .or_insert_with(|| ImageStatus {
-                    image: b.image.clone(),
-                    manifest: b.manifest.clone(),
-                    mounted: self.sn.images().is_mounted(&b.manifest),
-                    layers: 0,
-                    server: self.sn.images().server_stats(&b.manifest),
-                });
+                .or_insert_with(|| self.image_status(&b.image, &b.manifest));
         }
         let cache = Cache::open(CacheConfig::new(&self.cache_dir))
             .and_then(|c| c.stats())
