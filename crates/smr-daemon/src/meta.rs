@@ -204,6 +204,25 @@ impl Meta {
         }
     }
 
+    /// Every snapshot, by name, and the next directory id, read together:
+    /// a directory with a smaller id that no snapshot owns is not being
+    /// created by a transaction in progress.
+    pub fn all_and_next_id(&self) -> Result<(Vec<(String, Record)>, u64), MetaError> {
+        let rtx = self.db.begin_read().map_err(db_err("begin"))?;
+        let t = rtx.open_table(SNAPSHOTS).map_err(db_err("open table"))?;
+        let seq = rtx.open_table(SEQUENCE).map_err(db_err("open table"))?;
+        let next = seq
+            .get(NEXT_ID)
+            .map_err(db_err("read"))?
+            .map_or(1, |v| v.value());
+        let mut out = Vec::new();
+        for item in t.iter().map_err(db_err("scan"))? {
+            let (k, v) = item.map_err(db_err("scan"))?;
+            out.push((k.value().to_string(), decode(k.value(), v.value())?));
+        }
+        Ok((out, next))
+    }
+
     /// Every snapshot, by name.
     pub fn all(&self) -> Result<Vec<(String, Record)>, MetaError> {
         let rtx = self.db.begin_read().map_err(db_err("begin"))?;

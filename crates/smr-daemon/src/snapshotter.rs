@@ -611,9 +611,11 @@ impl Snapshotter {
     /// `Cleanup`: removes directories no snapshot owns and unmounts images
     /// no snapshot uses.
     pub fn cleanup(&self) -> Result<(), SnapError> {
-        let ids: HashSet<u64> = self
-            .meta
-            .all()?
+        // No inner layer is being unpacked meanwhile (its directory is
+        // owned only once it is done).
+        let _one = self.materializing.lock().unwrap_or_else(|e| e.into_inner());
+        let (all, next_id) = self.meta.all_and_next_id()?;
+        let ids: HashSet<u64> = all
             .into_iter()
             .filter(|(_, r)| r.remote.is_none())
             .map(|(_, r)| r.id)
@@ -623,11 +625,12 @@ impl Snapshotter {
             .map_err(io("reading", &snaps))?
             .flatten()
         {
+            // Directories of Prepares in progress have ids from next_id up.
             let owned = e
                 .file_name()
                 .to_str()
                 .and_then(|n| n.parse::<u64>().ok())
-                .is_some_and(|id| ids.contains(&id));
+                .is_some_and(|id| ids.contains(&id) || id >= next_id);
             if !owned {
                 tracing::info!(dir = %e.path().display(), "removing unowned snapshot directory");
                 std::fs::remove_dir_all(e.path()).map_err(io("removing", &e.path()))?;

@@ -347,13 +347,24 @@ async fn state_survives_a_restart_and_cleanup_frees_orphans() {
     let mut c = srv.client().await;
     c.prepare(prep("a", "", &[])).await.unwrap();
     c.commit(commit("base", "a")).await.unwrap();
+    c.prepare(prep("gone", "base", &[])).await.unwrap();
+    c.remove(pb::RemoveSnapshotRequest {
+        snapshotter: "smr".into(),
+        key: "gone".into(),
+    })
+    .await
+    .unwrap();
     let root = srv.root.clone();
     let sock = srv.sock.clone();
     let dir = srv._dir;
     let _ = srv.stop.unwrap().send(());
     srv.task.unwrap().await.unwrap();
-    // An orphan directory, as a crash between mkdir and commit leaves.
-    std::fs::create_dir_all(root.join("snapshots/999/fs")).unwrap();
+    // An orphan directory, as a crash between a Remove's commit and its
+    // rm -r leaves (snapshot 2 was "gone"); and one of a Prepare whose
+    // transaction a crash cut short (id 3, not allocated yet: kept, and
+    // reused by the next Prepare).
+    std::fs::create_dir_all(root.join("snapshots/2/fs")).unwrap();
+    std::fs::create_dir_all(root.join("snapshots/3/fs")).unwrap();
     let srv2 = restart(dir, root.clone(), sock).await;
     let mut c = srv2.client().await;
     assert_eq!(keys(&mut c, &[]).await, ["base"]);
@@ -362,10 +373,11 @@ async fn state_survives_a_restart_and_cleanup_frees_orphans() {
     })
     .await
     .unwrap();
-    assert!(!root.join("snapshots/999").exists());
+    assert!(!root.join("snapshots/2").exists());
+    assert!(root.join("snapshots/1").exists() && root.join("snapshots/3").exists());
     assert_eq!(
         std::fs::read_dir(root.join("snapshots")).unwrap().count(),
-        1
+        2
     );
     srv2.stop().await;
 }
