@@ -162,6 +162,25 @@ impl Node {
         }
     }
 
+    /// Waits until containerd reaches the snapshotter again (after the
+    /// socket went away, its client backs off up to 3 s).
+    pub fn wait_for_containerd(&self) {
+        let t = Instant::now();
+        let ok = || {
+            self.ctr()
+                .args(["snapshot", "--snapshotter", "smr", "ls"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        while !ok() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "containerd did not reconnect"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     pub fn daemon_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
     }

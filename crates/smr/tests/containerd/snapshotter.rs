@@ -117,21 +117,7 @@ fn daemon_restarts_do_not_break_running_containers() {
     // and containerd reconnects (its client backs off up to 3 s).
     node.stop_daemon("KILL");
     node.start_daemon();
-    let t = std::time::Instant::now();
-    while !node
-        .ctr()
-        .args(["snapshot", "--snapshotter", "smr", "ls"])
-        .output()
-        .unwrap()
-        .status
-        .success()
-    {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "containerd did not reconnect"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    node.wait_for_containerd();
     // State restored from disk: new containers start on the same image.
     let o = node.run("py:1", "after", &["python3", "-c", "print('back')"]);
     assert_eq!(stdout(&o), "back");
@@ -146,8 +132,26 @@ fn daemon_restarts_do_not_break_running_containers() {
         text.contains("LOOP-DONE") && !text.contains("READ-FAILED"),
         "{text}"
     );
+    // A registry that is down does not keep the daemon from starting, and
+    // what it serves is still there.
+    node.reg.stop();
+    node.stop_daemon("TERM");
+    node.start_daemon();
+    node.wait_for_containerd();
+    let out = crate::util::ok(
+        crate::util::smr()
+            .arg("status")
+            .arg("--socket")
+            .arg(node.control_socket()),
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("2 remote"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    node.reg.start_again();
     node.remove_all_images();
-    assert_eq!(node.image_mounts(), 0);
+    assert_eq!(node.image_mounts(), 0, "{}", node.daemon_log());
 }
 
 #[test]
