@@ -9,7 +9,7 @@
 //! Anything else is a 404 or 405 with a JSON error body.
 
 use crate::meta::Kind;
-use crate::metrics::Metrics;
+use crate::metrics::{header, histogram};
 use crate::Snapshotter;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -26,10 +26,8 @@ use std::time::Instant;
 
 /// What the control API reads.
 pub struct Control {
-    /// The snapshotter.
+    /// The snapshotter (and its counters).
     pub sn: Arc<Snapshotter>,
-    /// Request counters and latencies.
-    pub metrics: Arc<Metrics>,
     /// The node cache directory.
     pub cache_dir: PathBuf,
     /// The daemon's root.
@@ -131,7 +129,7 @@ impl Control {
     pub fn metrics_text(&self, st: &Status) -> String {
         let mut o = String::new();
         let mut gauge = |name: &str, help: &str, kind: &str, samples: &[(String, u64)]| {
-            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            header(&mut o, name, help, kind);
             for (labels, v) in samples {
                 let _ = writeln!(o, "{name}{labels} {v}");
             }
@@ -218,7 +216,7 @@ impl Control {
             }
         }
         write_image_metrics(&mut o, &st.images);
-        self.metrics.write_prometheus(&mut o);
+        self.sn.metrics().write_prometheus(&mut o);
         o
     }
 }
@@ -275,16 +273,13 @@ fn write_image_metrics(o: &mut String, images: &[ImageStatus]) {
         .filter_map(|i| i.server.as_ref().map(|s| (i, s)))
         .collect();
     for (name, help, kind, path) in counters {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        header(o, name, help, kind);
         for (i, s) in &served {
             let _ = writeln!(o, "{name}{{image=\"{}\"}} {}", i.manifest, num(s, path));
         }
     }
     let name = "smr_fetch_seconds";
-    let _ = writeln!(
-        o,
-        "# HELP {name} Store request latency.\n# TYPE {name} histogram"
-    );
+    header(o, name, "Store request latency.", "histogram");
     for (i, s) in &served {
         let bounds = s["latency_bounds_ms"]
             .as_array()
@@ -295,22 +290,13 @@ fn write_image_metrics(o: &mut String, images: &[ImageStatus]) {
             .and_then(|x| x.as_array())
             .cloned()
             .unwrap_or_default();
-        for (b, n) in bounds.iter().zip(&counts) {
-            let le = b.as_f64().unwrap_or(0.0) / 1000.0;
-            let _ = writeln!(
-                o,
-                "{name}_bucket{{image=\"{}\",le=\"{le}\"}} {}",
-                i.manifest,
-                n.as_u64().unwrap_or(0)
-            );
-        }
-        let total = num(s, "/fetch/requests");
+        let buckets = bounds
+            .iter()
+            .zip(&counts)
+            .map(|(b, n)| (b.as_f64().unwrap_or(0.0) / 1000.0, n.as_u64().unwrap_or(0)));
+        let labels = format!("image=\"{}\"", i.manifest);
         let sum = num(s, "/fetch/latency_sum_us") as f64 / 1e6;
-        let _ = writeln!(
-            o,
-            "{name}_bucket{{image=\"{m}\",le=\"+Inf\"}} {total}\n{name}_sum{{image=\"{m}\"}} {sum}\n{name}_count{{image=\"{m}\"}} {total}",
-            m = i.manifest
-        );
+        histogram(o, name, &labels, buckets, num(s, "/fetch/requests"), sum);
     }
 }
 

@@ -128,39 +128,34 @@ impl Offer {
     /// connection, to be closed once this daemon has stopped; `None` once
     /// withdrawn.
     pub fn wait(self, listeners: &[OwnedFd]) -> std::io::Result<Option<UnixStream>> {
-        offer(&self.path, &self.listener, &self.closing, listeners)
-    }
-}
-
-fn offer(
-    path: &Path,
-    l: &UnixListener,
-    closing: &AtomicBool,
-    listeners: &[OwnedFd],
-) -> std::io::Result<Option<UnixStream>> {
-    loop {
-        let (mut s, _) = l.accept().map_err(|e| err(path, "accepting on", e))?;
-        if closing.load(Ordering::SeqCst) {
-            return Ok(None);
+        let path = &self.path;
+        loop {
+            let (mut s, _) = self
+                .listener
+                .accept()
+                .map_err(|e| err(path, "accepting on", e))?;
+            if self.closing.load(Ordering::SeqCst) {
+                return Ok(None);
+            }
+            let mut b = [0u8; 1];
+            if s.read_exact(&mut b).is_err() || b[0] != REQUEST {
+                continue;
+            }
+            let fds: Vec<_> = listeners.iter().take(MAX_FDS).map(|l| l.as_fd()).collect();
+            let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+            let mut cmsg = SendAncillaryBuffer::new(&mut space);
+            if !cmsg.push(SendAncillaryMessage::ScmRights(&fds)) {
+                return Err(err(path, "building the message for", "no space"));
+            }
+            rustix::net::sendmsg(
+                &s,
+                &[IoSlice::new(&[REQUEST])],
+                &mut cmsg,
+                SendFlags::empty(),
+            )
+            .map_err(|e| err(path, "sending the socket over", e))?;
+            let _ = std::fs::remove_file(path);
+            return Ok(Some(s));
         }
-        let mut b = [0u8; 1];
-        if s.read_exact(&mut b).is_err() || b[0] != REQUEST {
-            continue;
-        }
-        let fds: Vec<_> = listeners.iter().take(MAX_FDS).map(|l| l.as_fd()).collect();
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
-        let mut cmsg = SendAncillaryBuffer::new(&mut space);
-        if !cmsg.push(SendAncillaryMessage::ScmRights(&fds)) {
-            return Err(err(path, "building the message for", "no space"));
-        }
-        rustix::net::sendmsg(
-            &s,
-            &[IoSlice::new(&[REQUEST])],
-            &mut cmsg,
-            SendFlags::empty(),
-        )
-        .map_err(|e| err(path, "sending the socket over", e))?;
-        let _ = std::fs::remove_file(path);
-        return Ok(Some(s));
     }
 }

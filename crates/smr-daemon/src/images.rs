@@ -10,7 +10,7 @@ use smr_node::mount::is_mountpoint;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Condvar, Mutex};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// How long an image that could not be mounted is not tried again: the
@@ -44,8 +44,21 @@ pub struct Images {
     last_used: Mutex<HashMap<String, Instant>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// An image being mounted or unmounted (see [`Images::claim`]).
+struct Claim<'a> {
+    images: &'a Images,
+    manifest: String,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        lock(&self.images.busy).remove(&self.manifest);
+        self.images.done.notify_all();
+    }
 }
 
 impl Images {
@@ -100,11 +113,8 @@ impl Images {
     pub fn ensure(&self, image: &str, manifest: &str) -> Result<PathBuf, String> {
         let dir = self.rootfs(manifest);
         self.touch(manifest);
-        {
-            let mut busy = lock(&self.busy);
-            while busy.contains(manifest) {
-                busy = self.done.wait(busy).unwrap_or_else(|e| e.into_inner());
-            }
+        let _claim = {
+            let busy = self.wait_turn(manifest);
             if is_mountpoint(&dir) {
                 return Ok(dir);
             }
@@ -113,8 +123,8 @@ impl Images {
                     return Err(why.clone());
                 }
             }
-            busy.insert(manifest.to_string());
-        }
+            self.claim(busy, manifest)
+        };
         let out = self.mount(image, &dir);
         match &out {
             Ok(()) => {
@@ -124,35 +134,65 @@ impl Images {
                 lock(&self.refused).insert(manifest.to_string(), (Instant::now(), why.clone()));
             }
         }
-        lock(&self.busy).remove(manifest);
-        self.done.notify_all();
         out.map(|()| dir)
+    }
+
+    /// Waits until nobody mounts or unmounts `manifest`; returns the busy
+    /// set, still locked.
+    fn wait_turn(&self, manifest: &str) -> MutexGuard<'_, HashSet<String>> {
+        let mut busy = lock(&self.busy);
+        while busy.contains(manifest) {
+            busy = self.done.wait(busy).unwrap_or_else(|e| e.into_inner());
+        }
+        busy
+    }
+
+    /// Marks `manifest` busy until the returned claim is dropped (also when
+    /// the work panics, so waiters never hang).
+    fn claim<'a>(&'a self, mut busy: MutexGuard<'_, HashSet<String>>, manifest: &str) -> Claim<'a> {
+        busy.insert(manifest.to_string());
+        Claim {
+            images: self,
+            manifest: manifest.to_string(),
+        }
+    }
+
+    /// Runs `smr` with the arguments `args` adds; a failure is an error
+    /// with smr's message, starting with `what`.
+    fn run_smr(&self, what: &str, args: impl FnOnce(&mut Command)) -> Result<(), String> {
+        let mut c = Command::new(&self.cfg.smr);
+        args(&mut c);
+        let out = c
+            .output()
+            .map_err(|e| format!("running {}: {e}", self.cfg.smr.display()))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        Err(format!("{what}: {}", err.trim()))
     }
 
     fn mount(&self, image: &str, dir: &Path) -> Result<(), String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         let t = Instant::now();
-        let mut c = Command::new(&self.cfg.smr);
-        c.arg("mount")
-            .arg(image)
-            .arg(dir)
-            .arg("--cache-dir")
-            .arg(&self.cfg.cache_dir)
-            .arg("--state-dir")
-            .arg(&self.state);
-        if let Some(k) = &self.cfg.key_file {
-            c.arg("--key-file").arg(k);
-        }
-        if let Some(m) = self.cfg.cache_memory {
-            c.arg("--cache-memory").arg(m.to_string());
-        }
-        let out = c
-            .output()
-            .map_err(|e| format!("running {}: {e}", self.cfg.smr.display()))?;
-        if !out.status.success() {
+        let mounted = self.run_smr(&format!("smr mount {image}"), |c| {
+            c.arg("mount")
+                .arg(image)
+                .arg(dir)
+                .arg("--cache-dir")
+                .arg(&self.cfg.cache_dir)
+                .arg("--state-dir")
+                .arg(&self.state);
+            if let Some(k) = &self.cfg.key_file {
+                c.arg("--key-file").arg(k);
+            }
+            if let Some(m) = self.cfg.cache_memory {
+                c.arg("--cache-memory").arg(m.to_string());
+            }
+        });
+        if let Err(e) = mounted {
             let _ = std::fs::remove_dir(dir);
-            let err = String::from_utf8_lossy(&out.stderr);
-            return Err(format!("smr mount {image}: {}", err.trim()));
+            return Err(e);
         }
         tracing::info!(image, dir = %dir.display(), took = ?t.elapsed(), "image mounted");
         Ok(())
@@ -161,35 +201,17 @@ impl Images {
     /// Unmounts the image with manifest `digest`; a busy mount (a container
     /// still uses it) stays and the error says so.
     pub fn release(&self, manifest: &str) -> Result<(), String> {
-        {
-            let mut busy = lock(&self.busy);
-            while busy.contains(manifest) {
-                busy = self.done.wait(busy).unwrap_or_else(|e| e.into_inner());
-            }
-            busy.insert(manifest.to_string());
-        }
-        let out = self.unmount(manifest);
-        lock(&self.busy).remove(manifest);
-        self.done.notify_all();
-        out
-    }
-
-    fn unmount(&self, manifest: &str) -> Result<(), String> {
+        let _claim = self.claim(self.wait_turn(manifest), manifest);
         let dir = self.rootfs(manifest);
         if !is_mountpoint(&dir) {
             return Ok(());
         }
-        let out = Command::new(&self.cfg.smr)
-            .arg("umount")
-            .arg(&dir)
-            .arg("--state-dir")
-            .arg(&self.state)
-            .output()
-            .map_err(|e| format!("running {}: {e}", self.cfg.smr.display()))?;
-        if !out.status.success() {
-            let err = String::from_utf8_lossy(&out.stderr);
-            return Err(format!("smr umount {}: {}", dir.display(), err.trim()));
-        }
+        self.run_smr(&format!("smr umount {}", dir.display()), |c| {
+            c.arg("umount")
+                .arg(&dir)
+                .arg("--state-dir")
+                .arg(&self.state);
+        })?;
         if let Some(parent) = dir.parent() {
             let _ = std::fs::remove_dir_all(parent);
         }

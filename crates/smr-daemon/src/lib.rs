@@ -81,8 +81,16 @@ pub enum DaemonError {
         /// The cause.
         source: Box<SnapError>,
     },
-    /// The socket could not be set up.
-    #[error("snapshotter socket {path}: {source}")]
+    /// The daemon's root directory could not be set up.
+    #[error("the daemon's root {root}: {source}")]
+    Root {
+        /// The root.
+        root: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A socket (or TCP address) could not be set up.
+    #[error("socket {path}: {source}")]
     Socket {
         /// The socket path.
         path: PathBuf,
@@ -118,15 +126,21 @@ pub struct DaemonConfig {
     pub release_after: Option<std::time::Duration>,
 }
 
+/// A [`DaemonError::Socket`] for `path`.
+fn socket_err(path: impl Into<PathBuf>) -> impl Fn(std::io::Error) -> DaemonError {
+    let path = path.into();
+    move |source| DaemonError::Socket {
+        path: path.clone(),
+        source,
+    }
+}
+
 /// Binds `path`, replacing a stale socket file; refuses when a live server
 /// answers on it.
 fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, DaemonError> {
-    let err = |source| DaemonError::Socket {
-        path: path.to_path_buf(),
-        source,
-    };
+    let err = socket_err(path);
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(err)?;
+        std::fs::create_dir_all(dir).map_err(&err)?;
     }
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         return Err(err(std::io::Error::new(
@@ -139,9 +153,9 @@ fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, DaemonError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(err(e)),
     }
-    let l = std::os::unix::net::UnixListener::bind(path).map_err(err)?;
+    let l = std::os::unix::net::UnixListener::bind(path).map_err(&err)?;
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(&err)?;
     Ok(l)
 }
 
@@ -151,16 +165,9 @@ fn serve_control(
     c: Arc<control::Control>,
     std_l: std::os::unix::net::UnixListener,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, DaemonError> {
-    std_l
-        .set_nonblocking(true)
-        .map_err(|source| DaemonError::Socket {
-            path: cfg.socket.clone(),
-            source,
-        })?;
-    let l = tokio::net::UnixListener::from_std(std_l).map_err(|source| DaemonError::Socket {
-        path: cfg.socket.clone(),
-        source,
-    })?;
+    let err = socket_err(&cfg.socket);
+    std_l.set_nonblocking(true).map_err(&err)?;
+    let l = tokio::net::UnixListener::from_std(std_l).map_err(&err)?;
     let app = control::router(c);
     let mut tasks = Vec::new();
     let a = app.clone();
@@ -170,20 +177,10 @@ fn serve_control(
         }
     }));
     if let Some(addr) = cfg.metrics_addr {
-        let std_l = std::net::TcpListener::bind(addr).map_err(|source| DaemonError::Socket {
-            path: PathBuf::from(addr.to_string()),
-            source,
-        })?;
-        std_l
-            .set_nonblocking(true)
-            .map_err(|source| DaemonError::Socket {
-                path: PathBuf::from(addr.to_string()),
-                source,
-            })?;
-        let l = tokio::net::TcpListener::from_std(std_l).map_err(|source| DaemonError::Socket {
-            path: PathBuf::from(addr.to_string()),
-            source,
-        })?;
+        let err = socket_err(addr.to_string());
+        let std_l = std::net::TcpListener::bind(addr).map_err(&err)?;
+        std_l.set_nonblocking(true).map_err(&err)?;
+        let l = tokio::net::TcpListener::from_std(std_l).map_err(&err)?;
         tasks.push(tokio::spawn(async move {
             if let Err(e) = axum::serve(l, app).await {
                 tracing::warn!(error = %e, "metrics address stopped");
@@ -221,17 +218,18 @@ pub async fn serve(
     cfg: DaemonConfig,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), DaemonError> {
-    let sock_err = |source| DaemonError::Socket {
-        path: cfg.snapshotter_socket.clone(),
+    let sock_err = socket_err(&cfg.snapshotter_socket);
+    smr_node::dirs::private_dir(&cfg.root).map_err(|source| DaemonError::Root {
+        root: cfg.root.clone(),
         source,
-    };
-    smr_node::dirs::private_dir(&cfg.root).map_err(sock_err)?;
+    })?;
     let hpath = handover::socket_path(&cfg.root);
+    let handover_err = socket_err(&hpath);
     let h2 = hpath.clone();
     let taken = tokio::task::spawn_blocking(move || handover::take_over(&h2))
         .await
-        .map_err(|e| sock_err(std::io::Error::other(e)))?
-        .map_err(sock_err)?;
+        .map_err(|e| handover_err(std::io::Error::other(e)))?
+        .map_err(&handover_err)?;
     let mut taken = taken.unwrap_or_default().into_iter();
     let std_listener = match taken.next() {
         Some(fd) => std::os::unix::net::UnixListener::from(fd),
@@ -242,13 +240,16 @@ pub async fn serve(
         None => bind(&cfg.socket)?,
     };
     let sn = open_snapshotter(&cfg).await?;
-    std_listener.set_nonblocking(true).map_err(sock_err)?;
+    std_listener.set_nonblocking(true).map_err(&sock_err)?;
     let kept: Vec<std::os::fd::OwnedFd> = vec![
-        std_listener.try_clone().map_err(sock_err)?.into(),
-        control_listener.try_clone().map_err(sock_err)?.into(),
+        std_listener.try_clone().map_err(&sock_err)?.into(),
+        control_listener
+            .try_clone()
+            .map_err(socket_err(&cfg.socket))?
+            .into(),
     ];
-    let listener = tokio::net::UnixListener::from_std(std_listener).map_err(sock_err)?;
-    let (offer, withdraw) = handover::Offer::bind(&hpath).map_err(sock_err)?;
+    let listener = tokio::net::UnixListener::from_std(std_listener).map_err(&sock_err)?;
+    let (offer, withdraw) = handover::Offer::bind(&hpath).map_err(&handover_err)?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
         let r = offer.wait(&kept);
@@ -262,7 +263,6 @@ pub async fn serve(
     let sn = Arc::new(sn);
     let control = Arc::new(control::Control {
         sn: sn.clone(),
-        metrics: sn.metrics().clone(),
         cache_dir: cfg.mount.cache_dir.clone(),
         root: cfg.root.clone(),
         started: std::time::Instant::now(),

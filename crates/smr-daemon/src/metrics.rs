@@ -30,6 +30,31 @@ pub struct Metrics {
     pub materialized: AtomicU64,
 }
 
+/// Writes the `# HELP` and `# TYPE` lines of metric `name`.
+pub fn header(o: &mut String, name: &str, help: &str, kind: &str) {
+    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// Writes one histogram series of `name` with `labels` (`k="v",…`, without
+/// braces): the cumulative `buckets` as (upper bound in seconds, count),
+/// then `+Inf`, sum and count.
+pub fn histogram(
+    o: &mut String,
+    name: &str,
+    labels: &str,
+    buckets: impl IntoIterator<Item = (f64, u64)>,
+    count: u64,
+    sum: f64,
+) {
+    for (le, n) in buckets {
+        let _ = writeln!(o, "{name}_bucket{{{labels},le=\"{le}\"}} {n}");
+    }
+    let _ = writeln!(
+        o,
+        "{name}_bucket{{{labels},le=\"+Inf\"}} {count}\n{name}_sum{{{labels}}} {sum}\n{name}_count{{{labels}}} {count}"
+    );
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -52,10 +77,11 @@ impl Metrics {
 
     /// Appends the Prometheus text of these counters to `o`.
     pub fn write_prometheus(&self, o: &mut String) {
-        let _ = writeln!(
+        header(
             o,
-            "# HELP smr_snapshotter_calls_total Snapshotter calls by operation and gRPC code.\n\
-             # TYPE smr_snapshotter_calls_total counter"
+            "smr_snapshotter_calls_total",
+            "Snapshotter calls by operation and gRPC code.",
+            "counter",
         );
         for ((op, code), n) in lock(&self.calls).iter() {
             let _ = writeln!(
@@ -63,25 +89,11 @@ impl Metrics {
                 "smr_snapshotter_calls_total{{op=\"{op}\",code=\"{code}\"}} {n}"
             );
         }
-        let _ = writeln!(
-            o,
-            "# HELP smr_snapshotter_call_seconds Snapshotter call latency.\n\
-             # TYPE smr_snapshotter_call_seconds histogram"
-        );
+        let name = "smr_snapshotter_call_seconds";
+        header(o, name, "Snapshotter call latency.", "histogram");
         for (op, h) in lock(&self.latency).iter() {
-            for (b, n) in BUCKETS.iter().zip(h.counts) {
-                let _ = writeln!(
-                    o,
-                    "smr_snapshotter_call_seconds_bucket{{op=\"{op}\",le=\"{b}\"}} {n}"
-                );
-            }
-            let _ = writeln!(
-                o,
-                "smr_snapshotter_call_seconds_bucket{{op=\"{op}\",le=\"+Inf\"}} {}\n\
-                 smr_snapshotter_call_seconds_sum{{op=\"{op}\"}} {}\n\
-                 smr_snapshotter_call_seconds_count{{op=\"{op}\"}} {}",
-                h.count, h.sum, h.count
-            );
+            let buckets = BUCKETS.iter().copied().zip(h.counts);
+            histogram(o, name, &format!("op=\"{op}\""), buckets, h.count, h.sum);
         }
         for (name, help, v) in [
             (
@@ -100,11 +112,8 @@ impl Metrics {
                 &self.materialized,
             ),
         ] {
-            let _ = writeln!(
-                o,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                v.load(Ordering::Relaxed)
-            );
+            header(o, name, help, "counter");
+            let _ = writeln!(o, "{name} {}", v.load(Ordering::Relaxed));
         }
     }
 }

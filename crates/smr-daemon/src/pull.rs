@@ -174,18 +174,7 @@ async fn put_content(
         labels: labels.clone(),
     };
     let res = content.write(c.req(futures::stream::iter(vec![msg]))).await;
-    let written = match res {
-        Ok(mut stream) => loop {
-            match stream.get_mut().message().await {
-                Ok(Some(_)) => continue,
-                Ok(None) => break true,
-                Err(s) if s.code() == Code::AlreadyExists => break false,
-                Err(s) => return Err(ctd_err(format!("writing {digest}"))(s)),
-            }
-        },
-        Err(s) if s.code() == Code::AlreadyExists => false,
-        Err(s) => return Err(ctd_err(format!("writing {digest}"))(s)),
-    };
+    let written = finish_write(res, &format!("writing {digest}")).await?;
     if !written {
         label_content(c, digest, labels).await?;
     }
@@ -267,26 +256,31 @@ async fn fetch_layer(
     let res = content
         .write(c.req(tokio_stream::wrappers::ReceiverStream::new(rx)))
         .await;
-    let mut out = Ok(());
+    let out = finish_write(res, &format!("writing layer {}", layer.digest)).await;
+    let read = reader
+        .await
+        .map_err(|e| PullError::Registry(format!("layer {}: {e}", layer.digest)))?;
+    read.and(out.map(|_| ()))
+}
+
+/// Reads containerd's answers to a content write to the end: whether the
+/// content was written (`false`: it was already there).
+async fn finish_write(
+    res: Result<tonic::Response<tonic::Streaming<api::WriteContentResponse>>, Status>,
+    what: &str,
+) -> Result<bool, PullError> {
     match res {
         Ok(mut stream) => loop {
             match stream.get_mut().message().await {
                 Ok(Some(_)) => continue,
-                Ok(None) => break,
-                Err(s) if s.code() == Code::AlreadyExists => break,
-                Err(s) => {
-                    out = Err(ctd_err(format!("writing layer {}", layer.digest))(s));
-                    break;
-                }
+                Ok(None) => return Ok(true),
+                Err(s) if s.code() == Code::AlreadyExists => return Ok(false),
+                Err(s) => return Err(ctd_err(what)(s)),
             }
         },
-        Err(s) if s.code() == Code::AlreadyExists => {}
-        Err(s) => out = Err(ctd_err(format!("writing layer {}", layer.digest))(s)),
+        Err(s) if s.code() == Code::AlreadyExists => Ok(false),
+        Err(s) => Err(ctd_err(what)(s)),
     }
-    let read = reader
-        .await
-        .map_err(|e| PullError::Registry(format!("layer {}: {e}", layer.digest)))?;
-    read.and(out)
 }
 
 fn descriptor(media_type: &str, digest: &str, size: u64) -> Descriptor {
@@ -391,12 +385,6 @@ async fn pull_leased(
         present: 0,
     };
     let mut snaps = api::snapshots::snapshots_client::SnapshotsClient::new(c.ch.clone());
-    let image_ref = format!("{}/{}", r.registry, r.repository);
-    let image_ref = match (&r.tag, &r.digest) {
-        (_, Some(d)) => format!("{image_ref}@{d}"),
-        (Some(t), None) => format!("{image_ref}:{t}"),
-        _ => image_ref,
-    };
     for (i, (layer, chain)) in img.layers.iter().zip(&chains).enumerate() {
         let stat = snaps
             .stat(c.req(api::snapshots::StatSnapshotRequest {
@@ -416,7 +404,7 @@ async fn pull_leased(
         let above: Vec<&str> = img.layers[i..].iter().map(|l| l.digest.as_str()).collect();
         let labels = HashMap::from([
             (LABEL_TARGET.to_string(), chain.clone()),
-            (LABEL_IMAGE_REF.to_string(), image_ref.clone()),
+            (LABEL_IMAGE_REF.to_string(), name.to_string()),
             (LABEL_MANIFEST.to_string(), img.manifest_digest.clone()),
             (LABEL_LAYER.to_string(), layer.digest.clone()),
             (LABEL_LAYERS.to_string(), above.join(",")),

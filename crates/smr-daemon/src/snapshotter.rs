@@ -72,6 +72,11 @@ fn io(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> SnapError {
     move |e| SnapError::Internal(format!("{what}: {e}"))
 }
 
+/// The answer containerd expects when target `target` exists.
+fn target_exists(target: &str) -> SnapError {
+    SnapError::AlreadyExists(format!("target snapshot {target:?}"))
+}
+
 fn valid_digest(label: &str, value: &str) -> Result<(), SnapError> {
     smr_image::source::digest::parse_digest(value)
         .map(|_| ())
@@ -164,9 +169,7 @@ impl Snapshotter {
             if let Some(target) = labels.get(LABEL_TARGET).cloned() {
                 if let Some(remote) = Self::remote_target(&labels)? {
                     if self.try_remote(&target, parent.as_deref(), &labels, remote)? {
-                        return Err(SnapError::AlreadyExists(format!(
-                            "target snapshot {target:?}"
-                        )));
+                        return Err(target_exists(&target));
                     }
                 }
             }
@@ -207,7 +210,8 @@ impl Snapshotter {
         match self.mounts(key) {
             Ok(m) => Ok(m),
             Err(e) => {
-                // Not usable (e.g. on an inner remote layer): undo.
+                // Not usable (e.g. a lazy image below that cannot be
+                // mounted, or an inner layer that cannot be unpacked): undo.
                 let _ = self.meta.update(|tx| Ok(tx.delete(key)?));
                 let _ = std::fs::remove_dir_all(self.dir(id));
                 Err(e)
@@ -225,9 +229,7 @@ impl Snapshotter {
         remote: RemoteLayer,
     ) -> Result<bool, SnapError> {
         if self.meta.get(target)?.is_some() {
-            return Err(SnapError::AlreadyExists(format!(
-                "target snapshot {target:?}"
-            )));
+            return Err(target_exists(target));
         }
         if let Some(p) = parent {
             self.need(p)?;
@@ -256,9 +258,7 @@ impl Snapshotter {
         };
         self.meta.update(|tx| {
             if tx.get(target)?.is_some() {
-                return Err(SnapError::AlreadyExists(format!(
-                    "target snapshot {target:?}"
-                )));
+                return Err(target_exists(target));
             }
             Ok(tx.put(target, &rec)?)
         })?;

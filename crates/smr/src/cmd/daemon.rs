@@ -42,8 +42,7 @@ pub struct DaemonArgs {
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(a: DaemonArgs) -> Result<ExitCode> {
-    let abs =
-        |p: &PathBuf| std::path::absolute(p).with_context(|| format!("resolving {}", p.display()));
+    let abs = |p: &PathBuf| super::mount::absolute(p);
     let cfg = DaemonConfig {
         root: abs(&a.root)?,
         snapshotter_socket: abs(&a.snapshotter_socket)?,

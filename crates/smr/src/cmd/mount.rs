@@ -65,7 +65,8 @@ pub struct UmountArgs {
     state: StateArgs,
 }
 
-fn absolute(p: &Path) -> Result<PathBuf> {
+/// `p` made absolute (not resolving symlinks), or an error naming it.
+pub(super) fn absolute(p: &Path) -> Result<PathBuf> {
     std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))
 }
 
@@ -179,19 +180,13 @@ pub fn run_mount(a: MountArgs) -> Result<ExitCode> {
 
 /// Undoes `smr mount` (its own mount, or a bind made by the daemon).
 pub fn run_umount(a: UmountArgs) -> Result<ExitCode> {
+    let daemon = super::daemon::daemon_socket();
     let st = match smr_node::mount::unmount(&a.state.state_dir, &a.mountpoint) {
-        Err(smr_node::mount::MountError::NotMounted(..))
-            if super::daemon::daemon_runs(&super::daemon::daemon_socket()) =>
-        {
+        Err(smr_node::mount::MountError::NotMounted(..)) if super::daemon::daemon_runs(&daemon) => {
             let mnt = absolute(&a.mountpoint)?;
             let req = serde_json::json!({ "mountpoint": mnt });
-            super::daemon::control_request(
-                &super::daemon::daemon_socket(),
-                "DELETE",
-                "/mounts",
-                Some(&req),
-            )
-            .with_context(|| format!("unmounting {}", a.mountpoint.display()))?;
+            super::daemon::control_request(&daemon, "DELETE", "/mounts", Some(&req))
+                .with_context(|| format!("unmounting {}", a.mountpoint.display()))?;
             errln!("unmounted {} (through the smr daemon)", mnt.display());
             return Ok(ExitCode::SUCCESS);
         }
