@@ -3,7 +3,7 @@
 
 use crate::chunker::{ChunkError, ChunkStats, ChunkingSink};
 use sha2::{Digest, Sha256};
-use smr_format::{ChunkCodec, OwnerKey, Recipe};
+use smr_format::{ChunkCodec, FileMap, OwnerKey, Recipe};
 use smr_image::ext4::{self, Ext4Stats, Ext4Writer};
 use smr_image::flatten::{self, FlattenStats, Progress};
 use smr_image::source::{ImageSource, Platform, ResolvedImage, SourceError};
@@ -116,12 +116,18 @@ pub fn convert(
     let (sink, ext4) = writer.finish(&tree)?;
     let chunked = sink.finish(ext4.image_size)?;
     let keys = chunked.keys.as_deref().zip(opts.owner.as_ref());
+    let file_map = FileMap::from_byte_ranges(
+        opts.chunk_size,
+        ext4.metadata_offset,
+        ext4.files.iter().cloned(),
+    )?;
     let recipe = Recipe::new(
         ext4.image_size,
         opts.chunk_size,
         image.manifest_digest.clone(),
         image.config.clone(),
         chunked.entries,
+        Some(file_map),
         keys,
     )?;
     Ok(ConvertOutput {

@@ -244,6 +244,24 @@ fn write_image_metrics(o: &mut String, images: &[ImageStatus]) {
             "/lazy/reads",
         ),
         (
+            "smr_image_bytes_read_total",
+            "Bytes the kernel read from an image's block file.",
+            "counter",
+            "/lazy/bytes_read",
+        ),
+        (
+            "smr_image_bytes_prefetched_total",
+            "Stored bytes fetched ahead of the reads (file map, profile).",
+            "counter",
+            "/lazy/bytes_prefetched",
+        ),
+        (
+            "smr_image_prefetched_unread_bytes",
+            "Stored bytes fetched ahead that no read has asked for yet.",
+            "gauge",
+            "/lazy/prefetched_unread_bytes",
+        ),
+        (
             "smr_image_read_errors_total",
             "Reads that failed.",
             "counter",

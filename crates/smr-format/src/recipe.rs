@@ -6,7 +6,8 @@
 //! ```text
 //! magic "SMRRECP\0" | u16 version | u8 chunk_size_log2 | u8 flags | u64 image_size
 //! | str source_digest | str config_json | varint n | n × entry
-//! | [if encrypted: nonce[12] | sealed key table (n×32 + 16)] | sha256[32]
+//! | [version 2: file map] | [if encrypted: nonce[12] | sealed key table (n×32 + 16)]
+//! | sha256[32]
 //! entry = varint index_gap | varint (stored_len << 1 | compressed) | id[32]
 //! ```
 //! Integers are little-endian; `str` is a varint length and UTF-8 bytes.
@@ -19,6 +20,7 @@
 use crate::chunk::{ChunkId, ChunkKey};
 use crate::config::ImageConfig;
 use crate::error::{FormatError, Result};
+use crate::filemap::FileMap;
 use crate::key::OwnerKey;
 use crate::varint;
 use aes_gcm_siv::aead::{Aead, KeyInit, Payload};
@@ -27,8 +29,9 @@ use sha2::{Digest, Sha256};
 
 /// The 8 magic bytes every recipe starts with.
 pub const MAGIC: &[u8; 8] = b"SMRRECP\0";
-/// The recipe format version this code writes and reads.
-pub const VERSION: u16 = 1;
+/// The recipe format version this code writes (with a file map; it also
+/// reads version 1, which has none).
+pub const VERSION: u16 = 2;
 /// Smallest allowed chunk size (64 KiB).
 pub const MIN_CHUNK_SIZE: u64 = 64 << 10;
 /// Largest allowed chunk size (4 MiB).
@@ -65,6 +68,9 @@ pub struct Recipe {
     pub config: ImageConfig,
     /// Non-zero chunks in increasing index order; absent indexes are zeros.
     pub chunks: Vec<ChunkEntry>,
+    /// Where the metadata and the files' data are, for prefetching (`None`
+    /// in a version 1 recipe).
+    pub file_map: Option<FileMap>,
     /// The sealed key table (nonce ‖ ciphertext ‖ tag), if chunks are encrypted.
     sealed_keys: Option<Vec<u8>>,
 }
@@ -81,13 +87,15 @@ pub fn check_chunk_size(chunk_size: u64) -> Result<()> {
 
 impl Recipe {
     /// Builds a recipe. `keys` (one per chunk, same order) are sealed with
-    /// `owner`; pass `None` for both for unencrypted chunks.
+    /// `owner`; pass `None` for both for unencrypted chunks. A recipe with a
+    /// file map is written as version 2, one without as version 1.
     pub fn new(
         image_size: u64,
         chunk_size: u64,
         source_digest: String,
         config: ImageConfig,
         chunks: Vec<ChunkEntry>,
+        file_map: Option<FileMap>,
         keys: Option<(&[ChunkKey], &OwnerKey)>,
     ) -> Result<Self> {
         check_chunk_size(chunk_size)?;
@@ -97,6 +105,7 @@ impl Recipe {
             source_digest,
             config,
             chunks,
+            file_map,
             sealed_keys: None,
         };
         r.check_table()?;
@@ -195,7 +204,8 @@ impl Recipe {
     fn encode_body(&self, encrypted: bool) -> Vec<u8> {
         let mut out = Vec::with_capacity(64 + self.chunks.len() * 40);
         out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
+        let version = if self.file_map.is_some() { VERSION } else { 1 };
+        out.extend_from_slice(&version.to_le_bytes());
         out.push(self.chunk_size.trailing_zeros() as u8);
         out.push(if encrypted { FLAG_ENCRYPTED } else { 0 });
         out.extend_from_slice(&self.image_size.to_le_bytes());
@@ -213,6 +223,9 @@ impl Recipe {
             out.extend_from_slice(&e.id.0);
             next = e.index + 1;
         }
+        if let Some(map) = &self.file_map {
+            map.encode(&mut out);
+        }
         out
     }
 
@@ -228,9 +241,9 @@ impl Recipe {
         }
         let mut b = &body[8..];
         let version = u16::from_le_bytes(take::<2>(&mut b)?);
-        if version != VERSION {
+        if !(1..=VERSION).contains(&version) {
             return Err(FormatError::Recipe(format!(
-                "unsupported recipe version {version} (this smr reads {VERSION})"
+                "unsupported recipe version {version} (this smr reads 1 to {VERSION})"
             )));
         }
         let [log2, flags] = take::<2>(&mut b)?;
@@ -270,6 +283,10 @@ impl Recipe {
             });
             next = index + 1;
         }
+        let file_map = match version {
+            1 => None,
+            _ => Some(FileMap::decode(&mut b, max)?),
+        };
         let sealed_keys = if flags & FLAG_ENCRYPTED != 0 {
             if b.len() != 12 + chunks.len() * 32 + 16 {
                 return Err(bad("key table has the wrong size"));
@@ -287,6 +304,7 @@ impl Recipe {
             source_digest,
             config,
             chunks,
+            file_map,
             sealed_keys,
         };
         r.check_table()?;
@@ -307,6 +325,9 @@ impl Recipe {
                 )));
             }
             prev = Some(e.index);
+        }
+        if let Some(map) = &self.file_map {
+            map.check(max)?;
         }
         Ok(())
     }

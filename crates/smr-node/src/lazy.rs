@@ -71,6 +71,15 @@ pub struct LazyStats {
     pub bytes_read: u64,
     /// `read_at` calls that failed.
     pub read_errors: u64,
+    /// Chunks fetched ahead of the reads (file-map prefetch, profile
+    /// replay).
+    pub chunks_prefetched: u64,
+    /// Stored bytes of those.
+    pub bytes_prefetched: u64,
+    /// Stored bytes of chunks fetched ahead that no read has asked for.
+    pub prefetched_unread_bytes: u64,
+    /// Prefetches that failed (left to the readers).
+    pub prefetch_failed: u64,
 }
 
 /// An image served lazily from a chunk store through the node cache.
@@ -78,6 +87,9 @@ pub struct LazyStats {
 #[derive(Clone)]
 pub struct LazyImage {
     inner: Arc<Inner>,
+    /// Shared by the clones: when the last one goes, prefetching stops
+    /// (its workers hold the image only while they fetch).
+    _prefetch: Arc<prefetch::StopOnDrop>,
 }
 
 struct Inner {
@@ -94,6 +106,7 @@ struct Inner {
     bytes_read: AtomicU64,
     read_errors: AtomicU64,
     recorder: OnceLock<Arc<profile::Recorder>>,
+    prefetch: Arc<prefetch::Prefetch>,
 }
 
 impl std::fmt::Debug for LazyImage {
@@ -126,8 +139,11 @@ impl LazyImage {
         if img.keys_missing() {
             return Err(FormatError::KeyRequired.into());
         }
+        let prefetch = Arc::new(prefetch::Prefetch::new(img.recipe.chunk_count(), true));
         Ok(LazyImage {
+            _prefetch: Arc::new(prefetch::StopOnDrop(prefetch.clone())),
             inner: Arc::new(Inner {
+                prefetch,
                 store_desc: fetcher.store().describe(),
                 img,
                 fetcher,
@@ -166,7 +182,18 @@ impl LazyImage {
     /// This image's counters.
     pub fn stats(&self) -> LazyStats {
         let i = &self.inner;
+        let p = &i.prefetch;
+        let unread = p
+            .unread()
+            .filter_map(|c| i.locate(c))
+            .filter_map(|(pos, _)| i.img.recipe.chunks.get(pos))
+            .map(|e| u64::from(e.stored_len))
+            .sum();
         LazyStats {
+            chunks_prefetched: p.chunks.load(Ordering::Relaxed),
+            bytes_prefetched: p.bytes.load(Ordering::Relaxed),
+            prefetched_unread_bytes: unread,
+            prefetch_failed: p.failed.load(Ordering::Relaxed),
             chunks_fetched: i.chunks_fetched.load(Ordering::Relaxed),
             bytes_fetched: i.bytes_fetched.load(Ordering::Relaxed),
             reads: i.reads.load(Ordering::Relaxed),
@@ -333,6 +360,7 @@ impl LazyImage {
             if let Some(r) = recorder {
                 r.touch(c);
             }
+            self.inner.prefetch.read.set(c);
             let data = self
                 .inner
                 .chunk(c, !self.covers(c, offset, end))
@@ -517,12 +545,22 @@ impl Inner {
             .map(Some)
     }
 
+    /// Fetches chunk table entry `pos` into the cache ahead of the reads,
+    /// counted as prefetched.
     fn prefetch_pos(&self, pos: usize) -> Result<(), CacheError> {
         let Some(e) = self.img.recipe.chunks.get(pos) else {
             return Ok(());
         };
         self.cache
-            .get_or_fetch(&e.id, || self.fetch(&e.id, Priority::Prefetch))
+            .get_or_fetch(&e.id, || {
+                let bytes = self.fetch(&e.id, Priority::Prefetch)?;
+                let p = &self.prefetch;
+                if p.fetched.set(e.index) {
+                    p.chunks.fetch_add(1, Ordering::Relaxed);
+                    p.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                }
+                Ok(bytes)
+            })
             .map(|_| ())
     }
 
@@ -530,14 +568,16 @@ impl Inner {
     /// in order) as demand fetches, and, when the reader goes through the
     /// image in order, the chunks after them in the same object (a window
     /// that doubles per sequential read up to the fetcher's read-ahead).
-    fn plan(&self, missing: &[u64]) {
+    fn plan(self: &Arc<Self>, missing: &[u64]) {
         let (Some(&first), Some(&last)) = (missing.first(), missing.last()) else {
             return;
         };
+
         let mut wants: Vec<(ChunkId, Extent)> =
             missing.iter().filter_map(|&c| self.extent(c)).collect();
         let missing = |id: &ChunkId| self.cache.is_missing(id);
         self.fetcher.plan(&wants, Priority::Demand, missing);
+        self.prefetch_file(last);
         let max = self.fetcher.options().readahead;
         let mut stream = self.stream.lock().unwrap_or_else(PoisonError::into_inner);
         let (next, window) = *stream;
@@ -634,6 +674,7 @@ impl BlockDevice for LazyImage {
     }
 }
 
+pub mod prefetch;
 pub mod profile;
 #[cfg(test)]
 mod tests;

@@ -154,6 +154,11 @@ pub struct RunReport {
     pub fetched_fraction: f64,
     /// Bytes the kernel read from the image (through FUSE).
     pub bytes_read: u64,
+    /// Stored bytes fetched ahead of the reads (file-map prefetch, profile
+    /// replay); part of `bytes_fetched`.
+    pub bytes_prefetched: u64,
+    /// Of those, bytes of chunks no read asked for.
+    pub prefetched_unread_bytes: u64,
     /// Most store requests (or, replaying a profile, chunk fetches) in
     /// flight at once in this process.
     pub max_inflight: u64,
@@ -393,6 +398,8 @@ fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
             stats.bytes_fetched as f64 / image_bytes as f64
         },
         bytes_read: stats.bytes_read,
+        bytes_prefetched: stats.bytes_prefetched,
+        prefetched_unread_bytes: stats.prefetched_unread_bytes,
         max_inflight: cache.map_or(0, |c| c.max_inflight).max(fetch.max_in_flight),
         fetch,
         profile: None,

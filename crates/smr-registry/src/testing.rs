@@ -256,6 +256,7 @@ pub fn test_image(store: &smr_store::LocalStore, name: &str, tags: &[Option<Stri
         subject.digest.clone(),
         Default::default(),
         entries,
+        None,
         Some((&keys, &owner)),
     )
     .unwrap();

@@ -21,7 +21,16 @@ fn config() -> ImageConfig {
     }
 }
 
-fn sample(encrypted: bool) -> (Recipe, OwnerKey) {
+fn file_map() -> FileMap {
+    FileMap::from_byte_ranges(
+        65536,
+        18 * 65536,
+        [65536..4 * 65536, 5 * 65536..5 * 65536 + 9],
+    )
+    .unwrap()
+}
+
+fn sample_with(encrypted: bool, map: Option<FileMap>) -> (Recipe, OwnerKey) {
     let owner = OwnerKey([3; 32]);
     let ch = entries(10);
     let keys: Vec<ChunkKey> = (0..10).map(|i| ChunkKey([i as u8 + 100; 32])).collect();
@@ -31,10 +40,63 @@ fn sample(encrypted: bool) -> (Recipe, OwnerKey) {
         "sha256:abc".into(),
         config(),
         ch,
+        map,
         encrypted.then_some((&keys[..], &owner)),
     )
     .unwrap();
     (r, owner)
+}
+
+fn sample(encrypted: bool) -> (Recipe, OwnerKey) {
+    sample_with(encrypted, Some(file_map()))
+}
+
+#[test]
+fn version_1_without_a_file_map_still_reads() {
+    for enc in [false, true] {
+        let (r, owner) = sample_with(enc, None);
+        let bytes = r.encode();
+        assert_eq!(bytes[8..10], 1u16.to_le_bytes());
+        let back = Recipe::decode(&bytes).unwrap();
+        assert_eq!(back.file_map, None);
+        assert_eq!(back.encode(), bytes);
+        assert_eq!(back.keys(Some(&owner)).unwrap().is_some(), enc);
+    }
+    let (v2, _) = sample(true);
+    let bytes = v2.encode();
+    assert_eq!(bytes[8..10], 2u16.to_le_bytes());
+    assert_eq!(Recipe::decode(&bytes).unwrap().file_map, Some(file_map()));
+}
+
+#[test]
+fn the_key_table_authenticates_the_file_map() {
+    let (r, owner) = sample(true);
+    let mut other = r.clone();
+    other.file_map = Some(FileMap::default());
+    // The chunk table and keys are the same; only the map differs, so
+    // the sealed keys no longer open.
+    let bytes = other.encode();
+    let back = Recipe::decode(&bytes).unwrap();
+    assert!(matches!(
+        back.keys(Some(&owner)),
+        Err(FormatError::WrongKey)
+    ));
+}
+
+#[test]
+fn a_file_map_beyond_the_image_is_refused() {
+    let map = FileMap::from_byte_ranges(65536, 0, [19 * 65536..23 * 65536]).unwrap();
+    let err = Recipe::new(
+        21 * 65536,
+        65536,
+        "sha256:abc".into(),
+        config(),
+        entries(10),
+        Some(map),
+        None,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("file map"), "{err}");
 }
 
 #[test]
@@ -121,6 +183,7 @@ fn compact() {
         "sha256:x".into(),
         config(),
         ch,
+        None,
         Some((&keys, &owner)),
     )
     .unwrap();

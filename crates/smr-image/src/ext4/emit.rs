@@ -11,7 +11,7 @@ use super::format::*;
 use super::layout::{self, Bitmap, Geometry};
 use super::plan::{self, Plan};
 use super::{inode, Ext4Error, Ext4Stats, Ext4Writer, ImageSink};
-use crate::tree::Tree;
+use crate::tree::{Kind, Tree};
 
 const BATCH: usize = 1 << 20;
 
@@ -116,8 +116,26 @@ pub(super) fn finish<S: ImageSink>(
         inodes_total: geo.inodes_count(),
         blocks_total: geo.blocks_count,
         free_blocks: free_total,
+        metadata_offset: misc_start * BLOCK_SIZE,
+        files: file_ranges(tree, &plan),
     };
     Ok((sink, stats))
+}
+
+/// Each reachable regular file's data: first to last data block, in bytes.
+fn file_ranges(tree: &Tree, plan: &Plan) -> Vec<std::ops::Range<u64>> {
+    plan.nodes
+        .iter()
+        .flatten()
+        .filter_map(|node| match &tree.get(node.src?).kind {
+            Kind::File { extents, .. } => {
+                let first = extents.iter().map(|e| e.physical).min()?;
+                let end = extents.iter().map(|e| e.physical + e.len).max()?;
+                Some(first * BLOCK_SIZE..end * BLOCK_SIZE)
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// Writes block then inode bitmaps; returns each group's free block count.

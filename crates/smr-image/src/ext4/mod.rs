@@ -153,6 +153,14 @@ pub struct Ext4Stats {
     pub blocks_total: u64,
     /// Free blocks.
     pub free_blocks: u64,
+    /// Byte offset where the metadata after the data starts (directory
+    /// and extent blocks, bitmaps, inode tables; chunk-aligned): from here
+    /// to the end the image holds only metadata and zeros.
+    pub metadata_offset: u64,
+    /// The data of every reachable regular file with data, as the byte
+    /// range of the image from its first to its last data block (files'
+    /// ranges are disjoint), in inode order.
+    pub files: Vec<std::ops::Range<u64>>,
 }
 
 /// Why an image could not be written. Path fields name the tree entry

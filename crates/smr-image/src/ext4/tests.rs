@@ -566,6 +566,49 @@ fn every_kind_is_clean_and_reads_back() {
 }
 
 #[test]
+fn file_ranges_and_metadata_offset_describe_the_image() {
+    let mut f = Fixture::new(Vec::new(), CHUNK);
+    build_everything(&mut f);
+    let (img, stats, tree, contents) = f.finish();
+    // One range per reachable file with data, disjoint, inside the data.
+    let files: Vec<&Vec<u8>> = contents
+        .iter()
+        .filter(|(id, data)| {
+            matches!(tree.get(**id).kind, Kind::File { .. }) && data.iter().any(|&b| b != 0)
+        })
+        .map(|(_, d)| d)
+        .collect();
+    assert_eq!(stats.files.len(), files.len());
+    let mut sorted = stats.files.clone();
+    sorted.sort_by_key(|r| r.start);
+    for w in sorted.windows(2) {
+        assert!(w[0].end <= w[1].start, "{w:?} overlap");
+    }
+    assert!(sorted.first().unwrap().start >= data_offset(CHUNK));
+    assert!(sorted.last().unwrap().end <= stats.metadata_offset);
+    assert_eq!(stats.metadata_offset % CHUNK, 0);
+    // Each range starts with the first non-zero block of some file.
+    for r in &stats.files {
+        let block = &img[r.start as usize..r.start as usize + 4096];
+        assert!(
+            files.iter().any(|d| d
+                .chunks(4096)
+                .find(|b| b.iter().any(|&x| x != 0))
+                .is_some_and(|b| block.starts_with(b))),
+            "range {r:?} does not start a file's data"
+        );
+    }
+    // The metadata region starts after every data block written (the
+    // dead ones too) and holds the inode tables.
+    let data_end = data_offset(CHUNK) + stats.data_blocks_written * 4096;
+    assert!(stats.metadata_offset >= data_end);
+    assert!(stats.metadata_offset - data_end < CHUNK);
+    assert!(img[stats.metadata_offset as usize..]
+        .iter()
+        .any(|&b| b != 0));
+}
+
+#[test]
 fn tree_lost_found_is_used_as_inode_11() {
     let (_dir, path, file) = new_image();
     let mut f = Fixture::new(file, CHUNK);

@@ -13,6 +13,7 @@
 //! in the cache. A failed replay fetch is logged and left to the reader,
 //! who retries it and gets the error if it persists.
 
+use super::prefetch::Bits;
 use super::{Inner, LazyImage};
 use smr_format::Profile;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -27,32 +28,21 @@ pub const DEFAULT_REPLAY_THREADS: usize = 32;
 /// Records the chunk indices read from an image, in first-read order.
 #[derive(Debug)]
 pub struct Recorder {
-    seen: Vec<AtomicU64>,
+    seen: Bits,
     order: Mutex<Vec<u64>>,
 }
 
 impl Recorder {
     fn new(chunk_count: u64) -> Self {
-        let words = usize::try_from(chunk_count.div_ceil(64)).unwrap_or(0);
         Recorder {
-            seen: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            seen: Bits::new(chunk_count),
             order: Mutex::new(Vec::new()),
         }
     }
 
     /// Notes a read of chunk `index` (cheap when already seen).
     pub(super) fn touch(&self, index: u64) {
-        let Some(word) = usize::try_from(index / 64)
-            .ok()
-            .and_then(|w| self.seen.get(w))
-        else {
-            return;
-        };
-        let bit = 1u64 << (index % 64);
-        if word.load(Ordering::Relaxed) & bit != 0 {
-            return;
-        }
-        if word.fetch_or(bit, Ordering::Relaxed) & bit == 0 {
+        if self.seen.set(index) {
             self.order
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)

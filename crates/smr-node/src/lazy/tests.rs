@@ -9,6 +9,8 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::time::Duration;
 
 use proptest::prelude::*;
+
+mod prefetch;
 use smr_format::chunk::default_salt;
 use smr_format::config::ImageConfig;
 use smr_format::{ChunkCodec, ChunkEntry, OwnerKey, Profile, Recipe};
@@ -103,6 +105,11 @@ struct Fixture {
 /// Seals the image into a fresh store (encrypted and compressed, as
 /// `smr convert` does) and returns it with its opened recipe.
 fn fixture(delay: Duration) -> Fixture {
+    fixture_with_map(delay, None)
+}
+
+/// [`fixture`] with a recipe that carries `file_map`.
+fn fixture_with_map(delay: Duration, file_map: Option<smr_format::FileMap>) -> Fixture {
     let tmp = tempfile::tempdir().expect("tempdir");
     let plain = plain_image();
     let local = LocalStore::open(tmp.path().join("store")).expect("store");
@@ -129,6 +136,7 @@ fn fixture(delay: Duration) -> Fixture {
         "sha256:test".into(),
         ImageConfig::default(),
         entries,
+        file_map,
         Some((&keys, &owner)),
     )
     .expect("recipe");

@@ -209,6 +209,11 @@ pub struct SourceArgs {
     /// Replay no startup profile (and look for none in the registry).
     #[arg(long, conflicts_with = "profile")]
     pub no_profile: bool,
+    /// Fetch nothing ahead from the recipe's file map: neither the
+    /// filesystem metadata when the image is mounted (without a profile)
+    /// nor the rest of a file after a read misses inside it.
+    #[arg(long)]
+    pub no_prefetch: bool,
 }
 
 /// An image opened for serving.
@@ -223,15 +228,25 @@ pub struct OpenedImage {
     pub profile: Option<Profile>,
     /// SHA-256 of the recipe's bytes (what a recorded profile is bound to).
     pub recipe_sha256: [u8; 32],
+    /// Whether to prefetch from the recipe's file map (not `--no-prefetch`).
+    pub prefetch: bool,
 }
 
 impl OpenedImage {
-    /// Starts replaying the startup profile, if there is one, in the
-    /// background (see [`LazyImage::replay`]).
-    pub fn replay(&self) -> Option<Replay> {
-        self.profile
-            .as_ref()
-            .map(|p| self.lazy.replay(p, DEFAULT_REPLAY_THREADS))
+    /// Starts fetching ahead in the background: the startup profile's
+    /// replay if there is one (see [`LazyImage::replay`]), else the
+    /// filesystem metadata ([`LazyImage::prefetch_metadata`]) unless
+    /// `--no-prefetch`.
+    pub fn start_prefetch(&self) -> Option<Replay> {
+        match &self.profile {
+            Some(p) => Some(self.lazy.replay(p, DEFAULT_REPLAY_THREADS)),
+            None => {
+                if self.prefetch {
+                    self.lazy.prefetch_metadata();
+                }
+                None
+            }
+        }
     }
 }
 
@@ -278,7 +293,9 @@ impl SourceArgs {
         let img = image_chunks(recipe.clone(), &self.origin.key, true, image)?;
         let fetcher = Fetcher::new(r.store, r.fetch);
         let lazy = open_lazy(img, image, &r.location, fetcher, cache)?;
+        lazy.set_file_prefetch(!self.no_prefetch);
         Ok(OpenedImage {
+            prefetch: !self.no_prefetch,
             lazy,
             recipe,
             artifact: r.artifact,

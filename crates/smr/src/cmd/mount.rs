@@ -160,6 +160,9 @@ pub fn run_mount(a: MountArgs) -> Result<ExitCode> {
         } else if a.image.source.no_profile {
             c.arg("--no-profile");
         }
+        if a.image.source.no_prefetch {
+            c.arg("--no-prefetch");
+        }
         if std::env::var_os("SMR_LOG").is_none() {
             c.env("SMR_LOG", "info");
         }

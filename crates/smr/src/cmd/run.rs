@@ -66,7 +66,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
     smr_node::malloc::limit_arenas(smr_node::malloc::SERVER_ARENAS);
     let opened = a.image.open_full()?;
     // Started first: the replay's fetches overlap the mount and runc.
-    let replay = opened.replay();
+    let replay = opened.start_prefetch();
     if a.record_profile.is_some() {
         opened.lazy.record();
     }

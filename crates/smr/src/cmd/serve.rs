@@ -4,7 +4,6 @@
 use super::image::{ImageArgs, SourceArgs};
 use crate::remote::is_remote;
 use anyhow::{Context, Result};
-use smr_node::lazy::profile::DEFAULT_REPLAY_THREADS;
 use smr_node::nbd::{Export, NbdServer, ServerConfig};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -104,10 +103,8 @@ pub fn run_nbd(a: NbdArgs) -> Result<ExitCode> {
     let mut replays = Vec::new();
     for (image, name) in a.images.iter().zip(&names) {
         let opened = a.source.open(image, !a.source.no_profile, cache.clone())?;
+        replays.extend(opened.start_prefetch());
         let lazy = Arc::new(opened.lazy);
-        if let Some(p) = &opened.profile {
-            replays.push(lazy.replay(p, DEFAULT_REPLAY_THREADS));
-        }
         exports.push(Export::new(name.clone(), lazy).with_description(format!("smr {image}")));
     }
     let config = ServerConfig {
@@ -204,7 +201,7 @@ pub fn run_fuse(a: FuseArgs) -> Result<ExitCode> {
     // One of these runs per mounted image, for as long as it is mounted.
     smr_node::malloc::bound_heap();
     let opened = a.image.open_full()?;
-    let replay = opened.replay();
+    let replay = opened.start_prefetch();
     let name = format!("smr:{}", a.image.image);
     tracing::info!(dir = %a.dir.display(), pid = std::process::id(), profile = replay.is_some(), "serving FUSE export");
     if let Some(state) = a.dir.parent() {

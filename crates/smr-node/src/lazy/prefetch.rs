@@ -1,0 +1,269 @@
+//! Prefetch without a profile, from the recipe's file map
+//! ([`smr_format::FileMap`]).
+//!
+//! Two things are fetched ahead of the reads:
+//! - **the filesystem metadata**, when the image is mounted
+//!   ([`LazyImage::prefetch_metadata`]): the header chunks and the
+//!   metadata region at the end of the image (directories, extent blocks,
+//!   bitmaps, inode tables), which every path lookup and `open` walks;
+//! - **the rest of a file**, when a read misses inside a file that spans
+//!   several chunks: its later chunks, up to [`FILE_PREFETCH_BYTES`]. A
+//!   start that maps a shared library and faults it in page by page then
+//!   pays one round trip for the file instead of one per fault.
+//!
+//! Queued chunks are fetched into the node cache by a few worker threads
+//! at [`Priority::Prefetch`](crate::fetch::Priority), so the fetcher
+//! coalesces neighbours into ranged requests and serves the container's
+//! own misses first. Each chunk is queued at most once per image and
+//! verified by the cache like any fetch; a failed prefetch is logged and
+//! left to the reader, who fetches it again.
+
+use super::{Inner, LazyImage};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError, Weak};
+
+/// Most bytes of a file queued after a miss inside it (beyond the miss).
+pub const FILE_PREFETCH_BYTES: u64 = 16 << 20;
+/// Worker threads per image: enough to keep the fetcher's prefetch
+/// request slots busy with chunks to coalesce.
+const WORKERS: usize = 16;
+
+/// One bit per chunk index, set at most once.
+#[derive(Debug)]
+pub(super) struct Bits(Vec<AtomicU64>);
+
+impl Bits {
+    pub(super) fn new(n: u64) -> Self {
+        let words = usize::try_from(n.div_ceil(64)).unwrap_or(0);
+        Bits((0..words).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    /// Sets bit `i`; true if this call set it (false if set before or out
+    /// of range).
+    pub(super) fn set(&self, i: u64) -> bool {
+        let Some(word) = usize::try_from(i / 64).ok().and_then(|w| self.0.get(w)) else {
+            return false;
+        };
+        let bit = 1u64 << (i % 64);
+        word.load(Ordering::Relaxed) & bit == 0 && word.fetch_or(bit, Ordering::Relaxed) & bit == 0
+    }
+
+    #[cfg(test)]
+    fn get(&self, i: u64) -> bool {
+        usize::try_from(i / 64)
+            .ok()
+            .and_then(|w| self.0.get(w))
+            .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (i % 64)) != 0)
+    }
+
+    /// Indices set here and not in `other`.
+    fn count_without(&self, other: &Bits) -> impl Iterator<Item = u64> + '_ {
+        let other: Vec<u64> = other.0.iter().map(|w| w.load(Ordering::Relaxed)).collect();
+        self.0.iter().enumerate().flat_map(move |(w, word)| {
+            let mut bits = word.load(Ordering::Relaxed) & !other.get(w).copied().unwrap_or(0);
+            std::iter::from_fn(move || {
+                (bits != 0).then(|| {
+                    let b = bits.trailing_zeros();
+                    bits &= bits - 1;
+                    w as u64 * 64 + u64::from(b)
+                })
+            })
+        })
+    }
+}
+
+/// Prefetch state of one image: the queue, which chunks were queued,
+/// fetched ahead and read.
+#[derive(Debug)]
+pub(super) struct Prefetch {
+    queue: Mutex<VecDeque<u64>>,
+    work: Condvar,
+    stop: AtomicBool,
+    started: OnceLock<()>,
+    /// Whether misses inside files queue the rest of the file.
+    pub(super) files: AtomicBool,
+    queued: Bits,
+    /// Chunks a prefetch or profile replay fetched from the store.
+    pub(super) fetched: Bits,
+    /// Chunks a reader asked for.
+    pub(super) read: Bits,
+    pub(super) chunks: AtomicU64,
+    pub(super) bytes: AtomicU64,
+    pub(super) failed: AtomicU64,
+}
+
+/// Stops a [`Prefetch`] when dropped.
+#[derive(Debug)]
+pub(super) struct StopOnDrop(pub(super) Arc<Prefetch>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
+
+impl Prefetch {
+    pub(super) fn new(chunk_count: u64, files: bool) -> Self {
+        Prefetch {
+            queue: Mutex::new(VecDeque::new()),
+            work: Condvar::new(),
+            stop: AtomicBool::new(false),
+            started: OnceLock::new(),
+            files: AtomicBool::new(files),
+            queued: Bits::new(chunk_count),
+            fetched: Bits::new(chunk_count),
+            read: Bits::new(chunk_count),
+            chunks: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+        }
+    }
+
+    /// Chunks fetched ahead that no reader asked for (yet).
+    pub(super) fn unread(&self) -> impl Iterator<Item = u64> + '_ {
+        self.fetched.count_without(&self.read)
+    }
+
+    /// Stops the workers (they finish the fetch they are in).
+    pub(super) fn stop(&self) {
+        // Under the lock, so that no worker is between its check of
+        // `stop` and its wait.
+        let _q = self.lock();
+        self.stop.store(true, Ordering::Relaxed);
+        self.work.notify_all();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<u64>> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Inner {
+    /// Queues stored chunks `indices` that were never queued, and starts
+    /// the workers on first use.
+    pub(super) fn queue_prefetch(self: &Arc<Self>, indices: impl IntoIterator<Item = u64>) {
+        let p = &self.prefetch;
+        let mut q = p.lock();
+        let before = q.len();
+        q.extend(
+            indices
+                .into_iter()
+                .filter(|&c| self.locate(c).is_some() && p.queued.set(c)),
+        );
+        let added = q.len() - before;
+        drop(q);
+        if added == 0 {
+            return;
+        }
+        p.started.get_or_init(|| {
+            for i in 0..WORKERS {
+                let (me, state) = (Arc::downgrade(self), p.clone());
+                let spawned = std::thread::Builder::new()
+                    .name(format!("smr-prefetch-{i}"))
+                    .spawn(move || worker(&me, &state));
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "cannot start a prefetch thread");
+                }
+            }
+        });
+        for _ in 0..added.min(WORKERS) {
+            p.work.notify_one();
+        }
+    }
+
+    /// After a demand miss of chunk `index`: the rest of its file, if it is
+    /// in one that spans several chunks.
+    pub(super) fn prefetch_file(self: &Arc<Self>, index: u64) {
+        if !self.prefetch.files.load(Ordering::Relaxed) {
+            return;
+        }
+        let recipe = &self.img.recipe;
+        let Some(run) = recipe.file_map.as_ref().and_then(|m| m.file_at(index)) else {
+            return;
+        };
+        let max = (FILE_PREFETCH_BYTES / recipe.chunk_size).max(1);
+        let end = run.range().end.min(index + 1 + max);
+        self.queue_prefetch(index + 1..end);
+    }
+}
+
+/// Fetches queued chunks until the last [`LazyImage`] handle is dropped
+/// (which stops `p`).
+/// It holds the image only while it fetches.
+fn worker(me: &Weak<Inner>, p: &Prefetch) {
+    loop {
+        let c = {
+            let mut q = p.lock();
+            loop {
+                if p.stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                if let Some(c) = q.pop_front() {
+                    break c;
+                }
+                q = p.work.wait(q).unwrap_or_else(PoisonError::into_inner);
+            }
+        };
+        let Some(inner) = me.upgrade() else { return };
+        let Some((pos, _)) = inner.locate(c) else {
+            continue;
+        };
+        let Some(e) = inner.img.recipe.chunks.get(pos).copied() else {
+            continue;
+        };
+        if inner.cache.contains(&e.id) {
+            continue;
+        }
+        if let Err(err) = inner.prefetch_pos(pos) {
+            p.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(chunk = %e.id, index = e.index, error = %err, "prefetch failed; the reads of this chunk will retry");
+        }
+    }
+}
+
+impl LazyImage {
+    /// Queues the filesystem's metadata for prefetch: the chunks before
+    /// the first file data and the metadata region at the end (from the
+    /// recipe's file map; nothing for a recipe without one).
+    pub fn prefetch_metadata(&self) {
+        let recipe = &self.inner.img.recipe;
+        let Some(map) = &recipe.file_map else {
+            return;
+        };
+        let data = smr_image_data_chunk(recipe.chunk_size);
+        let chunks = recipe.chunk_count();
+        self.inner
+            .queue_prefetch((0..data).chain(map.metadata_chunk..chunks));
+    }
+
+    /// Whether a miss inside a file prefetches the rest of the file (on by
+    /// default).
+    pub fn set_file_prefetch(&self, on: bool) {
+        self.inner.prefetch.files.store(on, Ordering::Relaxed);
+    }
+}
+
+/// Chunks before the first layer's data: the superblock and the group
+/// descriptor reservation (65 blocks of 4 KiB), rounded up to chunks.
+fn smr_image_data_chunk(chunk_size: u64) -> u64 {
+    const HEADER_BYTES: u64 = 65 * 4096;
+    HEADER_BYTES.div_ceil(chunk_size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bits_set_once_and_difference() {
+        let a = Bits::new(130);
+        assert!(a.set(0) && a.set(64) && a.set(129));
+        assert!(!a.set(64));
+        assert!(!a.set(192), "out of range");
+        assert!(a.get(129) && !a.get(1));
+        let b = Bits::new(130);
+        b.set(64);
+        assert_eq!(a.count_without(&b).collect::<Vec<_>>(), vec![0, 129]);
+    }
+}

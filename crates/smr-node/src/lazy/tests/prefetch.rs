@@ -1,0 +1,147 @@
+//! File-map prefetch: the rest of a file after a miss inside it, the
+//! metadata at mount, and the counters of what was fetched ahead.
+
+use super::*;
+use smr_format::FileMap;
+use std::time::Instant;
+
+/// Files at chunks 5..=12 and 20..=29, metadata from chunk 40.
+fn map() -> FileMap {
+    FileMap::from_byte_ranges(
+        CS,
+        40 * CS,
+        [
+            5 * CS + 100..12 * CS + 5,
+            20 * CS..30 * CS - 1,
+            14 * CS..14 * CS + 9,
+        ],
+    )
+    .expect("map")
+}
+
+/// Stored chunks among `range`, counting a repeated id once.
+fn stored(fx: &Fixture, range: std::ops::Range<u64>) -> u64 {
+    let ids: std::collections::HashSet<_> = range
+        .filter_map(|c| fx.img.recipe.entry(c).map(|e| e.id))
+        .collect();
+    ids.len() as u64
+}
+
+/// Waits until `n` chunks were prefetched (panics after 20 s).
+fn wait_prefetched(lazy: &LazyImage, n: u64) -> LazyStats {
+    let t = Instant::now();
+    loop {
+        let s = lazy.stats();
+        if s.chunks_prefetched >= n {
+            // Let a wrong extra prefetch show up.
+            std::thread::sleep(Duration::from_millis(50));
+            return lazy.stats();
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "{s:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_miss_inside_a_file_prefetches_the_rest_of_the_file() {
+    let fx = fixture_with_map(Duration::from_millis(2), Some(map()));
+    let lazy = fx.lazy(32 << 20, 1 << 30);
+    let got = fx.read(&lazy, 6 * CS + 10, 100).expect("read");
+    assert_eq!(
+        got,
+        fx.plain[(6 * CS + 10) as usize..(6 * CS + 110) as usize]
+    );
+    let ahead = stored(&fx, 7..13);
+    let s = wait_prefetched(&lazy, ahead);
+    assert_eq!(s.chunks_prefetched, ahead, "{s:?}");
+    // Only the miss and the rest of its file reached the store.
+    assert_eq!(fx.store.total(), 1 + ahead);
+    assert_eq!(fx.store.max_per_chunk(), 1);
+    assert!(s.prefetched_unread_bytes > 0);
+    // Reading the rest of the file needs the store no more.
+    let rest = fx.read(&lazy, 7 * CS, 6 * CS).expect("read");
+    assert!(rest == fx.plain[(7 * CS) as usize..(13 * CS) as usize]);
+    assert_eq!(fx.store.total(), 1 + ahead);
+    assert_eq!(lazy.stats().prefetched_unread_bytes, 0);
+    // A miss outside any multi-chunk file prefetches nothing.
+    fx.read(&lazy, 14 * CS, 9).expect("read");
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(lazy.stats().chunks_prefetched, ahead);
+}
+
+#[test]
+fn metadata_is_prefetched_at_mount_and_counted_until_read() {
+    let fx = fixture_with_map(Duration::ZERO, Some(map()));
+    let lazy = fx.lazy(32 << 20, 1 << 30);
+    lazy.prefetch_metadata();
+    // The header (65 blocks of 4 KiB: chunks 0..=4) and chunks 40..=48.
+    let want = stored(&fx, 0..5) + stored(&fx, 40..49);
+    let s = wait_prefetched(&lazy, want);
+    assert_eq!(s.chunks_prefetched, want);
+    assert_eq!(fx.store.total(), want);
+    let bytes: u64 = (0..5)
+        .chain(40..49)
+        .filter_map(|c| fx.img.recipe.entry(c))
+        .map(|e| u64::from(e.stored_len))
+        .sum();
+    assert!(s.prefetched_unread_bytes <= bytes && s.prefetched_unread_bytes > 0);
+    assert_eq!(s.bytes_prefetched, s.prefetched_unread_bytes);
+    let tail = fx.read(&lazy, 40 * CS, SIZE - 40 * CS).expect("read");
+    assert!(tail == fx.plain[(40 * CS) as usize..]);
+    assert_eq!(fx.store.total(), want, "read from what was prefetched");
+}
+
+#[test]
+fn without_a_file_map_or_with_file_prefetch_off_only_the_miss_is_fetched() {
+    for with_map in [false, true] {
+        let fx = fixture_with_map(Duration::ZERO, with_map.then(map));
+        let lazy = fx.lazy(32 << 20, 1 << 30);
+        lazy.set_file_prefetch(false);
+        lazy.prefetch_metadata();
+        if with_map {
+            wait_prefetched(&lazy, 1);
+        }
+        let before = fx.store.total();
+        fx.read(&lazy, 21 * CS, 10).expect("read");
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(fx.store.total(), before + 1);
+        if !with_map {
+            assert_eq!(lazy.stats().chunks_prefetched, 0);
+        }
+    }
+}
+
+#[test]
+fn a_bad_chunk_in_a_prefetched_file_fails_only_its_reads() {
+    let fx = fixture_with_map(Duration::ZERO, Some(map()));
+    // Chunk 23's stored bytes flipped in the store.
+    let bad = fx.img.recipe.entry(23).expect("stored").id;
+    let path = fx.store.inner.chunk_path(&bad);
+    let mut bytes = fs::read(&path).expect("read chunk");
+    bytes[7] ^= 1;
+    fs::write(&path, bytes).expect("write chunk");
+    let lazy = fx.lazy(32 << 20, 1 << 30);
+    fx.read(&lazy, 20 * CS, 10).expect("read");
+    let s = wait_prefetched(&lazy, stored(&fx, 21..30) - 1);
+    assert_eq!(s.prefetch_failed, 1, "{s:?}");
+    let err = fx.read(&lazy, 23 * CS, 10).unwrap_err();
+    assert!(err.to_string().contains(&bad.to_string()), "{err}");
+    let ok = fx.read(&lazy, 24 * CS, 2 * CS).expect("read");
+    assert!(ok == fx.plain[(24 * CS) as usize..(26 * CS) as usize]);
+}
+
+#[test]
+fn dropping_the_image_stops_its_prefetch() {
+    // Everything is "metadata": more chunks queued than workers.
+    let all = FileMap::from_byte_ranges(CS, 0, []).expect("map");
+    let fx = fixture_with_map(Duration::from_millis(30), Some(all));
+    let lazy = fx.lazy(32 << 20, 1 << 30);
+    lazy.prefetch_metadata();
+    std::thread::sleep(Duration::from_millis(40));
+    drop(lazy);
+    std::thread::sleep(Duration::from_millis(200));
+    let after = fx.store.total();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(fx.store.total(), after, "prefetch went on after the drop");
+    assert!(after < stored(&fx, 0..49), "{after}");
+}
