@@ -47,11 +47,10 @@
 #               the same from the --compress zstd artifacts
 #   smr-profile, smr-zstd-profile
 #               like smr and smr-zstd, from repositories (debian-python-prof,
-#               debian-python-zstd-prof) where a startup profile was pushed
-#               during setup: one untimed loopback `smr run --record-profile P`
-#               of the same command with an empty cache, then
-#               `smr profile push docker://REF P`; the timed runs find it
-#               and replay it
+#               debian-python-zstd-prof) converted with `--optimize-cmd CMD`:
+#               the conversion ran the command once and pushed its startup
+#               profile; the timed runs find it and replay it. The other
+#               repositories are converted with `--no-optimize` (no profile).
 # Bytes: response bodies written by the registry during the run (all of
 # them: manifests, configs, layers, recipe, pack index, chunks); the shaped
 # link's proxy count (with HTTP headers) and each tool's own count
@@ -408,16 +407,18 @@ smr_prepare() {
     return 1
   fi
   "$smr" keygen -o "$key" >/dev/null
-  smr_push packs loopback debian-python:bookworm push - || return 1
-  smr_push zstd loopback debian-python-zstd:bookworm push - --compress zstd || return 1
-  smr_push chunk loopback debian-python-chunk:bookworm push - --pack-chunks 1 || return 1
+  smr_push packs loopback debian-python:bookworm push - --no-optimize || return 1
+  smr_push zstd loopback debian-python-zstd:bookworm push - --compress zstd --no-optimize || return 1
+  smr_push chunk loopback debian-python-chunk:bookworm push - --pack-chunks 1 --no-optimize || return 1
+  # The startup profile is made by the conversion, from the benchmark's
+  # command (`--optimize-cmd`), and pushed with the artifact.
+  local optimize
+  optimize=$(printf '%q ' "${pycmd[@]}")
   if want smr-profile || want snapshotter-profile; then
-    smr_push packs-prof loopback debian-python-prof:bookworm push - || return 1
-    smr_profile debian-python-prof || return 1
+    smr_push packs-prof loopback debian-python-prof:bookworm push - --optimize-cmd "$optimize" || return 1
   fi
   if want smr-zstd-profile || want snapshotter-zstd-profile; then
-    smr_push zstd-prof loopback debian-python-zstd-prof:bookworm push - --compress zstd || return 1
-    smr_profile debian-python-zstd-prof || return 1
+    smr_push zstd-prof loopback debian-python-zstd-prof:bookworm push - --compress zstd --optimize-cmd "$optimize" || return 1
   fi
   smr_ok=1
   [[ $bench_push == 1 ]] || return 0
@@ -435,22 +436,6 @@ smr_prepare() {
     smr_push "$variant" loopback "$repo:debian-python" incr debian-python "${extra[@]}" || continue
     smr_push "$variant" loopback "$repo:debian-python" incr "debian-python again" "${extra[@]}" || continue
   done
-}
-
-# smr_profile REPO: records a startup profile of the benchmark command from
-# REPO:bookworm (loopback, empty cache, untimed) and pushes it there.
-smr_profile() {
-  local ref=docker://$addr/$1:bookworm out=$work/logs/profile-$1.out p=$work/$1.profile
-  log "recording and pushing a startup profile for $ref"
-  rm -rf "$work/smr-cache"
-  if ! "$smr" run --key-file "$key" --cache-dir "$work/smr-cache" --record-profile "$p" \
-      "${run_args[@]}" "$ref" -- "${pycmd[@]}" >"$out" 2>&1 ||
-     ! "$smr" profile push "$ref" "$p" >>"$out" 2>&1; then
-    tail -20 "$out" >&2
-    failed+=("$1: recording or pushing the startup profile failed (output above)")
-    return 1
-  fi
-  rm -rf "$work/smr-cache"
 }
 
 # smr_run LINK ROUND REGISTRY TOOL: records one run, or returns 1.

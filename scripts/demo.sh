@@ -41,14 +41,15 @@ done
 "$smr" keygen -o "$work/key"
 export SMR_KEY_FILE=$work/key SMR_CACHE_DIR=$work/node-cache
 
-echo "== convert both and push their smr artifacts next to them"
-"$smr" convert "docker://$addr/debian:bookworm" --push 2>&1 | grep -E '^(converted|pushed)'
-"$smr" convert "docker://$addr/debian-python:bookworm" --push 2>&1 | grep -E '^(converted|pushed)'
-echo "== the source image is untouched; the artifact is listed by the referrers tag"
-skopeo list-tags --tls-verify=false "docker://$addr/debian-python"
-
 image="docker://$addr/debian-python:bookworm"
 cmd=(python3 -c 'import json, sqlite3, numpy; print("hello from python3 with numpy", numpy.__version__)')
+
+echo "== convert both and push their smr artifacts next to them (with a startup profile of the demo's command)"
+"$smr" convert "docker://$addr/debian:bookworm" --push 2>&1 | grep -E '^(converted|pushed|smr: startup profile of)'
+"$smr" convert "$image" --push --optimize-cmd "$(printf '%q ' "${cmd[@]}")" 2>&1 |
+    grep -E '^(converted|pushed|smr: (startup profile of|pushed startup))'
+echo "== the source image is untouched; the artifact is listed by the referrers tag"
+skopeo list-tags --tls-verify=false "docker://$addr/debian-python"
 
 echo "== full pull: skopeo copy + umoci unpack"
 sync; echo 3 > /proc/sys/vm/drop_caches

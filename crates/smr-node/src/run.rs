@@ -133,6 +133,8 @@ pub struct RunRequest {
     pub seccomp: seccomp::Seccomp,
     /// When smr started (for `start_seconds`).
     pub started: (Instant, SystemTime),
+    /// Kill the container (SIGKILL) once it has run this long.
+    pub timeout: Option<Duration>,
 }
 
 /// What happened, for `--stats`.
@@ -140,6 +142,8 @@ pub struct RunRequest {
 pub struct RunReport {
     /// The container's exit code (`128 + n` when killed by signal n).
     pub exit_code: i32,
+    /// Whether it was killed because it ran past the timeout.
+    pub timed_out: bool,
     /// From smr's start until the container process was started.
     pub start_seconds: Option<f64>,
     /// From smr's start until the container exited.
@@ -167,6 +171,30 @@ pub struct RunReport {
     /// The startup profile's replay, if one ran (filled in by the caller
     /// that started it).
     pub profile: Option<crate::lazy::profile::ReplayStats>,
+}
+
+/// Waits for `runc run`; past `timeout`, kills the container `id` with
+/// SIGKILL (which even a PID 1 without handlers cannot ignore) and waits
+/// for it to go. Returns the status and whether the timeout struck.
+fn wait_with_timeout(
+    child: &mut std::process::Child,
+    timeout: Option<Duration>,
+    runc: &str,
+    id: &str,
+) -> std::io::Result<(std::process::ExitStatus, bool)> {
+    let Some(timeout) = timeout else {
+        return Ok((child.wait()?, false));
+    };
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait()? {
+            return Ok((status, false));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    tracing::info!(container = id, ?timeout, "container ran past its timeout: killing it");
+    let _ = Command::new(runc).args(["kill", id, "KILL"]).status();
+    Ok((child.wait()?, true))
 }
 
 /// Which container is running, for the signal forwarder.
@@ -357,16 +385,19 @@ fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
         .container
         .lock()
         .unwrap_or_else(PoisonError::into_inner) = Some((req.runc.clone(), id.clone()));
-    let status = Command::new(&req.runc)
+    let runtime_err = |source| RunError::Runtime {
+        runc: req.runc.clone(),
+        source,
+    };
+    let mut child = Command::new(&req.runc)
         .arg("run")
         .arg("--bundle")
         .arg(&bundle)
         .arg(&id)
-        .status()
-        .map_err(|source| RunError::Runtime {
-            runc: req.runc.clone(),
-            source,
-        })?;
+        .spawn()
+        .map_err(runtime_err)?;
+    let (status, timed_out) = wait_with_timeout(&mut child, req.timeout, &req.runc, &id)
+        .map_err(runtime_err)?;
     *live
         .container
         .lock()
@@ -387,6 +418,7 @@ fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
     let image_bytes = image_bytes(&req.recipe);
     let report = RunReport {
         exit_code,
+        timed_out,
         start_seconds,
         total_seconds,
         bytes_fetched: stats.bytes_fetched,

@@ -129,6 +129,18 @@ pub fn find_artifact(
     accept: Accept<'_>,
 ) -> Result<(Repository, Artifact)> {
     let src = RegistrySource::open(reference, &args.options()?)?;
+    find_artifact_in(&src, reference, platform, opts, accept)
+}
+
+/// [`find_artifact`] in the registry source `src` already opened for
+/// `reference`.
+pub fn find_artifact_in(
+    src: &RegistrySource,
+    reference: &str,
+    platform: &Platform,
+    opts: &DiscoverOptions,
+    accept: Accept<'_>,
+) -> Result<(Repository, Artifact)> {
     let resolved = src
         .resolve(platform)
         .with_context(|| format!("resolving {reference}"))?;

@@ -25,3 +25,6 @@ mod stores;
 
 #[path = "remote/profile.rs"]
 mod profile;
+
+#[path = "remote/optimize.rs"]
+mod optimize;

@@ -12,9 +12,11 @@
 //!   pays one round trip for the file instead of one per fault.
 //!
 //! Queued chunks are fetched into the node cache by a few worker threads
-//! at [`Priority::Prefetch`](crate::fetch::Priority), so the fetcher
-//! coalesces neighbours into ranged requests and serves the container's
-//! own misses first. Each chunk is queued at most once per image and
+//! at [`Priority::Prefetch`](crate::fetch::Priority). A worker takes a
+//! batch of neighbouring chunks (up to the fetcher's largest request) and
+//! hands it to the fetcher at once, so that it becomes one ranged request
+//! where the store keeps the chunks together (registry packs); the
+//! container's own misses go first. Each chunk is queued at most once per image and
 //! verified by the cache like any fetch; a failed prefetch is logged and
 //! left to the reader, who fetches it again.
 
@@ -25,9 +27,9 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError, Weak};
 
 /// Most bytes of a file queued after a miss inside it (beyond the miss).
 pub const FILE_PREFETCH_BYTES: u64 = 16 << 20;
-/// Worker threads per image: enough to keep the fetcher's prefetch
-/// request slots busy with chunks to coalesce.
-const WORKERS: usize = 16;
+/// Worker threads per image: one batch each in flight, about as many as
+/// the fetcher's request slots that prefetches may take.
+const WORKERS: usize = 6;
 
 /// One bit per chunk index, set at most once.
 #[derive(Debug)]
@@ -49,8 +51,8 @@ impl Bits {
         word.load(Ordering::Relaxed) & bit == 0 && word.fetch_or(bit, Ordering::Relaxed) & bit == 0
     }
 
-    #[cfg(test)]
-    fn get(&self, i: u64) -> bool {
+    /// Whether bit `i` is set.
+    pub(super) fn get(&self, i: u64) -> bool {
         usize::try_from(i / 64)
             .ok()
             .and_then(|w| self.0.get(w))
@@ -88,6 +90,8 @@ pub(super) struct Prefetch {
     pub(super) fetched: Bits,
     /// Chunks a reader asked for.
     pub(super) read: Bits,
+    /// Chunks of the startup profile being replayed.
+    pub(super) profiled: Bits,
     pub(super) chunks: AtomicU64,
     pub(super) bytes: AtomicU64,
     pub(super) failed: AtomicU64,
@@ -114,6 +118,7 @@ impl Prefetch {
             queued: Bits::new(chunk_count),
             fetched: Bits::new(chunk_count),
             read: Bits::new(chunk_count),
+            profiled: Bits::new(chunk_count),
             chunks: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             failed: AtomicU64::new(0),
@@ -140,22 +145,32 @@ impl Prefetch {
 }
 
 impl Inner {
-    /// Queues stored chunks `indices` that were never queued, and starts
-    /// the workers on first use.
-    pub(super) fn queue_prefetch(self: &Arc<Self>, indices: impl IntoIterator<Item = u64>) {
+    /// Queues stored chunks `indices` that were never queued, at the back
+    /// of the queue, or at its front if `urgent` (a container's miss just
+    /// asked for their file), and starts the workers on first use.
+    pub(super) fn queue_prefetch(
+        self: &Arc<Self>,
+        indices: impl IntoIterator<Item = u64>,
+        urgent: bool,
+    ) {
         let p = &self.prefetch;
-        let mut q = p.lock();
-        let before = q.len();
-        q.extend(
-            indices
-                .into_iter()
-                .filter(|&c| self.locate(c).is_some() && p.queued.set(c)),
-        );
-        let added = q.len() - before;
-        drop(q);
+        let new: Vec<u64> = indices
+            .into_iter()
+            .filter(|&c| self.locate(c).is_some() && p.queued.set(c))
+            .collect();
+        let added = new.len();
         if added == 0 {
             return;
         }
+        let mut q = p.lock();
+        if urgent {
+            for &c in new.iter().rev() {
+                q.push_front(c);
+            }
+        } else {
+            q.extend(new);
+        }
+        drop(q);
         p.started.get_or_init(|| {
             for i in 0..WORKERS {
                 let (me, state) = (Arc::downgrade(self), p.clone());
@@ -173,9 +188,10 @@ impl Inner {
     }
 
     /// After a demand miss of chunk `index`: the rest of its file, if it is
-    /// in one that spans several chunks.
+    /// in one that spans several chunks and the chunk is not in the
+    /// startup profile being replayed (which knows better what is read).
     pub(super) fn prefetch_file(self: &Arc<Self>, index: u64) {
-        if !self.prefetch.files.load(Ordering::Relaxed) {
+        if !self.prefetch.files.load(Ordering::Relaxed) || self.prefetch.profiled.get(index) {
             return;
         }
         let recipe = &self.img.recipe;
@@ -184,40 +200,70 @@ impl Inner {
         };
         let max = (FILE_PREFETCH_BYTES / recipe.chunk_size).max(1);
         let end = run.range().end.min(index + 1 + max);
-        self.queue_prefetch(index + 1..end);
+        self.queue_prefetch(index + 1..end, true);
     }
 }
 
 /// Fetches queued chunks until the last [`LazyImage`] handle is dropped
-/// (which stops `p`).
-/// It holds the image only while it fetches.
+/// (which stops `p`). It holds the image only while it fetches.
 fn worker(me: &Weak<Inner>, p: &Prefetch) {
-    loop {
-        let c = {
-            let mut q = p.lock();
-            loop {
-                if p.stop.load(Ordering::Relaxed) {
-                    return;
-                }
-                if let Some(c) = q.pop_front() {
-                    break c;
-                }
-                q = p.work.wait(q).unwrap_or_else(PoisonError::into_inner);
-            }
-        };
+    while let Some(batch) = next_batch(me, p) {
         let Some(inner) = me.upgrade() else { return };
-        let Some((pos, _)) = inner.locate(c) else {
-            continue;
-        };
-        let Some(e) = inner.img.recipe.chunks.get(pos).copied() else {
-            continue;
-        };
-        if inner.cache.contains(&e.id) {
-            continue;
+        inner.fetch_batch(&batch, p);
+    }
+}
+
+/// Waits for queued chunks and takes the first with the neighbours queued
+/// after it: consecutive indices, as many as one request of the image's
+/// fetcher spans. `None` once stopped or the image is gone.
+fn next_batch(me: &Weak<Inner>, p: &Prefetch) -> Option<Vec<u64>> {
+    let max = {
+        let inner = me.upgrade()?;
+        let opts = inner.fetcher.options();
+        (opts.max_request / inner.img.recipe.chunk_size).max(1)
+    };
+    let mut q = p.lock();
+    loop {
+        if p.stop.load(Ordering::Relaxed) {
+            return None;
         }
-        if let Err(err) = inner.prefetch_pos(pos) {
-            p.failed.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(chunk = %e.id, index = e.index, error = %err, "prefetch failed; the reads of this chunk will retry");
+        if let Some(first) = q.pop_front() {
+            let mut batch = vec![first];
+            while let Some(&next) = q.front() {
+                if next != batch[batch.len() - 1] + 1 || batch.len() as u64 >= max {
+                    break;
+                }
+                batch.push(next);
+                q.pop_front();
+            }
+            return Some(batch);
+        }
+        q = p.work.wait(q).unwrap_or_else(PoisonError::into_inner);
+    }
+}
+
+impl Inner {
+    /// Fetches the chunks `batch` into the cache: planned together (one
+    /// request where the store allows), then each taken in order.
+    fn fetch_batch(&self, batch: &[u64], p: &Prefetch) {
+        let todo: Vec<(usize, smr_format::ChunkEntry)> = batch
+            .iter()
+            .filter_map(|&c| self.locate(c))
+            .filter_map(|(pos, _)| Some((pos, *self.img.recipe.chunks.get(pos)?)))
+            .filter(|(_, e)| !self.cache.contains(&e.id))
+            .collect();
+        let wants: Vec<_> = todo
+            .iter()
+            .filter_map(|(_, e)| Some((e.id, self.fetcher.store().locate(&e.id).ok()?)))
+            .collect();
+        self.fetcher.plan(&wants, crate::fetch::Priority::Prefetch, |id| {
+            self.cache.is_missing(id)
+        });
+        for (pos, e) in todo {
+            if let Err(err) = self.prefetch_pos(pos) {
+                p.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(chunk = %e.id, index = e.index, error = %err, "prefetch failed; the reads of this chunk will retry");
+            }
         }
     }
 }
@@ -234,7 +280,7 @@ impl LazyImage {
         let data = smr_image_data_chunk(recipe.chunk_size);
         let chunks = recipe.chunk_count();
         self.inner
-            .queue_prefetch((0..data).chain(map.metadata_chunk..chunks));
+            .queue_prefetch((0..data).chain(map.metadata_chunk..chunks), false);
     }
 
     /// Whether a miss inside a file prefetches the rest of the file (on by

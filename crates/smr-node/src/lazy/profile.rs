@@ -155,6 +155,9 @@ impl LazyImage {
     /// zero chunks are skipped. The caller checks that the profile belongs
     /// to this image's recipe ([`Profile::check_recipe`]).
     pub fn replay(&self, profile: &Profile, threads: usize) -> Replay {
+        for &c in &profile.chunks {
+            self.inner.prefetch.profiled.set(c);
+        }
         let positions: Vec<usize> = profile
             .chunks
             .iter()

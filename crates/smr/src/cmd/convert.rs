@@ -73,6 +73,8 @@ pub struct Args {
     platform: String,
     #[command(flatten)]
     key: KeyArgs,
+    #[command(flatten)]
+    optimize: super::optimize::OptimizeArgs,
 }
 
 /// `--chunk-size`'s default, [`smr_convert::DEFAULT_CHUNK_SIZE`].
@@ -174,7 +176,26 @@ pub fn run(a: Args) -> Result<ExitCode> {
     }
     report(&a, src, &out, bytes.len(), t.elapsed().as_secs_f64());
     if let (Some(reg), true) = (&registry_src, a.push) {
-        push(&a, reg, &out, &bytes, store.as_ref())?;
+        let artifact = push(&a, reg, &out, &bytes, store.as_ref())?;
+        let converted = super::optimize::Converted {
+            recipe: &bytes,
+            store: &location,
+            key_file: a.key.key_file.as_deref(),
+            has_command: !(out.recipe.config.entrypoint.is_empty()
+                && out.recipe.config.cmd.is_empty()),
+        };
+        if let Some(profile) = super::optimize::record(&a.optimize, &converted) {
+            let pushed = super::profile::push_to_registry(
+                reg,
+                &a.source,
+                &profile,
+                Some(artifact),
+                &a.platform,
+            );
+            if let Err(e) = pushed {
+                tracing::warn!(error = format!("{e:#}"), "pushing the startup profile failed; the image works without it");
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -193,6 +214,9 @@ fn convert_options(a: &Args) -> Result<ConvertOptions> {
     let platform = a.platform.parse().context("--platform")?;
     if a.push && !is_remote(&a.source) {
         bail!("--push needs a docker:// source: the artifact goes next to the source image");
+    }
+    if !a.push && !a.optimize.cmds.is_empty() {
+        bail!("--optimize-cmd records a startup profile for the image pushed with --push");
     }
     if !a.push && (a.store.is_none() || a.out.is_none()) {
         bail!("convert needs --store and -o (or --push, which keeps the recipe and chunks in the registry)");
@@ -275,14 +299,15 @@ fn report(a: &Args, src: &dyn ImageSource, out: &ConvertOutput, recipe_len: usiz
 }
 
 /// Pushes the converted image (recipe `bytes`, chunks in `store`) as the
-/// smr artifact of the source image `reg`, and says what it did.
+/// smr artifact of the source image `reg`, says what it did, and returns
+/// the artifact's manifest digest.
 fn push(
     a: &Args,
     reg: &RegistrySource,
     out: &ConvertOutput,
     bytes: &[u8],
     store: &dyn smr_store::ChunkStore,
-) -> Result<()> {
+) -> Result<String> {
     let opts = PushOptions {
         pack: a.pack_chunks.map(PackParams::with_target),
         ..Default::default()
@@ -303,7 +328,7 @@ fn push(
         serde_json::to_value(r.referrers)?.as_str().unwrap_or("?"),
         t.elapsed().as_secs_f64()
     );
-    Ok(())
+    Ok(r.manifest_digest)
 }
 
 #[cfg(test)]

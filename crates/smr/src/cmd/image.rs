@@ -91,6 +91,9 @@ pub struct Resolved {
     pub profile: Option<Profile>,
     /// How its chunks are fetched.
     pub fetch: FetchOptions,
+    /// Whether the chunks come from a local directory (a fetch costs no
+    /// round trip).
+    pub local: bool,
 }
 
 /// Bytes of a pack read ahead of a sequential reader (e.g. `256K`; `0`
@@ -162,6 +165,7 @@ impl OriginArgs {
                 Some(location) => (open_store(location)?, location.clone()),
                 None => (remote.store, remote.artifact.repo.clone()),
             };
+            let local = self.store.as_deref().is_some_and(is_local_dir);
             let a = remote.artifact;
             let fetch = fetch_options(replaying || a.profile.is_some())?;
             return Ok(Resolved {
@@ -172,6 +176,7 @@ impl OriginArgs {
                 artifact: Some(a.digest),
                 profile: a.profile,
                 fetch,
+                local,
             });
         }
         let location = self
@@ -187,6 +192,7 @@ impl OriginArgs {
             artifact: None,
             profile: None,
             fetch: fetch_options(replaying)?,
+            local: is_local_dir(location),
         })
     }
 }
@@ -211,7 +217,8 @@ pub struct SourceArgs {
     pub no_profile: bool,
     /// Fetch nothing ahead from the recipe's file map: neither the
     /// filesystem metadata when the image is mounted (without a profile)
-    /// nor the rest of a file after a read misses inside it.
+    /// nor the rest of a file after a read misses inside it. (Always so
+    /// for a local directory store, where a fetch costs no round trip.)
     #[arg(long)]
     pub no_prefetch: bool,
 }
@@ -293,9 +300,12 @@ impl SourceArgs {
         let img = image_chunks(recipe.clone(), &self.origin.key, true, image)?;
         let fetcher = Fetcher::new(r.store, r.fetch);
         let lazy = open_lazy(img, image, &r.location, fetcher, cache)?;
-        lazy.set_file_prefetch(!self.no_prefetch);
+        // Fetching ahead pays where a fetch costs a round trip; from a
+        // local directory it would only read chunks nobody asked for.
+        let prefetch = !self.no_prefetch && !r.local;
+        lazy.set_file_prefetch(prefetch);
         Ok(OpenedImage {
-            prefetch: !self.no_prefetch,
+            prefetch,
             lazy,
             recipe,
             artifact: r.artifact,
@@ -303,6 +313,13 @@ impl SourceArgs {
             recipe_sha256: Profile::recipe_hash(&recipe_bytes),
         })
     }
+}
+
+/// Whether the store at `location` is a local directory.
+fn is_local_dir(location: &str) -> bool {
+    location
+        .parse::<smr_store::StoreLocation>()
+        .is_ok_and(|l| l.local_dir().is_some())
 }
 
 /// Opens the chunk store at `location`; a local one must exist.

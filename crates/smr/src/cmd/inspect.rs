@@ -79,6 +79,16 @@ pub fn run(a: Args) -> Result<ExitCode> {
         "compression:  zstd on {compressed} of {} chunks",
         r.chunks.len()
     );
+    match &r.file_map {
+        Some(m) => outln!(
+            "file map:     metadata from chunk {} ({} stored chunks); {} files span 2+ chunks ({} chunks)",
+            m.metadata_chunk,
+            r.chunks.iter().filter(|e| e.index >= m.metadata_chunk).count(),
+            m.files.len(),
+            m.files.iter().map(|f| f.count).sum::<u64>()
+        ),
+        None => outln!("file map:     none (recipe format version 1: no prefetch without a profile)"),
+    }
     let c = &r.config;
     outln!("platform:     {}/{}", c.os, c.architecture);
     outln!("entrypoint:   {:?}", c.entrypoint);
@@ -105,7 +115,11 @@ fn to_json(r: &Recipe, digest: &str) -> serde_json::Value {
         .collect();
     json!({
         "recipe_digest": digest,
-        "format_version": smr_format::recipe::VERSION,
+        "format_version": if r.file_map.is_some() { smr_format::recipe::VERSION } else { 1 },
+        "file_map": r.file_map.as_ref().map(|m| json!({
+            "metadata_chunk": m.metadata_chunk,
+            "files": m.files.iter().map(|f| [f.start, f.count]).collect::<Vec<_>>(),
+        })),
         "source_digest": r.source_digest,
         "image_size": r.image_size,
         "chunk_size": r.chunk_size,

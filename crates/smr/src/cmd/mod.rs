@@ -9,6 +9,7 @@ pub mod image;
 pub mod inspect;
 pub mod keygen;
 pub mod mount;
+pub mod optimize;
 pub mod profile;
 pub mod run;
 pub mod serve;

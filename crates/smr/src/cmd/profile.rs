@@ -1,6 +1,7 @@
 //! `smr profile`: publish and show startup profiles.
 
-use crate::remote::{find_artifact, is_remote, RegistryArgs};
+use crate::remote::{find_artifact_in, is_remote, RegistryArgs};
+use smr_registry::source::RegistrySource;
 use anyhow::{Context, Result};
 use smr_format::Profile;
 use smr_registry::discover::DiscoverOptions;
@@ -74,9 +75,27 @@ fn push(a: PushArgs) -> Result<ExitCode> {
         a.image
     );
     let profile = read(&a.profile)?;
-    let platform = a.platform.parse().context("--platform")?;
+    let src = RegistrySource::open(&a.image, &a.registry.options()?)?;
+    let digest = push_to_registry(&src, &a.image, &profile, a.artifact.clone(), &a.platform)
+    .with_context(|| format!("pushing profile {} for {}", a.profile.display(), a.image))?;
+    outln!("{digest}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Pushes `profile` next to the smr artifact of `image` (the one with
+/// digest `artifact`, else the one `smr run` picks among those whose recipe
+/// the profile was recorded against); returns the profile's manifest
+/// digest.
+pub(crate) fn push_to_registry(
+    src: &RegistrySource,
+    image: &str,
+    profile: &Profile,
+    artifact: Option<String>,
+    platform: &str,
+) -> Result<String> {
+    let platform = platform.parse().context("--platform")?;
     let opts = DiscoverOptions {
-        artifact: a.artifact.clone(),
+        artifact,
         ..DiscoverOptions::default()
     };
     // The artifact whose recipe the profile was recorded against.
@@ -85,9 +104,8 @@ fn push(a: PushArgs) -> Result<ExitCode> {
             .check_recipe(&art.recipe_bytes)
             .map_err(|e| format!("not the recipe the profile was recorded against: {e}"))
     };
-    let (repo, artifact) = find_artifact(&a.image, &platform, &a.registry, &opts, &recorded_on)?;
-    let r = smr_registry::profile::push_profile(&repo, &artifact, &profile)
-        .with_context(|| format!("pushing profile {} for {}", a.profile.display(), a.image))?;
+    let (repo, artifact) = find_artifact_in(src, image, &platform, &opts, &recorded_on)?;
+    let r = smr_registry::profile::push_profile(&repo, &artifact, profile)?;
     errln!(
         "smr: pushed startup profile {} ({} chunks) for smr artifact {} ({:?})",
         r.manifest_digest,
@@ -95,8 +113,7 @@ fn push(a: PushArgs) -> Result<ExitCode> {
         artifact.digest,
         r.referrers
     );
-    outln!("{}", r.manifest_digest);
-    Ok(ExitCode::SUCCESS)
+    Ok(r.manifest_digest)
 }
 
 fn show(a: ShowArgs) -> Result<ExitCode> {

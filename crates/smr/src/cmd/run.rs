@@ -50,6 +50,11 @@ pub struct Args {
     /// LinuxSeccomp JSON profile) instead of smr's default filter.
     #[arg(long = "security-opt", value_name = "OPT")]
     security_opt: Vec<String>,
+    /// Kill the container (SIGKILL) once it has run this long (`30s`,
+    /// `5m`); smr then exits 137 and still writes `--stats` and
+    /// `--record-profile`.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    timeout: Option<std::time::Duration>,
     /// The command (replaces the image's Cmd; its Entrypoint is kept).
     #[arg(last = true)]
     command: Vec<String>,
@@ -85,6 +90,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         network: a.network,
         seccomp,
         started,
+        timeout: a.timeout,
     };
     let mut r = smr_node::run::run(req).with_context(|| format!("running {}", a.image.image))?;
     r.profile = replay.map(|p| p.stats());

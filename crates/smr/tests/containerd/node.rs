@@ -34,6 +34,7 @@ pub fn registry_with_images(key: &Path, convert_debian: bool) -> Option<Registry
             .arg("convert")
             .arg(reg.image(n))
             .arg("--push")
+            .arg("--no-optimize")
             .arg("--key-file")
             .arg(key));
     }

@@ -50,6 +50,7 @@ fn a_recorded_profile_is_pushed_then_found_and_replayed() {
         .arg("convert")
         .arg(&image)
         .arg("--push")
+        .arg("--no-optimize")
         .arg("--key-file")
         .arg(&key));
 

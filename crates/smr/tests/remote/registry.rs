@@ -13,6 +13,7 @@ fn push(image: &str, key: &Path, extra: &[&str]) -> String {
         .arg("convert")
         .arg(image)
         .arg("--push")
+        .arg("--no-optimize")
         .arg("--key-file")
         .arg(key)
         .args(extra));

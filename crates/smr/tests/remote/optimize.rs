@@ -1,0 +1,149 @@
+//! Startup profiles made at conversion: `smr convert --push` runs the new
+//! image (its Cmd, or `--optimize-cmd`), records what each start read and
+//! pushes the merged profile; later starts from an empty cache replay it.
+//! Start commands that fail, hang or try the network never fail the
+//! conversion.
+
+use crate::servers::{debian_layout, Registry};
+use crate::util::*;
+use std::path::Path;
+
+fn convert(image: &str, key: &Path, extra: &[&str]) -> String {
+    let out = ok(smr()
+        .arg("convert")
+        .arg(image)
+        .arg("--push")
+        .arg("--key-file")
+        .arg(key)
+        .args(extra));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn run(image: &str, dir: &Path, key: &Path, cmd: &[&str]) -> (serde_json::Value, String) {
+    let stats = dir.join("stats.json");
+    let out = ok(smr()
+        .arg("run")
+        .arg(image)
+        .arg("--cache-dir")
+        .arg(dir.join("cache"))
+        .arg("--key-file")
+        .arg(key)
+        .arg("--stats")
+        .arg(&stats)
+        .arg("--")
+        .args(cmd));
+    let v = serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
+    (v, String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn convert_push_records_a_profile_that_later_starts_replay() {
+    let Some(layout) = debian_layout() else {
+        return;
+    };
+    let Some(reg) = Registry::start(None) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let key = key_file(t.path());
+    reg.push_layout(&layout, "debian-python", "py:v1", None);
+    let image = reg.image("py:v1");
+    // No flag: the image's own Cmd (python3, stdin empty) is run.
+    let log = convert(&image, &key, &[]);
+    assert!(
+        log.contains("startup profile: the image's Entrypoint + Cmd exited 0"),
+        "{log}"
+    );
+    let (s, _) = run(&image, &t.path().join("a"), &key, &["true"]);
+    let default_chunks = s["profile"]["chunks"].as_u64().unwrap();
+    assert!(default_chunks > 10, "{s}");
+
+    // A given command replaces it; the newer profile is the one found.
+    let log = convert(
+        &image,
+        &key,
+        &["--optimize-cmd", "python3 -c 'import json, sqlite3'"],
+    );
+    assert!(log.contains("python3 -c 'import json, sqlite3' exited 0"), "{log}");
+    let (s, out) = run(
+        &image,
+        &t.path().join("b"),
+        &key,
+        &["python3", "-c", "import json, sqlite3; print(sqlite3.sqlite_version)"],
+    );
+    assert!(out.trim().starts_with('3'), "{out}");
+    let p = &s["profile"];
+    assert!(p["chunks"].as_u64().unwrap() > default_chunks, "{s}");
+    assert_eq!(p["failed"].as_u64(), Some(0), "{s}");
+    // A start the profile was not made for still runs correctly.
+    let (_, out) = run(
+        &image,
+        &t.path().join("c"),
+        &key,
+        &["sh", "-c", "wc -c < /etc/debian_version"],
+    );
+    assert!(out.trim().parse::<u64>().unwrap() > 0, "{out}");
+}
+
+#[test]
+fn start_commands_that_fail_hang_or_use_the_network_never_fail_the_conversion() {
+    let Some(layout) = debian_layout() else {
+        return;
+    };
+    let Some(reg) = Registry::start(None) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let key = key_file(t.path());
+    reg.push_layout(&layout, "debian-python", "py:v1", None);
+    let image = reg.image("py:v1");
+    let network = format!(
+        "python3 -c 'import urllib.request; urllib.request.urlopen(\"http://{}/v2/\", timeout=3)'",
+        image.trim_start_matches("docker://").split('/').next().unwrap()
+    );
+    let log = convert(
+        &image,
+        &key,
+        &[
+            "--optimize-period",
+            "3s",
+            "--optimize-cmd",
+            "sh -c 'cat /etc/os-release; exit 3'",
+            "--optimize-cmd",
+            "sleep 1000",
+            "--optimize-cmd",
+            &network,
+            "--optimize-cmd",
+            "/no/such/binary",
+            "--optimize-cmd",
+            "'unbalanced",
+        ],
+    );
+    assert!(log.contains("exit 3' failed with exit code 3"), "{log}");
+    assert!(log.contains("sleep 1000 ran for the whole 3s and was stopped"), "{log}");
+    // No network in the recording container: the request fails.
+    assert!(log.contains("urlopen") && log.contains("failed with exit code 1"), "{log}");
+    assert!(log.contains("/no/such/binary failed"), "{log}");
+    assert!(log.contains("'unbalanced") && log.contains("not a valid shell command line"), "{log}");
+    assert!(log.contains("startup profile of "), "{log}");
+    // What they read was pushed and serves a correct start.
+    let (s, out) = run(&image, &t.path().join("a"), &key, &["cat", "/etc/debian_version"]);
+    assert!(s["profile"]["chunks"].as_u64().unwrap() > 0, "{s}");
+    assert!(out.trim().starts_with("12"), "{out}");
+
+    // --no-optimize pushes none; --optimize-cmd without --push is refused.
+    let other = tempfile::tempdir().unwrap();
+    let key2 = key_file(other.path());
+    reg.push_layout(&layout, "debian-python", "py2:v1", None);
+    let image2 = reg.image("py2:v1");
+    let log = convert(&image2, &key2, &["--no-optimize"]);
+    assert!(!log.contains("startup profile"), "{log}");
+    let (s, _) = run(&image2, &other.path().join("a"), &key2, &["true"]);
+    assert!(s["profile"].is_null(), "{s}");
+    let err = fails(
+        smr()
+            .args(["convert", "oci:/nonexistent:x", "--store", "s", "-o", "r"])
+            .args(["--optimize-cmd", "true"]),
+    );
+    assert!(err.contains("--optimize-cmd records a startup profile"), "{err}");
+}
