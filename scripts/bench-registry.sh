@@ -70,6 +70,12 @@
 #   SMR_RUN_LOG             SMR_LOG for the timed smr runs (default: warn;
 #                           e.g. smr_registry::store=debug, kept with SMR_BENCH_KEEP)
 #   SMR_IMAGE_CACHE         test images (default /var/cache/smr-test-images)
+#   SMR_BENCH_IMAGE=LAYOUT:TAG  the image measured instead of debian-python
+#                           (copied into the same repositories, whose names
+#                           stay debian-python*; e.g. the debian-node image
+#                           of scripts/bench/build-node-image.sh)
+#   SMR_BENCH_CMD="WORDS"   its command, as shell words (default
+#                           "python3 -c 'import numpy'")
 # Exits 1 if a requested tool could not be measured; the rows that were
 # measured are printed anyway.
 set -euo pipefail
@@ -88,7 +94,13 @@ bench_push=${SMR_BENCH_PUSH:-1}
 keep=${SMR_BENCH_KEEP:-}
 read -r -a convert_args <<<"${SMR_CONVERT_ARGS:-}"
 read -r -a run_args <<<"${SMR_RUN_ARGS:-}"
-pycmd=(python3 -c 'import numpy')
+# The image under test (an OCI layout and tag) and the command it runs.
+bench_image=${SMR_BENCH_IMAGE:-$cache/oci:debian-python}
+if [[ -n ${SMR_BENCH_CMD:-} ]]; then
+  eval "pycmd=($SMR_BENCH_CMD)"
+else
+  pycmd=(python3 -c 'import numpy')
+fi
 smr_src=${SMR_BIN:-$here/target/release/smr}
 proxy_py=$here/scripts/bench/shape-proxy.py
 reglog_py=$here/scripts/bench/reglog.py
@@ -176,10 +188,10 @@ reg_mark() { sleep 0.3; wc -l <"$reglog"; }
 reg_window() { python3 "$reglog_py" "$reglog" "$(($1 + 1))" "$2" "${@:4}" >"$3"; }
 
 reg_start
-log "registry at $addr; copying debian-python into one repository per variant"
+log "registry at $addr; copying $bench_image into one repository per variant"
 copy() { skopeo copy --quiet --dest-tls-verify=false "oci:$layout:$1" "docker://$addr/$2"; }
 for repo in debian-python debian-python-zstd debian-python-chunk debian-python-prof debian-python-zstd-prof; do
-  copy debian-python "$repo:bookworm"
+  skopeo copy --quiet --dest-tls-verify=false "oci:$bench_image" "docker://$addr/$repo:bookworm"
 done
 # One port for every proxy instance, so image references stay the same.
 proxy_addr=127.0.0.1:$(free_port)

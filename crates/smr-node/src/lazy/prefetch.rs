@@ -9,7 +9,11 @@
 //! - **the rest of a file**, when a read misses inside a file that spans
 //!   several chunks: its later chunks, up to [`FILE_PREFETCH_BYTES`]. A
 //!   start that maps a shared library and faults it in page by page then
-//!   pays one round trip for the file instead of one per fault.
+//!   pays one round trip for the file instead of one per fault;
+//! - **the neighbours of a miss** in the file data, [`NEIGHBOUR_BYTES`]:
+//!   files are laid out in layer order, so small files next to each other
+//!   are mostly of one directory, read one after another (a package's
+//!   modules).
 //!
 //! Queued chunks are fetched into the node cache by a few worker threads
 //! at [`Priority::Prefetch`](crate::fetch::Priority). A worker takes a
@@ -27,6 +31,8 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError, Weak};
 
 /// Most bytes of a file queued after a miss inside it (beyond the miss).
 pub const FILE_PREFETCH_BYTES: u64 = 16 << 20;
+/// Bytes after any miss in the file data queued too.
+pub const NEIGHBOUR_BYTES: u64 = 256 << 10;
 /// Worker threads per image: one batch each in flight, about as many as
 /// the fetcher's request slots that prefetches may take.
 const WORKERS: usize = 6;
@@ -195,11 +201,17 @@ impl Inner {
             return;
         }
         let recipe = &self.img.recipe;
-        let Some(run) = recipe.file_map.as_ref().and_then(|m| m.file_at(index)) else {
+        let Some(map) = &recipe.file_map else {
             return;
         };
-        let max = (FILE_PREFETCH_BYTES / recipe.chunk_size).max(1);
-        let end = run.range().end.min(index + 1 + max);
+        // Small files next to each other are usually of one directory:
+        // the neighbours of the miss, up to NEIGHBOUR_BYTES, in the data.
+        let near = (NEIGHBOUR_BYTES / recipe.chunk_size).max(1);
+        let mut end = (index + 1 + near).min(map.metadata_chunk);
+        if let Some(run) = map.file_at(index) {
+            let max = (FILE_PREFETCH_BYTES / recipe.chunk_size).max(1);
+            end = end.max(run.range().end.min(index + 1 + max));
+        }
         self.queue_prefetch(index + 1..end, true);
     }
 }

@@ -63,10 +63,16 @@ fn a_miss_inside_a_file_prefetches_the_rest_of_the_file() {
     assert!(rest == fx.plain[(7 * CS) as usize..(13 * CS) as usize]);
     assert_eq!(fx.store.total(), 1 + ahead);
     assert_eq!(lazy.stats().prefetched_unread_bytes, 0);
-    // A miss outside any multi-chunk file prefetches nothing.
+    // A miss outside any multi-chunk file prefetches its neighbours only
+    // (256 KiB: chunks 15 to 18).
     fx.read(&lazy, 14 * CS, 9).expect("read");
+    let near = stored(&fx, 15..19);
+    let s = wait_prefetched(&lazy, ahead + near);
+    assert_eq!(s.chunks_prefetched, ahead + near, "{s:?}");
+    // Misses in the metadata region queue nothing after them.
+    fx.read(&lazy, 45 * CS, 9).expect("read");
     std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(lazy.stats().chunks_prefetched, ahead);
+    assert_eq!(lazy.stats().chunks_prefetched, ahead + near);
 }
 
 #[test]
