@@ -360,7 +360,11 @@ impl LazyImage {
             if let Some(r) = recorder {
                 r.touch(c);
             }
-            self.inner.prefetch.read.set(c);
+            // The first read of a chunk fetched ahead moves the window
+            // ahead of the reader (the rest of its file, its neighbours).
+            if self.inner.prefetch.read.set(c) && self.inner.prefetch.fetched.get(c) {
+                self.inner.prefetch_file(c);
+            }
             let data = self
                 .inner
                 .chunk(c, !self.covers(c, offset, end))

@@ -7,9 +7,11 @@
 //!   metadata region at the end of the image (directories, extent blocks,
 //!   bitmaps, inode tables), which every path lookup and `open` walks;
 //! - **the rest of a file**, when a read misses inside a file that spans
-//!   several chunks: its later chunks, up to [`FILE_PREFETCH_BYTES`]. A
-//!   start that maps a shared library and faults it in page by page then
-//!   pays one round trip for the file instead of one per fault;
+//!   several chunks: its later chunks, [`FILE_PREFETCH_BYTES`] ahead of the
+//!   furthest chunk read so far (the first read of a chunk fetched ahead
+//!   moves the window). A start that maps a shared library and faults it
+//!   in page by page then pays a round trip or two for the file instead of
+//!   one per fault;
 //! - **the neighbours of a miss** in the file data, [`NEIGHBOUR_BYTES`]:
 //!   files are laid out in layer order, so small files next to each other
 //!   are mostly of one directory, read one after another (a package's
@@ -29,8 +31,10 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError, Weak};
 
-/// Most bytes of a file queued after a miss inside it (beyond the miss).
-pub const FILE_PREFETCH_BYTES: u64 = 16 << 20;
+/// Bytes of a file queued ahead of a read inside it: after a miss, and
+/// again after the first read of a chunk fetched ahead, so the window moves
+/// with the reader.
+pub const FILE_PREFETCH_BYTES: u64 = 4 << 20;
 /// Bytes after any miss in the file data queued too.
 pub const NEIGHBOUR_BYTES: u64 = 256 << 10;
 /// Worker threads per image: one batch each in flight, about as many as
