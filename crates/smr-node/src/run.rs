@@ -192,7 +192,11 @@ fn wait_with_timeout(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    tracing::info!(container = id, ?timeout, "container ran past its timeout: killing it");
+    tracing::info!(
+        container = id,
+        ?timeout,
+        "container ran past its timeout: killing it"
+    );
     let _ = Command::new(runc).args(["kill", id, "KILL"]).status();
     Ok((child.wait()?, true))
 }
@@ -396,8 +400,8 @@ fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
         .arg(&id)
         .spawn()
         .map_err(runtime_err)?;
-    let (status, timed_out) = wait_with_timeout(&mut child, req.timeout, &req.runc, &id)
-        .map_err(runtime_err)?;
+    let (status, timed_out) =
+        wait_with_timeout(&mut child, req.timeout, &req.runc, &id).map_err(runtime_err)?;
     *live
         .container
         .lock()

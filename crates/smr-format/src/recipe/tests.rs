@@ -85,7 +85,7 @@ fn the_key_table_authenticates_the_file_map() {
 
 #[test]
 fn a_file_map_beyond_the_image_is_refused() {
-    let map = FileMap::from_byte_ranges(65536, 0, [19 * 65536..23 * 65536]).unwrap();
+    let map = FileMap::from_byte_ranges(65536, 0, std::iter::once(19 * 65536..23 * 65536)).unwrap();
     let err = Recipe::new(
         21 * 65536,
         65536,

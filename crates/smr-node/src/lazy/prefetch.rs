@@ -272,9 +272,10 @@ impl Inner {
             .iter()
             .filter_map(|(_, e)| Some((e.id, self.fetcher.store().locate(&e.id).ok()?)))
             .collect();
-        self.fetcher.plan(&wants, crate::fetch::Priority::Prefetch, |id| {
-            self.cache.is_missing(id)
-        });
+        self.fetcher
+            .plan(&wants, crate::fetch::Priority::Prefetch, |id| {
+                self.cache.is_missing(id)
+            });
         for (pos, e) in todo {
             if let Err(err) = self.prefetch_pos(pos) {
                 p.failed.fetch_add(1, Ordering::Relaxed);

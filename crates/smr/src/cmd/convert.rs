@@ -193,7 +193,10 @@ pub fn run(a: Args) -> Result<ExitCode> {
                 &a.platform,
             );
             if let Err(e) = pushed {
-                tracing::warn!(error = format!("{e:#}"), "pushing the startup profile failed; the image works without it");
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "pushing the startup profile failed; the image works without it"
+                );
             }
         }
     }
@@ -203,6 +206,9 @@ pub fn run(a: Args) -> Result<ExitCode> {
 /// The conversion's options from the arguments (keys, salt, platform),
 /// after checking that they go together.
 fn convert_options(a: &Args) -> Result<ConvertOptions> {
+    if !a.push && !a.optimize.cmds.is_empty() {
+        bail!("--optimize-cmd records a startup profile for the image pushed with --push");
+    }
     let owner = a.key.load()?;
     if !a.no_encrypt && owner.is_none() {
         bail!("encrypted conversion needs the owner key: pass --key-file PATH (or SMR_KEY_FILE; create one with `smr keygen -o PATH`), or --no-encrypt for a public image");
@@ -214,9 +220,6 @@ fn convert_options(a: &Args) -> Result<ConvertOptions> {
     let platform = a.platform.parse().context("--platform")?;
     if a.push && !is_remote(&a.source) {
         bail!("--push needs a docker:// source: the artifact goes next to the source image");
-    }
-    if !a.push && !a.optimize.cmds.is_empty() {
-        bail!("--optimize-cmd records a startup profile for the image pushed with --push");
     }
     if !a.push && (a.store.is_none() || a.out.is_none()) {
         bail!("convert needs --store and -o (or --push, which keeps the recipe and chunks in the registry)");

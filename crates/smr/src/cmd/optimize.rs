@@ -68,7 +68,9 @@ pub fn record(a: &OptimizeArgs, image: &Converted<'_>) -> Option<Profile> {
         for c in &a.cmds {
             match shlex::split(c) {
                 Some(words) if !words.is_empty() => out.push(Some(words)),
-                _ => tracing::warn!(command = %c, "--optimize-cmd is not a valid shell command line: skipped"),
+                _ => {
+                    tracing::warn!(command = %c, "--optimize-cmd is not a valid shell command line: skipped")
+                }
             }
         }
         out
@@ -83,7 +85,10 @@ pub fn record(a: &OptimizeArgs, image: &Converted<'_>) -> Option<Profile> {
             Some(p)
         }
         Err(e) => {
-            tracing::warn!(error = format!("{e:#}"), "recording a startup profile failed; the image is pushed without one");
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "recording a startup profile failed; the image is pushed without one"
+            );
             None
         }
     }
@@ -99,7 +104,8 @@ fn record_all(
         .tempdir()
         .context("creating a directory for the recording runs")?;
     let recipe = tmp.path().join("image.recipe");
-    std::fs::write(&recipe, image.recipe).with_context(|| format!("writing {}", recipe.display()))?;
+    std::fs::write(&recipe, image.recipe)
+        .with_context(|| format!("writing {}", recipe.display()))?;
     let exe = std::env::current_exe().context("finding the smr binary")?;
     let mut merged = Profile {
         recipe_sha256: Profile::recipe_hash(image.recipe),
@@ -107,13 +113,15 @@ fn record_all(
     };
     let mut seen = std::collections::HashSet::new();
     for (i, cmd) in commands.iter().enumerate() {
-        let label = cmd
-            .as_ref()
-            .map_or_else(|| "the image's Entrypoint + Cmd".to_string(), |w| shlex::try_join(w.iter().map(String::as_str)).unwrap_or_default());
+        let label = cmd.as_ref().map_or_else(
+            || "the image's Entrypoint + Cmd".to_string(),
+            |w| shlex::try_join(w.iter().map(String::as_str)).unwrap_or_default(),
+        );
         let out = tmp.path().join(format!("start-{i}.profile"));
         let log = tmp.path().join(format!("start-{i}.log"));
         let stats = tmp.path().join(format!("start-{i}.json"));
-        let log_file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let log_file =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let mut c = Command::new(&exe);
         c.arg("run")
             .arg(&recipe)
@@ -133,12 +141,15 @@ fn record_all(
         if let Some(words) = cmd {
             c.arg("--").args(words);
         }
-        let status = c
+        let mut child = c
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().context("log file")?)
             .stderr(log_file)
-            .status()
+            .spawn()
             .with_context(|| format!("starting {}", exe.display()))?;
+        // `smr run` stops the container after the period; this bounds the
+        // rest (mount, teardown) should it hang.
+        let status = wait_at_most(&mut child, a.optimize_period + SETUP_ALLOWANCE)?;
         let tail = log_tail(&log);
         let timed_out = std::fs::read(&stats)
             .ok()
@@ -165,11 +176,34 @@ fn record_all(
             }
             Err(e) => format!("recorded nothing: {e}"),
         };
-        errln!(
-            "smr: startup profile: {label} {outcome}; {read}",
-        );
+        errln!("smr: startup profile: {label} {outcome}; {read}",);
     }
     Ok(merged)
+}
+
+/// Time a recording run may take beyond its period (mount, runc, teardown).
+const SETUP_ALLOWANCE: Duration = Duration::from_secs(120);
+
+/// Waits for `child`, killing it (SIGKILL) after `limit`.
+fn wait_at_most(
+    child: &mut std::process::Child,
+    limit: Duration,
+) -> Result<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().context("waiting for smr run")? {
+            return Ok(status);
+        }
+        if std::time::Instant::now() >= deadline {
+            tracing::warn!(
+                pid = child.id(),
+                "the recording run did not end in time: killing it"
+            );
+            let _ = child.kill();
+            return child.wait().context("waiting for smr run");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// The last lines of a run's output, for the log.

@@ -1,10 +1,10 @@
 //! `smr profile`: publish and show startup profiles.
 
 use crate::remote::{find_artifact_in, is_remote, RegistryArgs};
-use smr_registry::source::RegistrySource;
 use anyhow::{Context, Result};
 use smr_format::Profile;
 use smr_registry::discover::DiscoverOptions;
+use smr_registry::source::RegistrySource;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -77,7 +77,7 @@ fn push(a: PushArgs) -> Result<ExitCode> {
     let profile = read(&a.profile)?;
     let src = RegistrySource::open(&a.image, &a.registry.options()?)?;
     let digest = push_to_registry(&src, &a.image, &profile, a.artifact.clone(), &a.platform)
-    .with_context(|| format!("pushing profile {} for {}", a.profile.display(), a.image))?;
+        .with_context(|| format!("pushing profile {} for {}", a.profile.display(), a.image))?;
     outln!("{digest}");
     Ok(ExitCode::SUCCESS)
 }

@@ -64,12 +64,19 @@ fn convert_push_records_a_profile_that_later_starts_replay() {
         &key,
         &["--optimize-cmd", "python3 -c 'import json, sqlite3'"],
     );
-    assert!(log.contains("python3 -c 'import json, sqlite3' exited 0"), "{log}");
+    assert!(
+        log.contains("python3 -c 'import json, sqlite3' exited 0"),
+        "{log}"
+    );
     let (s, out) = run(
         &image,
         &t.path().join("b"),
         &key,
-        &["python3", "-c", "import json, sqlite3; print(sqlite3.sqlite_version)"],
+        &[
+            "python3",
+            "-c",
+            "import json, sqlite3; print(sqlite3.sqlite_version)",
+        ],
     );
     assert!(out.trim().starts_with('3'), "{out}");
     let p = &s["profile"];
@@ -97,7 +104,8 @@ fn start_commands_that_fail_hang_or_use_the_network_never_fail_the_conversion() 
     let key = key_file(t.path());
     reg.push_layout(&layout, "debian-python", "py:v1", None);
     let image = reg.image("py:v1");
-    let network = format!(
+    let network =
+        format!(
         "python3 -c 'import urllib.request; urllib.request.urlopen(\"http://{}/v2/\", timeout=3)'",
         image.trim_start_matches("docker://").split('/').next().unwrap()
     );
@@ -120,14 +128,28 @@ fn start_commands_that_fail_hang_or_use_the_network_never_fail_the_conversion() 
         ],
     );
     assert!(log.contains("exit 3' failed with exit code 3"), "{log}");
-    assert!(log.contains("sleep 1000 ran for the whole 3s and was stopped"), "{log}");
+    assert!(
+        log.contains("sleep 1000 ran for the whole 3s and was stopped"),
+        "{log}"
+    );
     // No network in the recording container: the request fails.
-    assert!(log.contains("urlopen") && log.contains("failed with exit code 1"), "{log}");
+    assert!(
+        log.contains("urlopen") && log.contains("failed with exit code 1"),
+        "{log}"
+    );
     assert!(log.contains("/no/such/binary failed"), "{log}");
-    assert!(log.contains("'unbalanced") && log.contains("not a valid shell command line"), "{log}");
+    assert!(
+        log.contains("'unbalanced") && log.contains("not a valid shell command line"),
+        "{log}"
+    );
     assert!(log.contains("startup profile of "), "{log}");
     // What they read was pushed and serves a correct start.
-    let (s, out) = run(&image, &t.path().join("a"), &key, &["cat", "/etc/debian_version"]);
+    let (s, out) = run(
+        &image,
+        &t.path().join("a"),
+        &key,
+        &["cat", "/etc/debian_version"],
+    );
     assert!(s["profile"]["chunks"].as_u64().unwrap() > 0, "{s}");
     assert!(out.trim().starts_with("12"), "{out}");
 
@@ -145,5 +167,8 @@ fn start_commands_that_fail_hang_or_use_the_network_never_fail_the_conversion() 
             .args(["convert", "oci:/nonexistent:x", "--store", "s", "-o", "r"])
             .args(["--optimize-cmd", "true"]),
     );
-    assert!(err.contains("--optimize-cmd records a startup profile"), "{err}");
+    assert!(
+        err.contains("--optimize-cmd records a startup profile"),
+        "{err}"
+    );
 }

@@ -47,7 +47,10 @@ fn a_miss_inside_a_file_prefetches_the_rest_of_the_file() {
     let fx = fixture_with_map(Duration::from_millis(2), Some(map()));
     let lazy = fx.lazy(32 << 20, 1 << 30);
     let got = fx.read(&lazy, 6 * CS + 10, 100).expect("read");
-    assert_eq!(got, fx.plain[(6 * CS + 10) as usize..(6 * CS + 110) as usize]);
+    assert_eq!(
+        got,
+        fx.plain[(6 * CS + 10) as usize..(6 * CS + 110) as usize]
+    );
     let ahead = stored(&fx, 7..13);
     let s = wait_prefetched(&lazy, ahead);
     assert_eq!(s.chunks_prefetched, ahead, "{s:?}");
@@ -157,4 +160,3 @@ fn dropping_the_image_stops_its_prefetch() {
     assert_eq!(fx.store.total(), after, "prefetch went on after the drop");
     assert!(after < stored(&fx, 0..49), "{after}");
 }
-
