@@ -36,18 +36,45 @@ fn run(image: &str, dir: &Path, key: &Path, cmd: &[&str]) -> (serde_json::Value,
     (v, String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-#[test]
-fn convert_push_records_a_profile_that_later_starts_replay() {
-    let Some(layout) = debian_layout() else {
-        return;
-    };
-    let Some(reg) = Registry::start(None) else {
-        return;
-    };
+/// A registry holding debian-python as `py:v1`, and an owner key.
+struct Setup {
+    layout: std::path::PathBuf,
+    reg: Registry,
+    t: tempfile::TempDir,
+    key: std::path::PathBuf,
+    image: String,
+}
+
+/// `None` (test skipped) without the tools or images.
+fn setup() -> Option<Setup> {
+    let layout = debian_layout()?;
+    let reg = Registry::start(None)?;
     let t = tempfile::tempdir().unwrap();
     let key = key_file(t.path());
     reg.push_layout(&layout, "debian-python", "py:v1", None);
     let image = reg.image("py:v1");
+    Some(Setup {
+        layout,
+        reg,
+        t,
+        key,
+        image,
+    })
+}
+
+#[test]
+fn convert_push_records_a_profile_that_later_starts_replay() {
+    // The registry runs as long as `_reg` lives.
+    let Some(Setup {
+        layout: _,
+        reg: _reg,
+        t,
+        key,
+        image,
+    }) = setup()
+    else {
+        return;
+    };
     // No flag: the image's own Cmd (python3, stdin empty) is run.
     let log = convert(&image, &key, &[]);
     assert!(
@@ -94,16 +121,16 @@ fn convert_push_records_a_profile_that_later_starts_replay() {
 
 #[test]
 fn start_commands_that_fail_hang_or_use_the_network_never_fail_the_conversion() {
-    let Some(layout) = debian_layout() else {
+    let Some(Setup {
+        layout,
+        reg,
+        t,
+        key,
+        image,
+    }) = setup()
+    else {
         return;
     };
-    let Some(reg) = Registry::start(None) else {
-        return;
-    };
-    let t = tempfile::tempdir().unwrap();
-    let key = key_file(t.path());
-    reg.push_layout(&layout, "debian-python", "py:v1", None);
-    let image = reg.image("py:v1");
     let network =
         format!(
         "python3 -c 'import urllib.request; urllib.request.urlopen(\"http://{}/v2/\", timeout=3)'",
