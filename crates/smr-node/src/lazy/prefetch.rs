@@ -40,6 +40,21 @@ pub const NEIGHBOUR_BYTES: u64 = 256 << 10;
 /// Worker threads per image: one batch each in flight, about as many as
 /// the fetcher's request slots that prefetches may take.
 const WORKERS: usize = 6;
+/// Of those, the most that fetch the metadata at once: it is fetched in
+/// the background of the mount and the start, whose own reads share the
+/// link with it.
+const BACKGROUND_WORKERS: usize = 2;
+
+/// Chunks waiting to be fetched ahead.
+#[derive(Debug, Default)]
+struct Queues {
+    /// The rest of files a container is reading, newest first.
+    urgent: VecDeque<u64>,
+    /// The metadata, in image order.
+    background: VecDeque<u64>,
+    /// Workers fetching from `background` now.
+    background_running: usize,
+}
 
 /// One bit per chunk index, set at most once.
 #[derive(Debug)]
@@ -89,7 +104,7 @@ impl Bits {
 /// fetched ahead and read.
 #[derive(Debug)]
 pub(super) struct Prefetch {
-    queue: Mutex<VecDeque<u64>>,
+    queue: Mutex<Queues>,
     work: Condvar,
     stop: AtomicBool,
     started: OnceLock<()>,
@@ -120,7 +135,7 @@ impl Drop for StopOnDrop {
 impl Prefetch {
     pub(super) fn new(chunk_count: u64, files: bool) -> Self {
         Prefetch {
-            queue: Mutex::new(VecDeque::new()),
+            queue: Mutex::new(Queues::default()),
             work: Condvar::new(),
             stop: AtomicBool::new(false),
             started: OnceLock::new(),
@@ -149,7 +164,7 @@ impl Prefetch {
         self.work.notify_all();
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<u64>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queues> {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -175,10 +190,10 @@ impl Inner {
         let mut q = p.lock();
         if urgent {
             for &c in new.iter().rev() {
-                q.push_front(c);
+                q.urgent.push_front(c);
             }
         } else {
-            q.extend(new);
+            q.background.extend(new);
         }
         drop(q);
         p.started.get_or_init(|| {
@@ -223,16 +238,23 @@ impl Inner {
 /// Fetches queued chunks until the last [`LazyImage`] handle is dropped
 /// (which stops `p`). It holds the image only while it fetches.
 fn worker(me: &Weak<Inner>, p: &Prefetch) {
-    while let Some(batch) = next_batch(me, p) {
-        let Some(inner) = me.upgrade() else { return };
-        inner.fetch_batch(&batch, p);
+    while let Some((batch, background)) = next_batch(me, p) {
+        if let Some(inner) = me.upgrade() {
+            inner.fetch_batch(&batch, p);
+        }
+        if background {
+            p.lock().background_running -= 1;
+            p.work.notify_one();
+        }
     }
 }
 
 /// Waits for queued chunks and takes the first with the neighbours queued
 /// after it: consecutive indices, as many as one request of the image's
-/// fetcher spans. `None` once stopped or the image is gone.
-fn next_batch(me: &Weak<Inner>, p: &Prefetch) -> Option<Vec<u64>> {
+/// fetcher spans; the urgent queue first, the background one only while
+/// fewer than [`BACKGROUND_WORKERS`] fetch from it. Says whether the batch
+/// is a background one. `None` once stopped or the image is gone.
+fn next_batch(me: &Weak<Inner>, p: &Prefetch) -> Option<(Vec<u64>, bool)> {
     let max = {
         let inner = me.upgrade()?;
         let opts = inner.fetcher.options();
@@ -243,16 +265,29 @@ fn next_batch(me: &Weak<Inner>, p: &Prefetch) -> Option<Vec<u64>> {
         if p.stop.load(Ordering::Relaxed) {
             return None;
         }
-        if let Some(first) = q.pop_front() {
+        let background = q.urgent.is_empty();
+        if background && q.background_running >= BACKGROUND_WORKERS {
+            q = p.work.wait(q).unwrap_or_else(PoisonError::into_inner);
+            continue;
+        }
+        let from = if background {
+            &mut q.background
+        } else {
+            &mut q.urgent
+        };
+        if let Some(first) = from.pop_front() {
             let mut batch = vec![first];
-            while let Some(&next) = q.front() {
+            while let Some(&next) = from.front() {
                 if next != batch[batch.len() - 1] + 1 || batch.len() as u64 >= max {
                     break;
                 }
                 batch.push(next);
-                q.pop_front();
+                from.pop_front();
             }
-            return Some(batch);
+            if background {
+                q.background_running += 1;
+            }
+            return Some((batch, background));
         }
         q = p.work.wait(q).unwrap_or_else(PoisonError::into_inner);
     }

@@ -109,12 +109,12 @@ fn golden_recipe_digest() {
     }
 }
 
-/// Golden digest at 512 KiB chunks (the default until the lazy-serving
-/// benchmark chose 64 KiB; unchanged since).
-const GOLDEN_512K: &str = "sha256:8009e4c01424ab6d86fa96c55f5d4b334641f003386194e629e88a4c6f42b184";
-/// Golden digest at the default chunk size, 64 KiB.
+/// Golden digests of recipe format version 2 (with the file map): at
+/// 512 KiB chunks (the default until the lazy-serving benchmark chose
+/// 64 KiB) and at the default.
+const GOLDEN_512K: &str = "sha256:b866a52e7ccb82e35f095f5263d0308187471f90c1135dff8a8ca5bea1416c42";
 const GOLDEN_DEFAULT: &str =
-    "sha256:2cab5091fee29e2f9d69ee6ce20ab1e8d2016c3f3a38b6bc718bd3e66c682b6a";
+    "sha256:26ee387baaf660cf9515651ab1ae97a3efdf21f851ce64f9c54626caa7f8acf6";
 
 /// A flipped bit in a stored chunk is detected and the chunk is named, by
 /// both `verify` and `extract`; extract leaves no output behind.
