@@ -51,6 +51,8 @@
 #               the conversion ran the command once and pushed its startup
 #               profile; the timed runs find it and replay it. The other
 #               repositories are converted with `--no-optimize` (no profile).
+#   smr-zstd-warm  smr-zstd-profile with a warm node cache: the same start
+#               run once, untimed, with the cache the timed run then uses
 # Bytes: response bodies written by the registry during the run (all of
 # them: manifests, configs, layers, recipe, pack index, chunks); the shaped
 # link's proxy count (with HTTP headers) and each tool's own count
@@ -429,7 +431,7 @@ smr_prepare() {
   if want smr-profile || want snapshotter-profile; then
     smr_push packs-prof loopback debian-python-prof:bookworm push - --optimize-cmd "$optimize" || return 1
   fi
-  if want smr-zstd-profile || want snapshotter-zstd-profile; then
+  if want smr-zstd-profile || want snapshotter-zstd-profile || want smr-zstd-warm; then
     smr_push zstd-prof loopback debian-python-zstd-prof:bookworm push - --compress zstd --optimize-cmd "$optimize" || return 1
   fi
   smr_ok=1
@@ -458,11 +460,17 @@ smr_run() {
     smr-zstd) repo=debian-python-zstd ;;
     smr-chunk) repo=debian-python-chunk ;;
     smr-profile) repo=debian-python-prof ;;
-    smr-zstd-profile) repo=debian-python-zstd-prof ;;
+    smr-zstd-profile | smr-zstd-warm) repo=debian-python-zstd-prof ;;
   esac
   local ref=docker://$reg/$repo:bookworm c=$work/smr-cache stats=$work/smr-stats.json
   out=$work/logs/run-$tool-$link-$r.out
   rm -rf "$c" "$stats" "$work/proxy.json"
+  if [[ $tool == *-warm ]]; then
+    # The same start once, untimed, over loopback: the node cache then
+    # holds what the timed one reads.
+    "$smr" run --key-file "$key" --cache-dir "$c" "${run_args[@]}" "docker://$addr/$repo:bookworm" \
+      -- "${pycmd[@]}" >"$out.warmup" 2>&1 || { tail -20 "$out.warmup" >&2; return 1; }
+  fi
   [[ $link == shaped ]] && proxy_start
   drop
   m0=$(reg_mark) b0=$(builds_now) l0=$(load1)
@@ -486,7 +494,7 @@ smr_run() {
   rm -rf "$c"
 }
 
-if want smr || want smr-zstd || want smr-chunk || want smr-profile || want smr-zstd-profile ||
+if want smr || want smr-zstd || want smr-chunk || want smr-profile || want smr-zstd-profile || want smr-zstd-warm ||
    want snapshotter || want snapshotter-profile || want snapshotter-zstd || want snapshotter-zstd-profile; then
   smr_prepare || log "${failed[-1]}"
 fi
@@ -506,7 +514,7 @@ for r in $(seq "$rounds"); do
         containerd)
           log "round $r, $link: containerd pull + run"
           ctd_run "$link" "$r" "$reg" ;;
-        smr | smr-zstd | smr-chunk | smr-profile | smr-zstd-profile)
+        smr | smr-zstd | smr-chunk | smr-profile | smr-zstd-profile | smr-zstd-warm)
           [[ $smr_ok == 1 ]] || continue
           # A failed run is recorded and reported; a tool that fails twice
           # is not run again.
@@ -525,7 +533,7 @@ for r in $(seq "$rounds"); do
             fails[$tool]=$((${fails[$tool]:-0} + 1))
             ((fails[$tool] < 2)) || failed+=("$tool: failed twice; not run again")
           fi ;;
-        *) die "unknown tool $tool (containerd, smr, smr-zstd, smr-chunk, smr-profile, smr-zstd-profile, snapshotter, snapshotter-profile, snapshotter-zstd, snapshotter-zstd-profile)" ;;
+        *) die "unknown tool $tool (containerd, smr, smr-zstd, smr-chunk, smr-profile, smr-zstd-profile, smr-zstd-warm, snapshotter, snapshotter-profile, snapshotter-zstd, snapshotter-zstd-profile)" ;;
       esac
     done
   done

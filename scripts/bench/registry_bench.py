@@ -91,6 +91,7 @@ TOOLS = {
     "smr-chunk": "smr run, `--pack-chunks 1` (blob per chunk)",
     "smr-profile": "smr run with its startup profile (packs)",
     "smr-zstd-profile": "smr run with its startup profile, `--compress zstd`",
+    "smr-zstd-warm": "smr run with its startup profile, `--compress zstd`, warm node cache",
     "snapshotter": "containerd {v} + smr snapshotter (smr pull --containerd + ctr run)",
     "snapshotter-profile": "containerd {v} + smr snapshotter, with the startup profile",
     "snapshotter-zstd": "containerd {v} + smr snapshotter, `--compress zstd`",
