@@ -12,7 +12,8 @@
 //!   moves the window). A start that maps a shared library and faults it
 //!   in page by page then pays a round trip or two for the file instead of
 //!   one per fault;
-//! - **the neighbours of a miss** in the file data, [`NEIGHBOUR_BYTES`]:
+//! - **the neighbours of a miss** in the file data, [`NEIGHBOUR_BYTES`] as
+//!   stored (so compressed chunks reach further):
 //!   files are laid out in layer order, so small files next to each other
 //!   are mostly of one directory, read one after another (a package's
 //!   modules).
@@ -35,8 +36,10 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError, Weak};
 /// again after the first read of a chunk fetched ahead, so the window moves
 /// with the reader.
 pub const FILE_PREFETCH_BYTES: u64 = 4 << 20;
-/// Bytes after any miss in the file data queued too.
+/// Stored bytes of chunks after any miss in the file data queued too.
 pub const NEIGHBOUR_BYTES: u64 = 256 << 10;
+/// Most chunks queued as neighbours of one miss (zero chunks count).
+const MAX_NEIGHBOURS: u64 = 64;
 /// Worker threads per image: one batch each in flight, about as many as
 /// the fetcher's request slots that prefetches may take.
 const WORKERS: usize = 6;
@@ -224,9 +227,20 @@ impl Inner {
             return;
         };
         // Small files next to each other are usually of one directory:
-        // the neighbours of the miss, up to NEIGHBOUR_BYTES, in the data.
-        let near = (NEIGHBOUR_BYTES / recipe.chunk_size).max(1);
-        let mut end = (index + 1 + near).min(map.metadata_chunk);
+        // the neighbours of the miss in the data, NEIGHBOUR_BYTES of them
+        // as stored (what the link carries: compressed chunks reach
+        // further).
+        let mut end = index + 1;
+        let mut bytes = 0u64;
+        while end < map.metadata_chunk && bytes < NEIGHBOUR_BYTES && end - index <= MAX_NEIGHBOURS {
+            if let Some((pos, _)) = self.locate(end) {
+                bytes += recipe
+                    .chunks
+                    .get(pos)
+                    .map_or(0, |e| u64::from(e.stored_len));
+            }
+            end += 1;
+        }
         if let Some(run) = map.file_at(index) {
             let max = (FILE_PREFETCH_BYTES / recipe.chunk_size).max(1);
             end = end.max(run.range().end.min(index + 1 + max));
