@@ -37,7 +37,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError, Weak};
 /// with the reader.
 pub const FILE_PREFETCH_BYTES: u64 = 4 << 20;
 /// Stored bytes of chunks after any miss in the file data queued too.
-pub const NEIGHBOUR_BYTES: u64 = 256 << 10;
+pub const NEIGHBOUR_BYTES: u64 = 192 << 10;
 /// Most chunks queued as neighbours of one miss (zero chunks count).
 const MAX_NEIGHBOURS: u64 = 64;
 /// Worker threads per image: one batch each in flight, about as many as
