@@ -51,6 +51,13 @@ struct ShowArgs {
     /// Print JSON (recipe hash and every chunk index).
     #[arg(long)]
     json: bool,
+    /// The image the profile was recorded on (a recipe file, or
+    /// `docker://…`, whose smr artifact with that recipe is used): also
+    /// show the bytes the start reads (plaintext) and fetches (as stored).
+    #[arg(long, value_name = "IMAGE")]
+    image: Option<String>,
+    #[command(flatten)]
+    registry: RegistryArgs,
 }
 
 /// Runs `smr profile`.
@@ -119,15 +126,70 @@ pub(crate) fn push_to_registry(
 fn show(a: ShowArgs) -> Result<ExitCode> {
     let p = read(&a.profile)?;
     let recipe = format!("sha256:{}", hex::encode(p.recipe_sha256));
+    let bytes = match &a.image {
+        Some(image) => Some(profile_bytes(&p, &recipe_of(image, &p, &a.registry)?)),
+        None => None,
+    };
     if a.json {
-        let doc = serde_json::json!({ "recipe": recipe, "chunks": p.chunks });
+        let mut doc = serde_json::json!({ "recipe": recipe, "chunks": p.chunks });
+        if let Some((plain, stored)) = bytes {
+            doc["bytes"] = plain.into();
+            doc["stored_bytes"] = stored.into();
+        }
         outln!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         outln!("recipe: {recipe}");
         outln!("chunks: {}", p.chunks.len());
+        if let Some((plain, stored)) = bytes {
+            outln!("bytes:  {plain} read by the start, {stored} fetched (as stored)");
+        }
         let head: Vec<String> = p.chunks.iter().take(16).map(u64::to_string).collect();
         let more = if p.chunks.len() > 16 { ", …" } else { "" };
         outln!("first:  {}{more}", head.join(", "));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The recipe `profile` was recorded against: the file `image`, or the
+/// recipe of the smr artifact of `docker://` `image` that has it.
+fn recipe_of(
+    image: &str,
+    profile: &Profile,
+    registry: &RegistryArgs,
+) -> Result<smr_format::Recipe> {
+    if !is_remote(image) {
+        let (recipe, bytes) = crate::keys::read_recipe_bytes(std::path::Path::new(image))?;
+        profile
+            .check_recipe(&bytes)
+            .with_context(|| format!("profile for {image}"))?;
+        return Ok(recipe);
+    }
+    let src = RegistrySource::open(image, &registry.options()?)?;
+    let recorded_on = |art: &smr_registry::discover::Artifact| {
+        profile
+            .check_recipe(&art.recipe_bytes)
+            .map_err(|e| format!("not the recipe the profile was recorded against: {e}"))
+    };
+    let platform = "linux/amd64".parse().context("platform")?;
+    let (_, artifact) = find_artifact_in(
+        &src,
+        image,
+        &platform,
+        &DiscoverOptions::default(),
+        &recorded_on,
+    )?;
+    Ok(artifact.recipe)
+}
+
+/// Plaintext and stored bytes of the stored chunks `profile` lists.
+fn profile_bytes(profile: &Profile, recipe: &smr_format::Recipe) -> (u64, u64) {
+    profile
+        .chunks
+        .iter()
+        .filter_map(|&c| {
+            recipe
+                .entry(c)
+                .map(|e| (recipe.chunk_len(c), u64::from(e.stored_len)))
+        })
+        .fold((0, 0), |(p, s), (a, b)| (p + a, s + b))
 }

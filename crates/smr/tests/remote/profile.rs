@@ -75,6 +75,19 @@ fn a_recorded_profile_is_pushed_then_found_and_replayed() {
         listed > 10 && listed <= fetched,
         "{listed} listed, {fetched} fetched"
     );
+    // With the image: the bytes those chunks hold and their stored size
+    // (what a replay fetches: the recording run fetched exactly them).
+    let show = ok(smr()
+        .args(["profile", "show", "--json", "--image"])
+        .arg(&image)
+        .arg(&prof));
+    let shown: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(shown["bytes"].as_u64(), Some(listed * 64 * 1024), "{shown}");
+    let stored = shown["stored_bytes"].as_u64().unwrap();
+    assert!(
+        stored > 0 && stored <= recorded["bytes_fetched"].as_u64().unwrap(),
+        "{shown}"
+    );
 
     // Push it; every later start finds it next to the smr artifact.
     let pushed = ok(smr().args(["profile", "push"]).arg(&image).arg(&prof));
