@@ -219,7 +219,7 @@ pub struct SourceArgs {
     /// filesystem metadata when the image is mounted (without a profile)
     /// nor the rest of a file after a read misses inside it. (Always so
     /// for a local directory store, where a fetch costs no round trip.)
-    #[arg(long)]
+    #[arg(long, env = "SMR_NO_PREFETCH")]
     pub no_prefetch: bool,
 }
 

@@ -257,7 +257,8 @@ fn reads_wait_for_a_registry_outage_and_fail_after_the_deadline() {
         &state,
         &cache,
         &s.key,
-        &[("SMR_STORE_DEADLINE", "8")],
+        // No prefetch: reading one file must not fetch the next.
+        &[("SMR_STORE_DEADLINE", "8"), ("SMR_NO_PREFETCH", "true")],
     );
     let files = [m.mnt.join("big/a"), m.mnt.join("big/b")];
 
