@@ -22,6 +22,12 @@ use crate::error::{FormatError, Result};
 use crate::varint;
 use std::ops::Range;
 
+/// Bytes at the start of every image that hold only the superblock and
+/// the group descriptor reservation (docs/FORMAT.md §4: blocks 0 to 64 of
+/// 4 KiB); file data starts after them. Part of the metadata a node
+/// prefetches with the metadata region.
+pub const HEADER_BYTES: u64 = 65 * 4096;
+
 /// Chunks of one file's data: `start..start + count`, `count >= 2`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkRun {

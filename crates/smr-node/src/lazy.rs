@@ -139,7 +139,7 @@ impl LazyImage {
         if img.keys_missing() {
             return Err(FormatError::KeyRequired.into());
         }
-        let prefetch = Arc::new(prefetch::Prefetch::new(img.recipe.chunk_count(), true));
+        let prefetch = Arc::new(prefetch::Prefetch::new(img.recipe.chunk_count()));
         Ok(LazyImage {
             _prefetch: Arc::new(prefetch::StopOnDrop(prefetch.clone())),
             inner: Arc::new(Inner {
@@ -185,8 +185,7 @@ impl LazyImage {
         let p = &i.prefetch;
         let unread = p
             .unread()
-            .filter_map(|c| i.locate(c))
-            .filter_map(|(pos, _)| i.img.recipe.chunks.get(pos))
+            .filter_map(|c| i.img.recipe.entry(c))
             .map(|e| u64::from(e.stored_len))
             .sum();
         LazyStats {
@@ -576,7 +575,6 @@ impl Inner {
         let (Some(&first), Some(&last)) = (missing.first(), missing.last()) else {
             return;
         };
-
         let mut wants: Vec<(ChunkId, Extent)> =
             missing.iter().filter_map(|&c| self.extent(c)).collect();
         let missing = |id: &ChunkId| self.cache.is_missing(id);

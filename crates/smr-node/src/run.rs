@@ -173,6 +173,24 @@ pub struct RunReport {
     pub profile: Option<crate::lazy::profile::ReplayStats>,
 }
 
+/// Waits at most `limit` for `child` to exit: its status, or `None` if it
+/// still runs.
+pub fn wait_at_most(
+    child: &mut std::process::Child,
+    limit: Duration,
+) -> std::io::Result<Option<std::process::ExitStatus>> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Waits for `runc run`; past `timeout`, kills the container `id` with
 /// SIGKILL (which even a PID 1 without handlers cannot ignore) and waits
 /// for it to go. Returns the status and whether the timeout struck.
@@ -185,12 +203,8 @@ fn wait_with_timeout(
     let Some(timeout) = timeout else {
         return Ok((child.wait()?, false));
     };
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if let Some(status) = child.try_wait()? {
-            return Ok((status, false));
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    if let Some(status) = wait_at_most(child, timeout)? {
+        return Ok((status, false));
     }
     tracing::info!(
         container = id,

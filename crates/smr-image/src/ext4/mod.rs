@@ -53,6 +53,9 @@ pub const fn header_len() -> u64 {
     layout::HEADER_BLOCKS * format::BLOCK_SIZE
 }
 
+// The header a node prefetches as metadata is this writer's.
+const _: () = assert!(header_len() == smr_format::filemap::HEADER_BYTES);
+
 /// Largest image this writer produces (limited by the reserved descriptor table).
 pub const MAX_IMAGE_SIZE: u64 = layout::MAX_BLOCKS * format::BLOCK_SIZE;
 

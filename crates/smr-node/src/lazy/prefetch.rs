@@ -88,7 +88,7 @@ impl Bits {
     }
 
     /// Indices set here and not in `other`.
-    fn count_without(&self, other: &Bits) -> impl Iterator<Item = u64> + '_ {
+    fn without(&self, other: &Bits) -> impl Iterator<Item = u64> + '_ {
         let other: Vec<u64> = other.0.iter().map(|w| w.load(Ordering::Relaxed)).collect();
         self.0.iter().enumerate().flat_map(move |(w, word)| {
             let mut bits = word.load(Ordering::Relaxed) & !other.get(w).copied().unwrap_or(0);
@@ -136,13 +136,14 @@ impl Drop for StopOnDrop {
 }
 
 impl Prefetch {
-    pub(super) fn new(chunk_count: u64, files: bool) -> Self {
+    /// State for an image of `chunk_count` chunks, file prefetch on.
+    pub(super) fn new(chunk_count: u64) -> Self {
         Prefetch {
             queue: Mutex::new(Queues::default()),
             work: Condvar::new(),
             stop: AtomicBool::new(false),
             started: OnceLock::new(),
-            files: AtomicBool::new(files),
+            files: AtomicBool::new(true),
             queued: Bits::new(chunk_count),
             fetched: Bits::new(chunk_count),
             read: Bits::new(chunk_count),
@@ -155,7 +156,7 @@ impl Prefetch {
 
     /// Chunks fetched ahead that no reader asked for (yet).
     pub(super) fn unread(&self) -> impl Iterator<Item = u64> + '_ {
-        self.fetched.count_without(&self.read)
+        self.fetched.without(&self.read)
     }
 
     /// Stops the workers (they finish the fetch they are in).
@@ -184,7 +185,7 @@ impl Inner {
         let p = &self.prefetch;
         let new: Vec<u64> = indices
             .into_iter()
-            .filter(|&c| self.locate(c).is_some() && p.queued.set(c))
+            .filter(|&c| self.img.recipe.entry(c).is_some() && p.queued.set(c))
             .collect();
         let added = new.len();
         if added == 0 {
@@ -233,12 +234,7 @@ impl Inner {
         let mut end = index + 1;
         let mut bytes = 0u64;
         while end < map.metadata_chunk && bytes < NEIGHBOUR_BYTES && end - index <= MAX_NEIGHBOURS {
-            if let Some((pos, _)) = self.locate(end) {
-                bytes += recipe
-                    .chunks
-                    .get(pos)
-                    .map_or(0, |e| u64::from(e.stored_len));
-            }
+            bytes += recipe.entry(end).map_or(0, |e| u64::from(e.stored_len));
             end += 1;
         }
         if let Some(run) = map.file_at(index) {
@@ -343,10 +339,10 @@ impl LazyImage {
         let Some(map) = &recipe.file_map else {
             return;
         };
-        let data = smr_image_data_chunk(recipe.chunk_size);
+        let header = smr_format::filemap::HEADER_BYTES.div_ceil(recipe.chunk_size);
         let chunks = recipe.chunk_count();
         self.inner
-            .queue_prefetch((0..data).chain(map.metadata_chunk..chunks), false);
+            .queue_prefetch((0..header).chain(map.metadata_chunk..chunks), false);
     }
 
     /// Whether a miss inside a file prefetches the rest of the file (on by
@@ -354,13 +350,6 @@ impl LazyImage {
     pub fn set_file_prefetch(&self, on: bool) {
         self.inner.prefetch.files.store(on, Ordering::Relaxed);
     }
-}
-
-/// Chunks before the first layer's data: the superblock and the group
-/// descriptor reservation (65 blocks of 4 KiB), rounded up to chunks.
-fn smr_image_data_chunk(chunk_size: u64) -> u64 {
-    const HEADER_BYTES: u64 = 65 * 4096;
-    HEADER_BYTES.div_ceil(chunk_size)
 }
 
 #[cfg(test)]
@@ -376,6 +365,6 @@ mod tests {
         assert!(a.get(129) && !a.get(1));
         let b = Bits::new(130);
         b.set(64);
-        assert_eq!(a.count_without(&b).collect::<Vec<_>>(), vec![0, 129]);
+        assert_eq!(a.without(&b).collect::<Vec<_>>(), vec![0, 129]);
     }
 }

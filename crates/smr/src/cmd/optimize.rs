@@ -149,7 +149,7 @@ fn record_all(
             .with_context(|| format!("starting {}", exe.display()))?;
         // `smr run` stops the container after the period; this bounds the
         // rest (mount, teardown) should it hang.
-        let status = wait_at_most(&mut child, a.optimize_period + SETUP_ALLOWANCE)?;
+        let status = wait_or_kill(&mut child, a.optimize_period + SETUP_ALLOWANCE)?;
         let tail = log_tail(&log);
         let timed_out = std::fs::read(&stats)
             .ok()
@@ -185,25 +185,21 @@ fn record_all(
 const SETUP_ALLOWANCE: Duration = Duration::from_secs(120);
 
 /// Waits for `child`, killing it (SIGKILL) after `limit`.
-fn wait_at_most(
+fn wait_or_kill(
     child: &mut std::process::Child,
     limit: Duration,
 ) -> Result<std::process::ExitStatus> {
-    let deadline = std::time::Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().context("waiting for smr run")? {
-            return Ok(status);
-        }
-        if std::time::Instant::now() >= deadline {
-            tracing::warn!(
-                pid = child.id(),
-                "the recording run did not end in time: killing it"
-            );
-            let _ = child.kill();
-            return child.wait().context("waiting for smr run");
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    if let Some(status) =
+        smr_node::run::wait_at_most(child, limit).context("waiting for smr run")?
+    {
+        return Ok(status);
     }
+    tracing::warn!(
+        pid = child.id(),
+        "the recording run did not end in time: killing it"
+    );
+    let _ = child.kill();
+    child.wait().context("waiting for smr run")
 }
 
 /// The last lines of a run's output, for the log.

@@ -100,18 +100,7 @@ pub(crate) fn push_to_registry(
     artifact: Option<String>,
     platform: &str,
 ) -> Result<String> {
-    let platform = platform.parse().context("--platform")?;
-    let opts = DiscoverOptions {
-        artifact,
-        ..DiscoverOptions::default()
-    };
-    // The artifact whose recipe the profile was recorded against.
-    let recorded_on = |art: &smr_registry::discover::Artifact| {
-        profile
-            .check_recipe(&art.recipe_bytes)
-            .map_err(|e| format!("not the recipe the profile was recorded against: {e}"))
-    };
-    let (repo, artifact) = find_artifact_in(src, image, &platform, &opts, &recorded_on)?;
+    let (repo, artifact) = recorded_on(src, image, profile, artifact, platform)?;
     let r = smr_registry::profile::push_profile(&repo, &artifact, profile)?;
     errln!(
         "smr: pushed startup profile {} ({} chunks) for smr artifact {} ({:?})",
@@ -165,20 +154,34 @@ fn recipe_of(
         return Ok(recipe);
     }
     let src = RegistrySource::open(image, &registry.options()?)?;
-    let recorded_on = |art: &smr_registry::discover::Artifact| {
+    let (_, artifact) = recorded_on(&src, image, profile, None, "linux/amd64")?;
+    Ok(artifact.recipe)
+}
+
+/// The smr artifact of `image` (in `src`) whose recipe `profile` was
+/// recorded against: the one with digest `artifact`, else the one `smr
+/// run` picks among those with that recipe.
+fn recorded_on(
+    src: &RegistrySource,
+    image: &str,
+    profile: &Profile,
+    artifact: Option<String>,
+    platform: &str,
+) -> Result<(
+    smr_registry::client::Repository,
+    smr_registry::discover::Artifact,
+)> {
+    let platform = platform.parse().context("--platform")?;
+    let opts = DiscoverOptions {
+        artifact,
+        ..DiscoverOptions::default()
+    };
+    let accept = |art: &smr_registry::discover::Artifact| {
         profile
             .check_recipe(&art.recipe_bytes)
             .map_err(|e| format!("not the recipe the profile was recorded against: {e}"))
     };
-    let platform = "linux/amd64".parse().context("platform")?;
-    let (_, artifact) = find_artifact_in(
-        &src,
-        image,
-        &platform,
-        &DiscoverOptions::default(),
-        &recorded_on,
-    )?;
-    Ok(artifact.recipe)
+    find_artifact_in(src, image, &platform, &opts, &accept)
 }
 
 /// Plaintext and stored bytes of the stored chunks `profile` lists.
