@@ -8,4 +8,11 @@
 pub mod chunker;
 mod convert;
 
+/// The version of the image layout the converter writes: which ext4
+/// layout, chunking and recipe a source converts to. Conversion is
+/// deterministic within one layout version; any change to what a source
+/// converts to bumps it (recorded in pushed artifacts, checked by `smr
+/// verify --reproduce`).
+pub const LAYOUT_VERSION: u32 = 1;
+
 pub use convert::{convert, ConvertError, ConvertOptions, ConvertOutput, DEFAULT_CHUNK_SIZE};

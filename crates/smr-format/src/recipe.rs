@@ -368,5 +368,7 @@ fn take<const N: usize>(b: &mut &[u8]) -> Result<[u8; N]> {
     Ok(*head)
 }
 
+mod diff;
+
 #[cfg(test)]
 mod tests;

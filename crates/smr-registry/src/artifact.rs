@@ -36,6 +36,12 @@ pub const ANNOTATION_IMAGE_SIZE: &str = "vnd.smr.image-size";
 pub const ANNOTATION_CHUNKS: &str = "vnd.smr.chunks";
 /// Annotation: `true` when chunks are encrypted, else `false`.
 pub const ANNOTATION_ENCRYPTED: &str = "vnd.smr.encrypted";
+/// Annotation: the converter's layout version (`smr_convert::LAYOUT_VERSION`)
+/// that made the recipe: the same source converts to the same recipe only
+/// under the same layout.
+pub const ANNOTATION_LAYOUT: &str = "vnd.smr.layout";
+/// Annotation: the zstd level of compressed chunks (decimal), when any.
+pub const ANNOTATION_ZSTD_LEVEL: &str = "vnd.smr.zstd-level";
 /// Annotation: the pack target, in chunks per pack (decimal).
 pub const ANNOTATION_CHUNKS_PER_PACK: &str = "vnd.smr.chunks-per-pack";
 
@@ -86,6 +92,10 @@ pub struct Descriptor {
     /// Annotations, sorted by key.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+    /// The content itself, base64 (OCI 1.1's embedded `data`), so that a
+    /// reader of a small blob needs no request; checked against `digest`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
 }
 
 impl Descriptor {
@@ -102,6 +112,7 @@ impl Descriptor {
             size,
             artifact_type: None,
             annotations: BTreeMap::new(),
+            data: None,
         }
     }
 

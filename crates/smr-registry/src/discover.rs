@@ -29,6 +29,7 @@ use crate::error::{RegistryError, Result};
 use crate::media_types::SMR_ARTIFACT;
 use crate::pack::PackIndex;
 use crate::profile::{fetch_profile, profiles_of};
+use crate::signature::{find_signature, SignedBy, VerifyKey};
 use crate::store::RegistryStore;
 use smr_format::{Profile, Recipe};
 use smr_image::media_types::OCI_MANIFEST;
@@ -48,6 +49,14 @@ pub struct DiscoverOptions {
     /// Also look for the artifact's startup profile
     /// ([`crate::profile`]); fetched alongside the recipe and pack index.
     pub profile: bool,
+    /// Look for a signature of each candidate by one of these keys
+    /// ([`crate::signature`]), alongside the recipe and pack index; the
+    /// outcome is [`Artifact::signature`], for the caller's policy.
+    pub verify_keys: Vec<Arc<VerifyKey>>,
+    /// The entries of the image index the image was resolved through that
+    /// name this image's smr artifact and profiles (`--index` mode,
+    /// [`crate::index`]): tried first, with no referrers lookup.
+    pub index_entries: Vec<Descriptor>,
 }
 
 /// An opened, checked smr artifact.
@@ -69,6 +78,11 @@ pub struct Artifact {
     /// found and valid for the recipe (a bad one is logged and left out:
     /// a profile only speeds a start up).
     pub profile: Option<Profile>,
+    /// With [`DiscoverOptions::verify_keys`]: the trusted key whose
+    /// signature verified, or why none did.
+    pub signature: Option<std::result::Result<SignedBy, String>>,
+    /// Whether the image index the image was resolved through names it.
+    pub from_index: bool,
 }
 
 impl Artifact {
@@ -99,10 +113,23 @@ fn artifacts_among(list: &[Descriptor]) -> Vec<Descriptor> {
 /// Every referrer of `subject`: from the referrers API when it lists an
 /// smr artifact, else from the fallback tag (none if there is no tag).
 pub fn list_referrers(blobs: &dyn Blobs, subject: &str) -> Result<Vec<Descriptor>> {
+    list_referrers_of(blobs, subject, SMR_ARTIFACT)
+}
+
+/// Every referrer of `subject`: from the referrers API when it lists one of
+/// `artifact_type`, else from the fallback tag (none if there is no tag).
+pub fn list_referrers_of(
+    blobs: &dyn Blobs,
+    subject: &str,
+    artifact_type: &str,
+) -> Result<Vec<Descriptor>> {
     let repo = blobs.describe();
     if let Some(bytes) = blobs.referrers(subject)? {
         let found = parse_referrers(&repo, &format!("referrers of {subject}"), &bytes)?;
-        if !artifacts_among(&found).is_empty() {
+        if found
+            .iter()
+            .any(|d| d.artifact_type.as_deref() == Some(artifact_type))
+        {
             tracing::debug!(%subject, count = found.len(), "referrers from the referrers API");
             return Ok(found);
         }
@@ -136,17 +163,40 @@ pub fn discover_trusted(
     opts: &DiscoverOptions,
     accept: Accept<'_>,
 ) -> Result<Artifact> {
+    if opts.artifact.is_none() && !opts.index_entries.is_empty() {
+        match discover_among(blobs, subject, opts, &opts.index_entries, accept) {
+            Ok(mut a) => {
+                tracing::info!(%subject, artifact = %a.digest, "smr artifact named by the image index");
+                a.from_index = true;
+                return Ok(a);
+            }
+            Err(e) => {
+                tracing::warn!(%subject, error = %e, "no usable smr artifact in the image index; looking among the referrers");
+            }
+        }
+    }
     let listed = match (&opts.artifact, opts.profile) {
         (Some(_), false) => Vec::new(),
         _ => list_referrers(blobs, subject)?,
     };
+    discover_among(blobs, subject, opts, &listed, accept)
+}
+
+/// [`discover_trusted`] among the referrers (or index entries) `listed`.
+fn discover_among(
+    blobs: &dyn Blobs,
+    subject: &str,
+    opts: &DiscoverOptions,
+    listed: &[Descriptor],
+    accept: Accept<'_>,
+) -> Result<Artifact> {
     let candidates = match &opts.artifact {
         Some(digest) => vec![digest.clone()],
-        None => choose(blobs, subject, opts, &artifacts_among(&listed))?,
+        None => choose(blobs, subject, opts, &artifacts_among(listed))?,
     };
     let mut refused = Vec::new();
     for digest in &candidates {
-        let why = match open_chosen(blobs, subject, opts, &listed, digest) {
+        let why = match open_chosen(blobs, subject, opts, listed, digest) {
             Ok(a) => match accept(&a) {
                 Ok(()) => return Ok(a),
                 Err(why) => why,
@@ -165,7 +215,8 @@ pub fn discover_trusted(
 }
 
 /// Opens candidate `chosen` with its startup profile (when asked for and
-/// listed in `listed`).
+/// listed in `listed`) and its signature (when keys are given), all three
+/// at once.
 fn open_chosen(
     blobs: &dyn Blobs,
     subject: &str,
@@ -178,18 +229,26 @@ fn open_chosen(
         .profile
         .then(|| profiles_of(listed, &chosen).into_iter().next())
         .flatten();
-    let Some(profile_desc) = profile else {
-        return open_artifact(blobs, &chosen, Some(subject));
-    };
-    let (artifact, profile) = std::thread::scope(|s| {
-        let p = s.spawn(|| fetch_profile(blobs, &profile_desc.digest, &chosen));
+    let keys = &opts.verify_keys;
+    let panicked = |what: &str| bad(&blobs.describe(), &chosen, format!("{what} panicked"));
+    let (artifact, profile, signature) = std::thread::scope(|s| {
+        let p = profile
+            .as_ref()
+            .map(|d| (d, s.spawn(|| fetch_profile(blobs, &d.digest, &chosen))));
+        let sig = (!keys.is_empty()).then(|| s.spawn(|| find_signature(blobs, &chosen, keys)));
         let a = open_artifact(blobs, &chosen, Some(subject));
-        let p = p
-            .join()
-            .unwrap_or_else(|_| Err(bad(&blobs.describe(), &profile_desc.digest, "panicked")));
-        (a, p)
+        let p = p.map(|(d, h)| (d, h.join().unwrap_or_else(|_| Err(panicked("profile")))));
+        let sig = sig.map(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(panicked("signature check")))
+        });
+        (a, p, sig)
     });
     let mut artifact = artifact?;
+    artifact.signature = signature.transpose()?;
+    let Some((profile_desc, profile)) = profile else {
+        return Ok(artifact);
+    };
     let profile = profile.and_then(|p| {
         p.check_recipe(&artifact.recipe_bytes)
             .map_err(|source| RegistryError::Format {
@@ -323,6 +382,8 @@ pub fn open_artifact(blobs: &dyn Blobs, digest: &str, subject: Option<&str>) -> 
         recipe,
         index: Arc::new(index),
         profile: None,
+        signature: None,
+        from_index: false,
     })
 }
 

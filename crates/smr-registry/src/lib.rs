@@ -9,6 +9,8 @@
 //! - [`push`]: pushing a converted image as an smr artifact.
 //! - [`discover`]: finding and opening the smr artifact of an image.
 //! - [`profile`]: startup profiles pushed next to the smr artifact.
+//! - [`signature`]: cosign-compatible signatures of smr artifacts.
+//! - [`index`]: `--index` mode, the smr artifact inside the image index.
 //! - [`store`]: [`RegistryStore`], a chunk store over an artifact's packs.
 //! - [`reference`](mod@reference): `docker://host[:port]/name[:tag][@digest]` references.
 //! - [`client`]: the registry client ([`client::Registry`],
@@ -20,11 +22,13 @@ pub mod blobs;
 pub mod client;
 pub mod discover;
 pub mod error;
+pub mod index;
 pub mod media_types;
 pub mod pack;
 pub mod profile;
 pub mod push;
 pub mod reference;
+pub mod signature;
 pub mod source;
 pub mod store;
 #[cfg(test)]

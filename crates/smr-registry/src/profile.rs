@@ -45,6 +45,9 @@ pub const ANNOTATION_CREATED: &str = "org.opencontainers.image.created";
 pub struct ProfilePush {
     /// Digest of the profile manifest.
     pub manifest_digest: String,
+    /// The profile as a referrers entry (artifact type, annotations).
+    #[serde(skip)]
+    pub descriptor: Descriptor,
     /// Digest of the profile blob.
     pub profile_digest: String,
     /// Chunks the profile lists.
@@ -117,6 +120,7 @@ pub fn push_profile(
     let referrers = update_referrers(blobs, &manifest, &manifest_bytes, &digest, &older)?;
     tracing::info!(%repo, manifest = %digest, artifact = %artifact.digest, chunks = profile.chunks.len(), ?referrers, "pushed startup profile");
     Ok(ProfilePush {
+        descriptor: manifest.referrer(&manifest_bytes),
         manifest_digest: digest,
         profile_digest,
         chunks: profile.chunks.len(),

@@ -43,6 +43,11 @@ pub struct PushOptions {
     /// Also tag the artifact manifest (it is reachable without a tag,
     /// through the referrers of its subject).
     pub tag: Option<String>,
+    /// How the recipe was made, beyond what the recipe says
+    /// ([`crate::artifact::ANNOTATION_LAYOUT`],
+    /// [`crate::artifact::ANNOTATION_ZSTD_LEVEL`]): added to the manifest's
+    /// annotations, so that `smr verify --reproduce` converts the same way.
+    pub conversion: BTreeMap<String, String>,
 }
 
 /// How the artifact was made findable from its subject.
@@ -64,6 +69,9 @@ pub enum ReferrersUpdate {
 pub struct PushReport {
     /// Digest of the artifact manifest.
     pub manifest_digest: String,
+    /// The artifact as a referrers entry (artifact type, annotations).
+    #[serde(skip)]
+    pub descriptor: Descriptor,
     /// Whether the manifest was written (false: it already existed).
     pub manifest_pushed: bool,
     /// Number of packs.
@@ -176,7 +184,7 @@ pub fn push(
         Descriptor::of(SMR_RECIPE, recipe_bytes),
         Descriptor::of(SMR_PACK_INDEX, &index_bytes),
         pack_descs,
-        annotations(&recipe, &params),
+        annotations(&recipe, &params, &options.conversion),
     );
     debug_assert!(manifest.validate().is_ok() && manifest.config.media_type == OCI_EMPTY);
     let bytes = manifest.to_bytes();
@@ -201,6 +209,7 @@ pub fn push(
     let t = tally.into_inner().unwrap_or_else(PoisonError::into_inner);
     let stats = index.stats();
     let report = PushReport {
+        descriptor: manifest.referrer(&bytes),
         manifest_digest: digest,
         manifest_pushed,
         packs: stats.packs,
@@ -218,8 +227,12 @@ pub fn push(
 
 /// The artifact's annotations: a summary that the referrers list shows
 /// (no timestamps: the same push gives the same manifest).
-fn annotations(recipe: &Recipe, params: &PackParams) -> BTreeMap<String, String> {
-    [
+fn annotations(
+    recipe: &Recipe,
+    params: &PackParams,
+    conversion: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let mut a: BTreeMap<String, String> = [
         (ANNOTATION_CHUNK_SIZE, recipe.chunk_size.to_string()),
         (ANNOTATION_IMAGE_SIZE, recipe.image_size.to_string()),
         (ANNOTATION_CHUNKS, recipe.chunks.len().to_string()),
@@ -228,7 +241,9 @@ fn annotations(recipe: &Recipe, params: &PackParams) -> BTreeMap<String, String>
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
-    .collect()
+    .collect();
+    a.extend(conversion.clone());
+    a
 }
 
 fn check_digest(repo: &str, want: &str, got: &str) -> Result<()> {

@@ -39,6 +39,8 @@ pub struct RegistrySource {
     manifests: Mutex<HashMap<String, Bytes>>,
     /// Digests that index entries name as manifests or indexes.
     manifest_digests: Mutex<HashSet<String>>,
+    /// What the reference named (tag or digest): media type, bytes.
+    top: Mutex<Option<(String, Bytes)>>,
 }
 
 impl std::fmt::Debug for RegistrySource {
@@ -65,6 +67,7 @@ impl RegistrySource {
             repo,
             manifests: Mutex::new(HashMap::new()),
             manifest_digests: Mutex::new(HashSet::new()),
+            top: Mutex::new(None),
         })
     }
 
@@ -76,6 +79,24 @@ impl RegistrySource {
     /// The repository client.
     pub fn repository(&self) -> &Repository {
         &self.repo
+    }
+
+    /// The manifest or index the reference named, as `(media type,
+    /// bytes)`, once [`ImageSource::resolve`] read it.
+    pub fn top(&self) -> Option<(String, Bytes)> {
+        lock(&self.top).clone()
+    }
+
+    /// The entries of the image index the reference named that belong to
+    /// platform manifest `manifest` (its smr artifact and profiles, written
+    /// by `--index`, [`crate::index`]); none when it named no index.
+    pub fn index_entries(&self, manifest: &str) -> Vec<crate::artifact::Descriptor> {
+        match self.top() {
+            Some((media_type, bytes)) if media_type == smr_image::media_types::OCI_INDEX => {
+                crate::index::entries_for(&bytes, manifest)
+            }
+            _ => Vec::new(),
+        }
     }
 
     /// Keeps manifest `bytes`; for an index, notes its entries' digests.
@@ -183,7 +204,9 @@ impl ImageSource for RegistrySource {
             platform: None,
             annotations: None,
         };
-        self.remember(&digest, &media_type, Bytes::from(bytes));
+        let bytes = Bytes::from(bytes);
+        *lock(&self.top) = Some((media_type.clone(), bytes.clone()));
+        self.remember(&digest, &media_type, bytes);
         resolve_descriptor(self, &desc, platform)
     }
 

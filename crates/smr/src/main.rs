@@ -22,6 +22,7 @@ macro_rules! errln {
 
 mod cmd;
 mod keys;
+mod policy;
 mod progress;
 mod remote;
 
@@ -67,6 +68,8 @@ enum Command {
     Daemon(cmd::daemon::DaemonArgs),
     /// Show what the node daemon serves: snapshots, images, cache.
     Status(cmd::daemon::StatusArgs),
+    /// The node's trust policy: which smr artifacts it runs.
+    Policy(policy::Args),
     /// Pull an image into containerd, its layers served lazily by the
     /// smr snapshotter (like `ctr-remote image rpull`).
     Pull(cmd::daemon::PullArgs),
@@ -100,6 +103,7 @@ fn main() -> ExitCode {
         Command::Profile(a) => cmd::profile::run(a),
         Command::Daemon(a) => cmd::daemon::run(a),
         Command::Pull(a) => cmd::daemon::run_pull(a),
+        Command::Policy(a) => policy::run(a),
         Command::Status(a) => cmd::daemon::run_status(a),
         Command::ServeFuse(a) => cmd::serve::run_fuse(a),
     };

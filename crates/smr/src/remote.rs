@@ -146,6 +146,11 @@ pub fn find_artifact_in(
         .with_context(|| format!("resolving {reference}"))?;
     let repo = src.repository().clone();
     let digest = &resolved.manifest_digest;
+    // `--index` mode: the index the reference named may list the artifact.
+    let opts = &DiscoverOptions {
+        index_entries: src.index_entries(digest),
+        ..opts.clone()
+    };
     let artifact = match discover_trusted(&repo, digest, opts, accept) {
         Ok(a) => a,
         Err(e @ smr_registry::RegistryError::NoTrustedArtifact { .. }) => {
@@ -197,19 +202,4 @@ pub fn push_converted(
     let subject = Descriptor::of(&media_type, &bytes);
     push(repo, &subject, recipe_bytes, store, opts)
         .with_context(|| format!("pushing the smr artifact to {}", src.describe()))
-}
-
-/// The node's policy with an owner key: an artifact is used only if its
-/// recipe's key table opens with that key. An unencrypted recipe carries no
-/// authentication, so it is refused too.
-pub fn owner_key_policy(
-    owner: &smr_format::OwnerKey,
-) -> impl Fn(&Artifact) -> std::result::Result<(), String> + Sync + '_ {
-    move |a: &Artifact| match a.recipe.keys(Some(owner)) {
-        Ok(Some(_)) => Ok(()),
-        Ok(None) => Err("its recipe is not encrypted, so nothing binds it to the owner key".into()),
-        Err(e) => Err(format!(
-            "its key table does not open with the owner key: {e}"
-        )),
-    }
 }

@@ -28,3 +28,6 @@ mod profile;
 
 #[path = "remote/optimize.rs"]
 mod optimize;
+
+#[path = "remote/trust.rs"]
+mod trust;

@@ -8,6 +8,7 @@ use smr_convert::{convert, ConvertOptions, ConvertOutput};
 use smr_format::chunk::default_salt;
 use smr_format::ChunkCodec;
 use smr_image::source::ImageSource;
+use smr_registry::artifact::{ANNOTATION_LAYOUT, ANNOTATION_ZSTD_LEVEL};
 use smr_registry::pack::PackParams;
 use smr_registry::push::PushOptions;
 use smr_registry::source::RegistrySource;
@@ -75,6 +76,8 @@ pub struct Args {
     key: KeyArgs,
     #[command(flatten)]
     optimize: super::optimize::OptimizeArgs,
+    #[command(flatten)]
+    publish: super::publish::PublishArgs,
 }
 
 /// `--chunk-size`'s default, [`smr_convert::DEFAULT_CHUNK_SIZE`].
@@ -184,21 +187,32 @@ pub fn run(a: Args) -> Result<ExitCode> {
             has_command: !(out.recipe.config.entrypoint.is_empty()
                 && out.recipe.config.cmd.is_empty()),
         };
+        let mut profile_entry = None;
         if let Some(profile) = super::optimize::record(&a.optimize, &converted) {
             let pushed = super::profile::push_to_registry(
                 reg,
                 &a.source,
                 &profile,
-                Some(artifact),
+                Some(artifact.manifest_digest.clone()),
                 &a.platform,
             );
-            if let Err(e) = pushed {
-                tracing::warn!(
+            match pushed {
+                Ok(p) => profile_entry = Some(p.descriptor),
+                Err(e) => tracing::warn!(
                     error = format!("{e:#}"),
                     "pushing the startup profile failed; the image works without it"
-                );
+                ),
             }
         }
+        let platform = a.platform.parse().context("--platform")?;
+        super::publish::publish(
+            &a.publish,
+            reg,
+            &platform,
+            &out.recipe.source_digest,
+            &artifact.descriptor,
+            profile_entry.as_ref(),
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -209,6 +223,7 @@ fn convert_options(a: &Args) -> Result<ConvertOptions> {
     if !a.push && !a.optimize.cmds.is_empty() {
         bail!("--optimize-cmd records a startup profile for the image pushed with --push");
     }
+    a.publish.check(a.push, &a.source)?;
     let owner = a.key.load()?;
     if !a.no_encrypt && owner.is_none() {
         bail!("encrypted conversion needs the owner key: pass --key-file PATH (or SMR_KEY_FILE; create one with `smr keygen -o PATH`), or --no-encrypt for a public image");
@@ -302,17 +317,24 @@ fn report(a: &Args, src: &dyn ImageSource, out: &ConvertOutput, recipe_len: usiz
 }
 
 /// Pushes the converted image (recipe `bytes`, chunks in `store`) as the
-/// smr artifact of the source image `reg`, says what it did, and returns
-/// the artifact's manifest digest.
+/// smr artifact of the source image `reg`, and says what it did.
 fn push(
     a: &Args,
     reg: &RegistrySource,
     out: &ConvertOutput,
     bytes: &[u8],
     store: &dyn smr_store::ChunkStore,
-) -> Result<String> {
+) -> Result<smr_registry::push::PushReport> {
+    let mut conversion = std::collections::BTreeMap::from([(
+        ANNOTATION_LAYOUT.to_string(),
+        smr_convert::LAYOUT_VERSION.to_string(),
+    )]);
+    if a.compress == Compress::Zstd {
+        conversion.insert(ANNOTATION_ZSTD_LEVEL.to_string(), a.zstd_level.to_string());
+    }
     let opts = PushOptions {
         pack: a.pack_chunks.map(PackParams::with_target),
+        conversion,
         ..Default::default()
     };
     let t = Instant::now();
@@ -331,7 +353,7 @@ fn push(
         serde_json::to_value(r.referrers)?.as_str().unwrap_or("?"),
         t.elapsed().as_secs_f64()
     );
-    Ok(r.manifest_digest)
+    Ok(r)
 }
 
 #[cfg(test)]

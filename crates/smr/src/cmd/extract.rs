@@ -37,6 +37,14 @@ pub struct VerifyArgs {
     image: String,
     #[command(flatten)]
     origin: OriginArgs,
+    /// Convert the source image again, as the artifact says it was
+    /// converted, and check that its recipe is exactly what the image gives
+    /// (registry images; the first difference is named).
+    #[arg(long)]
+    reproduce: bool,
+    /// With `--reproduce`: the salt file the image was converted with.
+    #[arg(long, requires = "reproduce")]
+    salt_file: Option<PathBuf>,
 }
 
 fn threads() -> usize {
@@ -164,6 +172,9 @@ fn report_temps(location: Option<&str>) {
 
 /// Checks every chunk; fails naming each bad chunk.
 pub fn run_verify(a: VerifyArgs) -> Result<ExitCode> {
+    if a.reproduce {
+        return super::reproduce::run(&a.image, &a.origin, a.salt_file.as_deref());
+    }
     let r = a.origin.resolve(&a.image, false, false)?;
     let img = image_chunks(r.recipe, &a.origin.key, false, &a.image)?;
     let store = r.store;

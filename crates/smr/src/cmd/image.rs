@@ -5,7 +5,8 @@
 //! `mount`, `serve-nbd`: [`SourceArgs`], [`ImageArgs`]).
 
 use crate::keys::{image_chunks, read_recipe_bytes, KeyArgs};
-use crate::remote::{is_remote, open_remote, owner_key_policy, RegistryArgs};
+use crate::policy::NodePolicy;
+use crate::remote::{is_remote, open_remote, RegistryArgs};
 use anyhow::{Context, Result};
 use smr_format::Profile;
 use smr_node::cache::{Cache, CacheConfig};
@@ -66,8 +67,11 @@ pub struct OriginArgs {
     pub key: KeyArgs,
     #[command(flatten)]
     pub registry: RegistryArgs,
+    #[command(flatten)]
+    pub policy: crate::policy::PolicyArgs,
     /// For a registry image with several smr artifacts: the one to use, by
-    /// manifest digest (default: the smallest digest).
+    /// manifest digest (default: the first, in digest order, that the
+    /// node's policy trusts).
     #[arg(long, value_name = "DIGEST")]
     pub artifact: Option<String>,
     /// For a registry image: the platform to pick from an index.
@@ -144,23 +148,17 @@ impl OriginArgs {
     pub fn resolve(&self, image: &str, find_profile: bool, replaying: bool) -> Result<Resolved> {
         if is_remote(image) {
             let platform = self.platform.parse().context("--platform")?;
+            // Only artifacts the node's policy trusts are used.
+            let policy = NodePolicy::load(&self.policy, self.key.load()?)?;
             let opts = DiscoverOptions {
                 artifact: self.artifact.clone(),
                 profile: find_profile,
+                verify_keys: policy.keys.clone(),
                 ..DiscoverOptions::default()
             };
-            // With an owner key, only artifacts sealed under it are used.
-            let owner = self.key.load()?;
-            let remote = match &owner {
-                Some(k) => open_remote(
-                    image,
-                    &platform,
-                    &self.registry,
-                    &opts,
-                    &owner_key_policy(k),
-                )?,
-                None => open_remote(image, &platform, &self.registry, &opts, &|_| Ok(()))?,
-            };
+            let remote = open_remote(image, &platform, &self.registry, &opts, &|a| {
+                policy.accept(a)
+            })?;
             let (store, location): (Arc<dyn ChunkStore>, String) = match &self.store {
                 Some(location) => (open_store(location)?, location.clone()),
                 None => (remote.store, remote.artifact.repo.clone()),

@@ -11,5 +11,7 @@ pub mod keygen;
 pub mod mount;
 pub mod optimize;
 pub mod profile;
+pub mod publish;
+pub mod reproduce;
 pub mod run;
 pub mod serve;

@@ -83,23 +83,22 @@ fn push(a: PushArgs) -> Result<ExitCode> {
     );
     let profile = read(&a.profile)?;
     let src = RegistrySource::open(&a.image, &a.registry.options()?)?;
-    let digest = push_to_registry(&src, &a.image, &profile, a.artifact.clone(), &a.platform)
+    let pushed = push_to_registry(&src, &a.image, &profile, a.artifact.clone(), &a.platform)
         .with_context(|| format!("pushing profile {} for {}", a.profile.display(), a.image))?;
-    outln!("{digest}");
+    outln!("{}", pushed.manifest_digest);
     Ok(ExitCode::SUCCESS)
 }
 
 /// Pushes `profile` next to the smr artifact of `image` (the one with
 /// digest `artifact`, else the one `smr run` picks among those whose recipe
-/// the profile was recorded against); returns the profile's manifest
-/// digest.
+/// the profile was recorded against); says what it pushed.
 pub(crate) fn push_to_registry(
     src: &RegistrySource,
     image: &str,
     profile: &Profile,
     artifact: Option<String>,
     platform: &str,
-) -> Result<String> {
+) -> Result<smr_registry::profile::ProfilePush> {
     let (repo, artifact) = recorded_on(src, image, profile, artifact, platform)?;
     let r = smr_registry::profile::push_profile(&repo, &artifact, profile)?;
     errln!(
@@ -109,7 +108,7 @@ pub(crate) fn push_to_registry(
         artifact.digest,
         r.referrers
     );
-    Ok(r.manifest_digest)
+    Ok(r)
 }
 
 fn show(a: ShowArgs) -> Result<ExitCode> {

@@ -7,6 +7,8 @@ use std::process::{Command, Output};
 pub fn smr() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_smr"));
     c.env_remove("SMR_KEY_FILE").env_remove("SMR_STORE");
+    // No node policy but what a test configures.
+    c.env("SMR_POLICY_DIR", "/nonexistent/smr-policy");
     c
 }
 
