@@ -71,10 +71,13 @@ pub fn build_index(
                 what: format!("{repo}: {what}"),
                 source,
             })?;
-        index_manifests(&doc).map_err(|reason| bad(repo, what, reason))?;
+        if !doc.is_object() {
+            return Err(bad(repo, what, "not a JSON object"));
+        }
         // Docker manifest lists cannot hold artifact entries: the new
         // index is an OCI one, holding the same entries.
         doc["mediaType"] = serde_json::Value::from(OCI_INDEX);
+        index_manifests(&doc).map_err(|reason| bad(repo, what, reason))?;
         doc
     } else {
         let mut entry = serde_json::json!({

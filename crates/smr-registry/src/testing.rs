@@ -147,7 +147,7 @@ impl Blobs for DirBlobs {
         let Ok(bytes) = fs::read(&path) else {
             return Ok(None);
         };
-        let mt = fs::read_to_string(path.with_extension("type")).unwrap();
+        let mt = fs::read_to_string(type_path(&path)).unwrap();
         Ok(Some((mt, bytes)))
     }
 
@@ -160,7 +160,7 @@ impl Blobs for DirBlobs {
         for r in [reference, digest.as_str()] {
             let path = self.root.join("manifests").join(r);
             fs::write(&path, bytes).unwrap();
-            fs::write(path.with_extension("type"), media_type).unwrap();
+            fs::write(type_path(&path), media_type).unwrap();
         }
         Ok(digest)
     }
@@ -200,6 +200,14 @@ impl Blobs for DirBlobs {
         parse_referrers("test", "referrers", &bytes).unwrap();
         Ok(Some(bytes))
     }
+}
+
+/// Where the media type of the manifest at `path` is kept (`path.type`:
+/// tags may contain dots, `sha256-<hex>.sig`).
+fn type_path(path: &std::path::Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".type");
+    PathBuf::from(p)
 }
 
 /// A converted image for tests: encrypted 64 KiB chunks in a local store.
