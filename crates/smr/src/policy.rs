@@ -242,12 +242,19 @@ pub fn run(a: Args) -> Result<ExitCode> {
         format!("an artifact is used when {}", r.join(", or "))
     };
     if a.json {
+        let owner_key = owner.as_ref().map(|id| {
+            let file = a.key.key_file.as_ref().map(|p| p.display().to_string());
+            serde_json::json!({ "file": file, "id": id })
+        });
+        let keys: Vec<serde_json::Value> = policy
+            .keys
+            .iter()
+            .map(|k| serde_json::json!({ "name": k.name, "id": k.id, "algorithm": k.algorithm() }))
+            .collect();
         let v = serde_json::json!({
             "policy_dir": policy.dir,
-            "owner_key": owner.as_ref().map(|id| serde_json::json!({
-                "file": a.key.key_file, "id": id })),
-            "signing_keys": policy.keys.iter().map(|k| serde_json::json!({
-                "name": k.name, "id": k.id, "algorithm": k.algorithm() })).collect::<Vec<_>>(),
+            "owner_key": owner_key,
+            "signing_keys": keys,
             "pinned": policy.pinned,
             "rule": rule,
         });

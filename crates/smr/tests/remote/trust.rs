@@ -368,3 +368,94 @@ fn verify_reproduce_passes_for_the_genuine_artifact_and_names_the_forged_chunk()
         "{last}"
     );
 }
+
+#[test]
+fn no_secret_reaches_any_output_even_at_trace_level() {
+    let creds = "smr:s3cret-Pa55word";
+    let Some(reg) = Registry::start(Some(creds)) else {
+        return;
+    };
+    let s = Synthetic::new();
+    let d = s.t.path();
+    reg.push_layout(
+        &d.join("layout"),
+        smr_testkit::SYNTHETIC_TAG,
+        "synth:v1",
+        Some(creds),
+    );
+    let image = reg.image("synth:v1");
+    let (sign_key, sign_pub) = cosign_pair(d, "k");
+    let owner = std::fs::read_to_string(&s.key).unwrap().trim().to_string();
+    let private = std::fs::read_to_string(&sign_key).unwrap();
+    let body: String = private.lines().nth(2).unwrap().to_string();
+    use base64::Engine as _;
+    let basic = base64::engine::general_purpose::STANDARD.encode(creds);
+    let secrets = [
+        "s3cret-Pa55word",
+        basic.as_str(),
+        owner.as_str(),
+        PASSWORD,
+        body.as_str(),
+    ];
+    let key = s.key.to_str().unwrap();
+    let wrong = d.join("wrong.key");
+    std::fs::write(&wrong, format!("{}\n", "ab".repeat(32))).unwrap();
+    let runs: Vec<Vec<String>> = [
+        vec![
+            "convert",
+            &image,
+            "--push",
+            "--no-optimize",
+            "--key-file",
+            key,
+            "--sign-key",
+            sign_key.to_str().unwrap(),
+            "--index",
+        ],
+        vec![
+            "extract",
+            &image,
+            "-o",
+            d.join("x.img").to_str().unwrap(),
+            "--key-file",
+            key,
+            "--verify-key",
+            sign_pub.to_str().unwrap(),
+        ],
+        vec!["verify", &image, "--key-file", key],
+        vec!["verify", "--reproduce", &image, "--key-file", key],
+        vec!["policy", "show", "--key-file", key, "--json"],
+        vec![
+            "extract",
+            &image,
+            "-o",
+            d.join("y.img").to_str().unwrap(),
+            "--key-file",
+            wrong.to_str().unwrap(),
+        ],
+    ]
+    .iter()
+    .map(|v| v.iter().map(|s| s.to_string()).collect())
+    .collect();
+    for args in &runs {
+        let o = run(smr()
+            .args(args)
+            .args(["--log", "trace"])
+            .env("SMR_REGISTRY_CREDS", creds)
+            .env("COSIGN_PASSWORD", PASSWORD));
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        if args[0] != "policy" {
+            assert!(
+                all.len() > 1000,
+                "trace output expected for {args:?}: {all}"
+            );
+        }
+        for secret in secrets {
+            assert!(!all.contains(secret), "{args:?} printed a secret: {all}");
+        }
+    }
+}
