@@ -34,6 +34,9 @@ pub struct MountConfig {
 pub struct Images {
     dir: PathBuf,
     state: PathBuf,
+    /// The node's trust policy directory (`ROOT/policy`), unless
+    /// `SMR_POLICY_DIR` names another.
+    policy: PathBuf,
     cfg: MountConfig,
     /// Manifests being mounted right now (others wait for them).
     busy: Mutex<HashSet<String>>,
@@ -68,6 +71,8 @@ impl Images {
         Images {
             dir: root.join("images"),
             state: root.join("mount-state"),
+            policy: std::env::var_os("SMR_POLICY_DIR")
+                .map_or_else(|| root.join("policy"), PathBuf::from),
             cfg,
             busy: Mutex::new(HashSet::new()),
             done: Condvar::new(),
@@ -161,6 +166,7 @@ impl Images {
     /// with smr's message, starting with `what`.
     fn run_smr(&self, what: &str, args: impl FnOnce(&mut Command)) -> Result<(), String> {
         let mut c = Command::new(&self.cfg.smr);
+        c.env("SMR_POLICY_DIR", &self.policy);
         args(&mut c);
         let out = c
             .output()

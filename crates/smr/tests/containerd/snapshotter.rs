@@ -330,3 +330,73 @@ fn smr_mount_goes_through_the_daemon() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[test]
+fn untrusted_artifacts_fall_back_and_index_tags_pull_everywhere() {
+    let Some(mut node) = Node::start(false) else {
+        return;
+    };
+    // Only an attacker's artifact for debian: unsealed, so a node with an
+    // owner key refuses it and containerd unpacks the layers itself.
+    crate::util::ok(crate::util::smr().args([
+        "convert",
+        &node.reg.image("deb:1"),
+        "--push",
+        "--no-optimize",
+        "--no-encrypt",
+    ]));
+    let out = node.pull("deb:1");
+    assert!(out.contains("0 layers lazy, 1 unpacked"), "{out}");
+    let log = node.daemon_log();
+    assert!(
+        log.contains("not encrypted, so nothing binds it to the owner key"),
+        "{log}"
+    );
+    let o = node.run("deb:1", "c-untrusted", &["cat", "/etc/debian_version"]);
+    assert!(stdout(&o).starts_with("12."), "{}", stdout(&o));
+    node.remove_all_images();
+
+    // The owner's artifact in index mode: the tag now names an index that
+    // containerd's own pull (overlayfs) still runs, and smr serves lazily.
+    crate::util::ok(
+        crate::util::smr()
+            .args([
+                "convert",
+                &node.reg.image("deb:1"),
+                "--push",
+                "--no-optimize",
+                "--index",
+            ])
+            .arg("--key-file")
+            .arg(&node.key),
+    );
+    let image = format!("{}/deb:1", node.reg.addr);
+    crate::util::ok(
+        node.ctr()
+            .args(["image", "pull", "--plain-http"])
+            .arg(&image),
+    );
+    let o = crate::util::ok(
+        node.ctr()
+            .args(["run", "--rm"])
+            .arg(&image)
+            .arg(node.id("c-plain"))
+            .args(["cat", "/etc/debian_version"]),
+    );
+    assert!(stdout(&o).starts_with("12."), "{}", stdout(&o));
+    node.remove_all_images();
+    // A new daemon (handover) forgets the refusal it keeps for a while.
+    node.start_daemon();
+    let out = node.pull("deb:1");
+    assert!(out.contains("1 layers lazy"), "{out}");
+    let o = node.run("deb:1", "c-index", &["cat", "/etc/debian_version"]);
+    assert!(stdout(&o).starts_with("12."), "{}", stdout(&o));
+    assert!(
+        node.daemon_log()
+            .contains("smr artifact named by the image index")
+            || std::fs::read_dir(node.root().join("images")).is_ok(),
+        "{}",
+        node.daemon_log()
+    );
+    node.remove_all_images();
+}
