@@ -23,12 +23,12 @@
 //! `created` wins, then the smallest digest. In the referrers fallback tag
 //! a push replaces the artifact's older profiles.
 
-use crate::artifact::{bad, digest_of, ArtifactManifest, Descriptor, EMPTY_BLOB, EMPTY_DIGEST};
+use crate::artifact::{bad, digest_of, ArtifactManifest, Descriptor};
 use crate::blobs::Blobs;
 use crate::discover::Artifact;
 use crate::error::{RegistryError, Result};
 use crate::media_types::SMR_PROFILE;
-use crate::push::{update_referrers, ReferrersUpdate};
+use crate::push::{push_small_referrer, update_referrers, ReferrersUpdate};
 use smr_format::Profile;
 use smr_image::media_types::{OCI_EMPTY, OCI_MANIFEST};
 use std::collections::BTreeMap;
@@ -101,19 +101,8 @@ pub fn push_profile(
     let bytes = profile.encode();
     let created = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     let manifest = profile_manifest(artifact, &bytes, profile.chunks.len(), &created);
-    blobs.push_blob(EMPTY_DIGEST, EMPTY_BLOB)?;
     let profile_digest = digest_of(&bytes);
-    blobs.push_blob(&profile_digest, &bytes)?;
-    let manifest_bytes = manifest.to_bytes();
-    let digest = digest_of(&manifest_bytes);
-    let got = blobs.put_manifest(&digest, OCI_MANIFEST, &manifest_bytes)?;
-    if got != digest {
-        return Err(bad(
-            &repo,
-            &digest,
-            format!("the registry stored the profile manifest as {got}"),
-        ));
-    }
+    let (digest, manifest_bytes) = push_small_referrer(blobs, &manifest, &bytes, "profile")?;
     // In the fallback tag, a new profile replaces the artifact's older ones
     // (the referrers API cannot forget them: there, the newest wins).
     let older = |d: &Descriptor| is_profile_of(d, &artifact.digest);

@@ -10,7 +10,7 @@
 use crate::artifact::{
     bad, digest_of, fallback_tag, index_manifests, parse_digest, parse_referrers, ArtifactManifest,
     Descriptor, ANNOTATION_CHUNKS, ANNOTATION_CHUNKS_PER_PACK, ANNOTATION_CHUNK_SIZE,
-    ANNOTATION_ENCRYPTED, ANNOTATION_IMAGE_SIZE, EMPTY_BLOB,
+    ANNOTATION_ENCRYPTED, ANNOTATION_IMAGE_SIZE, EMPTY_BLOB, EMPTY_DIGEST,
 };
 use crate::blobs::Blobs;
 use crate::error::{RegistryError, Result};
@@ -371,6 +371,30 @@ fn upload(blobs: &dyn Blobs, digest: &str, data: &[u8], tally: &Mutex<Tally>) ->
         t.bytes_uploaded += data.len() as u64;
     }
     Ok(())
+}
+
+/// Pushes a small referrer (a profile, a signature): the empty config blob,
+/// its one layer's `blob`, then `manifest` by digest; returns the
+/// manifest's digest and bytes. `what` names it in errors.
+pub(crate) fn push_small_referrer(
+    blobs: &dyn Blobs,
+    manifest: &ArtifactManifest,
+    blob: &[u8],
+    what: &str,
+) -> Result<(String, Vec<u8>)> {
+    blobs.push_blob(EMPTY_DIGEST, EMPTY_BLOB)?;
+    blobs.push_blob(&digest_of(blob), blob)?;
+    let bytes = manifest.to_bytes();
+    let digest = digest_of(&bytes);
+    let got = blobs.put_manifest(&digest, OCI_MANIFEST, &bytes)?;
+    if got != digest {
+        return Err(bad(
+            &blobs.describe(),
+            &digest,
+            format!("the registry stored the {what} manifest as {got}"),
+        ));
+    }
+    Ok((digest, bytes))
 }
 
 /// Makes the artifact findable from its subject: nothing to do when the

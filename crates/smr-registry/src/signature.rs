@@ -28,11 +28,11 @@
 //! the same payload from the blob. The crypto (key files, signing,
 //! verification) is sigstore-rs's.
 
-use crate::artifact::{bad, digest_of, ArtifactManifest, Descriptor, EMPTY_BLOB, EMPTY_DIGEST};
+use crate::artifact::{digest_of, ArtifactManifest, Descriptor};
 use crate::blobs::Blobs;
 use crate::discover::list_referrers_of;
 use crate::error::{RegistryError, Result};
-use crate::push::{update_referrers, ReferrersUpdate};
+use crate::push::{push_small_referrer, update_referrers, ReferrersUpdate};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use sigstore::crypto::{
@@ -306,7 +306,7 @@ fn pem_der(pem: &[u8]) -> Option<Vec<u8>> {
     base64::engine::general_purpose::STANDARD.decode(body).ok()
 }
 
-/// What [`sign_artifact`] pushed.
+/// What [`sign_manifest`] pushed.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct SignaturePush {
     /// Digest of the signature manifest.
@@ -357,18 +357,7 @@ pub fn sign_manifest(
         reason: e.to_string(),
     })?;
     let manifest = signature_manifest(subject, &payload, &signature, &key.id);
-    blobs.push_blob(EMPTY_DIGEST, EMPTY_BLOB)?;
-    blobs.push_blob(&digest_of(&payload), &payload)?;
-    let bytes = manifest.to_bytes();
-    let digest = digest_of(&bytes);
-    let got = blobs.put_manifest(&digest, OCI_MANIFEST, &bytes)?;
-    if got != digest {
-        return Err(bad(
-            &repo,
-            &digest,
-            format!("the registry stored the signature manifest as {got}"),
-        ));
-    }
+    let (digest, bytes) = push_small_referrer(blobs, &manifest, &payload, "signature")?;
     let same_key = |d: &Descriptor| {
         d.artifact_type.as_deref() == Some(COSIGN_SIGNATURE)
             && d.annotations.get(ANNOTATION_SIGNER) == Some(&key.id)

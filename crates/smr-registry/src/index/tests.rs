@@ -59,30 +59,14 @@ fn an_index_keeps_its_entries_and_older_smr_entries_are_replaced() {
             {"mediaType": "application/vnd.docker.distribution.manifest.v2+json", "digest": arm, "size": 1,
              "platform": {"architecture": "arm64", "os": "linux"}}]});
     let source = serde_json::to_vec(&source).unwrap();
-    let first = build_index(
-        "r",
-        (DOCKER_LIST, &source),
-        &platform(),
-        amd,
-        &[smr_entry("sha256:a1", SMR_ARTIFACT)],
-    )
-    .unwrap();
-    let second = build_index(
-        "r",
-        (OCI_INDEX, &first),
-        &platform(),
-        amd,
-        &[smr_entry("sha256:a2", SMR_ARTIFACT)],
-    )
-    .unwrap();
-    let third = build_index(
-        "r",
-        (OCI_INDEX, &second),
-        &platform(),
-        arm,
-        &[smr_entry("sha256:b1", SMR_ARTIFACT)],
-    )
-    .unwrap();
+    // Each step adds one artifact for one platform manifest.
+    let add = |top: (&str, &[u8]), subject: &str, artifact: &str| {
+        let entry = [smr_entry(artifact, SMR_ARTIFACT)];
+        build_index("r", top, &platform(), subject, &entry).unwrap()
+    };
+    let first = add((DOCKER_LIST, &source), amd, "sha256:a1");
+    let second = add((OCI_INDEX, &first), amd, "sha256:a2");
+    let third = add((OCI_INDEX, &second), arm, "sha256:b1");
     let doc: serde_json::Value = serde_json::from_slice(&third).unwrap();
     assert_eq!(doc["mediaType"], OCI_INDEX);
     let digests: Vec<&str> = doc["manifests"]

@@ -126,6 +126,13 @@ fn attach(blobs: &DirBlobs, m: &ArtifactManifest) {
     update_referrers(blobs, m, &bytes, &digest, &|_| false).unwrap();
 }
 
+/// Why no signature of `target` verified.
+fn refusal(blobs: &DirBlobs, target: &Descriptor, trusted: &[Arc<VerifyKey>]) -> String {
+    find_signature(blobs, &target.digest, trusted)
+        .unwrap()
+        .unwrap_err()
+}
+
 #[test]
 fn tampered_signatures_and_payloads_are_refused() {
     let (_d, blobs, target) = pushed(false);
@@ -142,9 +149,7 @@ fn tampered_signatures_and_payloads_are_refused() {
         &blobs,
         &signature_manifest(&target, &payload, &bad, &key.id),
     );
-    let why = find_signature(&blobs, &target.digest, &trusted)
-        .unwrap()
-        .unwrap_err();
+    let why = refusal(&blobs, &target, &trusted);
     assert!(why.contains("by no trusted key (or tampered)"), "{why}");
 
     // A genuine signature of another manifest, attached to this one.
@@ -154,18 +159,14 @@ fn tampered_signatures_and_payloads_are_refused() {
         &blobs,
         &signature_manifest(&target, &elsewhere, &sig, &key.id),
     );
-    let why = find_signature(&blobs, &target.digest, &trusted)
-        .unwrap()
-        .unwrap_err();
+    let why = refusal(&blobs, &target, &trusted);
     assert!(why.contains("payload claims"), "{why}");
 
     // Embedded data that is not the payload its digest names.
     let mut m = signature_manifest(&target, &payload, &good, &key.id);
     m.layers[0].data = Some(base64::engine::general_purpose::STANDARD.encode(b"forged"));
     attach(&blobs, &m);
-    let why = find_signature(&blobs, &target.digest, &trusted)
-        .unwrap()
-        .unwrap_err();
+    let why = refusal(&blobs, &target, &trusted);
     assert!(why.contains("does not match its digest"), "{why}");
 
     // The genuine one, next to all of those, verifies.

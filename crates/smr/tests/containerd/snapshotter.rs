@@ -370,6 +370,19 @@ fn untrusted_artifacts_fall_back_and_index_tags_pull_everywhere() {
             .arg("--key-file")
             .arg(&node.key),
     );
+    // The artifact is exactly what the image converts to.
+    let out = crate::util::ok(
+        crate::util::smr()
+            .args([
+                "verify",
+                "--reproduce",
+                &node.reg.image("deb:1"),
+                "--key-file",
+            ])
+            .arg(&node.key),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("reproduced:"), "{err}");
     let image = format!("{}/deb:1", node.reg.addr);
     crate::util::ok(
         node.ctr()

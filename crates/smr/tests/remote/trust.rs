@@ -39,7 +39,10 @@ fn push_public(image: &str, extra: &[&str]) -> (String, String) {
     (digest, err)
 }
 
-fn synthetic_in(reg: &Registry) -> (Synthetic, String) {
+/// A registry holding the synthetic image as `synth:v1` (not converted),
+/// and its `docker://` name; `None` (test skipped) without the tools.
+fn registry_with_synthetic() -> Option<(Registry, Synthetic, String)> {
+    let reg = Registry::start(None)?;
     let s = Synthetic::new();
     reg.push_layout(
         &s.t.path().join("layout"),
@@ -48,7 +51,7 @@ fn synthetic_in(reg: &Registry) -> (Synthetic, String) {
         None,
     );
     let image = reg.image("synth:v1");
-    (s, image)
+    Some((reg, s, image))
 }
 
 /// `smr extract IMAGE` at info level with `args`; returns the output.
@@ -66,10 +69,9 @@ fn stderr(o: &std::process::Output) -> String {
 
 #[test]
 fn a_node_runs_only_what_its_policy_trusts_whatever_the_digests() {
-    let Some(reg) = Registry::start(None) else {
+    let Some((_reg, s, image)) = registry_with_synthetic() else {
         return;
     };
-    let (s, image) = synthetic_in(&reg);
     let d = s.t.path();
     let (good_key, good_pub) = cosign_pair(d, "good");
     let (evil_key, evil_pub) = cosign_pair(d, "evil");
@@ -172,10 +174,9 @@ fn a_node_runs_only_what_its_policy_trusts_whatever_the_digests() {
 
 #[test]
 fn an_owner_key_node_refuses_unsealed_and_foreign_artifacts() {
-    let Some(reg) = Registry::start(None) else {
+    let Some((_reg, s, image)) = registry_with_synthetic() else {
         return;
     };
-    let (s, image) = synthetic_in(&reg);
     let d = s.t.path();
     let other = d.join("other.key");
     std::fs::write(&other, format!("{}\n", "cd".repeat(32))).unwrap();
@@ -192,6 +193,15 @@ fn an_owner_key_node_refuses_unsealed_and_foreign_artifacts() {
     assert!(
         last.contains("not encrypted") && last.contains("does not open with the owner key"),
         "{last}"
+    );
+    // `smr run` refuses the same way, before anything starts.
+    let o = run(smr()
+        .args(["run", &image, "--key-file", key, "--", "/bin/true"])
+        .env("SMR_CACHE_DIR", d.join("cache")));
+    let e = stderr(&o);
+    assert!(
+        !o.status.success() && e.contains("no trusted smr artifact"),
+        "{e}"
     );
     // Then the owner's own: used, whatever the digests.
     ok(smr().args([
@@ -217,10 +227,9 @@ fn an_owner_key_node_refuses_unsealed_and_foreign_artifacts() {
 
 #[test]
 fn index_mode_keeps_the_image_pullable_and_names_the_artifact() {
-    let Some(reg) = Registry::start(None) else {
+    let Some((_reg, s, image)) = registry_with_synthetic() else {
         return;
     };
-    let (s, image) = synthetic_in(&reg);
     let d = s.t.path();
     let raw = |img: &str| -> serde_json::Value {
         let out = ok(Command::new("skopeo")
@@ -289,10 +298,9 @@ fn index_mode_keeps_the_image_pullable_and_names_the_artifact() {
 
 #[test]
 fn verify_reproduce_passes_for_the_genuine_artifact_and_names_the_forged_chunk() {
-    let Some(reg) = Registry::start(None) else {
+    let Some((_reg, s, image)) = registry_with_synthetic() else {
         return;
     };
-    let (s, image) = synthetic_in(&reg);
     let d = s.t.path();
     let key = s.key.to_str().unwrap();
     // Encrypted and zstd: every option comes from the artifact.
