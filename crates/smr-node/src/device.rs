@@ -75,6 +75,27 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn flush(&self) -> io::Result<()> {
         Ok(())
     }
+
+    /// `NBD_CMD_TRIM`: the range's contents are no longer needed (later
+    /// reads may return anything). Default: nothing to do.
+    fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
+
+    /// `NBD_CMD_WRITE_ZEROES`: the range reads as zeros afterwards.
+    /// Default: zeros written with [`BlockDevice::write_at`], 1 MiB at a
+    /// time.
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(zeros.len() as u64) as usize;
+            self.write_at(at, &zeros[..n])?;
+            at += n as u64;
+        }
+        Ok(())
+    }
 }
 
 /// A piece of the bytes of a read (see [`BlockDevice::read_parts`]).

@@ -1,4 +1,6 @@
-//! FUSE export: any [`BlockDevice`] as one read-only regular file.
+//! FUSE export: any [`BlockDevice`] as one regular file, read-only unless
+//! the device is writable (a volume): then writes go to the device and
+//! `fsync` flushes it.
 //!
 //! The mount holds a single file (`image` by default) whose bytes are the
 //! device's. The kernel side is the point: a loop device turns the file
@@ -35,7 +37,8 @@ use std::time::{Duration, SystemTime};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, Request,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
+    WriteFlags,
 };
 
 use crate::device::{BlockDevice, ReadPart};
@@ -111,7 +114,8 @@ impl ImageFs {
     fn attr(&self, ino: INodeNo) -> Option<FileAttr> {
         let (kind, size, perm, nlink) = match ino {
             INodeNo::ROOT => (FileType::Directory, 0, 0o555, 2),
-            FILE_INO => (FileType::RegularFile, self.dev.size(), 0o444, 1),
+            FILE_INO if self.dev.read_only() => (FileType::RegularFile, self.dev.size(), 0o444, 1),
+            FILE_INO => (FileType::RegularFile, self.dev.size(), 0o644, 1),
             _ => return None,
         };
         Some(FileAttr {
@@ -204,7 +208,7 @@ impl Filesystem for ImageFs {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         if ino != FILE_INO {
             reply.error(Errno::EISDIR);
-        } else if flags.acc_mode() != OpenAccMode::O_RDONLY {
+        } else if flags.acc_mode() != OpenAccMode::O_RDONLY && self.dev.read_only() {
             reply.error(Errno::EROFS);
         } else {
             reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
@@ -253,7 +257,44 @@ impl Filesystem for ImageFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply.ok()
+        match self.dev.flush() {
+            Ok(()) => reply.ok(),
+            Err(e) => {
+                tracing::error!(error = %e, "FUSE fsync failed; answering EIO");
+                reply.error(Errno::EIO)
+            }
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        if ino != FILE_INO {
+            return reply.error(Errno::EISDIR);
+        }
+        if self.dev.read_only() {
+            return reply.error(Errno::EROFS);
+        }
+        let end = offset.checked_add(data.len() as u64);
+        if end.is_none_or(|e| e > self.dev.size()) {
+            return reply.error(Errno::ENOSPC);
+        }
+        match self.dev.write_at(offset, data) {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => {
+                tracing::error!(offset, len = data.len(), error = %e, "FUSE write failed; answering EIO");
+                reply.error(Errno::EIO)
+            }
+        }
     }
 
     fn readdir(
@@ -286,10 +327,14 @@ impl Filesystem for ImageFs {
     }
 }
 
-fn session_config(cfg: &FuseConfig, fsname: &str) -> fuser::Config {
+fn session_config(cfg: &FuseConfig, fsname: &str, writable: bool) -> fuser::Config {
     let mut c = fuser::Config::default();
     c.mount_options = vec![
-        MountOption::RO,
+        if writable {
+            MountOption::RW
+        } else {
+            MountOption::RO
+        },
         MountOption::FSName(fsname.to_string()),
         MountOption::Subtype("smr".into()),
         MountOption::NoDev,
@@ -314,14 +359,17 @@ fn new_session(
     {
         return Err(FuseError::BadName(cfg.file_name.clone()));
     }
+    let writable = !dev.read_only();
     let fs = ImageFs {
         dev,
         cfg: cfg.clone(),
         mtime: SystemTime::now(),
     };
-    fuser::Session::new(fs, dir, &session_config(cfg, fsname)).map_err(|source| FuseError::Mount {
-        dir: dir.to_path_buf(),
-        source,
+    fuser::Session::new(fs, dir, &session_config(cfg, fsname, writable)).map_err(|source| {
+        FuseError::Mount {
+            dir: dir.to_path_buf(),
+            source,
+        }
     })
 }
 

@@ -5,7 +5,9 @@
 //!   memory tier, disk tier, fetches in flight), [`restore`] (extract and
 //!   verify whole images);
 //! - block devices and exports: [`device`] (the trait every export
-//!   serves), [`lazy`] (the lazy image, startup profiles), [`nbd`], [`fuse`];
+//!   serves), [`lazy`] (the lazy image, startup profiles), [`volume`]
+//!   (writable volumes: a base image, a COW file and its map), [`nbd`],
+//!   [`fuse`];
 //! - the runtime side: [`mount`] (loop devices and mounts through the
 //!   kernel's interfaces), [`run`] (containers with runc: the OCI spec, run
 //!   directories and their sweep), [`dirs`] (private directories),
@@ -23,3 +25,4 @@ pub mod mount;
 pub mod nbd;
 pub mod restore;
 pub mod run;
+pub mod volume;

@@ -68,6 +68,10 @@ enum Command {
     Daemon(cmd::daemon::DaemonArgs),
     /// Show what the node daemon serves: snapshots, images, cache.
     Status(cmd::daemon::StatusArgs),
+    /// Writable volumes: a base image plus a COW file and its map.
+    Volume(cmd::volume::Args),
+    /// Make a volume into a new image: only written chunks are stored.
+    Commit(cmd::commit::Args),
     /// The node's trust policy: which smr artifacts it runs.
     Policy(policy::Args),
     /// Pull an image into containerd, its layers served lazily by the
@@ -104,6 +108,8 @@ fn main() -> ExitCode {
         Command::Daemon(a) => cmd::daemon::run(a),
         Command::Pull(a) => cmd::daemon::run_pull(a),
         Command::Policy(a) => policy::run(a),
+        Command::Volume(a) => cmd::volume::run(a),
+        Command::Commit(a) => cmd::commit::run(a),
         Command::Status(a) => cmd::daemon::run_status(a),
         Command::ServeFuse(a) => cmd::serve::run_fuse(a),
     };

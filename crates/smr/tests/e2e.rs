@@ -10,4 +10,5 @@ mod e2e {
     mod nbd;
     mod outputs;
     mod synthetic;
+    mod volume;
 }

@@ -33,6 +33,8 @@ pub(crate) fn transmission_flags(export: &Export, structured: bool) -> u16 {
     let mut flags = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_CACHE;
     if export.device.read_only() {
         flags |= TFLAG_READ_ONLY | TFLAG_CAN_MULTI_CONN;
+    } else {
+        flags |= TFLAG_SEND_FUA | TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES | TFLAG_SEND_FAST_ZERO;
     }
     if structured {
         flags |= TFLAG_SEND_DF;

@@ -42,12 +42,18 @@ pub const TFLAG_READ_ONLY: u16 = 1 << 1;
 pub const TFLAG_SEND_FLUSH: u16 = 1 << 2;
 /// Transmission flag: `NBD_CMD_FLAG_FUA` supported.
 pub const TFLAG_SEND_FUA: u16 = 1 << 3;
+/// Transmission flag: `NBD_CMD_TRIM` supported.
+pub const TFLAG_SEND_TRIM: u16 = 1 << 5;
+/// Transmission flag: `NBD_CMD_WRITE_ZEROES` supported.
+pub const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
 /// Transmission flag: `NBD_CMD_FLAG_DF` supported on reads.
 pub const TFLAG_SEND_DF: u16 = 1 << 7;
 /// Transmission flag: several connections may share the export safely.
 pub const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
 /// Transmission flag: `NBD_CMD_CACHE` supported.
 pub const TFLAG_SEND_CACHE: u16 = 1 << 10;
+/// Transmission flag: `NBD_CMD_FLAG_FAST_ZERO` supported.
+pub const TFLAG_SEND_FAST_ZERO: u16 = 1 << 11;
 
 /// Option: pick an export and enter transmission (no error reply possible).
 pub const OPT_EXPORT_NAME: u32 = 1;

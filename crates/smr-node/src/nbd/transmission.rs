@@ -200,15 +200,37 @@ where
             Command::Read { offset, len, df } => {
                 tasks.spawn(async move { read(ctx, cookie, offset, len, df, permits).await });
             }
-            Command::Write { offset, len } => {
+            Command::Write { offset, len, fua } => {
                 // `len` was checked against MAX_BLOCK_SIZE by `validate`.
                 let mut data = vec![0u8; len as usize];
                 if let Err(e) = reader.read_exact(&mut data).await {
                     break Err(NbdError::Io(e));
                 }
                 tasks.spawn(async move {
-                    let r = blocking(&ctx.device, move |d| d.write_at(offset, &data)).await;
+                    let r = blocking(&ctx.device, move |d| {
+                        d.write_at(offset, &data)?;
+                        durable(d, fua)
+                    })
+                    .await;
                     reply_status(&ctx, cookie, r.map_err(|e| (write_errno(&e), e)), "write").await;
+                    drop(permits);
+                });
+            }
+            Command::Trim { offset, len, fua } | Command::WriteZeroes { offset, len, fua } => {
+                let zero = matches!(command, Command::WriteZeroes { .. });
+                tasks.spawn(async move {
+                    let len = u64::from(len);
+                    let r = blocking(&ctx.device, move |d| {
+                        if zero {
+                            d.write_zeroes(offset, len)?;
+                        } else {
+                            d.trim(offset, len)?;
+                        }
+                        durable(d, fua)
+                    })
+                    .await;
+                    let what = if zero { "write zeroes" } else { "trim" };
+                    reply_status(&ctx, cookie, r.map_err(|e| (write_errno(&e), e)), what).await;
                     drop(permits);
                 });
             }
@@ -245,6 +267,15 @@ where
     }
     let _ = ctx.writer.lock().await.shutdown().await;
     result
+}
+
+/// With `fua` (`NBD_CMD_FLAG_FUA`), makes the request's effect durable
+/// before it is answered.
+fn durable(d: &dyn BlockDevice, fua: bool) -> io::Result<()> {
+    if fua {
+        d.flush()?;
+    }
+    Ok(())
 }
 
 /// Resolves once the connection has been idle (nothing in flight, nothing

@@ -250,13 +250,13 @@ fn convert_options(a: &Args) -> Result<ConvertOptions> {
 }
 
 /// A local store taking the chunks in one batch (see [`open_store`]).
-type Batched = Option<Arc<smr_store::LocalStore>>;
+pub(crate) type Batched = Option<Arc<smr_store::LocalStore>>;
 
 /// The store at `location`, and the same store when it is a local one
 /// taking the chunks in one batch, made durable by one commit before the
 /// recipe is written (smr_store::local: 4,000 fsync'ed puts would cost as
 /// much as the whole conversion).
-fn open_store(location: &str) -> Result<(Arc<dyn smr_store::ChunkStore>, Batched)> {
+pub(crate) fn open_store(location: &str) -> Result<(Arc<dyn smr_store::ChunkStore>, Batched)> {
     let parsed: smr_store::StoreLocation = location
         .parse()
         .with_context(|| format!("--store {location}"))?;

@@ -2,6 +2,7 @@
 //! reading an image.
 
 pub mod cache;
+pub mod commit;
 pub mod convert;
 pub mod daemon;
 pub mod extract;
@@ -15,3 +16,4 @@ pub mod publish;
 pub mod reproduce;
 pub mod run;
 pub mod serve;
+pub mod volume;

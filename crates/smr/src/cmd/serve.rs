@@ -15,8 +15,15 @@ pub struct NbdArgs {
     /// The images to serve, one export each, through one node cache and
     /// one memory tier: recipe files (chunks in `--store`) or
     /// `docker://HOST[:PORT]/NAME[:TAG|@DIGEST]` (from the smr artifact).
-    #[arg(required = true, value_name = "IMAGE")]
+    #[arg(required_unless_present = "volumes", value_name = "IMAGE")]
     images: Vec<String>,
+    /// Also serve these writable volumes (`smr volume create`), one export
+    /// each, named after the volume: WRITE, FLUSH, FUA, TRIM and
+    /// WRITE_ZEROES, each FLUSH making every completed write durable.
+    #[arg(long = "volume", value_name = "NAME")]
+    volumes: Vec<String>,
+    #[command(flatten)]
+    root: super::volume::RootArgs,
     #[command(flatten)]
     source: SourceArgs,
     /// TCP address to listen on.
@@ -97,15 +104,29 @@ pub fn run_nbd(a: NbdArgs) -> Result<ExitCode> {
         "--profile is for one image ({} given): a registry image's own profile is found without it",
         a.images.len()
     );
-    let names = export_names(&a.images, &a.names)?;
+    let mut names = export_names(&a.images, &a.names)?;
     let cache = a.source.cache.open()?;
-    let mut exports = Vec::with_capacity(a.images.len());
+    let mut exports = Vec::with_capacity(a.images.len() + a.volumes.len());
     let mut replays = Vec::new();
     for (image, name) in a.images.iter().zip(&names) {
         let opened = a.source.open(image, !a.source.no_profile, cache.clone())?;
         replays.extend(opened.start_prefetch());
         let lazy = Arc::new(opened.lazy);
         exports.push(Export::new(name.clone(), lazy).with_description(format!("smr {image}")));
+    }
+    // Held open (and locked) until the server stops.
+    let mut volumes = Vec::with_capacity(a.volumes.len());
+    for name in &a.volumes {
+        anyhow::ensure!(
+            !names.contains(name),
+            "an image export is already named {name:?}: name it with --name"
+        );
+        let v = super::volume::open(&a.root, name, &a.source)?;
+        let dev: Arc<dyn smr_node::nbd::BlockDevice> = v.volume.clone();
+        let about = format!("smr volume {name} on {}", v.meta.image);
+        exports.push(Export::new(name.clone(), dev).with_description(about));
+        names.push(name.clone());
+        volumes.push(v);
     }
     let config = ServerConfig {
         max_connections: a.max_connections,
@@ -143,7 +164,12 @@ pub fn run_nbd(a: NbdArgs) -> Result<ExitCode> {
             (server.spawn_tcp(l)?, uris)
         }
     };
-    for ((name, image), uri) in names.iter().zip(&a.images).zip(&uris) {
+    let what = a
+        .images
+        .iter()
+        .cloned()
+        .chain(a.volumes.iter().map(|v| format!("volume {v}")));
+    for ((name, image), uri) in names.iter().zip(what).zip(&uris) {
         errln!("serving export {name:?} ({image}) on {uri}");
     }
     let sig = signals.forever().next();
@@ -153,6 +179,10 @@ pub fn run_nbd(a: NbdArgs) -> Result<ExitCode> {
     }
     drop(replays);
     running.stop()?;
+    for v in &volumes {
+        smr_node::nbd::BlockDevice::flush(v.volume.as_ref())
+            .with_context(|| format!("flushing volume {}", v.meta.name))?;
+    }
     if let Some(path) = &a.socket {
         let _ = std::fs::remove_file(path);
     }

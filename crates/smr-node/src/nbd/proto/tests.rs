@@ -146,7 +146,9 @@ proptest! {
         let r = req(kind, flags, offset, len);
         match validate(&r, &lim) {
             Ok(Command::Read { offset, len, .. })
-            | Ok(Command::Write { offset, len })
+            | Ok(Command::Write { offset, len, .. })
+            | Ok(Command::Trim { offset, len, .. })
+            | Ok(Command::WriteZeroes { offset, len, .. })
             | Ok(Command::Cache { offset, len })
             | Ok(Command::BlockStatus { offset, len, .. }) => {
                 prop_assert!(offset + u64::from(len) <= lim.size);

@@ -34,6 +34,26 @@ pub enum Command {
         offset: u64,
         /// Payload length.
         len: u32,
+        /// Durable before the reply (`NBD_CMD_FLAG_FUA`).
+        fua: bool,
+    },
+    /// The range's contents are no longer needed.
+    Trim {
+        /// Start offset.
+        offset: u64,
+        /// Length.
+        len: u32,
+        /// Durable before the reply.
+        fua: bool,
+    },
+    /// The range reads as zeros afterwards.
+    WriteZeroes {
+        /// Start offset.
+        offset: u64,
+        /// Length.
+        len: u32,
+        /// Durable before the reply.
+        fua: bool,
     },
     /// Soft disconnect.
     Disconnect,
@@ -88,8 +108,8 @@ fn in_bounds(offset: u64, len: u32, size: u64) -> bool {
 pub fn validate(req: &Request, lim: &Limits) -> Result<Command, Rejected> {
     let skip = payload_len(req);
     let reject = |errno| Err(Rejected { errno, skip });
-    // FUA is tolerated on every command (clients are known to set it) and
-    // ignored: nothing here is write-back cached beyond the device's flush.
+    // FUA is tolerated on every command (clients are known to set it); it
+    // makes writes, trims and zeroings durable before their reply.
     let allowed = CMD_FLAG_FUA
         | match req.kind {
             CMD_READ if lim.structured => CMD_FLAG_DF,
@@ -101,6 +121,7 @@ pub fn validate(req: &Request, lim: &Limits) -> Result<Command, Rejected> {
         return reject(EINVAL);
     }
     let (offset, len) = (req.offset, req.len);
+    let fua = req.flags & CMD_FLAG_FUA != 0;
     match req.kind {
         CMD_READ => {
             if len > MAX_BLOCK_SIZE {
@@ -125,11 +146,26 @@ pub fn validate(req: &Request, lim: &Limits) -> Result<Command, Rejected> {
             if !in_bounds(offset, len, lim.size) {
                 return reject(ENOSPC);
             }
-            Ok(Command::Write { offset, len })
+            Ok(Command::Write { offset, len, fua })
         }
         CMD_DISC => Ok(Command::Disconnect),
         CMD_FLUSH => Ok(Command::Flush),
-        CMD_TRIM | CMD_WRITE_ZEROES => reject(if lim.read_only { EPERM } else { EINVAL }),
+        CMD_TRIM | CMD_WRITE_ZEROES => {
+            if lim.read_only {
+                return reject(EPERM);
+            }
+            if len == 0 {
+                return reject(EINVAL);
+            }
+            if !in_bounds(offset, len, lim.size) {
+                return reject(ENOSPC);
+            }
+            Ok(if req.kind == CMD_TRIM {
+                Command::Trim { offset, len, fua }
+            } else {
+                Command::WriteZeroes { offset, len, fua }
+            })
+        }
         CMD_CACHE => {
             if !in_bounds(offset, len, lim.size) {
                 return reject(EINVAL);

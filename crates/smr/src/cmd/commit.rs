@@ -1,0 +1,170 @@
+//! `smr commit VOLUME -o NEW.recipe --store S`: a volume made into a new
+//! image. Every chunk with no block in the COW keeps its entry (id, key)
+//! and is not stored again; a chunk with written blocks is read through
+//! the volume, sealed with the base's codec and stored (a chunk that is
+//! now all zeros is dropped); the image config is kept. The cost grows
+//! with the written chunks, not the image. Convergent sealing makes the
+//! new recipe a function of the volume's bytes.
+
+use super::image::SourceArgs;
+use super::volume::{open, RootArgs};
+use crate::progress::human;
+use anyhow::{Context, Result};
+use smr_format::chunk::{default_salt, ZSTD_LEVEL};
+use smr_format::{ChunkCodec, ChunkEntry, ChunkKey, Recipe};
+use smr_node::device::BlockDevice;
+use smr_node::volume::map::BLOCK;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+/// Arguments of `smr commit`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The volume.
+    volume: String,
+    /// Where to write the new recipe.
+    #[arg(short = 'o', long)]
+    out: PathBuf,
+    /// The chunk store the new chunks go to (the base's, for the new image
+    /// to share its chunks there; it is also where the base is read from
+    /// unless the volume says otherwise).
+    #[arg(long = "to-store", value_name = "STORE")]
+    to_store: Option<String>,
+    #[command(flatten)]
+    source: SourceArgs,
+    #[command(flatten)]
+    root: RootArgs,
+    /// The convergent-encryption salt the base was converted with
+    /// (default: the public salt).
+    #[arg(long, env = "SMR_SALT_FILE")]
+    salt_file: Option<PathBuf>,
+    /// zstd level for written chunks, when the base's chunks are
+    /// compressed.
+    #[arg(long, default_value_t = ZSTD_LEVEL)]
+    zstd_level: i32,
+}
+
+/// Commits the volume.
+pub fn run(a: Args) -> Result<ExitCode> {
+    let t = Instant::now();
+    let v = open(&a.root, &a.volume, &a.source)?;
+    let base = v.base.recipe.clone();
+    let owner = a.source.origin.key.load()?;
+    let keys = if base.encrypted() {
+        let owner = owner
+            .as_ref()
+            .context("the base's chunks are encrypted: pass the owner key (--key-file)")?;
+        base.keys(Some(owner))
+            .with_context(|| format!("the base recipe of volume {}", a.volume))?
+    } else {
+        None
+    };
+    let salt = match &a.salt_file {
+        Some(p) => {
+            smr_format::OwnerKey::from_file(p)
+                .context("loading the salt")?
+                .0
+        }
+        None => default_salt(),
+    };
+    let compress = base.chunks.iter().any(|c| c.compressed);
+    let codec = ChunkCodec::new(salt, base.encrypted(), compress).with_zstd_level(a.zstd_level);
+    let location = a
+        .to_store
+        .clone()
+        .or_else(|| v.meta.store.clone())
+        .or_else(|| a.source.origin.store.clone())
+        .context("give the store for the new chunks (--to-store)")?;
+    let (store, batched) = super::convert::open_store(&location)?;
+
+    let map = v.volume.map();
+    let cs = base.chunk_size;
+    let size = base.image_size;
+    let blocks_per_chunk = cs / BLOCK;
+    let chunk_count = size.div_ceil(cs);
+    let by_index: std::collections::HashMap<u64, usize> = base
+        .chunks
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.index, i))
+        .collect();
+    let (mut entries, mut new_keys) = (Vec::new(), Vec::new());
+    let (mut dirty, mut stored, mut stored_bytes, mut dropped) = (0u64, 0u64, 0u64, 0u64);
+    for index in 0..chunk_count {
+        let written = map.any_in(index * blocks_per_chunk, blocks_per_chunk);
+        if !written {
+            if let Some(&pos) = by_index.get(&index) {
+                entries.push(base.chunks[pos]);
+                if let Some(k) = &keys {
+                    new_keys.push(k[pos]);
+                }
+            }
+            continue;
+        }
+        dirty += 1;
+        let len = cs.min(size - index * cs) as usize;
+        let mut plain = vec![0u8; len];
+        v.volume
+            .read_at(index * cs, &mut plain)
+            .with_context(|| format!("reading chunk #{index} of volume {}", a.volume))?;
+        if plain.iter().all(|&b| b == 0) {
+            dropped += 1;
+            continue;
+        }
+        let sealed = codec.seal(&plain);
+        if !store.exists(&sealed.id)? {
+            store
+                .put(&sealed.id, &sealed.stored)
+                .with_context(|| format!("storing chunk {} (#{index})", sealed.id))?;
+            stored += 1;
+            stored_bytes += sealed.stored.len() as u64;
+        }
+        entries.push(ChunkEntry {
+            index,
+            id: sealed.id,
+            stored_len: u32::try_from(sealed.stored.len()).context("chunk too large")?,
+            compressed: sealed.compressed,
+        });
+        if let Some(k) = sealed.key {
+            new_keys.push(k);
+        }
+    }
+    let sealed_keys: Option<(&[ChunkKey], &smr_format::OwnerKey)> = match (&keys, &owner) {
+        (Some(_), Some(o)) => Some((&new_keys, o)),
+        _ => None,
+    };
+    // The image this one was committed from: the base recipe's hash.
+    let source = format!("sha256:{}", v.meta.recipe_sha256);
+    let recipe = Recipe::new(
+        size,
+        cs,
+        source,
+        base.config.clone(),
+        entries,
+        None,
+        sealed_keys,
+    )
+    .context("building the new recipe")?;
+    if let Some(local) = &batched {
+        local
+            .commit()
+            .with_context(|| format!("making the chunks in {location} durable"))?;
+    }
+    let bytes = recipe.encode();
+    super::convert::write_atomic(&a.out, &bytes)?;
+    errln!(
+        "committed volume {} -> {} ({}): {} of {} chunks written ({} stored, {}; {} now zero), {} kept; {:.2}s",
+        a.volume,
+        a.out.display(),
+        recipe.digest(),
+        dirty,
+        chunk_count,
+        stored,
+        human(stored_bytes),
+        dropped,
+        recipe.chunks.len() as u64 - (dirty - dropped),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,328 @@
+//! `smr volume create|ls|rm`: writable volumes under the node's root
+//! (`ROOT/volumes/NAME`: `volume.json`, the base recipe, the COW file and
+//! its map; smr_node::volume), served by `smr serve-nbd --volume` and made
+//! into new images by `smr commit`.
+
+use super::image::{ImageArgs, SourceArgs};
+use crate::progress::human;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use smr_node::volume::Volume;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+/// The node root of a default install.
+pub const DEFAULT_ROOT: &str = "/var/lib/smr";
+/// The base recipe's copy in a volume's directory.
+const BASE_RECIPE: &str = "base.recipe";
+const META: &str = "volume.json";
+
+/// `--root` (or `SMR_ROOT`).
+#[derive(clap::Args, Clone, Debug)]
+pub struct RootArgs {
+    /// The node's root directory (volumes live in `ROOT/volumes`).
+    #[arg(long, env = "SMR_ROOT", default_value = DEFAULT_ROOT)]
+    pub root: PathBuf,
+}
+
+impl RootArgs {
+    /// The directory of volume `name`, after checking the name.
+    pub fn volume_dir(&self, name: &str) -> Result<PathBuf> {
+        let ok = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            && !name.starts_with('.');
+        anyhow::ensure!(
+            ok,
+            "volume name {name:?}: use 1-64 letters, digits, '-', '_' or '.' (not first)"
+        );
+        Ok(self.root.join("volumes").join(name))
+    }
+}
+
+/// What a volume is made of (`volume.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeMeta {
+    /// Its name.
+    pub name: String,
+    /// The base image as given: a recipe file (copied into the volume as
+    /// `base.recipe`) or `docker://…`.
+    pub image: String,
+    /// The base's chunk store (absolute for a local directory), if not the
+    /// registry artifact's.
+    pub store: Option<String>,
+    /// For a registry base: the smr artifact used, pinned.
+    pub artifact: Option<String>,
+    /// SHA-256 (hex) of the base recipe's bytes.
+    pub recipe_sha256: String,
+    /// Image size in bytes.
+    pub size: u64,
+    /// When it was created (RFC 3339).
+    pub created: String,
+}
+
+impl VolumeMeta {
+    /// Reads `DIR/volume.json`.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(META);
+        let bytes = smr_format::read_bounded(&path, 1 << 20)
+            .with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_slice(&bytes).with_context(|| format!("{}", path.display()))
+    }
+
+    /// The image to open as the base: the copied recipe, or the registry
+    /// image.
+    pub fn base_image(&self, dir: &Path) -> String {
+        if crate::remote::is_remote(&self.image) {
+            self.image.clone()
+        } else {
+            dir.join(BASE_RECIPE).display().to_string()
+        }
+    }
+
+    /// `source` with the base's store and artifact.
+    pub fn source(&self, source: &SourceArgs) -> SourceArgs {
+        let mut s = source.clone();
+        if self.store.is_some() {
+            s.origin.store = self.store.clone();
+        }
+        if self.artifact.is_some() {
+            s.origin.artifact = self.artifact.clone();
+        }
+        s
+    }
+}
+
+/// A volume opened for serving or committing: its lock held.
+pub struct OpenedVolume {
+    /// What it is made of.
+    pub meta: VolumeMeta,
+    /// The base image, opened.
+    pub base: super::image::OpenedImage,
+    /// The volume device.
+    pub volume: Arc<Volume>,
+}
+
+/// Opens volume `name` over its base (opened with `source`'s keys and
+/// cache). Fails if another process has it open.
+pub fn open(root: &RootArgs, name: &str, source: &SourceArgs) -> Result<OpenedVolume> {
+    let dir = root.volume_dir(name)?;
+    anyhow::ensure!(dir.is_dir(), "no volume {name} in {}", root.root.display());
+    let meta = VolumeMeta::read(&dir)?;
+    let image = meta.base_image(&dir);
+    let src = meta.source(source);
+    let base = src
+        .open(&image, false, src.cache.open()?)
+        .with_context(|| format!("opening the base {} of volume {name}", meta.image))?;
+    let sha = hex::encode(base.recipe_sha256);
+    anyhow::ensure!(
+        sha == meta.recipe_sha256,
+        "volume {name}: its base {} now has recipe sha256:{sha}, the volume was made on sha256:{}",
+        meta.image,
+        meta.recipe_sha256
+    );
+    let volume = Volume::open(&dir, Arc::new(base.lazy.clone()))
+        .with_context(|| format!("opening volume {name}"))?;
+    Ok(OpenedVolume {
+        meta,
+        base,
+        volume: Arc::new(volume),
+    })
+}
+
+/// Arguments of `smr volume`.
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Subcommand)]
+enum Cmd {
+    /// Create a writable volume on an image (recipe file or docker://).
+    Create(CreateArgs),
+    /// List the node's volumes.
+    Ls(LsArgs),
+    /// Remove a volume (refused while it is served).
+    Rm(RmArgs),
+}
+
+/// `smr volume create NAME --from IMAGE`.
+#[derive(clap::Args)]
+pub struct CreateArgs {
+    /// The volume's name.
+    name: String,
+    /// The base image: a recipe file (chunks in `--store`) or `docker://…`.
+    #[arg(long = "from", value_name = "IMAGE")]
+    from: String,
+    #[command(flatten)]
+    source: SourceArgs,
+    #[command(flatten)]
+    root: RootArgs,
+}
+
+/// `smr volume ls`.
+#[derive(clap::Args)]
+pub struct LsArgs {
+    #[command(flatten)]
+    root: RootArgs,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `smr volume rm NAME`.
+#[derive(clap::Args)]
+pub struct RmArgs {
+    /// The volume's name.
+    name: String,
+    #[command(flatten)]
+    root: RootArgs,
+}
+
+/// Runs `smr volume`.
+pub fn run(a: Args) -> Result<ExitCode> {
+    match a.cmd {
+        Cmd::Create(a) => create(a),
+        Cmd::Ls(a) => ls(a),
+        Cmd::Rm(a) => rm(a),
+    }
+}
+
+fn create(a: CreateArgs) -> Result<ExitCode> {
+    let dir = a.root.volume_dir(&a.name)?;
+    if dir.exists() {
+        bail!("volume {} exists ({})", a.name, dir.display());
+    }
+    let image = ImageArgs {
+        image: a.from.clone(),
+        source: a.source.clone(),
+    };
+    let opened = image.open_with(false)?;
+    let size = smr_node::device::BlockDevice::size(&opened.lazy);
+    let store = match &a.source.origin.store {
+        Some(s) if !s.contains("://") => {
+            Some(super::mount::absolute(Path::new(s))?.display().to_string())
+        }
+        other => other.clone(),
+    };
+    let meta = VolumeMeta {
+        name: a.name.clone(),
+        image: a.from.clone(),
+        store,
+        artifact: opened.artifact.clone(),
+        recipe_sha256: hex::encode(opened.recipe_sha256),
+        size,
+        created: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+    };
+    std::fs::create_dir_all(dir.parent().unwrap_or(&a.root.root))
+        .with_context(|| format!("creating {}", a.root.root.display()))?;
+    // Built in a temporary directory next to it, renamed into place when
+    // whole: a failure leaves nothing half-made.
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{}-", a.name))
+        .tempdir_in(dir.parent().unwrap_or(&a.root.root))
+        .context("creating the volume directory")?;
+    if !crate::remote::is_remote(&a.from) {
+        let bytes = opened.recipe.encode();
+        anyhow::ensure!(
+            smr_format::Profile::recipe_hash(&bytes) == opened.recipe_sha256,
+            "the recipe {} does not encode back to its own bytes",
+            a.from
+        );
+        super::convert::write_atomic(&tmp.path().join(BASE_RECIPE), &bytes)?;
+    }
+    Volume::create(tmp.path(), size).context("creating the COW file and map")?;
+    super::convert::write_atomic(&tmp.path().join(META), &serde_json::to_vec_pretty(&meta)?)?;
+    let made = tmp.keep();
+    std::fs::rename(&made, &dir)
+        .with_context(|| format!("moving the volume into {}", dir.display()))?;
+    errln!(
+        "created volume {} ({}) on {} in {}",
+        a.name,
+        human(size),
+        a.from,
+        dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ls(a: LsArgs) -> Result<ExitCode> {
+    let dir = a.root.root.join("volumes");
+    let mut rows = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(&dir) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            let meta = match VolumeMeta::read(&e.path()) {
+                Ok(m) => m,
+                Err(err) => {
+                    tracing::warn!(volume = %name, error = format!("{err:#}"), "unreadable volume");
+                    continue;
+                }
+            };
+            let used = std::fs::metadata(e.path().join("cow"))
+                .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+                .unwrap_or(0);
+            rows.push((meta, used));
+        }
+    }
+    rows.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    if a.json {
+        let v: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(m, used)| serde_json::json!({ "volume": m, "cow_bytes": used }))
+            .collect();
+        outln!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    outln!(
+        "{:<20} {:>10} {:>10}  {:<20}  BASE",
+        "NAME",
+        "SIZE",
+        "WRITTEN",
+        "CREATED"
+    );
+    for (m, used) in rows {
+        outln!(
+            "{:<20} {:>10} {:>10}  {:<20}  {}",
+            m.name,
+            human(m.size),
+            human(used),
+            m.created,
+            m.image
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn rm(a: RmArgs) -> Result<ExitCode> {
+    let dir = a.root.volume_dir(&a.name)?;
+    anyhow::ensure!(
+        dir.is_dir(),
+        "no volume {} in {}",
+        a.name,
+        a.root.root.display()
+    );
+    // Held while removing: a server cannot open it meanwhile.
+    let lock = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join("lock"))
+        .with_context(|| format!("opening the lock of volume {}", a.name))?;
+    if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+        bail!(
+            "volume {} is in use (served or being committed); stop that first",
+            a.name
+        );
+    }
+    std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    errln!("removed volume {}", a.name);
+    Ok(ExitCode::SUCCESS)
+}
