@@ -16,6 +16,7 @@
 //! deadline per operation and a bound on requests in flight.
 
 pub mod error;
+pub mod gc;
 pub mod http;
 pub mod local;
 mod location;

@@ -299,7 +299,11 @@ impl ChunkStore for LocalStore {
         }
         let path = self.chunk_path(id);
         match fs::symlink_metadata(&path) {
-            Ok(m) if m.is_file() && m.len() == data.len() as u64 => return Ok(PutOutcome::Existed),
+            // Present: refreshed, so that a garbage collection running now
+            // keeps it (crate::gc); gone meanwhile: written below.
+            Ok(m) if m.is_file() && m.len() == data.len() as u64 && crate::gc::refresh(&path) => {
+                return Ok(PutOutcome::Existed)
+            }
             // Damaged (wrong length) or not a file: replaced by the rename.
             Ok(_) => {}
             Err(e) if e.kind() == ErrorKind::NotFound => {}

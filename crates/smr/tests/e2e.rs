@@ -7,6 +7,7 @@ mod e2e {
 
     mod bad_input;
     mod debian;
+    mod gc;
     mod nbd;
     mod outputs;
     mod synthetic;

@@ -6,6 +6,7 @@ pub mod commit;
 pub mod convert;
 pub mod daemon;
 pub mod extract;
+pub mod gc;
 pub mod image;
 pub mod inspect;
 pub mod keygen;

@@ -1,0 +1,159 @@
+//! `smr gc --store DIR --keep ROOT... [--grace 24h] [--dry-run]`: delete
+//! the chunks of a local store that no root recipe names (see
+//! smr_store::gc for why a conversion running meanwhile loses nothing).
+
+use crate::keys::read_recipe;
+use crate::progress::human;
+use anyhow::{bail, Context, Result};
+use smr_format::ChunkId;
+use smr_store::gc::{chunk_files, remove_if_older};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+/// Arguments of `smr gc`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The local chunk store.
+    #[arg(long)]
+    store: PathBuf,
+    /// A root: a recipe file, or a directory searched for `*.recipe`
+    /// (repeatable). Every chunk a root names is kept.
+    #[arg(long = "keep", value_name = "PATH", required_unless_present = "roots")]
+    keep: Vec<PathBuf>,
+    /// A file listing roots, one path per line (`#` comments).
+    #[arg(long, value_name = "FILE")]
+    roots: Option<PathBuf>,
+    /// Also keep the base recipes of the volumes under this node root.
+    #[arg(long = "volumes-root", value_name = "ROOT")]
+    volumes_root: Option<PathBuf>,
+    /// Only chunks written (or reused) longer ago than this are deleted:
+    /// longer than any conversion or commit takes.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    grace: Duration,
+    /// Report what would be deleted; delete nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The root recipe files: `--keep` paths, `--roots` lines, volume bases.
+fn root_files(a: &Args) -> Result<Vec<PathBuf>> {
+    let mut given = a.keep.clone();
+    if let Some(list) = &a.roots {
+        let text = std::fs::read_to_string(list)
+            .with_context(|| format!("reading the roots list {}", list.display()))?;
+        for line in text.lines() {
+            let line = line.split('#').next().unwrap_or("").trim();
+            if !line.is_empty() {
+                given.push(PathBuf::from(line));
+            }
+        }
+    }
+    if let Some(root) = &a.volumes_root {
+        let dir = root.join("volumes");
+        if dir.is_dir() {
+            given.push(dir);
+        }
+    }
+    let mut files = Vec::new();
+    for p in given {
+        collect(&p, &mut files).with_context(|| format!("root {}", p.display()))?;
+    }
+    Ok(files)
+}
+
+fn collect(p: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let meta = std::fs::metadata(p).with_context(|| format!("reading {}", p.display()))?;
+    if meta.is_file() {
+        out.push(p.to_path_buf());
+        return Ok(());
+    }
+    for e in std::fs::read_dir(p).with_context(|| format!("listing {}", p.display()))? {
+        let path = e
+            .with_context(|| format!("listing {}", p.display()))?
+            .path();
+        if path.is_dir() {
+            collect(&path, out)?;
+        } else if path.extension().is_some_and(|x| x == "recipe") {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// Runs the collection.
+pub fn run(a: Args) -> Result<ExitCode> {
+    let started = SystemTime::now();
+    let cutoff = started - a.grace;
+    anyhow::ensure!(
+        a.store.is_dir(),
+        "store {} does not exist",
+        a.store.display()
+    );
+    let store = smr_store::LocalStore::open(&a.store)
+        .with_context(|| format!("opening the store {}", a.store.display()))?;
+    // Every root first: one that cannot be read stops the collection
+    // before anything is deleted.
+    let roots = root_files(&a)?;
+    if roots.is_empty() {
+        bail!(
+            "no root recipes found: refusing to delete every chunk of {}",
+            a.store.display()
+        );
+    }
+    let mut live: HashSet<ChunkId> = HashSet::new();
+    for r in &roots {
+        let recipe = read_recipe(r).with_context(|| format!("root {}", r.display()))?;
+        live.extend(recipe.chunks.iter().map(|c| c.id));
+    }
+    let files = chunk_files(&store)?;
+    let (mut referenced, mut young, mut deleted) = ((0u64, 0u64), (0u64, 0u64), (0u64, 0u64));
+    let mut candidates = Vec::new();
+    for f in &files {
+        if live.contains(&f.id) {
+            referenced = (referenced.0 + 1, referenced.1 + f.len);
+        } else if f.modified >= cutoff {
+            young = (young.0 + 1, young.1 + f.len);
+        } else {
+            candidates.push(f);
+        }
+    }
+    for f in &candidates {
+        if a.dry_run || remove_if_older(&store, &f.id, cutoff)? {
+            deleted = (deleted.0 + 1, deleted.1 + f.len);
+        } else {
+            young = (young.0 + 1, young.1 + f.len);
+        }
+    }
+    let verb = if a.dry_run { "would delete" } else { "deleted" };
+    if a.json {
+        let v = serde_json::json!({
+            "roots": roots.len(),
+            "chunks": files.len(),
+            "referenced": { "chunks": referenced.0, "bytes": referenced.1 },
+            "within_grace": { "chunks": young.0, "bytes": young.1 },
+            "deleted": { "chunks": deleted.0, "bytes": deleted.1 },
+            "dry_run": a.dry_run,
+        });
+        outln!("{}", serde_json::to_string_pretty(&v)?);
+    }
+    errln!(
+        "{}: {} chunks, {} roots: {} referenced ({}), {} unreferenced within the {} grace ({}); {verb} {} ({}) in {:.2}s",
+        a.store.display(),
+        files.len(),
+        roots.len(),
+        referenced.0,
+        human(referenced.1),
+        young.0,
+        humantime::format_duration(a.grace),
+        human(young.1),
+        deleted.0,
+        human(deleted.1),
+        started.elapsed().map_or(0.0, |d| d.as_secs_f64())
+    );
+    Ok(ExitCode::SUCCESS)
+}
