@@ -71,7 +71,7 @@ pub fn is_mountpoint(path: &Path) -> bool {
 /// returned [`LoopDevice`] is open and then while something else (a
 /// mount) holds it.
 pub fn attach_loop(file: &Path, direct_io: bool) -> Result<LoopDevice> {
-    loopdev::attach(file, direct_io)
+    loopdev::attach(file, direct_io, false)
 }
 
 /// Sets the loop device's (any block device's) `read_ahead_kb`.
@@ -139,6 +139,22 @@ pub fn mount_ext4_ro(dev: &str, dir: &Path) -> Result<()> {
             "mount -t ext4 -o ro,noload,nosuid,nodev {dev} {}",
             dir.display()
         ),
+        source: e.into(),
+    })
+}
+
+/// Mounts ext4 from `dev` read-write on `dir` (a volume), with setuid
+/// bits and device nodes inert (`mount -t ext4 -o nosuid,nodev DEV DIR`).
+pub fn mount_ext4_rw(dev: &str, dir: &Path) -> Result<()> {
+    rustix::mount::mount(
+        dev,
+        dir,
+        "ext4",
+        MountFlags::NOSUID | MountFlags::NODEV,
+        c"",
+    )
+    .map_err(|e| MountError::Mount {
+        cmd: format!("mount -t ext4 -o nosuid,nodev {dev} {}", dir.display()),
         source: e.into(),
     })
 }
@@ -258,6 +274,8 @@ pub struct LoopOptions {
     pub readahead_kb: u32,
     /// Open the backing file with `O_DIRECT` (no second page cache).
     pub direct_io: bool,
+    /// Attach and mount read-write (a volume); else read-only.
+    pub writable: bool,
 }
 
 impl Default for LoopOptions {
@@ -265,6 +283,7 @@ impl Default for LoopOptions {
         LoopOptions {
             readahead_kb: super::DEFAULT_READAHEAD_KB,
             direct_io: false,
+            writable: false,
         }
     }
 }
@@ -275,10 +294,15 @@ impl ImageMount {
     /// with autoclear: once this returns, it is the mount that holds it,
     /// and unmounting frees it (even if this process is gone by then).
     pub fn attach(file: &Path, dir: &Path, opts: LoopOptions) -> Result<Self> {
-        let dev = attach_loop(file, opts.direct_io)?;
+        let dev = loopdev::attach(file, opts.direct_io, opts.writable)?;
         let loop_dev = dev.path().to_string();
-        let mounted = set_read_ahead_kb(&loop_dev, opts.readahead_kb)
-            .and_then(|()| mount_ext4_ro(&loop_dev, dir));
+        let mounted = set_read_ahead_kb(&loop_dev, opts.readahead_kb).and_then(|()| {
+            if opts.writable {
+                mount_ext4_rw(&loop_dev, dir)
+            } else {
+                mount_ext4_ro(&loop_dev, dir)
+            }
+        });
         // Mounted, the filesystem holds the device; else nothing does, and
         // closing ours lets autoclear free it.
         drop(dev);

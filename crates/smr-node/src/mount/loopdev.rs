@@ -104,14 +104,17 @@ fn loop_err(dev: &str, file: &Path, op: &'static str) -> impl FnOnce(Errno) -> M
 }
 
 /// The `LOOP_CONFIGURE` argument for backing file descriptor `fd`.
-fn config(fd: &OwnedFd, file: &Path, direct_io: bool) -> Result<sys::loop_config> {
+fn config(fd: &OwnedFd, file: &Path, direct_io: bool, writable: bool) -> Result<sys::loop_config> {
     // Shown by `losetup` (and LOOP_GET_STATUS64) for the device; cut to
     // the field's 63 bytes and a NUL, as losetup does.
     let mut name = [0u8; sys::LO_NAME_SIZE as usize];
     let bytes = file.as_os_str().as_bytes();
     let n = bytes.len().min(name.len() - 1);
     name[..n].copy_from_slice(&bytes[..n]);
-    let mut flags = LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR;
+    let mut flags = LO_FLAGS_AUTOCLEAR;
+    if !writable {
+        flags |= LO_FLAGS_READ_ONLY;
+    }
     if direct_io {
         flags |= LO_FLAGS_DIRECT_IO;
     }
@@ -145,20 +148,25 @@ fn config(fd: &OwnedFd, file: &Path, direct_io: bool) -> Result<sys::loop_config
     })
 }
 
-/// Attaches `file` read-only, with autoclear, to a free loop device (see
-/// the module docs), with direct I/O if `direct_io` (the kernel quietly
-/// falls back to buffered I/O where the file does not support it).
-pub fn attach(file: &Path, direct_io: bool) -> Result<LoopDevice> {
-    let backing =
-        rustix::fs::open(file, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).map_err(|e| {
-            MountError::Io {
-                path: file.to_path_buf(),
-                source: e.into(),
-            }
-        })?;
+/// Attaches `file` read-only (or read-write if `writable`), with
+/// autoclear, to a free loop device (see the module docs), with direct I/O
+/// if `direct_io` (the kernel quietly falls back to buffered I/O where the
+/// file does not support it).
+pub fn attach(file: &Path, direct_io: bool, writable: bool) -> Result<LoopDevice> {
+    let access = if writable {
+        OFlags::RDWR
+    } else {
+        OFlags::RDONLY
+    };
+    let backing = rustix::fs::open(file, access | OFlags::CLOEXEC, Mode::empty()).map_err(|e| {
+        MountError::Io {
+            path: file.to_path_buf(),
+            source: e.into(),
+        }
+    })?;
     let control = rustix::fs::open(LOOP_CONTROL, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
         .map_err(loop_err(LOOP_CONTROL, file, "open"))?;
-    let cfg = config(&backing, file, direct_io)?;
+    let cfg = config(&backing, file, direct_io, writable)?;
     let mut last = Errno::BUSY;
     for _ in 0..ATTACH_TRIES {
         // SAFETY: `control` is /dev/loop-control, whose driver implements
@@ -169,7 +177,9 @@ pub fn attach(file: &Path, direct_io: bool) -> Result<LoopDevice> {
             "LOOP_CTL_GET_FREE",
         ))?;
         let path = format!("/dev/loop{n}");
-        let dev = match rustix::fs::open(&path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()) {
+        // The kernel makes the device read-only unless it was opened for
+        // writing too.
+        let dev = match rustix::fs::open(&path, access | OFlags::CLOEXEC, Mode::empty()) {
             Ok(fd) => fd,
             // Removed (LOOP_CTL_REMOVE) since we were given it.
             Err(e @ Errno::NXIO) => {

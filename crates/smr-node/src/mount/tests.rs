@@ -123,6 +123,7 @@ fn fuse_loop_ext4_stack_mounts_and_tears_down() {
     let opts = LoopOptions {
         readahead_kb: 16,
         direct_io: true,
+        writable: false,
     };
     let image = ImageMount::attach(fuse.file(), &mnt, opts).expect("attach");
     let ra = std::fs::read_to_string(format!(

@@ -26,6 +26,7 @@ impl LoopArgs {
         LoopOptions {
             readahead_kb: self.readahead_kb,
             direct_io: self.direct_io,
+            writable: false,
         }
     }
 }
@@ -41,10 +42,18 @@ pub struct StateArgs {
 /// Arguments of `smr mount`.
 #[derive(clap::Args)]
 pub struct MountArgs {
+    /// `IMAGE MOUNTPOINT`, or with `--volume`, `MOUNTPOINT`: the image (a
+    /// recipe file or `docker://…`) and where to mount its filesystem
+    /// (read-only; a volume's read-write).
+    #[arg(value_name = "IMAGE|MOUNTPOINT", num_args = 1..=2, required = true)]
+    targets: Vec<String>,
     #[command(flatten)]
-    image: ImageArgs,
-    /// Where to mount the image's filesystem (read-only).
-    mountpoint: PathBuf,
+    source: super::image::SourceArgs,
+    /// Mount this writable volume (`smr volume create`) read-write.
+    #[arg(long, value_name = "NAME")]
+    volume: Option<String>,
+    #[command(flatten)]
+    root: super::volume::RootArgs,
     #[command(flatten)]
     loop_args: LoopArgs,
     #[command(flatten)]
@@ -72,9 +81,56 @@ pub(super) fn absolute(p: &Path) -> Result<PathBuf> {
 
 /// Mounts the image lazily: FUSE server process, loop device, ext4; a
 /// registry image through the node daemon when one runs.
-pub fn run_mount(a: MountArgs) -> Result<ExitCode> {
+pub fn run_mount(m: MountArgs) -> Result<ExitCode> {
+    let (image, mountpoint) = match (&m.volume, &m.targets[..]) {
+        (Some(name), [mnt]) => {
+            let dir = m.root.volume_dir(name)?;
+            anyhow::ensure!(
+                dir.is_dir(),
+                "no volume {name} in {}",
+                m.root.root.display()
+            );
+            let meta = super::volume::VolumeMeta::read(&dir)?;
+            (meta.base_image(&dir), PathBuf::from(mnt))
+        }
+        (None, [image, mnt]) => (image.clone(), PathBuf::from(mnt)),
+        (Some(_), _) => anyhow::bail!("with --volume, give only the mount point"),
+        (None, _) => anyhow::bail!("give the image and the mount point"),
+    };
+    let source = match &m.volume {
+        Some(name) => {
+            let dir = m.root.volume_dir(name)?;
+            super::volume::VolumeMeta::read(&dir)?.source(&m.source)
+        }
+        None => m.source.clone(),
+    };
+    let a = Mount {
+        image: ImageArgs { image, source },
+        mountpoint,
+        loop_args: m.loop_args,
+        state: m.state,
+        standalone: m.standalone,
+        volume: m.volume,
+        root: m.root,
+    };
+    mount(a)
+}
+
+/// `smr mount`'s arguments, resolved.
+struct Mount {
+    image: ImageArgs,
+    mountpoint: PathBuf,
+    loop_args: LoopArgs,
+    state: StateArgs,
+    standalone: bool,
+    volume: Option<String>,
+    root: super::volume::RootArgs,
+}
+
+fn mount(a: Mount) -> Result<ExitCode> {
     let daemon = super::daemon::daemon_socket();
-    if is_remote(&a.image.image) && !a.standalone && super::daemon::daemon_runs(&daemon) {
+    let through_daemon = is_remote(&a.image.image) && a.volume.is_none() && !a.standalone;
+    if through_daemon && super::daemon::daemon_runs(&daemon) {
         let mnt = absolute(&a.mountpoint)?;
         let req = serde_json::json!({ "image": a.image.image, "mountpoint": mnt });
         let body = super::daemon::control_request(&daemon, "POST", "/mounts", Some(&req))
@@ -127,7 +183,15 @@ pub fn run_mount(a: MountArgs) -> Result<ExitCode> {
         state_root: a.state.state_dir.clone(),
         mountpoint: a.mountpoint.clone(),
         image_size: lazy.size(),
-        loop_opts: a.loop_args.options(),
+        loop_opts: LoopOptions {
+            writable: a.volume.is_some(),
+            ..a.loop_args.options()
+        },
+    };
+    let root = absolute(&a.root.root)?;
+    let label = match &a.volume {
+        Some(v) => format!("volume {v} (read-write)"),
+        None => a.image.image.clone(),
     };
     drop(lazy);
     let st = smr_node::mount::mount_with_server(&req, |fuse_dir, out, err| {
@@ -163,15 +227,17 @@ pub fn run_mount(a: MountArgs) -> Result<ExitCode> {
         if a.image.source.no_prefetch {
             c.arg("--no-prefetch");
         }
+        if let Some(v) = &a.volume {
+            c.arg("--volume").arg(v).arg("--root").arg(&root);
+        }
         if std::env::var_os("SMR_LOG").is_none() {
             c.env("SMR_LOG", "info");
         }
         c.stdin(Stdio::null()).stdout(out).stderr(err).spawn()
     })
-    .with_context(|| format!("mounting {}", a.image.image))?;
+    .with_context(|| format!("mounting {label}"))?;
     errln!(
-        "mounted {} on {} ({}, read_ahead_kb {}, server pid {}, log {})",
-        a.image.image,
+        "mounted {label} on {} ({}, read_ahead_kb {}, server pid {}, log {})",
         st.mountpoint.display(),
         st.loop_dev,
         st.readahead_kb,

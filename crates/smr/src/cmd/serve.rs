@@ -197,6 +197,11 @@ pub struct FuseArgs {
     /// Directory to mount the FUSE export on.
     #[arg(long)]
     dir: PathBuf,
+    /// Serve this writable volume (over its base, `image`) instead.
+    #[arg(long)]
+    volume: Option<String>,
+    #[command(flatten)]
+    root: super::volume::RootArgs,
 }
 
 /// The FUSE server's counters, next to its mount state (read by the node
@@ -230,6 +235,16 @@ pub fn run_fuse(a: FuseArgs) -> Result<ExitCode> {
     smr_node::malloc::limit_arenas(smr_node::malloc::SERVER_ARENAS);
     // One of these runs per mounted image, for as long as it is mounted.
     smr_node::malloc::bound_heap();
+    if let Some(name) = &a.volume {
+        let v = super::volume::open(&a.root, name, &a.image.source)?;
+        let dev: Arc<dyn smr_node::nbd::BlockDevice> = v.volume.clone();
+        tracing::info!(dir = %a.dir.display(), pid = std::process::id(), volume = %name, "serving a volume's FUSE export");
+        smr_node::mount::serve_fuse_process(dev, &a.dir, &format!("smr:volume:{name}"))?;
+        smr_node::nbd::BlockDevice::flush(v.volume.as_ref())
+            .with_context(|| format!("flushing volume {name}"))?;
+        tracing::info!("FUSE export unmounted, volume flushed; exiting");
+        return Ok(ExitCode::SUCCESS);
+    }
     let opened = a.image.open_full()?;
     let replay = opened.start_prefetch();
     let name = format!("smr:{}", a.image.image);

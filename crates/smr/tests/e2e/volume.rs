@@ -332,3 +332,38 @@ fn flushed_writes_survive_sigkill_of_the_server_at_random_points() {
 fn fastrand_ms(round: u64) -> u64 {
     (round * 37 + 11) % 120
 }
+
+#[test]
+fn smr_mount_volume_is_read_write_and_commits() {
+    let Some(v) = Setup::new() else {
+        return;
+    };
+    let d = v.s.t.path();
+    let (mnt, state) = (d.join("vmnt"), d.join("state"));
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mount = |extra: &[&str]| {
+        let mut c = v.smr(&["mount", "--volume", "vm1"]);
+        c.arg(&mnt).arg("--state-dir").arg(&state).args(extra);
+        c
+    };
+    ok(&mut mount(&[]));
+    std::fs::write(mnt.join("etc/mounted"), "through smr mount --volume\n").unwrap();
+    // One process at a time: the export of a mounted volume is refused.
+    let e = fails(
+        &mut v
+            .smr(&["serve-nbd", "--volume", "vm1", "--socket"])
+            .arg(d.join("s.sock")),
+    );
+    assert!(e.contains("in use"), "{e}");
+    ok(v.smr(&["umount"]).arg(&mnt).arg("--state-dir").arg(&state));
+    let new = d.join("m.recipe");
+    ok(v.smr(&["commit", "vm1", "-o"]).arg(&new));
+    let img = d.join("m.img");
+    extract(&new, &v.s.store, &v.s.key, &img);
+    ok(Command::new("e2fsck").arg("-fn").arg(&img));
+    let m = LoopMount::new(&img);
+    assert_eq!(
+        std::fs::read_to_string(m.dir.path().join("etc/mounted")).unwrap(),
+        "through smr mount --volume\n"
+    );
+}
