@@ -95,7 +95,7 @@ pub fn chunk_files(store: &LocalStore) -> Result<Vec<ChunkFile>> {
             }
         }
     }
-    out.sort_by(|a, b| a.id.cmp(&b.id));
+    out.sort_by_key(|a| a.id);
     Ok(out)
 }
 

@@ -90,7 +90,7 @@ impl CowMap {
         if Sha256::digest(bits).as_slice() != &bytes[16..48] {
             return Err("the bitmap does not match its checksum".into());
         }
-        if blocks % 8 != 0 && bits.last().is_some_and(|l| l >> (blocks % 8) != 0) {
+        if !blocks.is_multiple_of(8) && bits.last().is_some_and(|l| l >> (blocks % 8) != 0) {
             return Err("bits set beyond the last block".into());
         }
         Ok(CowMap {

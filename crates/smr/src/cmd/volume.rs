@@ -143,7 +143,7 @@ pub struct Args {
 #[derive(clap::Subcommand)]
 enum Cmd {
     /// Create a writable volume on an image (recipe file or docker://).
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// List the node's volumes.
     Ls(LsArgs),
     /// Remove a volume (refused while it is served).
@@ -186,7 +186,7 @@ pub struct RmArgs {
 /// Runs `smr volume`.
 pub fn run(a: Args) -> Result<ExitCode> {
     match a.cmd {
-        Cmd::Create(a) => create(a),
+        Cmd::Create(a) => create(*a),
         Cmd::Ls(a) => ls(a),
         Cmd::Rm(a) => rm(a),
     }

@@ -42,6 +42,13 @@ impl Setup {
         c
     }
 
+    /// The base image's bytes (extracted).
+    fn base_bytes(&self) -> Vec<u8> {
+        let base = self.s.t.path().join("base.img");
+        extract(&self.s.recipe, &self.s.store, &self.s.key, &base);
+        std::fs::read(&base).unwrap()
+    }
+
     /// `smr serve-nbd --volume vm1`.
     fn serve(&self) -> NbdServe {
         let args: Vec<OsString> = ["--volume", "vm1", "--root"]
@@ -213,9 +220,7 @@ fn raw_writes_zeroes_and_trims_read_back() {
         return;
     };
     let d = v.s.t.path();
-    let base = d.join("base.img");
-    extract(&v.s.recipe, &v.s.store, &v.s.key, &base);
-    let mut model = std::fs::read(&base).unwrap();
+    let mut model = v.base_bytes();
     let srv = v.serve();
     let uri = srv.uri_of("vm1");
     let cmds: Vec<String> = [
@@ -266,9 +271,7 @@ fn flushed_writes_survive_sigkill_of_the_server_at_random_points() {
         return;
     };
     let d = v.s.t.path();
-    let base = d.join("base.img");
-    extract(&v.s.recipe, &v.s.store, &v.s.key, &base);
-    let mut expected = std::fs::read(&base).unwrap();
+    let mut expected = v.base_bytes();
     let blocks = expected.len() as u64 / 4096;
     let kills = 50;
     for round in 0..kills {
@@ -350,8 +353,7 @@ fn smr_mount_volume_is_read_write_and_commits() {
     std::fs::write(mnt.join("etc/mounted"), "through smr mount --volume\n").unwrap();
     // One process at a time: the export of a mounted volume is refused.
     let e = fails(
-        &mut v
-            .smr(&["serve-nbd", "--volume", "vm1", "--socket"])
+        v.smr(&["serve-nbd", "--volume", "vm1", "--socket"])
             .arg(d.join("s.sock")),
     );
     assert!(e.contains("in use"), "{e}");
