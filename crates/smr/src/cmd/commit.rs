@@ -91,11 +91,34 @@ pub fn run(a: Args) -> Result<ExitCode> {
         .collect();
     let (mut entries, mut new_keys) = (Vec::new(), Vec::new());
     let (mut dirty, mut stored, mut stored_bytes, mut dropped) = (0u64, 0u64, 0u64, 0u64);
+    let base_store = v.base.lazy.fetcher().store().clone();
+    let mut copied = 0u64;
     for index in 0..chunk_count {
         let written = map.any_in(index * blocks_per_chunk, blocks_per_chunk);
         if !written {
             if let Some(&pos) = by_index.get(&index) {
-                entries.push(base.chunks[pos]);
+                let e = base.chunks[pos];
+                // The new image must be whole in the store it goes to: a
+                // kept chunk it lacks comes from the base's store.
+                if !store.exists(&e.id)? {
+                    let bytes = base_store.get(&e.id).with_context(|| {
+                        format!(
+                            "chunk {} (#{index}) of the base of volume {} is missing from {}",
+                            e.id,
+                            a.volume,
+                            base_store.describe()
+                        )
+                    })?;
+                    anyhow::ensure!(
+                        smr_format::ChunkId::of(&bytes) == e.id,
+                        "chunk {} (#{index}) of the base is corrupt in {}",
+                        e.id,
+                        base_store.describe()
+                    );
+                    store.put(&e.id, &bytes)?;
+                    copied += 1;
+                }
+                entries.push(e);
                 if let Some(k) = &keys {
                     new_keys.push(k[pos]);
                 }
@@ -153,6 +176,9 @@ pub fn run(a: Args) -> Result<ExitCode> {
     }
     let bytes = recipe.encode();
     super::convert::write_atomic(&a.out, &bytes)?;
+    if copied > 0 {
+        errln!("copied {copied} unchanged chunks of the base into {location}");
+    }
     errln!(
         "committed volume {} -> {} ({}): {} of {} chunks written ({} stored, {}; {} now zero), {} kept; {:.2}s",
         a.volume,

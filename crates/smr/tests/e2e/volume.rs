@@ -200,6 +200,43 @@ fn ext4_written_through_the_volume_checks_clean_and_commits_only_dirty_chunks() 
     let l: serde_json::Value = serde_json::from_slice(&ls.stdout).unwrap();
     assert_eq!(l[0]["volume"]["name"], "vm1", "{l}");
     assert!(l[0]["cow_bytes"].as_u64().unwrap() >= 3 << 20, "{l}");
+    // Into another store: the unchanged chunks are copied along, so the
+    // new image is whole there.
+    let other = d.join("other-store");
+    let moved = d.join("moved.recipe");
+    ok(v.smr(&["commit", "vm1", "-o"])
+        .arg(&moved)
+        .arg("--to-store")
+        .arg(&other));
+    ok(smr()
+        .arg("verify")
+        .arg(&moved)
+        .arg("--store")
+        .arg(&other)
+        .arg("--key-file")
+        .arg(&v.s.key));
+    // A base chunk missing from its store: a clear error naming it, and
+    // no recipe written.
+    let read = |p: &Path| smr_format::Recipe::decode(&std::fs::read(p).unwrap()).unwrap();
+    let committed: std::collections::HashSet<_> = read(&new).chunks.iter().map(|c| c.id).collect();
+    let kept = read(&v.s.recipe)
+        .chunks
+        .iter()
+        .rev()
+        .map(|c| c.id)
+        .find(|id| committed.contains(id))
+        .unwrap();
+    let hex = kept.to_hex();
+    std::fs::remove_file(v.s.store.join("chunks").join(&hex[..2]).join(&hex)).unwrap();
+    let broken = d.join("broken.recipe");
+    let e = fails(
+        v.smr(&["commit", "vm1", "-o"])
+            .arg(&broken)
+            .arg("--to-store")
+            .arg(d.join("third-store")),
+    );
+    assert!(e.contains(&hex) && e.contains("missing"), "{e}");
+    assert!(!broken.exists());
     ok(&mut v.smr(&["volume", "rm", "vm1"]));
     assert!(!v.root.join("volumes/vm1").exists());
 }
