@@ -135,6 +135,10 @@ pub struct RunRequest {
     pub started: (Instant, SystemTime),
     /// Kill the container (SIGKILL) once it has run this long.
     pub timeout: Option<Duration>,
+    /// A writable volume over `image` (crate::volume): the container's
+    /// root is then the volume's filesystem itself, mounted read-write
+    /// (no overlay), and what the container writes stays in the volume.
+    pub volume: Option<Arc<crate::volume::Volume>>,
 }
 
 /// What happened, for `--stats`.
@@ -336,14 +340,25 @@ fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
     let id = sweep::container_id(tmp.path());
 
     // Declared in setup order: dropped (undone) in reverse.
-    let dev: Arc<dyn crate::nbd::BlockDevice> = Arc::new(req.image.clone());
+    let dev: Arc<dyn crate::nbd::BlockDevice> = match &req.volume {
+        Some(v) => v.clone() as Arc<dyn crate::nbd::BlockDevice>,
+        None => Arc::new(req.image.clone()),
+    };
     let fuse =
         FuseMount::spawn(dev, &fuse_dir, &FuseConfig::default(), &id).map_err(MountError::from)?;
     check(live)?;
-    let image = ImageMount::attach(fuse.file(), &lower, req.loop_opts)?;
-    check(live)?;
-    mount::mount_overlay(&lower, &upper, &work, &rootfs)?;
-    let overlay = Overlay(rootfs.clone());
+    let (image, overlay) = if req.volume.is_some() {
+        let opts = LoopOptions {
+            writable: true,
+            ..req.loop_opts
+        };
+        (ImageMount::attach(fuse.file(), &rootfs, opts)?, None)
+    } else {
+        let image = ImageMount::attach(fuse.file(), &lower, req.loop_opts)?;
+        check(live)?;
+        mount::mount_overlay(&lower, &upper, &work, &rootfs)?;
+        (image, Some(Overlay(rootfs.clone())))
+    };
 
     let cfg = &req.recipe.config;
     let user = spec::resolve_user_in(&cfg.user, &rootfs)?;
@@ -462,6 +477,9 @@ fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
     image.teardown()?;
     fuse.unmount(Duration::from_secs(10))
         .map_err(MountError::from)?;
+    if let Some(v) = &req.volume {
+        crate::device::BlockDevice::flush(v.as_ref()).map_err(io_err(v.dir()))?;
+    }
     tmp.close().map_err(io_err(&req.work_root))?;
     Ok(report)
 }

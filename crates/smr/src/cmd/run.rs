@@ -13,8 +13,18 @@ use std::time::{Instant, SystemTime};
 /// Arguments of `smr run`.
 #[derive(clap::Args)]
 pub struct Args {
+    /// The image: a recipe file (chunks in `--store`), or
+    /// `docker://HOST[:PORT]/NAME[:TAG|@DIGEST]` (from the smr artifact).
+    #[arg(required_unless_present = "volume")]
+    image: Option<String>,
     #[command(flatten)]
-    image: ImageArgs,
+    source: super::image::SourceArgs,
+    /// Run on this writable volume (`smr volume create`): the container's
+    /// root is the volume's filesystem itself, and what it writes stays.
+    #[arg(long, value_name = "NAME", conflicts_with = "image")]
+    volume: Option<String>,
+    #[command(flatten)]
+    root: super::volume::RootArgs,
     /// Set an environment variable (`K=V`), or copy `K` from smr's environment.
     #[arg(short = 'e', long = "env", value_name = "K=V")]
     env: Vec<String>,
@@ -69,7 +79,19 @@ pub fn run(a: Args) -> Result<ExitCode> {
     }
     // This process serves the image's FUSE export while the container runs.
     smr_node::malloc::limit_arenas(smr_node::malloc::SERVER_ARENAS);
-    let opened = a.image.open_full()?;
+    let (opened, volume, label) = match &a.volume {
+        Some(name) => {
+            let v = super::volume::open(&a.root, name, &a.source)?;
+            (v.base, Some(v.volume), format!("volume {name}"))
+        }
+        None => {
+            let image = ImageArgs {
+                image: a.image.clone().unwrap_or_default(),
+                source: a.source.clone(),
+            };
+            (image.open_full()?, None, image.image)
+        }
+    };
     // Started first: the replay's fetches overlap the mount and runc.
     let replay = opened.start_prefetch();
     if a.record_profile.is_some() {
@@ -91,8 +113,9 @@ pub fn run(a: Args) -> Result<ExitCode> {
         seccomp,
         started,
         timeout: a.timeout,
+        volume,
     };
-    let mut r = smr_node::run::run(req).with_context(|| format!("running {}", a.image.image))?;
+    let mut r = smr_node::run::run(req).with_context(|| format!("running {label}"))?;
     r.profile = replay.map(|p| p.stats());
     if let Some(path) = &a.record_profile {
         let p = lazy

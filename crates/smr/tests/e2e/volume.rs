@@ -406,3 +406,55 @@ fn smr_mount_volume_is_read_write_and_commits() {
         "through smr mount --volume\n"
     );
 }
+
+#[test]
+fn a_container_runs_on_a_volume_and_its_writes_are_committed() {
+    let Some(layout) = debian_layout() else {
+        return;
+    };
+    if !have_tools(&["runc"]) {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let (store, recipe, key) = (d.join("store"), d.join("debian.recipe"), key_file(d));
+    convert(
+        &format!("oci:{}:debian", layout.display()),
+        &store,
+        &recipe,
+        &key,
+        &[],
+    );
+    let with = |args: &[&str]| {
+        let mut c = smr();
+        c.args(args)
+            .env("SMR_ROOT", d.join("root"))
+            .env("SMR_KEY_FILE", &key)
+            .env("SMR_CACHE_DIR", d.join("cache"));
+        c
+    };
+    ok(with(&["volume", "create", "deb", "--from"])
+        .arg(&recipe)
+        .arg("--store")
+        .arg(&store));
+    let run_on = |cmd: &str| {
+        ok(&mut with(&[
+            "run", "--volume", "deb", "--net", "none", "--", "sh", "-c", cmd,
+        ]))
+    };
+    run_on("echo kept > /etc/kept && rm /etc/debian_version");
+    // The next container sees it: the root is the volume, not an overlay.
+    let out = run_on("cat /etc/kept; test ! -e /etc/debian_version && echo gone");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "kept\ngone\n");
+    let new = d.join("new.recipe");
+    ok(with(&["commit", "deb", "-o"]).arg(&new));
+    // The committed image runs lazily like any other.
+    let out = ok(with(&["run"]).arg(&new).arg("--store").arg(&store).args([
+        "--net",
+        "none",
+        "--",
+        "cat",
+        "/etc/kept",
+    ]));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "kept\n");
+}
