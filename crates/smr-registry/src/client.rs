@@ -189,6 +189,13 @@ impl Repository {
     pub fn list_tags(&self) -> Result<Vec<String>> {
         self.run(|c, repo| async move { c.list_tags(&repo).await })
     }
+
+    /// Deletes manifest `digest` (and every tag naming it); `false` if
+    /// there was none.
+    pub fn delete_manifest(&self, digest: &str) -> Result<bool> {
+        let digest = digest.to_string();
+        self.run(move |c, repo| async move { c.delete_manifest(&repo, &digest).await })
+    }
 }
 
 impl Blobs for Repository {

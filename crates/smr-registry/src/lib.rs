@@ -11,6 +11,7 @@
 //! - [`profile`]: startup profiles pushed next to the smr artifact.
 //! - [`signature`]: cosign-compatible signatures of smr artifacts.
 //! - [`index`]: `--index` mode, the smr artifact inside the image index.
+//! - [`gc`]: deleting smr referrers whose image is gone.
 //! - [`store`]: [`RegistryStore`], a chunk store over an artifact's packs.
 //! - [`reference`](mod@reference): `docker://host[:port]/name[:tag][@digest]` references.
 //! - [`client`]: the registry client ([`client::Registry`],
@@ -22,6 +23,7 @@ pub mod blobs;
 pub mod client;
 pub mod discover;
 pub mod error;
+pub mod gc;
 pub mod index;
 pub mod media_types;
 pub mod pack;

@@ -312,6 +312,29 @@ impl Core {
         Ok(digest)
     }
 
+    /// `DELETE /v2/<repo>/manifests/<digest>`: `true` if it was deleted,
+    /// `false` if there was no such manifest. A registry that does not
+    /// allow deletes answers 405, an error naming the manifest.
+    pub async fn delete_manifest(&self, repo: &str, digest: &str) -> Result<bool> {
+        let ctx = self.ctx(repo, format!("DELETE manifest {digest}"));
+        check_digest(digest, &ctx)?;
+        let rest = format!("manifests/{digest}");
+        self.retry(repo, Push, &ctx, || async {
+            let resp = self
+                .raw(Method::DELETE, repo, &rest, None, Push, &ctx)
+                .await?;
+            let status = resp.status();
+            let ra = retry_after(resp.headers());
+            let body = read_capped(resp, &ctx, MANIFEST_LIMIT).await?;
+            match status {
+                StatusCode::ACCEPTED | StatusCode::OK => Ok(true),
+                StatusCode::NOT_FOUND => Ok(false),
+                s => Err(from_status(s, ra, &body, &ctx)),
+            }
+        })
+        .await
+    }
+
     /// `GET /v2/<repo>/referrers/<digest>`: the index bytes, or `None`
     /// when the registry does not implement the API (404, or an answer
     /// that is not an OCI index, as the spec tells clients to treat it).

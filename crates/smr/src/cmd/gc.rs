@@ -1,6 +1,9 @@
 //! `smr gc --store DIR --keep ROOT... [--grace 24h] [--dry-run]`: delete
 //! the chunks of a local store that no root recipe names (see
 //! smr_store::gc for why a conversion running meanwhile loses nothing).
+//! `smr gc docker://HOST/NAME [--dry-run]`: delete the smr artifacts,
+//! profiles and signatures of a repository whose image is gone
+//! (smr_registry::gc).
 
 use crate::keys::read_recipe;
 use crate::progress::human;
@@ -15,12 +18,22 @@ use std::time::{Duration, SystemTime};
 /// Arguments of `smr gc`.
 #[derive(clap::Args)]
 pub struct Args {
+    /// A repository (`docker://HOST[:PORT]/NAME`) to clean of smr
+    /// referrers whose image was deleted, instead of a store.
+    #[arg(value_name = "docker://REPO", conflicts_with_all = ["store", "keep", "roots"])]
+    repository: Option<String>,
+    #[command(flatten)]
+    registry: crate::remote::RegistryArgs,
     /// The local chunk store.
-    #[arg(long)]
-    store: PathBuf,
+    #[arg(long, required_unless_present = "repository")]
+    store: Option<PathBuf>,
     /// A root: a recipe file, or a directory searched for `*.recipe`
     /// (repeatable). Every chunk a root names is kept.
-    #[arg(long = "keep", value_name = "PATH", required_unless_present = "roots")]
+    #[arg(
+        long = "keep",
+        value_name = "PATH",
+        required_unless_present_any = ["roots", "repository"]
+    )]
     keep: Vec<PathBuf>,
     /// A file listing roots, one path per line (`#` comments).
     #[arg(long, value_name = "FILE")]
@@ -85,24 +98,44 @@ fn collect(p: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
+/// Cleans a repository of orphaned smr referrers.
+fn run_registry(a: &Args, image: &str) -> Result<ExitCode> {
+    let iref = smr_registry::reference::ImageRef::parse(image)?;
+    let repo = smr_registry::client::Repository::open(&iref, &a.registry.options()?)?;
+    let r = smr_registry::gc::collect(&repo, a.dry_run)
+        .with_context(|| format!("collecting smr referrers in {image}"))?;
+    if a.json {
+        outln!("{}", serde_json::to_string_pretty(&r)?);
+    }
+    let verb = if a.dry_run { "would delete" } else { "deleted" };
+    errln!(
+        "{}: {} missing images; {verb} {} smr manifests, {} referrers tags",
+        smr_registry::Blobs::describe(&repo),
+        r.subjects_gone.len(),
+        r.deleted.len(),
+        r.tags.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Runs the collection.
 pub fn run(a: Args) -> Result<ExitCode> {
+    if let Some(image) = &a.repository {
+        return run_registry(&a, image);
+    }
     let started = SystemTime::now();
     let cutoff = started - a.grace;
-    anyhow::ensure!(
-        a.store.is_dir(),
-        "store {} does not exist",
-        a.store.display()
-    );
-    let store = smr_store::LocalStore::open(&a.store)
-        .with_context(|| format!("opening the store {}", a.store.display()))?;
+    let dir = a.store.clone().context("--store is required")?;
+    anyhow::ensure!(dir.is_dir(), "store {} does not exist", dir.display());
+    let store = smr_store::LocalStore::open(&dir)
+        .with_context(|| format!("opening the store {}", dir.display()))?;
     // Every root first: one that cannot be read stops the collection
     // before anything is deleted.
     let roots = root_files(&a)?;
     if roots.is_empty() {
         bail!(
             "no root recipes found: refusing to delete every chunk of {}",
-            a.store.display()
+            dir.display()
         );
     }
     let mut live: HashSet<ChunkId> = HashSet::new();
@@ -143,7 +176,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
     }
     errln!(
         "{}: {} chunks, {} roots: {} referenced ({}), {} unreferenced within the {} grace ({}); {verb} {} ({}) in {:.2}s",
-        a.store.display(),
+        dir.display(),
         files.len(),
         roots.len(),
         referenced.0,

@@ -467,3 +467,73 @@ fn no_secret_reaches_any_output_even_at_trace_level() {
         }
     }
 }
+
+#[test]
+fn gc_of_a_repository_deletes_only_the_referrers_of_deleted_images() {
+    let Some((reg, s, image)) = registry_with_synthetic() else {
+        return;
+    };
+    let d = s.t.path();
+    let (key, _) = cosign_pair(d, "k");
+    let (gone_artifact, _) = push_public(&image, &["--sign-key", key.to_str().unwrap()]);
+    // A second image that stays, with its artifact.
+    let mut img = smr_testkit::synthetic_image();
+    let mut extra = smr_testkit::LayerBuilder::new();
+    extra.file("etc/motd", b"stays\n", 0o644);
+    img.layer(extra.into_bytes(), smr_testkit::Compression::None);
+    img.write_oci_layout(&d.join("v2"), Some("v2")).unwrap();
+    reg.push_layout(&d.join("v2"), "v2", "synth:v2", None);
+    let (kept_artifact, _) = push_public(&reg.image("synth:v2"), &[]);
+    let repo = reg.image("synth");
+    let tags = |t: &str| -> Vec<String> {
+        let out = ok(Command::new("skopeo")
+            .args(["list-tags", "--tls-verify=false"])
+            .arg(t));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["Tags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap().to_string())
+            .collect()
+    };
+    let before = tags(&repo);
+    // Nothing is gone yet: nothing to do.
+    let o = ok(smr().args(["gc", &repo, "--json"]));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["deleted"].as_array().unwrap().len(), 0, "{r}");
+    // Delete v1's manifest, as `regctl`/the registry API would.
+    let digest = String::from_utf8_lossy(
+        &ok(Command::new("skopeo")
+            .args(["inspect", "--tls-verify=false", "--format", "{{.Digest}}"])
+            .arg(&image))
+        .stdout,
+    )
+    .trim()
+    .to_string();
+    let url = format!("http://{}/v2/synth/manifests/{digest}", reg.addr);
+    ok(Command::new("curl").args(["-fsS", "-X", "DELETE", &url]));
+    // A dry run reports and deletes nothing.
+    let o = ok(smr().args(["gc", &repo, "--dry-run", "--json"]));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(r["deleted"].to_string().contains(&gone_artifact), "{r}");
+    assert_eq!(tags(&repo).len(), before.len() - 1, "only v1's tag went");
+    let o = ok(smr().args(["gc", &repo, "--json"]));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(r["deleted"].to_string().contains(&gone_artifact), "{r}");
+    let left = tags(&repo);
+    let gone_hex = gone_artifact.trim_start_matches("sha256:");
+    assert!(
+        !left.iter().any(|t| t.contains(gone_hex)),
+        "signature tags left: {left:?}"
+    );
+    assert!(left.contains(&"v2".to_string()));
+    // The artifact of the image that stays is still found and used.
+    let o = ok(smr()
+        .args(["extract", &reg.image("synth:v2"), "-o"])
+        .arg(d.join("v2.img"))
+        .args(["--log", "info"]));
+    assert!(stderr(&o).contains(&kept_artifact), "{}", stderr(&o));
+    let e = fails(smr().args(["extract", &image, "-o"]).arg(d.join("v1.img")));
+    assert!(e.contains("v1"), "{e}");
+}
