@@ -90,6 +90,8 @@ pub struct LazyImage {
     /// Shared by the clones: when the last one goes, prefetching stops
     /// (its workers hold the image only while they fetch).
     _prefetch: Arc<prefetch::StopOnDrop>,
+    /// The image's chunks pinned in the node cache while any clone lives.
+    _pin: Option<Arc<crate::cache::Pin>>,
 }
 
 struct Inner {
@@ -140,7 +142,16 @@ impl LazyImage {
             return Err(FormatError::KeyRequired.into());
         }
         let prefetch = Arc::new(prefetch::Prefetch::new(img.recipe.chunk_count()));
+        // The image's chunks are kept through evictions while it is served.
+        let pin = match cache.pin(img.recipe.chunks.iter().map(|c| c.id)) {
+            Ok(p) => Some(Arc::new(p)),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not pin the image's chunks in the cache");
+                None
+            }
+        };
         Ok(LazyImage {
+            _pin: pin,
             _prefetch: Arc::new(prefetch::StopOnDrop(prefetch.clone())),
             inner: Arc::new(Inner {
                 prefetch,

@@ -7,6 +7,9 @@
 //!    of chunks read once can only push out other chunks read once;
 //! 2. then the rest by their K-th (2nd) most recent access, oldest first.
 //!
+//! Entries of images in use (pinned: `cache/pins.rs`) come after all
+//! others, in the same order.
+//!
 //! An entry being read holds `LOCK_SH` (so does every entry a process keeps
 //! open in its handle cache: `cache/handles.rs`); the evictor takes
 //! `LOCK_EX|LOCK_NB` and skips entries it cannot lock.
@@ -118,7 +121,19 @@ pub(crate) fn scan(layout: &Layout) -> io::Result<Vec<Scanned>> {
 /// The caller holds the global lock.
 pub(crate) fn evict_to(layout: &Layout, target: u64) -> io::Result<PruneReport> {
     let mut entries = scan(layout)?;
-    entries.sort_by_key(Scanned::victim_order);
+    // Chunks of images in use go last (super::pins).
+    let pinned = super::pins::pinned(layout).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "reading the cache's pins; evicting without them");
+        Default::default()
+    });
+    let is_pinned = |e: &Scanned| {
+        e.path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.parse::<ChunkId>().ok())
+            .is_some_and(|id| pinned.contains(&id))
+    };
+    entries.sort_by_key(|e| (is_pinned(e), e.victim_order()));
     let mut r = PruneReport {
         scanned_entries: entries.len() as u64,
         scanned_bytes: entries.iter().map(|e| e.len).sum(),

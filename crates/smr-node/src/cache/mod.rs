@@ -99,6 +99,7 @@ mod fetch_lock;
 mod flight;
 mod handles;
 mod memory;
+mod pins;
 mod pool;
 mod space;
 mod stats;
@@ -109,6 +110,7 @@ mod tests;
 pub use error::{CacheError, Result};
 pub use evict::PruneReport;
 pub use memory::DecodeKey;
+pub use pins::Pin;
 pub use stats::{CacheCounters, CacheStats};
 
 use std::path::{Path, PathBuf};
@@ -460,9 +462,18 @@ impl Cache {
         })
     }
 
-    /// Evicts (LRU-K order, skipping entries being read) until at most
-    /// `to_bytes` remain; also removes dead temp files, and resets the
-    /// total from the scan.
+    /// Pins `ids` (the chunks of an image in use) until the returned
+    /// [`Pin`] is dropped: evictions take them last (`cache/pins.rs`).
+    pub fn pin(&self, ids: impl IntoIterator<Item = ChunkId>) -> Result<Pin> {
+        pins::pin(&self.layout, ids).map_err(|source| CacheError::Io {
+            path: self.layout.root.join("pins"),
+            source,
+        })
+    }
+
+    /// Evicts (LRU-K order, pinned entries last, skipping entries being
+    /// read) until at most `to_bytes` remain; also removes dead temp
+    /// files, and resets the total from the scan.
     pub fn prune(&self, to_bytes: u64) -> Result<PruneReport> {
         let _global = self.global_lock(true)?;
         let temp = disk::clean(&self.layout).map_err(|e| CacheError::io(&self.layout.root, e))?;

@@ -122,3 +122,36 @@ fn a_nearly_full_disk_shrinks_the_budget() {
     let st = rustix::fs::statvfs(&mnt).unwrap();
     assert!(st.f_bavail * st.f_frsize > 0, "the cache left room");
 }
+
+#[test]
+fn pinned_chunks_go_last_and_a_dead_pin_is_dropped() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (store, ids) = store_with(&tmp.path().join("store"), 6, 4096);
+    let f = Fetcher::new(store, Duration::ZERO);
+    let cache = Cache::open(config(&tmp.path().join("cache"), 1 << 30)).expect("open");
+    // Pinned chunks are the oldest, so plain LRU would take them first.
+    for id in &ids {
+        cache.get_or_fetch(id, || f.get(id)).expect("fetch");
+    }
+    let pin = cache.pin(ids[..3].iter().copied()).expect("pin");
+    let r = cache.prune(3 * 4096).expect("prune");
+    assert_eq!(r.evicted_entries, 3);
+    assert!(ids[..3].iter().all(|id| cache.contains(id)), "pinned kept");
+    assert!(ids[3..].iter().all(|id| !cache.contains(id)));
+    // Over the budget with only pinned entries left, they go too.
+    let r = cache.prune(4096).expect("prune");
+    assert_eq!(r.evicted_entries, 2);
+    // A pin whose process is gone (its lock not held) counts for nothing
+    // and is removed.
+    let pins = tmp.path().join("cache/pins");
+    let stale = pins.join("999999-0");
+    fs::write(&stale, ids[0].0).expect("stale pin");
+    drop(pin);
+    let r = cache.prune(0).expect("prune");
+    assert_eq!(r.remaining_entries, 0);
+    assert_eq!(
+        fs::read_dir(&pins).expect("pins").count(),
+        0,
+        "stale and dropped pins removed"
+    );
+}
