@@ -350,6 +350,11 @@ impl LazyImage {
     pub fn set_file_prefetch(&self, on: bool) {
         self.inner.prefetch.files.store(on, Ordering::Relaxed);
     }
+
+    /// Whether the file map's prefetch is on ([`LazyImage::set_file_prefetch`]).
+    pub fn file_prefetch(&self) -> bool {
+        self.inner.prefetch.files.load(Ordering::Relaxed)
+    }
 }
 
 #[cfg(test)]

@@ -233,8 +233,6 @@ pub struct OpenedImage {
     pub profile: Option<Profile>,
     /// SHA-256 of the recipe's bytes (what a recorded profile is bound to).
     pub recipe_sha256: [u8; 32],
-    /// Whether to prefetch from the recipe's file map (not `--no-prefetch`).
-    pub prefetch: bool,
 }
 
 impl OpenedImage {
@@ -246,7 +244,7 @@ impl OpenedImage {
         match &self.profile {
             Some(p) => Some(self.lazy.replay(p, DEFAULT_REPLAY_THREADS)),
             None => {
-                if self.prefetch {
+                if self.lazy.file_prefetch() {
                     self.lazy.prefetch_metadata();
                 }
                 None
@@ -303,7 +301,6 @@ impl SourceArgs {
         let prefetch = !self.no_prefetch && !r.local;
         lazy.set_file_prefetch(prefetch);
         Ok(OpenedImage {
-            prefetch,
             lazy,
             recipe,
             artifact: r.artifact,

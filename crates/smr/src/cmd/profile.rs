@@ -56,6 +56,9 @@ struct ShowArgs {
     /// show the bytes the start reads (plaintext) and fetches (as stored).
     #[arg(long, value_name = "IMAGE")]
     image: Option<String>,
+    /// With a `docker://` image: the platform to pick from an index.
+    #[arg(long, default_value = "linux/amd64", requires = "image")]
+    platform: String,
     #[command(flatten)]
     registry: RegistryArgs,
 }
@@ -115,7 +118,10 @@ fn show(a: ShowArgs) -> Result<ExitCode> {
     let p = read(&a.profile)?;
     let recipe = format!("sha256:{}", hex::encode(p.recipe_sha256));
     let bytes = match &a.image {
-        Some(image) => Some(profile_bytes(&p, &recipe_of(image, &p, &a.registry)?)),
+        Some(image) => Some(profile_bytes(
+            &p,
+            &recipe_of(image, &p, &a.registry, &a.platform)?,
+        )),
         None => None,
     };
     if a.json {
@@ -144,6 +150,7 @@ fn recipe_of(
     image: &str,
     profile: &Profile,
     registry: &RegistryArgs,
+    platform: &str,
 ) -> Result<smr_format::Recipe> {
     if !is_remote(image) {
         let (recipe, bytes) = crate::keys::read_recipe_bytes(std::path::Path::new(image))?;
@@ -153,7 +160,7 @@ fn recipe_of(
         return Ok(recipe);
     }
     let src = RegistrySource::open(image, &registry.options()?)?;
-    let (_, artifact) = recorded_on(&src, image, profile, None, "linux/amd64")?;
+    let (_, artifact) = recorded_on(&src, image, profile, None, platform)?;
     Ok(artifact.recipe)
 }
 
