@@ -70,8 +70,10 @@ fn paths(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     (dir.join("cow"), dir.join("map"), dir.join("lock"))
 }
 
-/// Takes the volume's lock without waiting.
-fn lock_volume(dir: &Path) -> Result<File, VolumeError> {
+/// Takes the lock of the volume in `dir` without waiting: held by the one
+/// process that serves, commits or removes the volume (dropping the file
+/// releases it). Another holder: [`VolumeError::InUse`].
+pub fn lock_volume(dir: &Path) -> Result<File, VolumeError> {
     let (_, _, lock) = paths(dir);
     let f = std::fs::OpenOptions::new()
         .create(true)

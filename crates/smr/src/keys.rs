@@ -23,6 +23,15 @@ impl KeyArgs {
     }
 }
 
+/// The convergent-encryption salt: the 32-byte key file `file` (as
+/// `--salt-file` names it), else the documented public salt.
+pub fn load_salt(file: Option<&std::path::Path>) -> Result<[u8; 32]> {
+    match file {
+        Some(p) => Ok(OwnerKey::from_file(p).context("loading the salt")?.0),
+        None => Ok(smr_format::chunk::default_salt()),
+    }
+}
+
 /// Reads a recipe file.
 pub fn read_recipe(path: &std::path::Path) -> Result<smr_format::Recipe> {
     read_recipe_bytes(path).map(|(recipe, _)| recipe)

@@ -225,7 +225,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
     let owner = policy
         .owner
         .as_ref()
-        .map(|k| smr_registry::artifact::digest_of(&k.0)["sha256:".len()..][..16].to_string());
+        .map(|k| smr_registry::signature::key_id(&k.0));
     let rule = if policy.is_open() {
         "any artifact (no owner key, signing key or pin configured)".to_string()
     } else {

@@ -9,9 +9,7 @@ use smr_registry::discover::{discover_trusted, Accept, Artifact, DiscoverOptions
 use smr_registry::push::{push, PushOptions, PushReport};
 use smr_registry::reference::DOCKER_PREFIX;
 use smr_registry::source::RegistrySource;
-use smr_registry::RegistryStore;
 use smr_store::ChunkStore;
-use std::sync::Arc;
 
 /// Environment variable holding registry credentials `USER:PASS`.
 pub const CREDS_ENV: &str = "SMR_REGISTRY_CREDS";
@@ -110,14 +108,6 @@ pub fn is_remote(image: &str) -> bool {
     image.starts_with(DOCKER_PREFIX)
 }
 
-/// A registry image opened through its smr artifact.
-pub struct RemoteImage {
-    /// The artifact (recipe, pack index).
-    pub artifact: Artifact,
-    /// Its chunks, read by ranged requests from the artifact's packs.
-    pub store: Arc<RegistryStore>,
-}
-
 /// Resolves `reference` for `platform`, finds the smr artifact whose
 /// subject is that manifest (with `opts`, the first that `accept` takes),
 /// and opens it; returns its repository too.
@@ -166,20 +156,6 @@ pub fn find_artifact_in(
     };
     tracing::info!(image = %reference, artifact = %artifact.digest, profile = artifact.profile.is_some(), "opened smr artifact");
     Ok((repo, artifact))
-}
-
-/// [`find_artifact`], then a chunk store over the artifact's packs (with
-/// the remote stores' retry policy, `SMR_STORE_DEADLINE`).
-pub fn open_remote(
-    reference: &str,
-    platform: &Platform,
-    args: &RegistryArgs,
-    opts: &DiscoverOptions,
-    accept: Accept<'_>,
-) -> Result<RemoteImage> {
-    let (repo, artifact) = find_artifact(reference, platform, args, opts, accept)?;
-    let store = Arc::new(artifact.store(Arc::new(repo), smr_store::RemoteOptions::from_env()?));
-    Ok(RemoteImage { artifact, store })
 }
 
 /// Pushes a converted image (`recipe_bytes`, chunks in `store`) as the smr

@@ -10,7 +10,7 @@ use super::image::SourceArgs;
 use super::volume::{open, RootArgs};
 use crate::progress::human;
 use anyhow::{Context, Result};
-use smr_format::chunk::{default_salt, ZSTD_LEVEL};
+use smr_format::chunk::ZSTD_LEVEL;
 use smr_format::{ChunkCodec, ChunkEntry, ChunkKey, Recipe};
 use smr_node::device::BlockDevice;
 use smr_node::volume::map::BLOCK;
@@ -60,14 +60,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
     } else {
         None
     };
-    let salt = match &a.salt_file {
-        Some(p) => {
-            smr_format::OwnerKey::from_file(p)
-                .context("loading the salt")?
-                .0
-        }
-        None => default_salt(),
-    };
+    let salt = crate::keys::load_salt(a.salt_file.as_deref())?;
     let compress = base.chunks.iter().any(|c| c.compressed);
     let codec = ChunkCodec::new(salt, base.encrypted(), compress).with_zstd_level(a.zstd_level);
     let location = a

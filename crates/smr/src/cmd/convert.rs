@@ -5,7 +5,6 @@ use crate::progress::{bytes_bar, human};
 use crate::remote::{is_remote, push_converted, RegistryArgs};
 use anyhow::{bail, Context, Result};
 use smr_convert::{convert, ConvertOptions, ConvertOutput};
-use smr_format::chunk::default_salt;
 use smr_format::ChunkCodec;
 use smr_image::source::ImageSource;
 use smr_registry::artifact::{ANNOTATION_LAYOUT, ANNOTATION_ZSTD_LEVEL};
@@ -102,11 +101,6 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok()
         .and_then(|n| n.checked_mul(mult))
         .ok_or_else(|| format!("invalid size `{s}`"))
-}
-
-fn read_salt(path: &Path) -> Result<[u8; 32]> {
-    let key = smr_format::OwnerKey::from_file(path).context("loading the salt")?;
-    Ok(key.0)
 }
 
 /// Writes `bytes` to `path` via a temp file and rename.
@@ -228,10 +222,7 @@ fn convert_options(a: &Args) -> Result<ConvertOptions> {
     if !a.no_encrypt && owner.is_none() {
         bail!("encrypted conversion needs the owner key: pass --key-file PATH (or SMR_KEY_FILE; create one with `smr keygen -o PATH`), or --no-encrypt for a public image");
     }
-    let salt = match &a.salt_file {
-        Some(p) => read_salt(p)?,
-        None => default_salt(),
-    };
+    let salt = crate::keys::load_salt(a.salt_file.as_deref())?;
     let platform = a.platform.parse().context("--platform")?;
     if a.push && !is_remote(&a.source) {
         bail!("--push needs a docker:// source: the artifact goes next to the source image");

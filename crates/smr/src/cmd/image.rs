@@ -6,7 +6,7 @@
 
 use crate::keys::{image_chunks, read_recipe_bytes, KeyArgs};
 use crate::policy::NodePolicy;
-use crate::remote::{is_remote, open_remote, RegistryArgs};
+use crate::remote::{find_artifact, is_remote, RegistryArgs};
 use anyhow::{Context, Result};
 use smr_format::Profile;
 use smr_node::cache::{Cache, CacheConfig};
@@ -141,30 +141,46 @@ fn fetch_options(replaying: bool) -> Result<FetchOptions> {
 }
 
 impl OriginArgs {
+    /// The smr artifact of registry image `image` (and its startup profile,
+    /// if `find_profile`) that the node's policy trusts: the owner key of
+    /// `--key-file`, the signing keys and pins of the policy directory and
+    /// flags.
+    pub fn trusted_artifact(
+        &self,
+        image: &str,
+        find_profile: bool,
+    ) -> Result<(
+        smr_registry::client::Repository,
+        smr_registry::discover::Artifact,
+    )> {
+        let platform = self.platform.parse().context("--platform")?;
+        let policy = NodePolicy::load(&self.policy, self.key.load()?)?;
+        let opts = DiscoverOptions {
+            artifact: self.artifact.clone(),
+            profile: find_profile,
+            verify_keys: policy.keys.clone(),
+            ..DiscoverOptions::default()
+        };
+        find_artifact(image, &platform, &self.registry, &opts, &|a| {
+            policy.accept(a)
+        })
+    }
+
     /// Finds `image`'s recipe and chunk store. For a registry image,
     /// `find_profile` also looks for its startup profile, and `replaying`
     /// says one will be replayed (the store then fetches just the chunks
     /// asked for, not their neighbours).
     pub fn resolve(&self, image: &str, find_profile: bool, replaying: bool) -> Result<Resolved> {
         if is_remote(image) {
-            let platform = self.platform.parse().context("--platform")?;
-            // Only artifacts the node's policy trusts are used.
-            let policy = NodePolicy::load(&self.policy, self.key.load()?)?;
-            let opts = DiscoverOptions {
-                artifact: self.artifact.clone(),
-                profile: find_profile,
-                verify_keys: policy.keys.clone(),
-                ..DiscoverOptions::default()
-            };
-            let remote = open_remote(image, &platform, &self.registry, &opts, &|a| {
-                policy.accept(a)
-            })?;
+            let (repo, a) = self.trusted_artifact(image, find_profile)?;
             let (store, location): (Arc<dyn ChunkStore>, String) = match &self.store {
                 Some(location) => (open_store(location)?, location.clone()),
-                None => (remote.store, remote.artifact.repo.clone()),
+                None => {
+                    let opts = smr_store::RemoteOptions::from_env()?;
+                    (Arc::new(a.store(Arc::new(repo), opts)), a.repo.clone())
+                }
             };
             let local = self.store.as_deref().is_some_and(is_local_dir);
-            let a = remote.artifact;
             let fetch = fetch_options(replaying || a.profile.is_some())?;
             return Ok(Resolved {
                 recipe: a.recipe,

@@ -79,6 +79,17 @@ pub(super) fn absolute(p: &Path) -> Result<PathBuf> {
     std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))
 }
 
+/// A `--store` location for another process: a local directory made
+/// absolute, a URL as it is.
+pub(super) fn absolute_store(store: Option<&str>) -> Result<Option<String>> {
+    store
+        .map(|s| match s.contains("://") {
+            true => Ok(s.to_string()),
+            false => Ok(absolute(Path::new(s))?.display().to_string()),
+        })
+        .transpose()
+}
+
 /// Mounts the image lazily: FUSE server process, loop device, ext4; a
 /// registry image through the node daemon when one runs.
 pub fn run_mount(m: MountArgs) -> Result<ExitCode> {
@@ -156,10 +167,7 @@ fn mount(a: Mount) -> Result<ExitCode> {
     } else {
         absolute(Path::new(&a.image.image))?.display().to_string()
     };
-    let store = match &a.image.source.origin.store {
-        Some(s) if !s.contains("://") => Some(absolute(Path::new(s))?.display().to_string()),
-        other => other.clone(),
-    };
+    let store = absolute_store(a.image.source.origin.store.as_deref())?;
     let cache_dir = absolute(&a.image.source.cache.cache_dir)?;
     let cache_memory = a.image.source.cache.cache_memory;
     let key = a

@@ -5,14 +5,12 @@
 //! [`smr_convert::LAYOUT_VERSION`], recorded in the artifact).
 
 use super::image::OriginArgs;
-use crate::policy::NodePolicy;
-use crate::remote::{find_artifact_in, is_remote};
+use crate::remote::is_remote;
 use anyhow::{bail, ensure, Context, Result};
 use smr_convert::{convert, ConvertOptions, LAYOUT_VERSION};
-use smr_format::chunk::{default_salt, ZSTD_LEVEL};
+use smr_format::chunk::ZSTD_LEVEL;
 use smr_format::ChunkCodec;
 use smr_registry::artifact::{ANNOTATION_LAYOUT, ANNOTATION_ZSTD_LEVEL};
-use smr_registry::discover::DiscoverOptions;
 use smr_registry::source::RegistrySource;
 use std::path::Path;
 use std::process::ExitCode;
@@ -27,14 +25,7 @@ pub fn run(image: &str, origin: &OriginArgs, salt_file: Option<&Path>) -> Result
     );
     let platform = origin.platform.parse().context("--platform")?;
     let owner = origin.key.load()?;
-    let policy = NodePolicy::load(&origin.policy, owner.clone())?;
-    let opts = DiscoverOptions {
-        artifact: origin.artifact.clone(),
-        verify_keys: policy.keys.clone(),
-        ..DiscoverOptions::default()
-    };
-    let src = RegistrySource::open(image, &origin.registry.options()?)?;
-    let (_, artifact) = find_artifact_in(&src, image, &platform, &opts, &|a| policy.accept(a))?;
+    let (_, artifact) = origin.trusted_artifact(image, false)?;
     let recipe = &artifact.recipe;
     let notes = &artifact.manifest.annotations;
     let layout = LAYOUT_VERSION.to_string();
@@ -60,14 +51,7 @@ pub fn run(image: &str, origin: &OriginArgs, salt_file: Option<&Path>) -> Result
     if encrypted && owner.is_none() {
         bail!("the chunks of smr artifact {} are encrypted: pass the owner key that converted it (--key-file)", artifact.digest);
     }
-    let salt = match salt_file {
-        Some(p) => {
-            smr_format::OwnerKey::from_file(p)
-                .context("loading the salt")?
-                .0
-        }
-        None => default_salt(),
-    };
+    let salt = crate::keys::load_salt(salt_file)?;
     let codec = ChunkCodec::new(salt, encrypted, level.is_some())
         .with_zstd_level(level.unwrap_or(ZSTD_LEVEL));
     // The source exactly as the artifact names it: its platform manifest.

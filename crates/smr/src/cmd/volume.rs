@@ -203,12 +203,7 @@ fn create(a: CreateArgs) -> Result<ExitCode> {
     };
     let opened = image.open_with(false)?;
     let size = smr_node::device::BlockDevice::size(&opened.lazy);
-    let store = match &a.source.origin.store {
-        Some(s) if !s.contains("://") => {
-            Some(super::mount::absolute(Path::new(s))?.display().to_string())
-        }
-        other => other.clone(),
-    };
+    let store = super::mount::absolute_store(a.source.origin.store.as_deref())?;
     let meta = VolumeMeta {
         name: a.name.clone(),
         image: a.from.clone(),
@@ -310,18 +305,8 @@ fn rm(a: RmArgs) -> Result<ExitCode> {
         a.root.root.display()
     );
     // Held while removing: a server cannot open it meanwhile.
-    let lock = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(dir.join("lock"))
-        .with_context(|| format!("opening the lock of volume {}", a.name))?;
-    if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
-        bail!(
-            "volume {} is in use (served or being committed); stop that first",
-            a.name
-        );
-    }
+    let _lock = smr_node::volume::lock_volume(&dir)
+        .with_context(|| format!("removing volume {}: stop what uses it first", a.name))?;
     std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     errln!("removed volume {}", a.name);
     Ok(ExitCode::SUCCESS)
