@@ -1,6 +1,8 @@
 //! The smr artifact: an OCI image manifest whose `subject` is the source
 //! image's manifest, so it is found through the referrers API (or its
 //! `sha256-<hex>` tag fallback) while the source image stays untouched.
+//! An image with no OCI source (one made by `smr commit`) is an artifact
+//! without a `subject`, reached through its own tag.
 //!
 //! ```text
 //! { "schemaVersion": 2,
@@ -136,8 +138,10 @@ pub struct ArtifactManifest {
     pub config: Descriptor,
     /// Recipe, pack index, then the packs in pack index order.
     pub layers: Vec<Descriptor>,
-    /// The source image's platform manifest.
-    pub subject: Descriptor,
+    /// The source image's platform manifest; `None` for an image that has
+    /// no OCI source (committed from a volume), reached by its tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<Descriptor>,
     /// Summary annotations (`vnd.smr.*`), sorted by key.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
@@ -145,9 +149,10 @@ pub struct ArtifactManifest {
 
 impl ArtifactManifest {
     /// The manifest of an artifact made of `recipe`, `pack_index` and
-    /// `packs` (descriptors of those blobs), converted from `subject`.
+    /// `packs` (descriptors of those blobs), converted from `subject`
+    /// (`None`: an image with no OCI source).
     pub fn new(
-        subject: Descriptor,
+        subject: Option<Descriptor>,
         recipe: Descriptor,
         pack_index: Descriptor,
         packs: Vec<Descriptor>,
@@ -163,11 +168,11 @@ impl ArtifactManifest {
             artifact_type: SMR_ARTIFACT.to_string(),
             config: Descriptor::empty(),
             layers,
-            subject: Descriptor {
+            subject: subject.map(|subject| Descriptor {
                 artifact_type: None,
                 annotations: BTreeMap::new(),
                 ..subject
-            },
+            }),
             annotations,
         }
     }
@@ -224,11 +229,10 @@ impl ArtifactManifest {
                 return Err(format!("layer {i} has a bad digest `{}`", l.digest));
             }
         }
-        if parse_digest(&self.subject.digest).is_none() {
-            return Err(format!(
-                "subject has a bad digest `{}`",
-                self.subject.digest
-            ));
+        if let Some(subject) = &self.subject {
+            if parse_digest(&subject.digest).is_none() {
+                return Err(format!("subject has a bad digest `{}`", subject.digest));
+            }
         }
         Ok(())
     }
@@ -321,9 +325,19 @@ mod tests {
         let mut ann = BTreeMap::new();
         ann.insert(ANNOTATION_CHUNK_SIZE.to_string(), "65536".to_string());
         ann.insert(ANNOTATION_ENCRYPTED.to_string(), "true".to_string());
-        let m = ArtifactManifest::new(subject, recipe, index, packs, ann);
+        let m = ArtifactManifest::new(Some(subject), recipe, index, packs, ann);
         let b = m.to_bytes();
         (m, b)
+    }
+
+    #[test]
+    fn an_image_without_a_source_has_no_subject_field() {
+        let (mut m, _) = sample();
+        m.subject = None;
+        let b = m.to_bytes();
+        let text = String::from_utf8(b.clone()).unwrap();
+        assert!(!text.contains("subject"), "{text}");
+        assert_eq!(ArtifactManifest::parse("r", "m", &b).unwrap(), m);
     }
 
     #[test]
@@ -374,7 +388,14 @@ mod tests {
                 Box::new(|m| m.layers[2].digest = "sha256:AB".into()),
                 "layer 2 has a bad digest",
             ),
-            (Box::new(|m| m.subject.digest = "md5:1".into()), "subject"),
+            (
+                Box::new(|m| {
+                    if let Some(s) = &mut m.subject {
+                        s.digest = "md5:1".into()
+                    }
+                }),
+                "subject",
+            ),
         ];
         for (mutate, needle) in cases {
             let mut bad = m.clone();

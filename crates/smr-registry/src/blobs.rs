@@ -26,6 +26,14 @@ pub trait Blobs: Send + Sync {
     /// Returns whether bytes were uploaded.
     fn push_blob(&self, digest: &str, data: &[u8]) -> Result<bool>;
 
+    /// Mounts blob `digest` from repository `from` of the same registry
+    /// (OCI distribution `mount=`/`from=`); `false` when it could not
+    /// (then the caller uploads). By default nothing can be mounted.
+    fn mount_blob(&self, digest: &str, from: &str) -> Result<bool> {
+        let _ = (digest, from);
+        Ok(false)
+    }
+
     /// The manifest named by tag or digest `reference` as
     /// `(media type, bytes)`, or `None` when it does not exist. Bytes fetched
     /// by digest are verified.

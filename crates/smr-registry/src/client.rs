@@ -177,14 +177,6 @@ impl Repository {
         )
     }
 
-    /// Mounts blob `digest` from repository `from` of the same registry;
-    /// `false` when the registry declined (e.g. `from` lacks it).
-    pub fn mount_blob(&self, digest: &str, from: &str) -> Result<bool> {
-        let digest = digest.to_string();
-        let from = from.to_string();
-        self.run(move |c, repo| async move { c.mount_blob(&repo, &digest, &from).await })
-    }
-
     /// All tags, sorted; empty when the repository does not exist.
     pub fn list_tags(&self) -> Result<Vec<String>> {
         self.run(|c, repo| async move { c.list_tags(&repo).await })
@@ -220,6 +212,13 @@ impl Blobs for Repository {
 
     fn push_blob(&self, digest: &str, data: &[u8]) -> Result<bool> {
         self.push_blob_from(digest, data, None)
+    }
+
+    /// `false` when the registry declined (e.g. `from` lacks the blob).
+    fn mount_blob(&self, digest: &str, from: &str) -> Result<bool> {
+        let digest = digest.to_string();
+        let from = from.to_string();
+        self.run(move |c, repo| async move { c.mount_blob(&repo, &digest, &from).await })
     }
 
     fn get_manifest(&self, reference: &str) -> Result<Option<(String, Vec<u8>)>> {

@@ -26,7 +26,7 @@ use crate::artifact::{
 };
 use crate::blobs::Blobs;
 use crate::error::{RegistryError, Result};
-use crate::media_types::SMR_ARTIFACT;
+use crate::media_types::{SMR_ARTIFACT, SMR_PROFILE};
 use crate::pack::PackIndex;
 use crate::profile::{fetch_profile, profiles_of};
 use crate::signature::{find_signature, SignedBy, VerifyKey};
@@ -68,6 +68,8 @@ pub struct Artifact {
     pub digest: String,
     /// The manifest.
     pub manifest: ArtifactManifest,
+    /// The manifest's size in bytes.
+    pub manifest_size: u64,
     /// The recipe's bytes (verified against the manifest).
     pub recipe_bytes: Vec<u8>,
     /// The decoded recipe (keys still sealed).
@@ -90,6 +92,18 @@ impl Artifact {
     /// repository).
     pub fn store(&self, blobs: Arc<dyn Blobs>, opts: smr_store::RemoteOptions) -> RegistryStore {
         RegistryStore::new(blobs, self.index.clone(), opts)
+    }
+
+    /// The artifact manifest's descriptor (the subject of its profiles
+    /// when it has no source image, and of its signatures).
+    pub fn descriptor(&self) -> Descriptor {
+        Descriptor::new(OCI_MANIFEST, self.digest.clone(), self.manifest_size)
+    }
+
+    /// Whether it is an image with no OCI source (made by `smr commit`),
+    /// reached by its own tag rather than as a referrer.
+    pub fn is_image(&self) -> bool {
+        self.manifest.subject.is_none()
     }
 }
 
@@ -196,7 +210,7 @@ fn discover_among(
     };
     let mut refused = Vec::new();
     for digest in &candidates {
-        let why = match open_chosen(blobs, subject, opts, listed, digest) {
+        let why = match open_chosen(blobs, Some(subject), opts, listed, digest) {
             Ok(a) => match accept(&a) {
                 Ok(()) => return Ok(a),
                 Err(why) => why,
@@ -214,12 +228,45 @@ fn discover_among(
     })
 }
 
-/// Opens candidate `chosen` with its startup profile (when asked for and
-/// listed in `listed`) and its signature (when keys are given), all three
-/// at once.
+/// Opens the smr artifact `digest` that a tag names directly: an image
+/// with no OCI source (made by `smr commit`, [`crate::push::push_image`]).
+/// Its startup profile is listed under the artifact itself; `accept`
+/// decides as for [`discover_trusted`].
+pub fn open_image(
+    blobs: &dyn Blobs,
+    digest: &str,
+    opts: &DiscoverOptions,
+    accept: Accept<'_>,
+) -> Result<Artifact> {
+    let listed = match opts.profile {
+        true => list_referrers_of(blobs, digest, SMR_PROFILE)?,
+        false => Vec::new(),
+    };
+    let a = open_chosen(blobs, None, opts, &listed, digest)?;
+    if !a.is_image() {
+        return Err(bad(
+            &blobs.describe(),
+            digest,
+            "it is the smr artifact of a source image: name the source image instead",
+        ));
+    }
+    accept(&a).map_err(|why| {
+        tracing::warn!(artifact = %digest, %why, "smr image refused");
+        RegistryError::NoTrustedArtifact {
+            repo: blobs.describe(),
+            subject: digest.to_string(),
+            refused: format!("{digest} ({why})"),
+        }
+    })?;
+    Ok(a)
+}
+
+/// Opens candidate `chosen` (checking its subject is `subject`, when
+/// given) with its startup profile (when asked for and listed in
+/// `listed`) and its signature (when keys are given), all three at once.
 fn open_chosen(
     blobs: &dyn Blobs,
-    subject: &str,
+    subject: Option<&str>,
     opts: &DiscoverOptions,
     listed: &[Descriptor],
     chosen: &str,
@@ -236,7 +283,7 @@ fn open_chosen(
             .as_ref()
             .map(|d| (d, s.spawn(|| fetch_profile(blobs, &d.digest, &chosen))));
         let sig = (!keys.is_empty()).then(|| s.spawn(|| find_signature(blobs, &chosen, keys)));
-        let a = open_artifact(blobs, &chosen, Some(subject));
+        let a = open_artifact(blobs, &chosen, subject);
         let p = p.map(|(d, h)| (d, h.join().unwrap_or_else(|_| Err(panicked("profile")))));
         let sig = sig.map(|h| {
             h.join()
@@ -322,12 +369,13 @@ pub fn open_artifact(blobs: &dyn Blobs, digest: &str, subject: Option<&str>) -> 
         ));
     }
     let manifest = ArtifactManifest::parse(&repo, digest, &bytes)?;
+    let has_subject = manifest.subject.as_ref().map(|d| d.digest.as_str());
     if let Some(s) = subject {
-        if manifest.subject.digest != s {
+        if has_subject != Some(s) {
             return Err(bad(
                 &repo,
                 digest,
-                format!("its subject is {}, not {s}", manifest.subject.digest),
+                format!("its subject is {}, not {s}", has_subject.unwrap_or("none")),
             ));
         }
     }
@@ -348,13 +396,13 @@ pub fn open_artifact(blobs: &dyn Blobs, digest: &str, subject: Option<&str>) -> 
         what: format!("{repo}: recipe {} of {digest}", recipe_desc.digest),
         source,
     })?;
-    if recipe.source_digest != manifest.subject.digest {
+    if let Some(s) = has_subject.filter(|s| recipe.source_digest != *s) {
         return Err(bad(
             &repo,
             digest,
             format!(
-                "recipe was converted from {}, not from the subject {}",
-                recipe.source_digest, manifest.subject.digest
+                "recipe was converted from {}, not from the subject {s}",
+                recipe.source_digest
             ),
         ));
     }
@@ -378,6 +426,7 @@ pub fn open_artifact(blobs: &dyn Blobs, digest: &str, subject: Option<&str>) -> 
         repo,
         digest: digest.to_string(),
         manifest,
+        manifest_size: bytes.len() as u64,
         recipe_bytes,
         recipe,
         index: Arc::new(index),

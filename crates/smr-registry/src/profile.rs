@@ -78,7 +78,14 @@ pub fn profile_manifest(
         artifact_type: SMR_PROFILE.to_string(),
         config: Descriptor::empty(),
         layers: vec![Descriptor::of(SMR_PROFILE, profile_bytes)],
-        subject: artifact.manifest.subject.clone(),
+        // An image without a source has its profiles listed under itself.
+        subject: Some(
+            artifact
+                .manifest
+                .subject
+                .clone()
+                .unwrap_or_else(|| artifact.descriptor()),
+        ),
         annotations,
     }
 }

@@ -48,6 +48,15 @@ pub struct PushOptions {
     /// [`crate::artifact::ANNOTATION_ZSTD_LEVEL`]): added to the manifest's
     /// annotations, so that `smr verify --reproduce` converts the same way.
     pub conversion: BTreeMap<String, String>,
+    /// Repositories of the same registry to mount missing blobs from
+    /// (OCI distribution `mount=`/`from=`) before uploading them, tried in
+    /// order: an image whose packs another repository holds uploads none.
+    pub mount_from: Vec<String>,
+    /// Packs already built elsewhere (another artifact's pack index): a
+    /// planned pack with exactly the chunks of one of these has its digest,
+    /// so it is neither read from the store nor built when the registry
+    /// has it or can mount it.
+    pub known_packs: Vec<IndexedPack>,
 }
 
 /// How the artifact was made findable from its subject.
@@ -88,8 +97,12 @@ pub struct PushReport {
     pub bytes_uploaded: u64,
     /// Bytes of the blobs the registry already had.
     pub bytes_skipped: u64,
-    /// How the artifact is found from its subject.
-    pub referrers: ReferrersUpdate,
+    /// Blobs mounted from another repository ([`PushOptions::mount_from`]).
+    pub blobs_mounted: u64,
+    /// Bytes of the mounted blobs.
+    pub bytes_mounted: u64,
+    /// How the artifact is found from its subject (`None`: it has none).
+    pub referrers: Option<ReferrersUpdate>,
 }
 
 /// Upload counters, shared by the pack threads.
@@ -100,6 +113,32 @@ struct Tally {
     skipped: u64,
     bytes_uploaded: u64,
     bytes_skipped: u64,
+    mounted: u64,
+    bytes_mounted: u64,
+}
+
+/// Where a pushed blob came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Upload {
+    /// The registry had it.
+    Present,
+    /// Mounted from another repository.
+    Mounted,
+    /// Uploaded.
+    Uploaded,
+}
+
+impl Tally {
+    fn count(&mut self, how: Upload, len: u64) {
+        self.total += 1;
+        let (n, bytes) = match how {
+            Upload::Present => (&mut self.skipped, &mut self.bytes_skipped),
+            Upload::Mounted => (&mut self.mounted, &mut self.bytes_mounted),
+            Upload::Uploaded => (&mut self.uploaded, &mut self.bytes_uploaded),
+        };
+        *n += 1;
+        *bytes += len;
+    }
 }
 
 /// Pushes the image of `recipe_bytes`, with chunks from `store`, as an smr
@@ -112,28 +151,43 @@ pub fn push(
     store: &dyn ChunkStore,
     options: &PushOptions,
 ) -> Result<PushReport> {
+    push_artifact(blobs, Some(subject), recipe_bytes, store, options)
+}
+
+/// Pushes the image of `recipe_bytes`, which has no OCI source (one made
+/// by `smr commit`), as an smr artifact without a subject, reached by
+/// [`PushOptions::tag`] (required).
+pub fn push_image(
+    blobs: &dyn Blobs,
+    recipe_bytes: &[u8],
+    store: &dyn ChunkStore,
+    options: &PushOptions,
+) -> Result<PushReport> {
+    if options.tag.is_none() {
+        return Err(bad(
+            &blobs.describe(),
+            &digest_of(recipe_bytes),
+            "an image without a source image is reached only by its tag: give one",
+        ));
+    }
+    push_artifact(blobs, None, recipe_bytes, store, options)
+}
+
+fn push_artifact(
+    blobs: &dyn Blobs,
+    subject: Option<&Descriptor>,
+    recipe_bytes: &[u8],
+    store: &dyn ChunkStore,
+    options: &PushOptions,
+) -> Result<PushReport> {
     let repo = blobs.describe();
     let recipe_digest = digest_of(recipe_bytes);
     let recipe = Recipe::decode(recipe_bytes).map_err(|source| RegistryError::Format {
         what: format!("recipe {recipe_digest}"),
         source,
     })?;
-    if parse_digest(&subject.digest).is_none() {
-        return Err(bad(
-            &repo,
-            &subject.digest,
-            "subject is not a sha256 digest",
-        ));
-    }
-    if recipe.source_digest != subject.digest {
-        return Err(bad(
-            &repo,
-            &subject.digest,
-            format!(
-                "recipe {recipe_digest} was converted from {}, not from this subject",
-                recipe.source_digest
-            ),
-        ));
+    if let Some(subject) = subject {
+        check_subject(&repo, subject, &recipe, &recipe_digest)?;
     }
     let params = options
         .pack
@@ -144,8 +198,9 @@ pub fn push(
             source,
         }
     })?;
+    let subject_digest = subject.map_or("none", |s| s.digest.as_str());
     let span =
-        tracing::info_span!("push", %repo, subject = %subject.digest, recipe = %recipe_digest);
+        tracing::info_span!("push", %repo, subject = %subject_digest, recipe = %recipe_digest);
     let _enter = span.enter();
     tracing::info!(
         chunks = recipe.chunks.len(),
@@ -164,15 +219,16 @@ pub fn push(
     } else {
         options.threads
     };
-    let packs = push_packs(blobs, store, &plan, &lens, threads, &tally)?;
+    let packs = push_packs(blobs, store, &plan, &lens, threads, options, &tally)?;
     let index = PackIndex::new(params, packs).map_err(|source| RegistryError::Pack {
         what: format!("pack index of recipe {recipe_digest}"),
         source,
     })?;
     let index_bytes = index.encode();
-    upload(blobs, &digest_of(&index_bytes), &index_bytes, &tally)?;
-    upload(blobs, &recipe_digest, recipe_bytes, &tally)?;
-    upload(blobs, &digest_of(EMPTY_BLOB), EMPTY_BLOB, &tally)?;
+    let from = &options.mount_from;
+    upload(blobs, &digest_of(&index_bytes), &index_bytes, from, &tally)?;
+    upload(blobs, &recipe_digest, recipe_bytes, from, &tally)?;
+    upload(blobs, &digest_of(EMPTY_BLOB), EMPTY_BLOB, &[], &tally)?;
 
     let pack_descs = index
         .packs()
@@ -180,7 +236,7 @@ pub fn push(
         .map(|p| Descriptor::new(SMR_PACK, p.digest.clone(), p.size()))
         .collect();
     let manifest = ArtifactManifest::new(
-        subject.clone(),
+        subject.cloned(),
         Descriptor::of(SMR_RECIPE, recipe_bytes),
         Descriptor::of(SMR_PACK_INDEX, &index_bytes),
         pack_descs,
@@ -205,7 +261,16 @@ pub fn push(
         let got = blobs.put_manifest(tag, OCI_MANIFEST, &bytes)?;
         check_digest(&repo, &digest, &got)?;
     }
-    let referrers = update_referrers(blobs, &manifest, &bytes, &digest, &|_| false)?;
+    let referrers = match subject {
+        Some(_) => Some(update_referrers(
+            blobs,
+            &manifest,
+            &bytes,
+            &digest,
+            &|_| false,
+        )?),
+        None => None,
+    };
     let t = tally.into_inner().unwrap_or_else(PoisonError::into_inner);
     let stats = index.stats();
     let report = PushReport {
@@ -219,10 +284,35 @@ pub fn push(
         blobs_skipped: t.skipped,
         bytes_uploaded: t.bytes_uploaded,
         bytes_skipped: t.bytes_skipped,
+        blobs_mounted: t.mounted,
+        bytes_mounted: t.bytes_mounted,
         referrers,
     };
-    tracing::info!(manifest = %report.manifest_digest, uploaded = report.blobs_uploaded, skipped = report.blobs_skipped, bytes = report.bytes_uploaded, ?referrers, "pushed smr artifact");
+    tracing::info!(manifest = %report.manifest_digest, uploaded = report.blobs_uploaded, skipped = report.blobs_skipped, mounted = report.blobs_mounted, bytes = report.bytes_uploaded, ?referrers, "pushed smr artifact");
     Ok(report)
+}
+
+/// Checks that `recipe` was converted from `subject`.
+fn check_subject(
+    repo: &str,
+    subject: &Descriptor,
+    recipe: &Recipe,
+    recipe_digest: &str,
+) -> Result<()> {
+    if parse_digest(&subject.digest).is_none() {
+        return Err(bad(repo, &subject.digest, "subject is not a sha256 digest"));
+    }
+    if recipe.source_digest != subject.digest {
+        return Err(bad(
+            repo,
+            &subject.digest,
+            format!(
+                "recipe {recipe_digest} was converted from {}, not from this subject",
+                recipe.source_digest
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The artifact's annotations: a summary that the referrers list shows
@@ -265,8 +355,14 @@ fn push_packs(
     plan: &[Vec<ChunkId>],
     lens: &HashMap<ChunkId, u32>,
     threads: usize,
+    options: &PushOptions,
     tally: &Mutex<Tally>,
 ) -> Result<Vec<IndexedPack>> {
+    let known: HashMap<Vec<ChunkId>, &IndexedPack> = options
+        .known_packs
+        .iter()
+        .map(|p| (p.chunks.iter().map(|c| c.id).collect(), p))
+        .collect();
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let done: Mutex<Vec<Option<IndexedPack>>> = Mutex::new(vec![None; plan.len()]);
@@ -279,7 +375,11 @@ fn push_packs(
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }
-                match push_pack(blobs, store, ids, lens, tally) {
+                let pushed = match known.get(ids) {
+                    Some(p) => push_known_pack(blobs, store, p, lens, options, tally),
+                    None => push_pack(blobs, store, ids, lens, &options.mount_from, tally),
+                };
+                match pushed {
                     Ok(p) => {
                         if let Some(slot) = done
                             .lock()
@@ -319,6 +419,7 @@ fn push_pack(
     store: &dyn ChunkStore,
     ids: &[ChunkId],
     lens: &HashMap<ChunkId, u32>,
+    mount_from: &[String],
     tally: &Mutex<Tally>,
 ) -> Result<IndexedPack> {
     let size: u64 = ids
@@ -353,23 +454,70 @@ fn push_pack(
         [only] => format!("sha256:{}", only.id),
         _ => digest_of(&data),
     };
-    upload(blobs, &digest, &data, tally)?;
+    upload(blobs, &digest, &data, mount_from, tally)?;
     Ok(IndexedPack { digest, chunks })
 }
 
-/// Uploads blob `digest` unless the registry has it (HEAD first).
-fn upload(blobs: &dyn Blobs, digest: &str, data: &[u8], tally: &Mutex<Tally>) -> Result<()> {
-    let present = blobs.blob_size(digest)?.is_some() || !blobs.push_blob(digest, data)?;
-    tracing::debug!(blob = %digest, size = data.len(), present, "blob");
-    let mut t = tally.lock().unwrap_or_else(PoisonError::into_inner);
-    t.total += 1;
-    if present {
-        t.skipped += 1;
-        t.bytes_skipped += data.len() as u64;
-    } else {
-        t.uploaded += 1;
-        t.bytes_uploaded += data.len() as u64;
+/// Pushes planned pack `known` whose digest is known: nothing is read when
+/// the registry has it or mounts it; otherwise it is built and uploaded.
+fn push_known_pack(
+    blobs: &dyn Blobs,
+    store: &dyn ChunkStore,
+    known: &IndexedPack,
+    lens: &HashMap<ChunkId, u32>,
+    options: &PushOptions,
+    tally: &Mutex<Tally>,
+) -> Result<IndexedPack> {
+    let lens_agree = known.chunks.iter().all(|c| lens.get(&c.id) == Some(&c.len));
+    if lens_agree {
+        if let Some(how) = present_or_mounted(blobs, &known.digest, &options.mount_from)? {
+            let mut t = tally.lock().unwrap_or_else(PoisonError::into_inner);
+            t.count(how, known.size());
+            return Ok(known.clone());
+        }
     }
+    let ids: Vec<ChunkId> = known.chunks.iter().map(|c| c.id).collect();
+    push_pack(blobs, store, &ids, lens, &[], tally)
+}
+
+/// Whether blob `digest` is in the registry already, or was mounted from
+/// one of `mount_from`; `None`: it has to be uploaded.
+fn present_or_mounted(
+    blobs: &dyn Blobs,
+    digest: &str,
+    mount_from: &[String],
+) -> Result<Option<Upload>> {
+    if blobs.blob_size(digest)?.is_some() {
+        return Ok(Some(Upload::Present));
+    }
+    for from in mount_from {
+        if blobs.mount_blob(digest, from)? {
+            tracing::debug!(blob = %digest, %from, "blob mounted");
+            return Ok(Some(Upload::Mounted));
+        }
+    }
+    Ok(None)
+}
+
+/// Uploads blob `digest` unless the registry has it (HEAD first) or can
+/// mount it from one of `mount_from`.
+fn upload(
+    blobs: &dyn Blobs,
+    digest: &str,
+    data: &[u8],
+    mount_from: &[String],
+    tally: &Mutex<Tally>,
+) -> Result<()> {
+    let how = match present_or_mounted(blobs, digest, mount_from)? {
+        Some(how) => how,
+        None if blobs.push_blob(digest, data)? => Upload::Uploaded,
+        None => Upload::Present,
+    };
+    tracing::debug!(blob = %digest, size = data.len(), ?how, "blob");
+    tally
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .count(how, data.len() as u64);
     Ok(())
 }
 
@@ -411,7 +559,9 @@ pub(crate) fn update_referrers(
     supersedes: &dyn Fn(&Descriptor) -> bool,
 ) -> Result<ReferrersUpdate> {
     let repo = blobs.describe();
-    let subject = &manifest.subject.digest;
+    let Some(subject) = manifest.subject.as_ref().map(|s| &s.digest) else {
+        return Err(bad(&repo, digest, "has no subject to be listed under"));
+    };
     if let Some(list) = blobs.referrers(subject)? {
         let list = parse_referrers(&repo, &format!("referrers of {subject}"), &list)?;
         if list.iter().any(|d| d.digest == digest) {

@@ -335,7 +335,11 @@ pub fn signature_manifest(
         artifact_type: COSIGN_SIGNATURE.to_string(),
         config: Descriptor::empty(),
         layers: vec![layer],
-        subject: Descriptor::new(&subject.media_type, subject.digest.clone(), subject.size),
+        subject: Some(Descriptor::new(
+            &subject.media_type,
+            subject.digest.clone(),
+            subject.size,
+        )),
         annotations: BTreeMap::from([(ANNOTATION_SIGNER.to_string(), key_id.to_string())]),
     }
 }
@@ -432,8 +436,9 @@ fn check_signature(
     crate::discover::verify(repo, sig, sig, &bytes).map_err(|e| e.to_string())?;
     let m: ArtifactManifest =
         serde_json::from_slice(&bytes).map_err(|e| format!("not a signature manifest: {e}"))?;
-    if m.subject.digest != digest {
-        return Err(format!("signs {}, not {digest}", m.subject.digest));
+    let signs = m.subject.as_ref().map_or("nothing", |s| s.digest.as_str());
+    if signs != digest {
+        return Err(format!("signs {signs}, not {digest}"));
     }
     let mut why = Vec::new();
     for layer in m.layers.iter().filter(|l| l.media_type == SIMPLE_SIGNING) {

@@ -18,6 +18,7 @@
 pub mod error;
 pub mod gc;
 pub mod http;
+pub mod layered;
 pub mod local;
 mod location;
 pub mod object;
@@ -28,6 +29,7 @@ pub mod s3;
 
 pub use error::{Op, Result, StoreError, TransportKind};
 pub use http::HttpStore;
+pub use layered::Layered;
 pub use local::LocalStore;
 pub use object::{ByteRange, Extent, ObjectName, Target};
 pub use options::{RemoteOptions, DEADLINE_ENV, MAX_IN_FLIGHT_ENV};

@@ -131,10 +131,16 @@ pub fn find_artifact_in(
     opts: &DiscoverOptions,
     accept: Accept<'_>,
 ) -> Result<(Repository, Artifact)> {
-    let resolved = src
-        .resolve(platform)
-        .with_context(|| format!("resolving {reference}"))?;
+    let resolved = src.resolve(platform);
     let repo = src.repository().clone();
+    // A tag naming an smr image itself (`smr commit --push`).
+    if let Some(digest) = image_artifact(src) {
+        let a = smr_registry::discover::open_image(&repo, &digest, opts, accept)
+            .with_context(|| format!("opening the smr image {reference} ({digest})"))?;
+        tracing::info!(image = %reference, artifact = %a.digest, profile = a.profile.is_some(), "opened smr image");
+        return Ok((repo, a));
+    }
+    let resolved = resolved.with_context(|| format!("resolving {reference}"))?;
     let digest = &resolved.manifest_digest;
     // `--index` mode: the index the reference named may list the artifact.
     let opts = &DiscoverOptions {
@@ -158,6 +164,39 @@ pub fn find_artifact_in(
     Ok((repo, artifact))
 }
 
+/// The repository names of `--mount-from` values, each a repository of
+/// `reg`'s registry given as `docker://HOST/NAME` or just `NAME`.
+pub fn mount_sources(reg: &RegistrySource, given: &[String]) -> Result<Vec<String>> {
+    let here = &reg.reference().registry;
+    given
+        .iter()
+        .map(|g| {
+            if !is_remote(g) {
+                return Ok(g.trim_matches('/').to_string());
+            }
+            let r = smr_registry::reference::ImageRef::parse(g)
+                .with_context(|| format!("--mount-from {g}"))?;
+            anyhow::ensure!(
+                r.registry == *here,
+                "--mount-from {g}: blobs mount only between repositories of one registry ({here})"
+            );
+            Ok(r.repository)
+        })
+        .collect()
+}
+
+/// The digest of the manifest `src`'s reference named, when it is an smr
+/// artifact itself (an image with no source, pushed by `smr commit`).
+fn image_artifact(src: &RegistrySource) -> Option<String> {
+    let (media_type, bytes) = src.top()?;
+    if media_type != smr_image::media_types::OCI_MANIFEST {
+        return None;
+    }
+    let doc: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let smr = doc.get("artifactType")?.as_str()? == smr_registry::media_types::SMR_ARTIFACT;
+    smr.then(|| smr_registry::artifact::digest_of(&bytes))
+}
+
 /// Pushes a converted image (`recipe_bytes`, chunks in `store`) as the smr
 /// artifact of `manifest_digest` in the repository of `src`.
 pub fn push_converted(
@@ -178,4 +217,26 @@ pub fn push_converted(
     let subject = Descriptor::of(&media_type, &bytes);
     push(repo, &subject, recipe_bytes, store, opts)
         .with_context(|| format!("pushing the smr artifact to {}", src.describe()))
+}
+
+/// What a push moved: uploaded, mounted and present blobs, packs, chunks.
+pub fn push_summary(r: &PushReport) -> String {
+    use crate::progress::human;
+    let mounted = match r.blobs_mounted {
+        0 => String::new(),
+        n => format!(
+            ", {n} mounted from other repositories ({})",
+            human(r.bytes_mounted)
+        ),
+    };
+    format!(
+        "uploaded {} of {} blobs ({}){mounted}, {} already there ({}); {} packs of {} chunks",
+        r.blobs_uploaded,
+        r.blobs_total,
+        human(r.bytes_uploaded),
+        r.blobs_skipped,
+        human(r.bytes_skipped),
+        r.packs,
+        r.chunks,
+    )
 }

@@ -31,3 +31,6 @@ mod optimize;
 
 #[path = "remote/trust.rs"]
 mod trust;
+
+#[path = "remote/commit.rs"]
+mod commit;

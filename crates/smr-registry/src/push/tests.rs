@@ -68,7 +68,7 @@ fn push_discover_and_serve() {
     assert_eq!(r.chunks, 38); // 40 - zero chunk - duplicate
     assert_eq!(r.blobs_total, r.packs + 3);
     assert_eq!((r.blobs_uploaded, r.blobs_skipped), (r.blobs_total, 0));
-    assert_eq!(r.referrers, ReferrersUpdate::TagCreated);
+    assert_eq!(r.referrers, Some(ReferrersUpdate::TagCreated));
     assert!(r.manifest_pushed);
     assert_eq!(e.blobs.blob_count() as u64, r.blobs_total);
     // The artifact manifest goes first, then the fallback tag.
@@ -91,7 +91,7 @@ fn push_discover_and_serve() {
     assert_eq!(a.digest, r.manifest_digest);
     assert_eq!(a.recipe_bytes, img.recipe_bytes);
     assert_eq!(a.manifest.artifact_type, SMR_ARTIFACT);
-    assert_eq!(a.manifest.subject, img.subject);
+    assert_eq!(a.manifest.subject, Some(img.subject.clone()));
     assert_eq!(a.manifest.annotations[ANNOTATION_CHUNK_SIZE], "65536");
     assert!(a.manifest.packs().iter().all(|p| p.media_type == SMR_PACK));
     check_served(&e, &img, &a);
@@ -109,7 +109,7 @@ fn pushing_twice_uploads_nothing() {
     assert_eq!(second.blobs_skipped, first.blobs_total);
     assert_eq!(second.bytes_skipped, first.bytes_uploaded);
     assert!(!second.manifest_pushed);
-    assert_eq!(second.referrers, ReferrersUpdate::TagUnchanged);
+    assert_eq!(second.referrers, Some(ReferrersUpdate::TagUnchanged));
     assert_eq!(e.blobs.uploads.load(Ordering::Relaxed), uploads);
     assert_eq!(e.blobs.manifest_puts.lock().unwrap().len(), 2);
 }
@@ -168,7 +168,7 @@ fn the_referrers_api_needs_no_fallback_tag() {
     let e = env(true);
     let img = sample(&e, "a");
     let r = do_push(&e, &img, &opts(4)).unwrap();
-    assert_eq!(r.referrers, ReferrersUpdate::Api);
+    assert_eq!(r.referrers, Some(ReferrersUpdate::Api));
     let tag = fallback_tag(&img.subject.digest).unwrap();
     assert!(e.blobs.get_manifest(&tag).unwrap().is_none());
     let a = discover(
@@ -200,9 +200,9 @@ fn the_fallback_tag_keeps_other_entries_sorted() {
         .unwrap();
 
     let r4 = do_push(&e, &img, &opts(4)).unwrap();
-    assert_eq!(r4.referrers, ReferrersUpdate::TagUpdated);
+    assert_eq!(r4.referrers, Some(ReferrersUpdate::TagUpdated));
     let r1 = do_push(&e, &img, &opts(1)).unwrap();
-    assert_eq!(r1.referrers, ReferrersUpdate::TagUpdated);
+    assert_eq!(r1.referrers, Some(ReferrersUpdate::TagUpdated));
 
     let (_, bytes) = e.blobs.get_manifest(&tag).unwrap().unwrap();
     let doc: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
@@ -285,4 +285,94 @@ fn an_empty_image_pushes_an_artifact_without_packs() {
     )
     .unwrap();
     assert!(a.manifest.packs().is_empty());
+}
+
+#[test]
+fn an_image_without_a_source_is_pushed_by_tag_and_reuses_known_packs() {
+    let e = env(false);
+    let base = sample(&e, "base");
+    do_push(&e, &base, &opts(4)).unwrap();
+    let base_artifact =
+        discover(e.blobs.as_ref(), &base.subject.digest, &Default::default()).unwrap();
+    // The committed image: the base with chunk 30 rewritten; only that
+    // chunk is in the local store, the rest is read from the registry
+    // (as `smr commit --push` does) only when a pack has to be built.
+    let mut t = tags("base-", 0..40);
+    t[7] = None;
+    t[20] = t[3].clone();
+    t[30] = Some("rewritten".into());
+    let d = tempfile::tempdir().unwrap();
+    let all = LocalStore::open(d.path().join("all")).unwrap();
+    let v2 = test_image(&all, "v2", &t);
+    let only_new = LocalStore::open(d.path().join("new")).unwrap();
+    let recipe = Recipe::decode(&v2.recipe_bytes).unwrap();
+    let new = recipe.chunks.iter().find(|c| c.index == 30).unwrap();
+    only_new.put(&new.id, &all.get(&new.id).unwrap()).unwrap();
+
+    let o = PushOptions {
+        tag: Some("v2".into()),
+        known_packs: base_artifact.index.packs().to_vec(),
+        ..opts(4)
+    };
+    let from_registry = Arc::new(base_artifact.store(e.blobs.clone(), Default::default()));
+    let store = smr_store::Layered::new(Arc::new(only_new), from_registry);
+    let untagged = PushOptions {
+        tag: None,
+        ..o.clone()
+    };
+    let err = push_image(e.blobs.as_ref(), &v2.recipe_bytes, &store, &untagged).unwrap_err();
+    assert!(err.to_string().contains("tag"), "{err}");
+
+    let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let (uploads, ranges) = (count(&e.blobs.uploads), count(&e.blobs.range_requests));
+    let r = push_image(e.blobs.as_ref(), &v2.recipe_bytes, &store, &o).unwrap();
+    assert_eq!(r.referrers, None);
+    // Only the packs whose chunks changed were built: their unchanged
+    // chunks were read, no other pack was.
+    let (uploaded, read) = (
+        count(&e.blobs.uploads) - uploads,
+        count(&e.blobs.range_requests) - ranges,
+    );
+    let rebuilt = uploaded - 2; // the pack index and the recipe
+    assert!((1..=3).contains(&rebuilt), "{uploaded} uploads: {r:?}");
+    assert!(
+        read < 4 * 3 * rebuilt,
+        "{read} chunks read for {rebuilt} packs"
+    );
+    assert_eq!(r.blobs_skipped + uploaded, r.blobs_total, "{r:?}");
+
+    let (_, tagged) = e.blobs.get_manifest("v2").unwrap().unwrap();
+    assert_eq!(digest_of(&tagged), r.manifest_digest);
+    let accept_all: crate::discover::Accept<'_> = &|_| Ok(());
+    let a = crate::discover::open_image(
+        e.blobs.as_ref(),
+        &r.manifest_digest,
+        &Default::default(),
+        accept_all,
+    )
+    .unwrap();
+    assert!(a.is_image() && a.manifest.subject.is_none());
+    check_served(&e, &v2, &a);
+    // Nothing lists it as a referrer of the base.
+    let listed = crate::discover::list_artifacts(e.blobs.as_ref(), &base.subject.digest).unwrap();
+    assert_eq!(listed.len(), 1);
+    // The base's artifact is not an image of its own, and a policy's
+    // refusal is an error naming the image.
+    let err = crate::discover::open_image(
+        e.blobs.as_ref(),
+        &base_artifact.digest,
+        &Default::default(),
+        accept_all,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("name the source image"), "{err}");
+    let refuse: crate::discover::Accept<'_> = &|_| Err("not signed".into());
+    let err = crate::discover::open_image(
+        e.blobs.as_ref(),
+        &r.manifest_digest,
+        &Default::default(),
+        refuse,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("not signed"), "{err}");
 }

@@ -100,7 +100,7 @@ fn a_signed_artifact_verifies_through_the_referrers() {
         };
         let subject = blobs.get_manifest(&target.digest).unwrap().unwrap().1;
         let subject: ArtifactManifest = serde_json::from_slice(&subject).unwrap();
-        let a = discover(&blobs, &subject.subject.digest, &opts).unwrap();
+        let a = discover(&blobs, &subject.subject.unwrap().digest, &opts).unwrap();
         assert!(a.signature.unwrap().is_ok());
         // Signing again with the same key replaces the entry (in the tag).
         sign_manifest(&blobs, &target, &good).unwrap();

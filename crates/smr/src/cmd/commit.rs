@@ -5,6 +5,11 @@
 //! now all zeros is dropped); the image config is kept. The cost grows
 //! with the written chunks, not the image. Convergent sealing makes the
 //! new recipe a function of the volume's bytes.
+//!
+//! `--push docker://R/NAME:TAG` pushes the new image as an smr artifact
+//! with no subject (it has no OCI source image), tagged: the packs the
+//! base's artifact already has are neither read nor uploaded again (same
+//! repository), or mounted from the base's repository (same registry).
 
 use super::image::SourceArgs;
 use super::volume::{open, RootArgs};
@@ -14,6 +19,9 @@ use smr_format::chunk::ZSTD_LEVEL;
 use smr_format::{ChunkCodec, ChunkEntry, ChunkKey, Recipe};
 use smr_node::device::BlockDevice;
 use smr_node::volume::map::BLOCK;
+use smr_registry::push::{push_image, PushOptions};
+use smr_registry::reference::ImageRef;
+use smr_registry::source::RegistrySource;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -24,8 +32,16 @@ pub struct Args {
     /// The volume.
     volume: String,
     /// Where to write the new recipe.
-    #[arg(short = 'o', long)]
-    out: PathBuf,
+    #[arg(short = 'o', long, required_unless_present = "push")]
+    out: Option<PathBuf>,
+    /// Push the new image to a registry, tagged (`docker://HOST/NAME:TAG`):
+    /// it runs as `smr run docker://HOST/NAME:TAG`.
+    #[arg(long, value_name = "docker://REF")]
+    push: Option<String>,
+    /// With --push: sign the pushed image with this cosign private key
+    /// (password in `$COSIGN_PASSWORD`).
+    #[arg(long, value_name = "FILE", env = "SMR_SIGN_KEY", requires = "push")]
+    sign_key: Option<PathBuf>,
     /// The chunk store the new chunks go to (the base's, for the new image
     /// to share its chunks there; it is also where the base is read from
     /// unless the volume says otherwise).
@@ -63,12 +79,28 @@ pub fn run(a: Args) -> Result<ExitCode> {
     let salt = crate::keys::load_salt(a.salt_file.as_deref())?;
     let compress = base.chunks.iter().any(|c| c.compressed);
     let codec = ChunkCodec::new(salt, base.encrypted(), compress).with_zstd_level(a.zstd_level);
-    let location = a
-        .to_store
-        .clone()
-        .or_else(|| v.meta.store.clone())
-        .or_else(|| a.source.origin.store.clone())
-        .context("give the store for the new chunks (--to-store)")?;
+    if let Some(r) = &a.push {
+        anyhow::ensure!(
+            crate::remote::is_remote(r),
+            "--push {r}: give a registry image, docker://HOST/NAME:TAG"
+        );
+    }
+    // With --push and no --to-store, the written chunks are staged in a
+    // temporary directory, and the kept ones stay where the base has them.
+    let staging = match (&a.to_store, &a.push) {
+        (None, Some(_)) => Some(tempfile::tempdir().context("creating a staging directory")?),
+        _ => None,
+    };
+    let copy_kept = staging.is_none();
+    let location = match &staging {
+        Some(dir) => dir.path().display().to_string(),
+        None => a
+            .to_store
+            .clone()
+            .or_else(|| v.meta.store.clone())
+            .or_else(|| a.source.origin.store.clone())
+            .context("give the store for the new chunks (--to-store)")?,
+    };
     let (store, batched) = super::convert::open_store(&location)?;
 
     let map = v.volume.map();
@@ -93,7 +125,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
                 let e = base.chunks[pos];
                 // The new image must be whole in the store it goes to: a
                 // kept chunk it lacks comes from the base's store.
-                if !store.exists(&e.id)? {
+                if copy_kept && !store.exists(&e.id)? {
                     let bytes = base_store.get(&e.id).with_context(|| {
                         format!(
                             "chunk {} (#{index}) of the base of volume {} is missing from {}",
@@ -168,14 +200,16 @@ pub fn run(a: Args) -> Result<ExitCode> {
             .with_context(|| format!("making the chunks in {location} durable"))?;
     }
     let bytes = recipe.encode();
-    super::convert::write_atomic(&a.out, &bytes)?;
+    if let Some(out) = &a.out {
+        super::convert::write_atomic(out, &bytes)?;
+    }
     if copied > 0 {
         errln!("copied {copied} unchanged chunks of the base into {location}");
     }
     errln!(
         "committed volume {} -> {} ({}): {} of {} chunks written ({} stored, {}; {} now zero), {} kept; {:.2}s",
         a.volume,
-        a.out.display(),
+        a.out.as_ref().map_or("the registry".into(), |o| o.display().to_string()),
         recipe.digest(),
         dirty,
         chunk_count,
@@ -185,5 +219,72 @@ pub fn run(a: Args) -> Result<ExitCode> {
         recipe.chunks.len() as u64 - (dirty - dropped),
         t.elapsed().as_secs_f64()
     );
+    if let Some(reference) = &a.push {
+        let layered = smr_store::Layered::new(store, base_store);
+        push(&a, &v.meta, reference, &bytes, &layered)?;
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Pushes the committed image (recipe `bytes`, chunks in `store`) to
+/// `reference`, with what the base's artifact lets it skip or mount, and
+/// signs it with `--sign-key`.
+fn push(
+    a: &Args,
+    meta: &super::volume::VolumeMeta,
+    reference: &str,
+    bytes: &[u8],
+    store: &dyn smr_store::ChunkStore,
+) -> Result<()> {
+    let t = Instant::now();
+    let reg = RegistrySource::open(reference, &a.source.origin.registry.options()?)?;
+    let target = reg.reference();
+    anyhow::ensure!(
+        target.digest.is_none(),
+        "--push {reference}: a pushed image is named by a tag, not a digest"
+    );
+    let mut opts = PushOptions {
+        tag: Some(target.tag.clone().unwrap_or_else(|| "latest".into())),
+        ..PushOptions::default()
+    };
+    if crate::remote::is_remote(&meta.image) {
+        let (_, base) = meta
+            .source(&a.source)
+            .origin
+            .trusted_artifact(&meta.image, false)
+            .with_context(|| format!("opening the base {} again", meta.image))?;
+        // The base's pack layout, so that runs of unchanged chunks make
+        // the same packs.
+        opts.pack = Some(base.index.params());
+        opts.known_packs = base.index.packs().to_vec();
+        let base_ref = ImageRef::parse(&meta.image)?;
+        if base_ref.registry == target.registry && base_ref.repository != target.repository {
+            opts.mount_from.push(base_ref.repository);
+        }
+    }
+    let key = a
+        .sign_key
+        .as_deref()
+        .map(super::keygen::load_signing_key)
+        .transpose()?;
+    let repo = reg.repository();
+    let r = push_image(repo, bytes, store, &opts)
+        .with_context(|| format!("pushing the committed image to {reference}"))?;
+    errln!(
+        "pushed {reference} (smr image {}): {}; {:.2}s",
+        r.manifest_digest,
+        crate::remote::push_summary(&r),
+        t.elapsed().as_secs_f64()
+    );
+    if let Some(key) = key {
+        let s = smr_registry::signature::sign_manifest(repo, &r.descriptor, &key)
+            .with_context(|| format!("signing {}", r.manifest_digest))?;
+        errln!(
+            "signed {} with key {}: signature {}",
+            r.manifest_digest,
+            s.key_id,
+            s.manifest_digest
+        );
+    }
+    Ok(())
 }

@@ -77,6 +77,12 @@ pub struct Args {
     optimize: super::optimize::OptimizeArgs,
     #[command(flatten)]
     publish: super::publish::PublishArgs,
+    /// With --push: a repository of the same registry to mount blobs from
+    /// instead of uploading them (`NAME` or `docker://HOST/NAME`;
+    /// repeatable, tried in order), e.g. the repository of the image this
+    /// one was built on.
+    #[arg(long, value_name = "REPO", requires = "push")]
+    mount_from: Vec<String>,
 }
 
 /// `--chunk-size`'s default, [`smr_convert::DEFAULT_CHUNK_SIZE`].
@@ -326,22 +332,19 @@ fn push(
     let opts = PushOptions {
         pack: a.pack_chunks.map(PackParams::with_target),
         conversion,
+        mount_from: crate::remote::mount_sources(reg, &a.mount_from)?,
         ..Default::default()
     };
     let t = Instant::now();
     let r = push_converted(reg, &out.recipe.source_digest, bytes, store, &opts)?;
     errln!(
-        "pushed smr artifact {} to {}: uploaded {} of {} blobs ({}), {} already there ({}); {} packs of {} chunks; referrers: {}; {:.2}s",
+        "pushed smr artifact {} to {}: {}; referrers: {}; {:.2}s",
         r.manifest_digest,
         reg.describe(),
-        r.blobs_uploaded,
-        r.blobs_total,
-        human(r.bytes_uploaded),
-        r.blobs_skipped,
-        human(r.bytes_skipped),
-        r.packs,
-        r.chunks,
-        serde_json::to_value(r.referrers)?.as_str().unwrap_or("?"),
+        crate::remote::push_summary(&r),
+        serde_json::to_value(r.referrers)?
+            .as_str()
+            .unwrap_or("none"),
         t.elapsed().as_secs_f64()
     );
     Ok(r)
