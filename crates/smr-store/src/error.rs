@@ -119,6 +119,15 @@ pub enum StoreError {
         /// The client library's error (its chain is part of the message).
         cause: BoxError,
     },
+    /// A writer and the garbage collector of one store exclude each other
+    /// ([`crate::s3::lease`]): this one could not start.
+    #[error("store {store} is busy: {reason}")]
+    Busy {
+        /// The store's location.
+        store: String,
+        /// Who holds it, since when.
+        reason: String,
+    },
     /// `put` on a store that only serves chunks (HTTP).
     #[error(
         "store {store} is a read-only store: cannot put {what} \

@@ -8,6 +8,10 @@
 //! `AWS_ENDPOINT_URL` / `AWS_ENDPOINT`, `AWS_ALLOW_HTTP`, ...), and can be
 //! overridden with [`S3StoreBuilder`].
 //!
+//! A store's writers and its garbage collector exclude each other through
+//! lease objects under `leases/` ([`lease`]): the first `put` takes a
+//! writer's lease, held until the store is dropped.
+//!
 //! `put` asks with a HEAD first (most chunks of a new image already exist)
 //! and then writes with `If-None-Match: *`, so concurrent writers never
 //! overwrite each other. Stores without conditional writes can set
@@ -19,6 +23,7 @@
 //! a wrapping HTTP connector (`s3/status.rs`) reports retryable HTTP
 //! statuses as typed transport errors.
 
+pub mod lease;
 mod status;
 
 use crate::error::{Op, StoreError, TransportKind};
@@ -59,6 +64,8 @@ struct Inner {
     /// Whether writes use `If-None-Match: *`.
     conditional_put: bool,
     remote: Remote,
+    /// The writer's lease, taken by the first `put`.
+    writer: std::sync::Mutex<Option<lease::Lease>>,
 }
 
 /// Settings of an [`S3Store`] beyond its location; starts from the
@@ -193,6 +200,7 @@ impl S3StoreBuilder {
                 prefix: self.prefix,
                 conditional_put,
                 remote: Remote::new(self.store, self.options),
+                writer: std::sync::Mutex::new(None),
             }),
         })
     }
@@ -201,6 +209,15 @@ impl S3StoreBuilder {
 impl Inner {
     fn store(&self) -> String {
         self.remote.store().to_string()
+    }
+
+    fn leases(&self) -> lease::Leases {
+        lease::Leases {
+            s3: self.s3.clone(),
+            prefix: self.prefix.clone(),
+            store: self.store(),
+            conditional_put: self.conditional_put,
+        }
     }
 
     fn key(&self, object: &ObjectName) -> Path {
@@ -392,6 +409,65 @@ fn classify(e: &object_store::Error) -> Class {
     class
 }
 
+impl S3Store {
+    /// Takes the garbage collector's lease: fails with
+    /// [`StoreError::Busy`] while a writer or another collection runs
+    /// (see [`lease`]). Hold it for the whole collection.
+    pub fn begin_collection(&self) -> Result<lease::Lease> {
+        lease::Lease::collector(&self.inner.leases())
+    }
+
+    /// Every chunk object of the store (other keys skipped).
+    pub fn chunk_objects(&self) -> Result<Vec<crate::gc::ChunkFile>> {
+        let inner = self.inner.clone();
+        let prefix = inner.key(&ObjectName::new("chunks"));
+        let s3 = inner.s3.clone();
+        let listed = block_on(async move {
+            use futures::StreamExt;
+            s3.list(Some(&prefix))
+                .collect::<Vec<_>>()
+                .await
+                .into_iter()
+                .collect::<object_store::Result<Vec<_>>>()
+        })
+        .map_err(|e| {
+            let what = Target::of(&ObjectName::new("chunks/"), crate::ByteRange::WHOLE);
+            inner.error(Op::Get, what, e)
+        })?;
+        let mut out: Vec<crate::gc::ChunkFile> = listed
+            .into_iter()
+            .filter_map(|m| {
+                let id = m.location.filename()?.parse::<ChunkId>().ok()?;
+                Some(crate::gc::ChunkFile {
+                    id,
+                    len: m.size,
+                    modified: std::time::SystemTime::from(m.last_modified),
+                })
+            })
+            .collect();
+        out.sort_by_key(|f| f.id);
+        Ok(out)
+    }
+
+    /// Deletes chunk `id` (under the collector's lease).
+    pub fn delete_chunk(&self, id: &ChunkId) -> Result<()> {
+        let (inner, id) = (self.inner.clone(), *id);
+        block_on(async move {
+            let delete = || async {
+                match inner
+                    .s3
+                    .delete(&inner.key(&ObjectName::of_chunk(&id)))
+                    .await
+                {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                    Err(e) => Err(inner.error(Op::Put, id.into(), e)),
+                }
+            };
+            inner.remote.run(Op::Put, id.into(), delete).await
+        })
+    }
+}
+
 impl RangeRead for Inner {
     fn remote(&self) -> &Remote {
         &self.remote
@@ -424,6 +500,16 @@ impl ChunkStore for S3Store {
     }
 
     fn put(&self, id: &ChunkId, data: &[u8]) -> Result<PutOutcome> {
+        {
+            let mut writer = self
+                .inner
+                .writer
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if writer.is_none() {
+                *writer = Some(lease::Lease::writer(&self.inner.leases())?);
+            }
+        }
         let (inner, id) = (self.inner.clone(), *id);
         let payload = PutPayload::from(data.to_vec());
         block_on(async move {

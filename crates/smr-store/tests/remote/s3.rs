@@ -166,3 +166,83 @@ fn env_child() {
     assert_eq!(s.get(&id).unwrap(), data);
     println!("env_child: ok");
 }
+
+/// The lease objects under `prefix/leases/` on the server's disk.
+fn leases(server: &S3Server, prefix: &str) -> Vec<String> {
+    let dir = server.object_path(&format!("{prefix}/leases"));
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n == "gc" || n.starts_with("writer-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[test]
+fn writers_and_the_collector_exclude_each_other() {
+    let Some(server) = S3Server::start() else {
+        return;
+    };
+    let writer = store(&server, "gc", SECRET_KEY, 10.0);
+    let (id, data) = chunk(1000);
+    writer.put(&id, &data).unwrap();
+    let held = leases(&server, "gc");
+    assert!(
+        held.len() == 1 && held[0].starts_with("writer-"),
+        "{held:?}"
+    );
+
+    // A collection cannot start while a writer holds its lease.
+    let collector = store(&server, "gc", SECRET_KEY, 10.0);
+    let e = collector.begin_collection().unwrap_err();
+    assert!(matches!(e, StoreError::Busy { .. }), "{e}");
+    assert!(e.to_string().contains("being written by pid"), "{e}");
+    assert_eq!(leases(&server, "gc"), held, "the collector stepped back");
+    drop(writer);
+    assert!(
+        leases(&server, "gc").is_empty(),
+        "the writer's lease is gone"
+    );
+
+    // While one runs, a writer waits for it to end.
+    let lease = collector.begin_collection().unwrap();
+    assert_eq!(leases(&server, "gc"), ["gc"]);
+    let e = collector.begin_collection().unwrap_err();
+    assert!(e.to_string().contains("another collection"), "{e}");
+    let listed = collector.chunk_objects().unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!((listed[0].id, listed[0].len), (id, data.len() as u64));
+    let late = store(&server, "gc", SECRET_KEY, 10.0);
+    let (id2, data2) = chunk(2000);
+    let t = Instant::now();
+    let put = std::thread::spawn(move || late.put(&id2, &data2).map(|_| late));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!put.is_finished(), "the writer waits for the collection");
+    collector.delete_chunk(&id).unwrap();
+    drop(lease);
+    let late = put.join().unwrap().unwrap();
+    assert!(t.elapsed() >= Duration::from_millis(1500));
+    assert!(!late.exists(&id).unwrap() && late.exists(&id2).unwrap());
+    drop(late);
+
+    // A writer that died leaves a lease that goes stale: the next
+    // collection removes it.
+    let crashed = store(&server, "gc", SECRET_KEY, 10.0);
+    crashed.put(&id, &data).unwrap();
+    std::mem::forget(crashed);
+    let stale = leases(&server, "gc");
+    let path = server.object_path(&format!("gc/leases/{}", stale[0]));
+    let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let lease = collector.begin_collection().unwrap();
+    assert_eq!(leases(&server, "gc"), ["gc"]);
+    drop(lease);
+}

@@ -1,6 +1,8 @@
-//! `smr gc --store DIR --keep ROOT... [--grace 24h] [--dry-run]`: delete
-//! the chunks of a local store that no root recipe names (see
-//! smr_store::gc for why a conversion running meanwhile loses nothing).
+//! `smr gc --store DIR|s3://… --keep ROOT... [--grace 24h] [--dry-run]`:
+//! delete the chunks of a store that no root recipe names. A conversion
+//! running meanwhile loses nothing: on a local store by the argument of
+//! smr_store::gc, on S3 because writers and the collector exclude each
+//! other (smr_store::s3::lease).
 //! `smr gc docker://HOST/NAME [--dry-run]`: delete the smr artifacts,
 //! profiles and signatures of a repository whose image is gone
 //! (smr_registry::gc).
@@ -9,7 +11,8 @@ use crate::keys::read_recipe;
 use crate::progress::human;
 use anyhow::{bail, Context, Result};
 use smr_format::ChunkId;
-use smr_store::gc::{chunk_files, remove_if_older};
+use smr_store::gc::{chunk_files, remove_if_older, ChunkFile};
+use smr_store::{LocalStore, S3Store, StoreLocation};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -24,9 +27,9 @@ pub struct Args {
     repository: Option<String>,
     #[command(flatten)]
     registry: crate::remote::RegistryArgs,
-    /// The local chunk store.
+    /// The chunk store: a directory or `s3://bucket[/prefix]`.
     #[arg(long, required_unless_present = "repository")]
-    store: Option<PathBuf>,
+    store: Option<String>,
     /// A root: a recipe file, or a directory searched for `*.recipe`
     /// (repeatable). Every chunk a root names is kept.
     #[arg(
@@ -118,6 +121,64 @@ fn run_registry(a: &Args, image: &str) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The store being collected.
+enum Swept {
+    Local(LocalStore),
+    S3 {
+        store: S3Store,
+        /// The collector's lease, held until the end.
+        _lease: smr_store::s3::lease::Lease,
+    },
+}
+
+impl Swept {
+    /// Opens `location` for collection (on S3: takes the collector's
+    /// lease, so no writer runs until it is done).
+    fn open(location: &str) -> Result<Swept> {
+        let parsed: StoreLocation = location
+            .parse()
+            .with_context(|| format!("--store {location}"))?;
+        match parsed {
+            StoreLocation::Local(dir) => {
+                anyhow::ensure!(dir.is_dir(), "store {} does not exist", dir.display());
+                let s = LocalStore::open(&dir)
+                    .with_context(|| format!("opening the store {}", dir.display()))?;
+                Ok(Swept::Local(s))
+            }
+            StoreLocation::S3(l) => {
+                let s = S3Store::open(&l, smr_store::RemoteOptions::from_env()?)
+                    .with_context(|| format!("opening the store {location}"))?;
+                let lease = s.begin_collection()?;
+                Ok(Swept::S3 {
+                    store: s,
+                    _lease: lease,
+                })
+            }
+            StoreLocation::Http(_) => {
+                bail!("--store {location}: an HTTP store is read-only; collect the store it serves")
+            }
+        }
+    }
+
+    fn files(&self) -> Result<Vec<ChunkFile>> {
+        Ok(match self {
+            Swept::Local(s) => chunk_files(s)?,
+            Swept::S3 { store, .. } => store.chunk_objects()?,
+        })
+    }
+
+    /// Deletes `f` if it is still older than `cutoff`.
+    fn remove(&self, f: &ChunkFile, cutoff: SystemTime) -> Result<bool> {
+        match self {
+            Swept::Local(s) => Ok(remove_if_older(s, &f.id, cutoff)?),
+            Swept::S3 { store, .. } => {
+                store.delete_chunk(&f.id)?;
+                Ok(true)
+            }
+        }
+    }
+}
+
 /// Runs the collection.
 pub fn run(a: Args) -> Result<ExitCode> {
     if let Some(image) = &a.repository {
@@ -125,25 +186,20 @@ pub fn run(a: Args) -> Result<ExitCode> {
     }
     let started = SystemTime::now();
     let cutoff = started - a.grace;
-    let dir = a.store.clone().context("--store is required")?;
-    anyhow::ensure!(dir.is_dir(), "store {} does not exist", dir.display());
-    let store = smr_store::LocalStore::open(&dir)
-        .with_context(|| format!("opening the store {}", dir.display()))?;
+    let location = a.store.clone().context("--store is required")?;
+    let store = Swept::open(&location)?;
     // Every root first: one that cannot be read stops the collection
     // before anything is deleted.
     let roots = root_files(&a)?;
     if roots.is_empty() {
-        bail!(
-            "no root recipes found: refusing to delete every chunk of {}",
-            dir.display()
-        );
+        bail!("no root recipes found: refusing to delete every chunk of {location}");
     }
     let mut live: HashSet<ChunkId> = HashSet::new();
     for r in &roots {
         let recipe = read_recipe(r).with_context(|| format!("root {}", r.display()))?;
         live.extend(recipe.chunks.iter().map(|c| c.id));
     }
-    let files = chunk_files(&store)?;
+    let files = store.files()?;
     let (mut referenced, mut young, mut deleted) = ((0u64, 0u64), (0u64, 0u64), (0u64, 0u64));
     let mut candidates = Vec::new();
     for f in &files {
@@ -156,7 +212,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         }
     }
     for f in &candidates {
-        if a.dry_run || remove_if_older(&store, &f.id, cutoff)? {
+        if a.dry_run || store.remove(f, cutoff)? {
             deleted = (deleted.0 + 1, deleted.1 + f.len);
         } else {
             young = (young.0 + 1, young.1 + f.len);
@@ -175,8 +231,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         outln!("{}", serde_json::to_string_pretty(&v)?);
     }
     errln!(
-        "{}: {} chunks, {} roots: {} referenced ({}), {} unreferenced within the {} grace ({}); {verb} {} ({}) in {:.2}s",
-        dir.display(),
+        "{location}: {} chunks, {} roots: {} referenced ({}), {} unreferenced within the {} grace ({}); {verb} {} ({}) in {:.2}s",
         files.len(),
         roots.len(),
         referenced.0,

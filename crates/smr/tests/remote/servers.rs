@@ -158,6 +158,11 @@ impl S3 {
         Some(S3 { dir, addr })
     }
 
+    /// Where s3s-fs keeps object `key` of bucket `smr`.
+    pub fn object_path(&self, key: &str) -> std::path::PathBuf {
+        self.dir.path().join("s3/data/smr").join(key)
+    }
+
     /// The environment a client needs.
     pub fn env(&self) -> Vec<(&'static str, String)> {
         vec![

@@ -77,3 +77,104 @@ fn http_store_serves_a_local_store_read_only() {
     assert!(err.contains("read-only"), "{err}");
     assert!(!s.t.path().join("x.recipe").exists());
 }
+
+#[test]
+fn s3_store_gc_deletes_only_unreferenced_chunks_and_waits_for_no_writer() {
+    let Some(s3) = S3::start() else {
+        return;
+    };
+    let s = Synthetic::new();
+    let env = s3.env();
+    let remote = "s3://smr/gc";
+    let d = s.t.path();
+    let with_env = |c: &mut std::process::Command| {
+        c.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+    };
+    // Two images in one store: 64K and 128K chunks share no chunk.
+    let (a, b) = (d.join("a.recipe"), d.join("b.recipe"));
+    for (recipe, size) in [(&a, "64K"), (&b, "128K")] {
+        let mut c = smr();
+        c.args([
+            "convert",
+            &s.src,
+            "--store",
+            remote,
+            "--chunk-size",
+            size,
+            "-o",
+        ])
+        .arg(recipe)
+        .arg("--key-file")
+        .arg(&s.key);
+        with_env(&mut c);
+        ok(&mut c);
+    }
+    assert!(
+        !s3.object_path("gc/leases").exists()
+            || std::fs::read_dir(s3.object_path("gc/leases"))
+                .unwrap()
+                .count()
+                == 0,
+        "writers removed their leases"
+    );
+    let gc = |args: &[&str]| {
+        let mut c = smr();
+        c.args(["gc", "--store", remote, "--keep"])
+            .arg(&a)
+            .args(args);
+        with_env(&mut c);
+        c.output().unwrap()
+    };
+    let count = |args: &[&str]| -> (u64, u64) {
+        let out = gc(&[args, &["--json"]].concat());
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (
+            v["chunks"].as_u64().unwrap(),
+            v["deleted"]["chunks"].as_u64().unwrap(),
+        )
+    };
+    // Young chunks stay; a dry run deletes nothing.
+    let (total, deleted) = count(&["--grace", "1h"]);
+    assert_eq!(deleted, 0);
+    let (same, would) = count(&["--grace", "0s", "--dry-run"]);
+    assert!(
+        same == total && would > 0 && would < total,
+        "{would} of {total}"
+    );
+
+    // A live writer's lease (a conversion running) makes GC step back.
+    let lease = s3.object_path("gc/leases/writer-elsewhere");
+    std::fs::create_dir_all(lease.parent().unwrap()).unwrap();
+    std::fs::write(&lease, "pid 1 on elsewhere").unwrap();
+    let out = gc(&["--grace", "0s"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("being written by pid 1 on elsewhere"),
+        "{err}"
+    );
+    // Once stale (its writer died), it is removed and GC runs.
+    std::fs::File::options()
+        .write(true)
+        .open(&lease)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(3600))
+        .unwrap();
+    let (left, deleted) = count(&["--grace", "0s"]);
+    assert_eq!((left, deleted), (total, would));
+    assert!(!lease.exists());
+    let (left, deleted) = count(&["--grace", "0s"]);
+    assert_eq!((left, deleted), (total - would, 0));
+
+    // The root still extracts; the collected image names a missing chunk.
+    extract_with(&a, remote, &s.key, &d.join("a.img"), &env);
+    let mut c = smr();
+    c.args(["verify"]).arg(&b).args(["--store", remote]);
+    with_env(&mut c);
+    let err = fails(&mut c);
+    assert!(err.contains("missing"), "{err}");
+}
