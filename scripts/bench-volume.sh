@@ -53,7 +53,7 @@ bench() {
 # would hold the substitution's pipe, and its pid would be lost.)
 serve_smr() {
   "$smr" volume rm v >/dev/null 2>&1 || true
-  "$smr" volume create v --from "$work/deb.recipe" --store "$work/store" 2>/dev/null
+  "$smr" volume create v --from "$work/deb.recipe" --store "$work/store" --size base --no-journal 2>/dev/null
   rm -f "$work/smr.sock"
   "$smr" serve-nbd --volume v --socket "$work/smr.sock" >/dev/null 2>"$work/smr.log" &
   pids+=($!)
@@ -88,7 +88,7 @@ done
 
 # commit: 1% of the chunks dirtied through the volume.
 "$smr" volume rm v >/dev/null 2>&1 || true
-"$smr" volume create v --from "$work/deb.recipe" --store "$work/store" 2>/dev/null
+"$smr" volume create v --from "$work/deb.recipe" --store "$work/store" --size base --no-journal 2>/dev/null
 chunks=$((size / 65536))
 dirty=$((chunks / 100))
 serve_smr

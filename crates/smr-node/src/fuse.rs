@@ -297,6 +297,55 @@ impl Filesystem for ImageFs {
         }
     }
 
+    /// Punching a hole (`PUNCH_HOLE | KEEP_SIZE`, what a loop device's
+    /// discard becomes) and zeroing a range (`ZERO_RANGE`) make the range
+    /// read as zeros through [`BlockDevice::write_zeroes`] (a volume
+    /// punches its COW file); plain allocation of a range inside the file
+    /// has nothing to do. Anything else is `EOPNOTSUPP`.
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        if ino != FILE_INO {
+            return reply.error(Errno::EISDIR);
+        }
+        if self.dev.read_only() {
+            return reply.error(Errno::EROFS);
+        }
+        let end = offset.checked_add(length);
+        if end.is_none_or(|e| e > self.dev.size()) {
+            return reply.error(Errno::ENOSPC);
+        }
+        let (punch, keep, zero) = (
+            libc::FALLOC_FL_PUNCH_HOLE,
+            libc::FALLOC_FL_KEEP_SIZE,
+            libc::FALLOC_FL_ZERO_RANGE,
+        );
+        let zeroes = if mode == 0 || mode == keep {
+            false
+        } else if mode == punch | keep || mode == zero || mode == zero | keep {
+            true
+        } else {
+            return reply.error(Errno::EOPNOTSUPP);
+        };
+        if !zeroes {
+            return reply.ok();
+        }
+        match self.dev.write_zeroes(offset, length) {
+            Ok(()) => reply.ok(),
+            Err(e) => {
+                tracing::error!(offset, length, mode, error = %e, "FUSE fallocate failed; answering EIO");
+                reply.error(Errno::EIO)
+            }
+        }
+    }
+
     fn readdir(
         &self,
         _req: &Request,

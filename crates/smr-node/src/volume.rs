@@ -131,8 +131,9 @@ impl Volume {
         CowMap::save(&CowMap::new(size.div_ceil(BLOCK)).encode(), &map).map_err(io_err(&map))
     }
 
-    /// Opens the volume in `dir` over `base` (whose size must be the
-    /// volume's), taking its lock.
+    /// Opens the volume in `dir` over `base`, taking its lock. The volume
+    /// is as large as its COW file, at least the base: blocks past the
+    /// base's end read as zeros until written.
     pub fn open(dir: &Path, base: Arc<dyn BlockDevice>) -> Result<Volume, VolumeError> {
         let lock = lock_volume(dir)?;
         let (cow_path, map_path, _) = paths(dir);
@@ -141,12 +142,14 @@ impl Volume {
             .write(true)
             .open(&cow_path)
             .map_err(io_err(&cow_path))?;
-        let size = base.size();
-        let len = cow.metadata().map_err(io_err(&cow_path))?.len();
-        if len != size {
+        let size = cow.metadata().map_err(io_err(&cow_path))?.len();
+        if size < base.size() {
             return Err(VolumeError::Corrupt {
                 path: cow_path,
-                reason: format!("the COW file is {len} bytes, the base image {size}"),
+                reason: format!(
+                    "the COW file is {size} bytes, less than the base image's {}",
+                    base.size()
+                ),
             });
         }
         let bytes = smr_format::read_bounded(&map_path, (size / BLOCK / 8) + 4096)
@@ -186,6 +189,21 @@ impl Volume {
         &self.base
     }
 
+    /// Reads `buf` at `offset` of the base; past its end, zeros.
+    fn read_base(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let in_base = self
+            .base
+            .size()
+            .saturating_sub(offset)
+            .min(buf.len() as u64) as usize;
+        let (head, tail) = buf.split_at_mut(in_base);
+        if !head.is_empty() {
+            self.base.read_at(offset, head)?;
+        }
+        tail.fill(0);
+        Ok(())
+    }
+
     fn mapped(&self, block: u64) -> bool {
         self.map
             .read()
@@ -211,7 +229,7 @@ impl Volume {
         }
         let len = BLOCK.min(self.size - at) as usize;
         let mut buf = vec![0u8; len];
-        self.base.read_at(at, &mut buf)?;
+        self.read_base(at, &mut buf)?;
         buf[within..within + data.len()].copy_from_slice(data);
         self.cow.write_all_at(&buf, at)?;
         self.set_mapped(block, 1);
@@ -292,7 +310,7 @@ impl BlockDevice for Volume {
             if cow {
                 self.cow.read_exact_at(part, at)?;
             } else {
-                self.base.read_at(at, part)?;
+                self.read_base(at, part)?;
             }
             done = (end - offset) as usize;
         }

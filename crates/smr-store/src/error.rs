@@ -274,6 +274,25 @@ impl StoreError {
         }
     }
 
+    /// The same error, about `what` instead (e.g. the chunk whose put
+    /// needed the failed step).
+    pub fn about(mut self, target: Target) -> StoreError {
+        match &mut self {
+            StoreError::Missing { what, .. }
+            | StoreError::ChunkIo { what, .. }
+            | StoreError::ReadOnly { what, .. }
+            | StoreError::Denied { what, .. }
+            | StoreError::Status { what, .. }
+            | StoreError::Transport { what, .. }
+            | StoreError::LengthMismatch { what, .. }
+            | StoreError::TooLarge { what, .. }
+            | StoreError::Remote { what, .. }
+            | StoreError::GaveUp { what, .. } => *what = target,
+            _ => {}
+        }
+        self
+    }
+
     /// What the failed operation was about.
     pub fn target(&self) -> Option<&Target> {
         match self {

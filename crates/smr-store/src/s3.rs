@@ -329,55 +329,59 @@ impl Inner {
 
     /// Maps an `object_store` error of `op` on `what`.
     fn error(&self, op: Op, what: Target, e: object_store::Error) -> StoreError {
-        let store = self.store();
-        match e {
-            // A missing bucket is a broken location, not a missing chunk.
-            object_store::Error::NotFound { source, .. }
-                if status::s3_code(&*source).as_deref() == Some("NoSuchBucket") =>
-            {
-                StoreError::Remote {
-                    store,
-                    what,
-                    op,
-                    cause: "the bucket does not exist (NoSuchBucket)".into(),
-                }
+        map_error(self.store(), op, what, e)
+    }
+}
+
+/// Maps an `object_store` error of `op` on `what` in `store`.
+pub(crate) fn map_error(store: String, op: Op, what: Target, e: object_store::Error) -> StoreError {
+    match e {
+        // A missing bucket is a broken location, not a missing chunk.
+        object_store::Error::NotFound { source, .. }
+            if status::s3_code(&*source).as_deref() == Some("NoSuchBucket") =>
+        {
+            StoreError::Remote {
+                store,
+                what,
+                op,
+                cause: "the bucket does not exist (NoSuchBucket)".into(),
             }
-            object_store::Error::NotFound { .. } => StoreError::Missing { what, store },
-            object_store::Error::PermissionDenied { source, .. } => StoreError::Denied {
-                store,
-                what,
-                op,
-                reason: status::s3_reason(&*source, "HTTP 403 Forbidden"),
-            },
-            object_store::Error::Unauthenticated { source, .. } => StoreError::Denied {
-                store,
-                what,
-                op,
-                reason: status::s3_reason(&*source, "HTTP 401 Unauthorized"),
-            },
-            e => match classify(&e) {
-                Class::Status(s) => StoreError::Status {
-                    store,
-                    what,
-                    op,
-                    status: s.status,
-                    retry_after: s.retry_after,
-                },
-                Class::Transport(kind) => StoreError::Transport {
-                    store,
-                    what,
-                    op,
-                    kind,
-                    cause: e.into(),
-                },
-                Class::Other => StoreError::Remote {
-                    store,
-                    what,
-                    op,
-                    cause: e.into(),
-                },
-            },
         }
+        object_store::Error::NotFound { .. } => StoreError::Missing { what, store },
+        object_store::Error::PermissionDenied { source, .. } => StoreError::Denied {
+            store,
+            what,
+            op,
+            reason: status::s3_reason(&*source, "HTTP 403 Forbidden"),
+        },
+        object_store::Error::Unauthenticated { source, .. } => StoreError::Denied {
+            store,
+            what,
+            op,
+            reason: status::s3_reason(&*source, "HTTP 401 Unauthorized"),
+        },
+        e => match classify(&e) {
+            Class::Status(s) => StoreError::Status {
+                store,
+                what,
+                op,
+                status: s.status,
+                retry_after: s.retry_after,
+            },
+            Class::Transport(kind) => StoreError::Transport {
+                store,
+                what,
+                op,
+                kind,
+                cause: e.into(),
+            },
+            Class::Other => StoreError::Remote {
+                store,
+                what,
+                op,
+                cause: e.into(),
+            },
+        },
     }
 }
 
@@ -507,7 +511,9 @@ impl ChunkStore for S3Store {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             if writer.is_none() {
-                *writer = Some(lease::Lease::writer(&self.inner.leases())?);
+                let lease = lease::Lease::writer(&self.inner.leases())
+                    .map_err(|e| e.about(Target::Chunk(*id)))?;
+                *writer = Some(lease);
             }
         }
         let (inner, id) = (self.inner.clone(), *id);

@@ -125,3 +125,57 @@ fn serves_bytes_errors_and_parallel_reads() {
     let mounts = std::fs::read_to_string("/proc/self/mounts").expect("mounts");
     assert!(!mounts.contains(&dir.path().display().to_string()));
 }
+
+/// A writable device in memory.
+struct Mem(std::sync::Mutex<Vec<u8>>);
+
+impl BlockDevice for Mem {
+    fn size(&self) -> u64 {
+        self.0.lock().unwrap().len() as u64
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let m = self.0.lock().unwrap();
+        buf.copy_from_slice(&m[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    }
+
+    fn read_only(&self) -> bool {
+        false
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let mut m = self.0.lock().unwrap();
+        m[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+}
+
+#[test]
+fn fallocate_punches_and_zeroes_ranges_of_a_writable_file() {
+    if !can_mount() {
+        return;
+    }
+    use rustix::fs::FallocateFlags as F;
+    let dev = Arc::new(Mem(std::sync::Mutex::new(vec![7u8; 64 << 10])));
+    let dir = tempfile::tempdir().unwrap();
+    let m = FuseMount::spawn(dev.clone(), dir.path(), &FuseConfig::default(), "t").unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.file())
+        .unwrap();
+    rustix::fs::fallocate(&f, F::PUNCH_HOLE | F::KEEP_SIZE, 4096, 8192).unwrap();
+    rustix::fs::fallocate(&f, F::ZERO_RANGE, 20000, 100).unwrap();
+    rustix::fs::fallocate(&f, F::empty(), 0, 4096).unwrap();
+    let e = rustix::fs::fallocate(&f, F::COLLAPSE_RANGE, 0, 4096).unwrap_err();
+    assert_eq!(e, rustix::io::Errno::OPNOTSUPP);
+    let e = rustix::fs::fallocate(&f, F::ZERO_RANGE, 60 << 10, 8192).unwrap_err();
+    assert_eq!(e, rustix::io::Errno::NOSPC);
+    let got = dev.0.lock().unwrap().clone();
+    let mut want = vec![7u8; 64 << 10];
+    want[4096..12288].fill(0);
+    want[20000..20100].fill(0);
+    assert!(got == want, "exactly the ranges asked for read as zeros");
+    drop(f);
+}

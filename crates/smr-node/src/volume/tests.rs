@@ -143,7 +143,7 @@ fn a_volume_in_use_a_wrong_cow_and_a_damaged_map_are_refused() {
     assert!(
         bigger
             .to_string()
-            .contains("the COW file is 16384 bytes, the base image 20480"),
+            .contains("the COW file is 16384 bytes, less than the base image's 20480"),
         "{bigger}"
     );
     let mut map = std::fs::read(d.path().join("map")).unwrap();
@@ -208,4 +208,26 @@ proptest! {
         drop(v);
         prop_assert_eq!(read_all(&volume(d.path(), &base)), model);
     }
+}
+
+#[test]
+fn a_volume_larger_than_its_base_reads_zeros_past_it() {
+    let d = tempfile::tempdir().unwrap();
+    let base = base_bytes(3 * 4096);
+    Volume::create(d.path(), 8 * 4096).unwrap();
+    let v = Volume::open(d.path(), Arc::new(MemBase(base.clone()))).unwrap();
+    assert_eq!(v.size(), 8 * 4096);
+    let mut model = base.clone();
+    model.resize(8 * 4096, 0);
+    assert_eq!(read_all(&v), model);
+    // A write straddling the base's end, and one past it.
+    v.write_at(3 * 4096 - 100, &[7; 200]).unwrap();
+    v.write_at(6 * 4096 + 10, &[9; 10]).unwrap();
+    model[3 * 4096 - 100..3 * 4096 + 100].fill(7);
+    model[6 * 4096 + 10..6 * 4096 + 20].fill(9);
+    assert_eq!(read_all(&v), model);
+    v.flush().unwrap();
+    drop(v);
+    let v = Volume::open(d.path(), Arc::new(MemBase(base))).unwrap();
+    assert_eq!(read_all(&v), model);
 }

@@ -113,12 +113,8 @@ impl Leases {
     }
 
     fn lease_error(&self, e: object_store::Error) -> StoreError {
-        StoreError::Remote {
-            store: self.store(),
-            what: Target::of(&ObjectName::new("leases/"), crate::ByteRange::WHOLE),
-            op: Op::Put,
-            cause: e.into(),
-        }
+        let what = Target::of(&ObjectName::new("leases/"), crate::ByteRange::WHOLE);
+        super::map_error(self.store(), Op::Put, what, e)
     }
 
     /// Writes lease `key` (with `mode`); `Ok(false)` when `Create` found

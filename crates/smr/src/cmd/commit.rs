@@ -105,7 +105,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
 
     let map = v.volume.map();
     let cs = base.chunk_size;
-    let size = base.image_size;
+    let size = v.volume.size();
     let blocks_per_chunk = cs / BLOCK;
     let chunk_count = size.div_ceil(cs);
     let by_index: std::collections::HashMap<u64, usize> = base

@@ -187,10 +187,15 @@ fn mount(a: Mount) -> Result<ExitCode> {
         .map(absolute)
         .transpose()?;
     let creds = a.image.source.origin.registry.creds_string()?;
+    // A volume may be larger than its base.
+    let image_size = match &a.volume {
+        Some(v) => super::volume::VolumeMeta::read(&a.root.volume_dir(v)?)?.size,
+        None => lazy.size(),
+    };
     let req = MountRequest {
         state_root: a.state.state_dir.clone(),
         mountpoint: a.mountpoint.clone(),
-        image_size: lazy.size(),
+        image_size,
         loop_opts: LoopOptions {
             writable: a.volume.is_some(),
             ..a.loop_args.options()

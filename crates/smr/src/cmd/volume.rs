@@ -158,6 +158,18 @@ pub struct CreateArgs {
     /// The base image: a recipe file (chunks in `--store`) or `docker://…`.
     #[arg(long = "from", value_name = "IMAGE")]
     from: String,
+    /// The volume's size (`4G`, `512M`, bytes), at least the base's, or
+    /// `base` for the base's own. Default: the base's size plus 1 GiB
+    /// (sparse: only written blocks take space). The ext4 is grown to fill
+    /// it (`resize2fs`, written into the volume).
+    #[arg(long, value_name = "SIZE")]
+    size: Option<String>,
+    /// Do not give the volume's ext4 a journal. smr images have none (they
+    /// are read-only); a volume gets one (`tune2fs -O has_journal`,
+    /// written into the volume) so that its filesystem survives a crash
+    /// of the server or the host.
+    #[arg(long)]
+    no_journal: bool,
     #[command(flatten)]
     source: SourceArgs,
     #[command(flatten)]
@@ -202,7 +214,17 @@ fn create(a: CreateArgs) -> Result<ExitCode> {
         source: a.source.clone(),
     };
     let opened = image.open_with(false)?;
-    let size = smr_node::device::BlockDevice::size(&opened.lazy);
+    let base_size = smr_node::device::BlockDevice::size(&opened.lazy);
+    let size = match a.size.as_deref() {
+        None => base_size + (1 << 30),
+        Some("base") => base_size,
+        Some(s) => super::convert::parse_size(s).map_err(|e| anyhow::anyhow!("--size: {e}"))?,
+    };
+    anyhow::ensure!(
+        size >= base_size && size % 4096 == 0,
+        "--size {}: a volume is a whole number of 4 KiB blocks, at least its base's {base_size} bytes",
+        a.size.as_deref().unwrap_or("")
+    );
     let store = super::mount::absolute_store(a.source.origin.store.as_deref())?;
     let meta = VolumeMeta {
         name: a.name.clone(),
@@ -231,6 +253,10 @@ fn create(a: CreateArgs) -> Result<ExitCode> {
         super::convert::write_atomic(&tmp.path().join(BASE_RECIPE), &bytes)?;
     }
     Volume::create(tmp.path(), size).context("creating the COW file and map")?;
+    if size > base_size || !a.no_journal {
+        prepare_fs(tmp.path(), &opened.lazy, size > base_size, !a.no_journal)
+            .with_context(|| format!("volume {}: preparing its ext4", a.name))?;
+    }
     super::convert::write_atomic(&tmp.path().join(META), &serde_json::to_vec_pretty(&meta)?)?;
     let made = tmp.keep();
     std::fs::rename(&made, &dir)
@@ -243,6 +269,62 @@ fn create(a: CreateArgs) -> Result<ExitCode> {
         dir.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Grows the ext4 of the volume in `dir` to the volume's size (`grow`) and
+/// gives it a journal unless it has one (`journal`), through the volume
+/// exported as a file.
+fn prepare_fs(
+    dir: &Path,
+    base: &smr_node::lazy::LazyImage,
+    grow: bool,
+    journal: bool,
+) -> Result<()> {
+    use smr_node::device::BlockDevice;
+    use smr_node::fuse::{FuseConfig, FuseMount};
+    let volume: Arc<Volume> = Arc::new(Volume::open(dir, Arc::new(base.clone()))?);
+    let mnt = tempfile::tempdir().context("creating a mount point")?;
+    let cfg = FuseConfig {
+        file_name: "volume".into(),
+        ..FuseConfig::default()
+    };
+    let fuse = FuseMount::spawn(volume.clone(), mnt.path(), &cfg, "smr-volume")?;
+    let has_journal = std::process::Command::new("dumpe2fs")
+        .arg("-h")
+        .arg(fuse.file())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .context("running dumpe2fs (e2fsprogs)")?;
+    let features = String::from_utf8_lossy(&has_journal.stdout);
+    anyhow::ensure!(
+        has_journal.status.success(),
+        "the image is not an ext4 filesystem dumpe2fs can read"
+    );
+    let e2fs = |tool: &str, args: &[&str]| -> Result<()> {
+        let out = std::process::Command::new(tool)
+            .args(args)
+            .arg(fuse.file())
+            .output()
+            .with_context(|| format!("running {tool} (e2fsprogs)"))?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{tool} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(())
+    };
+    if grow {
+        // The image was made clean by the converter: no check first.
+        e2fs("resize2fs", &["-f"])?;
+    }
+    if journal && !features.contains("has_journal") {
+        e2fs("tune2fs", &["-O", "has_journal"])?;
+    }
+    tracing::info!(volume = %dir.display(), grow, journal, "filesystem prepared");
+    drop(fuse);
+    volume.flush().context("flushing the volume")?;
+    Ok(())
 }
 
 fn ls(a: LsArgs) -> Result<ExitCode> {
