@@ -4,7 +4,10 @@
 //! writer) into a [`chunker::ChunkingSink`], which cuts the image byte
 //! stream into fixed-size chunks, seals them (`smr_format`) and puts them
 //! into a `smr_store::ChunkStore`; the chunk table becomes the recipe.
+//! [`cdc`] finds content-defined boundaries on 4 KiB blocks (used by the
+//! chunking study, `examples/dedup_study.rs`).
 
+pub mod cdc;
 pub mod chunker;
 mod convert;
 
