@@ -112,12 +112,33 @@ pub fn image_bytes(recipe: &Recipe) -> u64 {
         .sum()
 }
 
+/// What the container's root filesystem comes from.
+#[derive(Debug, Clone)]
+pub enum RootFs {
+    /// The lazy image, exported and mounted by this run, under an overlay
+    /// whose upper takes the container's writes.
+    Image(LazyImage),
+    /// A writable volume over its lazy base `image` (crate::volume): the
+    /// container's root is the volume's filesystem itself, mounted
+    /// read-write (no overlay), and what the container writes stays.
+    Volume {
+        /// The volume.
+        volume: Arc<crate::volume::Volume>,
+        /// Its base.
+        image: LazyImage,
+    },
+    /// An image already mounted read-only at this directory (by the node
+    /// daemon, for every container of the image): the overlay's lower.
+    /// Its fetches are counted by the daemon, not in the run's report.
+    Mounted(PathBuf),
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct RunRequest {
-    /// The image.
-    pub image: LazyImage,
-    /// Its recipe (config, chunk table).
+    /// The root filesystem.
+    pub root: RootFs,
+    /// The image's recipe (config, chunk table).
     pub recipe: Recipe,
     /// Command, env and terminal overrides.
     pub overrides: spec::Overrides,
@@ -135,10 +156,6 @@ pub struct RunRequest {
     pub started: (Instant, SystemTime),
     /// Kill the container (SIGKILL) once it has run this long.
     pub timeout: Option<Duration>,
-    /// A writable volume over `image` (crate::volume): the container's
-    /// root is then the volume's filesystem itself, mounted read-write
-    /// (no overlay), and what the container writes stays in the volume.
-    pub volume: Option<Arc<crate::volume::Volume>>,
 }
 
 /// What happened, for `--stats`.
@@ -339,26 +356,36 @@ fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
     );
     let id = sweep::container_id(tmp.path());
 
-    // Declared in setup order: dropped (undone) in reverse.
-    let dev: Arc<dyn crate::nbd::BlockDevice> = match &req.volume {
-        Some(v) => v.clone() as Arc<dyn crate::nbd::BlockDevice>,
-        None => Arc::new(req.image.clone()),
+    // Bound in setup order: dropped (undone) in reverse.
+    let (fuse, image, overlay) = match &req.root {
+        RootFs::Mounted(dir) => {
+            mount::mount_overlay(dir, &upper, &work, &rootfs)?;
+            (None, None, Some(Overlay(rootfs.clone())))
+        }
+        RootFs::Volume { volume, .. } => {
+            let dev = volume.clone() as Arc<dyn crate::nbd::BlockDevice>;
+            let fuse = FuseMount::spawn(dev, &fuse_dir, &FuseConfig::default(), &id)
+                .map_err(MountError::from)?;
+            check(live)?;
+            let opts = LoopOptions {
+                writable: true,
+                ..req.loop_opts
+            };
+            let image = ImageMount::attach(fuse.file(), &rootfs, opts)?;
+            (Some(fuse), Some(image), None)
+        }
+        RootFs::Image(lazy) => {
+            let dev = Arc::new(lazy.clone()) as Arc<dyn crate::nbd::BlockDevice>;
+            let fuse = FuseMount::spawn(dev, &fuse_dir, &FuseConfig::default(), &id)
+                .map_err(MountError::from)?;
+            check(live)?;
+            let image = ImageMount::attach(fuse.file(), &lower, req.loop_opts)?;
+            check(live)?;
+            mount::mount_overlay(&lower, &upper, &work, &rootfs)?;
+            (Some(fuse), Some(image), Some(Overlay(rootfs.clone())))
+        }
     };
-    let fuse =
-        FuseMount::spawn(dev, &fuse_dir, &FuseConfig::default(), &id).map_err(MountError::from)?;
     check(live)?;
-    let (image, overlay) = if req.volume.is_some() {
-        let opts = LoopOptions {
-            writable: true,
-            ..req.loop_opts
-        };
-        (ImageMount::attach(fuse.file(), &rootfs, opts)?, None)
-    } else {
-        let image = ImageMount::attach(fuse.file(), &lower, req.loop_opts)?;
-        check(live)?;
-        mount::mount_overlay(&lower, &upper, &work, &rootfs)?;
-        (image, Some(Overlay(rootfs.clone())))
-    };
 
     let cfg = &req.recipe.config;
     let user = spec::resolve_user_in(&cfg.user, &rootfs)?;
@@ -445,10 +472,14 @@ fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
         .and_then(|t| t.duration_since(req.started.1).ok())
         .map(|d| d.as_secs_f64());
 
-    let stats = req.image.stats();
-    let cache = req.image.cache().stats().ok();
-    let fetch = req.image.fetcher().stats();
     let image_bytes = image_bytes(&req.recipe);
+    let lazy = match &req.root {
+        RootFs::Image(image) | RootFs::Volume { image, .. } => Some(image),
+        RootFs::Mounted(_) => None,
+    };
+    let stats = lazy.map(|i| i.stats()).unwrap_or_default();
+    let cache = lazy.and_then(|i| i.cache().stats().ok());
+    let fetch = lazy.map(|i| i.fetcher().stats()).unwrap_or_default();
     let report = RunReport {
         exit_code,
         timed_out,
@@ -474,11 +505,15 @@ fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
     drop(container);
     drop(netns);
     drop(overlay);
-    image.teardown()?;
-    fuse.unmount(Duration::from_secs(10))
-        .map_err(MountError::from)?;
-    if let Some(v) = &req.volume {
-        crate::device::BlockDevice::flush(v.as_ref()).map_err(io_err(v.dir()))?;
+    if let Some(image) = image {
+        image.teardown()?;
+    }
+    if let Some(fuse) = fuse {
+        fuse.unmount(Duration::from_secs(10))
+            .map_err(MountError::from)?;
+    }
+    if let RootFs::Volume { volume, .. } = &req.root {
+        crate::device::BlockDevice::flush(volume.as_ref()).map_err(io_err(volume.dir()))?;
     }
     tmp.close().map_err(io_err(&req.work_root))?;
     Ok(report)

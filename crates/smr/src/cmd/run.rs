@@ -4,7 +4,7 @@ use super::image::ImageArgs;
 use super::mount::LoopArgs;
 use crate::progress::human;
 use anyhow::{Context, Result};
-use smr_node::run::{spec::Overrides, RunRequest, DEFAULT_WORK_ROOT};
+use smr_node::run::{spec::Overrides, RootFs, RunRequest, DEFAULT_WORK_ROOT};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -65,9 +65,50 @@ pub struct Args {
     /// `--record-profile`.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     timeout: Option<std::time::Duration>,
+    /// Serve the image in this process even when an smr daemon runs (by
+    /// default a registry image is mounted by the daemon, once for every
+    /// container of it on the node).
+    #[arg(long)]
+    standalone: bool,
     /// The command (replaces the image's Cmd; its Entrypoint is kept).
     #[arg(last = true)]
     command: Vec<String>,
+}
+
+/// The image bound by the node daemon for this run; unbound on drop.
+struct DaemonBind {
+    socket: PathBuf,
+    dir: tempfile::TempDir,
+    /// `docker://host/repo@manifest`: what the daemon mounted.
+    image: String,
+}
+
+impl DaemonBind {
+    /// Asks the daemon on `socket` to mount `image` and bind it on a
+    /// directory of this run.
+    fn new(socket: PathBuf, image: &str) -> Result<DaemonBind> {
+        let dir = tempfile::Builder::new()
+            .prefix("smr-run-")
+            .tempdir()
+            .context("creating the image's mount point")?;
+        let req = serde_json::json!({ "image": image, "mountpoint": dir.path() });
+        let body = super::daemon::control_request(&socket, "POST", "/mounts", Some(&req))
+            .with_context(|| format!("mounting {image} through the smr daemon"))?;
+        let b: serde_json::Value = serde_json::from_str(&body).context("the daemon's answer")?;
+        let image = b["image"].as_str().unwrap_or(image).to_string();
+        Ok(DaemonBind { socket, dir, image })
+    }
+}
+
+impl Drop for DaemonBind {
+    fn drop(&mut self) {
+        let req = serde_json::json!({ "mountpoint": self.dir.path() });
+        if let Err(e) =
+            super::daemon::control_request(&self.socket, "DELETE", "/mounts", Some(&req))
+        {
+            tracing::warn!(error = format!("{e:#}"), mountpoint = %self.dir.path().display(), "the daemon did not unbind the image");
+        }
+    }
 }
 
 /// Runs a container from the image; its exit code becomes smr's.
@@ -76,6 +117,17 @@ pub fn run(a: Args) -> Result<ExitCode> {
     let mut seccomp = smr_node::run::seccomp::Seccomp::Default;
     for opt in &a.security_opt {
         seccomp = smr_node::run::seccomp::Seccomp::parse(opt)?;
+    }
+    let daemon = super::daemon::daemon_socket();
+    let image = a.image.clone().unwrap_or_default();
+    let through_daemon = crate::remote::is_remote(&image)
+        && a.volume.is_none()
+        && !a.standalone
+        && a.record_profile.is_none()
+        && a.source.profile.is_none()
+        && super::daemon::daemon_runs(&daemon);
+    if through_daemon {
+        return run_through_daemon(a, daemon, seccomp, started);
     }
     // This process serves the image's FUSE export while the container runs.
     smr_node::malloc::limit_arenas(smr_node::malloc::SERVER_ARENAS);
@@ -98,8 +150,15 @@ pub fn run(a: Args) -> Result<ExitCode> {
         opened.lazy.record();
     }
     let lazy = opened.lazy.clone();
+    let root = match volume {
+        Some(volume) => RootFs::Volume {
+            volume,
+            image: opened.lazy,
+        },
+        None => RootFs::Image(opened.lazy),
+    };
     let req = RunRequest {
-        image: opened.lazy,
+        root,
         recipe: opened.recipe,
         overrides: Overrides {
             command: a.command,
@@ -113,7 +172,6 @@ pub fn run(a: Args) -> Result<ExitCode> {
         seccomp,
         started,
         timeout: a.timeout,
-        volume,
     };
     let mut r = smr_node::run::run(req).with_context(|| format!("running {label}"))?;
     r.profile = replay.map(|p| p.stats());
@@ -147,6 +205,56 @@ pub fn run(a: Args) -> Result<ExitCode> {
             p.chunks, p.fetched, p.cached, p.failed
         );
     }
+    if let Some(path) = &a.stats {
+        std::fs::write(path, serde_json::to_vec_pretty(&r)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(ExitCode::from(u8::try_from(r.exit_code).unwrap_or(255)))
+}
+
+/// `smr run docker://…` when an smr daemon runs: the daemon mounts the
+/// image (once for the node, its cache and fetches shared), binds it for
+/// this run, and the container's overlay sits on it; the image's config
+/// comes from the artifact the daemon mounted, as this node's policy
+/// trusts it.
+fn run_through_daemon(
+    a: Args,
+    socket: PathBuf,
+    seccomp: smr_node::run::seccomp::Seccomp,
+    started: (Instant, SystemTime),
+) -> Result<ExitCode> {
+    let image = a.image.clone().unwrap_or_default();
+    let bind = DaemonBind::new(socket.clone(), &image)?;
+    let (_, artifact) = a
+        .source
+        .origin
+        .trusted_artifact(&bind.image, false)
+        .with_context(|| format!("reading the config of {}", bind.image))?;
+    let req = RunRequest {
+        root: RootFs::Mounted(bind.dir.path().to_path_buf()),
+        recipe: artifact.recipe,
+        overrides: Overrides {
+            command: a.command,
+            env: a.env,
+            terminal: std::io::stdin().is_terminal(),
+        },
+        loop_opts: a.loop_args.options(),
+        work_root: a.work_dir,
+        runc: a.runtime,
+        network: a.network,
+        seccomp,
+        started,
+        timeout: a.timeout,
+    };
+    let r = smr_node::run::run(req).with_context(|| format!("running {image}"))?;
+    drop(bind);
+    let start = r.start_seconds.map_or("?".into(), |s| format!("{s:.2}s"));
+    errln!(
+        "smr: exit {}; started in {start}, total {:.2}s; image served by the smr daemon ({}; its fetches: smr status)",
+        r.exit_code,
+        r.total_seconds,
+        socket.display()
+    );
     if let Some(path) = &a.stats {
         std::fs::write(path, serde_json::to_vec_pretty(&r)?)
             .with_context(|| format!("writing {}", path.display()))?;

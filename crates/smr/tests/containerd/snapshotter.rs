@@ -332,6 +332,50 @@ fn smr_mount_goes_through_the_daemon() {
 }
 
 #[test]
+fn smr_run_goes_through_the_daemon_unless_standalone() {
+    let Some(mut node) = Node::start(false) else {
+        return;
+    };
+    node.start_daemon();
+    let sock = node.control_socket();
+    let run = |extra: &[&str]| {
+        let mut c = crate::util::smr();
+        c.env("SMR_DAEMON_SOCKET", &sock)
+            .arg("run")
+            .arg(node.reg.image("py:1"))
+            .args(["--net", "none"])
+            .args(extra)
+            .args(["--", "python3", "-c", "print(6 * 7)"]);
+        crate::util::ok(&mut c)
+    };
+    let out = run(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "42\n", "{err}");
+    assert!(err.contains("served by the smr daemon"), "{err}");
+    // The daemon keeps the image mounted for the node; the run's bind is
+    // gone.
+    assert_eq!(node.image_mounts(), 1, "{}", node.daemon_log());
+    let status = crate::util::ok(
+        crate::util::smr()
+            .arg("status")
+            .arg("--socket")
+            .arg(&sock)
+            .arg("--json"),
+    );
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(v["binds"].as_array().map(Vec::len), Some(0), "{v}");
+    // --standalone serves the image in the run's own process.
+    let key = node.key.display().to_string();
+    let out = run(&["--standalone", "--key-file", &key]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "42\n", "{err}");
+    assert!(
+        err.contains("fetched") && !err.contains("smr daemon"),
+        "{err}"
+    );
+}
+
+#[test]
 fn untrusted_artifacts_fall_back_and_index_tags_pull_everywhere() {
     let Some(mut node) = Node::start(false) else {
         return;
