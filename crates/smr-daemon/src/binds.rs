@@ -20,6 +20,10 @@ pub struct Bind {
     pub image: String,
     /// The manifest digest.
     pub manifest: String,
+    /// The flattened image as a file, exported by the daemon's server of
+    /// the image (for `smr serve-nbd` through the daemon).
+    #[serde(default)]
+    pub file: Option<PathBuf>,
 }
 
 /// Errors of binds, each naming the image or mount point.
@@ -102,6 +106,7 @@ impl Binds {
         let b = Bind {
             mountpoint: mnt.clone(),
             image: pinned,
+            file: images.image_file(&resolved.manifest_digest),
             manifest: resolved.manifest_digest,
         };
         let write = || -> std::io::Result<()> {

@@ -107,6 +107,16 @@ impl Images {
         serde_json::from_slice(&bytes).ok()
     }
 
+    /// The flattened image as the file its FUSE server exports, while it
+    /// is mounted.
+    pub fn image_file(&self, manifest: &str) -> Option<PathBuf> {
+        let mnt = self.rootfs(manifest).canonicalize().ok()?;
+        let file = smr_node::mount::state_dir(&self.state, &mnt)
+            .join("fuse")
+            .join(smr_node::fuse::FuseConfig::default().file_name);
+        file.is_file().then_some(file)
+    }
+
     /// Whether the image is mounted now.
     pub fn is_mounted(&self, manifest: &str) -> bool {
         is_mountpoint(&self.rootfs(manifest))

@@ -194,3 +194,65 @@ fn default_read_parts<D: BlockDevice + ?Sized>(
     }
     Ok(parts)
 }
+
+/// A read-only device over a file or block device (e.g. an image file
+/// another process exports, such as the node daemon's FUSE file): reads
+/// are `pread`s.
+#[derive(Debug)]
+pub struct FileDevice {
+    file: std::fs::File,
+    size: u64,
+    path: std::path::PathBuf,
+}
+
+impl FileDevice {
+    /// Opens `path` read-only; its size is fixed from now on.
+    pub fn open(path: &std::path::Path) -> io::Result<FileDevice> {
+        let file = std::fs::File::open(path)?;
+        let size = file.metadata()?.len();
+        Ok(FileDevice {
+            file,
+            size,
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl BlockDevice for FileDevice {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(&self.file, buf, offset).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("reading {} at {offset}: {e}", self.path.display()),
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_device_reads_its_file_and_names_it_in_errors() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("image");
+        let bytes: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let dev = FileDevice::open(&path).unwrap();
+        assert_eq!(dev.size(), 10_000);
+        let mut buf = vec![0; 100];
+        dev.read_at(5000, &mut buf).unwrap();
+        assert_eq!(buf, bytes[5000..5100]);
+        let e = dev.read_at(9950, &mut buf).unwrap_err();
+        assert!(
+            e.to_string().contains("image") && e.to_string().contains("9950"),
+            "{e}"
+        );
+        assert!(dev.read_only());
+    }
+}

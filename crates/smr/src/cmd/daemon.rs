@@ -232,3 +232,52 @@ pub fn run_pull(a: PullArgs) -> Result<ExitCode> {
     );
     Ok(ExitCode::SUCCESS)
 }
+
+/// An image bound by the node daemon for a command of this process
+/// (`smr run`, `smr serve-nbd`): the daemon keeps it mounted; unbound on
+/// drop.
+pub struct DaemonBind {
+    socket: PathBuf,
+    dir: tempfile::TempDir,
+    /// `docker://host/repo@manifest`: what the daemon mounted.
+    pub image: String,
+    /// The flattened image as a file the daemon exports, if it said.
+    pub file: Option<PathBuf>,
+}
+
+impl DaemonBind {
+    /// Asks the daemon on `socket` to mount `image` and bind it on a
+    /// directory of this run.
+    pub fn new(socket: PathBuf, image: &str) -> Result<DaemonBind> {
+        let dir = tempfile::Builder::new()
+            .prefix("smr-run-")
+            .tempdir()
+            .context("creating the image's mount point")?;
+        let req = serde_json::json!({ "image": image, "mountpoint": dir.path() });
+        let body = control_request(&socket, "POST", "/mounts", Some(&req))
+            .with_context(|| format!("mounting {image} through the smr daemon"))?;
+        let b: serde_json::Value = serde_json::from_str(&body).context("the daemon's answer")?;
+        let image = b["image"].as_str().unwrap_or(image).to_string();
+        let file = b["file"].as_str().map(PathBuf::from);
+        Ok(DaemonBind {
+            socket,
+            dir,
+            image,
+            file,
+        })
+    }
+
+    /// Where the image is bound (read-only).
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for DaemonBind {
+    fn drop(&mut self) {
+        let req = serde_json::json!({ "mountpoint": self.dir.path() });
+        if let Err(e) = control_request(&self.socket, "DELETE", "/mounts", Some(&req)) {
+            tracing::warn!(error = format!("{e:#}"), mountpoint = %self.dir.path().display(), "the daemon did not unbind the image");
+        }
+    }
+}

@@ -75,42 +75,6 @@ pub struct Args {
     command: Vec<String>,
 }
 
-/// The image bound by the node daemon for this run; unbound on drop.
-struct DaemonBind {
-    socket: PathBuf,
-    dir: tempfile::TempDir,
-    /// `docker://host/repo@manifest`: what the daemon mounted.
-    image: String,
-}
-
-impl DaemonBind {
-    /// Asks the daemon on `socket` to mount `image` and bind it on a
-    /// directory of this run.
-    fn new(socket: PathBuf, image: &str) -> Result<DaemonBind> {
-        let dir = tempfile::Builder::new()
-            .prefix("smr-run-")
-            .tempdir()
-            .context("creating the image's mount point")?;
-        let req = serde_json::json!({ "image": image, "mountpoint": dir.path() });
-        let body = super::daemon::control_request(&socket, "POST", "/mounts", Some(&req))
-            .with_context(|| format!("mounting {image} through the smr daemon"))?;
-        let b: serde_json::Value = serde_json::from_str(&body).context("the daemon's answer")?;
-        let image = b["image"].as_str().unwrap_or(image).to_string();
-        Ok(DaemonBind { socket, dir, image })
-    }
-}
-
-impl Drop for DaemonBind {
-    fn drop(&mut self) {
-        let req = serde_json::json!({ "mountpoint": self.dir.path() });
-        if let Err(e) =
-            super::daemon::control_request(&self.socket, "DELETE", "/mounts", Some(&req))
-        {
-            tracing::warn!(error = format!("{e:#}"), mountpoint = %self.dir.path().display(), "the daemon did not unbind the image");
-        }
-    }
-}
-
 /// Runs a container from the image; its exit code becomes smr's.
 pub fn run(a: Args) -> Result<ExitCode> {
     let started = (Instant::now(), SystemTime::now());
@@ -224,14 +188,14 @@ fn run_through_daemon(
     started: (Instant, SystemTime),
 ) -> Result<ExitCode> {
     let image = a.image.clone().unwrap_or_default();
-    let bind = DaemonBind::new(socket.clone(), &image)?;
+    let bind = super::daemon::DaemonBind::new(socket.clone(), &image)?;
     let (_, artifact) = a
         .source
         .origin
         .trusted_artifact(&bind.image, false)
         .with_context(|| format!("reading the config of {}", bind.image))?;
     let req = RunRequest {
-        root: RootFs::Mounted(bind.dir.path().to_path_buf()),
+        root: RootFs::Mounted(bind.dir().to_path_buf()),
         recipe: artifact.recipe,
         overrides: Overrides {
             command: a.command,

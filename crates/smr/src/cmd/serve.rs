@@ -50,6 +50,11 @@ pub struct NbdArgs {
     /// connected, idle, while its device is in use.
     #[arg(long, value_parser = humantime::parse_duration)]
     idle_timeout: Option<std::time::Duration>,
+    /// Serve registry images from this process even when an smr daemon
+    /// runs (by default the daemon mounts each image once for the node, and
+    /// this server reads the image file it exports, sharing its cache).
+    #[arg(long)]
+    standalone: bool,
 }
 
 /// The export name of `image` when none is given: a recipe's file name
@@ -108,7 +113,35 @@ pub fn run_nbd(a: NbdArgs) -> Result<ExitCode> {
     let cache = a.source.cache.open()?;
     let mut exports = Vec::with_capacity(a.images.len() + a.volumes.len());
     let mut replays = Vec::new();
+    let daemon = super::daemon::daemon_socket();
+    let use_daemon = !a.standalone
+        && a.source.profile.is_none()
+        && a.images.iter().any(|i| crate::remote::is_remote(i))
+        && super::daemon::daemon_runs(&daemon);
+    // Held until the server stops: the daemon keeps these images mounted.
+    let mut binds = Vec::new();
     for (image, name) in a.images.iter().zip(&names) {
+        if use_daemon && crate::remote::is_remote(image) {
+            let bind = super::daemon::DaemonBind::new(daemon.clone(), image)?;
+            let file = bind
+                .file
+                .clone()
+                .with_context(|| format!("the smr daemon did not say where {image} is exported"))?;
+            let dev = smr_node::device::FileDevice::open(&file).with_context(|| {
+                format!(
+                    "opening {} (the daemon's export of {image})",
+                    file.display()
+                )
+            })?;
+            let about = format!("smr {image} (through the smr daemon)");
+            exports.push(Export::new(name.clone(), Arc::new(dev)).with_description(about));
+            errln!(
+                "serving {image} as {name:?} through the smr daemon ({})",
+                daemon.display()
+            );
+            binds.push(bind);
+            continue;
+        }
         let opened = a.source.open(image, !a.source.no_profile, cache.clone())?;
         replays.extend(opened.start_prefetch());
         let lazy = Arc::new(opened.lazy);

@@ -355,15 +355,59 @@ fn smr_run_goes_through_the_daemon_unless_standalone() {
     // The daemon keeps the image mounted for the node; the run's bind is
     // gone.
     assert_eq!(node.image_mounts(), 1, "{}", node.daemon_log());
-    let status = crate::util::ok(
-        crate::util::smr()
-            .arg("status")
-            .arg("--socket")
-            .arg(&sock)
-            .arg("--json"),
+    let binds = || {
+        let status = crate::util::ok(
+            crate::util::smr()
+                .arg("status")
+                .arg("--socket")
+                .arg(&sock)
+                .arg("--json"),
+        );
+        let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+        v["binds"].as_array().cloned().unwrap_or_default()
+    };
+    assert!(binds().is_empty());
+    // smr serve-nbd exports the daemon's image file, bound while it serves.
+    let nbd_sock = node.dir.path().join("nbd.sock");
+    let server = crate::util::smr()
+        .env("SMR_DAEMON_SOCKET", &sock)
+        .arg("serve-nbd")
+        .arg(node.reg.image("py:1"))
+        .args(["--name", "py", "--socket"])
+        .arg(&nbd_sock)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !nbd_sock.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "serve-nbd did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let listed = binds();
+    let file = listed.first().and_then(|b| b["file"].as_str());
+    let file =
+        std::path::PathBuf::from(file.unwrap_or_else(|| panic!("no image file in {listed:?}")));
+    let served = node.dir.path().join("nbd.img");
+    crate::util::ok(
+        std::process::Command::new("nbdcopy")
+            .arg(format!("nbd+unix:///py?socket={}", nbd_sock.display()))
+            .arg(&served),
     );
-    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
-    assert_eq!(v["binds"].as_array().map(Vec::len), Some(0), "{v}");
+    assert!(std::fs::read(&served).unwrap() == std::fs::read(&file).unwrap());
+    // Stopped (SIGTERM): its bind goes.
+    crate::util::ok(
+        std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(server.id().to_string()),
+    );
+    let out = server.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("through the smr daemon"), "{err}");
+    assert!(binds().is_empty(), "serve-nbd left its bind");
+
     // --standalone serves the image in the run's own process.
     let key = node.key.display().to_string();
     let out = run(&["--standalone", "--key-file", &key]);
