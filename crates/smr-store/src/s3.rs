@@ -333,6 +333,22 @@ impl Inner {
     }
 }
 
+/// Every object under `prefix`.
+pub(crate) fn list_objects(
+    s3: &AmazonS3,
+    prefix: Path,
+) -> object_store::Result<Vec<object_store::ObjectMeta>> {
+    let s3 = s3.clone();
+    block_on(async move {
+        use futures::StreamExt;
+        s3.list(Some(&prefix))
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect()
+    })
+}
+
 /// Maps an `object_store` error of `op` on `what` in `store`.
 pub(crate) fn map_error(store: String, op: Op, what: Target, e: object_store::Error) -> StoreError {
     match e {
@@ -425,16 +441,7 @@ impl S3Store {
     pub fn chunk_objects(&self) -> Result<Vec<crate::gc::ChunkFile>> {
         let inner = self.inner.clone();
         let prefix = inner.key(&ObjectName::new("chunks"));
-        let s3 = inner.s3.clone();
-        let listed = block_on(async move {
-            use futures::StreamExt;
-            s3.list(Some(&prefix))
-                .collect::<Vec<_>>()
-                .await
-                .into_iter()
-                .collect::<object_store::Result<Vec<_>>>()
-        })
-        .map_err(|e| {
+        let listed = list_objects(&inner.s3, prefix).map_err(|e| {
             let what = Target::of(&ObjectName::new("chunks/"), crate::ByteRange::WHOLE);
             inner.error(Op::Get, what, e)
         })?;

@@ -32,7 +32,6 @@
 use crate::error::{Op, StoreError};
 use crate::runtime::block_on;
 use crate::{ObjectName, Result, Target};
-use futures::StreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
@@ -143,16 +142,8 @@ impl Leases {
 
     /// Every lease under `leases/`: key, holder, age.
     fn leases(&self) -> Result<Vec<(Path, String, Duration)>> {
-        let s3 = self.s3.clone();
-        let prefix = self.lease_key("leases");
-        let listed = block_on(async move {
-            s3.list(Some(&prefix))
-                .collect::<Vec<_>>()
-                .await
-                .into_iter()
-                .collect::<object_store::Result<Vec<_>>>()
-        })
-        .map_err(|e| self.lease_error(e))?;
+        let listed = super::list_objects(&self.s3, self.lease_key("leases"))
+            .map_err(|e| self.lease_error(e))?;
         let mut out = Vec::new();
         for meta in listed {
             let age = SystemTime::now()

@@ -121,22 +121,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         },
         None => RootFs::Image(opened.lazy),
     };
-    let req = RunRequest {
-        root,
-        recipe: opened.recipe,
-        overrides: Overrides {
-            command: a.command,
-            env: a.env,
-            terminal: std::io::stdin().is_terminal(),
-        },
-        loop_opts: a.loop_args.options(),
-        work_root: a.work_dir,
-        runc: a.runtime,
-        network: a.network,
-        seccomp,
-        started,
-        timeout: a.timeout,
-    };
+    let req = request(&a, root, opened.recipe, seccomp, started);
     let mut r = smr_node::run::run(req).with_context(|| format!("running {label}"))?;
     r.profile = replay.map(|p| p.stats());
     if let Some(path) = &a.record_profile {
@@ -194,22 +179,8 @@ fn run_through_daemon(
         .origin
         .trusted_artifact(&bind.image, false)
         .with_context(|| format!("reading the config of {}", bind.image))?;
-    let req = RunRequest {
-        root: RootFs::Mounted(bind.dir().to_path_buf()),
-        recipe: artifact.recipe,
-        overrides: Overrides {
-            command: a.command,
-            env: a.env,
-            terminal: std::io::stdin().is_terminal(),
-        },
-        loop_opts: a.loop_args.options(),
-        work_root: a.work_dir,
-        runc: a.runtime,
-        network: a.network,
-        seccomp,
-        started,
-        timeout: a.timeout,
-    };
+    let root = RootFs::Mounted(bind.dir().to_path_buf());
+    let req = request(&a, root, artifact.recipe, seccomp, started);
     let r = smr_node::run::run(req).with_context(|| format!("running {image}"))?;
     drop(bind);
     let start = r.start_seconds.map_or("?".into(), |s| format!("{s:.2}s"));
@@ -224,4 +195,30 @@ fn run_through_daemon(
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(ExitCode::from(u8::try_from(r.exit_code).unwrap_or(255)))
+}
+
+/// The run of `root` (with `recipe`'s config) that the arguments ask for.
+fn request(
+    a: &Args,
+    root: RootFs,
+    recipe: smr_format::Recipe,
+    seccomp: smr_node::run::seccomp::Seccomp,
+    started: (Instant, SystemTime),
+) -> RunRequest {
+    RunRequest {
+        root,
+        recipe,
+        overrides: Overrides {
+            command: a.command.clone(),
+            env: a.env.clone(),
+            terminal: std::io::stdin().is_terminal(),
+        },
+        loop_opts: a.loop_args.options(),
+        work_root: a.work_dir.clone(),
+        runc: a.runtime.clone(),
+        network: a.network,
+        seccomp,
+        started,
+        timeout: a.timeout,
+    }
 }
