@@ -74,7 +74,7 @@ impl Binds {
     /// Mounts `image` (`docker://…`, a tag or a digest) through `images`
     /// and binds it read-only on `mountpoint`.
     pub fn bind(&self, images: &Images, image: &str, mountpoint: &Path) -> Result<Bind, BindError> {
-        let opts = smr_registry::client::RegistryOptions::from_env();
+        let opts = images.keychain().options_for(image);
         let src = smr_registry::source::RegistrySource::open(image, &opts)
             .map_err(|e| BindError::BadRequest(e.to_string()))?;
         let resolved = src

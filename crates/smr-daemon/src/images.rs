@@ -45,6 +45,8 @@ pub struct Images {
     refused: Mutex<HashMap<String, (Instant, String)>>,
     /// When each image was last asked for.
     last_used: Mutex<HashMap<String, Instant>>,
+    /// Registry credentials from CRI pulls ([`crate::cri`]).
+    keychain: std::sync::Arc<crate::keychain::Keychain>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -78,7 +80,14 @@ impl Images {
             done: Condvar::new(),
             refused: Mutex::new(HashMap::new()),
             last_used: Mutex::new(HashMap::new()),
+            keychain: Default::default(),
         }
+    }
+
+    /// The registry credentials recorded from CRI pulls, used for every
+    /// registry access the daemon makes for an image.
+    pub fn keychain(&self) -> &std::sync::Arc<crate::keychain::Keychain> {
+        &self.keychain
     }
 
     /// How long ago the image was last asked for (since this daemon
@@ -192,6 +201,9 @@ impl Images {
         std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         let t = Instant::now();
         let mounted = self.run_smr(&format!("smr mount {image}"), |c| {
+            if let Some(creds) = self.keychain.creds_for(image) {
+                c.env(crate::keychain::CREDS_ENV, creds);
+            }
             c.arg("mount")
                 .arg(image)
                 .arg(dir)

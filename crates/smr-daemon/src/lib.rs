@@ -8,10 +8,12 @@
 
 pub mod binds;
 pub mod control;
+pub mod cri;
 pub mod filter;
 mod grpc;
 pub mod handover;
 pub mod images;
+pub mod keychain;
 pub mod meta;
 pub mod metrics;
 pub mod pull;
@@ -124,6 +126,9 @@ pub struct DaemonConfig {
     /// again when one needs it); `None` keeps mounts while their snapshots
     /// exist.
     pub release_after: Option<std::time::Duration>,
+    /// Also serve a CRI image service in front of containerd's, recording
+    /// the credentials of CRI pulls ([`cri`]).
+    pub cri_proxy: Option<cri::CriProxyConfig>,
 }
 
 /// A [`DaemonError::Socket`] for `path`.
@@ -212,6 +217,30 @@ async fn open_snapshotter(cfg: &DaemonConfig) -> Result<Snapshotter, DaemonError
     }
 }
 
+/// Serves the CRI image proxy on its socket, in a task of its own.
+async fn serve_cri_proxy(
+    p: &cri::CriProxyConfig,
+    keychain: Arc<keychain::Keychain>,
+) -> Result<tokio::task::JoinHandle<()>, DaemonError> {
+    let err = socket_err(&p.socket);
+    let listener = bind(&p.socket)?;
+    listener.set_nonblocking(true).map_err(&err)?;
+    let listener = tokio::net::UnixListener::from_std(listener).map_err(&err)?;
+    let proxy = cri::CriImageProxy::new(&p.containerd, keychain);
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    let socket = p.socket.clone();
+    tracing::info!(socket = %socket.display(), containerd = %p.containerd.display(), "CRI image proxy serving");
+    Ok(tokio::spawn(async move {
+        let out = tonic::transport::Server::builder()
+            .add_service(proxy.service())
+            .serve_with_incoming(incoming)
+            .await;
+        if let Err(e) = out {
+            tracing::error!(socket = %socket.display(), error = %e, "CRI image proxy stopped");
+        }
+    }))
+}
+
 /// Runs the daemon until `shutdown` completes, or until a new daemon on
 /// the same root takes its socket over (see [`handover`]).
 pub async fn serve(
@@ -283,6 +312,9 @@ pub async fn serve(
                 }
             }
         }));
+    }
+    if let Some(p) = &cfg.cri_proxy {
+        control_task.push(serve_cri_proxy(p, sn.images().keychain().clone()).await?);
     }
     let svc = proto::snapshots_server::SnapshotsServer::new(SnapshotService::new(sn));
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);

@@ -315,7 +315,7 @@ impl Snapshotter {
         };
         let unavailable =
             |e: String| SnapError::Unavailable(format!("layer {} of {}: {e}", r.layer, r.image));
-        let opts = smr_registry::client::RegistryOptions::from_env();
+        let opts = self.images.keychain().options_for(&r.image);
         let src = smr_registry::source::RegistrySource::open(&r.image, &opts)
             .map_err(|e| unavailable(e.to_string()))?;
         use smr_image::source::ImageSource;

@@ -30,6 +30,7 @@ fn config(dir: &Path, root: &Path, sock: &Path) -> DaemonConfig {
         socket: sock.with_file_name("smr.sock"),
         metrics_addr: None,
         release_after: None,
+        cri_proxy: None,
         mount: MountConfig {
             smr: PathBuf::from("/nonexistent/smr"),
             cache_dir: dir.join("cache"),

@@ -38,6 +38,19 @@ pub struct DaemonArgs {
     /// (others fall back to containerd's own unpacking).
     #[arg(long, env = "SMR_KEY_FILE")]
     key_file: Option<PathBuf>,
+    /// Also serve a CRI image service on this socket, in front of
+    /// containerd's (`--containerd`): point kubelet's
+    /// `--image-service-endpoint` here, and the registry credentials of its
+    /// pulls (image pull secrets) are used for the images' lazy mounts too.
+    #[arg(long, value_name = "SOCKET")]
+    cri_image_socket: Option<PathBuf>,
+    /// containerd's socket, for `--cri-image-socket`.
+    #[arg(
+        long,
+        value_name = "SOCKET",
+        default_value = "/run/containerd/containerd.sock"
+    )]
+    containerd: PathBuf,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -49,6 +62,13 @@ pub fn run(a: DaemonArgs) -> Result<ExitCode> {
         socket: abs(&a.socket)?,
         metrics_addr: a.metrics,
         release_after: (!a.release_after.is_zero()).then_some(a.release_after),
+        cri_proxy: match &a.cri_image_socket {
+            Some(socket) => Some(smr_daemon::cri::CriProxyConfig {
+                socket: abs(socket)?,
+                containerd: abs(&a.containerd)?,
+            }),
+            None => None,
+        },
         mount: MountConfig {
             smr: std::env::current_exe().context("locating the smr binary")?,
             cache_dir: abs(&a.cache_dir)?,

@@ -170,3 +170,80 @@ fn cri_pull_and_run_is_lazy() {
             .unwrap();
     });
 }
+
+#[test]
+fn pull_secrets_given_to_cri_reach_the_lazy_image_mounts() {
+    let creds = ("puller", "pull-secret-123");
+    let Some(mut node) = Node::start_full(false, true, Some(&format!("{}:{}", creds.0, creds.1)))
+    else {
+        return;
+    };
+    // The daemon fronts containerd's CRI image service.
+    let proxy = node.dir.path().join("cri-images.sock");
+    node.daemon_args = vec![
+        "--cri-image-socket".into(),
+        proxy.display().to_string(),
+        "--containerd".into(),
+        node.containerd.display().to_string(),
+    ];
+    node.start_daemon();
+    let t = Instant::now();
+    while !proxy.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{}",
+            node.daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let ch = containerd_client::connect(&proxy).await.unwrap();
+        let mut images = ImageServiceClient::new(ch);
+        let image = format!("{}/py:1", node.reg.addr);
+        let pull = |auth: Option<cri::AuthConfig>| cri::PullImageRequest {
+            image: Some(cri::ImageSpec {
+                image: image.clone(),
+                ..Default::default()
+            }),
+            auth,
+            ..Default::default()
+        };
+        // Without the secret the registry refuses containerd too.
+        let e = images.pull_image(pull(None)).await.unwrap_err();
+        assert!(!e.message().is_empty());
+        let auth = cri::AuthConfig {
+            username: creds.0.into(),
+            password: creds.1.into(),
+            ..Default::default()
+        };
+        images
+            .pull_image(pull(Some(auth)))
+            .await
+            .unwrap_or_else(|e| panic!("PullImage: {e}\n{}", node.daemon_log()));
+        let listed = images
+            .list_images(cri::ListImagesRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            listed
+                .images
+                .iter()
+                .any(|i| i.repo_tags.iter().any(|t| t.ends_with("/py:1"))),
+            "{listed:?}"
+        );
+    });
+    // The layers became remote snapshots: the daemon mounted the image
+    // with the pull's credentials, and never logged them.
+    let log = node.daemon_log();
+    assert!(
+        log.contains("registry credentials recorded from a CRI pull"),
+        "{log}"
+    );
+    assert!(
+        log.contains("remote snapshot") && log.contains("top=true"),
+        "{log}"
+    );
+    assert!(!log.contains(creds.1), "the secret is in the daemon's log");
+}

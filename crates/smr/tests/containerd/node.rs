@@ -19,12 +19,17 @@ pub struct Node {
 }
 
 /// `debian-python` as `py:1` (converted, with an smr artifact) and `debian`
-/// as `deb:1` (converted only when `convert_debian`).
-pub fn registry_with_images(key: &Path, convert_debian: bool) -> Option<Registry> {
+/// as `deb:1` (converted only when `convert_debian`); with `creds`
+/// (`USER:PASS`), the registry requires them.
+pub fn registry_with_images(
+    key: &Path,
+    convert_debian: bool,
+    creds: Option<&str>,
+) -> Option<Registry> {
     let layout = debian_layout()?;
-    let reg = Registry::start(None)?;
-    reg.push_layout(&layout, "debian-python", "py:1", None);
-    reg.push_layout(&layout, "debian", "deb:1", None);
+    let reg = Registry::start(creds)?;
+    reg.push_layout(&layout, "debian-python", "py:1", creds);
+    reg.push_layout(&layout, "debian", "deb:1", creds);
     let mut names = vec!["py:1"];
     if convert_debian {
         names.push("deb:1");
@@ -36,7 +41,8 @@ pub fn registry_with_images(key: &Path, convert_debian: bool) -> Option<Registry
             .arg("--push")
             .arg("--no-optimize")
             .arg("--key-file")
-            .arg(key));
+            .arg(key)
+            .env("SMR_REGISTRY_CREDS", creds.unwrap_or("")));
     }
     Some(reg)
 }
@@ -50,6 +56,12 @@ impl Node {
     /// With `cri`, containerd's CRI plugin is on, with a pause image built
     /// here and pushed to the registry.
     pub fn start_with(convert_debian: bool, cri: bool) -> Option<Node> {
+        Self::start_full(convert_debian, cri, None)
+    }
+
+    /// With `creds` (`USER:PASS`), a registry that requires them: nothing
+    /// on the node knows them (the pause image is not pushed; pulls only).
+    pub fn start_full(convert_debian: bool, cri: bool, creds: Option<&str>) -> Option<Node> {
         let mut tools = vec!["containerd", "ctr", "runc", "containerd-shim-runc-v2"];
         if cri {
             tools.extend(["gcc", "umoci"]);
@@ -60,7 +72,7 @@ impl Node {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("owner.key");
         ok(smr().arg("keygen").arg("--out").arg(&key));
-        let reg = registry_with_images(&key, convert_debian)?;
+        let reg = registry_with_images(&key, convert_debian, creds)?;
         let mut n = Node {
             reg,
             key,
@@ -75,7 +87,9 @@ impl Node {
             .arg(n.dir.path().join("ctd"))
             .arg(n.snapshotter_socket());
         if cri {
-            push_pause_image(&n.reg, n.dir.path());
+            if creds.is_none() {
+                push_pause_image(&n.reg, n.dir.path());
+            }
             c.arg("--cri")
                 .arg(format!("{}/pause:1", n.reg.addr))
                 .arg("--plain-http")
