@@ -28,7 +28,9 @@ pub struct Args {
     /// Set an environment variable (`K=V`), or copy `K` from smr's environment.
     #[arg(short = 'e', long = "env", value_name = "K=V")]
     env: Vec<String>,
-    /// Write the run's statistics as JSON to this file.
+    /// Write the run's statistics as JSON to this file (the image is then
+    /// served by this process, whose fetches they count, even when an smr
+    /// daemon runs).
     #[arg(long)]
     stats: Option<PathBuf>,
     /// Record the chunks this run reads, in first-read order, as a startup
@@ -88,6 +90,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         && a.volume.is_none()
         && !a.standalone
         && a.record_profile.is_none()
+        && a.stats.is_none()
         && a.source.profile.is_none()
         && super::daemon::daemon_runs(&daemon);
     if through_daemon {
@@ -190,10 +193,6 @@ fn run_through_daemon(
         r.total_seconds,
         socket.display()
     );
-    if let Some(path) = &a.stats {
-        std::fs::write(path, serde_json::to_vec_pretty(&r)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
     Ok(ExitCode::from(u8::try_from(r.exit_code).unwrap_or(255)))
 }
 
