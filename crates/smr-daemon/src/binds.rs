@@ -24,6 +24,37 @@ pub struct Bind {
     /// the image (for `smr serve-nbd` through the daemon).
     #[serde(default)]
     pub file: Option<PathBuf>,
+    /// The process the bind was made for (`smr run`, `smr serve-nbd`):
+    /// once it is gone the bind is removed ([`Binds::reap`]). `None` for
+    /// `smr mount`'s binds, which stay until `smr umount`.
+    #[serde(default)]
+    pub owner: Option<Owner>,
+}
+
+/// A process, told apart from a later one with the same pid by its start
+/// time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    /// Its pid.
+    pub pid: u32,
+    /// Its start time (`/proc/PID/stat` field 22, clock ticks after boot).
+    pub start: u64,
+}
+
+impl Owner {
+    /// Process `pid` as it is now, if it exists.
+    pub fn of(pid: u32) -> Option<Owner> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command (which may hold spaces), from its ')'.
+        let rest = &stat[stat.rfind(')')? + 1..];
+        let start = rest.split_whitespace().nth(19)?.parse().ok()?;
+        Some(Owner { pid, start })
+    }
+
+    /// Whether the process still runs.
+    pub fn alive(&self) -> bool {
+        Owner::of(self.pid) == Some(*self)
+    }
 }
 
 /// Errors of binds, each naming the image or mount point.
@@ -73,7 +104,19 @@ impl Binds {
 
     /// Mounts `image` (`docker://…`, a tag or a digest) through `images`
     /// and binds it read-only on `mountpoint`.
-    pub fn bind(&self, images: &Images, image: &str, mountpoint: &Path) -> Result<Bind, BindError> {
+    pub fn bind(
+        &self,
+        images: &Images,
+        image: &str,
+        mountpoint: &Path,
+        owner: Option<u32>,
+    ) -> Result<Bind, BindError> {
+        let owner = match owner {
+            Some(pid) => Some(Owner::of(pid).ok_or_else(|| {
+                BindError::BadRequest(format!("process {pid} (the bind's owner) does not exist"))
+            })?),
+            None => None,
+        };
         let opts = images.keychain().options_for(image);
         let src = smr_registry::source::RegistrySource::open(image, &opts)
             .map_err(|e| BindError::BadRequest(e.to_string()))?;
@@ -108,6 +151,7 @@ impl Binds {
             image: pinned,
             file: images.image_file(&resolved.manifest_digest),
             manifest: resolved.manifest_digest,
+            owner,
         };
         let write = || -> std::io::Result<()> {
             std::fs::create_dir_all(&self.dir)?;
@@ -125,6 +169,39 @@ impl Binds {
         }
         tracing::info!(image = b.image, mountpoint = %mnt.display(), "image bound");
         Ok(b)
+    }
+
+    /// Removes the binds whose owner process is gone (killed before it
+    /// could unbind): the mount is detached (a dead run's overlay may still
+    /// hold it), the record and the mount point directory removed. Returns
+    /// the binds removed.
+    pub fn reap(&self) -> Vec<Bind> {
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut gone = Vec::new();
+        for e in rd.flatten() {
+            let Some(b) = std::fs::read(e.path())
+                .ok()
+                .and_then(|v| serde_json::from_slice::<Bind>(&v).ok())
+            else {
+                continue;
+            };
+            if b.owner.is_none_or(|o| o.alive()) {
+                continue;
+            }
+            if smr_node::mount::is_mountpoint(&b.mountpoint) {
+                if let Err(e) = rustix::mount::unmount(&b.mountpoint, UnmountFlags::DETACH) {
+                    tracing::warn!(mountpoint = %b.mountpoint.display(), error = %e, "cannot detach the bind of a process that is gone");
+                    continue;
+                }
+            }
+            let _ = std::fs::remove_dir(&b.mountpoint);
+            let _ = std::fs::remove_file(e.path());
+            tracing::info!(image = b.image, mountpoint = %b.mountpoint.display(), owner = ?b.owner, "bind of a process that is gone removed");
+            gone.push(b);
+        }
+        gone
     }
 
     /// Undoes [`Binds::bind`] of `mountpoint` (failing, with nothing
@@ -146,5 +223,32 @@ impl Binds {
             .map_err(|e| BindError::Io(format!("removing {}: {e}", path.display())))?;
         tracing::info!(image = b.image, mountpoint = %mnt.display(), "image unbound");
         Ok(b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_owner_is_alive_until_it_exits() {
+        let me = Owner::of(std::process::id()).unwrap();
+        assert!(me.alive());
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let owner = Owner::of(child.id()).unwrap();
+        assert!(owner.alive());
+        // Another process with this pid would have another start time.
+        assert!(!Owner {
+            start: owner.start + 1,
+            ..owner
+        }
+        .alive());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!owner.alive());
+        assert_eq!(Owner::of(u32::MAX), None);
     }
 }

@@ -354,6 +354,10 @@ pub struct MountRequest {
     pub image: String,
     /// The mount point.
     pub mountpoint: PathBuf,
+    /// The pid of the process the bind is for: removed once it is gone
+    /// (`smr run`, `smr serve-nbd`); none for `smr mount`.
+    #[serde(default)]
+    pub owner: Option<u32>,
 }
 
 fn bind_error(e: crate::binds::BindError) -> Response {
@@ -369,7 +373,8 @@ fn bind_error(e: crate::binds::BindError) -> Response {
 
 async fn mount(State(c): State<Arc<Control>>, Json(r): Json<MountRequest>) -> Response {
     let out = blocking(&c, move |c| {
-        c.sn.binds().bind(c.sn.images(), &r.image, &r.mountpoint)
+        c.sn.binds()
+            .bind(c.sn.images(), &r.image, &r.mountpoint, r.owner)
     })
     .await;
     match out {

@@ -297,6 +297,16 @@ pub async fn serve(
         started: std::time::Instant::now(),
     });
     let mut control_task = serve_control(&cfg, control, control_listener)?;
+    // Binds of processes killed before they could unbind.
+    let sn_reap = sn.clone();
+    control_task.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            let sn = sn_reap.clone();
+            let _ = tokio::task::spawn_blocking(move || sn.binds().reap()).await;
+        }
+    }));
     if let Some(idle) = cfg.release_after {
         let sn2 = sn.clone();
         control_task.push(tokio::spawn(async move {

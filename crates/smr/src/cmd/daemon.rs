@@ -273,7 +273,11 @@ impl DaemonBind {
             .prefix("smr-run-")
             .tempdir()
             .context("creating the image's mount point")?;
-        let req = serde_json::json!({ "image": image, "mountpoint": dir.path() });
+        let req = serde_json::json!({
+            "image": image,
+            "mountpoint": dir.path(),
+            "owner": std::process::id(),
+        });
         let body = control_request(&socket, "POST", "/mounts", Some(&req))
             .with_context(|| format!("mounting {image} through the smr daemon"))?;
         let b: serde_json::Value = serde_json::from_str(&body).context("the daemon's answer")?;

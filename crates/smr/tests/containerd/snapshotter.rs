@@ -407,6 +407,38 @@ fn smr_run_goes_through_the_daemon_unless_standalone() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("through the smr daemon"), "{err}");
     assert!(binds().is_empty(), "serve-nbd left its bind");
+    // Killed before it could unbind: the daemon removes the bind once the
+    // process is gone.
+    let _ = std::fs::remove_file(&nbd_sock);
+    let mut killed = crate::util::smr()
+        .env("SMR_DAEMON_SOCKET", &sock)
+        .arg("serve-nbd")
+        .arg(node.reg.image("py:1"))
+        .arg("--socket")
+        .arg(&nbd_sock)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !nbd_sock.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "serve-nbd did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(binds().len(), 1);
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    let t = std::time::Instant::now();
+    while !binds().is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{}",
+            node.daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // --standalone serves the image in the run's own process.
     let key = node.key.display().to_string();
