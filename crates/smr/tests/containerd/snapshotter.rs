@@ -369,23 +369,29 @@ fn smr_run_goes_through_the_daemon_unless_standalone() {
     assert!(binds().is_empty());
     // smr serve-nbd exports the daemon's image file, bound while it serves.
     let nbd_sock = node.dir.path().join("nbd.sock");
-    let server = crate::util::smr()
-        .env("SMR_DAEMON_SOCKET", &sock)
-        .arg("serve-nbd")
-        .arg(node.reg.image("py:1"))
-        .args(["--name", "py", "--socket"])
-        .arg(&nbd_sock)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t = std::time::Instant::now();
-    while !nbd_sock.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "serve-nbd did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // `smr serve-nbd` of py:1 as export "py", once its socket is there.
+    let serve = || {
+        let _ = std::fs::remove_file(&nbd_sock);
+        let child = crate::util::smr()
+            .env("SMR_DAEMON_SOCKET", &sock)
+            .arg("serve-nbd")
+            .arg(node.reg.image("py:1"))
+            .args(["--name", "py", "--socket"])
+            .arg(&nbd_sock)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t = std::time::Instant::now();
+        while !nbd_sock.exists() {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "serve-nbd did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child
+    };
+    let server = serve();
     let listed = binds();
     let file = listed.first().and_then(|b| b["file"].as_str());
     let file =
@@ -409,24 +415,7 @@ fn smr_run_goes_through_the_daemon_unless_standalone() {
     assert!(binds().is_empty(), "serve-nbd left its bind");
     // Killed before it could unbind: the daemon removes the bind once the
     // process is gone.
-    let _ = std::fs::remove_file(&nbd_sock);
-    let mut killed = crate::util::smr()
-        .env("SMR_DAEMON_SOCKET", &sock)
-        .arg("serve-nbd")
-        .arg(node.reg.image("py:1"))
-        .arg("--socket")
-        .arg(&nbd_sock)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let t = std::time::Instant::now();
-    while !nbd_sock.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "serve-nbd did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut killed = serve();
     assert_eq!(binds().len(), 1);
     killed.kill().unwrap();
     killed.wait().unwrap();
