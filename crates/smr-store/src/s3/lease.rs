@@ -140,22 +140,27 @@ impl Leases {
         }
     }
 
-    /// Every lease under `leases/`: key, holder, age.
-    fn leases(&self) -> Result<Vec<(Path, String, Duration)>> {
+    /// Every lease under `leases/`: key and age (one LIST).
+    fn leases(&self) -> Result<Vec<(Path, Duration)>> {
         let listed = super::list_objects(&self.s3, self.lease_key("leases"))
             .map_err(|e| self.lease_error(e))?;
-        let mut out = Vec::new();
-        for meta in listed {
-            let age = SystemTime::now()
-                .duration_since(SystemTime::from(meta.last_modified))
-                .unwrap_or_default();
-            let (s3, key) = (self.s3.clone(), meta.location.clone());
-            let who = block_on(async move { s3.get(&key).await?.bytes().await })
-                .map(|b| String::from_utf8_lossy(b.as_ref()).into_owned())
-                .unwrap_or_else(|_| "a holder gone meanwhile".into());
-            out.push((meta.location, who, age));
-        }
-        Ok(out)
+        Ok(listed
+            .into_iter()
+            .map(|meta| {
+                let age = SystemTime::now()
+                    .duration_since(SystemTime::from(meta.last_modified))
+                    .unwrap_or_default();
+                (meta.location, age)
+            })
+            .collect())
+    }
+
+    /// Who holds lease `key` (its content), for messages.
+    fn holder(&self, key: &Path) -> String {
+        let (s3, key) = (self.s3.clone(), key.clone());
+        block_on(async move { s3.get(&key).await?.bytes().await })
+            .map(|b| String::from_utf8_lossy(b.as_ref()).into_owned())
+            .unwrap_or_else(|_| "a holder gone meanwhile".into())
     }
 
     /// The live collector lease, as `(holder, age)`.
@@ -164,8 +169,8 @@ impl Leases {
         Ok(self
             .leases()?
             .into_iter()
-            .find(|(k, _, age)| *k == gc && *age < ttl)
-            .map(|(_, who, age)| (who, age)))
+            .find(|(k, age)| *k == gc && *age < ttl)
+            .map(|(k, age)| (self.holder(&k), age)))
     }
 }
 
@@ -250,10 +255,11 @@ impl Lease {
             inner.write_lease(&key, PutMode::Overwrite)?;
         }
         let mut writers = Vec::new();
-        for (k, who, age) in inner.leases()? {
+        for (k, age) in inner.leases()? {
             if k == key || !k.as_ref().contains(WRITER_LEASE) {
                 continue;
             }
+            let who = inner.holder(&k);
             if age < ttl {
                 writers.push(format!("{who} ({}s)", age.as_secs()));
             } else {
