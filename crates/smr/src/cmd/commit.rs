@@ -221,17 +221,20 @@ pub fn run(a: Args) -> Result<ExitCode> {
     );
     if let Some(reference) = &a.push {
         let layered = smr_store::Layered::new(store, base_store);
-        push(&a, &v.meta, reference, &bytes, &layered)?;
+        let base_index = v.base.pack_index.as_deref();
+        push(&a, &v.meta, base_index, reference, &bytes, &layered)?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
 /// Pushes the committed image (recipe `bytes`, chunks in `store`) to
-/// `reference`, with what the base's artifact lets it skip or mount, and
-/// signs it with `--sign-key`.
+/// `reference`, with what the base's artifact (its pack index
+/// `base_index`, for a registry base) lets it skip or mount, and signs it
+/// with `--sign-key`.
 fn push(
     a: &Args,
     meta: &super::volume::VolumeMeta,
+    base_index: Option<&smr_registry::pack::PackIndex>,
     reference: &str,
     bytes: &[u8],
     store: &dyn smr_store::ChunkStore,
@@ -247,16 +250,11 @@ fn push(
         tag: Some(target.tag.clone().unwrap_or_else(|| "latest".into())),
         ..PushOptions::default()
     };
-    if crate::remote::is_remote(&meta.image) {
-        let (_, base) = meta
-            .source(&a.source)
-            .origin
-            .trusted_artifact(&meta.image, false)
-            .with_context(|| format!("opening the base {} again", meta.image))?;
+    if let Some(index) = base_index {
         // The base's pack layout, so that runs of unchanged chunks make
         // the same packs.
-        opts.pack = Some(base.index.params());
-        opts.known_packs = base.index.packs().to_vec();
+        opts.pack = Some(index.params());
+        opts.known_packs = index.packs().to_vec();
         let base_ref = ImageRef::parse(&meta.image)?;
         if base_ref.registry == target.registry && base_ref.repository != target.repository {
             opts.mount_from.push(base_ref.repository);

@@ -91,6 +91,8 @@ pub struct Resolved {
     pub location: String,
     /// For a registry image: the digest of the smr artifact used.
     pub artifact: Option<String>,
+    /// For a registry image: the artifact's pack index.
+    pub pack_index: Option<Arc<smr_registry::pack::PackIndex>>,
     /// The startup profile found next to the artifact, if looked for.
     pub profile: Option<Profile>,
     /// How its chunks are fetched.
@@ -188,6 +190,7 @@ impl OriginArgs {
                 store,
                 location,
                 artifact: Some(a.digest),
+                pack_index: Some(a.index),
                 profile: a.profile,
                 fetch,
                 local,
@@ -204,6 +207,7 @@ impl OriginArgs {
             store: open_store(location)?,
             location: location.to_string(),
             artifact: None,
+            pack_index: None,
             profile: None,
             fetch: fetch_options(replaying)?,
             local: is_local_dir(location),
@@ -245,6 +249,8 @@ pub struct OpenedImage {
     pub recipe: smr_format::Recipe,
     /// For a registry image: the digest of the smr artifact used.
     pub artifact: Option<String>,
+    /// For a registry image: the artifact's pack index.
+    pub pack_index: Option<Arc<smr_registry::pack::PackIndex>>,
     /// The startup profile to replay (checked against the recipe).
     pub profile: Option<Profile>,
     /// SHA-256 of the recipe's bytes (what a recorded profile is bound to).
@@ -320,6 +326,7 @@ impl SourceArgs {
             lazy,
             recipe,
             artifact: r.artifact,
+            pack_index: r.pack_index,
             profile,
             recipe_sha256: Profile::recipe_hash(&recipe_bytes),
         })
