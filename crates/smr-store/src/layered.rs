@@ -42,9 +42,9 @@ impl ChunkStore for Layered {
     }
 
     fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
-        match self.top.exists(id)? {
-            true => self.top.get(id),
-            false => self.base.get(id),
+        match self.top.get(id) {
+            Err(StoreError::Missing { .. }) => self.base.get(id),
+            r => r,
         }
     }
 
