@@ -91,13 +91,24 @@ impl Binds {
         }
     }
 
-    /// Every recorded bind whose mount point is still mounted.
-    pub fn live(&self) -> Vec<Bind> {
+    /// Every record: its file and the bind.
+    fn records(&self) -> Vec<(PathBuf, Bind)> {
         let Ok(rd) = std::fs::read_dir(&self.dir) else {
             return Vec::new();
         };
         rd.flatten()
-            .filter_map(|e| serde_json::from_slice::<Bind>(&std::fs::read(e.path()).ok()?).ok())
+            .filter_map(|e| {
+                let b = serde_json::from_slice::<Bind>(&std::fs::read(e.path()).ok()?).ok()?;
+                Some((e.path(), b))
+            })
+            .collect()
+    }
+
+    /// Every recorded bind whose mount point is still mounted.
+    pub fn live(&self) -> Vec<Bind> {
+        self.records()
+            .into_iter()
+            .map(|(_, b)| b)
             .filter(|b| smr_node::mount::is_mountpoint(&b.mountpoint))
             .collect()
     }
@@ -176,17 +187,8 @@ impl Binds {
     /// hold it), the record and the mount point directory removed. Returns
     /// the binds removed.
     pub fn reap(&self) -> Vec<Bind> {
-        let Ok(rd) = std::fs::read_dir(&self.dir) else {
-            return Vec::new();
-        };
         let mut gone = Vec::new();
-        for e in rd.flatten() {
-            let Some(b) = std::fs::read(e.path())
-                .ok()
-                .and_then(|v| serde_json::from_slice::<Bind>(&v).ok())
-            else {
-                continue;
-            };
+        for (path, b) in self.records() {
             if b.owner.is_none_or(|o| o.alive()) {
                 continue;
             }
@@ -197,7 +199,7 @@ impl Binds {
                 }
             }
             let _ = std::fs::remove_dir(&b.mountpoint);
-            let _ = std::fs::remove_file(e.path());
+            let _ = std::fs::remove_file(&path);
             tracing::info!(image = b.image, mountpoint = %b.mountpoint.display(), owner = ?b.owner, "bind of a process that is gone removed");
             gone.push(b);
         }
