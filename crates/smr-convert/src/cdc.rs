@@ -10,115 +10,138 @@
 //! content, so an inserted file changes the chunks around it, not every
 //! chunk after it (what fixed-size chunks do when the insertion is not a
 //! multiple of the chunk size).
+//!
+//! Zeros are cut apart from data: a run of zero blocks at least `min`
+//! long is a chunk of its own (never stored), and a data chunk ends where
+//! such a run begins. [`CdcStream`] cuts an image as the ext4 writer
+//! streams it, with the same result as [`boundaries`] on the whole.
 
 use fastcdc::v2020::FastCDC;
-use std::fmt;
-use std::str::FromStr;
+use std::io;
+
+pub use smr_format::CdcSizes;
 
 /// Chunk boundaries fall on multiples of this (the ext4 block size).
-pub const BLOCK: usize = 4096;
+pub const BLOCK: usize = smr_format::grid::BLOCK as usize;
 
-/// Minimum, average and maximum chunk sizes, in bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CdcSizes {
-    /// No chunk but the last is smaller.
-    pub min: u32,
-    /// The size FastCDC aims at.
-    pub avg: u32,
-    /// No chunk is larger.
-    pub max: u32,
+/// Bytes the cut of a chunk may look at past its start: `max` for the
+/// rolling hash and the zero prefix, plus `min` to see a zero run that
+/// starts just before `max`.
+fn lookahead(sizes: CdcSizes) -> usize {
+    sizes.max as usize + sizes.min as usize
 }
 
-impl Default for CdcSizes {
-    /// 16 KiB : 64 KiB : 256 KiB, around smr's default fixed chunk size.
-    fn default() -> Self {
-        CdcSizes {
-            min: 16 << 10,
-            avg: 64 << 10,
-            max: 256 << 10,
-        }
+/// The length of the chunk starting at `w[0]`, where `w` holds the next
+/// [`lookahead`] bytes of the image or all that remain of it. Depends only
+/// on those bytes, so a stream cuts as the whole image would.
+///
+/// - A run of zero blocks of at least `min` bytes is a chunk of its own
+///   (at most `max`): never stored, so zeros cost nothing however long.
+/// - Otherwise FastCDC cuts within `max`, rounded up to a block; the chunk
+///   ends earlier where a zero run of `min` bytes starts after `min`.
+fn next_len(w: &[u8], sizes: CdcSizes) -> usize {
+    let (min, max) = (sizes.min as usize, sizes.max as usize);
+    let head = &w[..w.len().min(max)];
+    let zeros = head.iter().position(|&b| b != 0).unwrap_or(head.len());
+    let zero_chunk = if zeros == head.len() {
+        zeros
+    } else {
+        zeros / BLOCK * BLOCK
+    };
+    if zero_chunk >= min || zero_chunk == w.len() {
+        return zero_chunk;
     }
-}
-
-impl CdcSizes {
-    /// Checks the sizes: multiples of 4 KiB, `min < avg < max`, within
-    /// FastCDC's limits.
-    pub fn validate(&self) -> Result<(), String> {
-        use fastcdc::v2020::{AVERAGE_MAX, MAXIMUM_MAX, MINIMUM_MIN};
-        let block = BLOCK as u32;
-        if [self.min, self.avg, self.max]
-            .iter()
-            .any(|s| s % block != 0)
-        {
-            return Err(format!("{self}: every size must be a multiple of 4K"));
-        }
-        if !(self.min < self.avg && self.avg < self.max) {
-            return Err(format!("{self}: need MIN < AVG < MAX"));
-        }
-        if self.min < MINIMUM_MIN || self.avg > AVERAGE_MAX || self.max > MAXIMUM_MAX {
-            return Err(format!(
-                "{self}: sizes must lie within {MINIMUM_MIN} bytes and {MAXIMUM_MAX} bytes"
-            ));
-        }
-        Ok(())
-    }
-}
-
-impl fmt::Display for CdcSizes {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let k = |v: u32| format!("{}K", v >> 10);
-        write!(f, "{}:{}:{}", k(self.min), k(self.avg), k(self.max))
-    }
-}
-
-impl FromStr for CdcSizes {
-    type Err = String;
-
-    /// `MIN:AVG:MAX` with `K`/`M` suffixes, e.g. `16K:64K:256K`.
-    fn from_str(s: &str) -> Result<Self, String> {
-        let parts: Vec<&str> = s.split(':').collect();
-        let [min, avg, max] = parts[..] else {
-            return Err(format!("`{s}`: expected MIN:AVG:MAX, e.g. 16K:64K:256K"));
-        };
-        let size = |p: &str| -> Result<u32, String> {
-            let p = p.trim();
-            let (num, shift) = match p.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-                None => (p, 0),
-                Some((i, _)) => match p[i..].to_ascii_lowercase().as_str() {
-                    "k" | "kib" => (&p[..i], 10),
-                    "m" | "mib" => (&p[..i], 20),
-                    other => return Err(format!("`{s}`: unknown size suffix `{other}`")),
-                },
-            };
-            num.parse::<u32>()
-                .ok()
-                .and_then(|n| n.checked_shl(shift).filter(|v| v >> shift == n))
-                .ok_or_else(|| format!("`{s}`: `{p}` is not a size"))
-        };
-        let sizes = CdcSizes {
-            min: size(min)?,
-            avg: size(avg)?,
-            max: size(max)?,
-        };
-        sizes.validate()?;
-        Ok(sizes)
-    }
+    let (_, cut) = FastCDC::new(head, sizes.min, sizes.avg, sizes.max).cut(0, head.len());
+    let end = cut.next_multiple_of(BLOCK).min(head.len());
+    let run_starts = |b: &usize| {
+        w.get(*b..*b + min)
+            .is_some_and(|run| run.iter().all(|&x| x == 0))
+    };
+    (min..end)
+        .step_by(BLOCK)
+        .find(|b| w[*b] == 0 && run_starts(b))
+        .unwrap_or(end)
 }
 
 /// The chunk ends (exclusive) of `data`, in order: each a multiple of
 /// [`BLOCK`] except the last, which is `data.len()`. Empty for empty data.
 pub fn boundaries(data: &[u8], sizes: CdcSizes) -> Vec<usize> {
-    let cdc = FastCDC::new(data, sizes.min, sizes.avg, sizes.max);
-    let max = sizes.max as usize;
     let mut ends = Vec::with_capacity(data.len() / sizes.avg as usize + 1);
     let mut start = 0;
     while start < data.len() {
-        let (_, cut) = cdc.cut(start, data.len() - start);
-        let end = cut.next_multiple_of(BLOCK).min(start + max).min(data.len());
-        ends.push(end);
-        start = end;
+        start += next_len(&data[start..], sizes);
+        ends.push(start);
     }
     ends
+}
+
+/// Cuts a byte stream into content-defined chunks as it arrives, exactly
+/// where [`boundaries`] cuts the whole stream. Holds at most the
+/// lookahead (`max + min`) plus one write.
+#[derive(Debug)]
+pub struct CdcStream {
+    sizes: CdcSizes,
+    buf: Vec<u8>,
+    /// Bytes of `buf` already cut off.
+    pos: usize,
+}
+
+impl CdcStream {
+    /// A stream cutting with `sizes`.
+    pub fn new(sizes: CdcSizes) -> Self {
+        CdcStream {
+            sizes,
+            buf: Vec::with_capacity(2 * lookahead(sizes)),
+            pos: 0,
+        }
+    }
+
+    /// Appends `data`, handing every chunk that is now decided to `out`.
+    pub fn push(
+        &mut self,
+        data: &[u8],
+        out: &mut impl FnMut(&[u8]) -> io::Result<()>,
+    ) -> io::Result<()> {
+        self.buf.extend_from_slice(data);
+        self.cut(false, out)
+    }
+
+    /// Appends `n` zero bytes (a hole in the image), a bounded piece at a
+    /// time.
+    pub fn push_zeros(
+        &mut self,
+        mut n: u64,
+        out: &mut impl FnMut(&[u8]) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let step = lookahead(self.sizes) as u64;
+        while n > 0 {
+            let k = n.min(step);
+            self.buf.resize(self.buf.len() + k as usize, 0);
+            self.cut(false, out)?;
+            n -= k;
+        }
+        Ok(())
+    }
+
+    /// Ends the stream: the remaining bytes become the last chunks.
+    pub fn finish(mut self, out: &mut impl FnMut(&[u8]) -> io::Result<()>) -> io::Result<()> {
+        self.cut(true, out)
+    }
+
+    fn cut(&mut self, last: bool, out: &mut impl FnMut(&[u8]) -> io::Result<()>) -> io::Result<()> {
+        let need = lookahead(self.sizes);
+        while self.pos < self.buf.len() && (last || self.buf.len() - self.pos >= need) {
+            let w = &self.buf[self.pos..];
+            let len = next_len(w, self.sizes);
+            out(&w[..len])?;
+            self.pos += len;
+        }
+        if self.pos > self.buf.len() / 2 {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -149,23 +172,6 @@ mod tests {
                 c
             })
             .collect()
-    }
-
-    #[test]
-    fn sizes_parse_print_and_are_checked() {
-        let s: CdcSizes = "16K:64K:256K".parse().unwrap();
-        assert_eq!(s, CdcSizes::default());
-        assert_eq!(s.to_string(), "16K:64K:256K");
-        assert_eq!("8k:32K:1M".parse::<CdcSizes>().unwrap().max, 1 << 20);
-        for bad in [
-            "16K:64K",
-            "64K:16K:256K",
-            "16K:64K:100000",
-            "1G:2G:3G",
-            "x:y:z",
-        ] {
-            assert!(bad.parse::<CdcSizes>().is_err(), "{bad}");
-        }
     }
 
     #[test]
@@ -202,6 +208,92 @@ mod tests {
         let changed = after.iter().filter(|c| !before.contains(*c)).count();
         assert!(changed <= 3, "{changed} of {} chunks changed", after.len());
         // Fixed-size chunks of 64 KiB would change every chunk after it.
+    }
+
+    /// Cuts `data` through a [`CdcStream`] fed in pieces of the given
+    /// sizes, zero pieces given as holes; returns the chunk ends.
+    fn streamed(data: &[u8], pieces: &[usize], sizes: CdcSizes) -> Vec<usize> {
+        let mut ends = Vec::new();
+        let mut at = 0usize;
+        let mut out = |c: &[u8]| {
+            at += c.len();
+            ends.push(at);
+            Ok(())
+        };
+        let mut stream = CdcStream::new(sizes);
+        let mut fed = 0;
+        for &n in pieces.iter().cycle() {
+            let piece = &data[fed..(fed + n).min(data.len())];
+            if piece.iter().all(|&b| b == 0) {
+                stream.push_zeros(piece.len() as u64, &mut out).unwrap();
+            } else {
+                stream.push(piece, &mut out).unwrap();
+            }
+            fed += piece.len();
+            if fed == data.len() {
+                break;
+            }
+        }
+        stream.finish(&mut out).unwrap();
+        ends
+    }
+
+    #[test]
+    fn zero_runs_are_chunks_of_their_own() {
+        let sizes = CdcSizes::default();
+        let mut data = noise(4, 100);
+        let data_end = data.len();
+        data.extend(vec![0u8; 700 * BLOCK]);
+        data.extend(noise(5, 50));
+        let ends = boundaries(&data, sizes);
+        assert!(
+            ends.contains(&data_end),
+            "a chunk ends where the zeros start"
+        );
+        let mut start = 0;
+        let mut zero_chunks = 0;
+        for &end in &ends {
+            let c = &data[start..end];
+            if c.iter().all(|&b| b == 0) {
+                zero_chunks += 1;
+                assert!(c.len() <= sizes.max as usize);
+            } else {
+                assert!(
+                    !c.windows(sizes.min as usize)
+                        .step_by(BLOCK)
+                        .skip(1)
+                        .any(|w| w.iter().all(|&b| b == 0)),
+                    "a data chunk holds a zero run"
+                );
+            }
+            start = end;
+        }
+        assert_eq!(zero_chunks, 700 * BLOCK / sizes.max as usize + 1);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+
+        /// Streaming cuts exactly where the whole image is cut, whatever
+        /// the write sizes and holes.
+        #[test]
+        fn a_stream_cuts_like_the_whole(
+            seed in any::<u64>(),
+            layout in proptest::collection::vec((1usize..80, any::<bool>()), 1..12),
+            pieces in proptest::collection::vec(1usize..300_000, 1..8),
+        ) {
+            let sizes = CdcSizes::default();
+            let mut data = Vec::new();
+            for (i, (blocks, zero)) in layout.iter().enumerate() {
+                if *zero {
+                    data.extend(vec![0u8; blocks * BLOCK]);
+                } else {
+                    data.extend(noise(seed ^ i as u64, *blocks));
+                }
+            }
+            data.extend_from_slice(&[9, 9, 9]);
+            prop_assert_eq!(streamed(&data, &pieces, sizes), boundaries(&data, sizes));
+        }
     }
 
     proptest! {

@@ -1,8 +1,10 @@
-//! Cuts the image byte stream into fixed-size chunks and stores them.
+//! Cuts the image byte stream into chunks and stores them.
 //!
 //! The ext4 writer streams bytes at increasing offsets, except for the header
 //! region at the start of the image, which it writes last. [`ChunkingSink`]
-//! keeps the chunk being filled and the header chunks in memory; every other
+//! keeps the header chunks (always of the nominal chunk size) in memory, and
+//! cuts the rest either every chunk size (a fixed grid) or where
+//! [`CdcStream`] finds content-defined boundaries (a variable grid). Every
 //! chunk is handed, as soon as it is complete, to worker threads that seal it
 //! (hash, encrypt, optionally compress), and then to put threads that store
 //! it, so sealing runs in parallel with decompression and flattening.
@@ -18,8 +20,9 @@
 //! and thread counts times the chunk size (about 40 chunks; fewer put
 //! threads for big chunks).
 
+use crate::cdc::{CdcSizes, CdcStream};
 use crossbeam_channel::{bounded, Receiver, Sender};
-use smr_format::{ChunkCodec, ChunkEntry, ChunkKey};
+use smr_format::{ChunkCodec, ChunkEntry, ChunkGrid, ChunkKey, FormatError};
 use smr_store::{ChunkStore, PutOutcome, StoreError};
 use std::collections::BTreeMap;
 use std::io;
@@ -45,9 +48,11 @@ pub struct ChunkStats {
     pub written_bytes: u64,
 }
 
-/// The output of chunking: the chunk table, keys and counters.
+/// The output of chunking: the chunk grid and table, keys and counters.
 #[derive(Debug, Clone)]
 pub struct Chunked {
+    /// Where the chunks start and end.
+    pub grid: ChunkGrid,
     /// Non-zero chunks in index order.
     pub entries: Vec<ChunkEntry>,
     /// Keys, parallel to `entries`, when the codec encrypts.
@@ -76,6 +81,9 @@ pub enum ChunkError {
     /// The last chunks could not be handed to the workers.
     #[error("chunk pipeline: {0}")]
     Pipeline(#[source] io::Error),
+    /// The chunk boundaries do not make a valid grid.
+    #[error("chunk grid: {0}")]
+    Grid(#[from] FormatError),
 }
 
 /// A sealed chunk on its way to the store.
@@ -93,23 +101,40 @@ struct Sealed {
     plain_len: u64,
 }
 
+/// How the bytes after the header are cut.
+enum Body {
+    /// Every `chunk_size`: the chunk being filled.
+    Fixed(Option<(u64, Vec<u8>)>),
+    /// Content-defined.
+    Cdc {
+        sizes: CdcSizes,
+        stream: CdcStream,
+        /// Image offset of the next byte the stream takes.
+        next: u64,
+        /// Body chunk lengths so far, in order.
+        lens: Vec<u64>,
+    },
+}
+
 /// A sink that chunks, seals and stores an image as it is written.
 pub struct ChunkingSink {
     chunk_size: u64,
     encrypts: bool,
     header_chunks: u64,
     header: Vec<u8>,
-    current: Option<(u64, Vec<u8>)>,
+    body: Body,
     tx: Option<Sender<(u64, Vec<u8>)>>,
     results: Receiver<Result<Sealed, StoreError>>,
     workers: Vec<JoinHandle<()>>,
 }
 
 impl ChunkingSink {
-    /// A sink writing chunks of `chunk_size` into `store`; the first
-    /// `header_len` bytes are held until [`ChunkingSink::finish`].
+    /// A sink writing chunks into `store`: of `chunk_size`, or where
+    /// `cdc` cuts after the header; the first `header_len` bytes (rounded
+    /// up to `chunk_size`) are held until [`ChunkingSink::finish`].
     pub fn new(
         chunk_size: u64,
+        cdc: Option<CdcSizes>,
         header_len: u64,
         codec: ChunkCodec,
         store: Arc<dyn ChunkStore>,
@@ -171,7 +196,15 @@ impl ChunkingSink {
             encrypts,
             header_chunks,
             header: vec![0; (header_chunks * chunk_size) as usize],
-            current: None,
+            body: match cdc {
+                None => Body::Fixed(None),
+                Some(sizes) => Body::Cdc {
+                    sizes,
+                    stream: CdcStream::new(sizes),
+                    next: header_chunks * chunk_size,
+                    lens: Vec::new(),
+                },
+            },
             tx: Some(tx),
             results,
             workers,
@@ -188,8 +221,14 @@ impl ChunkingSink {
                 (offset, data) = (offset + n as u64, &data[n..]);
                 continue;
             }
+            if let Body::Cdc { .. } = self.body {
+                return self.write_cdc(offset, data);
+            }
             let index = offset / self.chunk_size;
-            match &self.current {
+            let Body::Fixed(current) = &self.body else {
+                unreachable!("checked above")
+            };
+            match current {
                 Some((cur, _)) if *cur == index => {}
                 Some((cur, _)) if *cur > index => {
                     return Err(io::Error::other(format!(
@@ -197,11 +236,17 @@ impl ChunkingSink {
                     )))
                 }
                 _ => {
-                    self.flush_current()?;
-                    self.current = Some((index, vec![0; self.chunk_size as usize]));
+                    if let Body::Fixed(Some((index, buf))) =
+                        std::mem::replace(&mut self.body, Body::Fixed(None))
+                    {
+                        self.emit(index, buf)?;
+                    }
+                    self.body = Body::Fixed(Some((index, vec![0; self.chunk_size as usize])));
                 }
             }
-            let (_, buf) = self.current.as_mut().expect("current chunk set above");
+            let Body::Fixed(Some((_, buf))) = &mut self.body else {
+                unreachable!("current chunk set above")
+            };
             let at = (offset % self.chunk_size) as usize;
             let n = data.len().min(buf.len() - at);
             buf[at..at + n].copy_from_slice(&data[..n]);
@@ -210,8 +255,36 @@ impl ChunkingSink {
         Ok(())
     }
 
-    fn flush_current(&mut self) -> io::Result<()> {
-        if let Some((index, buf)) = self.current.take() {
+    /// Hands `data`, written at body offset `offset`, to the CDC stream,
+    /// and every chunk it cuts to the workers.
+    fn write_cdc(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let Body::Cdc { stream, next, .. } = &mut self.body else {
+            unreachable!("called for a CDC body")
+        };
+        if offset < *next {
+            return Err(io::Error::other(format!(
+                "image write at offset {offset} goes back before {next}"
+            )));
+        }
+        let mut cut: Vec<Vec<u8>> = Vec::new();
+        let mut out = |c: &[u8]| {
+            cut.push(c.to_vec());
+            Ok(())
+        };
+        stream.push_zeros(offset - *next, &mut out)?;
+        stream.push(data, &mut out)?;
+        *next = offset + data.len() as u64;
+        self.emit_cut(cut)
+    }
+
+    /// Emits chunks the CDC stream cut, numbering them after those before.
+    fn emit_cut(&mut self, cut: Vec<Vec<u8>>) -> io::Result<()> {
+        for buf in cut {
+            let Body::Cdc { lens, .. } = &mut self.body else {
+                unreachable!("called for a CDC body")
+            };
+            let index = self.header_chunks + lens.len() as u64;
+            lens.push(buf.len() as u64);
             self.emit(index, buf)?;
         }
         Ok(())
@@ -238,14 +311,37 @@ impl ChunkingSink {
     /// Flushes everything for an image of `size` bytes and waits for the
     /// workers. Returns the chunk table.
     pub fn finish(mut self, size: u64) -> Result<Chunked, ChunkError> {
-        let total = size.div_ceil(self.chunk_size);
         let send_all = (|| -> io::Result<()> {
-            if let Some((index, mut buf)) = self.current.take() {
-                buf.truncate(
-                    size.saturating_sub(index * self.chunk_size)
-                        .min(self.chunk_size) as usize,
-                );
-                self.emit(index, buf)?;
+            match std::mem::replace(&mut self.body, Body::Fixed(None)) {
+                Body::Fixed(Some((index, mut buf))) => {
+                    buf.truncate(
+                        size.saturating_sub(index * self.chunk_size)
+                            .min(self.chunk_size) as usize,
+                    );
+                    self.emit(index, buf)?;
+                }
+                Body::Fixed(None) => {}
+                Body::Cdc {
+                    sizes,
+                    mut stream,
+                    next,
+                    lens,
+                } => {
+                    let mut cut: Vec<Vec<u8>> = Vec::new();
+                    let mut out = |c: &[u8]| {
+                        cut.push(c.to_vec());
+                        Ok(())
+                    };
+                    stream.push_zeros(size.saturating_sub(next), &mut out)?;
+                    stream.finish(&mut out)?;
+                    self.body = Body::Cdc {
+                        sizes,
+                        stream: CdcStream::new(sizes),
+                        next: size,
+                        lens,
+                    };
+                    self.emit_cut(cut)?;
+                }
             }
             let header = std::mem::take(&mut self.header);
             for (index, c) in header.chunks(self.chunk_size as usize).enumerate() {
@@ -269,6 +365,16 @@ impl ChunkingSink {
             by_index.insert(s.entry.index, s);
         }
         send_all.map_err(ChunkError::Pipeline)?;
+        let grid = match &self.body {
+            Body::Fixed(_) => ChunkGrid::fixed(size, self.chunk_size)?,
+            Body::Cdc { sizes, lens, .. } => {
+                let header = size.min(self.header_chunks * self.chunk_size);
+                let head = (0..header.div_ceil(self.chunk_size))
+                    .map(|i| self.chunk_size.min(header - i * self.chunk_size));
+                ChunkGrid::variable(self.chunk_size, *sizes, head.chain(lens.iter().copied()))?
+            }
+        };
+        let total = grid.count();
         let mut stats = ChunkStats {
             total,
             ..ChunkStats::default()
@@ -291,6 +397,7 @@ impl ChunkingSink {
         stats.zero = total - entries.len() as u64;
         let keys = self.encrypts.then_some(keys);
         Ok(Chunked {
+            grid,
             entries,
             keys,
             stats,
@@ -316,7 +423,7 @@ mod tests {
         let store: Arc<dyn ChunkStore> = Arc::new(LocalStore::open(dir.path()).unwrap());
         let cs = 65536u64;
         let codec = ChunkCodec::new(default_salt(), true, false);
-        let mut sink = ChunkingSink::new(cs, 8192, codec, store.clone(), 2);
+        let mut sink = ChunkingSink::new(cs, None, 8192, codec, store.clone(), 2);
         let mut image = vec![0u8; (cs * 6 + 4096) as usize];
         let mut put = |sink: &mut ChunkingSink, off: u64, data: &[u8]| {
             image[off as usize..off as usize + data.len()].copy_from_slice(data);
@@ -350,7 +457,7 @@ mod tests {
         let store: Arc<dyn ChunkStore> = Arc::new(LocalStore::open(dir.path()).unwrap());
         let run = || {
             let codec = ChunkCodec::new(default_salt(), false, true);
-            let mut sink = ChunkingSink::new(65536, 4096, codec, store.clone(), 2);
+            let mut sink = ChunkingSink::new(65536, None, 4096, codec, store.clone(), 2);
             sink.write_at(65536, &[7u8; 200_000]).unwrap();
             sink.finish(65536 * 5).unwrap()
         };
@@ -374,7 +481,7 @@ mod tests {
         std::fs::remove_dir_all(dir.path().join("chunks")).ok();
         std::fs::write(dir.path().join("chunks"), b"not a directory").unwrap();
         let codec = ChunkCodec::new(default_salt(), false, false);
-        let mut sink = ChunkingSink::new(4096, 4096, codec, store, 1);
+        let mut sink = ChunkingSink::new(4096, None, 4096, codec, store, 1);
         // Enough chunks to fill every queue, so the failure surfaces in a
         // write; whichever call reports it must give the store's error.
         let mut err = None;
@@ -397,8 +504,75 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn ChunkStore> = Arc::new(LocalStore::open(dir.path()).unwrap());
         let codec = ChunkCodec::new(default_salt(), false, false);
-        let mut sink = ChunkingSink::new(65536, 4096, codec, store, 1);
+        let mut sink = ChunkingSink::new(65536, None, 4096, codec, store, 1);
         sink.write_at(65536 * 3, b"x").unwrap();
         assert!(sink.write_at(65536 * 2, b"y").is_err());
+    }
+
+    #[test]
+    fn cdc_bodies_are_cut_by_content_and_reassemble() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ChunkStore> = Arc::new(LocalStore::open(dir.path()).unwrap());
+        let (cs, header) = (65536u64, 65536u64);
+        let sizes = CdcSizes::default();
+        let codec = ChunkCodec::new(default_salt(), true, true);
+        let mut sink = ChunkingSink::new(cs, Some(sizes), header, codec, store.clone(), 2);
+        // Data, a hole of 3 MiB, more data in odd-sized writes, a zero tail.
+        let mut image = vec![0u8; (header + (8 << 20)) as usize];
+        let mut x = 7u64;
+        let mut fill = |from: usize, to: usize, image: &mut Vec<u8>| {
+            for b in &mut image[from..to] {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = x as u8;
+            }
+        };
+        let h = header as usize;
+        fill(h, h + (2 << 20), &mut image);
+        fill(h + (5 << 20), h + (7 << 20) + 123, &mut image);
+        fill(100, 4096, &mut image);
+        let mut at = h;
+        for n in [1usize << 20, (1 << 20) + 4096] {
+            sink.write_at(at as u64, &image[at..at + n]).unwrap();
+            at += n;
+        }
+        let mut at = h + (5 << 20);
+        for n in [5000usize, 70_000, (2 << 20) + 123 - 75_000] {
+            sink.write_at(at as u64, &image[at..at + n]).unwrap();
+            at += n;
+        }
+        sink.write_at(100, &image[100..4096]).unwrap();
+        let out = sink.finish(image.len() as u64).unwrap();
+
+        let grid = &out.grid;
+        assert_eq!(grid.size(), image.len() as u64);
+        assert_eq!(grid.cdc_sizes(), Some(sizes));
+        assert_eq!(
+            grid.range(0),
+            0..cs,
+            "the header is a chunk of the nominal size"
+        );
+        let body: Vec<u64> = crate::cdc::boundaries(&image[h..], sizes)
+            .into_iter()
+            .map(|e| header + e as u64)
+            .collect();
+        let ends: Vec<u64> = (1..grid.count()).map(|i| grid.range(i).end).collect();
+        assert_eq!(ends, body, "cut as the whole body would be");
+        let keys = out.keys.unwrap();
+        let mut rebuilt = vec![0u8; image.len()];
+        for (e, k) in out.entries.iter().zip(&keys) {
+            let r = grid.range(e.index);
+            let len = (r.end - r.start) as usize;
+            let plain =
+                open_chunk(&e.id, Some(k), e.compressed, store.get(&e.id).unwrap(), len).unwrap();
+            rebuilt[r.start as usize..r.end as usize].copy_from_slice(&plain);
+        }
+        assert_eq!(rebuilt, image);
+        assert!(
+            out.stats.zero >= 12,
+            "3 MiB and 1 MiB of zeros: {:?}",
+            out.stats
+        );
     }
 }

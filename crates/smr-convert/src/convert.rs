@@ -3,7 +3,7 @@
 
 use crate::chunker::{ChunkError, ChunkStats, ChunkingSink};
 use sha2::{Digest, Sha256};
-use smr_format::{ChunkCodec, FileMap, OwnerKey, Recipe};
+use smr_format::{CdcSizes, ChunkCodec, FileMap, OwnerKey, Recipe};
 use smr_image::ext4::{self, Ext4Stats, Ext4Writer};
 use smr_image::flatten::{self, FlattenStats, Progress};
 use smr_image::source::{ImageSource, Platform, ResolvedImage, SourceError};
@@ -19,8 +19,13 @@ pub const DEFAULT_CHUNK_SIZE: u64 = 64 << 10;
 /// How to convert.
 #[derive(Debug, Clone)]
 pub struct ConvertOptions {
-    /// Chunk size (power of two, 64 KiB..4 MiB; default [`DEFAULT_CHUNK_SIZE`]).
+    /// Chunk size (power of two, 64 KiB..4 MiB; default [`DEFAULT_CHUNK_SIZE`]):
+    /// every chunk's with fixed chunking, the header's and the ext4 layout
+    /// unit with content-defined chunking.
     pub chunk_size: u64,
+    /// Content-defined chunking with these sizes; `None` cuts every
+    /// `chunk_size`.
+    pub cdc: Option<CdcSizes>,
     /// How chunks are sealed.
     pub codec: ChunkCodec,
     /// Which platform to pick from a multi-platform index.
@@ -97,8 +102,14 @@ pub fn convert(
         return Err(smr_format::FormatError::KeyRequired.into());
     }
     let image = src.resolve(&opts.platform)?;
+    if let Some(sizes) = &opts.cdc {
+        sizes
+            .validate()
+            .map_err(|e| smr_format::FormatError::Recipe(format!("CDC sizes {e}")))?;
+    }
     let sink = ChunkingSink::new(
         opts.chunk_size,
+        opts.cdc,
         ext4::header_len(),
         opts.codec.clone(),
         store,
@@ -117,13 +128,12 @@ pub fn convert(
     let chunked = sink.finish(ext4.image_size)?;
     let keys = chunked.keys.as_deref().zip(opts.owner.as_ref());
     let file_map = FileMap::from_byte_ranges(
-        opts.chunk_size,
+        &chunked.grid,
         ext4.metadata_offset,
         ext4.files.iter().cloned(),
     )?;
     let recipe = Recipe::new(
-        ext4.image_size,
-        opts.chunk_size,
+        chunked.grid.clone(),
         image.manifest_digest.clone(),
         image.config.clone(),
         chunked.entries,

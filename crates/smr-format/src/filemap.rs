@@ -19,6 +19,7 @@
 //! chunk (for the first run, the start itself). Encoding is canonical.
 
 use crate::error::{FormatError, Result};
+use crate::grid::ChunkGrid;
 use crate::varint;
 use std::ops::Range;
 
@@ -64,26 +65,25 @@ impl FileMap {
     /// order; empty ranges ignored) and the metadata region's first byte.
     /// Ranges must be disjoint, as a filesystem's files are.
     pub fn from_byte_ranges(
-        chunk_size: u64,
+        grid: &ChunkGrid,
         metadata_offset: u64,
         files: impl IntoIterator<Item = Range<u64>>,
     ) -> Result<Self> {
-        crate::recipe::check_chunk_size(chunk_size)?;
         let mut runs: Vec<ChunkRun> = files
             .into_iter()
             .filter(|r| r.end > r.start)
             .map(|r| {
-                let (first, last) = (r.start / chunk_size, (r.end - 1) / chunk_size);
+                let chunks = grid.chunks_of(r);
                 ChunkRun {
-                    start: first,
-                    count: last - first + 1,
+                    start: chunks.start,
+                    count: chunks.end - chunks.start,
                 }
             })
             .filter(|r| r.count >= 2)
             .collect();
         runs.sort_by_key(|r| r.start);
         let map = FileMap {
-            metadata_chunk: metadata_offset / chunk_size,
+            metadata_chunk: grid.index_of(metadata_offset),
             files: runs,
         };
         map.check(u64::MAX)?;
@@ -177,8 +177,12 @@ mod tests {
 
     const CS: u64 = 64 << 10;
 
+    fn grid() -> ChunkGrid {
+        ChunkGrid::fixed(1 << 50, CS).unwrap()
+    }
+
     fn map(files: &[Range<u64>]) -> FileMap {
-        FileMap::from_byte_ranges(CS, 100 * CS, files.iter().cloned()).unwrap()
+        FileMap::from_byte_ranges(&grid(), 100 * CS, files.iter().cloned()).unwrap()
     }
 
     fn roundtrip(m: &FileMap, chunks: u64) -> FileMap {
@@ -225,7 +229,7 @@ mod tests {
 
     #[test]
     fn overlapping_files_are_refused() {
-        let err = FileMap::from_byte_ranges(CS, 0, [0..3 * CS, CS..5 * CS]).unwrap_err();
+        let err = FileMap::from_byte_ranges(&grid(), 0, [0..3 * CS, CS..5 * CS]).unwrap_err();
         assert!(err.to_string().contains("run 1"), "{err}");
     }
 
@@ -276,7 +280,7 @@ mod tests {
                 at = start + len;
                 start..at
             }).collect();
-            let m = FileMap::from_byte_ranges(CS, at.next_multiple_of(CS), files.clone()).unwrap();
+            let m = FileMap::from_byte_ranges(&grid(), at.next_multiple_of(CS), files.clone()).unwrap();
             let chunks = at.div_ceil(CS) + 1;
             prop_assert_eq!(roundtrip(&m, chunks), m.clone());
             // Every chunk of a multi-chunk file finds a run covering it.

@@ -5,11 +5,15 @@
 //!
 //! ```text
 //! magic "SMRRECP\0" | u16 version | u8 chunk_size_log2 | u8 flags | u64 image_size
-//! | str source_digest | str config_json | varint n | n × entry
-//! | [version 2: file map] | [if encrypted: nonce[12] | sealed key table (n×32 + 16)]
-//! | sha256[32]
+//! | str source_digest | str config_json | [version 3, variable: chunk grid]
+//! | varint n | n × entry
+//! | [version 2, or 3 with a map: file map]
+//! | [if encrypted: nonce[12] | sealed key table (n×32 + 16)] | sha256[32]
 //! entry = varint index_gap | varint (stored_len << 1 | compressed) | id[32]
 //! ```
+//! Version 3 is written only for a variable chunk grid (content-defined
+//! chunks, see [`crate::grid`]); fixed-grid recipes keep versions 1 and 2,
+//! so their bytes do not change.
 //! Integers are little-endian; `str` is a varint length and UTF-8 bytes.
 //! The chunk table is readable without any key (garbage collection needs it);
 //! the key table is sealed with AES-256-GCM-SIV under the owner's key, with
@@ -21,6 +25,7 @@ use crate::chunk::{ChunkId, ChunkKey};
 use crate::config::ImageConfig;
 use crate::error::{FormatError, Result};
 use crate::filemap::FileMap;
+use crate::grid::ChunkGrid;
 use crate::key::OwnerKey;
 use crate::varint;
 use aes_gcm_siv::aead::{Aead, KeyInit, Payload};
@@ -29,9 +34,9 @@ use sha2::{Digest, Sha256};
 
 /// The 8 magic bytes every recipe starts with.
 pub const MAGIC: &[u8; 8] = b"SMRRECP\0";
-/// The recipe format version this code writes (with a file map; it also
-/// reads version 1, which has none).
-pub const VERSION: u16 = 2;
+/// The newest recipe format version this code writes and reads (see the
+/// module docs for which version a recipe gets).
+pub const VERSION: u16 = 3;
 /// Smallest allowed chunk size (64 KiB).
 pub const MIN_CHUNK_SIZE: u64 = 64 << 10;
 /// Largest allowed chunk size (4 MiB).
@@ -40,12 +45,16 @@ pub const MAX_CHUNK_SIZE: u64 = 4 << 20;
 /// about 200 GiB).
 pub const MAX_RECIPE_BYTES: u64 = 256 << 20;
 const FLAG_ENCRYPTED: u8 = 1;
+/// Version 3: the chunk grid is variable (its table follows the config).
+const FLAG_VARIABLE: u8 = 2;
+/// Version 3: a file map follows the chunk table.
+const FLAG_FILE_MAP: u8 = 4;
 const MAX_STR: u64 = 16 << 20;
 
 /// One stored (non-zero) chunk of the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkEntry {
-    /// Chunk number: the chunk covers `[index * chunk_size, ...)` of the image.
+    /// Chunk number in the recipe's [`ChunkGrid`].
     pub index: u64,
     /// Name (SHA-256 of the stored bytes).
     pub id: ChunkId,
@@ -60,7 +69,9 @@ pub struct ChunkEntry {
 pub struct Recipe {
     /// Size of the filesystem image in bytes.
     pub image_size: u64,
-    /// Chunk size in bytes (a power of two, 64 KiB..4 MiB).
+    /// Nominal chunk size in bytes (a power of two, 64 KiB..4 MiB): every
+    /// chunk's size in a fixed grid, the ext4 layout unit in a variable one.
+    /// Where chunks are is [`Recipe::grid`]'s to say.
     pub chunk_size: u64,
     /// Digest of the source image manifest (e.g. `sha256:...`).
     pub source_digest: String,
@@ -71,6 +82,8 @@ pub struct Recipe {
     /// Where the metadata and the files' data are, for prefetching (`None`
     /// in a version 1 recipe).
     pub file_map: Option<FileMap>,
+    /// Where the chunks start and end.
+    grid: ChunkGrid,
     /// The sealed key table (nonce ‖ ciphertext ‖ tag), if chunks are encrypted.
     sealed_keys: Option<Vec<u8>>,
 }
@@ -86,26 +99,25 @@ pub fn check_chunk_size(chunk_size: u64) -> Result<()> {
 }
 
 impl Recipe {
-    /// Builds a recipe. `keys` (one per chunk, same order) are sealed with
-    /// `owner`; pass `None` for both for unencrypted chunks. A recipe with a
-    /// file map is written as version 2, one without as version 1.
+    /// Builds a recipe for an image cut by `grid`. `keys` (one per chunk,
+    /// same order) are sealed with `owner`; pass `None` for both for
+    /// unencrypted chunks.
     pub fn new(
-        image_size: u64,
-        chunk_size: u64,
+        grid: ChunkGrid,
         source_digest: String,
         config: ImageConfig,
         chunks: Vec<ChunkEntry>,
         file_map: Option<FileMap>,
         keys: Option<(&[ChunkKey], &OwnerKey)>,
     ) -> Result<Self> {
-        check_chunk_size(chunk_size)?;
         let mut r = Recipe {
-            image_size,
-            chunk_size,
+            image_size: grid.size(),
+            chunk_size: grid.chunk_size(),
             source_digest,
             config,
             chunks,
             file_map,
+            grid,
             sealed_keys: None,
         };
         r.check_table()?;
@@ -142,15 +154,40 @@ impl Recipe {
         self.sealed_keys.is_some()
     }
 
-    /// Number of chunks the image spans (stored plus zero).
-    pub fn chunk_count(&self) -> u64 {
-        self.image_size.div_ceil(self.chunk_size)
+    /// The format version the recipe is written as: 3 with a variable
+    /// chunk grid, else 2 with a file map, else 1.
+    pub fn version(&self) -> u16 {
+        match (self.grid.is_variable(), self.file_map.is_some()) {
+            (true, _) => 3,
+            (false, true) => 2,
+            (false, false) => 1,
+        }
     }
 
-    /// Plaintext length of chunk `index` (the last one may be short).
+    /// Where the chunks start and end.
+    pub fn grid(&self) -> &ChunkGrid {
+        &self.grid
+    }
+
+    /// Number of chunks the image spans (stored plus zero).
+    pub fn chunk_count(&self) -> u64 {
+        self.grid.count()
+    }
+
+    /// Plaintext length of chunk `index` (chunks vary in a variable grid;
+    /// the last one may be short).
     pub fn chunk_len(&self, index: u64) -> u64 {
-        let start = index * self.chunk_size;
-        self.chunk_size.min(self.image_size.saturating_sub(start))
+        self.grid.len(index)
+    }
+
+    /// First byte of chunk `index` in the image.
+    pub fn chunk_start(&self, index: u64) -> u64 {
+        self.grid.start(index)
+    }
+
+    /// The chunk holding image byte `offset`.
+    pub fn chunk_of(&self, offset: u64) -> u64 {
+        self.grid.index_of(offset)
     }
 
     /// The chunk entry covering chunk number `index`, or `None` for a zero chunk.
@@ -204,14 +241,22 @@ impl Recipe {
     fn encode_body(&self, encrypted: bool) -> Vec<u8> {
         let mut out = Vec::with_capacity(64 + self.chunks.len() * 40);
         out.extend_from_slice(MAGIC);
-        let version = if self.file_map.is_some() { VERSION } else { 1 };
-        out.extend_from_slice(&version.to_le_bytes());
+        let variable = self.grid.is_variable();
+        out.extend_from_slice(&self.version().to_le_bytes());
         out.push(self.chunk_size.trailing_zeros() as u8);
-        out.push(if encrypted { FLAG_ENCRYPTED } else { 0 });
+        let mut flags = if encrypted { FLAG_ENCRYPTED } else { 0 };
+        if variable {
+            flags |= FLAG_VARIABLE;
+            if self.file_map.is_some() {
+                flags |= FLAG_FILE_MAP;
+            }
+        }
+        out.push(flags);
         out.extend_from_slice(&self.image_size.to_le_bytes());
         put_str(&mut out, self.source_digest.as_bytes());
         let config = serde_json::to_vec(&self.config).expect("ImageConfig serializes");
         put_str(&mut out, &config);
+        self.grid.encode_table(&mut out);
         varint::put(&mut out, self.chunks.len() as u64);
         let mut next = 0u64;
         for e in &self.chunks {
@@ -247,7 +292,11 @@ impl Recipe {
             )));
         }
         let [log2, flags] = take::<2>(&mut b)?;
-        if flags & !FLAG_ENCRYPTED != 0 || log2 > 40 {
+        let known = match version {
+            3 => FLAG_ENCRYPTED | FLAG_VARIABLE | FLAG_FILE_MAP,
+            _ => FLAG_ENCRYPTED,
+        };
+        if flags & !known != 0 || log2 > 40 || (version == 3) != (flags & FLAG_VARIABLE != 0) {
             return Err(bad("unknown flags or chunk size"));
         }
         let chunk_size = 1u64 << log2;
@@ -257,8 +306,13 @@ impl Recipe {
             .map_err(|_| bad("source digest is not UTF-8"))?;
         let config: ImageConfig = serde_json::from_slice(get_str(&mut b, "config")?)
             .map_err(|e| FormatError::Recipe(format!("config: {e}")))?;
+        let grid = if flags & FLAG_VARIABLE != 0 {
+            ChunkGrid::decode_table(&mut b, image_size, chunk_size)?
+        } else {
+            ChunkGrid::fixed(image_size, chunk_size)?
+        };
         let n = varint::get(&mut b, "chunk count")?;
-        let max = image_size.div_ceil(chunk_size);
+        let max = grid.count();
         if n > max {
             return Err(FormatError::Recipe(format!(
                 "{n} chunks for an image of {max} chunks"
@@ -283,9 +337,15 @@ impl Recipe {
             });
             next = index + 1;
         }
-        let file_map = match version {
-            1 => None,
-            _ => Some(FileMap::decode(&mut b, max)?),
+        let has_map = match version {
+            1 => false,
+            2 => true,
+            _ => flags & FLAG_FILE_MAP != 0,
+        };
+        let file_map = if has_map {
+            Some(FileMap::decode(&mut b, max)?)
+        } else {
+            None
         };
         let sealed_keys = if flags & FLAG_ENCRYPTED != 0 {
             if b.len() != 12 + chunks.len() * 32 + 16 {
@@ -305,6 +365,7 @@ impl Recipe {
             config,
             chunks,
             file_map,
+            grid,
             sealed_keys,
         };
         r.check_table()?;
@@ -315,7 +376,7 @@ impl Recipe {
     }
 
     fn check_table(&self) -> Result<()> {
-        let max = self.image_size.div_ceil(self.chunk_size);
+        let max = self.grid.count();
         let mut prev: Option<u64> = None;
         for e in &self.chunks {
             if e.index >= max || prev.is_some_and(|p| p >= e.index) {

@@ -175,9 +175,9 @@ impl LazyImage {
         self.inner.img.recipe.image_size
     }
 
-    /// Chunk size in bytes.
-    pub fn chunk_size(&self) -> u64 {
-        self.inner.img.recipe.chunk_size
+    /// Where the image's chunks start and end.
+    pub fn grid(&self) -> &smr_format::ChunkGrid {
+        self.inner.img.recipe.grid()
     }
 
     /// The node cache it reads through.
@@ -263,9 +263,9 @@ impl LazyImage {
         // load and decrypt them again.
         let mut passing: Vec<(DecodeKey, Arc<Vec<u8>>)> = Vec::new();
         if len > 0 {
-            let cs = self.chunk_size();
+            let grid = self.grid();
             let recorder = self.inner.recorder.get();
-            for c in offset / cs..=(end - 1) / cs {
+            for c in grid.chunks_of(offset..end) {
                 if let Some(r) = recorder {
                     r.touch(c);
                 }
@@ -288,7 +288,7 @@ impl LazyImage {
                         Some(d)
                     }
                 };
-                if let Err(e) = piece(c, cs, offset, end, data.as_ref())
+                if let Err(e) = piece(c, grid.range(c), offset, end, data.as_ref())
                     .and_then(|(_, p)| push_part(&mut parts, p))
                 {
                     self.count_read(len, false);
@@ -302,9 +302,8 @@ impl LazyImage {
 
     /// Whether the read `[offset, end)` takes all of chunk `c`.
     fn covers(&self, c: u64, offset: u64, end: u64) -> bool {
-        let cs = self.chunk_size();
-        let start = c * cs;
-        offset <= start && end >= (start + cs).min(self.size())
+        let r = self.grid().range(c);
+        offset <= r.start && end >= r.end
     }
 
     /// Counts a read of `len` bytes that succeeded or failed.
@@ -349,8 +348,9 @@ impl LazyImage {
         if len == 0 {
             return Ok(());
         }
-        let cs = self.chunk_size();
-        let (first, last) = (offset / cs, (end - 1) / cs);
+        let grid = self.grid();
+        let chunks = grid.chunks_of(offset..end);
+        let (first, last) = (chunks.start, chunks.end - 1);
         // Chunks that must come from the store are handed to the fetcher
         // together (so that neighbours share a request), with a read-ahead
         // window for a sequential reader; then every chunk is loaded here,
@@ -379,7 +379,7 @@ impl LazyImage {
                 .inner
                 .chunk(c, !self.covers(c, offset, end))
                 .map_err(|e| self.inner.fail(c, offset, e))?;
-            let (lo, piece) = piece(c, cs, offset, end, data.as_ref())?;
+            let (lo, piece) = piece(c, grid.range(c), offset, end, data.as_ref())?;
             f(lo, piece)?;
         }
         Ok(())
@@ -389,19 +389,19 @@ impl LazyImage {
     /// image) as runs of `(length, is_hole)`: zero chunks are holes.
     pub fn block_status(&self, offset: u64, len: u64) -> Vec<(u64, bool)> {
         let end = offset.saturating_add(len).min(self.size());
-        let cs = self.chunk_size();
+        let grid = self.grid();
         let chunks = &self.inner.img.recipe.chunks;
-        let mut p = chunks.partition_point(|e| e.index < offset / cs);
+        let mut p = chunks.partition_point(|e| e.index < grid.index_of(offset));
         let mut runs: Vec<(u64, bool)> = Vec::new();
         let mut at = offset;
         while at < end {
-            let index = at / cs;
+            let index = grid.index_of(at);
             let (stop, hole) = match chunks.get(p) {
                 Some(e) if e.index == index => {
                     p += 1;
-                    ((index + 1) * cs, false)
+                    (grid.range(index).end, false)
                 }
-                Some(e) => (e.index * cs, true),
+                Some(e) => (grid.start(e.index), true),
                 None => (end, true),
             };
             let stop = stop.min(end);
@@ -423,10 +423,11 @@ impl LazyImage {
         if offset >= end {
             return Ok(());
         }
-        let cs = self.chunk_size();
+        let grid = self.grid();
+        let wanted = grid.chunks_of(offset..end);
         let chunks = &self.inner.img.recipe.chunks;
-        let from = chunks.partition_point(|e| e.index < offset / cs);
-        let to = chunks.partition_point(|e| e.index <= (end - 1) / cs);
+        let from = chunks.partition_point(|e| e.index < wanted.start);
+        let to = chunks.partition_point(|e| e.index < wanted.end);
         let todo: Vec<usize> = (from..to)
             .filter(|&pos| {
                 chunks
@@ -446,7 +447,7 @@ impl LazyImage {
         for (pos, r) in rx.iter() {
             if let Err(e) = r {
                 let index = chunks.get(pos).map_or(0, |e| e.index);
-                let err = self.inner.fail(index, index * cs, e);
+                let err = self.inner.fail(index, grid.start(index), e);
                 first_err.get_or_insert(err);
             }
         }
@@ -462,17 +463,18 @@ enum ChunkSlice<'a> {
     Data(&'a Arc<Vec<u8>>, std::ops::Range<usize>),
 }
 
-/// Chunk `c`'s piece of the read `[offset, end)` (chunks of `cs` bytes;
-/// `data` its plaintext, `None` for a zero chunk), and where it starts.
+/// Chunk `c`'s piece of the read `[offset, end)` (`chunk` its bytes in
+/// the image; `data` its plaintext, `None` for a zero chunk), and where it
+/// starts.
 fn piece(
     c: u64,
-    cs: u64,
+    chunk: std::ops::Range<u64>,
     offset: u64,
     end: u64,
     data: Option<&Arc<Vec<u8>>>,
 ) -> io::Result<(u64, ChunkSlice<'_>)> {
-    let start = c * cs;
-    let (lo, hi) = (offset.max(start), end.min(start + cs));
+    let start = chunk.start;
+    let (lo, hi) = (offset.max(start), end.min(chunk.end));
     let piece = match data {
         None => ChunkSlice::Zero((hi - lo) as usize),
         Some(d) => {
@@ -616,7 +618,7 @@ impl Inner {
                 if e.object != object {
                     break;
                 }
-                bytes += e.range.len.unwrap_or(recipe.chunk_size);
+                bytes += e.range.len.unwrap_or_else(|| recipe.chunk_len(c));
                 if !self.cache.in_memory(&key) {
                     wants.push((key.id, e));
                 }

@@ -126,10 +126,10 @@ pub fn extract(
     let result = (|| {
         let file = File::create(&tmp).map_err(io_err)?;
         file.set_len(img.recipe.image_size).map_err(io_err)?;
-        let cs = img.recipe.chunk_size;
         for (_, r) in for_each_chunk(img, threads, |pos| {
             let (e, plain) = img.fetch(store, pos)?;
-            file.write_all_at(&plain, e.index * cs).map_err(io_err)
+            file.write_all_at(&plain, img.recipe.chunk_start(e.index))
+                .map_err(io_err)
         }) {
             r?;
         }
@@ -164,7 +164,6 @@ pub fn extract_stream(
         path: name.to_string(),
         source,
     };
-    let cs = img.recipe.chunk_size;
     let size = img.recipe.image_size;
     let mut written = 0u64;
     let zeros = vec![0u8; 1 << 16];
@@ -183,7 +182,7 @@ pub fn extract_stream(
         let end = (start + window).min(total);
         for (_, r) in for_each_chunk_in(start..end, threads, |pos| img.fetch(store, pos)) {
             let (e, plain) = r?;
-            fill(out, &mut written, e.index * cs)?;
+            fill(out, &mut written, img.recipe.chunk_start(e.index))?;
             out.write_all(&plain).map_err(io_err)?;
             written += plain.len() as u64;
         }

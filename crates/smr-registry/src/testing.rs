@@ -259,8 +259,7 @@ pub fn test_image(store: &smr_store::LocalStore, name: &str, tags: &[Option<Stri
         plain.insert(index as u64, p);
     }
     let recipe = Recipe::new(
-        tags.len() as u64 * (64 << 10),
-        64 << 10,
+        smr_format::ChunkGrid::fixed(tags.len() as u64 * (64 << 10), 64 << 10).unwrap(),
         subject.digest.clone(),
         Default::default(),
         entries,

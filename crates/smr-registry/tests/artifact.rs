@@ -127,6 +127,7 @@ fn publish_and_convert(
     let src = open_source(&format!("oci:{}:{tag}", dir.path().display())).unwrap();
     let opts = ConvertOptions {
         chunk_size: 64 << 10,
+        cdc: None,
         codec: ChunkCodec::new(smr_format::chunk::default_salt(), true, false),
         platform: Platform::default(),
         owner: Some(owner.clone()),
@@ -169,7 +170,7 @@ fn extract(recipe_bytes: &[u8], owner: &OwnerKey, store: &dyn ChunkStore) -> Vec
                 let stored = store.get(&e.id).unwrap();
                 let len = recipe.chunk_len(e.index) as usize;
                 let plain = open_chunk(&e.id, keys.get(pos), e.compressed, stored, len).unwrap();
-                let at = (e.index * recipe.chunk_size) as usize;
+                let at = recipe.chunk_start(e.index) as usize;
                 image.lock().unwrap()[at..at + len].copy_from_slice(&plain);
             });
         }

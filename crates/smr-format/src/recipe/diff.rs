@@ -3,6 +3,7 @@
 //! entry; the first entry that is not names what differs.
 
 use super::Recipe;
+use crate::grid::ChunkGrid;
 
 impl Recipe {
     /// The first way in which `other` (converted again) differs from this
@@ -30,9 +31,12 @@ impl Recipe {
                 json(other)
             ));
         }
+        if let Some(d) = grid_difference(&self.grid, &other.grid) {
+            return Some(d);
+        }
         let range = |index: u64| {
-            let start = index * self.chunk_size;
-            format!("bytes {start}..{} of the image", start + self.chunk_size)
+            let r = self.grid.range(index);
+            format!("bytes {}..{} of the image", r.start, r.end)
         };
         for (a, b) in self.chunks.iter().zip(&other.chunks) {
             if a.index != b.index {
@@ -88,12 +92,42 @@ impl Recipe {
     }
 }
 
+/// How two chunk grids differ: their kind or CDC sizes, else the first
+/// chunk whose bytes differ. `None` when the same (image sizes aside,
+/// reported after the chunks).
+fn grid_difference(a: &ChunkGrid, b: &ChunkGrid) -> Option<String> {
+    let kind = |g: &ChunkGrid| match g.cdc_sizes() {
+        None => "fixed".to_string(),
+        Some(s) => format!("content-defined {s}"),
+    };
+    if a.cdc_sizes() != b.cdc_sizes() {
+        return Some(format!(
+            "chunking: {} here, {} converted again",
+            kind(a),
+            kind(b)
+        ));
+    }
+    if !a.is_variable() {
+        return None;
+    }
+    let first = (0..a.count().max(b.count())).find(|&i| a.range(i) != b.range(i))?;
+    let show = |g: &ChunkGrid| {
+        let r = g.range(first);
+        format!("bytes {}..{}", r.start, r.end)
+    };
+    Some(format!(
+        "chunk #{first}: {} here, {} converted again",
+        show(a),
+        show(b)
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use crate::chunk::ChunkId;
     use crate::config::ImageConfig;
     use crate::recipe::{ChunkEntry, Recipe};
-    use crate::OwnerKey;
+    use crate::{ChunkGrid, OwnerKey};
 
     fn entry(index: u64, tag: u8) -> ChunkEntry {
         ChunkEntry {
@@ -110,8 +144,7 @@ mod tests {
             ..ImageConfig::default()
         };
         Recipe::new(
-            1 << 20,
-            65536,
+            ChunkGrid::fixed(1 << 20, 65536).unwrap(),
             "sha256:aa".into(),
             config,
             chunks,
@@ -163,8 +196,7 @@ mod tests {
         let key = OwnerKey([7; 32]);
         let keys = [crate::ChunkKey([1; 32])];
         let sealed = Recipe::new(
-            a.image_size,
-            a.chunk_size,
+            a.grid().clone(),
             a.source_digest.clone(),
             a.config.clone(),
             a.chunks.clone(),

@@ -23,7 +23,7 @@ fn config() -> ImageConfig {
 
 fn file_map() -> FileMap {
     FileMap::from_byte_ranges(
-        65536,
+        &ChunkGrid::fixed(21 * 65536, 65536).unwrap(),
         18 * 65536,
         [65536..4 * 65536, 5 * 65536..5 * 65536 + 9],
     )
@@ -35,8 +35,7 @@ fn sample_with(encrypted: bool, map: Option<FileMap>) -> (Recipe, OwnerKey) {
     let ch = entries(10);
     let keys: Vec<ChunkKey> = (0..10).map(|i| ChunkKey([i as u8 + 100; 32])).collect();
     let r = Recipe::new(
-        21 * 65536,
-        65536,
+        ChunkGrid::fixed(21 * 65536, 65536).unwrap(),
         "sha256:abc".into(),
         config(),
         ch,
@@ -85,10 +84,14 @@ fn the_key_table_authenticates_the_file_map() {
 
 #[test]
 fn a_file_map_beyond_the_image_is_refused() {
-    let map = FileMap::from_byte_ranges(65536, 0, std::iter::once(19 * 65536..23 * 65536)).unwrap();
+    let map = FileMap::from_byte_ranges(
+        &ChunkGrid::fixed(1 << 40, 65536).unwrap(),
+        0,
+        std::iter::once(19 * 65536..23 * 65536),
+    )
+    .unwrap();
     let err = Recipe::new(
-        21 * 65536,
-        65536,
+        ChunkGrid::fixed(21 * 65536, 65536).unwrap(),
         "sha256:abc".into(),
         config(),
         entries(10),
@@ -178,8 +181,7 @@ fn compact() {
         .collect();
     let keys = vec![ChunkKey([2; 32]); n as usize];
     let r = Recipe::new(
-        n << 19,
-        1 << 19,
+        ChunkGrid::fixed(n << 19, 1 << 19).unwrap(),
         "sha256:x".into(),
         config(),
         ch,
@@ -209,4 +211,70 @@ proptest::proptest! {
     fn decode_never_panics(data: Vec<u8>) {
         let _ = Recipe::decode(&data);
     }
+}
+
+/// A variable grid of 21 chunks (lengths 4 KiB to 256 KiB, a short last).
+fn variable_grid() -> ChunkGrid {
+    let lens = (0..20u64)
+        .map(|i| 4096 * (1 + (i * 7) % 64))
+        .chain(std::iter::once(1000));
+    ChunkGrid::variable(65536, crate::CdcSizes::default(), lens).unwrap()
+}
+
+#[test]
+fn variable_grid_recipes_round_trip_as_version_3() {
+    let grid = variable_grid();
+    for (encrypted, map) in [(false, None), (true, None), (true, Some(()))] {
+        let map = map.map(|()| {
+            FileMap::from_byte_ranges(
+                &grid,
+                grid.start(9),
+                std::iter::once(grid.start(2)..grid.start(5)),
+            )
+            .unwrap()
+        });
+        let owner = OwnerKey([5; 32]);
+        let ch = entries(10);
+        let keys: Vec<ChunkKey> = (0..ch.len()).map(|i| ChunkKey([i as u8; 32])).collect();
+        let r = Recipe::new(
+            grid.clone(),
+            "sha256:v".into(),
+            config(),
+            ch,
+            map.clone(),
+            encrypted.then_some((&keys[..], &owner)),
+        )
+        .unwrap();
+        let bytes = r.encode();
+        assert_eq!(u16::from_le_bytes([bytes[8], bytes[9]]), 3);
+        let back = Recipe::decode(&bytes).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(back.grid(), &grid);
+        assert_eq!(back.file_map, map);
+        assert_eq!(back.chunk_len(1), grid.len(1));
+        assert_eq!(back.chunk_of(grid.start(7) + 5), 7);
+        if encrypted {
+            assert_eq!(back.keys(Some(&owner)).unwrap().unwrap(), keys);
+        }
+    }
+}
+
+#[test]
+fn a_variable_grid_shorter_than_the_chunk_table_is_refused() {
+    // Chunk 11 is listed, but a grid of 5 chunks has no chunk 11.
+    let grid = ChunkGrid::variable(65536, crate::CdcSizes::default(), [4096; 5]).unwrap();
+    let err = Recipe::new(grid, "sha256:v".into(), config(), entries(10), None, None).unwrap_err();
+    assert!(err.to_string().contains("out of range"), "{err}");
+}
+
+#[test]
+fn a_fixed_recipe_claiming_version_3_is_refused() {
+    let (r, _) = sample_with(false, Some(file_map()));
+    let mut bytes = r.encode();
+    bytes[8] = 3;
+    let body = bytes.len() - 32;
+    let sum: [u8; 32] = Sha256::digest(&bytes[..body]).into();
+    bytes[body..].copy_from_slice(&sum);
+    let err = Recipe::decode(&bytes).unwrap_err();
+    assert!(err.to_string().contains("flags"), "{err}");
 }

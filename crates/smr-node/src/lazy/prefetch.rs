@@ -238,7 +238,11 @@ impl Inner {
             end += 1;
         }
         if let Some(run) = map.file_at(index) {
-            let max = (FILE_PREFETCH_BYTES / recipe.chunk_size).max(1);
+            // The rest of the file, up to FILE_PREFETCH_BYTES of it.
+            let limit = recipe
+                .chunk_start(index + 1)
+                .saturating_add(FILE_PREFETCH_BYTES);
+            let max = recipe.chunk_of(limit).max(index + 2) - (index + 1);
             end = end.max(run.range().end.min(index + 1 + max));
         }
         self.queue_prefetch(index + 1..end, true);
@@ -339,7 +343,7 @@ impl LazyImage {
         let Some(map) = &recipe.file_map else {
             return;
         };
-        let header = smr_format::filemap::HEADER_BYTES.div_ceil(recipe.chunk_size);
+        let header = recipe.chunk_of(smr_format::filemap::HEADER_BYTES - 1) + 1;
         let chunks = recipe.chunk_count();
         self.inner
             .queue_prefetch((0..header).chain(map.metadata_chunk..chunks), false);

@@ -127,7 +127,7 @@ impl LazyImage {
     /// Starts recording the chunks read from now on (by `read_at`,
     /// `read_parts`; not by prefetches). Idempotent.
     pub fn record(&self) -> Arc<Recorder> {
-        let chunks = self.size().div_ceil(self.chunk_size());
+        let chunks = self.grid().count();
         self.inner
             .recorder
             .get_or_init(|| Arc::new(Recorder::new(chunks)))

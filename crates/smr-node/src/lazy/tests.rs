@@ -13,7 +13,7 @@ use proptest::prelude::*;
 mod prefetch;
 use smr_format::chunk::default_salt;
 use smr_format::config::ImageConfig;
-use smr_format::{ChunkCodec, ChunkEntry, OwnerKey, Profile, Recipe};
+use smr_format::{ChunkCodec, ChunkEntry, ChunkGrid, OwnerKey, Profile, Recipe};
 use smr_store::{LocalStore, PutOutcome};
 
 use super::*;
@@ -110,12 +110,26 @@ fn fixture(delay: Duration) -> Fixture {
 
 /// [`fixture`] with a recipe that carries `file_map`.
 fn fixture_with_map(delay: Duration, file_map: Option<smr_format::FileMap>) -> Fixture {
+    let grid = ChunkGrid::fixed(SIZE, CS).expect("grid");
+    fixture_with_grid(delay, file_map, grid)
+}
+
+/// The image cut by `grid` (content-defined chunking makes such grids).
+fn fixture_with_grid(
+    delay: Duration,
+    file_map: Option<smr_format::FileMap>,
+    grid: ChunkGrid,
+) -> Fixture {
     let tmp = tempfile::tempdir().expect("tempdir");
     let plain = plain_image();
     let local = LocalStore::open(tmp.path().join("store")).expect("store");
     let codec = ChunkCodec::new(default_salt(), true, true);
     let (mut entries, mut keys) = (Vec::new(), Vec::new());
-    for (index, data) in plain.chunks(CS as usize).enumerate() {
+    let pieces = (0..grid.count()).map(|c| {
+        let r = grid.range(c);
+        &plain[r.start as usize..r.end as usize]
+    });
+    for (index, data) in pieces.enumerate() {
         if data.iter().all(|b| *b == 0) {
             continue;
         }
@@ -131,8 +145,7 @@ fn fixture_with_map(delay: Duration, file_map: Option<smr_format::FileMap>) -> F
     }
     let owner = OwnerKey([7; 32]);
     let recipe = Recipe::new(
-        SIZE,
-        CS,
+        grid,
         "sha256:test".into(),
         ImageConfig::default(),
         entries,
@@ -221,6 +234,54 @@ proptest! {
         let len = len.min(SIZE - off);
         let got = fx.read(lazy, off, len).expect("read");
         prop_assert!(got == fx.plain[off as usize..(off + len) as usize]);
+    }
+}
+
+/// A variable grid over the image: chunks of 4 KiB to 256 KiB.
+fn variable_grid() -> ChunkGrid {
+    let mut lens = Vec::new();
+    let mut at = 0;
+    for len in [16u64, 200, 4, 64, 132, 36, 256]
+        .iter()
+        .cycle()
+        .map(|k| k << 10)
+    {
+        if at + len >= SIZE {
+            lens.push(SIZE - at);
+            break;
+        }
+        lens.push(len);
+        at += len;
+    }
+    ChunkGrid::variable(CS, smr_format::CdcSizes::default(), lens).expect("grid")
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+    /// Reads of an image cut into chunks of varying sizes: the bytes of
+    /// the image, whichever chunks they span; zero chunks are holes.
+    #[test]
+    fn any_read_of_a_variable_grid_equals_the_image(off in 0..SIZE, len in 0..(3 * CS)) {
+        static FX: std::sync::OnceLock<(Fixture, LazyImage)> = std::sync::OnceLock::new();
+        let (fx, lazy) = FX.get_or_init(|| {
+            let fx = fixture_with_grid(Duration::ZERO, None, variable_grid());
+            let lazy = fx.lazy(1 << 20, 1 << 30);
+            (fx, lazy)
+        });
+        let len = len.min(SIZE - off);
+        let got = fx.read(lazy, off, len).expect("read");
+        prop_assert!(got == fx.plain[off as usize..(off + len) as usize]);
+        let parts = lazy.read_parts(off, len as usize).expect("parts");
+        prop_assert!(flatten(&parts) == fx.plain[off as usize..(off + len) as usize]);
+        let mut at = off;
+        for (n, hole) in lazy.block_status(off, len) {
+            let bytes = &fx.plain[at as usize..(at + n) as usize];
+            if hole {
+                prop_assert!(bytes.iter().all(|&b| b == 0), "hole at {at} holds data");
+            }
+            at += n;
+        }
+        prop_assert_eq!(at, off + len);
     }
 }
 

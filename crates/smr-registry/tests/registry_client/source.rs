@@ -41,6 +41,7 @@ fn recipe_of(src: &dyn ImageSource, chunk_size: u64) -> Vec<u8> {
     let store = Arc::new(smr_store::LocalStore::open(dir.path()).expect("store"));
     let opts = ConvertOptions {
         chunk_size,
+        cdc: None,
         codec: ChunkCodec::new(default_salt(), true, false),
         platform: Platform::default(),
         owner: Some(OwnerKey([7; 32])),

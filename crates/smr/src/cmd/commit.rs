@@ -104,10 +104,12 @@ pub fn run(a: Args) -> Result<ExitCode> {
     let (store, batched) = super::convert::open_store(&location)?;
 
     let map = v.volume.map();
-    let cs = base.chunk_size;
     let size = v.volume.size();
-    let blocks_per_chunk = cs / BLOCK;
-    let chunk_count = size.div_ceil(cs);
+    // The base's chunks, and the nominal chunk size past its end.
+    let grid = base
+        .grid()
+        .extended_to(size)
+        .with_context(|| format!("volume {} is smaller than its base", a.volume))?;
     let by_index: std::collections::HashMap<u64, usize> = base
         .chunks
         .iter()
@@ -118,8 +120,14 @@ pub fn run(a: Args) -> Result<ExitCode> {
     let (mut dirty, mut stored, mut stored_bytes, mut dropped) = (0u64, 0u64, 0u64, 0u64);
     let base_store = v.base.lazy.fetcher().store().clone();
     let mut copied = 0u64;
-    for index in 0..chunk_count {
-        let written = map.any_in(index * blocks_per_chunk, blocks_per_chunk);
+    for index in 0..grid.count() {
+        let range = grid.range(index);
+        // A chunk the volume grew is new, written or not.
+        let written = range != base.grid().range(index)
+            || map.any_in(
+                range.start / BLOCK,
+                (range.end - range.start).div_ceil(BLOCK),
+            );
         if !written {
             if let Some(&pos) = by_index.get(&index) {
                 let e = base.chunks[pos];
@@ -151,10 +159,9 @@ pub fn run(a: Args) -> Result<ExitCode> {
             continue;
         }
         dirty += 1;
-        let len = cs.min(size - index * cs) as usize;
-        let mut plain = vec![0u8; len];
+        let mut plain = vec![0u8; (range.end - range.start) as usize];
         v.volume
-            .read_at(index * cs, &mut plain)
+            .read_at(range.start, &mut plain)
             .with_context(|| format!("reading chunk #{index} of volume {}", a.volume))?;
         if plain.iter().all(|&b| b == 0) {
             dropped += 1;
@@ -185,8 +192,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
     // The image this one was committed from: the base recipe's hash.
     let source = format!("sha256:{}", v.meta.recipe_sha256);
     let recipe = Recipe::new(
-        size,
-        cs,
+        grid,
         source,
         base.config.clone(),
         entries,
@@ -212,7 +218,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         a.out.as_ref().map_or("the registry".into(), |o| o.display().to_string()),
         recipe.digest(),
         dirty,
-        chunk_count,
+        recipe.chunk_count(),
         stored,
         human(stored_bytes),
         dropped,

@@ -51,9 +51,20 @@ pub struct Args {
     pack_chunks: Option<u32>,
     #[command(flatten)]
     registry: RegistryArgs,
-    /// Chunk size: a power of two from 64K to 4M (suffixes K, M).
+    /// Chunk size: a power of two from 64K to 4M (suffixes K, M). With
+    /// `--chunking cdc`, the size of the header chunks and the unit the
+    /// filesystem aligns layers to.
     #[arg(long, default_value = DEFAULT_CHUNK_ARG, value_parser = parse_size)]
     chunk_size: u64,
+    /// Where chunks are cut: every chunk size (`fixed`), or where the
+    /// content says (`cdc`, FastCDC on 4 KiB blocks), so that an image
+    /// with an inserted or changed file shares the chunks around it.
+    #[arg(long, value_enum, default_value_t = Chunking::Fixed)]
+    chunking: Chunking,
+    /// Content-defined chunk sizes MIN:AVG:MAX (multiples of 4K, MAX at
+    /// most 4M); implies `--chunking cdc`.
+    #[arg(long, value_name = "MIN:AVG:MAX")]
+    cdc_sizes: Option<smr_format::CdcSizes>,
     /// Store plaintext chunks named by their SHA-256 (for public images).
     #[arg(long)]
     no_encrypt: bool,
@@ -236,14 +247,29 @@ fn convert_options(a: &Args) -> Result<ConvertOptions> {
     if !a.push && (a.store.is_none() || a.out.is_none()) {
         bail!("convert needs --store and -o (or --push, which keeps the recipe and chunks in the registry)");
     }
+    let cdc = match (a.chunking, a.cdc_sizes) {
+        (_, Some(sizes)) => Some(sizes),
+        (Chunking::Cdc, None) => Some(smr_format::CdcSizes::default()),
+        (Chunking::Fixed, None) => None,
+    };
     Ok(ConvertOptions {
         chunk_size: a.chunk_size,
+        cdc,
         codec: ChunkCodec::new(salt, !a.no_encrypt, a.compress == Compress::Zstd)
             .with_zstd_level(a.zstd_level),
         platform,
         owner: if a.no_encrypt { None } else { owner },
         workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
     })
+}
+
+/// How `smr convert` cuts chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Chunking {
+    /// Every `--chunk-size` bytes.
+    Fixed,
+    /// Content-defined boundaries (`--cdc-sizes`).
+    Cdc,
 }
 
 /// A local store taking the chunks in one batch (see [`open_store`]).

@@ -59,7 +59,14 @@ pub fn run(a: Args) -> Result<ExitCode> {
         human(r.image_size),
         r.image_size
     );
-    outln!("chunk size:   {}", human(r.chunk_size));
+    match r.grid().cdc_sizes() {
+        None => outln!("chunk size:   {}", human(r.chunk_size)),
+        Some(s) => outln!(
+            "chunking:     content-defined {s} (largest {}; header and layout unit {})",
+            human(r.grid().max_len()),
+            human(r.chunk_size)
+        ),
+    }
     outln!(
         "chunks:       {} total, {} zero, {} stored ({})",
         r.chunk_count(),
@@ -106,7 +113,8 @@ fn to_json(r: &Recipe, digest: &str) -> serde_json::Value {
         .map(|e| {
             json!({
                 "index": e.index,
-                "offset": e.index * r.chunk_size,
+                "offset": r.chunk_start(e.index),
+                "len": r.chunk_len(e.index),
                 "id": e.id.to_hex(),
                 "stored_len": e.stored_len,
                 "compressed": e.compressed,
@@ -115,7 +123,11 @@ fn to_json(r: &Recipe, digest: &str) -> serde_json::Value {
         .collect();
     json!({
         "recipe_digest": digest,
-        "format_version": if r.file_map.is_some() { smr_format::recipe::VERSION } else { 1 },
+        "format_version": r.version(),
+        "chunking": match r.grid().cdc_sizes() {
+            Some(s) => json!({"kind": "cdc", "min": s.min, "avg": s.avg, "max": s.max}),
+            None => json!({"kind": "fixed"}),
+        },
         "file_map": r.file_map.as_ref().map(|m| json!({
             "metadata_chunk": m.metadata_chunk,
             "files": m.files.iter().map(|f| [f.start, f.count]).collect::<Vec<_>>(),

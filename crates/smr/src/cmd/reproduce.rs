@@ -69,6 +69,7 @@ pub fn run(image: &str, origin: &OriginArgs, salt_file: Option<&Path>) -> Result
         store,
         &ConvertOptions {
             chunk_size: recipe.chunk_size,
+            cdc: recipe.grid().cdc_sizes(),
             codec,
             platform,
             owner: if encrypted { owner } else { None },
@@ -84,11 +85,14 @@ pub fn run(image: &str, origin: &OriginArgs, salt_file: Option<&Path>) -> Result
         );
     }
     errln!(
-        "reproduced: smr artifact {} is exactly what {} converts to ({} chunks of {}, layout {layout}{}{})",
+        "reproduced: smr artifact {} is exactly what {} converts to ({} chunks {}, layout {layout}{}{})",
         artifact.digest,
         pinned,
         recipe.chunks.len(),
-        recipe.chunk_size,
+        match recipe.grid().cdc_sizes() {
+            Some(s) => format!("cut by content ({s})"),
+            None => format!("of {}", recipe.chunk_size),
+        },
         if encrypted { ", encrypted" } else { "" },
         level.map_or(String::new(), |l| format!(", zstd level {l}"))
     );

@@ -56,6 +56,8 @@ fn conversion_is_deterministic() {
         &[][..],
         &["--compress", "zstd"],
         &["--no-encrypt", "--chunk-size", "1M"],
+        &["--chunking", "cdc", "--compress", "zstd"],
+        &["--no-encrypt", "--cdc-sizes", "4K:16K:64K"],
     ] {
         let mut outs = Vec::new();
         for _ in 0..2 {
@@ -69,6 +71,7 @@ fn conversion_is_deterministic() {
             } = Synthetic::new();
             convert(&src, &store, &recipe, &key, extra);
             extract(&recipe, &store, &key, &img);
+            fsck_clean(&img);
             outs.push((
                 std::fs::read(&recipe).unwrap(),
                 std::fs::read(&img).unwrap(),
@@ -89,6 +92,7 @@ fn golden_recipe_digest() {
     for (extra, golden) in [
         (&["--chunk-size", "512K"][..], GOLDEN_512K),
         (&[][..], GOLDEN_DEFAULT),
+        (&["--chunking", "cdc"][..], GOLDEN_CDC),
     ] {
         // `_t` keeps the temp dir alive to the end of the iteration.
         let Synthetic {
@@ -115,6 +119,9 @@ fn golden_recipe_digest() {
 const GOLDEN_512K: &str = "sha256:b866a52e7ccb82e35f095f5263d0308187471f90c1135dff8a8ca5bea1416c42";
 const GOLDEN_DEFAULT: &str =
     "sha256:26ee387baaf660cf9515651ab1ae97a3efdf21f851ce64f9c54626caa7f8acf6";
+/// Golden digest of recipe format version 3 (content-defined chunks,
+/// default sizes).
+const GOLDEN_CDC: &str = "sha256:67a5648afb8355e7344559abcb455fe457197d8b566228745596048fe7bbb649";
 
 /// A flipped bit in a stored chunk is detected and the chunk is named, by
 /// both `verify` and `extract`; extract leaves no output behind.

@@ -28,11 +28,17 @@ impl Setup {
     }
 
     fn with(extra: &[&str]) -> Option<Setup> {
+        Setup::converted_with(&[], extra)
+    }
+
+    /// The synthetic image converted with `convert_args`, and volume `vm1`
+    /// created from it with `extra`.
+    fn converted_with(convert_args: &[&str], extra: &[&str]) -> Option<Setup> {
         if !have_tools(&["nbdfuse", "nbdcopy", "qemu-io", "e2fsck", "losetup"]) {
             return None;
         }
         let s = Synthetic::new();
-        convert(&s.src, &s.store, &s.recipe, &s.key, &[]);
+        convert(&s.src, &s.store, &s.recipe, &s.key, convert_args);
         let (root, cache) = (s.t.path().join("root"), s.t.path().join("cache"));
         let v = Setup { s, root, cache };
         ok(v.smr(&["volume", "create", "vm1", "--from"])
@@ -253,6 +259,49 @@ fn ext4_written_through_the_volume_checks_clean_and_commits_only_dirty_chunks() 
     assert!(!broken.exists());
     ok(&mut v.smr(&["volume", "rm", "vm1"]));
     assert!(!v.root.join("volumes/vm1").exists());
+}
+
+/// A volume over an image of content-defined chunks, grown past its base:
+/// the commit keeps the base's chunk boundaries (clean chunks shared), cuts
+/// the grown part into nominal chunks, and the result checks clean and
+/// holds the writes.
+#[test]
+fn a_volume_of_content_defined_chunks_commits_on_its_base_grid() {
+    let Some(v) = Setup::converted_with(&["--chunking", "cdc"], &[]) else {
+        return;
+    };
+    let d = v.s.t.path();
+    let srv = v.serve();
+    let m = RwMount::new(&srv.uri_of("vm1"), d);
+    std::fs::write(m.mnt.join("etc/hello"), "cdc volume\n").unwrap();
+    std::fs::write(m.mnt.join("big"), vec![9u8; 2 << 20]).unwrap();
+    m.finish();
+    drop(srv);
+    let new = d.join("new.recipe");
+    ok(v.smr(&["commit", "vm1", "-o"]).arg(&new));
+    let read = |p: &Path| smr_format::Recipe::decode(&std::fs::read(p).unwrap()).unwrap();
+    let (base, committed) = (read(&v.s.recipe), read(&new));
+    assert_eq!(committed.version(), 3);
+    assert!(committed.image_size > base.image_size, "the volume grew");
+    for i in 0..base.chunk_count() - 1 {
+        assert_eq!(base.grid().range(i), committed.grid().range(i), "chunk {i}");
+    }
+    let shared = base
+        .chunks
+        .iter()
+        .filter(|c| committed.chunks.contains(c))
+        .count();
+    assert!(shared > 0, "clean chunks are kept");
+    let img = d.join("new.img");
+    extract(&new, &v.s.store, &v.s.key, &img);
+    ok(Command::new("e2fsck").arg("-fn").arg(&img));
+    let mounted = LoopMount::new(&img);
+    let root = mounted.dir.path();
+    assert_eq!(
+        std::fs::read_to_string(root.join("etc/hello")).unwrap(),
+        "cdc volume\n"
+    );
+    assert_eq!(std::fs::read(root.join("big")).unwrap(), vec![9u8; 2 << 20]);
 }
 
 /// `qemu-io -f raw -c CMD... URI`: its stdout.

@@ -8,7 +8,7 @@ use std::time::Instant;
 /// Files at chunks 5..=12 and 20..=29, metadata from chunk 40.
 fn map() -> FileMap {
     FileMap::from_byte_ranges(
-        CS,
+        &ChunkGrid::fixed(SIZE, CS).expect("grid"),
         40 * CS,
         [
             5 * CS + 100..12 * CS + 5,
@@ -165,7 +165,8 @@ fn a_bad_chunk_in_a_prefetched_file_fails_only_its_reads() {
 #[test]
 fn dropping_the_image_stops_its_prefetch() {
     // Everything is "metadata": more chunks queued than workers.
-    let all = FileMap::from_byte_ranges(CS, 0, []).expect("map");
+    let all =
+        FileMap::from_byte_ranges(&ChunkGrid::fixed(SIZE, CS).expect("grid"), 0, []).expect("map");
     let fx = fixture_with_map(Duration::from_millis(30), Some(all));
     let lazy = fx.lazy(32 << 20, 1 << 30);
     lazy.prefetch_metadata();
