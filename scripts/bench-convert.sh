@@ -2,11 +2,14 @@
 # Convert benchmark (issue: convert throughput): smr convert of the
 # debian-python test image, side by side in one run with mkfs.ext4 -d and
 # mkfs.erofs on the same unpacked tree and casync make on the resulting image.
-# smr rows use the default chunk size (64K) unless named otherwise.
+# smr rows use the default chunking (content-defined, 16K:64K:256K) unless
+# named otherwise (smr-convert-fixed: fixed 64 KiB chunks; -512K: fixed
+# 512 KiB).
 # Usage: scripts/bench-convert.sh [ROUNDS]   (prints a markdown table)
 #   SMR_BENCH_CACHE=warm: keep the page cache between commands (the input
 #   layout and tree stay cached after a first, untimed round); default:
 #   dropped before every timed command.
+#   SMR_BENCH_TOOLS: which rows (space-separated names, see `tools` below).
 set -euo pipefail
 rounds=${1:-3}
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -41,6 +44,7 @@ run_tool() {
     smr-convert) time_cmd "$1" "$smr" convert "oci:$layout:$tag" --store "$work/store" -o "$work/a.recipe" --key-file "$work/key"
       cp "$work/last.err" "$work/smr-summary.txt" ;;
     smr-convert-512K) time_cmd "$1" "$smr" convert "oci:$layout:$tag" --store "$work/store-512" -o "$work/b.recipe" --key-file "$work/key" --chunk-size 512K ;;
+    smr-convert-fixed) time_cmd "$1" "$smr" convert "oci:$layout:$tag" --store "$work/store-fixed" -o "$work/d.recipe" --key-file "$work/key" --chunking fixed ;;
     smr-convert-zstd) time_cmd "$1" "$smr" convert "oci:$layout:$tag" --store "$work/store-z" -o "$work/z.recipe" --key-file "$work/key" --compress zstd ;;
     smr-convert-plain) time_cmd "$1" "$smr" convert "oci:$layout:$tag" --store "$work/store-p" -o "$work/p.recipe" --no-encrypt ;;
     mkfs.ext4-d) time_cmd "$1" mkfs.ext4 -q -F -b 4096 -I 256 -O ^has_journal -d "$rootfs" "$work/mkfs.img" "${size_mb}M" ;;
@@ -51,7 +55,10 @@ run_tool() {
       time_cmd "$1" casync make --store="$work/casync.castr" "$work/casync.caibx" "$work/smr.img" ;;
   esac
 }
-tools=(smr-convert smr-convert-512K smr-convert-zstd smr-convert-plain mkfs.ext4-d mkfs.erofs casync-make)
+# SMR_BENCH_TOOLS: a subset (space-separated; mkfs.ext4-d is the baseline
+# and always runs).
+read -r -a tools <<<"${SMR_BENCH_TOOLS:-smr-convert smr-convert-fixed smr-convert-512K smr-convert-zstd smr-convert-plain mkfs.erofs casync-make}"
+[[ " ${tools[*]} " == *" mkfs.ext4-d "* ]] || tools+=(mkfs.ext4-d)
 if [[ $warm == warm ]]; then   # an untimed round fills the page cache
   for t in "${tools[@]}"; do run_tool "$t"; done
   : >"$work/times"

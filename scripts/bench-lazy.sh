@@ -17,7 +17,8 @@
 # Page cache dropped before every timed command (the warm NBD copies are
 # also timed with it warm). Needs root.
 # Usage: scripts/bench-lazy.sh [ROUNDS]   (prints markdown tables)
-# Env: SMR_BENCH_SIZES (chunk sizes of the cold start, default 64K..1M),
+# Env: SMR_BENCH_SIZES (chunk sizes of the cold start, default 64K..1M;
+#      `cdc` or `cdc-MIN:AVG:MAX` for content-defined chunks),
 #      SMR_BENCH_RAS (loop read_ahead_kb values, default "0 16 128"),
 #      SMR_BENCH_WARM_CS (chunk size of the warm and memory tests, default
 #      64K, the default of `smr convert`),
@@ -64,13 +65,22 @@ now() { date +%s.%N; }
 drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 elapsed() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.3f}')" "$1" "$2"; }
 log() { echo "bench-lazy: $*" >&2; }
+# The convert flags of a "size": a chunk size (fixed chunks), `cdc` for
+# content-defined chunks at the default sizes, `cdc-MIN:AVG:MAX` for others.
+chunking() {
+  case $1 in
+    cdc) echo "--chunking cdc" ;;
+    cdc-*) echo "--cdc-sizes ${1#cdc-}" ;;
+    *) echo "--chunk-size $1" ;;
+  esac
+}
 
 head -c 32 /dev/urandom > "$work/key"
 log "converting $tag at chunk sizes $sizes (and $wcs)"
 for cs in $sizes $wcs; do
   [ -f "$work/py-$cs.recipe" ] && continue
   "$smr" convert "oci:$layout:$tag" --store "$work/store-$cs" -o "$work/py-$cs.recipe" \
-    --key-file "$work/key" --chunk-size "$cs" 2>/dev/null
+    --key-file "$work/key" $(chunking "$cs") 2>/dev/null
 done
 # The memory test's 4 images, in one store: debian-python and debian at
 # the warm chunk size, debian at 512K and 1M.
@@ -79,7 +89,7 @@ mkdir -p "$work/mem"
 for spec in "${mem_images[@]}"; do
   IFS=: read -r name t cs <<<"$spec"
   "$smr" convert "oci:$layout:$t" --store "$work/store-mem" -o "$work/mem/$name.recipe" \
-    --key-file "$work/key" --chunk-size "$cs" 2>/dev/null
+    --key-file "$work/key" $(chunking "$cs") 2>/dev/null
 done
 "$smr" extract "$work/py-$wcs.recipe" --store "$work/store-$wcs" --key-file "$work/key" \
   -o "$work/py.img" 2>/dev/null

@@ -19,10 +19,11 @@
 # Measured, each image in turn into one store (as a registry or store
 # accumulates versions): bytes the store grows by, and bytes a node that
 # holds the previous image fetches for a full read of the next; for smr's
-# fixed 64 KiB chunks (real conversions: plain and zstd), content-defined
-# chunks on 4 KiB blocks (crates/smr-convert/examples/dedup_study.rs over
-# the same ext4 images), and casync (its own CDC over the same images,
-# zstd-compressed chunk files).
+# fixed 64 KiB chunks and its content-defined chunks (real conversions,
+# plain and zstd; `--chunking cdc`), more CDC sizes from the chunking study
+# (crates/smr-convert/examples/dedup_study.rs over the same ext4 images),
+# and casync (its own CDC over the same images, zstd-compressed chunk
+# files).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -42,7 +43,9 @@ done
 "$here/scripts/bench/build-image.sh" "$images" debian-node node nodejs
 
 log "building smr and the chunking study (release)"
-(cd "$here" && env -u CARGO_TARGET_DIR cargo build -q --release -p smr -p smr-convert --example dedup_study)
+# Two builds: with --example, cargo builds only that example.
+(cd "$here" && env -u CARGO_TARGET_DIR cargo build -q --release -p smr \
+  && env -u CARGO_TARGET_DIR cargo build -q --release -p smr-convert --example dedup_study)
 smr=${SMR_BIN:-}
 if [[ -z $smr ]]; then
   cp "$here/target/release/smr" "$work/smr"
@@ -57,19 +60,34 @@ files() { { find "$1" -type f ! -name '.*' 2>/dev/null || true; } | wc -l; }
 
 "$smr" keygen -o "$work/key" 2>/dev/null
 : >"$work/rows"
+prev=
 for name in "${series[@]}"; do
-  log "$name: smr convert (64K plain, 64K zstd), extract, casync make"
+  log "$name: smr convert (fixed and cdc, plain and zstd), extract, casync make"
   before=$(bytes "$work/store"); before_z=$(bytes "$work/store-zstd"); before_c=$(bytes "$work/casync.castr")
+  before_d=$(bytes "$work/store-cdc"); before_dz=$(bytes "$work/store-cdc-zstd")
   chunks_c=$(files "$work/casync.castr")
   t0=$(date +%s.%N)
-  "$smr" convert "$(src "$name")" --store "$work/store" -o "$work/$name.recipe" --key-file "$work/key" 2>/dev/null
+  "$smr" convert "$(src "$name")" --store "$work/store" -o "$work/$name.recipe" --key-file "$work/key" --chunking fixed 2>/dev/null
   t1=$(date +%s.%N)
-  "$smr" convert "$(src "$name")" --store "$work/store-zstd" -o "$work/$name.z.recipe" --key-file "$work/key" --compress zstd 2>/dev/null
+  "$smr" convert "$(src "$name")" --store "$work/store-zstd" -o "$work/$name.z.recipe" --key-file "$work/key" --chunking fixed --compress zstd 2>/dev/null
+  t4=$(date +%s.%N)
+  "$smr" convert "$(src "$name")" --store "$work/store-cdc" -o "$work/$name.cdc.recipe" --key-file "$work/key" --chunking cdc 2>/dev/null
+  t5=$(date +%s.%N)
+  "$smr" convert "$(src "$name")" --store "$work/store-cdc-zstd" -o "$work/$name.cdc.z.recipe" --key-file "$work/key" --chunking cdc --compress zstd 2>/dev/null
   "$smr" extract "$work/$name.recipe" --store "$work/store" --key-file "$work/key" -o "$work/$name.img" 2>/dev/null
   t2=$(date +%s.%N)
   casync make --store="$work/casync.castr" "$work/$name.caibx" "$work/$name.img" >/dev/null
   t3=$(date +%s.%N)
-  echo "$name $(stat -c %s "$work/$name.img") $(( $(bytes "$work/store") - before )) $(( $(bytes "$work/store-zstd") - before_z )) $(( $(bytes "$work/casync.castr") - before_c )) $(( $(files "$work/casync.castr") - chunks_c )) $(python3 -c "print(f'{$t1 - $t0:.2f} {$t3 - $t2:.2f}')")" >>"$work/rows"
+  # Bytes (as stored) of the chunks of this image that the previous one
+  # lacks: what a node holding the previous image fetches.
+  fetch() { # RECIPE PREV_RECIPE
+    if [[ -z $prev ]]; then echo 0; return; fi
+    "$smr" inspect --json "$1" --compare "$2" | python3 -c 'import json,sys; v=json.load(sys.stdin); print(v["base_bytes"] - v["shared_bytes"])'
+  }
+  f_z=$(fetch "$work/$name.z.recipe" "$work/$prev.z.recipe")
+  f_dz=$(fetch "$work/$name.cdc.z.recipe" "$work/$prev.cdc.z.recipe")
+  echo "$name $(stat -c %s "$work/$name.img") $(( $(bytes "$work/store") - before )) $(( $(bytes "$work/store-zstd") - before_z )) $(( $(bytes "$work/casync.castr") - before_c )) $(( $(files "$work/casync.castr") - chunks_c )) $(python3 -c "print(f'{$t1 - $t0:.2f} {$t3 - $t2:.2f} {$t5 - $t4:.2f}')") $(( $(bytes "$work/store-cdc") - before_d )) $(( $(bytes "$work/store-cdc-zstd") - before_dz )) $f_z $f_dz" >>"$work/rows"
+  prev=$name
 done
 
 log "chunking study"
@@ -127,26 +145,40 @@ lines += ["", f"For {mid}, content-defined chunks ({cdc}) fetch {fetch_ratio:.2f
  "middle: every file after the change moves by a length that is rarely a "
  "multiple of 64 KiB, and every chunk after it changes."]
 
+lines += ["", "## Bytes a node fetches, as stored", "",
+ "The same, from real conversions with `--compress zstd` (what the link "
+ "carries): the stored bytes of the next image's chunks that the previous "
+ "image's recipe does not list (`smr inspect --compare`), against casync's "
+ "store growth for the same image (its zstd chunk files), as a ratio to "
+ "casync.", "",
+ "| image | smr fixed 64K zstd | smr cdc 16K:64K:256K zstd | casync (zstd) |",
+ "| --- | --- | --- | --- |"]
+for r in rows[1:]:
+    c = max(1, int(r[4]))
+    cells = [f"{mib(v)} MiB ({int(v) / c:.2f}x)" for v in (r[11], r[12])]
+    lines.append(f"| {r[0]} | " + " | ".join(cells) + f" | {mib(r[4])} MiB (1.00x) |")
+
 lines += ["", "## Bytes stored", "",
  "What the store grows by for each image. smr: real conversions into one "
- "directory store (encrypted chunks; plain and `--compress zstd`); the "
- "CDC rows are the study's uncompressed chunk bytes; casync: its store "
- "(zstd chunk files) after `casync make` of the same ext4 images.", "",
- "| image | smr 64K | smr 64K zstd | " + " | ".join(f"study {s}" for s in schemes) + " | casync (zstd) | casync new chunks |",
- "| --- |" + " --- |" * (4 + len(schemes))]
-tot = [0] * (3 + len(schemes))
+ "directory store each (encrypted chunks; fixed 64 KiB and `--chunking "
+ "cdc`, plain and `--compress zstd`); the study columns are its "
+ "uncompressed chunk bytes; casync: its store (zstd chunk files) after "
+ "`casync make` of the same ext4 images.", "",
+ "| image | smr 64K | smr 64K zstd | smr cdc | smr cdc zstd | " + " | ".join(f"study {s}" for s in schemes) + " | casync (zstd) | casync new chunks |",
+ "| --- |" + " --- |" * (6 + len(schemes))]
+tot = [0] * (5 + len(schemes))
 for r in rows:
     n = r[0]
     study_cells = [by[(s, n)]["new_to_store"] for s in schemes]
-    vals = [int(r[2]), int(r[3])] + study_cells + [int(r[4])]
+    vals = [int(r[2]), int(r[3]), int(r[9]), int(r[10])] + study_cells + [int(r[4])]
     tot = [a + b for a, b in zip(tot, vals)]
     lines.append(f"| {n} | " + " | ".join(mib(v) for v in vals) + f" | {r[5]} |")
 lines.append("| **total** | " + " | ".join(f"**{mib(v)}**" for v in tot) + " | |")
 
 lines += ["", "## Time", "",
- "| image | smr convert (s) | casync make on the image (s) |", "| --- | --- | --- |"]
+ "| image | smr convert, fixed (s) | smr convert, cdc (s) | casync make on the image (s) |", "| --- | --- | --- | --- |"]
 for r in rows:
-    lines.append(f"| {r[0]} | {r[6]} | {r[7]} |")
+    lines.append(f"| {r[0]} | {r[6]} | {r[8]} | {r[7]} |")
 
 # A plot: bytes fetched for each next image, per chunking.
 w, h, pad = 640, 300, 50

@@ -101,6 +101,9 @@ struct Sealed {
     plain_len: u64,
 }
 
+/// Bytes of a write handed to the CDC stream at a time.
+const CDC_PIECE: usize = 1 << 20;
+
 /// How the bytes after the header are cut.
 enum Body {
     /// Every `chunk_size`: the chunk being filled.
@@ -272,9 +275,24 @@ impl ChunkingSink {
             Ok(())
         };
         stream.push_zeros(offset - *next, &mut out)?;
-        stream.push(data, &mut out)?;
-        *next = offset + data.len() as u64;
-        self.emit_cut(cut)
+        *next = offset;
+        self.emit_cut(cut)?;
+        // A piece at a time, so that the stream's buffer and the chunks
+        // cut from it stay within about a piece plus the lookahead however
+        // large the write.
+        for piece in data.chunks(CDC_PIECE) {
+            let Body::Cdc { stream, next, .. } = &mut self.body else {
+                unreachable!("called for a CDC body")
+            };
+            let mut cut: Vec<Vec<u8>> = Vec::new();
+            stream.push(piece, &mut |c: &[u8]| {
+                cut.push(c.to_vec());
+                Ok(())
+            })?;
+            *next += piece.len() as u64;
+            self.emit_cut(cut)?;
+        }
+        Ok(())
     }
 
     /// Emits chunks the CDC stream cut, numbering them after those before.

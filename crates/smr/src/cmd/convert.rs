@@ -51,18 +51,20 @@ pub struct Args {
     pack_chunks: Option<u32>,
     #[command(flatten)]
     registry: RegistryArgs,
-    /// Chunk size: a power of two from 64K to 4M (suffixes K, M). With
-    /// `--chunking cdc`, the size of the header chunks and the unit the
+    /// Chunk size: a power of two from 64K to 4M (suffixes K, M; default
+    /// 64K). Given alone, it means `--chunking fixed`; with content-defined
+    /// chunks it is the size of the header chunks and the unit the
     /// filesystem aligns layers to.
-    #[arg(long, default_value = DEFAULT_CHUNK_ARG, value_parser = parse_size)]
-    chunk_size: u64,
-    /// Where chunks are cut: every chunk size (`fixed`), or where the
-    /// content says (`cdc`, FastCDC on 4 KiB blocks), so that an image
-    /// with an inserted or changed file shares the chunks around it.
-    #[arg(long, value_enum, default_value_t = Chunking::Fixed)]
-    chunking: Chunking,
+    #[arg(long, value_parser = parse_size)]
+    chunk_size: Option<u64>,
+    /// Where chunks are cut: where the content says (`cdc`, the default:
+    /// FastCDC on 4 KiB blocks, so that an image with an inserted or
+    /// changed file shares the chunks around it), or every `--chunk-size`
+    /// bytes (`fixed`, the default when `--chunk-size` is given).
+    #[arg(long, value_enum)]
+    chunking: Option<Chunking>,
     /// Content-defined chunk sizes MIN:AVG:MAX (multiples of 4K, MAX at
-    /// most 4M); implies `--chunking cdc`.
+    /// most 4M; default 16K:64K:256K); implies `--chunking cdc`.
     #[arg(long, value_name = "MIN:AVG:MAX")]
     cdc_sizes: Option<smr_format::CdcSizes>,
     /// Store plaintext chunks named by their SHA-256 (for public images).
@@ -95,9 +97,6 @@ pub struct Args {
     #[arg(long, value_name = "REPO", requires = "push")]
     mount_from: Vec<String>,
 }
-
-/// `--chunk-size`'s default, [`smr_convert::DEFAULT_CHUNK_SIZE`].
-const DEFAULT_CHUNK_ARG: &str = "64K";
 
 /// Parses `512K`, `1M`, `65536`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -247,13 +246,9 @@ fn convert_options(a: &Args) -> Result<ConvertOptions> {
     if !a.push && (a.store.is_none() || a.out.is_none()) {
         bail!("convert needs --store and -o (or --push, which keeps the recipe and chunks in the registry)");
     }
-    let cdc = match (a.chunking, a.cdc_sizes) {
-        (_, Some(sizes)) => Some(sizes),
-        (Chunking::Cdc, None) => Some(smr_format::CdcSizes::default()),
-        (Chunking::Fixed, None) => None,
-    };
+    let cdc = chunking(a.chunking, a.chunk_size, a.cdc_sizes)?;
     Ok(ConvertOptions {
-        chunk_size: a.chunk_size,
+        chunk_size: a.chunk_size.unwrap_or(smr_convert::DEFAULT_CHUNK_SIZE),
         cdc,
         codec: ChunkCodec::new(salt, !a.no_encrypt, a.compress == Compress::Zstd)
             .with_zstd_level(a.zstd_level),
@@ -270,6 +265,25 @@ pub(crate) enum Chunking {
     Fixed,
     /// Content-defined boundaries (`--cdc-sizes`).
     Cdc,
+}
+
+/// The CDC sizes the flags ask for (`None`: fixed chunks): content-defined
+/// unless `--chunking fixed`, or `--chunk-size` alone, says otherwise.
+fn chunking(
+    chunking: Option<Chunking>,
+    chunk_size: Option<u64>,
+    sizes: Option<smr_format::CdcSizes>,
+) -> anyhow::Result<Option<smr_format::CdcSizes>> {
+    Ok(match (chunking, chunk_size, sizes) {
+        (Some(Chunking::Fixed), _, Some(s)) => {
+            bail!("--cdc-sizes {s} needs content-defined chunks, not --chunking fixed")
+        }
+        (Some(Chunking::Fixed), _, None) | (None, Some(_), None) => None,
+        (_, _, Some(s)) => Some(s),
+        (Some(Chunking::Cdc), _, None) | (None, None, None) => {
+            Some(smr_format::CdcSizes::default())
+        }
+    })
 }
 
 /// A local store taking the chunks in one batch (see [`open_store`]).
@@ -378,14 +392,26 @@ fn push(
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_size, DEFAULT_CHUNK_ARG};
+    use super::{chunking, parse_size, Chunking};
+    use smr_format::CdcSizes;
 
     #[test]
-    fn default_chunk_size_is_the_library_default() {
+    fn chunking_is_content_defined_unless_fixed_is_asked_for() {
+        let small: CdcSizes = "8K:32K:128K".parse().unwrap();
+        let d = Some(CdcSizes::default());
+        assert_eq!(chunking(None, None, None).unwrap(), d);
+        assert_eq!(chunking(None, Some(1 << 20), None).unwrap(), None);
         assert_eq!(
-            parse_size(DEFAULT_CHUNK_ARG),
-            Ok(smr_convert::DEFAULT_CHUNK_SIZE)
+            chunking(Some(Chunking::Cdc), Some(1 << 20), None).unwrap(),
+            d
         );
+        assert_eq!(
+            chunking(None, Some(1 << 20), Some(small)).unwrap(),
+            Some(small)
+        );
+        assert_eq!(chunking(Some(Chunking::Fixed), None, None).unwrap(), None);
+        let e = chunking(Some(Chunking::Fixed), None, Some(small)).unwrap_err();
+        assert!(e.to_string().contains("8K:32K:128K"), "{e}");
     }
 
     #[test]

@@ -56,7 +56,7 @@ fn conversion_is_deterministic() {
         &[][..],
         &["--compress", "zstd"],
         &["--no-encrypt", "--chunk-size", "1M"],
-        &["--chunking", "cdc", "--compress", "zstd"],
+        &["--chunking", "fixed", "--compress", "zstd"],
         &["--no-encrypt", "--cdc-sizes", "4K:16K:64K"],
     ] {
         let mut outs = Vec::new();
@@ -85,14 +85,15 @@ fn conversion_is_deterministic() {
 
 /// The recipe digest of the synthetic image is pinned: a change here means
 /// the on-disk format changed (update docs/FORMAT.md and bump the version).
-/// Pinned twice: at 512 KiB chunks (the format, whatever the default) and
-/// at the default chunk size (so that changing the default is deliberate).
+/// Pinned three times: fixed chunks of 512 KiB and of 64 KiB (the format,
+/// whatever the default) and with no flags (so that changing the default
+/// is deliberate: content-defined chunks at 16K:64K:256K).
 #[test]
 fn golden_recipe_digest() {
     for (extra, golden) in [
         (&["--chunk-size", "512K"][..], GOLDEN_512K),
-        (&[][..], GOLDEN_DEFAULT),
-        (&["--chunking", "cdc"][..], GOLDEN_CDC),
+        (&["--chunking", "fixed"][..], GOLDEN_FIXED_64K),
+        (&[][..], GOLDEN_CDC),
     ] {
         // `_t` keeps the temp dir alive to the end of the iteration.
         let Synthetic {
@@ -113,14 +114,14 @@ fn golden_recipe_digest() {
     }
 }
 
-/// Golden digests of recipe format version 2 (with the file map): at
-/// 512 KiB chunks (the default until the lazy-serving benchmark chose
-/// 64 KiB) and at the default.
+/// Golden digests of recipe format version 2 (with the file map): fixed
+/// chunks of 512 KiB and 64 KiB.
 const GOLDEN_512K: &str = "sha256:b866a52e7ccb82e35f095f5263d0308187471f90c1135dff8a8ca5bea1416c42";
-const GOLDEN_DEFAULT: &str =
+const GOLDEN_FIXED_64K: &str =
     "sha256:26ee387baaf660cf9515651ab1ae97a3efdf21f851ce64f9c54626caa7f8acf6";
 /// Golden digest of recipe format version 3 (content-defined chunks,
-/// default sizes).
+/// default sizes): the default since the image-series evaluation
+/// (docs/EVALUATION.md).
 const GOLDEN_CDC: &str = "sha256:67a5648afb8355e7344559abcb455fe457197d8b566228745596048fe7bbb649";
 
 /// A flipped bit in a stored chunk is detected and the chunk is named, by

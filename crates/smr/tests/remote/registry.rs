@@ -107,9 +107,13 @@ fn push_then_mount_lazily_from_the_registry() {
     let tags = String::from_utf8_lossy(&tags.stdout);
     assert!(tags.contains("\"sha256-"), "{tags}");
 
-    // The lazily mounted tree equals the image converted locally and
-    // loop-mounted from its extracted file.
-    convert(&s.src, &s.store, &s.recipe, &s.key, &[]);
+    lazy_tree_equals_local(&s, &image, &[]);
+}
+
+/// The tree of `image` mounted lazily equals `s` converted locally with
+/// `convert_args` and loop-mounted from its extracted file.
+fn lazy_tree_equals_local(s: &Synthetic, image: &str, convert_args: &[&str]) {
+    convert(&s.src, &s.store, &s.recipe, &s.key, convert_args);
     extract(&s.recipe, &s.store, &s.key, &s.img);
     let local = LoopMount::new(&s.img);
     let (mnt, state, cache) = (
@@ -117,8 +121,38 @@ fn push_then_mount_lazily_from_the_registry() {
         s.t.path().join("state"),
         s.t.path().join("cache"),
     );
-    let m = Mounted::new(&image, &mnt, &state, &cache, &s.key, &[]);
+    let m = Mounted::new(image, &mnt, &state, &cache, &s.key, &[]);
     trees_equal(local.dir.path(), m.mnt);
+}
+
+/// An artifact of content-defined chunks: pushed in packs, mounted lazily
+/// from the registry (the tree of the same conversion done locally), and
+/// reproduced by converting its source again with the sizes its recipe
+/// records.
+#[test]
+fn content_defined_chunks_push_mount_and_reproduce() {
+    let Some(reg) = Registry::start(None) else {
+        return;
+    };
+    let (s, image) = synthetic_in(&reg);
+    let cdc = [
+        "--chunking",
+        "cdc",
+        "--cdc-sizes",
+        "8K:32K:128K",
+        "--compress",
+        "zstd",
+    ];
+    let pushed = push(&image, &s.key, &cdc);
+    assert!(pushed.contains("pushed smr artifact"), "{pushed}");
+    lazy_tree_equals_local(&s, &image, &cdc);
+    let key = s.key.to_str().unwrap();
+    let out = ok(smr().args(["verify", "--reproduce", &image, "--key-file", key]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("reproduced:") && err.contains("8K:32K:128K"),
+        "{err}"
+    );
 }
 
 #[test]
