@@ -106,16 +106,14 @@ const CDC_PIECE: usize = 1 << 20;
 
 /// How the bytes after the header are cut.
 enum Body {
-    /// Every `chunk_size`: the chunk being filled.
+    /// Every `chunk_size` from [`ChunkingSink::fixed_origin`]: the chunk
+    /// being filled.
     Fixed(Option<(u64, Vec<u8>)>),
     /// Content-defined.
     Cdc {
-        sizes: CdcSizes,
         stream: CdcStream,
         /// Image offset of the next byte the stream takes.
         next: u64,
-        /// Body chunk lengths so far, in order.
-        lens: Vec<u64>,
     },
 }
 
@@ -126,6 +124,12 @@ pub struct ChunkingSink {
     header_chunks: u64,
     header: Vec<u8>,
     body: Body,
+    /// Content-defined chunking: its sizes and the lengths of the chunks
+    /// it cut so far, in order (they follow the header chunks).
+    cdc: Option<(CdcSizes, Vec<u64>)>,
+    /// Where fixed chunks start: image offset and chunk number (the image
+    /// start for a fixed grid; the metadata region for a variable one).
+    fixed_origin: (u64, u64),
     tx: Option<Sender<(u64, Vec<u8>)>>,
     results: Receiver<Result<Sealed, StoreError>>,
     workers: Vec<JoinHandle<()>>,
@@ -202,12 +206,12 @@ impl ChunkingSink {
             body: match cdc {
                 None => Body::Fixed(None),
                 Some(sizes) => Body::Cdc {
-                    sizes,
                     stream: CdcStream::new(sizes),
                     next: header_chunks * chunk_size,
-                    lens: Vec::new(),
                 },
             },
+            cdc: cdc.map(|sizes| (sizes, Vec::new())),
+            fixed_origin: (0, 0),
             tx: Some(tx),
             results,
             workers,
@@ -227,7 +231,13 @@ impl ChunkingSink {
             if let Body::Cdc { .. } = self.body {
                 return self.write_cdc(offset, data);
             }
-            let index = offset / self.chunk_size;
+            let (origin, first) = self.fixed_origin;
+            let Some(rel) = offset.checked_sub(origin) else {
+                return Err(io::Error::other(format!(
+                    "image write at offset {offset} goes back before {origin}"
+                )));
+            };
+            let index = first + rel / self.chunk_size;
             let Body::Fixed(current) = &self.body else {
                 unreachable!("checked above")
             };
@@ -250,7 +260,7 @@ impl ChunkingSink {
             let Body::Fixed(Some((_, buf))) = &mut self.body else {
                 unreachable!("current chunk set above")
             };
-            let at = (offset % self.chunk_size) as usize;
+            let at = (rel % self.chunk_size) as usize;
             let n = data.len().min(buf.len() - at);
             buf[at..at + n].copy_from_slice(&data[..n]);
             (offset, data) = (offset + n as u64, &data[n..]);
@@ -261,7 +271,7 @@ impl ChunkingSink {
     /// Hands `data`, written at body offset `offset`, to the CDC stream,
     /// and every chunk it cuts to the workers.
     fn write_cdc(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
-        let Body::Cdc { stream, next, .. } = &mut self.body else {
+        let Body::Cdc { stream, next } = &mut self.body else {
             unreachable!("called for a CDC body")
         };
         if offset < *next {
@@ -298,13 +308,43 @@ impl ChunkingSink {
     /// Emits chunks the CDC stream cut, numbering them after those before.
     fn emit_cut(&mut self, cut: Vec<Vec<u8>>) -> io::Result<()> {
         for buf in cut {
-            let Body::Cdc { lens, .. } = &mut self.body else {
-                unreachable!("called for a CDC body")
+            let Some((_, lens)) = &mut self.cdc else {
+                unreachable!("called for content-defined chunking")
             };
             let index = self.header_chunks + lens.len() as u64;
             lens.push(buf.len() as u64);
             self.emit(index, buf)?;
         }
+        Ok(())
+    }
+
+    /// Ends content-defined cutting at image offset `at` (zeros up to it
+    /// if it was not written): the stream's last chunks are emitted, and
+    /// from `at` on chunks are cut every `chunk_size`. A no-op unless
+    /// the body is content-defined.
+    fn close_cdc(&mut self, at: u64) -> io::Result<()> {
+        if !matches!(self.body, Body::Cdc { .. }) {
+            return Ok(());
+        }
+        let Body::Cdc { mut stream, next } = std::mem::replace(&mut self.body, Body::Fixed(None))
+        else {
+            unreachable!("checked above")
+        };
+        let Some(gap) = at.checked_sub(next) else {
+            return Err(io::Error::other(format!(
+                "metadata at offset {at} starts before the data written up to {next}"
+            )));
+        };
+        let mut cut: Vec<Vec<u8>> = Vec::new();
+        let mut out = |c: &[u8]| {
+            cut.push(c.to_vec());
+            Ok(())
+        };
+        stream.push_zeros(gap, &mut out)?;
+        stream.finish(&mut out)?;
+        self.emit_cut(cut)?;
+        let cut_so_far = self.cdc.as_ref().map_or(0, |(_, lens)| lens.len() as u64);
+        self.fixed_origin = (at, self.header_chunks + cut_so_far);
         Ok(())
     }
 
@@ -330,36 +370,15 @@ impl ChunkingSink {
     /// workers. Returns the chunk table.
     pub fn finish(mut self, size: u64) -> Result<Chunked, ChunkError> {
         let send_all = (|| -> io::Result<()> {
-            match std::mem::replace(&mut self.body, Body::Fixed(None)) {
-                Body::Fixed(Some((index, mut buf))) => {
-                    buf.truncate(
-                        size.saturating_sub(index * self.chunk_size)
-                            .min(self.chunk_size) as usize,
-                    );
-                    self.emit(index, buf)?;
-                }
-                Body::Fixed(None) => {}
-                Body::Cdc {
-                    sizes,
-                    mut stream,
-                    next,
-                    lens,
-                } => {
-                    let mut cut: Vec<Vec<u8>> = Vec::new();
-                    let mut out = |c: &[u8]| {
-                        cut.push(c.to_vec());
-                        Ok(())
-                    };
-                    stream.push_zeros(size.saturating_sub(next), &mut out)?;
-                    stream.finish(&mut out)?;
-                    self.body = Body::Cdc {
-                        sizes,
-                        stream: CdcStream::new(sizes),
-                        next: size,
-                        lens,
-                    };
-                    self.emit_cut(cut)?;
-                }
+            // Content-defined to the end unless the metadata region began.
+            self.close_cdc(size)?;
+            if let Body::Fixed(Some((index, mut buf))) =
+                std::mem::replace(&mut self.body, Body::Fixed(None))
+            {
+                let (origin, first) = self.fixed_origin;
+                let start = origin + (index - first) * self.chunk_size;
+                buf.truncate(size.saturating_sub(start).min(self.chunk_size) as usize);
+                self.emit(index, buf)?;
             }
             let header = std::mem::take(&mut self.header);
             for (index, c) in header.chunks(self.chunk_size as usize).enumerate() {
@@ -383,13 +402,20 @@ impl ChunkingSink {
             by_index.insert(s.entry.index, s);
         }
         send_all.map_err(ChunkError::Pipeline)?;
-        let grid = match &self.body {
-            Body::Fixed(_) => ChunkGrid::fixed(size, self.chunk_size)?,
-            Body::Cdc { sizes, lens, .. } => {
-                let header = size.min(self.header_chunks * self.chunk_size);
-                let head = (0..header.div_ceil(self.chunk_size))
-                    .map(|i| self.chunk_size.min(header - i * self.chunk_size));
-                ChunkGrid::variable(self.chunk_size, *sizes, head.chain(lens.iter().copied()))?
+        let cs = self.chunk_size;
+        let grid = match &self.cdc {
+            None => ChunkGrid::fixed(size, cs)?,
+            Some((sizes, lens)) => {
+                // Fixed chunks of the header, the content-defined ones, and
+                // fixed chunks of the metadata region.
+                let pieces = |from: u64, to: u64| {
+                    (0..to.saturating_sub(from).div_ceil(cs))
+                        .map(move |i| cs.min(to - from - i * cs))
+                };
+                let header = size.min(self.header_chunks * cs);
+                let tail = pieces(self.fixed_origin.0.max(header), size);
+                let all = pieces(0, header).chain(lens.iter().copied()).chain(tail);
+                ChunkGrid::variable(cs, *sizes, all)?
             }
         };
         let total = grid.count();
@@ -426,6 +452,14 @@ impl ChunkingSink {
 impl smr_image::ext4::ImageSink for ChunkingSink {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
         ChunkingSink::write_at(self, offset, data)
+    }
+
+    /// The metadata region is cut into fixed chunks even with
+    /// content-defined chunking: it changes with any change of the tree
+    /// (inode numbers, bitmaps), so content-defined cuts find little to
+    /// share there, and a mount reads it first, in small pieces.
+    fn metadata_starts(&mut self, offset: u64) -> io::Result<()> {
+        self.close_cdc(offset)
     }
 }
 
@@ -560,6 +594,16 @@ mod tests {
             sink.write_at(at as u64, &image[at..at + n]).unwrap();
             at += n;
         }
+        // The metadata region: fixed chunks from `meta` on.
+        let meta = h + (7 << 20) + 2 * 65536;
+        fill(meta + 100, meta + 70_000, &mut image);
+        smr_image::ext4::ImageSink::metadata_starts(&mut sink, meta as u64).unwrap();
+        sink.write_at(meta as u64 + 100, &image[meta + 100..meta + 70_000])
+            .unwrap();
+        assert!(
+            sink.write_at(meta as u64 - 1, b"x").is_err(),
+            "before the metadata"
+        );
         sink.write_at(100, &image[100..4096]).unwrap();
         let out = sink.finish(image.len() as u64).unwrap();
 
@@ -571,12 +615,13 @@ mod tests {
             0..cs,
             "the header is a chunk of the nominal size"
         );
-        let body: Vec<u64> = crate::cdc::boundaries(&image[h..], sizes)
+        let mut body: Vec<u64> = crate::cdc::boundaries(&image[h..meta], sizes)
             .into_iter()
             .map(|e| header + e as u64)
             .collect();
+        body.extend((1..=(image.len() - meta) as u64 / cs).map(|i| meta as u64 + i * cs));
         let ends: Vec<u64> = (1..grid.count()).map(|i| grid.range(i).end).collect();
-        assert_eq!(ends, body, "cut as the whole body would be");
+        assert_eq!(ends, body, "cut as the whole body would be, metadata fixed");
         let keys = out.keys.unwrap();
         let mut rebuilt = vec![0u8; image.len()];
         for (e, k) in out.entries.iter().zip(&keys) {
@@ -586,7 +631,7 @@ mod tests {
                 open_chunk(&e.id, Some(k), e.compressed, store.get(&e.id).unwrap(), len).unwrap();
             rebuilt[r.start as usize..r.end as usize].copy_from_slice(&plain);
         }
-        assert_eq!(rebuilt, image);
+        assert!(rebuilt == image, "the chunks do not reassemble the image");
         assert!(
             out.stats.zero >= 12,
             "3 MiB and 1 MiB of zeros: {:?}",

@@ -32,6 +32,9 @@ pub const EMPTY_DIGEST: &str =
 
 /// Annotation: the recipe's chunk size in bytes (decimal).
 pub const ANNOTATION_CHUNK_SIZE: &str = "vnd.smr.chunk-size";
+/// Annotation: how the chunks are cut: `fixed`, or `cdc MIN:AVG:MAX`
+/// (e.g. `cdc 16K:64K:256K`).
+pub const ANNOTATION_CHUNKING: &str = "vnd.smr.chunking";
 /// Annotation: the filesystem image size in bytes (decimal).
 pub const ANNOTATION_IMAGE_SIZE: &str = "vnd.smr.image-size";
 /// Annotation: number of stored chunks in the recipe (decimal).

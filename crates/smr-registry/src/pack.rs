@@ -56,6 +56,16 @@ impl PackParams {
         Self::with_target(target)
     }
 
+    /// [`PackParams::for_chunk_size`] of the recipe's average chunk: the
+    /// chunk size of a fixed grid, the CDC average of a variable one.
+    pub fn for_recipe(recipe: &smr_format::Recipe) -> Self {
+        let avg = recipe
+            .grid()
+            .cdc_sizes()
+            .map_or(recipe.chunk_size, |s| u64::from(s.avg));
+        Self::for_chunk_size(avg)
+    }
+
     /// Parameters around `target` chunks per pack: `min = max(1, target /
     /// 4)`, `max = 4 × target` (capped at [`MAX_CHUNKS_PER_PACK`]).
     /// `with_target(1)` gives one pack per chunk.

@@ -9,8 +9,8 @@
 
 use crate::artifact::{
     bad, digest_of, fallback_tag, index_manifests, parse_digest, parse_referrers, ArtifactManifest,
-    Descriptor, ANNOTATION_CHUNKS, ANNOTATION_CHUNKS_PER_PACK, ANNOTATION_CHUNK_SIZE,
-    ANNOTATION_ENCRYPTED, ANNOTATION_IMAGE_SIZE, EMPTY_BLOB, EMPTY_DIGEST,
+    Descriptor, ANNOTATION_CHUNKING, ANNOTATION_CHUNKS, ANNOTATION_CHUNKS_PER_PACK,
+    ANNOTATION_CHUNK_SIZE, ANNOTATION_ENCRYPTED, ANNOTATION_IMAGE_SIZE, EMPTY_BLOB, EMPTY_DIGEST,
 };
 use crate::blobs::Blobs;
 use crate::error::{RegistryError, Result};
@@ -191,7 +191,7 @@ fn push_artifact(
     }
     let params = options
         .pack
-        .unwrap_or_else(|| PackParams::for_chunk_size(recipe.chunk_size));
+        .unwrap_or_else(|| PackParams::for_recipe(&recipe));
     let plan = pack::plan(&params, recipe.chunks.iter().map(|e| &e.id)).map_err(|source| {
         RegistryError::Pack {
             what: format!("pack layout of recipe {recipe_digest}"),
@@ -324,6 +324,13 @@ fn annotations(
 ) -> BTreeMap<String, String> {
     let mut a: BTreeMap<String, String> = [
         (ANNOTATION_CHUNK_SIZE, recipe.chunk_size.to_string()),
+        (
+            ANNOTATION_CHUNKING,
+            recipe
+                .grid()
+                .cdc_sizes()
+                .map_or("fixed".to_string(), |s| format!("cdc {s}")),
+        ),
         (ANNOTATION_IMAGE_SIZE, recipe.image_size.to_string()),
         (ANNOTATION_CHUNKS, recipe.chunks.len().to_string()),
         (ANNOTATION_ENCRYPTED, recipe.encrypted().to_string()),

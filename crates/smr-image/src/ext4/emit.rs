@@ -81,6 +81,7 @@ pub(super) fn finish<S: ImageSink>(
     used.set_range(0, 1 + geo.gdt_blocks());
     used.set_range(misc_start, geo.meta_end - misc_start);
 
+    sink.metadata_starts(misc_start * BLOCK_SIZE)?;
     let mut batch = Batch {
         sink: &mut sink,
         start: 0,

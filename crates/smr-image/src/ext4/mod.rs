@@ -76,6 +76,15 @@ pub trait ImageSink {
     /// Writes all of `data` at `offset`.
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()>;
 
+    /// Called once, before the first write of the metadata region at the
+    /// end of the image (which starts at `offset`, a multiple of the chunk
+    /// size): every later write is at or past it. Sinks that do not care
+    /// keep this default, which does nothing.
+    fn metadata_starts(&mut self, offset: u64) -> io::Result<()> {
+        let _ = offset;
+        Ok(())
+    }
+
     /// Called once, last: the image is `size` bytes long, the tail past the
     /// last write being zeros. Sinks that learn the size another way may keep
     /// this default, which does nothing.

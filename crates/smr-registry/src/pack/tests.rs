@@ -95,6 +95,30 @@ fn bad_params_are_rejected() {
     }
     assert_eq!(PackParams::for_chunk_size(512 << 10).target, 8);
     assert_eq!(PackParams::for_chunk_size(64 << 10).target, 64);
+    let grid = |sizes: &str| {
+        smr_format::ChunkGrid::variable(64 << 10, sizes.parse().unwrap(), [4096]).unwrap()
+    };
+    let recipe = |grid| {
+        smr_format::Recipe::new(
+            grid,
+            "sha256:x".into(),
+            Default::default(),
+            vec![],
+            None,
+            None,
+        )
+        .unwrap()
+    };
+    assert_eq!(
+        PackParams::for_recipe(&recipe(grid("8K:32K:128K"))).target,
+        128
+    );
+    assert_eq!(
+        PackParams::for_recipe(&recipe(grid("16K:64K:256K"))).target,
+        64
+    );
+    let fixed = smr_format::ChunkGrid::fixed(1 << 20, 512 << 10).unwrap();
+    assert_eq!(PackParams::for_recipe(&recipe(fixed)).target, 8);
     assert_eq!(
         PackParams::for_chunk_size(4 << 20),
         PackParams::with_target(1)

@@ -93,6 +93,7 @@ fn push_discover_and_serve() {
     assert_eq!(a.manifest.artifact_type, SMR_ARTIFACT);
     assert_eq!(a.manifest.subject, Some(img.subject.clone()));
     assert_eq!(a.manifest.annotations[ANNOTATION_CHUNK_SIZE], "65536");
+    assert_eq!(a.manifest.annotations[ANNOTATION_CHUNKING], "fixed");
     assert!(a.manifest.packs().iter().all(|p| p.media_type == SMR_PACK));
     check_served(&e, &img, &a);
 }

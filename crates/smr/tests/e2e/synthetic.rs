@@ -122,7 +122,7 @@ const GOLDEN_FIXED_64K: &str =
 /// Golden digest of recipe format version 3 (content-defined chunks,
 /// default sizes): the default since the image-series evaluation
 /// (docs/EVALUATION.md).
-const GOLDEN_CDC: &str = "sha256:67a5648afb8355e7344559abcb455fe457197d8b566228745596048fe7bbb649";
+const GOLDEN_CDC: &str = "sha256:2aa3fb947316e0efbafd74b525f70defb0589590c133c4d53cfbf8c3751f9c23";
 
 /// A flipped bit in a stored chunk is detected and the chunk is named, by
 /// both `verify` and `extract`; extract leaves no output behind.
