@@ -100,7 +100,7 @@ impl CdcStream {
     pub fn push(
         &mut self,
         data: &[u8],
-        out: &mut impl FnMut(&[u8]) -> io::Result<()>,
+        out: &mut dyn FnMut(&[u8]) -> io::Result<()>,
     ) -> io::Result<()> {
         self.buf.extend_from_slice(data);
         self.cut(false, out)
@@ -111,7 +111,7 @@ impl CdcStream {
     pub fn push_zeros(
         &mut self,
         mut n: u64,
-        out: &mut impl FnMut(&[u8]) -> io::Result<()>,
+        out: &mut dyn FnMut(&[u8]) -> io::Result<()>,
     ) -> io::Result<()> {
         let step = lookahead(self.sizes) as u64;
         while n > 0 {
@@ -124,11 +124,11 @@ impl CdcStream {
     }
 
     /// Ends the stream: the remaining bytes become the last chunks.
-    pub fn finish(mut self, out: &mut impl FnMut(&[u8]) -> io::Result<()>) -> io::Result<()> {
+    pub fn finish(mut self, out: &mut dyn FnMut(&[u8]) -> io::Result<()>) -> io::Result<()> {
         self.cut(true, out)
     }
 
-    fn cut(&mut self, last: bool, out: &mut impl FnMut(&[u8]) -> io::Result<()>) -> io::Result<()> {
+    fn cut(&mut self, last: bool, out: &mut dyn FnMut(&[u8]) -> io::Result<()>) -> io::Result<()> {
         let need = lookahead(self.sizes);
         while self.pos < self.buf.len() && (last || self.buf.len() - self.pos >= need) {
             let w = &self.buf[self.pos..];

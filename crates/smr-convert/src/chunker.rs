@@ -101,6 +101,18 @@ struct Sealed {
     plain_len: u64,
 }
 
+/// The chunks `cut` hands to its output, copied.
+fn collect(
+    cut: impl FnOnce(&mut dyn FnMut(&[u8]) -> io::Result<()>) -> io::Result<()>,
+) -> io::Result<Vec<Vec<u8>>> {
+    let mut chunks = Vec::new();
+    cut(&mut |c: &[u8]| {
+        chunks.push(c.to_vec());
+        Ok(())
+    })?;
+    Ok(chunks)
+}
+
 /// Bytes of a write handed to the CDC stream at a time.
 const CDC_PIECE: usize = 1 << 20;
 
@@ -279,12 +291,7 @@ impl ChunkingSink {
                 "image write at offset {offset} goes back before {next}"
             )));
         }
-        let mut cut: Vec<Vec<u8>> = Vec::new();
-        let mut out = |c: &[u8]| {
-            cut.push(c.to_vec());
-            Ok(())
-        };
-        stream.push_zeros(offset - *next, &mut out)?;
+        let cut = collect(|out| stream.push_zeros(offset - *next, out))?;
         *next = offset;
         self.emit_cut(cut)?;
         // A piece at a time, so that the stream's buffer and the chunks
@@ -294,11 +301,7 @@ impl ChunkingSink {
             let Body::Cdc { stream, next, .. } = &mut self.body else {
                 unreachable!("called for a CDC body")
             };
-            let mut cut: Vec<Vec<u8>> = Vec::new();
-            stream.push(piece, &mut |c: &[u8]| {
-                cut.push(c.to_vec());
-                Ok(())
-            })?;
+            let cut = collect(|out| stream.push(piece, out))?;
             *next += piece.len() as u64;
             self.emit_cut(cut)?;
         }
@@ -335,13 +338,10 @@ impl ChunkingSink {
                 "metadata at offset {at} starts before the data written up to {next}"
             )));
         };
-        let mut cut: Vec<Vec<u8>> = Vec::new();
-        let mut out = |c: &[u8]| {
-            cut.push(c.to_vec());
-            Ok(())
-        };
-        stream.push_zeros(gap, &mut out)?;
-        stream.finish(&mut out)?;
+        let cut = collect(|out| {
+            stream.push_zeros(gap, out)?;
+            stream.finish(out)
+        })?;
         self.emit_cut(cut)?;
         let cut_so_far = self.cdc.as_ref().map_or(0, |(_, lens)| lens.len() as u64);
         self.fixed_origin = (at, self.header_chunks + cut_so_far);
