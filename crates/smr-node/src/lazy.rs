@@ -391,7 +391,8 @@ impl LazyImage {
         let end = offset.saturating_add(len).min(self.size());
         let grid = self.grid();
         let chunks = &self.inner.img.recipe.chunks;
-        let mut p = chunks.partition_point(|e| e.index < grid.index_of(offset));
+        let first = grid.index_of(offset);
+        let mut p = chunks.partition_point(|e| e.index < first);
         let mut runs: Vec<(u64, bool)> = Vec::new();
         let mut at = offset;
         while at < end {
