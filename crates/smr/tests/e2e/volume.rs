@@ -59,6 +59,15 @@ impl Setup {
         c
     }
 
+    /// `recipe` (a commit of this volume) extracted to `name`, checked with
+    /// `e2fsck -fn`, and loop-mounted read-only.
+    fn mount_committed(&self, recipe: &Path, name: &str) -> LoopMount {
+        let img = self.s.t.path().join(name);
+        extract(recipe, &self.s.store, &self.s.key, &img);
+        fsck_clean(&img);
+        LoopMount::new(&img)
+    }
+
     /// The base image's bytes (extracted).
     fn base_bytes(&self) -> Vec<u8> {
         let base = self.s.t.path().join("base.img");
@@ -204,10 +213,7 @@ fn ext4_written_through_the_volume_checks_clean_and_commits_only_dirty_chunks() 
     let c: serde_json::Value = serde_json::from_slice(&cmp.stdout).unwrap();
     eprintln!("shared: {c}");
     // The committed image, extracted and mounted, has the changes.
-    let img = d.join("new.img");
-    extract(&new, &v.s.store, &v.s.key, &img);
-    ok(Command::new("e2fsck").arg("-fn").arg(&img));
-    let mounted = LoopMount::new(&img);
+    let mounted = v.mount_committed(&new, "new.img");
     let root = mounted.dir.path();
     assert_eq!(
         std::fs::read_to_string(root.join("etc/hello")).unwrap(),
@@ -292,10 +298,7 @@ fn a_volume_of_content_defined_chunks_commits_on_its_base_grid() {
         .filter(|c| committed.chunks.contains(c))
         .count();
     assert!(shared > 0, "clean chunks are kept");
-    let img = d.join("new.img");
-    extract(&new, &v.s.store, &v.s.key, &img);
-    ok(Command::new("e2fsck").arg("-fn").arg(&img));
-    let mounted = LoopMount::new(&img);
+    let mounted = v.mount_committed(&new, "new.img");
     let root = mounted.dir.path();
     assert_eq!(
         std::fs::read_to_string(root.join("etc/hello")).unwrap(),
@@ -460,10 +463,7 @@ fn smr_mount_volume_is_read_write_and_commits() {
     ok(v.smr(&["umount"]).arg(&mnt).arg("--state-dir").arg(&state));
     let new = d.join("m.recipe");
     ok(v.smr(&["commit", "vm1", "-o"]).arg(&new));
-    let img = d.join("m.img");
-    extract(&new, &v.s.store, &v.s.key, &img);
-    ok(Command::new("e2fsck").arg("-fn").arg(&img));
-    let m = LoopMount::new(&img);
+    let m = v.mount_committed(&new, "m.img");
     assert_eq!(
         std::fs::read_to_string(m.dir.path().join("etc/mounted")).unwrap(),
         "through smr mount --volume\n"
