@@ -88,6 +88,9 @@ pub enum ChunkError {
 
 /// A sealed chunk on its way to the store.
 struct ToPut {
+    /// Its place in the order chunks were cut (not the image order: the
+    /// header comes last).
+    seq: u64,
     entry: ChunkEntry,
     key: Option<ChunkKey>,
     stored: Vec<u8>,
@@ -142,7 +145,10 @@ pub struct ChunkingSink {
     /// Where fixed chunks start: image offset and chunk number (the image
     /// start for a fixed grid; the metadata region for a variable one).
     fixed_origin: (u64, u64),
-    tx: Option<Sender<(u64, Vec<u8>)>>,
+    /// Chunks to seal: order cut, chunk index, bytes.
+    tx: Option<Sender<(u64, u64, Vec<u8>)>>,
+    /// Chunks handed to the sealing threads so far.
+    seq: u64,
     results: Receiver<Result<Sealed, StoreError>>,
     workers: Vec<JoinHandle<()>>,
 }
@@ -162,17 +168,21 @@ impl ChunkingSink {
         let header_chunks = header_len.div_ceil(chunk_size);
         let encrypts = codec.encrypts();
         let workers = workers.max(1);
-        let puts = put_threads(chunk_size);
-        let (tx, rx) = bounded::<(u64, Vec<u8>)>(workers * 2);
+        // A store that appends to packs takes its chunks in the order they
+        // were cut, from one thread (an append costs a copy, no wait).
+        let ordered = store.ordered_puts();
+        let puts = if ordered { 1 } else { put_threads(chunk_size) };
+        let (tx, rx) = bounded::<(u64, u64, Vec<u8>)>(workers * 2);
         let (stx, srx) = bounded::<ToPut>(puts);
         let (rtx, results) = crossbeam_channel::unbounded();
         let mut threads: Vec<JoinHandle<()>> = (0..workers)
             .map(|_| {
                 let (rx, stx, codec) = (rx.clone(), stx.clone(), codec.clone());
                 std::thread::spawn(move || {
-                    for (index, buf) in rx {
+                    for (seq, index, buf) in rx {
                         let sealed = codec.seal(&buf);
                         let job = ToPut {
+                            seq,
                             entry: ChunkEntry {
                                 index,
                                 id: sealed.id,
@@ -195,7 +205,7 @@ impl ChunkingSink {
         threads.extend((0..puts).map(|_| {
             let (srx, rtx, store) = (srx.clone(), rtx.clone(), store.clone());
             std::thread::spawn(move || {
-                for job in srx {
+                let put = |job: ToPut| {
                     let res = store.put(&job.entry.id, &job.stored).map(|outcome| Sealed {
                         entry: job.entry,
                         key: job.key,
@@ -203,8 +213,27 @@ impl ChunkingSink {
                         plain_len: job.plain_len,
                     });
                     let failed = res.is_err();
-                    if rtx.send(res).is_err() || failed {
-                        return;
+                    rtx.send(res).is_ok() && !failed
+                };
+                if !ordered {
+                    for job in srx {
+                        if !put(job) {
+                            return;
+                        }
+                    }
+                    return;
+                }
+                // The sealing threads finish chunks a little out of order:
+                // hold the early ones until their turn.
+                let mut early = BTreeMap::new();
+                let mut next = 0;
+                for job in srx {
+                    early.insert(job.seq, job);
+                    while let Some(job) = early.remove(&next) {
+                        next += 1;
+                        if !put(job) {
+                            return;
+                        }
                     }
                 }
             })
@@ -225,6 +254,7 @@ impl ChunkingSink {
             cdc: cdc.map(|sizes| (sizes, Vec::new())),
             fixed_origin: (0, 0),
             tx: Some(tx),
+            seq: 0,
             results,
             workers,
         }
@@ -353,7 +383,10 @@ impl ChunkingSink {
             return Ok(());
         }
         let tx = self.tx.as_ref().expect("sink not finished");
-        tx.send((index, buf)).map_err(|_| self.worker_error())
+        tx.send((self.seq, index, buf))
+            .map_err(|_| self.worker_error())?;
+        self.seq += 1;
+        Ok(())
     }
 
     /// The error that stopped the workers: the first failed put's, which

@@ -12,6 +12,7 @@ pub mod file;
 pub mod filemap;
 pub mod grid;
 pub mod key;
+pub mod pack;
 pub mod profile;
 pub mod recipe;
 pub mod varint;

@@ -48,6 +48,10 @@ impl ChunkStore for Layered {
         }
     }
 
+    fn ordered_puts(&self) -> bool {
+        self.top.ordered_puts()
+    }
+
     fn put(&self, id: &ChunkId, data: &[u8]) -> Result<PutOutcome> {
         self.top.put(id, data)
     }

@@ -2,8 +2,8 @@
 //!
 //! One small trait, [`ChunkStore`], and its backends: a local directory
 //! ([`LocalStore`]), an S3-compatible bucket ([`S3Store`]) and a read-only
-//! HTTP(S) server or CDN ([`HttpStore`]), all with the layout
-//! `chunks/<2 hex>/<64 hex>`. A backend reads byte ranges of its objects
+//! HTTP(S) server or CDN ([`HttpStore`]), all with the layouts of
+//! [`packed`]: packs with an index per recipe, or a file per chunk. A backend reads byte ranges of its objects
 //! ([`ChunkStore::read_ranges`]) and says where a chunk is
 //! ([`ChunkStore::locate`]); what to read, and when, is decided above the
 //! stores (smr-node's fetcher). Stores deal in stored (sealed) bytes only;
@@ -23,6 +23,7 @@ pub mod local;
 mod location;
 pub mod object;
 pub mod options;
+pub mod packed;
 mod retry;
 pub mod runtime;
 pub mod s3;
@@ -68,16 +69,30 @@ pub trait ChunkStore: Send + Sync {
     /// the object's end is an error, not a short read.
     fn read_ranges(&self, object: &ObjectName, ranges: &[ByteRange]) -> Result<Vec<Vec<u8>>>;
     /// The stored bytes of chunk `id` (unverified: callers verify): one
-    /// [`ChunkStore::read_ranges`] of its [`ChunkStore::locate`].
+    /// [`ChunkStore::read_ranges`] of its [`ChunkStore::locate`]. An error
+    /// names the chunk (and the pack holding it).
     fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
         let extent = self.locate(id)?;
-        self.read_ranges(&extent.object, &[extent.range])?
+        self.read_ranges(&extent.object, &[extent.range])
+            .map_err(|e| match extent.object.chunk() {
+                Some(_) => e,
+                None => e.about(Target::ChunkIn {
+                    id: Box::new(*id),
+                    object: extent.object.clone(),
+                }),
+            })?
             .pop()
             .ok_or_else(|| StoreError::ChunkIo {
                 what: Target::Chunk(*id),
                 store: self.describe(),
                 source: std::io::Error::other("the store returned no bytes for the chunk"),
             })
+    }
+    /// Whether the store wants its puts in the order of the image (from
+    /// one thread) rather than as fast as possible: a store appending to
+    /// packs. Default `false`.
+    fn ordered_puts(&self) -> bool {
+        false
     }
     /// Stores `data` under `id` unless present. `id` must be SHA-256 of `data`.
     fn put(&self, id: &ChunkId, data: &[u8]) -> Result<PutOutcome>;

@@ -1,49 +1,47 @@
-//! A chunk store in a local directory: `ROOT/chunks/<2 hex>/<64 hex>`.
-//! Ranged reads are `pread`s of an object's file.
+//! A chunk store in a local directory. Ranged reads are `pread`s of an
+//! object's file. Two layouts, read side by side (see [`crate::packed`]):
 //!
-//! A chunk is written under a unique temp name in its directory and renamed
-//! into place only once its bytes are durable, so a file under a chunk's
-//! name is always the whole chunk. An existing chunk is never rewritten, so
-//! concurrent writers of the same chunk are harmless (both write identical
-//! bytes; the last rename wins). Two ways of getting there:
+//! - **Packed** (`packs/`, `indexes/`): what [`LocalStore::open_batched`]
+//!   writes, the mode of `smr convert` and `smr commit`. A `put` appends
+//!   the chunk to the pack being filled (puts come in image order:
+//!   [`ChunkStore::ordered_puts`]) and starts its writeback;
+//!   [`LocalStore::commit`] makes the batch durable with one `syncfs`,
+//!   renames every pack to its digest and syncs `packs/`;
+//!   [`LocalStore::write_index`] then writes the recipe's index. A handful
+//!   of files per image instead of one per chunk: no inode, rename and
+//!   directory entry per chunk at convert time, and a warm read gets the
+//!   disk's readahead.
+//! - **Per chunk** (`chunks/<2 hex>/<64 hex>`): what [`LocalStore::open`]'s
+//!   immediate `put`s write (each written, `fsync`ed, renamed and its
+//!   directory `fsync`ed before it returns), and the layout of stores made
+//!   before packs (`smr store migrate` packs them).
 //!
-//! - **Immediate** ([`LocalStore::open`]): each `put` writes, `fsync`s,
-//!   renames and `fsync`s the directory, and returns once the chunk is
-//!   durable. Two journal commits per chunk; with many puts in flight the
-//!   filesystem folds their `fsync`s into shared commits, but at 64 KiB
-//!   chunks (4,000 per image) it still made `smr convert` about as slow as
-//!   `mkfs.ext4 -d` (docs/BENCHMARKS.md, "Convert throughput").
-//! - **Batched** ([`LocalStore::open_batched`], what `smr convert` uses): a
-//!   `put` only writes its temp file and starts its writeback
-//!   (`sync_file_range`, no waiting); [`LocalStore::commit`] then makes the
-//!   whole batch durable with one `syncfs` (which finds most of it written
-//!   already), renames every temp file into place and `fsync`s the
-//!   directories (0.05-0.2 s measured for a 4,000-chunk image). The
-//!   chunks of a batch are readable (`get`, `exists`) by this store before
-//!   the commit, by others after.
-//!   The caller commits before anything refers to the chunks (the recipe is
-//!   written after the commit).
+//! A chunk already in the store (in a pack or its own file) is never
+//! stored again; its pack or file is *refreshed* (modification time set to
+//! now), which is what keeps a concurrent garbage collection from taking
+//! it (`crate::gc`). The batch's chunks are readable by this store before
+//! the commit, by other processes after the index names them.
 //!
 //! # What a crash leaves
-//! Temp files (`.tmp-*`, never read as chunks; safe to delete while no
-//! writer runs: `smr verify` reports them, and `smr convert` removes those
-//! older than [`STALE_TEMP_AGE`]), and whole chunks: data is always synced before the rename.
-//! A rename whose directory `fsync` had not completed may be lost; the
-//! chunk is then missing and the next `put` writes it again (no recipe
-//! refers to it yet). Never a chunk file with partial contents, so a `put`
-//! can trust an existing file without reading it back. A chunk file of the
-//! wrong length (only damage from outside could make one) is replaced by
-//! the next `put` of that chunk instead of being taken as present.
+//! Temp files (`.tmp-*`, never read as chunks or packs; `smr verify`
+//! reports them, `smr convert` removes those older than
+//! [`STALE_TEMP_AGE`]) and perhaps packs no index names yet; whole chunk
+//! files and whole packs, since data is synced before every rename; never
+//! an index naming bytes that are not there. A per-chunk file of the wrong
+//! length (only damage from outside could make one) is replaced by the
+//! next immediate `put` of that chunk instead of being taken as present.
 
-use crate::{ByteRange, ChunkStore, ObjectName, PutOutcome, Result, StoreError, Target};
+use crate::packed::{self, PackMap, PackWriter, StoreIndex, INDEXES_DIR, PACKS_DIR};
+use crate::{ByteRange, ChunkStore, Extent, ObjectName, PutOutcome, Result, StoreError, Target};
+use smr_format::pack::PackParams;
 use smr_format::ChunkId;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{ErrorKind, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
 /// A directory-backed chunk store (see the module docs for its two modes).
@@ -51,8 +49,26 @@ use std::time::{Duration, SystemTime};
 pub struct LocalStore {
     root: PathBuf,
     tmp_counter: AtomicU64,
-    /// Batched mode: chunks written to temp files, not yet committed.
-    batch: Option<Mutex<HashMap<ChunkId, PathBuf>>>,
+    /// Chunks in committed packs: every index's, and this store's commits.
+    packed: RwLock<PackMap>,
+    /// Batched mode: the packs being written (boxed: a store opened only
+    /// to read stays small).
+    batch: Option<Box<Mutex<Batch>>>,
+}
+
+/// The chunks put since the last commit, in packs under temp names.
+struct Batch {
+    writer: PackWriter,
+    /// Where each is: its pack's temp name, offset and length.
+    chunks: HashMap<ChunkId, (ObjectName, u64, u32)>,
+}
+
+impl std::fmt::Debug for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch")
+            .field("chunks", &self.chunks.len())
+            .finish()
+    }
 }
 
 /// Name prefix of the store's temp files.
@@ -64,79 +80,187 @@ pub const TEMP_PREFIX: &str = ".tmp-";
 pub const STALE_TEMP_AGE: Duration = Duration::from_secs(24 * 3600);
 
 impl LocalStore {
-    /// Opens (creating if needed) the store at `root`.
+    /// Opens (creating if needed) the store at `root`, reading its indexes.
+    /// An index that cannot be read is skipped with a warning (its recipe's
+    /// packed chunks are then reported missing; others stay readable).
     pub fn open(root: impl AsRef<Path>) -> Result<Self> {
         let root = root.as_ref().to_path_buf();
         fs::create_dir_all(root.join("chunks")).map_err(|source| StoreError::Io {
             store: root.display().to_string(),
             source,
         })?;
+        let packed = load_indexes(&root)?;
         Ok(LocalStore {
             root,
             tmp_counter: AtomicU64::new(0),
+            packed: RwLock::new(packed),
             batch: None,
         })
     }
 
-    /// Opens the store at `root` in batched mode: puts are made durable and
-    /// visible to others only by [`LocalStore::commit`]. Dropping the store
-    /// without committing removes the batch's temp files.
+    /// Opens the store at `root` in batched mode: puts go to packs, cut
+    /// for chunks of about 64 KiB (see [`LocalStore::with_pack_params`]),
+    /// made durable and visible to others only by [`LocalStore::commit`]
+    /// and [`LocalStore::write_index`]. Dropping the store without
+    /// committing removes the batch's temp files.
     pub fn open_batched(root: impl AsRef<Path>) -> Result<Self> {
         let mut s = Self::open(root)?;
-        s.batch = Some(Mutex::new(HashMap::new()));
+        let params = PackParams::for_chunk_size(64 << 10);
+        s.batch = Some(Box::new(Mutex::new(Batch {
+            writer: PackWriter::new(&s.root, params),
+            chunks: HashMap::new(),
+        })));
         Ok(s)
     }
 
-    /// Makes every chunk put so far durable and visible under its name:
-    /// `syncfs` (one writeback and journal commit for the whole batch),
-    /// rename each temp file into place, `fsync` each directory renamed
-    /// into. A no-op in immediate mode. On error the chunks not yet renamed
-    /// stay in the batch (a later commit retries them).
-    pub fn commit(&self) -> Result<()> {
-        let Some(batch) = &self.batch else {
-            return Ok(());
-        };
-        let mut batch = batch.lock().unwrap_or_else(PoisonError::into_inner);
-        if batch.is_empty() {
-            return Ok(());
+    /// Cuts the batch's packs with `params` (before the first put).
+    pub fn with_pack_params(mut self, params: PackParams) -> Self {
+        if let Some(b) = &mut self.batch {
+            let b = b.get_mut().unwrap_or_else(PoisonError::into_inner);
+            b.writer = PackWriter::new(&self.root, params);
         }
-        let io = |source| StoreError::Io {
+        self
+    }
+
+    fn io_err(&self, source: std::io::Error) -> StoreError {
+        StoreError::Io {
             store: self.describe(),
             source,
-        };
-        syncfs(&self.root).map_err(io)?;
-        let mut dirs = BTreeSet::new();
-        let pending: Vec<(ChunkId, PathBuf)> = batch.iter().map(|(k, v)| (*k, v.clone())).collect();
-        for (id, tmp) in pending {
-            let path = self.chunk_path(&id);
-            fs::rename(&tmp, &path).map_err(|e| self.chunk_err(&id, e))?;
-            batch.remove(&id);
-            if let Some(dir) = path.parent() {
-                dirs.insert(dir.to_path_buf());
-            }
         }
-        for dir in dirs {
-            File::open(&dir).and_then(|d| d.sync_all()).map_err(io)?;
+    }
+
+    fn lock_batch(&self) -> Option<std::sync::MutexGuard<'_, Batch>> {
+        self.batch
+            .as_ref()
+            .map(|b| b.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Makes every chunk put so far durable and readable by others once an
+    /// index names it: closes the pack being filled, `syncfs` (one
+    /// writeback and journal commit for the whole batch), renames each
+    /// pack to its digest, `fsync`s `packs/`. A no-op in immediate mode.
+    /// On error the packs not yet renamed stay in the batch (a later
+    /// commit retries them).
+    pub fn commit(&self) -> Result<()> {
+        let Some(mut batch) = self.lock_batch() else {
+            return Ok(());
+        };
+        batch.writer.seal().map_err(|e| self.io_err(e))?;
+        let mut sealed = batch.writer.take_sealed();
+        if sealed.is_empty() {
+            return Ok(());
+        }
+        let renamed = (|| -> std::io::Result<()> {
+            packed::syncfs(&self.root)?;
+            while let Some(p) = sealed.first() {
+                let to = self.root.join(packed::pack_object(&p.digest).as_str());
+                fs::rename(self.root.join(p.temp.as_str()), to)?;
+                let p = sealed.remove(0);
+                let mut map = self.packed.write().unwrap_or_else(PoisonError::into_inner);
+                for (id, offset, len) in p.chunks {
+                    map.insert(id, p.digest, offset, len);
+                    batch.chunks.remove(&id);
+                }
+            }
+            File::open(self.root.join(PACKS_DIR))?.sync_all()
+        })();
+        if let Err(e) = renamed {
+            batch.writer.restore(sealed);
+            return Err(self.io_err(e));
         }
         Ok(())
+    }
+
+    /// Writes the index of `recipe` (`indexes/<its SHA-256>`): where each
+    /// of its chunks is among the store's packs. Call after
+    /// [`LocalStore::commit`]; the index is durable when this returns.
+    /// Returns its object name, or `None` when no chunk of the recipe is
+    /// packed (every one has its own file: nothing to index).
+    pub fn write_index(&self, recipe: &smr_format::Recipe) -> Result<Option<ObjectName>> {
+        use sha2::Digest;
+        let digest: [u8; 32] = sha2::Sha256::digest(recipe.encode()).into();
+        self.write_index_of(&digest, recipe.chunks.iter().map(|c| c.id))
+    }
+
+    /// [`LocalStore::write_index`] of the chunks `ids`, named `name` (a
+    /// recipe's SHA-256).
+    pub fn write_index_of(
+        &self,
+        name: &[u8; 32],
+        ids: impl IntoIterator<Item = ChunkId>,
+    ) -> Result<Option<ObjectName>> {
+        let ids: Vec<ChunkId> = ids.into_iter().collect();
+        if let Some(batch) = self.lock_batch() {
+            if let Some(id) = ids.iter().find(|id| batch.chunks.contains_key(id)) {
+                return Err(self.chunk_err(
+                    id,
+                    std::io::Error::other(
+                        "the chunk is not committed yet: commit before writing the index",
+                    ),
+                ));
+            }
+        }
+        let map = self.packed.read().unwrap_or_else(PoisonError::into_inner);
+        let located: Vec<_> = ids
+            .iter()
+            .filter_map(|id| map.locate(id).map(|(p, o, l)| (*id, p, o, l)))
+            .collect();
+        drop(map);
+        if located.is_empty() {
+            return Ok(None);
+        }
+        let index = StoreIndex::from_locations(located)
+            .map_err(|e| self.io_err(std::io::Error::new(ErrorKind::InvalidData, e)))?;
+        let object = packed::index_object(name);
+        self.write_durably(&object, &index.encode())
+            .map_err(|e| self.io_err(e))?;
+        Ok(Some(object))
+    }
+
+    /// Writes `bytes` as `object` via a temp file, `fsync`, rename and a
+    /// `fsync` of the directory.
+    pub(crate) fn write_durably(&self, object: &ObjectName, bytes: &[u8]) -> std::io::Result<()> {
+        let path = self.root.join(object.as_str());
+        let dir = path.parent().unwrap_or(&self.root).to_path_buf();
+        fs::create_dir_all(&dir)?;
+        let tmp = dir.join(format!(
+            "{TEMP_PREFIX}{}-{}",
+            std::process::id(),
+            self.tmp_counter.fetch_add(1, Ordering::Relaxed)
+        ));
+        let write = || -> std::io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            f.write_all(bytes)?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)?;
+            File::open(&dir)?.sync_all()
+        };
+        write().inspect_err(|_| {
+            let _ = fs::remove_file(&tmp);
+        })
     }
 
     /// Temp files (`.tmp-*`) under the store last modified at least `age`
     /// ago: what interrupted writers left (a live writer's temp files are
     /// seconds old). Each with its age.
     pub fn stale_temps(&self, age: Duration) -> Result<Vec<(PathBuf, Duration)>> {
-        let io = |source| StoreError::Io {
-            store: self.describe(),
-            source,
-        };
+        let io = |source| self.io_err(source);
         let now = SystemTime::now();
-        let mut out = Vec::new();
+        let mut dirs = vec![self.root.join(PACKS_DIR), self.root.join(INDEXES_DIR)];
         for dir in fs::read_dir(self.root.join("chunks")).map_err(io)? {
             let dir = dir.map_err(io)?;
-            if !dir.file_type().map_err(io)?.is_dir() {
-                continue;
+            if dir.file_type().map_err(io)?.is_dir() {
+                dirs.push(dir.path());
             }
-            for e in fs::read_dir(dir.path()).map_err(io)? {
+        }
+        let mut out = Vec::new();
+        for dir in dirs {
+            let entries = match fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(io(e)),
+            };
+            for e in entries {
                 let e = e.map_err(io)?;
                 if !e
                     .file_name()
@@ -179,17 +303,44 @@ impl LocalStore {
         Ok(n)
     }
 
-    /// The temp file of chunk `id` if it is in the uncommitted batch.
-    fn batched(&self, id: &ChunkId) -> Option<PathBuf> {
-        let batch = self.batch.as_ref()?;
-        batch
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(id)
-            .cloned()
+    /// Where chunk `id` is in the uncommitted batch, if it is there.
+    fn batched(&self, id: &ChunkId) -> Option<Extent> {
+        let batch = self.lock_batch()?;
+        let (object, offset, len) = batch.chunks.get(id)?;
+        Some(Extent {
+            object: object.clone(),
+            range: ByteRange::new(*offset, u64::from(*len)),
+        })
     }
 
-    /// Path of chunk `id` in this store.
+    /// Where chunk `id` is among the committed packs, if it is packed.
+    fn in_pack(&self, id: &ChunkId) -> Option<Extent> {
+        let map = self.packed.read().unwrap_or_else(PoisonError::into_inner);
+        let (pack, offset, len) = map.locate(id)?;
+        Some(Extent {
+            object: packed::pack_object(&pack),
+            range: ByteRange::new(offset, u64::from(len)),
+        })
+    }
+
+    /// Whether chunk `id` is in a committed pack that is still there,
+    /// refreshing the pack (see the module docs); a chunk whose pack
+    /// vanished (garbage collected) is forgotten.
+    fn packed_and_refreshed(&self, id: &ChunkId) -> bool {
+        let Some(extent) = self.in_pack(id) else {
+            return false;
+        };
+        if crate::gc::refresh(&self.root.join(extent.object.as_str())) {
+            return true;
+        }
+        self.packed
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id);
+        false
+    }
+
+    /// Path of chunk `id`'s own file (the per-chunk layout).
     pub fn chunk_path(&self, id: &ChunkId) -> PathBuf {
         let hex = id.to_hex();
         self.root.join("chunks").join(&hex[..2]).join(hex)
@@ -200,6 +351,22 @@ impl LocalStore {
         &self.root
     }
 
+    /// Every chunk the store's packs hold, with its pack and range.
+    pub fn packed_chunks(&self) -> Vec<(ChunkId, Extent)> {
+        let map = self.packed.read().unwrap_or_else(PoisonError::into_inner);
+        map.iter()
+            .map(|(id, pack, offset, len)| {
+                (
+                    id,
+                    Extent {
+                        object: packed::pack_object(&pack),
+                        range: ByteRange::new(offset, u64::from(len)),
+                    },
+                )
+            })
+            .collect()
+    }
+
     fn chunk_err(&self, id: &ChunkId, source: std::io::Error) -> StoreError {
         StoreError::ChunkIo {
             what: Target::Chunk(*id),
@@ -208,12 +375,9 @@ impl LocalStore {
         }
     }
 
-    /// The file of `object`: a chunk of the uncommitted batch, or a path
-    /// under the root. Names that could leave the root are refused.
+    /// The file of `object`, a path under the root. Names that could leave
+    /// the root are refused.
     fn object_path(&self, object: &ObjectName) -> Result<PathBuf> {
-        if let Some(path) = object.chunk().and_then(|id| self.batched(&id)) {
-            return Ok(path);
-        }
         let rel = Path::new(object.as_str());
         if !rel.components().all(|c| matches!(c, Component::Normal(_))) {
             return Err(StoreError::ChunkIo {
@@ -282,8 +446,15 @@ impl ChunkStore for LocalStore {
             .collect()
     }
 
+    fn locate(&self, id: &ChunkId) -> Result<Extent> {
+        Ok(self
+            .batched(id)
+            .or_else(|| self.in_pack(id))
+            .unwrap_or_else(|| Extent::own_object(id)))
+    }
+
     fn exists(&self, id: &ChunkId) -> Result<bool> {
-        if self.batched(id).is_some() {
+        if self.batched(id).is_some() || self.in_pack(id).is_some() {
             return Ok(true);
         }
         match fs::symlink_metadata(self.chunk_path(id)) {
@@ -293,8 +464,14 @@ impl ChunkStore for LocalStore {
         }
     }
 
+    /// Batched puts come in image order, so that packs hold images' chunks
+    /// in order and are cut the same way every time.
+    fn ordered_puts(&self) -> bool {
+        self.batch.is_some()
+    }
+
     fn put(&self, id: &ChunkId, data: &[u8]) -> Result<PutOutcome> {
-        if self.batched(id).is_some() {
+        if self.batched(id).is_some() || self.packed_and_refreshed(id) {
             return Ok(PutOutcome::Existed);
         }
         let path = self.chunk_path(id);
@@ -309,6 +486,20 @@ impl ChunkStore for LocalStore {
             Err(e) if e.kind() == ErrorKind::NotFound => {}
             Err(e) => return Err(self.chunk_err(id, e)),
         }
+        if let Some(mut batch) = self.lock_batch() {
+            if batch.chunks.contains_key(id) {
+                // Another thread put the same chunk meanwhile.
+                return Ok(PutOutcome::Existed);
+            }
+            let len = u32::try_from(data.len())
+                .map_err(|_| self.chunk_err(id, ErrorKind::InvalidInput.into()))?;
+            let (pack, offset) = batch
+                .writer
+                .append(id, data)
+                .map_err(|e| self.chunk_err(id, e))?;
+            batch.chunks.insert(*id, (pack, offset, len));
+            return Ok(PutOutcome::Written);
+        }
         let dir = path.parent().expect("chunk path has a parent");
         fs::create_dir_all(dir).map_err(|e| self.chunk_err(id, e))?;
         let tmp = dir.join(format!(
@@ -320,12 +511,6 @@ impl ChunkStore for LocalStore {
         let write = || -> std::io::Result<()> {
             let mut f = File::create(&tmp)?;
             f.write_all(data)?;
-            if self.batch.is_some() {
-                // Synced and renamed by `commit`; start writing it back now
-                // so that the commit finds little left to write.
-                start_writeback(&f);
-                return Ok(());
-            }
             f.sync_all()?;
             fs::rename(&tmp, &path)?;
             File::open(dir)?.sync_all()
@@ -334,58 +519,56 @@ impl ChunkStore for LocalStore {
             let _ = fs::remove_file(&tmp);
             return Err(self.chunk_err(id, e));
         }
-        if let Some(batch) = &self.batch {
-            let mut batch = batch.lock().unwrap_or_else(PoisonError::into_inner);
-            if batch.contains_key(id) {
-                // Another thread put the same chunk meanwhile.
-                drop(batch);
-                let _ = fs::remove_file(&tmp);
-                return Ok(PutOutcome::Existed);
-            }
-            batch.insert(*id, tmp);
-        }
         Ok(PutOutcome::Written)
     }
 }
 
 impl Drop for LocalStore {
     fn drop(&mut self) {
-        // An uncommitted batch (a failed conversion): its temp files are
+        // An uncommitted batch (a failed conversion): its temp packs are
         // garbage; remove them rather than leave them behind.
-        if let Some(batch) = &self.batch {
-            let batch = batch.lock().unwrap_or_else(PoisonError::into_inner);
-            for tmp in batch.values() {
-                let _ = fs::remove_file(tmp);
+        if let Some(batch) = self.lock_batch() {
+            for tmp in batch.writer.temp_names() {
+                let _ = fs::remove_file(self.root.join(tmp.as_str()));
             }
         }
     }
 }
 
-/// Starts the writeback of `file`'s dirty pages without waiting for it
-/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`): a hint, errors ignored.
-// FFI calls on a descriptor we own; see the SAFETY notes.
-#[allow(unsafe_code)]
-fn start_writeback(file: &File) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: `file` is open for the duration of the call, so its
-    // descriptor is valid; sync_file_range reads no memory of ours.
-    let _ = unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
-}
-
-/// `syncfs(2)` on the filesystem holding `path`: writes back and commits
-/// everything dirty on it (the batch's temp files among it) in one go.
-#[allow(unsafe_code)]
-fn syncfs(path: &Path) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let dir = File::open(path)?;
-    // SAFETY: `dir` is an open file for the duration of the call, so its
-    // descriptor is valid; syncfs reads no memory of ours.
-    let r = unsafe { libc::syncfs(dir.as_raw_fd()) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
+/// Every index under `root/indexes`, merged. An unreadable index is
+/// skipped with a warning.
+fn load_indexes(root: &Path) -> Result<PackMap> {
+    let mut map = PackMap::default();
+    let dir = root.join(INDEXES_DIR);
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(map),
+        Err(source) => {
+            return Err(StoreError::Io {
+                store: root.display().to_string(),
+                source,
+            })
+        }
+    };
+    let mut names: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+        })
+        .collect();
+    names.sort();
+    for path in names {
+        let read = fs::read(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| StoreIndex::decode(&b).map_err(|e| e.to_string()));
+        match read {
+            Ok(index) => map.add_index(&index),
+            Err(e) => tracing::warn!("skipping the store index {}: {e}", path.display()),
+        }
     }
+    Ok(map)
 }
 
 #[cfg(test)]
@@ -432,15 +615,27 @@ mod tests {
         assert_eq!(s.put(&ids[3], &chunks[3]).unwrap(), PutOutcome::Existed);
         assert!(s.exists(&ids[3]).unwrap());
         assert_eq!(s.get(&ids[3]).unwrap(), chunks[3]);
-        let other = LocalStore::open(dir.path()).unwrap();
         assert!(
-            !other.exists(&ids[3]).unwrap(),
+            !LocalStore::open(dir.path())
+                .unwrap()
+                .exists(&ids[3])
+                .unwrap(),
             "not visible before the commit"
         );
+        let e = s.write_index_of(&[7; 32], ids.clone()).unwrap_err();
+        assert!(e.to_string().contains("not committed yet"), "{e}");
         s.commit().unwrap();
         s.commit().unwrap();
+        s.write_index_of(&[7; 32], ids.clone()).unwrap().unwrap();
+        let other = LocalStore::open(dir.path()).unwrap();
         for (id, c) in ids.iter().zip(&chunks) {
             assert_eq!(other.get(id).unwrap(), *c);
+            assert!(other
+                .locate(id)
+                .unwrap()
+                .object
+                .as_str()
+                .starts_with("packs/"));
         }
         assert_eq!(s.put(&ids[0], &chunks[0]).unwrap(), PutOutcome::Existed);
         drop(s);
@@ -476,6 +671,7 @@ mod tests {
             .sum();
         assert_eq!(written, 1, "one put writes, the others find it");
         s.commit().unwrap();
+        s.write_index_of(&[1; 32], [id]).unwrap();
         assert_eq!(
             LocalStore::open(dir.path()).unwrap().get(&id).unwrap(),
             data
@@ -487,8 +683,14 @@ mod tests {
     /// Temp files anywhere under the store.
     fn tmp_files(root: &Path) -> usize {
         let mut n = 0;
-        for sub in fs::read_dir(root.join("chunks")).unwrap() {
-            for e in fs::read_dir(sub.unwrap().path()).unwrap() {
+        let subs = fs::read_dir(root.join("chunks"))
+            .unwrap()
+            .map(|d| d.unwrap().path());
+        for sub in subs.chain([root.join("packs"), root.join("indexes")]) {
+            if !sub.is_dir() {
+                continue;
+            }
+            for e in fs::read_dir(sub).unwrap() {
                 n += usize::from(
                     e.unwrap()
                         .file_name()

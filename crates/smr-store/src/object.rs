@@ -130,6 +130,13 @@ pub enum Target {
         /// The bytes asked for.
         range: ByteRange,
     },
+    /// A chunk stored as a range of a larger object (a pack).
+    ChunkIn {
+        /// The chunk (boxed: keeps every store error small).
+        id: Box<ChunkId>,
+        /// The object holding it.
+        object: ObjectName,
+    },
 }
 
 impl Target {
@@ -149,6 +156,7 @@ impl Target {
     pub fn chunk(&self) -> Option<ChunkId> {
         match self {
             Target::Chunk(id) => Some(*id),
+            Target::ChunkIn { id, .. } => Some(**id),
             Target::Range { .. } => None,
         }
     }
@@ -166,6 +174,7 @@ impl fmt::Display for Target {
             Target::Chunk(id) => write!(f, "chunk {id}"),
             Target::Range { object, range } if range.is_whole() => write!(f, "object {object}"),
             Target::Range { object, range } => write!(f, "object {object} {range}"),
+            Target::ChunkIn { id, object } => write!(f, "chunk {id} (in {object})"),
         }
     }
 }

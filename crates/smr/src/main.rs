@@ -72,8 +72,10 @@ enum Command {
     Volume(cmd::volume::Args),
     /// Make a volume into a new image: only written chunks are stored.
     Commit(cmd::commit::Args),
-    /// Delete the chunks of a local store that no root recipe names.
+    /// Delete the packs and chunks of a local store that no root recipe names.
     Gc(cmd::gc::Args),
+    /// Chunk stores: `smr store migrate` packs a store of chunk files.
+    Store(cmd::store::Args),
     /// The node's trust policy: which smr artifacts it runs.
     Policy(policy::Args),
     /// Pull an image into containerd, its layers served lazily by the
@@ -113,6 +115,7 @@ fn main() -> ExitCode {
         Command::Volume(a) => cmd::volume::run(a),
         Command::Commit(a) => cmd::commit::run(a),
         Command::Gc(a) => cmd::gc::run(a),
+        Command::Store(a) => cmd::store::run(a),
         Command::Status(a) => cmd::daemon::run_status(a),
         Command::ServeFuse(a) => cmd::serve::run_fuse(a),
     };

@@ -10,6 +10,7 @@ mod e2e {
     mod gc;
     mod nbd;
     mod outputs;
+    mod packs;
     mod synthetic;
     mod volume;
 }

@@ -101,7 +101,8 @@ pub fn run(a: Args) -> Result<ExitCode> {
             .or_else(|| a.source.origin.store.clone())
             .context("give the store for the new chunks (--to-store)")?,
     };
-    let (store, batched) = super::convert::open_store(&location)?;
+    let pack = smr_format::pack::PackParams::for_recipe(&base);
+    let (store, batched) = super::convert::open_store(&location, pack)?;
 
     let map = v.volume.map();
     let size = v.volume.size();
@@ -204,6 +205,9 @@ pub fn run(a: Args) -> Result<ExitCode> {
         local
             .commit()
             .with_context(|| format!("making the chunks in {location} durable"))?;
+        local
+            .write_index(&recipe)
+            .with_context(|| format!("writing the index of the recipe in {location}"))?;
     }
     let bytes = recipe.encode();
     if let Some(out) = &a.out {

@@ -164,7 +164,8 @@ pub fn run(a: Args) -> Result<ExitCode> {
             local_src.as_ref()
         }
     };
-    let (store, batched) = open_store(&location)?;
+    let pack = PackParams::for_chunk_size(opts.cdc.map_or(opts.chunk_size, |c| u64::from(c.avg)));
+    let (store, batched) = open_store(&location, pack)?;
     let bar = bytes_bar(0, "converting");
     let out = convert(src, store.clone(), &opts, &mut |p| {
         bar.set_message(format!("layer {}/{}", p.layer_index + 1, p.layer_count));
@@ -177,6 +178,9 @@ pub fn run(a: Args) -> Result<ExitCode> {
         local
             .commit()
             .with_context(|| format!("making the chunks in {location} durable"))?;
+        local
+            .write_index(&out.recipe)
+            .with_context(|| format!("writing the index of the recipe in {location}"))?;
         match local.remove_stale_temps(smr_store::local::STALE_TEMP_AGE) {
             Ok(0) => {}
             Ok(n) => tracing::info!("removed {n} temp files of interrupted writes from {location}"),
@@ -290,16 +294,19 @@ fn chunking(
 pub(crate) type Batched = Option<Arc<smr_store::LocalStore>>;
 
 /// The store at `location`, and the same store when it is a local one
-/// taking the chunks in one batch, made durable by one commit before the
-/// recipe is written (smr_store::local: 4,000 fsync'ed puts would cost as
-/// much as the whole conversion).
-pub(crate) fn open_store(location: &str) -> Result<(Arc<dyn smr_store::ChunkStore>, Batched)> {
+/// taking the chunks in one batch of packs cut with `pack`, made durable
+/// by one commit, and indexed, before the recipe is written
+/// (smr_store::local).
+pub(crate) fn open_store(
+    location: &str,
+    pack: PackParams,
+) -> Result<(Arc<dyn smr_store::ChunkStore>, Batched)> {
     let parsed: smr_store::StoreLocation = location
         .parse()
         .with_context(|| format!("--store {location}"))?;
     let batched = parsed
         .local_dir()
-        .map(|p| smr_store::LocalStore::open_batched(p).map(Arc::new))
+        .map(|p| smr_store::LocalStore::open_batched(p).map(|s| Arc::new(s.with_pack_params(pack))))
         .transpose()
         .with_context(|| format!("opening the store {location}"))?;
     let store: Arc<dyn smr_store::ChunkStore> = match &batched {

@@ -1,5 +1,6 @@
 //! `smr gc --store DIR|s3://… --keep ROOT... [--grace 24h] [--dry-run]`:
-//! delete the chunks of a store that no root recipe names. A conversion
+//! delete the packs, indexes and chunk files of a store that no root
+//! recipe needs (smr_store::gc::packs for packs). A conversion
 //! running meanwhile loses nothing: on a local store by the argument of
 //! smr_store::gc, on S3 because writers and the collector exclude each
 //! other (smr_store::s3::lease).
@@ -82,7 +83,8 @@ fn root_files(a: &Args) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-fn collect(p: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+/// `p` if it is a file, else every `*.recipe` under the directory `p`.
+pub(crate) fn collect(p: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     let meta = std::fs::metadata(p).with_context(|| format!("reading {}", p.display()))?;
     if meta.is_file() {
         out.push(p.to_path_buf());
@@ -195,10 +197,21 @@ pub fn run(a: Args) -> Result<ExitCode> {
         bail!("no root recipes found: refusing to delete every chunk of {location}");
     }
     let mut live: HashSet<ChunkId> = HashSet::new();
+    let mut packed_roots = Vec::new();
     for r in &roots {
         let recipe = read_recipe(r).with_context(|| format!("root {}", r.display()))?;
+        let bytes = std::fs::read(r).with_context(|| format!("root {}", r.display()))?;
         live.extend(recipe.chunks.iter().map(|c| c.id));
+        packed_roots.push(smr_store::gc::packs::Root {
+            sha256: smr_format::Profile::recipe_hash(&bytes),
+            chunks: recipe.chunks.iter().map(|c| c.id).collect(),
+        });
     }
+    let packs = match &store {
+        Swept::Local(s) => smr_store::gc::packs::collect(s, &packed_roots, cutoff, a.dry_run)
+            .with_context(|| format!("collecting the packs of {location}"))?,
+        Swept::S3 { .. } => Default::default(),
+    };
     let files = store.files()?;
     let (mut referenced, mut young, mut deleted) = ((0u64, 0u64), (0u64, 0u64), (0u64, 0u64));
     let mut candidates = Vec::new();
@@ -226,6 +239,14 @@ pub fn run(a: Args) -> Result<ExitCode> {
             "referenced": { "chunks": referenced.0, "bytes": referenced.1 },
             "within_grace": { "chunks": young.0, "bytes": young.1 },
             "deleted": { "chunks": deleted.0, "bytes": deleted.1 },
+            "packs": {
+                "packs": packs.packs.count,
+                "bytes": packs.packs.bytes,
+                "referenced": { "packs": packs.referenced.count, "bytes": packs.referenced.bytes },
+                "within_grace": { "packs": packs.within_grace.count, "bytes": packs.within_grace.bytes },
+                "deleted": { "packs": packs.deleted.count, "bytes": packs.deleted.bytes },
+                "indexes_deleted": packs.indexes_deleted,
+            },
             "dry_run": a.dry_run,
         });
         outln!("{}", serde_json::to_string_pretty(&v)?);
@@ -243,5 +264,17 @@ pub fn run(a: Args) -> Result<ExitCode> {
         human(deleted.1),
         started.elapsed().map_or(0.0, |d| d.as_secs_f64())
     );
+    if packs.packs.count > 0 {
+        errln!(
+            "{location}: {} packs ({}): {} holding roots' chunks, {} within the grace; {verb} {} packs ({}) and {} indexes",
+            packs.packs.count,
+            human(packs.packs.bytes),
+            packs.referenced.count,
+            packs.within_grace.count,
+            packs.deleted.count,
+            human(packs.deleted.bytes),
+            packs.indexes_deleted
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }

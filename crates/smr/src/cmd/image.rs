@@ -176,7 +176,7 @@ impl OriginArgs {
         if is_remote(image) {
             let (repo, a) = self.trusted_artifact(image, find_profile)?;
             let (store, location): (Arc<dyn ChunkStore>, String) = match &self.store {
-                Some(location) => (open_store(location)?, location.clone()),
+                Some(location) => (open_store(location, &a.recipe_bytes)?, location.clone()),
                 None => {
                     let opts = smr_store::RemoteOptions::from_env()?;
                     (Arc::new(a.store(Arc::new(repo), opts)), a.repo.clone())
@@ -201,10 +201,11 @@ impl OriginArgs {
             .as_deref()
             .with_context(|| format!("--store is required for the recipe {image}"))?;
         let (recipe, recipe_bytes) = read_recipe_bytes(Path::new(image))?;
+        let store = open_store(location, &recipe_bytes)?;
         Ok(Resolved {
             recipe,
             recipe_bytes,
-            store: open_store(location)?,
+            store,
             location: location.to_string(),
             artifact: None,
             pack_index: None,
@@ -340,17 +341,24 @@ fn is_local_dir(location: &str) -> bool {
         .is_ok_and(|l| l.local_dir().is_some())
 }
 
-/// Opens the chunk store at `location`; a local one must exist.
-fn open_store(location: &str) -> Result<Arc<dyn ChunkStore>> {
+/// Opens the chunk store at `location` for the recipe `recipe_bytes`; a
+/// local one must exist. A remote store, which cannot be listed, is read
+/// through the recipe's index if it has one (smr_store::packed).
+fn open_store(location: &str, recipe_bytes: &[u8]) -> Result<Arc<dyn ChunkStore>> {
     let parsed: smr_store::StoreLocation = location
         .parse()
         .with_context(|| format!("--store {location}"))?;
     if let Some(dir) = parsed.local_dir() {
         anyhow::ensure!(dir.is_dir(), "store {location} does not exist");
     }
-    let store = parsed
+    let mut store = parsed
         .open()
         .with_context(|| format!("opening the store {location}"))?;
+    if parsed.local_dir().is_none() {
+        let recipe_sha256 = Profile::recipe_hash(recipe_bytes);
+        store = smr_store::packed::Indexed::open(store, &recipe_sha256)
+            .with_context(|| format!("reading the recipe's index in the store {location}"))?;
+    }
     Ok(Arc::from(store))
 }
 

@@ -17,4 +17,5 @@ pub mod publish;
 pub mod reproduce;
 pub mod run;
 pub mod serve;
+pub mod store;
 pub mod volume;

@@ -1,6 +1,7 @@
-//! `smr gc` of a local store: roots kept, the unreferenced old chunks
-//! deleted and nothing else, a dry run that deletes nothing, a bad root
-//! that stops it, and conversions running while it runs.
+//! `smr gc` of a local store: roots kept, the unreferenced old packs (and
+//! chunk files of the per-chunk layout) deleted and nothing else, a dry run
+//! that deletes nothing, a bad root that stops it, and conversions running
+//! while it runs.
 
 use super::util::*;
 use std::path::{Path, PathBuf};
@@ -18,10 +19,11 @@ fn other_image(dir: &Path, tag: &str, motd: &str) -> String {
     format!("oci:{}:{tag}", dir.display())
 }
 
-/// Every chunk file of the store, by name.
-fn chunk_names(store: &Path) -> Vec<String> {
+/// Every chunk file and pack of the store, by name.
+fn stored_names(store: &Path) -> Vec<String> {
     let mut out: Vec<String> = walk(&store.join("chunks"))
         .into_iter()
+        .chain(walk(&store.join("packs")))
         .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
         .filter(|n| !n.starts_with('.'))
         .collect();
@@ -42,10 +44,11 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Makes every chunk file of the store an hour old.
+/// Makes every chunk file, pack and index of the store an hour old.
 fn age(store: &Path) {
     let old = SystemTime::now() - Duration::from_secs(3600);
-    for p in walk(&store.join("chunks")) {
+    let files = ["chunks", "packs", "indexes"].map(|d| walk(&store.join(d)));
+    for p in files.into_iter().flatten() {
         let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
         f.set_modified(old).unwrap();
     }
@@ -80,6 +83,8 @@ fn gc_deletes_exactly_the_old_unreferenced_chunks() {
     let d = s.t.path();
     convert(&s.src, &s.store, &s.recipe, &s.key, &[]);
     let garbage = d.join("garbage.recipe");
+    let kept = stored_names(&s.store);
+    assert!(!kept.is_empty());
     convert(
         &other_image(&d.join("g"), "g", "gone\n"),
         &s.store,
@@ -87,15 +92,18 @@ fn gc_deletes_exactly_the_old_unreferenced_chunks() {
         &s.key,
         &[],
     );
-    let keep = ids_of(&s.recipe);
-    let all = chunk_names(&s.store);
-    assert!(all.len() > keep.len());
+    let all = stored_names(&s.store);
+    assert!(all.len() > kept.len());
+    assert!(
+        kept.iter().all(|k| all.contains(k)),
+        "the second image's chunks already stored were not stored again"
+    );
     std::fs::remove_file(&garbage).unwrap();
 
-    // Young chunks are within the grace: nothing goes.
+    // Young packs are within the grace: nothing goes.
     let o = gc(&s.store, &["--keep", s.recipe.to_str().unwrap()]);
     assert!(o.status.success());
-    assert_eq!(chunk_names(&s.store), all);
+    assert_eq!(stored_names(&s.store), all);
     age(&s.store);
     // A dry run reports and deletes nothing.
     let o = gc(
@@ -104,12 +112,13 @@ fn gc_deletes_exactly_the_old_unreferenced_chunks() {
     );
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(
-        r["deleted"]["chunks"].as_u64().unwrap() as usize,
-        all.len() - keep.len(),
+        r["packs"]["deleted"]["packs"].as_u64().unwrap() as usize,
+        all.len() - kept.len(),
         "{r} {}",
         String::from_utf8_lossy(&o.stderr)
     );
-    assert_eq!(chunk_names(&s.store), all);
+    assert_eq!(r["packs"]["indexes_deleted"].as_u64(), Some(1), "{r}");
+    assert_eq!(stored_names(&s.store), all);
     // A root that cannot be read stops it: nothing deleted.
     let bad = d.join("bad.recipe");
     std::fs::write(&bad, b"not a recipe").unwrap();
@@ -120,17 +129,53 @@ fn gc_deletes_exactly_the_old_unreferenced_chunks() {
         );
         assert!(!o.status.success());
         assert!(String::from_utf8_lossy(&o.stderr).contains(root), "{o:?}");
-        assert_eq!(chunk_names(&s.store), all);
+        assert_eq!(stored_names(&s.store), all);
     }
-    // The real thing: what is left is exactly the root's chunks.
+    // The real thing: what is left is exactly the packs the root uses.
     let o = gc(&s.store, &["--keep", s.recipe.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(chunk_names(&s.store), keep);
+    assert_eq!(stored_names(&s.store), kept);
+    assert_eq!(walk(&s.store.join("indexes")).len(), 1, "the root's index");
     ok(smr()
         .arg("verify")
         .arg(&s.recipe)
         .arg("--store")
         .arg(&s.store)
+        .arg("--key-file")
+        .arg(&s.key));
+}
+
+/// The per-chunk layout of stores made before packs: its unreferenced old
+/// chunk files go, the root's stay.
+#[test]
+fn gc_of_a_store_of_chunk_files() {
+    let s = Synthetic::new();
+    convert(&s.src, &s.store, &s.recipe, &s.key, &[]);
+    let old = s.t.path().join("old-store");
+    per_chunk_copy(&s.recipe, &s.store, &old);
+    let dead = b"a chunk no recipe names".to_vec();
+    let dead_id = smr_format::ChunkId::of(&dead);
+    {
+        use smr_store::ChunkStore;
+        let o = smr_store::LocalStore::open(&old).unwrap();
+        o.put(&dead_id, &dead).unwrap();
+    }
+    let keep = ids_of(&s.recipe);
+    let mut all = keep.clone();
+    all.push(dead_id.to_hex());
+    all.sort();
+    assert_eq!(stored_names(&old), all);
+    age(&old);
+    let o = gc(&old, &["--keep", s.recipe.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["deleted"]["chunks"].as_u64(), Some(1), "{r}");
+    assert_eq!(stored_names(&old), keep);
+    ok(smr()
+        .arg("verify")
+        .arg(&s.recipe)
+        .arg("--store")
+        .arg(&old)
         .arg("--key-file")
         .arg(&s.key));
 }

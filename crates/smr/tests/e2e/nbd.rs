@@ -133,10 +133,7 @@ fn nbd_corrupt_chunk_fails_only_its_reads() {
         bad["id"].as_str().unwrap().to_string(),
         bad["index"].as_u64().unwrap(),
     );
-    let path = store.join("chunks").join(&id[..2]).join(&id);
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[5] ^= 0x80;
-    std::fs::write(&path, bytes).unwrap();
+    corrupt_chunk(&store, &id, 5, 0x80);
     let srv = Server::start(&recipe, &store, &key, &t.path().join("cache"), t.path());
     let cs = 65536u64;
     let read = |off: u64, len: u64| {

@@ -272,3 +272,56 @@ impl Drop for NbdServe {
         let _ = self.child.wait();
     }
 }
+
+/// Copies the chunks of `recipe` from the store `from` into `to` in the
+/// per-chunk layout (`chunks/<2 hex>/<64 hex>`, one file each): a store as
+/// smr wrote them before packs.
+pub fn per_chunk_copy(recipe: &Path, from: &Path, to: &Path) {
+    use smr_store::ChunkStore;
+    let r = smr_format::Recipe::decode(&std::fs::read(recipe).unwrap()).unwrap();
+    let (src, dst) = (
+        smr_store::LocalStore::open(from).unwrap(),
+        smr_store::LocalStore::open(to).unwrap(),
+    );
+    for c in &r.chunks {
+        dst.put(&c.id, &src.get(&c.id).unwrap()).unwrap();
+    }
+    assert!(!to.join("packs").exists());
+}
+
+/// Flips the bits `mask` of byte `at` of chunk `id` (hex) in the store at
+/// `store`, wherever it lies (its own file, or a range of a pack).
+pub fn corrupt_chunk(store: &Path, id: &str, at: u64, mask: u8) {
+    use smr_store::ChunkStore;
+    use std::os::unix::fs::FileExt;
+    let s = smr_store::LocalStore::open(store).unwrap();
+    let extent = s.locate(&id.parse().unwrap()).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(store.join(extent.object.as_str()))
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, extent.range.offset + at).unwrap();
+    b[0] ^= mask;
+    f.write_all_at(&b, extent.range.offset + at).unwrap();
+}
+
+/// Removes chunk `id` from the store at `store`: its own file, or its
+/// pack with every other chunk in it. Returns the chunks gone (hex).
+pub fn remove_chunk(store: &Path, id: &smr_format::ChunkId) -> Vec<String> {
+    use smr_store::ChunkStore;
+    let s = smr_store::LocalStore::open(store).unwrap();
+    let extent = s.locate(id).unwrap();
+    std::fs::remove_file(store.join(extent.object.as_str())).unwrap();
+    let mut gone: Vec<String> = s
+        .packed_chunks()
+        .into_iter()
+        .filter(|(_, e)| e.object == extent.object)
+        .map(|(c, _)| c.to_hex())
+        .collect();
+    if gone.is_empty() {
+        gone.push(id.to_hex());
+    }
+    gone
+}

@@ -24,6 +24,13 @@
 //! renamed file shows the new time and is put back) or after it (the
 //! refresh finds no file and `put` writes the chunk again). No order of
 //! the two loses a chunk a writer relies on.
+//!
+//! Packs ([`packs`]) follow the same argument with the pack file in the
+//! chunk file's place: a writer reusing a chunk of a pack refreshes the
+//! pack, and a pack goes only when no root's chunk and no young index is in
+//! it and it is older than `cutoff`.
+
+pub mod packs;
 
 use crate::local::LocalStore;
 use crate::{ChunkStore, Result, StoreError, Target};
@@ -103,19 +110,32 @@ pub fn chunk_files(store: &LocalStore) -> Result<Vec<ChunkFile>> {
 /// at or after `cutoff` (see the module docs for why the rename comes
 /// first); returns whether it was deleted.
 pub fn remove_if_older(store: &LocalStore, id: &ChunkId, cutoff: SystemTime) -> Result<bool> {
-    let path = store.chunk_path(id);
+    remove_file_if_older(store, &store.chunk_path(id), Target::Chunk(*id), cutoff)
+}
+
+/// Deletes the file at `path` (of `store`, about `what`) unless it was
+/// written or refreshed at or after `cutoff`: renamed aside, its time
+/// looked at, then unlinked or renamed back.
+pub(crate) fn remove_file_if_older(
+    store: &LocalStore,
+    path: &Path,
+    what: Target,
+    cutoff: SystemTime,
+) -> Result<bool> {
+    let name = path
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
     let aside = path.with_file_name(format!(
-        "{}gc-{}-{}",
+        "{}gc-{name}-{}",
         crate::local::TEMP_PREFIX,
-        id.to_hex(),
         std::process::id()
     ));
     let err = |source| StoreError::ChunkIo {
-        what: Target::Chunk(*id),
+        what: what.clone(),
         store: store.describe(),
         source,
     };
-    match fs::rename(&path, &aside) {
+    match fs::rename(path, &aside) {
         Ok(()) => {}
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(err(e)),
@@ -126,7 +146,7 @@ pub fn remove_if_older(store: &LocalStore, id: &ChunkId, cutoff: SystemTime) -> 
     if modified >= cutoff {
         // Refreshed by a writer just now: put back (a writer that found it
         // gone meanwhile wrote the same bytes; either copy is the chunk).
-        fs::rename(&aside, &path).map_err(err)?;
+        fs::rename(&aside, path).map_err(err)?;
         return Ok(false);
     }
     fs::remove_file(&aside).map_err(err)?;
