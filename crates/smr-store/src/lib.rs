@@ -34,6 +34,7 @@ pub use layered::Layered;
 pub use local::LocalStore;
 pub use object::{ByteRange, Extent, ObjectName, Target};
 pub use options::{RemoteOptions, DEADLINE_ENV, MAX_IN_FLIGHT_ENV};
+pub use packed::BatchStore;
 pub use retry::{backoff, Outage, Remote};
 pub use s3::{S3Store, S3StoreBuilder};
 

@@ -24,6 +24,7 @@
 //! statuses as typed transport errors.
 
 pub mod lease;
+pub mod packs;
 mod status;
 
 use crate::error::{Op, StoreError, TransportKind};
@@ -430,6 +431,72 @@ fn classify(e: &object_store::Error) -> Class {
 }
 
 impl S3Store {
+    /// Takes this store's writer lease unless it holds it already (errors
+    /// are about `what`, the write that needed it).
+    pub(crate) fn writer_lease(&self, what: Target) -> Result<()> {
+        let mut writer = self
+            .inner
+            .writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if writer.is_none() {
+            let lease = lease::Lease::writer(&self.inner.leases()).map_err(|e| e.about(what))?;
+            *writer = Some(lease);
+        }
+        Ok(())
+    }
+
+    /// Writes `object` (replacing it), under the retry policy.
+    pub(crate) fn put_object(&self, object: &ObjectName, bytes: Vec<u8>) -> Result<()> {
+        let (inner, object) = (self.inner.clone(), object.clone());
+        let payload = PutPayload::from(bytes);
+        block_on(async move {
+            let what = Target::of(&object, ByteRange::WHOLE);
+            let put = || async {
+                let key = inner.key(&object);
+                match inner.s3.put(&key, payload.clone()).await {
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(inner.error(Op::Put, what.clone(), e)),
+                }
+            };
+            inner.remote.run(Op::Put, what.clone(), put).await
+        })
+    }
+
+    /// The objects under `dir/` (their names relative to the prefix).
+    pub(crate) fn list_dir(
+        &self,
+        dir: &str,
+    ) -> Result<Vec<(ObjectName, object_store::ObjectMeta)>> {
+        let inner = &self.inner;
+        let listed = list_objects(&inner.s3, inner.key(&ObjectName::new(dir))).map_err(|e| {
+            let what = Target::of(&ObjectName::new(format!("{dir}/")), ByteRange::WHOLE);
+            inner.error(Op::Get, what, e)
+        })?;
+        Ok(listed
+            .into_iter()
+            .filter_map(|m| {
+                let name = m.location.filename()?.to_string();
+                Some((ObjectName::new(format!("{dir}/{name}")), m))
+            })
+            .collect())
+    }
+
+    /// Deletes `object` (under the collector's lease); gone already is fine.
+    pub(crate) fn delete_object(&self, object: &ObjectName) -> Result<()> {
+        let (inner, object) = (self.inner.clone(), object.clone());
+        block_on(async move {
+            let what = Target::of(&object, ByteRange::WHOLE);
+            let delete = || async {
+                match inner.s3.delete(&inner.key(&object)).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                    Err(e) => Err(inner.error(Op::Put, what.clone(), e)),
+                }
+            };
+            inner.remote.run(Op::Put, what.clone(), delete).await
+        })
+    }
+
     /// Takes the garbage collector's lease: fails with
     /// [`StoreError::Busy`] while a writer or another collection runs
     /// (see [`lease`]). Hold it for the whole collection.
@@ -511,18 +578,7 @@ impl ChunkStore for S3Store {
     }
 
     fn put(&self, id: &ChunkId, data: &[u8]) -> Result<PutOutcome> {
-        {
-            let mut writer = self
-                .inner
-                .writer
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if writer.is_none() {
-                let lease = lease::Lease::writer(&self.inner.leases())
-                    .map_err(|e| e.about(Target::Chunk(*id)))?;
-                *writer = Some(lease);
-            }
-        }
+        self.writer_lease(Target::Chunk(*id))?;
         let (inner, id) = (self.inner.clone(), *id);
         let payload = PutPayload::from(data.to_vec());
         block_on(async move {

@@ -13,15 +13,14 @@
 //! rewritten. Deletion renames aside first, as for chunk files
 //! ([`super::remove_file_if_older`]).
 
-use super::remove_file_if_older;
 use crate::local::LocalStore;
-use crate::packed::{pack_object, StoreIndex, INDEXES_DIR, PACKS_DIR};
-use crate::{ByteRange, ChunkStore, Result, StoreError, Target};
+use crate::packed::{index_object, PackMap, StoreIndex, INDEXES_DIR, PACKS_DIR};
+use crate::{ByteRange, ObjectName, Result, StoreError, Target};
 use smr_format::ChunkId;
 use std::collections::HashSet;
 use std::fs;
 use std::io::ErrorKind;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::SystemTime;
 
 /// A file of `packs/` or `indexes/` named by 64 hex digits.
@@ -29,14 +28,29 @@ use std::time::SystemTime;
 pub struct NamedFile {
     /// The name's 32 bytes (a pack's digest, an index's recipe SHA-256).
     pub name: [u8; 32],
-    /// Its path.
-    pub path: PathBuf,
+    /// Its object name in the store.
+    pub object: ObjectName,
     /// Its length.
     pub len: u64,
     /// When it was written or last refreshed.
     pub modified: SystemTime,
 }
 
+/// What a collection needs of a store holding packs: listing, reading and
+/// writing its objects, and deleting one unless it was refreshed.
+pub trait PackedObjects {
+    /// The store's location.
+    fn location(&self) -> String;
+    /// The objects of `dir` (`packs` or `indexes`) named by 64 hex digits.
+    fn list(&self, dir: &str) -> Result<Vec<NamedFile>>;
+    /// The bytes of `object`.
+    fn read(&self, object: &ObjectName) -> Result<Vec<u8>>;
+    /// Writes `object` (durably, replacing it).
+    fn write(&self, object: &ObjectName, bytes: &[u8]) -> Result<()>;
+    /// Deletes `f` unless it was written or refreshed at or after `cutoff`;
+    /// whether it was deleted.
+    fn remove_if_older(&self, f: &NamedFile, cutoff: SystemTime) -> Result<bool>;
+}
 /// Counts of one kind of file.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Tally {
@@ -71,26 +85,26 @@ pub struct PackReport {
 
 /// The files of `dir` named by 64 hex digits (temp files skipped).
 fn named_files(store: &LocalStore, dir: &str) -> Result<Vec<NamedFile>> {
-    let dir = store.root().join(dir);
+    let path = store.root().join(dir);
     let err = |path: &Path, source| StoreError::Io {
-        store: format!("{} ({})", store.describe(), path.display()),
+        store: format!(
+            "{} ({})",
+            crate::ChunkStore::describe(store),
+            path.display()
+        ),
         source,
     };
-    let entries = match fs::read_dir(&dir) {
+    let entries = match fs::read_dir(&path) {
         Ok(e) => e,
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(err(&dir, e)),
+        Err(e) => return Err(err(&path, e)),
     };
     let mut out = Vec::new();
     for e in entries {
-        let e = e.map_err(|e| err(&dir, e))?;
-        let mut name = [0u8; 32];
-        let Some(n) = e.file_name().to_str().map(str::to_owned) else {
+        let e = e.map_err(|e| err(&path, e))?;
+        let Some(name) = e.file_name().to_str().and_then(parse_name) else {
             continue;
         };
-        if hex::decode_to_slice(&n, &mut name).is_err() {
-            continue;
-        }
         let m = match e.metadata() {
             Ok(m) => m,
             Err(x) if x.kind() == ErrorKind::NotFound => continue,
@@ -98,13 +112,54 @@ fn named_files(store: &LocalStore, dir: &str) -> Result<Vec<NamedFile>> {
         };
         out.push(NamedFile {
             name,
-            path: e.path(),
+            object: ObjectName::new(format!("{dir}/{}", hex::encode(name))),
             len: m.len(),
             modified: m.modified().map_err(|x| err(&e.path(), x))?,
         });
     }
     out.sort_by_key(|f| f.name);
     Ok(out)
+}
+
+/// The 32 bytes a name of 64 lowercase hex digits spells.
+pub(crate) fn parse_name(name: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    let lower = name
+        .bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    (lower && hex::decode_to_slice(name, &mut out).is_ok()).then_some(out)
+}
+
+impl PackedObjects for LocalStore {
+    fn location(&self) -> String {
+        crate::ChunkStore::describe(self)
+    }
+
+    fn list(&self, dir: &str) -> Result<Vec<NamedFile>> {
+        named_files(self, dir)
+    }
+
+    fn read(&self, object: &ObjectName) -> Result<Vec<u8>> {
+        fs::read(self.root().join(object.as_str())).map_err(|source| StoreError::ChunkIo {
+            what: Target::of(object, ByteRange::WHOLE),
+            store: crate::ChunkStore::describe(self),
+            source,
+        })
+    }
+
+    fn write(&self, object: &ObjectName, bytes: &[u8]) -> Result<()> {
+        self.write_durably(object, bytes)
+            .map_err(|source| StoreError::ChunkIo {
+                what: Target::of(object, ByteRange::WHOLE),
+                store: crate::ChunkStore::describe(self),
+                source,
+            })
+    }
+
+    fn remove_if_older(&self, f: &NamedFile, cutoff: SystemTime) -> Result<bool> {
+        let what = Target::of(&f.object, ByteRange::WHOLE);
+        super::remove_file_if_older(self, &self.root().join(f.object.as_str()), what, cutoff)
+    }
 }
 
 /// Every pack file of `store`.
@@ -124,73 +179,65 @@ pub struct Root {
 /// Collects the packs and indexes of `store` (see the module docs), keeping
 /// what `roots` need. Nothing is deleted or written in a dry run.
 pub fn collect(
-    store: &LocalStore,
+    store: &dyn PackedObjects,
     roots: &[Root],
     cutoff: SystemTime,
     dry_run: bool,
 ) -> Result<PackReport> {
-    let live: HashSet<ChunkId> = roots
-        .iter()
-        .flat_map(|r| r.chunks.iter().copied())
-        .collect();
-    let root_names: HashSet<[u8; 32]> = roots.iter().map(|r| r.sha256).collect();
-    let index_files = named_files(store, INDEXES_DIR)?;
+    let index_files = store.list(INDEXES_DIR)?;
     let mut young_packs: HashSet<[u8; 32]> = HashSet::new();
+    let mut map = PackMap::default();
     for f in &index_files {
-        let object = crate::packed::index_object(&f.name);
-        let bad = |source| StoreError::ChunkIo {
-            what: Target::of(&object, ByteRange::WHOLE),
-            store: store.describe(),
-            source,
-        };
-        let bytes = fs::read(&f.path).map_err(bad)?;
-        let index = StoreIndex::decode(&bytes)
-            .map_err(|e| bad(std::io::Error::new(ErrorKind::InvalidData, e)))?;
+        let bytes = store.read(&f.object)?;
+        let index = StoreIndex::decode(&bytes).map_err(|e| StoreError::ChunkIo {
+            what: Target::of(&f.object, ByteRange::WHOLE),
+            store: store.location(),
+            source: std::io::Error::new(ErrorKind::InvalidData, e),
+        })?;
+        map.add_index(&index);
         if f.modified >= cutoff {
             young_packs.extend(index.packs().iter().copied());
         }
     }
-    // Where the live chunks are, by every index (the store read them all
-    // when it opened); each root's index written anew from that.
+    // Where the roots' chunks are, by every index; each root's index
+    // written anew from that.
     let mut live_packs: HashSet<[u8; 32]> = HashSet::new();
-    for id in &live {
-        if let Ok(extent) = store.locate(id) {
-            if let Some(hex) = extent.object.as_str().strip_prefix("packs/") {
-                let mut d = [0u8; 32];
-                if hex::decode_to_slice(hex, &mut d).is_ok() {
-                    live_packs.insert(d);
-                }
-            }
+    for r in roots {
+        let located: Vec<_> = r
+            .chunks
+            .iter()
+            .filter_map(|id| map.locate(id).map(|(p, o, l)| (*id, p, o, l)))
+            .collect();
+        live_packs.extend(located.iter().map(|(_, p, _, _)| *p));
+        if dry_run || located.is_empty() {
+            continue;
         }
+        let index = StoreIndex::from_locations(located).map_err(|e| StoreError::Io {
+            store: store.location(),
+            source: std::io::Error::new(ErrorKind::InvalidData, e),
+        })?;
+        store.write(&index_object(&r.sha256), &index.encode())?;
     }
+    let root_names: HashSet<[u8; 32]> = roots.iter().map(|r| r.sha256).collect();
     let mut report = PackReport::default();
-    if !dry_run {
-        for r in roots {
-            store.write_index_of(&r.sha256, r.chunks.iter().copied())?;
-        }
-    }
     for f in &index_files {
         if root_names.contains(&f.name) || f.modified >= cutoff {
             continue;
         }
-        let what = Target::of(&crate::packed::index_object(&f.name), ByteRange::WHOLE);
-        if dry_run || remove_file_if_older(store, &f.path, what, cutoff)? {
+        if dry_run || store.remove_if_older(f, cutoff)? {
             report.indexes_deleted += 1;
         }
     }
-    for f in pack_files(store)? {
+    for f in store.list(PACKS_DIR)? {
         report.packs.add(&f);
         if live_packs.contains(&f.name) {
             report.referenced.add(&f);
         } else if young_packs.contains(&f.name) || f.modified >= cutoff {
             report.within_grace.add(&f);
+        } else if dry_run || store.remove_if_older(&f, cutoff)? {
+            report.deleted.add(&f);
         } else {
-            let what = Target::of(&pack_object(&f.name), ByteRange::WHOLE);
-            if dry_run || remove_file_if_older(store, &f.path, what, cutoff)? {
-                report.deleted.add(&f);
-            } else {
-                report.within_grace.add(&f);
-            }
+            report.within_grace.add(&f);
         }
     }
     Ok(report)

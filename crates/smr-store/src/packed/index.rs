@@ -1,6 +1,6 @@
 //! The store index: where each chunk of one recipe lives among a store's
 //! packs (`indexes/<recipe sha256 hex>`; byte by byte in `docs/FORMAT.md`
-//! §6).
+//! §2).
 //!
 //! ```text
 //! magic "SMRSIDX\0" | u16 version | varint n_packs | n_packs × digest[32]

@@ -33,6 +33,38 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::Path;
 
+/// A store that takes a writer's chunks in one batch of packs: nothing is
+/// durable, or visible to other processes, before [`BatchStore::commit`],
+/// and a recipe's chunks are found through its index, written by
+/// [`BatchStore::write_index`] after the commit and before the recipe.
+pub trait BatchStore: ChunkStore {
+    /// Makes every chunk put so far durable in its pack.
+    fn commit(&self) -> Result<()>;
+    /// Writes the index of `recipe`; `None` when none of its chunks is in
+    /// a pack (nothing to index).
+    fn write_index(&self, recipe: &smr_format::Recipe) -> Result<Option<ObjectName>>;
+}
+
+impl BatchStore for crate::LocalStore {
+    fn commit(&self) -> Result<()> {
+        crate::LocalStore::commit(self)
+    }
+
+    fn write_index(&self, recipe: &smr_format::Recipe) -> Result<Option<ObjectName>> {
+        crate::LocalStore::write_index(self, recipe)
+    }
+}
+
+impl BatchStore for crate::s3::packs::S3Packed {
+    fn commit(&self) -> Result<()> {
+        crate::s3::packs::S3Packed::commit(self)
+    }
+
+    fn write_index(&self, recipe: &smr_format::Recipe) -> Result<Option<ObjectName>> {
+        crate::s3::packs::S3Packed::write_index(self, recipe)
+    }
+}
+
 /// The directory (or key prefix) of packs.
 pub const PACKS_DIR: &str = "packs";
 /// The directory (or key prefix) of store indexes.

@@ -201,11 +201,11 @@ pub fn run(a: Args) -> Result<ExitCode> {
         sealed_keys,
     )
     .context("building the new recipe")?;
-    if let Some(local) = &batched {
-        local
+    if let Some(batch) = &batched {
+        batch
             .commit()
             .with_context(|| format!("making the chunks in {location} durable"))?;
-        local
+        batch
             .write_index(&recipe)
             .with_context(|| format!("writing the index of the recipe in {location}"))?;
     }

@@ -174,13 +174,17 @@ pub fn run(a: Args) -> Result<ExitCode> {
     })
     .with_context(|| format!("converting {}", a.source))?;
     bar.finish_and_clear();
-    if let Some(local) = &batched {
-        local
+    if let Some(batch) = &batched {
+        batch
             .commit()
             .with_context(|| format!("making the chunks in {location} durable"))?;
-        local
+        batch
             .write_index(&out.recipe)
             .with_context(|| format!("writing the index of the recipe in {location}"))?;
+    }
+    if let Some(dir) = local_dir(&location) {
+        let local = smr_store::LocalStore::open(&dir)
+            .with_context(|| format!("opening the store {location}"))?;
         match local.remove_stale_temps(smr_store::local::STALE_TEMP_AGE) {
             Ok(0) => {}
             Ok(n) => tracing::info!("removed {n} temp files of interrupted writes from {location}"),
@@ -290,13 +294,19 @@ fn chunking(
     })
 }
 
-/// A local store taking the chunks in one batch (see [`open_store`]).
-pub(crate) type Batched = Option<Arc<smr_store::LocalStore>>;
+/// A store taking the chunks in one batch of packs (see [`open_store`]).
+pub(crate) type Batched = Option<Arc<dyn smr_store::BatchStore>>;
 
-/// The store at `location`, and the same store when it is a local one
-/// taking the chunks in one batch of packs cut with `pack`, made durable
+/// The directory of `location` when it is a local store.
+fn local_dir(location: &str) -> Option<std::path::PathBuf> {
+    let parsed: smr_store::StoreLocation = location.parse().ok()?;
+    parsed.local_dir().map(Path::to_path_buf)
+}
+
+/// The store at `location`, and the same store when it takes the chunks
+/// in one batch of packs cut with `pack` (a directory or S3), made durable
 /// by one commit, and indexed, before the recipe is written
-/// (smr_store::local).
+/// (smr_store::packed).
 pub(crate) fn open_store(
     location: &str,
     pack: PackParams,
@@ -304,18 +314,23 @@ pub(crate) fn open_store(
     let parsed: smr_store::StoreLocation = location
         .parse()
         .with_context(|| format!("--store {location}"))?;
-    let batched = parsed
-        .local_dir()
-        .map(|p| smr_store::LocalStore::open_batched(p).map(|s| Arc::new(s.with_pack_params(pack))))
-        .transpose()
-        .with_context(|| format!("opening the store {location}"))?;
+    let opening = || format!("opening the store {location}");
+    let batched: Batched = match &parsed {
+        smr_store::StoreLocation::Local(dir) => Some(Arc::new(
+            smr_store::LocalStore::open_batched(dir)
+                .with_context(opening)?
+                .with_pack_params(pack),
+        )),
+        smr_store::StoreLocation::S3(l) => {
+            let s3 = smr_store::S3Store::open(l, smr_store::RemoteOptions::from_env()?)
+                .with_context(opening)?;
+            Some(Arc::new(smr_store::s3::packs::S3Packed::new(s3, pack)))
+        }
+        smr_store::StoreLocation::Http(_) => None,
+    };
     let store: Arc<dyn smr_store::ChunkStore> = match &batched {
-        Some(local) => local.clone(),
-        None => Arc::from(
-            parsed
-                .open()
-                .with_context(|| format!("opening the store {location}"))?,
-        ),
+        Some(b) => b.clone(),
+        None => Arc::from(parsed.open().with_context(opening)?),
     };
     Ok((store, batched))
 }

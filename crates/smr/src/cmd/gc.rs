@@ -207,11 +207,12 @@ pub fn run(a: Args) -> Result<ExitCode> {
             chunks: recipe.chunks.iter().map(|c| c.id).collect(),
         });
     }
-    let packs = match &store {
-        Swept::Local(s) => smr_store::gc::packs::collect(s, &packed_roots, cutoff, a.dry_run)
-            .with_context(|| format!("collecting the packs of {location}"))?,
-        Swept::S3 { .. } => Default::default(),
+    let objects: &dyn smr_store::gc::packs::PackedObjects = match &store {
+        Swept::Local(s) => s,
+        Swept::S3 { store, .. } => store,
     };
+    let packs = smr_store::gc::packs::collect(objects, &packed_roots, cutoff, a.dry_run)
+        .with_context(|| format!("collecting the packs of {location}"))?;
     let files = store.files()?;
     let (mut referenced, mut young, mut deleted) = ((0u64, 0u64), (0u64, 0u64), (0u64, 0u64));
     let mut candidates = Vec::new();

@@ -51,6 +51,52 @@ fn s3_store_round_trip() {
     assert!(!err.contains("not-the-secret-123"), "{err}");
 }
 
+/// A store of packs copied as it is into an S3 bucket: a node reads it
+/// through the recipe's index, with ranged GETs of the packs.
+#[test]
+fn s3_serves_a_store_of_packs() {
+    let Some(s3) = S3::start() else {
+        return;
+    };
+    let s = Synthetic::new();
+    convert(&s.src, &s.store, &s.recipe, &s.key, &[]);
+    extract(&s.recipe, &s.store, &s.key, &s.img);
+    for dir in ["packs", "indexes"] {
+        let to = s3.object_path(&format!("packed/{dir}"));
+        std::fs::create_dir_all(&to).unwrap();
+        for e in std::fs::read_dir(s.store.join(dir)).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+    let img = s.t.path().join("s3-packed.img");
+    extract_with(&s.recipe, "s3://smr/packed", &s.key, &img, &s3.env());
+    assert!(std::fs::read(&img).unwrap() == std::fs::read(&s.img).unwrap());
+    // A damaged index is an error naming it, not a wrong read.
+    let index = std::fs::read_dir(s3.object_path("packed/indexes"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&index).unwrap();
+    bytes[12] ^= 1;
+    std::fs::write(&index, bytes).unwrap();
+    let env = s3.env();
+    let err = fails(
+        smr()
+            .arg("verify")
+            .arg(&s.recipe)
+            .arg("--store")
+            .arg("s3://smr/packed")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str()))),
+    );
+    assert!(
+        err.contains("indexes/") && err.contains("checksum"),
+        "{err}"
+    );
+}
+
 #[test]
 fn http_store_serves_a_local_store_read_only() {
     let s = Synthetic::new();
@@ -79,7 +125,7 @@ fn http_store_serves_a_local_store_read_only() {
 }
 
 #[test]
-fn s3_store_gc_deletes_only_unreferenced_chunks_and_waits_for_no_writer() {
+fn s3_store_gc_deletes_only_unreferenced_packs_and_waits_for_no_writer() {
     let Some(s3) = S3::start() else {
         return;
     };
@@ -134,11 +180,17 @@ fn s3_store_gc_deletes_only_unreferenced_chunks_and_waits_for_no_writer() {
         );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         (
-            v["chunks"].as_u64().unwrap(),
-            v["deleted"]["chunks"].as_u64().unwrap(),
+            v["packs"]["packs"].as_u64().unwrap(),
+            v["packs"]["deleted"]["packs"].as_u64().unwrap(),
         )
     };
-    // Young chunks stay; a dry run deletes nothing.
+    // Converted in packs, with one index per recipe.
+    let listed = |dir: &str| {
+        std::fs::read_dir(s3.object_path(&format!("gc/{dir}"))).map_or(0, |d| d.count())
+    };
+    assert!(listed("packs") > 0 && listed("chunks") == 0);
+    assert_eq!(listed("indexes"), 2);
+    // Young packs stay; a dry run deletes nothing.
     let (total, deleted) = count(&["--grace", "1h"]);
     assert_eq!(deleted, 0);
     let (same, would) = count(&["--grace", "0s", "--dry-run"]);
@@ -169,6 +221,7 @@ fn s3_store_gc_deletes_only_unreferenced_chunks_and_waits_for_no_writer() {
     assert!(!lease.exists());
     let (left, deleted) = count(&["--grace", "0s"]);
     assert_eq!((left, deleted), (total - would, 0));
+    assert_eq!(listed("indexes"), 1, "the root's");
 
     // The root still extracts; the collected image names a missing chunk.
     extract_with(&a, remote, &s.key, &d.join("a.img"), &env);
