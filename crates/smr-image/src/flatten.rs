@@ -273,8 +273,12 @@ pub fn flatten(
             })
         };
         report(false);
-        let ls = apply::Applier::new(&mut tree, &layer.digest, sink)
-            .run(stream, &mut |_| report(false))?;
+        // Decompression and the digests run a few MiB ahead on a thread of
+        // their own, beside the tar parsing and the filesystem writes here.
+        let ls = std::thread::scope(|s| {
+            let ahead = crate::readahead::ReadAhead::spawn(s, stream);
+            apply::Applier::new(&mut tree, &layer.digest, sink).run(ahead, &mut |_| report(false))
+        })?;
         report(true);
         tracing::info!(
             entries = ls.entries,

@@ -10,6 +10,7 @@ pub mod ext4;
 pub mod flatten;
 pub mod layer;
 pub mod media_types;
+mod readahead;
 pub mod source;
 pub mod tree;
 

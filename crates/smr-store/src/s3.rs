@@ -1,6 +1,8 @@
 //! A read-write chunk store in an S3-compatible bucket, through
-//! `object_store`: `s3://bucket/prefix` holds `prefix/chunks/<2 hex>/<64 hex>`,
-//! the local store's layout.
+//! `object_store`: `s3://bucket/prefix` holds the local store's layouts
+//! under `prefix/` (`crate::packed`): packs and indexes, written by
+//! [`packs::S3Packed`], and chunk objects `chunks/<2 hex>/<64 hex>`, which
+//! this type's `put` writes one by one.
 //!
 //! Credentials, region and endpoint come from the environment as
 //! `AmazonS3Builder::from_env` reads it (`AWS_ACCESS_KEY_ID`,

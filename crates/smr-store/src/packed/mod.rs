@@ -1,7 +1,7 @@
 //! The packed layout of directory, HTTP(S) and S3 stores.
 //!
 //! ```text
-//! packs/<64 hex>      sealed chunks concatenated; named by the SHA-256 of its bytes
+//! packs/<64 hex>      sealed chunks concatenated; named by the SHA-256 of its chunk table
 //! indexes/<64 hex>    the StoreIndex of one recipe, named by the recipe's SHA-256
 //! chunks/<2>/<64>     the per-chunk layout (still read; `smr store migrate` packs it)
 //! ```
@@ -70,7 +70,21 @@ pub const PACKS_DIR: &str = "packs";
 /// The directory (or key prefix) of store indexes.
 pub const INDEXES_DIR: &str = "indexes";
 
-/// The object of the pack with SHA-256 `digest`.
+/// A pack's name: SHA-256 over its chunk table, each chunk's id (32 bytes)
+/// and stored length (u32, little-endian) in order. Chunk ids are SHA-256
+/// of the chunks' bytes, so this names the pack's bytes as surely as a
+/// hash of them, without hashing them a second time.
+pub fn pack_name(chunks: &[(ChunkId, u64, u32)]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for (id, _, len) in chunks {
+        h.update(id.0);
+        h.update(len.to_le_bytes());
+    }
+    h.finalize().into()
+}
+
+/// The object of the pack named `digest`.
 pub fn pack_object(digest: &[u8; 32]) -> ObjectName {
     ObjectName::new(format!("{PACKS_DIR}/{}", hex::encode(digest)))
 }

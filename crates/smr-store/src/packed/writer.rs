@@ -2,11 +2,10 @@
 //! files under a store's `packs/` directory, cutting packs where
 //! [`smr_format::pack`]'s content-defined rule says (and at
 //! [`MAX_PACK_BYTES`]). Packs are written under temp names (`.tmp-*`) and
-//! only named by their SHA-256 when the store commits them.
+//! only named ([`super::pack_name`]) when the store commits them.
 
 use crate::local::TEMP_PREFIX;
 use crate::ObjectName;
-use sha2::{Digest, Sha256};
 use smr_format::pack::PackParams;
 use smr_format::ChunkId;
 use std::fs::{File, OpenOptions};
@@ -26,7 +25,6 @@ struct OpenPack {
     file: File,
     /// Its temp name, relative to the store root (`packs/.tmp-…`).
     name: ObjectName,
-    hasher: Sha256,
     chunks: Vec<PackEntry>,
     len: u64,
 }
@@ -36,7 +34,7 @@ struct OpenPack {
 pub struct SealedPack {
     /// Temp name relative to the store root.
     pub temp: ObjectName,
-    /// SHA-256 of its bytes: its name once committed.
+    /// Its name once committed ([`super::pack_name`]).
     pub digest: [u8; 32],
     /// Its chunks in order.
     pub chunks: Vec<PackEntry>,
@@ -78,7 +76,6 @@ impl PackWriter {
             unreachable!("opened above")
         };
         p.file.write_all(data)?;
-        p.hasher.update(data);
         let at = p.len;
         p.chunks.push((*id, at, data.len() as u32));
         p.len += data.len() as u64;
@@ -97,7 +94,7 @@ impl PackWriter {
         super::start_writeback(&p.file);
         self.sealed.push(SealedPack {
             temp: p.name,
-            digest: p.hasher.finalize().into(),
+            digest: super::pack_name(&p.chunks),
             chunks: p.chunks,
             len: p.len,
         });
@@ -142,7 +139,6 @@ impl PackWriter {
                     return Ok(OpenPack {
                         file,
                         name: ObjectName::new(name),
-                        hasher: Sha256::new(),
                         chunks: Vec::new(),
                         len: 0,
                     })

@@ -13,7 +13,7 @@
 
 use super::S3Store;
 use crate::gc::packs::{parse_name, NamedFile, PackedObjects};
-use crate::packed::{index_object, pack_object, PackMap, StoreIndex, MAX_PACK_BYTES};
+use crate::packed::{index_object, pack_name, pack_object, PackMap, StoreIndex, MAX_PACK_BYTES};
 use crate::{ByteRange, ChunkStore, Extent, ObjectName, PutOutcome, Result, StoreError, Target};
 use sha2::{Digest, Sha256};
 use smr_format::pack::PackParams;
@@ -95,7 +95,7 @@ impl S3Packed {
         }
         let bytes = std::mem::take(&mut state.open);
         let chunks = std::mem::take(&mut state.open_chunks);
-        let digest: [u8; 32] = Sha256::digest(&bytes).into();
+        let digest = pack_name(&chunks);
         let store = self.store.clone();
         state.uploads.push_back(std::thread::spawn(move || {
             store.put_object(&pack_object(&digest), bytes)?;

@@ -181,7 +181,8 @@ impl Drop for S3 {
     }
 }
 
-/// `python3 -m http.server` over a directory.
+/// `scripts/lib/range-http.py` (a static server answering Range requests
+/// with 206, as nginx or a CDN does) over a directory.
 pub struct FileServer {
     child: Child,
     /// `http://127.0.0.1:PORT`.
@@ -199,10 +200,11 @@ impl FileServer {
             .local_addr()
             .unwrap()
             .port();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/lib/range-http.py");
         let child = Command::new("python3")
-            .args(["-m", "http.server", "--bind", "127.0.0.1"])
+            .arg(script)
             .arg(port.to_string())
-            .current_dir(dir)
+            .arg(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
