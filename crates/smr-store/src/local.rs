@@ -500,25 +500,8 @@ impl ChunkStore for LocalStore {
             batch.chunks.insert(*id, (pack, offset, len));
             return Ok(PutOutcome::Written);
         }
-        let dir = path.parent().expect("chunk path has a parent");
-        fs::create_dir_all(dir).map_err(|e| self.chunk_err(id, e))?;
-        let tmp = dir.join(format!(
-            "{TEMP_PREFIX}{}-{}-{}",
-            &id.to_hex()[..16],
-            std::process::id(),
-            self.tmp_counter.fetch_add(1, Ordering::Relaxed)
-        ));
-        let write = || -> std::io::Result<()> {
-            let mut f = File::create(&tmp)?;
-            f.write_all(data)?;
-            f.sync_all()?;
-            fs::rename(&tmp, &path)?;
-            File::open(dir)?.sync_all()
-        };
-        if let Err(e) = write() {
-            let _ = fs::remove_file(&tmp);
-            return Err(self.chunk_err(id, e));
-        }
+        self.write_durably(&ObjectName::of_chunk(id), data)
+            .map_err(|e| self.chunk_err(id, e))?;
         Ok(PutOutcome::Written)
     }
 }

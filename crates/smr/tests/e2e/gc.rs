@@ -136,13 +136,7 @@ fn gc_deletes_exactly_the_old_unreferenced_chunks() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(stored_names(&s.store), kept);
     assert_eq!(walk(&s.store.join("indexes")).len(), 1, "the root's index");
-    ok(smr()
-        .arg("verify")
-        .arg(&s.recipe)
-        .arg("--store")
-        .arg(&s.store)
-        .arg("--key-file")
-        .arg(&s.key));
+    verify_ok(&s.recipe, &s.store, &s.key);
 }
 
 /// The per-chunk layout of stores made before packs: its unreferenced old
@@ -171,13 +165,7 @@ fn gc_of_a_store_of_chunk_files() {
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(r["deleted"]["chunks"].as_u64(), Some(1), "{r}");
     assert_eq!(stored_names(&old), keep);
-    ok(smr()
-        .arg("verify")
-        .arg(&s.recipe)
-        .arg("--store")
-        .arg(&old)
-        .arg("--key-file")
-        .arg(&s.key));
+    verify_ok(&s.recipe, &old, &s.key);
 }
 
 #[test]
@@ -220,13 +208,7 @@ fn conversions_running_during_gc_complete_and_verify() {
         let out = collector.wait_with_output().unwrap();
         assert!(out.status.success(), "round {round}");
         for r in new.iter().chain([&s.recipe]) {
-            ok(smr()
-                .arg("verify")
-                .arg(r)
-                .arg("--store")
-                .arg(&s.store)
-                .arg("--key-file")
-                .arg(&s.key));
+            verify_ok(r, &s.store, &s.key);
         }
         for r in new {
             std::fs::remove_file(r).unwrap();

@@ -141,13 +141,7 @@ fn conversions_killed_at_random_points_leave_a_consistent_store() {
         }
     }
     convert(&src, &s.store, &s.recipe, &s.key, &[]);
-    ok(smr()
-        .arg("verify")
-        .arg(&s.recipe)
-        .arg("--store")
-        .arg(&s.store)
-        .arg("--key-file")
-        .arg(&s.key));
+    verify_ok(&s.recipe, &s.store, &s.key);
     assert!(indexes_name_only_stored_bytes(&s.store) > 0);
 }
 

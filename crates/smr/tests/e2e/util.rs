@@ -325,3 +325,14 @@ pub fn remove_chunk(store: &Path, id: &smr_format::ChunkId) -> Vec<String> {
     }
     gone
 }
+
+/// `smr verify RECIPE --store STORE --key-file KEY` must succeed.
+pub fn verify_ok(recipe: &Path, store: &Path, key: &Path) {
+    ok(smr()
+        .arg("verify")
+        .arg(recipe)
+        .arg("--store")
+        .arg(store)
+        .arg("--key-file")
+        .arg(key));
+}
