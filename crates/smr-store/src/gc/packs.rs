@@ -11,7 +11,7 @@
 //!
 //! A pack holding live and dead chunks stays whole: packs are never
 //! rewritten. Deletion renames aside first, as for chunk files
-//! ([`super::remove_file_if_older`]).
+//! (`gc::remove_file_if_older`).
 
 use crate::local::LocalStore;
 use crate::packed::{index_object, PackMap, StoreIndex, INDEXES_DIR, PACKS_DIR};
