@@ -12,7 +12,8 @@
 #            empty store: time ratio, and bytes stored against the dirty
 #            chunks' bytes.
 #   gc       a store of 20 conversions (20 salts, so 20 disjoint chunk sets
-#            of ~2,000 chunks), 10 kept as roots: `smr gc` time and peak RSS.
+#            of ~1,500 chunks, in packs), 10 kept as roots: `smr gc` time
+#            and peak RSS, packs before and after.
 # Prints markdown tables.
 #
 # Usage: scripts/bench-volume.sh [RUNS]   (default 5; root; SMR_BIN=path)
@@ -111,9 +112,11 @@ for i in $(seq 20); do
   "$smr" convert "oci:$cache/oci:debian" --store "$work/gcstore" -o "$work/r$i.recipe" --salt-file "$work/salt$i" 2>/dev/null
   (( i <= 10 )) && cp "$work/r$i.recipe" "$work/gcroots/"
 done
-before=$(find "$work/gcstore/chunks" -type f | wc -l)
+# Packs and chunk files (temp files aside).
+stored() { find "$work/gcstore/packs" "$work/gcstore/chunks" -type f ! -name '.tmp-*' | wc -l; }
+before=$(stored)
 /usr/bin/time -f '%M %e' -o "$work/gc.time" "$smr" gc --store "$work/gcstore" --keep "$work/gcroots" --grace 0s 2>"$work/gc.log"
-after=$(find "$work/gcstore/chunks" -type f | wc -l)
+after=$(stored)
 read -r gc_rss gc_s <"$work/gc.time"
 
 python3 - "$work/writes" "$commit_s" "$convert_s" "$commit_line" "$dirty" "$chunks" "$before" "$after" "$gc_s" "$gc_rss" <<'EOF'
@@ -141,7 +144,7 @@ before, after, gc_s, rss = sys.argv[7], sys.argv[8], float(sys.argv[9]), int(sys
 print()
 print("| gc of 20 images, 10 roots | value |")
 print("| --- | --- |")
-print(f"| chunk files before / after | {before} / {after} |")
+print(f"| packs (and chunk files) before / after | {before} / {after} |")
 print(f"| time | {gc_s:.2f} s |")
 print(f"| peak RSS | {rss / 1024:.1f} MiB |")
 EOF
