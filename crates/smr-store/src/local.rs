@@ -177,8 +177,7 @@ impl LocalStore {
     /// Returns its object name, or `None` when no chunk of the recipe is
     /// packed (every one has its own file: nothing to index).
     pub fn write_index(&self, recipe: &smr_format::Recipe) -> Result<Option<ObjectName>> {
-        use sha2::Digest;
-        let digest: [u8; 32] = sha2::Sha256::digest(recipe.encode()).into();
+        let digest = smr_format::Profile::recipe_hash(&recipe.encode());
         self.write_index_of(&digest, recipe.chunks.iter().map(|c| c.id))
     }
 
@@ -200,17 +199,15 @@ impl LocalStore {
                 ));
             }
         }
-        let map = self.packed.read().unwrap_or_else(PoisonError::into_inner);
-        let located: Vec<_> = ids
-            .iter()
-            .filter_map(|id| map.locate(id).map(|(p, o, l)| (*id, p, o, l)))
-            .collect();
-        drop(map);
-        if located.is_empty() {
-            return Ok(None);
-        }
-        let index = StoreIndex::from_locations(located)
+        let index = self
+            .packed
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .index_of(&ids)
             .map_err(|e| self.io_err(std::io::Error::new(ErrorKind::InvalidData, e)))?;
+        let Some(index) = index else {
+            return Ok(None);
+        };
         let object = packed::index_object(name);
         self.write_durably(&object, &index.encode())
             .map_err(|e| self.io_err(e))?;
@@ -538,7 +535,8 @@ fn load_indexes(root: &Path) -> Result<PackMap> {
         .filter(|p| {
             p.file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(|n| n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+                .and_then(crate::gc::packs::parse_name)
+                .is_some()
         })
         .collect();
     names.sort();

@@ -508,15 +508,10 @@ impl S3Store {
 
     /// Every chunk object of the store (other keys skipped).
     pub fn chunk_objects(&self) -> Result<Vec<crate::gc::ChunkFile>> {
-        let inner = self.inner.clone();
-        let prefix = inner.key(&ObjectName::new("chunks"));
-        let listed = list_objects(&inner.s3, prefix).map_err(|e| {
-            let what = Target::of(&ObjectName::new("chunks/"), crate::ByteRange::WHOLE);
-            inner.error(Op::Get, what, e)
-        })?;
-        let mut out: Vec<crate::gc::ChunkFile> = listed
+        let mut out: Vec<crate::gc::ChunkFile> = self
+            .list_dir("chunks")?
             .into_iter()
-            .filter_map(|m| {
+            .filter_map(|(_, m)| {
                 let id = m.location.filename()?.parse::<ChunkId>().ok()?;
                 Some(crate::gc::ChunkFile {
                     id,
@@ -531,20 +526,7 @@ impl S3Store {
 
     /// Deletes chunk `id` (under the collector's lease).
     pub fn delete_chunk(&self, id: &ChunkId) -> Result<()> {
-        let (inner, id) = (self.inner.clone(), *id);
-        block_on(async move {
-            let delete = || async {
-                match inner
-                    .s3
-                    .delete(&inner.key(&ObjectName::of_chunk(&id)))
-                    .await
-                {
-                    Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-                    Err(e) => Err(inner.error(Op::Put, id.into(), e)),
-                }
-            };
-            inner.remote.run(Op::Put, id.into(), delete).await
-        })
+        self.delete_object(&ObjectName::of_chunk(id))
     }
 }
 

@@ -203,20 +203,17 @@ pub fn collect(
     // written anew from that.
     let mut live_packs: HashSet<[u8; 32]> = HashSet::new();
     for r in roots {
-        let located: Vec<_> = r
-            .chunks
-            .iter()
-            .filter_map(|id| map.locate(id).map(|(p, o, l)| (*id, p, o, l)))
-            .collect();
-        live_packs.extend(located.iter().map(|(_, p, _, _)| *p));
-        if dry_run || located.is_empty() {
-            continue;
-        }
-        let index = StoreIndex::from_locations(located).map_err(|e| StoreError::Io {
+        let index = map.index_of(&r.chunks).map_err(|e| StoreError::Io {
             store: store.location(),
             source: std::io::Error::new(ErrorKind::InvalidData, e),
         })?;
-        store.write(&index_object(&r.sha256), &index.encode())?;
+        let Some(index) = index else {
+            continue;
+        };
+        live_packs.extend(index.packs().iter().copied());
+        if !dry_run {
+            store.write(&index_object(&r.sha256), &index.encode())?;
+        }
     }
     let root_names: HashSet<[u8; 32]> = roots.iter().map(|r| r.sha256).collect();
     let mut report = PackReport::default();

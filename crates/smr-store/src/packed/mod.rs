@@ -141,6 +141,22 @@ impl PackMap {
         Some((self.packs[e.pack as usize], e.offset, e.len))
     }
 
+    /// The index of the chunks `ids` that this map locates (others are
+    /// left out: chunk files, or absent); `None` when it locates none.
+    pub fn index_of<'a>(
+        &self,
+        ids: impl IntoIterator<Item = &'a ChunkId>,
+    ) -> std::result::Result<Option<StoreIndex>, IndexError> {
+        let located: Vec<_> = ids
+            .into_iter()
+            .filter_map(|id| self.locate(id).map(|(p, o, l)| (*id, p, o, l)))
+            .collect();
+        if located.is_empty() {
+            return Ok(None);
+        }
+        StoreIndex::from_locations(located).map(Some)
+    }
+
     /// Forgets chunk `id` (its pack vanished).
     pub fn remove(&mut self, id: &ChunkId) {
         self.chunks.remove(id);

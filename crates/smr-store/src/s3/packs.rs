@@ -15,7 +15,6 @@ use super::S3Store;
 use crate::gc::packs::{parse_name, NamedFile, PackedObjects};
 use crate::packed::{index_object, pack_name, pack_object, PackMap, StoreIndex, MAX_PACK_BYTES};
 use crate::{ByteRange, ChunkStore, Extent, ObjectName, PutOutcome, Result, StoreError, Target};
-use sha2::{Digest, Sha256};
 use smr_format::pack::PackParams;
 use smr_format::ChunkId;
 use std::collections::{HashSet, VecDeque};
@@ -148,20 +147,16 @@ impl S3Packed {
         let Some(known) = &state.known else {
             return Ok(None);
         };
-        let located: Vec<_> = recipe
-            .chunks
-            .iter()
-            .filter_map(|c| known.locate(&c.id).map(|(p, o, l)| (c.id, p, o, l)))
-            .collect();
-        if located.is_empty() {
+        let index = known
+            .index_of(recipe.chunks.iter().map(|c| &c.id))
+            .map_err(|e| StoreError::Io {
+                store: self.describe(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+            })?;
+        let Some(index) = index else {
             return Ok(None);
-        }
-        let index = StoreIndex::from_locations(located).map_err(|e| StoreError::Io {
-            store: self.describe(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-        })?;
-        let sha: [u8; 32] = Sha256::digest(recipe.encode()).into();
-        let object = index_object(&sha);
+        };
+        let object = index_object(&smr_format::Profile::recipe_hash(&recipe.encode()));
         self.store.put_object(&object, index.encode())?;
         Ok(Some(object))
     }
