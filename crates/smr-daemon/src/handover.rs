@@ -105,10 +105,8 @@ impl Withdraw {
 impl Offer {
     /// Binds `path` (0600), replacing a stale socket file.
     pub fn bind(path: &Path) -> std::io::Result<(Offer, Withdraw)> {
-        let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path).map_err(|e| err(path, "binding", e))?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        let listener =
+            smr_node::dirs::listen_unix(path, 0o600).map_err(|e| err(path, "binding", e))?;
         let closing = Arc::new(AtomicBool::new(false));
         let w = Withdraw {
             path: path.to_path_buf(),

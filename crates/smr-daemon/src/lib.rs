@@ -153,15 +153,7 @@ fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, DaemonError> {
             "another daemon is listening on it",
         )));
     }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(e)),
-    }
-    let l = std::os::unix::net::UnixListener::bind(path).map_err(&err)?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(&err)?;
-    Ok(l)
+    smr_node::dirs::listen_unix(path, 0o600).map_err(&err)
 }
 
 /// Serves the control API on its socket (and the TCP metrics address).

@@ -1,4 +1,5 @@
-//! Directories only their owner may enter.
+//! Directories only their owner may enter, and sockets that appear only
+//! once they listen.
 
 use std::path::Path;
 
@@ -27,6 +28,34 @@ pub fn private_dir(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Binds a UNIX socket at `path` with permissions `mode`, replacing a
+/// stale socket file there. The socket is bound and made listening under a
+/// temporary name in the same directory and then renamed into place, so a
+/// client that waits for `path` to exist never finds a socket that refuses
+/// connections or has looser permissions than `mode`.
+pub fn listen_unix(path: &Path, mode: u32) -> std::io::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let name = path.file_name().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "socket path has no file name",
+        )
+    })?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = std::os::unix::net::UnixListener::bind(&tmp)?;
+    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(listener)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -45,5 +74,24 @@ mod tests {
         let f = t.path().join("file");
         std::fs::write(&f, b"x").expect("write");
         assert!(private_dir(&f).is_err());
+    }
+
+    #[test]
+    fn sockets_appear_listening_with_their_mode() {
+        let t = tempfile::tempdir().expect("tmp");
+        let path = t.path().join("s.sock");
+        std::fs::write(&path, b"stale").expect("stale file");
+        let l = listen_unix(&path, 0o600).expect("listen");
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o600);
+        let _c = std::os::unix::net::UnixStream::connect(&path).expect("connect");
+        assert!(l.accept().is_ok());
+        let names: Vec<_> = std::fs::read_dir(t.path())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("s.sock")]);
+        let missing = t.path().join("no/such/dir/s.sock");
+        assert!(listen_unix(&missing, 0o600).is_err());
     }
 }

@@ -174,8 +174,7 @@ pub fn run_nbd(a: NbdArgs) -> Result<ExitCode> {
     ])?;
     let (running, uris): (_, Vec<String>) = match &a.socket {
         Some(path) => {
-            let _ = std::fs::remove_file(path);
-            let l = std::os::unix::net::UnixListener::bind(path)
+            let l = smr_node::dirs::listen_unix(path, 0o600)
                 .with_context(|| format!("binding {}", path.display()))?;
             let uris = names
                 .iter()
