@@ -230,9 +230,9 @@ for r in $(seq "$rounds"); do
     done
   done
   # The disk's floor under the dropped copies: just reading smr's cache
-  # entries (48 threads), and qemu-nbd's one image file.
+  # segments (48 threads), and qemu-nbd's one image file.
   drop
-  echo "floor entries $r $("$floor" "$warm/chunks" 48 | awk '{print $3}')" >> "$res"
+  echo "floor entries $r $("$floor" "$warm/segments" 48 | awk '{print $3}')" >> "$res"
   drop
   t0=$(now); cat "$work/py.img" > /dev/null; t1=$(now)
   echo "floor image $r $(elapsed "$t0" "$t1")" >> "$res"

@@ -1,6 +1,6 @@
 //! The disk's floor for a warm NBD copy with the page cache dropped: how
 //! long it takes just to read every file under a directory (a chunk
-//! cache's entries), with `pread`, from many threads at once, doing
+//! cache's segments), with `pread`, from many threads at once, doing
 //! nothing with the bytes. `scripts/bench-lazy.sh` times it next to the
 //! servers' copies.
 //!

@@ -4,26 +4,23 @@
 //! # Design
 //! - **What is stored.** Entries hold a chunk's *stored* bytes (ciphertext
 //!   when the image is encrypted), as AWS Lambda does: data at rest on the
-//!   node stays encrypted, and decrypting on load is cheap. An entry is
-//!   `DIR/chunks/<2 hex>/<64 hex>`, named by the SHA-256 of its bytes.
+//!   node stays encrypted, and decrypting on load is cheap. Entries are
+//!   appended to segment files in the order they are fetched, found
+//!   through the segments' journals (`cache/segments.rs`, formats in
+//!   `cache/journal.rs`), so that a warm read gets the disk's readahead.
 //!   Bytes fetched from a store are hashed before they are inserted, so
 //!   nothing unverified is ever cached or served; the insert records the
 //!   entry's CRC-32C, which is checked every time the entry is loaded from
-//!   disk (SHA-256 if the filesystem has no user xattrs); a mismatch
-//!   deletes the entry, counts a `corrupt` event and refetches. Why a CRC
+//!   disk; a mismatch condemns that entry alone (a tombstone in the
+//!   journal), counts a `corrupt` event and refetches the chunk. Why a CRC
 //!   and what it does not protect against: `cache/disk.rs`.
-//! - **Crash safety without fsync.** Inserts write an unnamed file in the
-//!   entry's directory (`O_TMPFILE`), set its CRC-32C attribute, then link
-//!   it under the entry's name: a killed process leaves nothing (where the
-//!   filesystem lacks `O_TMPFILE`, a temp file `DIR/tmp/…`, locked while
-//!   its writer lives, renamed into place, and deleted by the next
-//!   [`Cache::open`] or [`Cache::prune`] if its writer died). Nothing is
-//!   fsynced: a cache needs no durability, only never to serve a wrong
-//!   byte. After a
-//!   power cut an entry may be empty, torn, or have lost its attribute;
-//!   each case fails its check on load (CRC-32C, or SHA-256 against the
-//!   name when the attribute is gone), which deletes it and refetches. An
-//!   fsync would cost a journal commit per chunk fetched.
+//! - **Crash safety without fsync.** An entry's journal record is written
+//!   after its bytes; nothing is fsynced: a cache needs no durability,
+//!   only never to serve a wrong byte. After a power cut a journal may end
+//!   in a torn record (it ends there) or name bytes that were lost (their
+//!   CRC fails on load, the chunk is refetched). The segment of a killed
+//!   process is sealed by the next [`Cache::open`] or [`Cache::prune`].
+//!   An fsync would cost a journal commit per chunk fetched.
 //! - **Memory tier.** A byte-bounded LRU (default 16 MiB) of decoded,
 //!   verified chunks per process, so that the many small reads the kernel
 //!   makes inside one chunk neither re-read nor re-hash it. It is keyed by
@@ -34,39 +31,25 @@
 //!   concurrent readers of one chunk wait for one fetch (and one decode).
 //!   Across processes (and so across images), the fetching thread holds
 //!   the chunk's byte lock in `DIR/fetch.lock` (`cache/fetch_lock.rs`: no
-//!   file per chunk) and re-checks for the entry after taking it. No global
-//!   lock is held during a fetch.
+//!   file per chunk), then brings its index up to date and looks again
+//!   before fetching. No global lock is held during a fetch.
 //! - **Budget and LRU-K.** Inserts add to a node-wide total in `DIR/stats`
 //!   (with the other counters, at most once a second, see below); an insert
 //!   that takes the total known to this process over the budget evicts,
-//!   under `DIR/lock`, down to
-//!   90% of the budget (so eviction, which scans the directory, runs once
-//!   per 10% of budget inserted rather than on every insert). Order and
-//!   history: `cache/evict.rs`. Readers hold `LOCK_SH` on an entry while
-//!   loading it (in fact for as long as they keep it open, see below) and
-//!   the evictor skips entries it cannot `LOCK_EX|LOCK_NB`. An access is
-//!   recorded in the entry's timestamps only if the last one recorded is
-//!   at least [`CacheConfig::access_granularity`] old (default 60 s), for
-//!   loads from disk and hits from the memory tier alike: LRU-K's
-//!   "correlated reference period", accesses closer than that count as
-//!   one. The effect on the order: a chunk read twice within a minute
-//!   (the kernel reading one chunk in several requests, two containers
-//!   starting together) counts as read once, so it is among the first
-//!   victims, with the chunks of a one-off scan; a chunk read again minutes
-//!   or days later ranks by that second access. And the history
-//!   is a minute coarse: victims are ordered by when they were last
-//!   recorded, which may be up to a minute before their last access. What
-//!   it buys: a warm read writes no metadata (recording every load would
-//!   be a `futimens`, a journaled inode write, per read).
-//! - **Open entries.** Each process keeps the entries it loads open, in a
-//!   bounded LRU of file handles ([`CacheConfig::open_files`], default
-//!   4096, and at most 1/16 of the budget in bytes), so that loading one
-//!   again is a single `pread`: no path lookup, no `open`/`close`, and the
-//!   kernel keeps those inodes even when asked to drop its caches. A handle
-//!   holds `LOCK_SH` for its whole life, so the entries a process holds
-//!   open are never evicted (the byte bound is what keeps that from
-//!   defeating the budget), and the CRC-32C is still checked on every
-//!   load. The reasoning, and what it costs: `cache/handles.rs`.
+//!   under `DIR/lock`, down to 90% of the budget, whole segments at a time
+//!   (a segment is a sixteenth of the budget, at most 64 MiB). Order and
+//!   history: `cache/evict.rs`. An access is recorded in the segment's
+//!   timestamps only if the last one recorded is at least
+//!   [`CacheConfig::access_granularity`] old (default 60 s), for loads
+//!   from disk and hits from the memory tier alike: LRU-K's "correlated
+//!   reference period", accesses closer than that count as one. A chunk
+//!   read once in a scan leaves its segment among the first victims; a
+//!   segment read again minutes or days later ranks by that second
+//!   access. What it buys: a warm read writes no metadata.
+//! - **Open segments.** Each process keeps the segments it reads open, so
+//!   that a load is a single `pread`. Evicted segments stay readable
+//!   through those descriptors (sealed segments are never written), and
+//!   are closed at the next refresh of the index (at most a second later).
 //! - **Counters.** Hits, misses, fetches, evictions and the rest are
 //!   counted in memory per process and added to `DIR/stats` under `flock`
 //!   (format in `cache/stats.rs`) at most once every [`FLUSH_EVERY`] (by
@@ -97,10 +80,11 @@ mod error;
 mod evict;
 mod fetch_lock;
 mod flight;
-mod handles;
+mod journal;
 mod memory;
 mod pins;
 mod pool;
+mod segments;
 mod space;
 mod stats;
 
@@ -121,11 +105,11 @@ use std::time::{Duration, Instant};
 use smr_format::{ChunkId, FormatError};
 
 use crate::chunks::ChunkError;
-use disk::{Layout, Load};
+use disk::Layout;
 use flight::Flights;
-use handles::Handles;
 use memory::MemoryLru;
 use pool::{FetchPool, Job};
+use segments::{Load, Segments};
 use stats::{Pending, StatsFile};
 
 /// Where the node cache lives unless told otherwise (`--cache-dir`,
@@ -139,12 +123,6 @@ pub const DEFAULT_BUDGET_BYTES: u64 = 10 << 30;
 /// and the page cache hold the rest. Part of the serving process's memory
 /// budget (under 64 MiB while serving 4 images; docs/BENCHMARKS.md).
 pub const DEFAULT_MEMORY_BYTES: u64 = 16 << 20;
-/// Default [`CacheConfig::open_files`]: enough for every chunk of a
-/// 256 MiB image at 64 KiB chunks.
-pub const DEFAULT_OPEN_FILES: usize = 4096;
-/// The entries a process keeps open (pinned, see `cache/handles.rs`) hold
-/// at most this fraction of the disk budget: 1/16.
-const OPEN_BYTES_DIVISOR: u64 = 16;
 /// Default number of fetch threads per process.
 pub const DEFAULT_FETCH_THREADS: usize = 16;
 /// How often an active process adds its counters to `DIR/stats`.
@@ -169,13 +147,6 @@ pub struct CacheConfig {
     /// write); the two count as one access. `Duration::ZERO` records
     /// every access.
     pub access_granularity: Duration,
-    /// How many cache entries this process keeps open, so that loading
-    /// one again is a single `pread` (0 disables it). Open entries are
-    /// pinned: no process evicts them (see `cache/handles.rs`); they also
-    /// hold at most a sixteenth of `budget_bytes`. Fewer if the open-file
-    /// limit (`RLIMIT_NOFILE`, whose soft limit is raised towards the hard
-    /// one if needed) does not leave room for them.
-    pub open_files: usize,
     /// Bound on every wait for a lock in the cache directory (another
     /// process's fetch of the same chunk, the stats record, an entry):
     /// past it a fetch goes ahead without the fetch lock, and other waits
@@ -215,7 +186,6 @@ impl CacheConfig {
             memory_bytes: DEFAULT_MEMORY_BYTES,
             fetch_threads: DEFAULT_FETCH_THREADS,
             access_granularity: DEFAULT_ACCESS_GRANULARITY,
-            open_files: DEFAULT_OPEN_FILES,
             lock_timeout: lock_timeout_from_env(),
         }
     }
@@ -234,7 +204,7 @@ pub struct Cache {
     stats_file: StatsFile,
     pending: Pending,
     memory: Mutex<MemoryLru>,
-    handles: Handles,
+    segs: Segments,
     raw: Flights<ChunkId>,
     decoded: Flights<DecodeKey>,
     pool: FetchPool,
@@ -257,20 +227,20 @@ impl std::fmt::Debug for Cache {
 }
 
 impl Cache {
-    /// Opens (creating) the cache directory: removes temp files left by
-    /// dead processes, rescans the total size and evicts down to the
-    /// budget if it is over.
+    /// Opens (creating) the cache directory: reads the segments' journals,
+    /// seals the segments of dead processes, rescans the total size and
+    /// evicts down to the budget if it is over.
     pub fn open(cfg: CacheConfig) -> Result<Arc<Cache>> {
-        let layout =
-            Layout::create(&cfg.dir, cfg.lock_timeout).map_err(|e| CacheError::io(&cfg.dir, e))?;
+        let layout = Layout::create(&cfg.dir).map_err(|e| CacheError::io(&cfg.dir, e))?;
+        // Segments are a sixteenth of the budget the disk can hold.
+        let budget = space::budget(&cfg.dir, cfg.budget_bytes, 0);
+        let segs = Segments::open(&layout.segments, budget)
+            .map_err(|e| CacheError::io(&layout.segments, e))?;
         let stats_file = StatsFile::open(&layout.stats(), cfg.lock_timeout)
             .map_err(|e| CacheError::io(layout.stats(), e))?;
         let cache = Cache {
             memory: Mutex::new(MemoryLru::new(cfg.memory_bytes)),
-            handles: Handles::new(
-                handles::file_limit(cfg.open_files),
-                cfg.budget_bytes / OPEN_BYTES_DIVISOR,
-            ),
+            segs,
             pool: FetchPool::new(cfg.fetch_threads),
             cfg,
             layout,
@@ -286,14 +256,15 @@ impl Cache {
             insert_warned: space::Once::default(),
         };
         let global = cache.global_lock(true)?;
-        let tmp = disk::clean(&cache.layout).map_err(|e| CacheError::io(&cache.layout.tmp, e))?;
-        if tmp > 0 {
-            tracing::info!(dir = %cache.cfg.dir.display(), removed = tmp, "removed temp files of interrupted inserts");
+        let root_io = |e| CacheError::io(&cache.layout.root, e);
+        if cache.layout.remove_per_entry_files().map_err(root_io)? {
+            tracing::info!(dir = %cache.cfg.dir.display(), "removed the entries of the file-per-entry layout");
         }
-        let entries =
-            evict::scan(&cache.layout).map_err(|e| CacheError::io(&cache.layout.chunks, e))?;
-        let bytes = entries.iter().map(|e| e.len()).sum();
-        let n = entries.len() as u64;
+        let segs_io = |e| CacheError::io(&cache.layout.segments, e);
+        cache.segs.seal_abandoned().map_err(segs_io)?;
+        let survey = cache.segs.survey(&Default::default()).map_err(segs_io)?;
+        let bytes = survey.iter().map(|s| s.len).sum();
+        let n = cache.segs.entries();
         cache.update_stats(|c| {
             c.total_bytes = bytes;
             c.entries = n;
@@ -321,9 +292,11 @@ impl Cache {
         &self.cfg.dir
     }
 
-    /// Whether chunk `id` has an entry on disk (not verified).
+    /// Whether chunk `id` has an entry on disk as far as this process
+    /// knows (not verified; the index is brought up to date at least once
+    /// a second).
     pub fn contains(&self, id: &ChunkId) -> bool {
-        disk::exists(&self.layout, &self.handles, id)
+        self.segs.contains(id)
     }
 
     /// Whether chunk `id` is neither being fetched (or loaded) through
@@ -337,11 +310,9 @@ impl Cache {
     /// Like [`Cache::contains`], and if the entry exists, starts reading it
     /// from the disk in the background (so that loading it soon after does
     /// not wait): what a multi-chunk read does for the chunks after the
-    /// first, so that their disk reads overlap without extra threads. The
-    /// entry is opened for it and kept open for the load (see
-    /// [`CacheConfig::open_files`]).
+    /// first, so that their disk reads overlap without extra threads.
     pub fn contains_readahead(&self, id: &ChunkId) -> bool {
-        disk::exists_and_readahead(&self.layout, &self.handles, id)
+        self.segs.readahead(id)
     }
 
     /// The verified stored bytes of chunk `id`: from disk, or from `fetch`
@@ -397,9 +368,9 @@ impl Cache {
     }
 
     /// [`Cache::get_decoded`] (`keep` alike) for a chunk at hand: from the
-    /// memory tier, or from a disk entry already open whose bytes are all
-    /// in the page cache (`disk::load_now`). `None` when that would wait for a disk
-    /// read or a fetch, or when anything went wrong (decoding included):
+    /// memory tier, or from a segment already open whose bytes for it are
+    /// all in the page cache. `None` when that would wait for a disk read
+    /// or a fetch, or when anything went wrong (decoding included):
     /// `get_decoded` then waits, and reports. Never waits for a chunk's
     /// disk read or fetch, so an event loop can serve warm reads itself.
     pub fn get_decoded_now(
@@ -412,7 +383,7 @@ impl Cache {
             self.maybe_flush();
             return Some(data);
         }
-        let stored = disk::load_now(&self.handles, &key.id, self.cfg.access_granularity)?;
+        let stored = self.segs.load_now(&key.id, self.cfg.access_granularity)?;
         self.pending.hits.fetch_add(1, Ordering::Relaxed);
         let plain = Arc::new(decode(stored).ok()?);
         if keep {
@@ -447,7 +418,7 @@ impl Cache {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .usage();
-        let (open_files, open_file_bytes) = self.handles.usage();
+        let (open_files, open_file_bytes) = self.segs.open_files();
         Ok(CacheStats {
             dir: self.cfg.dir.clone(),
             budget_bytes: self.cfg.budget_bytes,
@@ -471,15 +442,28 @@ impl Cache {
         })
     }
 
-    /// Evicts (LRU-K order, pinned entries last, skipping entries being
-    /// read) until at most `to_bytes` remain; also removes dead temp
-    /// files, and resets the total from the scan.
+    /// Evicts whole segments (LRU-K order, those holding pinned chunks
+    /// last, never one still being written) until at most `to_bytes`
+    /// remain; also seals the segments of dead processes, and resets the
+    /// total from the scan.
     pub fn prune(&self, to_bytes: u64) -> Result<PruneReport> {
         let _global = self.global_lock(true)?;
-        let temp = disk::clean(&self.layout).map_err(|e| CacheError::io(&self.layout.root, e))?;
+        let sealed = self
+            .segs
+            .seal_abandoned()
+            .map_err(|e| CacheError::io(&self.layout.segments, e))?;
         let mut report = self.evict_locked(to_bytes)?;
-        report.temp_removed = temp;
+        report.abandoned_sealed = sealed;
         Ok(report)
+    }
+
+    /// Brings this process's view of the disk tier up to date (entries
+    /// other processes inserted, segments evicted); done at least once a
+    /// second on its own.
+    pub fn refresh(&self) -> Result<()> {
+        self.segs
+            .refresh()
+            .map_err(|e| CacheError::io(&self.layout.segments, e))
     }
 
     /// Adds this process's counters to `DIR/stats` now.
@@ -511,20 +495,20 @@ impl Cache {
         };
         if lock.is_some() {
             // Another process may have fetched it while we waited.
+            if let Err(e) = self.refresh() {
+                tracing::warn!(error = %e, "cannot read the cache's journals");
+            }
             if let Some(b) = self.load_disk(id) {
                 return Ok(b);
             }
         }
         let bytes = self.fetch_verified(id, fetch)?;
         let inserted = match self.insert(id, &bytes) {
-            Ok(handle) => {
+            Ok(()) => {
                 self.pending
                     .total_bytes
                     .fetch_add(bytes.len() as i64, Ordering::Relaxed);
                 self.pending.entries.fetch_add(1, Ordering::Relaxed);
-                // The next load of the chunk is likely soon (the kernel
-                // reads a chunk in several requests): keep its handle.
-                self.handles.insert(*id, handle);
                 true
             }
             Err(e) if self.insert_warned.first() => {
@@ -545,7 +529,7 @@ impl Cache {
     }
 
     fn load_disk(&self, id: &ChunkId) -> Option<Vec<u8>> {
-        match disk::load(&self.layout, &self.handles, id, self.cfg.access_granularity) {
+        match self.segs.load(id, self.cfg.access_granularity) {
             Load::Hit(b) => Some(b),
             Load::Absent => None,
             Load::Corrupt { len } => {
@@ -592,10 +576,10 @@ impl Cache {
         }
     }
 
-    /// The memory tier's copy of `key`, recording the access in the disk
-    /// entry when it is due (see `disk::record_access`). With `wait` false
-    /// (an event loop) an entry without an open handle is recorded by a
-    /// pool thread, since opening it by path may wait for the disk.
+    /// The memory tier's copy of `key`, recording the access in its
+    /// segment when it is due. With `wait` false (an event loop) an access
+    /// to a segment not open yet is recorded by a pool thread, since
+    /// opening it may wait for the disk.
     fn memory_get(&self, key: &DecodeKey, wait: bool) -> Option<Arc<Vec<u8>>> {
         let (data, touch) = self
             .memory
@@ -606,10 +590,8 @@ impl Cache {
         if touch {
             let granularity = self.cfg.access_granularity;
             if wait {
-                disk::touch(&self.layout, &self.handles, &key.id, granularity);
-            } else if let Some(job) =
-                disk::touch_now(&self.layout, &self.handles, &key.id, granularity)
-            {
+                self.segs.touch(&key.id, granularity);
+            } else if let Some(job) = self.segs.touch_now(&key.id, granularity) {
                 self.spawn(Box::new(job));
             }
         }
@@ -619,8 +601,8 @@ impl Cache {
     /// Inserts into the disk tier. On a full filesystem (which the budget,
     /// following free space, makes rare: others can fill it meanwhile),
     /// evicts a tenth of the cache and tries once more.
-    fn insert(&self, id: &ChunkId, bytes: &[u8]) -> std::io::Result<handles::Handle> {
-        match disk::insert(&self.layout, id, bytes) {
+    fn insert(&self, id: &ChunkId, bytes: &[u8]) -> std::io::Result<()> {
+        match self.segs.insert(id, bytes) {
             Err(e) if space::is_full(&e) => {
                 let used = self.estimated_total();
                 let budget = space::budget(&self.cfg.dir, self.cfg.budget_bytes, used);
@@ -632,7 +614,7 @@ impl Cache {
                 if let Err(e) = evicted {
                     tracing::debug!(error = %e, "cache eviction on a full disk failed");
                 }
-                disk::insert(&self.layout, id, bytes)
+                self.segs.insert(id, bytes)
             }
             r => r,
         }
@@ -689,11 +671,8 @@ impl Cache {
     }
 
     fn evict_locked(&self, target: u64) -> Result<PruneReport> {
-        // Our own open entries are pinned like everyone's: unpin them, so
-        // that only reads in progress and other processes' keep entries.
-        self.handles.clear();
-        let r = evict::evict_to(&self.layout, target)
-            .map_err(|e| CacheError::io(&self.layout.chunks, e))?;
+        let r = evict::evict_to(&self.layout, &self.segs, target)
+            .map_err(|e| CacheError::io(&self.layout.segments, e))?;
         self.update_stats(|c| {
             c.total_bytes = r.remaining_bytes;
             c.entries = r.remaining_entries;
@@ -771,6 +750,9 @@ fn start_flusher(cache: &Arc<Cache>) {
         .spawn(move || loop {
             std::thread::sleep(FLUSH_EVERY);
             let Some(cache) = weak.upgrade() else { return };
+            if let Err(e) = cache.refresh() {
+                tracing::debug!(error = %e, "cannot read the cache's journals");
+            }
             if !cache.pending.is_empty() {
                 cache.maybe_flush();
             }

@@ -251,9 +251,9 @@ pub struct CacheStats {
     pub memory_entries: u64,
     /// This process: the memory tier's budget.
     pub memory_budget_bytes: u64,
-    /// This process: cache entries it holds open (and so pinned).
+    /// This process: cache segments it holds open.
     pub open_files: u64,
-    /// This process: the bytes of those entries.
+    /// This process: the bytes of those segments.
     pub open_file_bytes: u64,
     /// This process: store fetches in flight now.
     pub inflight: u64,

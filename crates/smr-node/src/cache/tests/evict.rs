@@ -1,87 +1,114 @@
-//! Budget, LRU-K order, busy entries.
+//! Budget, LRU-K order over segments, busy segments, pins.
 
 use super::*;
 
-/// Bytes of entries actually on disk.
+/// Bytes of segments actually on disk.
 fn on_disk(dir: &Path) -> u64 {
-    let mut total = 0;
-    for sub in fs::read_dir(dir.join("chunks")).expect("chunks") {
-        for e in fs::read_dir(sub.expect("sub").path()).expect("sub dir") {
-            total += e.expect("entry").metadata().expect("meta").len();
-        }
-    }
-    total
+    fs::read_dir(dir.join("segments"))
+        .expect("segments")
+        .map(|e| e.expect("entry"))
+        .filter(|e| !e.file_name().to_string_lossy().ends_with(".idx"))
+        .map(|e| e.metadata().expect("meta").len())
+        .sum()
 }
 
+/// Budget 4 MiB: segments of 256 KiB, four 64 KiB chunks each.
+const BUDGET: u64 = 4 << 20;
+const LEN: u64 = 64 * KIB;
+
 #[test]
-fn budget_holds_and_a_chunk_read_twice_survives_a_scan() {
+fn budget_holds_and_a_segment_read_twice_survives_a_scan() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let len = 16 * 1024;
-    let (store, ids) = store_with(&tmp.path().join("store"), 30, len as usize);
+    let (store, ids) = store_with(&tmp.path().join("store"), 100, LEN as usize);
     let f = Fetcher::new(store, Duration::ZERO);
     let dir = tmp.path().join("cache");
-    let budget = 10 * len;
     {
-        let cache = Cache::open(config(&dir, budget)).expect("open");
-        cache
-            .get_or_fetch(&ids[0], || f.get(&ids[0]))
-            .expect("fetch");
-        cache.get_or_fetch(&ids[0], never).expect("second access");
+        let cache = Cache::open(config(&dir, BUDGET)).expect("open");
+        for id in &ids[..4] {
+            cache.get_or_fetch(id, || f.get(id)).expect("fetch");
+        }
     }
-    // The history lives in the entries: it survives a restart.
-    let cache = Cache::open(config(&dir, budget)).expect("reopen");
-    for id in &ids[1..] {
+    // The first segment, sealed, is read again after a restart: its
+    // history (in its timestamps) now holds two accesses.
+    let cache = Cache::open(config(&dir, BUDGET)).expect("reopen");
+    cache.get_or_fetch(&ids[0], never).expect("second access");
+    for id in &ids[4..] {
         cache.get_or_fetch(id, || f.get(id)).expect("scan");
-        assert!(on_disk(&dir) <= budget, "over budget: {}", on_disk(&dir));
+        assert!(on_disk(&dir) <= BUDGET, "over budget: {}", on_disk(&dir));
     }
     assert!(
-        cache.contains(&ids[0]),
-        "the chunk accessed twice outlives the scan"
+        ids[..4].iter().all(|id| cache.contains(id)),
+        "the segment accessed twice outlives the scan"
     );
     assert!(
-        !cache.contains(&ids[1]),
-        "the oldest chunk seen once went first"
+        !cache.contains(&ids[4]),
+        "the oldest segment seen once went first"
     );
-    assert!(cache.contains(&ids[29]), "the newest stays");
+    assert!(cache.contains(&ids[99]), "the newest stays");
     let s = cache.stats().expect("stats");
     assert_eq!(s.counters.total_bytes, on_disk(&dir));
-    assert_eq!(s.counters.evictions, 30 - s.counters.entries);
-    assert_eq!(s.counters.evicted_bytes, s.counters.evictions * len);
+    assert_eq!(s.counters.evictions, 100 - s.counters.entries);
+    assert_eq!(s.counters.evicted_bytes, s.counters.evictions * LEN);
 }
 
+/// Another process's segment is not evicted while it writes it; a segment
+/// evicted under a reader is still read right, and closed by its next
+/// refresh.
 #[test]
-fn an_entry_being_read_is_not_evicted() {
+fn segments_being_written_stay_and_evicted_ones_read_right_until_closed() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (store, ids) = store_with(&tmp.path().join("store"), 3, 4096);
+    let (store, ids) = store_with(&tmp.path().join("store"), 12, LEN as usize);
     let f = Fetcher::new(store, Duration::ZERO);
-    let cache = Cache::open(config(&tmp.path().join("cache"), 1 << 30)).expect("open");
-    for id in &ids {
-        cache.get_or_fetch(id, || f.get(id)).expect("fetch");
+    let dir = tmp.path().join("cache");
+    let writer = Cache::open(config(&dir, BUDGET)).expect("writer");
+    let reader = Cache::open(config(&dir, BUDGET)).expect("reader");
+    let other = Cache::open(config(&dir, BUDGET)).expect("evictor");
+    for id in &ids[..6] {
+        writer.get_or_fetch(id, || f.get(id)).expect("fetch");
     }
-    // What a reader in another process holds while loading an entry.
-    let reader = fs::File::open(cache.layout.entry(&ids[1])).expect("entry");
-    rustix::fs::flock(&reader, rustix::fs::FlockOperation::LockShared).expect("LOCK_SH");
-
-    let r = cache.prune(0).expect("prune");
+    reader.refresh().expect("refresh");
+    for id in &ids[..6] {
+        reader.get_or_fetch(id, never).expect("shared");
+    }
+    assert_eq!(reader.stats().expect("stats").open_files, 2);
+    let r = other.prune(0).expect("prune");
+    assert_eq!((r.evicted_segments, r.busy_skipped), (1, 1), "{r:?}");
     assert_eq!(
-        (r.scanned_entries, r.evicted_entries, r.busy_skipped),
-        (3, 2, 1)
+        (r.evicted_entries, r.remaining_entries),
+        (4, 2),
+        "the sealed segment went, the one being written stayed"
     );
-    assert_eq!((r.remaining_entries, r.remaining_bytes), (1, 4096));
-    assert!(cache.contains(&ids[1]) && !cache.contains(&ids[0]) && !cache.contains(&ids[2]));
-
+    // The reader still has the evicted segment open: right bytes.
+    for id in &ids[..4] {
+        let got = reader.get_or_fetch(id, never).expect("still readable");
+        assert_eq!(ChunkId::of(&got), *id);
+    }
+    reader.refresh().expect("refresh");
+    assert_eq!(reader.stats().expect("stats").open_files, 1, "closed");
+    assert!(!reader.contains(&ids[0]) && reader.contains(&ids[5]));
+    // Threads reading while another cache evicts everything it can:
+    // every read is right, refetched when its segment is gone.
+    std::thread::scope(|s| {
+        for t in 0..3usize {
+            let (reader, f, ids) = (&reader, &f, &ids);
+            s.spawn(move || {
+                for k in 0..200 {
+                    let id = &ids[(k * 7 + t) % ids.len()];
+                    let got = reader.get_or_fetch(id, || f.get(id)).expect("read");
+                    assert_eq!(ChunkId::of(&got), *id);
+                }
+            });
+        }
+        for _ in 0..20 {
+            other.prune(0).expect("prune");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    });
+    drop(writer);
     drop(reader);
-    let r = cache.prune(0).expect("prune");
-    assert_eq!((r.evicted_entries, r.remaining_bytes), (1, 0));
-    let s = cache.stats().expect("stats");
-    assert_eq!(
-        (
-            s.counters.evictions,
-            s.counters.entries,
-            s.counters.total_bytes
-        ),
-        (3, 0, 0)
-    );
+    let r = other.prune(0).expect("prune");
+    assert_eq!((r.remaining_entries, r.remaining_bytes), (0, 0), "{r:?}");
+    assert_eq!(on_disk(&dir), 0);
 }
 
 /// The cache on a filesystem smaller than its budget: the budget follows
@@ -124,26 +151,33 @@ fn a_nearly_full_disk_shrinks_the_budget() {
 }
 
 #[test]
-fn pinned_chunks_go_last_and_a_dead_pin_is_dropped() {
+fn pinned_segments_go_last_and_a_dead_pin_is_dropped() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (store, ids) = store_with(&tmp.path().join("store"), 6, 4096);
+    // 128 KiB chunks: two per segment.
+    let len = 2 * LEN;
+    let (store, ids) = store_with(&tmp.path().join("store"), 6, len as usize);
     let f = Fetcher::new(store, Duration::ZERO);
-    let cache = Cache::open(config(&tmp.path().join("cache"), 1 << 30)).expect("open");
-    // Pinned chunks are the oldest, so plain LRU would take them first.
-    for id in &ids {
-        cache.get_or_fetch(id, || f.get(id)).expect("fetch");
+    let dir = tmp.path().join("cache");
+    {
+        let cache = Cache::open(config(&dir, BUDGET)).expect("open");
+        for id in &ids {
+            cache.get_or_fetch(id, || f.get(id)).expect("fetch");
+        }
     }
-    let pin = cache.pin(ids[..3].iter().copied()).expect("pin");
-    let r = cache.prune(3 * 4096).expect("prune");
-    assert_eq!(r.evicted_entries, 3);
-    assert!(ids[..3].iter().all(|id| cache.contains(id)), "pinned kept");
-    assert!(ids[3..].iter().all(|id| !cache.contains(id)));
+    let cache = Cache::open(config(&dir, BUDGET)).expect("reopen");
+    // The pinned chunk's segment is the oldest: plain LRU would take it
+    // first.
+    let pin = cache.pin([ids[1]]).expect("pin");
+    let r = cache.prune(2 * len).expect("prune");
+    assert_eq!((r.evicted_segments, r.evicted_entries), (2, 4), "{r:?}");
+    assert!(ids[..2].iter().all(|id| cache.contains(id)), "pinned kept");
+    assert!(ids[2..].iter().all(|id| !cache.contains(id)));
     // Over the budget with only pinned entries left, they go too.
-    let r = cache.prune(4096).expect("prune");
+    let r = cache.prune(len).expect("prune");
     assert_eq!(r.evicted_entries, 2);
     // A pin whose process is gone (its lock not held) counts for nothing
     // and is removed.
-    let pins = tmp.path().join("cache/pins");
+    let pins = dir.join("pins");
     let stale = pins.join("999999-0");
     fs::write(&stale, ids[0].0).expect("stale pin");
     drop(pin);

@@ -16,8 +16,8 @@ use super::*;
 mod evict;
 mod locks;
 mod now;
-mod open_files;
 mod procs;
+mod segments;
 
 pub(super) const KIB: u64 = 1 << 10;
 
@@ -81,12 +81,14 @@ pub(super) fn config(dir: &Path, budget: u64) -> CacheConfig {
 /// One chunk of `len` bytes in a real store, fetched once into a fresh
 /// cache (budget 1 GiB, [`config`]).
 pub(super) struct OneChunk {
-    pub(super) tmp: tempfile::TempDir,
+    pub(super) _tmp: tempfile::TempDir,
     pub(super) f: Fetcher,
     pub(super) cache: Arc<Cache>,
     pub(super) id: ChunkId,
-    /// The chunk's cache entry.
-    pub(super) entry: std::path::PathBuf,
+    /// The chunk's segment file.
+    pub(super) segment: std::path::PathBuf,
+    /// Its entry's offset there.
+    pub(super) offset: u64,
 }
 
 /// See [`OneChunk`].
@@ -97,27 +99,41 @@ pub(super) fn one_chunk(len: usize) -> OneChunk {
     let cache = Cache::open(config(&tmp.path().join("cache"), 1 << 30)).expect("open");
     let id = ids[0];
     cache.get_or_fetch(&id, || f.get(&id)).expect("fetch");
-    let entry = cache.layout.entry(&id);
+    let (segment, loc) = cache.segs.place(&id).expect("cached");
     OneChunk {
-        tmp,
+        _tmp: tmp,
         f,
         cache,
         id,
-        entry,
+        segment,
+        offset: loc.off,
     }
 }
 
-/// Loading `id` (whose entry `entry` was corrupted) refetches it (the
-/// second fetch of `f`) and rewrites the entry intact.
-pub(super) fn assert_healed(cache: &Cache, f: &Fetcher, id: &ChunkId, entry: &Path) {
+/// The bytes of `id`'s entry, read from its segment file.
+pub(super) fn entry_bytes(cache: &Cache, id: &ChunkId) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let (path, loc) = cache.segs.place(id).expect("an entry");
+    let mut b = vec![0; loc.len as usize];
+    fs::File::open(path)
+        .expect("segment")
+        .read_exact_at(&mut b, loc.off)
+        .expect("entry bytes");
+    b
+}
+
+/// Loading `id` (whose entry was corrupted) refetches it (the second
+/// fetch of `f`) and stores it again, intact.
+pub(super) fn assert_healed(cache: &Cache, f: &Fetcher, id: &ChunkId) {
     let back = cache.get_or_fetch(id, || f.get(id)).expect("healed");
     assert_eq!(ChunkId::of(&back), *id);
     assert_eq!(f.calls(), 2, "refetched");
     assert_eq!(
-        ChunkId::of(&fs::read(entry).expect("entry")),
+        ChunkId::of(&entry_bytes(cache, id)),
         *id,
-        "entry rewritten intact"
+        "stored again intact"
     );
+    assert_eq!(cache.get_or_fetch(id, never).expect("hit"), back);
 }
 
 /// Flips one byte of a file in place (same inode, same length).
@@ -205,14 +221,11 @@ fn stats_of_one_process_are_seen_by_another() {
 }
 
 #[test]
-fn corrupt_entry_is_detected_deleted_and_refetched() {
+fn corrupt_entry_is_detected_condemned_and_refetched() {
     let fx = one_chunk(64 * 1024);
-    let (f, cache, id, entry) = (&fx.f, &fx.cache, fx.id, &fx.entry);
-    let mut raw = fs::read(entry).expect("entry");
-    raw[1234] ^= 0x40;
-    fs::write(entry, &raw).expect("corrupt it");
-
-    assert_healed(cache, f, &id, entry);
+    let (f, cache, id) = (&fx.f, &fx.cache, fx.id);
+    flip_in_place(&fx.segment, fx.offset + 1234);
+    assert_healed(cache, f, &id);
     let s = cache.stats().expect("stats");
     assert_eq!(
         (s.counters.corrupt, s.counters.fetches, s.counters.entries),
@@ -221,48 +234,42 @@ fn corrupt_entry_is_detected_deleted_and_refetched() {
     assert_eq!(s.counters.total_bytes, 64 * KIB);
 }
 
-/// Loads check the CRC-32C recorded at insert; an entry without it (a
-/// filesystem without user xattrs, an older smr) is checked with SHA-256,
-/// and corruption is caught either way.
+/// Damage inside a segment costs the chunks it touches, not the segment:
+/// the others are still served from it, the damaged ones are refetched
+/// once, and the tombstones keep every later process from loading them.
 #[test]
-fn entries_are_checked_by_recorded_crc_else_by_sha256() {
+fn corruption_in_a_segment_heals_only_the_affected_chunks() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (store, ids) = store_with(&tmp.path().join("store"), 2, 64 * 1024);
+    let (store, ids) = store_with(&tmp.path().join("store"), 8, 16 * 1024);
     let f = Fetcher::new(store, Duration::ZERO);
-    let cache = Cache::open(config(&tmp.path().join("cache"), 1 << 30)).expect("open");
+    let dir = tmp.path().join("cache");
+    let cache = Cache::open(config(&dir, 1 << 30)).expect("open");
     for id in &ids {
         cache.get_or_fetch(id, || f.get(id)).expect("fetch");
     }
-    let (a, b) = (cache.layout.entry(&ids[0]), cache.layout.entry(&ids[1]));
-    let file = fs::File::open(&a).expect("entry");
-    let mut crc = [0u8; 4];
-    match rustix::fs::fgetxattr(&file, "user.smr.crc32c", &mut crc) {
-        Ok(4) => {
-            let want = crc32c::crc32c(&fs::read(&a).expect("entry"));
-            assert_eq!(u32::from_le_bytes(crc), want, "CRC recorded at insert");
-        }
-        // This filesystem has no user xattrs: only the fallback is tested.
-        r => eprintln!("no CRC xattr on {}: {r:?}", a.display()),
+    let (segment, loc2) = cache.segs.place(&ids[2]).expect("cached");
+    let (same, loc5) = cache.segs.place(&ids[5]).expect("cached");
+    assert_eq!(segment, same, "one segment holds them all");
+    flip_in_place(&segment, loc2.off + 7);
+    flip_in_place(&segment, loc5.off + u64::from(loc5.len) - 1);
+    for id in &ids {
+        let got = cache.get_or_fetch(id, || f.get(id)).expect("served");
+        assert_eq!(ChunkId::of(&got), *id);
     }
-    // Without the attribute: loaded (by SHA-256), corruption still found.
-    // The attribute is read when an entry is opened: start again without
-    // open entries (as another process would).
-    for p in [&a, &b] {
-        let _ = rustix::fs::removexattr(p, "user.smr.crc32c");
-    }
+    assert_eq!(f.calls(), 10, "only the two damaged chunks refetched");
+    assert_eq!(cache.stats().expect("stats").counters.corrupt, 2);
     drop(cache);
-    let cache = Cache::open(config(&tmp.path().join("cache"), 1 << 30)).expect("reopen");
-    cache
-        .get_or_fetch(&ids[0], never)
-        .expect("SHA-256 fallback hit");
-    let mut raw = fs::read(&b).expect("entry");
-    raw[99] ^= 1;
-    fs::write(&b, &raw).expect("corrupt it");
-    cache
-        .get_or_fetch(&ids[1], || f.get(&ids[1]))
-        .expect("healed");
-    assert_eq!(f.calls(), 3, "only the corrupt entry was refetched");
-    assert_eq!(cache.stats().expect("stats").counters.corrupt, 1);
+    let cache = Cache::open(config(&dir, 1 << 30)).expect("reopen");
+    for id in &ids {
+        let got = cache.get_or_fetch(id, never).expect("all cached");
+        assert_eq!(ChunkId::of(&got), *id);
+    }
+    let s = cache.stats().expect("stats");
+    assert_eq!(
+        (s.counters.corrupt, s.counters.entries),
+        (2, 8),
+        "not found again"
+    );
 }
 
 #[test]
@@ -290,64 +297,16 @@ fn bad_bytes_from_the_store_are_an_error_and_never_cached() {
 }
 
 #[test]
-fn inserts_leave_whole_entries_with_their_crc_and_no_temp_files() {
+fn the_file_per_entry_layout_is_removed_at_open() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let layout = disk::Layout::create(&tmp.path().join("cache"), super::DEFAULT_LOCK_TIMEOUT)
-        .expect("layout");
-    let (a, b) = (bytes(1, 5000), bytes(2, 7000));
-    let (ida, idb) = (ChunkId::of(&a), ChunkId::of(&b));
-    // Unnamed file linked into place (O_TMPFILE), its directory made on
-    // the way; then over a file in the way.
-    let h = disk::insert(&layout, &ida, &a).expect("insert");
-    assert_eq!((h.len, h.crc), (5000, Some(crc32c::crc32c(&a))));
-    fs::write(layout.entry(&ida), b"in the way").expect("bogus entry");
-    disk::insert(&layout, &ida, &a).expect("again, replacing");
-    // The named-temp-file fallback.
-    let h = disk::insert_named(&layout, &idb, &b).expect("insert named");
-    assert_eq!(h.len, 7000);
-    for (id, data) in [(ida, &a), (idb, &b)] {
-        assert_eq!(&fs::read(layout.entry(&id)).expect("entry"), data);
-    }
-    assert_eq!(fs::read_dir(&layout.tmp).expect("tmp").count(), 0);
-}
-
-#[test]
-fn leftover_temp_files_are_never_entries_and_are_cleaned() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let (store, ids) = store_with(&tmp.path().join("store"), 2, 4096);
-    let f = Fetcher::new(store, Duration::ZERO);
     let dir = tmp.path().join("cache");
-    drop(Cache::open(config(&dir, 1 << 30)).expect("create"));
-    // A process killed mid-insert left half a chunk in tmp/.
-    let dead = dir.join("tmp").join(format!("{}.4242.0", ids[0].to_hex()));
-    fs::write(&dead, &bytes(1, 4096)[..100]).expect("partial temp");
-    // A live insert (its writer holds the lock) must survive cleaning.
-    let live = dir.join("tmp").join(format!("{}.4243.0", ids[1].to_hex()));
-    fs::write(&live, b"in progress").expect("live temp");
-    let live_file = fs::File::open(&live).expect("open");
-    assert!(disk::try_lock_exclusive(&live_file).expect("lock"));
-
+    let old = dir.join("chunks/ab");
+    fs::create_dir_all(&old).expect("old layout");
+    fs::write(old.join("ab".repeat(32)), b"an old entry").expect("old entry");
+    fs::create_dir_all(dir.join("tmp")).expect("old temp dir");
     let cache = Cache::open(config(&dir, 1 << 30)).expect("open");
-    assert!(!dead.exists(), "dead temp removed at open");
-    assert!(live.exists(), "live temp kept");
-    assert!(!cache.contains(&ids[0]));
-    let got = cache
-        .get_or_fetch(&ids[0], || f.get(&ids[0]))
-        .expect("fetched, not the partial temp");
-    assert_eq!(ChunkId::of(&got), ids[0]);
-    assert_eq!(
-        cache.stats().expect("stats").counters.total_bytes,
-        4096,
-        "temps are not counted"
-    );
-
-    drop(live_file);
-    let r = cache.prune(u64::MAX).expect("prune");
-    assert_eq!(
-        (r.temp_removed, r.evicted_entries, r.remaining_entries),
-        (1, 0, 1)
-    );
-    assert!(!live.exists(), "removed once its writer is gone");
+    assert!(!dir.join("chunks").exists() && !dir.join("tmp").exists());
+    assert_eq!(cache.stats().expect("stats").counters.total_bytes, 0);
 }
 
 #[test]

@@ -20,8 +20,8 @@ fn invert(v: Vec<u8>) -> Result<Vec<u8>, ChunkError> {
 
 /// Has the kernel drop a file's clean pages from the page cache.
 fn evict_pages(path: &Path) {
-    let f = fs::File::open(path).expect("open entry");
-    // Entries are written without fsync: write the pages back first, or
+    let f = fs::File::open(path).expect("open segment");
+    // Segments are written without fsync: write the pages back first, or
     // the kernel keeps them (dirty pages are not dropped).
     f.sync_all().expect("sync entry");
     rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).expect("fadvise");
@@ -32,7 +32,7 @@ fn a_warm_entry_is_served_at_once_and_a_missing_one_is_not() {
     const LEN: usize = 64 << 10;
     let c = one_chunk(LEN);
     let expected: Vec<u8> = bytes(1, LEN).iter().map(|b| b ^ 0xff).collect();
-    // Just inserted: its handle is open and its pages are cached.
+    // Just inserted: its segment is open and its pages are cached.
     let a = c
         .cache
         .get_decoded_now(&key(c.id, LEN, 1), true, invert)
@@ -58,7 +58,7 @@ fn a_warm_entry_is_served_at_once_and_a_missing_one_is_not() {
 fn an_entry_not_in_the_page_cache_is_left_to_get_decoded() {
     const LEN: usize = 256 << 10;
     let c = one_chunk(LEN);
-    evict_pages(&c.entry);
+    evict_pages(&c.segment);
     assert!(
         c.cache
             .get_decoded_now(&key(c.id, LEN, 1), true, invert)
@@ -81,13 +81,13 @@ fn an_entry_not_in_the_page_cache_is_left_to_get_decoded() {
 fn a_corrupt_entry_is_left_to_get_decoded_which_heals_it() {
     const LEN: usize = 16 << 10;
     let c = one_chunk(LEN);
-    flip_in_place(&c.entry, 999);
+    flip_in_place(&c.segment, c.offset + 999);
     assert!(c
         .cache
         .get_decoded_now(&key(c.id, LEN, 1), true, invert)
         .is_none());
     assert_eq!(c.f.calls(), 1, "not refetched here");
-    assert_healed(&c.cache, &c.f, &c.id, &c.entry);
+    assert_healed(&c.cache, &c.f, &c.id);
 }
 
 #[test]
