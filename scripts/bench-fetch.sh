@@ -8,7 +8,10 @@
 # A throwaway docker-registry on 127.0.0.1; the cached debian-python test
 # image (scripts/build-test-images.sh) copied into it with skopeo and
 # converted with `AFTER_BIN convert --push` (the artifact format is the
-# same for both binaries). Per round and binary, in alternating order: an
+# same for both binaries; SMR_BENCH_CONVERT_WITH=before converts with
+# BEFORE_BIN instead, for a BEFORE_BIN that cannot read today's recipes,
+# and SMR_BENCH_CONVERT_FLAGS adds convert flags).
+# Per round and binary, in alternating order: an
 # empty cache directory, `smr serve-nbd docker://REF --no-profile` on a
 # UNIX socket, the page cache dropped, then `nbdcopy` of the whole export
 # to /dev/null, timed; the server's CPU time (user + system, from
@@ -35,7 +38,10 @@ ref="$addr/debian-python:bookworm"
 skopeo copy -q --dest-tls-verify=false "oci:$images/oci:debian-python" "docker://$ref" >&2
 "$after" keygen -o "$work/key" >/dev/null
 export SMR_KEY_FILE=$work/key
-"$after" convert "docker://$ref" --push >&2
+converter=$after
+[[ ${SMR_BENCH_CONVERT_WITH:-after} == before ]] && converter=$before
+# shellcheck disable=SC2086 # flags are words
+"$converter" convert "docker://$ref" --push ${SMR_BENCH_CONVERT_FLAGS:-} >&2
 tick=$(getconf CLK_TCK)
 
 # One cold copy: prints "seconds cpu_seconds".

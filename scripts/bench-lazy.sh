@@ -22,7 +22,9 @@
 #      SMR_BENCH_RAS (loop read_ahead_kb values, default "0 16 128"),
 #      SMR_BENCH_WARM_CS (chunk size of the warm and memory tests, default
 #      64K, the default of `smr convert`),
-#      SMR_BENCH_ONLY (sections to run, default "cold,tar,nbd,mem").
+#      SMR_BENCH_ONLY (sections to run, default "cold,tar,nbd,mem"),
+#      SMR_BENCH_BEFORE_BIN (another smr binary: the warm tar also runs
+#      over a mount of it, with a chunk cache of its own, in the same rounds).
 set -euo pipefail
 rounds=${1:-3}
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -36,6 +38,7 @@ only=${SMR_BENCH_ONLY:-cold,tar,nbd,mem}
 want() { [[ ",$only," == *",$1,"* ]]; }
 pycmd=(python3 -c 'import numpy')
 smr=${SMR_BIN:-$here/target/release/smr}   # SMR_BIN: a copy, safe from concurrent builds
+before=${SMR_BENCH_BEFORE_BIN:-}
 [ -x "$smr" ] || (cd "$here" && cargo build --release -q -p smr)
 floor=$here/target/release/examples/read_floor   # the disk floor of the NBD copies
 if [[ ",$only," == *",nbd,"* ]] && [ ! -x "$floor" ]; then
@@ -55,6 +58,7 @@ cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null; done
   for m in "${smr_mnts[@]}"; do "$smr" umount "$m" --state-dir "$work/state" 2>/dev/null; done
+  [ -n "$before" ] && "$before" umount "$work/m-before" --state-dir "$work/state-before" 2>/dev/null
   for m in "${mnts[@]}"; do umount "$m" 2>/dev/null; done
   for l in "${loops[@]}"; do losetup -d "$l" 2>/dev/null; done
   rm -rf "$work"
@@ -158,6 +162,14 @@ smr_mnts+=("$work/m-smr")
 "$smr" mount "$work/py-$wcs.recipe" --store "$work/store-$wcs" --key-file "$work/key" \
   --cache-dir "$warm" --state-dir "$work/state" --direct-io "$work/m-smr-dio" 2>/dev/null
 smr_mnts+=("$work/m-smr-dio")
+tar_mnts=(m-smr m-smr-dio m-loop m-loop-dio m-loop-kdef)
+if [ -n "$before" ]; then
+  mkdir -p "$work/m-before"
+  "$before" mount "$work/py-$wcs.recipe" --store "$work/store-$wcs" --key-file "$work/key" \
+    --cache-dir "$work/cache-warm-before" --state-dir "$work/state-before" "$work/m-before" 2>/dev/null
+  (cd "$work/m-before" && tar -cf - . | wc -c) > /dev/null
+  tar_mnts=(m-before "${tar_mnts[@]}")
+fi
 smr_ra=$(cat "/sys/block/$(basename "$(findmnt -n -o SOURCE "$work/m-smr")")/queue/read_ahead_kb")
 # Plain loop mounts: at smr's read_ahead_kb, with and without direct I/O,
 # and at the kernel's default for a new loop device.
@@ -170,12 +182,12 @@ for v in m-loop:off:set m-loop-dio:on:set m-loop-kdef:off:kernel; do
 done
 # Fill the chunk cache: a first full pass over the lazy mount.
 (cd "$work/m-smr" && tar -cf - . | wc -c) > /dev/null
-for m in m-smr m-smr-dio m-loop m-loop-dio m-loop-kdef; do
+for m in "${tar_mnts[@]}"; do
   dev=$(findmnt -n -o SOURCE "$work/$m")
   echo "tarinfo $m $dev $(cat "/sys/block/${dev#/dev/}/queue/read_ahead_kb") $(cat "/sys/block/${dev#/dev/}/loop/dio")" >> "$res"
 done
 for r in $(seq "$rounds"); do
-  for m in m-smr m-smr-dio m-loop m-loop-dio m-loop-kdef; do
+  for m in "${tar_mnts[@]}"; do
     drop
     t0=$(now)
     n=$(cd "$work/$m" && tar -cf - . | wc -c)
@@ -314,7 +326,7 @@ def tar_section():
     for l in L:
         if l[0] == "tar":
             tar[l[1]].append((float(l[3]), int(l[4])))
-    names = {"m-smr": "smr mount (FUSE + loop)", "m-smr-dio": "smr mount --direct-io",
+    names = {"m-before": "smr mount of SMR_BENCH_BEFORE_BIN", "m-smr": "smr mount (FUSE + loop)", "m-smr-dio": "smr mount --direct-io",
              "m-loop": "plain loop mount", "m-loop-dio": "plain loop mount, --direct-io=on",
              "m-loop-kdef": "plain loop mount, kernel's default read_ahead_kb"}
     print("| mount | loop read_ahead_kb | loop dio | seconds | MB/s | vs plain loop |")

@@ -98,12 +98,16 @@ pub fn run(a: Args) -> Result<ExitCode> {
         CacheCommand::Prune { cache, to } => {
             let r = cache.open()?.prune(to)?;
             errln!(
-                "evicted {} chunks ({}); {} chunks left{}",
+                "evicted {} chunks ({}) in {} segments; {} chunks left{}",
                 r.evicted_entries,
                 human(r.evicted_bytes),
+                r.evicted_segments,
                 r.remaining_entries,
                 if r.busy_skipped > 0 {
-                    format!(", {} busy skipped", r.busy_skipped)
+                    format!(
+                        ", {} segments kept while their processes write them",
+                        r.busy_skipped
+                    )
                 } else {
                     String::new()
                 }
