@@ -41,7 +41,7 @@ use std::io::{ErrorKind, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError, RwLock};
+use std::sync::{Mutex, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
 /// A directory-backed chunk store (see the module docs for its two modes).
@@ -49,8 +49,10 @@ use std::time::{Duration, SystemTime};
 pub struct LocalStore {
     root: PathBuf,
     tmp_counter: AtomicU64,
-    /// Chunks in committed packs: every index's, and this store's commits.
-    packed: RwLock<PackMap>,
+    /// Chunks in committed packs: every index's (read when first needed:
+    /// many callers open a store and never locate a chunk), and this
+    /// store's commits.
+    packed: OnceLock<RwLock<PackMap>>,
     /// Batched mode: the packs being written (boxed: a store opened only
     /// to read stays small).
     batch: Option<Box<Mutex<Batch>>>,
@@ -80,21 +82,38 @@ pub const TEMP_PREFIX: &str = ".tmp-";
 pub const STALE_TEMP_AGE: Duration = Duration::from_secs(24 * 3600);
 
 impl LocalStore {
-    /// Opens (creating if needed) the store at `root`, reading its indexes.
-    /// An index that cannot be read is skipped with a warning (its recipe's
-    /// packed chunks are then reported missing; others stay readable).
+    /// Opens (creating if needed) the store at `root`; an `indexes/` that
+    /// cannot be listed is an error here. The indexes are read when a
+    /// chunk is first looked up: one that cannot be read then is skipped
+    /// with a warning (its recipe's packed chunks are reported missing;
+    /// others stay readable).
     pub fn open(root: impl AsRef<Path>) -> Result<Self> {
         let root = root.as_ref().to_path_buf();
-        fs::create_dir_all(root.join("chunks")).map_err(|source| StoreError::Io {
+        let io = |source| StoreError::Io {
             store: root.display().to_string(),
             source,
-        })?;
-        let packed = load_indexes(&root)?;
+        };
+        fs::create_dir_all(root.join("chunks")).map_err(io)?;
+        match fs::read_dir(root.join(INDEXES_DIR)) {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(io(e)),
+        }
         Ok(LocalStore {
             root,
             tmp_counter: AtomicU64::new(0),
-            packed: RwLock::new(packed),
+            packed: OnceLock::new(),
             batch: None,
+        })
+    }
+
+    /// The committed packs' map, every index read into it on first use.
+    fn packed(&self) -> &RwLock<PackMap> {
+        self.packed.get_or_init(|| {
+            RwLock::new(load_indexes(&self.root).unwrap_or_else(|e| {
+                tracing::warn!(store = %self.root.display(), error = %e, "cannot read the store's indexes");
+                PackMap::default()
+            }))
         })
     }
 
@@ -156,7 +175,10 @@ impl LocalStore {
                 let to = self.root.join(packed::pack_object(&p.digest).as_str());
                 fs::rename(self.root.join(p.temp.as_str()), to)?;
                 let p = sealed.remove(0);
-                let mut map = self.packed.write().unwrap_or_else(PoisonError::into_inner);
+                let mut map = self
+                    .packed()
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner);
                 for (id, offset, len) in p.chunks {
                     map.insert(id, p.digest, offset, len);
                     batch.chunks.remove(&id);
@@ -200,7 +222,7 @@ impl LocalStore {
             }
         }
         let index = self
-            .packed
+            .packed()
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .index_of(&ids)
@@ -312,7 +334,7 @@ impl LocalStore {
 
     /// Where chunk `id` is among the committed packs, if it is packed.
     fn in_pack(&self, id: &ChunkId) -> Option<Extent> {
-        let map = self.packed.read().unwrap_or_else(PoisonError::into_inner);
+        let map = self.packed().read().unwrap_or_else(PoisonError::into_inner);
         let (pack, offset, len) = map.locate(id)?;
         Some(Extent {
             object: packed::pack_object(&pack),
@@ -330,7 +352,7 @@ impl LocalStore {
         if crate::gc::refresh(&self.root.join(extent.object.as_str())) {
             return true;
         }
-        self.packed
+        self.packed()
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(id);
@@ -350,7 +372,7 @@ impl LocalStore {
 
     /// Every chunk the store's packs hold, with its pack and range.
     pub fn packed_chunks(&self) -> Vec<(ChunkId, Extent)> {
-        let map = self.packed.read().unwrap_or_else(PoisonError::into_inner);
+        let map = self.packed().read().unwrap_or_else(PoisonError::into_inner);
         map.iter()
             .map(|(id, pack, offset, len)| {
                 (
@@ -632,6 +654,30 @@ mod tests {
             .exists(&ids[0])
             .unwrap());
         assert_eq!(tmp_files(dir.path()), 0);
+    }
+
+    /// A store reads its indexes when a chunk is first looked up, not at
+    /// open: a reader opened before a writer's index sees it; an
+    /// `indexes` that cannot be listed fails the open.
+    #[test]
+    fn indexes_are_read_on_first_lookup() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = vec![9u8; 5000];
+        let id = ChunkId::of(&data);
+        let reader = LocalStore::open(dir.path()).unwrap();
+        let w = LocalStore::open_batched(dir.path()).unwrap();
+        w.put(&id, &data).unwrap();
+        w.commit().unwrap();
+        w.write_index_of(&[1; 32], [id]).unwrap().unwrap();
+        assert_eq!(reader.get(&id).unwrap(), data);
+
+        let bad = tempfile::tempdir().unwrap();
+        std::fs::write(bad.path().join(INDEXES_DIR), b"not a directory").unwrap();
+        let e = LocalStore::open(bad.path()).unwrap_err();
+        assert!(
+            e.to_string().contains(&bad.path().display().to_string()),
+            "{e}"
+        );
     }
 
     /// Concurrent batched puts of the same chunk: one is written.
