@@ -121,13 +121,21 @@ fn size_env(name: &str) -> Result<Option<u64>> {
     }
 }
 
+/// Largest request to a store in a local directory (256 KiB): a read there
+/// costs no round trip, so larger requests would only hold more memory
+/// (a serving process has 8 requests in flight per image).
+const LOCAL_MAX_REQUEST: u64 = 256 << 10;
+
 /// The fetcher's options: when a startup profile will be replayed, it
 /// neither reads ahead nor reads across holes between wanted chunks
 /// (unless `SMR_FETCH_READAHEAD` / `SMR_FETCH_MAX_GAP` say so): the profile
 /// already fetches what the start reads, many requests at once, and those
-/// would only add bytes.
-fn fetch_options(replaying: bool) -> Result<FetchOptions> {
+/// would only add bytes. Requests to a `local` store are smaller.
+fn fetch_options(replaying: bool, local: bool) -> Result<FetchOptions> {
     let mut opts = FetchOptions::default();
+    if local {
+        opts.max_request = LOCAL_MAX_REQUEST;
+    }
     if replaying {
         // The profile names the chunks: fetch those, not their neighbours.
         opts.readahead = 0;
@@ -183,7 +191,7 @@ impl OriginArgs {
                 }
             };
             let local = self.store.as_deref().is_some_and(is_local_dir);
-            let fetch = fetch_options(replaying || a.profile.is_some())?;
+            let fetch = fetch_options(replaying || a.profile.is_some(), local)?;
             return Ok(Resolved {
                 recipe: a.recipe,
                 recipe_bytes: a.recipe_bytes,
@@ -210,7 +218,7 @@ impl OriginArgs {
             artifact: None,
             pack_index: None,
             profile: None,
-            fetch: fetch_options(replaying)?,
+            fetch: fetch_options(replaying, is_local_dir(location))?,
             local: is_local_dir(location),
         })
     }
