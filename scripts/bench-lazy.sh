@@ -24,7 +24,8 @@
 #      64K, the default of `smr convert`),
 #      SMR_BENCH_ONLY (sections to run, default "cold,tar,nbd,mem"),
 #      SMR_BENCH_BEFORE_BIN (another smr binary: the warm tar also runs
-#      over a mount of it, with a chunk cache of its own, in the same rounds).
+#      over a mount of it, with a chunk cache of its own, in the same rounds),
+#      SMR_BENCH_FUSE_RA (`--fuse-readahead-kb` of smr's runs and mounts).
 set -euo pipefail
 rounds=${1:-3}
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -39,6 +40,7 @@ want() { [[ ",$only," == *",$1,"* ]]; }
 pycmd=(python3 -c 'import numpy')
 smr=${SMR_BIN:-$here/target/release/smr}   # SMR_BIN: a copy, safe from concurrent builds
 before=${SMR_BENCH_BEFORE_BIN:-}
+fra=(); [ -n "${SMR_BENCH_FUSE_RA:-}" ] && fra=(--fuse-readahead-kb "$SMR_BENCH_FUSE_RA")
 [ -x "$smr" ] || (cd "$here" && cargo build --release -q -p smr)
 floor=$here/target/release/examples/read_floor   # the disk floor of the NBD copies
 if [[ ",$only," == *",nbd,"* ]] && [ ! -x "$floor" ]; then
@@ -135,7 +137,7 @@ for r in $(seq "$rounds"); do
         drop
         t0=$(now)
         "$smr" run "$work/py-$cs.recipe" --store "$work/store-$cs" --key-file "$work/key" \
-          --cache-dir "$work/cache-cold" --readahead-kb "$ra" "${flag[@]}" \
+          --cache-dir "$work/cache-cold" --readahead-kb "$ra" "${flag[@]}" "${fra[@]}" \
           --stats "$work/stats.json" -- "${pycmd[@]}" >/dev/null 2>"$work/run.err" || {
             cat "$work/run.err" >&2; exit 1; }
         t1=$(now)
@@ -157,10 +159,10 @@ if want tar; then
 log "warm tar: smr mount (chunk cache warm) vs plain loop mount"
 mkdir -p "$work/m-smr" "$work/m-smr-dio" "$work/m-loop" "$work/m-loop-dio" "$work/m-loop-kdef"
 "$smr" mount "$work/py-$wcs.recipe" --store "$work/store-$wcs" --key-file "$work/key" \
-  --cache-dir "$warm" --state-dir "$work/state" "$work/m-smr" 2>/dev/null
+  --cache-dir "$warm" --state-dir "$work/state" "${fra[@]}" "$work/m-smr" 2>/dev/null
 smr_mnts+=("$work/m-smr")
 "$smr" mount "$work/py-$wcs.recipe" --store "$work/store-$wcs" --key-file "$work/key" \
-  --cache-dir "$warm" --state-dir "$work/state" --direct-io "$work/m-smr-dio" 2>/dev/null
+  --cache-dir "$warm" --state-dir "$work/state" --direct-io "${fra[@]}" "$work/m-smr-dio" 2>/dev/null
 smr_mnts+=("$work/m-smr-dio")
 tar_mnts=(m-smr m-smr-dio m-loop m-loop-dio m-loop-kdef)
 if [ -n "$before" ]; then

@@ -84,6 +84,22 @@ pub fn set_read_ahead_kb(dev: &str, kb: u32) -> Result<()> {
     std::fs::write(&path, format!("{kb}\n")).map_err(|source| MountError::Io { path, source })
 }
 
+/// Sets the `read_ahead_kb` of the filesystem holding `file` (its bdi,
+/// `/sys/class/bdi/MAJOR:MINOR`): the readahead of files opened on it
+/// from then on.
+pub fn set_backing_read_ahead_kb(file: &Path, kb: u32) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(file)
+        .map_err(|source| MountError::Io {
+            path: file.to_path_buf(),
+            source,
+        })?
+        .dev();
+    let (major, minor) = (rustix::fs::major(dev), rustix::fs::minor(dev));
+    let path = PathBuf::from(format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb"));
+    std::fs::write(&path, format!("{kb}\n")).map_err(|source| MountError::Io { path, source })
+}
+
 /// The file behind loop device `dev`, if it is attached.
 pub fn loop_backing_file(dev: &str) -> Option<PathBuf> {
     let name = Path::new(dev).file_name()?.to_string_lossy().into_owned();
@@ -276,6 +292,11 @@ pub struct LoopOptions {
     pub direct_io: bool,
     /// Attach and mount read-write (a volume); else read-only.
     pub writable: bool,
+    /// The `read_ahead_kb` of the filesystem holding the backing file (its
+    /// bdi: for a FUSE file, the FUSE mount's), set before the loop device
+    /// opens the file, which takes its readahead from it then. `None`
+    /// leaves the kernel's (128 for FUSE).
+    pub backing_readahead_kb: Option<u32>,
 }
 
 impl Default for LoopOptions {
@@ -284,6 +305,7 @@ impl Default for LoopOptions {
             readahead_kb: super::DEFAULT_READAHEAD_KB,
             direct_io: false,
             writable: false,
+            backing_readahead_kb: None,
         }
     }
 }
@@ -294,6 +316,9 @@ impl ImageMount {
     /// with autoclear: once this returns, it is the mount that holds it,
     /// and unmounting frees it (even if this process is gone by then).
     pub fn attach(file: &Path, dir: &Path, opts: LoopOptions) -> Result<Self> {
+        if let Some(kb) = opts.backing_readahead_kb {
+            set_backing_read_ahead_kb(file, kb)?;
+        }
         let dev = loopdev::attach(file, opts.direct_io, opts.writable)?;
         let loop_dev = dev.path().to_string();
         let mounted = set_read_ahead_kb(&loop_dev, opts.readahead_kb).and_then(|()| {

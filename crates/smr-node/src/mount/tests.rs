@@ -124,6 +124,7 @@ fn fuse_loop_ext4_stack_mounts_and_tears_down() {
         readahead_kb: 16,
         direct_io: true,
         writable: false,
+        backing_readahead_kb: Some(512),
     };
     let image = ImageMount::attach(fuse.file(), &mnt, opts).expect("attach");
     let ra = std::fs::read_to_string(format!(
@@ -132,6 +133,19 @@ fn fuse_loop_ext4_stack_mounts_and_tears_down() {
     ))
     .expect("read_ahead_kb");
     assert_eq!(ra.trim(), "16");
+    let bdi = {
+        use std::os::unix::fs::MetadataExt;
+        let dev = std::fs::metadata(fuse.file()).expect("stat").dev();
+        (rustix::fs::major(dev), rustix::fs::minor(dev))
+    };
+    let fuse_ra =
+        std::fs::read_to_string(format!("/sys/class/bdi/{}:{}/read_ahead_kb", bdi.0, bdi.1))
+            .expect("the FUSE mount's read_ahead_kb");
+    assert_eq!(
+        fuse_ra.trim(),
+        "512",
+        "set before the loop device opened the file"
+    );
     assert_eq!(
         std::fs::read_to_string(mnt.join("hello")).expect("read"),
         "hi there\n"

@@ -18,6 +18,12 @@ pub struct LoopArgs {
     /// page cache of the image).
     #[arg(long)]
     pub direct_io: bool,
+    /// The read_ahead_kb of the FUSE file itself (its FUSE mount's), which
+    /// adds to the loop device's when the loop device reads it through
+    /// the page cache; default the kernel's, 128. More: faster warm reads,
+    /// more chunks fetched at a cold start.
+    #[arg(long)]
+    pub fuse_readahead_kb: Option<u32>,
 }
 
 impl LoopArgs {
@@ -27,6 +33,7 @@ impl LoopArgs {
             readahead_kb: self.readahead_kb,
             direct_io: self.direct_io,
             writable: false,
+            backing_readahead_kb: self.fuse_readahead_kb,
         }
     }
 }
