@@ -46,6 +46,9 @@
 //!   read once in a scan leaves its segment among the first victims; a
 //!   segment read again minutes or days later ranks by that second
 //!   access. What it buys: a warm read writes no metadata.
+//! - **Idle writers.** A process's segment is sealed when nothing was
+//!   appended to it for 30 s (checked once a second), so that a server
+//!   that stopped fetching does not keep its last segment from eviction.
 //! - **Open segments.** Each process keeps the segments it reads open, so
 //!   that a load is a single `pread`. Evicted segments stay readable
 //!   through those descriptors (sealed segments are never written), and
@@ -127,6 +130,9 @@ pub const DEFAULT_MEMORY_BYTES: u64 = 16 << 20;
 pub const DEFAULT_FETCH_THREADS: usize = 16;
 /// How often an active process adds its counters to `DIR/stats`.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// A process's segment with nothing appended for this long is sealed, so
+/// that an idle server's last segment can be evicted.
+const SEAL_IDLE_AFTER: Duration = Duration::from_secs(30);
 /// Default [`CacheConfig::access_granularity`]: accesses to one entry
 /// closer than this to the last recorded one count once for LRU-K.
 pub const DEFAULT_ACCESS_GRANULARITY: Duration = Duration::from_secs(60);
@@ -753,6 +759,7 @@ fn start_flusher(cache: &Arc<Cache>) {
             if let Err(e) = cache.refresh() {
                 tracing::debug!(error = %e, "cannot read the cache's journals");
             }
+            cache.segs.seal_if_idle(SEAL_IDLE_AFTER);
             if !cache.pending.is_empty() {
                 cache.maybe_flush();
             }

@@ -129,6 +129,8 @@ struct Writer {
     journal: File,
     data_len: u64,
     journal_len: u64,
+    /// When the last entry was appended.
+    last_insert: std::time::Instant,
 }
 
 /// A segment as seen by a survey (for eviction and totals).
@@ -256,7 +258,7 @@ impl Segments {
 
     /// Lists the directory: follows new journals, forgets segments gone.
     fn relist(&self, st: &mut State) -> io::Result<()> {
-        let listed = self.list()?;
+        let listed: HashSet<u64> = self.list()?.into_iter().collect();
         let own = st.own;
         let gone: HashSet<u64> = st
             .journals
@@ -482,6 +484,7 @@ impl Segments {
         let r = Record::Entry { id: *id, loc };
         let written = w.data.write_all_at(data, loc.off).and_then(|()| {
             w.data_len += u64::from(len);
+            w.last_insert = std::time::Instant::now();
             w.write_record(&r)
         });
         if let Err(e) = written {
@@ -587,7 +590,24 @@ impl Segments {
                 journal,
                 data_len: 0,
                 journal_len: journal::MAGIC.len() as u64,
+                last_insert: std::time::Instant::now(),
             });
+        }
+    }
+
+    /// Seals this process's segment if nothing was appended to it for
+    /// `idle`, so that eviction may take it (a segment being written is
+    /// never evicted); the next insert starts a new one. Returns whether
+    /// it sealed one.
+    pub(crate) fn seal_if_idle(&self, idle: Duration) -> bool {
+        let mut guard = self.lock_writer();
+        let idle_for = guard.as_ref().map(|w| w.last_insert.elapsed());
+        match guard.take_if(|_| idle_for.is_some_and(|t| t >= idle)) {
+            Some(w) => {
+                self.seal(w);
+                true
+            }
+            None => false,
         }
     }
 

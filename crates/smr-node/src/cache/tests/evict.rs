@@ -104,7 +104,14 @@ fn segments_being_written_stay_and_evicted_ones_read_right_until_closed() {
             std::thread::sleep(Duration::from_millis(2));
         }
     });
-    drop(writer);
+    // A writer idle long enough has its segment sealed (its flusher does
+    // so after 30 s): then it can be evicted while the process lives.
+    assert!(writer.segs.seal_if_idle(Duration::ZERO));
+    assert!(!writer.segs.seal_if_idle(Duration::ZERO), "nothing to seal");
+    let r = other.prune(0).expect("prune");
+    assert!(r.evicted_segments >= 1, "{r:?}");
+    writer.refresh().expect("refresh");
+    assert!(!writer.contains(&ids[5]), "its sealed segment was evicted");
     drop(reader);
     let r = other.prune(0).expect("prune");
     assert_eq!((r.remaining_entries, r.remaining_bytes), (0, 0), "{r:?}");
