@@ -43,6 +43,13 @@ pub(crate) struct Loc {
     pub(crate) crc: u32,
 }
 
+impl Loc {
+    /// Whether `buf` is the entry this place names: its length and CRC-32C.
+    pub(crate) fn holds(&self, buf: &[u8]) -> bool {
+        buf.len() == self.len as usize && super::disk::crc32c(buf) == self.crc
+    }
+}
+
 /// One journal record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Record {

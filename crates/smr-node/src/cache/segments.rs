@@ -98,6 +98,15 @@ pub(crate) struct SegFile {
     recorded_ms: AtomicU64,
 }
 
+impl SegFile {
+    fn new(file: File) -> Self {
+        SegFile {
+            file,
+            recorded_ms: AtomicU64::new(0),
+        }
+    }
+}
+
 /// A segment's journal as this process follows it.
 #[derive(Debug)]
 struct Journal {
@@ -328,10 +337,7 @@ impl Segments {
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
-        let f = Arc::new(SegFile {
-            file: f,
-            recorded_ms: AtomicU64::new(0),
-        });
+        let f = Arc::new(SegFile::new(f));
         files.insert(seg, f.clone());
         Ok(Some(f))
     }
@@ -375,7 +381,7 @@ impl Segments {
                 return Load::Absent;
             }
         };
-        if buf.len() != loc.len as usize || crc32c(&buf) != loc.crc {
+        if !loc.holds(&buf) {
             self.condemn(id, loc);
             return Load::Corrupt {
                 len: u64::from(loc.len),
@@ -393,7 +399,7 @@ impl Segments {
         let loc = self.lookup(id)?;
         let f = self.lock_files().get(&loc.seg).cloned()?;
         let buf = read_at(&f.file, loc.off, loc.len as usize, libc::RWF_NOWAIT).ok()?;
-        if buf.len() != loc.len as usize || crc32c(&buf) != loc.crc {
+        if !loc.holds(&buf) {
             return None;
         }
         record_access(&f, granularity);
@@ -438,11 +444,7 @@ impl Segments {
         let path = self.data_path(loc.seg);
         Some(move || {
             if let Ok(file) = open_noatime(&path) {
-                let f = SegFile {
-                    file,
-                    recorded_ms: AtomicU64::new(0),
-                };
-                record_access(&f, granularity);
+                record_access(&SegFile::new(file), granularity);
             }
         })
     }

@@ -80,8 +80,7 @@ pub fn set_read_ahead_kb(dev: &str, kb: u32) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let path = PathBuf::from(format!("/sys/block/{name}/queue/read_ahead_kb"));
-    std::fs::write(&path, format!("{kb}\n")).map_err(|source| MountError::Io { path, source })
+    write_read_ahead_kb(format!("/sys/block/{name}/queue/read_ahead_kb"), kb)
 }
 
 /// Sets the `read_ahead_kb` of the filesystem holding `file` (its bdi,
@@ -89,14 +88,14 @@ pub fn set_read_ahead_kb(dev: &str, kb: u32) -> Result<()> {
 /// from then on.
 pub fn set_backing_read_ahead_kb(file: &Path, kb: u32) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let dev = std::fs::metadata(file)
-        .map_err(|source| MountError::Io {
-            path: file.to_path_buf(),
-            source,
-        })?
-        .dev();
+    let dev = std::fs::metadata(file).map_err(super::io_err(file))?.dev();
     let (major, minor) = (rustix::fs::major(dev), rustix::fs::minor(dev));
-    let path = PathBuf::from(format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb"));
+    write_read_ahead_kb(format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb"), kb)
+}
+
+/// Writes `kb` to the sysfs `read_ahead_kb` file `path`.
+fn write_read_ahead_kb(path: String, kb: u32) -> Result<()> {
+    let path = PathBuf::from(path);
     std::fs::write(&path, format!("{kb}\n")).map_err(|source| MountError::Io { path, source })
 }
 

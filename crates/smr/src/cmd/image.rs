@@ -210,6 +210,7 @@ impl OriginArgs {
             .with_context(|| format!("--store is required for the recipe {image}"))?;
         let (recipe, recipe_bytes) = read_recipe_bytes(Path::new(image))?;
         let store = open_store(location, &recipe_bytes)?;
+        let local = is_local_dir(location);
         Ok(Resolved {
             recipe,
             recipe_bytes,
@@ -218,8 +219,8 @@ impl OriginArgs {
             artifact: None,
             pack_index: None,
             profile: None,
-            fetch: fetch_options(replaying, is_local_dir(location))?,
-            local: is_local_dir(location),
+            fetch: fetch_options(replaying, local)?,
+            local,
         })
     }
 }
