@@ -137,18 +137,7 @@ impl ChunkCodec {
 
     /// Turns plaintext into stored bytes, name and key.
     pub fn seal(&self, plain: &[u8]) -> SealedChunk {
-        let mut compressed = false;
-        let mut data = if self.compress {
-            match zstd::bulk::compress(plain, self.zstd_level) {
-                Ok(c) if c.len() < plain.len() => {
-                    compressed = true;
-                    c
-                }
-                _ => plain.to_vec(),
-            }
-        } else {
-            plain.to_vec()
-        };
+        let (mut data, compressed) = compress(plain, self.compress.then_some(self.zstd_level));
         let key = if self.encrypt {
             let mut h = Sha256::new();
             h.update(self.salt);
@@ -165,6 +154,31 @@ impl ChunkCodec {
             compressed,
             stored: data,
         }
+    }
+}
+
+/// Seals `plain` under a key the caller derived (not the convergent one):
+/// zstd at `zstd_level` if given (kept only if smaller), then AES-256-CTR
+/// with a zero IV. The caller guarantees that `key` never seals other
+/// bytes (what startup packs derive their keys for, see
+/// [`crate::startup`]).
+pub fn seal_with_key(plain: &[u8], key: &ChunkKey, zstd_level: Option<i32>) -> SealedChunk {
+    let (mut data, compressed) = compress(plain, zstd_level);
+    apply_ctr(key, &mut data);
+    SealedChunk {
+        id: ChunkId::of(&data),
+        key: Some(*key),
+        compressed,
+        stored: data,
+    }
+}
+
+/// `plain` compressed at `level` if that makes it smaller, and whether it
+/// did.
+fn compress(plain: &[u8], level: Option<i32>) -> (Vec<u8>, bool) {
+    match level.map(|l| zstd::bulk::compress(plain, l)) {
+        Some(Ok(c)) if c.len() < plain.len() => (c, true),
+        _ => (plain.to_vec(), false),
     }
 }
 

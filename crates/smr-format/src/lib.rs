@@ -15,6 +15,7 @@ pub mod key;
 pub mod pack;
 pub mod profile;
 pub mod recipe;
+pub mod startup;
 pub mod varint;
 
 pub use chunk::{ChunkCodec, ChunkId, ChunkKey, SealedChunk};

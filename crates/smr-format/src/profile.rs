@@ -15,14 +15,32 @@
 //!                    in first-read order, each at most once
 //! ```
 //!
-//! Encoding is canonical, so the same reads give the same bytes.
+//! Version 2 (`SMRPROF2`) adds the 4 KiB blocks read, in first-read
+//! order, and optionally the startup pack holding them ([`crate::startup`]):
+//!
+//! ```text
+//! magic    8 bytes   "SMRPROF2"
+//! recipe, count, entries   as in version 1
+//! runs     varint m, then m x (varint first block, varint blocks)
+//! pack     1 byte: 0 (none) or 1, then
+//!          digest 32 bytes (SHA-256 of the pack blob), varint piece
+//!          (blocks per pack chunk), varint n, n x (id 32 bytes, varint
+//!          stored length, 1 byte: 1 if zstd-compressed), and
+//!          tag 32 bytes: HMAC-SHA-256 of every byte before it
+//! ```
+//!
+//! A profile without blocks is written as version 1. Encoding is
+//! canonical, so the same reads give the same bytes.
 
 use crate::error::{FormatError, Result};
+use crate::startup::{self, BlockRun, PackSecret, StartupPack};
 use crate::varint;
 use sha2::{Digest, Sha256};
 
 /// The first bytes of every profile.
 pub const PROFILE_MAGIC: &[u8; 8] = b"SMRPROF1";
+/// The first bytes of a profile with blocks (version 2).
+pub const PROFILE_MAGIC_V2: &[u8; 8] = b"SMRPROF2";
 
 /// Most entries a profile may have (a profile of every chunk of a 64 GiB
 /// image at 4 KiB chunks); bounds what a hostile profile can allocate.
@@ -37,6 +55,11 @@ pub struct Profile {
     pub recipe_sha256: [u8; 32],
     /// Chunk indices, in the order they were first read, without repeats.
     pub chunks: Vec<u64>,
+    /// The 4 KiB blocks read, in first-read order (empty if recorded by a
+    /// version without them).
+    pub blocks: Vec<BlockRun>,
+    /// The startup pack of `blocks`, once made (see [`Profile::seal_pack`]).
+    pub pack: Option<StartupPack>,
 }
 
 impl Profile {
@@ -45,25 +68,85 @@ impl Profile {
         Sha256::digest(recipe_bytes).into()
     }
 
+    /// A profile of `chunks` only (version 1).
+    pub fn new(recipe_sha256: [u8; 32], chunks: Vec<u64>) -> Self {
+        Profile {
+            recipe_sha256,
+            chunks,
+            blocks: Vec::new(),
+            pack: None,
+        }
+    }
+
     /// The profile's bytes.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(48 + self.chunks.len() * 3);
-        out.extend_from_slice(PROFILE_MAGIC);
+        let mut out = self.encode_body();
+        if let Some(p) = &self.pack {
+            out.extend_from_slice(&p.tag);
+        }
+        out
+    }
+
+    /// Every byte up to the pack's tag.
+    fn encode_body(&self) -> Vec<u8> {
+        let v2 = !self.blocks.is_empty() || self.pack.is_some();
+        let mut out = Vec::with_capacity(48 + self.chunks.len() * 3 + self.blocks.len() * 5);
+        out.extend_from_slice(if v2 { PROFILE_MAGIC_V2 } else { PROFILE_MAGIC });
         out.extend_from_slice(&self.recipe_sha256);
         varint::put(&mut out, self.chunks.len() as u64);
         for &c in &self.chunks {
             varint::put(&mut out, c);
         }
+        if v2 {
+            startup::put_runs(&mut out, &self.blocks);
+            match &self.pack {
+                None => out.push(0),
+                Some(p) => {
+                    out.push(1);
+                    startup::put_pack(&mut out, p);
+                }
+            }
+        }
         out
     }
 
+    /// Makes the startup pack of this profile's blocks, whose bytes are
+    /// `plain` (in order), under `secret` (the recipe's keys): sets
+    /// [`Profile::pack`] and returns the pack blob.
+    pub fn seal_pack(&mut self, secret: &PackSecret, plain: &[u8], piece_blocks: u32) -> Vec<u8> {
+        let (blob, digest, chunks) = startup::seal_pack(secret, &self.blocks, plain, piece_blocks);
+        self.pack = Some(StartupPack {
+            digest,
+            piece_blocks,
+            chunks,
+            tag: [0; 32],
+        });
+        let tag = secret.tag(&self.encode_body());
+        if let Some(p) = &mut self.pack {
+            p.tag = tag;
+        }
+        blob
+    }
+
+    /// Fails unless the startup pack was made under `secret` (the keys of
+    /// the recipe being served) for exactly these blocks and chunks.
+    pub fn check_pack(&self, secret: &PackSecret) -> Result<()> {
+        match &self.pack {
+            Some(p) => secret.check(&self.encode_body(), &p.tag),
+            None => Ok(()),
+        }
+    }
+
     /// Parses and checks a profile: magic, lengths, canonical varints, no
-    /// repeated index, nothing after the last entry.
+    /// repeated index or block, a pack whose chunks cover the blocks,
+    /// nothing after the last entry.
     pub fn decode(bytes: &[u8]) -> Result<Self> {
         let bad = |reason: String| FormatError::Profile(reason);
-        let rest = bytes
-            .strip_prefix(PROFILE_MAGIC.as_slice())
-            .ok_or_else(|| bad("not an smr profile (bad magic)".into()))?;
+        let (v2, rest) = match bytes.split_first_chunk::<8>() {
+            Some((m, rest)) if m == PROFILE_MAGIC => (false, rest),
+            Some((m, rest)) if m == PROFILE_MAGIC_V2 => (true, rest),
+            _ => return Err(bad("not an smr profile (bad magic)".into())),
+        };
         let (hash, mut rest) = rest
             .split_first_chunk::<32>()
             .ok_or_else(|| bad("truncated recipe hash".into()))?;
@@ -83,13 +166,35 @@ impl Profile {
             }
             chunks.push(c);
         }
+        let mut p = Profile::new(*hash, chunks);
+        if v2 {
+            p.blocks = startup::take_runs(&mut rest).map_err(bad)?;
+            let (&flag, r) = rest
+                .split_first()
+                .ok_or_else(|| bad("truncated startup pack flag".into()))?;
+            rest = r;
+            match flag {
+                0 => {}
+                1 => {
+                    let total = startup::total_blocks(&p.blocks);
+                    let mut pack = startup::take_pack(&mut rest, total).map_err(bad)?;
+                    let (tag, r) = rest
+                        .split_first_chunk::<32>()
+                        .ok_or_else(|| bad("truncated startup pack tag".into()))?;
+                    pack.tag = *tag;
+                    rest = r;
+                    p.pack = Some(pack);
+                }
+                f => return Err(bad(format!("startup pack flag {f}"))),
+            }
+            if p.blocks.is_empty() && p.pack.is_none() {
+                return Err(bad("version 2 without blocks (write version 1)".into()));
+            }
+        }
         if !rest.is_empty() {
             return Err(bad(format!("{} bytes after the last entry", rest.len())));
         }
-        Ok(Profile {
-            recipe_sha256: *hash,
-            chunks,
-        })
+        Ok(p)
     }
 
     /// Fails unless this profile was recorded for the recipe `recipe_bytes`.
@@ -112,10 +217,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn sample() -> Profile {
-        Profile {
-            recipe_sha256: Profile::recipe_hash(b"recipe"),
-            chunks: vec![0, 7, 3, 100_000, 1],
-        }
+        Profile::new(Profile::recipe_hash(b"recipe"), vec![0, 7, 3, 100_000, 1])
     }
 
     #[test]
@@ -134,7 +236,7 @@ mod tests {
     fn rejects_malformed_profiles() {
         let good = sample().encode();
         let cases: Vec<(Vec<u8>, &str)> = vec![
-            (b"SMRPROF2".to_vec(), "bad magic"),
+            (b"SMRPROF3".to_vec(), "bad magic"),
             (good[..20].to_vec(), "truncated recipe hash"),
             (good[..40].to_vec(), "truncated varint (entry count)"),
             (
@@ -186,7 +288,7 @@ mod tests {
 
         #[test]
         fn any_distinct_list_round_trips(set in proptest::collection::btree_set(any::<u64>(), 0..50)) {
-            let p = Profile { recipe_sha256: [9; 32], chunks: set.into_iter().rev().collect() };
+            let p = Profile::new([9; 32], set.into_iter().rev().collect());
             prop_assert_eq!(Profile::decode(&p.encode()).unwrap(), p);
         }
     }

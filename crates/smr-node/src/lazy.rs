@@ -109,6 +109,7 @@ struct Inner {
     read_errors: AtomicU64,
     recorder: OnceLock<Arc<profile::Recorder>>,
     prefetch: Arc<prefetch::Prefetch>,
+    startup: OnceLock<startup::Startup>,
 }
 
 impl std::fmt::Debug for LazyImage {
@@ -166,6 +167,7 @@ impl LazyImage {
                 bytes_read: AtomicU64::new(0),
                 read_errors: AtomicU64::new(0),
                 recorder: OnceLock::new(),
+                startup: OnceLock::new(),
             }),
         })
     }
@@ -265,6 +267,9 @@ impl LazyImage {
         if len > 0 {
             let grid = self.grid();
             let recorder = self.inner.recorder.get();
+            if let Some(r) = recorder {
+                r.touch_blocks(offset, end);
+            }
             for c in grid.chunks_of(offset..end) {
                 if let Some(r) = recorder {
                     r.touch(c);
@@ -357,15 +362,30 @@ impl LazyImage {
         // in order, joining those fetches. Chunks in the disk cache get
         // their disk reads started meanwhile (`needs_fetch`), except the
         // first of the read, which is loaded at once anyway.
+        // Pieces whose blocks the startup pack holds come from it instead.
+        let piece_of = |c: u64| {
+            let r = grid.range(c);
+            (offset.max(r.start), end.min(r.end))
+        };
+        let packed: Vec<bool> = (first..=last)
+            .map(|c| {
+                let (lo, hi) = piece_of(c);
+                self.inner.served_from_pack(c, lo, hi)
+            })
+            .collect();
+        let in_pack = |c: u64| packed.get((c - first) as usize) == Some(&true);
         let missing: Vec<u64> = if last > first {
             (first..=last)
-                .filter(|&c| self.inner.needs_fetch(c))
+                .filter(|&c| !in_pack(c) && self.inner.needs_fetch(c))
                 .collect()
         } else {
-            Vec::from_iter(self.inner.is_missing(first).then_some(first))
+            Vec::from_iter((!in_pack(first) && self.inner.is_missing(first)).then_some(first))
         };
         self.inner.plan(&missing);
         let recorder = self.inner.recorder.get();
+        if let Some(r) = recorder {
+            r.touch_blocks(offset, end);
+        }
         for c in first..=last {
             if let Some(r) = recorder {
                 r.touch(c);
@@ -374,6 +394,13 @@ impl LazyImage {
             // ahead of the reader (the rest of its file, its neighbours).
             if self.inner.prefetch.read.set(c) && self.inner.prefetch.fetched.get(c) {
                 self.inner.prefetch_file(c);
+            }
+            if in_pack(c) {
+                let (lo, hi) = piece_of(c);
+                if let Some((d, r)) = self.inner.pack_read(lo, hi) {
+                    f(lo, ChunkSlice::Data(&d, r))?;
+                    continue;
+                }
             }
             let data = self
                 .inner
@@ -692,5 +719,6 @@ impl BlockDevice for LazyImage {
 
 pub mod prefetch;
 pub mod profile;
+mod startup;
 #[cfg(test)]
 mod tests;

@@ -25,4 +25,5 @@ pub mod mount;
 pub mod nbd;
 pub mod restore;
 pub mod run;
+pub mod startup;
 pub mod volume;

@@ -89,9 +89,37 @@ pub struct Artifact {
 
 impl Artifact {
     /// A chunk store serving this artifact's chunks from `blobs` (the same
-    /// repository).
+    /// repository), and those of its profile's startup pack if it has one.
     pub fn store(&self, blobs: Arc<dyn Blobs>, opts: smr_store::RemoteOptions) -> RegistryStore {
-        RegistryStore::new(blobs, self.index.clone(), opts)
+        RegistryStore::new(blobs, self.serving_index(), opts)
+    }
+
+    /// The pack index, with the startup pack of the profile as one more
+    /// pack (the artifact's own index, logged, if that cannot be).
+    fn serving_index(&self) -> Arc<PackIndex> {
+        let Some(pack) = self.profile.as_ref().and_then(|p| p.pack.as_ref()) else {
+            return self.index.clone();
+        };
+        let startup = crate::pack::IndexedPack {
+            digest: pack.blob_digest(),
+            chunks: pack
+                .chunks
+                .iter()
+                .map(|c| crate::pack::IndexedChunk {
+                    id: c.id,
+                    len: c.stored_len,
+                })
+                .collect(),
+        };
+        let mut packs = self.index.packs().to_vec();
+        packs.push(startup);
+        match PackIndex::new(self.index.params(), packs) {
+            Ok(i) => Arc::new(i),
+            Err(e) => {
+                tracing::warn!(artifact = %self.digest, pack = %pack.blob_digest(), error = %e, "the startup pack cannot be served: starting without it");
+                self.index.clone()
+            }
+        }
     }
 
     /// The artifact manifest's descriptor (the subject of its profiles

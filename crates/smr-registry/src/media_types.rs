@@ -12,3 +12,6 @@ pub const SMR_PACK: &str = "application/vnd.smr.pack.v1";
 /// A startup profile: both the `artifactType` of its manifest and the
 /// media type of its one layer (the `SMRPROF1` bytes).
 pub const SMR_PROFILE: &str = "application/vnd.smr.profile.v1";
+/// A startup pack: the sealed blocks a profile lists (a second layer of
+/// the profile's manifest).
+pub const SMR_STARTUP_PACK: &str = "application/vnd.smr.startup-pack.v1";

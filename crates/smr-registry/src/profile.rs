@@ -7,7 +7,9 @@
 //!   "mediaType": "application/vnd.oci.image.manifest.v1+json",
 //!   "artifactType": "application/vnd.smr.profile.v1",
 //!   "config": <the OCI empty descriptor>,
-//!   "layers": [ <the profile, application/vnd.smr.profile.v1> ],
+//!   "layers": [ <the profile, application/vnd.smr.profile.v1>,
+//!               <its startup pack, application/vnd.smr.startup-pack.v1,
+//!                if it has one> ],
 //!   "subject": <source platform manifest>,
 //!   "annotations": { "org.opencontainers.image.created": "…",
 //!                    "vnd.smr.profile.artifact": "sha256:<smr artifact>",
@@ -27,7 +29,7 @@ use crate::artifact::{bad, digest_of, ArtifactManifest, Descriptor};
 use crate::blobs::Blobs;
 use crate::discover::Artifact;
 use crate::error::{RegistryError, Result};
-use crate::media_types::SMR_PROFILE;
+use crate::media_types::{SMR_PROFILE, SMR_STARTUP_PACK};
 use crate::push::{push_small_referrer, update_referrers, ReferrersUpdate};
 use smr_format::Profile;
 use smr_image::media_types::{OCI_EMPTY, OCI_MANIFEST};
@@ -52,15 +54,19 @@ pub struct ProfilePush {
     pub profile_digest: String,
     /// Chunks the profile lists.
     pub chunks: usize,
+    /// Size of its startup pack blob, if it has one.
+    pub pack_bytes: Option<u64>,
     /// How the profile was made findable.
     pub referrers: ReferrersUpdate,
 }
 
-/// The manifest of `profile_bytes` (`chunks` entries) for the smr artifact
-/// `artifact`, created at `created` (RFC 3339).
+/// The manifest of `profile_bytes` (`chunks` entries) and its startup
+/// pack `pack` (if any) for the smr artifact `artifact`, created at
+/// `created` (RFC 3339).
 pub fn profile_manifest(
     artifact: &Artifact,
     profile_bytes: &[u8],
+    pack: Option<&[u8]>,
     chunks: usize,
     created: &str,
 ) -> ArtifactManifest {
@@ -77,7 +83,9 @@ pub fn profile_manifest(
         media_type: OCI_MANIFEST.to_string(),
         artifact_type: SMR_PROFILE.to_string(),
         config: Descriptor::empty(),
-        layers: vec![Descriptor::of(SMR_PROFILE, profile_bytes)],
+        layers: std::iter::once(Descriptor::of(SMR_PROFILE, profile_bytes))
+            .chain(pack.map(|p| Descriptor::of(SMR_STARTUP_PACK, p)))
+            .collect(),
         // An image without a source has its profiles listed under itself.
         subject: Some(
             artifact
@@ -91,12 +99,14 @@ pub fn profile_manifest(
 }
 
 /// Pushes `profile` as the startup profile of `artifact` (blobs, then the
-/// manifest, then the referrers entry, as for the smr artifact). Fails if
-/// the profile was recorded for another recipe.
+/// manifest, then the referrers entry, as for the smr artifact), with the
+/// blob of its startup pack `pack` if it has one. Fails if the profile was
+/// recorded for another recipe, or `pack` is not the blob it names.
 pub fn push_profile(
     blobs: &dyn Blobs,
     artifact: &Artifact,
     profile: &Profile,
+    pack: Option<&[u8]>,
 ) -> Result<ProfilePush> {
     let repo = blobs.describe();
     profile
@@ -105,9 +115,20 @@ pub fn push_profile(
             what: format!("{repo}: profile for smr artifact {}", artifact.digest),
             source,
         })?;
+    let named = profile.pack.as_ref().map(|p| p.blob_digest());
+    if named != pack.map(digest_of) {
+        return Err(bad(
+            &repo,
+            &artifact.digest,
+            format!("the profile names startup pack {named:?}, the blob given does not match"),
+        ));
+    }
     let bytes = profile.encode();
     let created = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
-    let manifest = profile_manifest(artifact, &bytes, profile.chunks.len(), &created);
+    let manifest = profile_manifest(artifact, &bytes, pack, profile.chunks.len(), &created);
+    if let Some(p) = pack {
+        blobs.push_blob(&digest_of(p), p)?;
+    }
     let profile_digest = digest_of(&bytes);
     let (digest, manifest_bytes) = push_small_referrer(blobs, &manifest, &bytes, "profile")?;
     // In the fallback tag, a new profile replaces the artifact's older ones
@@ -120,6 +141,7 @@ pub fn push_profile(
         manifest_digest: digest,
         profile_digest,
         chunks: profile.chunks.len(),
+        pack_bytes: pack.map(|p| p.len() as u64),
         referrers,
     })
 }
@@ -167,11 +189,18 @@ pub fn fetch_profile(blobs: &dyn Blobs, digest: &str, artifact: &str) -> Result<
             what: format!("{repo}: {what}"),
             source,
         })?;
-    let layer = match (media_type.as_str(), m.artifact_type.as_str(), &m.layers[..]) {
+    let (layer, pack) = match (media_type.as_str(), m.artifact_type.as_str(), &m.layers[..]) {
         (OCI_MANIFEST, SMR_PROFILE, [l])
             if l.media_type == SMR_PROFILE && m.config.media_type == OCI_EMPTY =>
         {
-            l
+            (l, None)
+        }
+        (OCI_MANIFEST, SMR_PROFILE, [l, p])
+            if l.media_type == SMR_PROFILE
+                && p.media_type == SMR_STARTUP_PACK
+                && m.config.media_type == OCI_EMPTY =>
+        {
+            (l, Some(p))
         }
         _ => {
             return Err(bad(
@@ -190,10 +219,23 @@ pub fn fetch_profile(blobs: &dyn Blobs, digest: &str, artifact: &str) -> Result<
         ));
     }
     let blob = crate::discover::fetch(blobs, &format!("profile of {digest}"), layer)?;
-    Profile::decode(&blob).map_err(|source| RegistryError::Format {
+    let profile = Profile::decode(&blob).map_err(|source| RegistryError::Format {
         what: format!("{repo}: profile {} of {digest}", layer.digest),
         source,
-    })
+    })?;
+    let named = profile
+        .pack
+        .as_ref()
+        .map(|p| (p.blob_digest(), p.offsets().1));
+    let listed = pack.map(|p| (p.digest.clone(), p.size));
+    if named != listed {
+        return Err(bad(
+            &repo,
+            digest,
+            format!("its profile names startup pack {named:?}, its manifest lists {listed:?}"),
+        ));
+    }
+    Ok(profile)
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@
 
 use super::prefetch::Bits;
 use super::{Inner, LazyImage};
+use smr_format::startup::{BlockRun, BLOCK};
 use smr_format::Profile;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -25,19 +26,52 @@ use std::time::Instant;
 /// (16 for a registry) full and give it neighbours to coalesce.
 pub const DEFAULT_REPLAY_THREADS: usize = 32;
 
-/// Records the chunk indices read from an image, in first-read order.
+/// Records the chunk indices and the 4 KiB blocks read from an image, in
+/// first-read order.
 #[derive(Debug)]
 pub struct Recorder {
     seen: Bits,
     order: Mutex<Vec<u64>>,
+    blocks_seen: Bits,
+    blocks: Mutex<Vec<BlockRun>>,
 }
 
 impl Recorder {
-    fn new(chunk_count: u64) -> Self {
+    fn new(chunk_count: u64, image_size: u64) -> Self {
         Recorder {
             seen: Bits::new(chunk_count),
             order: Mutex::new(Vec::new()),
+            blocks_seen: Bits::new(image_size.div_ceil(BLOCK)),
+            blocks: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Notes a read of the image bytes `[offset, end)`: the blocks it
+    /// touches that no read touched before, appended in order (a block
+    /// following the last one recorded extends its run).
+    pub(super) fn touch_blocks(&self, offset: u64, end: u64) {
+        if end <= offset {
+            return;
+        }
+        let mut new = (offset / BLOCK..end.div_ceil(BLOCK)).filter(|&b| self.blocks_seen.set(b));
+        let Some(first) = new.next() else {
+            return;
+        };
+        let mut runs = self.blocks.lock().unwrap_or_else(PoisonError::into_inner);
+        for b in std::iter::once(first).chain(new) {
+            match runs.last_mut() {
+                Some(r) if r.first + u64::from(r.count) == b && r.count < u32::MAX => r.count += 1,
+                _ => runs.push(BlockRun { first: b, count: 1 }),
+            }
+        }
+    }
+
+    /// Block runs read so far, in first-read order.
+    pub fn blocks(&self) -> Vec<BlockRun> {
+        self.blocks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Notes a read of chunk `index` (cheap when already seen).
@@ -62,6 +96,9 @@ impl Recorder {
 /// What a replay did.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct ReplayStats {
+    /// Whether the replay fetched a startup pack (then `chunks` and the
+    /// counts below are the pack's chunks).
+    pub startup_pack: bool,
     /// Stored chunks the profile lists.
     pub chunks: u64,
     /// Of those, fetched by the replay (or by a reader it then joined).
@@ -84,7 +121,9 @@ pub struct Replay {
 
 #[derive(Debug)]
 struct ReplayState {
+    /// Chunk table positions, or pack chunk numbers if `pack`.
     positions: Vec<usize>,
+    pack: bool,
     next: AtomicUsize,
     stop: AtomicBool,
     fetched: AtomicU64,
@@ -100,6 +139,7 @@ impl Replay {
     pub fn stats(&self) -> ReplayStats {
         let s = &self.state;
         ReplayStats {
+            startup_pack: s.pack,
             chunks: s.positions.len() as u64,
             fetched: s.fetched.load(Ordering::Relaxed),
             cached: s.cached.load(Ordering::Relaxed),
@@ -127,16 +167,17 @@ impl LazyImage {
     /// Starts recording the chunks read from now on (by `read_at`,
     /// `read_parts`; not by prefetches). Idempotent.
     pub fn record(&self) -> Arc<Recorder> {
-        let chunks = self.grid().count();
+        let (chunks, size) = (self.grid().count(), self.size());
         self.inner
             .recorder
-            .get_or_init(|| Arc::new(Recorder::new(chunks)))
+            .get_or_init(|| Arc::new(Recorder::new(chunks, size)))
             .clone()
     }
 
     /// The profile of what was read since [`LazyImage::record`] (zero
-    /// chunks left out: they are never fetched), bound to the recipe whose
-    /// bytes hash to `recipe_sha256`. `None` when not recording.
+    /// chunks and their blocks left out: they are never fetched), bound to
+    /// the recipe whose bytes hash to `recipe_sha256`. `None` when not
+    /// recording.
     pub fn recorded_profile(&self, recipe_sha256: [u8; 32]) -> Option<Profile> {
         let rec = self.inner.recorder.get()?;
         let chunks = rec
@@ -144,28 +185,51 @@ impl LazyImage {
             .into_iter()
             .filter(|&c| self.inner.locate(c).is_some())
             .collect();
-        Some(Profile {
-            recipe_sha256,
-            chunks,
-        })
+        let grid = self.grid();
+        let stored = |b: u64| self.inner.locate(grid.index_of(b * BLOCK)).is_some();
+        let mut blocks: Vec<BlockRun> = Vec::new();
+        for r in rec.blocks() {
+            for b in (r.first..r.first + u64::from(r.count)).filter(|&b| stored(b)) {
+                match blocks.last_mut() {
+                    Some(l) if l.first + u64::from(l.count) == b => l.count += 1,
+                    _ => blocks.push(BlockRun { first: b, count: 1 }),
+                }
+            }
+        }
+        let mut p = Profile::new(recipe_sha256, chunks);
+        p.blocks = blocks;
+        Some(p)
     }
 
     /// Fetches the profile's chunks into the node cache in its order, from
     /// `threads` threads, in the background. Indices beyond the image and
     /// zero chunks are skipped. The caller checks that the profile belongs
     /// to this image's recipe ([`Profile::check_recipe`]).
+    ///
+    /// With a startup pack in use ([`LazyImage::use_startup_pack`]) the
+    /// pack's chunks are fetched instead, queued all at once so that they
+    /// arrive in a few large ranged reads, in the order the start reads
+    /// them.
     pub fn replay(&self, profile: &Profile, threads: usize) -> Replay {
         for &c in &profile.chunks {
             self.inner.prefetch.profiled.set(c);
         }
-        let positions: Vec<usize> = profile
-            .chunks
-            .iter()
-            .filter_map(|&c| self.inner.locate(c).map(|(pos, _)| pos))
-            .collect();
+        let pack = self.inner.startup.get().map(|s| s.chunks.len());
+        let positions: Vec<usize> = match pack {
+            Some(n) => {
+                self.inner.plan_pack();
+                (0..n).collect()
+            }
+            None => profile
+                .chunks
+                .iter()
+                .filter_map(|&c| self.inner.locate(c).map(|(pos, _)| pos))
+                .collect(),
+        };
         let n = threads.clamp(1, positions.len().max(1));
         let state = Arc::new(ReplayState {
             positions,
+            pack: pack.is_some(),
             next: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
             fetched: AtomicU64::new(0),
@@ -200,6 +264,17 @@ fn replay_worker(inner: &Inner, s: &ReplayState) {
         let Some(&pos) = s.positions.get(i) else {
             break;
         };
+        if s.pack {
+            match inner.prefetch_pack(pos) {
+                Ok(true) => s.fetched.fetch_add(1, Ordering::Relaxed),
+                Ok(false) => s.cached.fetch_add(1, Ordering::Relaxed),
+                Err(err) => {
+                    tracing::warn!(pack_chunk = pos, error = %err, "profile replay: startup pack chunk failed; its blocks are read from the image");
+                    s.failed.fetch_add(1, Ordering::Relaxed)
+                }
+            };
+            continue;
+        }
         let Some(e) = inner.img.recipe.chunks.get(pos) else {
             continue;
         };

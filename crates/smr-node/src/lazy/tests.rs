@@ -11,6 +11,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 mod prefetch;
+mod startup;
 use smr_format::chunk::default_salt;
 use smr_format::config::ImageConfig;
 use smr_format::{ChunkCodec, ChunkEntry, ChunkGrid, OwnerKey, Profile, Recipe};
@@ -680,10 +681,7 @@ fn replay_fetches_the_profile_in_parallel_once() {
     // Every chunk, last first, plus a zero chunk and one past the end.
     let mut chunks: Vec<u64> = (0..SIZE.div_ceil(CS)).rev().collect();
     chunks.push(1000);
-    let profile = Profile {
-        recipe_sha256: [0; 32],
-        chunks,
-    };
+    let profile = Profile::new([0; 32], chunks);
     let unique = fx.stored_chunks() - 1; // chunks 10 and 11 are one chunk
     let stats = lazy.replay(&profile, 8).wait();
     assert_eq!(
@@ -714,10 +712,7 @@ fn replay_failures_are_left_to_the_readers() {
     let lazy = fx.lazy(32 << 20, 1 << 30);
     let victim = *fx.img.recipe.entry(4).expect("chunk 4 is stored");
     fs::write(fx.store.inner.chunk_path(&victim.id), b"garbage").expect("corrupt");
-    let profile = Profile {
-        recipe_sha256: [0; 32],
-        chunks: vec![0, victim.index, 1],
-    };
+    let profile = Profile::new([0; 32], vec![0, victim.index, 1]);
     let stats = lazy.replay(&profile, 2).wait();
     assert_eq!((stats.fetched, stats.failed), (2, 1));
     let err = fx.read(&lazy, victim.index * CS, 1).expect_err("bad chunk");

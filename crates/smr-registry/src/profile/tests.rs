@@ -24,10 +24,7 @@ fn with_profile() -> DiscoverOptions {
 }
 
 fn profile_of(a: &Artifact, chunks: Vec<u64>) -> Profile {
-    Profile {
-        recipe_sha256: Profile::recipe_hash(&a.recipe_bytes),
-        chunks,
-    }
+    Profile::new(Profile::recipe_hash(&a.recipe_bytes), chunks)
 }
 
 #[test]
@@ -37,7 +34,7 @@ fn a_pushed_profile_is_found_with_its_artifact() {
         let none = discover(&blobs, &img.subject.digest, &with_profile()).unwrap();
         assert!(none.profile.is_none(), "no profile pushed yet");
         let p = profile_of(&artifact, vec![3, 0, 1]);
-        let r = push_profile(&blobs, &artifact, &p).unwrap();
+        let r = push_profile(&blobs, &artifact, &p, None).unwrap();
         assert_eq!(r.chunks, 3);
         let found = discover(&blobs, &img.subject.digest, &with_profile()).unwrap();
         assert_eq!(
@@ -58,7 +55,7 @@ fn a_pushed_profile_is_found_with_its_artifact() {
             Some(p.clone())
         );
         // Pushing the same profile again changes nothing a reader sees.
-        push_profile(&blobs, &artifact, &p).unwrap();
+        push_profile(&blobs, &artifact, &p, None).unwrap();
         assert_eq!(
             discover(&blobs, &img.subject.digest, &with_profile())
                 .unwrap()
@@ -69,13 +66,48 @@ fn a_pushed_profile_is_found_with_its_artifact() {
 }
 
 #[test]
+fn a_startup_pack_is_pushed_with_its_profile_and_served_by_the_store() {
+    use smr_format::startup::{BlockRun, PackSecret};
+    use smr_store::ChunkStore;
+    let (d, blobs, img, artifact) = pushed(true);
+    let mut p = profile_of(&artifact, vec![0, 1]);
+    p.blocks = vec![BlockRun {
+        first: 3,
+        count: 70,
+    }];
+    let secret = PackSecret::of_keys(&[smr_format::ChunkKey([5; 32])]);
+    let plain: Vec<u8> = (0..70 * 4096u32).map(|i| (i / 4096) as u8).collect();
+    let blob = p.seal_pack(&secret, &plain, 64);
+    let e = push_profile(&blobs, &artifact, &p, Some(b"another blob"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("does not match"), "{e}");
+    let r = push_profile(&blobs, &artifact, &p, Some(&blob)).unwrap();
+    assert_eq!(r.pack_bytes, Some(blob.len() as u64));
+    let found = discover(&blobs, &img.subject.digest, &with_profile()).unwrap();
+    assert_eq!(found.profile.as_ref(), Some(&p));
+    // The artifact's store reads the pack's chunks from the pack blob.
+    let store = found.store(
+        std::sync::Arc::new(DirBlobs::new(d.path().join("registry"), true)),
+        Default::default(),
+    );
+    let pack = p.pack.as_ref().unwrap();
+    let (offsets, _) = pack.offsets();
+    for (c, at) in pack.chunks.iter().zip(offsets) {
+        let got = store.get(&c.id).unwrap();
+        assert_eq!(got, blob[at as usize..at as usize + c.stored_len as usize]);
+    }
+    assert!(
+        store.get(&artifact.recipe.chunks[0].id).is_ok(),
+        "image chunks too"
+    );
+}
+
+#[test]
 fn a_profile_of_another_recipe_is_refused() {
     let (_d, blobs, _img, artifact) = pushed(false);
-    let wrong = Profile {
-        recipe_sha256: [0; 32],
-        chunks: vec![1],
-    };
-    let e = push_profile(&blobs, &artifact, &wrong)
+    let wrong = Profile::new([0; 32], vec![1]);
+    let e = push_profile(&blobs, &artifact, &wrong, None)
         .unwrap_err()
         .to_string();
     assert!(
@@ -87,7 +119,7 @@ fn a_profile_of_another_recipe_is_refused() {
 #[test]
 fn a_corrupted_profile_is_left_out_and_the_image_still_opens() {
     let (_d, blobs, img, artifact) = pushed(false);
-    let r = push_profile(&blobs, &artifact, &profile_of(&artifact, vec![2])).unwrap();
+    let r = push_profile(&blobs, &artifact, &profile_of(&artifact, vec![2]), None).unwrap();
     blobs.corrupt(&r.profile_digest, b"SMRPROF1 garbage");
     let found = discover(&blobs, &img.subject.digest, &with_profile()).unwrap();
     assert_eq!(found.digest, artifact.digest);
@@ -127,9 +159,15 @@ fn the_newest_profile_of_the_artifact_wins() {
 #[test]
 fn in_the_fallback_tag_a_new_profile_replaces_the_older_one() {
     let (_d, blobs, img, artifact) = pushed(false);
-    push_profile(&blobs, &artifact, &profile_of(&artifact, vec![3, 0, 1])).unwrap();
+    push_profile(
+        &blobs,
+        &artifact,
+        &profile_of(&artifact, vec![3, 0, 1]),
+        None,
+    )
+    .unwrap();
     let newer = profile_of(&artifact, vec![1]);
-    push_profile(&blobs, &artifact, &newer).unwrap();
+    push_profile(&blobs, &artifact, &newer, None).unwrap();
     let listed = crate::discover::list_referrers(&blobs, &img.subject.digest).unwrap();
     let kinds: Vec<&str> = listed
         .iter()

@@ -213,6 +213,8 @@ pub fn run(a: Args) -> Result<ExitCode> {
                 &profile,
                 Some(artifact.manifest_digest.clone()),
                 &a.platform,
+                a.key.load()?.as_ref(),
+                Some(store.as_ref()),
             );
             match pushed {
                 Ok(p) => profile_entry = Some(p.descriptor),

@@ -317,6 +317,9 @@ impl SourceArgs {
         )?;
         let (recipe, recipe_bytes) = (r.recipe, r.recipe_bytes);
         let found_profile = r.profile;
+        // A registry profile's startup pack is read from the registry, next
+        // to the artifact's packs (another --store does not have it).
+        let use_pack = found_profile.is_some() && self.origin.store.is_none();
         let profile = match local_profile {
             Some((path, p)) => {
                 p.check_recipe(&recipe_bytes)
@@ -332,6 +335,13 @@ impl SourceArgs {
         // local directory it would only read chunks nobody asked for.
         let prefetch = !self.no_prefetch && !r.local;
         lazy.set_file_prefetch(prefetch);
+        if let (Some(p), true) = (&profile, use_pack) {
+            match lazy.use_startup_pack(p) {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(image, chunks = n, "startup pack in use"),
+                Err(e) => tracing::warn!(image, error = %e, "not using the profile's startup pack"),
+            }
+        }
         Ok(OpenedImage {
             lazy,
             recipe,

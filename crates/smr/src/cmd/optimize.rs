@@ -107,11 +107,9 @@ fn record_all(
     std::fs::write(&recipe, image.recipe)
         .with_context(|| format!("writing {}", recipe.display()))?;
     let exe = std::env::current_exe().context("finding the smr binary")?;
-    let mut merged = Profile {
-        recipe_sha256: Profile::recipe_hash(image.recipe),
-        chunks: Vec::new(),
-    };
+    let mut merged = Profile::new(Profile::recipe_hash(image.recipe), Vec::new());
     let mut seen = std::collections::HashSet::new();
+    let mut seen_blocks = std::collections::HashSet::new();
     for (i, cmd) in commands.iter().enumerate() {
         let label = cmd.as_ref().map_or_else(
             || "the image's Entrypoint + Cmd".to_string(),
@@ -172,6 +170,7 @@ fn record_all(
                 merged
                     .chunks
                     .extend(p.chunks.into_iter().filter(|c| seen.insert(*c)));
+                merge_blocks(&mut merged.blocks, &p.blocks, &mut seen_blocks);
                 format!("read {n} chunks")
             }
             Err(e) => format!("recorded nothing: {e}"),
@@ -179,6 +178,22 @@ fn record_all(
         errln!("smr: startup profile: {label} {outcome}; {read}",);
     }
     Ok(merged)
+}
+
+/// Appends to `into` the blocks of `runs` not in `seen`, in order.
+fn merge_blocks(
+    into: &mut Vec<smr_format::startup::BlockRun>,
+    runs: &[smr_format::startup::BlockRun],
+    seen: &mut std::collections::HashSet<u64>,
+) {
+    for r in runs {
+        for b in (r.first..r.first + u64::from(r.count)).filter(|&b| seen.insert(b)) {
+            match into.last_mut() {
+                Some(l) if l.first + u64::from(l.count) == b => l.count += 1,
+                _ => into.push(smr_format::startup::BlockRun { first: b, count: 1 }),
+            }
+        }
+    }
 }
 
 /// Time a recording run may take beyond its period (mount, runc, teardown).

@@ -41,6 +41,10 @@ struct PushArgs {
     /// The platform to pick from an index.
     #[arg(long, default_value = "linux/amd64")]
     platform: String,
+    /// With the owner key, a profile that lists blocks gets its startup
+    /// pack made (from the artifact's chunks) and pushed with it.
+    #[command(flatten)]
+    key: crate::keys::KeyArgs,
 }
 
 /// Arguments of `smr profile show`.
@@ -86,8 +90,17 @@ fn push(a: PushArgs) -> Result<ExitCode> {
     );
     let profile = read(&a.profile)?;
     let src = RegistrySource::open(&a.image, &a.registry.options()?)?;
-    let pushed = push_to_registry(&src, &a.image, &profile, a.artifact.clone(), &a.platform)
-        .with_context(|| format!("pushing profile {} for {}", a.profile.display(), a.image))?;
+    let owner = a.key.load()?;
+    let pushed = push_to_registry(
+        &src,
+        &a.image,
+        &profile,
+        a.artifact.clone(),
+        &a.platform,
+        owner.as_ref(),
+        None,
+    )
+    .with_context(|| format!("pushing profile {} for {}", a.profile.display(), a.image))?;
     outln!("{}", pushed.manifest_digest);
     Ok(ExitCode::SUCCESS)
 }
@@ -95,23 +108,72 @@ fn push(a: PushArgs) -> Result<ExitCode> {
 /// Pushes `profile` next to the smr artifact of `image` (the one with
 /// digest `artifact`, else the one `smr run` picks among those whose recipe
 /// the profile was recorded against); says what it pushed.
+///
+/// A profile with blocks gets its startup pack made first when `owner`
+/// opens the recipe's keys, from the image's chunks in `chunks` (default:
+/// the artifact's packs in the registry).
 pub(crate) fn push_to_registry(
     src: &RegistrySource,
     image: &str,
     profile: &Profile,
     artifact: Option<String>,
     platform: &str,
+    owner: Option<&smr_format::OwnerKey>,
+    chunks: Option<&dyn smr_store::ChunkStore>,
 ) -> Result<smr_registry::profile::ProfilePush> {
     let (repo, artifact) = recorded_on(src, image, profile, artifact, platform)?;
-    let r = smr_registry::profile::push_profile(&repo, &artifact, profile)?;
+    let mut profile = profile.clone();
+    let pack = match (owner, profile.pack.is_none() && !profile.blocks.is_empty()) {
+        (Some(owner), true) => startup_pack(&repo, &artifact, &mut profile, owner, chunks)?,
+        _ => None,
+    };
+    if pack.is_none() {
+        profile.pack = None;
+    }
+    let r = smr_registry::profile::push_profile(&repo, &artifact, &profile, pack.as_deref())?;
+    let pack_note = r
+        .pack_bytes
+        .map(|b| {
+            format!(
+                ", startup pack of {} blocks in {b} bytes",
+                smr_format::startup::total_blocks(&profile.blocks)
+            )
+        })
+        .unwrap_or_default();
     errln!(
-        "smr: pushed startup profile {} ({} chunks) for smr artifact {} ({:?})",
+        "smr: pushed startup profile {} ({} chunks{pack_note}) for smr artifact {} ({:?})",
         r.manifest_digest,
         r.chunks,
         artifact.digest,
         r.referrers
     );
     Ok(r)
+}
+
+/// Makes `profile`'s startup pack (see [`push_to_registry`]).
+fn startup_pack(
+    repo: &smr_registry::client::Repository,
+    artifact: &smr_registry::discover::Artifact,
+    profile: &mut Profile,
+    owner: &smr_format::OwnerKey,
+    chunks: Option<&dyn smr_store::ChunkStore>,
+) -> Result<Option<Vec<u8>>> {
+    let keys = artifact
+        .recipe
+        .keys(Some(owner))
+        .context("opening the recipe's keys for the startup pack")?;
+    let img = smr_node::chunks::ImageChunks::new(artifact.recipe.clone(), keys);
+    let registry;
+    let store: &dyn smr_store::ChunkStore = match chunks {
+        Some(s) => s,
+        None => {
+            let opts = smr_store::RemoteOptions::from_env()?;
+            registry = artifact.store(std::sync::Arc::new(repo.clone()), opts);
+            &registry
+        }
+    };
+    smr_node::startup::make_startup_pack(&img, store, profile)
+        .context("making the startup pack from the image's chunks")
 }
 
 fn show(a: ShowArgs) -> Result<ExitCode> {

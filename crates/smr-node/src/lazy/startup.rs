@@ -1,0 +1,219 @@
+//! Serving a startup pack ([`smr_format::startup`]): the blocks a start
+//! reads, fetched as a few large ranged reads of one blob, in the order
+//! the start reads them.
+//!
+//! A read whose blocks are all in the pack, of an image chunk in neither
+//! cache tier, is served from the pack's chunks (fetched through the
+//! image's fetcher and node cache like any chunk, so verified against
+//! their names, cached and shared). Everything else takes the image's own
+//! chunks. A pack chunk that cannot be fetched or verified is marked
+//! broken: the reads of its blocks go to the image's chunks from then on,
+//! so a damaged pack costs bytes, never a wrong or failed read.
+
+use super::prefetch::Bits;
+use super::{Inner, LazyImage};
+use crate::cache::{CacheError, DecodeKey, Pin};
+use crate::chunks::ChunkError;
+use crate::fetch::Priority;
+use smr_format::startup::{total_blocks, BlockMap, PackSecret, BLOCK};
+use smr_format::{ChunkKey, FormatError, Profile};
+use std::ops::Range;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// The startup pack an image serves blocks from.
+pub(super) struct Startup {
+    map: BlockMap,
+    /// Each pack chunk's name, key and lengths, in pack order.
+    pub(super) chunks: Vec<DecodeKey>,
+    /// Blocks per pack chunk.
+    piece: u64,
+    /// Pack chunks that failed: their blocks come from the image's chunks.
+    broken: Bits,
+    /// The pack's chunks kept through evictions while the image is served.
+    _pin: Option<Pin>,
+}
+
+impl LazyImage {
+    /// Serves the blocks of `profile`'s startup pack from it from now on
+    /// (until their image chunks are cached); returns the number of pack
+    /// chunks, 0 if the profile has no pack. Fails if the pack was not made
+    /// with this recipe's keys (see [`Profile::check_pack`]), lists blocks
+    /// outside the image, or the image is not encrypted (a pack is trusted
+    /// only through the recipe's keys). Call it before reads start; a
+    /// second pack is refused.
+    pub fn use_startup_pack(&self, profile: &Profile) -> Result<usize, FormatError> {
+        let Some(pack) = &profile.pack else {
+            return Ok(0);
+        };
+        let img = &self.inner.img;
+        let keys: Option<Vec<&ChunkKey>> =
+            (0..img.recipe.chunks.len()).map(|p| img.key(p)).collect();
+        let keys = keys.filter(|k| !k.is_empty()).ok_or_else(|| {
+            FormatError::Profile(
+                "a startup pack is used only with an encrypted recipe and its keys".into(),
+            )
+        })?;
+        let secret = PackSecret::of_keys(keys);
+        profile.check_pack(&secret)?;
+        let map = BlockMap::new(&profile.blocks, self.size() / BLOCK)?;
+        let total = total_blocks(&profile.blocks);
+        let chunks: Vec<DecodeKey> = pack
+            .chunks
+            .iter()
+            .enumerate()
+            .map(|(i, c)| DecodeKey {
+                id: c.id,
+                key: Some(
+                    secret
+                        .chunk_key(&profile.blocks, pack.piece_blocks, i as u64)
+                        .0,
+                ),
+                compressed: c.compressed,
+                plain_len: pack.plain_len(i, total) as u32,
+            })
+            .collect();
+        let pin = self
+            .inner
+            .cache
+            .pin(chunks.iter().map(|k| k.id))
+            .map_err(|e| tracing::warn!(error = %e, "could not pin the startup pack in the cache"))
+            .ok();
+        let n = chunks.len();
+        let startup = Startup {
+            map,
+            broken: Bits::new(n as u64),
+            chunks,
+            piece: u64::from(pack.piece_blocks),
+            _pin: pin,
+        };
+        self.inner
+            .startup
+            .set(startup)
+            .map_err(|_| FormatError::Profile("this image serves a startup pack already".into()))?;
+        tracing::debug!(chunks = n, blocks = total, pack = %pack.blob_digest(), "serving from the startup pack");
+        Ok(n)
+    }
+}
+
+impl Inner {
+    /// Whether the piece `[lo, hi)` of chunk `c` is to be served from the
+    /// startup pack: chunk `c` is stored, in neither cache tier, and every
+    /// block of the piece is in the pack, in a pack chunk not broken.
+    pub(super) fn served_from_pack(&self, c: u64, lo: u64, hi: u64) -> bool {
+        let Some(s) = self.startup.get() else {
+            return false;
+        };
+        hi > lo
+            && (lo / BLOCK..hi.div_ceil(BLOCK))
+                .all(|b| s.map.locate(b).is_some_and(|p| !s.broken.get(p / s.piece)))
+            && self.is_missing(c)
+    }
+
+    /// The image bytes `[lo, hi)` from the startup pack: a range of one
+    /// pack chunk when they are consecutive there, else copied block by
+    /// block. `None` (logged, the pack chunk marked broken) if a pack chunk
+    /// fails: the caller reads the image's chunk instead.
+    pub(super) fn pack_read(&self, lo: u64, hi: u64) -> Option<(Arc<Vec<u8>>, Range<usize>)> {
+        let s = self.startup.get()?;
+        let at = |x: u64| {
+            s.map
+                .locate(x / BLOCK)
+                .map(|p| (p / s.piece, (p % s.piece) * BLOCK + x % BLOCK))
+        };
+        let ((c0, o0), (c1, o1)) = (at(lo)?, at(hi - 1)?);
+        if c0 == c1 && o1 - o0 == hi - 1 - lo {
+            let d = self.pack_chunk(s, c0)?;
+            return Some((d, o0 as usize..(o1 + 1) as usize));
+        }
+        let mut out = Vec::with_capacity((hi - lo) as usize);
+        let mut x = lo;
+        while x < hi {
+            let (c, o) = at(x)?;
+            let n = (hi.min((x / BLOCK + 1) * BLOCK) - x) as usize;
+            let d = self.pack_chunk(s, c)?;
+            out.extend_from_slice(d.get(o as usize..o as usize + n)?);
+            x += n as u64;
+        }
+        let n = out.len();
+        Some((Arc::new(out), 0..n))
+    }
+
+    /// The plaintext of pack chunk `i` (fetched on demand if the replay has
+    /// not brought it yet); `None` and marked broken if it fails.
+    fn pack_chunk(&self, s: &Startup, i: u64) -> Option<Arc<Vec<u8>>> {
+        let key = s.chunks.get(usize::try_from(i).ok()?)?;
+        let r = self.cache.get_decoded(
+            key,
+            true,
+            || self.fetch(&key.id, Priority::Demand),
+            |stored| open_pack_chunk(key, stored),
+        );
+        match r {
+            Ok(d) if d.len() == key.plain_len as usize => Some(d),
+            Ok(d) => {
+                self.pack_broken(s, i, &format!("decoded to {} bytes", d.len()));
+                None
+            }
+            Err(e) => {
+                self.pack_broken(s, i, &e.to_string());
+                None
+            }
+        }
+    }
+
+    fn pack_broken(&self, s: &Startup, i: u64, why: &str) {
+        if s.broken.set(i) {
+            let id = s.chunks.get(i as usize).map(|k| k.id);
+            tracing::warn!(pack_chunk = i, chunk = ?id, error = why, "startup pack chunk unusable: its blocks are read from the image's chunks");
+        }
+    }
+
+    /// Fetches pack chunk `i` into the node cache ahead of the reads,
+    /// counted as prefetched.
+    pub(super) fn prefetch_pack(&self, i: usize) -> Result<bool, CacheError> {
+        let Some(key) = self.startup.get().and_then(|s| s.chunks.get(i)) else {
+            return Ok(false);
+        };
+        if self.cache.contains(&key.id) {
+            return Ok(false);
+        }
+        self.cache
+            .get_or_fetch(&key.id, || {
+                let bytes = self.fetch(&key.id, Priority::Prefetch)?;
+                self.prefetch.chunks.fetch_add(1, Ordering::Relaxed);
+                let n = bytes.len() as u64;
+                self.prefetch.bytes.fetch_add(n, Ordering::Relaxed);
+                Ok(bytes)
+            })
+            .map(|_| true)
+    }
+
+    /// Queues every pack chunk with the fetcher at once, in pack order, so
+    /// that neighbours share ranged requests.
+    pub(super) fn plan_pack(&self) {
+        let Some(s) = self.startup.get() else {
+            return;
+        };
+        let store = self.fetcher.store();
+        let wants: Vec<_> = s
+            .chunks
+            .iter()
+            .filter_map(|k| store.locate(&k.id).ok().map(|e| (k.id, e)))
+            .collect();
+        self.fetcher
+            .plan(&wants, Priority::Prefetch, |id| self.cache.is_missing(id));
+    }
+}
+
+/// Decrypts and decompresses a pack chunk the cache has verified.
+fn open_pack_chunk(key: &DecodeKey, stored: Vec<u8>) -> Result<Vec<u8>, ChunkError> {
+    let k = key.key.map(ChunkKey);
+    Ok(smr_format::chunk::decode_verified(
+        &key.id,
+        k.as_ref(),
+        key.compressed,
+        stored,
+        key.plain_len as usize,
+    )?)
+}
