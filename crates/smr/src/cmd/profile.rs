@@ -186,8 +186,17 @@ fn show(a: ShowArgs) -> Result<ExitCode> {
         )),
         None => None,
     };
+    let blocks = smr_format::startup::total_blocks(&p.blocks);
+    let pack = p.pack.as_ref().map(|k| (k.chunks.len(), k.offsets().1));
     if a.json {
-        let mut doc = serde_json::json!({ "recipe": recipe, "chunks": p.chunks });
+        let mut doc = serde_json::json!({
+            "recipe": recipe,
+            "chunks": p.chunks,
+            "blocks_read_bytes": blocks * smr_format::startup::BLOCK,
+        });
+        if let Some((n, size)) = pack {
+            doc["startup_pack"] = serde_json::json!({ "chunks": n, "bytes": size });
+        }
         if let Some((plain, stored)) = bytes {
             doc["bytes"] = plain.into();
             doc["stored_bytes"] = stored.into();
@@ -198,6 +207,13 @@ fn show(a: ShowArgs) -> Result<ExitCode> {
         outln!("chunks: {}", p.chunks.len());
         if let Some((plain, stored)) = bytes {
             outln!("bytes:  {plain} read by the start, {stored} fetched (as stored)");
+        }
+        if blocks > 0 {
+            let read = blocks * smr_format::startup::BLOCK;
+            outln!("blocks: {blocks} ({read} bytes read by the start)");
+        }
+        if let Some((n, size)) = pack {
+            outln!("pack:   {n} chunks, {size} bytes");
         }
         let head: Vec<String> = p.chunks.iter().take(16).map(u64::to_string).collect();
         let more = if p.chunks.len() > 16 { ", …" } else { "" };

@@ -87,6 +87,13 @@ fn a_recorded_profile_is_pushed_then_found_and_replayed() {
         listed > 10 && listed <= fetched,
         "{listed} listed, {fetched} fetched"
     );
+    // The blocks: what the kernel read, at most.
+    let blocks = shown["blocks_read_bytes"].as_u64().unwrap();
+    let kernel = recorded["bytes_read"].as_u64().unwrap();
+    assert!(
+        blocks > 0 && blocks <= kernel,
+        "{blocks} in blocks, {kernel} read"
+    );
     // With the image: the bytes those chunks hold and their stored size
     // (what a replay fetches: the recording run fetched exactly them).
     let show = ok(smr()
@@ -191,4 +198,22 @@ fn a_recorded_profile_is_pushed_then_found_and_replayed() {
         e.contains("other.profile") && e.contains("bad magic"),
         "{e}"
     );
+
+    // Pushed with the owner key, the profile gets its startup pack (made
+    // from the registry's chunks), and a start from an empty cache uses it.
+    let pushed = ok(smr()
+        .args(["profile", "push"])
+        .arg(&image)
+        .arg(&prof)
+        .arg("--key-file")
+        .arg(&key));
+    let log = String::from_utf8_lossy(&pushed.stderr);
+    assert!(log.contains("startup pack of"), "{log}");
+    let packed = run(&image, &d("c8"), &key, &d("s8.json"), &[]);
+    assert_eq!(
+        packed["profile"]["startup_pack"].as_bool(),
+        Some(true),
+        "{packed}"
+    );
+    assert_eq!(packed["profile"]["failed"].as_u64(), Some(0), "{packed}");
 }
