@@ -1,6 +1,6 @@
 //! Making startup packs ([`smr_format::startup`]) from a recorded
 //! profile's blocks: what `smr convert --push` and `smr profile push` do
-//! before pushing a profile. Serving them is [`crate::LazyImage::use_startup_pack`].
+//! before pushing a profile. Serving them is [`crate::lazy::LazyImage::use_startup_pack`].
 
 use crate::chunks::{ChunkError, ImageChunks};
 use smr_format::pack::MAX_CHUNKS_PER_PACK;
