@@ -165,6 +165,14 @@ fn runs_digest(runs: &[BlockRun]) -> [u8; 32] {
     Sha256::digest(&b).into()
 }
 
+/// Appends block `b` to `runs`: it extends the last run if it follows it.
+pub fn push_block(runs: &mut Vec<BlockRun>, b: u64) {
+    match runs.last_mut() {
+        Some(r) if r.first + u64::from(r.count) == b && r.count < u32::MAX => r.count += 1,
+        _ => runs.push(BlockRun { first: b, count: 1 }),
+    }
+}
+
 /// Total blocks of `runs`.
 pub fn total_blocks(runs: &[BlockRun]) -> u64 {
     runs.iter().map(|r| u64::from(r.count)).sum()

@@ -50,6 +50,14 @@ impl ImageChunks {
         self.keys.as_ref().and_then(|k| k.get(pos))
     }
 
+    /// The secret a startup pack of this image is keyed and tagged with
+    /// (from every chunk key), or `None` when the recipe is not encrypted or
+    /// its keys were not given.
+    pub fn pack_secret(&self) -> Option<smr_format::startup::PackSecret> {
+        let keys = self.keys.as_ref().filter(|k| !k.is_empty())?;
+        Some(smr_format::startup::PackSecret::of_keys(keys))
+    }
+
     /// Fetches the `pos`-th stored chunk from `store`, verifies its hash and
     /// returns its plaintext. Without keys for an encrypted recipe, only the
     /// hash is checked and the ciphertext is returned.

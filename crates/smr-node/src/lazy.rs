@@ -362,17 +362,21 @@ impl LazyImage {
         // in order, joining those fetches. Chunks in the disk cache get
         // their disk reads started meanwhile (`needs_fetch`), except the
         // first of the read, which is loaded at once anyway.
-        // Pieces whose blocks the startup pack holds come from it instead.
+        // Pieces whose blocks the startup pack holds come from it instead
+        // (nothing to look up, nor allocate, for an image without one).
         let piece_of = |c: u64| {
             let r = grid.range(c);
             (offset.max(r.start), end.min(r.end))
         };
-        let packed: Vec<bool> = (first..=last)
-            .map(|c| {
-                let (lo, hi) = piece_of(c);
-                self.inner.served_from_pack(c, lo, hi)
-            })
-            .collect();
+        let packed: Vec<bool> = match self.inner.startup.get() {
+            None => Vec::new(),
+            Some(_) => (first..=last)
+                .map(|c| {
+                    let (lo, hi) = piece_of(c);
+                    self.inner.served_from_pack(c, lo, hi)
+                })
+                .collect(),
+        };
         let in_pack = |c: u64| packed.get((c - first) as usize) == Some(&true);
         let missing: Vec<u64> = if last > first {
             (first..=last)

@@ -4,8 +4,8 @@
 
 use crate::chunks::{ChunkError, ImageChunks};
 use smr_format::pack::MAX_CHUNKS_PER_PACK;
-use smr_format::startup::{BlockRun, PackSecret, BLOCK, PIECE_BLOCKS};
-use smr_format::{ChunkKey, FormatError, Profile};
+use smr_format::startup::{BlockRun, BLOCK, PIECE_BLOCKS};
+use smr_format::{FormatError, Profile};
 use smr_store::ChunkStore;
 use std::collections::VecDeque;
 
@@ -26,8 +26,7 @@ pub fn make_startup_pack(
     profile: &mut Profile,
 ) -> Result<Option<Vec<u8>>, ChunkError> {
     let recipe = &img.recipe;
-    let keys: Option<Vec<&ChunkKey>> = (0..recipe.chunks.len()).map(|p| img.key(p)).collect();
-    let Some(keys) = keys.filter(|k| !k.is_empty()) else {
+    let Some(secret) = img.pack_secret() else {
         return Ok(None);
     };
     profile.pack = None;
@@ -55,25 +54,26 @@ pub fn make_startup_pack(
                 plain.resize(plain.len() + BLOCK as usize, 0);
                 continue;
             };
-            if !kept.iter().any(|(k, _)| *k == c) {
-                let (_, data) = img.fetch(store, pos)?;
-                if kept.len() == KEEP_CHUNKS {
-                    kept.pop_front();
+            let i = match kept.iter().position(|(k, _)| *k == c) {
+                Some(i) => i,
+                None => {
+                    let (_, data) = img.fetch(store, pos)?;
+                    if kept.len() == KEEP_CHUNKS {
+                        kept.pop_front();
+                    }
+                    kept.push_back((c, data));
+                    kept.len() - 1
                 }
-                kept.push_back((c, data));
-            }
+            };
             let data = kept
-                .iter()
-                .find(|(k, _)| *k == c)
-                .map(|(_, d)| d)
-                .and_then(|d| d.get(within))
+                .get(i)
+                .and_then(|(_, d)| d.get(within))
                 .ok_or_else(|| {
                     FormatError::Profile(format!("chunk {c} is shorter than block {b}"))
                 })?;
             plain.extend_from_slice(data);
         }
     }
-    let secret = PackSecret::of_keys(keys);
     Ok(Some(profile.seal_pack(&secret, &plain, PIECE_BLOCKS)))
 }
 

@@ -15,7 +15,7 @@
 
 use super::prefetch::Bits;
 use super::{Inner, LazyImage};
-use smr_format::startup::{BlockRun, BLOCK};
+use smr_format::startup::{push_block, BlockRun, BLOCK};
 use smr_format::Profile;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -59,10 +59,7 @@ impl Recorder {
         };
         let mut runs = self.blocks.lock().unwrap_or_else(PoisonError::into_inner);
         for b in std::iter::once(first).chain(new) {
-            match runs.last_mut() {
-                Some(r) if r.first + u64::from(r.count) == b && r.count < u32::MAX => r.count += 1,
-                _ => runs.push(BlockRun { first: b, count: 1 }),
-            }
+            push_block(&mut runs, b);
         }
     }
 
@@ -190,10 +187,7 @@ impl LazyImage {
         let mut blocks: Vec<BlockRun> = Vec::new();
         for r in rec.blocks() {
             for b in (r.first..r.first + u64::from(r.count)).filter(|&b| stored(b)) {
-                match blocks.last_mut() {
-                    Some(l) if l.first + u64::from(l.count) == b => l.count += 1,
-                    _ => blocks.push(BlockRun { first: b, count: 1 }),
-                }
+                push_block(&mut blocks, b);
             }
         }
         let mut p = Profile::new(recipe_sha256, chunks);

@@ -15,7 +15,7 @@ use super::{Inner, LazyImage};
 use crate::cache::{CacheError, DecodeKey, Pin};
 use crate::chunks::ChunkError;
 use crate::fetch::Priority;
-use smr_format::startup::{total_blocks, BlockMap, PackSecret, BLOCK};
+use smr_format::startup::{total_blocks, BlockMap, BLOCK};
 use smr_format::{ChunkKey, FormatError, Profile};
 use std::ops::Range;
 use std::sync::atomic::Ordering;
@@ -46,15 +46,11 @@ impl LazyImage {
         let Some(pack) = &profile.pack else {
             return Ok(0);
         };
-        let img = &self.inner.img;
-        let keys: Option<Vec<&ChunkKey>> =
-            (0..img.recipe.chunks.len()).map(|p| img.key(p)).collect();
-        let keys = keys.filter(|k| !k.is_empty()).ok_or_else(|| {
+        let secret = self.inner.img.pack_secret().ok_or_else(|| {
             FormatError::Profile(
                 "a startup pack is used only with an encrypted recipe and its keys".into(),
             )
         })?;
-        let secret = PackSecret::of_keys(keys);
         profile.check_pack(&secret)?;
         let map = BlockMap::new(&profile.blocks, self.size() / BLOCK)?;
         let total = total_blocks(&profile.blocks);

@@ -188,10 +188,7 @@ fn merge_blocks(
 ) {
     for r in runs {
         for b in (r.first..r.first + u64::from(r.count)).filter(|&b| seen.insert(b)) {
-            match into.last_mut() {
-                Some(l) if l.first + u64::from(l.count) == b => l.count += 1,
-                _ => into.push(smr_format::startup::BlockRun { first: b, count: 1 }),
-            }
+            smr_format::startup::push_block(into, b);
         }
     }
 }
