@@ -22,6 +22,15 @@
 //!   asked for.
 //! - **Single flight.** A chunk queued or being read is read once however
 //!   many callers ask; they all get its bytes (or its error).
+//! - **Early delivery.** A request that serves several chunks hands each
+//!   one out as soon as its bytes have arrived (from stores that stream,
+//!   [`ChunkStore::read_range_progressive`]), so a chunk at the front of a
+//!   long read does not wait for its end.
+//! - **Streams.** Chunks planned as a stream ([`Fetcher::plan_stream`]: a
+//!   startup pack, in the order a start reads it) are read in requests of
+//!   up to [`FetchOptions::max_stream`] bytes, one such request at a time,
+//!   so that the link carries them in that order rather than several
+//!   requests sharing it.
 //!
 //! Bytes are not verified here: the cache hashes every fetched chunk
 //! against its name before anyone sees it. Retries, backoff and deadlines
@@ -34,6 +43,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use smr_format::ChunkId;
 use smr_store::{ByteRange, ChunkStore, Extent, ObjectName, StoreError};
 
+mod early;
 #[cfg(test)]
 mod tests;
 
@@ -55,6 +65,9 @@ pub struct FetchOptions {
     /// Bytes of an object queued after a sequential reader's miss (default
     /// 1 MiB; 0 disables).
     pub readahead: u64,
+    /// Largest span of one request of a stream (default 16 MiB: a startup
+    /// pack of a few tens of MiB in one or two requests, in order).
+    pub max_stream: u64,
 }
 
 impl Default for FetchOptions {
@@ -65,6 +78,7 @@ impl Default for FetchOptions {
             max_gap: 64 << 10,
             max_request: 2 << 20,
             readahead: 1 << 20,
+            max_stream: 16 << 20,
         }
     }
 }
@@ -157,6 +171,8 @@ struct Slot {
     seq: u64,
     /// Whether a caller waits for it (else its bytes go to `ahead`).
     wanted: bool,
+    /// Planned as part of a stream (cleared if a reader asks for it).
+    stream: bool,
     done: Arc<Done>,
 }
 
@@ -181,6 +197,14 @@ impl Done {
         *self.outcome.lock().unwrap_or_else(PoisonError::into_inner) = Some(out);
         self.cv.notify_all();
     }
+
+    /// The bytes posted already, if any.
+    fn delivered(&self) -> Option<Arc<Vec<u8>>> {
+        match &*self.outcome.lock().unwrap_or_else(PoisonError::into_inner) {
+            Some(Ok(b)) => Some(b.clone()),
+            _ => None,
+        }
+    }
 }
 
 /// Queue key: object, offset in it, chunk.
@@ -201,6 +225,7 @@ struct State {
     ahead: Ahead,
     running: usize,
     running_prefetch: usize,
+    running_stream: usize,
     max_running: usize,
     seq: u64,
     stop: bool,
@@ -220,6 +245,8 @@ struct Batch {
     /// `None`: the whole object (a single chunk).
     end: Option<u64>,
     prio: Priority,
+    /// Started by a stream's chunk (see [`Fetcher::plan_stream`]).
+    stream: bool,
     slots: Vec<Slot>,
 }
 
@@ -328,7 +355,7 @@ impl Fetcher {
                 break (done, promoted);
             }
             match extent.take() {
-                Some(e) => break (self.enqueue(&mut st, *id, e, prio, true), true),
+                Some(e) => break (self.enqueue(&mut st, *id, e, prio, true, false), true),
                 None => {
                     drop(st);
                     extent = Some(self.store.locate(id)?);
@@ -358,6 +385,29 @@ impl Fetcher {
         prio: Priority,
         missing: impl Fn(&ChunkId) -> bool,
     ) {
+        self.plan_as(chunks, prio, false, missing);
+    }
+
+    /// [`Fetcher::plan`] of prefetches that are to arrive in the order
+    /// given (a startup pack's chunks, consecutive in one object): read in
+    /// requests of up to [`FetchOptions::max_stream`] bytes, one stream
+    /// request running at a time. A chunk a reader asks for leaves the
+    /// stream and goes as a demand miss.
+    pub fn plan_stream(
+        self: &Arc<Self>,
+        chunks: &[(ChunkId, Extent)],
+        missing: impl Fn(&ChunkId) -> bool,
+    ) {
+        self.plan_as(chunks, Priority::Prefetch, true, missing);
+    }
+
+    fn plan_as(
+        self: &Arc<Self>,
+        chunks: &[(ChunkId, Extent)],
+        prio: Priority,
+        stream: bool,
+        missing: impl Fn(&ChunkId) -> bool,
+    ) {
         if chunks.is_empty() {
             return;
         }
@@ -381,7 +431,7 @@ impl Fetcher {
             for (id, extent) in new {
                 // Another caller may have queued it since.
                 if !st.known(id) {
-                    self.enqueue(&mut st, *id, extent.clone(), prio, false);
+                    self.enqueue(&mut st, *id, extent.clone(), prio, false, stream);
                     runnable += 1;
                 }
             }
@@ -410,6 +460,7 @@ impl Fetcher {
         extent: Extent,
         prio: Priority,
         wanted: bool,
+        stream: bool,
     ) -> Arc<Done> {
         let done = Arc::new(Done::default());
         st.seq += 1;
@@ -425,6 +476,7 @@ impl Fetcher {
                 prio,
                 seq,
                 wanted,
+                stream,
                 done: done.clone(),
             },
         );
@@ -460,10 +512,15 @@ impl Fetcher {
                 return None;
             }
             let prefetch_room = st.running_prefetch < self.opts.requests - self.opts.reserved;
+            let stream_room = st.running_stream == 0;
             let first = st
                 .order
                 .iter()
-                .find(|((p, _), _)| *p == Priority::Demand || prefetch_room)
+                .find(|((p, _), key)| {
+                    *p == Priority::Demand
+                        || (prefetch_room
+                            && (stream_room || st.queue.get(*key).is_none_or(|s| !s.stream)))
+                })
                 .map(|(k, key)| (*k, key.clone()));
             if let Some((order_key, key)) = first {
                 let Some(batch) = self.take_batch(&mut st, order_key.0, key) else {
@@ -475,6 +532,9 @@ impl Fetcher {
                 st.running += 1;
                 if batch.prio == Priority::Prefetch {
                     st.running_prefetch += 1;
+                }
+                if batch.stream {
+                    st.running_stream += 1;
                 }
                 st.max_running = st.max_running.max(st.running);
                 return Some(batch);
@@ -489,6 +549,11 @@ impl Fetcher {
     fn take_batch(&self, st: &mut State, prio: Priority, key: Key) -> Option<Batch> {
         let object = key.0.clone();
         let first = remove(st, &key)?;
+        let stream = first.stream;
+        let span = match stream {
+            true => self.opts.max_stream.max(self.opts.max_request),
+            false => self.opts.max_request,
+        };
         let Some(mut end) = first.range.end() else {
             // A whole object: one chunk, nothing to merge with.
             return Some(Batch {
@@ -496,6 +561,7 @@ impl Fetcher {
                 start: first.range.offset,
                 end: None,
                 prio,
+                stream,
                 slots: vec![first],
             });
         };
@@ -509,7 +575,7 @@ impl Fetcher {
                     && k.1 <= end.saturating_add(self.opts.max_gap)
                     && s.range.end().is_some_and(|e| {
                         let new_end = end.max(e);
-                        let ok = new_end - start <= self.opts.max_request;
+                        let ok = new_end - start <= span;
                         if ok {
                             end = new_end;
                         }
@@ -526,7 +592,7 @@ impl Fetcher {
                 k.0 == object
                     && s.range.end().is_some_and(|e| {
                         let ok = e.saturating_add(self.opts.max_gap) >= start
-                            && end - k.1.min(start) <= self.opts.max_request;
+                            && end - k.1.min(start) <= span;
                         if ok {
                             start = start.min(k.1);
                         }
@@ -542,6 +608,7 @@ impl Fetcher {
             start,
             end: Some(end),
             prio,
+            stream,
             slots,
         })
     }
@@ -561,17 +628,20 @@ impl Fetcher {
         };
         // A store that panics (a bug) fails this request's chunks, not
         // every later reader of them.
-        let read = || self.store.read_ranges(&batch.object, &[range]);
+        let read = || match early::Early::of(&batch) {
+            Some(progress) => self
+                .store
+                .read_range_progressive(&batch.object, range, &progress),
+            None => self
+                .store
+                .read_ranges(&batch.object, &[range])
+                .and_then(|mut got| got.pop().ok_or_else(|| fail("the store returned no bytes"))),
+        };
         let t = std::time::Instant::now();
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(read));
         self.observe(t.elapsed());
-        let result = match result {
-            Ok(r) => {
-                r.and_then(|mut got| got.pop().ok_or_else(|| fail("the store returned no bytes")))
-            }
-            Err(_) => Err(fail("the store panicked")),
-        };
-        let prio = batch.prio;
+        let result = result.unwrap_or_else(|_| Err(fail("the store panicked")));
+        let (prio, stream) = (batch.prio, batch.stream);
         let outcomes = match result {
             Ok(bytes) => self.cut(batch, range, bytes),
             Err(source) => {
@@ -584,11 +654,15 @@ impl Fetcher {
                     source,
                 });
                 tracing::warn!(store = %self.store.describe(), error = %err, "store request failed");
-                let failed = batch.slots.into_iter().map(|s| (s, Err(err.clone())));
+                // Chunks handed out before the failure keep their bytes.
+                let failed = batch.slots.into_iter().map(|s| {
+                    let out = s.done.delivered().ok_or_else(|| err.clone());
+                    (s, out)
+                });
                 failed.collect()
             }
         };
-        self.post(prio, outcomes);
+        self.post(prio, stream, outcomes);
     }
 
     /// Counts one request that took `took`.
@@ -619,17 +693,20 @@ impl Fetcher {
         let mut outcomes = Vec::with_capacity(batch.slots.len());
         for slot in batch.slots {
             let piece = match (whole.take(), slot.range.len) {
-                (Some(all), _) => Some(all),
+                (Some(all), _) => Some(Arc::new(all)),
                 (None, None) => None,
+                // Handed out early: the same bytes.
+                (None, Some(_)) if slot.done.delivered().is_some() => slot.done.delivered(),
                 (None, Some(len)) => {
                     let from = (slot.range.offset - batch.start) as usize;
-                    bytes.get(from..from + len as usize).map(<[u8]>::to_vec)
+                    let p = bytes.get(from..from + len as usize);
+                    p.map(|p| Arc::new(p.to_vec()))
                 }
             };
             let out = match piece {
                 Some(p) => {
                     used += p.len() as u64;
-                    Ok(Arc::new(p))
+                    Ok(p)
                 }
                 None => Err(Arc::new(RangeError {
                     object: batch.object.clone(),
@@ -655,11 +732,14 @@ impl Fetcher {
     /// Hands out the outcomes of a request of priority `prio`: to the
     /// callers waiting for them, and what nobody waits for yet to the
     /// read-ahead buffer.
-    fn post(&self, prio: Priority, outcomes: Vec<(Slot, Outcome)>) {
+    fn post(&self, prio: Priority, stream: bool, outcomes: Vec<(Slot, Outcome)>) {
         let mut st = self.lock();
         st.running -= 1;
         if prio == Priority::Prefetch {
             st.running_prefetch -= 1;
+        }
+        if stream {
+            st.running_stream -= 1;
         }
         let cap = 2 * self.opts.readahead.max(self.opts.max_request);
         for (slot, out) in outcomes {
@@ -673,7 +753,7 @@ impl Fetcher {
             slot.done.post(out);
         }
         drop(st);
-        if prio == Priority::Prefetch {
+        if prio == Priority::Prefetch || stream {
             // A thread waiting for room for a prefetch may take one now;
             // this thread looks at the queue itself before it sleeps.
             self.work.notify_one();
@@ -723,6 +803,7 @@ fn want(st: &mut State, id: &ChunkId, prio: Priority, waiter: bool) -> bool {
     if prio >= slot.prio {
         return false;
     }
+    slot.stream = false;
     st.order.remove(&(slot.prio, slot.seq));
     slot.prio = prio;
     st.order.insert((prio, slot.seq), key);

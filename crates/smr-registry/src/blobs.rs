@@ -22,6 +22,21 @@ pub trait Blobs: Send + Sync {
     /// verifiable here: callers verify what they cut out of it.
     fn get_blob_range(&self, digest: &str, offset: u64, len: u64) -> Result<Vec<u8>>;
 
+    /// [`Blobs::get_blob_range`], handing `progress` the bytes received so
+    /// far while they arrive (see
+    /// [`smr_store::ChunkStore::read_range_progressive`]). By default the
+    /// answer comes whole and `progress` is never called.
+    fn get_blob_range_progressive(
+        &self,
+        digest: &str,
+        offset: u64,
+        len: u64,
+        progress: &smr_store::Progress,
+    ) -> Result<Vec<u8>> {
+        let _ = progress;
+        self.get_blob_range(digest, offset, len)
+    }
+
     /// Uploads `data` as blob `digest` unless present (then a no-op).
     /// Returns whether bytes were uploaded.
     fn push_blob(&self, digest: &str, data: &[u8]) -> Result<bool>;

@@ -207,7 +207,23 @@ impl Blobs for Repository {
 
     fn get_blob_range(&self, digest: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
         let digest = digest.to_string();
-        self.run(move |c, repo| async move { c.get_blob_range(&repo, &digest, offset, len).await })
+        self.run(
+            move |c, repo| async move { c.get_blob_range(&repo, &digest, offset, len, None).await },
+        )
+    }
+
+    fn get_blob_range_progressive(
+        &self,
+        digest: &str,
+        offset: u64,
+        len: u64,
+        progress: &smr_store::Progress,
+    ) -> Result<Vec<u8>> {
+        let (digest, progress) = (digest.to_string(), progress.clone());
+        self.run(move |c, repo| async move {
+            c.get_blob_range(&repo, &digest, offset, len, Some(progress))
+                .await
+        })
     }
 
     fn push_blob(&self, digest: &str, data: &[u8]) -> Result<bool> {

@@ -14,8 +14,8 @@ use crate::error::RegistryError;
 use crate::pack::PackIndex;
 use smr_format::ChunkId;
 use smr_store::{
-    ByteRange, ChunkStore, Extent, ObjectName, Op, PutOutcome, Remote, RemoteOptions, StoreError,
-    Target, TransportKind,
+    ByteRange, ChunkStore, Extent, ObjectName, Op, Progress, PutOutcome, Remote, RemoteOptions,
+    StoreError, Target, TransportKind,
 };
 use std::io;
 use std::sync::Arc;
@@ -47,8 +47,14 @@ impl RegistryStore {
         &self.index
     }
 
-    /// One ranged read of `object`, its registry error mapped.
-    fn read_once(&self, object: &ObjectName, range: ByteRange) -> smr_store::Result<Vec<u8>> {
+    /// One ranged read of `object` (handing `progress` what arrived so
+    /// far, if given), its registry error mapped.
+    fn read_once(
+        &self,
+        object: &ObjectName,
+        range: ByteRange,
+        progress: Option<&Progress>,
+    ) -> smr_store::Result<Vec<u8>> {
         let what = Target::of(object, range);
         let Some(len) = range.len else {
             return self
@@ -56,10 +62,13 @@ impl RegistryStore {
                 .get_blob(object.as_str(), self.remote.options().max_object_bytes)
                 .map_err(|e| self.error(what, e));
         };
-        let bytes = self
-            .blobs
-            .get_blob_range(object.as_str(), range.offset, len)
-            .map_err(|e| self.error(what.clone(), e))?;
+        let bytes = match progress {
+            Some(p) => self
+                .blobs
+                .get_blob_range_progressive(object.as_str(), range.offset, len, p),
+            None => self.blobs.get_blob_range(object.as_str(), range.offset, len),
+        }
+        .map_err(|e| self.error(what.clone(), e))?;
         if bytes.len() as u64 != len {
             let store = self.remote.store().to_string();
             return Err(StoreError::past_the_end(store, what, bytes.len() as u64));
@@ -124,9 +133,21 @@ impl ChunkStore for RegistryStore {
             .map(|&range| {
                 let what = Target::of(object, range);
                 self.remote
-                    .run_blocking(Op::Get, what, || self.read_once(object, range))
+                    .run_blocking(Op::Get, what, || self.read_once(object, range, None))
             })
             .collect()
+    }
+
+    fn read_range_progressive(
+        &self,
+        object: &ObjectName,
+        range: ByteRange,
+        progress: &Progress,
+    ) -> smr_store::Result<Vec<u8>> {
+        let what = Target::of(object, range);
+        self.remote.run_blocking(Op::Get, what, || {
+            self.read_once(object, range, Some(progress))
+        })
     }
 
     fn put(&self, id: &ChunkId, _data: &[u8]) -> smr_store::Result<PutOutcome> {

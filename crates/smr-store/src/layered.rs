@@ -2,7 +2,9 @@
 //! extend, read as one (what `smr commit --push` hands the pusher: the
 //! chunks it wrote, and the base image's for the rest).
 
-use crate::{ByteRange, ChunkStore, Extent, ObjectName, PutOutcome, Result, StoreError};
+use crate::{
+    ByteRange, ChunkStore, Extent, ObjectName, Progress, PutOutcome, Result, StoreError,
+};
 use smr_format::ChunkId;
 use std::sync::Arc;
 
@@ -37,6 +39,20 @@ impl ChunkStore for Layered {
     fn read_ranges(&self, object: &ObjectName, ranges: &[ByteRange]) -> Result<Vec<Vec<u8>>> {
         match self.top.read_ranges(object, ranges) {
             Err(StoreError::Missing { .. }) => self.base.read_ranges(object, ranges),
+            r => r,
+        }
+    }
+
+    fn read_range_progressive(
+        &self,
+        object: &ObjectName,
+        range: ByteRange,
+        progress: &Progress,
+    ) -> Result<Vec<u8>> {
+        match self.top.read_range_progressive(object, range, progress) {
+            Err(StoreError::Missing { .. }) => {
+                self.base.read_range_progressive(object, range, progress)
+            }
             r => r,
         }
     }

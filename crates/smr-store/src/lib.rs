@@ -50,6 +50,10 @@ pub enum PutOutcome {
     Existed,
 }
 
+/// Called with the bytes of a read received so far (see
+/// [`ChunkStore::read_range_progressive`]).
+pub type Progress = std::sync::Arc<dyn Fn(&[u8]) + Send + Sync>;
+
 /// A content-addressed store of sealed chunks.
 ///
 /// A backend implements [`ChunkStore::read_ranges`] (and, if its chunks
@@ -69,6 +73,27 @@ pub trait ChunkStore: Send + Sync {
     /// (concurrently), each under the store's retry policy; a range past
     /// the object's end is an error, not a short read.
     fn read_ranges(&self, object: &ObjectName, ranges: &[ByteRange]) -> Result<Vec<Vec<u8>>>;
+    /// The bytes of one `range` of `object`, as [`ChunkStore::read_ranges`]
+    /// gives them, handing `progress` the bytes received so far (a prefix
+    /// of the answer) while they arrive, so that a caller can use the front
+    /// of a long read before its end. A retried request starts its prefix
+    /// again from empty. By default the answer comes whole and `progress`
+    /// is never called.
+    fn read_range_progressive(
+        &self,
+        object: &ObjectName,
+        range: ByteRange,
+        progress: &Progress,
+    ) -> Result<Vec<u8>> {
+        let _ = progress;
+        self.read_ranges(object, &[range])?
+            .pop()
+            .ok_or_else(|| StoreError::ChunkIo {
+                what: Target::of(object, range),
+                store: self.describe(),
+                source: std::io::Error::other("the store returned no bytes"),
+            })
+    }
     /// The stored bytes of chunk `id` (unverified: callers verify): one
     /// [`ChunkStore::read_ranges`] of its [`ChunkStore::locate`]. An error
     /// names the chunk (and the pack holding it).

@@ -19,6 +19,15 @@ struct PackStore {
     panic: AtomicBool,
     held: Mutex<Vec<ObjectName>>,
     release: Condvar,
+    /// Streamed reads: the next one stops after this many bytes until
+    /// released (then fails if `fail` is set by then).
+    stall_at: Mutex<Option<usize>>,
+    stalled: Mutex<bool>,
+    unstall: Condvar,
+    /// Requests running now, the most at once, and each one's range.
+    running: AtomicU64,
+    max_running: AtomicU64,
+    ranges: Mutex<Vec<ByteRange>>,
 }
 
 /// The chunks of each pack: `(id, bytes)`.
@@ -58,6 +67,12 @@ fn pack_store(packs: &[usize]) -> (Arc<PackStore>, Packs) {
         panic: AtomicBool::new(false),
         held: Mutex::new(Vec::new()),
         release: Condvar::new(),
+        stall_at: Mutex::new(None),
+        stalled: Mutex::new(false),
+        unstall: Condvar::new(),
+        running: AtomicU64::new(0),
+        max_running: AtomicU64::new(0),
+        ranges: Mutex::new(Vec::new()),
     };
     (Arc::new(store), all)
 }
@@ -73,7 +88,44 @@ impl PackStore {
 
     fn release_all(&self) {
         self.held.lock().unwrap().clear();
+        *self.stalled.lock().unwrap() = false;
         self.release.notify_all();
+        self.unstall.notify_all();
+    }
+
+    /// Stops the calling read until [`PackStore::release_all`].
+    fn stall(&self) {
+        let mut stalled = self.stalled.lock().unwrap();
+        *stalled = true;
+        while *stalled {
+            stalled = self.unstall.wait(stalled).unwrap();
+        }
+    }
+
+    /// Waits while `object` is held.
+    fn wait_held(&self, object: &ObjectName) {
+        let mut held = self.held.lock().unwrap();
+        while held.contains(object) {
+            held = self.release.wait(held).unwrap();
+        }
+    }
+
+    /// Counts a request of `range` running while `read` runs.
+    fn counted<T>(&self, range: ByteRange, read: impl FnOnce() -> T) -> T {
+        self.ranges.lock().unwrap().push(range);
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_running.fetch_max(now, Ordering::SeqCst);
+        let out = read();
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        out
+    }
+
+    fn injected(&self, object: &ObjectName, range: ByteRange) -> StoreError {
+        StoreError::ChunkIo {
+            what: Target::of(object, range),
+            store: self.describe(),
+            source: std::io::Error::other("injected failure"),
+        }
     }
 }
 
@@ -97,20 +149,44 @@ impl ChunkStore for PackStore {
     ) -> smr_store::Result<Vec<Vec<u8>>> {
         self.requests
             .fetch_add(ranges.len() as u64, Ordering::SeqCst);
-        let mut held = self.held.lock().unwrap();
-        while held.contains(object) {
-            held = self.release.wait(held).unwrap();
-        }
-        drop(held);
-        assert!(!self.panic.load(Ordering::SeqCst), "injected panic");
-        if self.fail.load(Ordering::SeqCst) {
-            return Err(StoreError::ChunkIo {
-                what: Target::of(object, ranges[0]),
-                store: self.describe(),
-                source: std::io::Error::other("injected failure"),
-            });
-        }
-        self.local.read_ranges(object, ranges)
+        self.counted(ranges[0], || {
+            self.wait_held(object);
+            assert!(!self.panic.load(Ordering::SeqCst), "injected panic");
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(self.injected(object, ranges[0]));
+            }
+            self.local.read_ranges(object, ranges)
+        })
+    }
+    /// Hands out the answer 1 KiB at a time, stalling where told.
+    fn read_range_progressive(
+        &self,
+        object: &ObjectName,
+        range: ByteRange,
+        progress: &smr_store::Progress,
+    ) -> smr_store::Result<Vec<u8>> {
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        self.counted(range, || {
+            self.wait_held(object);
+            assert!(!self.panic.load(Ordering::SeqCst), "injected panic");
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(self.injected(object, range));
+            }
+            let all = self.local.read_ranges(object, &[range])?.remove(0);
+            let mut stall = self.stall_at.lock().unwrap().take();
+            for end in (1024..all.len() + 1024).step_by(1024) {
+                let end = end.min(all.len());
+                if stall.is_some_and(|at| end > at) {
+                    stall = None;
+                    self.stall();
+                    if self.fail.load(Ordering::SeqCst) {
+                        return Err(self.injected(object, range));
+                    }
+                }
+                progress(&all[..end]);
+            }
+            Ok(all)
+        })
     }
     fn put(&self, id: &ChunkId, data: &[u8]) -> smr_store::Result<PutOutcome> {
         self.local.put(id, data)
@@ -140,6 +216,7 @@ fn adjacent_misses_become_one_request() {
     }
     // Planned together, read together.
     assert_eq!(store.requests(), 1);
+    settle(&f);
     let s = f.stats();
     assert_eq!((s.requests, s.chunks, s.bytes_discarded), (1, 12, 0));
 }
@@ -160,6 +237,7 @@ fn holes_up_to_max_gap_are_read_larger_ones_split() {
     for (id, bytes) in &picked {
         assert_eq!(&f.get(id, Priority::Demand).unwrap(), bytes);
     }
+    settle(&f);
     let s = f.stats();
     assert_eq!((s.requests, s.bytes_discarded), (2, 10_240), "{s:?}");
     assert_eq!(s.requests, store.requests());
@@ -293,4 +371,112 @@ fn a_panicking_store_fails_the_request_and_the_fetcher_goes_on() {
     store.panic.store(false, Ordering::SeqCst);
     assert_eq!(&f.get(id, Priority::Demand).unwrap(), bytes);
     assert_eq!(super::tests_running(&f), 0, "request slots freed");
+}
+
+/// Waits until no request runs (counters are final).
+fn settle(f: &Fetcher) {
+    while super::tests_running(f) > 0 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// `f.get(id)` on another thread; its answer within five seconds, or
+/// `None` if it is still waiting.
+fn get_within(f: &Arc<Fetcher>, id: ChunkId) -> Option<Result<Vec<u8>, FetchError>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let f = f.clone();
+    std::thread::spawn(move || tx.send(f.get(&id, Priority::Demand)));
+    rx.recv_timeout(Duration::from_secs(5)).ok()
+}
+
+#[test]
+fn chunks_at_the_front_of_a_long_request_arrive_before_its_end() {
+    let (store, chunks) = pack_store(&[12]);
+    let f = Fetcher::new(store.clone(), FetchOptions::default());
+    // The answer stops after three and a half chunks.
+    *store.stall_at.lock().unwrap() = Some(35 * 1024);
+    f.plan(&extents(&store, &chunks[0]), Priority::Prefetch, |_| true);
+    for (id, bytes) in &chunks[0][..3] {
+        let got = get_within(&f, *id).expect("delivered while the request runs");
+        assert_eq!(&got.unwrap(), bytes);
+    }
+    assert_eq!(store.running.load(Ordering::SeqCst), 1, "still running");
+    store.release_all();
+    for (id, bytes) in &chunks[0][3..] {
+        assert_eq!(&f.get(id, Priority::Demand).unwrap(), bytes);
+    }
+    assert_eq!(store.requests(), 1, "one request served all twelve");
+}
+
+#[test]
+fn a_request_that_fails_midway_keeps_the_chunks_it_delivered() {
+    let (store, chunks) = pack_store(&[6]);
+    let f = Fetcher::new(store.clone(), FetchOptions::default());
+    *store.stall_at.lock().unwrap() = Some(25 * 1024);
+    f.plan(&extents(&store, &chunks[0]), Priority::Demand, |_| true);
+    let (late, _) = chunks[0][4];
+    let waiter = {
+        let f = f.clone();
+        std::thread::spawn(move || f.get(&late, Priority::Demand))
+    };
+    for (id, bytes) in &chunks[0][..2] {
+        assert_eq!(&get_within(&f, *id).unwrap().unwrap(), bytes);
+    }
+    store.fail.store(true, Ordering::SeqCst);
+    store.release_all();
+    let err = waiter.join().unwrap().unwrap_err().to_string();
+    assert!(err.contains("injected failure"), "{err}");
+    settle(&f);
+    assert!(f.stats().failed_requests >= 1);
+    assert_eq!(super::tests_running(&f), 0, "request slots freed");
+}
+
+#[test]
+fn a_stream_is_read_in_order_one_large_request_at_a_time() {
+    let (store, chunks) = pack_store(&[30]);
+    let opts = FetchOptions {
+        max_request: 3 * 10_240,
+        max_stream: 8 * 10_240,
+        ..FetchOptions::default()
+    };
+    let f = Fetcher::new(store.clone(), opts);
+    store.hold("packs/0");
+    f.plan_stream(&extents(&store, &chunks[0]), |_| true);
+    std::thread::sleep(Duration::from_millis(50));
+    store.release_all();
+    for (id, bytes) in &chunks[0] {
+        assert_eq!(&f.get(id, Priority::Prefetch).unwrap(), bytes);
+    }
+    let ranges = store.ranges.lock().unwrap().clone();
+    let spans: Vec<_> = ranges.iter().map(|r| (r.offset / 10_240, r.len)).collect();
+    let want: Vec<_> = [(0, 8), (8, 8), (16, 8), (24, 6)]
+        .iter()
+        .map(|&(at, n)| (at, Some(n * 10_240)))
+        .collect();
+    assert_eq!(spans, want, "in order, up to eight chunks each");
+    assert_eq!(store.max_running.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn a_reader_of_a_stream_chunk_does_not_wait_for_the_stream() {
+    let (store, chunks) = pack_store(&[30]);
+    let opts = FetchOptions {
+        max_request: 2 * 10_240,
+        max_stream: 8 * 10_240,
+        ..FetchOptions::default()
+    };
+    let f = Fetcher::new(store.clone(), opts);
+    // The stream's first request stalls in its first chunk.
+    *store.stall_at.lock().unwrap() = Some(1024);
+    f.plan_stream(&extents(&store, &chunks[0]), |_| true);
+    let (id, bytes) = &chunks[0][20];
+    let got = get_within(&f, *id).expect("a demand read runs beside the stream");
+    assert_eq!(&got.unwrap(), bytes);
+    store.release_all();
+    for (id, bytes) in &chunks[0] {
+        assert_eq!(&f.get(id, Priority::Demand).unwrap(), bytes);
+    }
+    // The demand request took chunk 20 and its queued neighbour.
+    let ranges = store.ranges.lock().unwrap().clone();
+    assert!(ranges.contains(&ByteRange::new(20 * 10_240, 2 * 10_240)), "{ranges:?}");
 }

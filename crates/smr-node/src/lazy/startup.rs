@@ -185,8 +185,9 @@ impl Inner {
             .map(|_| true)
     }
 
-    /// Queues every pack chunk with the fetcher at once, in pack order, so
-    /// that neighbours share ranged requests.
+    /// Queues every pack chunk with the fetcher at once as a stream, in
+    /// pack order: one large ranged read at a time, its chunks handed out
+    /// as they arrive, so the start's reads follow the download.
     pub(super) fn plan_pack(&self) {
         let Some(s) = self.startup.get() else {
             return;
@@ -198,7 +199,7 @@ impl Inner {
             .filter_map(|k| store.locate(&k.id).ok().map(|e| (k.id, e)))
             .collect();
         self.fetcher
-            .plan(&wants, Priority::Prefetch, |id| self.cache.is_missing(id));
+            .plan_stream(&wants, |id| self.cache.is_missing(id));
     }
 }
 

@@ -81,13 +81,16 @@ impl Core {
     }
 
     /// `len` bytes of a blob from `offset` (HTTP Range; a server that
-    /// ignores the range gets the rest skipped).
+    /// ignores the range gets the rest skipped); `progress`, if given, sees
+    /// the bytes received so far after each piece that arrives (from empty
+    /// again when the request is retried).
     pub async fn get_blob_range(
         &self,
         repo: &str,
         digest: &str,
         offset: u64,
         len: u64,
+        progress: Option<smr_store::Progress>,
     ) -> Result<Vec<u8>> {
         let ctx = self.ctx(repo, format!("GET blob {digest} bytes {offset}+{len}"));
         check_digest(digest, &ctx)?;
@@ -134,6 +137,9 @@ impl Core {
                 skip -= drop_n as u64;
                 let want = cap - out.len();
                 out.extend_from_slice(&c[..c.len().min(want)]);
+                if let (Some(p), false) = (&progress, c.is_empty()) {
+                    p(&out);
+                }
             }
             if out.len() != cap {
                 return Err(ctx.protocol(format!(
