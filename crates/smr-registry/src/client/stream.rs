@@ -5,16 +5,19 @@
 //! HTTP Range request at the first missing byte; the reader sees an error
 //! only when retries are exhausted.
 //!
-//! The bytes are not verified here beyond what oci-client's stream does for
-//! unbroken transfers: callers verify the digest (`VerifyingReader`).
+//! The requests are the client's own (its connection pool and cached
+//! credentials, as for manifests and ranged reads), so opening a blob
+//! costs one round trip on a warm connection. The bytes are not verified
+//! here: callers verify the digest (`VerifyingReader`).
 
-use super::classify::{from_oci, from_stream_io};
+use super::classify::{from_reqwest, from_status, retry_after};
 use super::core::{Core, Step};
 use crate::error::RegistryError;
 use bytes::{Buf, Bytes};
 use futures::StreamExt;
-use oci_client::client::BlobResponse;
 use oci_client::RegistryOperation::Pull;
+use reqwest::header::{HeaderMap, HeaderValue, RANGE};
+use reqwest::{Method, StatusCode};
 use std::io::{self, Read};
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -140,30 +143,32 @@ pub fn to_io(e: RegistryError) -> io::Error {
 /// The network side: fetch, forward, resume after transient failures.
 async fn pump(core: Arc<Core>, repo: String, digest: String, tx: mpsc::Sender<Msg>) {
     let ctx = core.ctx(&repo, format!("GET blob {digest}"));
-    let r = core.reference(&repo, "latest");
+    let rest = format!("blobs/{digest}");
     let mut offset = 0u64;
     let mut tries = 0u32;
     let mut refreshed = false;
     loop {
         tries += 1;
-        let opened = if offset == 0 {
-            core.oci
-                .pull_blob_stream(&r, digest.as_str())
-                .await
-                .map(|s| (s, 0u64))
-        } else {
-            core.oci
-                .pull_blob_stream_partial(&r, digest.as_str(), offset, None)
-                .await
-                .map(|resp| match resp {
-                    BlobResponse::Partial(s) => (s, 0),
-                    // The server ignored the range: skip what we have.
-                    BlobResponse::Full(s) => (s, offset),
-                })
-        };
+        let mut headers = HeaderMap::new();
+        if offset > 0 {
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes={offset}-")) {
+                headers.insert(RANGE, v);
+            }
+        }
+        let opened = core
+            .raw_with(Method::GET, &repo, &rest, headers, Pull, &ctx)
+            .await
+            .and_then(|resp| match resp.status() {
+                StatusCode::PARTIAL_CONTENT if offset > 0 => Ok((resp, 0)),
+                // From the start, or the server ignored the range: skip
+                // what we have.
+                StatusCode::OK => Ok((resp, offset)),
+                s => Err(from_status(s, retry_after(resp.headers()), b"", &ctx)),
+            });
         let err = match opened {
-            Err(e) => from_oci(e, &ctx),
-            Ok((mut stream, mut skip)) => {
+            Err(e) => e,
+            Ok((resp, mut skip)) => {
+                let mut stream = resp.bytes_stream();
                 let mut failed = None;
                 while let Some(item) = stream.next().await {
                     match item {
@@ -184,7 +189,7 @@ async fn pump(core: Arc<Core>, repo: String, digest: String, tx: mpsc::Sender<Ms
                             }
                         }
                         Err(e) => {
-                            failed = Some(from_stream_io(e, &ctx));
+                            failed = Some(from_reqwest(&e, &ctx));
                             break;
                         }
                     }
