@@ -66,7 +66,9 @@ impl RegistryStore {
             Some(p) => self
                 .blobs
                 .get_blob_range_progressive(object.as_str(), range.offset, len, p),
-            None => self.blobs.get_blob_range(object.as_str(), range.offset, len),
+            None => self
+                .blobs
+                .get_blob_range(object.as_str(), range.offset, len),
         }
         .map_err(|e| self.error(what.clone(), e))?;
         if bytes.len() as u64 != len {

@@ -2,9 +2,7 @@
 //! extend, read as one (what `smr commit --push` hands the pusher: the
 //! chunks it wrote, and the base image's for the rest).
 
-use crate::{
-    ByteRange, ChunkStore, Extent, ObjectName, Progress, PutOutcome, Result, StoreError,
-};
+use crate::{ByteRange, ChunkStore, Extent, ObjectName, Progress, PutOutcome, Result, StoreError};
 use smr_format::ChunkId;
 use std::sync::Arc;
 

@@ -478,5 +478,8 @@ fn a_reader_of_a_stream_chunk_does_not_wait_for_the_stream() {
     }
     // The demand request took chunk 20 and its queued neighbour.
     let ranges = store.ranges.lock().unwrap().clone();
-    assert!(ranges.contains(&ByteRange::new(20 * 10_240, 2 * 10_240)), "{ranges:?}");
+    assert!(
+        ranges.contains(&ByteRange::new(20 * 10_240, 2 * 10_240)),
+        "{ranges:?}"
+    );
 }
