@@ -695,13 +695,12 @@ impl Fetcher {
             let piece = match (whole.take(), slot.range.len) {
                 (Some(all), _) => Some(Arc::new(all)),
                 (None, None) => None,
-                // Handed out early: the same bytes.
-                (None, Some(_)) if slot.done.delivered().is_some() => slot.done.delivered(),
-                (None, Some(len)) => {
+                // Handed out early: the same bytes, not another copy.
+                (None, Some(len)) => slot.done.delivered().or_else(|| {
                     let from = (slot.range.offset - batch.start) as usize;
                     let p = bytes.get(from..from + len as usize);
                     p.map(|p| Arc::new(p.to_vec()))
-                }
+                }),
             };
             let out = match piece {
                 Some(p) => {

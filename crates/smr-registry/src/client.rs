@@ -147,6 +147,22 @@ impl Repository {
         block_on(f(self.core.clone(), self.name.clone()))
     }
 
+    /// `len` bytes of blob `digest` from `offset`, handing `progress`
+    /// what arrived so far if given.
+    fn blob_range(
+        &self,
+        digest: &str,
+        offset: u64,
+        len: u64,
+        progress: Option<smr_store::Progress>,
+    ) -> Result<Vec<u8>> {
+        let digest = digest.to_string();
+        self.run(move |c, repo| async move {
+            c.get_blob_range(&repo, &digest, offset, len, progress)
+                .await
+        })
+    }
+
     /// Streams blob `digest` (not buffered whole; the caller verifies it).
     /// Waits for the first bytes, so a missing blob or refused credentials
     /// fail here rather than on the first read.
@@ -206,10 +222,7 @@ impl Blobs for Repository {
     }
 
     fn get_blob_range(&self, digest: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
-        let digest = digest.to_string();
-        self.run(
-            move |c, repo| async move { c.get_blob_range(&repo, &digest, offset, len, None).await },
-        )
+        self.blob_range(digest, offset, len, None)
     }
 
     fn get_blob_range_progressive(
@@ -219,11 +232,7 @@ impl Blobs for Repository {
         len: u64,
         progress: &smr_store::Progress,
     ) -> Result<Vec<u8>> {
-        let (digest, progress) = (digest.to_string(), progress.clone());
-        self.run(move |c, repo| async move {
-            c.get_blob_range(&repo, &digest, offset, len, Some(progress))
-                .await
-        })
+        self.blob_range(digest, offset, len, Some(progress.clone()))
     }
 
     fn push_blob(&self, digest: &str, data: &[u8]) -> Result<bool> {
