@@ -120,6 +120,17 @@ impl PackStore {
         out
     }
 
+    /// What every request meets first: a hold on its object, then the
+    /// injected panic or failure.
+    fn admit(&self, object: &ObjectName, range: ByteRange) -> smr_store::Result<()> {
+        self.wait_held(object);
+        assert!(!self.panic.load(Ordering::SeqCst), "injected panic");
+        match self.fail.load(Ordering::SeqCst) {
+            true => Err(self.injected(object, range)),
+            false => Ok(()),
+        }
+    }
+
     fn injected(&self, object: &ObjectName, range: ByteRange) -> StoreError {
         StoreError::ChunkIo {
             what: Target::of(object, range),
@@ -150,11 +161,7 @@ impl ChunkStore for PackStore {
         self.requests
             .fetch_add(ranges.len() as u64, Ordering::SeqCst);
         self.counted(ranges[0], || {
-            self.wait_held(object);
-            assert!(!self.panic.load(Ordering::SeqCst), "injected panic");
-            if self.fail.load(Ordering::SeqCst) {
-                return Err(self.injected(object, ranges[0]));
-            }
+            self.admit(object, ranges[0])?;
             self.local.read_ranges(object, ranges)
         })
     }
@@ -167,11 +174,7 @@ impl ChunkStore for PackStore {
     ) -> smr_store::Result<Vec<u8>> {
         self.requests.fetch_add(1, Ordering::SeqCst);
         self.counted(range, || {
-            self.wait_held(object);
-            assert!(!self.panic.load(Ordering::SeqCst), "injected panic");
-            if self.fail.load(Ordering::SeqCst) {
-                return Err(self.injected(object, range));
-            }
+            self.admit(object, range)?;
             let all = self.local.read_ranges(object, &[range])?.remove(0);
             let mut stall = self.stall_at.lock().unwrap().take();
             for end in (1024..all.len() + 1024).step_by(1024) {
