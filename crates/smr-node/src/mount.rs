@@ -27,6 +27,15 @@
 //! fetched. The architecture brief measured 26 MB read at 0 KiB, 27 MB at
 //! 16 KiB and 32 MB at 128 KiB for `import numpy`; [`DEFAULT_READAHEAD_KB`]
 //! is the default until the benchmark picks one (`--readahead-kb`).
+//!
+//! A start that records a startup profile, or is served from a startup
+//! pack, reads with [`STARTUP_READAHEAD_KB`] and direct I/O instead: the
+//! pack then holds the blocks the start uses rather than what two layers
+//! of readahead guessed around them (a smaller pack, fetched sooner), and
+//! the replayed start asks for the same blocks the recorded one did. A
+//! FUSE server that serves a startup pack says so with the file
+//! [`STARTUP_PACK_MARK`] in its state directory, and
+//! [`MountRequest::startup_opts`] then applies.
 
 mod kernel;
 mod loopdev;
@@ -52,6 +61,12 @@ use crate::fuse::FuseError;
 pub const DEFAULT_STATE_ROOT: &str = "/run/smr/mounts";
 /// Default `read_ahead_kb` of the loop device.
 pub const DEFAULT_READAHEAD_KB: u32 = 128;
+/// `read_ahead_kb` of a start that records a profile or is served from a
+/// startup pack (see the module's doc).
+pub const STARTUP_READAHEAD_KB: u32 = 32;
+/// The file a FUSE server creates in its state directory (the parent of
+/// its export's directory) before exporting, when it serves a startup pack.
+pub const STARTUP_PACK_MARK: &str = "startup-pack";
 /// How long the FUSE server may take to come up.
 pub const SERVER_START_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -319,6 +334,9 @@ pub struct MountRequest {
     pub image_size: u64,
     /// Loop device settings.
     pub loop_opts: LoopOptions,
+    /// Loop device settings instead of `loop_opts` if the server serves a
+    /// startup pack ([`STARTUP_PACK_MARK`]); `None` keeps `loop_opts`.
+    pub startup_opts: Option<LoopOptions>,
 }
 
 /// Mounts an image with a FUSE server started by `spawn(fuse_dir)` (its
@@ -380,9 +398,11 @@ pub fn mount_with_server(
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    let image = b
-        .image
-        .insert(ImageMount::attach(&file, &mnt, req.loop_opts)?);
+    let opts = match req.startup_opts {
+        Some(o) if state.join(STARTUP_PACK_MARK).exists() => o,
+        _ => req.loop_opts,
+    };
+    let image = b.image.insert(ImageMount::attach(&file, &mnt, opts)?);
     let st = MountState {
         mountpoint: mnt,
         fuse_dir,
@@ -390,8 +410,8 @@ pub fn mount_with_server(
         loop_dev: image.loop_dev().to_string(),
         server_pid,
         log,
-        readahead_kb: req.loop_opts.readahead_kb,
-        direct_io: req.loop_opts.direct_io,
+        readahead_kb: opts.readahead_kb,
+        direct_io: opts.direct_io,
     };
     write_state(&state, &st)?;
     // Success: the mount stays; the server lives on in its own session.

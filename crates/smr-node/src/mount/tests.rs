@@ -472,6 +472,7 @@ fn a_server_that_dies_at_start_leaves_no_state() {
         mountpoint: mnt.clone(),
         image_size: 4096,
         loop_opts: LoopOptions::default(),
+        startup_opts: None,
     };
     let err = mount_with_server(&req, |_dir, out, errout| {
         Command::new("sh")
@@ -487,4 +488,70 @@ fn a_server_that_dies_at_start_leaves_no_state() {
         .expect("state root")
         .collect();
     assert!(left.is_empty(), "state left: {left:?}");
+}
+
+/// Mounts the small ext4 image through [`mount_with_server`] with a
+/// "server" that marks a startup pack if `mark` (the export itself is
+/// served from this process); returns the state, then unmounts.
+fn mount_marked(mark: bool) -> MountState {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let bytes = ext4_image(tmp.path());
+    let size = bytes.len() as u64;
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir_all(&mnt).expect("mkdir");
+    let startup = LoopOptions {
+        readahead_kb: STARTUP_READAHEAD_KB,
+        direct_io: true,
+        ..LoopOptions::default()
+    };
+    let req = MountRequest {
+        state_root: tmp.path().join("state"),
+        mountpoint: mnt.clone(),
+        image_size: size,
+        loop_opts: LoopOptions::default(),
+        startup_opts: Some(startup),
+    };
+    let mut fuse = None;
+    let st = mount_with_server(&req, |dir, out, errout| {
+        let state = dir.parent().expect("state dir");
+        if mark {
+            std::fs::write(state.join(STARTUP_PACK_MARK), "").expect("mark");
+        }
+        let dev: Arc<dyn BlockDevice> = Arc::new(Mem(bytes.clone()));
+        fuse = Some(FuseMount::spawn(dev, dir, &FuseConfig::default(), "smr-test").expect("fuse"));
+        Command::new("sleep")
+            .arg("60")
+            .stdout(out)
+            .stderr(errout)
+            .spawn()
+    })
+    .expect("mount");
+    assert_eq!(
+        sys_attr(&st.loop_dev, "queue/read_ahead_kb").as_deref(),
+        Some(st.readahead_kb.to_string().as_str())
+    );
+    assert_eq!(
+        std::fs::read_to_string(mnt.join("hello")).expect("read"),
+        "hi there\n"
+    );
+    unmount(&req.state_root, &mnt).expect("unmount");
+    drop(fuse);
+    st
+}
+
+#[test]
+fn a_server_serving_a_startup_pack_gets_the_startup_loop_options() {
+    if !root() {
+        return;
+    }
+    let marked = mount_marked(true);
+    assert_eq!(
+        (marked.readahead_kb, marked.direct_io),
+        (STARTUP_READAHEAD_KB, true)
+    );
+    let plain = mount_marked(false);
+    assert_eq!(
+        (plain.readahead_kb, plain.direct_io),
+        (DEFAULT_READAHEAD_KB, false)
+    );
 }

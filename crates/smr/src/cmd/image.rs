@@ -265,6 +265,8 @@ pub struct OpenedImage {
     pub profile: Option<Profile>,
     /// SHA-256 of the recipe's bytes (what a recorded profile is bound to).
     pub recipe_sha256: [u8; 32],
+    /// Whether the profile's startup pack serves the start.
+    pub startup_pack: bool,
 }
 
 impl OpenedImage {
@@ -335,10 +337,14 @@ impl SourceArgs {
         // local directory it would only read chunks nobody asked for.
         let prefetch = !self.no_prefetch && !r.local;
         lazy.set_file_prefetch(prefetch);
+        let mut startup_pack = false;
         if let (Some(p), true) = (&profile, use_pack) {
             match lazy.use_startup_pack(p) {
                 Ok(0) => {}
-                Ok(n) => tracing::debug!(image, chunks = n, "startup pack in use"),
+                Ok(n) => {
+                    startup_pack = true;
+                    tracing::debug!(image, chunks = n, "startup pack in use");
+                }
                 Err(e) => tracing::warn!(image, error = %e, "not using the profile's startup pack"),
             }
         }
@@ -349,6 +355,7 @@ impl SourceArgs {
             pack_index: r.pack_index,
             profile,
             recipe_sha256: Profile::recipe_hash(&recipe_bytes),
+            startup_pack,
         })
     }
 }

@@ -3,7 +3,9 @@
 use super::image::ImageArgs;
 use crate::remote::is_remote;
 use anyhow::{Context, Result};
-use smr_node::mount::{LoopOptions, MountRequest, DEFAULT_READAHEAD_KB, DEFAULT_STATE_ROOT};
+use smr_node::mount::{
+    LoopOptions, MountRequest, DEFAULT_READAHEAD_KB, DEFAULT_STATE_ROOT, STARTUP_READAHEAD_KB,
+};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
@@ -12,10 +14,13 @@ use std::process::{Command, ExitCode, Stdio};
 pub struct LoopArgs {
     /// The loop device's read_ahead_kb: how far the kernel reads ahead of
     /// what programs ask for (more chunks fetched, fewer round trips).
-    #[arg(long, default_value_t = DEFAULT_READAHEAD_KB)]
-    pub readahead_kb: u32,
+    /// Default 128, or `--startup-readahead-kb` for a start that records a
+    /// startup profile or is served from a startup pack.
+    #[arg(long)]
+    pub readahead_kb: Option<u32>,
     /// Open the FUSE file with O_DIRECT from the loop device (no second
-    /// page cache of the image).
+    /// page cache of the image); always so for a start that records a
+    /// startup profile or is served from a startup pack.
     #[arg(long)]
     pub direct_io: bool,
     /// The read_ahead_kb of the FUSE file itself (its FUSE mount's), which
@@ -24,16 +29,32 @@ pub struct LoopArgs {
     /// more chunks fetched at a cold start.
     #[arg(long)]
     pub fuse_readahead_kb: Option<u32>,
+    /// The loop device's read_ahead_kb while a startup profile is recorded
+    /// or its startup pack served: the pack holds what the recorded start
+    /// read, so the two must match (a smaller value, a smaller pack).
+    #[arg(long, env = "SMR_STARTUP_READAHEAD_KB", default_value_t = STARTUP_READAHEAD_KB)]
+    pub startup_readahead_kb: u32,
 }
 
 impl LoopArgs {
     /// As library options.
     pub fn options(&self) -> LoopOptions {
         LoopOptions {
-            readahead_kb: self.readahead_kb,
+            readahead_kb: self.readahead_kb.unwrap_or(DEFAULT_READAHEAD_KB),
             direct_io: self.direct_io,
             writable: false,
             backing_readahead_kb: self.fuse_readahead_kb,
+        }
+    }
+
+    /// The options of a start that records a startup profile or is served
+    /// from a startup pack: direct I/O, and `--startup-readahead-kb` unless
+    /// `--readahead-kb` is given.
+    pub fn startup_options(&self) -> LoopOptions {
+        LoopOptions {
+            readahead_kb: self.readahead_kb.unwrap_or(self.startup_readahead_kb),
+            direct_io: true,
+            ..self.options()
         }
     }
 }
@@ -207,6 +228,8 @@ fn mount(a: Mount) -> Result<ExitCode> {
             writable: a.volume.is_some(),
             ..a.loop_args.options()
         },
+        // The server marks whether it serves a startup pack.
+        startup_opts: a.volume.is_none().then(|| a.loop_args.startup_options()),
     };
     let root = absolute(&a.root.root)?;
     let label = match &a.volume {

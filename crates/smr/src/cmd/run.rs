@@ -124,7 +124,8 @@ pub fn run(a: Args) -> Result<ExitCode> {
         },
         None => RootFs::Image(opened.lazy),
     };
-    let req = request(&a, root, opened.recipe, seccomp, started);
+    let startup = a.record_profile.is_some() || opened.startup_pack;
+    let req = request(&a, root, opened.recipe, seccomp, started, startup);
     let mut r = smr_node::run::run(req).with_context(|| format!("running {label}"))?;
     r.profile = replay.map(|p| p.stats());
     if let Some(path) = &a.record_profile {
@@ -183,7 +184,7 @@ fn run_through_daemon(
         .trusted_artifact(&bind.image, false)
         .with_context(|| format!("reading the config of {}", bind.image))?;
     let root = RootFs::Mounted(bind.dir().to_path_buf());
-    let req = request(&a, root, artifact.recipe, seccomp, started);
+    let req = request(&a, root, artifact.recipe, seccomp, started, false);
     let r = smr_node::run::run(req).with_context(|| format!("running {image}"))?;
     drop(bind);
     let start = r.start_seconds.map_or("?".into(), |s| format!("{s:.2}s"));
@@ -196,13 +197,16 @@ fn run_through_daemon(
     Ok(ExitCode::from(u8::try_from(r.exit_code).unwrap_or(255)))
 }
 
-/// The run of `root` (with `recipe`'s config) that the arguments ask for.
+/// The run of `root` (with `recipe`'s config) that the arguments ask for;
+/// `startup`: it records a startup profile or is served from a startup
+/// pack (see [`super::mount::LoopArgs::startup_options`]).
 fn request(
     a: &Args,
     root: RootFs,
     recipe: smr_format::Recipe,
     seccomp: smr_node::run::seccomp::Seccomp,
     started: (Instant, SystemTime),
+    startup: bool,
 ) -> RunRequest {
     RunRequest {
         root,
@@ -212,7 +216,11 @@ fn request(
             env: a.env.clone(),
             terminal: std::io::stdin().is_terminal(),
         },
-        loop_opts: a.loop_args.options(),
+        loop_opts: if startup {
+            a.loop_args.startup_options()
+        } else {
+            a.loop_args.options()
+        },
         work_root: a.work_dir.clone(),
         runc: a.runtime.clone(),
         network: a.network,

@@ -282,6 +282,11 @@ pub fn run_fuse(a: FuseArgs) -> Result<ExitCode> {
     let name = format!("smr:{}", a.image.image);
     tracing::info!(dir = %a.dir.display(), pid = std::process::id(), profile = replay.is_some(), "serving FUSE export");
     if let Some(state) = a.dir.parent() {
+        if opened.startup_pack {
+            // Read before the loop device is attached (smr_node::mount).
+            let mark = state.join(smr_node::mount::STARTUP_PACK_MARK);
+            std::fs::write(&mark, b"").with_context(|| format!("writing {}", mark.display()))?;
+        }
         publish_stats(
             opened.lazy.clone(),
             a.image.image.clone(),
