@@ -117,10 +117,18 @@ impl Inner {
                 .locate(x / BLOCK)
                 .map(|p| (p / s.piece, (p % s.piece) * BLOCK + x % BLOCK))
         };
-        let ((c0, o0), (c1, o1)) = (at(lo)?, at(hi - 1)?);
-        if c0 == c1 && o1 - o0 == hi - 1 - lo {
+        // One slice when every block sits right after the one before it in
+        // the pack, within one pack chunk. (The ends alone would not do: a
+        // start that read a block's neighbours in another order leaves
+        // them permuted in between.)
+        let (b0, b1) = (lo / BLOCK, (hi - 1) / BLOCK);
+        let p0 = s.map.locate(b0)?;
+        let consecutive = p0 / s.piece == (p0 + b1 - b0) / s.piece
+            && (b0 + 1..=b1).all(|b| s.map.locate(b) == Some(p0 + b - b0));
+        if consecutive {
+            let (c0, o0) = at(lo)?;
             let d = self.pack_chunk(s, c0)?;
-            return Some((d, o0 as usize..(o1 + 1) as usize));
+            return Some((d, o0 as usize..(o0 + hi - lo) as usize));
         }
         let mut out = Vec::with_capacity((hi - lo) as usize);
         let mut x = lo;

@@ -121,6 +121,42 @@ fn a_fresh_node_starts_from_the_pack_alone() {
 }
 
 #[test]
+fn blocks_read_out_of_order_are_served_in_image_order() {
+    let fx = fixture(Duration::ZERO);
+    let lazy = fx.lazy(32 << 20, 1 << 30);
+    lazy.record();
+    // Blocks 81, 83, 82, 84 (of chunk 5): the pack holds them in that
+    // order, so a read of 81..=84 has its ends where an in-order run's
+    // would be, and its middle swapped.
+    let at = 5 * CS + 4096;
+    for b in [0, 2, 1, 3] {
+        fx.read(&lazy, at + b * 4096, 4096).expect("read");
+    }
+    let mut p = lazy.recorded_profile([4; 32]).expect("recording");
+    let blob = make_startup_pack(&fx.img, fx.store.as_ref(), &mut p)
+        .expect("make")
+        .expect("encrypted image: a pack");
+    let pack = p.pack.as_ref().expect("pack");
+    assert_eq!(pack.chunks.len(), 1, "one pack chunk holds all four");
+    fx.store
+        .inner
+        .put(&pack.chunks[0].id, &blob)
+        .expect("put pack chunk");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lazy = fresh_lazy(&fx, dir.path());
+    lazy.use_startup_pack(&p).expect("our keys");
+    let before = image_gets(&fx);
+    for (off, len) in [(at, 4 * 4096), (at + 4096, 2 * 4096), (at + 100, 3 * 4096)] {
+        let got = fx.read(&lazy, off, len).expect("read");
+        assert!(
+            got == fx.plain[off as usize..(off + len) as usize],
+            "read of {len} bytes at {off}"
+        );
+    }
+    assert_eq!(image_gets(&fx), before, "served from the pack");
+}
+
+#[test]
 fn a_damaged_pack_chunk_costs_bytes_never_a_wrong_read() {
     let fx = fixture(Duration::ZERO);
     let (profile, _) = recorded_pack(&fx);
