@@ -39,6 +39,7 @@
 
 mod kernel;
 mod loopdev;
+mod retune;
 #[cfg(test)]
 mod tests;
 
@@ -47,6 +48,7 @@ pub use kernel::{
     mounts, set_read_ahead_kb, umount, ImageMount, LoopOptions,
 };
 pub use loopdev::{LoopDevice, LOOP_CONTROL};
+pub use retune::{retune_after_start, retune_loop, RetuneWatch, StartEnd, START_MAX, START_QUIET};
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -67,6 +69,8 @@ pub const STARTUP_READAHEAD_KB: u32 = 32;
 /// The file a FUSE server creates in its state directory (the parent of
 /// its export's directory) before exporting, when it serves a startup pack.
 pub const STARTUP_PACK_MARK: &str = "startup-pack";
+/// The file in a mount's state directory holding its [`MountState`].
+pub const STATE_FILE: &str = "state.json";
 /// How long the FUSE server may take to come up.
 pub const SERVER_START_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -214,6 +218,11 @@ pub struct MountState {
     pub readahead_kb: u32,
     /// Whether the loop device uses direct I/O.
     pub direct_io: bool,
+    /// The settings the loop device gets once a start served from a
+    /// startup pack is over (the server retunes it, [`retune_after_start`]);
+    /// `None` when it was attached with them.
+    #[serde(default)]
+    pub after_start: Option<LoopOptions>,
 }
 
 /// The state directory of mount point `mnt` (canonical) under `root`:
@@ -349,7 +358,7 @@ pub fn mount_with_server(
     let mnt = check_mountpoint(&req.mountpoint)?;
     crate::dirs::private_dir(&req.state_root).map_err(io_err(&req.state_root))?;
     let state = state_dir(&req.state_root, &mnt);
-    if state.join("state.json").exists() {
+    if state.join(STATE_FILE).exists() {
         return Err(MountError::AlreadyMounted(mnt));
     }
     let fuse_dir = state.join("fuse");
@@ -398,9 +407,9 @@ pub fn mount_with_server(
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    let opts = match req.startup_opts {
-        Some(o) if state.join(STARTUP_PACK_MARK).exists() => o,
-        _ => req.loop_opts,
+    let (opts, after_start) = match req.startup_opts {
+        Some(o) if state.join(STARTUP_PACK_MARK).exists() => (o, Some(req.loop_opts)),
+        _ => (req.loop_opts, None),
     };
     let image = b.image.insert(ImageMount::attach(&file, &mnt, opts)?);
     let st = MountState {
@@ -412,6 +421,7 @@ pub fn mount_with_server(
         log,
         readahead_kb: opts.readahead_kb,
         direct_io: opts.direct_io,
+        after_start,
     };
     write_state(&state, &st)?;
     // Success: the mount stays; the server lives on in its own session.
@@ -423,7 +433,7 @@ pub fn mount_with_server(
 }
 
 fn write_state(dir: &Path, st: &MountState) -> Result<()> {
-    let path = dir.join("state.json");
+    let path = dir.join(STATE_FILE);
     let tmp = dir.join("state.json.tmp");
     let json = serde_json::to_vec_pretty(st).map_err(|source| MountError::State {
         path: path.clone(),
@@ -439,7 +449,7 @@ pub fn read_state(state_root: &Path, mnt: &Path) -> Result<(PathBuf, MountState)
         .canonicalize()
         .unwrap_or_else(|_| std::path::absolute(mnt).unwrap_or(mnt.to_path_buf()));
     let dir = state_dir(state_root, &canon);
-    let path = dir.join("state.json");
+    let path = dir.join(STATE_FILE);
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

@@ -144,6 +144,9 @@ pub struct RunRequest {
     pub overrides: spec::Overrides,
     /// Loop device settings.
     pub loop_opts: LoopOptions,
+    /// The loop device's settings once the start is over, if `loop_opts`
+    /// are a startup pack's ([`crate::mount::retune_after_start`]).
+    pub after_start: Option<LoopOptions>,
     /// Parent of the temporary run directory.
     pub work_root: PathBuf,
     /// The OCI runtime binary.
@@ -357,6 +360,7 @@ fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
     let id = sweep::container_id(tmp.path());
 
     // Bound in setup order: dropped (undone) in reverse.
+    let mut retune = None;
     let (fuse, image, overlay) = match &req.root {
         RootFs::Mounted(dir) => {
             mount::mount_overlay(dir, &upper, &work, &rootfs)?;
@@ -380,6 +384,16 @@ fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
                 .map_err(MountError::from)?;
             check(live)?;
             let image = ImageMount::attach(fuse.file(), &lower, req.loop_opts)?;
+            if let Some(opts) = req.after_start {
+                let (lazy, dev) = (lazy.clone(), image.loop_dev().to_string());
+                let watch = mount::retune_after_start(
+                    move || lazy.stats().reads,
+                    fuse.file().to_path_buf(),
+                    move || Some((dev.clone(), opts)),
+                    mount::StartEnd::default(),
+                );
+                retune = Some(watch.map_err(io_err(fuse.file()))?);
+            }
             check(live)?;
             mount::mount_overlay(&lower, &upper, &work, &rootfs)?;
             (Some(fuse), Some(image), Some(Overlay(rootfs.clone())))
@@ -502,6 +516,7 @@ fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
     };
 
     // Tear down in reverse, reporting the first failure.
+    drop(retune);
     drop(container);
     drop(netns);
     drop(overlay);

@@ -283,7 +283,7 @@ pub struct ImageMount {
 }
 
 /// Loop device settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LoopOptions {
     /// The loop device's `read_ahead_kb`.
     pub readahead_kb: u32,

@@ -24,7 +24,7 @@ use std::path::Path;
 use linux_raw_sys::loop_device as sys;
 use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
-use rustix::ioctl::{ioctl, Ioctl, IoctlOutput, NoArg, Opcode, Setter};
+use rustix::ioctl::{ioctl, IntegerSetter, Ioctl, IoctlOutput, NoArg, Opcode, Setter};
 
 use super::{MountError, Result};
 
@@ -38,6 +38,7 @@ const ATTACH_TRIES: usize = 64;
 const CTL_GET_FREE: Opcode = sys::LOOP_CTL_GET_FREE as Opcode;
 const CONFIGURE: Opcode = sys::LOOP_CONFIGURE as Opcode;
 const CLR_FD: Opcode = sys::LOOP_CLR_FD as Opcode;
+const SET_DIRECT_IO: Opcode = sys::LOOP_SET_DIRECT_IO as Opcode;
 
 const LO_FLAGS_READ_ONLY: u32 = sys::LO_FLAGS_READ_ONLY as u32;
 const LO_FLAGS_AUTOCLEAR: u32 = sys::LO_FLAGS_AUTOCLEAR as u32;
@@ -234,4 +235,23 @@ pub fn clear(dev: &str, file: &Path) -> Result<bool> {
         Err(Errno::NXIO) => Ok(false),
         Err(e) => Err(loop_err(dev, file, "LOOP_CLR_FD")(e)),
     }
+}
+
+/// Turns direct I/O of the attached loop device `dev` (backed by `file`)
+/// on or off (`LOOP_SET_DIRECT_IO`), while it stays mounted.
+pub fn set_direct_io(dev: &str, file: &Path, on: bool) -> Result<()> {
+    let fd =
+        rustix::fs::open(dev, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).map_err(|e| {
+            MountError::Io {
+                path: dev.into(),
+                source: e.into(),
+            }
+        })?;
+    // SAFETY: LOOP_SET_DIRECT_IO takes its argument by value, an unsigned
+    // long that is 0 or 1 here, and reads or writes no user memory; the
+    // opcode is the kernel header's, and callers pass loop devices
+    // (`retune_loop` checks /sys/block/NAME/loop/backing_file first).
+    let set = unsafe { IntegerSetter::<SET_DIRECT_IO>::new_usize(usize::from(on)) };
+    // SAFETY: as above.
+    unsafe { ioctl(&fd, set) }.map_err(loop_err(dev, file, "LOOP_SET_DIRECT_IO"))
 }

@@ -555,3 +555,119 @@ fn a_server_serving_a_startup_pack_gets_the_startup_loop_options() {
         (DEFAULT_READAHEAD_KB, false)
     );
 }
+
+/// A mounted ext4 file on a loop device attached with the startup
+/// settings: (temp dir, file, mount, device).
+fn startup_mount() -> (tempfile::TempDir, PathBuf, ImageMount) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let file = ext4_file(tmp.path());
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir_all(&mnt).expect("mkdir");
+    let opts = LoopOptions {
+        readahead_kb: STARTUP_READAHEAD_KB,
+        direct_io: true,
+        ..LoopOptions::default()
+    };
+    let image = ImageMount::attach(&file, &mnt, opts).expect("attach");
+    assert_eq!(sys_attr(image.loop_dev(), "loop/dio").as_deref(), Some("1"));
+    (tmp, file, image)
+}
+
+/// `(read_ahead_kb, dio)` of loop device `dev`.
+fn loop_settings(dev: &str) -> (String, String) {
+    let get = |a| sys_attr(dev, a).expect("sysfs attribute");
+    (get("queue/read_ahead_kb"), get("loop/dio"))
+}
+
+#[test]
+fn the_loop_device_is_retuned_once_reads_stop_or_at_the_latest_after_max() {
+    if !loop_root() {
+        return;
+    }
+    let normal = LoopOptions::default();
+    for (label, reads_stop) in [("reads stop", true), ("reads go on", false)] {
+        let (_tmp, file, image) = startup_mount();
+        let dev = image.loop_dev().to_string();
+        let reads = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = reads.clone();
+        let target = dev.clone();
+        let end = StartEnd {
+            quiet: if reads_stop {
+                Duration::from_millis(200)
+            } else {
+                Duration::from_secs(3600)
+            },
+            max: if reads_stop {
+                Duration::from_secs(3600)
+            } else {
+                Duration::from_millis(300)
+            },
+        };
+        let watch = retune_after_start(
+            move || {
+                // Reads that never stop: the counter moves at every look.
+                if reads_stop {
+                    counter.load(std::sync::atomic::Ordering::Relaxed)
+                } else {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                }
+            },
+            file.clone(),
+            move || Some((target.clone(), normal)),
+            end,
+        )
+        .expect("watch");
+        watch.join();
+        assert_eq!(
+            loop_settings(&dev),
+            (DEFAULT_READAHEAD_KB.to_string(), "0".to_string()),
+            "{label}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(image.dir().join("hello")).expect("read after the retune"),
+            "hi there\n",
+            "{label}"
+        );
+        image.teardown().expect("teardown");
+    }
+}
+
+#[test]
+fn a_loop_device_serving_another_file_is_not_retuned() {
+    if !loop_root() {
+        return;
+    }
+    let (tmp, _file, image) = startup_mount();
+    let dev = image.loop_dev();
+    let before = loop_settings(dev);
+    let other = tmp.path().join("other.img");
+    assert!(!retune_loop(dev, &other, LoopOptions::default()).expect("retune"));
+    assert_eq!(loop_settings(dev), before);
+    image.teardown().expect("teardown");
+}
+
+#[test]
+fn a_dropped_watch_changes_nothing() {
+    if !loop_root() {
+        return;
+    }
+    let (_tmp, file, image) = startup_mount();
+    let dev = image.loop_dev().to_string();
+    let before = loop_settings(&dev);
+    let target = dev.clone();
+    let end = StartEnd {
+        quiet: Duration::from_millis(300),
+        max: Duration::from_millis(300),
+    };
+    let watch = retune_after_start(
+        || 0,
+        file,
+        move || Some((target.clone(), LoopOptions::default())),
+        end,
+    )
+    .expect("watch");
+    drop(watch);
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(loop_settings(&dev), before);
+    image.teardown().expect("teardown");
+}

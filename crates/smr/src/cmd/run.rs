@@ -221,6 +221,7 @@ fn request(
         } else {
             a.loop_args.options()
         },
+        after_start: startup.then(|| a.loop_args.options()),
         work_root: a.work_dir.clone(),
         runc: a.runtime.clone(),
         network: a.network,

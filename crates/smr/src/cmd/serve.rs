@@ -262,6 +262,35 @@ fn publish_stats(lazy: smr_node::lazy::LazyImage, image: String, path: PathBuf) 
     });
 }
 
+/// Says that this server serves a startup pack (`smr mount` then attaches
+/// the loop device with the startup settings, smr_node::mount), and
+/// watches for the start's end to put the device back to the settings
+/// `smr mount` asked for.
+fn mark_startup_pack(
+    lazy: &smr_node::lazy::LazyImage,
+    state: &std::path::Path,
+    fuse_dir: &std::path::Path,
+) -> Result<smr_node::mount::RetuneWatch> {
+    let mark = state.join(smr_node::mount::STARTUP_PACK_MARK);
+    std::fs::write(&mark, b"").with_context(|| format!("writing {}", mark.display()))?;
+    let file = fuse_dir.join(smr_node::fuse::FuseConfig::default().file_name);
+    let state_file = state.join(smr_node::mount::STATE_FILE);
+    let lazy = lazy.clone();
+    // The mount's state names the loop device once it is attached.
+    let target = move || {
+        let json = std::fs::read(&state_file).ok()?;
+        let st: smr_node::mount::MountState = serde_json::from_slice(&json).ok()?;
+        Some((st.loop_dev, st.after_start?))
+    };
+    smr_node::mount::retune_after_start(
+        move || lazy.stats().reads,
+        file,
+        target,
+        smr_node::mount::StartEnd::default(),
+    )
+    .context("starting the startup pack's retune watch")
+}
+
 /// Serves the image's FUSE export until unmounted or signalled.
 pub fn run_fuse(a: FuseArgs) -> Result<ExitCode> {
     smr_node::malloc::limit_arenas(smr_node::malloc::SERVER_ARENAS);
@@ -281,11 +310,10 @@ pub fn run_fuse(a: FuseArgs) -> Result<ExitCode> {
     let replay = opened.start_prefetch();
     let name = format!("smr:{}", a.image.image);
     tracing::info!(dir = %a.dir.display(), pid = std::process::id(), profile = replay.is_some(), "serving FUSE export");
+    let mut _retune = None;
     if let Some(state) = a.dir.parent() {
         if opened.startup_pack {
-            // Read before the loop device is attached (smr_node::mount).
-            let mark = state.join(smr_node::mount::STARTUP_PACK_MARK);
-            std::fs::write(&mark, b"").with_context(|| format!("writing {}", mark.display()))?;
+            _retune = Some(mark_startup_pack(&opened.lazy, state, &a.dir)?);
         }
         publish_stats(
             opened.lazy.clone(),

@@ -36,6 +36,38 @@ fn run(image: &str, dir: &Path, key: &Path, cmd: &[&str]) -> (serde_json::Value,
     (v, String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// `smr mount` of an image whose profile has a startup pack: the loop
+/// device is attached with the startup settings (direct I/O, 32 KiB
+/// readahead) and put back to the normal ones once reads stop.
+fn mounted_from_the_pack(image: &str, dir: &Path, key: &Path) {
+    let (mnt, state) = (dir.join("mnt"), dir.join("state"));
+    let m = crate::registry::Mounted::new(image, &mnt, &state, &dir.join("mc"), key, &[]);
+    let sub: Vec<_> = std::fs::read_dir(&state).unwrap().flatten().collect();
+    let json = std::fs::read(sub[0].path().join("state.json")).unwrap();
+    let st: serde_json::Value = serde_json::from_slice(&json).unwrap();
+    assert_eq!(st["readahead_kb"].as_u64(), Some(32), "{st}");
+    assert_eq!(st["direct_io"].as_bool(), Some(true), "{st}");
+    assert_eq!(
+        st["after_start"]["readahead_kb"].as_u64(),
+        Some(128),
+        "{st}"
+    );
+    let version = std::fs::read_to_string(mnt.join("etc/debian_version")).unwrap();
+    assert!(version.starts_with("12"), "{version}");
+    let dev = st["loop_dev"].as_str().unwrap().trim_start_matches("/dev/");
+    let sys = |a: &str| std::fs::read_to_string(format!("/sys/block/{dev}/{a}")).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while (sys("queue/read_ahead_kb").trim(), sys("loop/dio").trim()) != ("128", "0") {
+        assert!(std::time::Instant::now() < deadline, "not retuned: {st}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(
+        std::fs::read_to_string(mnt.join("etc/debian_version")).unwrap(),
+        version
+    );
+    drop(m);
+}
+
 /// A registry holding debian-python as `py:v1`, and an owner key.
 struct Setup {
     layout: std::path::PathBuf,
@@ -111,6 +143,7 @@ fn convert_push_records_a_profile_that_later_starts_replay() {
     assert_eq!(p["startup_pack"].as_bool(), Some(true), "{s}");
     assert!(p["chunks"].as_u64().unwrap() > 0, "{s}");
     assert_eq!(p["failed"].as_u64(), Some(0), "{s}");
+    mounted_from_the_pack(&image, t.path(), &key);
     // A start the profile was not made for still runs correctly.
     let (_, out) = run(
         &image,

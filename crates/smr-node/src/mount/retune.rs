@@ -1,0 +1,133 @@
+//! Back to the normal loop settings once a start served from a startup
+//! pack is over.
+//!
+//! A start that is served from a startup pack reads with direct I/O and a
+//! small readahead (see [`super::STARTUP_READAHEAD_KB`]), so that it asks
+//! for the blocks the pack holds. Later reads are another workload: a
+//! program that reads large files does better with the normal settings
+//! (the loop device's page cache of the FUSE file, a larger readahead).
+//! The start counts as over once the image has gone [`START_QUIET`]
+//! without a read, or [`START_MAX`] after the mount, whichever comes
+//! first. Files opened before then keep the readahead they were opened
+//! with (the kernel takes it at open).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::kernel::{loop_backing_file, set_read_ahead_kb, LoopOptions};
+use super::{loopdev, Result};
+
+/// How long the image must go without a read for its start to be over.
+pub const START_QUIET: Duration = Duration::from_secs(1);
+/// How long after the mount the start is over at the latest.
+pub const START_MAX: Duration = Duration::from_secs(30);
+/// How often the watcher looks at the read counter.
+const POLL: Duration = Duration::from_millis(100);
+
+/// Sets loop device `dev`'s readahead and direct I/O to `opts`'. Returns
+/// `false`, changing nothing, unless `file` is still behind `dev` (a
+/// device freed meanwhile may serve another image by now).
+pub fn retune_loop(dev: &str, file: &std::path::Path, opts: LoopOptions) -> Result<bool> {
+    if loop_backing_file(dev).as_deref() != Some(file) {
+        return Ok(false);
+    }
+    set_read_ahead_kb(dev, opts.readahead_kb)?;
+    loopdev::set_direct_io(dev, file, opts.direct_io)?;
+    Ok(true)
+}
+
+/// When to retune: the image's read counter and how long to wait.
+#[derive(Debug, Clone, Copy)]
+pub struct StartEnd {
+    /// The start is over after this long without a read.
+    pub quiet: Duration,
+    /// ... or this long after the watch began, whichever comes first.
+    pub max: Duration,
+}
+
+impl Default for StartEnd {
+    fn default() -> Self {
+        StartEnd {
+            quiet: START_QUIET,
+            max: START_MAX,
+        }
+    }
+}
+
+/// A running [`retune_after_start`]: dropping it stops the watch (the
+/// thread then ends within [`POLL`] and changes nothing).
+#[derive(Debug)]
+pub struct RetuneWatch {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl RetuneWatch {
+    /// Waits until the watch has retuned the device, or given up.
+    pub fn join(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for RetuneWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Watches `reads` (a counter of the image's reads) in a thread; once the
+/// start is over (see `end`), retunes the loop device that `target` names
+/// (with the options to set; `None` while it is not known yet) if `file`
+/// is still behind it. Logs the outcome.
+pub fn retune_after_start(
+    reads: impl Fn() -> u64 + Send + 'static,
+    file: PathBuf,
+    target: impl Fn() -> Option<(String, LoopOptions)> + Send + 'static,
+    end: StartEnd,
+) -> std::io::Result<RetuneWatch> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name("smr-retune".into())
+        .spawn(move || {
+            let began = Instant::now();
+            let (mut last, mut since) = (reads(), Instant::now());
+            loop {
+                std::thread::sleep(POLL);
+                if stopped.load(Ordering::Relaxed) {
+                    return;
+                }
+                let now = reads();
+                if now != last {
+                    (last, since) = (now, Instant::now());
+                }
+                if since.elapsed() < end.quiet && began.elapsed() < end.max {
+                    continue;
+                }
+                let Some((dev, opts)) = target() else {
+                    continue;
+                };
+                match retune_loop(&dev, &file, opts) {
+                    Ok(true) => tracing::info!(
+                        dev,
+                        readahead_kb = opts.readahead_kb,
+                        direct_io = opts.direct_io,
+                        after = ?began.elapsed(),
+                        "start over: loop device back to its normal settings"
+                    ),
+                    Ok(false) => tracing::debug!(dev, "loop device gone before its retune"),
+                    Err(e) => tracing::warn!(dev, error = %e, "retuning the loop device"),
+                }
+                return;
+            }
+        })?;
+    Ok(RetuneWatch {
+        stop,
+        thread: Some(thread),
+    })
+}
