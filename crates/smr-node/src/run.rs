@@ -387,7 +387,7 @@ fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
             if let Some(opts) = req.after_start {
                 let (lazy, dev) = (lazy.clone(), image.loop_dev().to_string());
                 let watch = mount::retune_after_start(
-                    move || lazy.stats().reads,
+                    move || lazy.start_under_way().then(|| lazy.stats().reads),
                     fuse.file().to_path_buf(),
                     move || Some((dev.clone(), opts)),
                     mount::StartEnd::default(),

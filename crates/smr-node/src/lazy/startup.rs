@@ -18,7 +18,7 @@ use crate::fetch::Priority;
 use smr_format::startup::{total_blocks, BlockMap, BLOCK};
 use smr_format::{ChunkKey, FormatError, Profile};
 use std::ops::Range;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// The startup pack an image serves blocks from.
@@ -30,6 +30,9 @@ pub(super) struct Startup {
     piece: u64,
     /// Pack chunks that failed: their blocks come from the image's chunks.
     broken: Bits,
+    /// Bytes the pack holds, and bytes of reads served from it so far.
+    bytes: u64,
+    served: AtomicU64,
     /// The pack's chunks kept through evictions while the image is served.
     _pin: Option<Pin>,
 }
@@ -79,6 +82,8 @@ impl LazyImage {
         let startup = Startup {
             map,
             broken: Bits::new(n as u64),
+            bytes: total * BLOCK,
+            served: AtomicU64::new(0),
             chunks,
             piece: u64::from(pack.piece_blocks),
             _pin: pin,
@@ -89,6 +94,15 @@ impl LazyImage {
             .map_err(|_| FormatError::Profile("this image serves a startup pack already".into()))?;
         tracing::debug!(chunks = n, blocks = total, pack = %pack.blob_digest(), "serving from the startup pack");
         Ok(n)
+    }
+
+    /// Whether the start the startup pack serves is under way: reads have
+    /// taken at least a quarter of the pack's bytes from it (far more than
+    /// mounting the filesystem reads). `false` without a pack.
+    pub fn start_under_way(&self) -> bool {
+        self.inner.startup.get().is_some_and(|s| {
+            s.served.load(Ordering::Relaxed).saturating_mul(4) >= s.bytes && s.bytes > 0
+        })
     }
 }
 
@@ -128,6 +142,7 @@ impl Inner {
         if consecutive {
             let (c0, o0) = at(lo)?;
             let d = self.pack_chunk(s, c0)?;
+            s.served.fetch_add(hi - lo, Ordering::Relaxed);
             return Some((d, o0 as usize..(o0 + hi - lo) as usize));
         }
         let mut out = Vec::with_capacity((hi - lo) as usize);
@@ -140,6 +155,7 @@ impl Inner {
             x += n as u64;
         }
         let n = out.len();
+        s.served.fetch_add(n as u64, Ordering::Relaxed);
         Some((Arc::new(out), 0..n))
     }
 

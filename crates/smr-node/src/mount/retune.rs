@@ -6,10 +6,13 @@
 //! for the blocks the pack holds. Later reads are another workload: a
 //! program that reads large files does better with the normal settings
 //! (the loop device's page cache of the FUSE file, a larger readahead).
-//! The start counts as over once the image has gone [`START_QUIET`]
-//! without a read, or [`START_MAX`] after the mount, whichever comes
-//! first. Files opened before then keep the readahead they were opened
-//! with (the kernel takes it at open).
+//! The start counts as over once, after it got under way (the caller
+//! says when: for a startup pack, once a quarter of the pack was read,
+//! which mounting the filesystem alone never does, however long the
+//! container takes to come), the image has gone [`START_QUIET`] without a
+//! read, or [`START_MAX`] after it got under way, whichever comes first.
+//! Files opened before then keep the readahead they were opened with (the
+//! kernel takes it at open).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,7 +25,7 @@ use super::{loopdev, Result};
 
 /// How long the image must go without a read for its start to be over.
 pub const START_QUIET: Duration = Duration::from_secs(1);
-/// How long after the mount the start is over at the latest.
+/// How long after it got under way the start is over at the latest.
 pub const START_MAX: Duration = Duration::from_secs(30);
 /// How often the watcher looks at the read counter.
 const POLL: Duration = Duration::from_millis(100);
@@ -44,7 +47,7 @@ pub fn retune_loop(dev: &str, file: &std::path::Path, opts: LoopOptions) -> Resu
 pub struct StartEnd {
     /// The start is over after this long without a read.
     pub quiet: Duration,
-    /// ... or this long after the watch began, whichever comes first.
+    /// ... or this long after it got under way, whichever comes first.
     pub max: Duration,
 }
 
@@ -80,12 +83,13 @@ impl Drop for RetuneWatch {
     }
 }
 
-/// Watches `reads` (a counter of the image's reads) in a thread; once the
-/// start is over (see `end`), retunes the loop device that `target` names
-/// (with the options to set; `None` while it is not known yet) if `file`
-/// is still behind it. Logs the outcome.
+/// Watches `reads` (a counter of the image's reads, `None` while the
+/// start is not under way) in a thread; once the start is over (see
+/// `end`), retunes the loop device that `target` names (with the options
+/// to set; `None` while it is not known yet) if `file` is still behind
+/// it. Logs the outcome.
 pub fn retune_after_start(
-    reads: impl Fn() -> u64 + Send + 'static,
+    reads: impl Fn() -> Option<u64> + Send + 'static,
     file: PathBuf,
     target: impl Fn() -> Option<(String, LoopOptions)> + Send + 'static,
     end: StartEnd,
@@ -95,20 +99,26 @@ pub fn retune_after_start(
     let thread = std::thread::Builder::new()
         .name("smr-retune".into())
         .spawn(move || {
-            let began = Instant::now();
-            let (mut last, mut since) = (reads(), Instant::now());
+            // (reads so far, when they last changed, when the start got
+            // under way)
+            let mut seen: Option<(u64, Instant, Instant)> = None;
             loop {
                 std::thread::sleep(POLL);
                 if stopped.load(Ordering::Relaxed) {
                     return;
                 }
-                let now = reads();
-                if now != last {
-                    (last, since) = (now, Instant::now());
+                let Some(now) = reads() else {
+                    continue;
+                };
+                let (last, since, began) =
+                    seen.get_or_insert((now, Instant::now(), Instant::now()));
+                if now != *last {
+                    (*last, *since) = (now, Instant::now());
                 }
                 if since.elapsed() < end.quiet && began.elapsed() < end.max {
                     continue;
                 }
+                let began = *began;
                 let Some((dev, opts)) = target() else {
                     continue;
                 };

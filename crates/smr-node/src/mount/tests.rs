@@ -606,11 +606,11 @@ fn the_loop_device_is_retuned_once_reads_stop_or_at_the_latest_after_max() {
         let watch = retune_after_start(
             move || {
                 // Reads that never stop: the counter moves at every look.
-                if reads_stop {
+                Some(if reads_stop {
                     counter.load(std::sync::atomic::Ordering::Relaxed)
                 } else {
                     counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                }
+                })
             },
             file.clone(),
             move || Some((target.clone(), normal)),
@@ -660,7 +660,7 @@ fn a_dropped_watch_changes_nothing() {
         max: Duration::from_millis(300),
     };
     let watch = retune_after_start(
-        || 0,
+        || Some(0),
         file,
         move || Some((target.clone(), LoopOptions::default())),
         end,
@@ -669,5 +669,39 @@ fn a_dropped_watch_changes_nothing() {
     drop(watch);
     std::thread::sleep(Duration::from_millis(600));
     assert_eq!(loop_settings(&dev), before);
+    image.teardown().expect("teardown");
+}
+
+#[test]
+fn a_start_not_under_way_is_never_cut_short() {
+    if !loop_root() {
+        return;
+    }
+    let (_tmp, file, image) = startup_mount();
+    let dev = image.loop_dev().to_string();
+    let before = loop_settings(&dev);
+    let under_way = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = under_way.clone();
+    let target = dev.clone();
+    let end = StartEnd {
+        quiet: Duration::from_millis(100),
+        max: Duration::from_millis(100),
+    };
+    let watch = retune_after_start(
+        move || flag.load(std::sync::atomic::Ordering::Relaxed).then_some(7),
+        file,
+        move || Some((target.clone(), LoopOptions::default())),
+        end,
+    )
+    .expect("watch");
+    // The mounted, idle image: however long the container takes to come.
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(loop_settings(&dev), before, "not under way: kept");
+    under_way.store(true, std::sync::atomic::Ordering::Relaxed);
+    watch.join();
+    assert_eq!(
+        loop_settings(&dev),
+        (DEFAULT_READAHEAD_KB.to_string(), "0".to_string())
+    );
     image.teardown().expect("teardown");
 }

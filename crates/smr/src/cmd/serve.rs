@@ -283,7 +283,7 @@ fn mark_startup_pack(
         Some((st.loop_dev, st.after_start?))
     };
     smr_node::mount::retune_after_start(
-        move || lazy.stats().reads,
+        move || lazy.start_under_way().then(|| lazy.stats().reads),
         file,
         target,
         smr_node::mount::StartEnd::default(),

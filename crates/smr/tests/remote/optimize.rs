@@ -38,7 +38,8 @@ fn run(image: &str, dir: &Path, key: &Path, cmd: &[&str]) -> (serde_json::Value,
 
 /// `smr mount` of an image whose profile has a startup pack: the loop
 /// device is attached with the startup settings (direct I/O, 32 KiB
-/// readahead) and put back to the normal ones once reads stop.
+/// readahead) and put back to the normal ones once the start the profile
+/// was made of has run and reads stopped.
 fn mounted_from_the_pack(image: &str, dir: &Path, key: &Path) {
     let (mnt, state) = (dir.join("mnt"), dir.join("state"));
     let m = crate::registry::Mounted::new(image, &mnt, &state, &dir.join("mc"), key, &[]);
@@ -56,6 +57,21 @@ fn mounted_from_the_pack(image: &str, dir: &Path, key: &Path) {
     assert!(version.starts_with("12"), "{version}");
     let dev = st["loop_dev"].as_str().unwrap().trim_start_matches("/dev/");
     let sys = |a: &str| std::fs::read_to_string(format!("/sys/block/{dev}/{a}")).unwrap();
+    // A mounted image nothing starts from keeps the startup settings
+    // (longer than the second of quiet that ends a start).
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert_eq!(sys("queue/read_ahead_kb").trim(), "32");
+    // The start the profile was made of, run on the mount.
+    let out = std::process::Command::new("chroot")
+        .arg(&mnt)
+        .args(["python3", "-c", "import json, sqlite3"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while (sys("queue/read_ahead_kb").trim(), sys("loop/dio").trim()) != ("128", "0") {
         assert!(std::time::Instant::now() < deadline, "not retuned: {st}");

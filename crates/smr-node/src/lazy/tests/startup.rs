@@ -97,6 +97,7 @@ fn a_fresh_node_starts_from_the_pack_alone() {
     );
     let stats = lazy.replay(&profile, 4).wait();
     assert_eq!((stats.chunks, stats.failed), (pack.chunks.len() as u64, 0));
+    assert!(!lazy.start_under_way(), "fetched, not read yet");
     for (off, len) in READS {
         let got = fx.read(&lazy, off, len).expect("read");
         assert!(
@@ -105,6 +106,7 @@ fn a_fresh_node_starts_from_the_pack_alone() {
         );
     }
     assert_eq!(image_gets(&fx), before, "no image chunk fetched");
+    assert!(lazy.start_under_way(), "the whole pack read");
     assert_eq!(lazy.stats().bytes_fetched, blob.len() as u64);
     // A read beyond the pack takes the image's chunks, and then they win.
     let off = 5 * CS;
