@@ -61,7 +61,7 @@ impl Default for StartEnd {
 }
 
 /// A running [`retune_after_start`]: dropping it stops the watch (the
-/// thread then ends within [`POLL`] and changes nothing).
+/// thread then ends within a tenth of a second and changes nothing).
 #[derive(Debug)]
 pub struct RetuneWatch {
     stop: Arc<AtomicBool>,
