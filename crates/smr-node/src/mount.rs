@@ -364,6 +364,13 @@ pub fn mount_with_server(
     let fuse_dir = state.join("fuse");
     let log = state.join("serve.log");
     std::fs::create_dir_all(&fuse_dir).map_err(io_err(&fuse_dir))?;
+    // Left by a mount killed before it was done: only this server says
+    // whether it serves a startup pack.
+    let mark = state.join(STARTUP_PACK_MARK);
+    match std::fs::remove_file(&mark) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(&mark)(e)),
+        _ => {}
+    }
     let mut b = Building {
         fuse_dir: fuse_dir.clone(),
         state: state.clone(),

@@ -18,7 +18,7 @@ use crate::fetch::Priority;
 use smr_format::startup::{total_blocks, BlockMap, BLOCK};
 use smr_format::{ChunkKey, FormatError, Profile};
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// The startup pack an image serves blocks from.
@@ -30,9 +30,8 @@ pub(super) struct Startup {
     piece: u64,
     /// Pack chunks that failed: their blocks come from the image's chunks.
     broken: Bits,
-    /// Bytes the pack holds, and bytes of reads served from it so far.
+    /// Bytes the pack holds.
     bytes: u64,
-    served: AtomicU64,
     /// The pack's chunks kept through evictions while the image is served.
     _pin: Option<Pin>,
 }
@@ -83,7 +82,6 @@ impl LazyImage {
             map,
             broken: Bits::new(n as u64),
             bytes: total * BLOCK,
-            served: AtomicU64::new(0),
             chunks,
             piece: u64::from(pack.piece_blocks),
             _pin: pin,
@@ -97,12 +95,15 @@ impl LazyImage {
     }
 
     /// Whether the start the startup pack serves is under way: reads have
-    /// taken at least a quarter of the pack's bytes from it (far more than
-    /// mounting the filesystem reads). `false` without a pack.
+    /// taken at least a quarter of the pack's bytes from the image (far
+    /// more than mounting the filesystem reads), from the pack or, with a
+    /// warm cache, from the image's own chunks. `false` without a pack.
     pub fn start_under_way(&self) -> bool {
-        self.inner.startup.get().is_some_and(|s| {
-            s.served.load(Ordering::Relaxed).saturating_mul(4) >= s.bytes && s.bytes > 0
-        })
+        let read = self.inner.bytes_read.load(Ordering::Relaxed);
+        self.inner
+            .startup
+            .get()
+            .is_some_and(|s| read.saturating_mul(4) >= s.bytes && s.bytes > 0)
     }
 }
 
@@ -142,7 +143,6 @@ impl Inner {
         if consecutive {
             let (c0, o0) = at(lo)?;
             let d = self.pack_chunk(s, c0)?;
-            s.served.fetch_add(hi - lo, Ordering::Relaxed);
             return Some((d, o0 as usize..(o0 + hi - lo) as usize));
         }
         let mut out = Vec::with_capacity((hi - lo) as usize);
@@ -155,7 +155,6 @@ impl Inner {
             x += n as u64;
         }
         let n = out.len();
-        s.served.fetch_add(n as u64, Ordering::Relaxed);
         Some((Arc::new(out), 0..n))
     }
 

@@ -237,21 +237,44 @@ pub fn clear(dev: &str, file: &Path) -> Result<bool> {
     }
 }
 
-/// Turns direct I/O of the attached loop device `dev` (backed by `file`)
-/// on or off (`LOOP_SET_DIRECT_IO`), while it stays mounted.
-pub fn set_direct_io(dev: &str, file: &Path, on: bool) -> Result<()> {
-    let fd =
-        rustix::fs::open(dev, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).map_err(|e| {
-            MountError::Io {
-                path: dev.into(),
-                source: e.into(),
-            }
-        })?;
+/// Loop devices' block major (`LOOP_MAJOR` in `linux/major.h`).
+const LOOP_MAJOR: u32 = 7;
+
+/// Opens loop device `dev` (named for errors with its backing `file`),
+/// checking that it is one. While the descriptor is open the device keeps
+/// the file it has now: a detach (`LOOP_CLR_FD`, or autoclear when its
+/// filesystem is unmounted) waits for the last close. `Ok(None)` if the
+/// device is gone.
+pub fn open_loop(dev: &str, file: &Path) -> Result<Option<OwnedFd>> {
+    let fd = match rustix::fs::open(dev, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT | Errno::NXIO | Errno::NODEV) => return Ok(None),
+        Err(e) => return Err(loop_err(dev, file, "open")(e)),
+    };
+    let st = rustix::fs::fstat(&fd).map_err(loop_err(dev, file, "fstat"))?;
+    let is_block =
+        rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::BlockDevice;
+    if !is_block || rustix::fs::major(st.st_rdev) != LOOP_MAJOR {
+        return Err(MountError::Loop {
+            dev: dev.into(),
+            file: file.into(),
+            op: "open",
+            source: io::Error::new(io::ErrorKind::InvalidInput, "not a loop device"),
+        });
+    }
+    Ok(Some(fd))
+}
+
+/// Turns direct I/O of the loop device open as `fd` ([`open_loop`]; `dev`,
+/// backed by `file`, named for errors) on or off (`LOOP_SET_DIRECT_IO`),
+/// while it stays mounted.
+pub fn set_direct_io(fd: BorrowedFd<'_>, dev: &str, file: &Path, on: bool) -> Result<()> {
     // SAFETY: LOOP_SET_DIRECT_IO takes its argument by value, an unsigned
     // long that is 0 or 1 here, and reads or writes no user memory; the
-    // opcode is the kernel header's, and callers pass loop devices
-    // (`retune_loop` checks /sys/block/NAME/loop/backing_file first).
+    // opcode is the kernel header's, and `fd` is a loop device
+    // ([`open_loop`] checked its type and major), so the loop driver's
+    // handler is the one that runs.
     let set = unsafe { IntegerSetter::<SET_DIRECT_IO>::new_usize(usize::from(on)) };
     // SAFETY: as above.
-    unsafe { ioctl(&fd, set) }.map_err(loop_err(dev, file, "LOOP_SET_DIRECT_IO"))
+    unsafe { ioctl(fd, set) }.map_err(loop_err(dev, file, "LOOP_SET_DIRECT_IO"))
 }

@@ -14,6 +14,7 @@
 //! Files opened before then keep the readahead they were opened with (the
 //! kernel takes it at open).
 
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -34,11 +35,16 @@ const POLL: Duration = Duration::from_millis(100);
 /// `false`, changing nothing, unless `file` is still behind `dev` (a
 /// device freed meanwhile may serve another image by now).
 pub fn retune_loop(dev: &str, file: &std::path::Path, opts: LoopOptions) -> Result<bool> {
+    // Held open, the device keeps its file until both settings are made,
+    // so the check below still holds when they are.
+    let Some(fd) = loopdev::open_loop(dev, file)? else {
+        return Ok(false);
+    };
     if loop_backing_file(dev).as_deref() != Some(file) {
         return Ok(false);
     }
     set_read_ahead_kb(dev, opts.readahead_kb)?;
-    loopdev::set_direct_io(dev, file, opts.direct_io)?;
+    loopdev::set_direct_io(fd.as_fd(), dev, file, opts.direct_io)?;
     Ok(true)
 }
 
@@ -60,8 +66,9 @@ impl Default for StartEnd {
     }
 }
 
-/// A running [`retune_after_start`]: dropping it stops the watch (the
-/// thread then ends within a tenth of a second and changes nothing).
+/// A running [`retune_after_start`]: dropping it stops the watch and waits
+/// for its thread, which then changes nothing more (a retune under way is
+/// finished first).
 #[derive(Debug)]
 pub struct RetuneWatch {
     stop: Arc<AtomicBool>,
@@ -80,6 +87,10 @@ impl RetuneWatch {
 impl Drop for RetuneWatch {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
     }
 }
 
@@ -103,7 +114,7 @@ pub fn retune_after_start(
             // under way)
             let mut seen: Option<(u64, Instant, Instant)> = None;
             loop {
-                std::thread::sleep(POLL);
+                std::thread::park_timeout(POLL);
                 if stopped.load(Ordering::Relaxed) {
                     return;
                 }

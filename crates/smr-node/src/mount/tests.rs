@@ -492,8 +492,9 @@ fn a_server_that_dies_at_start_leaves_no_state() {
 
 /// Mounts the small ext4 image through [`mount_with_server`] with a
 /// "server" that marks a startup pack if `mark` (the export itself is
-/// served from this process); returns the state, then unmounts.
-fn mount_marked(mark: bool) -> MountState {
+/// served from this process), after a mount killed before it was done
+/// left a mark if `stale`; returns the state, then unmounts.
+fn mount_marked(mark: bool, stale: bool) -> MountState {
     let tmp = tempfile::tempdir().expect("tempdir");
     let bytes = ext4_image(tmp.path());
     let size = bytes.len() as u64;
@@ -511,6 +512,14 @@ fn mount_marked(mark: bool) -> MountState {
         loop_opts: LoopOptions::default(),
         startup_opts: Some(startup),
     };
+    if stale {
+        let state = state_dir(
+            &req.state_root,
+            &check_mountpoint(&mnt).expect("mountpoint"),
+        );
+        std::fs::create_dir_all(&state).expect("mkdir");
+        std::fs::write(state.join(STARTUP_PACK_MARK), "").expect("stale mark");
+    }
     let mut fuse = None;
     let st = mount_with_server(&req, |dir, out, errout| {
         let state = dir.parent().expect("state dir");
@@ -544,16 +553,19 @@ fn a_server_serving_a_startup_pack_gets_the_startup_loop_options() {
     if !root() {
         return;
     }
-    let marked = mount_marked(true);
+    let marked = mount_marked(true, false);
     assert_eq!(
         (marked.readahead_kb, marked.direct_io),
         (STARTUP_READAHEAD_KB, true)
     );
-    let plain = mount_marked(false);
-    assert_eq!(
-        (plain.readahead_kb, plain.direct_io),
-        (DEFAULT_READAHEAD_KB, false)
-    );
+    for stale in [false, true] {
+        let plain = mount_marked(false, stale);
+        assert_eq!(
+            (plain.readahead_kb, plain.direct_io),
+            (DEFAULT_READAHEAD_KB, false),
+            "a mark left by a killed mount: {stale}"
+        );
+    }
 }
 
 /// A mounted ext4 file on a loop device attached with the startup
@@ -644,6 +656,16 @@ fn a_loop_device_serving_another_file_is_not_retuned() {
     assert!(!retune_loop(dev, &other, LoopOptions::default()).expect("retune"));
     assert_eq!(loop_settings(dev), before);
     image.teardown().expect("teardown");
+    assert!(
+        !retune_loop("/dev/loop-smr-none", &other, LoopOptions::default()).expect("retune"),
+        "a device that is gone"
+    );
+    let err = retune_loop("/dev/null", &other, LoopOptions::default()).expect_err("not a loop");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("/dev/null") && msg.contains("not a loop device"),
+        "{msg}"
+    );
 }
 
 #[test]

@@ -124,7 +124,13 @@ pub fn run(a: Args) -> Result<ExitCode> {
         },
         None => RootFs::Image(opened.lazy),
     };
-    let startup = a.record_profile.is_some() || opened.startup_pack;
+    let startup = if a.record_profile.is_some() {
+        Startup::Record
+    } else if opened.startup_pack {
+        Startup::Pack
+    } else {
+        Startup::None
+    };
     let req = request(&a, root, opened.recipe, seccomp, started, startup);
     let mut r = smr_node::run::run(req).with_context(|| format!("running {label}"))?;
     r.profile = replay.map(|p| p.stats());
@@ -184,7 +190,7 @@ fn run_through_daemon(
         .trusted_artifact(&bind.image, false)
         .with_context(|| format!("reading the config of {}", bind.image))?;
     let root = RootFs::Mounted(bind.dir().to_path_buf());
-    let req = request(&a, root, artifact.recipe, seccomp, started, false);
+    let req = request(&a, root, artifact.recipe, seccomp, started, Startup::None);
     let r = smr_node::run::run(req).with_context(|| format!("running {image}"))?;
     drop(bind);
     let start = r.start_seconds.map_or("?".into(), |s| format!("{s:.2}s"));
@@ -197,16 +203,28 @@ fn run_through_daemon(
     Ok(ExitCode::from(u8::try_from(r.exit_code).unwrap_or(255)))
 }
 
-/// The run of `root` (with `recipe`'s config) that the arguments ask for;
-/// `startup`: it records a startup profile or is served from a startup
-/// pack (see [`super::mount::LoopArgs::startup_options`]).
+/// What a run's start does with a startup profile, which decides its loop
+/// device's settings (see [`super::mount::LoopArgs::startup_options`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Startup {
+    /// Neither records nor serves one: the settings asked for.
+    None,
+    /// Records one: the startup settings for the whole run, so that the
+    /// profile lists the blocks a start with them reads.
+    Record,
+    /// Is served from a startup pack: the startup settings until the
+    /// start is over, then the settings asked for.
+    Pack,
+}
+
+/// The run of `root` (with `recipe`'s config) that the arguments ask for.
 fn request(
     a: &Args,
     root: RootFs,
     recipe: smr_format::Recipe,
     seccomp: smr_node::run::seccomp::Seccomp,
     started: (Instant, SystemTime),
-    startup: bool,
+    startup: Startup,
 ) -> RunRequest {
     RunRequest {
         root,
@@ -216,12 +234,12 @@ fn request(
             env: a.env.clone(),
             terminal: std::io::stdin().is_terminal(),
         },
-        loop_opts: if startup {
-            a.loop_args.startup_options()
-        } else {
+        loop_opts: if startup == Startup::None {
             a.loop_args.options()
+        } else {
+            a.loop_args.startup_options()
         },
-        after_start: startup.then(|| a.loop_args.options()),
+        after_start: (startup == Startup::Pack).then(|| a.loop_args.options()),
         work_root: a.work_dir.clone(),
         runc: a.runtime.clone(),
         network: a.network,

@@ -123,6 +123,31 @@ fn a_fresh_node_starts_from_the_pack_alone() {
 }
 
 #[test]
+fn a_start_from_a_warm_cache_is_under_way_too() {
+    let fx = fixture(Duration::ZERO);
+    let (profile, _) = recorded_pack(&fx);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let warm = fresh_lazy(&fx, dir.path());
+    for (off, len) in READS {
+        fx.read(&warm, off, len).expect("read");
+    }
+    drop(warm);
+    // The node's cache holds the image's chunks: they serve the start,
+    // the pack serves nothing, and the start still counts as under way
+    // (the loop device is retuned after it).
+    let lazy = fresh_lazy(&fx, dir.path());
+    lazy.use_startup_pack(&profile).expect("our keys");
+    assert!(!lazy.start_under_way(), "nothing read yet");
+    let before = image_gets(&fx);
+    for (off, len) in READS {
+        let got = fx.read(&lazy, off, len).expect("read");
+        assert!(got == fx.plain[off as usize..(off + len) as usize]);
+    }
+    assert_eq!(image_gets(&fx), before, "served from the cache");
+    assert!(lazy.start_under_way());
+}
+
+#[test]
 fn blocks_read_out_of_order_are_served_in_image_order() {
     let fx = fixture(Duration::ZERO);
     let lazy = fx.lazy(32 << 20, 1 << 30);
