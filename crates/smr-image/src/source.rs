@@ -25,7 +25,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-pub use resolve::resolve_descriptor;
+pub use resolve::{resolve_descriptor, select_manifest};
 
 /// An OS/architecture/variant triple, as in OCI `platform` objects.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

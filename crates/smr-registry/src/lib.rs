@@ -2,6 +2,8 @@
 //!
 //! - [`blobs`]: the [`blobs::Blobs`] trait, one repository's blobs and
 //!   manifests, as the rest of this crate sees a registry.
+//! - [`blob_cache`]: a node-local cache of digest-named blobs and
+//!   manifests ([`blob_cache::CachedBlobs`]).
 //! - [`error`]: the crate error, [`RegistryError`].
 //! - [`pack`]: packs (chunks concatenated into blobs) and the pack index.
 //! - [`media_types`]: the smr artifacts' media types.
@@ -19,6 +21,7 @@
 //! - [`source`]: `docker://` image sources ([`source::RegistrySource`]).
 
 pub mod artifact;
+pub mod blob_cache;
 pub mod blobs;
 pub mod client;
 pub mod discover;

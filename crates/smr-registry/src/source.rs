@@ -174,8 +174,11 @@ impl RegistrySource {
     }
 }
 
-impl ImageSource for RegistrySource {
-    fn resolve(&self, platform: &Platform) -> Result<ResolvedImage, SourceError> {
+impl RegistrySource {
+    /// The descriptor of the reference's top manifest (a tag's or the
+    /// pinned digest's: an index or an image manifest), fetched and
+    /// remembered; a pinned digest is checked.
+    fn top_descriptor(&self) -> Result<Descriptor, SourceError> {
         let at = self.reference.manifest_reference();
         tracing::debug!(source = %self.describe(), %at, "resolving");
         let (media_type, bytes) = match self.repo.get_manifest(at) {
@@ -207,6 +210,25 @@ impl ImageSource for RegistrySource {
         let bytes = Bytes::from(bytes);
         *lock(&self.top) = Some((media_type.clone(), bytes.clone()));
         self.remember(&digest, &media_type, bytes);
+        Ok(desc)
+    }
+
+    /// The digest of the image manifest for `platform` the reference
+    /// names, and whether the reference named it directly (no index on
+    /// the way). Reads the tag and any indexes, neither the manifest
+    /// itself nor its config: what finding an image's smr artifact needs
+    /// (its subject), a round trip or two less than
+    /// [`ImageSource::resolve`].
+    pub fn resolve_manifest(&self, platform: &Platform) -> Result<(String, bool), SourceError> {
+        let top = self.top_descriptor()?;
+        let (manifest, direct) = smr_image::source::select_manifest(self, &top, platform)?;
+        Ok((manifest.digest, direct))
+    }
+}
+
+impl ImageSource for RegistrySource {
+    fn resolve(&self, platform: &Platform) -> Result<ResolvedImage, SourceError> {
+        let desc = self.top_descriptor()?;
         resolve_descriptor(self, &desc, platform)
     }
 

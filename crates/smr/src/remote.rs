@@ -4,12 +4,14 @@
 use anyhow::{Context, Result};
 use smr_image::source::{ImageSource, Platform};
 use smr_registry::artifact::Descriptor;
+use smr_registry::blob_cache::CachedBlobs;
 use smr_registry::client::{Credentials, RegistryOptions, Repository};
 use smr_registry::discover::{discover_trusted, Accept, Artifact, DiscoverOptions};
 use smr_registry::push::{push, PushOptions, PushReport};
 use smr_registry::reference::DOCKER_PREFIX;
 use smr_registry::source::RegistrySource;
 use smr_store::ChunkStore;
+use std::path::Path;
 
 /// Environment variable holding registry credentials `USER:PASS`.
 pub const CREDS_ENV: &str = "SMR_REGISTRY_CREDS";
@@ -110,16 +112,19 @@ pub fn is_remote(image: &str) -> bool {
 
 /// Resolves `reference` for `platform`, finds the smr artifact whose
 /// subject is that manifest (with `opts`, the first that `accept` takes),
-/// and opens it; returns its repository too.
+/// and opens it; returns its repository too. With `blob_cache`, what is
+/// named by digest (manifests, recipe, pack index, profile) is read
+/// through the node's cache there ([`CachedBlobs`]).
 pub fn find_artifact(
     reference: &str,
     platform: &Platform,
     args: &RegistryArgs,
     opts: &DiscoverOptions,
     accept: Accept<'_>,
+    blob_cache: Option<&Path>,
 ) -> Result<(Repository, Artifact)> {
     let src = RegistrySource::open(reference, &args.options()?)?;
-    find_artifact_in(&src, reference, platform, opts, accept)
+    find_artifact_in(&src, reference, platform, opts, accept, blob_cache)
 }
 
 /// [`find_artifact`] in the registry source `src` already opened for
@@ -130,24 +135,32 @@ pub fn find_artifact_in(
     platform: &Platform,
     opts: &DiscoverOptions,
     accept: Accept<'_>,
+    blob_cache: Option<&Path>,
 ) -> Result<(Repository, Artifact)> {
-    let resolved = src.resolve(platform);
+    // The manifest's digest is all the artifact lookup needs (its
+    // subject): not the manifest itself nor its config.
+    let resolved = src.resolve_manifest(platform);
     let repo = src.repository().clone();
+    let cached = blob_cache.map(|dir| CachedBlobs::new(&repo, dir));
+    let blobs: &dyn smr_registry::Blobs = match &cached {
+        Some(c) => c,
+        None => &repo,
+    };
     // A tag naming an smr image itself (`smr commit --push`).
     if let Some(digest) = image_artifact(src) {
-        let a = smr_registry::discover::open_image(&repo, &digest, opts, accept)
+        let a = smr_registry::discover::open_image(blobs, &digest, opts, accept)
             .with_context(|| format!("opening the smr image {reference} ({digest})"))?;
         tracing::info!(image = %reference, artifact = %a.digest, profile = a.profile.is_some(), "opened smr image");
         return Ok((repo, a));
     }
-    let resolved = resolved.with_context(|| format!("resolving {reference}"))?;
-    let digest = &resolved.manifest_digest;
+    let (digest, direct) = resolved.with_context(|| format!("resolving {reference}"))?;
+    let digest = &digest;
     // `--index` mode: the index the reference named may list the artifact.
     let opts = &DiscoverOptions {
         index_entries: src.index_entries(digest),
         ..opts.clone()
     };
-    let artifact = match discover_trusted(&repo, digest, opts, accept) {
+    let artifact = match discover_trusted(blobs, digest, opts, accept) {
         Ok(a) => a,
         Err(e @ smr_registry::RegistryError::NoTrustedArtifact { .. }) => {
             return Err(e).with_context(|| format!("finding the smr artifact of {reference}"))
@@ -160,6 +173,15 @@ pub fn find_artifact_in(
             })
         }
     };
+    let config = &artifact.recipe.config;
+    if direct && (config.os != platform.os || config.architecture != platform.architecture) {
+        tracing::warn!(
+            manifest = %digest,
+            "image is for {}/{}, not the requested {platform}; using it anyway",
+            config.os,
+            config.architecture
+        );
+    }
     tracing::info!(image = %reference, artifact = %artifact.digest, profile = artifact.profile.is_some(), "opened smr artifact");
     Ok((repo, artifact))
 }

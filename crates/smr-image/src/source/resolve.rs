@@ -24,31 +24,41 @@ pub fn resolve_descriptor(
     desc: &Descriptor,
     platform: &Platform,
 ) -> Result<ResolvedImage> {
+    let (manifest, direct) = select_manifest(src, desc, platform)?;
+    build_image(src, &manifest, platform, direct)
+}
+
+/// The first half of [`resolve_descriptor`]: the descriptor of the manifest
+/// for `platform` that `desc` leads to, and whether `desc` is that
+/// manifest itself (no index on the way). Reads indexes only, never the
+/// manifest or its config.
+pub fn select_manifest(
+    src: &dyn ImageSource,
+    desc: &Descriptor,
+    platform: &Platform,
+) -> Result<(Descriptor, bool)> {
     parse_digest(&desc.digest)?;
-    let (manifest, direct) = match ManifestKind::of(&desc.media_type) {
-        Some(ManifestKind::Manifest) => (desc.clone(), true),
+    match ManifestKind::of(&desc.media_type) {
+        Some(ManifestKind::Manifest) => Ok((desc.clone(), true)),
         Some(ManifestKind::Index) => {
             let mut available = Vec::new();
             match select(src, desc, platform, 0, &mut available)? {
-                Some(m) => (m, false),
+                Some(m) => Ok((m, false)),
                 None => {
                     available.sort();
                     available.dedup();
-                    return Err(SourceError::NoMatchingPlatform {
+                    Err(SourceError::NoMatchingPlatform {
                         wanted: platform.to_string(),
                         available,
-                    });
+                    })
                 }
             }
         }
-        None => {
-            return Err(SourceError::UnsupportedMediaType {
-                digest: desc.digest.clone(),
-                media_type: desc.media_type.clone(),
-            })
-        }
-    };
-    build_image(src, &manifest, platform, direct)
+        None => Err(SourceError::UnsupportedMediaType {
+            digest: desc.digest.clone(),
+            media_type: desc.media_type.clone(),
+        }),
+    }
 }
 
 /// Picks the manifest for `platform` in the index `desc` (recursively).

@@ -2,7 +2,7 @@
 
 use super::image::CacheArgs;
 use crate::progress::human;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use std::process::ExitCode;
 
 /// Arguments of `smr cache`.
@@ -22,7 +22,9 @@ enum CacheCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Evict (LRU-K order) until the cache holds at most `--to` bytes.
+    /// Evict (LRU-K order) until the cache holds at most `--to` bytes;
+    /// `--to 0` also forgets the registry blobs kept by digest (recipes,
+    /// pack indexes, manifests).
     Prune {
         #[command(flatten)]
         cache: CacheArgs,
@@ -97,6 +99,11 @@ pub fn run(a: Args) -> Result<ExitCode> {
         }
         CacheCommand::Prune { cache, to } => {
             let r = cache.open()?.prune(to)?;
+            let blobs = cache.blob_cache_dir();
+            if to == 0 && blobs.exists() {
+                std::fs::remove_dir_all(&blobs)
+                    .with_context(|| format!("removing {}", blobs.display()))?;
+            }
             errln!(
                 "evicted {} chunks ({}) in {} segments; {} chunks left{}",
                 r.evicted_entries,

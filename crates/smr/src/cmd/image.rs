@@ -19,6 +19,9 @@ use smr_store::ChunkStore;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// The cache directory's subdirectory of registry blobs named by digest.
+pub const BLOB_CACHE_DIR: &str = "registry-blobs";
+
 /// `--cache-dir` (or `SMR_CACHE_DIR`).
 #[derive(clap::Args, Clone, Debug)]
 pub struct CacheArgs {
@@ -32,6 +35,13 @@ pub struct CacheArgs {
 }
 
 impl CacheArgs {
+    /// Where the node keeps registry blobs named by digest (see
+    /// [`smr_registry::blob_cache`]): beside the chunks, in the cache
+    /// directory.
+    pub fn blob_cache_dir(&self) -> PathBuf {
+        self.cache_dir.join(BLOB_CACHE_DIR)
+    }
+
     /// Opens (creating) the cache.
     pub fn open(&self) -> Result<Arc<Cache>> {
         let mut cfg = CacheConfig::new(&self.cache_dir);
@@ -77,6 +87,11 @@ pub struct OriginArgs {
     /// For a registry image: the platform to pick from an index.
     #[arg(long, default_value = "linux/amd64")]
     pub platform: String,
+    /// The node's cache of digest-named registry blobs (see
+    /// [`smr_registry::blob_cache`]): set by commands that serve images
+    /// through the node cache, under its directory.
+    #[arg(skip)]
+    pub blob_cache: Option<PathBuf>,
 }
 
 /// An image's recipe and chunk store, found by [`OriginArgs::resolve`].
@@ -171,9 +186,14 @@ impl OriginArgs {
             verify_keys: policy.keys.clone(),
             ..DiscoverOptions::default()
         };
-        find_artifact(image, &platform, &self.registry, &opts, &|a| {
-            policy.accept(a)
-        })
+        find_artifact(
+            image,
+            &platform,
+            &self.registry,
+            &opts,
+            &|a| policy.accept(a),
+            self.blob_cache.as_deref(),
+        )
     }
 
     /// Finds `image`'s recipe and chunk store. For a registry image,
@@ -312,7 +332,11 @@ impl SourceArgs {
             (Some(path), true) => Some((path, super::profile::read(path)?)),
             _ => None,
         };
-        let r = self.origin.resolve(
+        let origin = OriginArgs {
+            blob_cache: Some(self.cache.blob_cache_dir()),
+            ..self.origin.clone()
+        };
+        let r = origin.resolve(
             image,
             profiles && local_profile.is_none(),
             local_profile.is_some(),

@@ -265,7 +265,7 @@ fn recorded_on(
             .check_recipe(&art.recipe_bytes)
             .map_err(|e| format!("not the recipe the profile was recorded against: {e}"))
     };
-    find_artifact_in(src, image, &platform, &opts, &accept)
+    find_artifact_in(src, image, &platform, &opts, &accept, None)
 }
 
 /// Plaintext and stored bytes of the stored chunks `profile` lists.

@@ -110,6 +110,49 @@ fn push_then_mount_lazily_from_the_registry() {
     lazy_tree_equals_local(&s, &image, &[]);
 }
 
+/// What an image is found by and named by digest (the recipe, the
+/// artifact manifest) is fetched once per node: `smr mount`'s FUSE server
+/// reads what `smr mount` fetched from the node's cache, and so does the
+/// next mount.
+#[test]
+fn a_mount_fetches_the_recipe_once_per_node() {
+    let Some(reg) = Registry::start(None) else {
+        return;
+    };
+    let (s, image) = synthetic_in(&reg);
+    push(&image, &s.key, &[]);
+    // The same conversion locally: the recipe pushed, byte for byte.
+    convert(&s.src, &s.store, &s.recipe, &s.key, &[]);
+    let recipe = std::fs::read(&s.recipe).unwrap();
+    let digest = smr_registry::artifact::digest_of(&recipe);
+    let (mnt, state, cache) = (
+        s.t.path().join("mnt"),
+        s.t.path().join("state"),
+        s.t.path().join("cache"),
+    );
+    let before = reg.gets_of(&digest);
+    {
+        let _m = Mounted::new(&image, &mnt, &state, &cache, &s.key, &[]);
+        assert_eq!(reg.gets_of(&digest) - before, 1, "recipe {digest}");
+    }
+    let manifests = reg.gets_of("/manifests/sha256:");
+    let m = Mounted::new(&image, &mnt, &state, &cache, &s.key, &[]);
+    assert_eq!(reg.gets_of(&digest) - before, 1, "recipe {digest}, again");
+    assert_eq!(
+        reg.gets_of("/manifests/sha256:"),
+        manifests,
+        "manifests by digest come from the cache"
+    );
+    assert!(std::fs::read_dir(m.mnt).unwrap().count() > 0);
+    drop(m);
+    // `smr cache prune --to 0` forgets them.
+    ok(smr()
+        .args(["cache", "prune", "--to", "0", "--cache-dir"])
+        .arg(&cache));
+    let _m = Mounted::new(&image, &mnt, &state, &cache, &s.key, &[]);
+    assert_eq!(reg.gets_of(&digest) - before, 2, "recipe {digest}, pruned");
+}
+
 /// The tree of `image` mounted lazily equals `s` converted locally with
 /// `convert_args` and loop-mounted from its extracted file.
 fn lazy_tree_equals_local(s: &Synthetic, image: &str, convert_args: &[&str]) {

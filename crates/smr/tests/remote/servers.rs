@@ -68,13 +68,18 @@ impl Registry {
 
     /// Blob GETs the registry has answered so far (from its request log).
     pub fn blob_gets(&self) -> usize {
+        self.gets_of("/blobs/")
+    }
+
+    /// GETs of URLs containing `part` the registry has answered so far.
+    pub fn gets_of(&self, part: &str) -> usize {
         let log = std::fs::read(self.dir.path().join("reg/registry.log")).unwrap_or_default();
         String::from_utf8_lossy(&log)
             .lines()
             .filter(|l| {
                 l.contains("response completed")
                     && l.contains("http.request.method=GET")
-                    && l.contains("/blobs/")
+                    && l.contains(part)
             })
             .count()
     }
