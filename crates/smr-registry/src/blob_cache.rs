@@ -187,8 +187,9 @@ impl Blobs for CachedBlobs<'_> {
         if let Some(p) = self.path("manifests", reference) {
             if let Some(b) = self.read(&p, reference, manifest_body_at) {
                 let at = manifest_body_at(&b);
+                // Up to the first newline: never one inside.
                 let media_type = String::from_utf8_lossy(&b[..at.saturating_sub(1)]).into_owned();
-                if !media_type.is_empty() && !media_type.contains('\n') {
+                if !media_type.is_empty() {
                     return Ok(Some((media_type, b[at..].to_vec())));
                 }
             }

@@ -324,6 +324,15 @@ impl ImageArgs {
 }
 
 impl SourceArgs {
+    /// The origin, reading digest-named registry blobs through the node
+    /// cache's directory ([`CacheArgs::blob_cache_dir`]).
+    pub fn cached_origin(&self) -> OriginArgs {
+        OriginArgs {
+            blob_cache: Some(self.cache.blob_cache_dir()),
+            ..self.origin.clone()
+        }
+    }
+
     /// Opens `image` (see [`ImageArgs::image`]) for serving through
     /// `cache`: its recipe (with its keys) and store, and, if `profiles`,
     /// its startup profile (`--profile`, or the registry's).
@@ -332,11 +341,7 @@ impl SourceArgs {
             (Some(path), true) => Some((path, super::profile::read(path)?)),
             _ => None,
         };
-        let origin = OriginArgs {
-            blob_cache: Some(self.cache.blob_cache_dir()),
-            ..self.origin.clone()
-        };
-        let r = origin.resolve(
+        let r = self.cached_origin().resolve(
             image,
             profiles && local_profile.is_none(),
             local_profile.is_some(),

@@ -184,11 +184,9 @@ fn run_through_daemon(
 ) -> Result<ExitCode> {
     let image = a.image.clone().unwrap_or_default();
     let bind = super::daemon::DaemonBind::new(socket.clone(), &image)?;
-    let origin = super::image::OriginArgs {
-        blob_cache: Some(a.source.cache.blob_cache_dir()),
-        ..a.source.origin.clone()
-    };
-    let (_, artifact) = origin
+    let (_, artifact) = a
+        .source
+        .cached_origin()
         .trusted_artifact(&bind.image, false)
         .with_context(|| format!("reading the config of {}", bind.image))?;
     let root = RootFs::Mounted(bind.dir().to_path_buf());
