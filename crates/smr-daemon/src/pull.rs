@@ -20,13 +20,14 @@ use crate::snapshotter::{
 use containerd_client::services::v1 as api;
 use containerd_client::types::Descriptor;
 use sha2::{Digest, Sha256};
-use smr_image::source::{ImageSource, Platform, ResolvedImage};
+use smr_image::source::digest::JSON_BLOB_LIMIT;
+use smr_image::source::{ImageSource, Platform, ResolvedImage, SourceError};
 use smr_registry::client::RegistryOptions;
 use smr_registry::source::RegistrySource;
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
@@ -138,20 +139,65 @@ fn ctd_err(what: impl Into<String>) -> impl FnOnce(Status) -> PullError {
     move |status| PullError::Containerd { what, status }
 }
 
-/// Reads blob `digest` whole (manifests and configs, already bounded by
-/// the registry client).
-fn read_small(src: &RegistrySource, digest: &str) -> Result<Vec<u8>, PullError> {
-    let mut out = Vec::new();
-    src.open_blob(digest)
-        .and_then(|mut r| {
-            r.read_to_end(&mut out)
-                .map_err(|e| smr_image::source::SourceError::Io {
-                    path: PathBuf::from(digest),
-                    source: e,
-                })
+/// The registry image being pulled, keeping whole every blob read through
+/// it. Resolving reads only indexes, the manifest and its config (each at
+/// most [`JSON_BLOB_LIMIT`]), which the pull then writes into containerd's
+/// content store as they are, without fetching them again.
+struct Kept<'a> {
+    src: &'a RegistrySource,
+    blobs: Mutex<HashMap<String, Vec<u8>>>,
+}
+
+impl<'a> Kept<'a> {
+    fn new(src: &'a RegistrySource) -> Self {
+        Kept {
+            src,
+            blobs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Blob `digest`, which resolving read (and checked).
+    fn read(&self, digest: &str) -> Result<Vec<u8>, PullError> {
+        let kept = self
+            .blobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(digest)
+            .cloned();
+        kept.ok_or_else(|| {
+            PullError::Registry(format!(
+                "{}: blob {digest} was not read while resolving",
+                self.describe()
+            ))
         })
-        .map_err(|e| PullError::Registry(format!("{}: blob {digest}: {e}", src.describe())))?;
-    Ok(out)
+    }
+}
+
+impl ImageSource for Kept<'_> {
+    fn resolve(&self, platform: &Platform) -> Result<ResolvedImage, SourceError> {
+        self.src.resolve_via(self, platform)
+    }
+
+    fn open_blob(&self, digest: &str) -> Result<Box<dyn Read + Send + '_>, SourceError> {
+        let mut out = Vec::new();
+        self.src
+            .open_blob(digest)?
+            .take(JSON_BLOB_LIMIT + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| SourceError::Io {
+                path: PathBuf::from(format!("blob {digest} of {}", self.describe())),
+                source: e,
+            })?;
+        self.blobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(digest.to_string(), out.clone());
+        Ok(Box::new(std::io::Cursor::new(out)))
+    }
+
+    fn describe(&self) -> String {
+        self.src.describe()
+    }
 }
 
 /// Writes `data` (digest `digest`) into containerd's content store with
@@ -309,11 +355,12 @@ pub async fn pull(reference: &str, opts: &PullOptions) -> Result<Pulled, PullErr
     let s2 = src.clone();
     let (img, manifest, config) = tokio::task::spawn_blocking(
         move || -> Result<(ResolvedImage, Vec<u8>, Vec<u8>), PullError> {
-            let img = s2
+            let kept = Kept::new(&s2);
+            let img = kept
                 .resolve(&platform)
                 .map_err(|e| PullError::Registry(format!("{}: {e}", s2.describe())))?;
-            let manifest = read_small(&s2, &img.manifest_digest)?;
-            let config = read_small(&s2, &img.config_digest)?;
+            let manifest = kept.read(&img.manifest_digest)?;
+            let config = kept.read(&img.config_digest)?;
             Ok((img, manifest, config))
         },
     )

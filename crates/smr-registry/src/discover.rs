@@ -57,6 +57,34 @@ pub struct DiscoverOptions {
     /// name this image's smr artifact and profiles (`--index` mode,
     /// [`crate::index`]): tried first, with no referrers lookup.
     pub index_entries: Vec<Descriptor>,
+    /// With [`DiscoverOptions::artifact`] and [`DiscoverOptions::profile`]:
+    /// the startup profile manifest a lookup already made found for that
+    /// artifact ([`Artifact::profile_listing`]), so the referrers are not
+    /// listed again.
+    pub profile_manifest: Option<String>,
+}
+
+/// What the listing an artifact was found in (the referrers of its image,
+/// or the image index's entries) says of its startup profiles.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ProfileListing {
+    /// Nothing was listed: the artifact was named and no profile asked for.
+    #[default]
+    NotListed,
+    /// The listing names no profile of the artifact.
+    NoProfile,
+    /// The newest profile manifest of the artifact the listing names.
+    Manifest(String),
+}
+
+impl ProfileListing {
+    /// What `listed` says of `artifact`'s profiles.
+    fn of(listed: &[Descriptor], artifact: &str) -> Self {
+        match profiles_of(listed, artifact).into_iter().next() {
+            Some(d) => ProfileListing::Manifest(d.digest),
+            None => ProfileListing::NoProfile,
+        }
+    }
 }
 
 /// An opened, checked smr artifact.
@@ -85,6 +113,11 @@ pub struct Artifact {
     pub signature: Option<std::result::Result<SignedBy, String>>,
     /// Whether the image index the image was resolved through names it.
     pub from_index: bool,
+    /// What the listing it was found in says of its profiles (whether or
+    /// not the profile was fetched): another process can then open the
+    /// same artifact and profile with no lookup
+    /// ([`DiscoverOptions::profile_manifest`]).
+    pub profile_listing: ProfileListing,
 }
 
 impl Artifact {
@@ -206,7 +239,7 @@ pub fn discover_trusted(
     accept: Accept<'_>,
 ) -> Result<Artifact> {
     if opts.artifact.is_none() && !opts.index_entries.is_empty() {
-        match discover_among(blobs, subject, opts, &opts.index_entries, accept) {
+        match discover_among(blobs, subject, opts, Some(&opts.index_entries), accept) {
             Ok(mut a) => {
                 tracing::info!(%subject, artifact = %a.digest, "smr artifact named by the image index");
                 a.from_index = true;
@@ -217,30 +250,43 @@ pub fn discover_trusted(
             }
         }
     }
+    let known_profile = opts.profile && opts.profile_manifest.is_some();
     let listed = match (&opts.artifact, opts.profile) {
-        (Some(_), false) => Vec::new(),
-        _ => list_referrers(blobs, subject)?,
+        (Some(_), false) => None,
+        (Some(_), true) if known_profile => None,
+        _ => Some(list_referrers(blobs, subject)?),
     };
-    discover_among(blobs, subject, opts, &listed, accept)
+    discover_among(blobs, subject, opts, listed.as_deref(), accept)
 }
 
-/// [`discover_trusted`] among the referrers (or index entries) `listed`.
+/// [`discover_trusted`] among the referrers (or index entries) `listed`
+/// (`None`: none were listed, the artifact is named).
 fn discover_among(
     blobs: &dyn Blobs,
     subject: &str,
     opts: &DiscoverOptions,
-    listed: &[Descriptor],
+    listed: Option<&[Descriptor]>,
     accept: Accept<'_>,
 ) -> Result<Artifact> {
     let candidates = match &opts.artifact {
         Some(digest) => vec![digest.clone()],
-        None => choose(blobs, subject, opts, &artifacts_among(listed))?,
+        None => choose(
+            blobs,
+            subject,
+            opts,
+            &artifacts_among(listed.unwrap_or(&[])),
+        )?,
     };
     let mut refused = Vec::new();
     for digest in &candidates {
-        let why = match open_chosen(blobs, Some(subject), opts, listed, digest) {
-            Ok(a) => match accept(&a) {
-                Ok(()) => return Ok(a),
+        let why = match open_chosen(blobs, Some(subject), opts, listed.unwrap_or(&[]), digest) {
+            Ok(mut a) => match accept(&a) {
+                Ok(()) => {
+                    if let Some(listed) = listed {
+                        a.profile_listing = ProfileListing::of(listed, digest);
+                    }
+                    return Ok(a);
+                }
                 Err(why) => why,
             },
             Err(e) if candidates.len() == 1 => return Err(e),
@@ -266,11 +312,11 @@ pub fn open_image(
     opts: &DiscoverOptions,
     accept: Accept<'_>,
 ) -> Result<Artifact> {
-    let listed = match opts.profile {
-        true => list_referrers_of(blobs, digest, SMR_PROFILE)?,
-        false => Vec::new(),
+    let listed = match (opts.profile, &opts.profile_manifest) {
+        (true, None) => Some(list_referrers_of(blobs, digest, SMR_PROFILE)?),
+        _ => None,
     };
-    let a = open_chosen(blobs, None, opts, &listed, digest)?;
+    let mut a = open_chosen(blobs, None, opts, listed.as_deref().unwrap_or(&[]), digest)?;
     if !a.is_image() {
         return Err(bad(
             &blobs.describe(),
@@ -286,6 +332,9 @@ pub fn open_image(
             refused: format!("{digest} ({why})"),
         }
     })?;
+    if let Some(listed) = &listed {
+        a.profile_listing = ProfileListing::of(listed, digest);
+    }
     Ok(a)
 }
 
@@ -300,16 +349,20 @@ fn open_chosen(
     chosen: &str,
 ) -> Result<Artifact> {
     let chosen = chosen.to_string();
-    let profile = opts
-        .profile
-        .then(|| profiles_of(listed, &chosen).into_iter().next())
-        .flatten();
+    let profile = match (&opts.profile_manifest, opts.profile) {
+        (_, false) => None,
+        (Some(d), true) => Some(d.clone()),
+        (None, true) => profiles_of(listed, &chosen)
+            .into_iter()
+            .next()
+            .map(|d| d.digest),
+    };
     let keys = &opts.verify_keys;
     let panicked = |what: &str| bad(&blobs.describe(), &chosen, format!("{what} panicked"));
     let (artifact, profile, signature) = std::thread::scope(|s| {
         let p = profile
             .as_ref()
-            .map(|d| (d, s.spawn(|| fetch_profile(blobs, &d.digest, &chosen))));
+            .map(|d| (d, s.spawn(|| fetch_profile(blobs, d, &chosen))));
         let sig = (!keys.is_empty()).then(|| s.spawn(|| find_signature(blobs, &chosen, keys)));
         let a = open_artifact(blobs, &chosen, subject);
         let p = p.map(|(d, h)| (d, h.join().unwrap_or_else(|_| Err(panicked("profile")))));
@@ -327,18 +380,18 @@ fn open_chosen(
     let profile = profile.and_then(|p| {
         p.check_recipe(&artifact.recipe_bytes)
             .map_err(|source| RegistryError::Format {
-                what: format!("profile {}", profile_desc.digest),
+                what: format!("profile {}", profile_desc),
                 source,
             })?;
         Ok(p)
     });
     match profile {
         Ok(p) => {
-            tracing::info!(profile = %profile_desc.digest, chunks = p.chunks.len(), "found startup profile");
+            tracing::info!(profile = %profile_desc, chunks = p.chunks.len(), "found startup profile");
             artifact.profile = Some(p);
         }
         Err(e) => {
-            tracing::warn!(profile = %profile_desc.digest, error = %e, "startup profile unusable; starting without it");
+            tracing::warn!(profile = %profile_desc, error = %e, "startup profile unusable; starting without it");
         }
     }
     Ok(artifact)
@@ -461,6 +514,7 @@ pub fn open_artifact(blobs: &dyn Blobs, digest: &str, subject: Option<&str>) -> 
         profile: None,
         signature: None,
         from_index: false,
+        profile_listing: ProfileListing::NotListed,
     })
 }
 

@@ -15,6 +15,7 @@
 //!
 //! Layers are streamed ([`BlobReader`]): never whole in memory.
 
+use crate::blob_cache::CachedBlobs;
 use crate::blobs::Blobs;
 use crate::client::{to_io, BlobReader, RegistryOptions, Repository};
 use crate::error::RegistryError;
@@ -41,6 +42,9 @@ pub struct RegistrySource {
     manifest_digests: Mutex<HashSet<String>>,
     /// What the reference named (tag or digest): media type, bytes.
     top: Mutex<Option<(String, Bytes)>>,
+    /// The node's cache of digest-named blobs that manifests fetched by
+    /// digest are read through ([`RegistrySource::with_blob_cache`]).
+    blob_cache: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for RegistrySource {
@@ -68,7 +72,26 @@ impl RegistrySource {
             manifests: Mutex::new(HashMap::new()),
             manifest_digests: Mutex::new(HashSet::new()),
             top: Mutex::new(None),
+            blob_cache: None,
         })
+    }
+
+    /// The same source reading manifests named by digest (a pinned
+    /// reference, index entries) through the node's blob cache in `dir`
+    /// ([`CachedBlobs`]): a node that found the image once does not fetch
+    /// them again. Tags are always asked of the registry.
+    pub fn with_blob_cache(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.blob_cache = Some(dir.into());
+        self
+    }
+
+    /// Manifest `reference` (a tag or a digest), through the blob cache
+    /// when there is one.
+    fn get_manifest(&self, reference: &str) -> Result<Option<(String, Vec<u8>)>, RegistryError> {
+        match &self.blob_cache {
+            Some(dir) => CachedBlobs::new(&self.repo, dir.as_path()).get_manifest(reference),
+            None => self.repo.get_manifest(reference),
+        }
     }
 
     /// The parsed reference.
@@ -162,7 +185,7 @@ impl RegistrySource {
         if let Some(b) = lock(&self.manifests).get(digest) {
             return Ok(b.clone());
         }
-        match self.repo.get_manifest(digest) {
+        match self.get_manifest(digest) {
             Ok(Some((media_type, bytes))) => {
                 let bytes = Bytes::from(bytes);
                 self.remember(digest, &media_type, bytes.clone());
@@ -181,7 +204,7 @@ impl RegistrySource {
     fn top_descriptor(&self) -> Result<Descriptor, SourceError> {
         let at = self.reference.manifest_reference();
         tracing::debug!(source = %self.describe(), %at, "resolving");
-        let (media_type, bytes) = match self.repo.get_manifest(at) {
+        let (media_type, bytes) = match self.get_manifest(at) {
             Ok(Some(v)) => v,
             Ok(None) => {
                 return Err(match &self.reference.digest {
@@ -226,10 +249,23 @@ impl RegistrySource {
     }
 }
 
+impl RegistrySource {
+    /// [`ImageSource::resolve`], reading what follows the top manifest
+    /// (indexes, the manifest, its config) through `via`: a wrapper of
+    /// this source, e.g. one that keeps what it reads.
+    pub fn resolve_via(
+        &self,
+        via: &dyn ImageSource,
+        platform: &Platform,
+    ) -> Result<ResolvedImage, SourceError> {
+        let desc = self.top_descriptor()?;
+        resolve_descriptor(via, &desc, platform)
+    }
+}
+
 impl ImageSource for RegistrySource {
     fn resolve(&self, platform: &Platform) -> Result<ResolvedImage, SourceError> {
-        let desc = self.top_descriptor()?;
-        resolve_descriptor(self, &desc, platform)
+        self.resolve_via(self, platform)
     }
 
     fn open_blob(&self, digest: &str) -> Result<Box<dyn Read + Send + '_>, SourceError> {

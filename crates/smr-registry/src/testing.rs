@@ -27,6 +27,8 @@ pub struct DirBlobs {
     pub uploads: AtomicU64,
     /// `put_manifest` calls, as `(reference, media type)`.
     pub manifest_puts: Mutex<Vec<String>>,
+    /// `referrers` calls.
+    pub referrer_lists: AtomicU64,
     fail: Mutex<HashSet<String>>,
 }
 
@@ -43,6 +45,7 @@ impl DirBlobs {
             heads: AtomicU64::new(0),
             uploads: AtomicU64::new(0),
             manifest_puts: Mutex::new(Vec::new()),
+            referrer_lists: AtomicU64::new(0),
             fail: Mutex::new(HashSet::new()),
         }
     }
@@ -166,6 +169,7 @@ impl Blobs for DirBlobs {
     }
 
     fn referrers(&self, digest: &str) -> Result<Option<Vec<u8>>> {
+        self.referrer_lists.fetch_add(1, Ordering::Relaxed);
         if !self.referrers_api {
             return Ok(None);
         }

@@ -123,7 +123,10 @@ pub fn find_artifact(
     accept: Accept<'_>,
     blob_cache: Option<&Path>,
 ) -> Result<(Repository, Artifact)> {
-    let src = RegistrySource::open(reference, &args.options()?)?;
+    let mut src = RegistrySource::open(reference, &args.options()?)?;
+    if let Some(dir) = blob_cache {
+        src = src.with_blob_cache(dir);
+    }
     find_artifact_in(&src, reference, platform, opts, accept, blob_cache)
 }
 

@@ -1,5 +1,5 @@
 use super::*;
-use crate::discover::{discover, DiscoverOptions};
+use crate::discover::{discover, DiscoverOptions, ProfileListing};
 use crate::push::{push, PushOptions};
 use crate::testing::{tags, test_image, DirBlobs, TestImage};
 use smr_store::LocalStore;
@@ -63,6 +63,47 @@ fn a_pushed_profile_is_found_with_its_artifact() {
             Some(p)
         );
     }
+}
+
+#[test]
+fn a_listed_profile_opens_again_without_listing_the_referrers() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (_d, blobs, img, artifact) = pushed(true);
+    let subject = &img.subject.digest;
+    let plain = DiscoverOptions::default();
+    assert_eq!(
+        discover(&blobs, subject, &plain).unwrap().profile_listing,
+        ProfileListing::NoProfile
+    );
+    let p = profile_of(&artifact, vec![2, 0]);
+    push_profile(&blobs, &artifact, &p, None).unwrap();
+    // Listed (as `smr mount` looks the image up), not fetched.
+    let found = discover(&blobs, subject, &plain).unwrap();
+    assert!(found.profile.is_none(), "not asked for");
+    let ProfileListing::Manifest(manifest) = found.profile_listing.clone() else {
+        panic!("the listing names the profile: {:?}", found.profile_listing);
+    };
+    // What the image server is handed: artifact and profile, no listing.
+    let lists = blobs.referrer_lists.load(Relaxed);
+    let handed = DiscoverOptions {
+        artifact: Some(found.digest.clone()),
+        profile: true,
+        profile_manifest: Some(manifest),
+        ..DiscoverOptions::default()
+    };
+    let again = discover(&blobs, subject, &handed).unwrap();
+    assert_eq!(again.profile, Some(p));
+    assert_eq!(blobs.referrer_lists.load(Relaxed), lists, "listed again");
+    assert_eq!(again.profile_listing, ProfileListing::NotListed);
+    // A profile manifest that is not one (here: the artifact itself) is
+    // logged and left out; the artifact still opens.
+    let wrong = DiscoverOptions {
+        profile_manifest: Some(found.digest.clone()),
+        ..handed
+    };
+    let a = discover(&blobs, subject, &wrong).unwrap();
+    assert_eq!(a.digest, found.digest);
+    assert!(a.profile.is_none());
 }
 
 #[test]

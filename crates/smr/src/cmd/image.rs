@@ -14,7 +14,7 @@ use smr_node::chunks::ImageChunks;
 use smr_node::fetch::{FetchOptions, Fetcher};
 use smr_node::lazy::profile::{Replay, DEFAULT_REPLAY_THREADS};
 use smr_node::lazy::LazyImage;
-use smr_registry::discover::DiscoverOptions;
+use smr_registry::discover::{DiscoverOptions, ProfileListing};
 use smr_store::ChunkStore;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -84,6 +84,11 @@ pub struct OriginArgs {
     /// node's policy trusts).
     #[arg(long, value_name = "DIGEST")]
     pub artifact: Option<String>,
+    /// With `--artifact`: the startup profile manifest of that artifact
+    /// that `smr mount` found, so that its image server does not list the
+    /// referrers again (hidden: `smr mount` passes it).
+    #[arg(long, value_name = "DIGEST", hide = true, requires = "artifact")]
+    pub profile_manifest: Option<String>,
     /// For a registry image: the platform to pick from an index.
     #[arg(long, default_value = "linux/amd64")]
     pub platform: String,
@@ -110,6 +115,9 @@ pub struct Resolved {
     pub pack_index: Option<Arc<smr_registry::pack::PackIndex>>,
     /// The startup profile found next to the artifact, if looked for.
     pub profile: Option<Profile>,
+    /// For a registry image: what its lookup listed of the artifact's
+    /// profiles.
+    pub profile_listing: ProfileListing,
     /// How its chunks are fetched.
     pub fetch: FetchOptions,
     /// Whether the chunks come from a local directory (a fetch costs no
@@ -183,6 +191,7 @@ impl OriginArgs {
         let opts = DiscoverOptions {
             artifact: self.artifact.clone(),
             profile: find_profile,
+            profile_manifest: self.profile_manifest.clone(),
             verify_keys: policy.keys.clone(),
             ..DiscoverOptions::default()
         };
@@ -220,6 +229,7 @@ impl OriginArgs {
                 artifact: Some(a.digest),
                 pack_index: Some(a.index),
                 profile: a.profile,
+                profile_listing: a.profile_listing,
                 fetch,
                 local,
             });
@@ -239,6 +249,7 @@ impl OriginArgs {
             artifact: None,
             pack_index: None,
             profile: None,
+            profile_listing: ProfileListing::NotListed,
             fetch: fetch_options(replaying, local)?,
             local,
         })
@@ -283,6 +294,9 @@ pub struct OpenedImage {
     pub pack_index: Option<Arc<smr_registry::pack::PackIndex>>,
     /// The startup profile to replay (checked against the recipe).
     pub profile: Option<Profile>,
+    /// For a registry image: what its lookup listed of the artifact's
+    /// profiles (see [`Resolved::profile_listing`]).
+    pub profile_listing: ProfileListing,
     /// SHA-256 of the recipe's bytes (what a recorded profile is bound to).
     pub recipe_sha256: [u8; 32],
     /// Whether the profile's startup pack serves the start.
@@ -383,6 +397,7 @@ impl SourceArgs {
             artifact: r.artifact,
             pack_index: r.pack_index,
             profile,
+            profile_listing: r.profile_listing,
             recipe_sha256: Profile::recipe_hash(&recipe_bytes),
             startup_pack,
         })

@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use smr_node::mount::{
     LoopOptions, MountRequest, DEFAULT_READAHEAD_KB, DEFAULT_STATE_ROOT, STARTUP_READAHEAD_KB,
 };
+use smr_registry::discover::ProfileListing;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
@@ -262,10 +263,22 @@ fn mount(a: Mount) -> Result<ExitCode> {
         if let Some(k) = &key {
             c.arg("--key-file").arg(k);
         }
-        if let Some(p) = &profile {
-            c.arg("--profile").arg(p);
-        } else if a.image.source.no_profile {
-            c.arg("--no-profile");
+        // The profile this lookup listed: the server need not list the
+        // referrers again.
+        match (&profile, &opened.profile_listing) {
+            (Some(p), _) => {
+                c.arg("--profile").arg(p);
+            }
+            _ if a.image.source.no_profile => {
+                c.arg("--no-profile");
+            }
+            (None, ProfileListing::NoProfile) if opened.artifact.is_some() => {
+                c.arg("--no-profile");
+            }
+            (None, ProfileListing::Manifest(d)) if opened.artifact.is_some() => {
+                c.arg("--profile-manifest").arg(d);
+            }
+            (None, _) => {}
         }
         if a.image.source.no_prefetch {
             c.arg("--no-prefetch");

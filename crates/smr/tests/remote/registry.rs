@@ -113,7 +113,8 @@ fn push_then_mount_lazily_from_the_registry() {
 /// What an image is found by and named by digest (the recipe, the
 /// artifact manifest) is fetched once per node: `smr mount`'s FUSE server
 /// reads what `smr mount` fetched from the node's cache, and so does the
-/// next mount.
+/// next mount. The server lists no referrers: the mount hands it the
+/// artifact and profile it found.
 #[test]
 fn a_mount_fetches_the_recipe_once_per_node() {
     let Some(reg) = Registry::start(None) else {
@@ -131,9 +132,17 @@ fn a_mount_fetches_the_recipe_once_per_node() {
         s.t.path().join("cache"),
     );
     let before = reg.gets_of(&digest);
+    // distribution 2.8 has no referrers API: the referrers of the image
+    // are its fallback tag `sha256-HEX`.
+    let lists = reg.gets_of("/manifests/sha256-");
     {
         let _m = Mounted::new(&image, &mnt, &state, &cache, &s.key, &[]);
         assert_eq!(reg.gets_of(&digest) - before, 1, "recipe {digest}");
+        assert_eq!(
+            reg.gets_of("/manifests/sha256-") - lists,
+            1,
+            "the referrers are listed once: the image server is handed what the mount found"
+        );
     }
     let manifests = reg.gets_of("/manifests/sha256:");
     let m = Mounted::new(&image, &mnt, &state, &cache, &s.key, &[]);
