@@ -184,9 +184,11 @@ fn mount(a: Mount) -> Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    // Fail here, with a clear message, on a bad recipe, key, store or cache.
-    // The profile is the server's business (it replays it).
-    let opened = a.image.open_with(false)?;
+    // Fail here, with a clear message, on a bad recipe, key, store, cache
+    // or profile. The server replays the profile; it is looked up here,
+    // alongside the artifact (no round trip more), so that the server
+    // reads it from the node's blob cache and lists no referrers.
+    let opened = a.image.open_full()?;
     let lazy = opened.lazy;
     let exe = std::env::current_exe().context("locating the smr binary")?;
     // The server process opens the same image: local paths made absolute,
