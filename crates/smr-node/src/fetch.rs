@@ -620,7 +620,7 @@ impl Fetcher {
             None => batch.slots.first().map_or(ByteRange::WHOLE, |s| s.range),
         };
         self.requests.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(object = %batch.object, %range, chunks = batch.slots.len(), "store request");
+        tracing::debug!(object = %batch.object, %range, chunks = batch.slots.len(), prio = ?batch.prio, "store request");
         let fail = |why: &str| StoreError::ChunkIo {
             what: smr_store::Target::of(&batch.object, range),
             store: self.store.describe(),
@@ -640,6 +640,7 @@ impl Fetcher {
         let t = std::time::Instant::now();
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(read));
         self.observe(t.elapsed());
+        tracing::debug!(object = %batch.object, %range, took = ?t.elapsed(), prio = ?batch.prio, "store request done");
         let result = result.unwrap_or_else(|_| Err(fail("the store panicked")));
         let (prio, stream) = (batch.prio, batch.stream);
         let outcomes = match result {
