@@ -127,10 +127,11 @@ pub fn convert(
     let (sink, ext4) = writer.finish(&tree)?;
     let chunked = sink.finish(ext4.image_size)?;
     let keys = chunked.keys.as_deref().zip(opts.owner.as_ref());
-    let file_map = FileMap::from_byte_ranges(
+    let file_map = FileMap::with_groups(
         &chunked.grid,
         ext4.metadata_offset,
         ext4.files.iter().cloned(),
+        ext4.groups.iter().cloned(),
     )?;
     let recipe = Recipe::new(
         chunked.grid.clone(),

@@ -4,19 +4,26 @@
 //! The converter knows both; a node uses them to prefetch without a
 //! startup profile: the metadata region (directories, extent blocks,
 //! bitmaps, inode tables), which every `open` walks, as soon as an image is
-//! mounted, and the rest of a file when a read misses inside it. Only
-//! files whose data spans two chunks or more are listed: a smaller file is
-//! fetched whole by its one miss.
+//! mounted, the rest of a file when a read misses inside it, and the
+//! other files of its directory. Only runs spanning two chunks or more are
+//! listed: a smaller one is fetched whole by its one miss.
 //!
 //! ```text
 //! metadata_chunk  varint   first chunk of the metadata region
-//! n               varint   number of runs
+//! n               varint   number of file runs
 //! n x (varint start_gap, varint count - 2)
+//! [with groups (the recipe's flag):
+//! g               varint   number of group runs
+//! g x (varint start_gap, varint count - 2)]
 //! ```
-//! Runs are in increasing start order. Files occupy disjoint block ranges,
-//! so two runs share at most one chunk: a run starts at or after the last
-//! chunk of the previous one. `start_gap` is the start minus that last
-//! chunk (for the first run, the start itself). Encoding is canonical.
+//! A file run holds one file's data; a group run the data of files laid
+//! out one after another in the image that are all in one directory (a
+//! directory's files split where another directory's data comes between
+//! them). Each list is in increasing start order. Files occupy disjoint
+//! block ranges, and so do groups, so two runs of a list share at most one
+//! chunk: a run starts at or after the last chunk of the previous one.
+//! `start_gap` is the start minus that last chunk (for the first run, the
+//! start itself). Encoding is canonical.
 
 use crate::error::{FormatError, Result};
 use crate::grid::ChunkGrid;
@@ -58,6 +65,9 @@ pub struct FileMap {
     pub metadata_chunk: u64,
     /// Runs of files spanning two chunks or more, in increasing start order.
     pub files: Vec<ChunkRun>,
+    /// Runs of consecutive files of one directory spanning two chunks or
+    /// more, in increasing start order.
+    pub groups: Vec<ChunkRun>,
 }
 
 impl FileMap {
@@ -69,22 +79,21 @@ impl FileMap {
         metadata_offset: u64,
         files: impl IntoIterator<Item = Range<u64>>,
     ) -> Result<Self> {
-        let mut runs: Vec<ChunkRun> = files
-            .into_iter()
-            .filter(|r| r.end > r.start)
-            .map(|r| {
-                let chunks = grid.chunks_of(r);
-                ChunkRun {
-                    start: chunks.start,
-                    count: chunks.end - chunks.start,
-                }
-            })
-            .filter(|r| r.count >= 2)
-            .collect();
-        runs.sort_by_key(|r| r.start);
+        Self::with_groups(grid, metadata_offset, files, [])
+    }
+
+    /// [`FileMap::from_byte_ranges`], with the directories' groups of
+    /// files (`groups`, byte ranges as well, disjoint).
+    pub fn with_groups(
+        grid: &ChunkGrid,
+        metadata_offset: u64,
+        files: impl IntoIterator<Item = Range<u64>>,
+        groups: impl IntoIterator<Item = Range<u64>>,
+    ) -> Result<Self> {
         let map = FileMap {
             metadata_chunk: grid.index_of(metadata_offset),
-            files: runs,
+            files: runs_of(grid, files),
+            groups: runs_of(grid, groups),
         };
         map.check(u64::MAX)?;
         Ok(map)
@@ -94,48 +103,38 @@ impl FileMap {
     /// starts there if one does (a reader going forward), else the one that
     /// ends there or spans it.
     pub fn file_at(&self, index: u64) -> Option<ChunkRun> {
-        let after = self.files.partition_point(|r| r.start <= index);
-        let run = *self.files.get(after.checked_sub(1)?)?;
-        (index <= run.last()).then_some(run)
+        run_at(&self.files, index)
     }
 
-    /// Appends the map's canonical bytes.
+    /// The group of files whose data covers chunk `index`, chosen as
+    /// [`FileMap::file_at`] chooses a file.
+    pub fn group_at(&self, index: u64) -> Option<ChunkRun> {
+        run_at(&self.groups, index)
+    }
+
+    /// Appends the map's canonical bytes (the groups only if there are
+    /// any: the recipe's flag says so).
     pub fn encode(&self, out: &mut Vec<u8>) {
         varint::put(out, self.metadata_chunk);
-        varint::put(out, self.files.len() as u64);
-        let mut floor = 0;
-        for r in &self.files {
-            varint::put(out, r.start - floor);
-            varint::put(out, r.count - 2);
-            floor = r.last();
+        encode_runs(out, &self.files);
+        if !self.groups.is_empty() {
+            encode_runs(out, &self.groups);
         }
     }
 
     /// Reads a map from the front of `b` for an image of `chunk_count`
-    /// chunks, checking every invariant.
-    pub fn decode(b: &mut &[u8], chunk_count: u64) -> Result<Self> {
+    /// chunks, with its groups if `groups`, checking every invariant.
+    pub fn decode(b: &mut &[u8], chunk_count: u64, groups: bool) -> Result<Self> {
         let metadata_chunk = varint::get(b, "file map: metadata chunk")?;
-        let n = varint::get(b, "file map: run count")?;
-        if n > b.len() as u64 / 2 {
-            return Err(bad(format!("{n} runs do not fit in {} bytes", b.len())));
-        }
-        let mut files = Vec::with_capacity(n as usize);
-        let mut floor = 0u64;
-        for i in 0..n {
-            let gap = varint::get(b, "file map: run start")?;
-            let extra = varint::get(b, "file map: run length")?;
-            let run = floor
-                .checked_add(gap)
-                .zip(extra.checked_add(2))
-                .map(|(start, count)| ChunkRun { start, count })
-                .filter(|r| r.start.checked_add(r.count).is_some())
-                .ok_or_else(|| bad(format!("run {i} overflows")))?;
-            floor = run.last();
-            files.push(run);
-        }
+        let files = decode_runs(b, "run")?;
+        let groups = match groups {
+            true => decode_runs(b, "group")?,
+            false => Vec::new(),
+        };
         let map = FileMap {
             metadata_chunk,
             files,
+            groups,
         };
         map.check(chunk_count)?;
         Ok(map)
@@ -150,20 +149,87 @@ impl FileMap {
                 self.metadata_chunk
             )));
         }
-        let mut prev: Option<ChunkRun> = None;
-        for (i, r) in self.files.iter().enumerate() {
-            let overlaps = prev.is_some_and(|p| r.start < p.last() || r.start <= p.start);
-            if r.count < 2 || overlaps || r.start + r.count > chunk_count {
-                return Err(bad(format!(
-                    "run {i} (chunks {}..{}) overlaps the previous one or leaves the image",
-                    r.start,
-                    r.start + r.count
-                )));
-            }
-            prev = Some(*r);
-        }
-        Ok(())
+        check_runs(&self.files, chunk_count, "run")?;
+        check_runs(&self.groups, chunk_count, "group")
     }
+}
+
+/// The runs of chunks of byte ranges `ranges` (in any order; empty ones and
+/// those within one chunk left out), in increasing start order.
+fn runs_of(grid: &ChunkGrid, ranges: impl IntoIterator<Item = Range<u64>>) -> Vec<ChunkRun> {
+    let mut runs: Vec<ChunkRun> = ranges
+        .into_iter()
+        .filter(|r| r.end > r.start)
+        .map(|r| {
+            let chunks = grid.chunks_of(r);
+            ChunkRun {
+                start: chunks.start,
+                count: chunks.end - chunks.start,
+            }
+        })
+        .filter(|r| r.count >= 2)
+        .collect();
+    runs.sort_by_key(|r| r.start);
+    runs
+}
+
+/// The run of `runs` covering chunk `index`: the one that starts there if
+/// one does, else the one that ends there or spans it.
+fn run_at(runs: &[ChunkRun], index: u64) -> Option<ChunkRun> {
+    let after = runs.partition_point(|r| r.start <= index);
+    let run = *runs.get(after.checked_sub(1)?)?;
+    (index <= run.last()).then_some(run)
+}
+
+fn encode_runs(out: &mut Vec<u8>, runs: &[ChunkRun]) {
+    varint::put(out, runs.len() as u64);
+    let mut floor = 0;
+    for r in runs {
+        varint::put(out, r.start - floor);
+        varint::put(out, r.count - 2);
+        floor = r.last();
+    }
+}
+
+/// A list of runs (`what`: their name in errors) from the front of `b`.
+fn decode_runs(b: &mut &[u8], what: &str) -> Result<Vec<ChunkRun>> {
+    let n = varint::get(b, "file map: run count")?;
+    if n > b.len() as u64 / 2 {
+        return Err(bad(format!("{n} {what}s do not fit in {} bytes", b.len())));
+    }
+    let mut runs = Vec::with_capacity(n as usize);
+    let mut floor = 0u64;
+    for i in 0..n {
+        let gap = varint::get(b, "file map: run start")?;
+        let extra = varint::get(b, "file map: run length")?;
+        let run = floor
+            .checked_add(gap)
+            .zip(extra.checked_add(2))
+            .map(|(start, count)| ChunkRun { start, count })
+            .filter(|r| r.start.checked_add(r.count).is_some())
+            .ok_or_else(|| bad(format!("{what} {i} overflows")))?;
+        floor = run.last();
+        runs.push(run);
+    }
+    Ok(runs)
+}
+
+/// Runs in increasing start order, sharing at most one chunk, inside
+/// `chunk_count` chunks.
+fn check_runs(runs: &[ChunkRun], chunk_count: u64, what: &str) -> Result<()> {
+    let mut prev: Option<ChunkRun> = None;
+    for (i, r) in runs.iter().enumerate() {
+        let overlaps = prev.is_some_and(|p| r.start < p.last() || r.start <= p.start);
+        if r.count < 2 || overlaps || r.start + r.count > chunk_count {
+            return Err(bad(format!(
+                "{what} {i} (chunks {}..{}) overlaps the previous one or leaves the image",
+                r.start,
+                r.start + r.count
+            )));
+        }
+        prev = Some(*r);
+    }
+    Ok(())
 }
 
 fn bad(reason: String) -> FormatError {
@@ -189,7 +255,7 @@ mod tests {
         let mut out = Vec::new();
         m.encode(&mut out);
         let mut b = out.as_slice();
-        let back = FileMap::decode(&mut b, chunks).unwrap();
+        let back = FileMap::decode(&mut b, chunks, !m.groups.is_empty()).unwrap();
         assert!(b.is_empty());
         back
     }
@@ -228,6 +294,35 @@ mod tests {
     }
 
     #[test]
+    fn groups_roundtrip_and_are_found_like_files() {
+        let files = [2 * CS..3 * CS + 50, 3 * CS + 100..6 * CS];
+        // Two directories' groups; one within a chunk (left out).
+        let groups = [CS + 10..6 * CS, 6 * CS..9 * CS + 1, 9 * CS + 5..9 * CS + 9];
+        let m = FileMap::with_groups(&grid(), 100 * CS, files, groups).unwrap();
+        assert_eq!(
+            m.groups,
+            vec![
+                ChunkRun { start: 1, count: 5 },
+                ChunkRun { start: 6, count: 4 }
+            ]
+        );
+        assert_eq!(roundtrip(&m, 200), m);
+        assert_eq!(m.group_at(0), None);
+        assert_eq!(m.group_at(3).map(|r| r.range()), Some(1..6));
+        assert_eq!(m.group_at(6).map(|r| r.range()), Some(6..10));
+        assert_eq!(m.group_at(10), None);
+        // Read without its groups, the bytes have some left over.
+        let mut out = Vec::new();
+        m.encode(&mut out);
+        let mut b = out.as_slice();
+        let plain = FileMap::decode(&mut b, 200, false).unwrap();
+        assert!(plain.groups.is_empty() && !b.is_empty());
+        // Overlapping groups are refused, by name.
+        let err = FileMap::with_groups(&grid(), 0, [], [0..3 * CS, CS..5 * CS]).unwrap_err();
+        assert!(err.to_string().contains("group 1"), "{err}");
+    }
+
+    #[test]
     fn overlapping_files_are_refused() {
         let err = FileMap::from_byte_ranges(&grid(), 0, [0..3 * CS, CS..5 * CS]).unwrap_err();
         assert!(err.to_string().contains("run 1"), "{err}");
@@ -244,7 +339,7 @@ mod tests {
         let bytes = enc(&good);
         // Beyond the image.
         let mut b = bytes.as_slice();
-        let err = FileMap::decode(&mut b, 8).unwrap_err().to_string();
+        let err = FileMap::decode(&mut b, 8, false).unwrap_err().to_string();
         assert!(
             err.contains("metadata chunk") || err.contains("leaves the image"),
             "{err}"
@@ -252,13 +347,13 @@ mod tests {
         // Truncated.
         for cut in 0..bytes.len() {
             let mut b = &bytes[..cut];
-            assert!(FileMap::decode(&mut b, 200).is_err(), "cut at {cut}");
+            assert!(FileMap::decode(&mut b, 200, false).is_err(), "cut at {cut}");
         }
         // A count larger than the bytes.
         let mut huge = Vec::new();
         varint::put(&mut huge, 1);
         varint::put(&mut huge, 1 << 40);
-        let err = FileMap::decode(&mut huge.as_slice(), 200).unwrap_err();
+        let err = FileMap::decode(&mut huge.as_slice(), 200, false).unwrap_err();
         assert!(err.to_string().contains("do not fit"), "{err}");
         // Overflowing run.
         let mut over = Vec::new();
@@ -266,7 +361,7 @@ mod tests {
         varint::put(&mut over, 1);
         varint::put(&mut over, u64::MAX);
         varint::put(&mut over, 0);
-        let err = FileMap::decode(&mut over.as_slice(), u64::MAX).unwrap_err();
+        let err = FileMap::decode(&mut over.as_slice(), u64::MAX, false).unwrap_err();
         assert!(err.to_string().contains("overflows"), "{err}");
     }
 

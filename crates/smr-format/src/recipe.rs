@@ -7,7 +7,7 @@
 //! magic "SMRRECP\0" | u16 version | u8 chunk_size_log2 | u8 flags | u64 image_size
 //! | str source_digest | str config_json | [version 3, variable: chunk grid]
 //! | varint n | n × entry
-//! | [version 2, or 3 with a map: file map]
+//! | [version 2, or 3 with a map: file map (with groups: flag 8)]
 //! | [if encrypted: nonce[12] | sealed key table (n×32 + 16)] | sha256[32]
 //! entry = varint index_gap | varint (stored_len << 1 | compressed) | id[32]
 //! ```
@@ -49,6 +49,8 @@ const FLAG_ENCRYPTED: u8 = 1;
 const FLAG_VARIABLE: u8 = 2;
 /// Version 3: a file map follows the chunk table.
 const FLAG_FILE_MAP: u8 = 4;
+/// Versions 2 and 3 with a file map: the map lists groups of files too.
+const FLAG_GROUPS: u8 = 8;
 const MAX_STR: u64 = 16 << 20;
 
 /// One stored (non-zero) chunk of the image.
@@ -251,6 +253,9 @@ impl Recipe {
                 flags |= FLAG_FILE_MAP;
             }
         }
+        if self.file_map.as_ref().is_some_and(|m| !m.groups.is_empty()) {
+            flags |= FLAG_GROUPS;
+        }
         out.push(flags);
         out.extend_from_slice(&self.image_size.to_le_bytes());
         put_str(&mut out, self.source_digest.as_bytes());
@@ -293,7 +298,8 @@ impl Recipe {
         }
         let [log2, flags] = take::<2>(&mut b)?;
         let known = match version {
-            3 => FLAG_ENCRYPTED | FLAG_VARIABLE | FLAG_FILE_MAP,
+            3 => FLAG_ENCRYPTED | FLAG_VARIABLE | FLAG_FILE_MAP | FLAG_GROUPS,
+            2 => FLAG_ENCRYPTED | FLAG_GROUPS,
             _ => FLAG_ENCRYPTED,
         };
         if flags & !known != 0 || log2 > 40 || (version == 3) != (flags & FLAG_VARIABLE != 0) {
@@ -342,8 +348,11 @@ impl Recipe {
             2 => true,
             _ => flags & FLAG_FILE_MAP != 0,
         };
+        if !has_map && flags & FLAG_GROUPS != 0 {
+            return Err(bad("groups of files flagged without a file map"));
+        }
         let file_map = if has_map {
-            Some(FileMap::decode(&mut b, max)?)
+            Some(FileMap::decode(&mut b, max, flags & FLAG_GROUPS != 0)?)
         } else {
             None
         };

@@ -268,6 +268,43 @@ fn a_variable_grid_shorter_than_the_chunk_table_is_refused() {
 }
 
 #[test]
+fn groups_of_files_are_flagged_and_read_back() {
+    let grid = ChunkGrid::fixed(21 * 65536, 65536).unwrap();
+    let map = FileMap::with_groups(
+        &grid,
+        18 * 65536,
+        [65536..4 * 65536],
+        [65536..5 * 65536 + 9, 6 * 65536..9 * 65536],
+    )
+    .unwrap();
+    for enc in [false, true] {
+        let (r, owner) = sample_with(enc, Some(map.clone()));
+        let bytes = r.encode();
+        assert_eq!(
+            bytes[8..10],
+            2u16.to_le_bytes(),
+            "a fixed grid stays version 2"
+        );
+        assert_eq!(bytes[11] & FLAG_GROUPS, FLAG_GROUPS);
+        let back = Recipe::decode(&bytes).unwrap();
+        assert_eq!(back.file_map.as_ref(), Some(&map));
+        assert_eq!(back.keys(Some(&owner)).unwrap().is_some(), enc);
+    }
+    // Without groups the flag is clear (the bytes of older recipes).
+    let (plain, _) = sample(false);
+    assert_eq!(plain.encode()[11] & FLAG_GROUPS, 0);
+    // The flag on a recipe without a file map is refused.
+    let (v1, _) = sample_with(false, None);
+    let mut bytes = v1.encode();
+    bytes[11] |= FLAG_GROUPS;
+    let body = bytes.len() - 32;
+    let sum: [u8; 32] = Sha256::digest(&bytes[..body]).into();
+    bytes[body..].copy_from_slice(&sum);
+    let err = Recipe::decode(&bytes).unwrap_err();
+    assert!(err.to_string().contains("flags"), "{err}");
+}
+
+#[test]
 fn a_fixed_recipe_claiming_version_3_is_refused() {
     let (r, _) = sample_with(false, Some(file_map()));
     let mut bytes = r.encode();

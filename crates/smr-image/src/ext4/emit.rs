@@ -118,13 +118,18 @@ pub(super) fn finish<S: ImageSink>(
         blocks_total: geo.blocks_count,
         free_blocks: free_total,
         metadata_offset: misc_start * BLOCK_SIZE,
-        files: file_ranges(tree, &plan),
+        files: file_ranges(tree, &plan)
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect(),
+        groups: groups(file_ranges(tree, &plan)),
     };
     Ok((sink, stats))
 }
 
-/// Each reachable regular file's data: first to last data block, in bytes.
-fn file_ranges(tree: &Tree, plan: &Plan) -> Vec<std::ops::Range<u64>> {
+/// Each reachable regular file's data: first to last data block, in
+/// bytes, with the inode of the directory it was first named in.
+fn file_ranges(tree: &Tree, plan: &Plan) -> Vec<(u32, std::ops::Range<u64>)> {
     plan.nodes
         .iter()
         .flatten()
@@ -132,11 +137,26 @@ fn file_ranges(tree: &Tree, plan: &Plan) -> Vec<std::ops::Range<u64>> {
             Kind::File { extents, .. } => {
                 let first = extents.iter().map(|e| e.physical).min()?;
                 let end = extents.iter().map(|e| e.physical + e.len).max()?;
-                Some(first * BLOCK_SIZE..end * BLOCK_SIZE)
+                Some((node.parent, first * BLOCK_SIZE..end * BLOCK_SIZE))
             }
             _ => None,
         })
         .collect()
+}
+
+/// Runs of files laid out one after another in the image that are all in
+/// one directory, from `files` (directory, data): each from the first
+/// file's first byte to the last one's end, in image order.
+fn groups(mut files: Vec<(u32, std::ops::Range<u64>)>) -> Vec<std::ops::Range<u64>> {
+    files.sort_by_key(|(_, r)| r.start);
+    let mut out: Vec<(u32, std::ops::Range<u64>)> = Vec::new();
+    for (dir, r) in files {
+        match out.last_mut() {
+            Some((d, g)) if *d == dir => g.end = g.end.max(r.end),
+            _ => out.push((dir, r)),
+        }
+    }
+    out.into_iter().map(|(_, r)| r).collect()
 }
 
 /// Writes block then inode bitmaps; returns each group's free block count.
@@ -272,4 +292,25 @@ fn superblock(
     sb.flags = U32::new(FLAGS_SIGNED_HASH);
     sb.log_groups_per_flex = 4;
     sb
+}
+
+#[cfg(test)]
+mod group_tests {
+    use super::groups;
+
+    #[test]
+    fn a_directory_s_files_group_until_another_directory_s_come_between() {
+        // Directory 2's files, directory 3's (a subdirectory), then 2's
+        // again; given out of order.
+        let files = vec![
+            (2, 300..400),
+            (2, 0..100),
+            (3, 200..250),
+            (2, 100..180),
+            (3, 250..300),
+            (2, 400..401),
+        ];
+        assert_eq!(groups(files), vec![0..180, 200..300, 300..401]);
+        assert_eq!(groups(Vec::new()), Vec::<std::ops::Range<u64>>::new());
+    }
 }

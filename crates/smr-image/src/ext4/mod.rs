@@ -173,6 +173,11 @@ pub struct Ext4Stats {
     /// range of the image from its first to its last data block (files'
     /// ranges are disjoint), in inode order.
     pub files: Vec<std::ops::Range<u64>>,
+    /// The data of runs of files laid out one after another that are all
+    /// in one directory (by the name each is first reached by), as byte
+    /// ranges from the first file's data to the last one's, in image
+    /// order (disjoint).
+    pub groups: Vec<std::ops::Range<u64>>,
 }
 
 /// Why an image could not be written. Path fields name the tree entry

@@ -586,6 +586,19 @@ fn file_ranges_and_metadata_offset_describe_the_image() {
     }
     assert!(sorted.first().unwrap().start >= data_offset(CHUNK));
     assert!(sorted.last().unwrap().end <= stats.metadata_offset);
+    // Groups: disjoint, in image order, each file inside exactly one.
+    for w in stats.groups.windows(2) {
+        assert!(w[0].end <= w[1].start, "groups {w:?} overlap");
+    }
+    for f in &stats.files {
+        let n = stats
+            .groups
+            .iter()
+            .filter(|g| g.start <= f.start && f.end <= g.end)
+            .count();
+        assert_eq!(n, 1, "file {f:?} in {n} groups");
+    }
+    assert!(stats.groups.len() <= stats.files.len());
     assert_eq!(stats.metadata_offset % CHUNK, 0);
     // Each range starts with the first non-zero block of some file.
     for r in &stats.files {

@@ -12,6 +12,12 @@
 //!   moves the window). A start that maps a shared library and faults it
 //!   in page by page then pays a round trip or two for the file instead of
 //!   one per fault;
+//! - **the other files of its directory**, when a read misses in a group
+//!   of one directory's files laid out together
+//!   ([`smr_format::FileMap::groups`]) that holds at most
+//!   [`GROUP_PREFETCH_BYTES`] as stored: a start that imports a package's
+//!   modules, or loads a directory's libraries, one after another pays one
+//!   round trip for the directory instead of one per file;
 //! - **the neighbours of a miss** in the file data, [`NEIGHBOUR_BYTES`] as
 //!   stored (so compressed chunks reach further):
 //!   files are laid out in layer order, so small files next to each other
@@ -38,6 +44,10 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError, Weak};
 pub const FILE_PREFETCH_BYTES: u64 = 4 << 20;
 /// Stored bytes of chunks after any miss in the file data queued too.
 pub const NEIGHBOUR_BYTES: u64 = 192 << 10;
+/// Stored bytes of a group of one directory's files (see
+/// [`smr_format::FileMap::groups`]) queued whole after a miss inside it;
+/// a larger group is left to the other rules.
+pub const GROUP_PREFETCH_BYTES: u64 = 2 << 20;
 /// Most chunks queued as neighbours of one miss (zero chunks count).
 const MAX_NEIGHBOURS: u64 = 64;
 /// Worker threads per image: one batch each in flight, about as many as
@@ -113,6 +123,8 @@ pub(super) struct Prefetch {
     started: OnceLock<()>,
     /// Whether misses inside files queue the rest of the file.
     pub(super) files: AtomicBool,
+    /// Largest group of files queued whole ([`GROUP_PREFETCH_BYTES`]).
+    pub(super) group_bytes: AtomicU64,
     queued: Bits,
     /// Chunks a prefetch or profile replay fetched from the store.
     pub(super) fetched: Bits,
@@ -144,6 +156,7 @@ impl Prefetch {
             stop: AtomicBool::new(false),
             started: OnceLock::new(),
             files: AtomicBool::new(true),
+            group_bytes: AtomicU64::new(GROUP_PREFETCH_BYTES),
             queued: Bits::new(chunk_count),
             fetched: Bits::new(chunk_count),
             read: Bits::new(chunk_count),
@@ -227,6 +240,21 @@ impl Inner {
         let Some(map) = &recipe.file_map else {
             return;
         };
+        // The other files of its directory, if they are few: a start reads
+        // many of one directory's small files one after another (a
+        // package's modules), each a miss of its own otherwise. Queued
+        // first, so that the file's own chunks (queued next) go ahead.
+        if let Some(group) = map.group_at(index) {
+            let budget = self.prefetch.group_bytes.load(Ordering::Relaxed);
+            let mut stored = 0u64;
+            let small = group.range().all(|c| {
+                stored += recipe.entry(c).map_or(0, |e| u64::from(e.stored_len));
+                stored <= budget
+            });
+            if small {
+                self.queue_prefetch(group.range().filter(|&c| c != index), true);
+            }
+        }
         // Small files next to each other are usually of one directory:
         // the neighbours of the miss in the data, NEIGHBOUR_BYTES of them
         // as stored (what the link carries: compressed chunks reach

@@ -88,11 +88,12 @@ pub fn run(a: Args) -> Result<ExitCode> {
     );
     match &r.file_map {
         Some(m) => outln!(
-            "file map:     metadata from chunk {} ({} stored chunks); {} files span 2+ chunks ({} chunks)",
+            "file map:     metadata from chunk {} ({} stored chunks); {} files span 2+ chunks ({} chunks); {} groups of a directory's files span 2+ chunks",
             m.metadata_chunk,
             r.chunks.iter().filter(|e| e.index >= m.metadata_chunk).count(),
             m.files.len(),
-            m.files.iter().map(|f| f.count).sum::<u64>()
+            m.files.iter().map(|f| f.count).sum::<u64>(),
+            m.groups.len()
         ),
         None => outln!("file map:     none (recipe format version 1: no prefetch without a profile)"),
     }
@@ -131,6 +132,7 @@ fn to_json(r: &Recipe, digest: &str) -> serde_json::Value {
         "file_map": r.file_map.as_ref().map(|m| json!({
             "metadata_chunk": m.metadata_chunk,
             "files": m.files.iter().map(|f| [f.start, f.count]).collect::<Vec<_>>(),
+            "groups": m.groups.iter().map(|g| [g.start, g.count]).collect::<Vec<_>>(),
         })),
         "source_digest": r.source_digest,
         "image_size": r.image_size,

@@ -101,6 +101,68 @@ fn a_miss_outside_files_prefetches_its_neighbours_and_metadata_nothing() {
     assert_eq!(fx.store.total(), near + 2);
 }
 
+/// Stored bytes of chunks `range`.
+fn stored_bytes(fx: &Fixture, range: std::ops::Range<u64>) -> u64 {
+    range
+        .filter_map(|c| fx.img.recipe.entry(c))
+        .map(|e| u64::from(e.stored_len))
+        .sum()
+}
+
+/// [`map`] with groups of a directory's files: `groups` (chunk ranges).
+fn map_with_groups(groups: &[std::ops::Range<u64>]) -> FileMap {
+    let m = map();
+    let files = m
+        .files
+        .iter()
+        .map(|r| r.start * CS..(r.start + r.count) * CS - 1);
+    let groups = groups.iter().map(|g| g.start * CS..g.end * CS - 1);
+    FileMap::with_groups(
+        &ChunkGrid::fixed(SIZE, CS).expect("grid"),
+        40 * CS,
+        files,
+        groups,
+    )
+    .expect("map")
+}
+
+#[test]
+fn a_miss_in_a_small_group_prefetches_the_group_and_not_in_a_large_one() {
+    let small = 31..38;
+    let fx = fixture_with_map(Duration::ZERO, Some(map_with_groups(&[small.clone()])));
+    assert!(stored_bytes(&fx, small.clone()) <= crate::lazy::prefetch::GROUP_PREFETCH_BYTES);
+    let lazy = fx.lazy(32 << 20, 1 << 30);
+    let at_most = |lazy: &LazyImage, bytes: u64| {
+        lazy.inner
+            .prefetch
+            .group_bytes
+            .store(bytes, std::sync::atomic::Ordering::Relaxed)
+    };
+    fx.read(&lazy, 33 * CS, 9).expect("read");
+    // The group, before and after the miss, and the neighbours after it.
+    let want = stored(&fx, 31..33) + stored(&fx, 34..neighbours_end(&fx, 33).max(38));
+    let s = wait_prefetched(&lazy, want);
+    assert_eq!(s.chunks_prefetched, want, "{s:?}");
+    assert_eq!(fx.store.total(), 1 + want);
+    // Reading the group needs the store no more.
+    let all = fx.read(&lazy, 31 * CS, 7 * CS).expect("read");
+    assert!(all == fx.plain[(31 * CS) as usize..(38 * CS) as usize]);
+    assert_eq!(fx.store.max_per_chunk(), 1, "a chunk fetched twice");
+
+    // A group larger than the budget (made smaller than this image):
+    // only the neighbours.
+    let large = 1..40;
+    let fx = fixture_with_map(Duration::ZERO, Some(map_with_groups(&[large.clone()])));
+    let lazy = fx.lazy(32 << 20, 1 << 30);
+    let budget = stored_bytes(&fx, large) - 1;
+    assert!(budget > stored_bytes(&fx, 15..neighbours_end(&fx, 14)));
+    at_most(&lazy, budget);
+    fx.read(&lazy, 14 * CS, 9).expect("read");
+    let near = stored(&fx, 15..neighbours_end(&fx, 14));
+    let s = wait_prefetched(&lazy, near);
+    assert_eq!(s.chunks_prefetched, near, "{s:?}");
+}
+
 #[test]
 fn metadata_is_prefetched_at_mount_and_counted_until_read() {
     let fx = fixture_with_map(Duration::ZERO, Some(map()));
