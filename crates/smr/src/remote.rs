@@ -140,15 +140,23 @@ pub fn find_artifact_in(
     accept: Accept<'_>,
     blob_cache: Option<&Path>,
 ) -> Result<(Repository, Artifact)> {
-    // The manifest's digest is all the artifact lookup needs (its
-    // subject): not the manifest itself nor its config.
-    let resolved = src.resolve_manifest(platform);
     let repo = src.repository().clone();
     let cached = blob_cache.map(|dir| CachedBlobs::new(&repo, dir));
     let blobs: &dyn smr_registry::Blobs = match &cached {
         Some(c) => c,
         None => &repo,
     };
+    // The manifest's digest is all the artifact lookup needs (its
+    // subject): not the manifest itself nor its config. A reference
+    // pinned by digest (as the node daemon mounts images) names it
+    // already, unless it names an index: the lookup starts alongside the
+    // manifest's, and is used if the manifest is the image's.
+    let pinned = src.reference().digest.as_deref();
+    let (resolved, early) = std::thread::scope(|s| {
+        let early = pinned.map(|d| s.spawn(move || discover_trusted(blobs, d, opts, accept)));
+        let resolved = src.resolve_manifest(platform);
+        (resolved, early.map(|h| h.join()))
+    });
     // A tag naming an smr image itself (`smr commit --push`).
     if let Some(digest) = image_artifact(src) {
         let a = smr_registry::discover::open_image(blobs, &digest, opts, accept)
@@ -163,7 +171,12 @@ pub fn find_artifact_in(
         index_entries: src.index_entries(digest),
         ..opts.clone()
     };
-    let artifact = match discover_trusted(blobs, digest, opts, accept) {
+    let early = match early {
+        Some(Ok(found)) if direct && opts.index_entries.is_empty() => Some(found),
+        _ => None,
+    };
+    let found = early.unwrap_or_else(|| discover_trusted(blobs, digest, opts, accept));
+    let artifact = match found {
         Ok(a) => a,
         Err(e @ smr_registry::RegistryError::NoTrustedArtifact { .. }) => {
             return Err(e).with_context(|| format!("finding the smr artifact of {reference}"))
