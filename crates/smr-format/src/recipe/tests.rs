@@ -273,7 +273,7 @@ fn groups_of_files_are_flagged_and_read_back() {
     let map = FileMap::with_groups(
         &grid,
         18 * 65536,
-        [65536..4 * 65536],
+        std::iter::once(65536..4 * 65536),
         [65536..5 * 65536 + 9, 6 * 65536..9 * 65536],
     )
     .unwrap();

@@ -129,7 +129,10 @@ fn map_with_groups(groups: &[std::ops::Range<u64>]) -> FileMap {
 #[test]
 fn a_miss_in_a_small_group_prefetches_the_group_and_not_in_a_large_one() {
     let small = 31..38;
-    let fx = fixture_with_map(Duration::ZERO, Some(map_with_groups(&[small.clone()])));
+    let fx = fixture_with_map(
+        Duration::ZERO,
+        Some(map_with_groups(std::slice::from_ref(&small))),
+    );
     assert!(stored_bytes(&fx, small.clone()) <= crate::lazy::prefetch::GROUP_PREFETCH_BYTES);
     let lazy = fx.lazy(32 << 20, 1 << 30);
     let at_most = |lazy: &LazyImage, bytes: u64| {
@@ -152,7 +155,10 @@ fn a_miss_in_a_small_group_prefetches_the_group_and_not_in_a_large_one() {
     // A group larger than the budget (made smaller than this image):
     // only the neighbours.
     let large = 1..40;
-    let fx = fixture_with_map(Duration::ZERO, Some(map_with_groups(&[large.clone()])));
+    let fx = fixture_with_map(
+        Duration::ZERO,
+        Some(map_with_groups(std::slice::from_ref(&large))),
+    );
     let lazy = fx.lazy(32 << 20, 1 << 30);
     let budget = stored_bytes(&fx, large) - 1;
     assert!(budget > stored_bytes(&fx, 15..neighbours_end(&fx, 14)));
