@@ -107,6 +107,7 @@ pub(super) fn finish<S: ImageSink>(
     sink.write_at(BLOCK_SIZE, descs.as_bytes())?;
     sink.set_len(geo.blocks_count * BLOCK_SIZE)?;
 
+    let files = file_ranges(tree, &plan);
     let stats = Ext4Stats {
         image_size: geo.blocks_count * BLOCK_SIZE,
         header_len: super::header_len(),
@@ -118,11 +119,8 @@ pub(super) fn finish<S: ImageSink>(
         blocks_total: geo.blocks_count,
         free_blocks: free_total,
         metadata_offset: misc_start * BLOCK_SIZE,
-        files: file_ranges(tree, &plan)
-            .into_iter()
-            .map(|(_, r)| r)
-            .collect(),
-        groups: groups(file_ranges(tree, &plan)),
+        files: files.iter().map(|(_, r)| r.clone()).collect(),
+        groups: groups(files),
     };
     Ok((sink, stats))
 }
