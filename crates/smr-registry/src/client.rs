@@ -63,8 +63,6 @@ impl Registry {
         let auth = auth::resolve(registry, opts)?;
         tracing::debug!(registry, credentials = %auth.source, "registry client");
         let core = Arc::new(core::Core::new(registry, auth, opts)?);
-        let c = core.clone();
-        block_on(async move { c.install_auth().await });
         Ok(Registry { core })
     }
 

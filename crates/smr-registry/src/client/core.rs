@@ -45,10 +45,16 @@ pub(crate) struct Core {
     /// HTTP or HTTPS.
     pub scheme: Scheme,
     /// oci-client, configured for monolithic uploads (chunked ones use
-    /// `push_blob_stream_chunked`, which always sends PATCHes).
-    pub oci: oci_client::Client,
+    /// `push_blob_stream_chunked`, which always sends PATCHes). Built on
+    /// first use ([`Core::oci`]): reads never need it unless the registry
+    /// asks for a token, and building it loads the system's TLS roots.
+    oci: tokio::sync::OnceCell<oci_client::Client>,
     /// For the requests oci-client cannot make.
     http: reqwest::Client,
+    /// With plain HTTP, `http` has no TLS roots and stops at redirects to
+    /// HTTPS (a registry handing blobs to its storage): they are followed
+    /// by this client, which has the system's roots, built on first use.
+    tls: std::sync::OnceLock<reqwest::Client>,
     /// Credentials and where they came from.
     pub auth: ResolvedAuth,
     /// Timeouts, retries, upload strategy.
@@ -75,24 +81,15 @@ impl Core {
             registry: registry.to_string(),
             reason,
         };
-        let config = ClientConfig {
-            protocol: match scheme {
-                Scheme::Http => ClientProtocol::Http,
-                Scheme::Https => ClientProtocol::Https,
-            },
-            use_monolithic_push: true,
-            // We select platforms ourselves (smr_image's resolver).
-            platform_resolver: None,
-            read_timeout: Some(opts.read_timeout),
-            connect_timeout: Some(opts.connect_timeout),
-            user_agent: USER_AGENT,
-            ..Default::default()
+        // Plain HTTP needs no TLS roots; loading the system's takes tens
+        // of milliseconds of every start.
+        let builder = match scheme {
+            Scheme::Http => http_builder(opts)
+                .tls_certs_only([])
+                .redirect(reqwest::redirect::Policy::custom(stop_at_https)),
+            Scheme::Https => http_builder(opts),
         };
-        let oci = oci_client::Client::try_from(config).map_err(|e| setup(e.to_string()))?;
-        let http = reqwest::Client::builder()
-            .connect_timeout(opts.connect_timeout)
-            .read_timeout(opts.read_timeout)
-            .user_agent(USER_AGENT)
+        let http = builder
             .build()
             .map_err(|e| setup(super::classify::chain(&e)))?;
         let host = Reference::with_tag(registry.to_string(), "x".into(), "x".into())
@@ -105,19 +102,43 @@ impl Core {
             registry: registry.to_string(),
             host,
             scheme,
-            oci,
+            oci: tokio::sync::OnceCell::new(),
             http,
+            tls: std::sync::OnceLock::new(),
             auth,
             opts: opts.clone(),
             raw_auth: Mutex::new(BTreeMap::new()),
         })
     }
 
-    /// Hands the credentials to oci-client (it looks them up per registry).
-    pub async fn install_auth(&self) {
+    /// oci-client, built on first use and given the credentials (it looks
+    /// them up per registry).
+    pub async fn oci(&self) -> Result<&oci_client::Client> {
         self.oci
-            .store_auth_if_needed(&self.host, &self.auth.auth)
-            .await;
+            .get_or_try_init(|| async {
+                let config = ClientConfig {
+                    protocol: match self.scheme {
+                        Scheme::Http => ClientProtocol::Http,
+                        Scheme::Https => ClientProtocol::Https,
+                    },
+                    use_monolithic_push: true,
+                    // We select platforms ourselves (smr_image's resolver).
+                    platform_resolver: None,
+                    read_timeout: Some(self.opts.read_timeout),
+                    connect_timeout: Some(self.opts.connect_timeout),
+                    user_agent: USER_AGENT,
+                    ..Default::default()
+                };
+                let oci = oci_client::Client::try_from(config).map_err(|e| {
+                    RegistryError::ClientSetup {
+                        registry: self.registry.clone(),
+                        reason: e.to_string(),
+                    }
+                })?;
+                oci.store_auth_if_needed(&self.host, &self.auth.auth).await;
+                Ok(oci)
+            })
+            .await
     }
 
     /// `host/name` of `repo`.
@@ -174,7 +195,12 @@ impl Core {
     pub async fn refresh(&self, repo: &str, op: RegistryOperation) -> Result<()> {
         let reference = self.reference(repo, "latest");
         let ctx = self.ctx(repo, "authenticating");
-        let raw = match self.oci.auth(&reference, &self.auth.auth, op).await {
+        let raw = match self
+            .oci()
+            .await?
+            .auth(&reference, &self.auth.auth, op)
+            .await
+        {
             Ok(Some(token)) => Some(RawAuth::Bearer(token)),
             Ok(None) if self.auth.basic_pair().is_some() => Some(RawAuth::Basic),
             Ok(None) => None,
@@ -308,8 +334,8 @@ impl Core {
     ) -> Result<reqwest::Response> {
         let mut req = self
             .http
-            .request(method, self.url(repo, rest))
-            .headers(headers);
+            .request(method.clone(), self.url(repo, rest))
+            .headers(headers.clone());
         let cred = self
             .raw_auth
             .lock()
@@ -321,8 +347,62 @@ impl Core {
             (Some(RawAuth::Basic), Some((u, p))) => req.basic_auth(u, Some(p)),
             _ => req,
         };
-        req.send().await.map_err(|e| from_reqwest(&e, ctx))
+        let resp = req.send().await.map_err(|e| from_reqwest(&e, ctx))?;
+        let Some(to) = https_redirect(&resp) else {
+            return Ok(resp);
+        };
+        // Credentials stay with the registry (as reqwest does for a
+        // redirect to another host); the target's URL carries its own.
+        let tls = match self.tls.get() {
+            Some(c) => c,
+            None => {
+                let c = http_builder(&self.opts)
+                    .build()
+                    .map_err(|e| from_reqwest(&e, ctx))?;
+                self.tls.get_or_init(|| c)
+            }
+        };
+        tracing::debug!(repo = %ctx.repo, what = %ctx.what, %to, "following a redirect to HTTPS");
+        tls.request(method, to)
+            .headers(headers)
+            .send()
+            .await
+            .map_err(|e| from_reqwest(&e, ctx))
     }
+}
+
+/// A client builder with our timeouts and `User-Agent`.
+fn http_builder(opts: &RegistryOptions) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .connect_timeout(opts.connect_timeout)
+        .read_timeout(opts.read_timeout)
+        .user_agent(USER_AGENT)
+}
+
+/// Redirect policy of the plain-HTTP client: follows plain-HTTP
+/// redirects as reqwest does (at most 10), stops at one to HTTPS
+/// ([`https_redirect`] then takes it).
+fn stop_at_https(a: reqwest::redirect::Attempt) -> reqwest::redirect::Action {
+    if a.url().scheme() == "https" {
+        a.stop()
+    } else if a.previous().len() >= 10 {
+        a.error("too many redirects")
+    } else {
+        a.follow()
+    }
+}
+
+/// The HTTPS URL `resp` redirects to, if it is such a redirect.
+fn https_redirect(resp: &reqwest::Response) -> Option<reqwest::Url> {
+    if !resp.status().is_redirection() {
+        return None;
+    }
+    let loc = resp
+        .headers()
+        .get(reqwest::header::LOCATION)?
+        .to_str()
+        .ok()?;
+    resp.url().join(loc).ok().filter(|u| u.scheme() == "https")
 }
 
 /// The retry loop's decision.
@@ -333,4 +413,86 @@ pub(crate) enum Step {
     RetryAfterRefresh,
     /// Give up, with this error or (`None`) the one that ended the try.
     Fail(Option<RegistryError>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+    use std::time::Duration;
+
+    /// Answers each connection's first request with `answer(path)`, and
+    /// sends each connection's first bytes to the returned channel.
+    fn serve(
+        answer: impl Fn(&str) -> String + Send + 'static,
+    ) -> (String, std::sync::mpsc::Receiver<Vec<u8>>) {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for mut s in l.incoming().flatten() {
+                let mut buf = vec![0u8; 4096];
+                let n = s.read(&mut buf).unwrap_or(0);
+                buf.truncate(n);
+                let req = String::from_utf8_lossy(&buf).to_string();
+                let path = req.split(' ').nth(1).unwrap_or("").to_string();
+                let _ = tx.send(buf);
+                let _ = s.write_all(answer(&path).as_bytes());
+            }
+        });
+        (addr, rx)
+    }
+
+    fn get(core: &std::sync::Arc<Core>, rest: &str) -> Result<(u16, String)> {
+        let (core, rest) = (core.clone(), rest.to_string());
+        smr_store::runtime::block_on(async move {
+            let ctx = core.ctx("r/a", "test blob");
+            let r = core
+                .raw(
+                    reqwest::Method::GET,
+                    "r/a",
+                    &rest,
+                    None,
+                    RegistryOperation::Pull,
+                    &ctx,
+                )
+                .await?;
+            let status = r.status().as_u16();
+            Ok((status, r.text().await.unwrap_or_default()))
+        })
+    }
+
+    #[test]
+    fn plain_http_follows_http_redirects_and_takes_https_ones_with_tls() {
+        // The HTTPS target: whatever connects to it must open with a TLS
+        // handshake record (0x16).
+        let (tls_addr, tls_seen) = serve(|_| String::new());
+        let (addr, _) = serve(move |path| {
+            match path {
+            "/v2/r/a/blobs/moved" => {
+                "HTTP/1.1 307 Temporary Redirect\r\nLocation: /v2/r/a/blobs/here\r\nContent-Length: 0\r\n\r\n".to_string()
+            }
+            "/v2/r/a/blobs/storage" => format!(
+                "HTTP/1.1 307 Temporary Redirect\r\nLocation: https://{tls_addr}/bucket/x?sig=1\r\nContent-Length: 0\r\n\r\n"
+            ),
+            _ => "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello".to_string(),
+        }
+        });
+        let opts = RegistryOptions::default();
+        let auth = super::super::auth::resolve(&addr, &opts).expect("auth");
+        let core = std::sync::Arc::new(Core::new(&addr, auth, &opts).expect("client"));
+        assert_eq!(core.scheme, Scheme::Http);
+        assert_eq!(
+            get(&core, "blobs/moved").expect("followed"),
+            (200, "hello".into())
+        );
+        let err = get(&core, "blobs/storage").expect_err("no TLS server there");
+        let first = tls_seen
+            .recv_timeout(Duration::from_secs(5))
+            .expect("connected");
+        assert_eq!(first.first(), Some(&0x16), "a TLS handshake, got {first:?}");
+        assert!(err.to_string().contains("r/a"), "{err}");
+        assert!(core.tls.get().is_some());
+    }
 }

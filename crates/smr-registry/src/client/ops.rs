@@ -190,7 +190,8 @@ impl Core {
                 let body = data.clone();
                 let stream = futures::stream::once(async move { Ok(body) });
                 let resp = self
-                    .oci
+                    .oci()
+                    .await?
                     .push_blob_stream_chunked(&r, stream)
                     .await
                     .map_err(|e| from_oci(e, &ctx))?;
@@ -198,7 +199,8 @@ impl Core {
                     return Err(ctx.mismatch(resp.blob_digest));
                 }
             } else {
-                self.oci
+                self.oci()
+                    .await?
                     .push_blob(&r, data.clone(), digest)
                     .await
                     .map_err(|e| from_oci(e, &ctx))?;
@@ -219,7 +221,8 @@ impl Core {
         let src = self.reference(from, "latest");
         let res = self
             .retry(repo, Push, &ctx, || async {
-                self.oci
+                self.oci()
+                    .await?
                     .mount_blob(&r, &src, digest)
                     .await
                     .map_err(|e| from_oci(e, &ctx))
@@ -308,7 +311,8 @@ impl Core {
             .map_err(|_| ctx.protocol(format!("bad media type `{media_type}`")))?;
         let r = self.reference(repo, at);
         self.retry(repo, Push, &ctx, || async {
-            self.oci
+            self.oci()
+                .await?
                 .push_manifest_raw(&r, bytes.clone(), content_type.clone())
                 .await
                 .map_err(|e| from_oci(e, &ctx))
@@ -384,7 +388,8 @@ impl Core {
             let last = all.last().cloned();
             let page = self
                 .retry(repo, Pull, &ctx, || async {
-                    self.oci
+                    self.oci()
+                        .await?
                         .list_tags(&r, &self.auth.auth, Some(TAGS_PAGE), last.as_deref())
                         .await
                         .map_err(|e| from_oci(e, &ctx))
