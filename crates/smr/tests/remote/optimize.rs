@@ -37,7 +37,7 @@ fn run(image: &str, dir: &Path, key: &Path, cmd: &[&str]) -> (serde_json::Value,
 }
 
 /// `smr mount` of an image whose profile has a startup pack: the loop
-/// device is attached with the startup settings (direct I/O, 32 KiB
+/// device is attached with the startup settings (direct I/O, 8 KiB
 /// readahead) and put back to the normal ones once the start the profile
 /// was made of has run and reads stopped.
 fn mounted_from_the_pack(image: &str, dir: &Path, key: &Path) {
@@ -46,7 +46,7 @@ fn mounted_from_the_pack(image: &str, dir: &Path, key: &Path) {
     let sub: Vec<_> = std::fs::read_dir(&state).unwrap().flatten().collect();
     let json = std::fs::read(sub[0].path().join("state.json")).unwrap();
     let st: serde_json::Value = serde_json::from_slice(&json).unwrap();
-    assert_eq!(st["readahead_kb"].as_u64(), Some(32), "{st}");
+    assert_eq!(st["readahead_kb"].as_u64(), Some(8), "{st}");
     assert_eq!(st["direct_io"].as_bool(), Some(true), "{st}");
     assert_eq!(
         st["after_start"]["readahead_kb"].as_u64(),
@@ -60,7 +60,7 @@ fn mounted_from_the_pack(image: &str, dir: &Path, key: &Path) {
     // A mounted image nothing starts from keeps the startup settings
     // (longer than the second of quiet that ends a start).
     std::thread::sleep(std::time::Duration::from_millis(1500));
-    assert_eq!(sys("queue/read_ahead_kb").trim(), "32");
+    assert_eq!(sys("queue/read_ahead_kb").trim(), "8");
     // The start the profile was made of, run on the mount.
     let out = std::process::Command::new("chroot")
         .arg(&mnt)
