@@ -29,8 +29,15 @@
 //!          tag 32 bytes: HMAC-SHA-256 of every byte before it
 //! ```
 //!
-//! A profile without blocks is written as version 1. Encoding is
-//! canonical, so the same reads give the same bytes.
+//! Version 3 (`SMRPROF3`) is version 2 with the loop device's readahead
+//! of the recorded start (KiB, a varint) between the runs and the pack
+//! flag: a start served from the pack reads with it, so that it asks for
+//! the blocks the recorded one did. A version 2 profile was recorded with
+//! [`V2_READAHEAD_KB`].
+//!
+//! A profile without blocks is written as version 1, one with blocks and
+//! no readahead as version 2. Encoding is canonical, so the same reads
+//! give the same bytes.
 
 use crate::error::{FormatError, Result};
 use crate::startup::{self, BlockRun, PackSecret, StartupPack};
@@ -41,6 +48,12 @@ use sha2::{Digest, Sha256};
 pub const PROFILE_MAGIC: &[u8; 8] = b"SMRPROF1";
 /// The first bytes of a profile with blocks (version 2).
 pub const PROFILE_MAGIC_V2: &[u8; 8] = b"SMRPROF2";
+/// The first bytes of a profile with blocks and their readahead (version 3).
+pub const PROFILE_MAGIC_V3: &[u8; 8] = b"SMRPROF3";
+/// The loop readahead (KiB) version 2 profiles were recorded with.
+pub const V2_READAHEAD_KB: u32 = 32;
+/// Largest recorded readahead accepted (KiB; the kernel caps it lower).
+pub const MAX_READAHEAD_KB: u64 = 1 << 20;
 
 /// Most entries a profile may have (a profile of every chunk of a 64 GiB
 /// image at 4 KiB chunks); bounds what a hostile profile can allocate.
@@ -60,6 +73,9 @@ pub struct Profile {
     pub blocks: Vec<BlockRun>,
     /// The startup pack of `blocks`, once made (see [`Profile::seal_pack`]).
     pub pack: Option<StartupPack>,
+    /// The loop device's readahead (KiB) while the blocks were recorded
+    /// (`None`: a version 2 profile, see [`Profile::readahead_kb`]).
+    pub recorded_readahead_kb: Option<u32>,
 }
 
 impl Profile {
@@ -75,7 +91,15 @@ impl Profile {
             chunks,
             blocks: Vec::new(),
             pack: None,
+            recorded_readahead_kb: None,
         }
+    }
+
+    /// The loop readahead (KiB) of the recorded start: what a start served
+    /// from the pack reads with ([`V2_READAHEAD_KB`] for a version 2
+    /// profile).
+    pub fn readahead_kb(&self) -> u32 {
+        self.recorded_readahead_kb.unwrap_or(V2_READAHEAD_KB)
     }
 
     /// The profile's bytes.
@@ -90,8 +114,13 @@ impl Profile {
     /// Every byte up to the pack's tag.
     fn encode_body(&self) -> Vec<u8> {
         let v2 = !self.blocks.is_empty() || self.pack.is_some();
+        let ra = self.recorded_readahead_kb.filter(|_| v2);
         let mut out = Vec::with_capacity(48 + self.chunks.len() * 3 + self.blocks.len() * 5);
-        out.extend_from_slice(if v2 { PROFILE_MAGIC_V2 } else { PROFILE_MAGIC });
+        out.extend_from_slice(match (v2, ra) {
+            (false, _) => PROFILE_MAGIC,
+            (true, None) => PROFILE_MAGIC_V2,
+            (true, Some(_)) => PROFILE_MAGIC_V3,
+        });
         out.extend_from_slice(&self.recipe_sha256);
         varint::put(&mut out, self.chunks.len() as u64);
         for &c in &self.chunks {
@@ -99,6 +128,9 @@ impl Profile {
         }
         if v2 {
             startup::put_runs(&mut out, &self.blocks);
+            if let Some(kb) = ra {
+                varint::put(&mut out, u64::from(kb));
+            }
             match &self.pack {
                 None => out.push(0),
                 Some(p) => {
@@ -142,9 +174,10 @@ impl Profile {
     /// nothing after the last entry.
     pub fn decode(bytes: &[u8]) -> Result<Self> {
         let bad = |reason: String| FormatError::Profile(reason);
-        let (v2, rest) = match bytes.split_first_chunk::<8>() {
-            Some((m, rest)) if m == PROFILE_MAGIC => (false, rest),
-            Some((m, rest)) if m == PROFILE_MAGIC_V2 => (true, rest),
+        let (version, rest) = match bytes.split_first_chunk::<8>() {
+            Some((m, rest)) if m == PROFILE_MAGIC => (1, rest),
+            Some((m, rest)) if m == PROFILE_MAGIC_V2 => (2, rest),
+            Some((m, rest)) if m == PROFILE_MAGIC_V3 => (3, rest),
             _ => return Err(bad("not an smr profile (bad magic)".into())),
         };
         let (hash, mut rest) = rest
@@ -167,8 +200,15 @@ impl Profile {
             chunks.push(c);
         }
         let mut p = Profile::new(*hash, chunks);
-        if v2 {
+        if version >= 2 {
             p.blocks = startup::take_runs(&mut rest).map_err(bad)?;
+            if version == 3 {
+                let kb = varint::take(&mut rest).map_err(|r| bad(format!("{r} (readahead)")))?;
+                if kb > MAX_READAHEAD_KB {
+                    return Err(bad(format!("readahead {kb} KiB")));
+                }
+                p.recorded_readahead_kb = Some(kb as u32);
+            }
             let (&flag, r) = rest
                 .split_first()
                 .ok_or_else(|| bad("truncated startup pack flag".into()))?;
@@ -188,7 +228,9 @@ impl Profile {
                 f => return Err(bad(format!("startup pack flag {f}"))),
             }
             if p.blocks.is_empty() && p.pack.is_none() {
-                return Err(bad("version 2 without blocks (write version 1)".into()));
+                return Err(bad(format!(
+                    "version {version} without blocks (write version 1)"
+                )));
             }
         }
         if !rest.is_empty() {
@@ -236,7 +278,7 @@ mod tests {
     fn rejects_malformed_profiles() {
         let good = sample().encode();
         let cases: Vec<(Vec<u8>, &str)> = vec![
-            (b"SMRPROF3".to_vec(), "bad magic"),
+            (b"SMRPROF9".to_vec(), "bad magic"),
             (good[..20].to_vec(), "truncated recipe hash"),
             (good[..40].to_vec(), "truncated varint (entry count)"),
             (

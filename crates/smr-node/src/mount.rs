@@ -28,14 +28,16 @@
 //! 16 KiB and 32 MB at 128 KiB for `import numpy`; [`DEFAULT_READAHEAD_KB`]
 //! is the default until the benchmark picks one (`--readahead-kb`).
 //!
-//! A start that records a startup profile, or is served from a startup
-//! pack, reads with [`STARTUP_READAHEAD_KB`] and direct I/O instead: the
-//! pack then holds the blocks the start uses rather than what two layers
-//! of readahead guessed around them (a smaller pack, fetched sooner), and
-//! the replayed start asks for the same blocks the recorded one did. A
-//! FUSE server that serves a startup pack says so with the file
-//! [`STARTUP_PACK_MARK`] in its state directory, and
-//! [`MountRequest::startup_opts`] then applies.
+//! A start that records a startup profile reads with
+//! [`STARTUP_READAHEAD_KB`] and direct I/O instead: the pack then holds the
+//! blocks the start uses rather than what two layers of readahead guessed
+//! around them (a smaller pack, fetched sooner). The profile keeps that
+//! readahead, and a start served from its pack reads with it and direct
+//! I/O, so that it asks for the blocks the recorded one did (a larger one
+//! would read blocks the pack lacks, each a round trip). A FUSE server
+//! that serves a startup pack says so with the file [`STARTUP_PACK_MARK`]
+//! in its state directory, holding that readahead, and
+//! [`MountRequest::startup_opts`] then applies with it.
 
 mod kernel;
 mod loopdev;
@@ -63,14 +65,22 @@ use crate::fuse::FuseError;
 pub const DEFAULT_STATE_ROOT: &str = "/run/smr/mounts";
 /// Default `read_ahead_kb` of the loop device.
 pub const DEFAULT_READAHEAD_KB: u32 = 128;
-/// `read_ahead_kb` of a start that records a profile or is served from a
-/// startup pack (see the module's doc). Of 0, 4, 8, 16 and 32 KiB, 8 gave
+/// `read_ahead_kb` of a start that records a profile (see the module's
+/// doc). Of 0, 4, 8, 16 and 32 KiB, 8 gave
 /// the fastest first starts (a smaller pack; docs/BENCHMARKS.md), at the
 /// cost of more, smaller reads through FUSE when the pack is cached.
 pub const STARTUP_READAHEAD_KB: u32 = 8;
 /// The file a FUSE server creates in its state directory (the parent of
 /// its export's directory) before exporting, when it serves a startup pack.
 pub const STARTUP_PACK_MARK: &str = "startup-pack";
+/// Whether the FUSE server in `state` serves a startup pack
+/// ([`STARTUP_PACK_MARK`]), and with which readahead (KiB) the pack's
+/// profile was recorded, if the mark says.
+fn startup_mark(state: &Path) -> Option<Option<u32>> {
+    let text = std::fs::read_to_string(state.join(STARTUP_PACK_MARK)).ok()?;
+    Some(text.trim().parse().ok())
+}
+
 /// The file in a mount's state directory holding its [`MountState`].
 pub const STATE_FILE: &str = "state.json";
 /// How long the FUSE server may take to come up.
@@ -346,7 +356,8 @@ pub struct MountRequest {
     /// Loop device settings.
     pub loop_opts: LoopOptions,
     /// Loop device settings instead of `loop_opts` if the server serves a
-    /// startup pack ([`STARTUP_PACK_MARK`]); `None` keeps `loop_opts`.
+    /// startup pack ([`STARTUP_PACK_MARK`]), with the readahead the mark
+    /// names if it names one; `None` keeps `loop_opts`.
     pub startup_opts: Option<LoopOptions>,
 }
 
@@ -416,8 +427,14 @@ pub fn mount_with_server(
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    let (opts, after_start) = match req.startup_opts {
-        Some(o) if state.join(STARTUP_PACK_MARK).exists() => (o, Some(req.loop_opts)),
+    let (opts, after_start) = match (req.startup_opts, startup_mark(&state)) {
+        (Some(o), Some(kb)) => (
+            LoopOptions {
+                readahead_kb: kb.unwrap_or(o.readahead_kb),
+                ..o
+            },
+            Some(req.loop_opts),
+        ),
         _ => (req.loop_opts, None),
     };
     let image = b.image.insert(ImageMount::attach(&file, &mnt, opts)?);

@@ -28,7 +28,7 @@ use crate::blobs::Blobs;
 use crate::error::{RegistryError, Result};
 use crate::media_types::{SMR_ARTIFACT, SMR_PROFILE};
 use crate::pack::PackIndex;
-use crate::profile::{fetch_profile, profiles_of};
+use crate::profile::{fetch_profile_early, profiles_of};
 use crate::signature::{find_signature, SignedBy, VerifyKey};
 use crate::store::RegistryStore;
 use smr_format::{Profile, Recipe};
@@ -62,6 +62,11 @@ pub struct DiscoverOptions {
     /// artifact ([`Artifact::profile_listing`]), so the referrers are not
     /// listed again.
     pub profile_manifest: Option<String>,
+    /// With [`DiscoverOptions::profile`]: start reading the profile's
+    /// startup pack as soon as its manifest is seen
+    /// ([`Blobs::start_blob_range`]), for a caller that serves the image
+    /// from this registry and so will read the pack.
+    pub early_pack: bool,
 }
 
 /// What the listing an artifact was found in (the referrers of its image,
@@ -199,7 +204,19 @@ pub fn list_referrers_of(
     artifact_type: &str,
 ) -> Result<Vec<Descriptor>> {
     let repo = blobs.describe();
-    if let Some(bytes) = blobs.referrers(subject)? {
+    let tag = fallback_tag(subject).ok_or_else(|| bad(&repo, subject, "not a sha256 digest"))?;
+    // Both at once: a registry without the API (distribution 2.8 and
+    // others) answers 404 and the tag is what counts; one round trip
+    // instead of two, for one small request more where the API answers.
+    let (api, tagged) = std::thread::scope(|s| {
+        let tagged = s.spawn(|| blobs.get_manifest(&tag));
+        let api = blobs.referrers(subject);
+        let tagged = tagged
+            .join()
+            .unwrap_or_else(|_| Err(bad(&repo, subject, "fetching the referrers tag panicked")));
+        (api, tagged)
+    });
+    if let Some(bytes) = api? {
         let found = parse_referrers(&repo, &format!("referrers of {subject}"), &bytes)?;
         if found
             .iter()
@@ -209,8 +226,7 @@ pub fn list_referrers_of(
             return Ok(found);
         }
     }
-    let tag = fallback_tag(subject).ok_or_else(|| bad(&repo, subject, "not a sha256 digest"))?;
-    let Some((_, bytes)) = blobs.get_manifest(&tag)? else {
+    let Some((_, bytes)) = tagged? else {
         return Ok(Vec::new());
     };
     let found = parse_referrers(&repo, &format!("referrers tag {tag}"), &bytes)?;
@@ -360,9 +376,12 @@ fn open_chosen(
     let keys = &opts.verify_keys;
     let panicked = |what: &str| bad(&blobs.describe(), &chosen, format!("{what} panicked"));
     let (artifact, profile, signature) = std::thread::scope(|s| {
-        let p = profile
-            .as_ref()
-            .map(|d| (d, s.spawn(|| fetch_profile(blobs, d, &chosen))));
+        let p = profile.as_ref().map(|d| {
+            (
+                d,
+                s.spawn(|| fetch_profile_early(blobs, d, &chosen, opts.early_pack)),
+            )
+        });
         let sig = (!keys.is_empty()).then(|| s.spawn(|| find_signature(blobs, &chosen, keys)));
         let a = open_artifact(blobs, &chosen, subject);
         let p = p.map(|(d, h)| (d, h.join().unwrap_or_else(|_| Err(panicked("profile")))));

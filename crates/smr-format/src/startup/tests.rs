@@ -69,6 +69,32 @@ fn a_sealed_pack_round_trips_and_opens_to_its_blocks() {
 }
 
 #[test]
+fn the_recorded_readahead_is_kept_and_bound_by_the_tag() {
+    let (p, _, text) = packed(16);
+    assert_eq!(p.readahead_kb(), crate::profile::V2_READAHEAD_KB);
+    let mut p3 = p.clone();
+    p3.recorded_readahead_kb = Some(8);
+    p3.seal_pack(&secret(1), &text, 16);
+    let bytes = p3.encode();
+    assert_eq!(&bytes[..8], b"SMRPROF3");
+    let back = Profile::decode(&bytes).unwrap();
+    assert_eq!(back, p3);
+    assert_eq!(back.readahead_kb(), 8);
+    back.check_pack(&secret(1)).unwrap();
+    assert_eq!(back.encode(), bytes, "canonical");
+    // Another readahead under the same tag is refused.
+    let mut forged = back.clone();
+    forged.recorded_readahead_kb = Some(128);
+    assert!(forged.check_pack(&secret(1)).is_err());
+    // A readahead beyond any kernel's is refused.
+    let mut big = Profile::new([7; 32], vec![0]);
+    big.blocks = runs();
+    big.recorded_readahead_kb = Some(u32::MAX);
+    let e = Profile::decode(&big.encode()).unwrap_err();
+    assert!(e.to_string().contains("readahead"), "{e}");
+}
+
+#[test]
 fn sealing_is_deterministic() {
     let (a, blob_a, _) = packed(64);
     let (b, blob_b, _) = packed(64);

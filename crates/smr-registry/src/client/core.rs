@@ -61,6 +61,8 @@ pub(crate) struct Core {
     pub opts: RegistryOptions,
     /// Credentials for our own requests, per (repository, operation).
     raw_auth: Mutex<BTreeMap<(String, RegistryOperation), RawAuth>>,
+    /// Blob ranges read ahead of their readers.
+    pub early: super::early::EarlyReads,
 }
 
 impl std::fmt::Debug for Core {
@@ -108,6 +110,7 @@ impl Core {
             auth,
             opts: opts.clone(),
             raw_auth: Mutex::new(BTreeMap::new()),
+            early: Default::default(),
         })
     }
 
@@ -417,32 +420,9 @@ pub(crate) enum Step {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_server::{core_for, serve};
     use super::*;
-    use std::io::{Read, Write};
-    use std::net::TcpListener;
     use std::time::Duration;
-
-    /// Answers each connection's first request with `answer(path)`, and
-    /// sends each connection's first bytes to the returned channel.
-    fn serve(
-        answer: impl Fn(&str) -> String + Send + 'static,
-    ) -> (String, std::sync::mpsc::Receiver<Vec<u8>>) {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = l.local_addr().expect("addr").to_string();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for mut s in l.incoming().flatten() {
-                let mut buf = vec![0u8; 4096];
-                let n = s.read(&mut buf).unwrap_or(0);
-                buf.truncate(n);
-                let req = String::from_utf8_lossy(&buf).to_string();
-                let path = req.split(' ').nth(1).unwrap_or("").to_string();
-                let _ = tx.send(buf);
-                let _ = s.write_all(answer(&path).as_bytes());
-            }
-        });
-        (addr, rx)
-    }
 
     fn get(core: &std::sync::Arc<Core>, rest: &str) -> Result<(u16, String)> {
         let (core, rest) = (core.clone(), rest.to_string());
@@ -467,7 +447,7 @@ mod tests {
     fn plain_http_follows_http_redirects_and_takes_https_ones_with_tls() {
         // The HTTPS target: whatever connects to it must open with a TLS
         // handshake record (0x16).
-        let (tls_addr, tls_seen) = serve(|_| String::new());
+        let (tls_addr, tls_seen) = serve(|_| Vec::new());
         let (addr, _) = serve(move |path| {
             match path {
             "/v2/r/a/blobs/moved" => {
@@ -478,10 +458,9 @@ mod tests {
             ),
             _ => "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello".to_string(),
         }
+        .into_bytes()
         });
-        let opts = RegistryOptions::default();
-        let auth = super::super::auth::resolve(&addr, &opts).expect("auth");
-        let core = std::sync::Arc::new(Core::new(&addr, auth, &opts).expect("client"));
+        let core = core_for(&addr);
         assert_eq!(core.scheme, Scheme::Http);
         assert_eq!(
             get(&core, "blobs/moved").expect("followed"),

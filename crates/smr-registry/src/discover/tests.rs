@@ -5,6 +5,7 @@ use crate::push::{push, PushOptions};
 use crate::testing::{tags, test_image, DirBlobs, TestImage};
 use smr_image::media_types::OCI_INDEX;
 use smr_store::LocalStore;
+use std::sync::atomic::Ordering;
 
 struct Env {
     _dir: tempfile::TempDir,
@@ -201,4 +202,29 @@ fn a_refused_artifact_is_skipped_whatever_its_digest() {
         text.contains(&e.artifact) && text.contains(&second) && text.contains("signed by nobody"),
         "{text}"
     );
+}
+
+#[test]
+fn referrers_come_from_the_api_when_it_lists_the_type_else_from_the_tag() {
+    let mut e = pushed();
+    let subject = e.img.subject.digest.clone();
+    let digests = |v: Vec<Descriptor>| v.into_iter().map(|d| d.digest).collect::<Vec<_>>();
+    let asked = || e.blobs.referrer_lists.load(Ordering::Relaxed);
+    let before = asked();
+    // No API (distribution 2.8): the tag, the API asked all the same.
+    let found = list_referrers(&e.blobs, &subject).unwrap();
+    assert_eq!(digests(found), vec![e.artifact.clone()]);
+    assert_eq!(asked(), before + 1);
+    // With the API, a stale tag is not what counts.
+    e.blobs.referrers_api = true;
+    let tag = fallback_tag(&subject).unwrap();
+    let empty = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
+    e.blobs.put_manifest(&tag, OCI_INDEX, empty).unwrap();
+    let found = list_referrers(&e.blobs, &subject).unwrap();
+    assert_eq!(digests(found), vec![e.artifact.clone()]);
+    // An API answer without the type asked for: the tag's list.
+    let found = list_referrers_of(&e.blobs, &subject, "application/x-other").unwrap();
+    assert!(found.is_empty(), "{found:?}");
+    let asked = e.blobs.referrer_lists.load(Ordering::Relaxed);
+    assert_eq!(asked, before + 3);
 }

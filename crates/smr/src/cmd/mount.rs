@@ -16,7 +16,8 @@ pub struct LoopArgs {
     /// The loop device's read_ahead_kb: how far the kernel reads ahead of
     /// what programs ask for (more chunks fetched, fewer round trips).
     /// Default 128, or `--startup-readahead-kb` for a start that records a
-    /// startup profile or is served from a startup pack.
+    /// startup profile; a start served from a startup pack reads with the
+    /// readahead its profile was recorded with.
     #[arg(long)]
     pub readahead_kb: Option<u32>,
     /// Open the FUSE file with O_DIRECT from the loop device (no second
@@ -31,8 +32,9 @@ pub struct LoopArgs {
     #[arg(long)]
     pub fuse_readahead_kb: Option<u32>,
     /// The loop device's read_ahead_kb while a startup profile is recorded
-    /// or its startup pack served: the pack holds what the recorded start
-    /// read, so the two must match (a smaller value, a smaller pack).
+    /// (the profile keeps it, and a start served from its startup pack
+    /// reads with it: the pack holds what the recorded start read). A
+    /// smaller value, a smaller pack and more, smaller reads.
     #[arg(long, env = "SMR_STARTUP_READAHEAD_KB", default_value_t = STARTUP_READAHEAD_KB)]
     pub startup_readahead_kb: u32,
 }
@@ -48,8 +50,9 @@ impl LoopArgs {
         }
     }
 
-    /// The options of a start that records a startup profile or is served
-    /// from a startup pack: direct I/O, and `--startup-readahead-kb` unless
+    /// The options of a start that records a startup profile (or is
+    /// served from a startup pack, whose profile then gives the
+    /// readahead): direct I/O, and `--startup-readahead-kb` unless
     /// `--readahead-kb` is given.
     pub fn startup_options(&self) -> LoopOptions {
         LoopOptions {

@@ -171,6 +171,8 @@ fn record_all(
                     .chunks
                     .extend(p.chunks.into_iter().filter(|c| seen.insert(*c)));
                 merge_blocks(&mut merged.blocks, &p.blocks, &mut seen_blocks);
+                // Every recording runs with the same settings.
+                merged.recorded_readahead_kb = p.recorded_readahead_kb;
                 format!("read {n} chunks")
             }
             Err(e) => format!("recorded nothing: {e}"),

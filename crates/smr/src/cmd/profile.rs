@@ -194,6 +194,9 @@ fn show(a: ShowArgs) -> Result<ExitCode> {
             "chunks": p.chunks,
             "blocks_read_bytes": blocks * smr_format::startup::BLOCK,
         });
+        if let Some(kb) = p.recorded_readahead_kb {
+            doc["readahead_kb"] = kb.into();
+        }
         if let Some((n, size)) = pack {
             doc["startup_pack"] = serde_json::json!({ "chunks": n, "bytes": size });
         }
@@ -211,6 +214,9 @@ fn show(a: ShowArgs) -> Result<ExitCode> {
         if blocks > 0 {
             let read = blocks * smr_format::startup::BLOCK;
             outln!("blocks: {blocks} ({read} bytes read by the start)");
+            if let Some(kb) = p.recorded_readahead_kb {
+                outln!("readahead: {kb} KiB (the loop device's, recorded and served with)");
+            }
         }
         if let Some((n, size)) = pack {
             outln!("pack:   {n} chunks, {size} bytes");

@@ -4,6 +4,7 @@ use super::image::ImageArgs;
 use super::mount::LoopArgs;
 use crate::progress::human;
 use anyhow::{Context, Result};
+use smr_node::mount::LoopOptions;
 use smr_node::run::{spec::Overrides, RootFs, RunRequest, DEFAULT_WORK_ROOT};
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -104,10 +105,11 @@ pub fn run(a: Args) -> Result<ExitCode> {
             (v.base, Some(v.volume), format!("volume {name}"))
         }
         None => {
-            let image = ImageArgs {
+            let mut image = ImageArgs {
                 image: a.image.clone().unwrap_or_default(),
                 source: a.source.clone(),
             };
+            image.source.origin.serving = true;
             (image.open_full()?, None, image.image)
         }
     };
@@ -127,17 +129,23 @@ pub fn run(a: Args) -> Result<ExitCode> {
     let startup = if a.record_profile.is_some() {
         Startup::Record
     } else if opened.startup_pack {
-        Startup::Pack
+        // With the readahead the profile was recorded with.
+        Startup::Pack(opened.profile.as_ref().map_or(
+            a.loop_args.startup_options().readahead_kb,
+            smr_format::Profile::readahead_kb,
+        ))
     } else {
         Startup::None
     };
     let req = request(&a, root, opened.recipe, seccomp, started, startup);
+    let recorded_readahead = req.loop_opts.readahead_kb;
     let mut r = smr_node::run::run(req).with_context(|| format!("running {label}"))?;
     r.profile = replay.map(|p| p.stats());
     if let Some(path) = &a.record_profile {
-        let p = lazy
+        let mut p = lazy
             .recorded_profile(opened.recipe_sha256)
             .context("recording was not started")?;
+        p.recorded_readahead_kb = Some(recorded_readahead);
         super::convert::write_atomic(path, &p.encode())?;
         errln!(
             "smr: recorded a startup profile of {} chunks in {}",
@@ -212,9 +220,10 @@ enum Startup {
     /// Records one: the startup settings for the whole run, so that the
     /// profile lists the blocks a start with them reads.
     Record,
-    /// Is served from a startup pack: the startup settings until the
+    /// Is served from a startup pack: the startup settings, with the
+    /// readahead (KiB) the pack's profile was recorded with, until the
     /// start is over, then the settings asked for.
-    Pack,
+    Pack(u32),
 }
 
 /// The run of `root` (with `recipe`'s config) that the arguments ask for.
@@ -234,12 +243,15 @@ fn request(
             env: a.env.clone(),
             terminal: std::io::stdin().is_terminal(),
         },
-        loop_opts: if startup == Startup::None {
-            a.loop_args.options()
-        } else {
-            a.loop_args.startup_options()
+        loop_opts: match startup {
+            Startup::None => a.loop_args.options(),
+            Startup::Record => a.loop_args.startup_options(),
+            Startup::Pack(kb) => LoopOptions {
+                readahead_kb: kb,
+                ..a.loop_args.startup_options()
+            },
         },
-        after_start: (startup == Startup::Pack).then(|| a.loop_args.options()),
+        after_start: matches!(startup, Startup::Pack(_)).then(|| a.loop_args.options()),
         work_root: a.work_dir.clone(),
         runc: a.runtime.clone(),
         network: a.network,

@@ -263,16 +263,19 @@ fn publish_stats(lazy: smr_node::lazy::LazyImage, image: String, path: PathBuf) 
 }
 
 /// Says that this server serves a startup pack (`smr mount` then attaches
-/// the loop device with the startup settings, smr_node::mount), and
+/// the loop device with the startup settings and the readahead the pack's
+/// profile was recorded with, smr_node::mount), and
 /// watches for the start's end to put the device back to the settings
 /// `smr mount` asked for.
 fn mark_startup_pack(
     lazy: &smr_node::lazy::LazyImage,
+    readahead_kb: u32,
     state: &std::path::Path,
     fuse_dir: &std::path::Path,
 ) -> Result<smr_node::mount::RetuneWatch> {
     let mark = state.join(smr_node::mount::STARTUP_PACK_MARK);
-    std::fs::write(&mark, b"").with_context(|| format!("writing {}", mark.display()))?;
+    std::fs::write(&mark, format!("{readahead_kb}\n"))
+        .with_context(|| format!("writing {}", mark.display()))?;
     let file = fuse_dir.join(smr_node::fuse::FuseConfig::default().file_name);
     let state_file = state.join(smr_node::mount::STATE_FILE);
     let lazy = lazy.clone();
@@ -306,14 +309,21 @@ pub fn run_fuse(a: FuseArgs) -> Result<ExitCode> {
         tracing::info!("FUSE export unmounted, volume flushed; exiting");
         return Ok(ExitCode::SUCCESS);
     }
-    let opened = a.image.open_full()?;
+    let mut image = a.image.clone();
+    image.source.origin.serving = true;
+    let opened = image.open_full()?;
     let replay = opened.start_prefetch();
     let name = format!("smr:{}", a.image.image);
     tracing::info!(dir = %a.dir.display(), pid = std::process::id(), profile = replay.is_some(), "serving FUSE export");
     let mut _retune = None;
     if let Some(state) = a.dir.parent() {
-        if opened.startup_pack {
-            _retune = Some(mark_startup_pack(&opened.lazy, state, &a.dir)?);
+        if let (true, Some(p)) = (opened.startup_pack, &opened.profile) {
+            _retune = Some(mark_startup_pack(
+                &opened.lazy,
+                p.readahead_kb(),
+                state,
+                &a.dir,
+            )?);
         }
         publish_stats(
             opened.lazy.clone(),
