@@ -214,10 +214,6 @@ impl Blobs for CachedBlobs<'_> {
     fn referrers(&self, digest: &str) -> Result<Option<Vec<u8>>> {
         self.inner.referrers(digest)
     }
-
-    fn start_blob_range(&self, digest: &str, offset: u64, len: u64) {
-        self.inner.start_blob_range(digest, offset, len);
-    }
 }
 
 #[cfg(test)]

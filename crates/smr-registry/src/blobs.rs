@@ -63,13 +63,4 @@ pub trait Blobs: Send + Sync {
     /// the registry does not implement the API (404), in which case callers
     /// use the `sha256-<hex>` tag-schema fallback.
     fn referrers(&self, digest: &str) -> Result<Option<Vec<u8>>>;
-
-    /// Starts reading `len` bytes of blob `digest` from `offset` in the
-    /// background: the first [`Blobs::get_blob_range`] (or progressive) of
-    /// that blob from that offset, no longer, takes the bytes over as they
-    /// arrive instead of asking again. For a read certain to come after a
-    /// few more round trips (a startup pack). By default nothing is done.
-    fn start_blob_range(&self, digest: &str, offset: u64, len: u64) {
-        let _ = (digest, offset, len);
-    }
 }

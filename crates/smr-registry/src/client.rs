@@ -23,7 +23,6 @@
 mod auth;
 mod classify;
 mod core;
-mod early;
 mod ops;
 pub mod options;
 mod stream;
@@ -157,13 +156,6 @@ impl Repository {
         len: u64,
         progress: Option<smr_store::Progress>,
     ) -> Result<Vec<u8>> {
-        if let Some(got) = self
-            .core
-            .early
-            .take(&self.name, digest, offset, len, progress.as_ref())
-        {
-            return Ok(got);
-        }
         let digest = digest.to_string();
         self.run(move |c, repo| async move {
             c.get_blob_range(&repo, &digest, offset, len, progress)
@@ -269,10 +261,6 @@ impl Blobs for Repository {
     fn referrers(&self, digest: &str) -> Result<Option<Vec<u8>>> {
         let digest = digest.to_string();
         self.run(move |c, repo| async move { c.referrers(&repo, &digest).await })
-    }
-
-    fn start_blob_range(&self, digest: &str, offset: u64, len: u64) {
-        early::EarlyReads::start(&self.core, &self.name, digest, offset, len);
     }
 }
 

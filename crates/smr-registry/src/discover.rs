@@ -28,7 +28,7 @@ use crate::blobs::Blobs;
 use crate::error::{RegistryError, Result};
 use crate::media_types::{SMR_ARTIFACT, SMR_PROFILE};
 use crate::pack::PackIndex;
-use crate::profile::{fetch_profile_early, profiles_of};
+use crate::profile::{fetch_profile, profiles_of};
 use crate::signature::{find_signature, SignedBy, VerifyKey};
 use crate::store::RegistryStore;
 use smr_format::{Profile, Recipe};
@@ -62,11 +62,6 @@ pub struct DiscoverOptions {
     /// artifact ([`Artifact::profile_listing`]), so the referrers are not
     /// listed again.
     pub profile_manifest: Option<String>,
-    /// With [`DiscoverOptions::profile`]: start reading the profile's
-    /// startup pack as soon as its manifest is seen
-    /// ([`Blobs::start_blob_range`]), for a caller that serves the image
-    /// from this registry and so will read the pack.
-    pub early_pack: bool,
 }
 
 /// What the listing an artifact was found in (the referrers of its image,
@@ -376,12 +371,9 @@ fn open_chosen(
     let keys = &opts.verify_keys;
     let panicked = |what: &str| bad(&blobs.describe(), &chosen, format!("{what} panicked"));
     let (artifact, profile, signature) = std::thread::scope(|s| {
-        let p = profile.as_ref().map(|d| {
-            (
-                d,
-                s.spawn(|| fetch_profile_early(blobs, d, &chosen, opts.early_pack)),
-            )
-        });
+        let p = profile
+            .as_ref()
+            .map(|d| (d, s.spawn(|| fetch_profile(blobs, d, &chosen))));
         let sig = (!keys.is_empty()).then(|| s.spawn(|| find_signature(blobs, &chosen, keys)));
         let a = open_artifact(blobs, &chosen, subject);
         let p = p.map(|(d, h)| (d, h.join().unwrap_or_else(|_| Err(panicked("profile")))));

@@ -174,18 +174,6 @@ pub fn profiles_of(referrers: &[Descriptor], artifact: &str) -> Vec<Descriptor> 
 /// (digest, format). The recipe binding is checked by the caller, against
 /// the recipe it serves ([`Profile::check_recipe`]).
 pub fn fetch_profile(blobs: &dyn Blobs, digest: &str, artifact: &str) -> Result<Profile> {
-    fetch_profile_early(blobs, digest, artifact, false)
-}
-
-/// [`fetch_profile`]; `early_pack` also starts reading the startup pack
-/// the manifest lists, whole, before the profile is fetched
-/// ([`Blobs::start_blob_range`]).
-pub fn fetch_profile_early(
-    blobs: &dyn Blobs,
-    digest: &str,
-    artifact: &str,
-    early_pack: bool,
-) -> Result<Profile> {
     let repo = blobs.describe();
     let what = format!("profile manifest {digest}");
     let (media_type, bytes) =
@@ -229,9 +217,6 @@ pub fn fetch_profile_early(
             digest,
             format!("a profile of artifact {named:?}, not {artifact}"),
         ));
-    }
-    if let (true, Some(p)) = (early_pack, pack) {
-        blobs.start_blob_range(&p.digest, 0, p.size);
     }
     let blob = crate::discover::fetch(blobs, &format!("profile of {digest}"), layer)?;
     let profile = Profile::decode(&blob).map_err(|source| RegistryError::Format {

@@ -61,8 +61,6 @@ pub(crate) struct Core {
     pub opts: RegistryOptions,
     /// Credentials for our own requests, per (repository, operation).
     raw_auth: Mutex<BTreeMap<(String, RegistryOperation), RawAuth>>,
-    /// Blob ranges read ahead of their readers.
-    pub early: super::early::EarlyReads,
 }
 
 impl std::fmt::Debug for Core {
@@ -110,7 +108,6 @@ impl Core {
             auth,
             opts: opts.clone(),
             raw_auth: Mutex::new(BTreeMap::new()),
-            early: Default::default(),
         })
     }
 

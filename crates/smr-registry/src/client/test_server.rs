@@ -1,5 +1,5 @@
 //! Test-only: a bare HTTP server on 127.0.0.1 for the client's own
-//! requests (redirects, early reads), where the real registry cannot be
+//! requests (redirects), where the real registry cannot be
 //! made to misbehave.
 
 use super::core::Core;

@@ -97,12 +97,6 @@ pub struct OriginArgs {
     /// through the node cache, under its directory.
     #[arg(skip)]
     pub blob_cache: Option<PathBuf>,
-    /// Set by commands that serve the image in this process: the startup
-    /// pack's read starts as soon as the lookup sees its profile manifest
-    /// ([`smr_registry::Blobs::start_blob_range`]), a round trip or two
-    /// before the profile is checked and the replay asks for it.
-    #[arg(skip)]
-    pub serving: bool,
 }
 
 /// An image's recipe and chunk store, found by [`OriginArgs::resolve`].
@@ -198,8 +192,6 @@ impl OriginArgs {
             artifact: self.artifact.clone(),
             profile: find_profile,
             profile_manifest: self.profile_manifest.clone(),
-            // Its pack is read from this registry (not another --store).
-            early_pack: find_profile && self.serving && self.store.is_none(),
             verify_keys: policy.keys.clone(),
             ..DiscoverOptions::default()
         };

@@ -105,11 +105,10 @@ pub fn run(a: Args) -> Result<ExitCode> {
             (v.base, Some(v.volume), format!("volume {name}"))
         }
         None => {
-            let mut image = ImageArgs {
+            let image = ImageArgs {
                 image: a.image.clone().unwrap_or_default(),
                 source: a.source.clone(),
             };
-            image.source.origin.serving = true;
             (image.open_full()?, None, image.image)
         }
     };

@@ -309,9 +309,7 @@ pub fn run_fuse(a: FuseArgs) -> Result<ExitCode> {
         tracing::info!("FUSE export unmounted, volume flushed; exiting");
         return Ok(ExitCode::SUCCESS);
     }
-    let mut image = a.image.clone();
-    image.source.origin.serving = true;
-    let opened = image.open_full()?;
+    let opened = a.image.open_full()?;
     let replay = opened.start_prefetch();
     let name = format!("smr:{}", a.image.image);
     tracing::info!(dir = %a.dir.display(), pid = std::process::id(), profile = replay.is_some(), "serving FUSE export");
