@@ -81,6 +81,14 @@ fn startup_mark(state: &Path) -> Option<Option<u32>> {
     Some(text.trim().parse().ok())
 }
 
+/// Writes the [`STARTUP_PACK_MARK`] of a FUSE server in `state` that
+/// serves a startup pack recorded with `readahead_kb`: the mount then
+/// attaches the loop device with [`MountRequest::startup_opts`] and that
+/// readahead.
+pub fn write_startup_mark(state: &Path, readahead_kb: u32) -> std::io::Result<()> {
+    std::fs::write(state.join(STARTUP_PACK_MARK), format!("{readahead_kb}\n"))
+}
+
 /// The file in a mount's state directory holding its [`MountState`].
 pub const STATE_FILE: &str = "state.json";
 /// How long the FUSE server may take to come up.

@@ -732,9 +732,9 @@ fn a_start_not_under_way_is_never_cut_short() {
 fn the_startup_mark_names_the_readahead_of_the_recorded_start() {
     let d = tempfile::tempdir().unwrap();
     assert_eq!(startup_mark(d.path()), None, "no mark: no startup pack");
-    let mark = d.path().join(STARTUP_PACK_MARK);
-    std::fs::write(&mark, b"8\n").unwrap();
+    write_startup_mark(d.path(), 8).unwrap();
     assert_eq!(startup_mark(d.path()), Some(Some(8)));
+    let mark = d.path().join(STARTUP_PACK_MARK);
     // A mark without a readahead (or garbage) keeps the asked-for one.
     for text in ["", "lots\n"] {
         std::fs::write(&mark, text).unwrap();

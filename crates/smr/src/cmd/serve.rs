@@ -273,9 +273,12 @@ fn mark_startup_pack(
     state: &std::path::Path,
     fuse_dir: &std::path::Path,
 ) -> Result<smr_node::mount::RetuneWatch> {
-    let mark = state.join(smr_node::mount::STARTUP_PACK_MARK);
-    std::fs::write(&mark, format!("{readahead_kb}\n"))
-        .with_context(|| format!("writing {}", mark.display()))?;
+    smr_node::mount::write_startup_mark(state, readahead_kb).with_context(|| {
+        format!(
+            "writing {}",
+            state.join(smr_node::mount::STARTUP_PACK_MARK).display()
+        )
+    })?;
     let file = fuse_dir.join(smr_node::fuse::FuseConfig::default().file_name);
     let state_file = state.join(smr_node::mount::STATE_FILE);
     let lazy = lazy.clone();
