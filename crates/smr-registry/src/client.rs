@@ -84,6 +84,13 @@ impl Registry {
         &self.core.auth.source
     }
 
+    /// Opens `n` spare connections in the background for requests about
+    /// to be sent at once (see `Core::warm_up`): a lazy start's lookups
+    /// then pay no handshake after the first request's.
+    pub fn warm_up(&self, n: usize) {
+        self.core.warm_up(n);
+    }
+
     /// Repository `name` (e.g. `library/debian`) of this registry.
     pub fn repository(&self, name: &str) -> Result<Repository> {
         // Reuse the reference grammar for the name.

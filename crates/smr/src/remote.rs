@@ -105,6 +105,12 @@ fn one_line(bytes: &[u8]) -> Result<String> {
     Ok(line.to_string())
 }
 
+/// Connections opened beside the first request of an artifact lookup: its
+/// later steps send two requests at once (referrers API and fallback tag,
+/// artifact and profile manifests, recipe and profile blobs), and the
+/// first start's chunk fetches more.
+const SPARE_CONNECTIONS: usize = 2;
+
 /// Whether `image` names a registry image rather than a recipe file.
 pub fn is_remote(image: &str) -> bool {
     image.starts_with(DOCKER_PREFIX)
@@ -141,6 +147,7 @@ pub fn find_artifact_in(
     blob_cache: Option<&Path>,
 ) -> Result<(Repository, Artifact)> {
     let repo = src.repository().clone();
+    repo.registry().warm_up(SPARE_CONNECTIONS);
     let cached = blob_cache.map(|dir| CachedBlobs::new(&repo, dir));
     let blobs: &dyn smr_registry::Blobs = match &cached {
         Some(c) => c,

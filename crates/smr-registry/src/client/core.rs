@@ -165,6 +165,28 @@ impl Core {
     }
 
     /// `scheme://host/v2/<repo>/<rest>`.
+    /// Opens `n` connections to the registry in the background, each with
+    /// a `GET /v2/` whose answer is read and dropped, so that the requests
+    /// sent at once a little later (the referrers API beside the fallback
+    /// tag, two manifests, two blobs) find connections open rather than
+    /// each paying a handshake: a round trip, three with TLS. The client
+    /// keeps them for its later requests; a failure is only logged.
+    pub fn warm_up(&self, n: usize) {
+        let url = format!("{}://{}/v2/", self.scheme.as_str(), self.host);
+        for _ in 0..n {
+            let (http, url) = (self.http.clone(), url.clone());
+            smr_store::runtime::handle().spawn(async move {
+                let answer = match http.get(&url).send().await {
+                    Ok(r) => r.bytes().await.map(|_| ()),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = answer {
+                    tracing::debug!(%url, error = %e, "warming a registry connection failed");
+                }
+            });
+        }
+    }
+
     fn url(&self, repo: &str, rest: &str) -> String {
         format!("{}://{}/v2/{repo}/{rest}", self.scheme.as_str(), self.host)
     }
@@ -417,9 +439,10 @@ pub(crate) enum Step {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_server::{core_for, serve};
+    use super::super::test_server::{core_for, serve, serve_keep_alive};
     use super::*;
-    use std::time::Duration;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
 
     fn get(core: &std::sync::Arc<Core>, rest: &str) -> Result<(u16, String)> {
         let (core, rest) = (core.clone(), rest.to_string());
@@ -470,5 +493,47 @@ mod tests {
         assert_eq!(first.first(), Some(&0x16), "a TLS handshake, got {first:?}");
         assert!(err.to_string().contains("r/a"), "{err}");
         assert!(core.tls.get().is_some());
+    }
+
+    /// Two requests sent at once, as a lookup's steps send them; returns
+    /// their answers.
+    fn two_at_once(core: &std::sync::Arc<Core>) -> Vec<(u16, String)> {
+        let (a, b) = (core.clone(), core.clone());
+        let first = std::thread::spawn(move || get(&a, "manifests/x"));
+        let second = get(&b, "blobs/y").expect("second");
+        vec![first.join().expect("thread").expect("first"), second]
+    }
+
+    fn wait_for(n: &AtomicUsize, want: usize) {
+        let t = Instant::now();
+        while n.load(Ordering::SeqCst) < want && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(n.load(Ordering::SeqCst), want);
+    }
+
+    #[test]
+    fn warmed_connections_serve_the_requests_sent_at_once() {
+        // Without warming, two requests at once open two connections.
+        let (addr, accepted, _) = serve_keep_alive("{}");
+        let cold = core_for(&addr);
+        assert_eq!(two_at_once(&cold), vec![(200, "{}".into()); 2]);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+
+        let (addr, accepted, answered) = serve_keep_alive("{}");
+        let core = core_for(&addr);
+        core.warm_up(2);
+        wait_for(&answered, 2);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        // The client pools a connection once it has read the answer: give
+        // it a moment after the server wrote it.
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(two_at_once(&core), vec![(200, "{}".into()); 2]);
+        assert_eq!(answered.load(Ordering::SeqCst), 4);
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "the requests took the warmed connections"
+        );
     }
 }

@@ -6,6 +6,7 @@ use super::core::Core;
 use super::options::RegistryOptions;
 use std::io::{Read, Write};
 use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
@@ -28,6 +29,42 @@ pub fn serve(answer: impl Fn(&str) -> Vec<u8> + Send + 'static) -> (String, Rece
         }
     });
     (addr, rx)
+}
+
+/// Answers every request on every connection with `200 OK` and `body`,
+/// keeping connections open (HTTP/1.1 keep-alive). Returns `host:port`,
+/// the connections accepted and the requests answered so far.
+pub fn serve_keep_alive(body: &'static str) -> (String, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr").to_string();
+    let (accepted, answered) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (acc, ans) = (accepted.clone(), answered.clone());
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            acc.fetch_add(1, Ordering::SeqCst);
+            let ans = ans.clone();
+            std::thread::spawn(move || {
+                let mut pending = Vec::new();
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = s.read(&mut buf) {
+                    pending.extend_from_slice(&buf[..n]);
+                    // Requests without bodies: each ends at a blank line.
+                    while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                        pending.drain(..end + 4);
+                        let reply = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if s.write_all(reply.as_bytes()).is_err() {
+                            return;
+                        }
+                        ans.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted, answered)
 }
 
 /// `response` with `Connection: close` after its status line: each
