@@ -50,6 +50,23 @@ pub const ANNOTATION_ZSTD_LEVEL: &str = "vnd.smr.zstd-level";
 /// Annotation: the pack target, in chunks per pack (decimal).
 pub const ANNOTATION_CHUNKS_PER_PACK: &str = "vnd.smr.chunks-per-pack";
 
+/// Annotation prefix naming the manifest's recipe blob: `PREFIX.digest`
+/// and `PREFIX.size` ([`blob_annotations`]). A referrers entry carries its
+/// manifest's annotations, so a lookup can fetch the blob beside the
+/// manifest (checked against it once it arrives).
+pub const ANNOTATION_RECIPE: &str = "vnd.smr.recipe";
+/// Annotation prefix naming the manifest's pack index blob, as
+/// [`ANNOTATION_RECIPE`] does the recipe.
+pub const ANNOTATION_PACK_INDEX: &str = "vnd.smr.pack-index";
+
+/// The annotations `PREFIX.digest` and `PREFIX.size` that name blob `d`.
+pub fn blob_annotations(prefix: &str, d: &Descriptor) -> [(String, String); 2] {
+    [
+        (format!("{prefix}.digest"), d.digest.clone()),
+        (format!("{prefix}.size"), d.size.to_string()),
+    ]
+}
+
 /// `sha256:<hex>` of `bytes`.
 pub fn digest_of(bytes: &[u8]) -> String {
     digest_of_hex(&hex::encode(Sha256::digest(bytes)))

@@ -22,19 +22,21 @@
 
 use crate::artifact::{
     bad, digest_of, fallback_tag, parse_referrers, ArtifactManifest, Descriptor,
-    ANNOTATION_CHUNK_SIZE,
+    ANNOTATION_CHUNK_SIZE, ANNOTATION_PACK_INDEX, ANNOTATION_RECIPE,
 };
 use crate::blobs::Blobs;
 use crate::error::{RegistryError, Result};
-use crate::media_types::{SMR_ARTIFACT, SMR_PROFILE};
+use crate::media_types::{SMR_ARTIFACT, SMR_PACK_INDEX, SMR_PROFILE, SMR_RECIPE};
 use crate::pack::PackIndex;
-use crate::profile::{fetch_profile, profiles_of};
+use crate::profile::{fetch_profile_early, profiles_of, ANNOTATION_PROFILE_BLOB};
 use crate::signature::{find_signature, SignedBy, VerifyKey};
 use crate::store::RegistryStore;
+use early::Early;
 use smr_format::{Profile, Recipe};
 use smr_image::media_types::OCI_MANIFEST;
 use std::sync::Arc;
 
+pub(crate) mod early;
 #[cfg(test)]
 mod tests;
 
@@ -360,22 +362,44 @@ fn open_chosen(
     chosen: &str,
 ) -> Result<Artifact> {
     let chosen = chosen.to_string();
-    let profile = match (&opts.profile_manifest, opts.profile) {
-        (_, false) => None,
-        (Some(d), true) => Some(d.clone()),
-        (None, true) => profiles_of(listed, &chosen)
-            .into_iter()
-            .next()
-            .map(|d| d.digest),
+    // The listed entries, whose annotations name the blobs to fetch
+    // beside their manifests (see `early`).
+    let (profile, profile_entry) = match (&opts.profile_manifest, opts.profile) {
+        (_, false) => (None, None),
+        (Some(d), true) => (Some(d.clone()), None),
+        (None, true) => match profiles_of(listed, &chosen).into_iter().next() {
+            Some(d) => (Some(d.digest.clone()), Some(d)),
+            None => (None, None),
+        },
     };
+    let entry = listed.iter().find(|d| d.digest == chosen);
+    let named = |prefix, media_type| entry.and_then(|d| early::named(d, prefix, media_type));
     let keys = &opts.verify_keys;
     let panicked = |what: &str| bad(&blobs.describe(), &chosen, format!("{what} panicked"));
     let (artifact, profile, signature) = std::thread::scope(|s| {
-        let p = profile
-            .as_ref()
-            .map(|d| (d, s.spawn(|| fetch_profile(blobs, d, &chosen))));
+        let p = profile.as_ref().map(|d| {
+            let blob = profile_entry
+                .as_ref()
+                .and_then(|e| early::named(e, ANNOTATION_PROFILE_BLOB, SMR_PROFILE));
+            let blob = Early::start(s, blobs, blob, format!("profile of {d}"));
+            (d, s.spawn(|| fetch_profile_early(blobs, d, &chosen, blob)))
+        });
         let sig = (!keys.is_empty()).then(|| s.spawn(|| find_signature(blobs, &chosen, keys)));
-        let a = open_artifact(blobs, &chosen, subject);
+        let early = (
+            Early::start(
+                s,
+                blobs,
+                named(ANNOTATION_RECIPE, SMR_RECIPE),
+                format!("recipe of {chosen}"),
+            ),
+            Early::start(
+                s,
+                blobs,
+                named(ANNOTATION_PACK_INDEX, SMR_PACK_INDEX),
+                format!("pack index of {chosen}"),
+            ),
+        );
+        let a = open_artifact_early(blobs, &chosen, subject, early);
         let p = p.map(|(d, h)| (d, h.join().unwrap_or_else(|_| Err(panicked("profile")))));
         let sig = sig.map(|h| {
             h.join()
@@ -444,6 +468,18 @@ fn choose(
 /// Opens artifact manifest `digest` and checks it (and, if given, that its
 /// subject is `subject`).
 pub fn open_artifact(blobs: &dyn Blobs, digest: &str, subject: Option<&str>) -> Result<Artifact> {
+    open_artifact_early(blobs, digest, subject, (None, None))
+}
+
+/// [`open_artifact`], taking the recipe and the pack index from the early
+/// fetches `(recipe, index)` where they fetched the blobs the manifest
+/// lists.
+fn open_artifact_early(
+    blobs: &dyn Blobs,
+    digest: &str,
+    subject: Option<&str>,
+    (early_recipe, early_index): (Option<Early>, Option<Early>),
+) -> Result<Artifact> {
     let repo = blobs.describe();
     let (media_type, bytes) =
         blobs
@@ -476,8 +512,20 @@ pub fn open_artifact(blobs: &dyn Blobs, digest: &str, subject: Option<&str>) -> 
     };
     // Two blobs, two round trips: in parallel.
     let (recipe_bytes, index_bytes) = std::thread::scope(|s| {
-        let index = s.spawn(|| fetch(blobs, &format!("pack index of {digest}"), index_desc));
-        let recipe = fetch(blobs, &format!("recipe of {digest}"), recipe_desc);
+        let index = s.spawn(|| {
+            early::take(
+                early_index,
+                blobs,
+                &format!("pack index of {digest}"),
+                index_desc,
+            )
+        });
+        let recipe = early::take(
+            early_recipe,
+            blobs,
+            &format!("recipe of {digest}"),
+            recipe_desc,
+        );
         let index = index
             .join()
             .unwrap_or_else(|_| Err(bad(&repo, digest, "pack index fetch panicked")));

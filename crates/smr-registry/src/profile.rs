@@ -13,7 +13,9 @@
 //!   "subject": <source platform manifest>,
 //!   "annotations": { "org.opencontainers.image.created": "…",
 //!                    "vnd.smr.profile.artifact": "sha256:<smr artifact>",
-//!                    "vnd.smr.profile.chunks": "<entries>" } }
+//!                    "vnd.smr.profile.chunks": "<entries>",
+//!                    "vnd.smr.profile.blob.digest": "<layer 0's>",
+//!                    "vnd.smr.profile.blob.size": "<layer 0's>" } }
 //! ```
 //!
 //! Its subject is the source image, like the smr artifact's, so one
@@ -25,7 +27,7 @@
 //! `created` wins, then the smallest digest. In the referrers fallback tag
 //! a push replaces the artifact's older profiles.
 
-use crate::artifact::{bad, digest_of, ArtifactManifest, Descriptor};
+use crate::artifact::{bad, blob_annotations, digest_of, ArtifactManifest, Descriptor};
 use crate::blobs::Blobs;
 use crate::discover::Artifact;
 use crate::error::{RegistryError, Result};
@@ -41,6 +43,10 @@ pub const ANNOTATION_PROFILE_ARTIFACT: &str = "vnd.smr.profile.artifact";
 pub const ANNOTATION_PROFILE_CHUNKS: &str = "vnd.smr.profile.chunks";
 /// Annotation: when the profile was pushed (RFC 3339, UTC).
 pub const ANNOTATION_CREATED: &str = "org.opencontainers.image.created";
+/// Annotation prefix naming the profile blob of a profile manifest
+/// (`PREFIX.digest`, `PREFIX.size`; see
+/// [`ANNOTATION_RECIPE`](crate::artifact::ANNOTATION_RECIPE)).
+pub const ANNOTATION_PROFILE_BLOB: &str = "vnd.smr.profile.blob";
 
 /// What [`push_profile`] did.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -70,7 +76,8 @@ pub fn profile_manifest(
     chunks: usize,
     created: &str,
 ) -> ArtifactManifest {
-    let annotations = BTreeMap::from([
+    let layer = Descriptor::of(SMR_PROFILE, profile_bytes);
+    let mut annotations = BTreeMap::from([
         (ANNOTATION_CREATED.to_string(), created.to_string()),
         (
             ANNOTATION_PROFILE_ARTIFACT.to_string(),
@@ -78,12 +85,13 @@ pub fn profile_manifest(
         ),
         (ANNOTATION_PROFILE_CHUNKS.to_string(), chunks.to_string()),
     ]);
+    annotations.extend(blob_annotations(ANNOTATION_PROFILE_BLOB, &layer));
     ArtifactManifest {
         schema_version: 2,
         media_type: OCI_MANIFEST.to_string(),
         artifact_type: SMR_PROFILE.to_string(),
         config: Descriptor::empty(),
-        layers: std::iter::once(Descriptor::of(SMR_PROFILE, profile_bytes))
+        layers: std::iter::once(layer)
             .chain(pack.map(|p| Descriptor::of(SMR_STARTUP_PACK, p)))
             .collect(),
         // An image without a source has its profiles listed under itself.
@@ -174,6 +182,17 @@ pub fn profiles_of(referrers: &[Descriptor], artifact: &str) -> Vec<Descriptor> 
 /// (digest, format). The recipe binding is checked by the caller, against
 /// the recipe it serves ([`Profile::check_recipe`]).
 pub fn fetch_profile(blobs: &dyn Blobs, digest: &str, artifact: &str) -> Result<Profile> {
+    fetch_profile_early(blobs, digest, artifact, None)
+}
+
+/// [`fetch_profile`], taking the profile blob from `early` where that
+/// fetched the blob the manifest lists.
+pub(crate) fn fetch_profile_early(
+    blobs: &dyn Blobs,
+    digest: &str,
+    artifact: &str,
+    early: Option<crate::discover::early::Early>,
+) -> Result<Profile> {
     let repo = blobs.describe();
     let what = format!("profile manifest {digest}");
     let (media_type, bytes) =
@@ -218,7 +237,7 @@ pub fn fetch_profile(blobs: &dyn Blobs, digest: &str, artifact: &str) -> Result<
             format!("a profile of artifact {named:?}, not {artifact}"),
         ));
     }
-    let blob = crate::discover::fetch(blobs, &format!("profile of {digest}"), layer)?;
+    let blob = crate::discover::early::take(early, blobs, &format!("profile of {digest}"), layer)?;
     let profile = Profile::decode(&blob).map_err(|source| RegistryError::Format {
         what: format!("{repo}: profile {} of {digest}", layer.digest),
         source,

@@ -8,9 +8,10 @@
 //! uploads nothing.
 
 use crate::artifact::{
-    bad, digest_of, fallback_tag, index_manifests, parse_digest, parse_referrers, ArtifactManifest,
-    Descriptor, ANNOTATION_CHUNKING, ANNOTATION_CHUNKS, ANNOTATION_CHUNKS_PER_PACK,
-    ANNOTATION_CHUNK_SIZE, ANNOTATION_ENCRYPTED, ANNOTATION_IMAGE_SIZE, EMPTY_BLOB, EMPTY_DIGEST,
+    bad, blob_annotations, digest_of, fallback_tag, index_manifests, parse_digest, parse_referrers,
+    ArtifactManifest, Descriptor, ANNOTATION_CHUNKING, ANNOTATION_CHUNKS,
+    ANNOTATION_CHUNKS_PER_PACK, ANNOTATION_CHUNK_SIZE, ANNOTATION_ENCRYPTED, ANNOTATION_IMAGE_SIZE,
+    ANNOTATION_PACK_INDEX, ANNOTATION_RECIPE, EMPTY_BLOB, EMPTY_DIGEST,
 };
 use crate::blobs::Blobs;
 use crate::error::{RegistryError, Result};
@@ -235,12 +236,19 @@ fn push_artifact(
         .iter()
         .map(|p| Descriptor::new(SMR_PACK, p.digest.clone(), p.size()))
         .collect();
-    let manifest = ArtifactManifest::new(
-        subject.cloned(),
+    let (recipe_desc, index_desc) = (
         Descriptor::of(SMR_RECIPE, recipe_bytes),
         Descriptor::of(SMR_PACK_INDEX, &index_bytes),
+    );
+    let mut annotations = annotations(&recipe, &params, &options.conversion);
+    annotations.extend(blob_annotations(ANNOTATION_RECIPE, &recipe_desc));
+    annotations.extend(blob_annotations(ANNOTATION_PACK_INDEX, &index_desc));
+    let manifest = ArtifactManifest::new(
+        subject.cloned(),
+        recipe_desc,
+        index_desc,
         pack_descs,
-        annotations(&recipe, &params, &options.conversion),
+        annotations,
     );
     debug_assert!(manifest.validate().is_ok() && manifest.config.media_type == OCI_EMPTY);
     let bytes = manifest.to_bytes();

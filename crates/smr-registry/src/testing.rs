@@ -29,6 +29,8 @@ pub struct DirBlobs {
     pub manifest_puts: Mutex<Vec<String>>,
     /// `referrers` calls.
     pub referrer_lists: AtomicU64,
+    /// The digest of each `get_blob` call, in order.
+    pub blob_gets: Mutex<Vec<String>>,
     fail: Mutex<HashSet<String>>,
 }
 
@@ -45,6 +47,7 @@ impl DirBlobs {
             heads: AtomicU64::new(0),
             uploads: AtomicU64::new(0),
             manifest_puts: Mutex::new(Vec::new()),
+            blob_gets: Mutex::new(Vec::new()),
             referrer_lists: AtomicU64::new(0),
             fail: Mutex::new(HashSet::new()),
         }
@@ -95,6 +98,7 @@ impl Blobs for DirBlobs {
     }
 
     fn get_blob(&self, digest: &str, limit: u64) -> Result<Vec<u8>> {
+        self.blob_gets.lock().unwrap().push(digest.to_string());
         let data = fs::read(self.blob_path(digest))
             .map_err(|_| self.not_found(format!("blob {digest}")))?;
         if data.len() as u64 > limit {

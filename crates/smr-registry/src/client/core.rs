@@ -514,13 +514,15 @@ mod tests {
 
     #[test]
     fn warmed_connections_serve_the_requests_sent_at_once() {
+        // Answers take long enough that requests sent together overlap.
+        let slow = Duration::from_millis(300);
         // Without warming, two requests at once open two connections.
-        let (addr, accepted, _) = serve_keep_alive("{}");
+        let (addr, accepted, _) = serve_keep_alive("{}", slow);
         let cold = core_for(&addr);
         assert_eq!(two_at_once(&cold), vec![(200, "{}".into()); 2]);
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
 
-        let (addr, accepted, answered) = serve_keep_alive("{}");
+        let (addr, accepted, answered) = serve_keep_alive("{}", slow);
         let core = core_for(&addr);
         core.warm_up(2);
         wait_for(&answered, 2);

@@ -31,10 +31,14 @@ pub fn serve(answer: impl Fn(&str) -> Vec<u8> + Send + 'static) -> (String, Rece
     (addr, rx)
 }
 
-/// Answers every request on every connection with `200 OK` and `body`,
-/// keeping connections open (HTTP/1.1 keep-alive). Returns `host:port`,
-/// the connections accepted and the requests answered so far.
-pub fn serve_keep_alive(body: &'static str) -> (String, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+/// Answers every request on every connection with `200 OK` and `body`
+/// after `delay` (so that requests sent together overlap), keeping
+/// connections open (HTTP/1.1 keep-alive). Returns `host:port`, the
+/// connections accepted and the requests answered so far.
+pub fn serve_keep_alive(
+    body: &'static str,
+    delay: std::time::Duration,
+) -> (String, Arc<AtomicUsize>, Arc<AtomicUsize>) {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = l.local_addr().expect("addr").to_string();
     let (accepted, answered) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
@@ -51,6 +55,7 @@ pub fn serve_keep_alive(body: &'static str) -> (String, Arc<AtomicUsize>, Arc<At
                     // Requests without bodies: each ends at a blank line.
                     while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
                         pending.drain(..end + 4);
+                        std::thread::sleep(delay);
                         let reply = format!(
                             "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
                             body.len()

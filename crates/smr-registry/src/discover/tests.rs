@@ -228,3 +228,81 @@ fn referrers_come_from_the_api_when_it_lists_the_type_else_from_the_tag() {
     let asked = e.blobs.referrer_lists.load(Ordering::Relaxed);
     assert_eq!(asked, before + 3);
 }
+
+/// How often each of `digests` was fetched since the last call.
+fn fetched(e: &Env, digests: &[&str]) -> Vec<usize> {
+    let gets = std::mem::take(&mut *e.blobs.blob_gets.lock().unwrap());
+    digests
+        .iter()
+        .map(|d| gets.iter().filter(|g| g == d).count())
+        .collect()
+}
+
+#[test]
+fn blobs_the_referrers_entry_names_are_fetched_once_beside_the_manifest() {
+    let e = pushed();
+    let m = manifest(&e);
+    let (recipe, index) = (m.recipe().unwrap().clone(), m.pack_index().unwrap().clone());
+    let subject = e.img.subject.digest.clone();
+    // The push names them in the manifest's annotations, which the
+    // fallback tag's entry carries.
+    let entry = list_referrers(&e.blobs, &subject).unwrap().remove(0);
+    let named = |prefix, media_type| early::named(&entry, prefix, media_type);
+    assert_eq!(named(ANNOTATION_RECIPE, SMR_RECIPE), Some(recipe.clone()));
+    assert_eq!(
+        named(ANNOTATION_PACK_INDEX, SMR_PACK_INDEX),
+        Some(index.clone())
+    );
+    let both = [recipe.digest.as_str(), index.digest.as_str()];
+    fetched(&e, &both);
+    let opts = DiscoverOptions::default();
+    assert_eq!(
+        discover(&e.blobs, &subject, &opts).unwrap().digest,
+        e.artifact
+    );
+    assert_eq!(
+        fetched(&e, &both),
+        vec![1, 1],
+        "each once, not again after the manifest"
+    );
+
+    // An entry that names another blob as the recipe, and garbage as the
+    // index: one wasted fetch; the manifest's blobs are what is used.
+    let tag = fallback_tag(&subject).unwrap();
+    let (_, bytes) = e.blobs.get_manifest(&tag).unwrap().unwrap();
+    let mut listing: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    let a = &mut listing["manifests"][0]["annotations"];
+    a["vnd.smr.recipe.digest"] = index.digest.clone().into();
+    a["vnd.smr.recipe.size"] = index.size.to_string().into();
+    a["vnd.smr.pack-index.digest"] = "sha256:not-a-digest".into();
+    let edited = serde_json::to_vec(&listing).unwrap();
+    e.blobs.put_manifest(&tag, OCI_INDEX, &edited).unwrap();
+    let a = discover(&e.blobs, &subject, &opts).unwrap();
+    assert_eq!(a.digest, e.artifact);
+    assert_eq!(a.recipe_bytes, e.img.recipe_bytes);
+    assert_eq!(fetched(&e, &both), vec![1, 2]);
+}
+
+#[test]
+fn only_a_sha256_digest_and_a_size_within_the_limit_name_a_blob() {
+    let at = |digest: &str, size: &str| {
+        let mut d = Descriptor::new(SMR_ARTIFACT, digest_of(b"m"), 1);
+        d.annotations = [("p.digest", digest), ("p.size", size)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        early::named(&d, "p", SMR_RECIPE)
+    };
+    let good = digest_of(b"blob");
+    assert_eq!(
+        at(&good, "4"),
+        Some(Descriptor::new(SMR_RECIPE, good.clone(), 4))
+    );
+    assert_eq!(at("sha512:00", "4"), None);
+    assert_eq!(at(&good.to_uppercase(), "4"), None);
+    assert_eq!(at(&good, "-1"), None);
+    assert_eq!(at(&good, &(ARTIFACT_BLOB_LIMIT + 1).to_string()), None);
+    let mut d = Descriptor::new(SMR_ARTIFACT, digest_of(b"m"), 1);
+    d.annotations.insert("p.digest".into(), good);
+    assert_eq!(early::named(&d, "p", SMR_RECIPE), None, "no size");
+}

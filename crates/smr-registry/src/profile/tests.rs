@@ -226,3 +226,24 @@ fn in_the_fallback_tag_a_new_profile_replaces_the_older_one() {
     let found = discover(&blobs, &img.subject.digest, &with_profile()).unwrap();
     assert_eq!(found.profile, Some(newer));
 }
+
+#[test]
+fn the_profile_blob_is_named_by_its_manifest_and_fetched_once() {
+    let (_d, blobs, img, artifact) = pushed(false);
+    let p = profile_of(&artifact, vec![3, 0, 1]);
+    let r = push_profile(&blobs, &artifact, &p, None).unwrap();
+    let (_, bytes) = blobs.get_manifest(&r.manifest_digest).unwrap().unwrap();
+    let m: ArtifactManifest = serde_json::from_slice(&bytes).unwrap();
+    let layer = m.layers[0].clone();
+    let named = |key: &str| m.annotations[&format!("{ANNOTATION_PROFILE_BLOB}.{key}")].clone();
+    assert_eq!(
+        (named("digest"), named("size")),
+        (layer.digest.clone(), layer.size.to_string())
+    );
+    blobs.blob_gets.lock().unwrap().clear();
+    let found = discover(&blobs, &img.subject.digest, &with_profile()).unwrap();
+    assert_eq!(found.profile.as_ref(), Some(&p));
+    let gets = blobs.blob_gets.lock().unwrap();
+    let times = gets.iter().filter(|g| **g == layer.digest).count();
+    assert_eq!(times, 1, "fetched beside its manifest, not again: {gets:?}");
+}
