@@ -148,8 +148,8 @@ pub fn find_artifact_in(
     blob_cache: Option<&Path>,
 ) -> Result<(Repository, Artifact)> {
     let repo = src.repository().clone();
-    // A lookup handed its artifact (an image server started by `smr
-    // mount`) has little left to ask the registry.
+    // A lookup that names its artifact (as the image server `smr mount`
+    // starts is handed it) asks the registry less: no spare connections.
     if opts.artifact.is_none() {
         repo.registry().warm_up(SPARE_CONNECTIONS);
     }

@@ -164,15 +164,14 @@ impl Core {
         }
     }
 
-    /// `scheme://host/v2/<repo>/<rest>`.
     /// Opens `n` connections to the registry in the background, each with
     /// a `GET /v2/` whose answer is read and dropped, so that the requests
     /// sent at once a little later (the referrers API beside the fallback
-    /// tag, two manifests, two blobs) find connections open rather than
+    /// tag; manifests beside the blobs they list) find connections open rather than
     /// each paying a handshake: a round trip, three with TLS. The client
     /// keeps them for its later requests; a failure is only logged.
     pub fn warm_up(&self, n: usize) {
-        let url = format!("{}://{}/v2/", self.scheme.as_str(), self.host);
+        let url = self.v2();
         for _ in 0..n {
             let (http, url) = (self.http.clone(), url.clone());
             smr_store::runtime::handle().spawn(async move {
@@ -187,8 +186,14 @@ impl Core {
         }
     }
 
+    /// `scheme://host/v2/`: the API's base, which answers `GET` itself.
+    fn v2(&self) -> String {
+        format!("{}://{}/v2/", self.scheme.as_str(), self.host)
+    }
+
+    /// `scheme://host/v2/<repo>/<rest>`.
     fn url(&self, repo: &str, rest: &str) -> String {
-        format!("{}://{}/v2/{repo}/{rest}", self.scheme.as_str(), self.host)
+        format!("{}{repo}/{rest}", self.v2())
     }
 
     /// The final form of an error leaving the client: secrets scrubbed,
