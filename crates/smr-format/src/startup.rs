@@ -183,6 +183,42 @@ pub fn total_blocks(runs: &[BlockRun]) -> u64 {
     runs.iter().map(|r| u64::from(r.count)).sum()
 }
 
+/// Consecutive image bytes that sit one after another in one pack chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackSpan {
+    /// The pack chunk.
+    pub chunk: u64,
+    /// Offset of the bytes in the chunk's plaintext.
+    pub at: u64,
+    /// Image offset of the bytes.
+    pub image: u64,
+    /// Length in bytes (whole blocks).
+    pub len: u64,
+}
+
+/// Where the blocks of `runs` sit in a pack of `piece_blocks`-block chunks:
+/// each run cut at chunk boundaries, in pack order (the inverse of
+/// [`BlockMap`]).
+pub fn pack_spans(runs: &[BlockRun], piece_blocks: u32) -> Vec<PackSpan> {
+    let piece = u64::from(piece_blocks.max(1));
+    let mut out = Vec::with_capacity(runs.len());
+    let mut pos = 0u64;
+    for r in runs {
+        let (mut first, mut left) = (r.first, u64::from(r.count));
+        while left > 0 {
+            let n = left.min(piece - pos % piece);
+            out.push(PackSpan {
+                chunk: pos / piece,
+                at: pos % piece * BLOCK,
+                image: first * BLOCK,
+                len: n * BLOCK,
+            });
+            (pos, first, left) = (pos + n, first + n, left - n);
+        }
+    }
+    out
+}
+
 /// Seals the pack plaintext `plain` (the blocks of `runs`, in order) into
 /// chunks of `piece_blocks` blocks: the blob (their concatenation), its
 /// SHA-256 and the chunk list. Each chunk is zstd-compressed

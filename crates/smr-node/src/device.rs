@@ -5,6 +5,15 @@ use std::io;
 use std::ops::Range;
 use std::sync::Arc;
 
+/// The kernel's page cache of the file a FUSE export makes of a device
+/// ([`BlockDevice::exported`]): bytes stored there are what the kernel
+/// reads from then on, without asking the device (until it evicts them).
+pub trait PageSink: Send + Sync {
+    /// Stores `data` as the file's bytes at `offset` (a multiple of 4 KiB;
+    /// whole 4 KiB pages only, except at the end of the file).
+    fn store(&self, offset: u64, data: &[u8]) -> io::Result<()>;
+}
+
 /// A byte-addressable device served by the exports (NBD, FUSE).
 ///
 /// Methods are called from blocking worker threads, possibly many at once:
@@ -69,6 +78,15 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         let _ = (offset, data);
         Err(io::Error::from(io::ErrorKind::PermissionDenied))
+    }
+
+    /// The device is exported as a file whose page cache `pages` fills
+    /// (called by a FUSE export when the file is first opened). A device
+    /// may store bytes there ahead of the reads, never any but what it
+    /// would answer those reads with (verified, and not to change: only a
+    /// read-only device may). Default: nothing.
+    fn exported(&self, pages: Arc<dyn PageSink>) {
+        let _ = pages;
     }
 
     /// Make completed writes durable. Default: nothing to do.

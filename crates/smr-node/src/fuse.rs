@@ -22,6 +22,11 @@
 //!   inside one cached chunk is answered straight from the chunk; one
 //!   spanning chunks is gathered once into the reply buffer (never
 //!   zero-filled first).
+//! - **Pages ahead of reads.** A read-only device is handed the file's
+//!   page cache at its first open ([`BlockDevice::exported`]): bytes it
+//!   stores there (`FUSE_NOTIFY_STORE`) are read by the kernel (a loop
+//!   device reading the file through the page cache) with no request to
+//!   this server.
 //! - **Errors.** A failed read answers `EIO` and logs the device's error,
 //!   which names the chunk and the store.
 //!
@@ -31,7 +36,8 @@
 use std::ffi::OsStr;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -41,7 +47,7 @@ use fuser::{
     WriteFlags,
 };
 
-use crate::device::{BlockDevice, ReadPart};
+use crate::device::{BlockDevice, PageSink, ReadPart};
 
 /// Attribute and entry lifetime in the kernel: nothing here ever changes.
 const TTL: Duration = Duration::from_secs(24 * 3600);
@@ -108,6 +114,20 @@ struct ImageFs {
     dev: Arc<dyn BlockDevice>,
     cfg: FuseConfig,
     mtime: SystemTime,
+    /// The session's notifier, set before the session serves a request.
+    notifier: Arc<OnceLock<fuser::Notifier>>,
+    /// Whether the file was opened (and the device handed its pages).
+    opened: AtomicBool,
+}
+
+/// The page cache of the exported file, filled through the session's
+/// notifier (`FUSE_NOTIFY_STORE`).
+struct NotifySink(fuser::Notifier);
+
+impl PageSink for NotifySink {
+    fn store(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.0.store(FILE_INO, offset, data)
+    }
 }
 
 impl ImageFs {
@@ -212,6 +232,13 @@ impl Filesystem for ImageFs {
             reply.error(Errno::EROFS);
         } else {
             reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+            // Open now, the file's inode is known to the kernel: stores into
+            // its page cache land (and keep, with KEEP_CACHE).
+            if self.dev.read_only() && !self.opened.swap(true, Ordering::AcqRel) {
+                if let Some(n) = self.notifier.get() {
+                    self.dev.exported(Arc::new(NotifySink(n.clone())));
+                }
+            }
         }
     }
 
@@ -409,17 +436,23 @@ fn new_session(
         return Err(FuseError::BadName(cfg.file_name.clone()));
     }
     let writable = !dev.read_only();
+    let notifier = Arc::new(OnceLock::new());
     let fs = ImageFs {
         dev,
         cfg: cfg.clone(),
         mtime: SystemTime::now(),
+        notifier: notifier.clone(),
+        opened: AtomicBool::new(false),
     };
-    fuser::Session::new(fs, dir, &session_config(cfg, fsname, writable)).map_err(|source| {
-        FuseError::Mount {
-            dir: dir.to_path_buf(),
-            source,
-        }
-    })
+    let session =
+        fuser::Session::new(fs, dir, &session_config(cfg, fsname, writable)).map_err(|source| {
+            FuseError::Mount {
+                dir: dir.to_path_buf(),
+                source,
+            }
+        })?;
+    let _ = notifier.set(session.notifier());
+    Ok(session)
 }
 
 /// Mounts `dev` on `dir` and serves it until the filesystem is unmounted

@@ -20,7 +20,7 @@
 //! the reads that touch it; nothing is remembered, so a later read retries.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, PoisonError};
 
 use crossbeam_channel::bounded;
@@ -80,6 +80,10 @@ pub struct LazyStats {
     pub prefetched_unread_bytes: u64,
     /// Prefetches that failed (left to the readers).
     pub prefetch_failed: u64,
+    /// Bytes of the startup pack stored in the kernel's page cache of the
+    /// exported file ahead of the reads (the kernel reads them without
+    /// asking: they are not in `bytes_read`).
+    pub bytes_seeded: u64,
 }
 
 /// An image served lazily from a chunk store through the node cache.
@@ -110,6 +114,11 @@ struct Inner {
     recorder: OnceLock<Arc<profile::Recorder>>,
     prefetch: Arc<prefetch::Prefetch>,
     startup: OnceLock<startup::Startup>,
+    /// The page cache of the file the image is exported as.
+    pages: OnceLock<Arc<dyn crate::device::PageSink>>,
+    /// Whether the startup pack's blocks are being stored there.
+    seeding: AtomicBool,
+    bytes_seeded: AtomicU64,
 }
 
 impl std::fmt::Debug for LazyImage {
@@ -168,6 +177,9 @@ impl LazyImage {
                 read_errors: AtomicU64::new(0),
                 recorder: OnceLock::new(),
                 startup: OnceLock::new(),
+                pages: OnceLock::new(),
+                seeding: AtomicBool::new(false),
+                bytes_seeded: AtomicU64::new(0),
             }),
         })
     }
@@ -211,6 +223,7 @@ impl LazyImage {
             reads: i.reads.load(Ordering::Relaxed),
             bytes_read: i.bytes_read.load(Ordering::Relaxed),
             read_errors: i.read_errors.load(Ordering::Relaxed),
+            bytes_seeded: i.bytes_seeded.load(Ordering::Relaxed),
         }
     }
 
@@ -718,6 +731,10 @@ impl BlockDevice for LazyImage {
 
     fn prefetch(&self, offset: u64, len: u64) -> io::Result<()> {
         LazyImage::prefetch(self, offset, len)
+    }
+
+    fn exported(&self, pages: Arc<dyn crate::device::PageSink>) {
+        self.seed_pages(pages)
     }
 }
 

@@ -32,9 +32,11 @@
 //! [`STARTUP_READAHEAD_KB`] and direct I/O instead: the pack then holds the
 //! blocks the start uses rather than what two layers of readahead guessed
 //! around them (a smaller pack, fetched sooner). The profile keeps that
-//! readahead, and a start served from its pack reads with it and direct
-//! I/O, so that it asks for the blocks the recorded one did (a larger one
-//! would read blocks the pack lacks, each a round trip). A FUSE server
+//! readahead, and a start served from its pack reads with it, so that it
+//! asks for the blocks the recorded one did (a larger one would read
+//! blocks the pack lacks, each a round trip), through the page cache of
+//! the FUSE file, where the server stores the pack's blocks as they
+//! arrive ([`crate::lazy::LazyImage::seed_pages`]). A FUSE server
 //! that serves a startup pack says so with the file [`STARTUP_PACK_MARK`]
 //! in its state directory, holding that readahead, and
 //! [`MountRequest::startup_opts`] then applies with it.
@@ -50,7 +52,10 @@ pub use kernel::{
     mounts, set_read_ahead_kb, umount, ImageMount, LoopOptions,
 };
 pub use loopdev::{LoopDevice, LOOP_CONTROL};
-pub use retune::{retune_after_start, retune_loop, RetuneWatch, StartEnd, START_MAX, START_QUIET};
+pub use retune::{
+    device_read_bytes, pack_start_under_way, retune_after_start, retune_loop, RetuneWatch,
+    StartEnd, START_MAX, START_QUIET,
+};
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};

@@ -180,8 +180,15 @@ pub struct RunReport {
     pub image_bytes: u64,
     /// `bytes_fetched / image_bytes`.
     pub fetched_fraction: f64,
-    /// Bytes the kernel read from the image (through FUSE).
+    /// Bytes the kernel asked the image for through FUSE.
     pub bytes_read: u64,
+    /// Bytes of the startup pack stored in the page cache of the FUSE
+    /// file ahead of the reads (the kernel reads those without asking).
+    pub bytes_seeded: u64,
+    /// Bytes the kernel read from the image's loop device after mounting
+    /// it, however they were served (through FUSE or from the page cache
+    /// of the FUSE file); `None` without one.
+    pub device_bytes_read: Option<u64>,
     /// Stored bytes fetched ahead of the reads (file-map prefetch, profile
     /// replay); part of `bytes_fetched`.
     pub bytes_prefetched: u64,
@@ -361,6 +368,8 @@ fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
 
     // Bound in setup order: dropped (undone) in reverse.
     let mut retune = None;
+    // The image's loop device's read counter once mounted.
+    let mut device_read = 0;
     let (fuse, image, overlay) = match &req.root {
         RootFs::Mounted(dir) => {
             mount::mount_overlay(dir, &upper, &work, &rootfs)?;
@@ -384,10 +393,12 @@ fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
                 .map_err(MountError::from)?;
             check(live)?;
             let image = ImageMount::attach(fuse.file(), &lower, req.loop_opts)?;
+            device_read = mount::device_read_bytes(image.loop_dev()).unwrap_or(0);
             if let Some(opts) = req.after_start {
-                let (lazy, dev) = (lazy.clone(), image.loop_dev().to_string());
+                let (pack, dev) = (lazy.startup_pack_bytes(), image.loop_dev().to_string());
+                let (read, since) = (dev.clone(), device_read);
                 let watch = mount::retune_after_start(
-                    move || lazy.start_under_way().then(|| lazy.stats().reads),
+                    move || mount::pack_start_under_way(&read, since, pack),
                     fuse.file().to_path_buf(),
                     move || Some((dev.clone(), opts)),
                     mount::StartEnd::default(),
@@ -508,6 +519,11 @@ fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
             stats.bytes_fetched as f64 / image_bytes as f64
         },
         bytes_read: stats.bytes_read,
+        bytes_seeded: stats.bytes_seeded,
+        device_bytes_read: image
+            .as_ref()
+            .and_then(|i| mount::device_read_bytes(i.loop_dev()))
+            .map(|n| n.saturating_sub(device_read)),
         bytes_prefetched: stats.bytes_prefetched,
         prefetched_unread_bytes: stats.prefetched_unread_bytes,
         max_inflight: cache.map_or(0, |c| c.max_inflight).max(fetch.max_in_flight),

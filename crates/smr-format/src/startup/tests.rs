@@ -209,6 +209,37 @@ fn a_profile_without_blocks_stays_version_1() {
 }
 
 #[test]
+fn pack_spans_cut_runs_at_chunk_boundaries() {
+    let runs = [
+        BlockRun {
+            first: 10,
+            count: 3,
+        },
+        BlockRun { first: 2, count: 1 },
+        BlockRun {
+            first: 40,
+            count: 5,
+        },
+    ];
+    let span = |chunk, at, image, len| PackSpan {
+        chunk,
+        at: at * BLOCK,
+        image: image * BLOCK,
+        len: len * BLOCK,
+    };
+    assert_eq!(
+        pack_spans(&runs, 4),
+        vec![
+            span(0, 0, 10, 3),
+            span(0, 3, 2, 1),
+            span(1, 0, 40, 4),
+            span(2, 0, 44, 1),
+        ]
+    );
+    assert!(pack_spans(&[], 4).is_empty());
+}
+
+#[test]
 fn block_map_refuses_runs_past_the_image() {
     let e = BlockMap::new(&runs(), 150).unwrap_err().to_string();
     assert!(e.contains("leaves the image"), "{e}");
@@ -243,6 +274,31 @@ proptest! {
         for b in 0..20_100u64 {
             prop_assert_eq!(map.locate(b), expect.get(&b).copied());
         }
+    }
+
+    #[test]
+    fn pack_spans_invert_the_block_map(
+        runs in proptest::collection::vec((0u64..50, 1u32..20), 0..20),
+        piece in 1u32..9,
+    ) {
+        // Disjoint runs: 100 blocks apart.
+        let runs: Vec<BlockRun> = runs
+            .iter()
+            .enumerate()
+            .map(|(i, &(f, count))| BlockRun { first: i as u64 * 100 + f, count })
+            .collect();
+        let map = BlockMap::new(&runs, 4000).unwrap();
+        let spans = pack_spans(&runs, piece);
+        let mut covered = 0;
+        for s in &spans {
+            prop_assert!(s.at + s.len <= u64::from(piece) * BLOCK, "{:?} leaves its chunk", s);
+            for k in 0..s.len / BLOCK {
+                let pos = s.chunk * u64::from(piece) + s.at / BLOCK + k;
+                prop_assert_eq!(map.locate(s.image / BLOCK + k), Some(pos));
+            }
+            covered += s.len / BLOCK;
+        }
+        prop_assert_eq!(covered, total_blocks(&runs));
     }
 
     #[test]

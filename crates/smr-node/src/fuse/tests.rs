@@ -179,3 +179,72 @@ fn fallocate_punches_and_zeroes_ranges_of_a_writable_file() {
     assert!(got == want, "exactly the ranges asked for read as zeros");
     drop(f);
 }
+
+/// A read-only device of [`Pattern`]'s bytes that, once exported, stores
+/// `[64 KiB, 128 KiB)` in the file's page cache and says so; it records
+/// the offset of every read the kernel sends.
+struct Seeding {
+    reads: std::sync::Mutex<Vec<u64>>,
+    stored: crossbeam_channel::Sender<io::Result<()>>,
+}
+
+const SEEDED: std::ops::Range<u64> = 64 << 10..128 << 10;
+
+impl BlockDevice for Seeding {
+    fn size(&self) -> u64 {
+        1 << 20
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.reads.lock().unwrap().push(offset);
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = ((offset + i as u64) % 251) as u8;
+        }
+        Ok(())
+    }
+
+    fn exported(&self, pages: Arc<dyn PageSink>) {
+        let bytes: Vec<u8> = SEEDED.map(|i| (i % 251) as u8).collect();
+        let done = self.stored.clone();
+        // Not from the FUSE thread answering the open.
+        std::thread::spawn(move || done.send(pages.store(SEEDED.start, &bytes)));
+    }
+}
+
+#[test]
+fn a_read_only_device_fills_the_page_cache_the_kernel_reads() {
+    if !can_mount() {
+        return;
+    }
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let dev = Arc::new(Seeding {
+        reads: std::sync::Mutex::new(Vec::new()),
+        stored: tx,
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let m = FuseMount::spawn(dev.clone(), dir.path(), &FuseConfig::default(), "smr-test")
+        .expect("mount");
+    let mut f = std::fs::File::open(m.file()).expect("open");
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("exported at the first open")
+        .expect("stored");
+    let mut buf = vec![0u8; 8192];
+    let at = SEEDED.start + 4096;
+    f.seek(SeekFrom::Start(at)).expect("seek");
+    f.read_exact(&mut buf).expect("read");
+    assert!(buf
+        .iter()
+        .enumerate()
+        .all(|(i, b)| *b == ((at + i as u64) % 251) as u8));
+    let reads = dev.reads.lock().unwrap().clone();
+    assert!(
+        reads.iter().all(|r| !SEEDED.contains(r)),
+        "the stored pages were read from the page cache, not asked for: {reads:?}"
+    );
+    // Elsewhere the kernel asks the device.
+    f.seek(SeekFrom::Start(512 << 10)).expect("seek");
+    f.read_exact(&mut buf).expect("read");
+    assert!(dev.reads.lock().unwrap().contains(&(512 << 10)));
+    drop(f);
+    m.unmount(Duration::from_secs(5)).expect("unmount");
+}

@@ -9,13 +9,21 @@
 //! chunks. A pack chunk that cannot be fetched or verified is marked
 //! broken: the reads of its blocks go to the image's chunks from then on,
 //! so a damaged pack costs bytes, never a wrong or failed read.
+//!
+//! Exported through FUSE ([`crate::device::BlockDevice::exported`]), the
+//! image also stores the pack's blocks in the kernel's page cache of its
+//! file as the pack arrives, in pack order, from one thread: a loop device
+//! reading the file through the page cache then finds them there, and the
+//! start's reads of them never wait for a FUSE request (thousands of small
+//! ones for a runtime that faults its libraries in page by page).
 
 use super::prefetch::Bits;
 use super::{Inner, LazyImage};
 use crate::cache::{CacheError, DecodeKey, Pin};
 use crate::chunks::ChunkError;
+use crate::device::PageSink;
 use crate::fetch::Priority;
-use smr_format::startup::{total_blocks, BlockMap, BLOCK};
+use smr_format::startup::{pack_spans, total_blocks, BlockMap, PackSpan, BLOCK};
 use smr_format::{ChunkKey, FormatError, Profile};
 use std::ops::Range;
 use std::sync::atomic::Ordering;
@@ -32,6 +40,8 @@ pub(super) struct Startup {
     broken: Bits,
     /// Bytes the pack holds.
     bytes: u64,
+    /// Where the image's blocks sit in the pack, in pack order.
+    spans: Vec<PackSpan>,
     /// The pack's chunks kept through evictions while the image is served.
     _pin: Option<Pin>,
 }
@@ -82,6 +92,7 @@ impl LazyImage {
             map,
             broken: Bits::new(n as u64),
             bytes: total * BLOCK,
+            spans: pack_spans(&profile.blocks, pack.piece_blocks),
             chunks,
             piece: u64::from(pack.piece_blocks),
             _pin: pin,
@@ -91,19 +102,42 @@ impl LazyImage {
             .set(startup)
             .map_err(|_| FormatError::Profile("this image serves a startup pack already".into()))?;
         tracing::debug!(chunks = n, blocks = total, pack = %pack.blob_digest(), "serving from the startup pack");
+        self.start_seeding();
         Ok(n)
     }
 
-    /// Whether the start the startup pack serves is under way: reads have
-    /// taken at least a quarter of the pack's bytes from the image (far
-    /// more than mounting the filesystem reads), from the pack or, with a
-    /// warm cache, from the image's own chunks. `false` without a pack.
-    pub fn start_under_way(&self) -> bool {
-        let read = self.inner.bytes_read.load(Ordering::Relaxed);
-        self.inner
-            .startup
-            .get()
-            .is_some_and(|s| read.saturating_mul(4) >= s.bytes && s.bytes > 0)
+    /// Hands the image the page cache of the file it is exported as: with
+    /// a startup pack, the pack's blocks are stored there (see the module
+    /// doc). A second call is ignored.
+    pub fn seed_pages(&self, pages: Arc<dyn PageSink>) {
+        if self.inner.pages.set(pages).is_ok() {
+            self.start_seeding();
+        }
+    }
+
+    /// Starts the thread that stores the pack's blocks in the page cache,
+    /// once there are both a pack and a page cache.
+    fn start_seeding(&self) {
+        let i = &self.inner;
+        if i.startup.get().is_none()
+            || i.pages.get().is_none()
+            || i.seeding.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let inner = self.inner.clone();
+        let spawned = std::thread::Builder::new()
+            .name("smr-seed".into())
+            .spawn(move || inner.seed());
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the thread that stores the startup pack in the page cache");
+        }
+    }
+
+    /// Bytes of the startup pack's blocks (0 without a pack): what a
+    /// start served from it reads, about.
+    pub fn startup_pack_bytes(&self) -> u64 {
+        self.inner.startup.get().map_or(0, |s| s.bytes)
     }
 }
 
@@ -179,6 +213,57 @@ impl Inner {
                 None
             }
         }
+    }
+
+    /// Stores every block of the startup pack in the page cache
+    /// ([`LazyImage::seed_pages`]), in pack order, each pack chunk as soon
+    /// as it is in the node cache (fetched here if the replay has not
+    /// asked for it yet). Skips the blocks of a pack chunk that fails
+    /// (their reads go to the image's chunks); ends early once the image
+    /// is dropped or when the page cache refuses a store (the export is
+    /// gone).
+    fn seed(&self) {
+        let (Some(s), Some(pages)) = (self.startup.get(), self.pages.get()) else {
+            return;
+        };
+        let mut current: Option<(u64, Option<Arc<Vec<u8>>>)> = None;
+        for span in &s.spans {
+            if current.as_ref().map(|c| c.0) != Some(span.chunk) {
+                if self.prefetch.stopped() {
+                    return;
+                }
+                let data = self.seed_chunk(s, span.chunk);
+                current = Some((span.chunk, data));
+            }
+            let Some((_, Some(d))) = &current else {
+                continue;
+            };
+            let Some(bytes) = d.get(span.at as usize..(span.at + span.len) as usize) else {
+                continue;
+            };
+            if let Err(e) = pages.store(span.image, bytes) {
+                tracing::debug!(offset = span.image, error = %e, "page cache refused the startup pack's blocks; no more are stored");
+                return;
+            }
+            self.bytes_seeded.fetch_add(span.len, Ordering::Relaxed);
+        }
+        tracing::debug!(
+            bytes = self.bytes_seeded.load(Ordering::Relaxed),
+            "startup pack stored in the page cache"
+        );
+    }
+
+    /// Pack chunk `i`'s plaintext for [`Inner::seed`]; `None` if it is
+    /// broken or fails now.
+    fn seed_chunk(&self, s: &Startup, i: u64) -> Option<Arc<Vec<u8>>> {
+        if s.broken.get(i) {
+            return None;
+        }
+        if let Err(e) = self.prefetch_pack(usize::try_from(i).ok()?) {
+            tracing::debug!(pack_chunk = i, error = %e, "startup pack chunk not stored in the page cache");
+            return None;
+        }
+        self.pack_chunk(s, i)
     }
 
     fn pack_broken(&self, s: &Startup, i: u64, why: &str) {

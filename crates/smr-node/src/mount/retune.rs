@@ -1,13 +1,13 @@
 //! Back to the normal loop settings once a start served from a startup
 //! pack is over.
 //!
-//! A start that is served from a startup pack reads with direct I/O and a
-//! small readahead (see [`super::STARTUP_READAHEAD_KB`]), so that it asks
-//! for the blocks the pack holds. Later reads are another workload: a
-//! program that reads large files does better with the normal settings
-//! (the loop device's page cache of the FUSE file, a larger readahead).
-//! The start counts as over once, after it got under way (the caller
-//! says when: for a startup pack, once a quarter of the pack was read,
+//! A start that is served from a startup pack reads with a small
+//! readahead (see [`super::STARTUP_READAHEAD_KB`]), so that it asks for
+//! the blocks the pack holds. Later reads are another workload: a program
+//! that reads large files does better with the normal settings (a larger
+//! readahead). The start counts as over once, after it got under way (the
+//! caller says when: for a startup pack, once the kernel has read a
+//! quarter of the pack's bytes from the device, [`pack_start_under_way`],
 //! which mounting the filesystem alone never does, however long the
 //! container takes to come), the image has gone [`START_QUIET`] without a
 //! read, or [`START_MAX`] after it got under way, whichever comes first.
@@ -46,6 +46,28 @@ pub fn retune_loop(dev: &str, file: &std::path::Path, opts: LoopOptions) -> Resu
     set_read_ahead_kb(dev, opts.readahead_kb)?;
     loopdev::set_direct_io(fd.as_fd(), dev, file, opts.direct_io)?;
     Ok(true)
+}
+
+/// Bytes the kernel has read from block device `dev` (`/dev/loop3`, say),
+/// from its `stat` in sysfs; `None` if that cannot be read.
+pub fn device_read_bytes(dev: &str) -> Option<u64> {
+    let name = std::path::Path::new(dev).file_name()?.to_str()?;
+    let stat = std::fs::read_to_string(format!("/sys/block/{name}/stat")).ok()?;
+    // Reads completed, reads merged, sectors read (of 512 bytes), ...
+    let sectors: u64 = stat.split_whitespace().nth(2)?.parse().ok()?;
+    Some(sectors.saturating_mul(512))
+}
+
+/// The bytes read from loop device `dev` since its counter stood at
+/// `since` ([`device_read_bytes`]; a device's counters outlive its
+/// attachments) once a start served from a startup pack of `pack_bytes`
+/// is under way: the kernel has read a quarter of the pack's bytes from
+/// the device (far more than mounting the filesystem reads), however they
+/// were served (from the pack, from the page cache the pack was stored in,
+/// from a warm cache). `None` before then, and without a pack.
+pub fn pack_start_under_way(dev: &str, since: u64, pack_bytes: u64) -> Option<u64> {
+    let read = device_read_bytes(dev)?.saturating_sub(since);
+    (pack_bytes > 0 && read.saturating_mul(4) >= pack_bytes).then_some(read)
 }
 
 /// When to retune: the image's read counter and how long to wait.

@@ -669,6 +669,31 @@ fn a_loop_device_serving_another_file_is_not_retuned() {
 }
 
 #[test]
+fn a_start_is_under_way_by_the_kernels_reads_of_the_device() {
+    if !loop_root() {
+        return;
+    }
+    let (_tmp, _file, image) = startup_mount();
+    let dev = image.loop_dev().to_string();
+    let read = device_read_bytes(&dev).expect("stat");
+    assert!(read > 0, "mounting read the superblock");
+    assert_eq!(pack_start_under_way(&dev, 0, 0), None, "no pack");
+    assert_eq!(pack_start_under_way(&dev, 0, read * 4), Some(read));
+    assert_eq!(pack_start_under_way(&dev, 0, read * 4 + 4), None);
+    assert_eq!(
+        pack_start_under_way(&dev, read, 4),
+        None,
+        "nothing read since"
+    );
+    assert_eq!(
+        pack_start_under_way(&dev, read / 2, read * 2),
+        Some(read - read / 2)
+    );
+    assert_eq!(device_read_bytes("/dev/loop-smr-none"), None);
+    image.teardown().expect("teardown");
+}
+
+#[test]
 fn a_dropped_watch_changes_nothing() {
     if !loop_root() {
         return;

@@ -22,7 +22,7 @@ pub struct LoopArgs {
     pub readahead_kb: Option<u32>,
     /// Open the FUSE file with O_DIRECT from the loop device (no second
     /// page cache of the image); always so for a start that records a
-    /// startup profile or is served from a startup pack.
+    /// startup profile.
     #[arg(long)]
     pub direct_io: bool,
     /// The read_ahead_kb of the FUSE file itself (its FUSE mount's), which
@@ -50,14 +50,30 @@ impl LoopArgs {
         }
     }
 
-    /// The options of a start that records a startup profile (or is
-    /// served from a startup pack, whose profile then gives the
-    /// readahead): direct I/O, and `--startup-readahead-kb` unless
-    /// `--readahead-kb` is given.
-    pub fn startup_options(&self) -> LoopOptions {
+    /// The options of a start that records a startup profile: direct
+    /// I/O (every block it reads reaches the server), and
+    /// `--startup-readahead-kb` unless `--readahead-kb` is given.
+    pub fn record_options(&self) -> LoopOptions {
         LoopOptions {
-            readahead_kb: self.readahead_kb.unwrap_or(self.startup_readahead_kb),
             direct_io: true,
+            ..self.pack_options()
+        }
+    }
+
+    /// The options of a start served from a startup pack (whose profile
+    /// then gives the readahead): the readahead of [`Self::record_options`],
+    /// through the page cache (where the server stores the pack's blocks)
+    /// unless `--direct-io` is given, and the FUSE file's own readahead
+    /// as small unless `--fuse-readahead-kb` is given. The loop device
+    /// keeps the FUSE file's readahead for good (the kernel takes it at
+    /// open); with the normal one, a read of a block not stored yet would
+    /// ask for up to 128 KiB around it, blocks the pack lacks, each a
+    /// fetch.
+    pub fn pack_options(&self) -> LoopOptions {
+        let readahead_kb = self.readahead_kb.unwrap_or(self.startup_readahead_kb);
+        LoopOptions {
+            readahead_kb,
+            backing_readahead_kb: Some(self.fuse_readahead_kb.unwrap_or(readahead_kb)),
             ..self.options()
         }
     }
@@ -235,7 +251,7 @@ fn mount(a: Mount) -> Result<ExitCode> {
             ..a.loop_args.options()
         },
         // The server marks whether it serves a startup pack.
-        startup_opts: a.volume.is_none().then(|| a.loop_args.startup_options()),
+        startup_opts: a.volume.is_none().then(|| a.loop_args.pack_options()),
     };
     let root = absolute(&a.root.root)?;
     let label = match &a.volume {

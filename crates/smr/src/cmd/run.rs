@@ -130,7 +130,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
     } else if opened.startup_pack {
         // With the readahead the profile was recorded with.
         Startup::Pack(opened.profile.as_ref().map_or(
-            a.loop_args.startup_options().readahead_kb,
+            a.loop_args.record_options().readahead_kb,
             smr_format::Profile::readahead_kb,
         ))
     } else {
@@ -211,7 +211,7 @@ fn run_through_daemon(
 }
 
 /// What a run's start does with a startup profile, which decides its loop
-/// device's settings (see [`super::mount::LoopArgs::startup_options`]).
+/// device's settings (see [`super::mount::LoopArgs::record_options`] and [`super::mount::LoopArgs::pack_options`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Startup {
     /// Neither records nor serves one: the settings asked for.
@@ -244,10 +244,10 @@ fn request(
         },
         loop_opts: match startup {
             Startup::None => a.loop_args.options(),
-            Startup::Record => a.loop_args.startup_options(),
+            Startup::Record => a.loop_args.record_options(),
             Startup::Pack(kb) => LoopOptions {
                 readahead_kb: kb,
-                ..a.loop_args.startup_options()
+                ..a.loop_args.pack_options()
             },
         },
         after_start: matches!(startup, Startup::Pack(_)).then(|| a.loop_args.options()),

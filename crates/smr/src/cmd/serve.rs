@@ -281,17 +281,24 @@ fn mark_startup_pack(
     })?;
     let file = fuse_dir.join(smr_node::fuse::FuseConfig::default().file_name);
     let state_file = state.join(smr_node::mount::STATE_FILE);
-    let lazy = lazy.clone();
+    let pack = lazy.startup_pack_bytes();
     // The mount's state names the loop device once it is attached.
-    let target = move || {
+    let mounted = move || {
         let json = std::fs::read(&state_file).ok()?;
-        let st: smr_node::mount::MountState = serde_json::from_slice(&json).ok()?;
-        Some((st.loop_dev, st.after_start?))
+        serde_json::from_slice::<smr_node::mount::MountState>(&json).ok()
+    };
+    let loop_dev = mounted.clone();
+    // The device's read counter when first seen (just after mounting).
+    let since = std::sync::OnceLock::new();
+    let under_way = move || {
+        let dev = loop_dev()?.loop_dev;
+        let since = *since.get_or_init(|| smr_node::mount::device_read_bytes(&dev).unwrap_or(0));
+        smr_node::mount::pack_start_under_way(&dev, since, pack)
     };
     smr_node::mount::retune_after_start(
-        move || lazy.start_under_way().then(|| lazy.stats().reads),
+        under_way,
         file,
-        target,
+        move || mounted().and_then(|st| Some((st.loop_dev, st.after_start?))),
         smr_node::mount::StartEnd::default(),
     )
     .context("starting the startup pack's retune watch")
