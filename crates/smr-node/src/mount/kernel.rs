@@ -71,7 +71,7 @@ pub fn is_mountpoint(path: &Path) -> bool {
 /// returned [`LoopDevice`] is open and then while something else (a
 /// mount) holds it.
 pub fn attach_loop(file: &Path, direct_io: bool) -> Result<LoopDevice> {
-    loopdev::attach(file, direct_io, false)
+    loopdev::attach(file, direct_io, false, false)
 }
 
 /// Sets the loop device's (any block device's) `read_ahead_kb`.
@@ -293,8 +293,11 @@ pub struct LoopOptions {
     pub writable: bool,
     /// The `read_ahead_kb` of the filesystem holding the backing file (its
     /// bdi: for a FUSE file, the FUSE mount's), set before the loop device
-    /// opens the file, which takes its readahead from it then. `None`
-    /// leaves the kernel's (128 for FUSE).
+    /// opens the file, which takes its readahead from it then. `Some(0)`:
+    /// no readahead on the file at all, its bdi untouched (the loop
+    /// device's descriptor advised `POSIX_FADV_RANDOM`: a read asks for
+    /// exactly the pages it misses, where a bdi of 0 would have them read
+    /// one page per request). `None` leaves the kernel's (128 for FUSE).
     pub backing_readahead_kb: Option<u32>,
 }
 
@@ -315,10 +318,11 @@ impl ImageMount {
     /// with autoclear: once this returns, it is the mount that holds it,
     /// and unmounting frees it (even if this process is gone by then).
     pub fn attach(file: &Path, dir: &Path, opts: LoopOptions) -> Result<Self> {
-        if let Some(kb) = opts.backing_readahead_kb {
+        let random = opts.backing_readahead_kb == Some(0);
+        if let Some(kb) = opts.backing_readahead_kb.filter(|&kb| kb > 0) {
             set_backing_read_ahead_kb(file, kb)?;
         }
-        let dev = loopdev::attach(file, opts.direct_io, opts.writable)?;
+        let dev = loopdev::attach(file, opts.direct_io, opts.writable, random)?;
         let loop_dev = dev.path().to_string();
         let mounted = set_read_ahead_kb(&loop_dev, opts.readahead_kb).and_then(|()| {
             if opts.writable {

@@ -152,8 +152,11 @@ fn config(fd: &OwnedFd, file: &Path, direct_io: bool, writable: bool) -> Result<
 /// Attaches `file` read-only (or read-write if `writable`), with
 /// autoclear, to a free loop device (see the module docs), with direct I/O
 /// if `direct_io` (the kernel quietly falls back to buffered I/O where the
-/// file does not support it).
-pub fn attach(file: &Path, direct_io: bool, writable: bool) -> Result<LoopDevice> {
+/// file does not support it). If `random`, the device reads the file with
+/// no readahead of the file's own (`POSIX_FADV_RANDOM` on the descriptor
+/// it is given, for as long as it keeps it): a read through the page
+/// cache asks the file for exactly the pages it misses.
+pub fn attach(file: &Path, direct_io: bool, writable: bool, random: bool) -> Result<LoopDevice> {
     let access = if writable {
         OFlags::RDWR
     } else {
@@ -165,6 +168,14 @@ pub fn attach(file: &Path, direct_io: bool, writable: bool) -> Result<LoopDevice
             source: e.into(),
         }
     })?;
+    if random {
+        rustix::fs::fadvise(&backing, 0, None, rustix::fs::Advice::Random).map_err(|e| {
+            MountError::Io {
+                path: file.to_path_buf(),
+                source: e.into(),
+            }
+        })?;
+    }
     let control = rustix::fs::open(LOOP_CONTROL, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
         .map_err(loop_err(LOOP_CONTROL, file, "open"))?;
     let cfg = config(&backing, file, direct_io, writable)?;

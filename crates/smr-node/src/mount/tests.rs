@@ -766,3 +766,64 @@ fn the_startup_mark_names_the_readahead_of_the_recorded_start() {
         assert_eq!(startup_mark(d.path()), Some(None), "{text:?}");
     }
 }
+
+/// Zeros, recording the size of every read the kernel asks for.
+struct Sizes(std::sync::Mutex<Vec<(u64, usize)>>);
+
+impl BlockDevice for Sizes {
+    fn size(&self) -> u64 {
+        8 << 20
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.0.lock().unwrap().push((offset, buf.len()));
+        buf.fill(0);
+        Ok(())
+    }
+}
+
+#[test]
+fn a_loop_device_told_random_asks_the_file_for_exactly_what_it_misses() {
+    if !root() || !loop_root() {
+        return;
+    }
+    for random in [true, false] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dev = Arc::new(Sizes(std::sync::Mutex::new(Vec::new())));
+        let fuse = FuseMount::spawn(dev.clone(), tmp.path(), &FuseConfig::default(), "smr-test")
+            .expect("fuse");
+        let lo = loopdev::attach(fuse.file(), false, false, random).expect("attach");
+        set_read_ahead_kb(lo.path(), 4).expect("read_ahead_kb");
+        let f = std::fs::File::open(lo.path()).expect("open the loop device");
+        let mut buf = [0u8; 4096];
+        // A sequential reader: the case the file's readahead is for.
+        for k in 0..4 {
+            rustix::io::pread(&f, &mut buf, (1 << 20) + k * 4096).expect("read");
+        }
+        let asked: Vec<usize> = dev
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(o, _)| *o >= 1 << 20)
+            .map(|&(_, n)| n)
+            .collect();
+        if random {
+            assert_eq!(asked, vec![4096; 4], "the pages missed, and no more");
+        } else {
+            assert!(
+                asked.iter().sum::<usize>() > 4 * 4096,
+                "the FUSE file's readahead asks for more: {asked:?}"
+            );
+        }
+        drop(f);
+        let path = lo.path().to_string();
+        drop(lo);
+        loopdev::clear(&path, fuse.file()).expect("detach");
+        let t = std::time::Instant::now();
+        while loop_backing_file(&path).as_deref() == Some(fuse.file()) {
+            assert!(t.elapsed() < Duration::from_secs(5), "{path} not released");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        fuse.unmount(Duration::from_secs(5)).expect("unmount");
+    }
+}

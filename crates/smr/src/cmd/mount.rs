@@ -27,8 +27,9 @@ pub struct LoopArgs {
     pub direct_io: bool,
     /// The read_ahead_kb of the FUSE file itself (its FUSE mount's), which
     /// adds to the loop device's when the loop device reads it through
-    /// the page cache; default the kernel's, 128. More: faster warm reads,
-    /// more chunks fetched at a cold start.
+    /// the page cache; default the kernel's, 128 (none for a start served
+    /// from a startup pack); 0: none. More: faster warm reads, more
+    /// chunks fetched at a cold start.
     #[arg(long)]
     pub fuse_readahead_kb: Option<u32>,
     /// The loop device's read_ahead_kb while a startup profile is recorded
@@ -63,17 +64,15 @@ impl LoopArgs {
     /// The options of a start served from a startup pack (whose profile
     /// then gives the readahead): the readahead of [`Self::record_options`],
     /// through the page cache (where the server stores the pack's blocks)
-    /// unless `--direct-io` is given, and the FUSE file's own readahead
-    /// as small unless `--fuse-readahead-kb` is given. The loop device
-    /// keeps the FUSE file's readahead for good (the kernel takes it at
-    /// open); with the normal one, a read of a block not stored yet would
-    /// ask for up to 128 KiB around it, blocks the pack lacks, each a
-    /// fetch.
+    /// unless `--direct-io` is given, and no readahead of the FUSE file's
+    /// own unless `--fuse-readahead-kb` is given. The loop device keeps
+    /// that for good (the kernel takes it at open); with the normal 128
+    /// KiB, a read of a block not stored yet would ask for blocks around
+    /// it that the pack lacks, each a fetch.
     pub fn pack_options(&self) -> LoopOptions {
-        let readahead_kb = self.readahead_kb.unwrap_or(self.startup_readahead_kb);
         LoopOptions {
-            readahead_kb,
-            backing_readahead_kb: Some(self.fuse_readahead_kb.unwrap_or(readahead_kb)),
+            readahead_kb: self.readahead_kb.unwrap_or(self.startup_readahead_kb),
+            backing_readahead_kb: Some(self.fuse_readahead_kb.unwrap_or(0)),
             ..self.options()
         }
     }
