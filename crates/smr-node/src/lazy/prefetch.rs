@@ -172,12 +172,12 @@ impl Prefetch {
         self.fetched.without(&self.read)
     }
 
-    /// Stops the workers (they finish the fetch they are in).
     /// Whether [`Prefetch::stop`] was called (the image is gone).
     pub(super) fn stopped(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
     }
 
+    /// Stops the workers (they finish the fetch they are in).
     pub(super) fn stop(&self) {
         // Under the lock, so that no worker is between its check of
         // `stop` and its wait.

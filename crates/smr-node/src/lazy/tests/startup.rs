@@ -244,7 +244,7 @@ fn seeded(lazy: &LazyImage, bytes: u64) -> u64 {
 fn the_packs_blocks_are_stored_in_the_page_cache_as_the_image_has_them() {
     let fx = fixture(Duration::from_millis(20));
     let (profile, _) = recorded_pack(&fx);
-    let total: u64 = profile.blocks.iter().map(|r| u64::from(r.count)).sum();
+    let total = smr_format::startup::total_blocks(&profile.blocks);
     let dir = tempfile::tempdir().expect("tempdir");
     let lazy = fresh_lazy(&fx, dir.path());
     let pages = Arc::new(Pages::default());
@@ -290,7 +290,7 @@ fn the_blocks_of_a_damaged_pack_chunk_are_not_stored() {
     lazy.use_startup_pack(&profile).expect("our keys");
     let pages = Arc::new(Pages::default());
     lazy.seed_pages(pages.clone());
-    let total: u64 = profile.blocks.iter().map(|r| u64::from(r.count)).sum();
+    let total = smr_format::startup::total_blocks(&profile.blocks);
     let piece = u64::from(pack.piece_blocks);
     let want = (total - piece.min(total)) * 4096;
     seeded(&lazy, want);
