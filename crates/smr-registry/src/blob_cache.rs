@@ -172,6 +172,17 @@ impl Blobs for CachedBlobs<'_> {
             .get_blob_range_progressive(digest, offset, len, progress)
     }
 
+    /// Started by the registry: the cache keeps manifests and small blobs,
+    /// not the ranges read ahead.
+    fn head_start(
+        &self,
+        digest: &str,
+        offset: u64,
+        len: u64,
+    ) -> Option<crate::head_start::HeadStart> {
+        self.inner.head_start(digest, offset, len)
+    }
+
     fn push_blob(&self, digest: &str, data: &[u8]) -> Result<bool> {
         self.inner.push_blob(digest, data)
     }

@@ -37,6 +37,20 @@ pub trait Blobs: Send + Sync {
         self.get_blob_range(digest, offset, len)
     }
 
+    /// Starts reading `len` bytes of blob `digest` from `offset` in the
+    /// background, for a reader that will ask for exactly that range
+    /// ([`crate::head_start`]); `None` if this repository cannot (the
+    /// default: the reader then reads as usual).
+    fn head_start(
+        &self,
+        digest: &str,
+        offset: u64,
+        len: u64,
+    ) -> Option<crate::head_start::HeadStart> {
+        let _ = (digest, offset, len);
+        None
+    }
+
     /// Uploads `data` as blob `digest` unless present (then a no-op).
     /// Returns whether bytes were uploaded.
     fn push_blob(&self, digest: &str, data: &[u8]) -> Result<bool>;

@@ -34,6 +34,7 @@ pub use stream::{to_io, BlobReader};
 
 use crate::blobs::Blobs;
 use crate::error::{RegistryError, Result};
+use crate::head_start::HeadStart;
 use crate::reference::{ImageRef, Scheme};
 use bytes::Bytes;
 use smr_store::runtime::block_on;
@@ -240,6 +241,20 @@ impl Blobs for Repository {
         progress: &smr_store::Progress,
     ) -> Result<Vec<u8>> {
         self.blob_range(digest, offset, len, Some(progress.clone()))
+    }
+
+    fn head_start(&self, digest: &str, offset: u64, len: u64) -> Option<HeadStart> {
+        let (core, repo, blob) = (self.core.clone(), self.name.clone(), digest.to_string());
+        Some(HeadStart::spawn(
+            &self.describe(),
+            digest,
+            offset,
+            len,
+            move |progress| async move {
+                core.get_blob_range(&repo, &blob, offset, len, Some(progress))
+                    .await
+            },
+        ))
     }
 
     fn push_blob(&self, digest: &str, data: &[u8]) -> Result<bool> {

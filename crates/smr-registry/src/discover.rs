@@ -26,9 +26,12 @@ use crate::artifact::{
 };
 use crate::blobs::Blobs;
 use crate::error::{RegistryError, Result};
-use crate::media_types::{SMR_ARTIFACT, SMR_PACK_INDEX, SMR_PROFILE, SMR_RECIPE};
+use crate::head_start::{HeadStart, HeadStartSlot};
+use crate::media_types::{SMR_ARTIFACT, SMR_PACK_INDEX, SMR_PROFILE, SMR_RECIPE, SMR_STARTUP_PACK};
 use crate::pack::PackIndex;
-use crate::profile::{fetch_profile_early, profiles_of, ANNOTATION_PROFILE_BLOB};
+use crate::profile::{
+    fetch_profile_early, profiles_of, ANNOTATION_PROFILE_BLOB, ANNOTATION_PROFILE_PACK,
+};
 use crate::signature::{find_signature, SignedBy, VerifyKey};
 use crate::store::RegistryStore;
 use early::Early;
@@ -64,6 +67,10 @@ pub struct DiscoverOptions {
     /// artifact ([`Artifact::profile_listing`]), so the referrers are not
     /// listed again.
     pub profile_manifest: Option<String>,
+    /// With [`DiscoverOptions::profile`]: start reading the profile's
+    /// startup pack from the referrers listing, for a caller that will
+    /// read it from [`Artifact::store`] ([`Artifact::pack_head_start`]).
+    pub read_pack_ahead: bool,
 }
 
 /// What the listing an artifact was found in (the referrers of its image,
@@ -120,6 +127,10 @@ pub struct Artifact {
     /// same artifact and profile with no lookup
     /// ([`DiscoverOptions::profile_manifest`]).
     pub profile_listing: ProfileListing,
+    /// The read of its profile's startup pack, started from the
+    /// referrers listing before the profile arrived ([`crate::head_start`]);
+    /// the store of [`Artifact::store`] hands it to the pack's reader.
+    pub pack_head_start: HeadStartSlot,
 }
 
 impl Artifact {
@@ -127,6 +138,7 @@ impl Artifact {
     /// repository), and those of its profile's startup pack if it has one.
     pub fn store(&self, blobs: Arc<dyn Blobs>, opts: smr_store::RemoteOptions) -> RegistryStore {
         RegistryStore::new(blobs, self.serving_index(), opts)
+            .with_head_start(self.pack_head_start.clone())
     }
 
     /// The pack index, with the startup pack of the profile as one more
@@ -372,6 +384,13 @@ fn open_chosen(
             None => (None, None),
         },
     };
+    // The startup pack is the largest read of a cold start: begun now,
+    // it arrives while the manifests and the profile are read and checked.
+    let pack_head = profile_entry
+        .as_ref()
+        .filter(|_| opts.read_pack_ahead)
+        .and_then(|e| early::named(e, ANNOTATION_PROFILE_PACK, SMR_STARTUP_PACK))
+        .and_then(|d| blobs.head_start(&d.digest, 0, d.size));
     let entry = listed.iter().find(|d| d.digest == chosen);
     let named = |prefix, media_type| entry.and_then(|d| early::named(d, prefix, media_type));
     let keys = &opts.verify_keys;
@@ -423,6 +442,9 @@ fn open_chosen(
     match profile {
         Ok(p) => {
             tracing::info!(profile = %profile_desc, chunks = p.chunks.len(), "found startup profile");
+            if let Some(head) = pack_head.filter(|h| names_pack(&p, h)) {
+                artifact.pack_head_start = HeadStartSlot::new(head);
+            }
             artifact.profile = Some(p);
         }
         Err(e) => {
@@ -430,6 +452,14 @@ fn open_chosen(
         }
     }
     Ok(artifact)
+}
+
+/// Whether `head` reads the whole startup pack of `profile`.
+fn names_pack(profile: &Profile, head: &HeadStart) -> bool {
+    profile.pack.as_ref().is_some_and(|pack| {
+        let size = pack.chunks.iter().map(|c| u64::from(c.stored_len)).sum();
+        head.is(&pack.blob_digest(), 0, size)
+    })
 }
 
 /// The candidates among `all`: filtered by `opts`, in digest order (the
@@ -574,6 +604,7 @@ fn open_artifact_early(
         signature: None,
         from_index: false,
         profile_listing: ProfileListing::NotListed,
+        pack_head_start: HeadStartSlot::default(),
     })
 }
 

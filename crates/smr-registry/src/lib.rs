@@ -27,6 +27,7 @@ pub mod client;
 pub mod discover;
 pub mod error;
 pub mod gc;
+pub mod head_start;
 pub mod index;
 pub mod media_types;
 pub mod pack;

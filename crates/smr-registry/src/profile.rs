@@ -47,6 +47,10 @@ pub const ANNOTATION_CREATED: &str = "org.opencontainers.image.created";
 /// (`PREFIX.digest`, `PREFIX.size`; see
 /// [`ANNOTATION_RECIPE`](crate::artifact::ANNOTATION_RECIPE)).
 pub const ANNOTATION_PROFILE_BLOB: &str = "vnd.smr.profile.blob";
+/// Annotation prefix naming the startup pack blob of a profile manifest
+/// that has one (`PREFIX.digest`, `PREFIX.size`): a cold start begins
+/// reading the pack from the referrers listing ([`crate::head_start`]).
+pub const ANNOTATION_PROFILE_PACK: &str = "vnd.smr.profile.pack";
 
 /// What [`push_profile`] did.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -86,14 +90,16 @@ pub fn profile_manifest(
         (ANNOTATION_PROFILE_CHUNKS.to_string(), chunks.to_string()),
     ]);
     annotations.extend(blob_annotations(ANNOTATION_PROFILE_BLOB, &layer));
+    let pack = pack.map(|p| Descriptor::of(SMR_STARTUP_PACK, p));
+    if let Some(p) = &pack {
+        annotations.extend(blob_annotations(ANNOTATION_PROFILE_PACK, p));
+    }
     ArtifactManifest {
         schema_version: 2,
         media_type: OCI_MANIFEST.to_string(),
         artifact_type: SMR_PROFILE.to_string(),
         config: Descriptor::empty(),
-        layers: std::iter::once(layer)
-            .chain(pack.map(|p| Descriptor::of(SMR_STARTUP_PACK, p)))
-            .collect(),
+        layers: std::iter::once(layer).chain(pack).collect(),
         // An image without a source has its profiles listed under itself.
         subject: Some(
             artifact

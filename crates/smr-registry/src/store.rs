@@ -7,10 +7,13 @@
 //! under the remote stores' retry policy ([`Remote`]). Which ranges to read
 //! (neighbouring chunks coalesced, read-ahead) is decided above the store,
 //! by the node's fetcher, as for every store. Bytes are not verified here:
-//! the node hashes every chunk against its name, as for any store.
+//! the node hashes every chunk against its name, as for any store. A read
+//! started ahead ([`crate::head_start`]) answers the one read of its very
+//! range.
 
 use crate::blobs::Blobs;
 use crate::error::RegistryError;
+use crate::head_start::HeadStartSlot;
 use crate::pack::PackIndex;
 use smr_format::ChunkId;
 use smr_store::{
@@ -28,6 +31,7 @@ pub struct RegistryStore {
     blobs: Arc<dyn Blobs>,
     index: Arc<PackIndex>,
     remote: Remote,
+    head_start: HeadStartSlot,
 }
 
 impl RegistryStore {
@@ -39,7 +43,15 @@ impl RegistryStore {
             blobs,
             index,
             remote,
+            head_start: HeadStartSlot::default(),
         }
+    }
+
+    /// The store, answering the read `head` holds from it (see
+    /// [`crate::head_start`]).
+    pub fn with_head_start(mut self, head: HeadStartSlot) -> Self {
+        self.head_start = head;
+        self
     }
 
     /// The pack index this store serves.
@@ -62,11 +74,16 @@ impl RegistryStore {
                 .get_blob(object.as_str(), self.remote.options().max_object_bytes)
                 .map_err(|e| self.error(what, e));
         };
-        let bytes = match progress {
-            Some(p) => self
+        let head = self.head_start.take(object.as_str(), range.offset, len);
+        let bytes = match (head, progress) {
+            (Some(head), progress) => {
+                tracing::debug!(object = %object, offset = range.offset, len, "read taken from the one started ahead");
+                head.finish(progress)
+            }
+            (None, Some(p)) => self
                 .blobs
                 .get_blob_range_progressive(object.as_str(), range.offset, len, p),
-            None => self
+            (None, None) => self
                 .blobs
                 .get_blob_range(object.as_str(), range.offset, len),
         }

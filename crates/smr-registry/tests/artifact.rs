@@ -232,3 +232,73 @@ fn push_find_and_serve_through_a_real_registry() {
     let from_local = extract(&app.recipe_bytes, &owner, store.as_ref());
     assert!(from_registry == from_local, "images differ");
 }
+
+/// A cold start's largest read, the startup pack, begins at the referrers
+/// listing (the profile manifest names it) and answers the store's read
+/// of the whole pack; the next read of it goes to the registry again.
+#[test]
+fn a_startup_pack_read_begun_at_the_lookup_answers_its_reader() {
+    use smr_format::startup::{BlockRun, PackSecret};
+    use smr_format::Profile;
+    use smr_store::{ByteRange, ObjectName, Progress};
+    let Some(reg) = TestRegistry::start() else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let store = Arc::new(LocalStore::open(work.path().join("store")).unwrap());
+    let owner = OwnerKey([42; 32]);
+    let repo = reg.repo("smr/pack");
+    let (base_img, _) = images();
+    let base = publish_and_convert(&repo, &base_img, "base", &store, &owner);
+    do_push(&repo, &base, &store);
+    let artifact = discover(&repo, &base.subject.digest, &DiscoverOptions::default()).unwrap();
+    let mut profile = Profile::new(Profile::recipe_hash(&artifact.recipe_bytes), vec![0, 1]);
+    profile.blocks = vec![BlockRun {
+        first: 0,
+        count: 300,
+    }];
+    let plain = noise(7, 300 * 4096);
+    let secret = PackSecret::of_keys(&[smr_format::ChunkKey([9; 32])]);
+    let blob = profile.seal_pack(&secret, &plain, 64);
+    smr_registry::profile::push_profile(&repo, &artifact, &profile, Some(&blob)).unwrap();
+    let pack = profile.pack.as_ref().unwrap().blob_digest();
+
+    let fresh: Arc<dyn Blobs> = Arc::new(reg.repo("smr/pack"));
+    let opts = DiscoverOptions {
+        profile: true,
+        read_pack_ahead: true,
+        ..DiscoverOptions::default()
+    };
+    let found = discover(fresh.as_ref(), &base.subject.digest, &opts).unwrap();
+    assert_eq!(found.profile.as_ref(), Some(&profile));
+    assert!(found.pack_head_start.is_set(), "the listing names the pack");
+    let remote = found.store(fresh.clone(), smr_store::RemoteOptions::default());
+    let (object, whole) = (
+        ObjectName::new(pack.as_str()),
+        ByteRange::new(0, blob.len() as u64),
+    );
+    let grew = Arc::new(AtomicUsize::new(0));
+    let g = grew.clone();
+    let progress: Progress = Arc::new(move |p: &[u8]| {
+        g.fetch_max(p.len(), Ordering::Relaxed);
+    });
+    let got = remote
+        .read_range_progressive(&object, whole, &progress)
+        .unwrap();
+    assert!(got == blob, "the pack as pushed");
+    assert!(!found.pack_head_start.is_set(), "taken by its reader");
+    assert!(grew.load(Ordering::Relaxed) <= blob.len());
+    // Read again: from the registry, the same bytes.
+    let again = remote
+        .read_range_progressive(&object, whole, &progress)
+        .unwrap();
+    assert!(again == blob);
+
+    // Not asked for: nothing is read ahead.
+    let plain_opts = DiscoverOptions {
+        read_pack_ahead: false,
+        ..opts
+    };
+    let found = discover(fresh.as_ref(), &base.subject.digest, &plain_opts).unwrap();
+    assert!(found.profile.is_some() && !found.pack_head_start.is_set());
+}

@@ -125,6 +125,11 @@ fn a_startup_pack_is_pushed_with_its_profile_and_served_by_the_store() {
     assert!(e.contains("does not match"), "{e}");
     let r = push_profile(&blobs, &artifact, &p, Some(&blob)).unwrap();
     assert_eq!(r.pack_bytes, Some(blob.len() as u64));
+    // Its referrers entry names the pack, for a lookup to start reading it.
+    let named =
+        |key: &str| r.descriptor.annotations[&format!("{ANNOTATION_PROFILE_PACK}.{key}")].clone();
+    assert_eq!(named("digest"), digest_of(&blob));
+    assert_eq!(named("size"), blob.len().to_string());
     let found = discover(&blobs, &img.subject.digest, &with_profile()).unwrap();
     assert_eq!(found.profile.as_ref(), Some(&p));
     // The artifact's store reads the pack's chunks from the pack blob.

@@ -15,6 +15,7 @@ use smr_node::fetch::{FetchOptions, Fetcher};
 use smr_node::lazy::profile::{Replay, DEFAULT_REPLAY_THREADS};
 use smr_node::lazy::LazyImage;
 use smr_registry::discover::{DiscoverOptions, ProfileListing};
+use smr_registry::head_start::HeadStartSlot;
 use smr_store::ChunkStore;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -123,6 +124,10 @@ pub struct Resolved {
     /// Whether the chunks come from a local directory (a fetch costs no
     /// round trip).
     pub local: bool,
+    /// For a registry image: the read of its startup pack, begun during
+    /// the lookup ([`smr_registry::head_start`]), which `store` answers
+    /// the pack's read from; cleared if the pack will not be read whole.
+    pub pack_head_start: HeadStartSlot,
 }
 
 /// Bytes of a pack read ahead of a sequential reader (e.g. `256K`; `0`
@@ -192,6 +197,8 @@ impl OriginArgs {
             artifact: self.artifact.clone(),
             profile: find_profile,
             profile_manifest: self.profile_manifest.clone(),
+            // Read only through the artifact's own store (not `--store`).
+            read_pack_ahead: find_profile && self.store.is_none(),
             verify_keys: policy.keys.clone(),
             ..DiscoverOptions::default()
         };
@@ -232,6 +239,7 @@ impl OriginArgs {
                 profile_listing: a.profile_listing,
                 fetch,
                 local,
+                pack_head_start: a.pack_head_start,
             });
         }
         let location = self
@@ -252,6 +260,7 @@ impl OriginArgs {
             profile_listing: ProfileListing::NotListed,
             fetch: fetch_options(replaying, local)?,
             local,
+            pack_head_start: HeadStartSlot::default(),
         })
     }
 }
@@ -373,6 +382,14 @@ impl SourceArgs {
             }
             None => found_profile,
         };
+        // The pack's read begun during the lookup serves a start that
+        // fetches the whole pack: none of it cached yet.
+        let pack_cached = |p: &Profile| {
+            p.pack
+                .as_ref()
+                .is_some_and(|pack| pack.chunks.iter().any(|c| cache.contains(&c.id)))
+        };
+        let head_start_unused = !use_pack || profile.as_ref().is_none_or(pack_cached);
         let img = image_chunks(recipe.clone(), &self.origin.key, true, image)?;
         let fetcher = Fetcher::new(r.store, r.fetch);
         let lazy = open_lazy(img, image, &r.location, fetcher, cache)?;
@@ -390,6 +407,9 @@ impl SourceArgs {
                 }
                 Err(e) => tracing::warn!(image, error = %e, "not using the profile's startup pack"),
             }
+        }
+        if head_start_unused || !startup_pack {
+            r.pack_head_start.clear();
         }
         Ok(OpenedImage {
             lazy,
