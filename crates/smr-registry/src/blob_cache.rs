@@ -172,6 +172,10 @@ impl Blobs for CachedBlobs<'_> {
             .get_blob_range_progressive(digest, offset, len, progress)
     }
 
+    fn holds_blob(&self, digest: &str) -> bool {
+        self.path("blobs", digest).is_some_and(|p| p.is_file())
+    }
+
     /// Started by the registry: the cache keeps manifests and small blobs,
     /// not the ranges read ahead.
     fn head_start(

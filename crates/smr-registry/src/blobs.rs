@@ -51,6 +51,13 @@ pub trait Blobs: Send + Sync {
         None
     }
 
+    /// Whether blob `digest` is at hand without a request (a node's blob
+    /// cache, [`crate::blob_cache`]); by default `false`.
+    fn holds_blob(&self, digest: &str) -> bool {
+        let _ = digest;
+        false
+    }
+
     /// Uploads `data` as blob `digest` unless present (then a no-op).
     /// Returns whether bytes were uploaded.
     fn push_blob(&self, digest: &str, data: &[u8]) -> Result<bool>;

@@ -386,9 +386,15 @@ fn open_chosen(
     };
     // The startup pack is the largest read of a cold start: begun now,
     // it arrives while the manifests and the profile are read and checked.
+    // Not when the node holds the profile blob already: it has started
+    // from this profile before, so the pack is in its cache, most likely.
+    let profile_held = |e: &Descriptor| {
+        early::named(e, ANNOTATION_PROFILE_BLOB, SMR_PROFILE)
+            .is_some_and(|b| blobs.holds_blob(&b.digest))
+    };
     let pack_head = profile_entry
         .as_ref()
-        .filter(|_| opts.read_pack_ahead)
+        .filter(|e| opts.read_pack_ahead && !profile_held(e))
         .and_then(|e| early::named(e, ANNOTATION_PROFILE_PACK, SMR_STARTUP_PACK))
         .and_then(|d| blobs.head_start(&d.digest, 0, d.size));
     let entry = listed.iter().find(|d| d.digest == chosen);

@@ -294,6 +294,16 @@ fn a_startup_pack_read_begun_at_the_lookup_answers_its_reader() {
         .unwrap();
     assert!(again == blob);
 
+    // A node whose blob cache holds the profile started from it before
+    // (its pack is cached): nothing is read ahead.
+    let blob_dir = work.path().join("blob-cache");
+    let cached = smr_registry::blob_cache::CachedBlobs::new(fresh.as_ref(), &blob_dir);
+    let first = discover(&cached, &base.subject.digest, &opts).unwrap();
+    assert!(first.pack_head_start.is_set(), "a cold node");
+    drop(first);
+    let again = discover(&cached, &base.subject.digest, &opts).unwrap();
+    assert!(again.profile.is_some() && !again.pack_head_start.is_set());
+
     // Not asked for: nothing is read ahead.
     let plain_opts = DiscoverOptions {
         read_pack_ahead: false,

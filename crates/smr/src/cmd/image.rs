@@ -98,6 +98,12 @@ pub struct OriginArgs {
     /// through the node cache, under its directory.
     #[arg(skip)]
     pub blob_cache: Option<PathBuf>,
+    /// Start reading a registry image's startup pack from the referrers
+    /// listing ([`smr_registry::head_start`]): set by commands that serve
+    /// the image in this process (`smr run`, `smr serve-nbd`), not by the
+    /// `smr mount` that hands it to a server process.
+    #[arg(skip)]
+    pub read_pack_ahead: bool,
 }
 
 /// An image's recipe and chunk store, found by [`OriginArgs::resolve`].
@@ -198,7 +204,7 @@ impl OriginArgs {
             profile: find_profile,
             profile_manifest: self.profile_manifest.clone(),
             // Read only through the artifact's own store (not `--store`).
-            read_pack_ahead: find_profile && self.store.is_none(),
+            read_pack_ahead: self.read_pack_ahead && find_profile && self.store.is_none(),
             verify_keys: policy.keys.clone(),
             ..DiscoverOptions::default()
         };

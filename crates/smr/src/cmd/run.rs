@@ -105,10 +105,12 @@ pub fn run(a: Args) -> Result<ExitCode> {
             (v.base, Some(v.volume), format!("volume {name}"))
         }
         None => {
-            let image = ImageArgs {
+            let mut image = ImageArgs {
                 image: a.image.clone().unwrap_or_default(),
                 source: a.source.clone(),
             };
+            // This process reads the pack: begin with the lookup.
+            image.source.origin.read_pack_ahead = true;
             (image.open_full()?, None, image.image)
         }
     };

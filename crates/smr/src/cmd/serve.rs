@@ -110,6 +110,9 @@ pub fn run_nbd(a: NbdArgs) -> Result<ExitCode> {
         a.images.len()
     );
     let mut names = export_names(&a.images, &a.names)?;
+    let mut a = a;
+    // This process reads the images' packs: begin with their lookups.
+    a.source.origin.read_pack_ahead = true;
     let cache = a.source.cache.open()?;
     let mut exports = Vec::with_capacity(a.images.len() + a.volumes.len());
     let mut replays = Vec::new();

@@ -101,6 +101,28 @@ fn mounted_from_the_pack(image: &str, dir: &Path, key: &Path) {
     drop(m);
 }
 
+/// The startup pack blob named by the profile manifest whose push `log`
+/// reports ("pushed startup profile sha256:…").
+fn startup_pack_of(reg: &Registry, log: &str) -> String {
+    let manifest = log
+        .split("pushed startup profile ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no profile push in {log}"));
+    let url = format!("http://{}/v2/py/manifests/{manifest}", reg.addr);
+    let out = ok(std::process::Command::new("curl").args([
+        "-fsS",
+        "-H",
+        "Accept: application/vnd.oci.image.manifest.v1+json",
+        &url,
+    ]));
+    let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let pack = m["layers"][1]["digest"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{m}"));
+    pack.to_string()
+}
+
 /// A registry holding debian-python as `py:v1`, and an owner key.
 struct Setup {
     layout: std::path::PathBuf,
@@ -132,7 +154,7 @@ fn convert_push_records_a_profile_that_later_starts_replay() {
     // The registry runs as long as `_reg` lives.
     let Some(Setup {
         layout: _,
-        reg: _reg,
+        reg,
         t,
         key,
         image,
@@ -160,6 +182,7 @@ fn convert_push_records_a_profile_that_later_starts_replay() {
         log.contains("python3 -c 'import json, sqlite3' exited 0"),
         "{log}"
     );
+    let pack = startup_pack_of(&reg, &log);
     let (s, out) = run(
         &image,
         &t.path().join("b"),
@@ -176,7 +199,12 @@ fn convert_push_records_a_profile_that_later_starts_replay() {
     assert_eq!(p["startup_pack"].as_bool(), Some(true), "{s}");
     assert!(p["chunks"].as_u64().unwrap() > 0, "{s}");
     assert_eq!(p["failed"].as_u64(), Some(0), "{s}");
+    // Read once, from the referrers listing on (the lookup begins it).
+    assert_eq!(reg.gets_of(&pack), 1, "GETs of the startup pack {pack}");
     mounted_from_the_pack(&image, t.path(), &key);
+    // Read once more, by the image server (not by the `smr mount` that
+    // looked the image up for it).
+    assert_eq!(reg.gets_of(&pack), 2, "GETs of the startup pack {pack}");
     // A start the profile was not made for still runs correctly.
     let (_, out) = run(
         &image,
