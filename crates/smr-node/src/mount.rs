@@ -71,8 +71,8 @@ pub const DEFAULT_STATE_ROOT: &str = "/run/smr/mounts";
 /// Default `read_ahead_kb` of the loop device.
 pub const DEFAULT_READAHEAD_KB: u32 = 128;
 /// `read_ahead_kb` of a start that records a profile (see the module's
-/// doc). Of 0, 4, 8, 16 and 32 KiB, 8 gave
-/// the fastest first starts (a smaller pack; docs/BENCHMARKS.md), at the
+/// doc). Of 0, 4, 8, 16 and 32 KiB, 8 gave the fastest first starts (a
+/// smaller pack; the sweep is in the message of commit ce081f4), at the
 /// cost of more, smaller reads through FUSE when the pack is cached.
 pub const STARTUP_READAHEAD_KB: u32 = 8;
 /// The file a FUSE server creates in its state directory (the parent of
