@@ -289,6 +289,21 @@ fn check(live: &Live) -> Result<()> {
     }
 }
 
+/// The container's network namespace for `network` (see [`net`]).
+fn make_network(network: net::Network) -> Result<Option<Option<net::PrivateNet>>> {
+    Ok(match network {
+        net::Network::Host => None,
+        net::Network::None => Some(None),
+        net::Network::Default => match net::find_slirp4netns() {
+            Some(slirp) => Some(Some(net::private(&slirp).map_err(io_err(&slirp))?)),
+            None => {
+                tracing::info!("slirp4netns is not installed: the container has a network namespace with loopback only");
+                Some(None)
+            }
+        },
+    })
+}
+
 /// The overlay mount, unmounted on drop.
 struct Overlay(PathBuf);
 
@@ -365,6 +380,14 @@ fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
         dir("bundle")?,
     );
     let id = sweep::container_id(tmp.path());
+    // The container's network is made while the image is mounted: it
+    // depends on nothing else (`None`: the host's; `Some(None)`: loopback
+    // only). Joined below; dropped, it is undone.
+    let network = req.network;
+    let netns = std::thread::Builder::new()
+        .name("smr-net".into())
+        .spawn(move || make_network(network))
+        .map_err(io_err(&req.work_root))?;
 
     // Bound in setup order: dropped (undone) in reverse.
     let mut retune = None;
@@ -417,17 +440,9 @@ fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
     let args = spec::process_args(cfg, &req.overrides.command)?;
     let env = spec::environment(cfg, &user, &req.overrides.env, |k| std::env::var(k).ok());
     let marker = tmp.path().join("started");
-    let netns = match req.network {
-        net::Network::Host => None,
-        net::Network::None => Some(None),
-        net::Network::Default => match net::find_slirp4netns() {
-            Some(slirp) => Some(Some(net::private(&slirp).map_err(io_err(&slirp))?)),
-            None => {
-                tracing::info!("slirp4netns is not installed: the container has a network namespace with loopback only");
-                Some(None)
-            }
-        },
-    };
+    let netns = netns
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
     let resolv_conf = match &netns {
         Some(Some(_)) => {
             let p = bundle.join("resolv.conf");
@@ -531,10 +546,15 @@ fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
         profile: None,
     };
 
-    // Tear down in reverse, reporting the first failure.
+    // Tear down in reverse, reporting the first failure. slirp4netns
+    // exits while the mounts are undone; the namespace is dropped (and
+    // slirp4netns waited for) once they are.
+    let mut netns = netns;
+    if let Some(Some(n)) = &mut netns {
+        n.stop();
+    }
     drop(retune);
     drop(container);
-    drop(netns);
     drop(overlay);
     if let Some(image) = image {
         image.teardown()?;
@@ -543,6 +563,7 @@ fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
         fuse.unmount(Duration::from_secs(10))
             .map_err(MountError::from)?;
     }
+    drop(netns);
     if let RootFs::Volume { volume, .. } = &req.root {
         crate::device::BlockDevice::flush(volume.as_ref()).map_err(io_err(volume.dir()))?;
     }
