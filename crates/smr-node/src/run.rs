@@ -440,7 +440,7 @@ fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
     let args = spec::process_args(cfg, &req.overrides.command)?;
     let env = spec::environment(cfg, &user, &req.overrides.env, |k| std::env::var(k).ok());
     let marker = tmp.path().join("started");
-    let netns = netns
+    let mut netns = netns
         .join()
         .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
     let resolv_conf = match &netns {
@@ -549,7 +549,6 @@ fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
     // Tear down in reverse, reporting the first failure. slirp4netns
     // exits while the mounts are undone; the namespace is dropped (and
     // slirp4netns waited for) once they are.
-    let mut netns = netns;
     if let Some(Some(n)) = &mut netns {
         n.stop();
     }

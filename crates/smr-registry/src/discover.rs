@@ -462,10 +462,10 @@ fn open_chosen(
 
 /// Whether `head` reads the whole startup pack of `profile`.
 fn names_pack(profile: &Profile, head: &HeadStart) -> bool {
-    profile.pack.as_ref().is_some_and(|pack| {
-        let size = pack.chunks.iter().map(|c| u64::from(c.stored_len)).sum();
-        head.is(&pack.blob_digest(), 0, size)
-    })
+    profile
+        .pack
+        .as_ref()
+        .is_some_and(|pack| head.is(&pack.blob_digest(), 0, pack.offsets().1))
 }
 
 /// The candidates among `all`: filtered by `opts`, in digest order (the

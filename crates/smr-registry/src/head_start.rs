@@ -103,9 +103,9 @@ impl Drop for EndGuard {
 }
 
 impl HeadStart {
-    /// Starts `read` (in repository `repo`: a ranged read of `len` bytes of blob `digest` from
-    /// `offset`, reporting its prefix to the progress callback it is
-    /// given) as a task of the stores' runtime.
+    /// Starts `read` (in repository `repo`: a ranged read of `len` bytes
+    /// of blob `digest` from `offset`, reporting its prefix to the
+    /// progress callback it is given) as a task of the stores' runtime.
     pub fn spawn<F, Fut>(repo: &str, digest: &str, offset: u64, len: u64, read: F) -> HeadStart
     where
         F: FnOnce(smr_store::Progress) -> Fut,
@@ -148,7 +148,7 @@ impl HeadStart {
     /// prefix received so far each time more arrives, from what had
     /// arrived before this call on (from empty again if the read was
     /// retried). The answer's length is the caller's to check.
-    pub fn finish(&self, progress: Option<&smr_store::Progress>) -> Result<Vec<u8>> {
+    pub fn finish(self, progress: Option<&smr_store::Progress>) -> Result<Vec<u8>> {
         let mut mine = Vec::new();
         let mut restarts = 0;
         loop {
@@ -231,7 +231,7 @@ mod tests {
     }
 
     /// Every prefix `finish` hands its progress callback, in order.
-    fn finish_seeing(head: &HeadStart) -> (Result<Vec<u8>>, Vec<Vec<u8>>) {
+    fn finish_seeing(head: HeadStart) -> (Result<Vec<u8>>, Vec<Vec<u8>>) {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s = seen.clone();
         let progress: smr_store::Progress =
@@ -258,7 +258,7 @@ mod tests {
         });
         assert!(head.is("sha256:b", 0, 6) && !head.is("sha256:b", 1, 5));
         tx.send(2).unwrap();
-        let reader = std::thread::spawn(move || finish_seeing(&head));
+        let reader = std::thread::spawn(move || finish_seeing(head));
         std::thread::sleep(Duration::from_millis(50));
         tx.send(4).unwrap();
         std::thread::sleep(Duration::from_millis(50));
@@ -289,7 +289,7 @@ mod tests {
             progress(b"abcd");
             Ok(b"abcd".to_vec())
         });
-        let reader = std::thread::spawn(move || finish_seeing(&head));
+        let reader = std::thread::spawn(move || finish_seeing(head));
         std::thread::sleep(Duration::from_millis(50));
         tx.send(()).unwrap();
         let (got, seen) = reader.join().unwrap();

@@ -81,7 +81,7 @@ impl Drop for Holder {
 /// attached. Dropping it stops both.
 pub struct PrivateNet {
     path: PathBuf,
-    slirp: Option<Child>,
+    slirp: Child,
     _exit_pipe: OwnedFd,
     _holder: Holder,
 }
@@ -91,16 +91,12 @@ impl PrivateNet {
     pub fn path(&self) -> &std::path::Path {
         &self.path
     }
-}
 
-impl PrivateNet {
     /// Stops `slirp4netns` without waiting for it: its exit tears down
     /// its tap device, which takes the kernel 10-20 ms, so the caller
     /// undoes other things meanwhile; dropping the namespace waits for it.
     pub fn stop(&mut self) {
-        if let Some(slirp) = &mut self.slirp {
-            let _ = slirp.kill();
-        }
+        let _ = self.slirp.kill();
     }
 }
 
@@ -109,10 +105,8 @@ impl Drop for PrivateNet {
         // Closing the exit pipe (just after this) would stop slirp4netns
         // too; kill it here so that it is reaped, so that nothing outlives
         // the run. The holder thread goes last (fields drop in order).
-        if let Some(mut slirp) = self.slirp.take() {
-            let _ = slirp.kill();
-            let _ = slirp.wait();
-        }
+        let _ = self.slirp.kill();
+        let _ = self.slirp.wait();
     }
 }
 
@@ -219,7 +213,7 @@ pub fn private(slirp: &std::path::Path) -> std::io::Result<PrivateNet> {
         .map_err(|e| std::io::Error::new(e.kind(), format!("starting {}: {e}", slirp.display())))?;
     let net = PrivateNet {
         path,
-        slirp: Some(slirp_child),
+        slirp: slirp_child,
         _exit_pipe: exit_w,
         _holder: holder,
     };

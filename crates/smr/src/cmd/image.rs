@@ -388,14 +388,6 @@ impl SourceArgs {
             }
             None => found_profile,
         };
-        // The pack's read begun during the lookup serves a start that
-        // fetches the whole pack: none of it cached yet.
-        let pack_cached = |p: &Profile| {
-            p.pack
-                .as_ref()
-                .is_some_and(|pack| pack.chunks.iter().any(|c| cache.contains(&c.id)))
-        };
-        let head_start_unused = !use_pack || profile.as_ref().is_none_or(pack_cached);
         let img = image_chunks(recipe.clone(), &self.origin.key, true, image)?;
         let fetcher = Fetcher::new(r.store, r.fetch);
         let lazy = open_lazy(img, image, &r.location, fetcher, cache)?;
@@ -414,7 +406,13 @@ impl SourceArgs {
                 Err(e) => tracing::warn!(image, error = %e, "not using the profile's startup pack"),
             }
         }
-        if head_start_unused || !startup_pack {
+        // The pack's read begun during the lookup serves a start that
+        // fetches the whole pack: served from it, none of it cached yet.
+        let pack_cached = profile
+            .as_ref()
+            .and_then(|p| p.pack.as_ref())
+            .is_some_and(|pack| pack.chunks.iter().any(|c| lazy.cache().contains(&c.id)));
+        if !startup_pack || pack_cached {
             r.pack_head_start.clear();
         }
         Ok(OpenedImage {

@@ -102,7 +102,7 @@ fn export_names(images: &[String], names: &[String]) -> Result<Vec<String>> {
 /// Serves the images over NBD until SIGINT or SIGTERM. Each image's
 /// startup profile (`--profile`, for one image; else the registry's) is
 /// replayed from the start, so its chunks are at hand when a client reads.
-pub fn run_nbd(a: NbdArgs) -> Result<ExitCode> {
+pub fn run_nbd(mut a: NbdArgs) -> Result<ExitCode> {
     smr_node::malloc::limit_arenas(smr_node::malloc::SERVER_ARENAS);
     anyhow::ensure!(
         a.source.profile.is_none() || a.images.len() == 1,
@@ -110,7 +110,6 @@ pub fn run_nbd(a: NbdArgs) -> Result<ExitCode> {
         a.images.len()
     );
     let mut names = export_names(&a.images, &a.names)?;
-    let mut a = a;
     // This process reads the images' packs: begin with their lookups.
     a.source.origin.read_pack_ahead = true;
     let cache = a.source.cache.open()?;
