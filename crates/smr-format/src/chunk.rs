@@ -163,7 +163,14 @@ impl ChunkCodec {
 /// bytes (what startup packs derive their keys for, see
 /// [`crate::startup`]).
 pub fn seal_with_key(plain: &[u8], key: &ChunkKey, zstd_level: Option<i32>) -> SealedChunk {
-    let (mut data, compressed) = compress(plain, zstd_level);
+    let (data, compressed) = compress(plain, zstd_level);
+    seal_encoded_with_key(data, key, compressed)
+}
+
+/// Seals bytes the caller has already encoded (`compressed` says whether
+/// they are zstd data) under a key it derived, as [`seal_with_key`] does
+/// after compressing: AES-256-CTR with a zero IV, named by the result.
+pub fn seal_encoded_with_key(mut data: Vec<u8>, key: &ChunkKey, compressed: bool) -> SealedChunk {
     apply_ctr(key, &mut data);
     SealedChunk {
         id: ChunkId::of(&data),
@@ -173,9 +180,18 @@ pub fn seal_with_key(plain: &[u8], key: &ChunkKey, zstd_level: Option<i32>) -> S
     }
 }
 
+/// Decrypts stored bytes whose hash the caller has already checked,
+/// without decompressing them (see [`decode_verified`]).
+pub fn decrypt_verified(key: Option<&ChunkKey>, mut stored: Vec<u8>) -> Vec<u8> {
+    if let Some(key) = key {
+        apply_ctr(key, &mut stored);
+    }
+    stored
+}
+
 /// `plain` compressed at `level` if that makes it smaller, and whether it
 /// did.
-fn compress(plain: &[u8], level: Option<i32>) -> (Vec<u8>, bool) {
+pub(crate) fn compress(plain: &[u8], level: Option<i32>) -> (Vec<u8>, bool) {
     match level.map(|l| zstd::bulk::compress(plain, l)) {
         Some(Ok(c)) if c.len() < plain.len() => (c, true),
         _ => (plain.to_vec(), false),
@@ -218,12 +234,10 @@ pub fn decode_verified(
     id: &ChunkId,
     key: Option<&ChunkKey>,
     compressed: bool,
-    mut stored: Vec<u8>,
+    stored: Vec<u8>,
     plain_len: usize,
 ) -> Result<Vec<u8>> {
-    if let Some(key) = key {
-        apply_ctr(key, &mut stored);
-    }
+    let stored = decrypt_verified(key, stored);
     let plain = if compressed {
         zstd::bulk::decompress(&stored, plain_len).map_err(|e| FormatError::ChunkDecode {
             id: *id,

@@ -25,7 +25,8 @@
 //! pack     1 byte: 0 (none) or 1, then
 //!          digest 32 bytes (SHA-256 of the pack blob), varint piece
 //!          (blocks per pack chunk), varint n, n x (id 32 bytes, varint
-//!          stored length, 1 byte: 1 if zstd-compressed), and
+//!          stored length, 1 byte: 0 stored as is, 1 zstd, 2 zstd that
+//!          continues the stream of the chunk before it), and
 //!          tag 32 bytes: HMAC-SHA-256 of every byte before it
 //! ```
 //!

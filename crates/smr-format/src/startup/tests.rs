@@ -1,5 +1,4 @@
 use super::*;
-use crate::chunk::open_chunk;
 use crate::Profile;
 use proptest::prelude::*;
 
@@ -54,14 +53,20 @@ fn a_sealed_pack_round_trips_and_opens_to_its_blocks() {
     assert_eq!(size, blob.len() as u64);
     let total = total_blocks(&back.blocks);
     let mut opened = Vec::new();
+    let mut decoder = PackDecoder::new();
     for (i, c) in pack.chunks.iter().enumerate() {
         let at = offsets[i] as usize;
         let stored = blob[at..at + c.stored_len as usize].to_vec();
+        crate::chunk::verify(&c.id, &stored).unwrap();
         let key = secret(1).chunk_key(&back.blocks, pack.piece_blocks, i as u64);
         let len = pack.plain_len(i, total) as usize;
-        opened.extend(open_chunk(&c.id, Some(&key), c.compressed, stored, len).unwrap());
+        opened.extend(open_pack_chunk(pack, i, &key, stored, len, &mut decoder).unwrap());
     }
     assert_eq!(opened, text);
+    assert!(
+        !pack.chunks[0].continues && pack.chunks[1..].iter().all(|c| c.continues),
+        "the pieces are one zstd stream"
+    );
     assert!(
         pack.chunks.iter().all(|c| c.compressed),
         "repetitive blocks compress"
@@ -193,6 +198,36 @@ fn malformed_block_lists_and_packs_are_refused() {
                 b
             },
             "pack piece of 0 blocks",
+        ),
+        (
+            {
+                let mut b = with_runs(&[(1, 2)]);
+                *b.last_mut().unwrap() = 1;
+                b.extend_from_slice(&[0; 32]);
+                varint::put(&mut b, 1);
+                varint::put(&mut b, 2);
+                for flag in [0, 2] {
+                    b.extend_from_slice(&[5; 32]);
+                    varint::put(&mut b, 100);
+                    b.push(flag);
+                }
+                b
+            },
+            "pack chunk 1 continues a zstd stream, but no compressed chunk is before it",
+        ),
+        (
+            {
+                let mut b = with_runs(&[(1, 1)]);
+                *b.last_mut().unwrap() = 1;
+                b.extend_from_slice(&[0; 32]);
+                varint::put(&mut b, 1);
+                varint::put(&mut b, 1);
+                b.extend_from_slice(&[5; 32]);
+                varint::put(&mut b, 100);
+                b.push(3);
+                b
+            },
+            "pack chunk 0: flags 3",
         ),
     ];
     for (bytes, want) in cases {

@@ -407,6 +407,11 @@ impl Cache {
             .put(key.clone(), plain.clone());
     }
 
+    /// The memory tier's copy of a decoded chunk, if it holds one.
+    pub(crate) fn kept(&self, key: &DecodeKey) -> Option<Arc<Vec<u8>>> {
+        self.memory_get(key, false)
+    }
+
     /// Whether the memory tier holds `key`.
     pub fn in_memory(&self, key: &DecodeKey) -> bool {
         self.memory

@@ -23,14 +23,20 @@ use crate::cache::{CacheError, DecodeKey, Pin};
 use crate::chunks::ChunkError;
 use crate::device::PageSink;
 use crate::fetch::Priority;
-use smr_format::startup::{pack_spans, total_blocks, BlockMap, PackSpan, BLOCK};
+use smr_format::startup::{
+    open_pack_chunk, pack_spans, total_blocks, BlockMap, PackDecoder, PackSpan, StartupPack, BLOCK,
+};
 use smr_format::{ChunkKey, FormatError, Profile};
 use std::ops::Range;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 /// The startup pack an image serves blocks from.
 pub(super) struct Startup {
+    /// The pack as the profile lists it.
+    pack: StartupPack,
+    /// Decodes the pack's zstd streams, one chunk after another.
+    decoder: Mutex<PackDecoder>,
     map: BlockMap,
     /// Each pack chunk's name, key and lengths, in pack order.
     pub(super) chunks: Vec<DecodeKey>,
@@ -89,6 +95,8 @@ impl LazyImage {
             .ok();
         let n = chunks.len();
         let startup = Startup {
+            pack: pack.clone(),
+            decoder: Mutex::new(PackDecoder::new()),
             map,
             broken: Bits::new(n as u64),
             bytes: total * BLOCK,
@@ -195,12 +203,16 @@ impl Inner {
     /// The plaintext of pack chunk `i` (fetched on demand if the replay has
     /// not brought it yet); `None` and marked broken if it fails.
     fn pack_chunk(&self, s: &Startup, i: u64) -> Option<Arc<Vec<u8>>> {
-        let key = s.chunks.get(usize::try_from(i).ok()?)?;
+        let idx = usize::try_from(i).ok()?;
+        let key = s.chunks.get(idx)?;
         let r = self.cache.get_decoded(
             key,
             true,
             || self.fetch(&key.id, Priority::Demand),
-            |stored| open_pack_chunk(key, stored),
+            |stored| match s.pack.in_stream(idx) {
+                true => self.decode_in_stream(s, idx, stored),
+                false => open(s, idx, stored, &mut PackDecoder::new()),
+            },
         );
         match r {
             Ok(d) if d.len() == key.plain_len as usize => Some(d),
@@ -266,6 +278,61 @@ impl Inner {
         self.pack_chunk(s, i)
     }
 
+    /// Decodes pack chunk `i` of a zstd stream from its verified stored
+    /// bytes: in the image's one decoder, after the chunks before it in
+    /// its stream that the decoder has not just decoded (each kept in the
+    /// memory tier on the way, as the next reads want them). A chunk that
+    /// fails on the way breaks it and the rest of its stream, whose blocks
+    /// are then read from the image's chunks.
+    fn decode_in_stream(
+        &self,
+        s: &Startup,
+        i: usize,
+        stored: Vec<u8>,
+    ) -> Result<Vec<u8>, ChunkError> {
+        let mut decoder = s.decoder.lock().unwrap_or_else(PoisonError::into_inner);
+        // Decoded by another reader's walk while this one waited.
+        if let Some(plain) = s.chunks.get(i).and_then(|k| self.cache.kept(k)) {
+            return Ok(plain.to_vec());
+        }
+        let start = s.pack.stream_start(i);
+        let from = decoder
+            .next()
+            .filter(|n| (start..=i).contains(n))
+            .unwrap_or(start);
+        for j in from..i {
+            let Some(kj) = s.chunks.get(j) else { break };
+            let r = self
+                .cache
+                .get_or_fetch(&kj.id, || self.fetch(&kj.id, Priority::Demand))
+                .map_err(|e| {
+                    ChunkError::Format(FormatError::ChunkDecode {
+                        id: kj.id,
+                        reason: e.to_string(),
+                    })
+                })
+                .and_then(|stored| open(s, j, stored.to_vec(), &mut decoder));
+            match r {
+                Ok(plain) => self.cache.keep(kj, &Arc::new(plain)),
+                Err(e) => {
+                    let why = format!("pack chunk {j} before it in its zstd stream: {e}");
+                    for k in j..s.pack.stream_end(i) {
+                        self.pack_broken(s, k as u64, &why);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let r = open(s, i, stored, &mut decoder);
+        if let Err(e) = &r {
+            let why = format!("pack chunk {i} before it in its zstd stream: {e}");
+            for k in i + 1..s.pack.stream_end(i) {
+                self.pack_broken(s, k as u64, &why);
+            }
+        }
+        r
+    }
+
     fn pack_broken(&self, s: &Startup, i: u64, why: &str) {
         if s.broken.set(i) {
             let id = s.chunks.get(i as usize).map(|k| k.id);
@@ -311,14 +378,26 @@ impl Inner {
     }
 }
 
-/// Decrypts and decompresses a pack chunk the cache has verified.
-fn open_pack_chunk(key: &DecodeKey, stored: Vec<u8>) -> Result<Vec<u8>, ChunkError> {
-    let k = key.key.map(ChunkKey);
-    Ok(smr_format::chunk::decode_verified(
-        &key.id,
-        k.as_ref(),
-        key.compressed,
+/// Decrypts and decodes pack chunk `i`, which the cache has verified.
+fn open(
+    s: &Startup,
+    i: usize,
+    stored: Vec<u8>,
+    decoder: &mut PackDecoder,
+) -> Result<Vec<u8>, ChunkError> {
+    let key = s
+        .chunks
+        .get(i)
+        .and_then(|k| Some((ChunkKey(k.key?), k.plain_len)));
+    let Some((key, len)) = key else {
+        return Err(FormatError::Profile(format!("startup pack chunk {i} has no key")).into());
+    };
+    Ok(open_pack_chunk(
+        &s.pack,
+        i,
+        &key,
         stored,
-        key.plain_len as usize,
+        len as usize,
+        decoder,
     )?)
 }

@@ -12,6 +12,7 @@ use proptest::prelude::*;
 
 mod prefetch;
 mod startup;
+mod startup_stream;
 use smr_format::chunk::default_salt;
 use smr_format::config::ImageConfig;
 use smr_format::{ChunkCodec, ChunkEntry, ChunkGrid, OwnerKey, Profile, Recipe};

@@ -7,7 +7,7 @@ use crate::startup::make_startup_pack;
 use smr_format::startup::BlockRun;
 
 /// The reads of a "start": scattered pages and a run over a chunk boundary.
-const READS: [(u64, u64); 5] = [
+pub(super) const READS: [(u64, u64); 5] = [
     (5 * CS + 4096, 8192),
     (0, 4096),
     (29 * CS + 60_000, 9000),
@@ -17,7 +17,7 @@ const READS: [(u64, u64); 5] = [
 
 /// Records [`READS`] on `fx` and makes the startup pack; puts its chunks
 /// in the store (as a pack blob would be pushed next to the artifact).
-fn recorded_pack(fx: &Fixture) -> (Profile, Vec<u8>) {
+pub(super) fn recorded_pack(fx: &Fixture) -> (Profile, Vec<u8>) {
     let lazy = fx.lazy(32 << 20, 1 << 30);
     lazy.record();
     for (off, len) in READS {
@@ -36,13 +36,13 @@ fn recorded_pack(fx: &Fixture) -> (Profile, Vec<u8>) {
     (p, blob)
 }
 
-fn fresh_lazy(fx: &Fixture, dir: &Path) -> LazyImage {
+pub(super) fn fresh_lazy(fx: &Fixture, dir: &Path) -> LazyImage {
     let cache = Cache::open(CacheConfig::new(dir)).expect("cache");
     LazyImage::new(fx.img.clone(), fx.store.clone(), cache).expect("lazy image")
 }
 
 /// Store reads of the image's own chunks.
-fn image_gets(fx: &Fixture) -> u64 {
+pub(super) fn image_gets(fx: &Fixture) -> u64 {
     let ids: std::collections::HashSet<ChunkId> =
         fx.img.recipe.chunks.iter().map(|e| e.id).collect();
     let gets = fx.store.gets.lock().expect("lock");
@@ -222,7 +222,7 @@ fn a_pack_made_with_other_keys_or_altered_is_refused() {
 /// The page cache of an exported file, kept in memory: what was stored
 /// where.
 #[derive(Default)]
-struct Pages(std::sync::Mutex<Vec<(u64, Vec<u8>)>>);
+pub(super) struct Pages(pub(super) std::sync::Mutex<Vec<(u64, Vec<u8>)>>);
 
 impl crate::device::PageSink for Pages {
     fn store(&self, offset: u64, data: &[u8]) -> io::Result<()> {
@@ -232,7 +232,7 @@ impl crate::device::PageSink for Pages {
 }
 
 /// Waits until the image has stored `bytes` in its page cache (or 10 s).
-fn seeded(lazy: &LazyImage, bytes: u64) -> u64 {
+pub(super) fn seeded(lazy: &LazyImage, bytes: u64) -> u64 {
     let t = std::time::Instant::now();
     while lazy.stats().bytes_seeded < bytes && t.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(5));
