@@ -16,6 +16,9 @@
 use crate::error::{RegistryError, Result};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
+/// Longest [`HeadStart::spawn`] waits for its request to be sent.
+const FIRST_POLL_WAIT: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// A ranged blob read running in the background, taken at most once.
 pub struct HeadStart {
     digest: String,
@@ -53,6 +56,8 @@ struct State {
     end: Option<Result<()>>,
     /// Whether the request has ended.
     ended: bool,
+    /// Whether the request's future has been polled once.
+    polled: bool,
 }
 
 impl Shared {
@@ -125,10 +130,31 @@ impl HeadStart {
         };
         let task = smr_store::runtime::handle()
             .spawn(async move {
-                let end = fut.await;
+                let mut fut = std::pin::pin!(fut);
+                let mut first = true;
+                let end = std::future::poll_fn(|cx| {
+                    let r = fut.as_mut().poll(cx);
+                    if std::mem::take(&mut first) {
+                        guard.shared.lock().polled = true;
+                        guard.shared.changed.notify_all();
+                    }
+                    r
+                })
+                .await;
                 guard.shared.ended(end);
             })
             .abort_handle();
+        // The first poll sends the request: on a connection of the pool
+        // when one is idle, which the requests the caller makes next would
+        // otherwise take first, leaving the largest read of the start to
+        // wait for a new connection's set-up (a round trip, more with
+        // TLS). So wait for it, briefly, unless on the runtime itself.
+        if tokio::runtime::Handle::try_current().is_err() {
+            let s = shared.lock();
+            let _s = shared
+                .changed
+                .wait_timeout_while(s, FIRST_POLL_WAIT, |s| !s.polled && !s.ended);
+        }
         tracing::debug!(blob = %digest, offset, len, "read started ahead");
         HeadStart {
             digest: digest.to_string(),
@@ -318,6 +344,27 @@ mod tests {
             e.contains("sha256:b") && e.contains("without an answer"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn spawning_returns_once_the_request_is_sent() {
+        // The runtime's workers are busy for a moment: spawn waits for the
+        // first poll (where a request takes an idle pooled connection).
+        let sent = Arc::new(AtomicBool::new(false));
+        let busy = smr_store::runtime::handle().spawn(async {
+            std::thread::sleep(Duration::from_millis(3));
+        });
+        let flag = sent.clone();
+        let head = HeadStart::spawn("r", "sha256:b", 0, 1, move |_| async move {
+            flag.store(true, Ordering::SeqCst);
+            Ok(vec![7])
+        });
+        assert!(
+            sent.load(Ordering::SeqCst),
+            "the request went out before spawn returned"
+        );
+        assert_eq!(head.finish(None).unwrap(), vec![7]);
+        drop(busy);
     }
 
     #[test]

@@ -4,10 +4,12 @@
 //! Right after the push, the new image is run once per start command, from
 //! the chunks just converted (the local store, so nothing is downloaded),
 //! with `smr run --net none --timeout PERIOD --record-profile`: no network,
-//! and killed once the period is over. What each run read, in first-read
-//! order, is merged into one profile (commands in the order given, each
-//! chunk once) and pushed next to the artifact, where every later start of
-//! the image finds it. A command that fails, hangs or tries the network
+//! and killed once the period is over; a start that exits 0 is run again
+//! (`--optimize-runs`, 2 by default), since its last reads vary between
+//! runs. What each run read, in first-read order, is merged into one
+//! profile (commands in the order given, each chunk and block once) and
+//! pushed next to the artifact, where every later start of the image finds
+//! it. A command that fails, hangs or tries the network
 //! still yields what it read; nothing here fails the conversion.
 
 use anyhow::{Context, Result};
@@ -30,6 +32,14 @@ pub struct OptimizeArgs {
     #[arg(long, value_name = "DURATION", default_value = "10s",
           value_parser = humantime::parse_duration)]
     pub optimize_period: Duration,
+    /// Record each start this many times; their reads merge. A start's
+    /// last reads can vary from run to run (what a process touches as it
+    /// exits, a thread's timing), and each one the profile misses costs a
+    /// cold start a round trip. A start that fails or runs for the whole
+    /// period is not run again.
+    #[arg(long, value_name = "N", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(1..=10))]
+    pub optimize_runs: u32,
     /// Record and push no startup profile.
     #[arg(long, conflicts_with = "cmds")]
     pub no_optimize: bool,
@@ -110,11 +120,24 @@ fn record_all(
     let mut merged = Profile::new(Profile::recipe_hash(image.recipe), Vec::new());
     let mut seen = std::collections::HashSet::new();
     let mut seen_blocks = std::collections::HashSet::new();
-    for (i, cmd) in commands.iter().enumerate() {
-        let label = cmd.as_ref().map_or_else(
+    let runs = a.optimize_runs.max(1);
+    let starts = commands
+        .iter()
+        .enumerate()
+        .flat_map(|s| (1..=runs).map(move |r| (s, r)));
+    let mut stopped = std::collections::HashSet::new();
+    for ((ci, cmd), run) in starts {
+        if stopped.contains(&ci) {
+            continue;
+        }
+        let i = format!("{ci}-{run}");
+        let mut label = cmd.as_ref().map_or_else(
             || "the image's Entrypoint + Cmd".to_string(),
             |w| shlex::try_join(w.iter().map(String::as_str)).unwrap_or_default(),
         );
+        if run > 1 {
+            label = format!("{label}, run {run} of {runs},");
+        }
         let out = tmp.path().join(format!("start-{i}.profile"));
         let log = tmp.path().join(format!("start-{i}.log"));
         let stats = tmp.path().join(format!("start-{i}.json"));
@@ -163,6 +186,9 @@ fn record_all(
             Some(code) => format!("failed with exit code {code} ({tail})"),
             None => format!("was killed ({tail})"),
         };
+        if timed_out || status.code() != Some(0) {
+            stopped.insert(ci);
+        }
         let read = match std::fs::read(&out) {
             Ok(bytes) => {
                 let p = Profile::decode(&bytes).with_context(|| format!("profile of {label}"))?;
@@ -170,10 +196,13 @@ fn record_all(
                 merged
                     .chunks
                     .extend(p.chunks.into_iter().filter(|c| seen.insert(*c)));
-                merge_blocks(&mut merged.blocks, &p.blocks, &mut seen_blocks);
+                let new = merge_blocks(&mut merged.blocks, &p.blocks, &mut seen_blocks);
                 // Every recording runs with the same settings.
                 merged.recorded_readahead_kb = p.recorded_readahead_kb;
-                format!("read {n} chunks")
+                match run {
+                    1 => format!("read {n} chunks"),
+                    _ => format!("read {n} chunks and {new} blocks the runs before did not"),
+                }
             }
             Err(e) => format!("recorded nothing: {e}"),
         };
@@ -182,17 +211,21 @@ fn record_all(
     Ok(merged)
 }
 
-/// Appends to `into` the blocks of `runs` not in `seen`, in order.
+/// Appends to `into` the blocks of `runs` not in `seen`, in order;
+/// returns how many.
 fn merge_blocks(
     into: &mut Vec<smr_format::startup::BlockRun>,
     runs: &[smr_format::startup::BlockRun],
     seen: &mut std::collections::HashSet<u64>,
-) {
+) -> u64 {
+    let mut added = 0;
     for r in runs {
         for b in (r.first..r.first + u64::from(r.count)).filter(|&b| seen.insert(b)) {
             smr_format::startup::push_block(into, b);
+            added += 1;
         }
     }
+    added
 }
 
 /// Time a recording run may take beyond its period (mount, runc, teardown).
@@ -221,4 +254,23 @@ fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(5)..].join(" | ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smr_format::startup::BlockRun;
+
+    #[test]
+    fn merging_appends_only_unseen_blocks_in_their_order() {
+        let b = |first: u64, count: u32| BlockRun { first, count };
+        let (mut into, mut seen) = (Vec::new(), std::collections::HashSet::new());
+        assert_eq!(merge_blocks(&mut into, &[b(10, 3), b(1, 1)], &mut seen), 4);
+        // A second run read 11 and 1 again, then 13 (after 12) and 40.
+        assert_eq!(
+            merge_blocks(&mut into, &[b(11, 3), b(1, 1), b(40, 1)], &mut seen),
+            2
+        );
+        assert_eq!(into, vec![b(10, 3), b(1, 1), b(13, 1), b(40, 1)]);
+    }
 }

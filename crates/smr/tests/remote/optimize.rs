@@ -168,6 +168,12 @@ fn convert_push_records_a_profile_that_later_starts_replay() {
         log.contains("startup profile: the image's Entrypoint + Cmd exited 0"),
         "{log}"
     );
+    // A start that exits 0 is recorded twice, the reads merged.
+    assert!(
+        log.contains("Entrypoint + Cmd, run 2 of 2, exited 0; read ")
+            && log.contains("blocks the runs before did not"),
+        "{log}"
+    );
     let (s, _) = run(&image, &t.path().join("a"), &key, &["true"]);
     let default_chunks = s["profile"]["chunks"].as_u64().unwrap();
     assert!(default_chunks > 0, "{s}");
@@ -261,6 +267,10 @@ fn start_commands_that_fail_hang_or_use_the_network_never_fail_the_conversion() 
         "{log}"
     );
     assert!(log.contains("/no/such/binary failed"), "{log}");
+    assert!(
+        !log.contains("run 2 of 2"),
+        "a start that fails or hangs is not run again: {log}"
+    );
     assert!(
         log.contains("'unbalanced") && log.contains("not a valid shell command line"),
         "{log}"
