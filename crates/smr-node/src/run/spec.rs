@@ -216,8 +216,6 @@ pub struct SpecInput<'a> {
     pub rootfs: &'a Path,
     /// Container host name.
     pub hostname: &'a str,
-    /// Command run by runc as a poststart hook (marks "started").
-    pub poststart: Option<Vec<String>>,
     /// The network namespace.
     pub network: NetNs<'a>,
     /// The file bind-mounted on the container's `/etc/resolv.conf`.
@@ -284,10 +282,6 @@ pub fn build(i: &SpecInput<'_>) -> Value {
     if let Some(seccomp) = &i.seccomp {
         linux["seccomp"] = seccomp.clone();
     }
-    let hooks = match &i.poststart {
-        Some(cmd) if !cmd.is_empty() => json!({"poststart": [{"path": cmd[0], "args": cmd}]}),
-        _ => json!({}),
-    };
     json!({
         "ociVersion": "1.0.2",
         "process": {
@@ -319,7 +313,6 @@ pub fn build(i: &SpecInput<'_>) -> Value {
             {"destination": "/etc/resolv.conf", "type": "bind", "source": i.resolv_conf,
              "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]}
         ],
-        "hooks": hooks,
         "linux": linux
     })
 }
@@ -413,7 +406,6 @@ mod tests {
             terminal: false,
             rootfs: Path::new("/r"),
             hostname: "h",
-            poststart: Some(vec!["/usr/bin/touch".into(), "/tmp/x".into()]),
             network: NetNs::New,
             resolv_conf: Path::new("/etc/resolv.conf"),
             seccomp: super::super::seccomp::Seccomp::Default.spec(),
@@ -422,7 +414,7 @@ mod tests {
         assert_eq!(s["process"]["cwd"], "/");
         assert_eq!(s["process"]["rlimits"][0]["soft"], 1024);
         assert_eq!(s["root"]["path"], "/r");
-        assert_eq!(s["hooks"]["poststart"][0]["path"], "/usr/bin/touch");
+        assert!(s.get("hooks").is_none(), "no hook runs before the process");
         let ns: Vec<&str> = s["linux"]["namespaces"]
             .as_array()
             .expect("namespaces")
@@ -455,7 +447,6 @@ mod tests {
                 terminal: false,
                 rootfs: Path::new("/r"),
                 hostname: "h",
-                poststart: None,
                 network,
                 resolv_conf: Path::new("/b/resolv.conf"),
                 seccomp: None,
