@@ -284,18 +284,31 @@ impl Inner {
     /// memory tier on the way, as the next reads want them). A chunk that
     /// fails on the way breaks it and the rest of its stream, whose blocks
     /// are then read from the image's chunks.
+    ///
+    /// The chunks before it are awaited first, without the decoder: a read
+    /// ahead of the download must not hold up, until its chunk arrives,
+    /// the reads and the page-cache stores of the chunks that arrive
+    /// before it.
     fn decode_in_stream(
         &self,
         s: &Startup,
         i: usize,
         stored: Vec<u8>,
     ) -> Result<Vec<u8>, ChunkError> {
+        let start = s.pack.stream_start(i);
+        for kj in s.chunks.get(start..i).unwrap_or_default() {
+            if self.cache.is_missing(&kj.id) && !self.cache.in_memory(kj) {
+                // A failure is reported by the walk below, which tries again.
+                let _ = self
+                    .cache
+                    .get_or_fetch(&kj.id, || self.fetch(&kj.id, Priority::Demand));
+            }
+        }
         let mut decoder = s.decoder.lock().unwrap_or_else(PoisonError::into_inner);
         // Decoded by another reader's walk while this one waited.
         if let Some(plain) = s.chunks.get(i).and_then(|k| self.cache.kept(k)) {
             return Ok(plain.to_vec());
         }
-        let start = s.pack.stream_start(i);
         let from = decoder
             .next()
             .filter(|n| (start..=i).contains(n))
@@ -315,7 +328,7 @@ impl Inner {
             match r {
                 Ok(plain) => self.cache.keep(kj, &Arc::new(plain)),
                 Err(e) => {
-                    let why = format!("pack chunk {j} before it in its zstd stream: {e}");
+                    let why = format!("pack chunk {j}, before it in its zstd stream, failed: {e}");
                     for k in j..s.pack.stream_end(i) {
                         self.pack_broken(s, k as u64, &why);
                     }
@@ -325,7 +338,7 @@ impl Inner {
         }
         let r = open(s, i, stored, &mut decoder);
         if let Err(e) = &r {
-            let why = format!("pack chunk {i} before it in its zstd stream: {e}");
+            let why = format!("pack chunk {i}, before it in its zstd stream, failed: {e}");
             for k in i + 1..s.pack.stream_end(i) {
                 self.pack_broken(s, k as u64, &why);
             }

@@ -30,11 +30,19 @@ struct CountingStore {
     inner: LocalStore,
     gets: Mutex<HashMap<ChunkId, u64>>,
     delay: Duration,
+    /// A chunk whose reads wait until it is set to `None`.
+    held: (Mutex<Option<ChunkId>>, std::sync::Condvar),
 }
 
 impl CountingStore {
     fn total(&self) -> u64 {
         self.gets.lock().expect("lock").values().sum()
+    }
+
+    /// Makes the reads of `id` wait (`Some`), or lets them go (`None`).
+    fn hold(&self, id: Option<ChunkId>) {
+        *self.held.0.lock().expect("lock") = id;
+        self.held.1.notify_all();
     }
 
     fn max_per_chunk(&self) -> u64 {
@@ -59,6 +67,13 @@ impl ChunkStore for CountingStore {
     ) -> smr_store::Result<Vec<Vec<u8>>> {
         let id = object.chunk().expect("a chunk's own object");
         *self.gets.lock().expect("lock").entry(id).or_default() += 1;
+        let held = self.held.0.lock().expect("lock");
+        drop(
+            self.held
+                .1
+                .wait_while(held, |h| *h == Some(id))
+                .expect("lock"),
+        );
         std::thread::sleep(self.delay);
         self.inner.read_ranges(object, ranges)
     }
@@ -160,6 +175,7 @@ fn fixture_with_grid(
         inner: local,
         gets: Mutex::new(HashMap::new()),
         delay,
+        held: (Mutex::new(None), std::sync::Condvar::new()),
     });
     let cache_dir = tmp.path().join("cache");
     Fixture {

@@ -118,3 +118,72 @@ fn seeding_a_streamed_pack_stops_at_the_damage() {
     check_reads(&fx, &lazy, READS.into_iter());
     assert_eq!(lazy.stats().read_errors, 0);
 }
+
+#[test]
+fn a_read_waiting_in_one_stream_holds_up_no_other_stream() {
+    let fx = fixture(Duration::ZERO);
+    // One block of each of 36 stored chunks: sealed one block per pack
+    // chunk, streams of 32 and 4 chunks.
+    let lazy = fx.lazy(32 << 20, 1 << 30);
+    lazy.record();
+    let stored = fx.img.recipe.chunks.iter().map(|e| e.index);
+    let blocks: Vec<u64> = stored.take(36).map(|c| c * CS + 4096).collect();
+    for &at in &blocks {
+        fx.read(&lazy, at, 4096).expect("read");
+    }
+    let mut profile = lazy.recorded_profile([5; 32]).expect("recording");
+    assert_eq!(smr_format::startup::total_blocks(&profile.blocks), 36);
+    let plain: Vec<u8> = blocks
+        .iter()
+        .flat_map(|&at| fx.plain[at as usize..at as usize + 4096].to_vec())
+        .collect();
+    let secret = fx.img.pack_secret().expect("encrypted image");
+    let blob = profile.seal_pack(&secret, &plain, 1);
+    let pack = profile.pack.clone().expect("pack");
+    assert!(
+        !pack.chunks[32].continues && pack.chunks[33].continues,
+        "two streams"
+    );
+    let (offsets, _) = pack.offsets();
+    for (c, at) in pack.chunks.iter().zip(offsets) {
+        let bytes = &blob[at as usize..(at + u64::from(c.stored_len)) as usize];
+        fx.store.inner.put(&c.id, bytes).expect("put pack chunk");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lazy = fresh_lazy(&fx, dir.path());
+    lazy.use_startup_pack(&profile).expect("our keys");
+    let before = image_gets(&fx);
+    // Pack chunk 8 "is still downloading": a read of pack block 9 waits
+    // for it, as its stream decodes only in order.
+    fx.store.hold(Some(pack.chunks[8].id));
+    let (ahead_at, other_at) = (blocks[9], blocks[35]);
+    let (fx, lazy) = (&fx, &lazy);
+    std::thread::scope(|s| {
+        let ahead = s.spawn(move || fx.read(lazy, ahead_at, 4096).expect("read ahead"));
+        let t = std::time::Instant::now();
+        while fx
+            .store
+            .gets
+            .lock()
+            .expect("lock")
+            .get(&pack.chunks[8].id)
+            .is_none()
+        {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the read ahead never asked"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        s.spawn(move || tx.send(fx.read(lazy, other_at, 4096).expect("read")));
+        let got = rx.recv_timeout(Duration::from_secs(10));
+        // Let the read ahead finish either way, so that a failure ends.
+        fx.store.hold(None);
+        let got = got.expect("a read in the other stream is not held up");
+        assert!(got == fx.plain[other_at as usize..other_at as usize + 4096]);
+        let got = ahead.join().expect("reader");
+        assert!(got == fx.plain[ahead_at as usize..ahead_at as usize + 4096]);
+    });
+    assert_eq!(image_gets(fx), before, "both served from the pack");
+}
