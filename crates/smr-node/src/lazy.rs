@@ -635,6 +635,25 @@ impl Inner {
         };
         let mut wants: Vec<(ChunkId, Extent)> =
             missing.iter().filter_map(|&c| self.extent(c)).collect();
+        // The neighbours the miss brings ride in its own request: queued
+        // by the prefetch workers, they would take a request of their own,
+        // which can start late (the workers busy with older prefetches),
+        // while the next read, of the next small file, often wants them.
+        if let Some(object) = wants.last().map(|(_, e)| e.object.clone()) {
+            for c in last + 1..self.neighbours_end(last) {
+                let Some((pos, key)) = self.locate(c) else {
+                    continue;
+                };
+                match self.extent_at(pos) {
+                    Some(e) if e.object == object => {
+                        if self.cache.is_missing(&key.id) && !self.cache.in_memory(&key) {
+                            wants.push((key.id, e));
+                        }
+                    }
+                    _ => break,
+                }
+            }
+        }
         let missing = |id: &ChunkId| self.cache.is_missing(id);
         self.fetcher.plan(&wants, Priority::Demand, missing);
         self.prefetch_file(last);

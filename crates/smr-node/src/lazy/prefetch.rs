@@ -237,6 +237,30 @@ impl Inner {
     /// After a demand miss of chunk `index`: the rest of its file, if it is
     /// in one that spans several chunks and the chunk is not in the
     /// startup profile being replayed (which knows better what is read).
+    /// One past the last neighbour that a miss in chunk `index` brings
+    /// (`index + 1`: none, when the file-map prefetch is off or the chunk
+    /// is the profile's). Small files next to each other are usually of
+    /// one directory: the neighbours of a miss in the file data,
+    /// [`NEIGHBOUR_BYTES`] of them as stored (what the link carries:
+    /// compressed chunks reach further).
+    pub(super) fn neighbours_end(&self, index: u64) -> u64 {
+        let recipe = &self.img.recipe;
+        let map = match &recipe.file_map {
+            Some(map) if self.prefetch.files.load(Ordering::Relaxed) => map,
+            _ => return index + 1,
+        };
+        if self.prefetch.profiled.get(index) {
+            return index + 1;
+        }
+        let mut end = index + 1;
+        let mut bytes = 0u64;
+        while end < map.metadata_chunk && bytes < NEIGHBOUR_BYTES && end - index <= MAX_NEIGHBOURS {
+            bytes += recipe.entry(end).map_or(0, |e| u64::from(e.stored_len));
+            end += 1;
+        }
+        end
+    }
+
     pub(super) fn prefetch_file(self: &Arc<Self>, index: u64) {
         if !self.prefetch.files.load(Ordering::Relaxed) || self.prefetch.profiled.get(index) {
             return;
@@ -260,16 +284,7 @@ impl Inner {
                 self.queue_prefetch(group.range().filter(|&c| c != index), true);
             }
         }
-        // Small files next to each other are usually of one directory:
-        // the neighbours of the miss in the data, NEIGHBOUR_BYTES of them
-        // as stored (what the link carries: compressed chunks reach
-        // further).
-        let mut end = index + 1;
-        let mut bytes = 0u64;
-        while end < map.metadata_chunk && bytes < NEIGHBOUR_BYTES && end - index <= MAX_NEIGHBOURS {
-            bytes += recipe.entry(end).map_or(0, |e| u64::from(e.stored_len));
-            end += 1;
-        }
+        let mut end = self.neighbours_end(index);
         if let Some(run) = map.file_at(index) {
             // The rest of the file, up to FILE_PREFETCH_BYTES of it.
             let limit = recipe
