@@ -246,3 +246,97 @@ fn dropping_the_image_stops_its_prefetch() {
     assert_eq!(fx.store.total(), after, "prefetch went on after the drop");
     assert!(after < stored(&fx, 0..49), "{after}");
 }
+
+/// The fixture's chunks in one object, `pack`, in image order (as a
+/// registry artifact keeps them in packs); records each request's range.
+struct Packed {
+    extents: HashMap<ChunkId, smr_store::Extent>,
+    data: Vec<u8>,
+    requests: Mutex<Vec<smr_store::ByteRange>>,
+}
+
+impl Packed {
+    fn of(fx: &Fixture) -> Arc<Self> {
+        let (mut extents, mut data) = (HashMap::new(), Vec::new());
+        for e in &fx.img.recipe.chunks {
+            if extents.contains_key(&e.id) {
+                continue;
+            }
+            let bytes = fs::read(fx.store.inner.chunk_path(&e.id)).expect("chunk");
+            let range = smr_store::ByteRange::new(data.len() as u64, bytes.len() as u64);
+            let object = smr_store::ObjectName::new("pack");
+            extents.insert(e.id, smr_store::Extent { object, range });
+            data.extend_from_slice(&bytes);
+        }
+        Arc::new(Packed {
+            extents,
+            data,
+            requests: Mutex::new(Vec::new()),
+        })
+    }
+}
+
+impl ChunkStore for Packed {
+    fn describe(&self) -> String {
+        "packed".into()
+    }
+    fn locate(&self, id: &ChunkId) -> smr_store::Result<smr_store::Extent> {
+        self.extents
+            .get(id)
+            .cloned()
+            .ok_or_else(|| smr_store::StoreError::Missing {
+                what: smr_store::Target::Chunk(*id),
+                store: self.describe(),
+            })
+    }
+    fn read_ranges(
+        &self,
+        _object: &smr_store::ObjectName,
+        ranges: &[smr_store::ByteRange],
+    ) -> smr_store::Result<Vec<Vec<u8>>> {
+        self.requests
+            .lock()
+            .expect("lock")
+            .extend_from_slice(ranges);
+        Ok(ranges
+            .iter()
+            .map(|r| {
+                let end = r.end().unwrap_or(self.data.len() as u64);
+                self.data[r.offset as usize..end as usize].to_vec()
+            })
+            .collect())
+    }
+    fn put(&self, _id: &ChunkId, _data: &[u8]) -> smr_store::Result<PutOutcome> {
+        unreachable!("read only")
+    }
+    fn exists(&self, id: &ChunkId) -> smr_store::Result<bool> {
+        Ok(self.extents.contains_key(id))
+    }
+}
+
+#[test]
+fn a_miss_brings_its_neighbours_in_its_own_request() {
+    let fx = fixture_with_map(Duration::ZERO, Some(map()));
+    let store = Packed::of(&fx);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = Cache::open(CacheConfig::new(dir.path())).expect("cache");
+    let lazy = LazyImage::new(fx.img.clone(), store.clone(), cache).expect("lazy image");
+    // Chunk 14 holds a small file: the miss and its neighbours, one read.
+    fx.read(&lazy, 14 * CS, 9).expect("read");
+    let end = neighbours_end(&fx, 14);
+    let near = stored(&fx, 15..end);
+    assert!(near >= 3, "{near}");
+    wait_prefetched(&lazy, near);
+    let extent = |c: u64| store.extents[&fx.img.recipe.entry(c).expect("stored").id].range;
+    let last = (15..end)
+        .rev()
+        .find(|&c| fx.img.recipe.entry(c).is_some())
+        .expect("a neighbour");
+    let requests = store.requests.lock().expect("lock").clone();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    assert_eq!(requests[0].offset, extent(14).offset, "{requests:?}");
+    assert_eq!(requests[0].end(), extent(last).end(), "{requests:?}");
+    // The next small file's read needs no request.
+    fx.read(&lazy, 15 * CS, 9).expect("read");
+    assert_eq!(store.requests.lock().expect("lock").len(), 1);
+}
