@@ -22,7 +22,8 @@
 //!   stored (so compressed chunks reach further):
 //!   files are laid out in layer order, so small files next to each other
 //!   are mostly of one directory, read one after another (a package's
-//!   modules).
+//!   modules). Those in the miss's object are also planned with the miss
+//!   itself ([`LazyImage`]'s reads), so that its ranged request brings them.
 //!
 //! Queued chunks are fetched into the node cache by a few worker threads
 //! at [`Priority::Prefetch`](crate::fetch::Priority). A worker takes a
