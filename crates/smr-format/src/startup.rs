@@ -20,7 +20,9 @@
 //! the block list which of its blocks), so a key never encrypts two
 //! different texts. Images without encryption get no startup pack.
 
-use crate::chunk::{decrypt_verified, seal_encoded_with_key, ChunkId, ChunkKey, SealedChunk};
+use crate::chunk::{
+    decode_verified, decrypt_verified, seal_encoded_with_key, ChunkId, ChunkKey, SealedChunk,
+};
 use crate::error::{FormatError, Result};
 use crate::varint;
 use hmac::{Hmac, Mac};
@@ -154,16 +156,10 @@ pub fn open_pack_chunk(
         .chunks
         .get(i)
         .ok_or_else(|| FormatError::Profile(format!("the startup pack has no chunk {i}")))?;
-    let data = decrypt_verified(Some(key), stored);
     if !c.compressed {
-        return match data.len() == plain_len {
-            true => Ok(data),
-            false => Err(FormatError::ChunkDecode {
-                id: c.id,
-                reason: format!("{} bytes, expected {plain_len}", data.len()),
-            }),
-        };
+        return decode_verified(&c.id, Some(key), false, stored, plain_len);
     }
+    let data = decrypt_verified(Some(key), stored);
     let more = pack.chunks.get(i + 1).is_some_and(|n| n.continues);
     decoder
         .decode(i, c.continues, more, &data, plain_len)

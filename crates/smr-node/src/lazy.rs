@@ -635,24 +635,14 @@ impl Inner {
         };
         let mut wants: Vec<(ChunkId, Extent)> =
             missing.iter().filter_map(|&c| self.extent(c)).collect();
+        let object = wants.last().map(|(_, e)| e.object.clone());
         // The neighbours the miss brings ride in its own request: queued
         // by the prefetch workers, they would take a request of their own,
         // which can start late (the workers busy with older prefetches),
         // while the next read, of the next small file, often wants them.
-        if let Some(object) = wants.last().map(|(_, e)| e.object.clone()) {
-            for c in last + 1..self.neighbours_end(last) {
-                let Some((pos, key)) = self.locate(c) else {
-                    continue;
-                };
-                match self.extent_at(pos) {
-                    Some(e) if e.object == object => {
-                        if self.cache.is_missing(&key.id) && !self.cache.in_memory(&key) {
-                            wants.push((key.id, e));
-                        }
-                    }
-                    _ => break,
-                }
-            }
+        if let Some(object) = &object {
+            let neighbours = last + 1..self.neighbours_end(last);
+            wants.extend(self.run_in_object(neighbours, object, u64::MAX));
         }
         let missing = |id: &ChunkId| self.cache.is_missing(id);
         self.fetcher.plan(&wants, Priority::Demand, missing);
@@ -667,28 +657,42 @@ impl Inner {
         };
         *stream = (last + 1, window);
         drop(stream);
-        let Some(object) = wants.last().map(|(_, e)| e.object.clone()) else {
+        let Some(object) = object else {
             return;
         };
-        wants.clear();
+        let ahead = self.run_in_object(last + 1..self.img.recipe.chunk_count(), &object, window);
+        self.fetcher.plan(&ahead, Priority::Prefetch, missing);
+    }
+
+    /// The chunks of `range` that follow one another in `object`, from the
+    /// range's start: zero chunks skipped, those in the memory tier left
+    /// out; it stops at a chunk kept elsewhere (or whose place the store
+    /// cannot say) and once the chunks counted hold `max_bytes` as stored.
+    fn run_in_object(
+        &self,
+        range: std::ops::Range<u64>,
+        object: &smr_store::ObjectName,
+        max_bytes: u64,
+    ) -> Vec<(ChunkId, Extent)> {
         let recipe = &self.img.recipe;
-        let mut bytes = 0u64;
-        for c in last + 1..recipe.chunk_count() {
-            if bytes >= window {
+        let (mut wants, mut bytes) = (Vec::new(), 0u64);
+        for c in range {
+            if bytes >= max_bytes {
                 break;
             }
-            if let Some((pos, key)) = self.locate(c) {
-                let Some(e) = self.extent_at(pos) else { break };
-                if e.object != object {
-                    break;
-                }
-                bytes += e.range.len.unwrap_or_else(|| recipe.chunk_len(c));
-                if !self.cache.in_memory(&key) {
-                    wants.push((key.id, e));
-                }
+            let Some((pos, key)) = self.locate(c) else {
+                continue;
+            };
+            let Some(e) = self.extent_at(pos) else { break };
+            if e.object != *object {
+                break;
+            }
+            bytes += e.range.len.unwrap_or_else(|| recipe.chunk_len(c));
+            if !self.cache.in_memory(&key) {
+                wants.push((key.id, e));
             }
         }
-        self.fetcher.plan(&wants, Priority::Prefetch, missing);
+        wants
     }
 
     /// Where the store keeps chunk `index` (`None` for a zero chunk, or

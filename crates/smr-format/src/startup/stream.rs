@@ -86,7 +86,7 @@ impl std::fmt::Debug for PackDecoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PackDecoder")
             .field("next", &self.next)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 

@@ -27,13 +27,19 @@ pub(super) fn recorded_pack(fx: &Fixture) -> (Profile, Vec<u8>) {
     let blob = make_startup_pack(&fx.img, fx.store.as_ref(), &mut p)
         .expect("make")
         .expect("encrypted image: a pack");
+    put_pack_chunks(fx, &p, &blob);
+    (p, blob)
+}
+
+/// Puts the chunks of `p`'s pack blob `blob` in the store, as a pack blob
+/// pushed next to the artifact would serve them.
+pub(super) fn put_pack_chunks(fx: &Fixture, p: &Profile, blob: &[u8]) {
     let pack = p.pack.as_ref().expect("pack");
     let (offsets, _) = pack.offsets();
     for (c, at) in pack.chunks.iter().zip(offsets) {
         let bytes = &blob[at as usize..(at + u64::from(c.stored_len)) as usize];
         fx.store.inner.put(&c.id, bytes).expect("put pack chunk");
     }
-    (p, blob)
 }
 
 pub(super) fn fresh_lazy(fx: &Fixture, dir: &Path) -> LazyImage {

@@ -2,7 +2,9 @@
 //! served, and a damaged chunk costs its stream's later blocks their pack
 //! copy, never a wrong or failed read.
 
-use super::startup::{fresh_lazy, image_gets, recorded_pack, seeded, Pages, READS};
+use super::startup::{
+    fresh_lazy, image_gets, put_pack_chunks, recorded_pack, seeded, Pages, READS,
+};
 use super::*;
 
 /// [`recorded_pack`] sealed again in pieces of one block: ten chunks, one
@@ -22,12 +24,17 @@ fn streamed_pack(fx: &Fixture) -> Profile {
     let pack = p.pack.as_ref().expect("pack");
     assert_eq!(pack.chunks.len(), 10);
     assert!(pack.chunks[1..].iter().all(|c| c.continues), "one stream");
-    let (offsets, _) = pack.offsets();
-    for (c, at) in pack.chunks.iter().zip(offsets) {
-        let bytes = &blob[at as usize..(at + u64::from(c.stored_len)) as usize];
-        fx.store.inner.put(&c.id, bytes).expect("put pack chunk");
-    }
+    put_pack_chunks(fx, &p, &blob);
     p
+}
+
+/// A fresh node (empty cache, in a directory kept as long as the result)
+/// serving `profile`'s startup pack.
+fn serving(fx: &Fixture, profile: &Profile) -> (tempfile::TempDir, LazyImage) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lazy = fresh_lazy(fx, dir.path());
+    lazy.use_startup_pack(profile).expect("our keys");
+    (dir, lazy)
 }
 
 fn check_reads(fx: &Fixture, lazy: &LazyImage, reads: impl Iterator<Item = (u64, u64)>) {
@@ -45,9 +52,7 @@ fn a_streamed_pack_serves_reads_in_any_order() {
     let fx = fixture(Duration::ZERO);
     let profile = streamed_pack(&fx);
     let before = image_gets(&fx);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let lazy = fresh_lazy(&fx, dir.path());
-    lazy.use_startup_pack(&profile).expect("our keys");
+    let (_dir, lazy) = serving(&fx, &profile);
     // Backwards: the last read's blocks sit at the end of the stream, so
     // the decoder walks it from its start.
     check_reads(&fx, &lazy, READS.into_iter().rev());
@@ -72,9 +77,7 @@ fn a_damaged_chunk_costs_the_rest_of_its_stream_its_pack_copy_only() {
     bytes[0] ^= 1;
     fs::write(fx.store.inner.chunk_path(&bad.id), bytes).expect("corrupt");
     let before = image_gets(&fx);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let lazy = fresh_lazy(&fx, dir.path());
-    lazy.use_startup_pack(&profile).expect("our keys");
+    let (_dir, lazy) = serving(&fx, &profile);
     // READS[0]'s blocks are the pack's first two: before the damage.
     check_reads(&fx, &lazy, READS[..1].iter().copied());
     assert_eq!(
@@ -100,9 +103,7 @@ fn seeding_a_streamed_pack_stops_at_the_damage() {
     let profile = streamed_pack(&fx);
     let bad = profile.pack.as_ref().expect("pack").chunks[6];
     fs::write(fx.store.inner.chunk_path(&bad.id), b"garbage").expect("corrupt");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let lazy = fresh_lazy(&fx, dir.path());
-    lazy.use_startup_pack(&profile).expect("our keys");
+    let (_dir, lazy) = serving(&fx, &profile);
     let pages = Arc::new(Pages::default());
     lazy.seed_pages(pages.clone());
     assert_eq!(seeded(&lazy, 6 * 4096), 6 * 4096);
@@ -144,14 +145,8 @@ fn a_read_waiting_in_one_stream_holds_up_no_other_stream() {
         !pack.chunks[32].continues && pack.chunks[33].continues,
         "two streams"
     );
-    let (offsets, _) = pack.offsets();
-    for (c, at) in pack.chunks.iter().zip(offsets) {
-        let bytes = &blob[at as usize..(at + u64::from(c.stored_len)) as usize];
-        fx.store.inner.put(&c.id, bytes).expect("put pack chunk");
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let lazy = fresh_lazy(&fx, dir.path());
-    lazy.use_startup_pack(&profile).expect("our keys");
+    put_pack_chunks(&fx, &profile, &blob);
+    let (_dir, lazy) = serving(&fx, &profile);
     let before = image_gets(&fx);
     // Pack chunk 8 "is still downloading": a read of pack block 9 waits
     // for it, as its stream decodes only in order.
