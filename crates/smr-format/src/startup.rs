@@ -29,6 +29,7 @@ use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
 mod stream;
+mod x86;
 pub use stream::{PackDecoder, PACK_WINDOW_LOG, STREAM_PIECES};
 
 /// Bytes of an image block (ext4's block size): the recording granularity.
@@ -42,6 +43,8 @@ pub const PIECE_BLOCKS: u32 = 64;
 /// [`STREAM_PIECES`] pieces, level 19 stores a Node.js start's blocks in
 /// 8% fewer bytes than level 14, at about 2.8 MB/s of plaintext per core.
 pub const PACK_ZSTD_LEVEL: i32 = 19;
+/// Bit of a pack chunk's flags: its plaintext went through the x86 filter.
+const FLAG_X86: u8 = 4;
 /// Largest piece a reader accepts (4 MiB of plaintext).
 pub const MAX_PIECE_BLOCKS: u32 = 1024;
 /// Most blocks a profile may list (64 GiB of image).
@@ -68,6 +71,9 @@ pub struct PackChunk {
     /// Whether its zstd data continues the stream of the chunk before it
     /// (see [`PackDecoder`]): it decodes only right after that one.
     pub continues: bool,
+    /// Whether its plaintext went through the x86 filter before
+    /// compression (undone after decoding; docs/FORMAT.md §6).
+    pub x86: bool,
 }
 
 /// The startup pack of a profile: a blob that is the concatenation of
@@ -143,9 +149,12 @@ impl StartupPack {
 /// Opens pack chunk `i` of `pack` from its stored bytes, which the caller
 /// has checked against its name: decrypts them with `key`, then decodes
 /// them into `plain_len` bytes, in `decoder` when they are zstd data (a
-/// chunk that continues a stream only right after the chunk before it).
+/// chunk that continues a stream only right after the chunk before it),
+/// and undoes the x86 filter on its bytes if it went through it. `spans`
+/// are the pack's ([`pack_spans`]).
 pub fn open_pack_chunk(
     pack: &StartupPack,
+    spans: &[PackSpan],
     i: usize,
     key: &ChunkKey,
     stored: Vec<u8>,
@@ -156,17 +165,42 @@ pub fn open_pack_chunk(
         .chunks
         .get(i)
         .ok_or_else(|| FormatError::Profile(format!("the startup pack has no chunk {i}")))?;
-    if !c.compressed {
-        return decode_verified(&c.id, Some(key), false, stored, plain_len);
+    let mut plain = if c.compressed {
+        let data = decrypt_verified(Some(key), stored);
+        let more = pack.chunks.get(i + 1).is_some_and(|n| n.continues);
+        decoder
+            .decode(i, c.continues, more, &data, plain_len)
+            .map_err(|reason| FormatError::ChunkDecode {
+                id: c.id,
+                reason: format!("startup pack chunk {i}: {reason}"),
+            })?
+    } else {
+        decode_verified(&c.id, Some(key), false, stored, plain_len)?
+    };
+    if c.x86 {
+        for span in chunk_spans(spans, i as u64) {
+            let bytes = usize::try_from(span.at)
+                .ok()
+                .zip(usize::try_from(span.at + span.len).ok())
+                .and_then(|(from, to)| plain.get_mut(from..to))
+                .ok_or_else(|| FormatError::ChunkDecode {
+                    id: c.id,
+                    reason: format!(
+                        "startup pack chunk {i}: {} bytes hold no block at {}",
+                        plain_len, span.at
+                    ),
+                })?;
+            x86::decode(bytes, span.image);
+        }
     }
-    let data = decrypt_verified(Some(key), stored);
-    let more = pack.chunks.get(i + 1).is_some_and(|n| n.continues);
-    decoder
-        .decode(i, c.continues, more, &data, plain_len)
-        .map_err(|reason| FormatError::ChunkDecode {
-            id: c.id,
-            reason: format!("startup pack chunk {i}: {reason}"),
-        })
+    Ok(plain)
+}
+
+/// The spans of pack chunk `chunk` among a pack's `spans` (in pack order).
+pub fn chunk_spans(spans: &[PackSpan], chunk: u64) -> &[PackSpan] {
+    let from = spans.partition_point(|s| s.chunk < chunk);
+    let to = spans.partition_point(|s| s.chunk <= chunk);
+    spans.get(from..to).unwrap_or_default()
 }
 
 /// The secret a startup pack's keys and tag derive from: SHA-256 of a
@@ -287,8 +321,9 @@ pub fn pack_spans(runs: &[BlockRun], piece_blocks: u32) -> Vec<PackSpan> {
 /// SHA-256 and the chunk list. The pieces are zstd-compressed
 /// ([`PACK_ZSTD_LEVEL`]) in streams of [`STREAM_PIECES`], whether or not
 /// the image's chunks are: a pack is read whole by every node at every cold
-/// start. The streams are sealed on all cores; the result does not depend
-/// on how many.
+/// start. A stream's pieces go through the x86 filter first when that
+/// makes them smaller at a fast level. The streams are sealed on all
+/// cores; the result does not depend on how many.
 pub fn seal_pack(
     secret: &PackSecret,
     runs: &[BlockRun],
@@ -296,10 +331,21 @@ pub fn seal_pack(
     piece_blocks: u32,
 ) -> (Vec<u8>, [u8; 32], Vec<PackChunk>) {
     let piece = (u64::from(piece_blocks.max(1)) * BLOCK) as usize;
+    let mut filtered = plain.to_vec();
+    for span in pack_spans(runs, piece_blocks) {
+        let at = (span.chunk * piece as u64 + span.at) as usize;
+        if let Some(bytes) = filtered.get_mut(at..at + span.len as usize) {
+            x86::encode(bytes, span.image);
+        }
+    }
     let pieces: Vec<&[u8]> = plain.chunks(piece).collect();
     let streams: Vec<&[&[u8]]> = pieces.chunks(STREAM_PIECES).collect();
+    let filtered_pieces: Vec<&[u8]> = filtered.chunks(piece).collect();
+    let filtered_streams: Vec<&[&[u8]]> = filtered_pieces.chunks(STREAM_PIECES).collect();
     let seal_stream = |s: usize| {
-        let encoded = stream::encode_stream(streams[s], PACK_ZSTD_LEVEL)
+        let x86 = stream::smaller(filtered_streams[s], streams[s]);
+        let source = if x86 { filtered_streams[s] } else { streams[s] };
+        let encoded = stream::encode_stream(source, PACK_ZSTD_LEVEL)
             .unwrap_or_else(|e| panic!("zstd failed on bytes in memory: {e}"));
         encoded
             .into_iter()
@@ -310,13 +356,14 @@ pub fn seal_pack(
                 (
                     seal_encoded_with_key(e.data, &key, e.compressed),
                     e.continues,
+                    x86,
                 )
             })
             .collect::<Vec<_>>()
     };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let per = streams.len().div_ceil(threads).max(1);
-    let sealed: Vec<(SealedChunk, bool)> = std::thread::scope(|scope| {
+    let sealed: Vec<(SealedChunk, bool, bool)> = std::thread::scope(|scope| {
         let seal_stream = &seal_stream;
         let workers: Vec<_> = (0..streams.len())
             .step_by(per)
@@ -333,13 +380,14 @@ pub fn seal_pack(
     let mut blob = Vec::new();
     let chunks = sealed
         .into_iter()
-        .map(|(s, continues)| {
+        .map(|(s, continues, x86)| {
             blob.extend_from_slice(&s.stored);
             PackChunk {
                 id: s.id,
                 stored_len: s.stored.len() as u32,
                 compressed: s.compressed,
                 continues,
+                x86,
             }
         })
         .collect();
@@ -401,11 +449,12 @@ pub(crate) fn put_pack(out: &mut Vec<u8>, p: &StartupPack) {
     for c in &p.chunks {
         out.extend_from_slice(&c.id.0);
         varint::put(out, u64::from(c.stored_len));
-        out.push(match (c.compressed, c.continues) {
+        let codec = match (c.compressed, c.continues) {
             (false, _) => 0,
             (true, false) => 1,
             (true, true) => 2,
-        });
+        };
+        out.push(codec | if c.x86 { FLAG_X86 } else { 0 });
     }
 }
 
@@ -443,7 +492,8 @@ pub(crate) fn take_pack(rest: &mut &[u8], total: u64) -> std::result::Result<Sta
             .split_first()
             .ok_or_else(|| format!("truncated pack chunk {i}"))?;
         *rest = r;
-        let (compressed, continues) = match flag {
+        let x86 = flag & FLAG_X86 != 0;
+        let (compressed, continues) = match flag & !FLAG_X86 {
             0 => (false, false),
             1 => (true, false),
             2 if chunks.last().is_some_and(|c: &PackChunk| c.compressed) => (true, true),
@@ -452,13 +502,14 @@ pub(crate) fn take_pack(rest: &mut &[u8], total: u64) -> std::result::Result<Sta
                     "pack chunk {i} continues a zstd stream, but no compressed chunk is before it"
                 ))
             }
-            f => return Err(format!("pack chunk {i}: flags {f}")),
+            _ => return Err(format!("pack chunk {i}: flags {flag}")),
         };
         chunks.push(PackChunk {
             id: ChunkId(*id),
             stored_len,
             compressed,
             continues,
+            x86,
         });
     }
     Ok(StartupPack {

@@ -72,6 +72,45 @@ pub(crate) fn encode_stream(pieces: &[&[u8]], level: i32) -> io::Result<Vec<Enco
         .collect())
 }
 
+/// zstd level of [`smaller`]'s trial: fast, and ranks two encodings of
+/// the same bytes as level 19 does.
+const TRIAL_LEVEL: i32 = 3;
+
+/// Whether the pieces `a` compress to fewer bytes than the pieces `b`, as
+/// one stream at a fast level ([`TRIAL_LEVEL`]): how a pack's encoder
+/// chooses between a stream's pieces with and without the x86 filter at a
+/// tenth of the cost of compressing both at level 19.
+pub(crate) fn smaller(a: &[&[u8]], b: &[&[u8]]) -> bool {
+    match (trial_size(a), trial_size(b)) {
+        (Ok(a), Ok(b)) => a < b,
+        _ => false,
+    }
+}
+
+/// Bytes of `pieces` compressed as one stream at [`TRIAL_LEVEL`].
+fn trial_size(pieces: &[&[u8]]) -> io::Result<u64> {
+    let mut enc = zstd::stream::write::Encoder::new(Counter(0), TRIAL_LEVEL)?;
+    enc.set_parameter(CParameter::WindowLog(PACK_WINDOW_LOG))?;
+    for piece in pieces {
+        enc.write_all(piece)?;
+    }
+    Ok(enc.finish()?.0)
+}
+
+/// A writer that keeps only the count of the bytes written to it.
+struct Counter(u64);
+
+impl Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0 += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Decodes a pack's compressed chunks in pack order, keeping the zstd
 /// stream's state from one chunk to the next. It holds a window
 /// ([`PACK_WINDOW_LOG`]) only while inside a stream.

@@ -54,13 +54,14 @@ fn a_sealed_pack_round_trips_and_opens_to_its_blocks() {
     let total = total_blocks(&back.blocks);
     let mut opened = Vec::new();
     let mut decoder = PackDecoder::new();
+    let spans = pack_spans(&back.blocks, pack.piece_blocks);
     for (i, c) in pack.chunks.iter().enumerate() {
         let at = offsets[i] as usize;
         let stored = blob[at..at + c.stored_len as usize].to_vec();
         crate::chunk::verify(&c.id, &stored).unwrap();
         let key = secret(1).chunk_key(&back.blocks, pack.piece_blocks, i as u64);
         let len = pack.plain_len(i, total) as usize;
-        opened.extend(open_pack_chunk(pack, i, &key, stored, len, &mut decoder).unwrap());
+        opened.extend(open_pack_chunk(pack, &spans, i, &key, stored, len, &mut decoder).unwrap());
     }
     assert_eq!(opened, text);
     assert!(
@@ -97,6 +98,77 @@ fn the_recorded_readahead_is_kept_and_bound_by_the_tag() {
     big.recorded_readahead_kb = Some(u32::MAX);
     let e = Profile::decode(&big.encode()).unwrap_err();
     assert!(e.to_string().contains("readahead"), "{e}");
+}
+
+/// Blocks of machine code as the image holds them at `runs`: every 16
+/// bytes a call (E8) of one of a few functions near image offset 1 MiB,
+/// with the bytes between them from a fixed pseudo-random sequence.
+fn calls(runs: &[BlockRun]) -> Vec<u8> {
+    let mut noise = 0x2545_f491_4f6c_dd1du64;
+    let mut out = Vec::new();
+    for r in runs {
+        for b in r.first..r.first + u64::from(r.count) {
+            for k in 0..BLOCK / 16 {
+                let at = b * BLOCK + k * 16;
+                let target = (1 << 20) + (noise % 8) * 64;
+                let rel = target.wrapping_sub(at + 5) as u32;
+                out.push(0xE8);
+                out.extend_from_slice(&rel.to_le_bytes());
+                for _ in 0..11 {
+                    noise ^= noise << 13;
+                    noise ^= noise >> 7;
+                    noise ^= noise << 17;
+                    out.push([0x90, 0x31, 0xC0, 0x5D][(noise % 4) as usize]);
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn machine_code_goes_through_the_x86_filter_and_opens_to_its_blocks() {
+    let mut p = Profile::new([7; 32], vec![0, 2, 1]);
+    p.blocks = runs();
+    let text = calls(&p.blocks);
+    let blob = p.seal_pack(&secret(1), &text, 16);
+    let back = Profile::decode(&p.encode()).unwrap();
+    assert_eq!(back, p, "the filter's flags round-trip");
+    let pack = back.pack.as_ref().unwrap();
+    assert!(
+        pack.chunks.iter().all(|c| c.x86),
+        "calls compress better filtered"
+    );
+    let (offsets, _) = pack.offsets();
+    let spans = pack_spans(&back.blocks, pack.piece_blocks);
+    let total = total_blocks(&back.blocks);
+    let mut decoder = PackDecoder::new();
+    let mut opened = Vec::new();
+    for (i, c) in pack.chunks.iter().enumerate() {
+        let stored = blob[offsets[i] as usize..][..c.stored_len as usize].to_vec();
+        let key = secret(1).chunk_key(&back.blocks, pack.piece_blocks, i as u64);
+        let len = pack.plain_len(i, total) as usize;
+        opened.extend(open_pack_chunk(pack, &spans, i, &key, stored, len, &mut decoder).unwrap());
+    }
+    assert_eq!(opened, text);
+
+    let pieces: Vec<&[u8]> = text.chunks(16 * BLOCK as usize).collect();
+    let unfiltered: usize = stream::encode_stream(&pieces, PACK_ZSTD_LEVEL)
+        .unwrap()
+        .iter()
+        .map(|e| e.data.len())
+        .sum();
+    let (_, filtered) = pack.offsets();
+    assert!(
+        filtered < unfiltered as u64,
+        "{filtered} bytes filtered, {unfiltered} not"
+    );
+}
+
+#[test]
+fn data_does_not_go_through_the_x86_filter() {
+    let (p, _, _) = packed(16);
+    assert!(p.pack.unwrap().chunks.iter().all(|c| !c.x86));
 }
 
 #[test]
@@ -228,6 +300,20 @@ fn malformed_block_lists_and_packs_are_refused() {
                 b
             },
             "pack chunk 0: flags 3",
+        ),
+        (
+            {
+                let mut b = with_runs(&[(1, 1)]);
+                *b.last_mut().unwrap() = 1;
+                b.extend_from_slice(&[0; 32]);
+                varint::put(&mut b, 1);
+                varint::put(&mut b, 1);
+                b.extend_from_slice(&[5; 32]);
+                varint::put(&mut b, 100);
+                b.push(FLAG_X86 | 8);
+                b
+            },
+            "pack chunk 0: flags 12",
         ),
     ];
     for (bytes, want) in cases {

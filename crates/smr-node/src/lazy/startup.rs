@@ -407,6 +407,7 @@ fn open(
     };
     Ok(open_pack_chunk(
         &s.pack,
+        &s.spans,
         i,
         &key,
         stored,

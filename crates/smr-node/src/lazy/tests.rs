@@ -137,8 +137,17 @@ fn fixture_with_grid(
     file_map: Option<smr_format::FileMap>,
     grid: ChunkGrid,
 ) -> Fixture {
+    fixture_of(plain_image(), delay, file_map, grid)
+}
+
+/// The image `plain` (of [`SIZE`] bytes) cut by `grid`.
+fn fixture_of(
+    plain: Vec<u8>,
+    delay: Duration,
+    file_map: Option<smr_format::FileMap>,
+    grid: ChunkGrid,
+) -> Fixture {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let plain = plain_image();
     let local = LocalStore::open(tmp.path().join("store")).expect("store");
     let codec = ChunkCodec::new(default_salt(), true, true);
     let (mut entries, mut keys) = (Vec::new(), Vec::new());

@@ -6,6 +6,7 @@ use super::startup::{
     fresh_lazy, image_gets, put_pack_chunks, recorded_pack, seeded, Pages, READS,
 };
 use super::*;
+use crate::startup::make_startup_pack;
 
 /// [`recorded_pack`] sealed again in pieces of one block: ten chunks, one
 /// zstd stream. Its chunks are put in the store.
@@ -66,6 +67,50 @@ fn a_streamed_pack_serves_reads_in_any_order() {
             "each pack chunk fetched once"
         );
     }
+}
+
+/// [`plain_image`] with the chunks [`READS`] touches holding machine
+/// code: a call every 16 bytes to one of a few functions.
+fn image_with_code() -> Vec<u8> {
+    let mut plain = plain_image();
+    for c in [0u64, 5, 13, 29] {
+        let end = ((c + 1) * CS).min(SIZE);
+        for at in (c * CS..end.saturating_sub(16)).step_by(16) {
+            let target = 40 * CS + (at / 16 % 4) * 64;
+            let rel = target.wrapping_sub(at + 5) as u32;
+            let code = &mut plain[at as usize..at as usize + 16];
+            code[0] = 0xE8;
+            code[1..5].copy_from_slice(&rel.to_le_bytes());
+            code[5..].copy_from_slice(&[
+                0x48, 0x89, 0xC7, 0x31, 0xC0, 0x5D, 0xC3, 0x90, 0x90, 0x90, 0x90,
+            ]);
+        }
+    }
+    plain
+}
+
+#[test]
+fn a_pack_of_machine_code_is_filtered_and_serves_its_blocks() {
+    let grid = ChunkGrid::fixed(SIZE, CS).expect("grid");
+    let fx = fixture_of(image_with_code(), Duration::ZERO, None, grid);
+    let lazy = fx.lazy(32 << 20, 1 << 30);
+    lazy.record();
+    for (off, len) in READS {
+        fx.read(&lazy, off, len).expect("read");
+    }
+    let mut p = lazy.recorded_profile([3; 32]).expect("recording");
+    let blob = make_startup_pack(&fx.img, fx.store.as_ref(), &mut p)
+        .expect("make")
+        .expect("encrypted image: a pack");
+    put_pack_chunks(&fx, &p, &blob);
+    assert!(
+        p.pack.as_ref().expect("pack").chunks.iter().all(|c| c.x86),
+        "calls compress better through the x86 filter"
+    );
+    let before = image_gets(&fx);
+    let (_dir, lazy) = serving(&fx, &p);
+    check_reads(&fx, &lazy, READS.into_iter().rev());
+    assert_eq!(image_gets(&fx), before, "served from the pack alone");
 }
 
 #[test]
