@@ -19,11 +19,37 @@
 //! conversion wrote) and that its own conversion leaves in the same class,
 //! so decoding visits the same positions and converts the same operands.
 
+/// What a byte starts, for the filter's scan: nothing, a call or jmp
+/// rel32 (E8, E9), or a REX prefix (40..4F).
+const KIND: [u8; 256] = {
+    let mut t = [NOTHING; 256];
+    t[0xE8] = BRANCH;
+    t[0xE9] = BRANCH;
+    let mut r = 0x40;
+    while r < 0x50 {
+        t[r] = REX;
+        r += 1;
+    }
+    t
+};
+const NOTHING: u8 = 0;
+const BRANCH: u8 = 1;
+const REX: u8 = 2;
+
 /// Opcodes that, after a REX prefix and a ModRM byte of `[rip + disp32]`,
 /// take a 32-bit displacement as their last 4 bytes: mov (8B, 89), lea
 /// (8D), cmp (3B, 39), add (03), sub (2B), xor (33), test (85), movsxd
 /// (63).
-const RIP_OPCODES: [u8; 10] = [0x8B, 0x8D, 0x89, 0x3B, 0x39, 0x03, 0x2B, 0x33, 0x85, 0x63];
+const RIP_OPCODE: [bool; 256] = {
+    let mut t = [false; 256];
+    let ops = [0x8B, 0x8D, 0x89, 0x3B, 0x39, 0x03, 0x2B, 0x33, 0x85, 0x63];
+    let mut k = 0;
+    while k < ops.len() {
+        t[ops[k]] = true;
+        k += 1;
+    }
+    t
+};
 
 /// Bytes a conversion may need from its position: the longest instruction
 /// converted (REX, opcode, ModRM, disp32).
@@ -43,35 +69,41 @@ pub(crate) fn decode(buf: &mut [u8], image: u64) {
 fn apply(buf: &mut [u8], image: u64, forward: bool) {
     let mut i = 0usize;
     while i + WINDOW <= buf.len() {
-        let b = buf[i];
-        if b == 0xE8 || b == 0xE9 {
-            // call/jmp rel32, converted when the distance is within
-            // +-16 MiB (its high byte 00 or FF, as it stays after).
-            if matches!(buf[i + 4], 0x00 | 0xFF) {
-                let end = position(image, i + 5);
-                let v = read(buf, i + 1);
+        let kind = KIND[usize::from(buf[i])];
+        if kind == NOTHING {
+            i += 1;
+            continue;
+        }
+        let w = &mut buf[i..i + WINDOW];
+        match kind {
+            BRANCH => {
+                // call/jmp rel32, converted when the distance is within
+                // +-16 MiB (its high byte 00 or FF, as it stays after).
+                if matches!(w[4], 0x00 | 0xFF) {
+                    let end = position(image, i + 5);
+                    let v = read(w, 1);
+                    let t = if forward {
+                        v.wrapping_add(end)
+                    } else {
+                        v.wrapping_sub(end)
+                    } & 0x01FF_FFFF;
+                    let high = if t & 0x0100_0000 == 0 { 0x00 } else { 0xFF };
+                    write(w, 1, (t & 0x00FF_FFFF) | (high << 24));
+                }
+                i += 5;
+            }
+            _ if RIP_OPCODE[usize::from(w[1])] && w[2] & 0xC7 == 0x05 => {
+                let end = position(image, i + 7);
+                let v = read(w, 3);
                 let t = if forward {
                     v.wrapping_add(end)
                 } else {
                     v.wrapping_sub(end)
-                } & 0x01FF_FFFF;
-                let high = if t & 0x0100_0000 == 0 { 0x00 } else { 0xFF };
-                write(buf, i + 1, (t & 0x00FF_FFFF) | (high << 24));
+                };
+                write(w, 3, t);
+                i += 7;
             }
-            i += 5;
-        } else if b & 0xF0 == 0x40 && RIP_OPCODES.contains(&buf[i + 1]) && buf[i + 2] & 0xC7 == 0x05
-        {
-            let end = position(image, i + 7);
-            let v = read(buf, i + 3);
-            let t = if forward {
-                v.wrapping_add(end)
-            } else {
-                v.wrapping_sub(end)
-            };
-            write(buf, i + 3, t);
-            i += 7;
-        } else {
-            i += 1;
+            _ => i += 1,
         }
     }
 }
@@ -81,8 +113,8 @@ fn position(image: u64, at: usize) -> u32 {
     image.wrapping_add(at as u64) as u32
 }
 
-fn read(buf: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]])
+fn read(w: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([w[at], w[at + 1], w[at + 2], w[at + 3]])
 }
 
 fn write(buf: &mut [u8], at: usize, v: u32) {
