@@ -231,6 +231,18 @@ fn malformed_block_lists_and_packs_are_refused() {
         b.push(0);
         b
     };
+    // One block whose one pack chunk has the flags `flag`.
+    let one_chunk_flagged = |flag: u8| {
+        let mut b = with_runs(&[(1, 1)]);
+        *b.last_mut().unwrap() = 1;
+        b.extend_from_slice(&[0; 32]);
+        varint::put(&mut b, 1);
+        varint::put(&mut b, 1);
+        b.extend_from_slice(&[5; 32]);
+        varint::put(&mut b, 100);
+        b.push(flag);
+        b
+    };
     let cases: Vec<(Vec<u8>, &str)> = vec![
         (with_runs(&[(5, 3), (6, 1)]), "block 6 listed twice"),
         (with_runs(&[(5, 0)]), "0 blocks"),
@@ -287,34 +299,8 @@ fn malformed_block_lists_and_packs_are_refused() {
             },
             "pack chunk 1 continues a zstd stream, but no compressed chunk is before it",
         ),
-        (
-            {
-                let mut b = with_runs(&[(1, 1)]);
-                *b.last_mut().unwrap() = 1;
-                b.extend_from_slice(&[0; 32]);
-                varint::put(&mut b, 1);
-                varint::put(&mut b, 1);
-                b.extend_from_slice(&[5; 32]);
-                varint::put(&mut b, 100);
-                b.push(3);
-                b
-            },
-            "pack chunk 0: flags 3",
-        ),
-        (
-            {
-                let mut b = with_runs(&[(1, 1)]);
-                *b.last_mut().unwrap() = 1;
-                b.extend_from_slice(&[0; 32]);
-                varint::put(&mut b, 1);
-                varint::put(&mut b, 1);
-                b.extend_from_slice(&[5; 32]);
-                varint::put(&mut b, 100);
-                b.push(FLAG_X86 | 8);
-                b
-            },
-            "pack chunk 0: flags 12",
-        ),
+        (one_chunk_flagged(3), "pack chunk 0: flags 3"),
+        (one_chunk_flagged(FLAG_X86 | 8), "pack chunk 0: flags 12"),
     ];
     for (bytes, want) in cases {
         let e = Profile::decode(&bytes).unwrap_err().to_string();

@@ -80,31 +80,27 @@ fn apply(buf: &mut [u8], image: u64, forward: bool) {
                 // call/jmp rel32, converted when the distance is within
                 // +-16 MiB (its high byte 00 or FF, as it stays after).
                 if matches!(w[4], 0x00 | 0xFF) {
-                    let end = position(image, i + 5);
-                    let v = read(w, 1);
-                    let t = if forward {
-                        v.wrapping_add(end)
-                    } else {
-                        v.wrapping_sub(end)
-                    } & 0x01FF_FFFF;
+                    let t = shift(read(w, 1), position(image, i + 5), forward) & 0x01FF_FFFF;
                     let high = if t & 0x0100_0000 == 0 { 0x00 } else { 0xFF };
                     write(w, 1, (t & 0x00FF_FFFF) | (high << 24));
                 }
                 i += 5;
             }
             _ if RIP_OPCODE[usize::from(w[1])] && w[2] & 0xC7 == 0x05 => {
-                let end = position(image, i + 7);
-                let v = read(w, 3);
-                let t = if forward {
-                    v.wrapping_add(end)
-                } else {
-                    v.wrapping_sub(end)
-                };
-                write(w, 3, t);
+                write(w, 3, shift(read(w, 3), position(image, i + 7), forward));
                 i += 7;
             }
             _ => i += 1,
         }
+    }
+}
+
+/// `v` plus the instruction's end (encoding), or minus it (decoding).
+fn shift(v: u32, end: u32, forward: bool) -> u32 {
+    if forward {
+        v.wrapping_add(end)
+    } else {
+        v.wrapping_sub(end)
     }
 }
 

@@ -6,7 +6,6 @@ use super::startup::{
     fresh_lazy, image_gets, put_pack_chunks, recorded_pack, seeded, Pages, READS,
 };
 use super::*;
-use crate::startup::make_startup_pack;
 
 /// [`recorded_pack`] sealed again in pieces of one block: ten chunks, one
 /// zstd stream. Its chunks are put in the store.
@@ -93,16 +92,7 @@ fn image_with_code() -> Vec<u8> {
 fn a_pack_of_machine_code_is_filtered_and_serves_its_blocks() {
     let grid = ChunkGrid::fixed(SIZE, CS).expect("grid");
     let fx = fixture_of(image_with_code(), Duration::ZERO, None, grid);
-    let lazy = fx.lazy(32 << 20, 1 << 30);
-    lazy.record();
-    for (off, len) in READS {
-        fx.read(&lazy, off, len).expect("read");
-    }
-    let mut p = lazy.recorded_profile([3; 32]).expect("recording");
-    let blob = make_startup_pack(&fx.img, fx.store.as_ref(), &mut p)
-        .expect("make")
-        .expect("encrypted image: a pack");
-    put_pack_chunks(&fx, &p, &blob);
+    let (p, _) = recorded_pack(&fx);
     assert!(
         p.pack.as_ref().expect("pack").chunks.iter().all(|c| c.x86),
         "calls compress better through the x86 filter"
