@@ -331,20 +331,29 @@ pub fn seal_pack(
     piece_blocks: u32,
 ) -> (Vec<u8>, [u8; 32], Vec<PackChunk>) {
     let piece = (u64::from(piece_blocks.max(1)) * BLOCK) as usize;
-    let mut filtered = plain.to_vec();
-    for span in pack_spans(runs, piece_blocks) {
-        let at = (span.chunk * piece as u64 + span.at) as usize;
-        if let Some(bytes) = filtered.get_mut(at..at + span.len as usize) {
-            x86::encode(bytes, span.image);
-        }
-    }
+    let spans = pack_spans(runs, piece_blocks);
     let pieces: Vec<&[u8]> = plain.chunks(piece).collect();
     let streams: Vec<&[&[u8]]> = pieces.chunks(STREAM_PIECES).collect();
-    let filtered_pieces: Vec<&[u8]> = filtered.chunks(piece).collect();
-    let filtered_streams: Vec<&[&[u8]]> = filtered_pieces.chunks(STREAM_PIECES).collect();
     let seal_stream = |s: usize| {
-        let x86 = stream::smaller(filtered_streams[s], streams[s]);
-        let source = if x86 { filtered_streams[s] } else { streams[s] };
+        // The stream's pieces through the x86 filter, one stream at a time
+        // (a copy of its 8 MiB, not of the whole pack).
+        let filtered: Vec<Vec<u8>> = streams[s]
+            .iter()
+            .enumerate()
+            .map(|(k, p)| {
+                let mut f = p.to_vec();
+                for span in chunk_spans(&spans, (s * STREAM_PIECES + k) as u64) {
+                    let (from, to) = (span.at as usize, (span.at + span.len) as usize);
+                    if let Some(bytes) = f.get_mut(from..to) {
+                        x86::encode(bytes, span.image);
+                    }
+                }
+                f
+            })
+            .collect();
+        let filtered: Vec<&[u8]> = filtered.iter().map(Vec::as_slice).collect();
+        let x86 = stream::smaller(&filtered, streams[s]);
+        let source = if x86 { &filtered[..] } else { streams[s] };
         let encoded = stream::encode_stream(source, PACK_ZSTD_LEVEL)
             .unwrap_or_else(|e| panic!("zstd failed on bytes in memory: {e}"));
         encoded
