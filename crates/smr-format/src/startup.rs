@@ -178,22 +178,36 @@ pub fn open_pack_chunk(
         decode_verified(&c.id, Some(key), false, stored, plain_len)?
     };
     if c.x86 {
-        for span in chunk_spans(spans, i as u64) {
-            let bytes = usize::try_from(span.at)
-                .ok()
-                .zip(usize::try_from(span.at + span.len).ok())
-                .and_then(|(from, to)| plain.get_mut(from..to))
-                .ok_or_else(|| FormatError::ChunkDecode {
-                    id: c.id,
-                    reason: format!(
-                        "startup pack chunk {i}: {} bytes hold no block at {}",
-                        plain_len, span.at
-                    ),
-                })?;
-            x86::decode(bytes, span.image);
-        }
+        filter_spans(&mut plain, chunk_spans(spans, i as u64), false).map_err(|at| {
+            FormatError::ChunkDecode {
+                id: c.id,
+                reason: format!("startup pack chunk {i}: {plain_len} bytes hold no block at {at}"),
+            }
+        })?;
     }
     Ok(plain)
+}
+
+/// Runs the x86 filter over each of `spans` in `piece`, the plaintext of
+/// the pack chunk they belong to: encoding if `forward`, else decoding.
+/// Fails with the offset of a span that lies outside the piece.
+fn filter_spans(
+    piece: &mut [u8],
+    spans: &[PackSpan],
+    forward: bool,
+) -> std::result::Result<(), u64> {
+    for span in spans {
+        let bytes = usize::try_from(span.at)
+            .ok()
+            .zip(usize::try_from(span.at + span.len).ok())
+            .and_then(|(from, to)| piece.get_mut(from..to))
+            .ok_or(span.at)?;
+        match forward {
+            true => x86::encode(bytes, span.image),
+            false => x86::decode(bytes, span.image),
+        }
+    }
+    Ok(())
 }
 
 /// The spans of pack chunk `chunk` among a pack's `spans` (in pack order).
@@ -342,12 +356,13 @@ pub fn seal_pack(
             .enumerate()
             .map(|(k, p)| {
                 let mut f = p.to_vec();
-                for span in chunk_spans(&spans, (s * STREAM_PIECES + k) as u64) {
-                    let (from, to) = (span.at as usize, (span.at + span.len) as usize);
-                    if let Some(bytes) = f.get_mut(from..to) {
-                        x86::encode(bytes, span.image);
-                    }
-                }
+                // The spans are the pieces' own (`plain` holds the blocks
+                // of `runs`): none lies outside its piece.
+                let _ = filter_spans(
+                    &mut f,
+                    chunk_spans(&spans, (s * STREAM_PIECES + k) as u64),
+                    true,
+                );
                 f
             })
             .collect();

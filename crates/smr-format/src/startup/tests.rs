@@ -139,7 +139,7 @@ fn machine_code_goes_through_the_x86_filter_and_opens_to_its_blocks() {
         pack.chunks.iter().all(|c| c.x86),
         "calls compress better filtered"
     );
-    let (offsets, _) = pack.offsets();
+    let (offsets, filtered) = pack.offsets();
     let spans = pack_spans(&back.blocks, pack.piece_blocks);
     let total = total_blocks(&back.blocks);
     let mut decoder = PackDecoder::new();
@@ -158,7 +158,6 @@ fn machine_code_goes_through_the_x86_filter_and_opens_to_its_blocks() {
         .iter()
         .map(|e| e.data.len())
         .sum();
-    let (_, filtered) = pack.offsets();
     assert!(
         filtered < unfiltered as u64,
         "{filtered} bytes filtered, {unfiltered} not"
