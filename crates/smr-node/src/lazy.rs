@@ -409,7 +409,8 @@ impl LazyImage {
             }
             // The first read of a chunk fetched ahead moves the window
             // ahead of the reader (the rest of its file, its neighbours).
-            if self.inner.prefetch.read.set(c) && self.inner.prefetch.fetched.get(c) {
+            let first_read = self.inner.prefetch.read.set(c);
+            if first_read && self.inner.prefetch.fetched.get(c) {
                 self.inner.prefetch_file(c);
             }
             if in_pack(c) {
@@ -423,6 +424,9 @@ impl LazyImage {
                 .inner
                 .chunk(c, !self.covers(c, offset, end))
                 .map_err(|e| self.inner.fail(c, offset, e))?;
+            if let (true, Some(d)) = (first_read, &data) {
+                self.inner.prefetch_elf(c, d);
+            }
             let (lo, piece) = piece(c, grid.range(c), offset, end, data.as_ref())?;
             f(lo, piece)?;
         }
@@ -761,6 +765,7 @@ impl BlockDevice for LazyImage {
     }
 }
 
+mod elf;
 pub mod prefetch;
 pub mod profile;
 mod startup;

@@ -1,7 +1,7 @@
 //! Prefetch without a profile, from the recipe's file map
 //! ([`smr_format::FileMap`]).
 //!
-//! Two things are fetched ahead of the reads:
+//! These are fetched ahead of the reads:
 //! - **the filesystem metadata**, when the image is mounted
 //!   ([`LazyImage::prefetch_metadata`]): the header chunks and the
 //!   metadata region at the end of the image (directories, extent blocks,
@@ -18,6 +18,10 @@
 //!   [`GROUP_PREFETCH_BYTES`] as stored: a start that imports a package's
 //!   modules, or loads a directory's libraries, one after another pays one
 //!   round trip for the directory instead of one per file;
+//! - **the writable segments of an ELF file** when a chunk holding its
+//!   header is first read (`Inner::prefetch_elf`, the `elf` module): the
+//!   loader relocates them right after reading the header, one more
+//!   round trip per shared library otherwise;
 //! - **the neighbours of a miss** in the file data, [`NEIGHBOUR_BYTES`] as
 //!   stored (so compressed chunks reach further):
 //!   files are laid out in layer order, so small files next to each other
@@ -55,6 +59,11 @@ pub const NEIGHBOUR_BYTES: u64 = 192 << 10;
 /// [`smr_format::FileMap::groups`]) queued whole after a miss inside it;
 /// a larger group is left to the other rules.
 pub const GROUP_PREFETCH_BYTES: u64 = 2 << 20;
+/// Largest writable segment of an ELF file queued on the first read of the
+/// chunk that holds its header.
+pub const ELF_SEGMENT_BYTES: u64 = 4 << 20;
+/// Where a file can start inside a chunk (ext4 blocks).
+const ELF_BLOCK: usize = 4096;
 /// Most chunks queued as neighbours of one miss (zero chunks count).
 const MAX_NEIGHBOURS: u64 = 64;
 /// Worker threads per image: one batch each in flight, about as many as
@@ -301,6 +310,57 @@ impl Inner {
             end = end.max(run.range().end.min(index + 1 + max));
         }
         self.queue_prefetch(index + 1..end, true);
+    }
+}
+
+impl Inner {
+    /// On the first read of chunk `index` (its plaintext `data`): the
+    /// writable segments of each ELF file that starts in it at a block
+    /// boundary (see [`super::elf`]), if they lie inside that file's run of
+    /// chunks and hold at most [`ELF_SEGMENT_BYTES`]. The loader reads the
+    /// header, then relocates: queued now, the segment is on its way before
+    /// the loader touches it.
+    pub(super) fn prefetch_elf(self: &Arc<Self>, index: u64, data: &[u8]) {
+        if !self.prefetch.files.load(Ordering::Relaxed) || self.prefetch.profiled.get(index) {
+            return;
+        }
+        let recipe = &self.img.recipe;
+        let Some(run) = recipe.file_map.as_ref().and_then(|m| m.file_at(index)) else {
+            return;
+        };
+        let start = recipe.chunk_start(index);
+        for at in (0..data.len()).step_by(ELF_BLOCK) {
+            let Some(head) = data.get(at..) else {
+                break;
+            };
+            if head.get(..4) != Some(&b"\x7fELF"[..]) {
+                continue;
+            }
+            for seg in super::elf::writable_segments(head) {
+                let (Some(lo), Some(hi)) = (
+                    (start + at as u64).checked_add(seg.start),
+                    (start + at as u64).checked_add(seg.end),
+                ) else {
+                    continue;
+                };
+                if seg.end - seg.start > ELF_SEGMENT_BYTES || hi > recipe.image_size {
+                    continue;
+                }
+                // All-zero blocks are not stored (a file's holes), so the
+                // segment lies at most that much before where its offsets
+                // say: past the file's last chunk, it is moved back to end
+                // there, a chunk wider.
+                let (mut first, mut end) = (recipe.chunk_of(lo), recipe.chunk_of(hi - 1) + 1);
+                let run = run.range();
+                if end > run.end {
+                    first = first.saturating_sub(end - run.end + 1);
+                    end = run.end;
+                }
+                if first > index && first < end {
+                    self.queue_prefetch(first..end, true);
+                }
+            }
+        }
     }
 }
 

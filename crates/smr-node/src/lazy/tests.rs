@@ -45,6 +45,16 @@ impl CountingStore {
         self.held.1.notify_all();
     }
 
+    /// Reads of chunk `id` so far.
+    fn gets(&self, id: &ChunkId) -> u64 {
+        self.gets
+            .lock()
+            .expect("lock")
+            .get(id)
+            .copied()
+            .unwrap_or(0)
+    }
+
     fn max_per_chunk(&self) -> u64 {
         self.gets
             .lock()

@@ -84,6 +84,67 @@ fn a_miss_inside_a_file_prefetches_the_rest_of_the_file() {
     assert_eq!(fx.store.total(), 1 + s.chunks_prefetched, "{s:?}");
 }
 
+/// Waits until chunk `c` was read from the store (panics after 20 s).
+fn wait_fetched(fx: &Fixture, c: u64) {
+    let id = fx.img.recipe.entry(c).expect("a stored chunk").id;
+    let t = Instant::now();
+    while fx.store.gets(&id) == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "chunk {c} never fetched"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn reading_an_elf_header_prefetches_its_writable_segment() {
+    let grid = ChunkGrid::fixed(SIZE, CS).expect("grid");
+    // A shared object filling chunks 10..48, its writable segment at file
+    // offset 34 chunks + 100 (image chunk 44), a second one claimed past
+    // the file's end (in chunk 48, moved back to end there: chunks 46..48,
+    // of which 47 is zeros).
+    let head = crate::lazy::elf::test_header(
+        3,
+        &[
+            (1, 5, 0, CS),
+            (1, 6, 34 * CS + 100, 200),
+            (1, 6, 38 * CS + 10, 100),
+        ],
+    );
+    let mut plain = plain_image();
+    plain[(10 * CS) as usize..][..head.len()].copy_from_slice(&head);
+    let map =
+        FileMap::from_byte_ranges(&grid, 48 * CS, std::iter::once(10 * CS..48 * CS)).expect("map");
+    let fx = fixture_of(
+        plain.clone(),
+        Duration::ZERO,
+        Some(map.clone()),
+        grid.clone(),
+    );
+    let lazy = fx.lazy(32 << 20, 1 << 30);
+    let got = fx.read(&lazy, 10 * CS, 64).expect("read");
+    assert_eq!(got, plain[(10 * CS) as usize..(10 * CS + 64) as usize]);
+    // Beyond the file window (1 MiB: to chunk 27) and the neighbours.
+    assert!(neighbours_end(&fx, 10) < 44);
+    for c in [44, 46] {
+        wait_fetched(&fx, c);
+    }
+    let between = fx.img.recipe.entry(45).expect("stored").id;
+    assert_eq!(fx.store.gets(&between), 0, "only the segments");
+    let tail = fx.read(&lazy, 44 * CS, 4 * CS).expect("read");
+    assert!(tail == plain[(44 * CS) as usize..(48 * CS) as usize]);
+    assert_eq!(fx.store.max_per_chunk(), 1, "a chunk fetched twice");
+
+    // With file prefetch off, the header brings nothing.
+    let fx = fixture_of(plain, Duration::ZERO, Some(map), grid);
+    let lazy = fx.lazy(32 << 20, 1 << 30);
+    lazy.set_file_prefetch(false);
+    fx.read(&lazy, 10 * CS, 64).expect("read");
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(fx.store.total(), 1);
+}
+
 #[test]
 fn a_miss_outside_files_prefetches_its_neighbours_and_metadata_nothing() {
     let fx = fixture_with_map(Duration::ZERO, Some(map()));
