@@ -315,11 +315,12 @@ impl Inner {
 
 impl Inner {
     /// On the first read of chunk `index` (its plaintext `data`): the
-    /// writable segments of each ELF file that starts in it at a block
-    /// boundary (see [`super::elf`]), if they lie inside that file's run of
-    /// chunks and hold at most [`ELF_SEGMENT_BYTES`]. The loader reads the
-    /// header, then relocates: queued now, the segment is on its way before
-    /// the loader touches it.
+    /// writable segments of at most [`ELF_SEGMENT_BYTES`] of each ELF file
+    /// that starts in it at a block boundary (see [`super::elf`]), placed
+    /// by their file offsets within the run of chunks of the file that
+    /// starts in this chunk. The loader reads the header, then relocates:
+    /// queued now, a segment is on its way before the loader touches it.
+    /// A wrong guess costs bytes, never a read: these are prefetches.
     pub(super) fn prefetch_elf(self: &Arc<Self>, index: u64, data: &[u8]) {
         if !self.prefetch.files.load(Ordering::Relaxed) || self.prefetch.profiled.get(index) {
             return;
