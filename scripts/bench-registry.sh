@@ -347,6 +347,7 @@ snap_run() {
   record run link="$link" tool="$tool" round="$r" wall="$(elapsed "$t0" "$t2")" \
     pull="$(elapsed "$t0" "$t1")" builds="$((b0 > b1 ? b0 : b1))" load="$l0" daemon_rss_kib="$rss" \
     reg@="$work/reg.json" proxy@="$work/proxy.json"
+  mkdir -p "$work/logs" && cp "$d/daemon.log" "$work/logs/daemon-$tool-$link-$r.log" 2>/dev/null || true
   snap_stop
 }
 # snap_stop: containerd, then the daemon, then the image mounts it made.

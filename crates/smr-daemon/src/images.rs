@@ -17,6 +17,9 @@ use std::time::{Duration, Instant};
 /// layers of one pull all ask within this time, and one refusal is enough.
 pub const NEGATIVE_TTL: Duration = Duration::from_secs(30);
 
+/// `PATH` of an image whose config sets none (as containerd's default).
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// How the daemon runs `smr mount`.
 #[derive(Debug, Clone)]
 pub struct MountConfig {
@@ -47,6 +50,9 @@ pub struct Images {
     last_used: Mutex<HashMap<String, Instant>>,
     /// Registry credentials from CRI pulls ([`crate::cri`]).
     keychain: std::sync::Arc<crate::keychain::Keychain>,
+    /// Threads warming a newly mounted image for its program's start
+    /// ([`smr_node::warm`]), joined before the image is unmounted.
+    warming: Mutex<HashMap<String, std::thread::JoinHandle<()>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -81,6 +87,7 @@ impl Images {
             refused: Mutex::new(HashMap::new()),
             last_used: Mutex::new(HashMap::new()),
             keychain: Default::default(),
+            warming: Mutex::new(HashMap::new()),
         }
     }
 
@@ -153,6 +160,7 @@ impl Images {
         match &out {
             Ok(()) => {
                 lock(&self.refused).remove(manifest);
+                self.warm(image, manifest, &dir);
             }
             Err(why) => {
                 lock(&self.refused).insert(manifest.to_string(), (Instant::now(), why.clone()));
@@ -226,10 +234,65 @@ impl Images {
         Ok(())
     }
 
+    /// Starts reading, in the background, what the dynamic loader will
+    /// read first when the image's program starts (its entrypoint, or its
+    /// command, found with the config's `PATH`), through the mount at
+    /// `dir`: on a lazy image without a profile those are misses one after
+    /// another, made here while containerd still pulls and creates the
+    /// container. Not for an image served from a startup pack, whose
+    /// profile knows the start better. Best effort: a failure is logged.
+    fn warm(&self, image: &str, manifest: &str, dir: &Path) {
+        if smr_node::mount::serves_startup_pack(&self.state, dir) {
+            return;
+        }
+        let (keychain, image, dir) = (self.keychain.clone(), image.to_string(), dir.to_path_buf());
+        let spawned = std::thread::Builder::new()
+            .name("smr-warm".into())
+            .spawn(move || {
+                use smr_image::source::ImageSource;
+                let t = Instant::now();
+                let opts = keychain.options_for(&image);
+                let config = smr_registry::source::RegistrySource::open(&image, &opts)
+                    .map_err(|e| e.to_string())
+                    .and_then(|src| {
+                        src.resolve(&smr_image::source::Platform::default())
+                            .map_err(|e| e.to_string())
+                    })
+                    .map(|img| img.config);
+                let config = match config {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(image, error = e, "cannot read the image config; its program is not warmed");
+                        return;
+                    }
+                };
+                let Some(program) = config.entrypoint.first().or(config.cmd.first()) else {
+                    return;
+                };
+                let path = config
+                    .env
+                    .iter()
+                    .find_map(|e| e.strip_prefix("PATH="))
+                    .unwrap_or(DEFAULT_PATH);
+                let w = smr_node::warm::warm_program(&dir, program, path);
+                tracing::info!(image, program, files = w.files.len(), took = ?t.elapsed(), "warmed the start of the image's program");
+            });
+        match spawned {
+            Ok(h) => {
+                lock(&self.warming).insert(manifest.to_string(), h);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot start the thread that warms an image"),
+        }
+    }
+
     /// Unmounts the image with manifest `digest`; a busy mount (a container
     /// still uses it) stays and the error says so.
     pub fn release(&self, manifest: &str) -> Result<(), String> {
         let _claim = self.claim(self.wait_turn(manifest), manifest);
+        // Its files open, the warming would keep the mount busy.
+        if let Some(h) = lock(&self.warming).remove(manifest) {
+            let _ = h.join();
+        }
         let dir = self.rootfs(manifest);
         if !is_mountpoint(&dir) {
             return Ok(());

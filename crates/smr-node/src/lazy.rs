@@ -765,7 +765,6 @@ impl BlockDevice for LazyImage {
     }
 }
 
-mod elf;
 pub mod prefetch;
 pub mod profile;
 mod startup;

@@ -86,6 +86,13 @@ fn startup_mark(state: &Path) -> Option<Option<u32>> {
     Some(text.trim().parse().ok())
 }
 
+/// Whether the image `smr mount` mounted on `mnt` (with state under
+/// `state_root`) is served from a startup pack: its start is the profile's
+/// to prefetch.
+pub fn serves_startup_pack(state_root: &Path, mnt: &Path) -> bool {
+    state_dir(state_root, mnt).join(STARTUP_PACK_MARK).exists()
+}
+
 /// Writes the [`STARTUP_PACK_MARK`] of a FUSE server in `state` that
 /// serves a startup pack recorded with `readahead_kb`: the mount then
 /// attaches the loop device with [`MountRequest::startup_opts`] and that

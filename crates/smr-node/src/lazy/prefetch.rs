@@ -19,7 +19,7 @@
 //!   modules, or loads a directory's libraries, one after another pays one
 //!   round trip for the directory instead of one per file;
 //! - **the writable segments of an ELF file** when a chunk holding its
-//!   header is first read (`Inner::prefetch_elf`, the `elf` module): the
+//!   header is first read (`Inner::prefetch_elf`, the crate's `elf` module): the
 //!   loader relocates them right after reading the header, one more
 //!   round trip per shared library otherwise;
 //! - **the neighbours of a miss** in the file data, [`NEIGHBOUR_BYTES`] as
@@ -316,7 +316,7 @@ impl Inner {
 impl Inner {
     /// On the first read of chunk `index` (its plaintext `data`): the
     /// writable segments of at most [`ELF_SEGMENT_BYTES`] of each ELF file
-    /// that starts in it at a block boundary (see [`super::elf`]), placed
+    /// that starts in it at a block boundary (see [`crate::elf`]), placed
     /// by their file offsets within the run of chunks of the file that
     /// starts in this chunk. The loader reads the header, then relocates:
     /// queued now, a segment is on its way before the loader touches it.
@@ -337,7 +337,7 @@ impl Inner {
             if head.get(..4) != Some(&b"\x7fELF"[..]) {
                 continue;
             }
-            for seg in super::elf::writable_segments(head) {
+            for seg in crate::elf::writable_segments(head) {
                 let (Some(lo), Some(hi)) = (
                     (start + at as u64).checked_add(seg.start),
                     (start + at as u64).checked_add(seg.end),

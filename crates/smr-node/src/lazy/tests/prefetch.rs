@@ -104,7 +104,7 @@ fn reading_an_elf_header_prefetches_its_writable_segment() {
     // offset 34 chunks + 100 (image chunk 44), a second one claimed past
     // the file's end (in chunk 48, moved back to end there: chunks 46..48,
     // of which 47 is zeros).
-    let head = crate::lazy::elf::test_header(
+    let head = crate::elf::test_header(
         3,
         &[
             (1, 5, 0, CS),

@@ -1,13 +1,15 @@
-//! The writable segments of an ELF file, from its header alone: where the
-//! dynamic loader writes (relocations of `.data.rel.ro`, `.got`, `.data`)
-//! soon after it reads the header.
+//! What the dynamic loader reads of an ELF file, from its headers: the
+//! program headers, the writable segments (where it relocates
+//! `.data.rel.ro`, `.got`, `.data` soon after reading the header), the
+//! dynamic section's entries (the libraries it needs).
 //!
 //! A start without a profile loads shared libraries one after another.
 //! The loader reads a library's header, maps its segments and relocates
 //! it, which touches the writable segment at the end of the file: without
 //! a hint that is one more miss, and one more round trip, per library. A
 //! read of an image chunk that holds the start of an ELF file lets the
-//! prefetcher ([`super::prefetch`]) queue that segment at once.
+//! prefetcher ([`crate::lazy::prefetch`]) queue that segment at once, and
+//! [`crate::warm`] follows the libraries a program needs.
 //!
 //! Only 64-bit little-endian headers are read (the machine's own), with
 //! every field bounds-checked: the bytes are a file's, which anyone could
@@ -21,16 +23,41 @@ const PHDR_SIZE: usize = 56;
 /// Most program headers looked at.
 const MAX_PHDRS: usize = 64;
 /// `PT_LOAD`.
-const PT_LOAD: u32 = 1;
+pub(crate) const PT_LOAD: u32 = 1;
+/// `PT_DYNAMIC`.
+pub(crate) const PT_DYNAMIC: u32 = 2;
 /// `PF_W`.
 const PF_W: u32 = 2;
+/// `DT_NEEDED`: a library the file needs (an offset into the string table).
+pub(crate) const DT_NEEDED: u64 = 1;
+/// `DT_STRTAB`: the string table's address.
+pub(crate) const DT_STRTAB: u64 = 5;
+/// `DT_RPATH`: library directories (the older tag).
+pub(crate) const DT_RPATH: u64 = 15;
+/// `DT_RUNPATH`: library directories.
+pub(crate) const DT_RUNPATH: u64 = 29;
+/// Most dynamic entries looked at.
+const MAX_DYNAMIC: usize = 4096;
 
-/// The file ranges (offsets from the file's first byte) of the writable
-/// loadable segments of the ELF file whose first bytes are `head` (as many
-/// as are at hand: program headers beyond it are not seen). Empty if
-/// `head` does not start with a 64-bit little-endian ELF header of an
-/// executable or shared object.
-pub(super) fn writable_segments(head: &[u8]) -> Vec<Range<u64>> {
+/// One program header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Phdr {
+    /// `p_type`.
+    pub kind: u32,
+    /// `p_flags`.
+    pub flags: u32,
+    /// `p_offset`.
+    pub offset: u64,
+    /// `p_vaddr`.
+    pub vaddr: u64,
+    /// `p_filesz`.
+    pub filesz: u64,
+}
+
+/// The program headers of the ELF file whose first bytes are `head` (as
+/// many as are at hand). Empty if `head` does not start with a 64-bit
+/// little-endian ELF header of an executable or shared object.
+pub(crate) fn program_headers(head: &[u8]) -> Vec<Phdr> {
     let mut out = Vec::new();
     if head.get(..6) != Some(&[0x7f, b'E', b'L', b'F', 2, 1][..]) {
         return out;
@@ -54,21 +81,59 @@ pub(super) fn writable_segments(head: &[u8]) -> Vec<Range<u64>> {
         let Some(at) = phoff.checked_add(i * PHDR_SIZE) else {
             break;
         };
-        let (Some(ptype), Some(flags), Some(offset), Some(filesz)) = (
+        let field = |off: usize| at.checked_add(off);
+        let (Some(kind), Some(flags), Some(offset), Some(vaddr), Some(filesz)) = (
             u32_at(head, at),
-            at.checked_add(4).and_then(|a| u32_at(head, a)),
-            at.checked_add(8).and_then(|a| u64_at(head, a)),
-            at.checked_add(32).and_then(|a| u64_at(head, a)),
+            field(4).and_then(|a| u32_at(head, a)),
+            field(8).and_then(|a| u64_at(head, a)),
+            field(16).and_then(|a| u64_at(head, a)),
+            field(32).and_then(|a| u64_at(head, a)),
         ) else {
             break;
         };
-        if ptype == PT_LOAD && flags & PF_W != 0 && filesz > 0 {
-            if let Some(end) = offset.checked_add(filesz) {
-                out.push(offset..end);
-            }
-        }
+        out.push(Phdr {
+            kind,
+            flags,
+            offset,
+            vaddr,
+            filesz,
+        });
     }
     out
+}
+
+/// The file ranges (offsets from the file's first byte) of the writable
+/// loadable segments of the ELF file whose first bytes are `head` (see
+/// [`program_headers`]).
+pub(crate) fn writable_segments(head: &[u8]) -> Vec<Range<u64>> {
+    program_headers(head)
+        .into_iter()
+        .filter(|p| p.kind == PT_LOAD && p.flags & PF_W != 0 && p.filesz > 0)
+        .filter_map(|p| Some(p.offset..p.offset.checked_add(p.filesz)?))
+        .collect()
+}
+
+/// The file offset of address `vaddr`, from the loadable segment that
+/// holds it.
+pub(crate) fn file_offset(phdrs: &[Phdr], vaddr: u64) -> Option<u64> {
+    phdrs
+        .iter()
+        .filter(|p| p.kind == PT_LOAD)
+        .find(|p| vaddr >= p.vaddr && vaddr - p.vaddr < p.filesz)
+        .and_then(|p| p.offset.checked_add(vaddr - p.vaddr))
+}
+
+/// The `(tag, value)` entries of a dynamic segment's bytes, up to
+/// `DT_NULL`.
+pub(crate) fn dynamic_entries(bytes: &[u8]) -> Vec<(u64, u64)> {
+    bytes
+        .chunks_exact(16)
+        .take(MAX_DYNAMIC)
+        .map_while(|e| {
+            let (tag, val) = (u64_at(e, 0)?, u64_at(e, 8)?);
+            (tag != 0).then_some((tag, val))
+        })
+        .collect()
 }
 
 fn u16_at(b: &[u8], at: usize) -> Option<u16> {
@@ -92,7 +157,7 @@ fn u64_at(b: &[u8], at: usize) -> Option<u64> {
 /// An ELF64 header of `kind` (2 executable, 3 shared object) with program
 /// headers `(type, flags, offset, filesz)`.
 #[cfg(test)]
-pub(super) fn test_header(kind: u16, phdrs: &[(u32, u32, u64, u64)]) -> Vec<u8> {
+pub(crate) fn test_header(kind: u16, phdrs: &[(u32, u32, u64, u64)]) -> Vec<u8> {
     {
         let mut h = vec![0u8; 64];
         h[..6].copy_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1]);
@@ -105,6 +170,8 @@ pub(super) fn test_header(kind: u16, phdrs: &[(u32, u32, u64, u64)]) -> Vec<u8> 
             p[..4].copy_from_slice(&t.to_le_bytes());
             p[4..8].copy_from_slice(&f.to_le_bytes());
             p[8..16].copy_from_slice(&off.to_le_bytes());
+            // Mapped at its own offset, as a shared object's first segment.
+            p[16..24].copy_from_slice(&off.to_le_bytes());
             p[32..40].copy_from_slice(&sz.to_le_bytes());
             h.extend(p);
         }
@@ -138,6 +205,33 @@ mod tests {
             writable_segments(&elf(2, &[(PT_LOAD, 6, 0x1000, 10)])).len(),
             1
         );
+    }
+
+    #[test]
+    fn addresses_map_to_file_offsets_and_dynamic_entries_end_at_null() {
+        let phdrs = program_headers(&test_header(
+            3,
+            &[(PT_LOAD, 4, 0, 0x1000), (PT_LOAD, 6, 0x5000, 0x100)],
+        ));
+        assert_eq!(file_offset(&phdrs, 0x10), Some(0x10));
+        assert_eq!(file_offset(&phdrs, 0x50ff), Some(0x50ff));
+        assert_eq!(file_offset(&phdrs, 0x2000), None, "between the segments");
+        assert_eq!(file_offset(&phdrs, 0x5100), None, "past the second");
+        let mut d = Vec::new();
+        for (t, v) in [
+            (DT_NEEDED, 1u64),
+            (DT_STRTAB, 0x400),
+            (0, 0),
+            (DT_NEEDED, 9),
+        ] {
+            d.extend(t.to_le_bytes());
+            d.extend(v.to_le_bytes());
+        }
+        assert_eq!(
+            dynamic_entries(&d),
+            vec![(DT_NEEDED, 1), (DT_STRTAB, 0x400)]
+        );
+        assert_eq!(dynamic_entries(&d[..20]), vec![(DT_NEEDED, 1)]);
     }
 
     #[test]
