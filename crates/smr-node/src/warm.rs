@@ -42,7 +42,7 @@ pub struct Warmed {
 
 /// `path` resolved inside `root` as if `root` were `/`: every symbolic
 /// link followed and re-rooted, `..` stopping at the root. `None` if a
-/// component is missing or there are more than [`MAX_LINKS`] links.
+/// component is missing or there are more than 40 links (as the kernel).
 pub fn resolve_in_root(root: &Path, path: &Path) -> Option<PathBuf> {
     let mut todo: VecDeque<OsString> = parts(path);
     let mut cur = PathBuf::new();
