@@ -17,9 +17,6 @@ use std::time::{Duration, Instant};
 /// layers of one pull all ask within this time, and one refusal is enough.
 pub const NEGATIVE_TTL: Duration = Duration::from_secs(30);
 
-/// `PATH` of an image whose config sets none (as containerd's default).
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
 /// How the daemon runs `smr mount`.
 #[derive(Debug, Clone)]
 pub struct MountConfig {
@@ -266,15 +263,19 @@ impl Images {
                         return;
                     }
                 };
-                let Some(program) = config.entrypoint.first().or(config.cmd.first()) else {
+                use smr_node::run::spec;
+                let Some(program) = spec::process_args(&config, &[])
+                    .ok()
+                    .and_then(|args| args.into_iter().next())
+                else {
                     return;
                 };
                 let path = config
                     .env
                     .iter()
                     .find_map(|e| e.strip_prefix("PATH="))
-                    .unwrap_or(DEFAULT_PATH);
-                let w = smr_node::warm::warm_program(&dir, program, path);
+                    .unwrap_or(spec::DEFAULT_PATH);
+                let w = smr_node::warm::warm_program(&dir, &program, path);
                 tracing::info!(image, program, files = w.files.len(), took = ?t.elapsed(), "warmed the start of the image's program");
             });
         match spawned {

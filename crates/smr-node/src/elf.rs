@@ -158,39 +158,33 @@ fn u64_at(b: &[u8], at: usize) -> Option<u64> {
 /// headers `(type, flags, offset, filesz)`.
 #[cfg(test)]
 pub(crate) fn test_header(kind: u16, phdrs: &[(u32, u32, u64, u64)]) -> Vec<u8> {
-    {
-        let mut h = vec![0u8; 64];
-        h[..6].copy_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1]);
-        h[16..18].copy_from_slice(&kind.to_le_bytes());
-        h[32..40].copy_from_slice(&64u64.to_le_bytes());
-        h[54..56].copy_from_slice(&(PHDR_SIZE as u16).to_le_bytes());
-        h[56..58].copy_from_slice(&(phdrs.len() as u16).to_le_bytes());
-        for &(t, f, off, sz) in phdrs {
-            let mut p = vec![0u8; PHDR_SIZE];
-            p[..4].copy_from_slice(&t.to_le_bytes());
-            p[4..8].copy_from_slice(&f.to_le_bytes());
-            p[8..16].copy_from_slice(&off.to_le_bytes());
-            // Mapped at its own offset, as a shared object's first segment.
-            p[16..24].copy_from_slice(&off.to_le_bytes());
-            p[32..40].copy_from_slice(&sz.to_le_bytes());
-            h.extend(p);
-        }
-        h
+    let mut h = vec![0u8; 64];
+    h[..6].copy_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1]);
+    h[16..18].copy_from_slice(&kind.to_le_bytes());
+    h[32..40].copy_from_slice(&64u64.to_le_bytes());
+    h[54..56].copy_from_slice(&(PHDR_SIZE as u16).to_le_bytes());
+    h[56..58].copy_from_slice(&(phdrs.len() as u16).to_le_bytes());
+    for &(t, f, off, sz) in phdrs {
+        let mut p = vec![0u8; PHDR_SIZE];
+        p[..4].copy_from_slice(&t.to_le_bytes());
+        p[4..8].copy_from_slice(&f.to_le_bytes());
+        p[8..16].copy_from_slice(&off.to_le_bytes());
+        // Mapped at its own offset, as a shared object's first segment.
+        p[16..24].copy_from_slice(&off.to_le_bytes());
+        p[32..40].copy_from_slice(&sz.to_le_bytes());
+        h.extend(p);
     }
+    h
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn elf(kind: u16, phdrs: &[(u32, u32, u64, u64)]) -> Vec<u8> {
-        test_header(kind, phdrs)
-    }
-
     #[test]
     fn finds_the_writable_load_segments_of_a_shared_object() {
         // Like liblapack: R, R E, R, RW segments and a writable GNU_STACK.
-        let h = elf(
+        let h = test_header(
             3,
             &[
                 (PT_LOAD, 4, 0, 0x1edd0),
@@ -202,7 +196,7 @@ mod tests {
         );
         assert_eq!(writable_segments(&h), vec![0x6f9c68..0x6f9c68 + 0x43b8]);
         assert_eq!(
-            writable_segments(&elf(2, &[(PT_LOAD, 6, 0x1000, 10)])).len(),
+            writable_segments(&test_header(2, &[(PT_LOAD, 6, 0x1000, 10)])).len(),
             1
         );
     }
@@ -236,7 +230,7 @@ mod tests {
 
     #[test]
     fn anything_else_gives_nothing() {
-        let good = elf(3, &[(PT_LOAD, 6, 0x1000, 10)]);
+        let good = test_header(3, &[(PT_LOAD, 6, 0x1000, 10)]);
         // Not ELF, 32-bit, big-endian, a relocatable object, a core file.
         let mut not = good.clone();
         not[1] = b'X';
@@ -248,8 +242,8 @@ mod tests {
             not,
             b32,
             be,
-            elf(1, &[(PT_LOAD, 6, 0, 1)]),
-            elf(4, &[(PT_LOAD, 6, 0, 1)]),
+            test_header(1, &[(PT_LOAD, 6, 0, 1)]),
+            test_header(4, &[(PT_LOAD, 6, 0, 1)]),
         ] {
             assert!(writable_segments(&bad).is_empty());
         }
@@ -266,7 +260,7 @@ mod tests {
         let mut far = good.clone();
         far[32..40].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(writable_segments(&far).is_empty());
-        assert!(writable_segments(&elf(3, &[(PT_LOAD, 6, u64::MAX, 2)])).is_empty());
-        assert!(writable_segments(&elf(3, &[(PT_LOAD, 6, 0x1000, 0)])).is_empty());
+        assert!(writable_segments(&test_header(3, &[(PT_LOAD, 6, u64::MAX, 2)])).is_empty());
+        assert!(writable_segments(&test_header(3, &[(PT_LOAD, 6, 0x1000, 0)])).is_empty());
     }
 }

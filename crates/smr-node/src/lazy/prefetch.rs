@@ -334,9 +334,6 @@ impl Inner {
             let Some(head) = data.get(at..) else {
                 break;
             };
-            if head.get(..4) != Some(&b"\x7fELF"[..]) {
-                continue;
-            }
             for seg in crate::elf::writable_segments(head) {
                 let (Some(lo), Some(hi)) = (
                     (start + at as u64).checked_add(seg.start),
