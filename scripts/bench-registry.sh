@@ -348,6 +348,11 @@ snap_run() {
     pull="$(elapsed "$t0" "$t1")" builds="$((b0 > b1 ? b0 : b1))" load="$l0" daemon_rss_kib="$rss" \
     reg@="$work/reg.json" proxy@="$work/proxy.json"
   mkdir -p "$work/logs" && cp "$d/daemon.log" "$work/logs/daemon-$tool-$link-$r.log" 2>/dev/null || true
+  echo "bench: smr pull at $t0, ctr run at $t1, done at $t2 (seconds since the epoch)" >>"$work/logs/daemon-$tool-$link-$r.log"
+  local s n=0
+  for s in "$d"/smr/mount-state/*/serve.log; do
+    [[ -f $s ]] && cp "$s" "$work/logs/serve-$tool-$link-$r-$((n++)).log"
+  done
   snap_stop
 }
 # snap_stop: containerd, then the daemon, then the image mounts it made.

@@ -45,6 +45,7 @@ impl SnapshotService {
             Err(_) => "Internal",
         };
         self.sn.metrics().observe(op, code, t.elapsed());
+        tracing::debug!(op, code, took = ?t.elapsed(), "snapshots call");
         out.map_err(|e| {
             match &e {
                 SnapError::AlreadyExists(_) | SnapError::NotFound(_) => {

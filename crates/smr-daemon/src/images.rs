@@ -209,7 +209,10 @@ impl Images {
             if let Some(creds) = self.keychain.creds_for(image) {
                 c.env(crate::keychain::CREDS_ENV, creds);
             }
+            // Its own FUSE server: `smr mount` of a registry image would
+            // otherwise ask the node daemon, this one, to mount it.
             c.arg("mount")
+                .arg("--standalone")
                 .arg(image)
                 .arg(dir)
                 .arg("--cache-dir")
@@ -242,21 +245,17 @@ impl Images {
         if smr_node::mount::serves_startup_pack(&self.state, dir) {
             return;
         }
+        // The config `smr mount` kept from the recipe; the registry only
+        // for a mount made without it.
+        let kept = smr_node::mount::read_state(&self.state, dir)
+            .ok()
+            .and_then(|(_, st)| st.config);
         let (keychain, image, dir) = (self.keychain.clone(), image.to_string(), dir.to_path_buf());
         let spawned = std::thread::Builder::new()
             .name("smr-warm".into())
             .spawn(move || {
-                use smr_image::source::ImageSource;
                 let t = Instant::now();
-                let opts = keychain.options_for(&image);
-                let config = smr_registry::source::RegistrySource::open(&image, &opts)
-                    .map_err(|e| e.to_string())
-                    .and_then(|src| {
-                        src.resolve(&smr_image::source::Platform::default())
-                            .map_err(|e| e.to_string())
-                    })
-                    .map(|img| img.config);
-                let config = match config {
+                let config = match kept.map_or_else(|| config_from_registry(&keychain, &image), Ok) {
                     Ok(c) => c,
                     Err(e) => {
                         tracing::warn!(image, error = e, "cannot read the image config; its program is not warmed");
@@ -320,4 +319,19 @@ impl Images {
             .filter_map(|e| e.file_name().to_str().map(|n| n.replacen('-', ":", 1)))
             .collect()
     }
+}
+
+/// The runtime config of `image`, read from its registry with the
+/// credentials the keychain holds for it.
+fn config_from_registry(
+    keychain: &crate::keychain::Keychain,
+    image: &str,
+) -> Result<smr_format::config::ImageConfig, String> {
+    use smr_image::source::ImageSource;
+    let opts = keychain.options_for(image);
+    let src =
+        smr_registry::source::RegistrySource::open(image, &opts).map_err(|e| e.to_string())?;
+    src.resolve(&smr_image::source::Platform::default())
+        .map(|img| img.config)
+        .map_err(|e| e.to_string())
 }

@@ -637,6 +637,11 @@ impl Inner {
         let (Some(&first), Some(&last)) = (missing.first(), missing.last()) else {
             return;
         };
+        tracing::debug!(
+            chunks = ?(first..=last),
+            offset = self.img.recipe.grid().range(first).start,
+            "demand miss"
+        );
         let mut wants: Vec<(ChunkId, Extent)> =
             missing.iter().filter_map(|&c| self.extent(c)).collect();
         let object = wants.last().map(|(_, e)| e.object.clone());

@@ -255,6 +255,11 @@ pub struct MountState {
     /// `None` when it was attached with them.
     #[serde(default)]
     pub after_start: Option<LoopOptions>,
+    /// The runtime config of the image mounted (from its recipe), for a
+    /// node service that starts the image's program; `None` when the
+    /// mount was made without one.
+    #[serde(default)]
+    pub config: Option<smr_format::config::ImageConfig>,
 }
 
 /// The state directory of mount point `mnt` (canonical) under `root`:
@@ -379,6 +384,8 @@ pub struct MountRequest {
     /// startup pack ([`STARTUP_PACK_MARK`]), with the readahead the mark
     /// names if it names one; `None` keeps `loop_opts`.
     pub startup_opts: Option<LoopOptions>,
+    /// The image's runtime config, kept in the mount's state.
+    pub config: Option<smr_format::config::ImageConfig>,
 }
 
 /// Mounts an image with a FUSE server started by `spawn(fuse_dir)` (its
@@ -468,6 +475,7 @@ pub fn mount_with_server(
         readahead_kb: opts.readahead_kb,
         direct_io: opts.direct_io,
         after_start,
+        config: req.config.clone(),
     };
     write_state(&state, &st)?;
     // Success: the mount stays; the server lives on in its own session.

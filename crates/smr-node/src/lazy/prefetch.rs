@@ -66,6 +66,9 @@ pub const ELF_SEGMENT_BYTES: u64 = 4 << 20;
 const ELF_BLOCK: usize = 4096;
 /// Most chunks queued as neighbours of one miss (zero chunks count).
 const MAX_NEIGHBOURS: u64 = 64;
+/// Most chunks in one worker's batch (its stored bytes are bounded by the
+/// fetcher's largest request).
+const MAX_BATCH: usize = 1024;
 /// Worker threads per image: one batch each in flight, about as many as
 /// the fetcher's request slots that prefetches may take.
 const WORKERS: usize = 6;
@@ -377,16 +380,12 @@ fn worker(me: &Weak<Inner>, p: &Prefetch) {
 }
 
 /// Waits for queued chunks and takes the first with the neighbours queued
-/// after it: consecutive indices, as many as one request of the image's
-/// fetcher spans; the urgent queue first, the background one only while
+/// after it: consecutive stored chunks (zero chunks between them
+/// skipped), as many as one request of the image's fetcher spans as
+/// stored; the urgent queue first, the background one only while
 /// fewer than [`BACKGROUND_WORKERS`] fetch from it. Says whether the batch
 /// is a background one. `None` once stopped or the image is gone.
 fn next_batch(me: &Weak<Inner>, p: &Prefetch) -> Option<(Vec<u64>, bool)> {
-    let max = {
-        let inner = me.upgrade()?;
-        let opts = inner.fetcher.options();
-        (opts.max_request / inner.img.recipe.chunk_size).max(1)
-    };
     let mut q = p.lock();
     loop {
         if p.stop.load(Ordering::Relaxed) {
@@ -403,9 +402,31 @@ fn next_batch(me: &Weak<Inner>, p: &Prefetch) -> Option<(Vec<u64>, bool)> {
             &mut q.urgent
         };
         if let Some(first) = from.pop_front() {
+            // Not held while waiting: the image goes when its last handle
+            // does.
+            let inner = me.upgrade()?;
+            let max = inner.fetcher.options().max_request;
+            // Stored bytes, not chunks: the metadata compresses to a few
+            // hundred bytes a chunk, and the chunks an ext4 mount reads
+            // first (the superblock's, the root inode's) then come in the
+            // first requests.
+            let stored = |c: u64| {
+                inner
+                    .img
+                    .recipe
+                    .entry(c)
+                    .map_or(0, |e| u64::from(e.stored_len))
+            };
+            // Zero chunks between two queued ones are not stored: the two
+            // are next to each other where the store keeps them in order.
+            let next_to =
+                |a: u64, b: u64| b > a && (a + 1..b).all(|c| inner.img.recipe.entry(c).is_none());
             let mut batch = vec![first];
+            let mut bytes = stored(first);
             while let Some(&next) = from.front() {
-                if next != batch[batch.len() - 1] + 1 || batch.len() as u64 >= max {
+                bytes += stored(next);
+                let last = batch[batch.len() - 1];
+                if !next_to(last, next) || bytes > max || batch.len() >= MAX_BATCH {
                     break;
                 }
                 batch.push(next);

@@ -473,6 +473,7 @@ fn a_server_that_dies_at_start_leaves_no_state() {
         image_size: 4096,
         loop_opts: LoopOptions::default(),
         startup_opts: None,
+        config: None,
     };
     let err = mount_with_server(&req, |_dir, out, errout| {
         Command::new("sh")
@@ -511,6 +512,10 @@ fn mount_marked(mark: bool, stale: bool) -> MountState {
         image_size: size,
         loop_opts: LoopOptions::default(),
         startup_opts: Some(startup),
+        config: Some(smr_format::config::ImageConfig {
+            cmd: vec!["python3".into()],
+            ..Default::default()
+        }),
     };
     if stale {
         let state = state_dir(
@@ -543,6 +548,9 @@ fn mount_marked(mark: bool, stale: bool) -> MountState {
         std::fs::read_to_string(mnt.join("hello")).expect("read"),
         "hi there\n"
     );
+    // The image's config is kept with the mount's state.
+    let (_, saved) = read_state(&req.state_root, &mnt).expect("state");
+    assert_eq!(saved.config, req.config);
     unmount(&req.state_root, &mnt).expect("unmount");
     drop(fuse);
     st

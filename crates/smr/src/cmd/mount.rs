@@ -251,6 +251,9 @@ fn mount(a: Mount) -> Result<ExitCode> {
         },
         // The server marks whether it serves a startup pack.
         startup_opts: a.volume.is_none().then(|| a.loop_args.pack_options()),
+        // The daemon starts the image's program from it (smr_daemon's
+        // warming) without asking the registry again.
+        config: a.volume.is_none().then(|| opened.recipe.config.clone()),
     };
     let root = absolute(&a.root.root)?;
     let label = match &a.volume {

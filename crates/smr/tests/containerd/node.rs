@@ -140,6 +140,9 @@ impl Node {
             .arg("--key-file")
             .arg(&self.key)
             .args(&self.daemon_args)
+            // As on a node where the daemon has the default socket: the
+            // smr commands it runs would ask it, and must not.
+            .env("SMR_DAEMON_SOCKET", self.control_socket())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -297,7 +297,14 @@ fn dropping_the_image_stops_its_prefetch() {
     let all =
         FileMap::from_byte_ranges(&ChunkGrid::fixed(SIZE, CS).expect("grid"), 0, []).expect("map");
     let fx = fixture_with_map(Duration::from_millis(30), Some(all));
-    let lazy = fx.lazy(32 << 20, 1 << 30);
+    // Batches of a few chunks, so that some are still queued at the drop.
+    let opts = crate::fetch::FetchOptions {
+        max_request: 2 * CS,
+        ..Default::default()
+    };
+    let cache = Cache::open(CacheConfig::new(&fx.cache_dir)).expect("cache");
+    let fetcher = crate::fetch::Fetcher::new(fx.store.clone(), opts);
+    let lazy = LazyImage::with_fetcher(fx.img.clone(), fetcher, cache).expect("lazy image");
     lazy.prefetch_metadata();
     std::thread::sleep(Duration::from_millis(40));
     drop(lazy);
@@ -400,4 +407,37 @@ fn a_miss_brings_its_neighbours_in_its_own_request() {
     // The next small file's read needs no request.
     fx.read(&lazy, 15 * CS, 9).expect("read");
     assert_eq!(store.requests.lock().expect("lock").len(), 1);
+}
+
+/// The metadata of [`map`] (chunks 40 to 48, two of them zero chunks
+/// whose neighbours are next to each other in the pack) fits one request
+/// of `max_request` bytes as stored, although that is fewer bytes than
+/// its chunks' nominal size: it is fetched in one request, and so is the
+/// header.
+#[test]
+fn metadata_goes_in_requests_as_large_as_the_fetcher_allows_as_stored() {
+    let fx = fixture_with_map(Duration::ZERO, Some(map()));
+    let store = Packed::of(&fx);
+    let meta = stored_bytes(&fx, 40..49);
+    assert!(meta < 9 * CS, "{meta}: compressed and zero chunks");
+    let opts = crate::fetch::FetchOptions {
+        max_request: meta,
+        ..Default::default()
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = Cache::open(CacheConfig::new(dir.path())).expect("cache");
+    let fetcher = crate::fetch::Fetcher::new(store.clone(), opts);
+    let lazy = LazyImage::with_fetcher(fx.img.clone(), fetcher, cache).expect("lazy image");
+    lazy.prefetch_metadata();
+    let header = smr_format::filemap::HEADER_BYTES.div_ceil(CS);
+    wait_prefetched(&lazy, stored(&fx, 0..header) + stored(&fx, 40..49));
+    let extent = |c: u64| store.extents[&fx.img.recipe.entry(c).expect("stored").id].range;
+    let requests = store.requests.lock().expect("lock").clone();
+    assert_eq!(requests.len(), 2, "{requests:?}");
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.offset == extent(40).offset && r.end() == extent(48).end()),
+        "{requests:?}"
+    );
 }
