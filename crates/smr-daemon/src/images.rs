@@ -7,10 +7,11 @@
 //! the daemon; the daemon finds the mounts again by their directories.
 
 use smr_node::mount::is_mountpoint;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// How long an image that could not be mounted is not tried again: the
@@ -38,8 +39,9 @@ pub struct Images {
     /// `SMR_POLICY_DIR` names another.
     policy: PathBuf,
     cfg: MountConfig,
-    /// Manifests being mounted right now (others wait for them).
-    busy: Mutex<HashSet<String>>,
+    /// Manifests being mounted or unmounted right now (others wait for
+    /// them), and whether a mount's artifact was accepted already.
+    busy: Mutex<HashMap<String, bool>>,
     done: Condvar,
     /// Manifests that could not be mounted, and when.
     refused: Mutex<HashMap<String, (Instant, String)>>,
@@ -56,16 +58,46 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// An image being mounted or unmounted (see [`Images::claim`]).
-struct Claim<'a> {
-    images: &'a Images,
+/// An image being mounted or unmounted (see [`Images::claim`]), by
+/// reference or, for a mount that goes on in the background, owned.
+struct Claim<I: std::ops::Deref<Target = Images>> {
+    images: I,
     manifest: String,
 }
 
-impl Drop for Claim<'_> {
+impl<I: std::ops::Deref<Target = Images>> Drop for Claim<I> {
     fn drop(&mut self) {
         lock(&self.images.busy).remove(&self.manifest);
         self.images.done.notify_all();
+    }
+}
+
+/// `smr mount` running: its artifact found, trusted and opened, its
+/// FUSE server, loop device and ext4 mount on their way.
+struct Mounting {
+    child: Child,
+    /// Reads its stderr (its error message) to the end.
+    stderr: std::thread::JoinHandle<String>,
+    image: String,
+    dir: PathBuf,
+    started: Instant,
+}
+
+impl Mounting {
+    /// Waits for the mount to end: an error with smr's message if it
+    /// failed.
+    fn finish(mut self) -> Result<(), String> {
+        let status = self.child.wait();
+        let err = self.stderr.join().unwrap_or_default();
+        let (image, took) = (&self.image, self.started.elapsed());
+        match status {
+            Ok(s) if s.success() => {
+                tracing::info!(image, dir = %self.dir.display(), ?took, "image mounted");
+                Ok(())
+            }
+            Ok(_) => Err(format!("smr mount {image}: {}", err.trim())),
+            Err(e) => Err(format!("smr mount {image}: waiting for it: {e}")),
+        }
     }
 }
 
@@ -79,7 +111,7 @@ impl Images {
             policy: std::env::var_os("SMR_POLICY_DIR")
                 .map_or_else(|| root.join("policy"), PathBuf::from),
             cfg,
-            busy: Mutex::new(HashSet::new()),
+            busy: Mutex::new(HashMap::new()),
             done: Condvar::new(),
             refused: Mutex::new(HashMap::new()),
             last_used: Mutex::new(HashMap::new()),
@@ -143,34 +175,105 @@ impl Images {
         self.touch(manifest);
         let _claim = {
             let busy = self.wait_turn(manifest);
-            if is_mountpoint(&dir) {
-                return Ok(dir);
+            match self.may_mount(manifest, &dir) {
+                Err(Some(why)) => return Err(why),
+                Err(None) => return Ok(dir),
+                Ok(()) => self.claim(busy, manifest),
             }
-            if let Some((at, why)) = lock(&self.refused).get(manifest) {
-                if at.elapsed() < NEGATIVE_TTL {
-                    return Err(why.clone());
+        };
+        let out = self.begin_mount(image, &dir).and_then(Mounting::finish);
+        self.mounted(out.clone(), image, manifest, &dir);
+        out.map(|()| dir)
+    }
+
+    /// [`Images::ensure`], returning as soon as `smr mount` has found,
+    /// trusted and opened the image's artifact: the rest of the mount (its
+    /// FUSE server, loop device and ext4 mount, a few round trips) goes on
+    /// in the background while containerd finishes its pull and creates
+    /// the container, and whoever needs the mount ([`Images::ensure`],
+    /// [`Images::release`]) waits for it. A mount that fails after that is
+    /// refused like any other ([`NEGATIVE_TTL`]).
+    pub fn ensure_accepted(self: &Arc<Self>, image: &str, manifest: &str) -> Result<(), String> {
+        let dir = self.rootfs(manifest);
+        self.touch(manifest);
+        let mut claim = {
+            let mut busy = lock(&self.busy);
+            loop {
+                match busy.get(manifest) {
+                    Some(true) => return Ok(()),
+                    Some(false) => busy = self.done.wait(busy).unwrap_or_else(|e| e.into_inner()),
+                    None => break,
                 }
+            }
+            match self.may_mount(manifest, &dir) {
+                Err(Some(why)) => return Err(why),
+                Err(None) => return Ok(()),
+                Ok(()) => {}
             }
             self.claim(busy, manifest)
         };
-        let out = self.mount(image, &dir);
-        match &out {
+        let mounting = match self.begin_mount(image, &dir) {
+            Ok(m) => m,
+            Err(why) => {
+                self.mounted(Err(why.clone()), image, manifest, &dir);
+                return Err(why);
+            }
+        };
+        // The claim goes with the mount to the thread that finishes it
+        // (the borrowed one, its manifest taken, has nothing to drop).
+        let owned = Claim {
+            images: self.clone(),
+            manifest: std::mem::take(&mut claim.manifest),
+        };
+        std::mem::forget(claim);
+        lock(&self.busy).insert(manifest.to_string(), true);
+        self.done.notify_all();
+        let (image, dir) = (image.to_string(), dir.clone());
+        let spawned = std::thread::Builder::new()
+            .name("smr-mount".into())
+            .spawn(move || {
+                let images = owned.images.clone();
+                let out = mounting.finish();
+                images.mounted(out, &image, &owned.manifest, &dir);
+                drop(owned);
+            });
+        spawned
+            .map(drop)
+            .map_err(|e| format!("starting the thread of a mount: {e}"))
+    }
+
+    /// Whether `manifest` is to be mounted now (its turn taken): `Err(None)`
+    /// if it is mounted, `Err(Some(why))` if it was refused lately.
+    fn may_mount(&self, manifest: &str, dir: &Path) -> Result<(), Option<String>> {
+        if is_mountpoint(dir) {
+            return Err(None);
+        }
+        match lock(&self.refused).get(manifest) {
+            Some((at, why)) if at.elapsed() < NEGATIVE_TTL => Err(Some(why.clone())),
+            _ => Ok(()),
+        }
+    }
+
+    /// Records how the mount of `image` on `dir` ended, and warms it if
+    /// it is mounted.
+    fn mounted(&self, out: Result<(), String>, image: &str, manifest: &str, dir: &Path) {
+        match out {
             Ok(()) => {
                 lock(&self.refused).remove(manifest);
-                self.warm(image, manifest, &dir);
+                self.warm(image, manifest, dir);
             }
             Err(why) => {
-                lock(&self.refused).insert(manifest.to_string(), (Instant::now(), why.clone()));
+                let _ = std::fs::remove_dir(dir);
+                lock(&self.refused).insert(manifest.to_string(), (Instant::now(), why));
             }
         }
-        out.map(|()| dir)
     }
 
     /// Waits until nobody mounts or unmounts `manifest`; returns the busy
     /// set, still locked.
-    fn wait_turn(&self, manifest: &str) -> MutexGuard<'_, HashSet<String>> {
+    fn wait_turn(&self, manifest: &str) -> MutexGuard<'_, HashMap<String, bool>> {
         let mut busy = lock(&self.busy);
-        while busy.contains(manifest) {
+        while busy.contains_key(manifest) {
             busy = self.done.wait(busy).unwrap_or_else(|e| e.into_inner());
         }
         busy
@@ -178,8 +281,12 @@ impl Images {
 
     /// Marks `manifest` busy until the returned claim is dropped (also when
     /// the work panics, so waiters never hang).
-    fn claim<'a>(&'a self, mut busy: MutexGuard<'_, HashSet<String>>, manifest: &str) -> Claim<'a> {
-        busy.insert(manifest.to_string());
+    fn claim<'a>(
+        &'a self,
+        mut busy: MutexGuard<'_, HashMap<String, bool>>,
+        manifest: &str,
+    ) -> Claim<&'a Images> {
+        busy.insert(manifest.to_string(), false);
         Claim {
             images: self,
             manifest: manifest.to_string(),
@@ -202,36 +309,72 @@ impl Images {
         Err(format!("{what}: {}", err.trim()))
     }
 
-    fn mount(&self, image: &str, dir: &Path) -> Result<(), String> {
+    /// Starts `smr mount` of `image` on `dir` and waits until it has
+    /// found, trusted and opened the image's artifact; an error with its
+    /// message if it could not.
+    fn begin_mount(&self, image: &str, dir: &Path) -> Result<Mounting, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        let t = Instant::now();
-        let mounted = self.run_smr(&format!("smr mount {image}"), |c| {
-            if let Some(creds) = self.keychain.creds_for(image) {
-                c.env(crate::keychain::CREDS_ENV, creds);
-            }
-            // Its own FUSE server: `smr mount` of a registry image would
-            // otherwise ask the node daemon, this one, to mount it.
-            c.arg("mount")
-                .arg("--standalone")
-                .arg(image)
-                .arg(dir)
-                .arg("--cache-dir")
-                .arg(&self.cfg.cache_dir)
-                .arg("--state-dir")
-                .arg(&self.state);
-            if let Some(k) = &self.cfg.key_file {
-                c.arg("--key-file").arg(k);
-            }
-            if let Some(m) = self.cfg.cache_memory {
-                c.arg("--cache-memory").arg(m.to_string());
-            }
-        });
-        if let Err(e) = mounted {
-            let _ = std::fs::remove_dir(dir);
-            return Err(e);
+        let mut c = Command::new(&self.cfg.smr);
+        c.env("SMR_POLICY_DIR", &self.policy);
+        if let Some(creds) = self.keychain.creds_for(image) {
+            c.env(crate::keychain::CREDS_ENV, creds);
         }
-        tracing::info!(image, dir = %dir.display(), took = ?t.elapsed(), "image mounted");
-        Ok(())
+        // Its own FUSE server: `smr mount` of a registry image would
+        // otherwise ask the node daemon, this one, to mount it.
+        c.arg("mount")
+            .arg("--standalone")
+            .arg("--print-accepted")
+            .arg(image)
+            .arg(dir)
+            .arg("--cache-dir")
+            .arg(&self.cfg.cache_dir)
+            .arg("--state-dir")
+            .arg(&self.state);
+        if let Some(k) = &self.cfg.key_file {
+            c.arg("--key-file").arg(k);
+        }
+        if let Some(m) = self.cfg.cache_memory {
+            c.arg("--cache-memory").arg(m.to_string());
+        }
+        c.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let started = Instant::now();
+        let failed = |why: String| {
+            let _ = std::fs::remove_dir(dir);
+            why
+        };
+        let mut child = c
+            .spawn()
+            .map_err(|e| failed(format!("running {}: {e}", self.cfg.smr.display())))?;
+        let mut err = child.stderr.take();
+        let stderr = std::thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(e) = err.as_mut() {
+                let _ = e.read_to_string(&mut text);
+            }
+            text
+        });
+        let mut line = String::new();
+        if let Some(out) = child.stdout.take() {
+            let _ = std::io::BufReader::new(out).read_line(&mut line);
+        }
+        let m = Mounting {
+            child,
+            stderr,
+            image: image.to_string(),
+            dir: dir.to_path_buf(),
+            started,
+        };
+        if line.trim_end() == smr_node::mount::ACCEPTED {
+            return Ok(m);
+        }
+        // It ended (or said something else) before accepting the image.
+        let why = match m.finish() {
+            Err(why) => why,
+            Ok(()) => format!("smr mount {image}: ended without opening the image"),
+        };
+        Err(failed(why))
     }
 
     /// Starts reading, in the background, what the dynamic loader will

@@ -60,7 +60,7 @@ pub struct Info {
 pub struct Snapshotter {
     root: PathBuf,
     meta: Meta,
-    images: Images,
+    images: Arc<Images>,
     /// Held while an inner remote layer is unpacked on its own.
     materializing: Mutex<()>,
     metrics: Arc<Metrics>,
@@ -93,7 +93,7 @@ impl Snapshotter {
         Ok(Snapshotter {
             root: root.to_path_buf(),
             meta,
-            images,
+            images: Arc::new(images),
             materializing: Mutex::new(()),
             metrics: Arc::default(),
             binds: crate::binds::Binds::new(root),
@@ -234,7 +234,7 @@ impl Snapshotter {
         if let Some(p) = parent {
             self.need(p)?;
         }
-        if let Err(why) = self.images.ensure(&remote.image, &remote.manifest) {
+        if let Err(why) = self.images.ensure_accepted(&remote.image, &remote.manifest) {
             tracing::warn!(
                 image = remote.image,
                 layer = remote.layer,

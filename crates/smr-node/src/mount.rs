@@ -101,6 +101,10 @@ pub fn write_startup_mark(state: &Path, readahead_kb: u32) -> std::io::Result<()
     std::fs::write(state.join(STARTUP_PACK_MARK), format!("{readahead_kb}\n"))
 }
 
+/// What `smr mount --print-accepted` prints on its stdout once the image's
+/// artifact is found, trusted and opened, before mounting it.
+pub const ACCEPTED: &str = "accepted";
+
 /// The file in a mount's state directory holding its [`MountState`].
 pub const STATE_FILE: &str = "state.json";
 /// How long the FUSE server may take to come up.

@@ -110,6 +110,11 @@ pub struct MountArgs {
     /// with its owner key and cache, and bound here).
     #[arg(long)]
     standalone: bool,
+    /// Print `accepted` on stdout once the image's artifact is found,
+    /// trusted and opened, before mounting it (for the node daemon, which
+    /// answers containerd then).
+    #[arg(long, hide = true)]
+    print_accepted: bool,
 }
 
 /// Arguments of `smr umount`.
@@ -168,6 +173,7 @@ pub fn run_mount(m: MountArgs) -> Result<ExitCode> {
         loop_args: m.loop_args,
         state: m.state,
         standalone: m.standalone,
+        print_accepted: m.print_accepted,
         volume: m.volume,
         root: m.root,
     };
@@ -181,6 +187,7 @@ struct Mount {
     loop_args: LoopArgs,
     state: StateArgs,
     standalone: bool,
+    print_accepted: bool,
     volume: Option<String>,
     root: super::volume::RootArgs,
 }
@@ -207,6 +214,13 @@ fn mount(a: Mount) -> Result<ExitCode> {
     // alongside the artifact (no round trip more), so that the server
     // reads it from the node's blob cache and lists no referrers.
     let opened = a.image.open_full()?;
+    if a.print_accepted {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{}", smr_node::mount::ACCEPTED)
+            .and_then(|()| out.flush())
+            .context("printing that the image was accepted")?;
+    }
     let lazy = opened.lazy;
     let exe = std::env::current_exe().context("locating the smr binary")?;
     // The server process opens the same image: local paths made absolute,
