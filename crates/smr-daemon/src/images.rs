@@ -228,18 +228,27 @@ impl Images {
         std::mem::forget(claim);
         lock(&self.busy).insert(manifest.to_string(), true);
         self.done.notify_all();
-        let (image, dir) = (image.to_string(), dir.clone());
+        // Kept here too, to be finished here if no thread can be started.
+        let job = Arc::new(Mutex::new(Some((mounting, owned))));
+        let (image2, dir2, job2) = (image.to_string(), dir.clone(), job.clone());
         let spawned = std::thread::Builder::new()
             .name("smr-mount".into())
             .spawn(move || {
-                let images = owned.images.clone();
-                let out = mounting.finish();
-                images.mounted(out, &image, &owned.manifest, &dir);
-                drop(owned);
+                if let Some((mounting, owned)) = lock(&job2).take() {
+                    owned
+                        .images
+                        .mounted(mounting.finish(), &image2, &owned.manifest, &dir2);
+                }
             });
-        spawned
-            .map(drop)
-            .map_err(|e| format!("starting the thread of a mount: {e}"))
+        if let Err(e) = spawned {
+            tracing::warn!(image, error = %e, "cannot start a thread to finish a mount; finishing it here");
+            if let Some((mounting, _owned)) = lock(&job).take() {
+                let out = mounting.finish();
+                self.mounted(out.clone(), image, manifest, &dir);
+                return out;
+            }
+        }
+        Ok(())
     }
 
     /// Whether `manifest` is to be mounted now (its turn taken): `Err(None)`
@@ -477,4 +486,85 @@ fn config_from_registry(
     src.resolve(&smr_image::source::Platform::default())
         .map(|img| img.config)
         .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    const IMAGE: &str = "docker://r.example/x@sha256:1111";
+    const MANIFEST: &str = "sha256:1111";
+
+    /// Images whose `smr` is the shell script `body` (standing in for a
+    /// `smr mount` that fails in a given way); each run appends a line to
+    /// `runs` in the returned directory.
+    fn images_running(body: &str) -> (tempfile::TempDir, Arc<Images>) {
+        let t = tempfile::tempdir().expect("tempdir");
+        let smr = t.path().join("smr");
+        let runs = t.path().join("runs");
+        let script = format!("#!/bin/sh\necho run >> {}\n{body}\n", runs.display());
+        std::fs::write(&smr, script).expect("script");
+        std::fs::set_permissions(&smr, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let cfg = MountConfig {
+            smr,
+            cache_dir: t.path().join("cache"),
+            key_file: None,
+            cache_memory: None,
+        };
+        let images = Arc::new(Images::new(&t.path().join("root"), cfg));
+        (t, images)
+    }
+
+    fn runs(t: &tempfile::TempDir) -> usize {
+        std::fs::read_to_string(t.path().join("runs"))
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn a_mount_refused_before_acceptance_is_an_error_at_once_and_remembered() {
+        let (t, images) = images_running("echo 'no smr artifact for the image' >&2; exit 1");
+        let err = images
+            .ensure_accepted(IMAGE, MANIFEST)
+            .expect_err("refused");
+        assert!(err.contains("no smr artifact for the image"), "{err}");
+        assert!(!images.rootfs(MANIFEST).exists());
+        // Within NEGATIVE_TTL the answer is the same, without a new run.
+        let again = images
+            .ensure_accepted(IMAGE, MANIFEST)
+            .expect_err("refused");
+        assert_eq!(again, err);
+        assert_eq!(images.ensure(IMAGE, MANIFEST).expect_err("refused"), err);
+        assert_eq!(runs(&t), 1);
+    }
+
+    #[test]
+    fn a_mount_failing_after_acceptance_fails_whoever_waits_for_it() {
+        let (t, images) = images_running(
+            "echo accepted; sleep 0.5; echo 'attaching a loop device: no free device' >&2; exit 1",
+        );
+        let t0 = Instant::now();
+        images.ensure_accepted(IMAGE, MANIFEST).expect("accepted");
+        assert!(
+            t0.elapsed() < Duration::from_millis(400),
+            "{:?}",
+            t0.elapsed()
+        );
+        // A second layer of the image: accepted, no second mount.
+        images.ensure_accepted(IMAGE, MANIFEST).expect("accepted");
+        // A container's snapshot waits for the mount and gets its error.
+        let err = images.ensure(IMAGE, MANIFEST).expect_err("failed");
+        assert!(t0.elapsed() >= Duration::from_millis(500));
+        assert!(err.contains("no free device"), "{err}");
+        assert!(!images.rootfs(MANIFEST).exists());
+        assert_eq!(runs(&t), 1);
+        // Refused from then on, for NEGATIVE_TTL.
+        assert_eq!(
+            images
+                .ensure_accepted(IMAGE, MANIFEST)
+                .expect_err("refused"),
+            err
+        );
+    }
 }
