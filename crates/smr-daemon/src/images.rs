@@ -5,6 +5,9 @@
 //! on the command line): its FUSE server runs in a session of its own, so
 //! the mount and every read through it survive a restart or a SIGKILL of
 //! the daemon; the daemon finds the mounts again by their directories.
+//! The snapshotter's remote layers need only the artifact accepted
+//! ([`Images::ensure_accepted`]); a container's snapshot needs the mount
+//! ([`Images::ensure`]).
 
 use smr_node::mount::is_mountpoint;
 use std::collections::HashMap;
