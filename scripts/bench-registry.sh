@@ -327,7 +327,9 @@ snap_run() {
   drop
   m0=$(reg_mark) b0=$(builds_now) l0=$(load1)
   t0=$(now)
-  if ! "$smr" pull --containerd "$sock" "docker://$ref" >"$d/pull.out" 2>&1; then
+  # As on a node where the daemon has the default socket: smr pull tells
+  # it which image is coming.
+  if ! SMR_DAEMON_SOCKET="$d/smr.sock" "$smr" pull --containerd "$sock" "docker://$ref" >"$d/pull.out" 2>&1; then
     [[ $link == shaped ]] && proxy_stop
     cat "$d/pull.out" >&2; record fail link="$link" tool="$tool" round="$r" error="smr pull failed"
     snap_stop; return 1
@@ -349,6 +351,7 @@ snap_run() {
     reg@="$work/reg.json" proxy@="$work/proxy.json"
   mkdir -p "$work/logs" && cp "$d/daemon.log" "$work/logs/daemon-$tool-$link-$r.log" 2>/dev/null || true
   echo "bench: smr pull at $t0, ctr run at $t1, done at $t2 (seconds since the epoch)" >>"$work/logs/daemon-$tool-$link-$r.log"
+  cp "$d/pull.out" "$work/logs/pull-$tool-$link-$r.out" 2>/dev/null || true
   local s n=0
   for s in "$d"/smr/mount-state/*/serve.log; do
     [[ -f $s ]] && cp "$s" "$work/logs/serve-$tool-$link-$r-$((n++)).log"

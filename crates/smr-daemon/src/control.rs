@@ -392,12 +392,62 @@ async fn unmount(State(c): State<Arc<Control>>, Json(r): Json<MountRequest>) -> 
     }
 }
 
+/// `POST /images`: an image containerd is about to pull.
+#[derive(Debug, serde::Deserialize)]
+pub struct ImageRequest {
+    /// The image pinned by its manifest, `docker://host/repo@sha256:…`.
+    pub image: String,
+}
+
+/// Starts mounting an image in the background (`smr pull` sends it once
+/// it knows the manifest, before containerd records the pull), so that
+/// the snapshotter's `Prepare` of its layers finds the artifact accepted or
+/// on its way. Answers `202 Accepted` at once; an image that cannot be
+/// mounted is refused for its layers as it would be there.
+async fn expect_image(State(c): State<Arc<Control>>, Json(r): Json<ImageRequest>) -> Response {
+    let manifest = match smr_registry::reference::ImageRef::parse(&r.image) {
+        Ok(rf) if r.image.starts_with("docker://") => rf.digest,
+        _ => None,
+    };
+    let Some(manifest) = manifest else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("{:?}: not docker://HOST/REPO@sha256:DIGEST", r.image),
+        );
+    };
+    let images = c.sn.images().clone();
+    let image = r.image.clone();
+    let spawned = std::thread::Builder::new()
+        .name("smr-expect".into())
+        .spawn(move || {
+            if let Err(why) = images.ensure_accepted(&image, &manifest) {
+                tracing::info!(
+                    image,
+                    reason = why,
+                    "an expected image is not served lazily"
+                );
+            }
+        });
+    match spawned {
+        Ok(_) => (
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({ "image": r.image })),
+        )
+            .into_response(),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("starting a thread: {e}"),
+        ),
+    }
+}
+
 /// The control API's routes.
 pub fn router(c: Arc<Control>) -> Router {
     Router::new()
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/mounts", axum::routing::post(mount).delete(unmount))
+        .route("/images", axum::routing::post(expect_image))
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,

@@ -74,6 +74,9 @@ pub struct PullOptions {
     pub registry: RegistryOptions,
     /// The platform to pick from an index.
     pub platform: Platform,
+    /// The node daemon's control socket: told which image is coming once
+    /// its manifest is known ([`expect_image`]), if a daemon answers there.
+    pub daemon: Option<PathBuf>,
 }
 
 /// What a pull did.
@@ -352,9 +355,23 @@ pub async fn pull(reference: &str, opts: &PullOptions) -> Result<Pulled, PullErr
         .map_err(|e| PullError::Registry(e.to_string()))?;
     let src = Arc::new(src);
     let platform = opts.platform.clone();
+    let daemon = opts.daemon.clone();
     let s2 = src.clone();
     let (img, manifest, config) = tokio::task::spawn_blocking(
         move || -> Result<(ResolvedImage, Vec<u8>, Vec<u8>), PullError> {
+            if let Some(sock) = &daemon {
+                // Only the tag's (or index's) read: `resolve` below reuses it.
+                match s2.resolve_manifest(&platform) {
+                    Ok((digest, _)) => {
+                        let r = s2.reference();
+                        let pinned = format!("docker://{}/{}@{digest}", r.registry, r.repository);
+                        expect_image(sock, &pinned);
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "not telling the daemon: no manifest yet")
+                    }
+                }
+            }
             let kept = Kept::new(&s2);
             let img = kept
                 .resolve(&platform)
@@ -558,6 +575,39 @@ async fn pull_leased(
         Err(s) => return Err(ctd_err(format!("creating image {name}"))(s)),
     }
     Ok(pulled)
+}
+
+/// Tells the node daemon on `socket` that containerd is about to pull
+/// `image` (pinned by its manifest), so that it starts mounting it while
+/// containerd records the pull (`POST /images`; the daemon answers at once
+/// and mounts in the background). Best effort, in a thread of its own: no
+/// daemon, or one that says no, changes nothing.
+pub fn expect_image(socket: &std::path::Path, image: &str) {
+    use std::io::{Read, Write};
+    let body = serde_json::json!({ "image": image }).to_string();
+    let Ok(mut conn) = std::os::unix::net::UnixStream::connect(socket) else {
+        tracing::debug!(socket = %socket.display(), "no node daemon to tell about the pull");
+        return;
+    };
+    let request = format!(
+        "POST /images HTTP/1.1\r\nHost: smr\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    if let Err(e) = conn.write_all(request.as_bytes()) {
+        tracing::debug!(error = %e, "telling the node daemon about the pull");
+        return;
+    }
+    let image = image.to_string();
+    // The answer is only logged; the pull does not wait for it.
+    let _ = std::thread::Builder::new()
+        .name("smr-expect".into())
+        .spawn(move || {
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut answer = String::new();
+            let _ = conn.take(4096).read_to_string(&mut answer);
+            let status = answer.lines().next().unwrap_or("no answer").to_string();
+            tracing::debug!(image, status, "told the node daemon about the pull");
+        });
 }
 
 #[cfg(test)]

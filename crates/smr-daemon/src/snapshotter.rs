@@ -111,7 +111,7 @@ impl Snapshotter {
     }
 
     /// The image mounts.
-    pub fn images(&self) -> &Images {
+    pub fn images(&self) -> &Arc<Images> {
         &self.images
     }
 

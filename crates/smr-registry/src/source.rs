@@ -200,8 +200,19 @@ impl RegistrySource {
 impl RegistrySource {
     /// The descriptor of the reference's top manifest (a tag's or the
     /// pinned digest's: an index or an image manifest), fetched and
-    /// remembered; a pinned digest is checked.
+    /// remembered; a pinned digest is checked. Fetched once per source: a
+    /// tag read again (`resolve_manifest`, then `resolve`) is the manifest
+    /// read first.
     fn top_descriptor(&self) -> Result<Descriptor, SourceError> {
+        if let Some((media_type, bytes)) = self.top() {
+            return Ok(Descriptor {
+                media_type,
+                digest: sha256_digest(&bytes),
+                size: bytes.len() as u64,
+                platform: None,
+                annotations: None,
+            });
+        }
         let at = self.reference.manifest_reference();
         tracing::debug!(source = %self.describe(), %at, "resolving");
         let (media_type, bytes) = match self.get_manifest(at) {

@@ -237,6 +237,7 @@ pub fn run_pull(a: PullArgs) -> Result<ExitCode> {
         snapshotter: a.snapshotter.clone(),
         registry: a.registry.options()?,
         platform: Default::default(),
+        daemon: Some(daemon_socket()),
     };
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     let p: Pulled = rt

@@ -213,6 +213,8 @@ impl Node {
     /// `smr pull --containerd SOCK IMAGE`: its stdout.
     pub fn pull(&self, name: &str) -> String {
         let out = ok(smr()
+            // It tells the node daemon which image is coming.
+            .env("SMR_DAEMON_SOCKET", self.control_socket())
             .arg("pull")
             .arg("--containerd")
             .arg(&self.containerd)

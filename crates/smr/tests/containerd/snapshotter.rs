@@ -308,6 +308,20 @@ fn control_api(node: &Node) {
     let code = |args: &[&str]| curl(&[&["-o", "/dev/null", "-w", "%{http_code}"], args].concat());
     assert_eq!(code(&["http://smr/nope"]), "404");
     assert_eq!(code(&["-X", "POST", "http://smr/status"]), "405");
+    let expect = |body: &str| {
+        code(&[
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            body,
+            "http://smr/images",
+        ])
+    };
+    assert_eq!(expect(r#"{"image": "docker://r.example/x:tag"}"#), "400");
+    assert_eq!(expect(r#"{"image": "/not/an/image@sha256:00"}"#), "400");
+    assert_eq!(expect("garbage"), "400");
     let mut raw = std::os::unix::net::UnixStream::connect(&sock).unwrap();
     std::io::Write::write_all(&mut raw, b"\x00\xffGARBAGE / HTTP/9\r\n\r\n").unwrap();
     drop(raw);
