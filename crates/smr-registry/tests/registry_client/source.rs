@@ -227,3 +227,41 @@ fn debian_images_via_skopeo_convert_like_the_layout() {
         }
     }
 }
+
+/// One source reads its tag once: `resolve` after `resolve_manifest` (what
+/// `smr pull` does) is the manifest read first, even if the tag moved
+/// in between; a new source reads the tag again.
+#[test]
+fn a_source_reads_its_tag_once() {
+    let Some(reg) = TestRegistry::start(None) else {
+        return;
+    };
+    if !tools(&["skopeo"]) {
+        return;
+    }
+    let t = tempfile::tempdir().expect("tempdir");
+    let dir = t.path().join("layout");
+    let mut layout = smr_testkit::OciLayout::new();
+    for name in ["a", "b"] {
+        let mut l = LayerBuilder::new();
+        l.file("which", name.as_bytes(), 0o644);
+        let mut img = ImageBuilder::new();
+        img.layer(l.into_bytes(), smr_testkit::Compression::Gzip);
+        let desc = layout.add_image(&img);
+        layout.tag(desc, Some(name));
+    }
+    layout.write(&dir).expect("write layout");
+    let reference = reg.docker_ref("smr/moving:v1");
+    skopeo_push(&dir, "a", &reference, &[]);
+    let src = RegistrySource::open(&reference, &fast_options()).expect("source");
+    let (first, direct) = src
+        .resolve_manifest(&Platform::default())
+        .expect("manifest");
+    assert!(direct);
+    skopeo_push(&dir, "b", &reference, &[]);
+    let img = src.resolve(&Platform::default()).expect("resolve");
+    assert_eq!(img.manifest_digest, first);
+    let again = RegistrySource::open(&reference, &fast_options()).expect("source");
+    let moved = again.resolve(&Platform::default()).expect("resolve");
+    assert_ne!(moved.manifest_digest, first);
+}
