@@ -199,7 +199,7 @@ impl Images {
     pub fn ensure_accepted(self: &Arc<Self>, image: &str, manifest: &str) -> Result<(), String> {
         let dir = self.rootfs(manifest);
         self.touch(manifest);
-        let mut claim = {
+        let owned = {
             let mut busy = lock(&self.busy);
             loop {
                 match busy.get(manifest) {
@@ -213,7 +213,12 @@ impl Images {
                 Err(None) => return Ok(()),
                 Ok(()) => {}
             }
-            self.claim(busy, manifest)
+            // Owned: it goes with the mount to the thread that finishes it.
+            busy.insert(manifest.to_string(), false);
+            Claim {
+                images: self.clone(),
+                manifest: manifest.to_string(),
+            }
         };
         let mounting = match self.begin_mount(image, &dir) {
             Ok(m) => m,
@@ -222,13 +227,6 @@ impl Images {
                 return Err(why);
             }
         };
-        // The claim goes with the mount to the thread that finishes it
-        // (the borrowed one, its manifest taken, has nothing to drop).
-        let owned = Claim {
-            images: self.clone(),
-            manifest: std::mem::take(&mut claim.manifest),
-        };
-        std::mem::forget(claim);
         lock(&self.busy).insert(manifest.to_string(), true);
         self.done.notify_all();
         // Kept here too, to be finished here if no thread can be started.
@@ -305,11 +303,17 @@ impl Images {
         }
     }
 
+    /// The node's `smr`, with the node's trust policy.
+    fn smr(&self) -> Command {
+        let mut c = Command::new(&self.cfg.smr);
+        c.env("SMR_POLICY_DIR", &self.policy);
+        c
+    }
+
     /// Runs `smr` with the arguments `args` adds; a failure is an error
     /// with smr's message, starting with `what`.
     fn run_smr(&self, what: &str, args: impl FnOnce(&mut Command)) -> Result<(), String> {
-        let mut c = Command::new(&self.cfg.smr);
-        c.env("SMR_POLICY_DIR", &self.policy);
+        let mut c = self.smr();
         args(&mut c);
         let out = c
             .output()
@@ -326,8 +330,7 @@ impl Images {
     /// message if it could not.
     fn begin_mount(&self, image: &str, dir: &Path) -> Result<Mounting, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        let mut c = Command::new(&self.cfg.smr);
-        c.env("SMR_POLICY_DIR", &self.policy);
+        let mut c = self.smr();
         if let Some(creds) = self.keychain.creds_for(image) {
             c.env(crate::keychain::CREDS_ENV, creds);
         }
