@@ -417,28 +417,22 @@ async fn expect_image(State(c): State<Arc<Control>>, Json(r): Json<ImageRequest>
     };
     let images = c.sn.images().clone();
     let image = r.image.clone();
-    let spawned = std::thread::Builder::new()
-        .name("smr-expect".into())
-        .spawn(move || {
-            if let Err(why) = images.ensure_accepted(&image, &manifest) {
-                tracing::info!(
-                    image,
-                    reason = why,
-                    "an expected image is not served lazily"
-                );
-            }
-        });
-    match spawned {
-        Ok(_) => (
-            StatusCode::ACCEPTED,
-            Json(serde_json::json!({ "image": r.image })),
-        )
-            .into_response(),
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("starting a thread: {e}"),
-        ),
-    }
+    // Not awaited: acceptance takes a few registry round trips, and the
+    // mount goes on in a thread of its own after it.
+    drop(tokio::task::spawn_blocking(move || {
+        if let Err(why) = images.ensure_accepted(&image, &manifest) {
+            tracing::info!(
+                image,
+                reason = why,
+                "an expected image is not served lazily"
+            );
+        }
+    }));
+    (
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "image": r.image })),
+    )
+        .into_response()
 }
 
 /// The control API's routes.

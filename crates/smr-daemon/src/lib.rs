@@ -7,6 +7,7 @@
 //! `containerd-client` crate, from containerd's own protos.
 
 pub mod binds;
+pub mod client;
 pub mod control;
 pub mod cri;
 pub mod filter;

@@ -580,34 +580,20 @@ async fn pull_leased(
 /// Tells the node daemon on `socket` that containerd is about to pull
 /// `image` (pinned by its manifest), so that it starts mounting it while
 /// containerd records the pull (`POST /images`; the daemon answers at once
-/// and mounts in the background). Best effort, in a thread of its own: no
-/// daemon, or one that says no, changes nothing.
+/// and mounts in the background). Best effort: no daemon, or one that says
+/// no, changes nothing.
 pub fn expect_image(socket: &std::path::Path, image: &str) {
-    use std::io::{Read, Write};
-    let body = serde_json::json!({ "image": image }).to_string();
-    let Ok(mut conn) = std::os::unix::net::UnixStream::connect(socket) else {
-        tracing::debug!(socket = %socket.display(), "no node daemon to tell about the pull");
-        return;
-    };
-    let request = format!(
-        "POST /images HTTP/1.1\r\nHost: smr\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    if let Err(e) = conn.write_all(request.as_bytes()) {
-        tracing::debug!(error = %e, "telling the node daemon about the pull");
-        return;
+    let body = serde_json::json!({ "image": image });
+    // The daemon answers at once; a daemon that does not is not waited for
+    // long, as the pull goes on either way.
+    let timeout = Duration::from_secs(1);
+    match crate::client::request(socket, "POST", "/images", Some(&body), timeout) {
+        Ok(_) => tracing::debug!(image, "told the node daemon about the pull"),
+        Err(e @ crate::client::ClientError::Connect { .. }) => {
+            tracing::debug!(error = %e, "no node daemon to tell about the pull")
+        }
+        Err(e) => tracing::warn!(image, error = %e, "telling the node daemon about the pull"),
     }
-    let image = image.to_string();
-    // The answer is only logged; the pull does not wait for it.
-    let _ = std::thread::Builder::new()
-        .name("smr-expect".into())
-        .spawn(move || {
-            let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
-            let mut answer = String::new();
-            let _ = conn.take(4096).read_to_string(&mut answer);
-            let status = answer.lines().next().unwrap_or("no answer").to_string();
-            tracing::debug!(image, status, "told the node daemon about the pull");
-        });
 }
 
 #[cfg(test)]

@@ -116,48 +116,22 @@ pub fn daemon_socket() -> PathBuf {
 
 /// Whether a daemon answers on `socket`.
 pub fn daemon_runs(socket: &std::path::Path) -> bool {
-    std::os::unix::net::UnixStream::connect(socket).is_ok()
+    smr_daemon::client::daemon_runs(socket)
 }
 
 /// `METHOD path` (with a JSON `body`) on the control socket: the body of a
-/// 200 answer; any other answer is an error with the daemon's message.
+/// 2xx answer; any other answer is an error with the daemon's message.
+/// Mounts wait for a registry, so the timeout is long.
 pub fn control_request(
     socket: &std::path::Path,
     method: &str,
     path: &str,
     body: Option<&serde_json::Value>,
 ) -> Result<String> {
-    use std::io::{Read, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
-        format!(
-            "connecting to the smr daemon at {} (is `smr daemon` running?)",
-            socket.display()
-        )
-    })?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(300)))?;
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nHost: smr\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .with_context(|| format!("writing to {}", socket.display()))?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)
-        .with_context(|| format!("reading from {}", socket.display()))?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("{}: not an HTTP answer", socket.display()))?;
-    let status = head.lines().next().unwrap_or_default();
-    if status.split_whitespace().nth(1) != Some("200") {
-        let msg = serde_json::from_str::<serde_json::Value>(body)
-            .ok()
-            .and_then(|v| v["error"].as_str().map(str::to_string))
-            .unwrap_or_else(|| format!("{status}: {body}"));
-        anyhow::bail!("the smr daemon ({}): {msg}", socket.display());
-    }
-    Ok(body.to_string())
+    let timeout = std::time::Duration::from_secs(300);
+    Ok(smr_daemon::client::request(
+        socket, method, path, body, timeout,
+    )?)
 }
 
 /// Shows what the daemon serves.
