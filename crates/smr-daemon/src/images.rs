@@ -327,7 +327,8 @@ impl Images {
 
     /// Starts `smr mount` of `image` on `dir` and waits until it has
     /// found, trusted and opened the image's artifact; an error with its
-    /// message if it could not.
+    /// message if it could not (the caller hands every outcome to
+    /// [`Images::mounted`], which removes `dir` after a failure).
     fn begin_mount(&self, image: &str, dir: &Path) -> Result<Mounting, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         let mut c = self.smr();
@@ -355,13 +356,9 @@ impl Images {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let started = Instant::now();
-        let failed = |why: String| {
-            let _ = std::fs::remove_dir(dir);
-            why
-        };
         let mut child = c
             .spawn()
-            .map_err(|e| failed(format!("running {}: {e}", self.cfg.smr.display())))?;
+            .map_err(|e| format!("running {}: {e}", self.cfg.smr.display()))?;
         let mut err = child.stderr.take();
         let stderr = std::thread::spawn(move || {
             let mut text = String::new();
@@ -385,11 +382,12 @@ impl Images {
             return Ok(m);
         }
         // It ended (or said something else) before accepting the image.
-        let why = match m.finish() {
-            Err(why) => why,
-            Ok(()) => format!("smr mount {image}: ended without opening the image"),
-        };
-        Err(failed(why))
+        match m.finish() {
+            Err(why) => Err(why),
+            Ok(()) => Err(format!(
+                "smr mount {image}: ended without opening the image"
+            )),
+        }
     }
 
     /// Starts reading, in the background, what the dynamic loader will
