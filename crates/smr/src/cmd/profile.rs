@@ -52,7 +52,8 @@ struct PushArgs {
 struct ShowArgs {
     /// The profile file.
     profile: PathBuf,
-    /// Print JSON (recipe hash and every chunk index).
+    /// Print JSON (recipe hash, every chunk index and every block run
+    /// `[first, count]`, in first-read order).
     #[arg(long)]
     json: bool,
     /// The image the profile was recorded on (a recipe file, or
@@ -193,6 +194,7 @@ fn show(a: ShowArgs) -> Result<ExitCode> {
             "recipe": recipe,
             "chunks": p.chunks,
             "blocks_read_bytes": blocks * smr_format::startup::BLOCK,
+            "blocks": p.blocks.iter().map(|r| [r.first, u64::from(r.count)]).collect::<Vec<_>>(),
         });
         if let Some(kb) = p.recorded_readahead_kb {
             doc["readahead_kb"] = kb.into();

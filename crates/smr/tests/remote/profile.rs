@@ -94,6 +94,17 @@ fn a_recorded_profile_is_pushed_then_found_and_replayed() {
         blocks > 0 && blocks <= kernel,
         "{blocks} in blocks, {kernel} read"
     );
+    // Listed as runs `[first, count]`, each block once.
+    let runs = shown["blocks"].as_array().unwrap();
+    let mut seen = std::collections::HashSet::new();
+    for r in runs {
+        let (first, count) = (r[0].as_u64().unwrap(), r[1].as_u64().unwrap());
+        assert!(count > 0, "empty run {r}");
+        for b in first..first + count {
+            assert!(seen.insert(b), "block {b} listed twice");
+        }
+    }
+    assert_eq!(seen.len() as u64 * 4096, blocks, "{shown}");
     // With the image: the bytes those chunks hold and their stored size
     // (what a replay fetches: the recording run fetched exactly them).
     let show = ok(smr()
