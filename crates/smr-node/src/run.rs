@@ -15,8 +15,9 @@
 //!    and an OCI bundle whose `config.json` comes from the image config in
 //!    the recipe ([`spec`]), with the default seccomp filter ([`seccomp`]);
 //! 5. `runc run`, in the foreground, its exit status passed through
-//!    (`128 + n` for a container killed by signal n). Signals that reach
-//!    smr are forwarded with `runc kill`.
+//!    (`128 + n` for a container killed by signal n), with a state root of
+//!    the run's own ([`runtime`]). Signals that reach smr are forwarded
+//!    with `runc kill`.
 //!
 //! `start_seconds` runs from the caller's start instant to the moment the
 //! container's process has been started: runc writes its `--pid-file`
@@ -40,12 +41,12 @@
 //! lives).
 
 pub mod net;
+mod runtime;
 pub mod seccomp;
 pub mod spec;
 pub mod sweep;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
@@ -56,6 +57,7 @@ use smr_format::Recipe;
 use crate::fuse::{FuseConfig, FuseMount};
 use crate::lazy::LazyImage;
 use crate::mount::{self, ImageMount, LoopOptions, MountError};
+use runtime::Runtime;
 
 /// Where run directories go unless told otherwise.
 pub const DEFAULT_WORK_ROOT: &str = "/run/smr/run";
@@ -230,7 +232,7 @@ pub fn wait_at_most(
 fn wait_with_timeout(
     child: &mut std::process::Child,
     timeout: Option<Duration>,
-    runc: &str,
+    runtime: &Runtime,
     id: &str,
 ) -> std::io::Result<(std::process::ExitStatus, bool)> {
     let Some(timeout) = timeout else {
@@ -244,14 +246,14 @@ fn wait_with_timeout(
         ?timeout,
         "container ran past its timeout: killing it"
     );
-    let _ = Command::new(runc).args(["kill", id, "KILL"]).status();
+    runtime.kill(id, "KILL");
     Ok((child.wait()?, true))
 }
 
 /// Which container is running, for the signal forwarder.
 #[derive(Default)]
 struct Live {
-    container: Mutex<Option<(String, String)>>,
+    container: Mutex<Option<(Runtime, String)>>,
     signal: std::sync::atomic::AtomicI32,
     stop: AtomicBool,
 }
@@ -274,10 +276,8 @@ fn forward_signals(live: Arc<Live>) -> Result<signal_hook::iterator::Handle> {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone();
-            if let Some((runc, id)) = c {
-                let _ = Command::new(&runc)
-                    .args(["kill", &id, &sig.to_string()])
-                    .status();
+            if let Some((runtime, id)) = c {
+                runtime.kill(&id, &sig.to_string());
             }
         }
     });
@@ -317,18 +317,16 @@ impl Drop for Overlay {
     }
 }
 
-/// The container, deleted on drop.
+/// The container, deleted on drop (unless the runtime has already: see
+/// [`runtime`]).
 struct Container {
-    runc: String,
+    runtime: Runtime,
     id: String,
 }
 
 impl Drop for Container {
     fn drop(&mut self) {
-        let _ = Command::new(&self.runc)
-            .args(["delete", "--force", &self.id])
-            .stderr(std::process::Stdio::null())
-            .status();
+        self.runtime.delete(&self.id);
     }
 }
 
@@ -467,19 +465,21 @@ fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
     write_private(&config_path, &json).map_err(io_err(&config_path))?;
     check(live)?;
 
+    let runtime = Runtime::in_run_dir(&req.runc, tmp.path());
     let container = Container {
-        runc: req.runc.clone(),
+        runtime: runtime.clone(),
         id: id.clone(),
     };
     *live
         .container
         .lock()
-        .unwrap_or_else(PoisonError::into_inner) = Some((req.runc.clone(), id.clone()));
+        .unwrap_or_else(PoisonError::into_inner) = Some((runtime.clone(), id.clone()));
     let runtime_err = |source| RunError::Runtime {
         runc: req.runc.clone(),
         source,
     };
-    let mut child = Command::new(&req.runc)
+    let mut child = runtime
+        .command()
         .arg("run")
         .arg("--bundle")
         .arg(&bundle)
@@ -489,7 +489,7 @@ fn run_inner(req: &RunRequest, live: &Live) -> Result<RunReport> {
         .spawn()
         .map_err(runtime_err)?;
     let (status, timed_out) =
-        wait_with_timeout(&mut child, req.timeout, &req.runc, &id).map_err(runtime_err)?;
+        wait_with_timeout(&mut child, req.timeout, &runtime, &id).map_err(runtime_err)?;
     *live
         .container
         .lock()

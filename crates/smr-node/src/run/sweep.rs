@@ -123,11 +123,19 @@ pub fn sweep(work_root: &Path, runc: &str) -> usize {
 }
 
 fn tear_down(dir: &Path, runc: &str) -> Result<(), String> {
-    let _ = Command::new(runc)
-        .args(["delete", "--force", &container_id(dir)])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
+    let id = container_id(dir);
+    let runtime = super::runtime::Runtime::in_run_dir(runc, dir);
+    if runtime.root.is_dir() {
+        runtime.delete(&id);
+    } else {
+        // A run of an older smr, whose runtime kept the state in its
+        // default root.
+        let _ = Command::new(runc)
+            .args(["delete", "--force", &id])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
     let err = |what: &str, e: &dyn std::fmt::Display| format!("{what}: {e}");
     mount::umount(&dir.join("rootfs"), true).map_err(|e| err("overlay", &e))?;
     mount::umount(&dir.join("lower"), true).map_err(|e| err("image mount", &e))?;
