@@ -57,7 +57,8 @@
 //!   counted in memory per process and added to `DIR/stats` under `flock`
 //!   (format in `cache/stats.rs`) at most once every [`FLUSH_EVERY`] (by
 //!   the thread that changes them, or a timer thread when the process is
-//!   idle), and when the cache is dropped; `smr cache stats` in another
+//!   idle), [`FLUSH_SETTLE`] after they last changed (the end of a burst,
+//!   by the timer thread), and when the cache is dropped; `smr cache stats` in another
 //!   process sees them. The total is rescanned on open
 //!   and prune. So processes see each other's inserts up to a second late,
 //!   and the budget can be overshot by what the node fetches meanwhile.
@@ -101,7 +102,7 @@ pub use pins::Pin;
 pub use stats::{CacheCounters, CacheStats};
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -130,6 +131,10 @@ pub const DEFAULT_MEMORY_BYTES: u64 = 16 << 20;
 pub const DEFAULT_FETCH_THREADS: usize = 16;
 /// How often an active process adds its counters to `DIR/stats`.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// How long after its counters last changed a process adds what it has
+/// not added yet (the end of a burst: a container's start, say), so that
+/// `smr status` and `smr cache stats` asked just after it see it.
+pub const FLUSH_SETTLE: Duration = Duration::from_millis(100);
 /// A process's segment with nothing appended for this long is sealed, so
 /// that an idle server's last segment can be evicted.
 const SEAL_IDLE_AFTER: Duration = Duration::from_secs(30);
@@ -218,6 +223,13 @@ pub struct Cache {
     max_inflight: AtomicU64,
     opened: Instant,
     flushed_ms: AtomicU64,
+    /// When the counters last changed (ms since `opened`).
+    changed_ms: AtomicU64,
+    /// Counters changed since the last flush wait for the flusher thread
+    /// ([`FLUSH_SETTLE`]).
+    trailing: AtomicBool,
+    /// The flusher thread, woken when `trailing` is set.
+    flusher: std::sync::OnceLock<std::thread::Thread>,
     /// The node-wide total of entry bytes as of the last flush.
     known_total: AtomicU64,
     /// A failed insert was warned about (later ones are debug logs).
@@ -258,6 +270,9 @@ impl Cache {
             max_inflight: AtomicU64::new(0),
             opened: Instant::now(),
             flushed_ms: AtomicU64::new(0),
+            changed_ms: AtomicU64::new(0),
+            trailing: AtomicBool::new(false),
+            flusher: std::sync::OnceLock::new(),
             known_total: AtomicU64::new(0),
             insert_warned: space::Once::default(),
         };
@@ -727,8 +742,21 @@ impl Cache {
 
     fn maybe_flush(&self) {
         let now = self.opened.elapsed().as_millis() as u64;
+        // Loads first: this runs on every hit, from every FUSE thread.
+        if self.changed_ms.load(Ordering::Relaxed) != now {
+            self.changed_ms.store(now, Ordering::Relaxed);
+        }
         let last = self.flushed_ms.load(Ordering::Relaxed);
         if now.saturating_sub(last) < FLUSH_EVERY.as_millis() as u64 {
+            // Flushed a moment ago: the flusher thread adds this once the
+            // counters settle.
+            if !self.trailing.load(Ordering::Relaxed)
+                && !self.trailing.swap(true, Ordering::Relaxed)
+            {
+                if let Some(t) = self.flusher.get() {
+                    t.unpark();
+                }
+            }
             return;
         }
         // One thread flushes; the others go on.
@@ -744,6 +772,27 @@ impl Cache {
     }
 }
 
+impl Cache {
+    /// The flusher thread's part of [`Cache::maybe_flush`]: adds the
+    /// counters a flush left behind once they have gone [`FLUSH_SETTLE`]
+    /// without a change.
+    fn flush_if_settled(&self) {
+        if !self.trailing.load(Ordering::Relaxed) {
+            return;
+        }
+        let now = self.opened.elapsed().as_millis() as u64;
+        let quiet = now.saturating_sub(self.changed_ms.load(Ordering::Relaxed));
+        if quiet < FLUSH_SETTLE.as_millis() as u64 {
+            return;
+        }
+        // Cleared first: a change from now on arms it again.
+        self.trailing.store(false, Ordering::Relaxed);
+        if let Err(e) = self.flush() {
+            tracing::warn!(error = %e, "cannot update cache stats");
+        }
+    }
+}
+
 impl Drop for Cache {
     fn drop(&mut self) {
         if let Err(e) = self.flush() {
@@ -752,25 +801,49 @@ impl Drop for Cache {
     }
 }
 
-/// Adds the counters of an idle cache to `DIR/stats` every [`FLUSH_EVERY`]
-/// (a busy one flushes on its own): a thread that ends with the cache.
+/// A thread that ends with the cache: every [`FLUSH_EVERY`] it brings the
+/// index up to date, seals an idle segment and adds the counters of an
+/// idle cache to `DIR/stats` (a busy one flushes on its own); and once
+/// counters a flush left behind have gone [`FLUSH_SETTLE`] without a
+/// change, it adds them.
 fn start_flusher(cache: &Arc<Cache>) {
     let weak = Arc::downgrade(cache);
     let spawned = std::thread::Builder::new()
         .name("smr-cache-stats".into())
-        .spawn(move || loop {
-            std::thread::sleep(FLUSH_EVERY);
-            let Some(cache) = weak.upgrade() else { return };
-            if let Err(e) = cache.refresh() {
-                tracing::debug!(error = %e, "cannot read the cache's journals");
-            }
-            cache.segs.seal_if_idle(SEAL_IDLE_AFTER);
-            if !cache.pending.is_empty() {
-                cache.maybe_flush();
+        .spawn(move || {
+            let mut tick = Instant::now() + FLUSH_EVERY;
+            loop {
+                let armed = weak
+                    .upgrade()
+                    .is_some_and(|c| c.trailing.load(Ordering::Relaxed));
+                let until_tick = tick.saturating_duration_since(Instant::now());
+                std::thread::park_timeout(if armed {
+                    until_tick.min(FLUSH_SETTLE)
+                } else {
+                    until_tick
+                });
+                let Some(cache) = weak.upgrade() else { return };
+                cache.flush_if_settled();
+                if Instant::now() < tick {
+                    continue;
+                }
+                tick = Instant::now() + FLUSH_EVERY;
+                if let Err(e) = cache.refresh() {
+                    tracing::debug!(error = %e, "cannot read the cache's journals");
+                }
+                cache.segs.seal_if_idle(SEAL_IDLE_AFTER);
+                if !cache.pending.is_empty() {
+                    cache.maybe_flush();
+                }
             }
         });
-    if let Err(e) = spawned {
-        tracing::warn!(error = %e, "cannot start the cache stats thread: counters are saved at exit");
+    match spawned {
+        Ok(t) => {
+            let _ = cache.flusher.set(t.thread().clone());
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start the cache stats thread: counters are saved at exit")
+        }
     }
 }
 

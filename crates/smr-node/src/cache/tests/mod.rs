@@ -448,3 +448,35 @@ fn the_entry_crc_is_the_standard_crc32c() {
         "the check value of CRC-32C"
     );
 }
+
+/// The counters of a burst reach the stats file once it is over, without
+/// waiting for the next second's flush: `smr status` asked just after a
+/// container's start sees its fetches.
+#[test]
+fn counters_reach_the_file_soon_after_a_burst() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (store, ids) = store_with(&tmp.path().join("store"), 3, 1000);
+    let f = Fetcher::new(store, Duration::ZERO);
+    let dir = tmp.path().join("cache");
+    let serving = Cache::open(config(&dir, 1 << 30)).expect("open");
+    let viewer = Cache::open(config(&dir, 1 << 30)).expect("open");
+    // Opening flushed: the burst's changes wait for the flusher thread,
+    // which adds them FLUSH_SETTLE after the last (the next second's flush
+    // would be too late for the bound below).
+    for id in &ids {
+        serving.get_or_fetch(id, || f.get(id)).expect("fetch");
+    }
+    let t = std::time::Instant::now();
+    loop {
+        let fetches = viewer.stats().expect("stats").counters.fetches;
+        if fetches == 3 {
+            break;
+        }
+        assert!(
+            t.elapsed() < FLUSH_EVERY / 2,
+            "{fetches} of 3 fetches in the file after {:?}",
+            t.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
