@@ -134,7 +134,7 @@ pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// How long after its counters last changed a process adds what it has
 /// not added yet (the end of a burst: a container's start, say), so that
 /// `smr status` and `smr cache stats` asked just after it see it.
-pub const FLUSH_SETTLE: Duration = Duration::from_millis(100);
+pub const FLUSH_SETTLE: Duration = Duration::from_millis(25);
 /// A process's segment with nothing appended for this long is sealed, so
 /// that an idle server's last segment can be evicted.
 const SEAL_IDLE_AFTER: Duration = Duration::from_secs(30);
