@@ -16,7 +16,7 @@
 //!    the recipe ([`spec`]), with the default seccomp filter ([`seccomp`]);
 //! 5. `runc run`, in the foreground, its exit status passed through
 //!    (`128 + n` for a container killed by signal n), with a state root of
-//!    the run's own ([`runtime`]). Signals that reach smr are forwarded
+//!    the run's own (`run/runtime.rs`). Signals that reach smr are forwarded
 //!    with `runc kill`.
 //!
 //! `start_seconds` runs from the caller's start instant to the moment the
