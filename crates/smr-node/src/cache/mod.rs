@@ -770,9 +770,7 @@ impl Cache {
             }
         }
     }
-}
 
-impl Cache {
     /// The flusher thread's part of [`Cache::maybe_flush`]: adds the
     /// counters a flush left behind once they have gone [`FLUSH_SETTLE`]
     /// without a change.

@@ -25,8 +25,9 @@ pub(crate) const STATE_ROOT: &str = "runtime";
 pub(crate) struct Runtime {
     /// The binary (a name looked up in `PATH`, or a path).
     pub bin: String,
-    /// Its `--root`.
-    pub root: PathBuf,
+    /// Its `--root`; `None`: the runtime's default, where this process
+    /// cannot tell whether a container's state is there.
+    pub root: Option<PathBuf>,
 }
 
 impl Runtime {
@@ -34,20 +35,31 @@ impl Runtime {
     pub(crate) fn in_run_dir(bin: &str, dir: &Path) -> Self {
         Runtime {
             bin: bin.to_string(),
-            root: dir.join(STATE_ROOT),
+            root: Some(dir.join(STATE_ROOT)),
+        }
+    }
+
+    /// `bin` with its default state root (how an older smr ran it).
+    pub(crate) fn default_root(bin: &str) -> Self {
+        Runtime {
+            bin: bin.to_string(),
+            root: None,
         }
     }
 
     /// A command of the runtime (`run`, `kill`, `delete`, ...).
     pub(crate) fn command(&self) -> Command {
         let mut c = Command::new(&self.bin);
-        c.arg("--root").arg(&self.root);
+        if let Some(root) = &self.root {
+            c.arg("--root").arg(root);
+        }
         c
     }
 
-    /// Whether the runtime still keeps container `id`'s state.
+    /// Whether the runtime may still keep container `id`'s state (always,
+    /// with the default root).
     pub(crate) fn holds(&self, id: &str) -> bool {
-        self.root.join(id).exists()
+        self.root.as_ref().is_none_or(|r| r.join(id).exists())
     }
 
     /// Sends `signal` (a number or name) to container `id`; best effort.
@@ -96,11 +108,11 @@ mod tests {
         rt.delete("c1");
         assert!(!log.exists(), "no state: no delete");
 
-        std::fs::create_dir_all(rt.root.join("c1")).expect("state dir");
+        let root = d.path().join(STATE_ROOT);
+        std::fs::create_dir_all(root.join("c1")).expect("state dir");
         assert!(rt.holds("c1"));
         rt.delete("c1");
         let calls = std::fs::read_to_string(&log).expect("log");
-        let root = d.path().join(STATE_ROOT);
         assert_eq!(
             calls.trim(),
             format!("--root {} delete --force c1", root.display())
@@ -115,7 +127,18 @@ mod tests {
         let calls = std::fs::read_to_string(&log).expect("log");
         assert_eq!(
             calls.trim(),
-            format!("--root {} kill c2 15", rt.root.display())
+            format!("--root {} kill c2 15", d.path().join(STATE_ROOT).display())
         );
+    }
+
+    #[test]
+    fn with_the_default_root_delete_always_runs() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let (rt, log) = logging_runtime(d.path());
+        let rt = Runtime::default_root(&rt.bin);
+        assert!(rt.holds("c3"));
+        rt.delete("c3");
+        let calls = std::fs::read_to_string(&log).expect("log");
+        assert_eq!(calls.trim(), "delete --force c3");
     }
 }

@@ -12,7 +12,6 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::cache::disk as disk_lock;
@@ -123,19 +122,15 @@ pub fn sweep(work_root: &Path, runc: &str) -> usize {
 }
 
 fn tear_down(dir: &Path, runc: &str) -> Result<(), String> {
-    let id = container_id(dir);
-    let runtime = super::runtime::Runtime::in_run_dir(runc, dir);
-    if runtime.root.is_dir() {
-        runtime.delete(&id);
+    use super::runtime::{Runtime, STATE_ROOT};
+    // A run of an older smr has no state root of its own: its runtime kept
+    // the state in its default root.
+    let runtime = if dir.join(STATE_ROOT).is_dir() {
+        Runtime::in_run_dir(runc, dir)
     } else {
-        // A run of an older smr, whose runtime kept the state in its
-        // default root.
-        let _ = Command::new(runc)
-            .args(["delete", "--force", &id])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
+        Runtime::default_root(runc)
+    };
+    runtime.delete(&container_id(dir));
     let err = |what: &str, e: &dyn std::fmt::Display| format!("{what}: {e}");
     mount::umount(&dir.join("rootfs"), true).map_err(|e| err("overlay", &e))?;
     mount::umount(&dir.join("lower"), true).map_err(|e| err("image mount", &e))?;
