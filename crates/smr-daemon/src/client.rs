@@ -122,7 +122,9 @@ mod tests {
     use std::os::unix::net::UnixListener;
 
     /// A server that answers one connection with `answer` after reading
-    /// the request; returns the socket and what it was sent.
+    /// the whole request (its head, then the `Content-Length` bytes of its
+    /// body, which the client may send in another write); returns the
+    /// socket and what it was sent.
     fn one_answer(
         answer: &'static [u8],
     ) -> (tempfile::TempDir, PathBuf, std::thread::JoinHandle<String>) {
@@ -131,10 +133,27 @@ mod tests {
         let l = UnixListener::bind(&sock).unwrap();
         let h = std::thread::spawn(move || {
             let (mut c, _) = l.accept().unwrap();
+            let mut got = Vec::new();
             let mut buf = vec![0u8; 4096];
-            let n = c.read(&mut buf).unwrap();
+            loop {
+                let text = String::from_utf8_lossy(&got);
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let len = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Content-Length: "))
+                        .map_or(0, |n| n.trim().parse::<usize>().unwrap());
+                    if body.len() >= len {
+                        break;
+                    }
+                }
+                let n = c.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
             c.write_all(answer).unwrap();
-            String::from_utf8_lossy(&buf[..n]).into_owned()
+            String::from_utf8_lossy(&got).into_owned()
         });
         (dir, sock, h)
     }
