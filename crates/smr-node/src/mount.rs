@@ -266,8 +266,10 @@ pub struct MountState {
     pub config: Option<smr_format::config::ImageConfig>,
 }
 
-/// The state directory of mount point `mnt` (canonical) under `root`:
-/// every byte other than `[A-Za-z0-9._-]` of the path is `%XX`-escaped.
+/// The state directory of mount point `mnt` (canonical) under `root`
+/// (made absolute: the mount's server, its state file and the mount table
+/// name it by its full path): every byte other than `[A-Za-z0-9._-]` of
+/// the path is `%XX`-escaped.
 pub fn state_dir(root: &Path, mnt: &Path) -> PathBuf {
     let mut name = String::new();
     for b in mnt.as_os_str().as_encoded_bytes() {
@@ -278,7 +280,9 @@ pub fn state_dir(root: &Path, mnt: &Path) -> PathBuf {
             _ => name.push_str(&format!("%{b:02X}")),
         }
     }
-    root.join(name)
+    std::path::absolute(root)
+        .unwrap_or_else(|_| root.to_path_buf())
+        .join(name)
 }
 
 /// Canonicalizes a mount point that must be an existing directory.

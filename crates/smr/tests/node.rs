@@ -165,6 +165,42 @@ fn lazy_mount_equals_extracted_image() {
     assert_eq!(v["total_bytes"].as_u64(), Some(0), "{v}");
 }
 
+/// `smr mount` and `smr umount` given relative paths (state directory,
+/// cache, recipe, store, key, mount point) from the directory they name.
+#[test]
+fn relative_paths_mount_and_unmount() {
+    let _g = lock();
+    let e = Env::new(None);
+    std::fs::create_dir(e.path("mnt")).unwrap();
+    let rel = |p: &Path| p.strip_prefix(e.t.path()).unwrap().to_path_buf();
+    let (recipe, store, key) = (rel(&e.recipe), rel(&e.store), rel(&e.key));
+    let mut mount = smr();
+    mount
+        .current_dir(e.t.path())
+        .args([
+            "mount",
+            "--cache-dir",
+            "cache",
+            "--state-dir",
+            "state",
+            "--store",
+        ])
+        .arg(&store)
+        .arg("--key-file")
+        .arg(&key)
+        .arg(&recipe)
+        .arg("mnt");
+    ok(&mut mount);
+    let entries = std::fs::read_dir(e.path("mnt")).unwrap().count();
+    assert!(entries > 0, "the image's tree is not mounted");
+    let mut umount = smr();
+    umount
+        .current_dir(e.t.path())
+        .args(["umount", "--state-dir", "state", "mnt"]);
+    ok(&mut umount);
+    e.assert_clean();
+}
+
 /// Bad mount points, a missing store or key, and a killed server: each
 /// fails (or, for the killed server, unmounts) leaving nothing behind.
 #[test]

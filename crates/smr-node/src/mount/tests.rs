@@ -106,6 +106,12 @@ fn state_dir_escapes_every_path_uniquely() {
         state_dir(r, Path::new("/a-b")),
         state_dir(r, Path::new("/a/b"))
     );
+    // A relative root is taken from the current directory.
+    let cwd = std::env::current_dir().unwrap();
+    assert_eq!(
+        state_dir(Path::new("st"), Path::new("/m")),
+        cwd.join("st/%2Fm")
+    );
 }
 
 #[test]
