@@ -84,6 +84,10 @@ pub struct LazyStats {
     /// exported file ahead of the reads (the kernel reads them without
     /// asking: they are not in `bytes_read`).
     pub bytes_seeded: u64,
+    /// Bytes of chunks the node held stored in that page cache ahead of a
+    /// reader going through the image in order (not in `bytes_read`
+    /// either).
+    pub bytes_stored_ahead: u64,
 }
 
 /// An image served lazily from a chunk store through the node cache.
@@ -119,6 +123,9 @@ struct Inner {
     /// Whether the startup pack's blocks are being stored there.
     seeding: AtomicBool,
     bytes_seeded: AtomicU64,
+    /// Pages stored ahead of a sequential reader (see `lazy/ahead.rs`).
+    ahead: ahead::Ahead,
+    bytes_stored_ahead: AtomicU64,
 }
 
 impl std::fmt::Debug for LazyImage {
@@ -179,6 +186,8 @@ impl LazyImage {
                 startup: OnceLock::new(),
                 pages: OnceLock::new(),
                 seeding: AtomicBool::new(false),
+                ahead: ahead::Ahead::default(),
+                bytes_stored_ahead: AtomicU64::new(0),
                 bytes_seeded: AtomicU64::new(0),
             }),
         })
@@ -224,6 +233,7 @@ impl LazyImage {
             bytes_read: i.bytes_read.load(Ordering::Relaxed),
             read_errors: i.read_errors.load(Ordering::Relaxed),
             bytes_seeded: i.bytes_seeded.load(Ordering::Relaxed),
+            bytes_stored_ahead: i.bytes_stored_ahead.load(Ordering::Relaxed),
         }
     }
 
@@ -257,6 +267,9 @@ impl LazyImage {
         let mut parts: Vec<ReadPart> = Vec::new();
         let r = self.each_chunk(offset, len as u64, |_, data| push_part(&mut parts, data));
         self.count_read(len, r.is_ok());
+        if r.is_ok() {
+            self.store_ahead(offset, offset + len as u64);
+        }
         r.map(|()| parts)
     }
 
@@ -315,6 +328,7 @@ impl LazyImage {
             }
         }
         self.count_read(len, true);
+        self.store_ahead(offset, end);
         Some(Ok(parts))
     }
 
@@ -770,6 +784,7 @@ impl BlockDevice for LazyImage {
     }
 }
 
+mod ahead;
 pub mod prefetch;
 pub mod profile;
 mod startup;

@@ -336,6 +336,23 @@ impl Cache {
         self.segs.readahead(id)
     }
 
+    /// The decoded bytes of a chunk if the node has it (memory tier, else
+    /// disk, then `decode`), never fetching; `None` if it has not, or if
+    /// loading or decoding it fails (a corrupt entry is dropped as by any
+    /// load). Not kept in the memory tier.
+    pub fn get_decoded_cached(
+        &self,
+        key: &DecodeKey,
+        decode: impl FnOnce(Vec<u8>) -> Result<Vec<u8>, ChunkError>,
+    ) -> Option<Arc<Vec<u8>>> {
+        if let Some(data) = self.memory_get(key, true) {
+            return Some(data);
+        }
+        let stored = self.load_disk(&key.id)?;
+        self.pending.hits.fetch_add(1, Ordering::Relaxed);
+        decode(stored).ok().map(Arc::new)
+    }
+
     /// The verified stored bytes of chunk `id`: from disk, or from `fetch`
     /// (called at most once per chunk at a time on the node) and inserted.
     /// Does not use the memory tier.

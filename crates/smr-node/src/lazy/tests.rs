@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 
+mod ahead;
 mod prefetch;
 mod startup;
 mod startup_stream;

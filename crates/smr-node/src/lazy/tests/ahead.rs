@@ -1,0 +1,135 @@
+//! Pages stored ahead of a sequential reader (`lazy/ahead.rs`).
+
+use super::startup::Pages;
+use super::*;
+use crate::lazy::ahead::STORE_AHEAD;
+
+/// Waits until `lazy` has stored `bytes` ahead of its readers (or 10 s).
+fn stored_ahead(lazy: &LazyImage, bytes: u64) -> u64 {
+    let t = std::time::Instant::now();
+    while lazy.stats().bytes_stored_ahead < bytes && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    lazy.stats().bytes_stored_ahead
+}
+
+/// The stored pages, merged into `(start, end)` runs, each checked
+/// against the image.
+fn stored_runs(pages: &Pages, plain: &[u8]) -> Vec<(u64, u64)> {
+    let mut stored = pages.0.lock().unwrap().clone();
+    stored.sort_by_key(|(off, _)| *off);
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (off, data) in stored {
+        let end = off + data.len() as u64;
+        assert_eq!(off % 4096, 0, "pages start on a page");
+        assert!(
+            data == plain[off as usize..end as usize],
+            "the bytes stored at {off} are the image's"
+        );
+        match runs.last_mut() {
+            Some(last) if last.1 == off => last.1 = end,
+            _ => runs.push((off, end)),
+        }
+    }
+    runs
+}
+
+#[test]
+fn a_reader_in_order_finds_the_held_chunks_after_it_stored() {
+    let fx = fixture(Duration::ZERO);
+    // The node holds chunks 0..20 (1.25 MiB); 20.. are only in the store.
+    fx.lazy(32 << 20, 1 << 30)
+        .prefetch(0, 20 * CS)
+        .expect("prefetch");
+    let fetched = fx.store.total();
+    let lazy = fx.lazy(32 << 20, 1 << 30);
+    let pages = Arc::new(Pages::default());
+    lazy.seed_pages(pages.clone());
+    for at in [0, 2 * CS] {
+        let parts = lazy.read_parts(at, (2 * CS) as usize).expect("read");
+        assert!(flatten(&parts) == fx.plain[at as usize..(at + 2 * CS) as usize]);
+    }
+    // The first read (chunks 0 and 1) stored the MiB after it, chunks
+    // 2..18, but for the zero chunks 2, 7, 12 and 17 (the kernel reads
+    // them at no cost); the second leaves more than half of that ahead of
+    // it, so nothing more.
+    assert_eq!(STORE_AHEAD, 16 * CS);
+    let want = (2..18).filter(|c| c % 5 != 2).count() as u64 * CS;
+    assert_eq!(stored_ahead(&lazy, want), want);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(lazy.stats().bytes_stored_ahead, want, "nothing more");
+    let runs = stored_runs(&pages, &fx.plain);
+    assert_eq!(
+        runs,
+        [(3 * CS, 7 * CS), (8 * CS, 12 * CS), (13 * CS, 17 * CS)]
+    );
+    // Reading on moves the window into chunks the node lacks: they are
+    // not fetched for it.
+    for at in [4 * CS, 6 * CS, 8 * CS, 10 * CS] {
+        let parts = lazy.read_parts(at, (2 * CS) as usize).expect("read");
+        assert!(flatten(&parts) == fx.plain[at as usize..(at + 2 * CS) as usize]);
+    }
+    let want = want + 2 * CS;
+    assert_eq!(stored_ahead(&lazy, want), want, "chunks 18 and 19");
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(lazy.stats().bytes_stored_ahead, want, "none of 20..");
+    assert_eq!(fx.store.total(), fetched, "nothing fetched to store ahead");
+    assert_eq!(
+        lazy.stats().bytes_read,
+        12 * CS,
+        "stored pages are not reads"
+    );
+}
+
+#[test]
+fn reads_out_of_order_store_nothing_ahead() {
+    let fx = fixture(Duration::ZERO);
+    let lazy = fx.lazy(32 << 20, 1 << 30);
+    lazy.prefetch(0, SIZE).expect("prefetch");
+    let pages = Arc::new(Pages::default());
+    lazy.seed_pages(pages.clone());
+    for at in [30 * CS, 10 * CS, 40 * CS, 5 * CS] {
+        let parts = lazy.read_parts(at, CS as usize).expect("read");
+        assert!(flatten(&parts) == fx.plain[at as usize..(at + CS) as usize]);
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(lazy.stats().bytes_stored_ahead, 0);
+    assert!(pages.0.lock().unwrap().is_empty());
+    // Without a page cache (NBD), a reader in order stores nothing.
+    let nbd = fx.lazy(32 << 20, 1 << 30);
+    for at in [0, CS, 2 * CS] {
+        nbd.read_parts(at, CS as usize).expect("read");
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(nbd.stats().bytes_stored_ahead, 0);
+}
+
+#[test]
+fn the_window_moves_with_the_reader_and_stops_at_the_image_end() {
+    let fx = fixture(Duration::ZERO);
+    let lazy = fx.lazy(32 << 20, 1 << 30);
+    lazy.prefetch(0, SIZE).expect("prefetch");
+    let pages = Arc::new(Pages::default());
+    lazy.seed_pages(pages.clone());
+    // Read the whole image in order, 128 KiB at a time (the last read
+    // shorter): the pages after the first read are all stored once.
+    let mut at = 0;
+    while at < SIZE {
+        let len = (2 * CS).min(SIZE - at);
+        let parts = lazy.read_parts(at, len as usize).expect("read");
+        assert!(flatten(&parts) == fx.plain[at as usize..(at + len) as usize]);
+        at += len;
+    }
+    let zero: u64 = (2..SIZE.div_ceil(CS))
+        .filter(|c| c % 5 == 2)
+        .map(|c| CS.min(SIZE - c * CS))
+        .sum();
+    let want = SIZE - 2 * CS - zero;
+    assert_eq!(stored_ahead(&lazy, want), want);
+    std::thread::sleep(Duration::from_millis(50));
+    let runs = stored_runs(&pages, &fx.plain);
+    assert_eq!(runs.first().map(|r| r.0), Some(3 * CS), "chunk 2 is zeros");
+    assert_eq!(runs.last().map(|r| r.1), Some(SIZE), "up to the image end");
+    let total: u64 = runs.iter().map(|r| r.1 - r.0).sum();
+    assert_eq!(total, want, "each page stored once");
+}
