@@ -26,7 +26,9 @@
 //!   page cache at its first open ([`BlockDevice::exported`]): bytes it
 //!   stores there (`FUSE_NOTIFY_STORE`) are read by the kernel (a loop
 //!   device reading the file through the page cache) with no request to
-//!   this server.
+//!   this server. A lazy image stores there its startup pack's blocks,
+//!   and, ahead of a reader going through it in order, the chunks the
+//!   node holds.
 //! - **Errors.** A failed read answers `EIO` and logs the device's error,
 //!   which names the chunk and the store.
 //!
