@@ -8,10 +8,11 @@
 //! [`STORE_AHEAD`] bytes after each read in the file's page cache itself
 //! (`FUSE_NOTIFY_STORE`, see [`crate::device::PageSink`]), from chunks
 //! the node already holds (the memory tier or the disk tier): the
-//! kernel then finds those pages and asks for nothing. A chunk that is
-//! not at hand ends the window; it is never fetched for this (a cold
-//! reader's fetches stay the kernel's and the prefetcher's). The bytes
-//! stored are the chunks' verified plaintext, as a read would get.
+//! kernel then finds those pages and asks for nothing. A chunk the node
+//! does not hold is left to the kernel's request: it is never fetched
+//! for this (a cold reader's fetches stay the kernel's and the
+//! prefetcher's). The bytes stored are the chunks' verified plaintext, as
+//! a read would get.
 
 use std::sync::{Mutex, PoisonError};
 
@@ -20,6 +21,8 @@ use crate::device::PageSink;
 
 /// Bytes of image stored ahead of a sequential reader.
 pub(super) const STORE_AHEAD: u64 = 1 << 20;
+/// A page: stores cover whole pages (but for the image's last one).
+const PAGE: u64 = 4096;
 
 /// A sequential reader's progress: the end of the last read, and how far
 /// pages were stored (or are being stored) ahead of it.
@@ -43,11 +46,18 @@ impl LazyImage {
             st.1 = end;
             return;
         }
-        let to = end.saturating_add(STORE_AHEAD).min(self.size());
+        let size = self.size();
+        let to = match end.saturating_add(STORE_AHEAD) {
+            to if to >= size => size,
+            to => to / PAGE * PAGE,
+        };
         if stored >= end.saturating_add(STORE_AHEAD / 2) || stored >= to {
             return;
         }
-        let from = stored.max(end);
+        let from = stored.max(end).next_multiple_of(PAGE);
+        if from >= to {
+            return;
+        }
         st.1 = to;
         drop(st);
         // A job per chunk: their disk reads overlap.
