@@ -89,6 +89,15 @@ pub trait BlockDevice: Send + Sync + 'static {
         let _ = pages;
     }
 
+    /// Told by an export after it answered a read of `len` bytes at
+    /// `offset` that will be read through the kernel's page cache of the
+    /// exported file (a FUSE read without `O_DIRECT`): where a reader is,
+    /// for a device that stores pages ahead of it ([`Self::exported`]).
+    /// Default: nothing.
+    fn read_through_page_cache(&self, offset: u64, len: usize) {
+        let _ = (offset, len);
+    }
+
     /// Make completed writes durable. Default: nothing to do.
     fn flush(&self) -> io::Result<()> {
         Ok(())

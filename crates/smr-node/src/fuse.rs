@@ -251,7 +251,7 @@ impl Filesystem for ImageFs {
         _fh: FileHandle,
         offset: u64,
         size: u32,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
@@ -259,7 +259,15 @@ impl Filesystem for ImageFs {
             return reply.error(Errno::EISDIR);
         }
         match self.read_parts(offset, size) {
-            Ok(parts) => reply_parts(reply, &parts),
+            Ok(parts) => {
+                let len = parts.iter().map(ReadPart::len).sum();
+                reply_parts(reply, &parts);
+                // The flags are the file's now (a loop device turns
+                // O_DIRECT on and off on its descriptor).
+                if flags.0 & libc::O_DIRECT == 0 {
+                    self.dev.read_through_page_cache(offset, len);
+                }
+            }
             Err(e) => {
                 tracing::error!(offset, size, error = %e, "FUSE read failed; answering EIO");
                 reply.error(Errno::EIO)

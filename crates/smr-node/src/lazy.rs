@@ -267,9 +267,6 @@ impl LazyImage {
         let mut parts: Vec<ReadPart> = Vec::new();
         let r = self.each_chunk(offset, len as u64, |_, data| push_part(&mut parts, data));
         self.count_read(len, r.is_ok());
-        if r.is_ok() {
-            self.store_ahead(offset, offset + len as u64);
-        }
         r.map(|()| parts)
     }
 
@@ -328,7 +325,6 @@ impl LazyImage {
             }
         }
         self.count_read(len, true);
-        self.store_ahead(offset, end);
         Some(Ok(parts))
     }
 
@@ -421,12 +417,7 @@ impl LazyImage {
             if let Some(r) = recorder {
                 r.touch(c);
             }
-            // The first read of a chunk fetched ahead moves the window
-            // ahead of the reader (the rest of its file, its neighbours).
-            let first_read = self.inner.prefetch.read.set(c);
-            if first_read && self.inner.prefetch.fetched.get(c) {
-                self.inner.prefetch_file(c);
-            }
+            let first_read = self.inner.first_delivery(c, None);
             if in_pack(c) {
                 let (lo, hi) = piece_of(c);
                 if let Some((d, r)) = self.inner.pack_read(lo, hi) {
@@ -781,6 +772,10 @@ impl BlockDevice for LazyImage {
 
     fn exported(&self, pages: Arc<dyn crate::device::PageSink>) {
         self.seed_pages(pages)
+    }
+
+    fn read_through_page_cache(&self, offset: u64, len: usize) {
+        self.store_ahead(offset, offset.saturating_add(len as u64));
     }
 }
 

@@ -3,6 +3,7 @@
 
 use super::*;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
@@ -180,11 +181,17 @@ fn fallocate_punches_and_zeroes_ranges_of_a_writable_file() {
     drop(f);
 }
 
+/// A page-aligned buffer, as `O_DIRECT` reads need.
+#[repr(C, align(4096))]
+struct AlignedPage([u8; 4096]);
+
 /// A read-only device of [`Pattern`]'s bytes that, once exported, stores
 /// `[64 KiB, 128 KiB)` in the file's page cache and says so; it records
 /// the offset of every read the kernel sends.
 struct Seeding {
     reads: std::sync::Mutex<Vec<u64>>,
+    /// Offsets of the reads the export said go through the page cache.
+    hints: std::sync::Mutex<Vec<u64>>,
     stored: crossbeam_channel::Sender<io::Result<()>>,
 }
 
@@ -209,6 +216,10 @@ impl BlockDevice for Seeding {
         // Not from the FUSE thread answering the open.
         std::thread::spawn(move || done.send(pages.store(SEEDED.start, &bytes)));
     }
+
+    fn read_through_page_cache(&self, offset: u64, _len: usize) {
+        self.hints.lock().unwrap().push(offset);
+    }
 }
 
 #[test]
@@ -219,6 +230,7 @@ fn a_read_only_device_fills_the_page_cache_the_kernel_reads() {
     let (tx, rx) = crossbeam_channel::bounded(1);
     let dev = Arc::new(Seeding {
         reads: std::sync::Mutex::new(Vec::new()),
+        hints: std::sync::Mutex::new(Vec::new()),
         stored: tx,
     });
     let dir = tempfile::tempdir().expect("tempdir");
@@ -245,6 +257,25 @@ fn a_read_only_device_fills_the_page_cache_the_kernel_reads() {
     f.seek(SeekFrom::Start(512 << 10)).expect("seek");
     f.read_exact(&mut buf).expect("read");
     assert!(dev.reads.lock().unwrap().contains(&(512 << 10)));
+    // Each read through the page cache is hinted (after its answer), an
+    // O_DIRECT one not.
+    let t = Instant::now();
+    while !dev.hints.lock().unwrap().contains(&(512 << 10)) {
+        assert!(t.elapsed() < Duration::from_secs(5), "no hint of the read");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     drop(f);
+    let direct = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(m.file())
+        .expect("open O_DIRECT");
+    let mut page = AlignedPage([0; 4096]);
+    let at = 768 << 10;
+    direct.read_exact_at(&mut page.0, at).expect("direct read");
+    assert!(dev.reads.lock().unwrap().contains(&at));
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(!dev.hints.lock().unwrap().contains(&at));
+    drop(direct);
     m.unmount(Duration::from_secs(5)).expect("unmount");
 }

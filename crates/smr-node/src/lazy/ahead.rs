@@ -14,7 +14,7 @@
 //! prefetcher's). The bytes stored are the chunks' verified plaintext, as
 //! a read would get.
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use super::{Inner, LazyImage};
 use crate::device::PageSink;
@@ -30,9 +30,11 @@ const PAGE: u64 = 4096;
 pub(super) struct Ahead(Mutex<(u64, u64)>);
 
 impl LazyImage {
-    /// After a read of `[offset, end)`: if it follows the read before it,
-    /// stores the pages after it that are not stored yet, up to
-    /// [`STORE_AHEAD`] bytes ahead, on the cache's pool.
+    /// After a read of `[offset, end)` through the page cache (see
+    /// [`crate::device::BlockDevice::read_through_page_cache`]): if it
+    /// follows the reads before it, stores the pages after it that are
+    /// not stored yet, up to [`STORE_AHEAD`] bytes ahead, on the cache's
+    /// pool.
     pub(super) fn store_ahead(&self, offset: u64, end: u64) {
         let i = &self.inner;
         let Some(sink) = i.pages.get() else {
@@ -40,12 +42,16 @@ impl LazyImage {
         };
         let mut st = i.ahead.0.lock().unwrap_or_else(PoisonError::into_inner);
         let (last_end, stored) = *st;
-        let sequential = offset <= last_end && last_end <= end;
-        st.0 = end;
+        // In order: from a little behind the last read (reads finish out
+        // of order) up to the pages stored ahead (which the kernel skips,
+        // asking next for the first page it lacks).
+        let sequential =
+            last_end.saturating_sub(STORE_AHEAD) <= offset && offset <= last_end.max(stored);
         if !sequential {
-            st.1 = end;
+            *st = (end, end);
             return;
         }
+        st.0 = last_end.max(end);
         let size = self.size();
         let to = match end.saturating_add(STORE_AHEAD) {
             to if to >= size => size,
@@ -76,7 +82,7 @@ impl LazyImage {
 impl Inner {
     /// Stores the bytes `[lo, hi)` of the image, inside chunk `c`, in the
     /// exported file's page cache if the node holds the chunk.
-    fn store_chunk(&self, sink: &dyn PageSink, c: u64, lo: u64, hi: u64) {
+    fn store_chunk(self: &Arc<Self>, sink: &dyn PageSink, c: u64, lo: u64, hi: u64) {
         let Some((pos, key)) = self.locate(c) else {
             // A zero chunk: the kernel's read of it costs no fetch.
             return;
@@ -95,6 +101,9 @@ impl Inner {
             Ok(()) => {
                 self.bytes_stored_ahead
                     .fetch_add(hi - lo, std::sync::atomic::Ordering::Relaxed);
+                // The kernel never asks for a stored page: the chunk's
+                // first delivery moves the prefetcher as a read would.
+                self.first_delivery(c, Some(&data));
             }
             Err(e) => tracing::debug!(offset = lo, error = %e, "storing pages ahead of a reader"),
         }

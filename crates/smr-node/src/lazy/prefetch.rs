@@ -287,6 +287,25 @@ impl Inner {
         end
     }
 
+    /// Marks chunk `index` delivered to the kernel (read, or stored in
+    /// its page cache ahead of a reader); on its first delivery, a chunk
+    /// fetched ahead moves the window ahead of the reader (the rest of its
+    /// file, its neighbours: [`Inner::prefetch_file`]) and, given its
+    /// bytes, an ELF header in it queues its writable segments
+    /// ([`Inner::prefetch_elf`]). Returns whether it was the first.
+    pub(super) fn first_delivery(self: &Arc<Self>, index: u64, data: Option<&[u8]>) -> bool {
+        if !self.prefetch.read.set(index) {
+            return false;
+        }
+        if self.prefetch.fetched.get(index) {
+            self.prefetch_file(index);
+        }
+        if let Some(d) = data {
+            self.prefetch_elf(index, d);
+        }
+        true
+    }
+
     pub(super) fn prefetch_file(self: &Arc<Self>, index: u64) {
         if !self.prefetch.files.load(Ordering::Relaxed) || self.prefetch.profiled.get(index) {
             return;

@@ -4,6 +4,14 @@ use super::startup::Pages;
 use super::*;
 use crate::lazy::ahead::STORE_AHEAD;
 
+/// A read as the FUSE export makes it through the exported file's page
+/// cache: the parts, then the hint of where the reader is.
+pub(super) fn cached_read(lazy: &LazyImage, at: u64, len: u64) -> Vec<ReadPart> {
+    let parts = lazy.read_parts(at, len as usize).expect("read");
+    BlockDevice::read_through_page_cache(lazy, at, len as usize);
+    parts
+}
+
 /// Waits until `lazy` has stored `bytes` ahead of its readers (or 10 s).
 fn stored_ahead(lazy: &LazyImage, bytes: u64) -> u64 {
     let t = std::time::Instant::now();
@@ -46,7 +54,7 @@ fn a_reader_in_order_finds_the_held_chunks_after_it_stored() {
     let pages = Arc::new(Pages::default());
     lazy.seed_pages(pages.clone());
     for at in [0, 2 * CS] {
-        let parts = lazy.read_parts(at, (2 * CS) as usize).expect("read");
+        let parts = cached_read(&lazy, at, 2 * CS);
         assert!(flatten(&parts) == fx.plain[at as usize..(at + 2 * CS) as usize]);
     }
     // The first read (chunks 0 and 1) stored the MiB after it, chunks
@@ -66,7 +74,7 @@ fn a_reader_in_order_finds_the_held_chunks_after_it_stored() {
     // Reading on moves the window into chunks the node lacks: they are
     // not fetched for it.
     for at in [4 * CS, 6 * CS, 8 * CS, 10 * CS] {
-        let parts = lazy.read_parts(at, (2 * CS) as usize).expect("read");
+        let parts = cached_read(&lazy, at, 2 * CS);
         assert!(flatten(&parts) == fx.plain[at as usize..(at + 2 * CS) as usize]);
     }
     let want = want + 2 * CS;
@@ -89,7 +97,7 @@ fn reads_out_of_order_store_nothing_ahead() {
     let pages = Arc::new(Pages::default());
     lazy.seed_pages(pages.clone());
     for at in [30 * CS, 10 * CS, 40 * CS, 5 * CS] {
-        let parts = lazy.read_parts(at, CS as usize).expect("read");
+        let parts = cached_read(&lazy, at, CS);
         assert!(flatten(&parts) == fx.plain[at as usize..(at + CS) as usize]);
     }
     std::thread::sleep(Duration::from_millis(100));
@@ -98,7 +106,7 @@ fn reads_out_of_order_store_nothing_ahead() {
     // Without a page cache (NBD), a reader in order stores nothing.
     let nbd = fx.lazy(32 << 20, 1 << 30);
     for at in [0, CS, 2 * CS] {
-        nbd.read_parts(at, CS as usize).expect("read");
+        cached_read(&nbd, at, CS);
     }
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(nbd.stats().bytes_stored_ahead, 0);
@@ -116,7 +124,7 @@ fn the_window_moves_with_the_reader_and_stops_at_the_image_end() {
     let mut at = 0;
     while at < SIZE {
         let len = (2 * CS).min(SIZE - at);
-        let parts = lazy.read_parts(at, len as usize).expect("read");
+        let parts = cached_read(&lazy, at, len);
         assert!(flatten(&parts) == fx.plain[at as usize..(at + len) as usize]);
         at += len;
     }
@@ -132,4 +140,36 @@ fn the_window_moves_with_the_reader_and_stops_at_the_image_end() {
     assert_eq!(runs.last().map(|r| r.1), Some(SIZE), "up to the image end");
     let total: u64 = runs.iter().map(|r| r.1 - r.0).sum();
     assert_eq!(total, want, "each page stored once");
+}
+
+#[test]
+fn the_kernel_skipping_stored_pages_keeps_the_reader_in_order() {
+    let fx = fixture(Duration::ZERO);
+    let lazy = fx.lazy(32 << 20, 1 << 30);
+    lazy.prefetch(0, SIZE).expect("prefetch");
+    let pages = Arc::new(Pages::default());
+    lazy.seed_pages(pages.clone());
+    let read = |at: u64, len: u64| {
+        let parts = cached_read(&lazy, at, len);
+        assert!(flatten(&parts) == fx.plain[at as usize..(at + len) as usize]);
+    };
+    // Chunks 2..18 stored; the kernel asks next for chunk 7 (zeros, not
+    // stored), then for chunk 18, the first page it lacks after them.
+    read(0, 2 * CS);
+    let first = (2..18).filter(|c| c % 5 != 2).count() as u64 * CS;
+    assert_eq!(stored_ahead(&lazy, first), first);
+    read(7 * CS, CS);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(lazy.stats().bytes_stored_ahead, first, "still far ahead");
+    read(18 * CS, 2 * CS);
+    let second = first + (20..36).filter(|c| c % 5 != 2).count() as u64 * CS;
+    assert_eq!(stored_ahead(&lazy, second), second);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(lazy.stats().bytes_stored_ahead, second, "each page once");
+    // A new pass from the start (the page cache dropped) is a reader of
+    // its own: from its second read on, it gets its pages stored again.
+    read(0, 2 * CS);
+    read(2 * CS, 2 * CS);
+    let third = second + (4..20).filter(|c| c % 5 != 2).count() as u64 * CS;
+    assert_eq!(stored_ahead(&lazy, third), third);
 }

@@ -441,3 +441,30 @@ fn metadata_goes_in_requests_as_large_as_the_fetcher_allows_as_stored() {
         "{requests:?}"
     );
 }
+
+#[test]
+fn chunks_stored_ahead_of_a_reader_count_as_read_for_the_prefetcher() {
+    let fx = fixture_with_map(Duration::from_millis(2), Some(map()));
+    let lazy = fx.lazy(32 << 20, 1 << 30);
+    let pages = Arc::new(super::startup::Pages::default());
+    lazy.seed_pages(pages.clone());
+    // A miss inside the file at chunks 5..=12 fetches the rest of it.
+    super::ahead::cached_read(&lazy, 6 * CS, 4096);
+    wait_prefetched(&lazy, stored(&fx, 7..neighbours_end(&fx, 6).max(13)));
+    let read = |c: u64| lazy.inner.prefetch.read.get(c);
+    assert!(!(8..=11).any(read), "not read yet");
+    // The reader goes on in order: the chunks after it are stored in the
+    // page cache, and the kernel never asks for them. Their first
+    // delivery is what moves the prefetch window on (chunks 7 and 12 are
+    // zeros, never stored).
+    super::ahead::cached_read(&lazy, 6 * CS + 4096, 4096);
+    let t = Instant::now();
+    while !(8..=11).all(read) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "stored chunks not counted as read"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(lazy.stats().bytes_stored_ahead >= 4 * CS);
+}
