@@ -345,12 +345,7 @@ impl Cache {
         key: &DecodeKey,
         decode: impl FnOnce(Vec<u8>) -> Result<Vec<u8>, ChunkError>,
     ) -> Option<Arc<Vec<u8>>> {
-        if let Some(data) = self.memory_get(key, true) {
-            return Some(data);
-        }
-        let stored = self.load_disk(&key.id)?;
-        self.pending.hits.fetch_add(1, Ordering::Relaxed);
-        decode(stored).ok().map(Arc::new)
+        self.decoded_at_hand(key, false, true, decode)
     }
 
     /// The verified stored bytes of chunk `id`: from disk, or from `fetch`
@@ -417,11 +412,28 @@ impl Cache {
         keep: bool,
         decode: impl FnOnce(Vec<u8>) -> Result<Vec<u8>, ChunkError>,
     ) -> Option<Arc<Vec<u8>>> {
-        if let Some(data) = self.memory_get(key, false) {
+        self.decoded_at_hand(key, keep, false, decode)
+    }
+
+    /// The body of [`Cache::get_decoded_now`] (`wait` false: no disk read
+    /// waited for, access times recorded in the background) and of
+    /// [`Cache::get_decoded_cached`] (`wait` true).
+    fn decoded_at_hand(
+        &self,
+        key: &DecodeKey,
+        keep: bool,
+        wait: bool,
+        decode: impl FnOnce(Vec<u8>) -> Result<Vec<u8>, ChunkError>,
+    ) -> Option<Arc<Vec<u8>>> {
+        if let Some(data) = self.memory_get(key, wait) {
             self.maybe_flush();
             return Some(data);
         }
-        let stored = self.segs.load_now(&key.id, self.cfg.access_granularity)?;
+        let stored = if wait {
+            self.load_disk(&key.id)
+        } else {
+            self.segs.load_now(&key.id, self.cfg.access_granularity)
+        }?;
         self.pending.hits.fetch_add(1, Ordering::Relaxed);
         let plain = Arc::new(decode(stored).ok()?);
         if keep {

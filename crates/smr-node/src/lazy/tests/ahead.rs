@@ -12,6 +12,16 @@ pub(super) fn cached_read(lazy: &LazyImage, at: u64, len: u64) -> Vec<ReadPart> 
     parts
 }
 
+/// The fixture's image with every chunk on the node, exported to a page
+/// cache kept in memory.
+fn held_and_exported(fx: &Fixture) -> (LazyImage, Arc<Pages>) {
+    let lazy = fx.lazy(32 << 20, 1 << 30);
+    lazy.prefetch(0, SIZE).expect("prefetch");
+    let pages = Arc::new(Pages::default());
+    lazy.seed_pages(pages.clone());
+    (lazy, pages)
+}
+
 /// Waits until `lazy` has stored `bytes` ahead of its readers (or 10 s).
 fn stored_ahead(lazy: &LazyImage, bytes: u64) -> u64 {
     let t = std::time::Instant::now();
@@ -92,10 +102,7 @@ fn a_reader_in_order_finds_the_held_chunks_after_it_stored() {
 #[test]
 fn reads_out_of_order_store_nothing_ahead() {
     let fx = fixture(Duration::ZERO);
-    let lazy = fx.lazy(32 << 20, 1 << 30);
-    lazy.prefetch(0, SIZE).expect("prefetch");
-    let pages = Arc::new(Pages::default());
-    lazy.seed_pages(pages.clone());
+    let (lazy, pages) = held_and_exported(&fx);
     for at in [30 * CS, 10 * CS, 40 * CS, 5 * CS] {
         let parts = cached_read(&lazy, at, CS);
         assert!(flatten(&parts) == fx.plain[at as usize..(at + CS) as usize]);
@@ -115,10 +122,7 @@ fn reads_out_of_order_store_nothing_ahead() {
 #[test]
 fn the_window_moves_with_the_reader_and_stops_at_the_image_end() {
     let fx = fixture(Duration::ZERO);
-    let lazy = fx.lazy(32 << 20, 1 << 30);
-    lazy.prefetch(0, SIZE).expect("prefetch");
-    let pages = Arc::new(Pages::default());
-    lazy.seed_pages(pages.clone());
+    let (lazy, pages) = held_and_exported(&fx);
     // Read the whole image in order, 128 KiB at a time (the last read
     // shorter): the pages after the first read are all stored once.
     let mut at = 0;
@@ -145,10 +149,7 @@ fn the_window_moves_with_the_reader_and_stops_at_the_image_end() {
 #[test]
 fn the_kernel_skipping_stored_pages_keeps_the_reader_in_order() {
     let fx = fixture(Duration::ZERO);
-    let lazy = fx.lazy(32 << 20, 1 << 30);
-    lazy.prefetch(0, SIZE).expect("prefetch");
-    let pages = Arc::new(Pages::default());
-    lazy.seed_pages(pages.clone());
+    let (lazy, _pages) = held_and_exported(&fx);
     let read = |at: u64, len: u64| {
         let parts = cached_read(&lazy, at, len);
         assert!(flatten(&parts) == fx.plain[at as usize..(at + len) as usize]);
